@@ -1,0 +1,40 @@
+# tokenbench: `make run` and `make test` each set everything up themselves.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+# torch/torchvision pair known to import together on the project's machines
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: run test setup data bench clean
+
+run: setup data
+	$(BIN)/tokenbench run
+
+test: setup data
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench.py
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package where apt exists; otherwise tokenbench falls back
+# to --data-dir or a torchvision download.
+data:
+	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) \
+		|| echo "warning: could not install dataset-fashion-mnist; pass --data-dir"; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

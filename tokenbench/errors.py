@@ -1,0 +1,25 @@
+"""User-facing errors.
+
+Anything raised as :class:`UserError` is the user's input being wrong (an unknown
+model, a bad parameter, a missing file).  The CLI prints its message on one line and
+exits with code 2; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+    """An error in what the user asked for, reported as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix with the closest names, or ''."""
+    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

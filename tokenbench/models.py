@@ -1,0 +1,181 @@
+"""Models: timm models by name, checkpoints, and the embedded default.
+
+``create_model("default")`` is the project's own ViT trained on Fashion-MNIST (see
+``tokenbench train-base``); anything else is a timm model name.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError, did_you_mean
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_DIR", REPO_ROOT / "results" / "embedded"))
+EMBEDDED_NAME = "default"
+
+# The embedded model's architecture.  A timm VisionTransformer with a class token and
+# 12 blocks, so every ViT adapter applies to it unchanged; a small convolutional stem
+# makes the 7x7 = 49 patch tokens (patch 4 on 28x28), which converges far faster on
+# small data than a linear patch projection.
+EMBEDDED_ARCH: dict[str, Any] = {
+    "img_size": 28,
+    "patch_size": 4,
+    "in_chans": 1,
+    "num_classes": 10,
+    "embed_dim": 96,
+    "depth": 12,
+    "num_heads": 3,
+    "mlp_ratio": 2.0,
+    "stem_channels": [32, 64],
+}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- conv stem
+
+def _conv_stem_class():
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        """timm's PatchEmbed with the linear projection replaced by a small conv stem.
+
+        Strided 3x3 convolutions (BatchNorm, GELU) down to the patch grid, then a 1x1
+        projection to the embedding width.  Everything else (grid, num_patches,
+        flatten, output format) is timm's, so the ViT around it is a plain timm ViT.
+        """
+
+        def __init__(self, img_size=28, patch_size=4, in_chans=1, embed_dim=128, stem_channels=(32, 64),
+                     **kwargs):
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                             **kwargs)
+            stride_total = self.patch_size[0]
+            n_down = max(1, int(round(torch.log2(torch.tensor(float(stride_total))).item())))
+            if 2 ** n_down != stride_total or len(stem_channels) != n_down:
+                raise ValueError(f"conv stem needs len(stem_channels) == log2(patch_size) ({n_down})")
+            layers: list[nn.Module] = []
+            c_in = in_chans
+            for c in stem_channels:
+                layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.GELU()]
+                c_in = c
+            layers.append(nn.Conv2d(c_in, embed_dim, 1))
+            self.proj = nn.Sequential(*layers)
+
+    return ConvStemPatchEmbed
+
+
+def build_embedded(arch: Optional[dict] = None) -> nn.Module:
+    """The embedded model's architecture with fresh weights."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    a = dict(EMBEDDED_ARCH)
+    a.update(arch or {})
+    stem = _conv_stem_class()
+    model = VisionTransformer(
+        img_size=a["img_size"], patch_size=a["patch_size"], in_chans=a["in_chans"], num_classes=a["num_classes"],
+        embed_dim=a["embed_dim"], depth=a["depth"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"],
+        class_token=True, global_pool="token",
+        embed_layer=functools.partial(stem, stem_channels=tuple(a["stem_channels"])),
+    )
+    model.pretrained_cfg = {
+        "architecture": "tokenbench_default",
+        "input_size": (a["in_chans"], a["img_size"], a["img_size"]),
+        "mean": (0.2860,), "std": (0.3530,), "num_classes": a["num_classes"],
+        "interpolation": "bilinear", "crop_pct": 1.0,
+    }
+    model.tokenbench_arch = a
+    return model
+
+
+def embedded_paths(root: Optional[Path] = None) -> dict[str, Path]:
+    root = Path(root or EMBEDDED_DIR)
+    return {"dir": root, "ckpt": root / "model.pt", "sha": root / "model.pt.sha256", "config": root / "config.json",
+            "log": root / "train_log.csv"}
+
+
+def verify_checksum(ckpt: Path, sha_file: Path) -> str:
+    """The checkpoint's SHA-256, after checking it against ``sha_file``."""
+    retrain = "retrain it with `tokenbench train-base` (or restore it with `git checkout -- results/embedded`)"
+    if not ckpt.is_file():
+        raise UserError(f"embedded model checkpoint {ckpt} is missing: {retrain}")
+    if not sha_file.is_file():
+        raise UserError(f"checksum file {sha_file} is missing: {retrain}")
+    expected = sha_file.read_text().split()[0].strip().lower()
+    actual = sha256_file(ckpt)
+    if actual != expected:
+        raise UserError(f"embedded model checkpoint {ckpt} is corrupt (SHA-256 {actual[:12]}..., expected "
+                        f"{expected[:12]}...): {retrain}")
+    return actual
+
+
+def load_embedded(root: Optional[Path] = None) -> tuple[nn.Module, dict]:
+    """The trained embedded model (checksum verified) and its provenance."""
+    p = embedded_paths(root)
+    sha = verify_checksum(p["ckpt"], p["sha"])
+    arch = json.loads(p["config"].read_text()).get("arch", {}) if p["config"].is_file() else {}
+    model = build_embedded(arch)
+    state = torch.load(p["ckpt"], map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    model.load_state_dict(state)
+    model.eval()
+    return model, {"weights": f"sha256:{sha}", "checkpoint": str(p["ckpt"]), "pretrained": True}
+
+
+# --------------------------------------------------------------------------- timm models
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+                 **kwargs) -> tuple[nn.Module, dict]:
+    """Model ``name`` in eval mode and a provenance dict (``weights`` identifies them).
+
+    ``name`` is ``default`` (the embedded model) or a timm model name, with random
+    weights unless ``pretrained`` (timm's hub weights: needs a network) or a
+    ``checkpoint`` file.
+    """
+    import timm
+
+    if name == EMBEDDED_NAME:
+        if checkpoint is None:
+            model, prov = load_embedded()
+        else:
+            model = build_embedded()
+            prov = {"pretrained": False}
+    else:
+        if not timm.is_model(name):
+            candidates = timm.list_models()
+            raise UserError(f"unknown model {name!r}{did_you_mean(name, candidates)} "
+                            "(a timm model name, or `default` for the embedded model)")
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as e:
+            if pretrained:
+                raise UserError(f"could not load pretrained weights for {name}: {e.__class__.__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''} (no network? use --checkpoint)") from e
+            raise UserError(f"could not build {name}: {e}") from e
+        tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else None
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", name)
+        prov = {"pretrained": bool(pretrained),
+                "weights": (f"timm:{arch}.{tag}" if tag else f"timm:{arch}") if pretrained else "random-init"}
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        info = load_checkpoint(model, checkpoint)
+        prov.update(info)
+    model.eval()
+    if "weights" not in prov:
+        prov["weights"] = "random-init"
+    return model, prov

@@ -1,0 +1,276 @@
+"""The method registry: declarations, discovery, parsing and validation of parameters.
+
+A method is a subclass of :class:`Method` decorated with :func:`register`, in a file of
+its own under ``methods/`` (found automatically) or in a third-party package that
+exposes it through the entry-point group ``tokenbench.methods``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import torch.nn as nn
+
+from .errors import UserError, did_you_mean
+
+ENTRY_POINT_GROUP = "tokenbench.methods"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: its type, default, valid range and a line of help.
+
+    ``type`` is one of ``float``, ``int``, ``bool``, ``str``, ``int_or_list`` (an int,
+    or a list of non-negative ints, one per block).
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    min_exclusive: bool = False
+    choices: Optional[Sequence[Any]] = None
+
+    def range_text(self) -> str:
+        if self.choices:
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        if self.min is None and self.max is None:
+            return ""
+        return ("(" if self.min_exclusive else "[") + f"{lo}, {hi}]"
+
+    def _check_num(self, v: float, method: str) -> None:
+        bad = (self.min is not None and (v < self.min or (self.min_exclusive and v == self.min))) or \
+              (self.max is not None and v > self.max)
+        if bad:
+            raise UserError(f"{method}: {self.name}={v} is out of range {self.range_text()} ({self.help})")
+
+    def parse(self, value: Any, method: str) -> Any:
+        """``value`` (already JSON-decoded where possible) converted and validated."""
+        t = self.type
+        try:
+            if t == "bool":
+                if isinstance(value, bool):
+                    out: Any = value
+                elif isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                    out = value.lower() in ("true", "1", "yes")
+                elif isinstance(value, int) and value in (0, 1):
+                    out = bool(value)
+                else:
+                    raise ValueError
+            elif t == "float":
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+                if out != out or out in (float("inf"), float("-inf")):
+                    raise ValueError
+                self._check_num(out, method)
+            elif t == "int":
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value)
+                self._check_num(out, method)
+            elif t == "int_or_list":
+                if isinstance(value, (list, tuple)):
+                    out = []
+                    for v in value:
+                        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                            raise ValueError
+                        out.append(int(v))
+                        self._check_num(int(v), method)
+                else:
+                    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                        raise ValueError
+                    out = int(value)
+                    self._check_num(out, method)
+            elif t == "str":
+                out = str(value)
+            else:  # pragma: no cover - declaration error
+                raise TypeError(f"unknown parameter type {t}")
+        except (ValueError, TypeError):
+            want = {"int_or_list": "an integer or a list of integers"}.get(t, f"a {t}")
+            raise UserError(f"{method}: {self.name} must be {want}, got {value!r}") from None
+        if self.choices is not None and out not in self.choices:
+            raise UserError(f"{method}: {self.name}={out!r} is not one of {list(self.choices)}")
+        return out
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": self.type, "default": self.default, "range": self.range_text(),
+                "help": self.help}
+
+
+class Method:
+    """Base class of a token-reduction adapter.
+
+    Subclasses set ``name``, ``params``, ``learned`` (has trainable parts of its own),
+    ``needs_class_token`` and ``summary``, and implement :meth:`apply`.  Optionally:
+    :meth:`expected_tokens` (the declared schedule, checked by the tests against what
+    the model really does), :meth:`train_setup` (training-time behaviour and losses).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    learned: ClassVar[bool] = False
+    needs_class_token: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = True
+    # The parameter a matched-FLOPs search moves, and whether it may be a per-block schedule.
+    search_param: ClassVar[Optional[str]] = None
+
+    def apply(self, model: nn.Module, **params) -> nn.Module:
+        raise NotImplementedError
+
+    def expected_tokens(self, model: nn.Module, **params) -> Optional[tuple[list[int], list[int]]]:
+        """(tokens entering each block, tokens entering each MLP) for the model's input size."""
+        return None
+
+    # ---- helpers
+    @classmethod
+    def param(cls, name: str) -> Param:
+        for p in cls.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {p.name: p.default for p in cls.params}
+
+    @classmethod
+    def validate(cls, params: dict) -> dict:
+        """Defaults filled in, every value converted and range-checked; unknown keys refused."""
+        names = [p.name for p in cls.params]
+        out = {}
+        for k in params:
+            if k not in names:
+                if names:
+                    hint = did_you_mean(k, names) or f" (its parameters: {', '.join(names)})"
+                else:
+                    hint = " (it takes no parameters)"
+                raise UserError(f"{cls.name}: unknown parameter {k!r}{hint}")
+        for p in cls.params:
+            out[p.name] = p.parse(params[p.name], cls.name) if p.name in params else p.default
+        return out
+
+    @classmethod
+    def describe(cls) -> dict:
+        return {"name": cls.name, "summary": cls.summary, "learned": cls.learned,
+                "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
+                "params": [p.describe() for p in cls.params]}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+_SOURCES: dict[str, str] = {}
+_LOADED = False
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def methods_dirs() -> list[Path]:
+    """Where built-in method files live: ``methods/`` beside the package, or installed copy."""
+    here = Path(__file__).resolve().parent
+    out = []
+    for d in (here.parent / "methods", here / "builtin_methods"):
+        if d.is_dir():
+            out.append(d)
+    return out
+
+
+def _load_file(path: Path) -> None:
+    mod_name = f"tokenbench_methods.{path.stem}"
+    if mod_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    before = set(_REGISTRY)
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[mod_name]
+        raise
+    for name in set(_REGISTRY) - before:
+        _SOURCES[name] = str(path)
+
+
+def load_methods() -> dict[str, type[Method]]:
+    """Discover built-in methods and entry-point plugins (once)."""
+    global _LOADED
+    if _LOADED:
+        return _REGISTRY
+    _LOADED = True
+    import types
+
+    sys.modules.setdefault("tokenbench_methods", types.ModuleType("tokenbench_methods"))
+    for d in methods_dirs()[:1]:
+        for path in sorted(d.glob("*.py")):
+            if not path.name.startswith("_"):
+                _load_file(path)
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            before = set(_REGISTRY)
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY:
+                register(obj)
+            for name in set(_REGISTRY) - before:
+                _SOURCES[name] = f"entry point {ep.name} ({ep.value})"
+    except Exception as e:  # a broken plugin must not break the built-ins
+        import warnings
+
+        warnings.warn(f"tokenbench: could not load method plugins: {e}")
+    return _REGISTRY
+
+
+def get_method(name: str) -> type[Method]:
+    reg = load_methods()
+    if name not in reg:
+        raise UserError(f"unknown method {name!r}{did_you_mean(name, reg)}; registered: {', '.join(sorted(reg))}")
+    return reg[name]
+
+
+def list_methods() -> list[dict]:
+    reg = load_methods()
+    return [reg[n].describe() | {"source": _SOURCES.get(n, "")} for n in sorted(reg, key=lambda n: (n != "none", n))]
+
+
+def parse_set(items: Sequence[str]) -> dict:
+    """``KEY=VALUE`` strings to a dict; values are JSON where they parse, else strings."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def apply(model: nn.Module, name: str = "none", **params) -> nn.Module:
+    """Apply method ``name`` with ``params`` to ``model`` (in place) and return it."""
+    cls = get_method(name)
+    p = cls.validate(params)
+    m = cls()
+    out = m.apply(model, **p)
+    out._tb_method = {"name": name, "params": p}
+    return out

@@ -1,0 +1,317 @@
+"""Training loops: the embedded model from scratch, and fine-tuning with a method.
+
+One loop serves both.  Everything random is a function of ``(seed, step)`` (the
+epoch's shuffle of ``(seed, epoch)``), so a run killed at any point and resumed from
+its last checkpoint continues on the same images with the same augmentation.
+
+A run directory holds ``last.pt`` (model, optimiser, step; rewritten atomically every
+``ckpt_every`` steps), ``train_log.csv`` (one row per evaluation), ``config.json``
+and, when finished, ``model.pt`` with ``model.pt.sha256``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+from .store import atomic_write_bytes, atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10.0
+    batch_size: int = 128
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 300
+    label_smoothing: float = 0.1
+    seed: int = 0
+    # augmentation (batched, on tensors)
+    shift: int = 3            # random translation, pixels (zero padded)
+    hflip: bool = True
+    erase_p: float = 0.25     # random erasing probability
+    eval_every: int = 0       # steps between test evaluations (0: once per epoch)
+    ckpt_every: int = 200     # steps between resumable checkpoints
+    eval_limit: Optional[int] = None  # test images used at intermediate evaluations (None: all)
+    threads: Optional[int] = None
+    max_steps: Optional[int] = None   # stop early (tests); the schedule still follows `epochs`
+    grad_clip: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+def augment(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """Batched augmentation of float images [B, C, H, W]: shift, flip, erase."""
+    b, _, h, w = x.shape
+    if cfg.shift > 0:
+        s = cfg.shift
+        padded = F.pad(x, (s, s, s, s), value=float(x.min()))
+        dx = torch.randint(0, 2 * s + 1, (b,), generator=g)
+        dy = torch.randint(0, 2 * s + 1, (b,), generator=g)
+        rows = (dy[:, None] + torch.arange(h)[None, :])  # [B, H]
+        cols = (dx[:, None] + torch.arange(w)[None, :])  # [B, W]
+        bi = torch.arange(b)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    if cfg.hflip:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if cfg.erase_p > 0:
+        erase = torch.rand(b, generator=g) < cfg.erase_p
+        eh = torch.randint(h // 5, h // 2 + 1, (b,), generator=g)
+        ew = torch.randint(w // 5, w // 2 + 1, (b,), generator=g)
+        y0 = (torch.rand(b, generator=g) * (h - eh + 1)).long()
+        x0 = (torch.rand(b, generator=g) * (w - ew + 1)).long()
+        ys = torch.arange(h)[None, :]
+        xs = torch.arange(w)[None, :]
+        my = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])
+        mx = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])
+        m = (my[:, :, None] & mx[:, None, :]) & erase[:, None, None]
+        x = x.masked_fill(m[:, None], 0.0)
+    return x
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """No weight decay on biases, norms, tokens and position embeddings (timm's rule)."""
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or n in skip or n.endswith(".bias") or "pos_embed" in n or "cls_token" in n:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.inference_mode()
+def evaluate_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy (percent) of ``model`` on preprocessed float images."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        out = model(images[i:i + batch_size])
+        correct += int((out.argmax(-1) == labels[i:i + batch_size]).sum())
+    model.train(was)
+    return 100.0 * correct / max(1, len(labels))
+
+
+# --------------------------------------------------------------------------- the loop
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def cross_entropy_loss(label_smoothing: float) -> LossFn:
+    def f(model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, {}
+    return f
+
+
+def _save_resumable(path: Path, model, opt, step: int, extra: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, **extra}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+               test_y: torch.Tensor, cfg: TrainConfig, out_dir: Path, loss_fn: Optional[LossFn] = None,
+               eval_model: Optional[Callable[[], nn.Module]] = None, config_extra: Optional[dict] = None,
+               progress: bool = True, log_extra_cols: tuple[str, ...] = ()) -> dict:
+    """Train ``model`` on in-memory preprocessed tensors, resumably, into ``out_dir``.
+
+    Returns a summary with the final test accuracy.  ``loss_fn(model, x, y)`` returns
+    ``(loss, logits, metrics)``; the default is label-smoothed cross-entropy.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output directory {out_dir} is not writable")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    n = len(train_y)
+    steps_per_epoch = n // cfg.batch_size
+    total = int(round(cfg.epochs * steps_per_epoch))
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch}
+    config.update(config_extra or {})
+    cfg_path = out_dir / "config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old.get("train", {}) | {"max_steps": None} != config["train"] | {"max_steps": None}:
+            raise UserError(f"{out_dir} holds a run with a different configuration; use another --out or delete it")
+    atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
+
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    step = 0
+    elapsed0 = 0.0
+    last = out_dir / "last.pt"
+    if last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            step = int(state["step"])
+            elapsed0 = float(state.get("elapsed", 0.0))
+        except Exception as e:
+            raise UserError(f"cannot resume from {last} ({e.__class__.__name__}); delete it to start over") from None
+    log_path = out_dir / "train_log.csv"
+    cols = ["step", "epoch", "lr", "train_loss", "train_acc", "test_acc", "elapsed_s", *log_extra_cols]
+    if not log_path.is_file() or step == 0:
+        atomic_write_text(log_path, ",".join(cols) + "\n")
+    else:  # drop log rows past the checkpoint we resume from
+        rows = log_path.read_text().splitlines()
+        keep = [rows[0]] + [r for r in rows[1:] if r and int(r.split(",")[0]) <= step]
+        atomic_write_text(log_path, "\n".join(keep) + "\n")
+
+    model.train()
+    t0 = time.time()
+    run_loss, run_correct, run_n = 0.0, 0, 0
+    run_metrics: dict[str, float] = {}
+    summary = {"steps": total, "resumed_from": step}
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not progress, transient=False)
+    with prog:
+        task = prog.add_task("train", total=stop_at, completed=step, info="")
+        perm = None
+        perm_epoch = -1
+        while step < stop_at:
+            epoch = step // steps_per_epoch
+            if epoch != perm_epoch:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+                perm_epoch = epoch
+            i = step % steps_per_epoch
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+            torch.manual_seed(cfg.seed * 7919 + step)  # dropout / Gumbel noise inside the model
+            x = augment(train_x[idx], cfg, g)
+            y = train_y[idx]
+            lr = lr_at(step, total, cfg)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            loss, logits, metrics = loss_fn(model, x, y)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            run_loss += loss.item() * len(y)
+            run_correct += int((logits.argmax(-1) == y).sum())
+            run_n += len(y)
+            for k, v in metrics.items():
+                run_metrics[k] = run_metrics.get(k, 0.0) + float(v) * len(y)
+            prog.update(task, completed=step,
+                        info=f"ep {step / steps_per_epoch:.2f} loss {run_loss / run_n:.3f} acc {100 * run_correct / run_n:.1f}")
+            if step % cfg.ckpt_every == 0 or step == stop_at or step % eval_every == 0:
+                if step % eval_every == 0 or step == stop_at:
+                    ev_x, ev_y = test_x, test_y
+                    if cfg.eval_limit and step != total:
+                        ev_x, ev_y = test_x[:cfg.eval_limit], test_y[:cfg.eval_limit]
+                    m = eval_model() if eval_model else model
+                    acc = evaluate_tensors(m, ev_x, ev_y)
+                    row = [step, f"{step / steps_per_epoch:.3f}", f"{lr:.3e}", f"{run_loss / max(1, run_n):.4f}",
+                           f"{100 * run_correct / max(1, run_n):.2f}", f"{acc:.2f}", f"{elapsed0 + time.time() - t0:.0f}"]
+                    row += [f"{run_metrics.get(k, 0.0) / max(1, run_n):.4f}" for k in log_extra_cols]
+                    with open(log_path, "a") as f:
+                        f.write(",".join(str(v) for v in row) + "\n")
+                    prog.console.print(f"step {step}/{total}  loss {run_loss / max(1, run_n):.4f}  "
+                                       f"train {100 * run_correct / max(1, run_n):.2f}%  test {acc:.2f}%")
+                    run_loss, run_correct, run_n = 0.0, 0, 0
+                    run_metrics = {}
+                    summary["test_acc"] = acc
+                _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
+    summary["finished"] = step >= total
+    summary["step"] = step
+    if step >= total:
+        finalize(model, out_dir)
+    return summary
+
+
+def finalize(model: nn.Module, out_dir: Path) -> str:
+    """Write ``model.pt`` (weights only) and its SHA-256 beside it."""
+    import io
+
+    from .models import sha256_file
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, buf)
+    atomic_write_bytes(out_dir / "model.pt", buf.getvalue())
+    sha = sha256_file(out_dir / "model.pt")
+    atomic_write_text(out_dir / "model.pt.sha256", f"{sha}  model.pt\n")
+    return sha
+
+
+# --------------------------------------------------------------------------- base model
+
+def fmnist_tensors(data_dir=None, in_chans: int = 1):
+    """Fashion-MNIST train and test sets as normalised float tensors [N, 1, 28, 28]."""
+    from .data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
+
+    out = []
+    for split in ("train", "test"):
+        x, y = load_fashion_mnist(split, data_dir)
+        x = (x.float().div(255.0).unsqueeze(1) - FMNIST_MEAN) / FMNIST_STD
+        out += [x.contiguous(), y]
+    return out
+
+
+BASE_RECIPE = TrainConfig(epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
+                          label_smoothing=0.1, shift=3, hflip=True, erase_p=0.25, ckpt_every=200,
+                          eval_limit=2000, grad_clip=1.0)
+
+
+def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, arch: Optional[dict] = None,
+               limit: Optional[int] = None, progress: bool = True) -> dict:
+    """Train the embedded model from scratch on Fashion-MNIST into ``out_dir``."""
+    from .models import EMBEDDED_ARCH, build_embedded
+
+    cfg = cfg or BASE_RECIPE
+    torch.manual_seed(cfg.seed)
+    a = dict(EMBEDDED_ARCH)
+    a.update(arch or {})
+    model = build_embedded(a)
+    tx, ty, vx, vy = fmnist_tensors(data_dir)
+    if limit:
+        tx, ty = tx[:limit], ty[:limit]
+    return train_loop(model, tx, ty, vx, vy, cfg, out_dir, config_extra={"arch": a, "data": "fashion-mnist"},
+                      progress=progress)
