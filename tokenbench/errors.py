@@ -19,7 +19,10 @@ class UserError(Exception):
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix with the closest names, or ''."""
-    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
+    choices = list(choices)
+    name = str(name)
+    prefixed = sorted((c for c in choices if c.startswith(name)), key=len)
+    close = prefixed[:3] or difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

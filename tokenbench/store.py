@@ -28,3 +28,154 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- records
+
+import hashlib
+import json
+import subprocess
+import socket
+import time as _time
+import warnings
+from typing import Any, Iterable, Optional
+
+SCHEMA_VERSION = 1
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def record_key(key_fields: dict) -> str:
+    """A short hash of everything that determines a result."""
+    return hashlib.sha256(canonical(key_fields).encode()).hexdigest()[:20]
+
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+        return {"commit": sha or None, "dirty": dirty if sha else None}
+    except Exception:
+        return {"commit": None, "dirty": None}
+
+
+def make_record(kind: str, key_fields: dict, spec: dict, metrics: dict, env: Optional[dict] = None,
+                extra: Optional[dict] = None) -> dict:
+    """A record: what was measured (spec), the result (metrics), provenance; keyed by ``key_fields``."""
+    rec = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "key": record_key({"kind": kind, **key_fields}),
+        "key_fields": key_fields,
+        "spec": spec,
+        "metrics": metrics,
+        "env": env or {},
+        "meta": {"host": socket.gethostname(), "time": _time.strftime("%Y-%m-%dT%H:%M:%S%z"), **git_commit()},
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def _checksum(rec: dict) -> str:
+    body = {k: v for k, v in rec.items() if k != "checksum"}
+    return hashlib.sha256(canonical(body).encode()).hexdigest()
+
+
+class Store:
+    """One JSON file per record under ``<root>/records/``, written atomically.
+
+    The file name is the record's key, so two writers measuring the same run write
+    the same file (the last complete one wins; neither is ever half-written) and a
+    reader never sees a duplicate.  A damaged file is moved to ``<root>/quarantine/``
+    with a warning naming it, never mixed into a table.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.dir = self.root / "records"
+
+    def ensure_writable(self) -> None:
+        from .errors import UserError
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create results directory {self.dir}: {e.strerror}") from None
+        if not os.access(self.dir, os.W_OK):
+            raise UserError(f"results directory {self.dir} is not writable")
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def put(self, rec: dict) -> Path:
+        self.ensure_writable()
+        rec = dict(rec)
+        rec["checksum"] = _checksum(rec)
+        p = self.path(rec["key"])
+        atomic_write_text(p, json.dumps(rec, indent=1, default=str) + "\n")
+        return p
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: str) -> Optional[dict]:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        return self._load(p)
+
+    def _load(self, p: Path) -> Optional[dict]:
+        try:
+            rec = json.loads(p.read_text())
+            ok = isinstance(rec, dict) and rec.get("checksum") == _checksum(rec) and \
+                rec.get("schema_version") == SCHEMA_VERSION and rec.get("key") == p.stem
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            ok, rec = False, None
+        if not ok:
+            self._quarantine(p)
+            return None
+        return rec
+
+    def _quarantine(self, p: Path) -> None:
+        q = self.root / "quarantine"
+        try:
+            q.mkdir(parents=True, exist_ok=True)
+            dest = q / f"{p.name}.{int(_time.time())}"
+            os.replace(p, dest)
+            warnings.warn(f"damaged record {p} set aside as {dest}", stacklevel=3)
+        except OSError:
+            warnings.warn(f"damaged record {p} ignored", stacklevel=3)
+
+    def records(self, kind: Optional[str] = None) -> list[dict]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            rec = self._load(p)
+            if rec is not None and (kind is None or rec.get("kind") == kind):
+                out.append(rec)
+        return out
+
+    def frame(self, kind: Optional[str] = None):
+        """All records as one pandas DataFrame (spec and metrics flattened)."""
+        import pandas as pd
+
+        rows = []
+        for rec in self.records(kind):
+            row = {"key": rec["key"], "kind": rec["kind"]}
+            for section in ("spec", "metrics"):
+                for k, v in rec.get(section, {}).items():
+                    if k in ("correct", "predictions", "flops_by_operator"):
+                        continue
+                    row[k] = v
+            for k, v in rec.get("env", {}).items():
+                row[f"env.{k}"] = v
+            row.update({f"meta.{k}": v for k, v in rec.get("meta", {}).items()})
+            rows.append(row)
+        return pd.DataFrame(rows)

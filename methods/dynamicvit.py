@@ -1,0 +1,324 @@
+"""`dynamicvit`: DynamicViT (Rao et al., NeurIPS 2021), learned token pruning.
+
+A light prediction module before blocks 3, 6 and 9 of a 12-block ViT (the quarter
+points of other depths, :func:`tokenbench.vit.depth_sites`) scores every patch token;
+stage ``s`` (1, 2, 3) keeps ``int(N0 * keep_rate ** s)`` of the ``N0`` original patch
+tokens, the class token always.
+
+Faithful to the official ``models/dyvit.py`` (``VisionTransformerDiffPruning``):
+
+- the predictor is the official ``PredictorLG`` laid out module for module, attached
+  as ``model.score_predictor`` (a ``ModuleList``, one per stage), so the official
+  state-dict keys ``score_predictor.{i}.in_conv.0.weight`` ... load unchanged;
+- inference keeps the ``int(init_n * ratio)`` best tokens, ``ratio = keep_rate ** s``
+  as Python floats, in the official order (``argsort`` of the keep log-probability,
+  descending), the class token first;
+- training (``model.train()``): no token is removed; decisions are hard straight-through
+  Gumbel-softmax samples of the predictor's log-probabilities, multiplied by the
+  previous decision, and the policy masks attention (``vit.softmax_with_policy``) in
+  every block, the ones before the first stage included (all-ones policy there, as
+  the official);
+- the losses of the official ``DistillDiffPruningLoss_dynamic`` as used for DeiT
+  (``mse_token=True``, ``clf_weight=1``, ``ratio_weight=2``, ``distill_weight=0.5``):
+  :func:`train_setup` returns the training loss function.
+
+Deviations (none change a result of the official configuration):
+
+- ``init_n`` is the model's real patch count (the official hard-codes 14 * 14);
+- models with several prefix tokens (distillation / register tokens) keep all of them;
+- a stage that would keep every token (``keep_rate == 1``) is skipped at inference
+  (no predictor, no reordering): the official would still run it and reorder the
+  tokens, which leaves the logits equal up to rounding;
+- at least one patch token is kept (the official would keep none when
+  ``N0 * keep_rate ** s < 1``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenbench import vit
+from tokenbench.errors import UserError
+from tokenbench.registry import Method, Param, register
+
+PREDICTOR_ATTR = "score_predictor"  # the official attribute name: keys score_predictor.{i}.*
+
+
+def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
+    """Patch tokens kept after each stage: the official ``int(init_n * keep_rate ** s)``."""
+    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
+
+
+# --------------------------------------------------------------------------- predictor
+
+class PredictorLG(nn.Module):
+    """DynamicViT's prediction module (the official layout, so its weights load).
+
+    Per token: LayerNorm, Linear(C, C), GELU; the first C/2 channels stay local, the
+    other C/2 are averaged over the currently kept tokens (weighted by ``policy``) and
+    broadcast; then C -> C/2 -> C/4 -> 2 (GELU between), LogSoftmax: [keep, drop]
+    log-probabilities.
+    """
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.in_conv(x)
+        b, n, c = x.shape
+        h = c // 2
+        local_x = x[:, :, :h]
+        if policy is None:  # inference: every present token is kept
+            global_x = x[:, :, h:].sum(dim=1, keepdim=True) / n
+        else:
+            global_x = (x[:, :, h:] * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+        x = torch.cat([local_x, global_x.expand(b, n, c - h)], dim=-1)
+        return self.out_conv(x)
+
+
+def init_predictor(pred: PredictorLG, generator: Optional[torch.Generator] = None) -> PredictorLG:
+    """The official initialisation (``_init_weights``): trunc-normal(0.02) linears, zero biases."""
+    for m in pred.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return pred
+
+
+def _predictors_compatible(mods, stages: int, dim: int) -> bool:
+    return isinstance(mods, nn.ModuleList) and len(mods) == stages and all(
+        isinstance(p, PredictorLG) and p.in_conv[1].in_features == dim for p in mods)
+
+
+# --------------------------------------------------------------------------- hooks
+
+def _on_start(model, x, st: vit.TokenState) -> None:
+    npf = st.n_prefix
+    n0 = x.shape[1] - npf
+    st.extra["dvit_n0"] = n0
+    st.extra["dvit_decisions"] = []
+    st.extra["dvit_prev_decision"] = None
+    if model.training:
+        b = x.shape[0]
+        # The official runs every block with a policy in training, all ones before stage 1.
+        st.extra["dvit_prev_decision"] = x.new_ones(b, n0, 1)
+        st.policy = x.new_ones(b, npf + n0, 1)
+
+
+def _make_stage_hook(predictor: PredictorLG, stage: int, keep_rate: float):
+    ratio = keep_rate ** (stage + 1)  # Python float, as the official token_ratio list
+
+    def hook(block, x: torch.Tensor, st: vit.TokenState) -> torch.Tensor:
+        npf = st.n_prefix
+        b, n, _ = x.shape
+        n0 = st.extra["dvit_n0"]
+        if block.training:
+            prev = st.extra["dvit_prev_decision"]
+            pred = predictor(x[:, npf:], prev)                      # [B, N0, 2]
+            keep = F.gumbel_softmax(pred, hard=True)[:, :, 0:1] * prev
+            st.extra["dvit_decisions"].append(keep.reshape(b, n0))
+            st.extra["dvit_prev_decision"] = keep
+            st.policy = torch.cat([x.new_ones(b, npf, 1), keep], dim=1)
+            return x
+        k = max(1, int(n0 * ratio))
+        if k >= n - npf:  # nothing to prune (keep_rate == 1)
+            return x
+        score = predictor(x[:, npf:])[:, :, 0]                     # keep log-probability [B, N]
+        keep_idx = torch.argsort(score, dim=1, descending=True)[:, :k]
+        prefix = torch.arange(npf, device=x.device, dtype=keep_idx.dtype).expand(b, npf)
+        return st.keep(x, torch.cat([prefix, keep_idx + npf], dim=1))
+
+    return hook
+
+
+# --------------------------------------------------------------------------- training
+
+DEFAULT_WEIGHTS = {
+    "clf_weight": 1.0,        # cross-entropy (the official DeiT criterion: clf_weight=1.0)
+    "ratio_weight": 2.0,      # main.py --ratio_weight default
+    "distill_weight": 0.5,    # logits KL and token MSE, each
+    "label_smoothing": 0.1,   # main.py --smoothing default
+}
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain timm ViT as the official ``VisionTransformerTeacher``: (logits, final normalised patch tokens)."""
+    feats = teacher.forward_features(x)
+    logits = teacher.forward_head(feats)
+    return logits, feats[:, teacher.num_prefix_tokens:]
+
+
+def student_outputs(model: nn.Module, x: torch.Tensor):
+    """The official training outputs: (logits, final normalised patch tokens, final decision [B, N0, 1]
+    (detached), per-stage decisions [B, N0] list)."""
+    feats = model.forward_features(x)
+    logits = model.forward_head(feats)
+    st = model._tb_state
+    prev = st.extra.get("dvit_prev_decision")
+    if prev is None:
+        prev = feats.new_ones(feats.shape[0], feats.shape[1] - model.num_prefix_tokens, 1)
+    return logits, feats[:, model.num_prefix_tokens:], prev.detach(), list(st.extra.get("dvit_decisions", []))
+
+
+def ratio_loss(decisions: list[torch.Tensor], keep_rate: float) -> torch.Tensor:
+    """Mean over stages of the batch mean of (kept fraction - keep_rate ** s) ** 2 (the official
+    ``pred_loss / len(pruning_loc)``)."""
+    total = 0.0
+    for s, d in enumerate(decisions):
+        total = total + ((d.mean(1) - keep_rate ** (s + 1)) ** 2).mean()
+    return total / len(decisions)
+
+
+def logit_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The official ``cls_kl_loss`` (no temperature)."""
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                    reduction="batchmean", log_target=True)
+
+
+def token_distill_loss(tokens: torch.Tensor, teacher_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The official ``mse_token`` loss: squared error averaged over the kept tokens (mask > 0.5)
+    and channels; 0 when no token is kept."""
+    b, n, c = tokens.shape
+    m = (mask.reshape(b, n, 1) > 0.5).to(tokens.dtype)
+    kept = m.sum()
+    sq = ((tokens - teacher_tokens) ** 2 * m).sum()
+    return torch.where(kept < 0.1, sq * 0.0, sq / (kept.clamp(min=1.0) * c))
+
+
+def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = None,
+                weights: Optional[dict] = None):
+    """The DynamicViT training loss, as the official ``DistillDiffPruningLoss_dynamic`` for DeiT.
+
+    ``model``: a model with ``dynamicvit`` applied (and in ``train()`` mode while training);
+    ``teacher``: the frozen dense model (a plain timm ViT, typically the same pretrained
+    weights), put in ``eval()`` mode here with gradients off.  ``params``: the method's
+    parameters (``keep_rate``; default the one applied to ``model``).  ``weights``:
+    overrides of :data:`DEFAULT_WEIGHTS`.
+
+    Returns ``loss_fn(model, x, y) -> (loss, logits, metrics)`` for
+    :func:`tokenbench.train.train_loop`, with
+    ``loss = clf * CE(label smoothing) + ratio * ratio_loss + distill * (KL(logits) + MSE(tokens))``.
+    """
+    w = dict(DEFAULT_WEIGHTS)
+    for k, v in (weights or {}).items():
+        if k not in w:
+            raise UserError(f"dynamicvit: unknown loss weight {k!r} (known: {', '.join(w)})")
+        w[k] = float(v)
+    applied = getattr(model, "_tb_method", {}).get("params", {})
+    p = DynamicViT.validate({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
+    keep_rate = p["keep_rate"]
+    teacher.eval()
+    teacher.requires_grad_(False)
+
+    def loss_fn(model, x, y):
+        logits, tokens, mask, decisions = student_outputs(model, x)
+        t_logits, t_tokens = teacher_outputs(teacher, x)
+        cls = F.cross_entropy(logits, y, label_smoothing=w["label_smoothing"])
+        rl = ratio_loss(decisions, keep_rate) if decisions else logits.new_zeros(())
+        kl = logit_distill_loss(logits, t_logits)
+        mse = token_distill_loss(tokens, t_tokens, mask)
+        loss = w["clf_weight"] * cls + w["ratio_weight"] * rl + w["distill_weight"] * kl + w["distill_weight"] * mse
+        metrics = {"cls_loss": float(cls.detach()), "ratio_loss": float(rl.detach()), "cls_kl": float(kl.detach()),
+                   "token_mse": float(mse.detach()), "keep_frac": float(mask.mean())}
+        return loss, logits, metrics
+
+    return loss_fn
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 0.01):
+    """The official optimiser grouping (``optim_factory.get_parameter_groups``): predictors at the
+    full learning rate; the backbone at ``backbone_lr_scale`` (``--lr_scale`` 0.01) and frozen for
+    the first 5 epochs (``fix_epochs``); ``cls_token`` and ``pos_embed`` not trained at all.
+    Each group carries ``lr_scale`` and ``fix_epochs`` for the caller's schedule."""
+    groups: dict[str, dict] = {}
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad or "cls_token" in name or "pos_embed" in name:
+            continue
+        new = name.startswith(PREDICTOR_ATTR + ".")
+        no_decay = prm.ndim == 1 or name.endswith(".bias")
+        key = ("new_param" if new else "backbone") + ("_no_decay" if no_decay else "")
+        g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                    "lr_scale": 1.0 if new else backbone_lr_scale,
+                                    "fix_epochs": 0 if new else 5})
+        g["params"].append(prm)
+    return list(groups.values())
+
+
+def official_state_dict(state: dict) -> dict:
+    """An official DynamicViT (DeiT) checkpoint as our state dict.
+
+    The names already match (timm's VisionTransformer block names, and our predictors
+    are ``score_predictor.{i}.*`` as the official ones): this unwraps a ``{'model': ...}``
+    (or ``model_ema`` / ``state_dict``) checkpoint and strips ``module.`` prefixes.
+    """
+    for key in ("model", "model_ema", "state_dict", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    out = {}
+    for k, v in state.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- the method
+
+@register
+class DynamicViT(Method):
+    name = "dynamicvit"
+    summary = "DynamicViT: learned prediction modules prune tokens before blocks 3, 6, 9 (keep_rate ** s of them)."
+    params = (
+        Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
+              min=0.0, max=1.0, min_exclusive=True),
+    )
+    learned = True
+    needs_class_token = True
+    deterministic = True
+    search_param = "keep_rate"
+
+    def apply(self, model, keep_rate: float = 0.7, **params):
+        plan = vit.prepare(model, self.name, need_class_token=True)
+        sites = vit.depth_sites(len(model.blocks))
+        dim = model.embed_dim
+        preds = model._modules.get(PREDICTOR_ATTR)
+        if not _predictors_compatible(preds, len(sites), dim):
+            ref = next(model.parameters())
+            g = torch.Generator().manual_seed(0)  # untrained predictors: reproducible, global RNG untouched
+            preds = nn.ModuleList([init_predictor(PredictorLG(dim), g) for _ in sites]).to(ref.device, ref.dtype)
+            preds.train(model.training)
+        vit.add_module(model, PREDICTOR_ATTR, preds)
+        plan.on_start.append(_on_start)
+        for s, i in enumerate(sites):
+            plan.pre[i] = _make_stage_hook(preds[s], s, keep_rate)
+        return model
+
+    def expected_tokens(self, model, keep_rate: float = 0.7, **params):
+        npf = model.num_prefix_tokens
+        n0 = vit.num_patches(model)
+        sites = vit.depth_sites(len(model.blocks))
+        counts = keep_counts(n0, len(sites), keep_rate)
+        tokens, n = [], n0
+        for i in range(len(model.blocks)):
+            if i in sites:
+                n = min(n, counts[sites.index(i)])
+            tokens.append(n + npf)
+        return tokens, list(tokens)
+
+    def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
+        return train_setup(model, teacher, params, weights)

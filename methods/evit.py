@@ -1,0 +1,121 @@
+"""`evit`: EViT (Liang et al., ICLR 2022), keep the attentive tokens, fuse the rest.
+
+Inside three blocks (3, 6 and 9 of 12, the quarter points for other depths), after the
+attention residual and before the MLP, the class token's attention (averaged over
+heads) ranks the other tokens; the ``ceil(keep_rate * n)`` most attended are kept (in
+order of decreasing attention, ``topk(sorted=True)``), ``n`` being the number of
+non-prefix tokens entering the block.  With ``fuse_token`` the others become one token,
+their sum weighted by their raw class attention (not renormalised), appended at the end.
+
+Faithful to ``youweiliang/evit`` (``evit.py``: ``Attention.forward``, ``Block.forward``;
+``helpers.complement_idx``):
+
+- ``n`` counts a fused token made at an earlier site: from then on it is an ordinary
+  token, ranked, kept or fused again like the others;
+- the class attention is one row of the softmax over *all* tokens (class token included),
+  so the fusion weights do not sum to one;
+- the dropped tokens are summed in increasing position order (the official complement);
+- nothing changes in a block where ``ceil(keep_rate * n) == n`` (so ``keep_rate = 1`` is
+  the unchanged model).
+
+Deviation: every prefix token is protected (kept in front, not ranked).  The official
+code handles only the class token; with a distillation token it would rank and possibly
+drop it, which breaks the distilled head.  For one class token this is the official rule.
+
+Needs a class token.  Training-free as applied here (the official models are fine-tuned
+with the same reduction; no parameters are added).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tokenbench import vit
+from tokenbench.registry import Method, Param, register
+
+
+# --------------------------------------------------------------------------- algorithm
+
+def n_kept(keep_rate: float, n: int) -> int:
+    """Tokens kept of ``n`` (official: ``math.ceil(keep_rate * (N - 1))``)."""
+    return math.ceil(keep_rate * n)
+
+
+def attentive_tokens(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] of the ``k`` most attended tokens of ``cls_attn`` [B, n], most attended first."""
+    return torch.topk(cls_attn, k, dim=1, largest=True, sorted=True)[1]
+
+
+def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The indices of ``range(n)`` not in ``idx`` [B, k], in increasing order: [B, n - k].
+
+    Writing 0 over the kept positions of ``arange(n)`` and sorting leaves ``k`` (or
+    ``k + 1``, when 0 itself is dropped) leading zeros; what follows the first ``k`` is the
+    dropped positions in order.
+    """
+    k = idx.shape[1]
+    ar = torch.arange(n, device=idx.device).expand(idx.shape[0], n)
+    return ar.scatter(1, idx, 0).sort(dim=1)[0][:, k:]
+
+
+# --------------------------------------------------------------------------- hook
+
+def _evit_hook(keep_rate: float, fuse_token: bool):
+    def mid(block, x: torch.Tensor, state: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
+        p = state.n_prefix
+        n = x.shape[1] - p
+        k = n_kept(keep_rate, n)
+        if k >= n:
+            return x
+        attn = info.cls_attn()[:, p:]                     # [B, n], raw softmax row of the class token
+        idx = attentive_tokens(attn, k)
+        b = x.shape[0]
+        prefix = torch.arange(p, device=x.device, dtype=idx.dtype).expand(b, p)
+        kept_idx = torch.cat([prefix, idx + p], dim=1)
+        if not fuse_token:
+            return state.keep(x, kept_idx)
+        dropped = complement(idx, n)
+        weights = attn.gather(1, dropped).to(x.dtype)
+        return state.fuse(x, kept_idx, dropped + p, weights)
+
+    return mid
+
+
+@register
+class EViT(Method):
+    name = "evit"
+    summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one (blocks 3, 6, 9)."
+    params = (
+        Param("keep_rate", "float", 0.7, "fraction of the non-prefix tokens kept at each of the three sites",
+              min=0.0, max=1.0, min_exclusive=True),
+        Param("fuse_token", "bool", True, "fuse the inattentive tokens into one (weighted by class attention) "
+                                          "instead of dropping them"),
+    )
+    learned = False
+    needs_class_token = True
+    deterministic = True
+    search_param = "keep_rate"
+
+    def apply(self, model, keep_rate=0.7, fuse_token=True, **params):
+        plan = vit.prepare(model, self.name, need_class_token=True)
+        if keep_rate < 1:
+            for i in vit.depth_sites(len(model.blocks)):
+                plan.mid[i] = _evit_hook(float(keep_rate), bool(fuse_token))
+                plan.needs[i] = ("cls_attn",)
+        return model
+
+    def expected_tokens(self, model, keep_rate=0.7, fuse_token=True, **params):
+        p = model.num_prefix_tokens
+        n = vit.num_patches(model) + p
+        sites = set(vit.depth_sites(len(model.blocks))) if keep_rate < 1 else set()
+        tokens, tokens_mlp = [], []
+        for i in range(len(model.blocks)):
+            tokens.append(n)
+            if i in sites:
+                k = n_kept(float(keep_rate), n - p)
+                if k < n - p:
+                    n = p + k + int(bool(fuse_token))
+            tokens_mlp.append(n)
+        return tokens, tokens_mlp

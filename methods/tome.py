@@ -1,0 +1,189 @@
+"""`tome`: Token Merging (Bolya et al., ICLR 2023), training-free, as in the official code.
+
+In every block, between the attention and the MLP, ``r`` tokens are merged away by
+*bipartite soft matching*: the tokens are split alternately into two sets A (even
+positions) and B (odd positions); every A token is linked to its most similar B token
+(cosine similarity of the attention keys averaged over heads); the ``r`` A tokens with
+the most similar partners are merged into them by a size-weighted average, and the
+others stay.  Token sizes (how many patches each token stands for) are carried across
+blocks; with ``prop_attn`` they are added to the attention logits as ``log(size)``
+(proportional attention), and average-pooled models pool with the same weights.
+
+Faithful to ``facebookresearch/ToMe`` (``tome/merge.py``, ``tome/patch/timm.py``):
+
+- at most half the non-protected tokens merge per block: ``r = min(r, (N - protected) // 2)``;
+- prefix tokens (class, distillation, register tokens) never merge: their rows of the
+  score matrix (A side) and columns (B side) are ``-inf``;
+- the token order after a merge is the official one: the unmerged A tokens, then the B
+  tokens (into which the merged ones were averaged).  With a class token the unmerged
+  A tokens are sorted back into their original order; without one they stay in order of
+  decreasing similarity (``argsort(descending=True)``), as in the official code.  The
+  next block's even/odd split depends on this order.  Prefix tokens come first, in
+  their own order (for one class token and a distillation token this is the official
+  ``[cls, dist, unmerged A, B]``; for more prefix tokens, e.g. registers, which the
+  official code does not handle, the same rule is applied to all of them);
+- ``r`` may be one number for every block or a list, one per block; a list shorter than
+  the depth is padded with zeros (the official ``parse_r``).
+
+The matching and merging are pure functions on tensors (:func:`bipartite_soft_matching`,
+:func:`merge`, :func:`merge_wavg`, :func:`merge_source`); the hook installed on the
+shared ViT surgery is a thin wrapper around them.  Everything is vectorised over the
+batch (gather / scatter_reduce) and traceable by ``torch.jit.trace``: the only Python
+control flow depends on shapes, never on tensor values.
+
+Default ``r = 16``: the setting the official README shows for 224-px ViT-B/16 (197
+tokens).  It is aggressive for short sequences (the embedded 50-token model ends with
+2 tokens); set ``r`` per model or let a matched-FLOPs search choose it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from tokenbench import vit
+from tokenbench.errors import UserError
+from tokenbench.registry import Method, Param, register
+
+
+# --------------------------------------------------------------------------- algorithm
+
+class Matching(NamedTuple):
+    """The outcome of one bipartite soft matching (indices into the A and B sets)."""
+
+    unm_idx: torch.Tensor   # [B, |A| - r, 1]: A tokens that stay
+    src_idx: torch.Tensor   # [B, r, 1]: A tokens merged away
+    dst_idx: torch.Tensor   # [B, r, 1]: the B token each of them merges into
+    n_prefix: int           # protected tokens at the front of the sequence
+
+
+def clip_r(r: int, n_tokens: int, n_prefix: int) -> int:
+    """Tokens actually merged: at most half of the non-protected ones (official rule)."""
+    return max(0, min(int(r), (n_tokens - n_prefix) // 2))
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, n_prefix: int = 1) -> Optional[Matching]:
+    """Match ``r`` tokens of ``metric`` [B, N, C] (keys averaged over heads) for merging.
+
+    Returns ``None`` when nothing is to be merged (``r`` clipped to 0).
+    """
+    r = clip_r(r, metric.shape[1], n_prefix)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)            # cosine similarities, [B, |A|, |B|]
+        n_a, n_b = (n_prefix + 1) // 2, n_prefix // 2  # prefix tokens falling in A and in B
+        if n_a:
+            scores[..., :n_a, :] = -math.inf         # protected A tokens never merge away
+        if n_b:
+            scores[..., :, :n_b] = -math.inf         # nothing merges into protected B tokens
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if n_prefix:
+            unm_idx = unm_idx.sort(dim=1)[0]         # prefix tokens back at the front
+    return Matching(unm_idx, src_idx, dst_idx, n_prefix)
+
+
+def _join(unm: torch.Tensor, dst: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """[prefix tokens in their order, other unmerged A tokens, other B tokens]."""
+    if n_prefix <= 1:
+        return torch.cat([unm, dst], dim=1)
+    n_a, n_b = (n_prefix + 1) // 2, n_prefix // 2
+    parts = []
+    for i in range(n_prefix):  # prefix token i is A[i // 2] (i even) or B[i // 2] (i odd)
+        parts.append((unm if i % 2 == 0 else dst)[:, i // 2:i // 2 + 1])
+    return torch.cat(parts + [unm[:, n_a:], dst[:, n_b:]], dim=1)
+
+
+def merge(x: torch.Tensor, m: Matching, mode: str = "sum") -> torch.Tensor:
+    """Apply the matching to ``x`` [B, N, C]: merged A tokens are reduced (``mode``) into their B partners."""
+    src, dst = x[..., ::2, :], x[..., 1::2, :]
+    n, t1, c = src.shape
+    r = m.src_idx.shape[1]
+    unm = src.gather(dim=-2, index=m.unm_idx.expand(n, t1 - r, c))
+    src = src.gather(dim=-2, index=m.src_idx.expand(n, r, c))
+    dst = dst.scatter_reduce(-2, m.dst_idx.expand(n, r, c), src, reduce=mode)
+    return _join(unm, dst, m.n_prefix)
+
+
+def merge_wavg(x: torch.Tensor, size: torch.Tensor, m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: (merged ``x``, merged sizes)."""
+    x = merge(x * size, m, "sum")
+    size = merge(size, m, "sum")
+    return x / size, size
+
+
+def merge_source(source: torch.Tensor, m: Matching) -> torch.Tensor:
+    """Merge the source map [B, N, N0] (which original tokens each token covers)."""
+    return merge(source, m, "amax")
+
+
+def schedule(r, depth: int) -> list[int]:
+    """``r`` (an int or a per-block list) as one value per block (lists padded with zeros)."""
+    if isinstance(r, (list, tuple)):
+        rs = [int(v) for v in r]
+        if len(rs) > depth:
+            raise UserError(f"tome: r has {len(rs)} entries but the model has {depth} blocks")
+        return rs + [0] * (depth - len(rs))
+    return [int(r)] * depth
+
+
+# --------------------------------------------------------------------------- hook
+
+def _merge_hook(r: int):
+    def mid(block, x: torch.Tensor, state: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
+        m = bipartite_soft_matching(info.keys, r, state.n_prefix)
+        if m is None:
+            return x
+        size = state.ensure_size(x)
+        if state.source is not None:
+            state.source = merge_source(state.source, m)
+        x, state.size = merge_wavg(x, size, m)
+        state.snapshot("merge")
+        return x
+
+    return mid
+
+
+@register
+class ToMe(Method):
+    name = "tome"
+    summary = "Token Merging: bipartite soft matching on attention keys, r tokens merged per block."
+    params = (
+        Param("r", "int_or_list", 16,
+              "tokens merged per block: one number, or a list (one per block, padded with zeros); "
+              "at most half the tokens merge in a block", min=0),
+        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+    )
+    learned = False
+    needs_class_token = False
+    deterministic = True
+    search_param = "r"
+
+    def apply(self, model, r=16, prop_attn=True, **params):
+        vit.check_vit(model, self.name)
+        rs = schedule(r, len(model.blocks))
+        plan = vit.prepare(model, self.name)
+        plan.prop_attn = bool(prop_attn)
+        for i, ri in enumerate(rs):
+            if ri > 0:
+                plan.mid[i] = _merge_hook(ri)
+                plan.needs[i] = ("keys",)
+        return model
+
+    def expected_tokens(self, model, r=16, prop_attn=True, **params):
+        p = model.num_prefix_tokens
+        n = vit.num_patches(model) + p
+        tokens, tokens_mlp = [], []
+        for ri in schedule(r, len(model.blocks)):
+            tokens.append(n)
+            n -= clip_r(ri, n, p)
+            tokens_mlp.append(n)
+        return tokens, tokens_mlp

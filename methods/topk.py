@@ -1,0 +1,85 @@
+"""`topk`: keep the patch tokens the class token attends to most (training-free pruning).
+
+Inside blocks 3, 6 and 9 of a 12-block ViT (the quarter points of other depths,
+:func:`tokenbench.vit.depth_sites`), between the attention and the MLP, the patch
+tokens are ranked by the class-token attention of that block (averaged over heads)
+and the best ``int(N0 * keep_rate ** s)`` are kept at stage ``s`` (1, 2, 3), ``N0``
+the original patch count: DynamicViT's schedule.  The prefix tokens (class token
+first) are always kept.
+
+Kept tokens stay in their original (spatial) order, which keeps visualisations
+simple; the logits do not depend on the order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenbench import vit
+from tokenbench.registry import Method, Param, register
+
+
+def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
+    """Patch tokens kept after each stage: DynamicViT's ``int(N0 * keep_rate ** s)`` (at least 1)."""
+    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
+
+
+def _on_start(model, x, st: vit.TokenState) -> None:
+    st.extra["topk_n0"] = x.shape[1] - st.n_prefix
+
+
+def _make_hook(stage: int, keep_rate: float):
+    ratio = keep_rate ** (stage + 1)
+
+    def hook(block, x: torch.Tensor, st: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
+        npf = st.n_prefix
+        b, n, _ = x.shape
+        k = max(1, int(st.extra["topk_n0"] * ratio))
+        if k >= n - npf:  # nothing to prune (keep_rate == 1)
+            return x
+        score = info.cls_attn()[:, npf:]                              # [B, N]
+        keep_idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        prefix = torch.arange(npf, device=x.device, dtype=keep_idx.dtype).expand(b, npf)
+        return st.keep(x, torch.cat([prefix, keep_idx + npf], dim=1))
+
+    return hook
+
+
+@register
+class TopK(Method):
+    name = "topk"
+    summary = "Keep the patch tokens with the highest class-token attention in blocks 3, 6, 9 (keep_rate ** s of them)."
+    params = (
+        Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
+              min=0.0, max=1.0, min_exclusive=True),
+    )
+    learned = False
+    needs_class_token = True
+    deterministic = True
+    search_param = "keep_rate"
+
+    def apply(self, model, keep_rate: float = 0.7, **params):
+        plan = vit.prepare(model, self.name, need_class_token=True)
+        plan.on_start.append(_on_start)
+        for s, i in enumerate(vit.depth_sites(len(model.blocks))):
+            plan.mid[i] = _make_hook(s, keep_rate)
+            plan.needs[i] = ("cls_attn",)
+        return model
+
+    def expected_tokens(self, model, keep_rate: float = 0.7, **params):
+        return mid_block_schedule(model, keep_rate)
+
+
+def mid_block_schedule(model, keep_rate: float) -> tuple[list[int], list[int]]:
+    """Token counts for pruning inside blocks ``depth_sites`` (between attention and MLP)."""
+    npf = model.num_prefix_tokens
+    n0 = vit.num_patches(model)
+    sites = vit.depth_sites(len(model.blocks))
+    counts = keep_counts(n0, len(sites), keep_rate)
+    tokens, tokens_mlp, n = [], [], n0
+    for i in range(len(model.blocks)):
+        tokens.append(n + npf)
+        if i in sites:
+            n = min(n, counts[sites.index(i)])
+        tokens_mlp.append(n + npf)
+    return tokens, tokens_mlp

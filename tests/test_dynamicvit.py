@@ -1,0 +1,321 @@
+"""DynamicViT adapter: inference against a slow reference, schedule, parameters, training pieces."""
+
+import math
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from tokenbench import registry, vit
+from tokenbench.errors import UserError
+
+registry.load_methods()
+dv = sys.modules["tokenbench_methods.dynamicvit"]
+
+
+def tiny(img=64, patch=8, **kw):
+    torch.manual_seed(0)
+    a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)
+    a.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **a).eval()
+
+
+def spread_predictors(model, seed=1, scale=0.3):
+    """Untrained predictors score all tokens about alike; spread the scores for a sharp test."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.score_predictor.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+# --------------------------------------------------------------------------- slow reference
+
+def ln(x, mod):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
+
+
+def lin(x, mod):
+    return x @ mod.weight.T + mod.bias
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def ref_attention(blk, t):
+    """Plain multi-head self-attention of one image's tokens t [N, C]."""
+    a = blk.attn
+    n, c = t.shape
+    h, hd = a.num_heads, c // a.num_heads
+    qkv = lin(ln(t, blk.norm1), a.qkv)
+    heads = []
+    for j in range(h):
+        q = qkv[:, j * hd:(j + 1) * hd]
+        k = qkv[:, c + j * hd:c + (j + 1) * hd]
+        v = qkv[:, 2 * c + j * hd:2 * c + (j + 1) * hd]
+        att = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1)
+        heads.append(att @ v)
+    return lin(torch.cat(heads, dim=1), a.proj)
+
+
+def ref_mlp(blk, t):
+    return lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
+
+
+def ref_keep_score(pred, t):
+    """The prediction module on one image's patch tokens t [N, C]: keep log-probability per token."""
+    h = gelu(lin(ln(t, pred.in_conv[0]), pred.in_conv[1]))
+    n, c = h.shape
+    half = c // 2
+    g = torch.zeros(c - half)
+    for j in range(n):
+        g = g + h[j, half:]
+    g = g / n
+    z = torch.cat([h[:, :half], g.expand(n, c - half)], dim=1)
+    z = gelu(lin(z, pred.out_conv[0]))
+    z = gelu(lin(z, pred.out_conv[2]))
+    z = lin(z, pred.out_conv[4])
+    return torch.log_softmax(z, dim=-1)[:, 0]
+
+
+@torch.no_grad()
+def ref_dynamicvit(model, images, keep_rate):
+    n0 = model.patch_embed.num_patches
+    sites = vit.depth_sites(len(model.blocks))
+    out = []
+    for img in images:  # one image at a time
+        t = model._pos_embed(model.patch_embed(img[None]))[0]
+        for i, blk in enumerate(model.blocks):
+            if i in sites:
+                s = sites.index(i)
+                k = int(n0 * keep_rate ** (s + 1))
+                score = ref_keep_score(model.score_predictor[s], t[1:])
+                order = sorted(range(len(score)), key=lambda j: -float(score[j]))[:k]
+                t = torch.cat([t[:1], t[1:][order]], dim=0)
+            t = t + ref_attention(blk, t)
+            t = t + ref_mlp(blk, t)
+        t = ln(t, model.norm)
+        out.append(lin(t[0], model.head))
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- inference
+
+@pytest.mark.parametrize("keep_rate", [0.7, 0.45])
+def test_matches_reference(keep_rate):
+    m = registry.apply(tiny(), "dynamicvit", keep_rate=keep_rate)
+    spread_predictors(m)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+    ref = ref_dynamicvit(m, x, keep_rate)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+
+
+def test_token_counts_match_expected():
+    m = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 64, 64))
+    st = m._tb_state
+    exp = registry.get_method("dynamicvit")().expected_tokens(m, keep_rate=0.6)
+    assert (st.tokens, st.tokens_mlp) == exp
+    n = 64
+    assert exp[0] == [n + 1] * 3 + [int(n * 0.6) + 1] * 3 + [int(n * 0.6 ** 2) + 1] * 3 + [int(n * 0.6 ** 3) + 1] * 3
+
+
+def test_deit_s_schedule():
+    # DeiT-S geometry: 224 / 16 -> 196 patches; the official counts 137, 96, 67 (+ class token).
+    m = registry.apply(tiny(img=224, patch=16), "dynamicvit", keep_rate=0.7)
+    exp = registry.get_method("dynamicvit")().expected_tokens(m, keep_rate=0.7)
+    assert exp[0] == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
+    assert exp[1] == exp[0]
+    with torch.no_grad():
+        m(torch.randn(1, 3, 224, 224))
+    assert m._tb_state.tokens == exp[0] and m._tb_state.tokens_mlp == exp[1]
+    assert dv.keep_counts(196, 3, 0.7) == [int(196 * 0.7), int(196 * 0.7 ** 2), int(196 * 0.7 ** 3)]
+
+
+def test_batch_consistency():
+    m = registry.apply(tiny(), "dynamicvit", keep_rate=0.5)
+    spread_predictors(m)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        for i in range(4):
+            assert torch.allclose(y[i:i + 1], m(x[i:i + 1]), atol=1e-5)
+
+
+def test_keep_rate_one_is_dense():
+    dense = tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y0 = dense(x)
+        m = registry.apply(dense, "dynamicvit", keep_rate=1.0)
+        y1 = m(x)
+    assert m._tb_state.tokens == [65] * 12
+    assert torch.allclose(y0, y1, atol=1e-5)
+
+
+def test_untrained_predictors_run_and_trace():
+    m = registry.apply(tiny(), "dynamicvit")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        tr = torch.jit.trace(m, x, check_trace=False)
+        assert torch.allclose(tr(x), y, atol=1e-6)
+    assert torch.isfinite(y).all()
+
+
+def test_bad_parameters_rejected():
+    for bad in ({"keep_rate": 0}, {"keep_rate": 1.5}, {"keep_rate": -1}, {"keep_ratio": 0.5}, {"keep_rate": "x"}):
+        with pytest.raises(UserError):
+            registry.apply(tiny(), "dynamicvit", **bad)
+    with pytest.raises(UserError):
+        registry.apply(tiny(class_token=False, global_pool="avg"), "dynamicvit")
+    assert registry.get_method("dynamicvit").learned and registry.get_method("dynamicvit").needs_class_token
+
+
+# --------------------------------------------------------------------------- weights
+
+OFFICIAL_KEYS = [  # names in the official VisionTransformerDiffPruning state dict
+    "cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
+    "blocks.0.attn.proj.bias", "blocks.11.mlp.fc2.weight", "norm.weight", "head.weight",
+    "score_predictor.0.in_conv.0.weight", "score_predictor.0.in_conv.0.bias", "score_predictor.0.in_conv.1.weight",
+    "score_predictor.1.out_conv.0.weight", "score_predictor.1.out_conv.2.weight", "score_predictor.2.out_conv.4.weight",
+    "score_predictor.2.out_conv.4.bias",
+]
+
+
+def test_official_names_load_after_apply():
+    src = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+    spread_predictors(src, seed=5)
+    sd = src.state_dict()
+    assert set(OFFICIAL_KEYS) <= set(sd)
+    assert sum(k.startswith("score_predictor.") for k in sd) == 3 * 10
+    # as the official training script saves it: {'model': DDP-module state dict}
+    ckpt = {"model": {"module." + k: v.clone() for k, v in sd.items()}, "epoch": 3}
+    official = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+    official.load_state_dict(dv.official_state_dict(ckpt), strict=True)
+    native = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+    native.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(official(x), native(x))
+        assert torch.equal(native(x), src(x))
+
+
+def test_reapply_keeps_loaded_predictors():
+    m = registry.apply(tiny(), "dynamicvit", keep_rate=0.7)
+    spread_predictors(m, seed=3)
+    w = m.score_predictor[1].out_conv[2].weight.clone()
+    registry.apply(m, "dynamicvit", keep_rate=0.5)
+    assert torch.equal(m.score_predictor[1].out_conv[2].weight, w)
+    vit.restore(m)
+    assert not any(k.startswith("score_predictor") for k in m.state_dict())
+
+
+# --------------------------------------------------------------------------- training pieces
+
+def test_ratio_loss_by_hand():
+    d1 = torch.tensor([[1., 1., 0., 1.], [0., 0., 0., 1.]])   # kept 0.75, 0.25
+    d2 = torch.tensor([[1., 0., 0., 0.], [0., 0., 0., 0.]])   # kept 0.25, 0.0
+    r = 0.5
+    hand = (((0.75 - r) ** 2 + (0.25 - r) ** 2) / 2 + ((0.25 - r * r) ** 2 + (0.0 - r * r) ** 2) / 2) / 2
+    assert dv.ratio_loss([d1, d2], r).item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_logit_distill_by_hand():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]])
+    hand = 0.0
+    for b in range(2):
+        ps, pt = torch.softmax(s[b], 0), torch.softmax(t[b], 0)
+        hand += float((pt * (pt.log() - ps.log())).sum())
+    assert dv.logit_distill_loss(s, t).item() == pytest.approx(hand / 2, rel=1e-5)
+
+
+def test_token_distill_by_hand():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[[1.], [0.], [1.]], [[0.], [0.], [1.]]])
+    kept = [(0, 0), (0, 2), (1, 2)]
+    hand = sum(float(((a[i, j] - b[i, j]) ** 2).sum()) for i, j in kept) / (len(kept) * 4)
+    assert dv.token_distill_loss(a, b, mask).item() == pytest.approx(hand, rel=1e-5)
+    assert dv.token_distill_loss(a, b, torch.zeros(2, 3, 1)).item() == 0.0
+
+
+def test_gumbel_decisions_never_revive():
+    m = registry.apply(tiny(), "dynamicvit", keep_rate=0.5)
+    spread_predictors(m, scale=0.1)
+    m.train()
+    x = torch.randn(4, 3, 64, 64)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        logits, tokens, mask, decisions = dv.student_outputs(m, x)
+        assert len(decisions) == 3 and all(d.shape == (4, 64) for d in decisions)
+        for d in decisions:
+            assert set(d.unique().tolist()) <= {0.0, 1.0}
+        for prev, cur in zip(decisions, decisions[1:]):
+            assert (cur <= prev).all()  # a dropped token stays dropped
+        assert torch.equal(mask[..., 0], decisions[-1])
+        st = m._tb_state
+        assert st.tokens == [65] * 12  # training removes nothing
+        assert torch.equal(st.policy[:, 1:, 0], decisions[-1]) and (st.policy[:, 0] == 1).all()
+        assert tokens.shape == (4, 64, 48) and logits.shape == (4, 7)
+
+
+def test_masked_attention_equals_attention_over_kept():
+    torch.manual_seed(0)
+    blk = tiny().blocks[2]
+    x = torch.randn(2, 9, 48)
+    keep = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1, 1, 0, 1]], dtype=torch.float32)
+    st = vit.TokenState(1)
+    st.policy = keep[..., None]
+    with torch.no_grad():
+        out, _ = vit.attention(blk.attn, x, st, False, False)
+        for b in range(2):
+            idx = keep[b].nonzero()[:, 0]
+            sub, _ = vit.attention(blk.attn, x[b:b + 1, idx], vit.TokenState(1), False, False)
+            assert torch.allclose(out[b, idx], sub[0], atol=1e-5)
+            # a dropped token attends to the kept tokens and to itself
+            for j in (keep[b] == 0).nonzero()[:, 0].tolist():
+                idx_j = torch.cat([idx, torch.tensor([j])])
+                sub_j, _ = vit.attention(blk.attn, x[b:b + 1, idx_j], vit.TokenState(1), False, False)
+                assert torch.allclose(out[b, j], sub_j[0, -1], atol=1e-5)
+
+
+def test_training_loss_composition_and_backward():
+    torch.manual_seed(0)
+    teacher = tiny()
+    model = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+    model.load_state_dict({**teacher.state_dict(), **{k: v for k, v in model.state_dict().items()
+                                                     if k.startswith("score_predictor")}})
+    model.train()
+    loss_fn = dv.train_setup(model, teacher, weights={"ratio_weight": 3.0})
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))
+    torch.manual_seed(11)
+    loss, logits, met = loss_fn(model, x, y)
+    # recompute every term from the same forward
+    torch.manual_seed(11)
+    lg, tok, mask, dec = dv.student_outputs(model, x)
+    assert torch.equal(lg, logits)
+    t_logits, t_tok = dv.teacher_outputs(teacher, x)
+    with torch.no_grad():
+        assert torch.allclose(t_logits, teacher(x))
+    ce = F.cross_entropy(lg, y, label_smoothing=0.1)
+    rl = sum(((d.mean(1) - 0.6 ** (s + 1)) ** 2).mean() for s, d in enumerate(dec)) / 3
+    kl = dv.logit_distill_loss(lg, t_logits)
+    mse = dv.token_distill_loss(tok, t_tok, mask)
+    assert loss.item() == pytest.approx((ce + 3.0 * rl + 0.5 * kl + 0.5 * mse).item(), rel=1e-5)
+    assert set(met) >= {"cls_loss", "ratio_loss", "cls_kl", "token_mse", "keep_frac"}
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    loss.backward()
+    g = model.score_predictor[0].out_conv[4].weight.grad
+    assert g is not None and g.abs().sum() > 0  # the ratio loss reaches the predictors (straight-through)
+    with pytest.raises(UserError):
+        dv.train_setup(model, teacher, weights={"ratio_wieght": 1.0})
+    assert registry.get_method("dynamicvit")().train_setup(model, teacher) is not None

@@ -1,0 +1,333 @@
+"""The ``tokenbench`` command line: parse, call the library, print.
+
+Errors in what the user asked for are one line on stderr and exit code 2; ``--debug``
+shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="tokenbench: FLOPs, throughput and accuracy of token reduction in vision transformers.")
+STATE = {"debug": False}
+
+
+def out_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o):
+    import math
+
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=False, width=None if sys.stdout.isatty() else 140)
+
+
+@app.callback(invoke_without_command=True)
+def main_callback(ctx: typer.Context,
+                  debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    STATE["debug"] = debug or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    if ctx.invoked_subcommand is None:
+        # `tokenbench` alone runs the default sweep, like `tokenbench run`.
+        run_cmd = ctx.command.get_command(ctx, "run")
+        if run_cmd is None:
+            typer.echo(ctx.get_help())
+            raise typer.Exit(0)
+        ctx.invoke(run_cmd.callback, **{p.name: p.default for p in run_cmd.params})
+
+
+# --------------------------------------------------------------------------- shared options
+
+MODEL_ARG = typer.Argument(..., help="A timm model name, or `default` for the embedded Fashion-MNIST ViT.")
+METHOD_OPT = typer.Option("none", "--method", "-m", help="Token-reduction method (see `tokenbench list`).")
+SET_OPT = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE (JSON values: r=[8,8,4]); repeatable.")
+PRETRAINED_OPT = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs a network).")
+CKPT_OPT = typer.Option(None, "--checkpoint", "-c", help="Load weights from this file (after the method is applied).")
+JSON_OPT = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
+RESULTS_OPT = typer.Option(None, "--results", help="Record the measurement in this results directory (reused if there).")
+
+
+def _spec(model: str, method: str, sets: Optional[List[str]], pretrained: bool, checkpoint: Optional[Path],
+          img_size: Optional[int]) -> dict:
+    from .registry import get_method, parse_set
+    from .runner import spec_dict
+
+    params = parse_set(sets or [])
+    cls = get_method(method)
+    params = cls.validate(params)
+    if img_size is not None and img_size <= 0:
+        raise UserError(f"--img-size must be positive, got {img_size}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    return spec_dict(model, method, params, pretrained, str(checkpoint) if checkpoint else None, img_size)
+
+
+def _store(results: Optional[Path]):
+    if results is None:
+        return None
+    from .store import Store
+
+    s = Store(results)
+    s.ensure_writable()
+    return s
+
+
+def _public(rec: dict) -> dict:
+    m = {k: v for k, v in rec["metrics"].items() if k not in ("correct", "predictions")}
+    spec = rec["spec"]
+    return {"model": spec["model"], "method": spec["method"], "params": spec["params"], **m,
+            "weights": rec.get("weights"), "learned_parts": spec.get("learned_parts"), "env": rec["env"],
+            "key": rec["key"]}
+
+
+# --------------------------------------------------------------------------- commands
+
+@app.command("list")
+def list_cmd(json_: bool = JSON_OPT):
+    """The registered methods and their parameters (type, default, range, help)."""
+    from .registry import list_methods
+
+    methods = list_methods()
+    if json_:
+        out_json({"methods": methods})
+        return
+    from rich.table import Table
+
+    t = Table(title="tokenbench methods", show_lines=False)
+    for col in ("method", "parameter", "type", "default", "range", "help"):
+        t.add_column(col)
+    for m in methods:
+        first = True
+        label = m["name"] + (" (learned)" if m["learned"] else "")
+        if not m["params"]:
+            t.add_row(label, "-", "", "", "", m["summary"])
+        for p in m["params"]:
+            t.add_row(label if first else "", p["name"], p["type"], json.dumps(p["default"]), p["range"], p["help"])
+            first = False
+    console().print(t)
+
+
+@app.command("flops")
+def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
+              img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)."),
+              pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
+              results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
+    """GFLOPs per image (fvcore, multiply-add = 1 FLOP), parameters and tokens per block."""
+    from .runner import Settings, measure_run
+
+    spec = _spec(model, method, set_, pretrained, checkpoint, img_size)
+    rec, reused = measure_run("flops", spec, Settings(), _store(results))
+    pub = _public(rec)
+    if json_:
+        out_json(pub)
+        return
+    typer.echo(f"{model} + {method} {json.dumps(spec['params'])}: {pub['gflops']:.3f} GFLOPs, "
+               f"{pub['params_m']:.2f} M params")
+    typer.echo(f"tokens per block:     {pub.get('tokens')}")
+    typer.echo(f"tokens entering MLP:  {pub.get('tokens_mlp')}")
+    for w in pub.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
+
+
+def _parse_batch_sizes(batch_size: str) -> list[int]:
+    try:
+        out = [int(b) for b in str(batch_size).replace(" ", "").strip("[]").split(",") if b]
+    except ValueError:
+        raise UserError(f"--batch-size takes an integer or a comma-separated list, got {batch_size!r}") from None
+    if not out or any(b < 1 for b in out):
+        raise UserError(f"--batch-size must be positive, got {batch_size!r}")
+    return out
+
+
+@app.command("throughput")
+def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
+                   batch_size: str = typer.Option("64", "--batch-size", "-b", help="Batch size, or a list: 1,16,64."),
+                   device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+                   precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast)."),
+                   threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all)."),
+                   min_run_time: float = typer.Option(2.0, "--min-run-time", help="Seconds of timing per batch size."),
+                   img_size: Optional[int] = typer.Option(None, "--img-size"),
+                   pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
+                   results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
+    """Images per second (median and quartiles), batch-1 latency (p50, p90) and peak memory."""
+    from .measure import resolve_device
+    from .runner import Loaded, Settings, measure_run
+
+    sizes = _parse_batch_sizes(batch_size)
+    resolve_device(device)
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    spec = _spec(model, method, set_, pretrained, checkpoint, img_size)
+    store = _store(results)
+    loaded = Loaded(spec)
+    pubs = []
+    for i, b in enumerate(sizes):
+        s = Settings(batch_size=b, device=device, precision=precision, threads=threads, min_run_time=min_run_time,
+                     latency=(i == 0))
+        rec, reused = measure_run("throughput", spec, s, store, loaded=loaded)
+        pubs.append(_public(rec))
+    if json_:
+        if len(pubs) == 1:
+            out_json(pubs[0])
+        else:
+            first = pubs[0]
+            out_json({"model": first["model"], "method": first["method"], "params": first["params"],
+                      "batch_sizes": sizes, "results": pubs, "env": first["env"]})
+        return
+    for p in pubs:
+        line = (f"batch {p['batch_size']:>4}: {p['img_per_s']:.1f} img/s "
+                f"[{p['img_per_s_q1']:.1f}, {p['img_per_s_q3']:.1f}] on {p['device']} ({p['precision']}, "
+                f"{p['env']['threads']} threads)")
+        if "latency_ms_p50" in p:
+            line += f"; batch-1 latency p50 {p['latency_ms_p50']:.2f} ms, p90 {p['latency_ms_p90']:.2f} ms"
+        typer.echo(line)
+        for w in p.get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)
+
+
+@app.command("eval")
+def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
+             data: str = typer.Option(..., "--data", help="fashion-mnist, imagenet, folder or synthetic."),
+             data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
+             split: str = typer.Option("test", "--split", help="val or test."),
+             limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, class-stratified subset of N images."),
+             seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
+             batch_size: int = typer.Option(256, "--batch-size", "-b"),
+             device: str = typer.Option("auto", "--device"),
+             precision: str = typer.Option("fp32", "--precision"),
+             pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
+             results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
+    """Top-1 and top-5 accuracy with a 95% (Wilson) interval."""
+    from .measure import resolve_device
+    from .runner import Settings, measure_run
+
+    resolve_device(device)
+    if split not in ("val", "test", "train"):
+        raise UserError(f"unknown split {split!r} (use val or test)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    spec = _spec(model, method, set_, pretrained, checkpoint, None)
+    s = Settings(device=device, precision=precision, data=data, data_dir=str(data_dir) if data_dir else None,
+                 split=split, limit=limit, data_seed=seed, eval_batch_size=batch_size)
+    rec, reused = measure_run("accuracy", spec, s, _store(results), progress=not json_ and sys.stderr.isatty())
+    pub = _public(rec)
+    if json_:
+        out_json(pub)
+        return
+    lo, hi = pub["top1_ci95"]
+    typer.echo(f"{model} + {method} on {data} ({pub['n']} images): top-1 {pub['top1']:.2f}% "
+               f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {pub['top5']:.2f}%")
+
+
+@app.command("train-base")
+def train_base_cmd(out: Path = typer.Option(Path("results/embedded"), "--out", help="Run directory (resumable)."),
+                   data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+                   epochs: Optional[float] = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
+                   seed: int = typer.Option(0, "--seed"),
+                   max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (resumable)."),
+                   threads: Optional[int] = typer.Option(None, "--threads")):
+    """Train the embedded default model from scratch on Fashion-MNIST (resumable; rerun to continue)."""
+    import dataclasses
+
+    from .train import BASE_RECIPE, train_base
+
+    cfg = BASE_RECIPE
+    changes = {"seed": seed, "max_steps": max_steps, "threads": threads}
+    if epochs is not None:
+        if epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {epochs}")
+        changes["epochs"] = epochs
+    cfg = dataclasses.replace(cfg, **changes)
+    summary = train_base(out, cfg, data_dir=str(data_dir) if data_dir else None)
+    typer.echo(json.dumps(summary))
+
+
+# --------------------------------------------------------------------------- more commands
+
+def _register_extensions() -> None:
+    """Commands that live in their own modules (training, sweeps, figures, visualisation)."""
+    import importlib
+
+    for name in ("cli_train", "cli_sweep", "cli_visualize", "cli_figure"):
+        try:
+            mod = importlib.import_module(f"tokenbench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"tokenbench.{name}":
+                continue
+            raise
+        mod.register(app)
+
+
+_register_extensions()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    import warnings
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        if debug:
+            raise
+        err(str(e).splitlines()[0] if str(e) else "invalid input")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err("interrupted; completed runs are recorded, rerun to continue")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and bugs
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            err("aborted")
+            sys.exit(130)
+        if isinstance(e, click.exceptions.ClickException):
+            if debug:
+                raise
+            err(e.format_message().splitlines()[0])
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        err(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(rerun with --debug for the traceback)")
+        sys.exit(1)
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()

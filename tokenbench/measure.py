@@ -1,0 +1,515 @@
+"""The three measurements: FLOPs, throughput, accuracy.
+
+Each is a function of (model, settings) that leaves the model as it found it.
+
+FLOPs are fvcore's (one multiply-add = one FLOP, as the papers count), with a handle
+for fused attention, which fvcore would otherwise count as zero.  Throughput times the
+model alone with ``torch.utils.benchmark`` (warm-up, synchronised, several blocks of
+runs, thread count set explicitly).  Accuracy comes with its sample size, a Wilson
+95% interval and per-image correctness for paired tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested but CUDA is not available on this machine (use --device cpu)")
+        return torch.device(device)
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError("--device mps requested but MPS is not available on this machine")
+        return torch.device("mps")
+    if device == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown device {device!r} (use auto, cpu or cuda)")
+
+
+def env_info(device: torch.device | str = "cpu", threads: Optional[int] = None) -> dict[str, Any]:
+    """Where and with what a figure was measured."""
+    import timm
+
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": device.type,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "threads": threads or torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["device_name"] = info["gpu"]
+    else:
+        info["device_name"] = info["cpu"]
+    try:
+        info["load_avg"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        info["load_avg"] = None
+    return info
+
+
+@contextlib.contextmanager
+def load_watch(info: dict, threads: int):
+    """Record the 1-minute load average around a measurement and flag a busy machine."""
+    try:
+        before = os.getloadavg()[0]
+    except OSError:
+        before = None
+    yield
+    try:
+        after = os.getloadavg()[0]
+    except OSError:
+        after = None
+    if before is None:
+        return
+    load = max(before, after or 0.0)
+    info["load_avg"] = round(load, 2)
+    # The load average counts this process too; a machine is busy when the load
+    # exceeds what we asked of it.
+    info["busy"] = bool(load > threads + 0.5)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside, the previous mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def model_input(model: nn.Module) -> tuple[int, int]:
+    """(in_chans, img_size) the model expects."""
+    from .data import _model_input
+
+    cfg = _model_input(model)
+    return cfg["in_chans"], cfg["img_size"]
+
+
+def example_input(model: nn.Module, batch: int = 1, img_size: Optional[int] = None, device="cpu",
+                  seed: int = 0) -> torch.Tensor:
+    c, s = model_input(model)
+    s = img_size or s
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, c, s, s, generator=g).to(device)
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+def _sdpa_flop(inputs, outputs):
+    """fvcore handle for aten::scaled_dot_product_attention: Q@K^T plus A@V (MACs)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    *batch, n, d = q
+    m = k[-2]
+    dv = v[-1]
+    b = 1
+    for s in batch:
+        b *= s
+    return b * n * m * d + b * n * m * dv
+
+
+_EXTRA_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flop}
+
+
+def register_flop_handle(op: str, fn) -> None:
+    """Count ``op`` with ``fn(inputs, outputs) -> MACs`` (fvcore's handle signature)."""
+    _EXTRA_HANDLES[op] = fn
+
+
+def _count(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
+    import logging
+
+    from fvcore.nn import FlopCountAnalysis
+
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    fa = FlopCountAnalysis(model, x)
+    fa.set_op_handle(**_EXTRA_HANDLES)
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    fa.tracer_warnings("none")
+    total = fa.total()
+    return float(total), dict(fa.by_operator())
+
+
+def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[torch.Tensor] = None
+                 ) -> tuple[list[float], list[float]]:
+    """Sequence length entering each block and each block's MLP (prefix tokens included)."""
+    from . import vit
+
+    if not hasattr(model, "_tb_base"):
+        # A plain timm model: the dense schedule, from the shared surgery's bookkeeping.
+        vit.prepare(model, "none")
+    dev = next(model.parameters()).device
+    if x is None:
+        x = example_input(model, 1, img_size, device=dev)
+    with eval_mode(model), torch.inference_mode():
+        model(x)
+    st = vit.last_state(model)
+    return [float(t) for t in st.tokens], [float(t) for t in st.tokens_mlp]
+
+
+def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch.Tensor] = None,
+          max_images: int = 8) -> dict[str, Any]:
+    """GFLOPs per image (fvcore, multiply-add = 1), parameters, tokens per block.
+
+    For methods whose token counts depend on the image, pass ``inputs`` (real images):
+    FLOPs and token counts are then the mean over the first ``max_images`` of them.
+    Counting runs in eval mode under no_grad and restores the model's mode.
+    """
+    from . import vit
+
+    if not hasattr(model, "_tb_base") and hasattr(model, "blocks"):
+        try:
+            vit.prepare(model, "none")
+        except UserError:
+            pass
+    dev = next(model.parameters()).device
+    if inputs is None:
+        xs = [example_input(model, 1, img_size, device=dev)]
+    else:
+        xs = [inputs[i:i + 1].to(dev) for i in range(min(max_images, len(inputs)))]
+    totals, by_op = [], {}
+    toks, toks_mlp = [], []
+    with eval_mode(model), torch.no_grad():
+        for x in xs:
+            t, ops = _count(model, x)
+            totals.append(t)
+            for k, v in ops.items():
+                by_op[k] = by_op.get(k, 0.0) + v / len(xs)
+            if hasattr(model, "_tb_base"):
+                tk, tm = token_counts(model, x=x)
+                toks.append(tk)
+                toks_mlp.append(tm)
+    n_params = sum(p.numel() for p in model.parameters())
+    c, s = model_input(model)
+    out = {
+        "gflops": sum(totals) / len(totals) / 1e9,
+        "params_m": n_params / 1e6,
+        "img_size": img_size or s,
+        "flops_by_operator": {k: v / 1e9 for k, v in sorted(by_op.items())},
+        "flops_images": len(xs),
+    }
+    if toks:
+        out["tokens"] = [round(sum(col) / len(col), 3) for col in zip(*toks)]
+        out["tokens_mlp"] = [round(sum(col) / len(col), 3) for col in zip(*toks_mlp)]
+        out["tokens"] = [int(t) if float(t).is_integer() else t for t in out["tokens"]]
+        out["tokens_mlp"] = [int(t) if float(t).is_integer() else t for t in out["tokens_mlp"]]
+    return out
+
+
+# --------------------------------------------------------------------------- throughput
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_context(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
+    if precision == "fp32":
+        return contextlib.nullcontext(), None
+    note = None
+    if device.type == "cpu":
+        flags = cpu_flags()
+        if precision == "bf16" and not ({"avx512_bf16", "amx_bf16"} & flags):
+            note = "bf16 emulated on this CPU (no avx512_bf16/amx_bf16)"
+        if precision == "fp16" and not ({"avx512_fp16", "amx_fp16"} & flags):
+            note = "fp16 emulated on this CPU (no avx512_fp16/amx_fp16)"
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision]), note
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_memory_bytes(model: nn.Module, batch_size: int, img_size: Optional[int] = None,
+                          precision: str = "fp32") -> int:
+    """A generous estimate of inference peak memory: weights plus the largest live activations.
+
+    Per block a pre-norm ViT holds the residual stream, the normalised input, q/k/v and
+    the MLP's hidden layer; unfused attention would add one N x N matrix per head.
+    """
+    bytes_per = 2 if precision in ("fp16", "bf16") else 4
+    params = sum(p.numel() for p in model.parameters()) * 4
+    c, s = model_input(model)
+    s = img_size or s
+    n = (s // _patch(model)) ** 2 + getattr(model, "num_prefix_tokens", 1)
+    dim = getattr(model, "embed_dim", 768)
+    heads = getattr(getattr(model.blocks[0], "attn", None), "num_heads", 12) if hasattr(model, "blocks") else 12
+    hidden = model.blocks[0].mlp.fc1.out_features if hasattr(model, "blocks") and hasattr(model.blocks[0].mlp, "fc1") else 4 * dim
+    per_image = n * (6 * dim + 2 * hidden) * bytes_per + heads * n * n * 4 + c * s * s * 4
+    return int(params + 2 * batch_size * per_image)
+
+
+def _patch(model) -> int:
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", (16, 16)) if pe is not None else (16, 16)
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+def check_batch_fits(model: nn.Module, batch_size: int, device: torch.device, precision: str = "fp32",
+                     img_size: Optional[int] = None) -> None:
+    """Refuse a batch that would not fit (on a machine without swap an OOM is an uncatchable kill)."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    avail = available_memory_bytes(device)
+    if avail is None:
+        return
+    need = estimate_memory_bytes(model, batch_size, img_size, precision)
+    budget = int(avail * 0.8)
+    if need > budget:
+        per = max(1, (need - sum(p.numel() for p in model.parameters()) * 4) // batch_size)
+        fit = max(1, (budget - sum(p.numel() for p in model.parameters()) * 4) // per)
+        fit = 2 ** int(math.log2(fit)) if fit >= 1 else 1
+        raise UserError(f"batch size {batch_size} needs about {need / 2**30:.1f} GiB but only "
+                        f"{avail / 2**30:.1f} GiB is free on {device.type}; try --batch-size {fit}")
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
+               precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
+               warmup_s: float = 0.5, latency: bool = True, latency_samples: int = 30,
+               img_size: Optional[int] = None, max_spread: float = 0.10) -> dict[str, Any]:
+    """Images per second (median and quartiles over timed blocks) and batch-1 latency.
+
+    The model alone: eval and inference mode, synthetic input already on the device,
+    warm-up, then ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises
+    CUDA) with the thread count set explicitly (its default is one thread).
+    ``spread_flag`` is set where the interquartile range exceeds ``max_spread`` of the median.
+    """
+    from torch.utils import benchmark
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    threads = threads or (torch.get_num_threads() if dev.type != "cpu" else (os.cpu_count() or 1))
+    check_batch_fits(model, batch_size, dev, precision, img_size)
+    ctx, note = precision_context(dev, precision)
+    params_dev = next(model.parameters()).device
+    if params_dev != dev:
+        model.to(dev)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    info = env_info(dev, threads)
+    if note:
+        info["precision_note"] = note
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        with eval_mode(model), torch.inference_mode(), load_watch(info, threads):
+            x = example_input(model, batch_size, img_size, device=dev)
+
+            def run(inp):
+                with ctx:
+                    return model(inp)
+
+            out = run(x)
+            if not torch.isfinite(out.float()).all():
+                raise UserError("the model produced NaN or infinite logits; refusing to time it")
+            t_end = time.perf_counter() + warmup_s
+            while time.perf_counter() < t_end:
+                run(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            timer = benchmark.Timer(stmt="run(x)", globals={"run": run, "x": x}, num_threads=threads)
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+            times = list(m.times)
+            # blocked_autorange may return very few blocks for a slow model: take more.
+            while len(times) < 5:
+                times += list(timer.blocked_autorange(min_run_time=min_run_time / 2).times)
+            rates = [batch_size / t for t in times]
+            res: dict[str, Any] = {
+                "img_per_s": statistics.median(rates),
+                "img_per_s_q1": _percentile(rates, 0.25),
+                "img_per_s_q3": _percentile(rates, 0.75),
+                "trials": len(rates),
+                "runs_per_trial": m.number_per_run,
+            }
+            iqr = res["img_per_s_q3"] - res["img_per_s_q1"]
+            res["spread"] = iqr / res["img_per_s"] if res["img_per_s"] else float("nan")
+            res["spread_flag"] = bool(res["spread"] > max_spread)
+            if latency:
+                x1 = x[:1].contiguous()
+                t1 = benchmark.Timer(stmt="run(x)", globals={"run": run, "x": x1}, num_threads=threads)
+                t_end = time.perf_counter() + min(warmup_s, 0.2)
+                while time.perf_counter() < t_end:
+                    run(x1)
+                lat = []
+                deadline = time.perf_counter() + max(1.0, min_run_time)
+                while len(lat) < latency_samples and (len(lat) < 5 or time.perf_counter() < deadline):
+                    lat.append(t1.timeit(1).mean * 1000.0)
+                res["latency_ms_p50"] = _percentile(lat, 0.5)
+                res["latency_ms_p90"] = _percentile(lat, 0.9)
+                res["latency_samples"] = len(lat)
+            if dev.type == "cuda":
+                res["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+                res["peak_mem_kind"] = "cuda max_memory_allocated"
+            else:
+                import resource
+
+                res["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                res["peak_mem_kind"] = "process peak RSS"
+    finally:
+        torch.set_num_threads(prev_threads)
+        if params_dev != dev:
+            model.to(params_dev)
+    res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "env": info})
+    return res
+
+
+# --------------------------------------------------------------------------- accuracy
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes in n, as fractions."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, Any]:
+    """Exact McNemar test (two-sided binomial on the discordant pairs)."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError("paired test needs the same images")
+    b = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)  # a right, b wrong
+    c = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)  # b right, a wrong
+    n = b + c
+    if n == 0:
+        p = 1.0
+    else:
+        from scipy.stats import binomtest
+
+        p = float(binomtest(min(b, c), n, 0.5).pvalue)
+    return {"only_a": b, "only_b": c, "p_value": p}
+
+
+def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
+             precision: str = "fp32", progress: bool = False, num_workers: int = 0,
+             desc: str = "eval") -> dict[str, Any]:
+    """Top-1/top-5 accuracy in percent with a Wilson 95% interval and per-image correctness."""
+    from torch.utils.data import DataLoader
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    ctx, note = precision_context(dev, precision)
+    params_dev = next(model.parameters()).device
+    if params_dev != dev:
+        model.to(dev)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    correct1: list[int] = []
+    correct5 = 0
+    preds: list[int] = []
+    n = 0
+    prog = None
+    if progress:
+        from rich.progress import Progress
+
+        prog = Progress(transient=True)
+        prog.start()
+        task = prog.add_task(desc, total=len(dataset))
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for x, y in loader:
+                x, y = x.to(dev), torch.as_tensor(y).to(dev)
+                with ctx:
+                    logits = model(x)
+                logits = logits.float()
+                if not torch.isfinite(logits).all():
+                    raise UserError("the model produced NaN or infinite logits; accuracy would be meaningless")
+                k = min(5, logits.shape[-1])
+                top = logits.topk(k, dim=-1).indices
+                c1 = (top[:, 0] == y)
+                correct1 += c1.int().tolist()
+                preds += top[:, 0].tolist()
+                correct5 += int((top == y[:, None]).any(-1).sum())
+                n += len(y)
+                if prog:
+                    prog.update(task, advance=len(y))
+    finally:
+        if prog:
+            prog.stop()
+        if params_dev != dev:
+            model.to(params_dev)
+    k1 = sum(correct1)
+    lo, hi = wilson_interval(k1, n)
+    out = {
+        "top1": 100.0 * k1 / n if n else float("nan"),
+        "top1_ci95": [100.0 * lo, 100.0 * hi],
+        "top5": 100.0 * correct5 / n if n else float("nan"),
+        "n": n,
+        "correct": "".join("1" if c else "0" for c in correct1),
+        "predictions": preds,
+    }
+    if note:
+        out["precision_note"] = note
+    return out
