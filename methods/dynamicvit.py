@@ -22,6 +22,11 @@ Faithful to the official ``models/dyvit.py`` (``VisionTransformerDiffPruning``):
   (``mse_token=True``, ``clf_weight=1``, ``ratio_weight=2``, ``distill_weight=0.5``):
   :func:`train_setup` returns the training loss function.
 
+What a training forward leaves in ``model._tb_state``: ``extra["dvit_decisions"]`` (per
+stage, the hard decisions [B, N0], for the ratio loss), ``extra["dvit_prev_decision"]``
+(the final decision [B, N0, 1]) and ``policy`` (the final policy [B, N, 1], prefix 1);
+:func:`student_outputs` returns them with the logits and the final normalised tokens.
+
 Deviations (none change a result of the official configuration):
 
 - ``init_n`` is the model's real patch count (the official hard-codes 14 * 14);
@@ -118,10 +123,12 @@ def _on_start(model, x, st: vit.TokenState) -> None:
         st.policy = x.new_ones(b, npf + n0, 1)
 
 
-def _make_stage_hook(predictor: PredictorLG, stage: int, keep_rate: float):
+def _make_stage_hook(stage: int, keep_rate: float):
     ratio = keep_rate ** (stage + 1)  # Python float, as the official token_ratio list
 
     def hook(block, x: torch.Tensor, st: vit.TokenState) -> torch.Tensor:
+        # Looked up at call time (not captured), so a deep copy of the model uses its own predictors.
+        predictor = getattr(block._tb_owner, PREDICTOR_ATTR)[stage]
         npf = st.n_prefix
         b, n, _ = x.shape
         n0 = st.extra["dvit_n0"]
@@ -305,7 +312,7 @@ class DynamicViT(Method):
         vit.add_module(model, PREDICTOR_ATTR, preds)
         plan.on_start.append(_on_start)
         for s, i in enumerate(sites):
-            plan.pre[i] = _make_stage_hook(preds[s], s, keep_rate)
+            plan.pre[i] = _make_stage_hook(s, keep_rate)
         return model
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):

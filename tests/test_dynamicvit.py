@@ -15,6 +15,15 @@ registry.load_methods()
 dv = sys.modules["tokenbench_methods.dynamicvit"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread is much faster, above all on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(img=64, patch=8, **kw):
     torch.manual_seed(0)
     a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)
@@ -104,6 +113,30 @@ def ref_dynamicvit(model, images, keep_rate):
 
 
 # --------------------------------------------------------------------------- inference
+
+def test_predictor_matches_reference():
+    torch.manual_seed(0)
+    pred = dv.init_predictor(dv.PredictorLG(48))
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        x = torch.randn(2, 10, 48)
+        out = pred(x)
+        assert out.shape == (2, 10, 2) and torch.allclose(out.exp().sum(-1), torch.ones(2, 10))
+        for b in range(2):
+            assert torch.allclose(out[b, :, 0], ref_keep_score(pred, x[b]), atol=1e-5)
+        # with a policy, the global half averages the kept tokens only
+        policy = (torch.rand(2, 10, 1) > 0.4).float()
+        policy[:, 0] = 1
+        outp = pred(x, policy)
+        for b in range(2):
+            kept = policy[b, :, 0].nonzero()[:, 0]
+            h = gelu(lin(ln(x[b], pred.in_conv[0]), pred.in_conv[1]))
+            g = h[kept, 24:].sum(0) / len(kept)
+            z = torch.cat([h[:, :24], g.expand(10, 24)], dim=1)
+            z = lin(gelu(lin(gelu(lin(z, pred.out_conv[0])), pred.out_conv[2])), pred.out_conv[4])
+            assert torch.allclose(outp[b], torch.log_softmax(z, -1), atol=1e-5)
+
 
 @pytest.mark.parametrize("keep_rate", [0.7, 0.45])
 def test_matches_reference(keep_rate):
@@ -206,6 +239,22 @@ def test_official_names_load_after_apply():
     with torch.no_grad():
         assert torch.equal(official(x), native(x))
         assert torch.equal(native(x), src(x))
+
+
+def test_deepcopy_uses_its_own_predictors():
+    import copy
+
+    m = registry.apply(tiny(), "dynamicvit", keep_rate=0.5)
+    spread_predictors(m)
+    c = copy.deepcopy(m)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        assert torch.equal(c(x), y)
+        for p in c.score_predictor.parameters():
+            p.mul_(-1.0)  # reverses the ranking in the copy only
+        assert torch.equal(m(x), y)
+        assert not torch.allclose(c(x), y)
 
 
 def test_reapply_keeps_loaded_predictors():

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random timm ViTs, in-process CLI, hypothesis settings."""
+
+import os
+
+os.environ.setdefault("TOKENBENCH_QUIET", "1")
+
+import pytest
+import torch
+
+try:
+    from hypothesis import settings
+
+    settings.register_profile("tokenbench", deadline=None, max_examples=10, derandomize=True)
+    settings.load_profile("tokenbench")
+except ImportError:  # pragma: no cover
+    pass
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_vit(**kw):
+    """A depth-12 ViT small enough to run in milliseconds (reduction sites exist at 3, 6, 9)."""
+    import timm
+
+    args = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+    args.update(kw)
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_vit()
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
+    import sys
+    from io import StringIO
+
+    from tokenbench.cli import main
+
+    def run(*args):
+        out, err = StringIO(), StringIO()
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        code = 0
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.stdout, sys.stderr = old
+        return code, out.getvalue(), err.getvalue()
+
+    return run

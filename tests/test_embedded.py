@@ -1,0 +1,129 @@
+"""The embedded default: its trainer learns, resumes exactly, and its checksum guards loading."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenbench.errors import UserError
+from tokenbench.train import BASE_RECIPE, TrainConfig, train_base, train_loop
+
+SMALL = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
+
+
+def _fake_data(n=256, seed=0):
+    """Two easy classes of 28x28 images, so a few steps visibly learn."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.randn(n, 1, 28, 28, generator=g) * 0.3
+    for c in range(10):  # a bright bar whose row depends on the class
+        x[y == c, :, 2 + 2 * c:4 + 2 * c, :] += 2.0
+    return x, y
+
+
+def _model(**arch):
+    from tokenbench.models import build_embedded
+
+    torch.manual_seed(0)
+    return build_embedded({**SMALL, **arch})
+
+
+def _cfg(**kw):
+    base = TrainConfig(epochs=4, batch_size=32, lr=2e-3, warmup_steps=4, eval_every=8, ckpt_every=4,
+                       shift=0, erase_p=0.0, threads=1)
+    return dataclasses.replace(base, **kw)
+
+
+def test_embedded_architecture_is_a_timm_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tokenbench.models import EMBEDDED_ARCH, build_embedded
+
+    m = build_embedded()
+    assert isinstance(m, VisionTransformer) and len(m.blocks) == 12 and m.cls_token is not None
+    assert m.patch_embed.num_patches >= 49 and EMBEDDED_ARCH["in_chans"] == 1
+    out = m(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+
+
+def test_short_training_learns(tmp_path):
+    x, y = _fake_data()
+    summary = train_loop(_model(depth=2), x, y, x[:64], y[:64], _cfg(epochs=4, lr=3e-3, label_smoothing=0.0), tmp_path,
+                         progress=False)
+    rows = (tmp_path / "train_log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[3]) for r in rows]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert summary["finished"] and (tmp_path / "model.pt").is_file() and (tmp_path / "model.pt.sha256").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Interrupted after 6 steps and resumed == trained straight through."""
+    x, y = _fake_data()
+    straight = _model()
+    train_loop(straight, x, y, x[:32], y[:32], _cfg(epochs=2), tmp_path / "a", progress=False)
+    part = _model()
+    train_loop(part, x, y, x[:32], y[:32], _cfg(epochs=2, max_steps=6), tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "model.pt").exists()
+    resumed = _model()  # a fresh process would start from fresh weights too
+    summary = train_loop(resumed, x, y, x[:32], y[:32], _cfg(epochs=2), tmp_path / "b", progress=False)
+    assert summary["resumed_from"] == 6
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_killed_training_resumes(tmp_path):
+    """A real subprocess killed mid-run leaves a checkpoint the next run continues from."""
+    code = f"""
+import torch, sys
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+from test_embedded import _fake_data, _model, _cfg
+from tokenbench.train import train_loop
+x, y = _fake_data()
+train_loop(_model(), x, y, x[:32], y[:32], _cfg(epochs=50, ckpt_every=2), {str(tmp_path)!r}, progress=False)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code])
+    import time
+
+    deadline = time.time() + 120
+    while not (tmp_path / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    p.kill()
+    p.wait()
+    assert (tmp_path / "last.pt").exists()
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    done = state["step"]
+    assert done >= 2
+    x, y = _fake_data()
+    summary = train_loop(_model(), x, y, x[:32], y[:32], _cfg(epochs=50, ckpt_every=2, max_steps=done + 2),
+                         tmp_path, progress=False)
+    assert summary["resumed_from"] == done and summary["step"] == done + 2
+
+
+def test_checksum_refuses_corrupt_checkpoint(tmp_path):
+    from tokenbench.models import build_embedded, load_embedded
+    from tokenbench.train import finalize
+
+    m = build_embedded(SMALL)
+    finalize(m, tmp_path)
+    (tmp_path / "config.json").write_text('{"arch": %s}' % __import__("json").dumps(SMALL))
+    loaded, prov = load_embedded(tmp_path)
+    assert prov["weights"].startswith("sha256:")
+    data = bytearray((tmp_path / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt.*train-base"):
+        load_embedded(tmp_path)
+    (tmp_path / "model.pt").unlink()
+    with pytest.raises(UserError, match="missing.*train-base"):
+        load_embedded(tmp_path)
+
+
+def test_recipe_is_recorded_and_config_mismatch_refused(tmp_path):
+    x, y = _fake_data(64)
+    train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1, max_steps=1), tmp_path, progress=False)
+    with pytest.raises(UserError, match="different configuration"):
+        train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1, lr=0.1), tmp_path, progress=False)
+    assert BASE_RECIPE.seed == 0

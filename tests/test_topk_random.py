@@ -1,0 +1,261 @@
+"""topk and random pruning: against slow references, schedules, seeds, parameters."""
+
+import math
+
+import pytest
+import timm
+import torch
+
+from tokenbench import registry, vit
+from tokenbench.errors import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread is much faster, above all on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(img=64, patch=8, **kw):
+    torch.manual_seed(0)
+    a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)
+    a.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **a).eval()
+
+
+# --------------------------------------------------------------------------- slow reference
+
+def ln(x, mod):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
+
+
+def lin(x, mod):
+    return x @ mod.weight.T + mod.bias
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def ref_attention(blk, t):
+    """Plain multi-head self-attention of one image's tokens t [N, C]; also the class token's
+    attention to every token, averaged over heads."""
+    a = blk.attn
+    n, c = t.shape
+    h, hd = a.num_heads, c // a.num_heads
+    qkv = lin(ln(t, blk.norm1), a.qkv)
+    heads, cls_row = [], torch.zeros(n)
+    for j in range(h):
+        q = qkv[:, j * hd:(j + 1) * hd]
+        k = qkv[:, c + j * hd:c + (j + 1) * hd]
+        v = qkv[:, 2 * c + j * hd:2 * c + (j + 1) * hd]
+        att = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1)
+        heads.append(att @ v)
+        cls_row = cls_row + att[0] / h
+    return lin(torch.cat(heads, dim=1), a.proj), cls_row
+
+
+def ref_mlp(blk, t):
+    return lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
+
+
+@torch.no_grad()
+def ref_forward(model, images, keep_rate, choose):
+    """Prune inside blocks depth_sites (between attention and MLP) to int(N0 * keep_rate ** s) patch
+    tokens; ``choose(b, stage, cls_row_of_patches, k)`` gives the kept patch positions."""
+    npf = model.num_prefix_tokens
+    n0 = model.patch_embed.num_patches
+    sites = vit.depth_sites(len(model.blocks))
+    out = []
+    for b, img in enumerate(images):  # one image at a time
+        t = model._pos_embed(model.patch_embed(img[None]))[0]
+        for i, blk in enumerate(model.blocks):
+            att, cls_row = ref_attention(blk, t)
+            t = t + att
+            if i in sites:
+                s = sites.index(i)
+                k = int(n0 * keep_rate ** (s + 1))
+                kept = sorted(choose(b, s, cls_row[npf:], k))  # original order
+                t = torch.cat([t[:npf], t[npf:][kept]], dim=0)
+            t = t + ref_mlp(blk, t)
+        if isinstance(model.norm, torch.nn.LayerNorm):
+            t = ln(t, model.norm)
+        if model.global_pool == "token":
+            feat = t[0]
+        else:  # average pooling (timm then normalises with fc_norm)
+            feat = t[npf:].mean(0)
+            if isinstance(model.fc_norm, torch.nn.LayerNorm):
+                feat = ln(feat, model.fc_norm)
+        out.append(lin(feat, model.head))
+    return torch.stack(out)
+
+
+def top_by_attention(b, s, row, k):
+    return sorted(range(len(row)), key=lambda j: -float(row[j]))[:k]
+
+
+# --------------------------------------------------------------------------- topk
+
+@pytest.mark.parametrize("keep_rate", [0.7, 0.4])
+def test_topk_matches_reference(keep_rate):
+    m = registry.apply(tiny(), "topk", keep_rate=keep_rate)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+    ref = ref_forward(m, x, keep_rate, top_by_attention)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+
+
+def test_topk_keeps_original_order():
+    m = registry.apply(tiny(), "topk", keep_rate=0.6)
+    vit.set_track_source(m)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 64, 64))
+    stages = m._tb_state.stages
+    assert len(stages) == 3
+    for st in stages:
+        pos = st["source"].argmax(-1)  # original position of each kept token
+        assert (pos[:, 0] == 0).all()  # the class token first
+        assert (pos[:, 1:].diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_token_counts_match_expected(name):
+    m = registry.apply(tiny(), name, keep_rate=0.55)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 64, 64))
+    exp = registry.get_method(name)().expected_tokens(m, keep_rate=0.55)
+    assert (m._tb_state.tokens, m._tb_state.tokens_mlp) == exp
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_deit_s_schedule(name):
+    m = registry.apply(tiny(img=224, patch=16), name, keep_rate=0.7)
+    tokens, tokens_mlp = registry.get_method(name)().expected_tokens(m, keep_rate=0.7)
+    assert tokens == [197] * 4 + [138] * 3 + [97] * 3 + [68] * 2
+    assert tokens_mlp == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
+    with torch.no_grad():
+        m(torch.randn(1, 3, 224, 224))
+    assert (m._tb_state.tokens, m._tb_state.tokens_mlp) == (tokens, tokens_mlp)
+
+
+def test_topk_batch_consistency():
+    m = registry.apply(tiny(), "topk", keep_rate=0.5)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        for i in range(4):
+            assert torch.allclose(y[i:i + 1], m(x[i:i + 1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_keep_rate_one_is_dense(name):
+    dense = tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y0 = dense(x)
+        m = registry.apply(dense, name, keep_rate=1.0)
+        y1 = m(x)
+    assert m._tb_state.tokens == [65] * 12 and m._tb_state.tokens_mlp == [65] * 12
+    assert torch.allclose(y0, y1, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_traceable(name):
+    m = registry.apply(tiny(), name)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        tr = torch.jit.trace(m, x, check_trace=False)
+        yt = tr(x)
+    assert yt.shape == y.shape
+    if name == "topk":
+        assert torch.allclose(yt, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_bad_parameters_rejected(name):
+    for bad in ({"keep_rate": 0}, {"keep_rate": 1.5}, {"keep_rate": -1}, {"keep_ratio": 0.5}):
+        with pytest.raises(UserError):
+            registry.apply(tiny(), name, **bad)
+    if name == "random":
+        with pytest.raises(UserError):
+            registry.apply(tiny(), name, seed=1.5)
+
+
+def test_topk_refuses_model_without_class_token():
+    with pytest.raises(UserError):
+        registry.apply(tiny(class_token=False, global_pool="avg"), "topk")
+
+
+# --------------------------------------------------------------------------- random
+
+def seeded_choice(seed, batch, n_patches_per_stage):
+    """The adapter's draw: one generator seeded at the start of the forward, [B, N] uniform noise per
+    stage; each image keeps its k highest-noise tokens."""
+    g = torch.Generator().manual_seed(seed)
+    noise = []
+
+    def choose(b, s, row, k):
+        while len(noise) <= s:
+            noise.append(torch.rand(batch, n_patches_per_stage[len(noise)], generator=g))
+        r = noise[s][b]
+        return sorted(range(len(r)), key=lambda j: -float(r[j]))[:k]
+
+    return choose
+
+
+def _patch_counts(n0, keep_rate):
+    return [n0, int(n0 * keep_rate), int(n0 * keep_rate ** 2)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"class_token": False, "global_pool": "avg"}])
+def test_random_matches_reference(kw):
+    m = registry.apply(tiny(**kw), "random", keep_rate=0.6, seed=5)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+    ref = ref_forward(m, x, 0.6, seeded_choice(5, 3, _patch_counts(64, 0.6)))
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+    assert m._tb_state.tokens_mlp[-1] == int(64 * 0.6 ** 3) + m.num_prefix_tokens
+
+
+def kept_sets(m, x):
+    vit.set_track_source(m)
+    with torch.no_grad():
+        y = m(x)
+    return y, [st["source"].argmax(-1) for st in m._tb_state.stages]
+
+
+def test_random_seed_reproducible_and_varies():
+    x = torch.randn(2, 3, 64, 64)
+    m = registry.apply(tiny(), "random", keep_rate=0.5, seed=3)
+    y1, k1 = kept_sets(m, x)
+    y2, k2 = kept_sets(m, x)  # the generator is reset at every forward
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(k1, k2))
+    m2 = registry.apply(tiny(), "random", keep_rate=0.5, seed=4)
+    y3, k3 = kept_sets(m2, x)
+    assert not torch.equal(k1[0], k3[0])
+    assert not torch.allclose(y1, y3)
+    for ks in k1:  # original order, prefix first
+        assert (ks[:, 0] == 0).all() and (ks[:, 1:].diff(dim=1) > 0).all()
+
+
+def test_random_differs_per_image():
+    x = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1).contiguous()
+    m = registry.apply(tiny(), "random", keep_rate=0.5, seed=0)
+    _, ks = kept_sets(m, x)
+    assert not torch.equal(ks[0][0], ks[0][1])
+
+
+def test_declarations():
+    r, t = registry.get_method("random"), registry.get_method("topk")
+    assert not r.deterministic and not r.needs_class_token and not r.learned
+    assert t.deterministic and t.needs_class_token and not t.learned
+    assert r.search_param == t.search_param == "keep_rate"
+    assert r.defaults() == {"keep_rate": 0.7, "seed": 0} and t.defaults() == {"keep_rate": 0.7}
