@@ -243,6 +243,7 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
                    "token_mse": float(mse.detach()), "keep_frac": float(mask.mean())}
         return loss, logits, metrics
 
+    loss_fn.metric_names = ("cls_loss", "ratio_loss", "cls_kl", "token_mse", "keep_frac")
     return loss_fn
 
 
@@ -329,3 +330,6 @@ class DynamicViT(Method):
 
     def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
         return train_setup(model, teacher, params, weights)
+
+    def param_groups(self, model, weight_decay: float, backbone_lr_scale: float = 0.01):
+        return param_groups(model, weight_decay, backbone_lr_scale)

@@ -48,6 +48,12 @@ class TrainConfig:
     threads: Optional[int] = None
     max_steps: Optional[int] = None   # stop early (tests); the schedule still follows `epochs`
     grad_clip: Optional[float] = None
+    device: str = "cpu"
+    # fine-tuning: learning-rate multiplier of the pretrained backbone and epochs it stays
+    # frozen, for methods whose optimiser groups say which parameters are new (None: the
+    # method's own defaults, scaled to the run's length)
+    backbone_lr_scale: Optional[float] = None
+    fix_epochs: Optional[float] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -143,7 +149,8 @@ def _save_resumable(path: Path, model, opt, step: int, extra: dict) -> None:
 def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                test_y: torch.Tensor, cfg: TrainConfig, out_dir: Path, loss_fn: Optional[LossFn] = None,
                eval_model: Optional[Callable[[], nn.Module]] = None, config_extra: Optional[dict] = None,
-               progress: bool = True, log_extra_cols: tuple[str, ...] = ()) -> dict:
+               progress: bool = True, log_extra_cols: tuple[str, ...] = (),
+               groups: Optional[list] = None, step_hook: Optional[Callable[[nn.Module, float], None]] = None) -> dict:
     """Train ``model`` on in-memory preprocessed tensors, resumably, into ``out_dir``.
 
     Returns a summary with the final test accuracy.  ``loss_fn(model, x, y)`` returns
@@ -175,7 +182,12 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
     atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
 
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    dev = torch.device(cfg.device)
+    model.to(dev)
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    scales = [float(g.pop("lr_scale", 1.0)) for g in groups]
+    fixes = [float(g.pop("fix_epochs", 0.0)) for g in groups]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     step = 0
     elapsed0 = 0.0
     last = out_dir / "last.pt"
@@ -221,11 +233,14 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
             torch.manual_seed(cfg.seed * 7919 + step)  # dropout / Gumbel noise inside the model
-            x = augment(train_x[idx], cfg, g)
-            y = train_y[idx]
+            x = augment(train_x[idx], cfg, g).to(dev, non_blocking=True)
+            y = train_y[idx].to(dev, non_blocking=True)
             lr = lr_at(step, total, cfg)
-            for grp in opt.param_groups:
-                grp["lr"] = lr
+            ep = step / steps_per_epoch
+            for grp, sc, fx in zip(opt.param_groups, scales, fixes):
+                grp["lr"] = 0.0 if ep < fx else lr * sc
+            if step_hook is not None:
+                step_hook(model, ep)
             loss, logits, metrics = loss_fn(model, x, y)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()} at step {step}; lower the learning rate")
@@ -248,7 +263,7 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
                     if cfg.eval_limit and step != total:
                         ev_x, ev_y = test_x[:cfg.eval_limit], test_y[:cfg.eval_limit]
                     m = eval_model() if eval_model else model
-                    acc = evaluate_tensors(m, ev_x, ev_y)
+                    acc = evaluate_tensors(m, ev_x.to(dev), ev_y.to(dev))
                     row = [step, f"{step / steps_per_epoch:.3f}", f"{lr:.3e}", f"{run_loss / max(1, run_n):.4f}",
                            f"{100 * run_correct / max(1, run_n):.2f}", f"{acc:.2f}", f"{elapsed0 + time.time() - t0:.0f}"]
                     row += [f"{run_metrics.get(k, 0.0) / max(1, run_n):.4f}" for k in log_extra_cols]
@@ -315,3 +330,65 @@ def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, 
         tx, ty = tx[:limit], ty[:limit]
     return train_loop(model, tx, ty, vx, vy, cfg, out_dir, config_extra={"arch": a, "data": "fashion-mnist"},
                       progress=progress)
+
+
+# --------------------------------------------------------------------------- fine-tuning with a method
+
+FINETUNE_RECIPE = TrainConfig(epochs=3, batch_size=128, lr=1e-3, min_lr=1e-6, weight_decay=0.05, warmup_steps=100,
+                              label_smoothing=0.1, shift=3, hflip=True, erase_p=0.25, ckpt_every=100,
+                              eval_limit=2000)
+
+
+def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional[TrainConfig] = None,
+             data: str = "fashion-mnist", data_dir=None, checkpoint: Optional[str] = None,
+             teacher_checkpoint: Optional[str] = None, pretrained: bool = False,
+             loss_weights: Optional[dict] = None, progress: bool = True) -> dict:
+    """Fine-tune ``model`` with ``method`` applied, with the method's own training behaviour.
+
+    The method may provide ``train_setup(model, teacher, params, weights) -> loss_fn``
+    (DynamicViT: Gumbel decisions, masked attention, ratio and distillation losses
+    against the frozen dense ``teacher``), ``param_groups(model, wd, backbone_lr_scale)``
+    (new parts at the full rate, the pretrained backbone scaled down and frozen at first)
+    and ``train_step(model, params, epoch)`` (schedules such as EViT's keep-rate warm-up).
+    Without them: cross-entropy on the reduced model, every weight at
+    ``lr * backbone_lr_scale``.
+    """
+    from .api import load
+    from .registry import get_method
+
+    cfg = cfg or FINETUNE_RECIPE
+    if data != "fashion-mnist":
+        raise UserError(f"training reads fashion-mnist only for now (got --data {data}); "
+                        "other datasets are evaluated, not trained, by this version")
+    cls = get_method(method)
+    meth = cls()
+    p = cls.validate(params)
+    torch.manual_seed(cfg.seed)
+    student, prov = load(model, method, p, pretrained=pretrained, checkpoint=checkpoint)
+    student.train()
+    teacher, tprov = load(model, "none", {}, pretrained=pretrained, checkpoint=teacher_checkpoint)
+    teacher.eval().requires_grad_(False)
+    teacher.to(cfg.device)
+    setup = getattr(meth, "train_setup", None)
+    loss_fn = setup(student, teacher, p, loss_weights) if setup else None
+    if loss_fn is None and loss_weights:
+        raise UserError(f"{method} has no loss weights to set")
+    scale = cfg.backbone_lr_scale
+    if hasattr(meth, "param_groups"):
+        groups = meth.param_groups(student, cfg.weight_decay, **({} if scale is None else {"backbone_lr_scale": scale}))
+        for g in groups:
+            if g.get("fix_epochs", 0) > 0:
+                g["fix_epochs"] = cfg.fix_epochs if cfg.fix_epochs is not None else min(g["fix_epochs"], cfg.epochs / 6)
+    else:
+        groups = param_groups(student, cfg.weight_decay)
+        for g in groups:
+            g["lr_scale"] = 0.1 if scale is None else scale
+            g["fix_epochs"] = 0.0
+    step = getattr(meth, "train_step", None)
+    hook = (lambda m, ep: step(m, p, ep)) if step else None
+    tx, ty, vx, vy = fmnist_tensors(data_dir)
+    extra = {"model": model, "method": method, "params": p, "data": data, "init": prov.get("weights"),
+             "teacher": tprov.get("weights"), "loss_weights": loss_weights or {}, "pretrained": pretrained}
+    cols = tuple(getattr(loss_fn, "metric_names", ()))
+    return train_loop(student, tx, ty, vx, vy, cfg, out_dir, loss_fn=loss_fn, config_extra=extra,
+                      progress=progress, log_extra_cols=cols, groups=groups, step_hook=hook)

@@ -1,0 +1,298 @@
+"""Tests of the `evit` adapter (keep attentive tokens, fuse the rest) against a slow, obvious reference."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tokenbench import registry, vit
+from tokenbench.errors import UserError
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
+SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
+
+VARIANTS = {
+    "cls": ("vit_tiny_patch16_224", {}),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=2)),  # 3 prefix tokens
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest, and avoids oversubscribing a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(variant: str = "cls", size: dict = SMALL, seed: int = 0, **extra) -> torch.nn.Module:
+    """A tiny random ViT with weights strong enough for peaked attention and O(1) logits."""
+    name, kw = VARIANTS[variant]
+    torch.manual_seed(seed)
+    m = timm.create_model(name, num_classes=7, **size, **kw, **extra).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2 and "pos_embed" not in n and "token" not in n:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p[0].numel())))
+            elif "norm" in n and n.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def images(model, b: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.patch_embed.img_size
+    return torch.randn(b, 3, h, w, generator=g).to(dtype)
+
+
+# --------------------------------------------------------------------------- the reference
+
+def ref_forward(model, imgs, keep_rate, fuse_token, sites=(3, 6, 9)):
+    """The whole model, one image at a time, attention written out per head and query.
+
+    Returns the logits and, per image, the original tokens each final token stands for.
+    """
+    p = model.num_prefix_tokens
+    logits, all_members = [], []
+    for img in imgs:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        members = [{i} for i in range(x.shape[0])]
+        for bi, blk in enumerate(model.blocks):
+            at = blk.attn
+            n = x.shape[0]
+            qkv = at.qkv(blk.norm1(x)).reshape(n, 3, at.num_heads, at.head_dim)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
+            heads, cls_rows = [], []
+            for hh in range(at.num_heads):
+                rows = []
+                for i in range(n):
+                    a = torch.softmax((k[:, hh] @ q[i, hh]) * at.head_dim ** -0.5, 0)
+                    if i == 0:
+                        cls_rows.append(a)
+                    rows.append(a @ v[:, hh])
+                heads.append(torch.stack(rows))
+            x = x + at.proj(torch.cat(heads, dim=-1))
+            if bi in sites:
+                cls_attn = sum(cls_rows) / len(cls_rows)  # class token's attention, mean over heads
+                keep = math.ceil(keep_rate * (n - p))
+                if keep < n - p:
+                    ranked = sorted(range(p, n), key=lambda j: -float(cls_attn[j]))
+                    kept, dropped = ranked[:keep], sorted(ranked[keep:])
+                    order = list(range(p)) + kept
+                    new_x = [x[j] for j in order]
+                    new_members = [members[j] for j in order]
+                    if fuse_token:
+                        fused = torch.zeros_like(x[0])
+                        for j in dropped:  # raw class attention as weights, not renormalised
+                            fused = fused + cls_attn[j] * x[j]
+                        new_x.append(fused)
+                        new_members.append(set().union(*(members[j] for j in dropped)))
+                    x, members = torch.stack(new_x), new_members
+            x = x + blk.mlp(blk.norm2(x))
+        x = model.norm(x)
+        if getattr(model, "head_dist", None) is not None:
+            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
+        else:
+            out = model.head(model.fc_norm(x[0]))
+        logits.append(out)
+        all_members.append(members)
+    return torch.stack(logits), all_members
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("variant,keep_rate,fuse_token", [
+    ("cls", 0.7, True),
+    ("cls", 0.7, False),
+    ("cls", 0.5, True),
+    ("cls", 0.9, True),
+    ("cls", 0.25, False),
+    ("distilled", 0.6, True),
+    ("registers", 0.7, True),
+])
+def test_matches_reference(variant, keep_rate, fuse_token):
+    model = make_model(variant).double()
+    imgs = images(model, 3, dtype=torch.float64)
+    registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, members = ref_forward(model, imgs, keep_rate, fuse_token)
+    scale = ref.abs().max().item()
+    assert scale > 0.5  # logits are not trivially small
+    torch.testing.assert_close(out, ref, atol=1e-5 * scale, rtol=0)
+    src = model._tb_state.source  # the same tokens, in the same order
+    for b, mem in enumerate(members):
+        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
+        for t, s in enumerate(mem):
+            want[t, sorted(s)] = 1
+        assert torch.equal(src[b], want)
+
+
+def test_matches_reference_float32():
+    model = make_model("cls")
+    imgs = images(model, 2)
+    registry.apply(model, "evit")
+    with torch.no_grad():
+        out = model(imgs)
+        ref, _ = ref_forward(model.double(), imgs.double(), 0.7, True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_other_depth_uses_quarter_sites():
+    model = make_model("cls", dict(TINY, depth=8)).double()
+    imgs = images(model, 2, dtype=torch.float64)
+    assert vit.depth_sites(8) == [2, 4, 6]
+    registry.apply(model, "evit", keep_rate=0.6)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, _ = ref_forward(model, imgs, 0.6, True, sites=(2, 4, 6))
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_default_schedule():
+    m = registry.get_method("evit")
+    assert m.defaults() == {"keep_rate": 0.7, "fuse_token": True}
+    assert m.search_param == "keep_rate" and m.needs_class_token and not m.learned
+    model = make_model("cls", SMALL)  # 1 + 64 tokens
+    tokens, mlp = m().expected_tokens(model)
+    # 64 -> ceil(44.8) = 45 (+1 fused); the fused token counts as a token next time: ceil(0.7 * 46) = 33 (+1) ...
+    assert mlp == [65] * 3 + [47] * 3 + [35] * 3 + [26] * 3
+    assert tokens == [65] * 4 + [47] * 3 + [35] * 3 + [26] * 2
+    assert m().expected_tokens(model, fuse_token=False)[1][-1] == 1 + 23  # 64 -> 45 -> 32 -> 23
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("keep_rate,fuse_token", [(0.7, True), (0.7, False), (0.05, True), (0.99, True), (1.0, True)])
+def test_token_counts(variant, keep_rate, fuse_token):
+    model = make_model(variant, TINY)
+    registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
+    with torch.no_grad():
+        model(images(model, 2))
+    st_ = model._tb_state
+    want = registry.get_method("evit")().expected_tokens(model, keep_rate=keep_rate, fuse_token=fuse_token)
+    assert (st_.tokens, st_.tokens_mlp) == want
+
+
+def test_batch_consistency():
+    model = make_model("cls")
+    registry.apply(model, "evit", keep_rate=0.5)
+    imgs = images(model, 4)
+    with torch.no_grad():
+        full = model(imgs)
+        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fuse_token", [True, False])
+def test_keep_rate_one_is_unchanged(fuse_token):
+    model = make_model("cls")
+    imgs = images(model, 2)
+    with torch.no_grad():
+        dense = model(imgs)
+        registry.apply(model, "evit", keep_rate=1.0, fuse_token=fuse_token)
+        out = model(imgs)
+    assert torch.equal(out, dense) or torch.allclose(out, dense, atol=1e-6, rtol=1e-6)
+    assert model._tb_state.tokens_mlp == [65] * 12
+    assert not model._tb_plan.mid  # nothing installed
+
+
+@pytest.mark.parametrize("params", [
+    {"keep_rate": 0}, {"keep_rate": 1.5}, {"keep_rate": -1}, {"keep_rate": "half"}, {"keep_rate": float("nan")},
+    {"fuse_token": "maybe"}, {"r": 4}, {"keep": 0.5},
+])
+def test_bad_params(params):
+    model = make_model("cls", TINY)
+    with pytest.raises(UserError):
+        registry.apply(model, "evit", **params)
+
+
+def test_needs_class_token():
+    model = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **TINY)
+    with pytest.raises(UserError, match="class token"):
+        registry.apply(model, "evit")
+
+
+@pytest.mark.parametrize("variant", ["cls", "distilled"])
+def test_source_map_partitions_patches(variant):
+    model = make_model(variant, TINY)
+    registry.apply(model, "evit", keep_rate=0.6)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        model(images(model, 3))
+    st_ = model._tb_state
+    assert [s["block"] for s in st_.stages] == [3, 6, 9] and all(s["kind"] == "fuse" for s in st_.stages)
+    p = model.num_prefix_tokens
+    n0 = vit.num_patches(model) + p
+    for j, (s, tm) in enumerate(zip(st_.stages, [st_.tokens_mlp[i] for i in (3, 6, 9)])):
+        src = s["source"]
+        assert src.shape == (3, tm, n0) and s["fused_last"]
+        assert set(src.unique().tolist()) <= {0.0, 1.0}
+        assert torch.all(src.sum(1) == 1)  # every original token in exactly one token
+        assert torch.all(src.sum(2) >= 1)
+        if j == 0:  # first site: the kept tokens are single patches, the fused one stands for the rest
+            assert torch.all(src[:, :-1].sum(2) == 1) and torch.all(src[:, -1].sum(1) == n0 - tm + 1)
+        assert torch.equal(src[:, :p, :p], torch.eye(p).expand(3, p, p))  # prefix tokens untouched, in front
+
+
+def test_source_map_without_fusion():
+    model = make_model("cls", TINY)
+    registry.apply(model, "evit", keep_rate=0.6, fuse_token=False)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        model(images(model, 3))
+    stages = model._tb_state.stages
+    assert [s["kind"] for s in stages] == ["prune"] * 3
+    kept = [1 + 16]
+    for s in stages:
+        src = s["source"]
+        assert torch.all(src.sum(2) == 1) and torch.all(src.sum(1) <= 1)  # dropped patches are gone
+        assert int(src.sum(1)[0].sum()) == src.shape[1] < kept[-1]
+        kept.append(src.shape[1])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traceable():
+    model = make_model("cls", TINY)
+    registry.apply(model, "evit", keep_rate=0.5)
+    x, y = images(model, 2, seed=3), images(model, 2, seed=4)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(y), model(y))
+
+
+# ---- the pure functions
+
+def test_complement_and_topk():
+    mod = sys.modules[registry.get_method("evit").__module__]
+    attn = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05], [0.4, 0.0, 0.2, 0.1, 0.3]])
+    idx = mod.attentive_tokens(attn, 3)
+    assert idx.tolist() == [[1, 3, 0], [0, 4, 2]]  # most attended first
+    assert mod.complement(idx, 5).tolist() == [[2, 4], [1, 3]]  # increasing order
+    assert mod.complement(torch.tensor([[1, 2]]), 4).tolist() == [[0, 3]]  # 0 dropped
+    assert mod.n_kept(0.7, 64) == 45 and mod.n_kept(1.0, 64) == 64
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0.01, 1.0), st.booleans(), st.sampled_from(["cls", "distilled"]))
+def test_keep_rates_property(keep_rate, fuse_token, variant):
+    model = make_model(variant, TINY)
+    registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
+    with torch.no_grad():
+        model(images(model, 2))
+    st_ = model._tb_state
+    want = registry.get_method("evit")().expected_tokens(model, keep_rate=keep_rate, fuse_token=fuse_token)
+    assert (st_.tokens, st_.tokens_mlp) == want
+    assert all(t >= model.num_prefix_tokens + 1 for t in st_.tokens_mlp)

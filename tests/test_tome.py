@@ -1,0 +1,306 @@
+"""Tests of the `tome` adapter (Token Merging) against a slow, obvious reference."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tokenbench import registry, vit
+from tokenbench.errors import UserError
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
+SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
+
+VARIANTS = {
+    "cls": ("vit_tiny_patch16_224", {}),
+    "avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=2)),  # 3 prefix tokens
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest, and avoids oversubscribing a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(variant: str = "cls", size: dict = SMALL, seed: int = 0) -> torch.nn.Module:
+    """A tiny random ViT with weights strong enough for peaked attention and O(1) logits."""
+    name, kw = VARIANTS[variant]
+    torch.manual_seed(seed)
+    m = timm.create_model(name, num_classes=7, **size, **kw).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2 and "pos_embed" not in n and "token" not in n:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p[0].numel())))
+            elif "norm" in n and n.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def images(model, b: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.patch_embed.img_size
+    return torch.randn(b, 3, h, w, generator=g).to(dtype)
+
+
+# --------------------------------------------------------------------------- the reference
+
+def ref_merge(x, size, keys, members, r, p):
+    """One ToMe merge on one image, token by token.
+
+    x [N, C], size [N], keys [N, D] (averaged over heads), members: list of sets of
+    original tokens.  Returns the new x, size, members.
+    """
+    n = x.shape[0]
+    r = min(r, (n - p) // 2)
+    if r <= 0:
+        return x, size, members
+    a_set, b_set = list(range(0, n, 2)), list(range(1, n, 2))
+    unit = [keys[i] / keys[i].norm() for i in range(n)]
+    best = {}
+    for a in a_set:
+        if a < p:  # protected: never merged away
+            best[a] = (-math.inf, None)
+            continue
+        cands = [(float(unit[a] @ unit[b]), b) for b in b_set if b >= p]  # nothing merges into prefix tokens
+        best[a] = max(cands, key=lambda t: t[0])
+    by_score = sorted(a_set, key=lambda a: -best[a][0])
+    src, unm = by_score[:r], by_score[r:]
+    if p > 0:
+        unm = sorted(unm)
+    into = {b: [b] for b in b_set}
+    for a in src:
+        into[best[a][1]].append(a)
+    groups = [[i] for i in range(p)]  # prefix tokens first, in their order
+    groups += [[a] for a in unm if a >= p]
+    groups += [into[b] for b in b_set if b >= p]
+    new_x = torch.stack([sum(x[i] * size[i] for i in g) / sum(size[i] for i in g) for g in groups])
+    new_size = torch.stack([sum(size[i] for i in g) for g in groups])
+    new_members = [set().union(*(members[i] for i in g)) for g in groups]
+    return new_x, new_size, new_members
+
+
+def ref_forward(model, imgs, r_list, prop_attn=True):
+    """The whole model, one image at a time, attention written out per head and query."""
+    p = model.num_prefix_tokens
+    logits, all_members = [], []
+    for img in imgs:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        n0 = x.shape[0]
+        size = torch.ones(n0, dtype=x.dtype)
+        members = [{i} for i in range(n0)]
+        for blk, r in zip(model.blocks, r_list):
+            at = blk.attn
+            h = blk.norm1(x)
+            qkv = at.qkv(h).reshape(x.shape[0], 3, at.num_heads, at.head_dim)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
+            heads = []
+            for hh in range(at.num_heads):
+                rows = []
+                for i in range(x.shape[0]):
+                    s = (k[:, hh] @ q[i, hh]) * at.head_dim ** -0.5
+                    if prop_attn:
+                        s = s + size.log()
+                    rows.append(torch.softmax(s, 0) @ v[:, hh])
+                heads.append(torch.stack(rows))
+            o = torch.cat(heads, dim=-1)
+            x = x + at.proj(o)
+            if r > 0:
+                x, size, members = ref_merge(x, size, k.mean(1), members, r, p)
+            x = x + blk.mlp(blk.norm2(x))
+        x = model.norm(x)
+        if model.global_pool == "avg":
+            f = (x[p:] * size[p:, None]).sum(0) / size[p:].sum()
+            out = model.head(model.fc_norm(f))
+        elif getattr(model, "head_dist", None) is not None:
+            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
+        else:
+            out = model.head(model.fc_norm(x[0]))
+        logits.append(out)
+        all_members.append(members)
+    return torch.stack(logits), all_members
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("variant,r,prop_attn", [
+    ("cls", 8, True),
+    ("cls", [3, 0, 9, 2, 5], True),
+    ("cls", 4, False),
+    ("avg", 8, True),
+    ("avg", [5, 7, 1], True),
+    ("distilled", 6, True),
+    ("registers", 6, True),
+])
+def test_matches_reference(variant, r, prop_attn):
+    model = make_model(variant).double()
+    imgs = images(model, 3, dtype=torch.float64)
+    registry.apply(model, "tome", r=r, prop_attn=prop_attn)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        out = model(imgs)
+        r_list = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
+        ref, members = ref_forward(model, imgs, r_list, prop_attn)
+    scale = ref.abs().max().item()
+    assert scale > 0.5  # logits are not trivially small
+    torch.testing.assert_close(out, ref, atol=1e-5 * scale, rtol=0)
+    # the same tokens, in the same order, stand for the same patches
+    src = model._tb_state.source
+    for b, mem in enumerate(members):
+        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
+        for t, s in enumerate(mem):
+            want[t, sorted(s)] = 1
+        assert torch.equal(src[b], want)
+
+
+def test_matches_reference_float32():
+    """The float32 path (fused attention with the size mask) against the float64 reference."""
+    model = make_model("cls")
+    imgs = images(model, 2)
+    registry.apply(model, "tome", r=8)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, _ = ref_forward(model.double(), imgs.double(), [8] * 12)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("r", [0, 1, 4, 16, 40, [2, 9, 0, 30]])
+def test_token_counts(variant, r):
+    model = make_model(variant, TINY)
+    registry.apply(model, "tome", r=r)
+    with torch.no_grad():
+        model(images(model, 2))
+    st_ = model._tb_state
+    want = registry.get_method("tome")().expected_tokens(model, r=r)
+    assert (st_.tokens, st_.tokens_mlp) == want
+    n = vit.num_patches(model) + model.num_prefix_tokens
+    assert want[0][0] == n
+    for t, tm in zip(*want):  # at most half of the non-prefix tokens merge in a block
+        assert t - tm <= (t - model.num_prefix_tokens) // 2
+
+
+def test_default_and_known_schedule():
+    m = registry.get_method("tome")
+    assert m.defaults() == {"r": 16, "prop_attn": True}
+    assert m.search_param == "r" and not m.needs_class_token and not m.learned
+    model = make_model("cls", SMALL)  # 65 tokens
+    tokens, mlp = m().expected_tokens(model, r=8)
+    assert tokens[:4] == [65, 57, 49, 41]
+    assert mlp[-1] == 2 and tokens[-1] == 2  # clipped: min(8, (t - 1) // 2)
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg"])
+def test_batch_consistency(variant):
+    model = make_model(variant)
+    registry.apply(model, "tome", r=[6, 8, 3, 10, 4, 7])
+    imgs = images(model, 4)
+    with torch.no_grad():
+        full = model(imgs)
+        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+def test_r_zero_is_unchanged():
+    model = make_model("cls")
+    imgs = images(model, 2)
+    with torch.no_grad():
+        dense = model(imgs)
+        registry.apply(model, "tome", r=0)
+        out = model(imgs)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    assert model._tb_state.tokens_mlp == [65] * 12
+
+
+@pytest.mark.parametrize("params", [
+    {"r": -1}, {"r": [2, -3]}, {"r": 1.5}, {"r": "many"}, {"r": list(range(13))},
+    {"prop_attn": "sometimes"}, {"keep_rate": 0.5}, {"rr": 3},
+])
+def test_bad_params(params):
+    model = make_model("cls", TINY)
+    with pytest.raises(UserError):
+        registry.apply(model, "tome", **params)
+
+
+def test_refuses_non_vit():
+    with pytest.raises(UserError):
+        registry.apply(torch.nn.Linear(3, 3), "tome")
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg", "distilled"])
+def test_source_map_partitions_patches(variant):
+    model = make_model(variant, TINY)
+    registry.apply(model, "tome", r=[3, 4, 2, 0, 5, 2])
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        model(images(model, 3))
+    st_ = model._tb_state
+    assert [s["block"] for s in st_.stages] == [0, 1, 2, 4, 5] and {s["kind"] for s in st_.stages} == {"merge"}
+    p = model.num_prefix_tokens
+    n0 = vit.num_patches(model) + p
+    for s, tm in zip(st_.stages, [st_.tokens_mlp[i] for i in (0, 1, 2, 4, 5)]):
+        src = s["source"]
+        assert src.shape == (3, tm, n0)
+        assert set(src.unique().tolist()) <= {0.0, 1.0}
+        assert torch.all(src.sum(1) == 1)  # every original token in exactly one token
+        assert torch.all(src.sum(2) >= 1)  # every token stands for something
+        assert torch.equal(src[:, :p, :p], torch.eye(p).expand(3, p, p))  # prefix tokens untouched, in front
+    torch.testing.assert_close(st_.source.sum(2, keepdim=True), st_.size)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traceable():
+    model = make_model("cls", TINY)
+    registry.apply(model, "tome", r=3)
+    x, y = images(model, 2, seed=3), images(model, 2, seed=4)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(y), model(y))
+
+
+# ---- the pure functions
+
+def test_merge_functions_small_example():
+    mod = sys.modules[registry.get_method("tome").__module__]
+    bipartite_soft_matching, merge_wavg = mod.bipartite_soft_matching, mod.merge_wavg
+
+    # tokens 0 (class) .. 6; A = {0, 2, 4, 6}, B = {1, 3, 5}
+    keys = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [1, -1], [0.1, 1], [-1, 0.2], [-1, 0.1]])[None]
+    m = bipartite_soft_matching(keys, 2, n_prefix=1)
+    x = torch.arange(7.0)[None, :, None]
+    out, size = merge_wavg(x, torch.ones_like(x), m)
+    # 6 -> 5 and 4 -> 1 are the best pairs; 2 (best 3) stays; class token stays first
+    assert out.flatten().tolist() == [0.0, 2.0, 2.5, 3.0, 5.5]
+    assert size.flatten().tolist() == [1.0, 1.0, 2.0, 1.0, 2.0]
+    assert bipartite_soft_matching(keys, 4, n_prefix=1).src_idx.shape[1] == 3  # clipped to (7 - 1) // 2
+    assert bipartite_soft_matching(keys[:, :2], 1, n_prefix=1) is None
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=0, max_size=12), st.sampled_from(["cls", "avg", "distilled"]))
+def test_schedules_property(r, variant):
+    model = make_model(variant, TINY)
+    registry.apply(model, "tome", r=r)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        model(images(model, 2))
+    st_ = model._tb_state
+    assert (st_.tokens, st_.tokens_mlp) == registry.get_method("tome")().expected_tokens(model, r=r)
+    if st_.source is not None:
+        assert torch.all(st_.source.sum(1) == 1)
+        assert st_.source.shape[1] == st_.tokens_mlp[-1]
