@@ -15,7 +15,9 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the machine has two cores and a background job may use the other;
+# oversubscribed OpenMP threads slow everything down many times over.
+torch.set_num_threads(1)
 
 
 def tiny_vit(**kw):
