@@ -249,7 +249,9 @@ def train_base_cmd(out: Path = typer.Option(Path("results/embedded"), "--out", h
                    epochs: Optional[float] = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
                    seed: int = typer.Option(0, "--seed"),
                    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (resumable)."),
-                   threads: Optional[int] = typer.Option(None, "--threads")):
+                   threads: Optional[int] = typer.Option(None, "--threads"),
+                   reschedule: bool = typer.Option(False, "--reschedule",
+                                                   help="Resume with a different --epochs (recorded in config.json).")):
     """Train the embedded default model from scratch on Fashion-MNIST (resumable; rerun to continue)."""
     import dataclasses
 
@@ -262,7 +264,7 @@ def train_base_cmd(out: Path = typer.Option(Path("results/embedded"), "--out", h
             raise UserError(f"--epochs must be positive, got {epochs}")
         changes["epochs"] = epochs
     cfg = dataclasses.replace(cfg, **changes)
-    summary = train_base(out, cfg, data_dir=str(data_dir) if data_dir else None)
+    summary = train_base(out, cfg, data_dir=str(data_dir) if data_dir else None, reschedule=reschedule)
     typer.echo(json.dumps(summary))
 
 

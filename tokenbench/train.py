@@ -150,7 +150,8 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
                test_y: torch.Tensor, cfg: TrainConfig, out_dir: Path, loss_fn: Optional[LossFn] = None,
                eval_model: Optional[Callable[[], nn.Module]] = None, config_extra: Optional[dict] = None,
                progress: bool = True, log_extra_cols: tuple[str, ...] = (),
-               groups: Optional[list] = None, step_hook: Optional[Callable[[nn.Module, float], None]] = None) -> dict:
+               groups: Optional[list] = None, step_hook: Optional[Callable[[nn.Module, float], None]] = None,
+               reschedule: bool = False) -> dict:
     """Train ``model`` on in-memory preprocessed tensors, resumably, into ``out_dir``.
 
     Returns a summary with the final test accuracy.  ``loss_fn(model, x, y)`` returns
@@ -177,8 +178,19 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
     cfg_path = out_dir / "config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        if old.get("train", {}) | {"max_steps": None} != config["train"] | {"max_steps": None}:
-            raise UserError(f"{out_dir} holds a run with a different configuration; use another --out or delete it")
+        new_train = config["train"] | {"max_steps": None}
+        # fields added to the config since that run started take their (behaviour-preserving) defaults
+        old_train = {k: old.get("train", {}).get(k, v) for k, v in new_train.items()} | {"max_steps": None}
+        history = old.get("rescheduled", [])
+        if old_train != new_train:
+            only_epochs = (old_train | {"epochs": None}) == (new_train | {"epochs": None})
+            if not (reschedule and only_epochs):
+                raise UserError(f"{out_dir} holds a run with a different configuration; use another --out or delete it"
+                                + (" (or --reschedule to change only its length)" if only_epochs else ""))
+            history = history + [{"from_epochs": old_train["epochs"], "to_epochs": new_train["epochs"],
+                                  "at_step": _last_step(out_dir / "last.pt")}]
+        if history:
+            config["rescheduled"] = history
     atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
 
     torch.manual_seed(cfg.seed)
@@ -282,6 +294,15 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
     return summary
 
 
+def _last_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    except Exception:
+        return 0
+
+
 def finalize(model: nn.Module, out_dir: Path) -> str:
     """Write ``model.pt`` (weights only) and its SHA-256 beside it."""
     import io
@@ -310,13 +331,13 @@ def fmnist_tensors(data_dir=None, in_chans: int = 1):
     return out
 
 
-BASE_RECIPE = TrainConfig(epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
+BASE_RECIPE = TrainConfig(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
                           label_smoothing=0.1, shift=3, hflip=True, erase_p=0.25, ckpt_every=200,
                           eval_limit=2000, grad_clip=1.0)
 
 
 def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, arch: Optional[dict] = None,
-               limit: Optional[int] = None, progress: bool = True) -> dict:
+               limit: Optional[int] = None, progress: bool = True, reschedule: bool = False) -> dict:
     """Train the embedded model from scratch on Fashion-MNIST into ``out_dir``."""
     from .models import EMBEDDED_ARCH, build_embedded
 
@@ -329,7 +350,7 @@ def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, 
     if limit:
         tx, ty = tx[:limit], ty[:limit]
     return train_loop(model, tx, ty, vx, vy, cfg, out_dir, config_extra={"arch": a, "data": "fashion-mnist"},
-                      progress=progress)
+                      progress=progress, reschedule=reschedule)
 
 
 # --------------------------------------------------------------------------- fine-tuning with a method
