@@ -239,7 +239,10 @@ def read_sweep_file(path: str | os.PathLike) -> dict:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
+            msg = str(e).splitlines()[0]
+            if "at end of document" in msg:
+                msg = msg.replace("at end of document", f"at end of document, line {len(text.splitlines())}")
+            raise UserError(f"{path}: invalid TOML: {msg}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a sweep file holds a mapping of keys (name, models, methods, ...), "
                         f"not a {type(raw).__name__}")
@@ -482,13 +485,21 @@ def sweep_from_flags(models: list[str], methods: list[str], sets: list[str], nam
     """The raw mapping of a sweep given as flags: ``--method tome --set r=[4,8]``.
 
     ``--set KEY=VALUE`` applies to every listed method that declares KEY (``METHOD.KEY=VALUE``
-    to one of them); a list value is a grid, a nested list a per-block schedule.
+    to one of them); a list value is a grid, a nested list a per-block schedule; repeating
+    a key adds to its grid.
     Entry keys (``flops_targets``, ``seeds``, ``checkpoint``, ``checkpoints``) work too.
     """
     from .registry import get_method, parse_set
 
     methods = list(dict.fromkeys(methods or []))
     entries: dict[str, dict] = {m: {} for m in methods}
+
+    def put(entry: dict, k: str, v: Any) -> None:
+        if k in entry and k not in ENTRY_KEYS:  # a repeated --set of one parameter adds to its grid
+            old = entry[k] if isinstance(entry[k], list) else [entry[k]]
+            v = old + (v if isinstance(v, list) else [v])
+        entry[k] = v
+
     for item in sets or []:
         kv = parse_set([item])
         (k, v), = kv.items()
@@ -497,7 +508,7 @@ def sweep_from_flags(models: list[str], methods: list[str], sets: list[str], nam
             if target not in entries:
                 raise UserError(f"--set {item}: {target!r} is not one of the --method values"
                                 f"{did_you_mean(target, entries)}")
-            entries[target][k] = v
+            put(entries[target], k, v)
             continue
         takers = [m for m in methods if k in ENTRY_KEYS or k in [p.name for p in get_method(m).params]]
         if not takers:
@@ -505,7 +516,7 @@ def sweep_from_flags(models: list[str], methods: list[str], sets: list[str], nam
             raise UserError(f"--set {item}: no listed method takes {k!r}{did_you_mean(k, known)}"
                             f" (their parameters: {', '.join(known) or 'none'})")
         for m in takers:
-            entries[m][k] = v
+            put(entries[m], k, v)
     raw: dict[str, Any] = {"methods": entries}
     if models:
         raw["models"] = models
@@ -754,7 +765,7 @@ class FlopsSearch:
                     j = pick(group, key=lambda j: (est[j], -j))
                     counted.setdefault(json.dumps(cands[j][0]), (cands[j][0], cnt(cands[j][0])))
         else:
-            self._bisect(cls, param, goal, cnt, counted)
+            self._bisect(cls, param, goal, cnt, counted, close=0.1 * tolerance * dense)
         pref = {json.dumps(cls.param(param).parse(v, cls.name)): v for v in preferred}
         for k, v in pref.items():
             counted.setdefault(k, (v, cnt(v)))
@@ -779,8 +790,8 @@ class FlopsSearch:
             return None
         return (tuple([n] * d), tuple([n] * d))
 
-    def _bisect(self, cls, param: str, goal: float, cnt: Callable, counted: dict) -> None:
-        """Bisection on fvcore counts (FLOPs assumed monotone in the parameter)."""
+    def _bisect(self, cls, param: str, goal: float, cnt: Callable, counted: dict, close: float = 0.0) -> None:
+        """Bisection on fvcore counts (FLOPs assumed monotone in the parameter); stops within ``close``."""
         p = cls.param(param)
         if p.type == "float":
             lo = (0.0 if p.min is None else float(p.min))
@@ -798,6 +809,8 @@ class FlopsSearch:
                     break
                 gm = cnt(m)
                 counted[json.dumps(m)] = (m, gm)
+                if abs(gm - goal) <= close:
+                    break
                 if (gm < goal) == increasing:
                     a = m
                 else:
@@ -851,7 +864,7 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
 
     for model in sw.models:
         if sw.dense:
-            add(Run(label=DENSE_METHOD, model=model, method=DENSE_METHOD, params={}, img_size=sw.img_size,
+            add(Run(label="dense", model=model, method=DENSE_METHOD, params={}, img_size=sw.img_size,
                     pretrained=sw.pretrained))
         for e in sw.methods:
             cls = get_method(e.method)
@@ -975,7 +988,17 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
         for kind in kinds_for(run, sw):
             if on_step:
                 on_step(i, total, run, kind)
-            rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
+            if kind == "flops":
+                import torch
+
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+                try:
+                    rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
+                finally:
+                    torch.set_num_threads(threads)
+            else:
+                rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
             steps.append(Step(run, kind, rec["key"], reused))
             i += 1
         del loaded

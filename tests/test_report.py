@@ -1,0 +1,230 @@
+"""Reports: table contents against the records, seed aggregation, flags, plots, damaged records, `report`."""
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import struct
+
+import pytest
+
+from tokenbench import report as R
+from tokenbench import sweep as S
+from tokenbench.store import Store
+
+TINY = "tb_report_tiny_vit"
+
+
+def _register_tiny():
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if timm.is_model(TINY):
+        return
+
+    @register_model
+    def tb_report_tiny_vit(pretrained=False, **kw):
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kw.pop(k, None)
+        args = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+        args.update(kw)
+        return VisionTransformer(**args)
+
+
+_register_tiny()
+
+SWEEP = f"""
+name = "rep"
+models = ["{TINY}"]
+device = "cpu"
+seeds = [0, 1]
+[data]
+name = "synthetic"
+limit = 48
+batch_size = 48
+[throughput]
+batch_size = 4
+threads = 1
+min_run_time = 0.02
+latency = false
+[methods.topk]
+keep_rate = [0.5, 0.7]
+[methods.random]
+keep_rate = 0.6
+[methods.dynamicvit]
+keep_rate = 0.7
+[methods.tome]
+flops_targets = [0.05]
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A small sweep measured once (dense, top-k x2, random x2 seeds, DynamicViT untrained, a ToMe FLOPs miss)."""
+    d = tmp_path_factory.mktemp("rep")
+    p = d / "rep.toml"
+    p.write_text(SWEEP)
+    sw = S.load_sweep(p, {"out": str(d / "out")})
+    out, runs, keys, _ = S.prepare(sw)
+    S.execute(sw, runs, Store(out))
+    return out
+
+
+def _csv(out):
+    return list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+
+
+def _num(s):
+    return None if s == "" else float(s)
+
+
+@pytest.fixture(scope="module")
+def reported(swept):
+    return R.write_report(swept)
+
+
+def test_table_values_equal_the_records(swept, reported):
+    from tokenbench.measure import mcnemar
+
+    store = Store(swept)
+    rows = _csv(swept)
+    per_run = [r for r in rows if r["row_type"] in ("run", "seed")]
+    assert len(per_run) == 7  # dense, topk x2, random x2, dynamicvit, tome
+    dense = next(r for r in per_run if r["method"] == "none")
+    d_f = store.get(dense["flops_key"])["metrics"]
+    d_t = store.get(dense["throughput_key"])["metrics"]
+    d_a = store.get(dense["accuracy_key"])["metrics"]
+    for r in per_run:
+        f = store.get(r["flops_key"])["metrics"]
+        a = store.get(r["accuracy_key"])["metrics"]
+        assert _num(r["gflops"]) == f["gflops"]
+        assert _num(r["params_m"]) == f["params_m"]
+        assert _num(r["flops_rel"]) == pytest.approx(f["gflops"] / d_f["gflops"], rel=1e-12)
+        assert _num(r["top1"]) == a["top1"] and _num(r["top5"]) == a["top5"] and int(r["n"]) == a["n"] == 48
+        assert [_num(r["top1_lo"]), _num(r["top1_hi"])] == a["top1_ci95"]
+        if r["throughput_key"]:
+            t = store.get(r["throughput_key"])["metrics"]
+            assert (_num(r["img_per_s"]), _num(r["img_per_s_q1"]), _num(r["img_per_s_q3"])) == \
+                (t["img_per_s"], t["img_per_s_q1"], t["img_per_s_q3"])
+            assert _num(r["speedup"]) == pytest.approx(t["img_per_s"] / d_t["img_per_s"], rel=1e-12)
+        else:
+            assert r["seed"] == "1"  # throughput is timed for the first seed only
+        if r["method"] != "none":
+            m = mcnemar([c == "1" for c in d_a["correct"]], [c == "1" for c in a["correct"]])
+            assert (_num(r["mcnemar_p"]), int(r["only_dense"]), int(r["only_run"])) == \
+                (m["p_value"], m["only_a"], m["only_b"])
+        assert r["learned"] == ("untrained" if r["method"] == "dynamicvit" else "none")
+        assert r["device"] == "cpu"
+
+
+def test_seeds_become_one_mean_row(swept, reported):
+    rows = _csv(swept)
+    seeds = [r for r in rows if r["method"] == "random" and r["row_type"] == "seed"]
+    mean = [r for r in rows if r["method"] == "random" and r["row_type"] == "mean"]
+    assert [r["seed"] for r in seeds] == ["0", "1"] and len(mean) == 1
+    top1 = [float(r["top1"]) for r in seeds]
+    assert _num(mean[0]["top1"]) == pytest.approx(statistics.fmean(top1))
+    assert _num(mean[0]["top1_std"]) == pytest.approx(statistics.stdev(top1))
+    assert int(mean[0]["n_seeds"]) == 2
+    disp = [r for r in reported["display"] if r["method"] == "random"]
+    assert len(disp) == 1 and disp[0]["row_type"] == "mean"
+    md = (swept / "results.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| random"))
+    assert "2 seeds" in line and "±" in line
+
+
+def test_flags_and_learned_status(reported):
+    disp = {(r["label"], r["params"]): r for r in reported["display"]}
+    tome = next(r for r in reported["display"] if r["method"] == "tome")
+    assert "flops-miss" in tome["flags"] and tome["target"] == "0.05"
+    topk = [r for r in reported["display"] if r["method"] == "topk"]
+    assert all("flops-miss" not in r["flags"] for r in topk)
+    dv = next(r for r in reported["display"] if r["method"] == "dynamicvit")
+    assert dv["learned"] == "untrained"
+    assert len(disp) == 6
+
+
+def test_learned_status_words():
+    assert R._learned({"learned_parts": "trained", "checkpoint": "x.pt"}) == "fine-tuned"
+    assert R._learned({"learned_parts": "trained", "checkpoint": None}) == "trained"
+    assert R._learned({"learned_parts": "untrained"}) == "untrained"
+    assert R._learned({"learned_parts": None}) == "none"
+
+
+def test_markdown_and_latex(swept, reported):
+    md = (swept / "results.md").read_text()
+    table = [l for l in md.splitlines() if l.startswith("|")]
+    assert len(table) == 2 + len(reported["display"])
+    assert "Top-1 % [95% CI]" in table[0] and "McNemar" in table[0]
+    assert "flops-miss" in md and "**flops-miss**" in md
+    tex = (swept / "results.tex").read_text()
+    assert "\\toprule" in tex and "keep\\_rate=0.5" in tex and "\\bottomrule" in tex
+    assert tex.count("\\\\") == 1 + len(reported["display"])
+
+
+def test_plots_png_and_pdf_at_column_width(swept, reported):
+    for name in ("accuracy_vs_gflops", "accuracy_vs_throughput"):
+        png = swept / "plots" / f"{name}.png"
+        pdf = swept / "plots" / f"{name}.pdf"
+        assert pdf.read_bytes()[:4] == b"%PDF"
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width = struct.unpack(">I", data[16:20])[0]
+        assert 2.8 * 300 <= width <= 3.7 * 300  # ~3.4 in at 300 dpi
+
+
+def test_pareto_frontier():
+    pts = [(1, 50), (2, 60), (3, 55), (4, 70), (5, 65)]
+    assert R.pareto(pts, lower_x_better=True) == [(1, 50), (2, 60), (4, 70)]
+    assert R.pareto(pts, lower_x_better=False) == [(4, 70), (5, 65)]
+
+
+def test_report_cli_never_measures(swept, cli, monkeypatch):
+    from tokenbench import measure, runner
+
+    def boom(*a, **k):
+        raise AssertionError("report measured something")
+
+    for mod, name in ((runner, "measure_run"), (measure, "flops"), (measure, "throughput"), (measure, "evaluate")):
+        monkeypatch.setattr(mod, name, boom)
+    (swept / "results.md").unlink()
+    code, out, err = cli("report", str(swept), "--no-plots")
+    assert code == 0, err
+    assert "topk" in out and (swept / "results.md").is_file()
+    code, out, err = cli("report", str(swept), "--json", "--no-plots")
+    assert code == 0 and len(json.loads(out)["rows"]) == 6
+
+
+def test_damaged_record_is_skipped_with_a_warning(swept, tmp_path, cli):
+    d = tmp_path / "copy"
+    shutil.copytree(swept, d)
+    plan = json.loads((d / "sweep.json").read_text())
+    victim = plan["runs"][1]["keys"]["accuracy"]
+    (d / "records" / f"{victim}.json").write_text('{"truncated": ')
+    code, out, err = cli("report", str(d), "--no-plots", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert any("damaged record" in n for n in res["notes"])
+    row = next(r for r in res["rows"] if r["label"] == plan["runs"][1]["label"] and r["top1"] is None)
+    assert "incomplete" in row["flags"]
+    assert list((d / "quarantine").iterdir())
+
+
+def test_report_without_a_plan_groups_the_records(swept, tmp_path):
+    d = tmp_path / "noplan"
+    shutil.copytree(swept, d)
+    (d / "sweep.json").unlink()
+    res = R.write_report(d, plots=False)
+    assert len(res["display"]) == 6 and len(res["rows"]) == 7
+    assert res["display"][0]["method"] == "none"
+    rnd = [r for r in res["display"] if r["method"] == "random"]
+    assert len(rnd) == 1 and rnd[0]["n_seeds"] == 2
+
+
+def test_report_of_an_empty_directory_is_a_user_error(tmp_path, cli):
+    code, out, err = cli("report", str(tmp_path))
+    assert code == 2 and "no records" in err and err.strip().count("\n") == 0
+    code, out, err = cli("report", str(tmp_path / "missing"))
+    assert code == 2 and "does not exist" in err

@@ -1,0 +1,210 @@
+"""``tokenbench run`` (a sweep: measure what is not yet recorded, then tables and plots) and
+``tokenbench report`` (tables and plots from the records alone)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+
+def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated integers, got {text!r}") from None
+
+
+def _words(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    return [w for w in text.replace(" ", "").split(",") if w]
+
+
+def _public_row(r: dict) -> dict:
+    keep = ("row_type", "model", "label", "method", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
+            "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "top1", "top1_std", "top1_lo", "top1_hi",
+            "top5", "n", "params_m", "device", "learned", "checkpoint", "mcnemar_p", "only_dense", "only_run",
+            "flags", "warnings")
+    out = {k: r.get(k) for k in keep}
+    out["params"] = json.loads(out["params"]) if isinstance(out["params"], str) else out["params"]
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        sweep: Optional[str] = typer.Argument(None, help="A sweep file (TOML or YAML) or a packaged sweep's name "
+                                                         "(default: `default`, unless --method is given)."),
+        model: Optional[List[str]] = typer.Option(None, "--model", help="Model(s): timm names or `default`; "
+                                                                        "repeatable."),
+        method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Method(s) to sweep instead of a "
+                                                                                "sweep file; repeatable."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="KEY=VALUE for the listed methods "
+                                                 "(METHOD.KEY=VALUE for one): a list is a grid (r=[4,8]), a "
+                                                 "nested list a per-block schedule (r=[[5,5,4]]); repeatable."),
+        flops_targets: Optional[str] = typer.Option(None, "--flops-targets", help="Matched-FLOPs levels, fractions "
+                                                    "of dense: 0.5,0.7,0.9."),
+        tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Flag runs landing further than this "
+                                                  "from their FLOPs target (fraction of dense; default 0.03)."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of non-deterministic methods: 0,1,2."),
+        measure: Optional[str] = typer.Option(None, "--measure", help="What to measure: flops,throughput,accuracy "
+                                                                      "(FLOPs always)."),
+        data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist, imagenet, folder or synthetic."),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
+        split: Optional[str] = typer.Option(None, "--split", help="val or test."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, class-stratified subset of N images "
+                                                                  "(the same for every run)."),
+        data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Seed of the --limit subset."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Throughput batch size."),
+        eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Accuracy batch size."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for timing (default: all)."),
+        min_run_time: Optional[float] = typer.Option(None, "--min-run-time", help="Seconds of timing per run."),
+        img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (timm models)."),
+        pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                                  help="timm's pretrained weights (needs a network)."),
+        name: Optional[str] = typer.Option(None, "--name", help="Sweep name (output results/NAME/)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default results/NAME/)."),
+        force: bool = typer.Option(False, "--force", help="Measure again what is already recorded."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Expand the sweep (and run the FLOPs search), list "
+                                                              "the runs, measure nothing."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the plots after the sweep."),
+        json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+    ):
+        """Run a sweep: measure every run not yet recorded, then write tables and plots to its directory.
+
+        With no arguments: the default sweep (the embedded model on Fashion-MNIST, every built-in method at matched FLOPs).
+
+        A sweep file (format: `python -c "import tokenbench.sweep as s; help(s)"`), or flags:
+        `tokenbench run --method tome --set r=[4,8] --data fashion-mnist`.
+
+        Completed runs are reused: an interrupted or extended sweep measures only what is missing.
+        """
+        from rich.console import Console
+
+        from . import sweep as sw_mod
+        from .report import summary_table, write_report
+        from .store import Store
+
+        if method and sweep:
+            raise UserError("give a sweep file or --method, not both")
+        if set_ and not method:
+            raise UserError("--set needs --method (parameters of a sweep file go in the file)")
+        overrides = {
+            "flops_targets": _floats(flops_targets, "--flops-targets"),
+            "flops_tolerance": tolerance,
+            "seeds": _ints(seeds, "--seeds"),
+            "measure": _words(measure),
+            "device": device, "precision": precision, "img_size": img_size, "pretrained": pretrained,
+            "name": name, "out": str(out) if out else None,
+            "data": {"name": data, "dir": str(data_dir) if data_dir else None, "split": split, "limit": limit,
+                     "seed": data_seed, "batch_size": eval_batch_size},
+            "throughput": {"batch_size": batch_size, "threads": threads, "min_run_time": min_run_time},
+        }
+        if model:
+            overrides["models"] = list(model)
+        if not any(v is not None for v in overrides["data"].values()):
+            overrides.pop("data")
+        elif data is None and method:
+            raise UserError("data options need --data (fashion-mnist, imagenet, folder or synthetic)")
+        if method:
+            raw = sw_mod.sweep_from_flags(list(model or []), list(method), list(set_ or []), name)
+            sw_mod.merge_overrides(raw, overrides)
+            spec = sw_mod.parse_sweep(raw, "command line")
+        else:
+            spec = sw_mod.load_sweep(sweep or "default", overrides)
+        err = Console(stderr=True)
+        quiet = json_ or not sys.stderr.isatty()
+        if quiet:
+            out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
+        else:
+            with err.status("expanding the sweep (matched-FLOPs search)..."):
+                out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
+        if dry_run:
+            plan = [{"name": r.name, "model": r.model, "method": r.method, "params": r.params,
+                     "checkpoint": r.checkpoint, "targets": r.targets, "search": r.search,
+                     "measure": sw_mod.kinds_for(r, spec)} for r in runs]
+            if json_:
+                typer.echo(json.dumps({"out": str(out_dir), "runs": plan}, default=str))
+                return
+            from rich.table import Table
+
+            t = Table(title=f"{spec.name}: {len(runs)} runs -> {out_dir}")
+            for c in ("run", "checkpoint", "FLOPs target -> achieved", "measure"):
+                t.add_column(c, overflow="fold")
+            for r in runs:
+                s = r.search
+                hit = "" if not s else f"{s['target']:g} -> {s['ratio']:.3f}" + (" MISS" if s["miss"] else "")
+                t.add_row(r.name, r.checkpoint or "", hit, ",".join(sw_mod.kinds_for(r, spec)))
+            Console(width=None if sys.stdout.isatty() else 160).print(t)
+            return
+
+        store = Store(out_dir)
+        if quiet:
+            steps = sw_mod.execute(spec, runs, store, force=force)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(), console=err) as prog:
+                task = prog.add_task("sweep", total=sum(len(sw_mod.kinds_for(r, spec)) for r in runs))
+
+                def on_step(i, total, run, kind):
+                    desc = f"{run.name} [{kind}]" if run is not None else "done"
+                    prog.update(task, completed=i, description=desc[:70])
+
+                steps = sw_mod.execute(spec, runs, store, force=force, on_step=on_step)
+        res = write_report(out_dir, plots=plots)
+        measured = sum(1 for s in steps if not s.reused)
+        reused = len(steps) - measured
+        if json_:
+            typer.echo(json.dumps({"out": str(out_dir), "runs": len(runs), "measured": measured, "reused": reused,
+                                   "flops_counts": searcher.counts, "files": [str(f) for f in res["files"]],
+                                   "notes": res["notes"],
+                                   "rows": [_public_row(r) for r in res["display"]]}, default=str))
+            return
+        Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
+        for n in res["notes"]:
+            typer.echo(f"warning: {n}", err=True)
+        typer.echo(f"{len(runs)} runs: {measured} measurements made, {reused} reused; "
+                   f"tables and plots in {out_dir}/")
+
+    @app.command("report")
+    def report_cmd(
+        directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the plots too."),
+        json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+    ):
+        """Redraw the tables (Markdown, CSV, LaTeX) and plots of DIRECTORY from its records; measures nothing."""
+        from rich.console import Console
+
+        from .report import summary_table, write_report
+
+        res = write_report(directory, plots=plots)
+        if json_:
+            typer.echo(json.dumps({"out": str(directory), "files": [str(f) for f in res["files"]],
+                                   "notes": res["notes"], "rows": [_public_row(r) for r in res["display"]]},
+                                  default=str))
+            return
+        Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
+        for n in res["notes"]:
+            typer.echo(f"warning: {n}", err=True)
+        typer.echo(f"tables and plots in {directory}/")

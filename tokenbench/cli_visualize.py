@@ -1,0 +1,148 @@
+"""``tokenbench visualize``: which patches each token stands for, stage by stage, or a comparison sheet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+
+def _split_sets(sets: Optional[List[str]], methods: list[str]) -> dict[str, dict]:
+    """``KEY=VALUE`` for every compared method declaring KEY; ``METHOD.KEY=VALUE`` for one."""
+    from .registry import get_method, parse_set
+
+    out: dict[str, dict] = {m: {} for m in methods}
+    for k, v in parse_set(sets or []).items():
+        if "." in k and k.split(".", 1)[0] in out:
+            m, key = k.split(".", 1)
+            out[m][key] = v
+            continue
+        takers = [m for m in methods if k in {p.name for p in get_method(m).params}]
+        if not takers:
+            raise UserError(f"--set {k}: none of the compared methods ({', '.join(methods)}) has a parameter {k!r}")
+        for m in takers:
+            out[m][k] = v
+    for m, p in out.items():
+        out[m] = get_method(m).validate(p)
+    return out
+
+
+def _split_checkpoints(items: Optional[List[str]], methods: list[str]) -> dict:
+    """``PATH`` (every method) or ``METHOD=PATH`` (one method)."""
+    out: dict = {}
+    for item in items or []:
+        m, sep, path = item.partition("=")
+        if sep and m in methods:
+            out[m] = path
+        elif sep and not Path(item).exists() and m.isidentifier():
+            raise UserError(f"--checkpoint {item}: {m!r} is not one of the methods shown ({', '.join(methods)})")
+        else:
+            out[None] = item
+    for path in out.values():
+        if not Path(path).is_file():
+            raise UserError(f"checkpoint {path} does not exist")
+    return out
+
+
+def _index(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"--index takes comma-separated integers, got {text!r}") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("visualize")
+    def visualize_cmd(
+        model: str = typer.Argument(..., help="A timm model name, or `default` for the embedded Fashion-MNIST ViT."),
+        method: Optional[str] = typer.Option(None, "--method", "-m", help="The method to show, one panel per "
+                                                                        "reduction stage."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE; with "
+                                                 "--compare it applies to every method declaring KEY "
+                                                 "(METHOD.KEY=VALUE for one); repeatable."),
+        compare: Optional[str] = typer.Option(None, "--compare", help="A comparison sheet of these methods "
+                                              "(comma-separated, or `all`): rows images, columns methods "
+                                              "(final stage)."),
+        flops: Optional[float] = typer.Option(None, "--flops", help="With --compare: match every method to this "
+                                              "fraction of the dense model's FLOPs (e.g. 0.6)."),
+        images: Optional[List[Path]] = typer.Option(None, "--images", "-i", help="Image files (PNG, JPEG, ...) or "
+                                                    "folders of them; repeatable.  Default: --data."),
+        data: str = typer.Option("fashion-mnist", "--data", help="Dataset to take images from (fashion-mnist, "
+                                                                 "synthetic, folder, imagenet)."),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
+        split: str = typer.Option("test", "--split", help="Dataset split."),
+        n: int = typer.Option(4, "--n", "-n", help="Number of images (one per class first)."),
+        index: Optional[str] = typer.Option(None, "--index", help="Exact image indices in the split: 0,5,12."),
+        stages: str = typer.Option("all", "--stages", help="Stages to draw: all, final, or block indices "
+                                   "(3,6,9); a --compare sheet shows the final one."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output figure: .png, .pdf or .svg "
+                                           "(default tokens_<method>.png or compare.png)."),
+        dpi: int = typer.Option(200, "--dpi", help="Resolution of a PNG."),
+        checkpoint: Optional[List[str]] = typer.Option(None, "--checkpoint", "-c", help="Weights to load after "
+                                                       "the method is applied; with --compare, METHOD=PATH for "
+                                                       "one method (repeatable)."),
+        pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs a network)."),
+        flops_cache: Optional[Path] = typer.Option(None, "--flops-cache", help="JSON cache of FLOPs counts "
+                                                   "(the sweep's matched-FLOPs cache works)."),
+        json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+    ):
+        """Draw which original patches each token stands for, after every reduction stage.
+
+        Pruning: dropped patches greyed out, a fused token (EViT) hatched.  Merging: each merged token one region in its own colour with white borders.
+
+        With --compare: one sheet, the same images across several methods (their final stage), at matched FLOPs with --flops.
+        """
+        from . import visualize as vz
+        from .registry import get_method, load_methods, parse_set
+
+        if compare is None and method is None:
+            raise UserError("give --method NAME (one method, every stage) or --compare M1,M2,... (a sheet)")
+        if compare is not None and method is not None:
+            raise UserError("give either --method or --compare, not both")
+        if flops is not None and compare is None:
+            raise UserError("--flops matches FLOPs across methods: use it with --compare")
+        idx = _index(index)
+        if compare is not None:
+            if compare.strip().lower() == "all":
+                methods = list(load_methods())
+                methods = sorted(methods, key=lambda m: (m != "none", m))
+            else:
+                methods = [m for m in compare.replace(" ", "").split(",") if m]
+            if not methods:
+                raise UserError("--compare needs at least one method")
+            for m in methods:
+                get_method(m)
+            if len(set(methods)) != len(methods):
+                raise UserError("--compare lists a method twice")
+            summary = vz.compare(model, methods, flops=flops, params=_split_sets(set_, methods),
+                                 out=out or Path("compare.png"), images=images, data=data, n=n,
+                                 data_dir=data_dir, split=split, index=idx,
+                                 checkpoints=_split_checkpoints(checkpoint, methods), pretrained=pretrained,
+                                 dpi=dpi, flops_cache=flops_cache)
+            if json_:
+                typer.echo(json.dumps(summary))
+                return
+            cols = ", ".join(f"{s['method']} {s['flops_ratio']:.2f}x" for s in summary["methods"])
+            typer.echo(f"wrote {summary['out']}: {summary['n_images']} images x {len(methods)} methods ({cols})")
+            return
+        get_method(method)
+        params = parse_set(set_ or [])
+        if checkpoint and len(checkpoint) > 1:
+            raise UserError("--checkpoint is given more than once (METHOD=PATH is for --compare)")
+        ckpt = checkpoint[0] if checkpoint else None
+        if ckpt is not None and not Path(ckpt).is_file():
+            raise UserError(f"checkpoint {ckpt} does not exist")
+        summary = vz.visualize(model, method, params, out=out or Path(f"tokens_{method}.png"), images=images,
+                               data=data, n=n, data_dir=data_dir, split=split, index=idx, checkpoint=ckpt,
+                               pretrained=pretrained, stages=stages, dpi=dpi, flops_cache=flops_cache)
+        if json_:
+            typer.echo(json.dumps(summary))
+            return
+        typer.echo(f"wrote {summary['out']}: {summary['n_images']} images x {summary['panels_per_image']} panels; "
+                   f"{summary['gflops']:.3g} GFLOPs = {summary['flops_ratio']:.2f}x dense")

@@ -1,0 +1,676 @@
+"""Tables and plots from stored records; never measures.
+
+``write_report(out)`` reads the records under ``<out>/records/`` (damaged ones are set
+aside by the store, with a warning) and the sweep's plan ``<out>/sweep.json`` when there
+is one (which runs, labels, FLOPs targets), and writes:
+
+- ``results.md``, ``results.csv``, ``results.tex``: one row per run, with method,
+  parameters, GFLOPs and FLOPs relative to the dense model, throughput (median and
+  quartiles) and speedup over dense on the same device and settings, top-1 with its 95%
+  (Wilson) interval, top-5, parameters, device, status of learned parts, McNemar's exact
+  test against dense on the same images (p and discordant counts) and flags.  A
+  non-deterministic method measured with several seeds gets one row with mean ± std
+  over the seeds; the CSV keeps the per-seed rows too (``row_type`` seed / mean / run);
+- ``plots/accuracy_vs_gflops.{png,pdf}`` and ``plots/accuracy_vs_throughput.{png,pdf}``
+  (one pair per model when a sweep has several): one line per method, dense marked, the
+  Pareto frontier over all methods, 95% intervals as bars; 3.4 in wide, 8 pt fonts,
+  seaborn's colour-blind palette.
+
+Without a plan (records written by ``tokenbench eval --results DIR``, say) every record
+in the directory is reported: runs are grouped by model, method and parameters, and the
+most common throughput and accuracy settings are used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+from .sweep import DEFAULT_TOLERANCE, DENSE_METHOD, fmt_value, read_plan
+
+FLAG_HELP = {
+    "flops-miss": "FLOPs land more than the tolerance (3 points of the dense model's FLOPs by default) from the target",
+    "noisy": "throughput interquartile range above 10% of the median",
+    "busy": "the machine was busy while timing (load above the threads used)",
+    "warning": "the records carry warnings (listed below the table)",
+    "incomplete": "some planned measurements are missing (interrupted sweep: rerun to complete)",
+}
+TABLE_FILES = ("results.md", "results.csv", "results.tex")
+CSV_COLUMNS = [
+    "row_type", "model", "label", "method", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
+    "img_per_s", "img_per_s_q1", "img_per_s_q3", "img_per_s_std", "speedup", "latency_ms_p50", "top1",
+    "top1_std", "top1_lo", "top1_hi", "top5", "top5_std", "n", "params_m", "device", "device_name", "threads",
+    "batch_size", "precision", "learned", "checkpoint", "mcnemar_p", "only_dense", "only_run", "flags",
+    "warnings", "flops_key", "throughput_key", "accuracy_key",
+]
+
+
+# --------------------------------------------------------------------------- rows from records
+
+def _identity(spec: dict) -> str:
+    from .store import canonical
+
+    return canonical({k: spec.get(k) for k in ("model", "method", "params", "pretrained", "checkpoint",
+                                               "img_size")})
+
+
+def _tp_setting(rec: dict) -> tuple:
+    kf = rec.get("key_fields", {})
+    return tuple(kf.get(k) for k in ("device", "device_name", "precision", "threads", "batch_size"))
+
+
+def _acc_setting(rec: dict) -> tuple:
+    kf = rec.get("key_fields", {})
+    return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed", "device", "precision"))
+
+
+def _latest(recs: list[dict]) -> Optional[dict]:
+    return max(recs, key=lambda r: r.get("meta", {}).get("time", "")) if recs else None
+
+
+def _method_info(name: str) -> tuple[bool, Optional[str]]:
+    """(deterministic, seed parameter) from the method's declaration (unknown methods: deterministic)."""
+    try:
+        from .registry import get_method
+
+        cls = get_method(name)
+    except UserError:
+        return True, None
+    has_seed = any(p.name == "seed" for p in cls.params)
+    return cls.deterministic, ("seed" if (not cls.deterministic and has_seed) else None)
+
+
+def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
+    out = []
+    for r in plan["runs"]:
+        keys = r.get("keys") or {}
+        out.append({
+            "label": r.get("label") or r["method"], "spec": r["spec"], "targets": r.get("targets") or [],
+            "search": r.get("search"), "seed_param": r.get("seed_param"), "seed_index": r.get("seed_index", 0),
+            "planned": sorted(keys), "recs": {k: by_key.get(v) for k, v in keys.items()},
+        })
+    return out
+
+
+def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
+    tp = [r for r in recs if r["kind"] == "throughput"]
+    acc = [r for r in recs if r["kind"] == "accuracy"]
+    tp_set = Counter(map(_tp_setting, tp)).most_common(1)[0][0] if tp else None
+    acc_set = Counter(map(_acc_setting, acc)).most_common(1)[0][0] if acc else None
+    if len({_tp_setting(r) for r in tp}) > 1:
+        notes.append(f"throughput records of several settings: reporting device/batch {tp_set}")
+    if len({_acc_setting(r) for r in acc}) > 1:
+        notes.append(f"accuracy records of several data subsets: reporting {acc_set}")
+    groups: dict[str, dict] = {}
+    for r in recs:
+        if r["kind"] == "throughput" and _tp_setting(r) != tp_set:
+            continue
+        if r["kind"] == "accuracy" and _acc_setting(r) != acc_set:
+            continue
+        ident = _identity(r["spec"])
+        g = groups.setdefault(ident, {"spec": r["spec"], "by_kind": {}})
+        g["by_kind"].setdefault(r["kind"], []).append(r)
+    out = []
+    for g in groups.values():
+        spec = g["spec"]
+        _, seed_p = _method_info(spec["method"])
+        out.append({"label": spec["method"], "spec": spec, "targets": [], "search": None, "seed_param": seed_p,
+                    "seed_index": 0, "planned": sorted(g["by_kind"]),
+                    "recs": {k: _latest(v) for k, v in g["by_kind"].items()}})
+
+    def order(e):
+        s = e["spec"]
+        g = (e["recs"].get("flops") or {}).get("metrics", {}).get("gflops", 0.0)
+        return (s["model"], s["method"] != DENSE_METHOD, s["method"], -g, json.dumps(s["params"], sort_keys=True))
+
+    return sorted(out, key=order)
+
+
+def _learned(spec: dict) -> str:
+    status = spec.get("learned_parts") or "none"
+    if status == "trained" and spec.get("checkpoint"):
+        return "fine-tuned"
+    return status
+
+
+def _row(e: dict, tolerance: float) -> dict:
+    spec = e["spec"]
+    recs = e["recs"]
+    f, t, a = recs.get("flops"), recs.get("throughput"), recs.get("accuracy")
+    seed_p = e.get("seed_param")
+    params = dict(spec.get("params") or {})
+    row: dict[str, Any] = {
+        "row_type": "seed" if seed_p else "run", "model": spec["model"],
+        "label": "dense" if spec["method"] == DENSE_METHOD else e["label"], "method": spec["method"],
+        "params": json.dumps(params, sort_keys=True), "seed": params.get(seed_p) if seed_p else None,
+        "n_seeds": None, "target": "/".join(f"{x:g}" for x in e["targets"]) or None,
+        "_targets": list(e["targets"]), "_params": params, "_seed_param": seed_p,
+        "checkpoint": spec.get("checkpoint"), "learned": None, "warnings": [], "_flags": set(),
+    }
+    for kind, rec in recs.items():
+        if rec is not None:
+            row[f"{kind}_key"] = rec["key"]
+            row["learned"] = row["learned"] or _learned(rec.get("spec", {}))
+            row["warnings"] += list(rec.get("metrics", {}).get("warnings") or [])
+    if any(recs.get(k) is None for k in e["planned"]):
+        row["_flags"].add("incomplete")
+    if f is not None:
+        m = f["metrics"]
+        row["gflops"] = m.get("gflops")
+        row["params_m"] = m.get("params_m")
+    if t is not None:
+        m = t["metrics"]
+        kf = t.get("key_fields", {})
+        row.update({"img_per_s": m.get("img_per_s"), "img_per_s_q1": m.get("img_per_s_q1"),
+                    "img_per_s_q3": m.get("img_per_s_q3"), "latency_ms_p50": m.get("latency_ms_p50"),
+                    "device": kf.get("device"), "device_name": kf.get("device_name"), "threads": kf.get("threads"),
+                    "batch_size": kf.get("batch_size"), "precision": kf.get("precision"),
+                    "_tp_setting": _tp_setting(t)})
+        if m.get("spread_flag"):
+            row["_flags"].add("noisy")
+        if t.get("env", {}).get("busy"):
+            row["_flags"].add("busy")
+    if a is not None:
+        m = a["metrics"]
+        lo, hi = (m.get("top1_ci95") or [None, None])[:2]
+        row.update({"top1": m.get("top1"), "top1_lo": lo, "top1_hi": hi, "top5": m.get("top5"), "n": m.get("n"),
+                    "_correct": m.get("correct"), "_acc_setting": _acc_setting(a)})
+        row.setdefault("device", a.get("key_fields", {}).get("device"))
+        row.setdefault("precision", a.get("key_fields", {}).get("precision"))
+    for w in row["warnings"]:
+        if "busy" in w:
+            row["_flags"].add("busy")
+        elif "spread" in w:
+            row["_flags"].add("noisy")
+        else:
+            row["_flags"].add("warning")
+    row["_tolerance"] = tolerance
+    return row
+
+
+def _dense_for(row: dict, dense_rows: list[dict]) -> Optional[dict]:
+    cands = [d for d in dense_rows if d["model"] == row["model"]]
+    return cands[0] if cands else None
+
+
+def _compare(rows: list[dict]) -> None:
+    """FLOPs relative to dense, speedup, McNemar against dense, the FLOPs-miss flag (in place)."""
+    from .measure import mcnemar
+
+    dense_rows = [r for r in rows if r["method"] == DENSE_METHOD]
+    for r in rows:
+        d = _dense_for(r, dense_rows)
+        if d is None:
+            continue
+        if r.get("gflops") is not None and d.get("gflops"):
+            r["flops_rel"] = r["gflops"] / d["gflops"]
+            if r["_targets"]:
+                err = min(abs(r["flops_rel"] - t) for t in r["_targets"])
+                if err > r["_tolerance"] + 1e-12:
+                    r["_flags"].add("flops-miss")
+        if r.get("img_per_s") and d.get("img_per_s") and r.get("_tp_setting") == d.get("_tp_setting"):
+            r["speedup"] = r["img_per_s"] / d["img_per_s"]
+        if r is not d and r.get("_correct") and d.get("_correct") and r.get("_acc_setting") == d.get("_acc_setting") \
+                and len(r["_correct"]) == len(d["_correct"]):
+            res = mcnemar([c == "1" for c in d["_correct"]], [c == "1" for c in r["_correct"]])
+            r.update({"mcnemar_p": res["p_value"], "only_dense": res["only_a"], "only_run": res["only_b"]})
+
+
+def _mean(xs):
+    xs = [x for x in xs if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+    """Display rows: each group of seeds becomes one mean row (per-seed rows stay for the CSV)."""
+    out: list[dict] = []
+    groups: dict[str, list[dict]] = {}
+    order: list[tuple[str, Any]] = []
+    for r in rows:
+        sp = r["_seed_param"]
+        if not sp:
+            order.append(("row", r))
+            continue
+        rest = {k: v for k, v in r["_params"].items() if k != sp}
+        gk = json.dumps([r["model"], r["label"], rest, r["_targets"], r.get("checkpoint")], sort_keys=True)
+        if gk not in groups:
+            groups[gk] = []
+            order.append(("group", gk))
+        groups[gk].append(r)
+    for kind, item in order:
+        if kind == "row":
+            out.append(item)
+            continue
+        g = groups[item]
+        if len(g) == 1:
+            r = dict(g[0])
+            r["row_type"] = "run"
+            out.append(r)
+            continue
+        first = g[0]
+        sp = first["_seed_param"]
+        m = dict(first)
+        m.update({"row_type": "mean", "seed": None, "n_seeds": len(g),
+                  "params": json.dumps({k: v for k, v in first["_params"].items() if k != sp}, sort_keys=True),
+                  "_params": {k: v for k, v in first["_params"].items() if k != sp},
+                  "_seeds": [r["seed"] for r in g], "_flags": set().union(*(r["_flags"] for r in g)),
+                  "warnings": sorted({w for r in g for w in r["warnings"]})})
+        for col in ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "latency_ms_p50",
+                    "top1", "top1_lo", "top1_hi", "top5", "params_m", "only_dense", "only_run"):
+            m[col] = _mean(r.get(col) for r in g)
+        m["top1_std"] = _std([r.get("top1") for r in g if r.get("top1") is not None])
+        m["top5_std"] = _std([r.get("top5") for r in g if r.get("top5") is not None])
+        m["img_per_s_std"] = _std([r.get("img_per_s") for r in g if r.get("img_per_s") is not None])
+        ps = [r.get("mcnemar_p") for r in g if r.get("mcnemar_p") is not None]
+        m["mcnemar_p"] = max(ps) if ps else None  # the most conservative of the seeds
+        if m.get("flops_rel") is not None and m["_targets"] and "flops-miss" not in m["_flags"]:
+            if min(abs(m["flops_rel"] - t) for t in m["_targets"]) > m["_tolerance"] + 1e-12:
+                m["_flags"].add("flops-miss")
+        m["_members"] = g
+        out.append(m)
+    return out
+
+
+def collect(out: str | os.PathLike) -> dict:
+    """Rows (all, for the CSV) and display rows (seeds aggregated) from the records in ``out``."""
+    from .store import Store
+
+    out = Path(out)
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = Store(out)
+        recs = store.records()
+        plan = read_plan(out)
+    for w in caught:
+        notes.append(str(w.message))
+    if not recs:
+        raise UserError(f"no records in {out / 'records'} (run a sweep there first: tokenbench run --out {out})")
+    by_key = {r["key"]: r for r in recs}
+    tolerance = DEFAULT_TOLERANCE
+    if plan:
+        tolerance = float(plan.get("sweep", {}).get("flops_tolerance") or DEFAULT_TOLERANCE)
+        entries = _entries_from_plan(plan, by_key)
+    else:
+        entries = _entries_from_records(recs, notes)
+    rows = [_row(e, tolerance) for e in entries]
+    _compare(rows)
+    display = _aggregate(rows)
+    for r in rows + display:
+        r["flags"] = ",".join(sorted(r["_flags"]))
+    return {"rows": rows, "display": display, "notes": notes, "plan": plan, "out": out}
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _sig(x: Optional[float], n: int = 3) -> str:
+    if x is None:
+        return "–"
+    if x == 0:
+        return "0"
+    digits = max(0, n - 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{digits}f}"
+
+
+def _f(x: Optional[float], fmt: str, none: str = "–") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def params_text(r: dict) -> str:
+    s = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["_params"].items())
+    if r["row_type"] == "mean":
+        seeds = r["_seeds"]
+        s += (", " if s else "") + f"{len(seeds)} seeds"
+    return s or "–"
+
+
+def display_cells(r: dict, tex: bool = False) -> dict[str, str]:
+    pm = r"$\pm$" if tex else "±"
+    top1 = _f(r.get("top1"), ".2f")
+    if r["row_type"] == "mean" and r.get("top1_std") is not None:
+        top1 += f" {pm} {r['top1_std']:.2f}"
+    if r.get("top1_lo") is not None:
+        top1 += f" [{r['top1_lo']:.1f}, {r['top1_hi']:.1f}]"
+    top5 = _f(r.get("top5"), ".2f")
+    if r["row_type"] == "mean" and r.get("top5_std") is not None:
+        top5 += f" {pm} {r['top5_std']:.2f}"
+    tp = "–"
+    if r.get("img_per_s") is not None:
+        tp = f"{r['img_per_s']:.0f} [{r['img_per_s_q1']:.0f}, {r['img_per_s_q3']:.0f}]"
+    mc = "–"
+    if r.get("mcnemar_p") is not None:
+        p = r["mcnemar_p"]
+        ptxt = f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
+        mc = f"{ptxt} ({_f(r.get('only_dense'), '.0f')}/{_f(r.get('only_run'), '.0f')})"
+    dev = "–"
+    if r.get("device"):
+        dev = r["device"] + (f" x{r['threads']}" if r.get("threads") else "")
+    x = r"$\times$" if tex else "x"
+    return {
+        "Method": r["label"],
+        "Params": params_text(r),
+        "Target": r.get("target") or "–",
+        "GFLOPs": _sig(r.get("gflops")),
+        "FLOPs": _f(None if r.get("flops_rel") is None else 100 * r["flops_rel"], ".1f") + ("%" if r.get(
+            "flops_rel") is not None else ""),
+        "img/s [q1, q3]": tp,
+        "Speedup": _f(r.get("speedup"), ".2f") + (x if r.get("speedup") is not None else ""),
+        "Top-1 % [95% CI]": top1,
+        "Top-5 %": top5,
+        "Params (M)": _f(r.get("params_m"), ".2f"),
+        "Device": dev,
+        "Learned": r.get("learned") or "–",
+        "McNemar p (b/c)": mc,
+        "Flags": r.get("flags") or "",
+    }
+
+
+def _models(rows):
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+def markdown(res: dict) -> str:
+    disp = res["display"]
+    multi = len(_models(disp)) > 1
+    cells = [display_cells(r) for r in disp]
+    cols = (["Model"] if multi else []) + list(cells[0].keys())
+    lines = []
+    plan = res.get("plan")
+    title = (plan or {}).get("sweep", {}).get("name") or Path(res["out"]).name
+    lines.append(f"# tokenbench results: {title}\n")
+    desc = (plan or {}).get("sweep", {}).get("description")
+    if desc:
+        lines.append(desc + "\n")
+    lines.append(_setting_line(res) + "\n")
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for r, c in zip(disp, cells):
+        vals = ([r["model"]] if multi else []) + [c[k] for k in cells[0]]
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
+    lines.append("")
+    lines += _legend(res)
+    return "\n".join(lines) + "\n"
+
+
+def _setting_line(res: dict) -> str:
+    disp = res["display"]
+    parts = []
+    n = next((r.get("n") for r in disp if r.get("n")), None)
+    acc = next((r.get("_acc_setting") for r in disp if r.get("_acc_setting")), None)
+    if acc:
+        data, split, limit, seed = acc[:4]
+        parts.append(f"accuracy on {data} {split}, {n} images" + (f" (seeded stratified subset, seed {seed})"
+                                                                   if limit else ""))
+    tp = next((r for r in disp if r.get("img_per_s") is not None), None)
+    if tp:
+        parts.append(f"throughput on {tp.get('device_name') or tp.get('device')}, {tp.get('threads')} threads, "
+                     f"batch {tp.get('batch_size')}, {tp.get('precision')}")
+    return "Settings: " + ("; ".join(parts) if parts else "FLOPs only") + "."
+
+
+def _legend(res: dict) -> list[str]:
+    disp = res["display"]
+    tol = disp[0].get("_tolerance", DEFAULT_TOLERANCE) if disp else DEFAULT_TOLERANCE
+    lines = [
+        "GFLOPs: fvcore, one multiply-add = one FLOP, per image. FLOPs: relative to the dense model. "
+        "Speedup: throughput over the dense model's on the same device and settings. "
+        "Top-1: with its 95% Wilson interval. McNemar p (b/c): exact test against the dense model on the same "
+        "images; b = images only the dense model gets right, c = images only this run gets right. "
+        "Rows with several seeds: mean ± std over the seeds (interval: mean of the per-seed intervals; "
+        "McNemar: the largest per-seed p; per-seed rows in results.csv).",
+        "",
+    ]
+    used = sorted({f for r in disp for f in r["_flags"]})
+    if used:
+        lines.append("Flags: " + "; ".join(f"**{f}**: " + FLAG_HELP.get(f, f).replace(
+            "3 points", f"{100 * tol:g} points") for f in used) + ".")
+        lines.append("")
+    warn = []
+    for r in disp:
+        for w in r["warnings"]:
+            if "busy" in w or "spread" in w:
+                continue  # shown as flags; the full texts are in results.csv
+            warn.append(f"- {r['label']} ({params_text(r)}): {w}")
+    if warn:
+        lines.append("Warnings:")
+        lines += list(dict.fromkeys(warn))
+        lines.append("")
+    if res["notes"]:
+        lines.append("Notes:")
+        lines += [f"- {n}" for n in res["notes"]]
+        lines.append("")
+    return lines
+
+
+def _tex_escape(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in "&%#_{}$":
+            out.append("\\" + ch)
+        elif ch == "~":
+            out.append(r"\textasciitilde{}")
+        elif ch == "^":
+            out.append(r"\textasciicircum{}")
+        elif ch == "\\":
+            out.append(r"\textbackslash{}")
+        elif ch == "–":
+            out.append("--")
+        elif ch == "±":
+            out.append(r"$\pm$")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def latex(res: dict) -> str:
+    disp = res["display"]
+    multi = len(_models(disp)) > 1
+    cells = [display_cells(r) for r in disp]
+    cols = (["Model"] if multi else []) + list(cells[0].keys())
+    lines = [
+        "% tokenbench results table (needs \\usepackage{booktabs}); generated by `tokenbench report`",
+        "\\begin{tabular}{" + "l" * (3 + multi) + "r" * (len(cols) - 3 - multi) + "}",
+        "\\toprule",
+        " & ".join(_tex_escape(c) for c in cols) + " \\\\",
+        "\\midrule",
+    ]
+    for r, c in zip(disp, cells):
+        vals = ([r["model"]] if multi else []) + [c[k] for k in cells[0]]
+        lines.append(" & ".join(_tex_escape(v) for v in vals) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(res: dict) -> str:
+    import csv
+    import io
+
+    seen, all_rows = set(), []
+    for r in res["display"]:
+        if r["row_type"] == "mean":
+            for m in r["_members"]:
+                all_rows.append(m)
+            all_rows.append(r)
+        else:
+            all_rows.append(r)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in all_rows:
+        if id(r) in seen:
+            continue
+        seen.add(id(r))
+        row = {}
+        for k in CSV_COLUMNS:
+            v = r.get(k)
+            if k == "warnings":
+                v = " | ".join(v or [])
+            elif isinstance(v, float):
+                v = repr(v)
+            row[k] = "" if v is None else v
+        w.writerow(row)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- plots
+
+PLOT_RC = {"font.size": 8, "axes.labelsize": 8, "axes.titlesize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+           "legend.fontsize": 7, "lines.linewidth": 1.0, "lines.markersize": 4, "axes.linewidth": 0.6,
+           "grid.linewidth": 0.4, "pdf.fonttype": 42, "ps.fonttype": 42}
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
+FIG_SIZE = (3.4, 2.5)
+
+
+def pareto(points: list[tuple[float, float]], lower_x_better: bool) -> list[tuple[float, float]]:
+    """The non-dominated points (higher accuracy; lower or higher x), sorted by x."""
+    pts = sorted(points, key=lambda p: (p[0], -p[1]) if lower_x_better else (-p[0], -p[1]))
+    front, best = [], -math.inf
+    for x, y in pts:
+        if y > best:
+            front.append((x, y))
+            best = y
+    return sorted(front)
+
+
+def _savefig(fig, base: Path) -> list[Path]:
+    out = []
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        p = base.with_suffix(f".{ext}")
+        tmp = p.with_name(f".{p.name}.tmp.{ext}")
+        fig.savefig(tmp, dpi=300, bbox_inches="tight", pad_inches=0.02, format=ext)
+        os.replace(tmp, p)
+        out.append(p)
+    return out
+
+
+def plot(res: dict, plots_dir: Path) -> list[Path]:
+    """accuracy vs GFLOPs and vs throughput, per model; returns the files written."""
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    disp = [r for r in res["display"] if r.get("top1") is not None]
+    written: list[Path] = []
+    models = _models(disp)
+    labels = list(dict.fromkeys(r["label"] for r in disp if r["method"] != DENSE_METHOD))
+    palette = sns.color_palette("colorblind", max(1, len(labels)))
+    style = {lab: (palette[i % len(palette)], MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
+    axes_spec = [("gflops", "accuracy_vs_gflops", "Computation (GFLOPs per image)", True),
+                 ("img_per_s", "accuracy_vs_throughput", "Throughput (images/s)", False)]
+    for model in models:
+        rows = [r for r in disp if r["model"] == model]
+        for xcol, fname, xlabel, lower_better in axes_spec:
+            pts = [r for r in rows if r.get(xcol) is not None]
+            if not pts:
+                continue
+            with sns.axes_style("whitegrid"), plt.rc_context(PLOT_RC):
+                fig, ax = plt.subplots(figsize=FIG_SIZE)
+                allp = [(r[xcol], r["top1"]) for r in pts]
+                front = pareto(allp, lower_better)
+                if len(front) > 1:
+                    ax.plot([p[0] for p in front], [p[1] for p in front], ls="--", color="0.55", lw=0.8,
+                            zorder=1, label="Pareto frontier")
+                for lab in labels:
+                    # along the method's own curve (its FLOPs), not along a noisy x
+                    lr = sorted((r for r in pts if r["label"] == lab),
+                                key=lambda r: (r.get("gflops") or 0.0, r[xcol]))
+                    if not lr:
+                        continue
+                    color, marker = style[lab]
+                    xs = [r[xcol] for r in lr]
+                    ys = [r["top1"] for r in lr]
+                    err = _yerr(lr)
+                    ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, ms=3.5, lw=1.0, elinewidth=0.6,
+                                capsize=1.5, label=lab, zorder=3)
+                for r in pts:
+                    if r["method"] == DENSE_METHOD:
+                        ax.errorbar([r[xcol]], [r["top1"]], yerr=_yerr([r]), color="black", marker="*", ms=8,
+                                    elinewidth=0.6, capsize=1.5, ls="none", label="dense", zorder=4)
+                ax.set_xlabel(xlabel if xcol == "gflops" else _tp_label(pts))
+                ax.set_ylabel("Top-1 accuracy (%)")
+                if len(models) > 1:
+                    ax.set_title(model)
+                handles, labs = ax.get_legend_handles_labels()
+                uniq = dict(zip(labs, handles))
+                ax.legend(uniq.values(), uniq.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+                          frameon=False, handlelength=1.8, columnspacing=1.0)
+                fig.tight_layout()
+                suffix = "" if len(models) == 1 else "_" + model.replace("/", "_")
+                written += _savefig(fig, plots_dir / f"{fname}{suffix}")
+                plt.close(fig)
+    return written
+
+
+def _tp_label(rows) -> str:
+    r = rows[0]
+    dev = r.get("device") or ""
+    extra = f", {dev}" + (f" x{r['threads']}" if r.get("threads") and dev == "cpu" else "")
+    if r.get("batch_size"):
+        extra += f", batch {r['batch_size']}"
+    return f"Throughput (images/s{extra})"
+
+
+def _yerr(rows):
+    lo = [max(0.0, r["top1"] - r["top1_lo"]) if r.get("top1_lo") is not None else 0.0 for r in rows]
+    hi = [max(0.0, r["top1_hi"] - r["top1"]) if r.get("top1_hi") is not None else 0.0 for r in rows]
+    return [lo, hi]
+
+
+# --------------------------------------------------------------------------- the report
+
+def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
+    """Write the tables and plots of ``out`` from its records; returns the rows and paths."""
+    from .store import atomic_write_text
+
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"results directory {out} does not exist")
+    res = collect(out)
+    files = []
+    for name, fn in (("results.md", markdown), ("results.csv", csv_text), ("results.tex", latex)):
+        p = out / name
+        try:
+            atomic_write_text(p, fn(res))
+        except OSError as e:
+            raise UserError(f"cannot write {p}: {e.strerror}") from None
+        files.append(p)
+    if plots:
+        files += plot(res, out / "plots")
+    res["files"] = files
+    return res
+
+
+def summary_table(res: dict):
+    """A rich table of the display rows, for the terminal."""
+    from rich.table import Table
+
+    t = Table(title=f"tokenbench: {Path(res['out'])}", show_lines=False)
+    cols = ["Method", "Params", "Target", "GFLOPs", "FLOPs", "img/s [q1, q3]", "Speedup", "Top-1 % [95% CI]",
+            "Learned", "McNemar p (b/c)", "Flags"]
+    multi = len(_models(res["display"])) > 1
+    if multi:
+        t.add_column("Model")
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in res["display"]:
+        c = display_cells(r)
+        t.add_row(*(([r["model"]] if multi else []) + [c[k] for k in cols]))
+    return t
