@@ -127,3 +127,16 @@ def test_recipe_is_recorded_and_config_mismatch_refused(tmp_path):
     with pytest.raises(UserError, match="different configuration"):
         train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1, lr=0.1), tmp_path, progress=False)
     assert BASE_RECIPE.seed == 0
+
+
+def test_reschedule_changes_only_length_and_is_recorded(tmp_path):
+    import json
+
+    x, y = _fake_data(64)
+    train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2, max_steps=2), tmp_path, progress=False)
+    with pytest.raises(UserError, match="--reschedule"):
+        train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1), tmp_path, progress=False)
+    s = train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1), tmp_path, progress=False, reschedule=True)
+    assert s["resumed_from"] == 2 and s["finished"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rescheduled"] == [{"from_epochs": 2, "to_epochs": 1, "at_step": 2}]
