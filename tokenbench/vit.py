@@ -101,7 +101,7 @@ class TokenState:
     def snapshot(self, kind: str) -> None:
         if self.track_source and self.source is not None:
             self.stages.append({"block": self.block, "kind": kind, "source": self.source.detach().clone(),
-                                "fused_last": bool(self.extra.get("fused_token"))})
+                                "fused_last": kind == "fuse"})
 
 
 class AttnInfo:
