@@ -40,9 +40,16 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     except UserError:
         raise
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"cannot read checkpoint {p}: {e.__class__.__name__} {msg[:160]} (truncated or not a "
-                        "PyTorch checkpoint?)") from None
+        import zipfile
+
+        size = p.stat().st_size
+        if size == 0:
+            why = "the file is empty"
+        elif zipfile.is_zipfile(p):
+            why = f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0][:120]}"
+        else:
+            why = f"not a complete PyTorch archive ({size} bytes): truncated, or not a PyTorch checkpoint"
+        raise UserError(f"cannot read checkpoint {p}: {why}") from None
     if isinstance(obj, dict):
         for k in ("model", "state_dict", "model_state", "module"):
             if k in obj and isinstance(obj[k], dict):

@@ -222,12 +222,20 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
              pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
              results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
     """Top-1 and top-5 accuracy with a 95% (Wilson) interval."""
+    from .data import DATASETS
+    from .errors import did_you_mean
     from .measure import resolve_device
     from .runner import Settings, measure_run
 
     resolve_device(device)
+    if data not in DATASETS:
+        raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
     if split not in ("val", "test", "train"):
-        raise UserError(f"unknown split {split!r} (use val or test)")
+        raise UserError(f"unknown split {split!r}{did_you_mean(split, ('val', 'test', 'train'))} (use val or test)")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be positive, got {limit}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     spec = _spec(model, method, set_, pretrained, checkpoint, None)
@@ -287,6 +295,23 @@ def _register_extensions() -> None:
 _register_extensions()
 
 
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, aborts, exits) of click and of the copy of click that typer vendors."""
+    usage, abort, exit_ = [], [], []
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            import importlib
+
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for dest, attr in ((usage, "ClickException"), (abort, "Abort"), (exit_, "Exit")):
+            cls = getattr(mod, attr, None)
+            if isinstance(cls, type) and cls not in dest:
+                dest.append(cls)
+    return tuple(usage), tuple(abort), tuple(exit_)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     import warnings
@@ -296,11 +321,19 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if not debug:
+        # One line per warning ("warning: damaged record ... set aside as ..."), no source echo.
+        warnings.formatwarning = lambda message, category, *a, **k: f"warning: {str(message).splitlines()[0]}\n"
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        # Outside standalone mode typer returns an Exit's code instead of exiting; Ctrl-C
+        # becomes Exit(130) that way.
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                err("interrupted; completed runs are recorded, rerun to continue")
+            sys.exit(rv)
     except UserError as e:
         if debug:
             raise
@@ -309,18 +342,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         err("interrupted; completed runs are recorded, rerun to continue")
         sys.exit(130)
-    except Exception as e:  # click usage errors and bugs
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:  # usage errors and bugs
+        usage, abort, exit_ = _click_exceptions()
+        if isinstance(e.__cause__, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
+            # typer turns Ctrl-C into Exit(130) (click into Abort): say what it means.
+            err("interrupted; completed runs are recorded, rerun to continue")
+            sys.exit(130)
+        if isinstance(e, abort):
             err("aborted")
             sys.exit(130)
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, usage):
             if debug:
                 raise
             err(e.format_message().splitlines()[0])
             sys.exit(2)
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, exit_):
             sys.exit(e.exit_code)
         if debug:
             raise

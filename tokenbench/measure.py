@@ -323,8 +323,12 @@ def check_batch_fits(model: nn.Module, batch_size: int, device: torch.device, pr
         per = max(1, (need - sum(p.numel() for p in model.parameters()) * 4) // batch_size)
         fit = max(1, (budget - sum(p.numel() for p in model.parameters()) * 4) // per)
         fit = 2 ** int(math.log2(fit)) if fit >= 1 else 1
-        raise UserError(f"batch size {batch_size} needs about {need / 2**30:.1f} GiB but only "
-                        f"{avail / 2**30:.1f} GiB is free on {device.type}; try --batch-size {fit}")
+        raise UserError(f"batch size {batch_size} needs about {_bytes(need)} but only "
+                        f"{_bytes(avail)} is free on {device.type}; try --batch-size {fit}")
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
@@ -462,6 +466,10 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
 
     dev = resolve_device(device) if isinstance(device, str) else device
     ctx, note = precision_context(dev, precision)
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    # The largest batch the loader will really make: a huge --batch-size on a small set is harmless.
+    check_batch_fits(model, min(batch_size, max(1, len(dataset))), dev, precision)
     params_dev = next(model.parameters()).device
     if params_dev != dev:
         model.to(dev)

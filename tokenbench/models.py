@@ -159,13 +159,26 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
             candidates = timm.list_models()
             raise UserError(f"unknown model {name!r}{did_you_mean(name, candidates)} "
                             "(a timm model name, or `default` for the embedded model)")
+        img_size = kwargs.get("img_size")
+        if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0):
+            raise UserError(f"--img-size must be a positive integer, got {img_size!r}")
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
             if pretrained:
                 raise UserError(f"could not load pretrained weights for {name}: {e.__class__.__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''} (no network? use --checkpoint)") from e
-            raise UserError(f"could not build {name}: {e}") from e
+                                f"{first} (no network? use --checkpoint)") from e
+            if isinstance(e, TypeError) and "img_size" in first:
+                raise UserError(f"{name} takes no --img-size (tokenbench measures timm VisionTransformer "
+                                "models)") from e
+            raise UserError(f"could not build {name}: {first}") from e
+        pe = getattr(model, "patch_embed", None)
+        grid = getattr(pe, "grid_size", None)
+        if grid is not None and min(grid) < 1:
+            ps = getattr(pe, "patch_size", "?")
+            raise UserError(f"--img-size {img_size} is smaller than {name}'s patch size "
+                            f"{ps[0] if isinstance(ps, (tuple, list)) else ps}: no patch tokens")
         tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else None
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", name)
         prov = {"pretrained": bool(pretrained),

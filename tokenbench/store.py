@@ -13,6 +13,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -101,24 +104,40 @@ class Store:
         self.dir = self.root / "records"
 
     def ensure_writable(self) -> None:
+        """Refuse, before anything is measured, a results directory that could not be written.
+
+        Creates nothing (a refused command leaves the file system as it was): the
+        directory, or its nearest existing ancestor, must be a writable directory.
+        """
         from .errors import UserError
 
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create results directory {self.dir}: {e.strerror}") from None
-        if not os.access(self.dir, os.W_OK):
-            raise UserError(f"results directory {self.dir} is not writable")
+        d = self.dir
+        while not d.exists():
+            if d.is_symlink():  # a dangling link
+                raise UserError(f"cannot create results directory {self.dir}: {d} is a broken link")
+            if d.parent == d:
+                break
+            d = d.parent
+        if not d.is_dir():
+            raise UserError(f"cannot create results directory {self.dir}: {d} is not a directory")
+        if not os.access(d, os.W_OK | os.X_OK):
+            what = "is not writable" if d == self.dir else f"cannot be created ({d} is not writable)"
+            raise UserError(f"results directory {self.dir} {what}")
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
     def put(self, rec: dict) -> Path:
+        from .errors import UserError
+
         self.ensure_writable()
         rec = dict(rec)
         rec["checksum"] = _checksum(rec)
         p = self.path(rec["key"])
-        atomic_write_text(p, json.dumps(rec, indent=1, default=str) + "\n")
+        try:
+            atomic_write_text(p, json.dumps(rec, indent=1, default=str) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write record {p}: {e.strerror or e}") from None
         return p
 
     def has(self, key: str) -> bool:

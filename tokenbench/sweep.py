@@ -321,6 +321,14 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     for m in models:
         _typed(m, str, "each model", source)
     sw.models = list(dict.fromkeys(models))
+    import timm
+
+    from .models import EMBEDDED_NAME
+
+    for m in sw.models:
+        if m != EMBEDDED_NAME and not timm.is_model(m):
+            raise UserError(f"{source}: unknown model {m!r}{did_you_mean(m, timm.list_models())} "
+                            "(a timm model name, or `default` for the embedded model)")
     sw.img_size = _typed(raw.get("img_size"), int, "img_size", source, allow_none=True)
     if sw.img_size is not None and sw.img_size <= 0:
         raise UserError(f"{source}: img_size must be positive, got {sw.img_size}")
@@ -349,6 +357,9 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
             raise UserError(f"{source}: unknown dataset {sw.data!r}{did_you_mean(sw.data, DATASETS)}; "
                             f"choose from {', '.join(DATASETS)}")
         sw.split = str(_typed(data.get("split", "test"), str, "data split", source))
+        if sw.split not in ("val", "test", "train"):
+            raise UserError(f"{source}: unknown data split {sw.split!r}"
+                            f"{did_you_mean(sw.split, ('val', 'test', 'train'))} (use val or test)")
         sw.limit = _typed(data.get("limit"), int, "data limit", source, allow_none=True)
         if sw.limit is not None and sw.limit <= 0:
             raise UserError(f"{source}: data limit must be positive, got {sw.limit}")
@@ -561,13 +572,8 @@ class FlopsSearch:
     def __init__(self, cache_path: Optional[Path] = None, force: bool = False):
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, float] = {}
-        if self.cache_path and self.cache_path.is_file() and not force:
-            try:
-                data = json.loads(self.cache_path.read_text())
-                if isinstance(data, dict) and isinstance(data.get("gflops"), dict):
-                    self.cache = {k: float(v) for k, v in data["gflops"].items()}
-            except (OSError, ValueError):
-                self.cache = {}
+        if not force:
+            self.cache = self._read_cache()
         self._bases: dict[tuple, Any] = {}
         self._cands: dict[str, Any] = {}
         self.counts = 0  # fvcore counts made (not cached)
@@ -637,12 +643,29 @@ class FlopsSearch:
             return
         from .store import atomic_write_text
 
+        # Another sweep may be writing the same cache: keep its counts too (each write is
+        # atomic, so the file is always whole; at worst a concurrent count is made twice).
+        merged = dict(self._read_cache())
+        merged.update(self.cache)
         try:
             atomic_write_text(self.cache_path, json.dumps({"about": "fvcore GFLOPs per architecture, method and "
                                                            "parameters (tokenbench matched-FLOPs search cache)",
-                                                           "gflops": self.cache}, indent=1, sort_keys=True) + "\n")
+                                                           "gflops": merged}, indent=1, sort_keys=True) + "\n")
         except OSError:
             pass  # a cache, not a result
+
+    def _read_cache(self) -> dict[str, float]:
+        if not (self.cache_path and self.cache_path.is_file()):
+            return {}
+        try:
+            data = json.loads(self.cache_path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("gflops"), dict):
+                return {k: float(v) for k, v in data["gflops"].items()}
+        except (OSError, ValueError, TypeError):
+            import warnings
+
+            warnings.warn(f"FLOPs cache {self.cache_path} is damaged; counting again")
+        return {}
 
     # ----------------------------------------------------------- candidates
     def candidates(self, model: str, img_size: Optional[int], cls, fixed: dict, param: str
@@ -1015,7 +1038,76 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple
 
     Store(out).ensure_writable()
     searcher = FlopsSearch(out / CACHE_FILE, force=force)
+    preflight(sw, searcher)
     runs = expand(sw, searcher)
     keys = [run_keys(r, sw) for r in runs]
     write_plan(out, sw, runs, keys)
     return out, runs, keys, searcher
+
+
+def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
+    """Refuse, before anything is written or measured, what would fail part-way through the sweep.
+
+    Every model is built (random weights; the embedded model's checkpoint is verified), every
+    method entry is applied to it and every value of its grid checked against the model
+    (declared schedule), every checkpoint is loaded into the method-applied model, the
+    device is resolved, the data is found and read, and the throughput and evaluation
+    batches are checked against the free memory.
+    """
+    import copy as _copy
+
+    from . import measure
+    from .checkpoint import load_state_dict_checked, read_state_dict
+    from .models import EMBEDDED_NAME, embedded_paths, verify_checksum
+    from .registry import apply, get_method
+
+    timed = [k for k in sw.measure if k != "flops"]
+    dev = measure.resolve_device(sw.device) if timed else None
+    for model in sw.models:
+        net, _ = searcher.base(model, sw.img_size)
+        if model == EMBEDDED_NAME:  # its trained weights load under every run (checkpoints load on top)
+            p = embedded_paths()
+            verify_checksum(p["ckpt"], p["sha"])
+        if sw.dense:
+            apply(_copy.deepcopy(net), DENSE_METHOD)
+        for e in sw.methods:
+            cls = get_method(e.method)
+            inst = cls()
+            keys = list(e.grid)
+            first = None
+            for combo in itertools.product(*(e.grid[k] for k in keys)):
+                params = cls.validate(dict(zip(keys, combo)))
+                first = first or params
+                try:
+                    inst.expected_tokens(net, **params)
+                except UserError as err:
+                    raise UserError(f"{sw.source}: [methods.{e.label}] on {model}: {err}") from None
+            trial = _copy.deepcopy(net)
+            try:
+                apply(trial, e.method, **(first or {}))
+            except UserError as err:
+                raise UserError(f"{sw.source}: [methods.{e.label}] on {model}: {err}") from None
+            for ck in dict.fromkeys([e.checkpoint, *e.checkpoints.values()]):
+                if ck is None:
+                    continue
+                if not Path(ck).is_file():
+                    raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
+                try:
+                    load_state_dict_checked(trial, read_state_dict(ck), source=f"checkpoint {ck}")
+                except UserError as err:
+                    raise UserError(f"{sw.source}: [methods.{e.label}]: {err}") from None
+            del trial
+        if "throughput" in sw.measure:
+            try:
+                measure.check_batch_fits(net, sw.batch_size, dev, sw.precision, sw.img_size)
+            except UserError as err:
+                raise UserError(f"{sw.source}: throughput {err} ([throughput] batch_size)") from None
+        if "accuracy" in sw.measure:
+            from .data import build_dataset
+
+            ds, _ = build_dataset(sw.data, sw.split, sw.data_dir, model=net, limit=sw.limit, seed=sw.data_seed)
+            try:
+                measure.check_batch_fits(net, min(sw.eval_batch_size, max(1, len(ds))), dev, sw.precision)
+            except UserError as err:
+                msg = str(err).replace("--batch-size", "--eval-batch-size")
+                raise UserError(f"{sw.source}: evaluation {msg} ([data] batch_size)") from None

@@ -274,7 +274,8 @@ def check_vit(model: nn.Module, method: str = "this method", need_class_token: b
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        raise UserError(f"{method} applies to timm VisionTransformer models (DeiT, ViT, the embedded default); "
+        who = "tokenbench measures" if method == "none" else f"{method} applies to"
+        raise UserError(f"{who} timm VisionTransformer models (DeiT, ViT, the embedded default); "
                         f"{model.__class__.__name__} is not one")
     for i, blk in enumerate(model.blocks):
         if not hasattr(blk, "norm1") or not hasattr(blk, "mlp") or not isinstance(getattr(blk, "attn", None), Attention):
