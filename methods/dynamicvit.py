@@ -53,9 +53,6 @@ from tokenbench.registry import Method, Param, register
 PREDICTOR_ATTR = "score_predictor"  # the official attribute name: keys score_predictor.{i}.*
 
 
-def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
-    """Patch tokens kept after each stage: the official ``int(init_n * keep_rate ** s)``."""
-    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
 
 
 # --------------------------------------------------------------------------- predictor
@@ -317,16 +314,7 @@ class DynamicViT(Method):
         return model
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        npf = model.num_prefix_tokens
-        n0 = vit.num_patches(model)
-        sites = vit.depth_sites(len(model.blocks))
-        counts = keep_counts(n0, len(sites), keep_rate)
-        tokens, n = [], n0
-        for i in range(len(model.blocks)):
-            if i in sites:
-                n = min(n, counts[sites.index(i)])
-            tokens.append(n + npf)
-        return tokens, list(tokens)
+        return vit.staged_schedule(model, keep_rate, "pre")
 
     def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
         return train_setup(model, teacher, params, weights)

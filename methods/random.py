@@ -18,9 +18,6 @@ from tokenbench import vit
 from tokenbench.registry import Method, Param, register
 
 
-def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
-    """Patch tokens kept after each stage: DynamicViT's ``int(N0 * keep_rate ** s)`` (at least 1)."""
-    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
 
 
 def _make_on_start(seed: int):
@@ -73,14 +70,4 @@ class RandomPrune(Method):
         return model
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        npf = model.num_prefix_tokens
-        n0 = vit.num_patches(model)
-        sites = vit.depth_sites(len(model.blocks))
-        counts = keep_counts(n0, len(sites), keep_rate)
-        tokens, tokens_mlp, n = [], [], n0
-        for i in range(len(model.blocks)):
-            tokens.append(n + npf)
-            if i in sites:
-                n = min(n, counts[sites.index(i)])
-            tokens_mlp.append(n + npf)
-        return tokens, tokens_mlp
+        return vit.staged_schedule(model, keep_rate, "mid")

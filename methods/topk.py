@@ -19,9 +19,6 @@ from tokenbench import vit
 from tokenbench.registry import Method, Param, register
 
 
-def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
-    """Patch tokens kept after each stage: DynamicViT's ``int(N0 * keep_rate ** s)`` (at least 1)."""
-    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
 
 
 def _on_start(model, x, st: vit.TokenState) -> None:
@@ -67,19 +64,5 @@ class TopK(Method):
         return model
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return mid_block_schedule(model, keep_rate)
+        return vit.staged_schedule(model, keep_rate, "mid")
 
-
-def mid_block_schedule(model, keep_rate: float) -> tuple[list[int], list[int]]:
-    """Token counts for pruning inside blocks ``depth_sites`` (between attention and MLP)."""
-    npf = model.num_prefix_tokens
-    n0 = vit.num_patches(model)
-    sites = vit.depth_sites(len(model.blocks))
-    counts = keep_counts(n0, len(sites), keep_rate)
-    tokens, tokens_mlp, n = [], [], n0
-    for i in range(len(model.blocks)):
-        tokens.append(n + npf)
-        if i in sites:
-            n = min(n, counts[sites.index(i)])
-        tokens_mlp.append(n + npf)
-    return tokens, tokens_mlp

@@ -169,7 +169,7 @@ def test_deit_s_schedule():
     with torch.no_grad():
         m(torch.randn(1, 3, 224, 224))
     assert m._tb_state.tokens == exp[0] and m._tb_state.tokens_mlp == exp[1]
-    assert dv.keep_counts(196, 3, 0.7) == [int(196 * 0.7), int(196 * 0.7 ** 2), int(196 * 0.7 ** 3)]
+    assert vit.keep_counts(196, 3, 0.7) == [int(196 * 0.7), int(196 * 0.7 ** 2), int(196 * 0.7 ** 3)]
 
 
 def test_batch_consistency():

@@ -360,3 +360,29 @@ def batch_index_select(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x.gather(1, idx)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+# --------------------------------------------------------------------------- staged pruning schedules
+
+def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
+    """Patch tokens kept after each pruning stage: DynamicViT's ``int(n0 * keep_rate ** s)``, at least 1."""
+    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
+
+
+def staged_schedule(model: nn.Module, keep_rate: float, where: str = "mid") -> tuple[list[int], list[int]]:
+    """(tokens entering each block, tokens entering each MLP) for pruning to :func:`keep_counts`
+    at :func:`depth_sites`, either before those blocks (``pre``: DynamicViT) or between their
+    attention and MLP (``mid``: top-k, random)."""
+    npf = model.num_prefix_tokens
+    n0 = num_patches(model)
+    sites = depth_sites(len(model.blocks))
+    counts = keep_counts(n0, len(sites), keep_rate)
+    tokens, tokens_mlp, n = [], [], n0
+    for i in range(len(model.blocks)):
+        if where == "pre" and i in sites:
+            n = min(n, counts[sites.index(i)])
+        tokens.append(n + npf)
+        if where == "mid" and i in sites:
+            n = min(n, counts[sites.index(i)])
+        tokens_mlp.append(n + npf)
+    return tokens, tokens_mlp
