@@ -57,3 +57,28 @@ def cli():
         return code, out.getvalue(), err.getvalue()
 
     return run
+
+
+def register_tiny_timm(name: str, **overrides) -> str:
+    """Register a depth-12 tiny ViT under a timm model ``name`` (sweeps and the CLI take names).
+
+    32 px, patch 4: 64 patch tokens + class token; ``overrides`` change the defaults.
+    """
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if timm.is_model(name):
+        return name
+    defaults = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+    defaults.update(overrides)
+
+    def build(pretrained=False, **kw):
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kw.pop(k, None)
+        return VisionTransformer(**{**defaults, **kw})
+
+    build.__name__ = name
+    build.__module__ = "conftest"
+    register_model(build)
+    return name

@@ -23,29 +23,14 @@ import torch
 
 from tokenbench.errors import UserError
 
+from conftest import register_tiny_timm  # noqa: E402
+
 TINY = "tb_rel_tiny_vit"          # in-process only: 32 px, patch 4 (64 patches + class token), width 32
 GAP = "vit_medium_patch16_gap_256"  # a real timm ViT without a class token (global average pooling)
 SUB_MODEL = "deit_tiny_patch16_224"  # a real timm name for subprocesses (with img_size = 32: 4 patches)
 
 
-def _register_tiny():
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model(TINY):
-        return
-
-    @register_model
-    def tb_rel_tiny_vit(pretrained=False, **kw):
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kw.pop(k, None)
-        args = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
-        args.update(kw)
-        return VisionTransformer(**args)
-
-
-_register_tiny()
+register_tiny_timm(TINY)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -13,27 +13,12 @@ from tokenbench import report as R
 from tokenbench import sweep as S
 from tokenbench.store import Store
 
+from conftest import register_tiny_timm  # noqa: E402
+
 TINY = "tb_report_tiny_vit"
 
 
-def _register_tiny():
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model(TINY):
-        return
-
-    @register_model
-    def tb_report_tiny_vit(pretrained=False, **kw):
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kw.pop(k, None)
-        args = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
-        args.update(kw)
-        return VisionTransformer(**args)
-
-
-_register_tiny()
+register_tiny_timm(TINY)
 
 SWEEP = f"""
 name = "rep"

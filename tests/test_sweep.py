@@ -10,28 +10,12 @@ from tokenbench import sweep as S
 from tokenbench.errors import UserError
 from tokenbench.registry import get_method
 
+from conftest import register_tiny_timm  # noqa: E402
+
 TINY = "tb_sweep_tiny_vit"
 
 
-def _register_tiny():
-    """A depth-12 timm ViT (32 px, patch 4: 64 tokens + class token) reachable by name, as sweeps need."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model(TINY):
-        return
-
-    @register_model
-    def tb_sweep_tiny_vit(pretrained=False, **kw):
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kw.pop(k, None)
-        args = dict(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
-        args.update(kw)
-        return VisionTransformer(**args)
-
-
-_register_tiny()
+register_tiny_timm(TINY)
 
 
 def write(tmp_path, text, name="s.toml"):
