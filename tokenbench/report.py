@@ -550,7 +550,9 @@ def _savefig(fig, base: Path) -> list[Path]:
     for ext in ("png", "pdf"):
         p = base.with_suffix(f".{ext}")
         tmp = p.with_name(f".{p.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=300, bbox_inches="tight", pad_inches=0.02, format=ext)
+        # no creation date: regenerating the same report gives the same files
+        meta = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+        fig.savefig(tmp, dpi=300, bbox_inches="tight", pad_inches=0.02, format=ext, metadata=meta)
         os.replace(tmp, p)
         out.append(p)
     return out

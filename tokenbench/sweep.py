@@ -255,7 +255,19 @@ def load_sweep(source: str | os.PathLike, overrides: Optional[dict] = None) -> S
     raw = read_sweep_file(path)
     raw.setdefault("name", path.stem)
     merge_overrides(raw, overrides or {})
-    return parse_sweep(raw, str(path))
+    return parse_sweep(raw, _display_path(path))
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory (or the package) when under it: records and
+    plans then read the same on every checkout."""
+    p = Path(path).resolve()
+    for root in (Path.cwd().resolve(), SWEEPS_DIR.parent.parent):
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def merge_overrides(raw: dict, overrides: dict) -> dict:
