@@ -238,9 +238,13 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
         loss = w["clf_weight"] * cls + w["ratio_weight"] * rl + w["distill_weight"] * kl + w["distill_weight"] * mse
         metrics = {"cls_loss": float(cls.detach()), "ratio_loss": float(rl.detach()), "cls_kl": float(kl.detach()),
                    "token_mse": float(mse.detach()), "keep_frac": float(mask.mean())}
+        for s, d in enumerate(decisions):  # kept fraction at each stage, to check against keep_rate ** s
+            metrics[f"keep_frac_s{s + 1}"] = float(d.detach().mean())
         return loss, logits, metrics
 
-    loss_fn.metric_names = ("cls_loss", "ratio_loss", "cls_kl", "token_mse", "keep_frac")
+    n_stages = len(vit.depth_sites(len(model.blocks)))
+    loss_fn.metric_names = ("cls_loss", "ratio_loss", "cls_kl", "token_mse", "keep_frac") + tuple(
+        f"keep_frac_s{s + 1}" for s in range(n_stages))
     return loss_fn
 
 

@@ -48,7 +48,7 @@ def test_train_dynamicvit_resumes_and_loads(cli, tiny_default, fake_fmnist, tmp_
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "dynamicvit" and cfg["params"] == {"keep_rate": 0.7}
     header = (out / "train_log.csv").read_text().splitlines()[0]
-    assert "ratio_loss" in header and "keep_frac" in header
+    assert "ratio_loss" in header and "keep_frac" in header and "keep_frac_s3" in header
     # the checkpoint carries the predictors and loads into the applied model
     from tokenbench.api import load
 
