@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import timm
+
+from conftest import peak_weights, random_images
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -24,38 +26,15 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(variant: str = "cls", size: dict = SMALL, seed: int = 0) -> torch.nn.Module:
     """A tiny random ViT with weights strong enough for peaked attention and O(1) logits."""
     name, kw = VARIANTS[variant]
     torch.manual_seed(seed)
     m = timm.create_model(name, num_classes=7, **size, **kw).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if p.dim() >= 2 and "pos_embed" not in n and "token" not in n:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p[0].numel())))
-            elif "norm" in n and n.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return m
+    return peak_weights(m, seed)
 
 
-def images(model, b: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    h, w = model.patch_embed.img_size
-    return torch.randn(b, 3, h, w, generator=g).to(dtype)
+images = random_images
 
 
 # --------------------------------------------------------------------------- the reference

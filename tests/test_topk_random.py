@@ -10,15 +10,6 @@ from tokenbench import registry, vit
 from tokenbench.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is much faster, above all on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(img=64, patch=8, **kw):
     torch.manual_seed(0)
     a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)

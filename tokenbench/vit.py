@@ -112,7 +112,14 @@ class AttnInfo:
         self._q, self._k, self._bias, self._scale = q, k, bias, scale
         self._attn = attn
         self.n_prefix = n_prefix
-        self.keys = k.mean(1) if k is not None else None  # [B, N, head_dim]: ToMe's metric
+        self._keys: Optional[torch.Tensor] = None
+
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        """Keys averaged over heads, [B, N, head_dim] (ToMe's metric); computed on first use."""
+        if self._keys is None and self._k is not None:
+            self._keys = self._k.mean(1)
+        return self._keys
 
     def cls_attn(self) -> torch.Tensor:
         """Attention of the class token to every token, averaged over heads: [B, N].
@@ -177,8 +184,6 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, need_keys: boo
     out = mod.proj_drop(mod.proj(out))
     info = AttnInfo(q if need_attn else None, k if (need_attn or need_keys) else None, bias, mod.scale,
                     state.n_prefix, attn=attn_full if need_attn else None)
-    if not need_keys:
-        info.keys = None
     return out, info
 
 
