@@ -331,7 +331,7 @@ def fmnist_tensors(data_dir=None, in_chans: int = 1):
     return out
 
 
-BASE_RECIPE = TrainConfig(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
+BASE_RECIPE = TrainConfig(epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
                           label_smoothing=0.1, shift=3, hflip=True, erase_p=0.25, ckpt_every=200,
                           eval_limit=2000, grad_clip=1.0)
 
