@@ -24,6 +24,14 @@ drop it, which breaks the distilled head.  For one class token this is the offic
 
 Needs a class token.  Training-free as applied here (the official models are fine-tuned
 with the same reduction; no parameters are added).
+
+Training (``tokenbench train MODEL --method evit``): the keep-rate warm-up of the official
+``helpers.adjust_keep_rate`` is a training-only option, ``--set shrink_start_epoch=S
+shrink_epochs=E``: during training the sites keep everything before epoch ``S``, then the
+keep rate follows a half cosine from 1 down to ``keep_rate`` over ``E`` epochs (per step),
+and stays at ``keep_rate`` after.  ``shrink_epochs=0`` (the default, as the official
+fine-tuning script ``--shrink_start_epoch 0 --shrink_epochs 0``) trains at ``keep_rate``
+from the first step.  Evaluation always uses ``keep_rate``.
 """
 
 from __future__ import annotations
@@ -60,13 +68,33 @@ def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
     return ar.scatter(1, idx, 0).sort(dim=1)[0][:, k:]
 
 
+def warmup_keep_rate(epoch: float, keep_rate: float, shrink_start_epoch: float, shrink_epochs: float) -> float:
+    """The official ``adjust_keep_rate`` at (fractional) ``epoch`` = step / steps per epoch:
+    1 before epoch ``shrink_start_epoch`` (compared as whole epochs, as the official), then
+    ``keep_rate + (1 - keep_rate) * (cos(pi * (epoch - start) / shrink_epochs) + 1) / 2``,
+    and ``keep_rate`` from epoch ``start + shrink_epochs`` on."""
+    whole = math.floor(epoch + 1e-9)
+    if whole < shrink_start_epoch:
+        return 1.0
+    if whole >= shrink_start_epoch + shrink_epochs:
+        return float(keep_rate)
+    t = (epoch - shrink_start_epoch) / shrink_epochs
+    return keep_rate + (1.0 - keep_rate) * (math.cos(t * math.pi) + 1.0) * 0.5
+
+
 # --------------------------------------------------------------------------- hook
+
+TRAIN_KEEP_RATE_ATTR = "_tb_evit_train_keep_rate"  # set by train_step: the warm-up's current rate
+
 
 def _evit_hook(keep_rate: float, fuse_token: bool):
     def mid(block, x: torch.Tensor, state: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
         p = state.n_prefix
         n = x.shape[1] - p
-        k = n_kept(keep_rate, n)
+        rate = keep_rate
+        if block.training:  # the keep-rate warm-up (training only; evaluation uses keep_rate)
+            rate = getattr(block._tb_owner, TRAIN_KEEP_RATE_ATTR, keep_rate)
+        k = n_kept(rate, n)
         if k >= n:
             return x
         attn = info.cls_attn()[:, p:]                     # [B, n], raw softmax row of the class token
@@ -93,10 +121,22 @@ class EViT(Method):
         Param("fuse_token", "bool", True, "fuse the inattentive tokens into one (weighted by class attention) "
                                           "instead of dropping them"),
     )
+    train_params = (
+        Param("shrink_start_epoch", "float", 0.0, "training: epochs trained at keep rate 1 before the warm-up",
+              min=0.0),
+        Param("shrink_epochs", "float", 0.0, "training: epochs of the cosine keep-rate warm-up from 1 to "
+                                             "keep_rate (0: keep_rate from the start)", min=0.0),
+    )
     learned = False
     needs_class_token = True
     deterministic = True
     search_param = "keep_rate"
+
+    def train_step(self, model, params: dict, epoch: float) -> None:
+        """Before each training step: the warm-up's keep rate for this step."""
+        setattr(model, TRAIN_KEEP_RATE_ATTR, warmup_keep_rate(
+            epoch, params.get("keep_rate", 0.7), params.get("shrink_start_epoch", 0.0),
+            params.get("shrink_epochs", 0.0)))
 
     def apply(self, model, keep_rate=0.7, fuse_token=True, **params):
         plan = vit.prepare(model, self.name, need_class_token=True)

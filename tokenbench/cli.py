@@ -123,7 +123,7 @@ def list_cmd(json_: bool = JSON_OPT):
         label = m["name"] + (" (learned)" if m["learned"] else "")
         if not m["params"]:
             t.add_row(label, "-", "", "", "", m["summary"])
-        for p in m["params"]:
+        for p in m["params"] + m.get("train_params", []):
             t.add_row(label if first else "", p["name"], p["type"], json.dumps(p["default"]), p["range"], p["help"])
             first = False
     console().print(t)

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(model: str = typer.Argument(..., help="timm model name, or `default` (the embedded model)."),
                   method: str = typer.Option(..., "--method", "-m", help="Method to train with (e.g. dynamicvit)."),
-                  set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE."),
+                  set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE, or a training-only one (evit: shrink_start_epoch, shrink_epochs)."),
                   data: str = typer.Option("fashion-mnist", "--data", help="Training data (fashion-mnist)."),
                   data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
                   out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default results/<model>-<method>-<params>)."),
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         from .train import FINETUNE_RECIPE, finetune
 
         cls = get_method(method)
-        params = cls.validate(parse_set(set_ or []))
+        params, train_params = cls.validate_training(parse_set(set_ or []))
         resolve_device(device)
         weights = {}
         for item in loss_weight or []:
@@ -66,9 +66,11 @@ def register(app: typer.Typer) -> None:
                 changes[k] = v
         cfg = dataclasses.replace(FINETUNE_RECIPE, **changes)
         if out is None:
-            tag = "-".join(f"{k}{v}" for k, v in params.items())
+            tdefaults = {q.name: q.default for q in cls.train_params}
+            tag = "-".join([f"{k}{v}" for k, v in params.items()]
+                           + [f"{k}{v}" for k, v in train_params.items() if v != tdefaults[k]])
             out = Path("results") / (f"{model}-{method}" + (f"-{tag}" if tag else ""))
-        summary = finetune(model, method, params, out, cfg, data=data, data_dir=str(data_dir) if data_dir else None,
+        summary = finetune(model, method, {**params, **train_params}, out, cfg, data=data, data_dir=str(data_dir) if data_dir else None,
                            checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
                            pretrained=pretrained, loss_weights=weights or None)

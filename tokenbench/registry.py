@@ -124,6 +124,10 @@ class Method:
     deterministic: ClassVar[bool] = True
     # The parameter a matched-FLOPs search moves, and whether it may be a per-block schedule.
     search_param: ClassVar[Optional[str]] = None
+    # Training-only parameters (e.g. EViT's keep-rate warm-up): accepted by `tokenbench train
+    # --set`, recorded in the run's config.json, passed to ``train_step``; never part of the
+    # applied model's spec (inference does not depend on them).
+    train_params: ClassVar[tuple[Param, ...]] = ()
 
     def apply(self, model: nn.Module, **params) -> nn.Module:
         raise NotImplementedError
@@ -161,10 +165,29 @@ class Method:
         return out
 
     @classmethod
+    def validate_training(cls, params: dict) -> tuple[dict, dict]:
+        """Split ``params`` into (model parameters, training-only parameters), each validated
+        with defaults filled in; a key that is neither is refused with suggestions."""
+        tnames = [p.name for p in cls.train_params]
+        names = [p.name for p in cls.params] + tnames
+        for k in params:
+            if k not in names:
+                hint = (did_you_mean(k, names) or f" (its parameters: {', '.join(names)})") if names \
+                    else " (it takes no parameters)"
+                raise UserError(f"{cls.name}: unknown parameter {k!r}{hint}")
+        model_p = cls.validate({k: v for k, v in params.items() if k not in tnames})
+        train_p = {p.name: p.parse(params[p.name], cls.name) if p.name in params else p.default
+                   for p in cls.train_params}
+        return model_p, train_p
+
+    @classmethod
     def describe(cls) -> dict:
-        return {"name": cls.name, "summary": cls.summary, "learned": cls.learned,
-                "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
-                "params": [p.describe() for p in cls.params]}
+        out = {"name": cls.name, "summary": cls.summary, "learned": cls.learned,
+               "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
+               "params": [p.describe() for p in cls.params]}
+        if cls.train_params:
+            out["train_params"] = [p.describe() for p in cls.train_params]
+        return out
 
 
 _REGISTRY: dict[str, type[Method]] = {}

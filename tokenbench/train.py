@@ -383,7 +383,7 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
                         "other datasets are evaluated, not trained, by this version")
     cls = get_method(method)
     meth = cls()
-    p = cls.validate(params)
+    p, train_p = cls.validate_training(params)
     torch.manual_seed(cfg.seed)
     student, prov = load(model, method, p, pretrained=pretrained, checkpoint=checkpoint)
     student.train()
@@ -406,9 +406,9 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
             g["lr_scale"] = 0.1 if scale is None else scale
             g["fix_epochs"] = 0.0
     step = getattr(meth, "train_step", None)
-    hook = (lambda m, ep: step(m, p, ep)) if step else None
+    hook = (lambda m, ep: step(m, {**p, **train_p}, ep)) if step else None
     tx, ty, vx, vy = fmnist_tensors(data_dir)
-    extra = {"model": model, "method": method, "params": p, "data": data, "init": prov.get("weights"),
+    extra = {"model": model, "method": method, "params": p, **({"train_params": train_p} if train_p else {}), "data": data, "init": prov.get("weights"),
              "teacher": tprov.get("weights"), "loss_weights": loss_weights or {}, "pretrained": pretrained}
     cols = tuple(getattr(loss_fn, "metric_names", ()))
     return train_loop(student, tx, ty, vx, vy, cfg, out_dir, loss_fn=loss_fn, config_extra=extra,
