@@ -9,6 +9,12 @@ from tokenbench.errors import UserError
 from tokenbench.registry import get_method
 
 
+def evit_module():
+    import importlib
+
+    return importlib.import_module(get_method("evit").__module__)
+
+
 def official_adjust_keep_rate(iters, epoch, warmup_epochs, total_epochs, ITERS_PER_EPOCH,
                               base_keep_rate=0.5, max_keep_rate=1):
     # Re-stated from the published algorithm (helpers.adjust_keep_rate) to compare against.
@@ -23,8 +29,7 @@ def official_adjust_keep_rate(iters, epoch, warmup_epochs, total_epochs, ITERS_P
 
 @pytest.mark.parametrize("start,shrink", [(0, 0), (1, 2), (2, 3), (0, 1)])
 def test_warmup_matches_official_schedule(start, shrink):
-    from methods.evit import warmup_keep_rate
-
+    warmup_keep_rate = evit_module().warmup_keep_rate
     ipe = 7
     for it in range(ipe * (start + shrink + 2)):
         ours = warmup_keep_rate(it / ipe, 0.6, start, shrink)
@@ -47,7 +52,7 @@ def test_train_params_split_and_refused():
 
 def test_warmup_changes_training_tokens_only():
     from conftest import tiny_vit
-    from methods.evit import TRAIN_KEEP_RATE_ATTR
+    TRAIN_KEEP_RATE_ATTR = evit_module().TRAIN_KEEP_RATE_ATTR
     from tokenbench.registry import apply
 
     base = tiny_vit()

@@ -17,8 +17,14 @@ def register(app: typer.Typer) -> None:
     def train_cmd(model: str = typer.Argument(..., help="timm model name, or `default` (the embedded model)."),
                   method: str = typer.Option(..., "--method", "-m", help="Method to train with (e.g. dynamicvit)."),
                   set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE, or a training-only one (evit: shrink_start_epoch, shrink_epochs)."),
-                  data: str = typer.Option("fashion-mnist", "--data", help="Training data (fashion-mnist)."),
+                  data: str = typer.Option("fashion-mnist", "--data",
+                                           help="Training data: fashion-mnist, imagenet or folder (DATA_DIR/train and "
+                                                "DATA_DIR/val class folders; DeiT augmentation without mixup/cutmix), "
+                                                "synthetic (random images, smoke runs)."),
                   data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+                  num_workers: Optional[int] = typer.Option(None, "--num-workers",
+                                                            help="DataLoader workers for imagenet/folder "
+                                                                 "(default min(8, CPUs))."),
                   out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default results/<model>-<method>-<params>)."),
                   epochs: Optional[float] = typer.Option(None, "--epochs"),
                   lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the method's new parts."),
@@ -57,7 +63,9 @@ def register(app: typer.Typer) -> None:
                 weights[k] = float(v)
             except ValueError:
                 raise UserError(f"--loss-weight {k}: {v!r} is not a number") from None
-        changes = {"seed": seed, "max_steps": max_steps, "device": device}
+        if num_workers is not None and num_workers < 0:
+            raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
+        changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers}
         for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
                      ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs)):
             if v is not None:

@@ -281,8 +281,22 @@ def _model_input(model) -> dict[str, Any]:
     return out
 
 
-def _image_folder(name: str, split: str, data_dir, model):
-    """ImageNet-style class folders, preprocessed with the model's timm data config."""
+def eval_data_config(model) -> dict[str, Any]:
+    """timm's eval data config of ``model`` (resize, crop, interpolation, mean, std) at its own input size."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None):
+        # a model built at another size than its pretrained config's (img_size=...)
+        # keeps the config's mean/std and crop, not its resolution
+        cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in pe.img_size))
+    return cfg
+
+
+def _image_folder(name: str, split: str, data_dir, model, transform=None):
+    """ImageNet-style class folders, preprocessed with the model's timm data config
+    (or with ``transform``, e.g. a training transform, when given)."""
     if data_dir is None:
         raise UserError(f"--data-dir is required for {name} (a folder of class sub-folders)")
     root = Path(data_dir)
@@ -298,9 +312,9 @@ def _image_folder(name: str, split: str, data_dir, model):
     import timm.data
     from torchvision.datasets import ImageFolder
 
-    cfg = timm.data.resolve_data_config({}, model=model)
-    tf = timm.data.create_transform(**cfg, is_training=False)
-    ds = ImageFolder(str(root), transform=tf)
+    if transform is None:
+        transform = timm.data.create_transform(**eval_data_config(model), is_training=False)
+    ds = ImageFolder(str(root), transform=transform)
     if len(ds) == 0:
         raise UserError(f"{root} holds no images")
     return ds, torch.tensor(ds.targets)

@@ -55,6 +55,9 @@ class TrainConfig:
     backbone_lr_scale: Optional[float] = None
     fix_epochs: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    # DataLoader workers for image-folder data (None: min(8, CPU count)); results do not
+    # depend on it, so a run may resume with another value
+    num_workers: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -146,17 +149,31 @@ def _save_resumable(path: Path, model, opt, step: int, extra: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-               test_y: torch.Tensor, cfg: TrainConfig, out_dir: Path, loss_fn: Optional[LossFn] = None,
+def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None, test_x: Optional[torch.Tensor] = None,
+               test_y: Optional[torch.Tensor] = None, cfg: Optional[TrainConfig] = None, out_dir: Optional[Path] = None,
+               loss_fn: Optional[LossFn] = None,
                eval_model: Optional[Callable[[], nn.Module]] = None, config_extra: Optional[dict] = None,
                progress: bool = True, log_extra_cols: tuple[str, ...] = (),
                groups: Optional[list] = None, step_hook: Optional[Callable[[nn.Module, float], None]] = None,
                reschedule: bool = False) -> dict:
-    """Train ``model`` on in-memory preprocessed tensors, resumably, into ``out_dir``.
+    """Train ``model`` resumably into ``out_dir``.
 
+    The data is either in-memory preprocessed tensors ``train_x, train_y, test_x, test_y``
+    or a batch source (:mod:`tokenbench.train_data`) in place of ``train_x``, with the
+    three tensors left out: ``train_loop(model, source, cfg=cfg, out_dir=out)``.
     Returns a summary with the final test accuracy.  ``loss_fn(model, x, y)`` returns
     ``(loss, logits, metrics)``; the default is label-smoothed cross-entropy.
     """
+    from .train_data import TensorSource
+
+    if cfg is None or out_dir is None:
+        raise TypeError("train_loop() needs cfg and out_dir")
+    if isinstance(train_x, torch.Tensor):
+        source = TensorSource(train_x, train_y, test_x, test_y)
+    else:
+        if train_y is not None or test_x is not None or test_y is not None:
+            raise TypeError("train_loop() takes either four tensors or one batch source")
+        source = train_x
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -167,20 +184,24 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    n = len(train_y)
+    n = source.n
     steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set has {n} images, fewer than one batch of {cfg.batch_size}")
     total = int(round(cfg.epochs * steps_per_epoch))
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     eval_every = cfg.eval_every or steps_per_epoch
 
     config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch}
+    config.update(source.describe())
     config.update(config_extra or {})
     cfg_path = out_dir / "config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        new_train = config["train"] | {"max_steps": None}
+        free = {"max_steps": None, "num_workers": None}  # may change between sessions of one run
+        new_train = config["train"] | free
         # fields added to the config since that run started take their (behaviour-preserving) defaults
-        old_train = {k: old.get("train", {}).get(k, v) for k, v in new_train.items()} | {"max_steps": None}
+        old_train = {k: old.get("train", {}).get(k, v) for k, v in new_train.items()} | free
         history = old.get("rescheduled", [])
         if old_train != new_train:
             only_epochs = (old_train | {"epochs": None}) == (new_train | {"epochs": None})
@@ -234,19 +255,12 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
                     disable=not progress, transient=False)
     with prog:
         task = prog.add_task("train", total=stop_at, completed=step, info="")
-        perm = None
-        perm_epoch = -1
+        batches = source.batches(step, stop_at, steps_per_epoch, cfg)
         while step < stop_at:
-            epoch = step // steps_per_epoch
-            if epoch != perm_epoch:
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-                perm_epoch = epoch
-            i = step % steps_per_epoch
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+            x, y = next(batches)
             torch.manual_seed(cfg.seed * 7919 + step)  # dropout / Gumbel noise inside the model
-            x = augment(train_x[idx], cfg, g).to(dev, non_blocking=True)
-            y = train_y[idx].to(dev, non_blocking=True)
+            x = x.to(dev, non_blocking=True)
+            y = y.to(dev, non_blocking=True)
             lr = lr_at(step, total, cfg)
             ep = step / steps_per_epoch
             for grp, sc, fx in zip(opt.param_groups, scales, fixes):
@@ -271,11 +285,9 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
                         info=f"ep {step / steps_per_epoch:.2f} loss {run_loss / run_n:.3f} acc {100 * run_correct / run_n:.1f}")
             if step % cfg.ckpt_every == 0 or step == stop_at or step % eval_every == 0:
                 if step % eval_every == 0 or step == stop_at:
-                    ev_x, ev_y = test_x, test_y
-                    if cfg.eval_limit and step != total:
-                        ev_x, ev_y = test_x[:cfg.eval_limit], test_y[:cfg.eval_limit]
+                    limit = cfg.eval_limit if cfg.eval_limit and step != total else None
                     m = eval_model() if eval_model else model
-                    acc = evaluate_tensors(m, ev_x.to(dev), ev_y.to(dev))
+                    acc = source.evaluate(m, dev, limit)
                     row = [step, f"{step / steps_per_epoch:.3f}", f"{lr:.3e}", f"{run_loss / max(1, run_n):.4f}",
                            f"{100 * run_correct / max(1, run_n):.2f}", f"{acc:.2f}", f"{elapsed0 + time.time() - t0:.0f}"]
                     row += [f"{run_metrics.get(k, 0.0) / max(1, run_n):.4f}" for k in log_extra_cols]
@@ -287,6 +299,7 @@ def train_loop(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
                     run_metrics = {}
                     summary["test_acc"] = acc
                 _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
+        batches.close()  # DataLoader workers, if any, end here
     summary["finished"] = step >= total
     summary["step"] = step
     if step >= total:
@@ -373,14 +386,23 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
     and ``train_step(model, params, epoch)`` (schedules such as EViT's keep-rate warm-up).
     Without them: cross-entropy on the reduced model, every weight at
     ``lr * backbone_lr_scale``.
+
+    ``data``: ``fashion-mnist`` (in memory, batched tensor augmentation), ``imagenet`` /
+    ``folder`` (``<data_dir>/train`` and ``<data_dir>/val`` class folders, loaded by a
+    DataLoader with ``cfg.num_workers`` workers; training images get DeiT's augmentation
+    *without its mixup/cutmix*: see :class:`tokenbench.train_data.FolderSource`) or
+    ``synthetic`` (random images of the model's input size, fixed seeds; smoke runs).
     """
     from .api import load
+    from .data import DATASETS
+    from .errors import did_you_mean
     from .registry import get_method
+    from .train_data import build_source, check_data
 
     cfg = cfg or FINETUNE_RECIPE
-    if data != "fashion-mnist":
-        raise UserError(f"training reads fashion-mnist only for now (got --data {data}); "
-                        "other datasets are evaluated, not trained, by this version")
+    if data not in DATASETS:
+        raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
+    check_data(data, data_dir)  # before any model is built
     cls = get_method(method)
     meth = cls()
     p, train_p = cls.validate_training(params)
@@ -407,9 +429,9 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
             g["fix_epochs"] = 0.0
     step = getattr(meth, "train_step", None)
     hook = (lambda m, ep: step(m, {**p, **train_p}, ep)) if step else None
-    tx, ty, vx, vy = fmnist_tensors(data_dir)
+    source = build_source(data, data_dir, student, cfg)
     extra = {"model": model, "method": method, "params": p, **({"train_params": train_p} if train_p else {}), "data": data, "init": prov.get("weights"),
              "teacher": tprov.get("weights"), "loss_weights": loss_weights or {}, "pretrained": pretrained}
     cols = tuple(getattr(loss_fn, "metric_names", ()))
-    return train_loop(student, tx, ty, vx, vy, cfg, out_dir, loss_fn=loss_fn, config_extra=extra,
+    return train_loop(student, source, cfg=cfg, out_dir=out_dir, loss_fn=loss_fn, config_extra=extra,
                       progress=progress, log_extra_cols=cols, groups=groups, step_hook=hook)
