@@ -64,6 +64,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def require_dir(data_dir) -> Path:
+    """``data_dir`` as a Path, or a one-line UserError: missing, not a directory, unreadable."""
+    root = Path(data_dir)
+    if not root.exists():
+        raise UserError(f"data directory {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data directory {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise UserError(f"data directory {root} is not readable")
+    return root
+
+
 def find_fashion_mnist(data_dir: Optional[str | os.PathLike] = None) -> Path:
     """The directory holding the four Fashion-MNIST idx files.
 
@@ -77,13 +89,7 @@ def find_fashion_mnist(data_dir: Optional[str | os.PathLike] = None) -> Path:
         return all((d / f).is_file() or (d / f[:-3]).is_file() for f in needed)
 
     if data_dir is not None:
-        root = Path(data_dir)
-        if not root.exists():
-            raise UserError(f"data directory {root} does not exist")
-        if not root.is_dir():
-            raise UserError(f"data directory {root} is not a directory")
-        if not os.access(root, os.R_OK | os.X_OK):
-            raise UserError(f"data directory {root} is not readable")
+        root = require_dir(data_dir)
         for d in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw"):
             if d.is_dir() and has_all(d):
                 return d

@@ -244,13 +244,9 @@ def _split_dirs(name: str, data_dir) -> tuple[Path, Path]:
     """``<data_dir>/train`` and ``<data_dir>/val``, or a one-line UserError saying what is wrong."""
     if data_dir is None:
         raise UserError(f"--data-dir is required for {name} (a folder with train/ and val/ class folders)")
-    root = Path(data_dir)
-    if not root.exists():
-        raise UserError(f"data directory {root} does not exist")
-    if not root.is_dir():
-        raise UserError(f"data directory {root} is not a directory")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise UserError(f"data directory {root} is not readable")
+    from .data import require_dir
+
+    root = require_dir(data_dir)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no {split}/ split: training on {name} reads {root}/train/<class>/<image> "
