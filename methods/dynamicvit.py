@@ -40,6 +40,7 @@ Deviations (none change a result of the official configuration):
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -98,6 +99,18 @@ def init_predictor(pred: PredictorLG, generator: Optional[torch.Generator] = Non
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     return pred
+
+
+@torch.no_grad()
+def prior_init(model: nn.Module, keep_rate: float) -> None:
+    """Set each predictor's last-layer bias to ``[log r, log(1 - r)]`` (``r = keep_rate``, at
+    most 1 - 1e-6) so that, with the official near-zero weights, every stage starts keeping
+    about ``r`` of the tokens it sees: the ratio loss's targets ``r ** s`` from the first
+    step, instead of the official start at 1/2 per stage (0.5, 0.25, 0.125)."""
+    r = min(float(keep_rate), 1.0 - 1e-6)
+    for pred in getattr(model, PREDICTOR_ATTR):
+        last = pred.out_conv[-2]
+        last.bias.copy_(torch.tensor([math.log(r), math.log1p(-r)], dtype=last.bias.dtype))
 
 
 def _predictors_compatible(mods, stages: int, dim: int) -> bool:
@@ -178,6 +191,24 @@ def student_outputs(model: nn.Module, x: torch.Tensor):
     return logits, feats[:, model.num_prefix_tokens:], prev.detach(), list(st.extra.get("dvit_decisions", []))
 
 
+@torch.no_grad()
+def training_keep_fractions(model: nn.Module, x: torch.Tensor, seed: int = 0) -> list[float]:
+    """The kept fraction at each stage of the *training-time* (Gumbel) decisions on ``x``:
+    what the ratio loss drives to ``keep_rate ** s``.  Inference keeps exactly
+    ``int(N * keep_rate ** s)`` tokens whatever the predictors say; a trained model whose
+    training-time fractions miss their targets was trained for another token budget.
+    The model's mode and the global random state are left as they were."""
+    was = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            decisions = student_outputs(model, x)[3]
+    finally:
+        model.train(was)
+    return [float(d.mean()) for d in decisions]
+
+
 def ratio_loss(decisions: list[torch.Tensor], keep_rate: float) -> torch.Tensor:
     """Mean over stages of the batch mean of (kept fraction - keep_rate ** s) ** 2 (the official
     ``pred_loss / len(pruning_loc)``)."""
@@ -223,8 +254,10 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
             raise UserError(f"dynamicvit: unknown loss weight {k!r} (known: {', '.join(w)})")
         w[k] = float(v)
     applied = getattr(model, "_tb_method", {}).get("params", {})
-    p = DynamicViT.validate({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
+    p, tp = DynamicViT.validate_training({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
     keep_rate = p["keep_rate"]
+    if tp["keep_prior_init"]:
+        prior_init(model, keep_rate)
     teacher.eval()
     teacher.requires_grad_(False)
 
@@ -295,6 +328,11 @@ class DynamicViT(Method):
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
               min=0.0, max=1.0, min_exclusive=True),
+    )
+    train_params = (
+        Param("keep_prior_init", "bool", False,
+              "training: start each predictor keeping keep_rate of the tokens it sees (last-layer bias "
+              "[log r, log(1 - r)]) instead of the official 1/2; for new predictors"),
     )
     learned = True
     needs_class_token = True

@@ -359,3 +359,39 @@ def test_training_loss_composition_and_backward():
     with pytest.raises(UserError):
         dv.train_setup(model, teacher, weights={"ratio_wieght": 1.0})
     assert registry.get_method("dynamicvit")().train_setup(model, teacher) is not None
+
+
+@pytest.mark.parametrize("keep_rate", [0.5, 0.7])
+def test_committed_checkpoints_meet_their_token_budget(keep_rate):
+    """The trained embedded DynamicViT checkpoints (results/dynamicvit-*) keep, at training
+    time, the fraction of tokens each stage targets (keep_rate ** s), within 0.05: the
+    predictors were trained for the budget they are evaluated at."""
+    from pathlib import Path
+
+    from tokenbench.api import load
+    from tokenbench.train import fmnist_tensors
+
+    root = Path(__file__).resolve().parent.parent
+    ckpt = root / "results" / f"dynamicvit-{keep_rate}" / "model.pt"
+    model, _ = load("default", "dynamicvit", {"keep_rate": keep_rate}, checkpoint=str(ckpt))
+    x = fmnist_tensors()[2][:512]
+    fracs = dv.training_keep_fractions(model, x)
+    targets = [keep_rate ** (s + 1) for s in range(len(fracs))]
+    assert len(fracs) == 3
+    assert all(abs(f - t) <= 0.05 for f, t in zip(fracs, targets)), (fracs, targets)
+    assert not model.training
+
+
+def test_keep_prior_init_starts_at_the_targets():
+    """keep_prior_init: fresh predictors keep about keep_rate of what they see at every stage
+    (the official initialisation keeps 1/2 per stage); a training-only parameter."""
+    model = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+    x = torch.randn(64, 3, 64, 64)
+    official = dv.training_keep_fractions(model, x)
+    assert official == pytest.approx([0.5, 0.25, 0.125], abs=0.04)
+    teacher = tiny()
+    dv.train_setup(model, teacher, {"keep_prior_init": True})
+    fracs = dv.training_keep_fractions(model, x)
+    assert fracs == pytest.approx([0.6, 0.36, 0.216], abs=0.04)
+    with pytest.raises(UserError, match="unknown parameter"):
+        registry.apply(tiny(), "dynamicvit", keep_prior_init=True)   # not a model parameter

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
                   backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale",
                                                                     help="Backbone learning-rate multiplier."),
                   fix_epochs: Optional[float] = typer.Option(None, "--fix-epochs", help="Epochs the backbone stays frozen."),
+                  grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient's global norm (off by default, as the official recipe)."),
                   loss_weight: Optional[List[str]] = typer.Option(None, "--loss-weight",
                                                                   help="Loss weight NAME=VALUE (e.g. ratio_weight=2.0)."),
                   seed: int = typer.Option(0, "--seed"),
@@ -67,7 +68,8 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
         changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers}
         for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
-                     ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs)):
+                     ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs),
+                     ("grad_clip", grad_clip)):
             if v is not None:
                 if v <= 0 and k not in ("fix_epochs",):
                     raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")

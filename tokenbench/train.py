@@ -413,7 +413,7 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
     teacher.eval().requires_grad_(False)
     teacher.to(cfg.device)
     setup = getattr(meth, "train_setup", None)
-    loss_fn = setup(student, teacher, p, loss_weights) if setup else None
+    loss_fn = setup(student, teacher, {**p, **train_p}, loss_weights) if setup else None
     if loss_fn is None and loss_weights:
         raise UserError(f"{method} has no loss weights to set")
     scale = cfg.backbone_lr_scale
