@@ -133,6 +133,22 @@ def _on_start(model, x, st: vit.TokenState) -> None:
         st.policy = x.new_ones(b, npf + n0, 1)
 
 
+DECISION_CLIP_ATTR = "_tb_dvit_decision_grad_clip"  # set by train_setup (training option)
+
+
+class _ClampGrad(torch.autograd.Function):
+    """Identity forward; the incoming gradient clamped element-wise to [-c, c]."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(-ctx.c, ctx.c), None
+
+
 def _make_stage_hook(stage: int, keep_rate: float):
     ratio = keep_rate ** (stage + 1)  # Python float, as the official token_ratio list
 
@@ -145,7 +161,11 @@ def _make_stage_hook(stage: int, keep_rate: float):
         if block.training:
             prev = st.extra["dvit_prev_decision"]
             pred = predictor(x[:, npf:], prev)                      # [B, N0, 2]
-            keep = F.gumbel_softmax(pred, hard=True)[:, :, 0:1] * prev
+            keep = F.gumbel_softmax(pred, hard=True)[:, :, 0:1]
+            clip = getattr(block._tb_owner, DECISION_CLIP_ATTR, 0.0)
+            if clip > 0:
+                keep = _ClampGrad.apply(keep, clip)
+            keep = keep * prev
             st.extra["dvit_decisions"].append(keep.reshape(b, n0))
             st.extra["dvit_prev_decision"] = keep
             st.policy = torch.cat([x.new_ones(b, npf, 1), keep], dim=1)
@@ -258,6 +278,7 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
     keep_rate = p["keep_rate"]
     if tp["keep_prior_init"]:
         prior_init(model, keep_rate)
+    setattr(model, DECISION_CLIP_ATTR, float(tp["decision_grad_clip"]))
     teacher.eval()
     teacher.requires_grad_(False)
 
@@ -333,6 +354,9 @@ class DynamicViT(Method):
         Param("keep_prior_init", "bool", False,
               "training: start each predictor keeping keep_rate of the tokens it sees (last-layer bias "
               "[log r, log(1 - r)]) instead of the official 1/2; for new predictors"),
+        Param("decision_grad_clip", "float", 0.0,
+              "training: clamp each token's straight-through decision gradient to [-c, c] (0: off, "
+              "as the official)", min=0.0),
     )
     learned = True
     needs_class_token = True

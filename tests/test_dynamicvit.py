@@ -395,3 +395,27 @@ def test_keep_prior_init_starts_at_the_targets():
     assert fracs == pytest.approx([0.6, 0.36, 0.216], abs=0.04)
     with pytest.raises(UserError, match="unknown parameter"):
         registry.apply(tiny(), "dynamicvit", keep_prior_init=True)   # not a model parameter
+
+
+def test_decision_grad_clip_bounds_the_straight_through_gradient():
+    """decision_grad_clip: each token's decision gradient is clamped (forward unchanged)."""
+    x = torch.tensor([0.0, 1.0, 1.0], requires_grad=True)
+    (dv._ClampGrad.apply(x, 0.5) * torch.tensor([10.0, -0.1, -3.0])).sum().backward()
+    assert x.grad.tolist() == pytest.approx([0.5, -0.1, -0.5])
+
+    def predictor_grad(clip):
+        model = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
+        loss_fn = dv.train_setup(model, tiny(), {"decision_grad_clip": clip})
+        model.train()
+        torch.manual_seed(0)
+        imgs, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+        torch.manual_seed(1)
+        logits = loss_fn(model, imgs, y)[1]
+        torch.manual_seed(1)
+        F.cross_entropy(model(imgs), y).backward()
+        return logits, torch.cat([p.grad.flatten() for p in model.score_predictor.parameters()])
+
+    l0, g0 = predictor_grad(0.0)
+    l1, g1 = predictor_grad(1e-12)
+    assert torch.equal(l0, l1)                      # the forward is the same
+    assert g1.abs().max() < 1e-6 < g0.abs().max()   # the decision gradient is (almost) cut
