@@ -36,6 +36,26 @@ Deviations (none change a result of the official configuration):
   tokens, which leaves the logits equal up to rounding;
 - at least one patch token is kept (the official would keep none when
   ``N0 * keep_rate ** s < 1``).
+
+Training-only options (``tokenbench train --set``; all off by default, as the official):
+
+- ``keep_prior_init``: the predictors start keeping ``keep_rate`` of what they see
+  (:func:`prior_init`) rather than 1/2, so the stages start at their targets;
+- ``decision_grad_clip=c``: each token's straight-through decision gradient is clamped
+  to ``[-c, c]``.
+
+Why they exist.  With masked attention, the gradient of the loss with respect to a
+*dropped* token's decision is the slope of the softmax at policy 0, which is huge when a
+kept query would attend mostly to that token: on the embedded Fashion-MNIST model (peaked
+attention, 49 tokens) the cross-entropy gradient of single dropped tokens reaches -3e3
+while kept tokens see ~1e-3 and the ratio loss (weight 2) gives the predictors' bias ~0.2.
+Those rare spikes all say "keep", so under the official recipe the predictors either
+barely move in a short run or drift to keeping almost everything.  Measured at keep rate
+0.7 (last-stage target 0.34): ratio weight 2, lr 5e-3: 0.79 after 2 epochs; weight 10:
+0.86 after half an epoch; weight 1000: 0.44, with stage 1 stuck at 0.51 (target 0.70);
+weight 20000: the loss diverged (NaN).  Starting at the targets, a large ratio weight (2000) and clamping the
+spikes at 1 keeps every stage on its target while the predictors still learn which
+tokens matter; see README ("The embedded default model") for the runs.
 """
 
 from __future__ import annotations
