@@ -7,7 +7,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # torch/torchvision pair known to import together on the project's machines
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test setup data bench clean
+.PHONY: run test setup data bench visuals clean
 
 run: setup data
 	$(BIN)/tokenbench run
@@ -17,6 +17,16 @@ test: setup data
 
 bench: setup
 	$(BIN)/python bench.py
+
+# The token visualisations in results/figures/ (the README's): one sheet per method, then
+# every method at two thirds of the dense FLOPs; DynamicViT with its trained predictors.
+DVIT07  := results/dynamicvit-0.7/model.pt
+visuals: setup data
+	for m in none topk random evit; do $(BIN)/tokenbench visualize default --method $$m --out results/figures/tokens_$$m.png; done
+	$(BIN)/tokenbench visualize default --method tome --set r=3 --out results/figures/tokens_tome.png
+	$(BIN)/tokenbench visualize default --method dynamicvit --set keep_rate=0.7 --checkpoint $(DVIT07) --out results/figures/tokens_dynamicvit.png
+	$(BIN)/tokenbench visualize default --compare dynamicvit,tome,evit,topk,random --flops 0.66 \
+		--checkpoint dynamicvit=$(DVIT07) --out results/figures/compare_matched_flops.png
 
 setup: $(STAMP)
 
