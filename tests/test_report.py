@@ -213,3 +213,27 @@ def test_report_of_an_empty_directory_is_a_user_error(tmp_path, cli):
     assert code == 2 and "no records" in err and err.strip().count("\n") == 0
     code, out, err = cli("report", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in err
+
+
+def test_compare_is_mcnemar_on_the_stored_correctness(swept, cli):
+    """`tokenbench compare`: one pair per seed of a seeded method, counts and p from the records."""
+    from tokenbench.measure import mcnemar
+
+    res = R.paired(swept, "dynamicvit:keep_rate=0.7", "random")
+    assert len(res["pairs"]) == 2                       # random: two seeds
+    rows = R.collect(swept)["rows"]
+    dv = next(r for r in rows if r["method"] == "dynamicvit")
+    for p in res["pairs"]:
+        rnd = next(r for r in rows if r["method"] == "random" and r["seed"] == p["b"]["params"]["seed"])
+        want = mcnemar([c == "1" for c in dv["_correct"]], [c == "1" for c in rnd["_correct"]])
+        assert (p["only_a"], p["only_b"], p["p_value"]) == (want["only_a"], want["only_b"], want["p_value"])
+        assert p["diff"] == pytest.approx(dv["top1"] - rnd["top1"])
+    code, out, err = cli("compare", str(swept), "dynamicvit:keep_rate=0.7", "topk:keep_rate=0.5", "random", "--json")
+    assert code == 0 and len(json.loads(out)["comparisons"]) == 2
+
+
+@pytest.mark.parametrize("sel,msg", [("topk", "matches 2 settings"), ("topk:keep_rate=0.9", "keep_rate=0.5"),
+                                     ("evit", "methods here"), (":keep_rate=1", "names no method")])
+def test_compare_selector_errors(swept, cli, sel, msg):
+    code, out, err = cli("compare", str(swept), sel, "random")
+    assert code == 2 and msg in err and len(err.strip().splitlines()) == 1

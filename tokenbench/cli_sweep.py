@@ -187,6 +187,34 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{len(runs)} runs: {measured} measurements made, {reused} reused; "
                    f"tables and plots in {out_dir}/")
 
+    @app.command("compare")
+    def compare_cmd(
+        directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),
+        a: str = typer.Argument(..., help="One setting: METHOD or METHOD:KEY=VALUE,... (e.g. dynamicvit:keep_rate=0.7)."),
+        b: List[str] = typer.Argument(..., help="One or more settings to compare A with (e.g. topk:keep_rate=0.7)."),
+        json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+    ):
+        """McNemar's paired test of A against each B, on the images both were measured on.
+
+        Reads the records only.  A seeded method (random) gives one comparison per seed."""
+        from .report import paired
+
+        results = [paired(directory, a, x) for x in b]
+        if json_:
+            typer.echo(json.dumps({"out": str(directory), "a": a, "comparisons": results}, default=str))
+            return
+        for res in results:
+            for p in res["pairs"]:
+                pa, pb = p["a"], p["b"]
+
+                def name(sd):
+                    extra = ", ".join(f"{k}={v}" for k, v in sd["params"].items())
+                    return f"{sd['method']}({extra})" + (" [fine-tuned]" if sd.get("learned") == "fine-tuned" else "")
+
+                typer.echo(f"{name(pa)} {pa['top1']:.2f}% vs {name(pb)} {pb['top1']:.2f}%  "
+                           f"diff {p['diff']:+.2f} pts on n={pa['n']}; only A right {p['only_a']}, "
+                           f"only B right {p['only_b']}; McNemar p = {p['p_value']:.2g}")
+
     @app.command("report")
     def report_cmd(
         directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),

@@ -676,3 +676,76 @@ def summary_table(res: dict):
         c = display_cells(r)
         t.add_row(*(([r["model"]] if multi else []) + [c[k] for k in cols]))
     return t
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+def _parse_selector(text: str) -> tuple[str, dict]:
+    """``METHOD`` or ``METHOD:KEY=VALUE,KEY=VALUE`` (values read as in ``--set``)."""
+    from .registry import parse_set
+
+    method, _, rest = text.partition(":")
+    method = method.strip()
+    if not method:
+        raise UserError(f"selector {text!r} names no method (write METHOD or METHOD:KEY=VALUE,...)")
+    items = [x for x in rest.split(",") if x.strip()] if rest else []
+    return method, parse_set(items)
+
+
+def _matches(row: dict, method: str, params: dict) -> bool:
+    if row["method"] != method:
+        return False
+    for k, v in params.items():
+        have = row["_params"].get(k)
+        if isinstance(v, (int, float)) and isinstance(have, (int, float)) and not isinstance(v, bool):
+            if not math.isclose(float(have), float(v), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif have != v:
+            return False
+    return True
+
+
+def _select(rows: list[dict], text: str) -> list[dict]:
+    """The rows ``text`` picks: one setting (its seeds, if the method is seeded)."""
+    method, params = _parse_selector(text)
+    got = [r for r in rows if _matches(r, method, params)]
+    if not got:
+        same = sorted({params_text(r) for r in rows if r["method"] == method})
+        known = sorted({r["method"] for r in rows})
+        hint = (f"; its settings here: {'; '.join(same)}" if same else f"; methods here: {', '.join(known)}")
+        raise UserError(f"no accuracy record matches {text!r}{hint}")
+    settings = {json.dumps({k: v for k, v in r["_params"].items() if k != r["_seed_param"]}, sort_keys=True)
+                for r in got}
+    if len(settings) > 1:
+        raise UserError(f"{text!r} matches {len(settings)} settings ({'; '.join(sorted(params_text(r) for r in got))}); "
+                        "add KEY=VALUE to pick one")
+    return got
+
+
+def paired(out: str | os.PathLike, a: str, b: str) -> dict:
+    """McNemar's paired test between two settings measured on the same images in ``out``.
+
+    Each of ``a`` and ``b`` selects one setting (``METHOD:KEY=VALUE,...``); a seeded method
+    gives one comparison per seed.  Returns both sides' accuracy and, per pair, the images
+    only one side gets right and the exact two-sided p-value.
+    """
+    from .measure import mcnemar
+
+    res = collect(out)
+    rows = [r for r in res["rows"] if r.get("_correct")]
+    ra, rb = _select(rows, a), _select(rows, b)
+
+    def side(r):
+        return {"method": r["method"], "params": r["_params"], "top1": r["top1"], "top1_ci95": [r["top1_lo"], r["top1_hi"]],
+                "n": r["n"], "gflops": r.get("gflops"), "learned": r.get("learned"), "checkpoint": r.get("checkpoint")}
+
+    pairs = []
+    for x in ra:
+        for y in rb:
+            if x.get("_acc_setting") != y.get("_acc_setting") or len(x["_correct"]) != len(y["_correct"]):
+                raise UserError(f"{params_text(x)} and {params_text(y)} were not measured on the same images; "
+                                "a paired test needs the same data subset")
+            m = mcnemar([c == "1" for c in x["_correct"]], [c == "1" for c in y["_correct"]])
+            pairs.append({"a": side(x), "b": side(y), "only_a": m["only_a"], "only_b": m["only_b"],
+                          "p_value": m["p_value"], "diff": x["top1"] - y["top1"]})
+    return {"out": str(out), "a": a, "b": b, "pairs": pairs}
