@@ -237,3 +237,8 @@ def test_compare_is_mcnemar_on_the_stored_correctness(swept, cli):
 def test_compare_selector_errors(swept, cli, sel, msg):
     code, out, err = cli("compare", str(swept), sel, "random")
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_selector_keeps_list_values_whole():
+    assert R._parse_selector("tome:r=[5,4,4],prop_attn=false") == ("tome", {"r": [5, 4, 4], "prop_attn": False})
+    assert R._parse_selector("none") == ("none", {})

@@ -688,7 +688,15 @@ def _parse_selector(text: str) -> tuple[str, dict]:
     method = method.strip()
     if not method:
         raise UserError(f"selector {text!r} names no method (write METHOD or METHOD:KEY=VALUE,...)")
-    items = [x for x in rest.split(",") if x.strip()] if rest else []
+    items, depth, cur = [], 0, ""
+    for ch in rest:  # commas inside [...] belong to a list value
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items = [x for x in items + [cur] if x.strip()]
     return method, parse_set(items)
 
 
