@@ -242,3 +242,15 @@ def test_compare_selector_errors(swept, cli, sel, msg):
 def test_compare_selector_keeps_list_values_whole():
     assert R._parse_selector("tome:r=[5,4,4],prop_attn=false") == ("tome", {"r": [5, 4, 4], "prop_attn": False})
     assert R._parse_selector("none") == ("none", {})
+
+
+def test_compare_selects_sweep_entries_by_label():
+    def row(label, ckpt=None, seed=None):
+        return {"method": "topk", "label": label, "_params": {"keep_rate": 0.7, **({"seed": seed} if seed else {})},
+                "_seed_param": "seed" if seed else None, "checkpoint": ckpt, "row_type": "run"}
+
+    rows = [row("topk"), row("topk-finetuned", "ft.pt"), row("other", "o.pt")]
+    assert [r["label"] for r in R._select(rows, "topk:keep_rate=0.7")] == ["topk"]
+    assert [r["label"] for r in R._select(rows, "topk-finetuned")] == ["topk-finetuned"]
+    with pytest.raises(R.UserError, match="matches 2 settings"):
+        R._select(rows[1:], "topk")

@@ -700,8 +700,8 @@ def _parse_selector(text: str) -> tuple[str, dict]:
     return method, parse_set(items)
 
 
-def _matches(row: dict, method: str, params: dict) -> bool:
-    if row["method"] != method:
+def _matches(row: dict, method: str, params: dict, by_label: bool = False) -> bool:
+    if (row.get("label") if by_label else row["method"]) != method:
         return False
     for k, v in params.items():
         have = row["_params"].get(k)
@@ -716,17 +716,27 @@ def _matches(row: dict, method: str, params: dict) -> bool:
 def _select(rows: list[dict], text: str) -> list[dict]:
     """The rows ``text`` picks: one setting (its seeds, if the method is seeded)."""
     method, params = _parse_selector(text)
-    got = [r for r in rows if _matches(r, method, params)]
+    # a sweep entry's label (e.g. [methods.topk-finetuned]) names it; otherwise the method does
+    by_label = any(r.get("label") == method and r["method"] != method for r in rows)
+    got = [r for r in rows if _matches(r, method, params, by_label)]
     if not got:
         same = sorted({params_text(r) for r in rows if r["method"] == method})
         known = sorted({r["method"] for r in rows})
         hint = (f"; its settings here: {'; '.join(same)}" if same else f"; methods here: {', '.join(known)}")
         raise UserError(f"no accuracy record matches {text!r}{hint}")
-    settings = {json.dumps({k: v for k, v in r["_params"].items() if k != r["_seed_param"]}, sort_keys=True)
-                for r in got}
+    def settings_of(rs):
+        return {json.dumps([r.get("label"), r.get("checkpoint"),
+                            {k: v for k, v in r["_params"].items() if k != r["_seed_param"]}], sort_keys=True)
+                for r in rs}
+
+    settings = settings_of(got)
+    own = [r for r in got if r.get("label") == method]
+    if len(settings) > 1 and own and len(settings_of(own)) == 1:
+        return own  # `topk` is the [methods.topk] entry, not also [methods.topk-finetuned]
     if len(settings) > 1:
-        raise UserError(f"{text!r} matches {len(settings)} settings ({'; '.join(sorted(params_text(r) for r in got))}); "
-                        "add KEY=VALUE to pick one")
+        shown = sorted({f"{r.get('label') or r['method']}: {params_text(r)}" for r in got})
+        raise UserError(f"{text!r} matches {len(settings)} settings ({'; '.join(shown)}); "
+                        "add KEY=VALUE, or name the sweep entry's label, to pick one")
     return got
 
 
