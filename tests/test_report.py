@@ -136,6 +136,8 @@ def test_learned_status_words():
     assert R._learned({"learned_parts": "trained", "checkpoint": None}) == "trained"
     assert R._learned({"learned_parts": "untrained"}) == "untrained"
     assert R._learned({"learned_parts": None}) == "none"
+    assert R._learned({"learned_parts": "none", "checkpoint": "t.pt", "method": "topk"}) == "fine-tuned"
+    assert R._learned({"learned_parts": "none", "checkpoint": "d.pt", "method": "none"}) == "none"
 
 
 def test_markdown_and_latex(swept, reported):

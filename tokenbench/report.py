@@ -137,6 +137,8 @@ def _learned(spec: dict) -> str:
     status = spec.get("learned_parts") or "none"
     if status == "trained" and spec.get("checkpoint"):
         return "fine-tuned"
+    if status == "none" and spec.get("checkpoint") and spec.get("method") not in (None, DENSE_METHOD):
+        return "fine-tuned"  # a training-free method on weights trained with it (tokenbench train)
     return status
 
 
