@@ -107,3 +107,23 @@ def random_images(model, b: int, seed: int = 1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     h, w = model.patch_embed.img_size
     return torch.randn(b, 3, h, w, generator=g).to(dtype)
+
+
+# A tiny embedded-model architecture (grayscale 28 px, like `default`, milliseconds per batch).
+SMALL_EMBEDDED = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
+
+
+@pytest.fixture
+def tiny_default(tmp_path, monkeypatch):
+    """A tiny stand-in for the embedded model, so `default` resolves without the real checkpoint."""
+    import json
+
+    from tokenbench import models
+    from tokenbench.train import finalize
+
+    d = tmp_path / "embedded"
+    torch.manual_seed(0)
+    finalize(models.build_embedded(SMALL_EMBEDDED), d)
+    (d / "config.json").write_text(json.dumps({"arch": SMALL_EMBEDDED}))
+    monkeypatch.setattr(models, "EMBEDDED_DIR", d)
+    return d

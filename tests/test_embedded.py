@@ -10,7 +10,7 @@ import torch
 from tokenbench.errors import UserError
 from tokenbench.train import BASE_RECIPE, TrainConfig, train_base, train_loop
 
-SMALL = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
+from conftest import SMALL_EMBEDDED as SMALL  # noqa: E402
 
 
 def _fake_data(n=256, seed=0):

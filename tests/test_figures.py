@@ -242,21 +242,6 @@ def test_published_gflops_are_compared_and_flagged(cli, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the embedded variant
 
-@pytest.fixture
-def tiny_default(tmp_path, monkeypatch):
-    from test_train import SMALL
-
-    from tokenbench import models
-    from tokenbench.train import finalize
-
-    d = tmp_path / "embedded"
-    torch.manual_seed(0)
-    finalize(models.build_embedded(SMALL), d)
-    (d / "config.json").write_text(json.dumps({"arch": SMALL}))
-    monkeypatch.setattr(models, "EMBEDDED_DIR", d)
-    return d
-
-
 def test_embedded_variant_runs_end_to_end(cli, tiny_default, tmp_path):
     from test_harness import _fake_fmnist
 

@@ -3,25 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from tokenbench.errors import UserError
-
-SMALL = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
-
-
-@pytest.fixture
-def tiny_default(tmp_path, monkeypatch):
-    """A tiny stand-in for the embedded model, so `default` resolves without the real checkpoint."""
-    from tokenbench import models
-    from tokenbench.train import finalize
-
-    d = tmp_path / "embedded"
-    torch.manual_seed(0)
-    finalize(models.build_embedded(SMALL), d)
-    (d / "config.json").write_text(json.dumps({"arch": SMALL}))
-    monkeypatch.setattr(models, "EMBEDDED_DIR", d)
-    return d
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from tokenbench import vit
 from tokenbench.errors import UserError
 from tokenbench.registry import apply, get_method, list_methods
 
-SMALL = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
+from conftest import SMALL_EMBEDDED as SMALL  # noqa: E402
 
 # Settings that reduce a lot on the tiny 8x8-patch model, plus every registered method's defaults.
 CASES = [("tome", {"r": 4}), ("tome", {"r": [9, 0, 5, 3, 20]}), ("topk", {"keep_rate": 0.6}),
@@ -259,18 +259,10 @@ def test_rgb_method_figure(tmp_path):
 # --------------------------------------------------------------------------- the command
 
 @pytest.fixture
-def stand_in(tmp_path, monkeypatch):
+def stand_in(tiny_default, tmp_path):
     """A tiny embedded model (the real checkpoint may not exist yet) and a fake Fashion-MNIST."""
     from test_harness import _fake_fmnist
 
-    from tokenbench import models
-    from tokenbench.train import finalize
-
-    d = tmp_path / "embedded"
-    torch.manual_seed(0)
-    finalize(models.build_embedded(SMALL), d)
-    (d / "config.json").write_text(json.dumps({"arch": SMALL}))
-    monkeypatch.setattr(models, "EMBEDDED_DIR", d)
     data = tmp_path / "fmnist"
     data.mkdir()
     _fake_fmnist(data, n=30)

@@ -151,30 +151,26 @@ class Method:
     @classmethod
     def validate(cls, params: dict) -> dict:
         """Defaults filled in, every value converted and range-checked; unknown keys refused."""
-        names = [p.name for p in cls.params]
+        cls._refuse_unknown(params, [p.name for p in cls.params])
         out = {}
-        for k in params:
-            if k not in names:
-                if names:
-                    hint = did_you_mean(k, names) or f" (its parameters: {', '.join(names)})"
-                else:
-                    hint = " (it takes no parameters)"
-                raise UserError(f"{cls.name}: unknown parameter {k!r}{hint}")
         for p in cls.params:
             out[p.name] = p.parse(params[p.name], cls.name) if p.name in params else p.default
         return out
+
+    @classmethod
+    def _refuse_unknown(cls, params: dict, names: list[str]) -> None:
+        for k in params:
+            if k not in names:
+                hint = (did_you_mean(k, names) or f" (its parameters: {', '.join(names)})") if names \
+                    else " (it takes no parameters)"
+                raise UserError(f"{cls.name}: unknown parameter {k!r}{hint}")
 
     @classmethod
     def validate_training(cls, params: dict) -> tuple[dict, dict]:
         """Split ``params`` into (model parameters, training-only parameters), each validated
         with defaults filled in; a key that is neither is refused with suggestions."""
         tnames = [p.name for p in cls.train_params]
-        names = [p.name for p in cls.params] + tnames
-        for k in params:
-            if k not in names:
-                hint = (did_you_mean(k, names) or f" (its parameters: {', '.join(names)})") if names \
-                    else " (it takes no parameters)"
-                raise UserError(f"{cls.name}: unknown parameter {k!r}{hint}")
+        cls._refuse_unknown(params, [p.name for p in cls.params] + tnames)
         model_p = cls.validate({k: v for k, v in params.items() if k not in tnames})
         train_p = {p.name: p.parse(params[p.name], cls.name) if p.name in params else p.default
                    for p in cls.train_params}
