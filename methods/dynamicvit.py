@@ -365,6 +365,7 @@ def official_state_dict(state: dict) -> dict:
 @register
 class DynamicViT(Method):
     name = "dynamicvit"
+    version = "1"
     summary = "DynamicViT: learned prediction modules prune tokens before blocks 3, 6, 9 (keep_rate ** s of them)."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
@@ -398,6 +399,10 @@ class DynamicViT(Method):
         for s, i in enumerate(sites):
             plan.pre[i] = _make_stage_hook(s, keep_rate)
         return model
+
+    @classmethod
+    def reduces(cls, params):
+        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         return vit.staged_schedule(model, keep_rate, "pre")

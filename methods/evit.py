@@ -114,6 +114,7 @@ def _evit_hook(keep_rate: float, fuse_token: bool):
 @register
 class EViT(Method):
     name = "evit"
+    version = "1"
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one (blocks 3, 6, 9)."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of the non-prefix tokens kept at each of the three sites",
@@ -145,6 +146,10 @@ class EViT(Method):
                 plan.mid[i] = _evit_hook(float(keep_rate), bool(fuse_token))
                 plan.needs[i] = ("cls_attn",)
         return model
+
+    @classmethod
+    def reduces(cls, params):
+        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate=0.7, fuse_token=True, **params):
         p = model.num_prefix_tokens

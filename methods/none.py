@@ -7,6 +7,7 @@ from tokenbench import vit
 @register
 class NoReduction(Method):
     name = "none"
+    version = "1"
     summary = "The dense model (no token reduction)."
     params = ()
 
@@ -14,6 +15,10 @@ class NoReduction(Method):
         # Through the shared surgery, so that token counts are recorded like every method's.
         vit.prepare(model, self.name)
         return model
+
+    @classmethod
+    def reduces(cls, params):
+        return False
 
     def expected_tokens(self, model, **params):
         n = vit.num_patches(model) + model.num_prefix_tokens

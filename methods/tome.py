@@ -155,6 +155,7 @@ def _merge_hook(r: int):
 @register
 class ToMe(Method):
     name = "tome"
+    version = "1"
     summary = "Token Merging: bipartite soft matching on attention keys, r tokens merged per block."
     params = (
         Param("r", "int_or_list", 16,
@@ -177,6 +178,11 @@ class ToMe(Method):
                 plan.mid[i] = _merge_hook(ri)
                 plan.needs[i] = ("keys",)
         return model
+
+    @classmethod
+    def reduces(cls, params):
+        r = params["r"]
+        return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=16, prop_attn=True, **params):
         p = model.num_prefix_tokens

@@ -45,6 +45,7 @@ def _make_hook(stage: int, keep_rate: float):
 @register
 class TopK(Method):
     name = "topk"
+    version = "1"
     summary = "Keep the patch tokens with the highest class-token attention in blocks 3, 6, 9 (keep_rate ** s of them)."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
@@ -62,6 +63,10 @@ class TopK(Method):
             plan.mid[i] = _make_hook(s, keep_rate)
             plan.needs[i] = ("cls_attn",)
         return model
+
+    @classmethod
+    def reduces(cls, params):
+        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         return vit.staged_schedule(model, keep_rate, "mid")

@@ -95,7 +95,7 @@ def test_seeds_expand_for_non_deterministic_methods_only(tmp_path):
     assert len(topk) == 1 and topk[0].seed_param is None
     # throughput only for the first seed; FLOPs and accuracy for each
     sw.measure = ["flops", "throughput", "accuracy"]
-    assert S.kinds_for(runs[1], sw) == ["flops", "throughput", "accuracy"]
+    assert S.kinds_for(runs[1], sw) == ["flops", "throughput", "speedup", "accuracy"]
     assert S.kinds_for(runs[2], sw) == ["flops", "accuracy"]
 
 
@@ -125,7 +125,9 @@ def test_flags_become_the_same_sweep(tmp_path):
 def test_default_sweep_is_valid_and_uses_the_embedded_model():
     sw = S.load_sweep("default")
     assert sw.models == ["default"] and sw.data == "fashion-mnist" and sw.device == "cpu"
-    assert sw.flops_targets and sw.limit and sw.out_dir() == Path("results/default")
+    # a user's run goes to runs/default; the project's reference results are reused from results/default
+    assert sw.flops_targets and sw.limit and sw.out_dir() == Path("runs/default")
+    assert sw.reference_dir() == Path("results/default")
     from tokenbench.registry import load_methods
 
     builtin = {n for n, c in load_methods().items() if c.__module__.startswith("tokenbench_methods")}

@@ -81,9 +81,11 @@ def register(app: typer.Typer) -> None:
         img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (timm models)."),
         pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
                                                   help="timm's pretrained weights (needs a network)."),
-        name: Optional[str] = typer.Option(None, "--name", help="Sweep name (output results/NAME/)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default results/NAME/)."),
+        name: Optional[str] = typer.Option(None, "--name", help="Sweep name (output runs/NAME/)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/NAME/)."),
         force: bool = typer.Option(False, "--force", help="Measure again what is already recorded."),
+        retime_flagged: bool = typer.Option(False, "--retime-flagged", help="Time again the throughput and "
+                                            "speedup records flagged busy or noisy (nothing else)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Expand the sweep (and run the FLOPs search), list "
                                                               "the runs, measure nothing."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the plots after the sweep."),
@@ -158,8 +160,9 @@ def register(app: typer.Typer) -> None:
             return
 
         store = Store(out_dir)
+        retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
         if quiet:
-            steps = sw_mod.execute(spec, runs, store, force=force)
+            steps = sw_mod.execute(spec, runs, store, force=force, retime=retime)
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -171,7 +174,7 @@ def register(app: typer.Typer) -> None:
                     desc = f"{run.name} [{kind}]" if run is not None else "done"
                     prog.update(task, completed=i, description=desc[:70])
 
-                steps = sw_mod.execute(spec, runs, store, force=force, on_step=on_step)
+                steps = sw_mod.execute(spec, runs, store, force=force, on_step=on_step, retime=retime)
         res = write_report(out_dir, plots=plots)
         measured = sum(1 for s in steps if not s.reused)
         reused = len(steps) - measured

@@ -50,6 +50,15 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def default_threads() -> int:
+    """The CPUs this process may use (its affinity; a container or `taskset` may allow fewer
+    than ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -83,11 +92,13 @@ def env_info(device: torch.device | str = "cpu", threads: Optional[int] = None) 
         "python": platform.python_version(),
         "threads": threads or torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpus_allowed": default_threads(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
         info["device_name"] = info["gpu"]
+        info.update(gpu_settings())
     else:
         info["device_name"] = info["cpu"]
     try:
@@ -97,25 +108,157 @@ def env_info(device: torch.device | str = "cpu", threads: Optional[int] = None) 
     return info
 
 
+def gpu_settings() -> dict[str, Any]:
+    """The CUDA settings that change a GPU figure: TF32 / float32 matmul precision, cuDNN
+    benchmark mode, and which fused-attention kernels PyTorch may pick."""
+    out: dict[str, Any] = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+    sdp = {}
+    for name in ("flash", "mem_efficient", "math", "cudnn"):
+        fn = getattr(torch.backends.cuda, f"{name}_sdp_enabled", None)
+        if fn is not None:
+            sdp[name] = bool(fn())
+    out["sdpa_enabled"] = sdp
+    return out
+
+
+def attention_kernel(model: nn.Module) -> str:
+    """Which attention implementation the model's timm blocks use: fused (SDPA) or explicit."""
+    fused = {bool(getattr(m, "fused_attn")) for m in model.modules() if hasattr(m, "fused_attn")}
+    if not fused:
+        return "n/a"
+    return "sdpa" if fused == {True} else ("explicit" if fused == {False} else "mixed")
+
+
+def _cpu_jiffies() -> Optional[tuple[int, int]]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()[1:]
+        vals = [int(v) for v in parts[:8]]
+        idle = vals[3] + vals[4]  # idle + iowait
+        return sum(vals) - idle, sum(vals)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _self_jiffies() -> Optional[int]:
+    """utime + stime of this process (all its threads), in jiffies."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @contextlib.contextmanager
 def load_watch(info: dict, threads: int):
-    """Record the 1-minute load average around a measurement and flag a busy machine."""
-    try:
-        before = os.getloadavg()[0]
-    except OSError:
-        before = None
+    """Measure what *other* processes ran during a measurement and flag a busy machine.
+
+    The 1-minute load average lags by a minute and counts this process too, so it cannot
+    tell a contended measurement from the one before it.  Instead the CPU time all
+    processes used during the measurement (``/proc/stat``) minus this process's own
+    (``/proc/self/stat``) gives the cores others took: ``other_cores``.  The machine is
+    ``busy`` when others took more than a quarter of a core, or, where /proc is missing,
+    when the load average exceeds the threads asked for.
+    """
+    sys0, self0 = _cpu_jiffies(), _self_jiffies()
+    t0 = time.perf_counter()
     yield
+    wall = time.perf_counter() - t0
+    sys1, self1 = _cpu_jiffies(), _self_jiffies()
     try:
-        after = os.getloadavg()[0]
+        load = round(os.getloadavg()[0], 2)
     except OSError:
-        after = None
-    if before is None:
-        return
-    load = max(before, after or 0.0)
-    info["load_avg"] = round(load, 2)
-    # The load average counts this process too; a machine is busy when the load
-    # exceeds what we asked of it.
-    info["busy"] = bool(load > threads + 0.5)
+        load = None
+    info["load_avg"] = load
+    if None not in (sys0, sys1, self0, self1) and wall > 0:
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        other = max(0.0, ((sys1[0] - sys0[0]) - (self1 - self0)) / hz / wall)
+        info["other_cores"] = round(other, 2)
+        info["busy"] = bool(other > 0.25)
+    elif load is not None:
+        info["busy"] = bool(load > threads + 0.5)
+
+
+class PeakMemory:
+    """Peak memory of one measurement, not of the process's lifetime.
+
+    CUDA: ``max_memory_allocated`` after a reset.  CPU (Linux): the resident high-water mark
+    (VmHWM) after resetting it through ``/proc/self/clear_refs``; where that is refused, the
+    peak is sampled every 5 ms on a thread.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = ""
+        self._sampler = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda max_memory_allocated"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "peak RSS during the measurement"
+        except OSError:
+            import threading
+
+            self.kind = "sampled RSS during the measurement"
+            self._peak = _rss_bytes() or 0
+            self._stop = threading.Event()
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    self._peak = max(self._peak, _rss_bytes() or 0)
+
+            self._sampler = threading.Thread(target=sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+        return False
+
+    def mb(self) -> Optional[float]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._sampler is not None:
+            return self._peak / 2**20
+        hwm = _status_kb("VmHWM")
+        return hwm / 1024 if hwm is not None else None
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _rss_bytes() -> Optional[int]:
+    kb = _status_kb("VmRSS")
+    return kb * 1024 if kb is not None else None
+
+
+def device_context(dev: torch.device):
+    """Make ``dev`` the current CUDA device, so that the timer synchronises the device the model is on."""
+    if dev.type == "cuda":
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -189,16 +332,34 @@ def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[t
     """Sequence length entering each block and each block's MLP (prefix tokens included)."""
     from . import vit
 
-    if not hasattr(model, "_tb_base"):
-        # A plain timm model: the dense schedule, from the shared surgery's bookkeeping.
-        vit.prepare(model, "none")
-    dev = next(model.parameters()).device
-    if x is None:
-        x = example_input(model, 1, img_size, device=dev)
-    with eval_mode(model), torch.inference_mode():
-        model(x)
-    st = vit.last_state(model)
-    return [float(t) for t in st.tokens], [float(t) for t in st.tokens_mlp]
+    with _surgery_for_counting(model):
+        dev = next(model.parameters()).device
+        if x is None:
+            x = example_input(model, 1, img_size, device=dev)
+        with eval_mode(model), torch.inference_mode():
+            model(x)
+        st = vit.last_state(model)
+        return [float(t) for t in st.tokens], [float(t) for t in st.tokens_mlp]
+
+
+@contextlib.contextmanager
+def _surgery_for_counting(model: nn.Module):
+    """A plain timm ViT gets the shared surgery (with no method) for its token bookkeeping
+    while it is counted, and is restored to its own classes after, as it was found."""
+    from . import vit
+
+    added = False
+    if not hasattr(model, "_tb_base") and hasattr(model, "blocks"):
+        try:
+            vit.prepare(model, "none")
+            added = True
+        except UserError:
+            pass
+    try:
+        yield
+    finally:
+        if added:
+            vit.restore(model)
 
 
 def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch.Tensor] = None,
@@ -209,13 +370,11 @@ def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[tor
     FLOPs and token counts are then the mean over the first ``max_images`` of them.
     Counting runs in eval mode under no_grad and restores the model's mode.
     """
-    from . import vit
+    with _surgery_for_counting(model):
+        return _flops(model, img_size, inputs, max_images)
 
-    if not hasattr(model, "_tb_base") and hasattr(model, "blocks"):
-        try:
-            vit.prepare(model, "none")
-        except UserError:
-            pass
+
+def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Tensor], max_images: int) -> dict:
     dev = next(model.parameters()).device
     if inputs is None:
         xs = [example_input(model, 1, img_size, device=dev)]
@@ -340,6 +499,35 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def _prepare_timing(model: nn.Module, device, precision: str, threads: Optional[int], batch_size: int,
+                    img_size: Optional[int]):
+    dev = resolve_device(device) if isinstance(device, str) else device
+    threads = threads or (torch.get_num_threads() if dev.type != "cpu" else default_threads())
+    if threads < 1:
+        raise UserError(f"threads must be at least 1, got {threads}")
+    check_batch_fits(model, batch_size, dev, precision, img_size)
+    ctx, note = precision_context(dev, precision)
+    return dev, threads, ctx, note
+
+
+def _runner(model: nn.Module, ctx):
+    def run(inp):
+        with ctx:
+            return model(inp)
+    return run
+
+
+def _check_finite(out: torch.Tensor) -> None:
+    if not torch.isfinite(out.float()).all():
+        raise UserError("the model produced NaN or infinite logits; refusing to time it")
+
+
+def _warm(run, x, seconds: float) -> None:
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        run(x)
+
+
 def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
                precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
                warmup_s: float = 0.5, latency: bool = True, latency_samples: int = 30,
@@ -348,39 +536,30 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
 
     The model alone: eval and inference mode, synthetic input already on the device,
     warm-up, then ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises
-    CUDA) with the thread count set explicitly (its default is one thread).
-    ``spread_flag`` is set where the interquartile range exceeds ``max_spread`` of the median.
+    the current CUDA device: the model's device is made current) with the thread count set
+    explicitly (its default is one thread; ours, the CPUs this process may use).
+    ``spread_flag`` is set where the interquartile range exceeds ``max_spread`` of the
+    median; ``env.busy`` where other processes took CPU time while it ran.
     """
     from torch.utils import benchmark
 
-    dev = resolve_device(device) if isinstance(device, str) else device
-    threads = threads or (torch.get_num_threads() if dev.type != "cpu" else (os.cpu_count() or 1))
-    check_batch_fits(model, batch_size, dev, precision, img_size)
-    ctx, note = precision_context(dev, precision)
+    dev, threads, ctx, note = _prepare_timing(model, device, precision, threads, batch_size, img_size)
     params_dev = next(model.parameters()).device
     if params_dev != dev:
         model.to(dev)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     info = env_info(dev, threads)
+    info["attention"] = attention_kernel(model)
     if note:
         info["precision_note"] = note
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     try:
-        with eval_mode(model), torch.inference_mode(), load_watch(info, threads):
+        with eval_mode(model), torch.inference_mode(), device_context(dev), PeakMemory(dev) as mem, \
+                load_watch(info, threads):
             x = example_input(model, batch_size, img_size, device=dev)
-
-            def run(inp):
-                with ctx:
-                    return model(inp)
-
-            out = run(x)
-            if not torch.isfinite(out.float()).all():
-                raise UserError("the model produced NaN or infinite logits; refusing to time it")
-            t_end = time.perf_counter() + warmup_s
-            while time.perf_counter() < t_end:
-                run(x)
+            run = _runner(model, ctx)
+            _check_finite(run(x))
+            _warm(run, x, warmup_s)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             timer = benchmark.Timer(stmt="run(x)", globals={"run": run, "x": x}, num_threads=threads)
@@ -403,9 +582,7 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
             if latency:
                 x1 = x[:1].contiguous()
                 t1 = benchmark.Timer(stmt="run(x)", globals={"run": run, "x": x1}, num_threads=threads)
-                t_end = time.perf_counter() + min(warmup_s, 0.2)
-                while time.perf_counter() < t_end:
-                    run(x1)
+                _warm(run, x1, min(warmup_s, 0.2))
                 lat = []
                 deadline = time.perf_counter() + max(1.0, min_run_time)
                 while len(lat) < latency_samples and (len(lat) < 5 or time.perf_counter() < deadline):
@@ -413,18 +590,83 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
                 res["latency_ms_p50"] = _percentile(lat, 0.5)
                 res["latency_ms_p90"] = _percentile(lat, 0.9)
                 res["latency_samples"] = len(lat)
-            if dev.type == "cuda":
-                res["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-                res["peak_mem_kind"] = "cuda max_memory_allocated"
-            else:
-                import resource
-
-                res["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                res["peak_mem_kind"] = "process peak RSS"
+        res["peak_mem_mb"] = mem.mb()
+        res["peak_mem_kind"] = mem.kind
     finally:
         torch.set_num_threads(prev_threads)
         if params_dev != dev:
             model.to(params_dev)
+    res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "env": info})
+    return res
+
+
+def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
+            precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
+            rounds: int = 10, warmup_s: float = 0.5, img_size: Optional[int] = None,
+            max_spread: float = 0.10) -> dict[str, Any]:
+    """``model``'s speed over ``baseline``'s (its dense model), timed interleaved in rounds.
+
+    Both run on the same input, in the same process and settings.  Each round times a
+    block of the baseline and a block of the model back to back (alternating which goes
+    first), so that whatever else the machine does at that moment slows both: the ratio of
+    the two blocks cancels the drift that separate runs minutes apart would not.  Blocks
+    are sized to about ``min_run_time / (2 * rounds)`` seconds each.  Returns the median
+    ratio and its quartiles over rounds, and each model's median images per second.
+    """
+    from torch.utils import benchmark
+
+    if rounds < 3:
+        raise UserError(f"a paired timing needs at least 3 rounds, got {rounds}")
+    dev, threads, ctx, note = _prepare_timing(model, device, precision, threads, batch_size, img_size)
+    nets = (baseline, model)
+    homes = [next(n.parameters()).device for n in nets]
+    for n in nets:
+        n.to(dev)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    info = env_info(dev, threads)
+    info["attention"] = attention_kernel(model)
+    if note:
+        info["precision_note"] = note
+    block_s = max(min_run_time / (2 * rounds), 1e-3)
+    try:
+        with eval_mode(baseline), eval_mode(model), torch.inference_mode(), device_context(dev), \
+                load_watch(info, threads):
+            x = example_input(model, batch_size, img_size, device=dev)
+            runs = [_runner(n, ctx) for n in nets]
+            for run in runs:
+                _check_finite(run(x))
+                _warm(run, x, warmup_s / 2)
+            timers = [benchmark.Timer(stmt="run(x)", globals={"run": r, "x": x}, num_threads=threads) for r in runs]
+            # calls per block: what fills block_s, from one autorange estimate each
+            numbers = []
+            for t in timers:
+                est = t.timeit(1).mean
+                numbers.append(max(1, int(round(block_s / max(est, 1e-6)))))
+            per_image: list[list[float]] = [[], []]
+            ratios = []
+            for r in range(rounds):
+                order = (0, 1) if r % 2 == 0 else (1, 0)
+                got = [0.0, 0.0]
+                for i in order:
+                    got[i] = timers[i].timeit(numbers[i]).mean / batch_size
+                    per_image[i].append(got[i])
+                ratios.append(got[0] / got[1])
+    finally:
+        torch.set_num_threads(prev_threads)
+        for n, home in zip(nets, homes):
+            if home != dev:
+                n.to(home)
+    med = statistics.median(ratios)
+    q1, q3 = _percentile(ratios, 0.25), _percentile(ratios, 0.75)
+    res = {
+        "speedup": med, "speedup_q1": q1, "speedup_q3": q3,
+        "spread": (q3 - q1) / med if med else float("nan"),
+        "rounds": rounds, "calls_per_block": {"baseline": numbers[0], "method": numbers[1]},
+        "img_per_s": 1.0 / statistics.median(per_image[1]),
+        "baseline_img_per_s": 1.0 / statistics.median(per_image[0]),
+    }
+    res["spread_flag"] = bool(res["spread"] > max_spread)
     res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "env": info})
     return res
 

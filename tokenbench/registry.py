@@ -117,6 +117,9 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    # Raise when the method's results change on purpose (a fixed bug, a new default): every
+    # record it wrote becomes stale.  Edits to its source change its records' keys anyway.
+    version: ClassVar[str] = "1"
     summary: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
     learned: ClassVar[bool] = False
@@ -135,6 +138,12 @@ class Method:
     def expected_tokens(self, model: nn.Module, **params) -> Optional[tuple[list[int], list[int]]]:
         """(tokens entering each block, tokens entering each MLP) for the model's input size."""
         return None
+
+    @classmethod
+    def reduces(cls, params: dict) -> bool:
+        """Whether these (validated) parameters should remove any token; a FLOPs count that
+        finds the dense token count everywhere then warns.  Override where a setting is the identity."""
+        return True
 
     # ---- helpers
     @classmethod
@@ -178,7 +187,7 @@ class Method:
 
     @classmethod
     def describe(cls) -> dict:
-        out = {"name": cls.name, "summary": cls.summary, "learned": cls.learned,
+        out = {"name": cls.name, "version": cls.version, "summary": cls.summary, "learned": cls.learned,
                "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
                "params": [p.describe() for p in cls.params]}
         if cls.train_params:

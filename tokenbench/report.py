@@ -33,22 +33,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
+from .identity import stale_reasons
 from .sweep import DEFAULT_TOLERANCE, DENSE_METHOD, fmt_value, read_plan
 
 FLAG_HELP = {
     "flops-miss": "FLOPs land more than the tolerance (3 points of the dense model's FLOPs by default) from the target",
-    "noisy": "throughput interquartile range above 10% of the median",
-    "busy": "the machine was busy while timing (load above the threads used)",
+    "noisy": "throughput or speedup interquartile range above 10% of the median, after the retries",
+    "busy": "other processes took CPU time while this was timed, after the retries",
+    "stale": "measured by other code or under another protocol than this checkout's (rerun `tokenbench run`)",
     "warning": "the records carry warnings (listed below the table)",
     "incomplete": "some planned measurements are missing (interrupted sweep: rerun to complete)",
 }
 TABLE_FILES = ("results.md", "results.csv", "results.tex")
 CSV_COLUMNS = [
     "row_type", "model", "label", "method", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
-    "img_per_s", "img_per_s_q1", "img_per_s_q3", "img_per_s_std", "speedup", "latency_ms_p50", "top1",
+    "img_per_s", "img_per_s_q1", "img_per_s_q3", "img_per_s_std", "speedup", "speedup_q1", "speedup_q3",
+    "latency_ms_p50", "top1",
     "top1_std", "top1_lo", "top1_hi", "top5", "top5_std", "n", "params_m", "device", "device_name", "threads",
     "batch_size", "precision", "learned", "checkpoint", "mcnemar_p", "only_dense", "only_run", "flags",
-    "warnings", "flops_key", "throughput_key", "accuracy_key",
+    "warnings", "stale", "flops_key", "throughput_key", "speedup_key", "accuracy_key",
 ]
 
 
@@ -145,7 +148,7 @@ def _learned(spec: dict) -> str:
 def _row(e: dict, tolerance: float) -> dict:
     spec = e["spec"]
     recs = e["recs"]
-    f, t, a = recs.get("flops"), recs.get("throughput"), recs.get("accuracy")
+    f, t, a, sp = recs.get("flops"), recs.get("throughput"), recs.get("accuracy"), recs.get("speedup")
     seed_p = e.get("seed_param")
     params = dict(spec.get("params") or {})
     row: dict[str, Any] = {
@@ -155,9 +158,12 @@ def _row(e: dict, tolerance: float) -> dict:
         "n_seeds": None, "target": "/".join(f"{x:g}" for x in e["targets"]) or None,
         "_targets": list(e["targets"]), "_params": params, "_seed_param": seed_p,
         "checkpoint": spec.get("checkpoint"), "learned": None, "warnings": [], "_flags": set(),
+        "stale": None,
     }
+    stale = []
     for kind, rec in recs.items():
         if rec is not None:
+            stale += [f"{kind}: {why}" for why in stale_reasons(rec)]
             row[f"{kind}_key"] = rec["key"]
             row["learned"] = row["learned"] or _learned(rec.get("spec", {}))
             row["warnings"] += list(rec.get("metrics", {}).get("warnings") or [])
@@ -179,6 +185,17 @@ def _row(e: dict, tolerance: float) -> dict:
             row["_flags"].add("noisy")
         if t.get("env", {}).get("busy"):
             row["_flags"].add("busy")
+    if sp is not None:
+        m = sp["metrics"]
+        row.update({"speedup": m.get("speedup"), "speedup_q1": m.get("speedup_q1"),
+                    "speedup_q3": m.get("speedup_q3")})
+        if m.get("spread_flag"):
+            row["_flags"].add("noisy")
+        if sp.get("env", {}).get("busy"):
+            row["_flags"].add("busy")
+    if stale:
+        row["_flags"].add("stale")
+        row["stale"] = "; ".join(dict.fromkeys(stale))
     if a is not None:
         m = a["metrics"]
         lo, hi = (m.get("top1_ci95") or [None, None])[:2]
@@ -217,8 +234,8 @@ def _compare(rows: list[dict]) -> None:
                 err = min(abs(r["flops_rel"] - t) for t in r["_targets"])
                 if err > r["_tolerance"] + 1e-12:
                     r["_flags"].add("flops-miss")
-        if r.get("img_per_s") and d.get("img_per_s") and r.get("_tp_setting") == d.get("_tp_setting"):
-            r["speedup"] = r["img_per_s"] / d["img_per_s"]
+        if r is d and r.get("img_per_s"):
+            r["speedup"] = 1.0  # speedups are the paired (interleaved) timings of the speedup records
         if r is not d and r.get("_correct") and d.get("_correct") and r.get("_acc_setting") == d.get("_acc_setting") \
                 and len(r["_correct"]) == len(d["_correct"]):
             res = mcnemar([c == "1" for c in d["_correct"]], [c == "1" for c in r["_correct"]])
@@ -268,8 +285,10 @@ def _aggregate(rows: list[dict]) -> list[dict]:
                   "params": json.dumps({k: v for k, v in first["_params"].items() if k != sp}, sort_keys=True),
                   "_params": {k: v for k, v in first["_params"].items() if k != sp},
                   "_seeds": [r["seed"] for r in g], "_flags": set().union(*(r["_flags"] for r in g)),
+                  "stale": "; ".join(dict.fromkeys(r["stale"] for r in g if r.get("stale"))) or None,
                   "warnings": sorted({w for r in g for w in r["warnings"]})})
-        for col in ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "latency_ms_p50",
+        for col in ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "speedup_q1",
+                    "speedup_q3", "latency_ms_p50",
                     "top1", "top1_lo", "top1_hi", "top5", "params_m", "only_dense", "only_run"):
             m[col] = _mean(r.get(col) for r in g)
         m["top1_std"] = _std([r.get("top1") for r in g if r.get("top1") is not None])
@@ -312,7 +331,24 @@ def collect(out: str | os.PathLike) -> dict:
     display = _aggregate(rows)
     for r in rows + display:
         r["flags"] = ",".join(sorted(r["_flags"]))
+    notes += closing_notes(rows)
     return {"rows": rows, "display": display, "notes": notes, "plan": plan, "out": out}
+
+
+def closing_notes(rows: list[dict]) -> list[str]:
+    """What a reader must know before trusting the table: stale rows and unreliable timings."""
+    out = []
+    stale = [r for r in rows if "stale" in r["_flags"]]
+    if stale:
+        why = sorted({w for r in stale for w in (r.get("stale") or "").split("; ") if w})
+        out.append(f"{len(stale)} of {len(rows)} runs are stale (marked `stale`): {'; '.join(why[:3])}"
+                   f"{' ...' if len(why) > 3 else ''}; rerun `tokenbench run` to measure them with this code")
+    timed = [r for r in rows if r.get("throughput_key") or r.get("speedup_key")]
+    flagged = [r for r in timed if r["_flags"] & {"busy", "noisy"}]
+    if flagged:
+        out.append(f"{len(flagged)} of {len(timed)} throughput runs flagged busy or noisy: their speedups are "
+                   "unreliable (`tokenbench run ... --retime-flagged` times them again)")
+    return out
 
 
 # --------------------------------------------------------------------------- formatting
@@ -427,7 +463,8 @@ def _legend(res: dict) -> list[str]:
     tol = disp[0].get("_tolerance", DEFAULT_TOLERANCE) if disp else DEFAULT_TOLERANCE
     lines = [
         "GFLOPs: fvcore, one multiply-add = one FLOP, per image. FLOPs: relative to the dense model. "
-        "Speedup: throughput over the dense model's on the same device and settings. "
+        "Speedup: the run's speed over the dense model's, both timed interleaved in rounds in one process on "
+        "the same input (median ratio; quartiles in results.csv). "
         "Top-1: with its 95% Wilson interval. McNemar p (b/c): exact test against the dense model on the same "
         "images; b = images only the dense model gets right, c = images only this run gets right. "
         "Rows with several seeds: mean ± std over the seeds (interval: mean of the per-seed intervals; "

@@ -18,7 +18,8 @@ from . import measure
 from .errors import UserError
 from .store import Store, make_record, record_key
 
-KINDS = ("flops", "throughput", "accuracy")
+KINDS = ("flops", "throughput", "speedup", "accuracy")
+TIMED = ("throughput", "speedup")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Settings:
     threads: Optional[int] = None
     min_run_time: float = 2.0
     latency: bool = True
+    rounds: int = 10          # paired (speedup) timing: interleaved rounds of dense and method
+    retries: int = 2          # a busy or noisy timing is taken again up to this many times
     # accuracy
     data: Optional[str] = None
     data_dir: Optional[str] = None
@@ -71,26 +74,53 @@ def spec_dict(model: str, method: str, params: dict, pretrained: bool, checkpoin
             "checkpoint": str(checkpoint) if checkpoint else None, "img_size": img_size}
 
 
-def key_fields(kind: str, spec: dict, weights: str, s: Settings) -> dict:
+def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optional[dict] = None) -> dict:
+    """Everything that determines the number a ``kind`` measurement of ``spec`` gives.
+
+    Always: the model, method, parameters, input size, weights, torch and timm versions,
+    the method's code (declared version and source hash, :mod:`tokenbench.identity`) and the
+    kind's protocol version.  Timing adds the device, precision, threads and batch size
+    (a speedup also its dense baseline); accuracy adds the data's fingerprint and subset.
+    """
     import timm
 
+    from . import identity
+    from .registry import get_method
+
+    if kind not in KINDS:
+        raise ValueError(kind)
     kf: dict[str, Any] = {"model": spec["model"], "method": spec["method"], "params": spec["params"],
                           "img_size": spec["img_size"], "weights": weights,
-                          "torch": torch.__version__, "timm": timm.__version__}
-    if kind == "throughput":
+                          "torch": torch.__version__, "timm": timm.__version__,
+                          "code": identity.method_code(get_method(spec["method"])),
+                          "protocol": identity.PROTOCOLS[kind]}
+    if kind in TIMED:
         dev = measure.resolve_device(s.device)
         kf.update({"device": dev.type, "device_name": measure.env_info(dev)["device_name"],
-                   "precision": s.precision, "threads": s.threads or (os.cpu_count() if dev.type == "cpu" else None),
+                   "precision": s.precision,
+                   "threads": s.threads or (measure.default_threads() if dev.type == "cpu" else None),
                    "batch_size": s.batch_size})
+        if kind == "speedup":
+            if baseline is None:
+                raise ValueError("a speedup needs its baseline spec")
+            kf["baseline"] = {k: baseline[k] for k in ("model", "method", "params", "img_size")}
+            kf["baseline_code"] = identity.method_code(get_method(baseline["method"]))
+            kf["rounds"] = s.rounds
     elif kind == "accuracy":
         if not s.data:
             raise UserError("accuracy needs a dataset (--data)")
         dev = measure.resolve_device(s.device)
-        kf.update({"data": s.data, "split": s.split, "limit": s.limit, "data_seed": s.data_seed,
+        kf.update({"data": s.data, "data_id": identity.data_fingerprint(s.data, s.split, s.data_dir),
+                   "split": s.split, "limit": s.limit, "data_seed": s.data_seed,
                    "device": dev.type, "precision": s.precision})
-    elif kind != "flops":
-        raise ValueError(kind)
     return kf
+
+
+def record_key_of(kind: str, spec: dict, s: Settings, baseline: Optional[dict] = None) -> tuple[str, dict, str]:
+    """(key, key fields, weights identity) of a ``kind`` measurement of ``spec``."""
+    weights = weights_id(spec["model"], spec["pretrained"], spec["checkpoint"])
+    kf = key_fields(kind, spec, weights, s, baseline)
+    return record_key({"kind": kind, **kf}), kf, weights
 
 
 class Loaded:
@@ -120,20 +150,34 @@ def dense_tokens(net) -> Optional[list]:
 
 
 def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store] = None, force: bool = False,
-                loaded: Optional[Loaded] = None, progress: bool = False) -> tuple[dict, bool]:
-    """(record, reused): measure ``kind`` of ``spec`` unless the store already has it."""
+                loaded: Optional[Loaded] = None, progress: bool = False, reference: Optional[Store] = None,
+                baseline: Optional[dict] = None, baseline_loaded: Optional[Loaded] = None) -> tuple[dict, bool]:
+    """(record, reused): measure ``kind`` of ``spec`` unless the store already has it.
+
+    ``reference``: a read-only store (the project's reference results) consulted after
+    ``store``; a record found there is copied into ``store``, unchanged.  A ``speedup``
+    needs ``baseline`` (the dense spec), timed interleaved with ``spec``.  A busy or noisy
+    timing is taken again, up to ``settings.retries`` times; the calmest attempt is kept,
+    with its flag if it stayed noisy.
+    """
     from .registry import get_method
 
     cls = get_method(spec["method"])
     spec = dict(spec)
     spec["params"] = cls.validate(spec.get("params") or {})
-    weights = weights_id(spec["model"], spec["pretrained"], spec["checkpoint"])
-    kf = key_fields(kind, spec, weights, settings)
-    key = record_key({"kind": kind, **kf})
+    if baseline is not None:
+        baseline = dict(baseline)
+        baseline["params"] = get_method(baseline["method"]).validate(baseline.get("params") or {})
+    key, kf, weights = record_key_of(kind, spec, settings, baseline)
     if store is not None and not force:
         rec = store.get(key)
         if rec is not None:
             return rec, True
+        if reference is not None and reference.root.resolve() != store.root.resolve():
+            rec = reference.get(key)
+            if rec is not None:
+                store.put_copy(rec)
+                return rec, True
     if store is not None:
         store.ensure_writable()
     loaded = loaded or Loaded(spec)
@@ -144,19 +188,35 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
         metrics = measure.flops(net, img_size=spec["img_size"])
         env = measure.env_info("cpu")
         dense = dense_tokens(net)
-        if cls.name != "none" and dense is not None and metrics.get("tokens") == dense and \
-                metrics.get("tokens_mlp") == dense and _reduces(cls, spec["params"]):
+        if dense is not None and metrics.get("tokens") == dense and \
+                metrics.get("tokens_mlp") == dense and cls.reduces(spec["params"]):
             warnings_.append("method left every block at the dense token count")
-    elif kind == "throughput":
-        metrics = measure.throughput(net, batch_size=settings.batch_size, device=settings.device,
-                                     precision=settings.precision, threads=settings.threads,
-                                     min_run_time=settings.min_run_time, latency=settings.latency,
-                                     img_size=spec["img_size"])
+    elif kind in TIMED:
+        if kind == "speedup":
+            if baseline is None:
+                raise ValueError("a speedup needs its baseline spec")
+            base_net = (baseline_loaded or Loaded(baseline)).net
+
+            def once():
+                return measure.speedup(net, base_net, batch_size=settings.batch_size, device=settings.device,
+                                       precision=settings.precision, threads=settings.threads,
+                                       min_run_time=settings.min_run_time, rounds=settings.rounds,
+                                       img_size=spec["img_size"])
+        else:
+            def once():
+                return measure.throughput(net, batch_size=settings.batch_size, device=settings.device,
+                                          precision=settings.precision, threads=settings.threads,
+                                          min_run_time=settings.min_run_time, latency=settings.latency,
+                                          img_size=spec["img_size"])
+        metrics = timed_with_retries(once, settings.retries)
         env = metrics.pop("env")
+        what = "speedup ratio" if kind == "speedup" else "throughput"
         if metrics.get("spread_flag"):
-            warnings_.append(f"throughput spread {metrics['spread']:.0%} of the median: noisy machine?")
+            warnings_.append(f"{what} spread {metrics['spread']:.0%} of the median after {metrics['attempts']} "
+                             "attempts: noisy machine?")
         if env.get("busy"):
-            warnings_.append(f"machine busy while timing (load {env.get('load_avg')})")
+            warnings_.append(f"machine busy while timing (other processes took {env.get('other_cores')} cores) "
+                             f"after {metrics['attempts']} attempts")
     else:
         from .api import evaluate
 
@@ -167,18 +227,26 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     metrics["warnings"] = warnings_
     rspec = dict(spec)
     rspec["learned_parts"] = prov.get("learned_parts")
-    rec = make_record(kind, kf, rspec, metrics, env, extra={"weights": weights, "provenance": prov})
+    extra = {"weights": weights, "provenance": prov}
+    if baseline is not None:
+        extra["baseline"] = baseline
+    rec = make_record(kind, kf, rspec, metrics, env, extra=extra)
     if store is not None:
         store.put(rec)
     return rec, False
 
 
-def _reduces(cls, params: dict) -> bool:
-    """Whether these parameters should reduce tokens at all (keep_rate < 1, r > 0)."""
-    kr = params.get("keep_rate")
-    if kr is not None:
-        return kr < 1
-    r = params.get("r")
-    if r is not None:
-        return (sum(r) if isinstance(r, list) else r) > 0
-    return True
+def timed_with_retries(once, retries: int) -> dict:
+    """Run a timing; while it is busy or noisy, run it again (at most ``retries`` more times)
+    and keep the calmest attempt: not busy first, then the smallest spread."""
+    attempts = []
+    for _ in range(1 + max(0, retries)):
+        res = once()
+        attempts.append(res)
+        if not res.get("spread_flag") and not res["env"].get("busy"):
+            break
+    best = min(attempts, key=lambda r: (bool(r["env"].get("busy")), bool(r.get("spread_flag")),
+                                        r.get("spread") if r.get("spread") == r.get("spread") else 1e9))
+    best = dict(best)
+    best["attempts"] = len(attempts)
+    return best

@@ -7,9 +7,11 @@ Everything one sweep writes lands in its output directory: the records
 
 Sweep file format (TOML; YAML with the same structure works too)::
 
-    name = "default"                 # output directory results/<name>/ unless `out` is given
+    name = "default"                 # output directory runs/<name>/ unless `out` is given
     description = "one line"         # optional
-    out = "results/default"          # optional; relative paths are relative to the working directory
+    out = "runs/default"             # optional; relative paths are relative to the working directory
+    reference = "results/default"    # optional: a read-only results directory (the project's reference
+                                     # results) whose records are reused when their keys match
     models = ["default"]             # timm names, or `default` (the embedded Fashion-MNIST ViT); or model = "..."
     img_size = 224                   # optional input resolution (timm models)
     pretrained = false               # timm's pretrained weights
@@ -34,6 +36,8 @@ Sweep file format (TOML; YAML with the same structure works too)::
     threads = 2                      # default: all cores
     min_run_time = 1.0               # seconds of timing per run
     latency = true                   # also batch-1 latency (p50, p90)
+    rounds = 10                      # speedups: interleaved rounds of the method and its dense model
+    retries = 2                      # a busy or noisy timing is taken again up to this many times
 
     [methods.none]                   # a table per method entry; the table name is the entry's label
     [methods.tome]
@@ -79,10 +83,11 @@ DENSE_METHOD = "none"  # the registry's identity method: the baseline every run 
 KINDS = ("flops", "throughput", "accuracy")
 DEFAULT_TOLERANCE = 0.03
 
-TOP_KEYS = ("name", "description", "out", "models", "model", "img_size", "pretrained", "measure", "flops_targets",
+TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "img_size", "pretrained", "measure", "flops_targets",
             "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
 DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
-THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency")
+THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries")
+RUNS_DIR = Path("runs")  # where a sweep writes by default: the user's own results, apart from results/
 ENTRY_KEYS = ("method", "flops_targets", "seeds", "checkpoint", "checkpoints")
 
 
@@ -127,16 +132,23 @@ class Sweep:
     threads: Optional[int] = None
     min_run_time: float = 2.0
     latency: bool = True
+    rounds: int = 10
+    retries: int = 2
+    reference: Optional[str] = None
     source: str = "<flags>"
 
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("results") / self.name
+        return Path(self.out) if self.out else RUNS_DIR / self.name
+
+    def reference_dir(self) -> Optional[Path]:
+        return Path(self.reference) if self.reference else None
 
     def settings(self):
         from .runner import Settings
 
         return Settings(batch_size=self.batch_size, device=self.device, precision=self.precision,
                         threads=self.threads, min_run_time=self.min_run_time, latency=self.latency,
+                        rounds=self.rounds, retries=self.retries,
                         data=self.data, data_dir=self.data_dir, split=self.split, limit=self.limit,
                         data_seed=self.data_seed, eval_batch_size=self.eval_batch_size)
 
@@ -390,8 +402,14 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     sw.threads = _typed(tp.get("threads"), int, "throughput threads", source, allow_none=True)
     sw.min_run_time = float(_typed(tp.get("min_run_time", 2.0), (int, float), "throughput min_run_time", source))
     sw.latency = bool(_typed(tp.get("latency", True), bool, "throughput latency", source))
+    sw.rounds = int(_typed(tp.get("rounds", 10), int, "throughput rounds", source))
+    sw.retries = int(_typed(tp.get("retries", 2), int, "throughput retries", source))
     if sw.batch_size < 1 or (sw.threads is not None and sw.threads < 1) or sw.min_run_time <= 0:
         raise UserError(f"{source}: throughput batch_size, threads and min_run_time must be positive")
+    if sw.rounds < 3 or sw.retries < 0:
+        raise UserError(f"{source}: throughput rounds must be at least 3 and retries at least 0")
+    if raw.get("reference") is not None:
+        sw.reference = str(_typed(raw["reference"], str, "reference", source))
 
     # measure
     measure = raw.get("measure", list(KINDS) if sw.data else ["flops", "throughput"])
@@ -581,11 +599,15 @@ class FlopsSearch:
     Every fvcore count is cached in ``cache_path`` (JSON), so reruns are quick.
     """
 
-    def __init__(self, cache_path: Optional[Path] = None, force: bool = False):
+    def __init__(self, cache_path: Optional[Path] = None, force: bool = False, seed_path: Optional[Path] = None):
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, float] = {}
         if not force:
-            self.cache = self._read_cache()
+            # counts from a reference directory's cache first (keys carry the code identity, so
+            # a count made by other code never matches), then this directory's own
+            if seed_path is not None and Path(seed_path).is_file():
+                self.cache = self._read_cache(Path(seed_path))
+            self.cache.update(self._read_cache())
         self._bases: dict[tuple, Any] = {}
         self._cands: dict[str, Any] = {}
         self.counts = 0  # fvcore counts made (not cached)
@@ -618,10 +640,14 @@ class FlopsSearch:
         return self._bases[key]
 
     def _key(self, model, img_size, method, params) -> str:
+        from . import identity
+        from .registry import get_method
         from .store import canonical
 
         _, arch_id = self.base(model, img_size)
-        return canonical({"arch": arch_id, "method": method, "params": params})
+        return canonical({"arch": arch_id, "method": method, "params": params,
+                          "code": identity.method_code(get_method(method)),
+                          "protocol": identity.PROTOCOLS["flops"]})
 
     def count(self, model: str, img_size: Optional[int], method: str, params: dict) -> float:
         """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached)."""
@@ -666,17 +692,18 @@ class FlopsSearch:
         except OSError:
             pass  # a cache, not a result
 
-    def _read_cache(self) -> dict[str, float]:
-        if not (self.cache_path and self.cache_path.is_file()):
+    def _read_cache(self, path: Optional[Path] = None) -> dict[str, float]:
+        path = path or self.cache_path
+        if not (path and path.is_file()):
             return {}
         try:
-            data = json.loads(self.cache_path.read_text())
+            data = json.loads(path.read_text())
             if isinstance(data, dict) and isinstance(data.get("gflops"), dict):
                 return {k: float(v) for k, v in data["gflops"].items()}
         except (OSError, ValueError, TypeError):
             import warnings
 
-            warnings.warn(f"FLOPs cache {self.cache_path} is damaged; counting again")
+            warnings.warn(f"FLOPs cache {path} is damaged; counting again")
         return {}
 
     # ----------------------------------------------------------- candidates
@@ -954,21 +981,42 @@ PLAN_FILE = "sweep.json"
 CACHE_FILE = "flops_cache.json"
 
 
+def baseline_spec(run: Run) -> dict:
+    """The dense model a run's speedup is timed against: same model, input size and pretrained
+    weights, no method, no checkpoint."""
+    from .runner import spec_dict
+
+    return spec_dict(run.model, DENSE_METHOD, {}, run.pretrained, None, run.img_size)
+
+
 def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
     """The store keys this run's records have (or will have), per kind."""
     from .registry import get_method
-    from .runner import key_fields, weights_id
-    from .store import record_key
+    from .runner import record_key_of
 
     spec = run.spec()
     spec["params"] = get_method(run.method).validate(spec["params"])
-    w = weights_id(spec["model"], spec["pretrained"], spec["checkpoint"])
     s = sw.settings()
-    return {k: record_key({"kind": k, **key_fields(k, spec, w, s)}) for k in kinds_for(run, sw)}
+    out = {}
+    for k in kinds_for(run, sw):
+        out[k] = record_key_of(k, spec, s, baseline_spec(run) if k == "speedup" else None)[0]
+    return out
 
 
 def kinds_for(run: Run, sw: Sweep) -> list[str]:
-    return [k for k in sw.measure if not (k == "throughput" and run.seed_index > 0)]
+    """What a run measures: the sweep's kinds, and with throughput, the speedup over the dense
+    model timed interleaved with it (a seeded method's throughput for its first seed only)."""
+    out = []
+    for k in sw.measure:
+        if k == "throughput":
+            if run.seed_index > 0:
+                continue
+            out.append(k)
+            if run.method != DENSE_METHOD and sw.dense:
+                out.append("speedup")
+        else:
+            out.append(k)
+    return out
 
 
 def plan_dict(sw: Sweep, runs: list[Run], keys: Optional[list[dict]] = None) -> dict:
@@ -1010,36 +1058,73 @@ class Step:
 
 
 def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
-            on_step: Optional[Callable[[int, int, Run, str], None]] = None) -> list[Step]:
-    """Measure every run and kind not already in ``store`` (all of them with ``force``)."""
+            on_step: Optional[Callable[[int, int, Run, str], None]] = None,
+            retime: Optional[set[str]] = None) -> list[Step]:
+    """Measure every run and kind not already in ``store`` (all of them with ``force``).
+
+    Records found in the sweep's ``reference`` directory are copied, not measured.
+    ``retime``: keys of timing records to measure again although recorded (``--retime-flagged``).
+    """
     from .runner import Loaded, measure_run
+    from .store import Store
 
     settings = sw.settings()
+    ref = sw.reference_dir()
+    reference = Store(ref) if ref is not None and ref.is_dir() else None
     total = sum(len(kinds_for(r, sw)) for r in runs)
     steps: list[Step] = []
+    dense_loaded: dict[str, Loaded] = {}
     i = 0
     for run in runs:
         loaded = Loaded(run.spec())
+        keys = run_keys(run, sw)
         for kind in kinds_for(run, sw):
             if on_step:
                 on_step(i, total, run, kind)
+            again = force or (retime is not None and keys.get(kind) in retime)
+            extra: dict[str, Any] = {}
+            if kind == "speedup":
+                base = baseline_spec(run)
+                ident = canonical_spec(base)
+                dense_loaded.setdefault(ident, Loaded(base))
+                extra = {"baseline": base, "baseline_loaded": dense_loaded[ident]}
             if kind == "flops":
                 import torch
 
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
                 try:
-                    rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
+                    rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
+                                              reference=reference)
                 finally:
                     torch.set_num_threads(threads)
             else:
-                rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
+                rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
+                                          reference=reference, **extra)
             steps.append(Step(run, kind, rec["key"], reused))
             i += 1
         del loaded
     if on_step:
         on_step(total, total, None, "")
     return steps
+
+
+def canonical_spec(spec: dict) -> str:
+    from .store import canonical
+
+    return canonical(spec)
+
+
+def flagged_timing_keys(store, keys: list[dict]) -> set[str]:
+    """Keys of the plan's timing records that are flagged busy or noisy (``--retime-flagged``)."""
+    out = set()
+    for kd in keys:
+        for kind in ("throughput", "speedup"):
+            k = kd.get(kind)
+            rec = store.get(k) if k else None
+            if rec is not None and (rec["metrics"].get("spread_flag") or rec.get("env", {}).get("busy")):
+                out.add(k)
+    return out
 
 
 def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple[Path, list[Run], list[dict],
@@ -1049,7 +1134,9 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple
     from .store import Store
 
     Store(out).ensure_writable()
-    searcher = FlopsSearch(out / CACHE_FILE, force=force)
+    ref = sw.reference_dir()
+    searcher = FlopsSearch(out / CACHE_FILE, force=force,
+                           seed_path=(ref / CACHE_FILE) if ref is not None else None)
     preflight(sw, searcher)
     runs = expand(sw, searcher)
     keys = [run_keys(r, sw) for r in runs]

@@ -1,0 +1,203 @@
+"""What a record's key says about the code, the rules and the data that made its number.
+
+Three things besides the model, method, parameters and settings determine a result:
+
+- **the method's code**: the version the method declares (``Method.version``, raised by its
+  author when its results change on purpose, as lm-evaluation-harness versions tasks) and
+  a hash of the source it runs: its own file, the method files it imports (a merging method
+  reusing ToMe's matching), and the shared surgery every method goes through
+  (``tokenbench/vit.py``);
+- **the protocol** of each measurement kind (:data:`PROTOCOLS`), raised here whenever the
+  counting, timing or evaluation rules change;
+- **the data** of an accuracy figure: a fingerprint of the files (checksums of the
+  Fashion-MNIST files; the class list plus the sorted relative paths and sizes of an image
+  folder).
+
+A record whose code or protocol differs from what this checkout would write is *stale*
+(:func:`stale_reasons`): ``tokenbench run`` measures it again (its key no longer matches)
+and ``tokenbench report`` marks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+# The rules of each measurement kind.  Raise a number whenever its rules change (and say
+# what changed below): every record measured under the old rules becomes stale.
+PROTOCOLS: dict[str, int] = {
+    "flops": 1,       # fvcore MACs, fused attention counted, eval mode, mean over the counted images
+    "throughput": 1,  # torch.utils.benchmark blocks, threads = CPUs this process may use, per-measurement peak memory
+    "speedup": 1,     # method and dense timed interleaved in rounds on one input; ratio median and quartiles
+    "accuracy": 1,    # top-1/top-5, Wilson interval, per-image correctness; random's choice keyed by image index
+}
+
+SURGERY = Path(__file__).resolve().parent / "vit.py"  # the shared machinery every method runs through
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _file_stamp(p: Path) -> tuple:
+    st = p.stat()
+    return (str(p), st.st_mtime_ns, st.st_size)
+
+
+def _is_method_module(mod) -> bool:
+    name = getattr(mod, "__name__", "") or ""
+    return name.startswith(("tokenbench_methods.", "tokenbench.builtin_methods."))
+
+
+def source_files(cls) -> list[Path]:
+    """The files whose text determines what ``cls`` computes: its own module, the method modules
+    it imports from, and the shared surgery."""
+    files: list[Path] = []
+
+    def add(p: Optional[str]) -> None:
+        if p and Path(p).is_file():
+            q = Path(p).resolve()
+            if q not in files:
+                files.append(q)
+
+    try:
+        add(inspect.getsourcefile(cls))
+    except TypeError:
+        pass
+    mod = sys.modules.get(cls.__module__)
+    if mod is not None:
+        for v in vars(mod).values():
+            other = v if inspect.ismodule(v) else sys.modules.get(getattr(v, "__module__", "") or "")
+            if other is not None and other is not mod and _is_method_module(other):
+                add(getattr(other, "__file__", None))
+    add(str(SURGERY))
+    return files
+
+
+def source_hash(cls) -> str:
+    """sha256 (16 hex digits) over the names and texts of :func:`source_files`."""
+    files = source_files(cls)
+    stamp = tuple(_file_stamp(p) for p in files)
+    if stamp not in _HASHES:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        _HASHES[stamp] = h.hexdigest()[:16]
+    return _HASHES[stamp]
+
+
+def method_code(cls) -> dict[str, str]:
+    """The code identity of a registered method class, as it enters a record key."""
+    return {"version": str(getattr(cls, "version", "1")), "source": source_hash(cls)}
+
+
+# --------------------------------------------------------------------------- data
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        stamp = _file_stamp(p)
+        if stamp not in _HASHES:
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    fh.update(chunk)
+            _HASHES[stamp] = fh.hexdigest()
+        h.update(p.name.encode() + b"\0" + _HASHES[stamp].encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def folder_root(data_dir: str | os.PathLike, split: str) -> Path:
+    """The folder an image-folder split is read from: ``DIR/<split>/`` when it exists, else ``DIR``."""
+    root = Path(data_dir)
+    return root / split if (root / split).is_dir() else root
+
+
+CONTENT_SAMPLE = 256  # files whose bytes enter a folder's fingerprint (all of them in a small folder)
+
+
+def folder_fingerprint(root: Path) -> str:
+    """Class list, every file's relative path and size, and the bytes of up to
+    :data:`CONTENT_SAMPLE` files spread evenly over the sorted list: cheap on ImageNet's
+    50,000 validation images, exact on small folders.  Added, removed, renamed or resized
+    images always change it; where the same-size files differ only in content, the sample
+    catches it in a small folder and probably in a large one."""
+    entries: list[tuple[str, Path, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            try:
+                entries.append((str(rel / fn), p, p.stat().st_size))
+            except OSError:
+                continue
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    h = hashlib.sha256(("\n".join(classes) + "\0").encode())
+    for rel, _, size in entries:
+        h.update(f"{rel}\t{size}\n".encode())
+    step = max(1, len(entries) // CONTENT_SAMPLE)
+    for _, p, _ in entries[::step][:CONTENT_SAMPLE]:
+        try:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        except OSError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(name: str, split: str, data_dir: Optional[str] = None) -> str:
+    """The identity of the images an accuracy figure is computed on (not where they live)."""
+    if name == "fashion-mnist":
+        from .data import find_fashion_mnist
+
+        d = find_fashion_mnist(data_dir)
+        prefix = "t10k" if split in ("test", "val") else "train"
+        files = sorted(p for p in d.iterdir() if p.name.startswith(prefix + "-"))
+        return "fmnist:" + _hash_files(files)
+    if name == "synthetic":
+        return "synthetic:v1"
+    if data_dir is None:
+        return f"{name}:no-dir"
+    root = folder_root(data_dir, split)
+    if not root.is_dir():
+        return f"{name}:missing"
+    return f"{name}:" + folder_fingerprint(root)
+
+
+# --------------------------------------------------------------------------- staleness
+
+def stale_reasons(rec: dict) -> list[str]:
+    """Why ``rec`` would not be written the same by this checkout (empty when it is current)."""
+    from .errors import UserError
+    from .registry import get_method
+
+    kind = rec.get("kind")
+    kf = rec.get("key_fields") or {}
+    out: list[str] = []
+    if "protocol" not in kf or "code" not in kf:
+        return ["measured before records carried their code and protocol"]
+    if kind in PROTOCOLS and kf["protocol"] != PROTOCOLS[kind]:
+        out.append(f"{kind} protocol {kf['protocol']} (now {PROTOCOLS[kind]})")
+    method = kf.get("method")
+    try:
+        now = method_code(get_method(method))
+    except UserError:
+        return out + [f"method {method!r} is no longer registered"]
+    was = kf["code"] or {}
+    if was.get("version") != now["version"]:
+        out.append(f"{method} version {was.get('version')} (now {now['version']})")
+    elif was.get("source") != now["source"]:
+        out.append(f"{method}'s code changed")
+    base = kf.get("baseline_code")
+    if base is not None and kind == "speedup":
+        dense_now = method_code(get_method("none"))
+        if base != dense_now:
+            out.append("the dense baseline's code changed")
+    return out
+
+
+def describe_key() -> dict[str, Any]:
+    """What the protocol section of the README says a key contains (for `tokenbench list --json`)."""
+    return {"protocols": dict(PROTOCOLS)}
