@@ -7,10 +7,15 @@ FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # torch/torchvision pair known to import together on the project's machines
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test setup data bench visuals clean
+.PHONY: run reference test setup data bench visuals clean
 
+# Your run of the default sweep: runs/default/ (git-ignored); matching reference records are reused.
 run: setup data
 	$(BIN)/tokenbench run
+
+# The project's reference results quoted in the README (maintainers, on an idle machine).
+reference: setup data
+	$(BIN)/tokenbench run default --out results/default
 
 test: setup data
 	$(BIN)/python -m pytest

@@ -2,9 +2,12 @@
 """Speed of every method adapter against the dense model and against its FLOPs.
 
 For each model and each method setting: GFLOPs, the FLOPs reduction (dense / method),
-the measured throughput and the realised speedup (method / dense, same device, same
-batch, same threads), and their ratio: the share of the FLOPs saving that turns into
-time.  An efficiency well below 1 means the adapter loses its savings to overhead.
+the measured throughput and the realised speedup, and their ratio: the share of the FLOPs
+saving that turns into time.  An efficiency well below 1 means the adapter loses its
+savings to overhead.  The speedup is a paired timing (:func:`tokenbench.measure.speedup`):
+the method and the dense model timed interleaved in rounds, in one process, on one input,
+so that what else the machine does slows both alike; its interquartile range over rounds
+is printed beside it.
 
     python bench.py                              # DeiT-S and the embedded model, batch 1 and 16, CPU
     python bench.py --models deit_small_patch16_224 --batch-sizes 16,64 --device cuda
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     from tokenbench import measure
     from tokenbench.api import load
 
-    threads = args.threads or (os.cpu_count() or 1)
+    threads = args.threads or measure.default_threads()
     torch.set_num_threads(threads)
     rows = []
     load0 = os.getloadavg()[0]
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
             keep = set(args.methods.split(",")) | {"none"}
             settings = [s for s in settings if s[0] in keep]
         dense = {}
+        dense_net = None
         for method, params in settings:
             try:
                 net, prov = load(model_name, method, params)
@@ -70,22 +74,33 @@ def main(argv=None) -> int:
                 continue
             f = measure.flops(net)
             for b in [int(x) for x in args.batch_sizes.split(",")]:
-                r = measure.throughput(net, batch_size=b, device=args.device, threads=threads,
-                                       min_run_time=args.min_run_time, latency=False)
                 if method == "none":
-                    dense[b] = (f["gflops"], r["img_per_s"])
-                g0, t0 = dense.get(b, (None, None))
+                    r = measure.throughput(net, batch_size=b, device=args.device, threads=threads,
+                                           min_run_time=args.min_run_time, latency=False)
+                    dense[b] = f["gflops"]
+                    speed_x, q1, q3 = 1.0, 1.0, 1.0
+                else:
+                    if dense_net is None:
+                        print(f"skip {model_name}/{method}: no dense model to pair with", file=sys.stderr)
+                        continue
+                    r = measure.speedup(net, dense_net, batch_size=b, device=args.device, threads=threads,
+                                        min_run_time=2 * args.min_run_time)
+                    speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
+                g0 = dense.get(b)
                 flops_x = g0 / f["gflops"] if g0 else float("nan")
-                speed_x = r["img_per_s"] / t0 if t0 else float("nan")
                 rows.append({
                     "model": model_name, "method": method, "params": json.dumps(params, separators=(",", ":")),
                     "batch": b, "gflops": round(f["gflops"], 3), "flops_reduction": round(flops_x, 3),
-                    "img_per_s": round(r["img_per_s"], 1), "iqr_pct": round(100 * r["spread"], 1),
-                    "speedup": round(speed_x, 3), "efficiency": round(speed_x / flops_x, 3) if g0 else float("nan"),
-                    "busy": r["env"].get("busy"), "load": r["env"].get("load_avg"),
+                    "img_per_s": round(r["img_per_s"], 1), "speedup": round(speed_x, 3),
+                    "speedup_iqr": f"[{q1:.2f}, {q3:.2f}]", "iqr_pct": round(100 * r["spread"], 1),
+                    "efficiency": round(speed_x / flops_x, 3) if g0 else float("nan"),
+                    "busy": r["env"].get("busy"), "other_cores": r["env"].get("other_cores"),
                 })
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
-            del net
+            if method == "none":
+                dense_net = net
+            else:
+                del net
     import pandas as pd
 
     df = pd.DataFrame(rows)
