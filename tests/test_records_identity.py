@@ -309,3 +309,66 @@ def test_flops_leaves_a_plain_timm_model_as_it_found_it():
     assert not [k for k in vars(m) if k.startswith("_tb")]
     assert all(not k.startswith("_tb") for b in m.blocks for k in vars(b))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# --------------------------------------------------------------------------- a user's run beside the reference
+
+def _tiny_sweep_file(tmp_path: Path, out: Path, reference: Path = None) -> Path:
+    ref = f'reference = "{reference}"\n' if reference else ""
+    p = tmp_path / f"sw-{out.name}.toml"
+    p.write_text(f'name = "tiny"\nout = "{out}"\n{ref}models = ["{TINY}"]\nmeasure = ["flops", "throughput"]\n'
+                 'device = "cpu"\n[throughput]\nbatch_size = 2\nthreads = 1\nmin_run_time = 0.05\nrounds = 3\n'
+                 'latency = false\nretries = 0\n[methods.none]\n[methods.topk]\nkeep_rate = 0.5\n')
+    return p
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_users_run_reuses_the_reference_and_leaves_it_untouched(tmp_path, cli, monkeypatch):
+    from tokenbench import measure
+
+    ref, mine, other = tmp_path / "ref", tmp_path / "mine", tmp_path / "other-cpu"
+    code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, ref)), "--json")
+    assert code == 0, err
+    before = _snapshot(ref)
+    code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, mine, ref)), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["measured"] == 0 and res["reused"] == 5  # flops x2, throughput x2, speedup x1
+    assert _snapshot(ref) == before
+    assert len(list((mine / "records").glob("*.json"))) == 5
+    # another CPU: FLOPs still come from the reference, timings are measured anew, into `other` only
+    monkeypatch.setattr(measure, "cpu_model", lambda: "Another CPU 9000")
+    code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, other, ref)), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["measured"] == 3 and res["reused"] == 2
+    assert _snapshot(ref) == before
+
+
+def test_flagged_timings_are_announced_and_retimed_alone(tmp_path, cli):
+    from tokenbench.store import Store
+    from tokenbench.sweep import read_plan
+
+    out = tmp_path / "sw"
+    sweep = _tiny_sweep_file(tmp_path, out)
+    code, stdout, err = cli("run", str(sweep), "--json")
+    assert code == 0, err
+    store = Store(out)
+    key = next(r["keys"]["speedup"] for r in read_plan(out)["runs"] if r["method"] == "topk")
+    rec = store.get(key)
+    rec["metrics"]["spread_flag"] = True  # as if the machine had been noisy through every retry
+    rec.pop("checksum")
+    store.put(rec)
+    code, stdout, err = cli("report", str(out), "--json")
+    res = json.loads(stdout)
+    assert any(n.startswith("1 of 2 throughput runs flagged busy or noisy: their speedups are unreliable")
+               for n in res["notes"]), res["notes"]
+    topk = next(r for r in res["rows"] if r["method"] == "topk")
+    assert "noisy" in topk["flags"]
+    code, stdout, err = cli("run", str(sweep), "--retime-flagged", "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["measured"] == 1 and res["reused"] == 4
