@@ -404,7 +404,7 @@ def display_cells(r: dict, tex: bool = False) -> dict[str, str]:
         "FLOPs": _f(None if r.get("flops_rel") is None else 100 * r["flops_rel"], ".1f") + ("%" if r.get(
             "flops_rel") is not None else ""),
         "img/s [q1, q3]": tp,
-        "Speedup": _f(r.get("speedup"), ".2f") + (x if r.get("speedup") is not None else ""),
+        "Speedup [q1, q3]": _speedup_text(r, x),
         "Top-1 % [95% CI]": top1,
         "Top-5 %": top5,
         "Params (M)": _f(r.get("params_m"), ".2f"),
@@ -413,6 +413,17 @@ def display_cells(r: dict, tex: bool = False) -> dict[str, str]:
         "McNemar p (b/c)": mc,
         "Flags": r.get("flags") or "",
     }
+
+
+def _speedup_text(r: dict, x: str = "x") -> str:
+    """The paired speedup with its quartiles over rounds (the dense row is 1 by definition)."""
+    sp = r.get("speedup")
+    if sp is None:
+        return "–"
+    out = f"{sp:.2f}{x}"
+    if r.get("speedup_q1") is not None and r["method"] != DENSE_METHOD:
+        out += f" [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}]"
+    return out
 
 
 def _models(rows):
@@ -704,7 +715,7 @@ def summary_table(res: dict):
     from rich.table import Table
 
     t = Table(title=f"tokenbench: {Path(res['out'])}", show_lines=False)
-    cols = ["Method", "Params", "Target", "GFLOPs", "FLOPs", "img/s [q1, q3]", "Speedup", "Top-1 % [95% CI]",
+    cols = ["Method", "Params", "Target", "GFLOPs", "FLOPs", "img/s [q1, q3]", "Speedup [q1, q3]", "Top-1 % [95% CI]",
             "Learned", "McNemar p (b/c)", "Flags"]
     multi = len(_models(res["display"])) > 1
     if multi:
