@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from . import sweep as sw_mod
-        from .report import summary_table, write_report
+        from .report import ensure_report_writable, summary_table, write_report
         from .store import Store
 
         if method and sweep:
@@ -157,6 +157,7 @@ def register(app: typer.Typer) -> None:
             Console(width=None if sys.stdout.isatty() else 160).print(t)
             return
 
+        ensure_report_writable(out_dir, plots)
         store = Store(out_dir)
         if quiet:
             steps = sw_mod.execute(spec, runs, store, force=force)

@@ -640,6 +640,19 @@ def _yerr(rows):
 
 # --------------------------------------------------------------------------- the report
 
+def ensure_report_writable(out: str | os.PathLike, plots: bool = True) -> None:
+    """Refuse, before measuring or reading anything, an ``out`` the tables or plots could not be written to."""
+    from .store import ensure_writable_dir
+
+    out = Path(out)
+    ensure_writable_dir(out, "output directory")
+    for name in TABLE_FILES:
+        if (out / name).is_dir():
+            raise UserError(f"cannot write {out / name}: it is a directory")
+    if plots:
+        ensure_writable_dir(out / "plots", "plots directory")
+
+
 def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
     """Write the tables and plots of ``out`` from its records; returns the rows and paths."""
     from .store import atomic_write_text
@@ -647,6 +660,7 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"results directory {out} does not exist")
+    ensure_report_writable(out, plots)
     res = collect(out)
     files = []
     for name, fn in (("results.md", markdown), ("results.csv", csv_text), ("results.tex", latex)):

@@ -90,6 +90,38 @@ def _checksum(rec: dict) -> str:
     return hashlib.sha256(canonical(body).encode()).hexdigest()
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Refuse (``UserError``), before anything is measured, a directory that files could not be written in.
+
+    The directory, or its nearest existing ancestor when it is still to be created, must be a
+    directory that a file can be created in.  ``os.access`` answers from the permission bits
+    (and says yes to root), while read-only mounts, ACLs and network or FUSE file systems
+    may still refuse, so a temporary file is created there and removed at once: a refused
+    command leaves the file system as it was.
+    """
+    from .errors import UserError
+
+    path = Path(path)
+    d = path
+    while not d.exists():
+        if d.is_symlink():  # a dangling link
+            raise UserError(f"cannot create {what} {path}: {d} is a broken link")
+        if d.parent == d:
+            break
+        d = d.parent
+    if not d.is_dir():
+        raise UserError(f"cannot create {what} {path}: {d} is not a directory")
+    where = "is not writable" if d == path else f"cannot be created ({d} is not writable)"
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} {where}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".tokenbench-write-test.")
+    except OSError as e:
+        raise UserError(f"{what} {path} {where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 class Store:
     """One JSON file per record under ``<root>/records/``, written atomically.
 
@@ -104,25 +136,8 @@ class Store:
         self.dir = self.root / "records"
 
     def ensure_writable(self) -> None:
-        """Refuse, before anything is measured, a results directory that could not be written.
-
-        Creates nothing (a refused command leaves the file system as it was): the
-        directory, or its nearest existing ancestor, must be a writable directory.
-        """
-        from .errors import UserError
-
-        d = self.dir
-        while not d.exists():
-            if d.is_symlink():  # a dangling link
-                raise UserError(f"cannot create results directory {self.dir}: {d} is a broken link")
-            if d.parent == d:
-                break
-            d = d.parent
-        if not d.is_dir():
-            raise UserError(f"cannot create results directory {self.dir}: {d} is not a directory")
-        if not os.access(d, os.W_OK | os.X_OK):
-            what = "is not writable" if d == self.dir else f"cannot be created ({d} is not writable)"
-            raise UserError(f"results directory {self.dir} {what}")
+        """Refuse, before anything is measured, a results directory whose records could not be written."""
+        ensure_writable_dir(self.dir, "results directory")
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
@@ -198,3 +213,4 @@ class Store:
             row.update({f"meta.{k}": v for k, v in rec.get("meta", {}).items()})
             rows.append(row)
         return pd.DataFrame(rows)
+

@@ -983,7 +983,10 @@ def write_plan(out: Path, sw: Sweep, runs: list[Run], keys: list[dict]) -> Path:
     from .store import atomic_write_text
 
     p = Path(out) / PLAN_FILE
-    atomic_write_text(p, json.dumps(plan_dict(sw, runs, keys), indent=1, default=str) + "\n")
+    try:
+        atomic_write_text(p, json.dumps(plan_dict(sw, runs, keys), indent=1, default=str) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
     return p
 
 
@@ -1046,9 +1049,10 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple
                                                                                     FlopsSearch]:
     """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan."""
     out = Path(out) if out else sw.out_dir()
-    from .store import Store
+    from .store import Store, ensure_writable_dir
 
     Store(out).ensure_writable()
+    ensure_writable_dir(out, "output directory")  # the plan, the FLOPs cache, the tables
     searcher = FlopsSearch(out / CACHE_FILE, force=force)
     preflight(sw, searcher)
     runs = expand(sw, searcher)
