@@ -1,4 +1,5 @@
-"""Issue 13, item 7: output directories checked before measuring."""
+"""Issue 13, items 7 and 14: output directories checked before measuring, and runs claimed so
+that two runners measure each once."""
 
 import contextlib
 import json
@@ -150,3 +151,135 @@ def test_report_into_read_only_plots_or_directory_is_one_line(cli, flops_out):
         assert code == 0, err
     with read_only(out):
         refused(cli, out, "report", str(out), "--no-plots", match=f"output directory {out} is not writable")
+
+
+# --------------------------------------------------------------------------- 14: claims
+
+def test_claim_is_exclusive_names_its_holder_and_is_released_on_error(tmp_path):
+    from tokenbench.store import Claim
+
+    a, b = Claim(tmp_path, "k"), Claim(tmp_path, "k")
+    with a:
+        assert a.held and (tmp_path / "k.claim").is_file()
+        with b:
+            assert not b.held
+            assert b.holder["pid"] == os.getpid() and b.holder["host"] and b.holder["since"]
+        assert (tmp_path / "k.claim").is_file()  # b held nothing, so removed nothing
+    assert not (tmp_path / "k.claim").exists()
+    with pytest.raises(KeyboardInterrupt):
+        with Claim(tmp_path, "k") as c:
+            assert c.held
+            raise KeyboardInterrupt
+    assert not (tmp_path / "k.claim").exists()
+
+
+def test_stale_claims_are_taken_over(tmp_path):
+    import socket
+
+    from tokenbench.store import Claim
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid whose process is gone
+    (tmp_path / "dead.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": p.pid, "since": "x"}))
+    with Claim(tmp_path, "dead") as c:
+        assert c.held
+    # another host's claim: alive unless its time stamp is older than the timeout
+    (tmp_path / "far.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "x"}))
+    with Claim(tmp_path, "far", stale_after=60) as c:
+        assert not c.held
+    old = time.time() - 120
+    os.utime(tmp_path / "far.claim", (old, old))
+    with Claim(tmp_path, "far", stale_after=60) as c:
+        assert c.held
+    assert not list(tmp_path.glob("*.claim*"))
+
+
+def test_a_held_claim_keeps_its_time_stamp_fresh(tmp_path):
+    from tokenbench.store import Claim
+
+    with Claim(tmp_path, "k", heartbeat=0.05) as c:
+        old = time.time() - 1000
+        os.utime(c.path, (old, old))
+        time.sleep(0.5)
+        assert time.time() - c.path.stat().st_mtime < 100
+        assert not Claim(tmp_path, "k", stale_after=100).acquire()
+
+
+@pytest.fixture
+def slow_flops(monkeypatch):
+    """FLOPs "measurements" that take 0.2 s and are counted per run (the real count is not thread-safe)."""
+    from tokenbench import measure
+
+    made = Counter()
+    lock = threading.Lock()
+
+    def flops(net, img_size=None, **k):
+        time.sleep(0.2)
+        with lock:
+            made[id(net)] += 1
+        return {"gflops": 0.01, "params_m": 0.01}
+
+    monkeypatch.setattr(measure, "flops", flops)
+    return made
+
+
+def _flops_sweep(tmp_path):
+    sw = S.parse_sweep({"name": "c", "out": str(tmp_path / "out"), "models": [TINY], "measure": ["flops"],
+                        "methods": {"topk": {"keep_rate": [0.3, 0.5, 0.7]}, "tome": {"r": [1, 2]}}})
+    out, runs, keys, _ = S.prepare(sw)
+    return sw, out, runs, [k["flops"] for k in keys]
+
+
+def test_two_runners_measure_every_run_exactly_once(tmp_path, slow_flops, monkeypatch):
+    from tokenbench import runner
+
+    sw, out, runs, planned = _flops_sweep(tmp_path)
+    made = Counter()
+    real = runner.measure_run
+
+    def counting(kind, spec, *a, **k):
+        rec, reused = real(kind, spec, *a, **k)
+        if not reused:
+            made[rec["key"]] += 1
+        return rec, reused
+
+    monkeypatch.setattr(runner, "measure_run", counting)
+    results, notes = {}, []
+
+    def runner_thread(name):
+        results[name] = S.execute(sw, runs, Store(out), on_note=notes.append)
+
+    threads = [threading.Thread(target=runner_thread, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a runner did not finish"
+    assert sorted(made) == sorted(planned) and set(made.values()) == {1}, made
+    for steps in results.values():  # each runner reports every run, measured by it or by the other
+        assert sorted(s.key for s in steps) == sorted(planned)
+    assert sum(not s.reused for steps in results.values() for s in steps) == len(planned)
+    assert sorted(r["key"] for r in Store(out).records()) == sorted(planned)
+    assert not list((out / "claims").iterdir())
+
+
+def test_runner_waits_for_a_claimed_run_and_measures_it_if_the_holder_gives_up(tmp_path, slow_flops):
+    sw, out, runs, planned = _flops_sweep(tmp_path)
+    store = Store(out)
+    other = store.claim(planned[2])
+    assert other.acquire()  # another runner measuring run 2
+    notes, result = [], {}
+    t = threading.Thread(target=lambda: result.setdefault("steps", S.execute(sw, runs, store, on_note=notes.append)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not notes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert notes and "waiting for 1 measurement(s) another runner is making" in notes[0]
+    assert f"pid {os.getpid()}" in notes[0]
+    assert len(store.records()) == len(planned) - 1 and t.is_alive()  # all but the claimed one, then waits
+    other.release()  # it gave up without a record
+    t.join(30)
+    assert not t.is_alive()
+    steps = result["steps"]
+    assert sorted(s.key for s in steps) == sorted(planned) and not any(s.reused for s in steps)
+    assert sorted(r["key"] for r in store.records()) == sorted(planned)

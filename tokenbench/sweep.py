@@ -68,7 +68,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -1013,35 +1013,72 @@ class Step:
 
 
 def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
-            on_step: Optional[Callable[[int, int, Run, str], None]] = None) -> list[Step]:
-    """Measure every run and kind not already in ``store`` (all of them with ``force``)."""
+            on_step: Optional[Callable[[int, int, Run, str], None]] = None,
+            on_note: Optional[Callable[[str], None]] = None) -> list[Step]:
+    """Measure every run and kind not already in ``store`` (all of them with ``force``).
+
+    Each measurement is claimed first (:meth:`Store.claim`): one that another runner of the
+    same directory is measuring is left to it, and waited for at the end."""
     from .runner import Loaded, measure_run
 
     settings = sw.settings()
     total = sum(len(kinds_for(r, sw)) for r in runs)
     steps: list[Step] = []
+    claimed: list[tuple[Run, str, Any]] = []  # (run, kind, claim) another runner holds
     i = 0
     for run in runs:
         loaded = Loaded(run.spec())
+        keys = run_keys(run, sw)
         for kind in kinds_for(run, sw):
             if on_step:
                 on_step(i, total, run, kind)
-            if kind == "flops":
-                import torch
+            with store.claim(keys[kind]) as claim:
+                if not claim.held:
+                    claimed.append((run, kind, claim))
+                    continue
+                if kind == "flops":
+                    import torch
 
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
-                try:
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+                    try:
+                        rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
+                    finally:
+                        torch.set_num_threads(threads)
+                else:
                     rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
-                finally:
-                    torch.set_num_threads(threads)
-            else:
-                rec, reused = measure_run(kind, run.spec(), settings, store, force=force, loaded=loaded)
             steps.append(Step(run, kind, rec["key"], reused))
             i += 1
         del loaded
+    steps += _await_claimed(sw, claimed, store, force, on_step, on_note, done=i, total=total)
     if on_step:
         on_step(total, total, None, "")
+    return steps
+
+
+def _await_claimed(sw: Sweep, claimed: list, store, force: bool, on_step, on_note, done: int,
+                   total: int) -> list[Step]:
+    """The measurements other runners held: wait for their records; measure those given up."""
+    import sys
+    import time
+
+    if not claimed:
+        return []
+    h = claimed[0][2].holder or {}
+    (on_note or (lambda m: print(m, file=sys.stderr, flush=True)))(
+        f"waiting for {len(claimed)} measurement(s) another runner is making (pid {h.get('pid', '?')} on "
+        f"{h.get('host', '?')} since {h.get('since', '?')}; claims in {claimed[0][2].path.parent})")
+    steps: list[Step] = []
+    for run, kind, claim in claimed:
+        if on_step:
+            on_step(done + len(steps), total, run, f"{kind}: waiting for another runner")
+        key = claim.path.name[: -len(".claim")]
+        while (rec := store.get(key)) is None and not claim.is_free():
+            time.sleep(1.0)
+        if rec is not None:
+            steps.append(Step(run, kind, key, True))
+        else:  # the other runner gave up without a record: measure it here
+            steps += execute(replace(sw, measure=[kind]), [run], store, force=force, on_note=on_note)
     return steps
 
 
