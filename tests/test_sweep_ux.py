@@ -1,5 +1,6 @@
-"""Issue 13, items 7 and 14: output directories checked before measuring, and runs claimed so
-that two runners measure each once."""
+"""Issue 13, items 7, 9 and 14: output directories checked before measuring, the end-of-sweep
+output (a summary that fits 80 columns, a progress bar in measurements with a time estimate, a
+matched-FLOPs search bar), and runs claimed so that two runners measure each once."""
 
 import contextlib
 import json
@@ -151,6 +152,100 @@ def test_report_into_read_only_plots_or_directory_is_one_line(cli, flops_out):
         assert code == 0, err
     with read_only(out):
         refused(cli, out, "report", str(out), "--no-plots", match=f"output directory {out} is not writable")
+
+
+# --------------------------------------------------------------------------- 9: end-of-sweep output
+
+REFERENCE = Path(__file__).resolve().parent.parent / "results" / "default"
+
+
+@pytest.mark.skipif(not (REFERENCE / "records").is_dir(), reason="no reference results in this checkout")
+def test_summary_table_fits_80_columns_with_every_number_whole():
+    """The default sweep's table (26 rows: schedules, seeds, fine-tuned runs, a flag) on an 80-column
+    terminal: it was 14 columns, every cell folded into strips of 4 characters."""
+    from rich.console import Console
+
+    from tokenbench.report import collect, summary_table
+
+    res = collect(REFERENCE)
+    buf = StringIO()
+    Console(file=buf, width=80, color_system=None).print(summary_table(res))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    tokens = set(re.findall(r"[^\s│|]+", text))
+    for r in res["display"]:
+        assert f"{100 * r['flops_rel']:.1f}%" in tokens, (r["label"], text)
+        assert r.get("speedup") is None or f"{r['speedup']:.2f}x" in tokens, (r["label"], text)
+        assert r.get("top1") is None or any(t.startswith(f"{r['top1']:.2f}") for t in tokens), (r["label"], text)
+    assert any(r["row_type"] == "mean" for r in res["display"])  # a seed-averaged row is among them
+
+
+def test_summary_points_to_the_full_table(cli, flops_out):
+    code, out, err = cli("report", str(flops_out), "--no-plots")
+    assert code == 0, err
+    assert f"the full table is {flops_out / 'results.md'}" in out
+
+
+class _Tty(StringIO):
+    def isatty(self):
+        return True
+
+
+def _run_on_a_terminal(*args) -> tuple[int, str, str]:
+    """The CLI in-process with stderr a terminal (so progress bars are drawn), 80 columns."""
+    from tokenbench.cli import main
+
+    out, err = StringIO(), _Tty()
+    old = sys.stdout, sys.stderr, os.environ.get("COLUMNS")
+    sys.stdout, sys.stderr = out, err
+    os.environ["COLUMNS"] = "80"
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdout, sys.stderr = old[0], old[1]
+        if old[2] is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = old[2]
+    return code, out.getvalue(), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.getvalue())  # colours out
+
+
+def test_progress_counts_the_measurements_to_make_and_estimates_the_time_left(tmp_path):
+    out = tmp_path / "out"
+    base = ["run", "--model", TINY, "-m", "topk", "--measure", "flops", "--out", str(out), "--no-plots"]
+    code, stdout, err = _run_on_a_terminal(*base, "--set", "keep_rate=[0.5,0.7]")
+    assert code == 0, err
+    assert "3/3 measurements" in err and " left " in err  # rich's TimeRemainingColumn
+    assert "3 runs, 3 measurements: 3 made, 0 reused" in stdout
+    # an extended sweep: the bar counts what is left to measure, the summary says the same
+    code, stdout, err = _run_on_a_terminal(*base, "--set", "keep_rate=[0.5,0.7,0.9]")
+    assert code == 0, err
+    assert "1/1 measurements" in err and "3/4" not in err and "4/4" not in err
+    assert "4 runs, 4 measurements: 1 made, 3 reused" in stdout
+
+
+def test_matched_flops_search_reports_what_it_searches_and_its_counts(tmp_path):
+    sw = S.parse_sweep({"name": "t", "models": [TINY], "measure": ["flops"], "flops_targets": [0.5],
+                        "methods": {"topk": {}, "tome": {"prop_attn": [True, False]}}})
+    seen = []
+    S.expand(sw, S.FlopsSearch(tmp_path / "cache.json"), on_search=lambda *a: seen.append(a))
+    assert S.count_searches(sw) == 3
+    starts = [(done, what) for done, total, what, _ in seen if what]
+    assert sorted({w for _, w in starts}) == ["tome: r for 0.5 x dense", "topk: keep_rate for 0.5 x dense"]
+    assert all(total == 3 for _, total, _, _ in seen) and seen[-1][:3] == (3, 3, "")
+    assert [d for d, _ in starts] == sorted(d for d, _ in starts) and {d for d, _ in starts} == set(range(3))
+    counts = [c for *_, c in seen]
+    assert counts == sorted(counts) and counts[-1] > 0  # fvcore counts made, reported as they are made
+
+
+def test_cli_search_bar_on_a_terminal(tmp_path):
+    code, _, err = _run_on_a_terminal("run", "--model", TINY, "-m", "topk", "--flops-targets", "0.6",
+                                      "--measure", "flops", "--out", str(tmp_path / "o"), "--no-plots")
+    assert code == 0, err
+    assert re.search(r"1/1 searches \(\d+ fvcore counts\)", err), err[-2000:]
 
 
 # --------------------------------------------------------------------------- 14: claims

@@ -589,6 +589,7 @@ class FlopsSearch:
         self._bases: dict[tuple, Any] = {}
         self._cands: dict[str, Any] = {}
         self.counts = 0  # fvcore counts made (not cached)
+        self.on_count: Optional[Callable[[int], None]] = None  # told the running total after each count
 
     # ----------------------------------------------------------- models and counting
     def base(self, model: str, img_size: Optional[int]):
@@ -645,6 +646,8 @@ class FlopsSearch:
                 torch.set_num_threads(threads)
             self.counts += 1
             self.save()
+            if self.on_count:
+                self.on_count(self.counts)
         return self.cache[key]
 
     def dense(self, model: str, img_size: Optional[int]) -> float:
@@ -878,11 +881,46 @@ class FlopsSearch:
 
 # --------------------------------------------------------------------------- expansion
 
-def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
-    """Every run of the sweep (dense first), matched-FLOPs values found by ``searcher``."""
+def _entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
+    """The FLOPs targets an entry's knob is searched for."""
+    if e.flops_targets is not None:
+        return e.flops_targets
+    sp = cls.search_param
+    return sw.flops_targets if (sp and sp not in e.grid) else []
+
+
+def count_searches(sw: Sweep) -> int:
+    """How many matched-FLOPs searches :func:`expand` makes (each answered from the cache when it can)."""
+    from .registry import get_method
+
+    n = 0
+    for e in sw.methods:
+        cls = get_method(e.method)
+        combos = math.prod(len(v) for k, v in e.grid.items() if k != cls.search_param)
+        n += combos * len(_entry_targets(sw, e, cls))
+    return n * len(sw.models)
+
+
+def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
+           on_search: Optional[Callable[[int, int, str, int], None]] = None) -> list[Run]:
+    """Every run of the sweep (dense first), matched-FLOPs values found by ``searcher``.
+
+    ``on_search(done, total, what, counts)`` is called before each search (``what``: method, knob,
+    target and model), after each fvcore count it makes (``counts``: made so far) and once at the
+    end (``done == total``)."""
     from .registry import get_method
 
     searcher = searcher or FlopsSearch()
+    n_searches = count_searches(sw) if on_search else 0
+    now = {"done": 0, "what": ""}
+
+    def tell(counts: Optional[int] = None) -> None:
+        if on_search:
+            on_search(now["done"], n_searches, now["what"], searcher.counts if counts is None else counts)
+
+    outer_on_count = searcher.on_count
+    if on_search:
+        searcher.on_count = tell
     runs: list[Run] = []
     seen: dict[str, Run] = {}
 
@@ -907,10 +945,7 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
             pnames = [p.name for p in cls.params]
             seed_p = "seed" if (not cls.deterministic and "seed" in pnames and "seed" not in e.grid) else None
             seeds = (e.seeds or sw.seeds) if seed_p else [None]
-            if e.flops_targets is not None:
-                targets = e.flops_targets
-            else:
-                targets = sw.flops_targets if (sp and sp not in e.grid) else []
+            targets = _entry_targets(sw, e, cls)
             others = {k: v for k, v in e.grid.items() if k != sp}
             keys = list(others)
             for combo in itertools.product(*(others[k] for k in keys)):
@@ -921,10 +956,14 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
                     values += [(v, [], None) for v in e.grid[sp]]
                 ck_vals = [json.loads(k) for k in e.checkpoints]
                 for t in targets:
+                    now["what"] = f"{e.label}: {sp} for {t:g} x dense" + (
+                        f" on {model}" if len(sw.models) > 1 else "")
+                    tell()
                     fixed_s = {**fixed, **({seed_p: seeds[0]} if seed_p else {})}
                     res = searcher.search(model, sw.img_size, cls, fixed_s, sp, t, sw.flops_tolerance,
                                           preferred=ck_vals)
                     values.append((res.value, [t], res.as_dict()))
+                    now["done"] += 1
                 if not values:
                     values.append((None, [], None))
                 chosen = {json.dumps(v) for v, _, _ in values}
@@ -945,6 +984,9 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
                         add(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,
                                 pretrained=sw.pretrained, checkpoint=ck, targets=list(tg),
                                 search=dict(info) if info else None, seed_param=seed_p, seed_index=i))
+    now["what"] = ""
+    tell()
+    searcher.on_count = outer_on_count
     return runs
 
 
@@ -1082,9 +1124,12 @@ def _await_claimed(sw: Sweep, claimed: list, store, force: bool, on_step, on_not
     return steps
 
 
-def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple[Path, list[Run], list[dict],
-                                                                                    FlopsSearch]:
-    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan."""
+def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
+            on_search: Optional[Callable[[int, int, str, int], None]] = None) -> tuple[Path, list[Run],
+                                                                                      list[dict], FlopsSearch]:
+    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan.
+
+    ``on_search(done, total, what, counts)`` follows the matched-FLOPs searches (see :func:`expand`)."""
     out = Path(out) if out else sw.out_dir()
     from .store import Store, ensure_writable_dir
 
@@ -1092,7 +1137,7 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple
     ensure_writable_dir(out, "output directory")  # the plan, the FLOPs cache, the tables
     searcher = FlopsSearch(out / CACHE_FILE, force=force)
     preflight(sw, searcher)
-    runs = expand(sw, searcher)
+    runs = expand(sw, searcher, on_search=on_search)
     keys = [run_keys(r, sw) for r in runs]
     write_plan(out, sw, runs, keys)
     return out, runs, keys, searcher
