@@ -239,6 +239,7 @@ class Claim:
 
     def __init__(self, directory: str | os.PathLike, key: str, stale_after: float = 900.0,
                  heartbeat: float = 30.0):
+        self.key = key
         self.path = Path(directory) / f"{key}.claim"
         self.stale_after = stale_after
         self.heartbeat = heartbeat

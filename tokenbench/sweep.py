@@ -1104,21 +1104,20 @@ def _await_claimed(sw: Sweep, claimed: list, store, force: bool, on_step, on_not
     import sys
     import time
 
-    if not claimed:
-        return []
-    h = claimed[0][2].holder or {}
-    (on_note or (lambda m: print(m, file=sys.stderr, flush=True)))(
-        f"waiting for {len(claimed)} measurement(s) another runner is making (pid {h.get('pid', '?')} on "
-        f"{h.get('host', '?')} since {h.get('since', '?')}; claims in {claimed[0][2].path.parent})")
+    missing = [c for _, _, c in claimed if not store.has(c.key)]
+    if missing:
+        h = missing[0].holder or {}
+        (on_note or (lambda m: print(m, file=sys.stderr, flush=True)))(
+            f"waiting for {len(missing)} measurement(s) another runner is making (pid {h.get('pid', '?')} on "
+            f"{h.get('host', '?')} since {h.get('since', '?')}; claims in {missing[0].path.parent})")
     steps: list[Step] = []
     for run, kind, claim in claimed:
         if on_step:
             on_step(done + len(steps), total, run, f"{kind}: waiting for another runner")
-        key = claim.path.name[: -len(".claim")]
-        while (rec := store.get(key)) is None and not claim.is_free():
+        while (rec := store.get(claim.key)) is None and not claim.is_free():
             time.sleep(1.0)
         if rec is not None:
-            steps.append(Step(run, kind, key, True))
+            steps.append(Step(run, kind, rec["key"], True))
         else:  # the other runner gave up without a record: measure it here
             steps += execute(replace(sw, measure=[kind]), [run], store, force=force, on_note=on_note)
     return steps
