@@ -804,6 +804,7 @@ def test_two_concurrent_writers_record_every_run_once(tmp_path):
     planned = [k for r in plan["runs"] for k in r["keys"].values()]
     assert ra["runs"] == rb["runs"] == len(plan["runs"])
     assert ra["measured"] + ra["reused"] == rb["measured"] + rb["reused"] == len(planned)
+    assert ra["measured"] + rb["measured"] == len(set(planned))  # each run claimed, so measured once
     files = [p.stem for p in _records(out)]
     assert sorted(files) == sorted(set(planned))
     from tokenbench.store import Store

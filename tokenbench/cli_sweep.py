@@ -47,6 +47,45 @@ def _public_row(r: dict) -> dict:
     return out
 
 
+def _search_progress(console):
+    """The matched-FLOPs search's bar: what is searched, searches done of all, fvcore counts made."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True,
+                                                                                             overflow="ellipsis")),
+                    BarColumn(bar_width=10), MofNCompleteColumn(), TextColumn("searches ({task.fields[counts]} "
+                                                                              "fvcore counts)"),
+                    TimeElapsedColumn(), console=console, transient=True, expand=True)
+
+
+def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, retime=None):
+    """``sweep.execute`` under a bar of the measurements still to make (reused ones are not
+    counted, so the time left is that of the measuring), with the run being measured."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.table import Column
+
+    todo = {k for kk in keys for k in kk.values() if force or k in (retime or ()) or not store.has(k)}
+    index = {id(r): i for i, r in enumerate(runs)}
+    reached: set[str] = set()
+    with Progress(TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                  BarColumn(bar_width=12), MofNCompleteColumn(), TextColumn("measurements"), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), console=console, expand=True) as prog:
+        task = prog.add_task(f"{len(runs)} runs", total=len(todo))
+
+        def on_step(i, total, run, kind):
+            if run is None:
+                prog.update(task, completed=len(todo), description="writing tables and plots")
+                return
+            key = keys[index[id(run)]].get(kind.split(":")[0]) if id(run) in index else None
+            prog.update(task, completed=len((reached - {key}) & todo), description=f"{run.name} [{kind}]")
+            reached.add(key)
+
+        return sw_mod.execute(spec, runs, store, force=force, on_step=on_step, retime=retime,
+                              on_note=lambda m: console.print(m, markup=False, highlight=False))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
@@ -103,7 +142,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from . import sweep as sw_mod
-        from .report import summary_table, write_report
+        from .report import ensure_report_writable, summary_table, write_report
         from .store import Store
 
         if method and sweep:
@@ -138,8 +177,14 @@ def register(app: typer.Typer) -> None:
         if quiet:
             out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
         else:
-            with err.status("expanding the sweep (matched-FLOPs search)..."):
-                out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
+            with _search_progress(err) as prog:
+                task = prog.add_task("checking models, methods, data", total=None, counts=0)
+
+                def on_search(done, total, what, counts):
+                    prog.update(task, completed=done, total=total or None, counts=counts,
+                                description=what or "writing the plan")
+
+                out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, on_search=on_search)
         if dry_run:
             plan = [{"name": r.name, "model": r.model, "method": r.method, "params": r.params,
                      "checkpoint": r.checkpoint, "targets": r.targets, "search": r.search,
@@ -159,22 +204,13 @@ def register(app: typer.Typer) -> None:
             Console(width=None if sys.stdout.isatty() else 160).print(t)
             return
 
+        ensure_report_writable(out_dir, plots)
         store = Store(out_dir)
         retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
         if quiet:
             steps = sw_mod.execute(spec, runs, store, force=force, retime=retime)
         else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), console=err) as prog:
-                task = prog.add_task("sweep", total=sum(len(sw_mod.kinds_for(r, spec)) for r in runs))
-
-                def on_step(i, total, run, kind):
-                    desc = f"{run.name} [{kind}]" if run is not None else "done"
-                    prog.update(task, completed=i, description=desc[:70])
-
-                steps = sw_mod.execute(spec, runs, store, force=force, on_step=on_step, retime=retime)
+            steps = _execute_with_progress(sw_mod, spec, runs, keys, store, force, err, retime)
         res = write_report(out_dir, plots=plots)
         measured = sum(1 for s in steps if not s.reused)
         reused = len(steps) - measured
@@ -187,8 +223,8 @@ def register(app: typer.Typer) -> None:
         Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
         for n in res["notes"]:
             typer.echo(f"warning: {n}", err=True)
-        typer.echo(f"{len(runs)} runs: {measured} measurements made, {reused} reused; "
-                   f"tables and plots in {out_dir}/")
+        typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
+                   f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else ""))
 
     @app.command("compare")
     def compare_cmd(
@@ -238,4 +274,5 @@ def register(app: typer.Typer) -> None:
         Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
         for n in res["notes"]:
             typer.echo(f"warning: {n}", err=True)
-        typer.echo(f"tables and plots in {directory}/")
+        typer.echo(f"the full table is {directory / 'results.md'}" +
+                   (f", plots in {directory / 'plots'}/" if plots else ""))

@@ -688,6 +688,19 @@ def _yerr(rows):
 
 # --------------------------------------------------------------------------- the report
 
+def ensure_report_writable(out: str | os.PathLike, plots: bool = True) -> None:
+    """Refuse, before measuring or reading anything, an ``out`` the tables or plots could not be written to."""
+    from .store import ensure_writable_dir
+
+    out = Path(out)
+    ensure_writable_dir(out, "output directory")
+    for name in TABLE_FILES:
+        if (out / name).is_dir():
+            raise UserError(f"cannot write {out / name}: it is a directory")
+    if plots:
+        ensure_writable_dir(out / "plots", "plots directory")
+
+
 def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
     """Write the tables and plots of ``out`` from its records; returns the rows and paths."""
     from .store import atomic_write_text
@@ -695,6 +708,7 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"results directory {out} does not exist")
+    ensure_report_writable(out, plots)
     res = collect(out)
     files = []
     for name, fn in (("results.md", markdown), ("results.csv", csv_text), ("results.tex", latex)):
@@ -710,21 +724,43 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
     return res
 
 
+SUMMARY_COLUMNS = ("Method", "Setting", "FLOPs", "Speedup", "Top-1 % [95% CI]", "Flags")
+
+
 def summary_table(res: dict):
-    """A rich table of the display rows, for the terminal."""
+    """A compact rich table of the display rows for the terminal (the full table is results.md).
+
+    At most six columns, which fit 80: numbers are never cut; the setting (parameters, seeds,
+    learned parts), the flags and a seed-averaged top-1's interval wrap onto further lines."""
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=f"tokenbench: {Path(res['out'])}", show_lines=False)
-    cols = ["Method", "Params", "Target", "GFLOPs", "FLOPs", "img/s [q1, q3]", "Speedup [q1, q3]", "Top-1 % [95% CI]",
-            "Learned", "McNemar p (b/c)", "Flags"]
     multi = len(_models(res["display"])) > 1
-    if multi:
-        t.add_column("Model")
-    for c in cols:
-        t.add_column(c, overflow="fold")
+    rows = []
     for r in res["display"]:
         c = display_cells(r)
-        t.add_row(*(([r["model"]] if multi else []) + [c[k] for k in cols]))
+        setting = c["Params"] if c["Params"] != "–" else ""
+        if r.get("learned") not in (None, "none"):
+            setting += ("; " if setting else "") + r["learned"]
+        top1 = _f(r.get("top1"), ".2f")
+        if r["row_type"] == "mean" and r.get("top1_std") is not None:
+            top1 += f"±{r['top1_std']:.2f}"
+        if r.get("top1_lo") is not None:
+            top1 += f" [{r['top1_lo']:.1f}–{r['top1_hi']:.1f}]"  # no space inside: it wraps before the interval
+        rows.append(([r["model"]] if multi else []) +
+                    [c["Method"], setting or "–", c["FLOPs"], c["Speedup [q1, q3]"].split(" [")[0], top1,
+                     c["Flags"]])
+    cols = (["Model"] if multi else []) + list(SUMMARY_COLUMNS)
+    # columns nothing was measured for (a FLOPs-only sweep's speedup and top-1) are left out
+    shown = [j for j, c in enumerate(cols)
+             if c in ("Method", "Setting") or any(row[j] not in ("–", "") for row in rows)]
+    t = Table(title=f"tokenbench: {Path(res['out'])}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for j in shown:
+        c = cols[j]
+        t.add_column(c, no_wrap=c in ("Method", "FLOPs", "Speedup"), justify="right" if c in ("FLOPs", "Speedup")
+                     else "left", overflow="fold", min_width={"Setting": 16, "Top-1 % [95% CI]": 17}.get(c))
+    for row in rows:
+        t.add_row(*(row[j] for j in shown))
     return t
 
 

@@ -90,6 +90,38 @@ def _checksum(rec: dict) -> str:
     return hashlib.sha256(canonical(body).encode()).hexdigest()
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Refuse (``UserError``), before anything is measured, a directory that files could not be written in.
+
+    The directory, or its nearest existing ancestor when it is still to be created, must be a
+    directory that a file can be created in.  ``os.access`` answers from the permission bits
+    (and says yes to root), while read-only mounts, ACLs and network or FUSE file systems
+    may still refuse, so a temporary file is created there and removed at once: a refused
+    command leaves the file system as it was.
+    """
+    from .errors import UserError
+
+    path = Path(path)
+    d = path
+    while not d.exists():
+        if d.is_symlink():  # a dangling link
+            raise UserError(f"cannot create {what} {path}: {d} is a broken link")
+        if d.parent == d:
+            break
+        d = d.parent
+    if not d.is_dir():
+        raise UserError(f"cannot create {what} {path}: {d} is not a directory")
+    where = "is not writable" if d == path else f"cannot be created ({d} is not writable)"
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} {where}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".tokenbench-write-test.")
+    except OSError as e:
+        raise UserError(f"{what} {path} {where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 class Store:
     """One JSON file per record under ``<root>/records/``, written atomically.
 
@@ -104,25 +136,12 @@ class Store:
         self.dir = self.root / "records"
 
     def ensure_writable(self) -> None:
-        """Refuse, before anything is measured, a results directory that could not be written.
+        """Refuse, before anything is measured, a results directory whose records could not be written."""
+        ensure_writable_dir(self.dir, "results directory")
 
-        Creates nothing (a refused command leaves the file system as it was): the
-        directory, or its nearest existing ancestor, must be a writable directory.
-        """
-        from .errors import UserError
-
-        d = self.dir
-        while not d.exists():
-            if d.is_symlink():  # a dangling link
-                raise UserError(f"cannot create results directory {self.dir}: {d} is a broken link")
-            if d.parent == d:
-                break
-            d = d.parent
-        if not d.is_dir():
-            raise UserError(f"cannot create results directory {self.dir}: {d} is not a directory")
-        if not os.access(d, os.W_OK | os.X_OK):
-            what = "is not writable" if d == self.dir else f"cannot be created ({d} is not writable)"
-            raise UserError(f"results directory {self.dir} {what}")
+    def claim(self, key: str, **options) -> "Claim":
+        """An exclusive claim on measuring ``key`` (see :class:`Claim`); use as a context manager."""
+        return Claim(self.root / "claims", key, **options)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
@@ -139,6 +158,9 @@ class Store:
         except OSError as e:
             raise UserError(f"cannot write record {p}: {e.strerror or e}") from None
         return p
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
 
     def put_copy(self, rec: dict) -> Path:
         """Write a record read from another store, unchanged (its checksum and provenance kept)."""
@@ -209,3 +231,150 @@ class Store:
             row.update({f"meta.{k}": v for k, v in rec.get("meta", {}).items()})
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- claims
+
+class Claim:
+    """An exclusive claim on measuring one record: ``<claims>/<key>.claim``, made with O_CREAT|O_EXCL.
+
+    Two runners of one sweep on one directory then measure each run once: the one that
+    holds the claim measures, the other goes on with other runs and waits for the
+    record at the end.  The file says who holds it (host, pid, start time); the holder
+    refreshes its time stamp every ``heartbeat`` seconds and removes it when done, also
+    on an error or Ctrl-C.  A claim whose process is gone (same host) or whose time stamp
+    is older than ``stale_after`` seconds (a runner killed on another host) is stale and
+    taken over.
+
+        with store.claim(key) as claim:
+            if claim.held:
+                ...measure and store the record...
+    """
+
+    def __init__(self, directory: str | os.PathLike, key: str, stale_after: float = 900.0,
+                 heartbeat: float = 30.0):
+        self.key = key
+        self.path = Path(directory) / f"{key}.claim"
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
+        self.held = False
+        self.holder: Optional[dict] = None  # who holds it, when another runner does
+        self._mine = b""
+        self._stop = None
+
+    # ----------------------------------------------------------- taking and giving back
+    def acquire(self) -> bool:
+        """Take the claim if it is free or stale; ``held`` says whether it is ours."""
+        import threading
+
+        for _ in range(3):  # a stale claim is moved aside, then taken afresh
+            if self._create():
+                self.held = True
+                self._stop = threading.Event()
+                threading.Thread(target=self._beat, args=(self._stop,), daemon=True).start()
+                return True
+            seen = self._read()
+            if seen is None:
+                continue  # released meanwhile
+            self.holder = self._info(seen)
+            if not self._stale(seen):
+                return False
+            self._take_over(seen)
+        return False
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        self._stop.set()
+        if self._read() == self._mine:  # not taken over meanwhile
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "Claim":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def is_free(self) -> bool:
+        """Whether nobody (alive) holds the claim now."""
+        seen = self._read()
+        return seen is None or self._stale(seen)
+
+    # ----------------------------------------------------------- the file
+    def _create(self) -> bool:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "nonce": os.urandom(8).hex()}
+        data = (json.dumps(me) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            from .errors import UserError
+
+            raise UserError(f"cannot claim {self.path}: {e.strerror or e}") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self._mine = data
+        return True
+
+    def _read(self) -> Optional[bytes]:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _info(seen: bytes) -> dict:
+        try:
+            info = json.loads(seen)
+            return info if isinstance(info, dict) else {}
+        except ValueError:
+            return {}  # being written, or damaged
+
+    def _age(self) -> float:
+        try:
+            return _time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _stale(self, seen: bytes) -> bool:
+        info = self._info(seen)
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            try:
+                os.kill(info["pid"], 0)
+            except ProcessLookupError:
+                return True  # its process is gone
+            except PermissionError:
+                pass  # alive, another user's
+        return self._age() > self.stale_after
+
+    def _take_over(self, seen: bytes) -> None:
+        """Move a stale claim aside; put it back if it changed meanwhile (someone else took it over)."""
+        aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if aside.read_bytes() != seen:
+                os.link(aside, self.path)  # fails, rather than overwrite, if a claim is there again
+        except OSError:
+            pass
+        finally:
+            os.unlink(aside)
+
+    def _beat(self, stop) -> None:
+        while not stop.wait(self.heartbeat):
+            if self._read() != self._mine:
+                return
+            try:
+                os.utime(self.path)
+            except OSError:
+                return

@@ -72,7 +72,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -611,6 +611,7 @@ class FlopsSearch:
         self._bases: dict[tuple, Any] = {}
         self._cands: dict[str, Any] = {}
         self.counts = 0  # fvcore counts made (not cached)
+        self.on_count: Optional[Callable[[int], None]] = None  # told the running total after each count
 
     # ----------------------------------------------------------- models and counting
     def base(self, model: str, img_size: Optional[int]):
@@ -671,6 +672,8 @@ class FlopsSearch:
                 torch.set_num_threads(threads)
             self.counts += 1
             self.save()
+            if self.on_count:
+                self.on_count(self.counts)
         return self.cache[key]
 
     def dense(self, model: str, img_size: Optional[int]) -> float:
@@ -905,11 +908,46 @@ class FlopsSearch:
 
 # --------------------------------------------------------------------------- expansion
 
-def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
-    """Every run of the sweep (dense first), matched-FLOPs values found by ``searcher``."""
+def _entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
+    """The FLOPs targets an entry's knob is searched for."""
+    if e.flops_targets is not None:
+        return e.flops_targets
+    sp = cls.search_param
+    return sw.flops_targets if (sp and sp not in e.grid) else []
+
+
+def count_searches(sw: Sweep) -> int:
+    """How many matched-FLOPs searches :func:`expand` makes (each answered from the cache when it can)."""
+    from .registry import get_method
+
+    n = 0
+    for e in sw.methods:
+        cls = get_method(e.method)
+        combos = math.prod(len(v) for k, v in e.grid.items() if k != cls.search_param)
+        n += combos * len(_entry_targets(sw, e, cls))
+    return n * len(sw.models)
+
+
+def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
+           on_search: Optional[Callable[[int, int, str, int], None]] = None) -> list[Run]:
+    """Every run of the sweep (dense first), matched-FLOPs values found by ``searcher``.
+
+    ``on_search(done, total, what, counts)`` is called before each search (``what``: method, knob,
+    target and model), after each fvcore count it makes (``counts``: made so far) and once at the
+    end (``done == total``)."""
     from .registry import get_method
 
     searcher = searcher or FlopsSearch()
+    n_searches = count_searches(sw) if on_search else 0
+    now = {"done": 0, "what": ""}
+
+    def tell(counts: Optional[int] = None) -> None:
+        if on_search:
+            on_search(now["done"], n_searches, now["what"], searcher.counts if counts is None else counts)
+
+    outer_on_count = searcher.on_count
+    if on_search:
+        searcher.on_count = tell
     runs: list[Run] = []
     seen: dict[str, Run] = {}
 
@@ -934,10 +972,7 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
             pnames = [p.name for p in cls.params]
             seed_p = "seed" if (not cls.deterministic and "seed" in pnames and "seed" not in e.grid) else None
             seeds = (e.seeds or sw.seeds) if seed_p else [None]
-            if e.flops_targets is not None:
-                targets = e.flops_targets
-            else:
-                targets = sw.flops_targets if (sp and sp not in e.grid) else []
+            targets = _entry_targets(sw, e, cls)
             others = {k: v for k, v in e.grid.items() if k != sp}
             keys = list(others)
             for combo in itertools.product(*(others[k] for k in keys)):
@@ -948,10 +983,14 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
                     values += [(v, [], None) for v in e.grid[sp]]
                 ck_vals = [json.loads(k) for k in e.checkpoints]
                 for t in targets:
+                    now["what"] = f"{e.label}: {sp} for {t:g} x dense" + (
+                        f" on {model}" if len(sw.models) > 1 else "")
+                    tell()
                     fixed_s = {**fixed, **({seed_p: seeds[0]} if seed_p else {})}
                     res = searcher.search(model, sw.img_size, cls, fixed_s, sp, t, sw.flops_tolerance,
                                           preferred=ck_vals)
                     values.append((res.value, [t], res.as_dict()))
+                    now["done"] += 1
                 if not values:
                     values.append((None, [], None))
                 chosen = {json.dumps(v) for v, _, _ in values}
@@ -972,6 +1011,9 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None) -> list[Run]:
                         add(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,
                                 pretrained=sw.pretrained, checkpoint=ck, targets=list(tg),
                                 search=dict(info) if info else None, seed_param=seed_p, seed_index=i))
+    now["what"] = ""
+    tell()
+    searcher.on_count = outer_on_count
     return runs
 
 
@@ -1031,7 +1073,10 @@ def write_plan(out: Path, sw: Sweep, runs: list[Run], keys: list[dict]) -> Path:
     from .store import atomic_write_text
 
     p = Path(out) / PLAN_FILE
-    atomic_write_text(p, json.dumps(plan_dict(sw, runs, keys), indent=1, default=str) + "\n")
+    try:
+        atomic_write_text(p, json.dumps(plan_dict(sw, runs, keys), indent=1, default=str) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
     return p
 
 
@@ -1059,12 +1104,14 @@ class Step:
 
 def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
             on_step: Optional[Callable[[int, int, Run, str], None]] = None,
+            on_note: Optional[Callable[[str], None]] = None,
             retime: Optional[set[str]] = None) -> list[Step]:
     """Measure every run and kind not already in ``store`` (all of them with ``force``).
 
     Records found in the sweep's ``reference`` directory are copied, not measured.
     ``retime``: keys of timing records to measure again although recorded (``--retime-flagged``).
-    """
+    Each measurement is claimed first (:meth:`Store.claim`): one that another runner of the
+    same directory is measuring is left to it, and waited for at the end."""
     from .runner import Loaded, measure_run
     from .store import Store
 
@@ -1074,6 +1121,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     total = sum(len(kinds_for(r, sw)) for r in runs)
     steps: list[Step] = []
     dense_loaded: dict[str, Loaded] = {}
+    claimed: list[tuple[Run, str, Any]] = []  # (run, kind, claim) another runner holds
     i = 0
     for run in runs:
         loaded = Loaded(run.spec())
@@ -1088,22 +1136,27 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
                 ident = canonical_spec(base)
                 dense_loaded.setdefault(ident, Loaded(base))
                 extra = {"baseline": base, "baseline_loaded": dense_loaded[ident]}
-            if kind == "flops":
-                import torch
+            with store.claim(keys[kind]) as claim:
+                if not claim.held:
+                    claimed.append((run, kind, claim))
+                    continue
+                if kind == "flops":
+                    import torch
 
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
-                try:
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+                    try:
+                        rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
+                                                  reference=reference)
+                    finally:
+                        torch.set_num_threads(threads)
+                else:
                     rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
-                                              reference=reference)
-                finally:
-                    torch.set_num_threads(threads)
-            else:
-                rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
-                                          reference=reference, **extra)
+                                              reference=reference, **extra)
             steps.append(Step(run, kind, rec["key"], reused))
             i += 1
         del loaded
+    steps += _await_claimed(sw, claimed, store, force, on_step, on_note, done=i, total=total)
     if on_step:
         on_step(total, total, None, "")
     return steps
@@ -1127,18 +1180,47 @@ def flagged_timing_keys(store, keys: list[dict]) -> set[str]:
     return out
 
 
-def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False) -> tuple[Path, list[Run], list[dict],
-                                                                                    FlopsSearch]:
-    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan."""
+def _await_claimed(sw: Sweep, claimed: list, store, force: bool, on_step, on_note, done: int,
+                   total: int) -> list[Step]:
+    """The measurements other runners held: wait for their records; measure those given up."""
+    import sys
+    import time
+
+    missing = [c for _, _, c in claimed if not store.has(c.key)]
+    if missing:
+        h = missing[0].holder or {}
+        (on_note or (lambda m: print(m, file=sys.stderr, flush=True)))(
+            f"waiting for {len(missing)} measurement(s) another runner is making (pid {h.get('pid', '?')} on "
+            f"{h.get('host', '?')} since {h.get('since', '?')}; claims in {missing[0].path.parent})")
+    steps: list[Step] = []
+    for run, kind, claim in claimed:
+        if on_step:
+            on_step(done + len(steps), total, run, f"{kind}: waiting for another runner")
+        while (rec := store.get(claim.key)) is None and not claim.is_free():
+            time.sleep(1.0)
+        if rec is not None:
+            steps.append(Step(run, kind, rec["key"], True))
+        else:  # the other runner gave up without a record: measure it here
+            steps += execute(replace(sw, measure=[kind]), [run], store, force=force, on_note=on_note)
+    return steps
+
+
+def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
+            on_search: Optional[Callable[[int, int, str, int], None]] = None) -> tuple[Path, list[Run],
+                                                                                      list[dict], FlopsSearch]:
+    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan.
+
+    ``on_search(done, total, what, counts)`` follows the matched-FLOPs searches (see :func:`expand`)."""
     out = Path(out) if out else sw.out_dir()
-    from .store import Store
+    from .store import Store, ensure_writable_dir
 
     Store(out).ensure_writable()
+    ensure_writable_dir(out, "output directory")  # the plan, the FLOPs cache, the tables
     ref = sw.reference_dir()
     searcher = FlopsSearch(out / CACHE_FILE, force=force,
                            seed_path=(ref / CACHE_FILE) if ref is not None else None)
     preflight(sw, searcher)
-    runs = expand(sw, searcher)
+    runs = expand(sw, searcher, on_search=on_search)
     keys = [run_keys(r, sw) for r in runs]
     write_plan(out, sw, runs, keys)
     return out, runs, keys, searcher
