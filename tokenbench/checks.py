@@ -116,7 +116,8 @@ def for_run(kind: str, spec: dict, net, prov: dict) -> list[str]:
     from .data import _model_input
 
     mi = _model_input(net)
-    input_size(spec.get("img_size"), mi["img_size"], mi["patch_size"], spec["model"])
+    if mi["patch_size"]:  # a patch-embedding model (others take any size)
+        input_size(spec.get("img_size"), mi["img_size"], mi["patch_size"], spec["model"])
     if kind != "accuracy":
         return []
     return (weights_warnings(spec["method"], prov.get("learned_parts"), prov.get("weights"))
