@@ -2,10 +2,16 @@
 
 The same sites and counts as ``topk`` (inside blocks 3, 6 and 9 of a 12-block ViT,
 between attention and MLP, ``int(N0 * keep_rate ** s)`` patch tokens at stage ``s``),
-the subset drawn independently per image.  A generator seeded from ``seed`` is reset at
-the start of every forward, on the input's device, so the same seed and input give the
-same output.  Prefix tokens (if any) are always kept; no class token is needed, and
-average pooling needs no size weighting since nothing is merged.
+the subset drawn independently per image.  Prefix tokens (if any) are always kept; no
+class token is needed, and average pooling needs no size weighting since nothing is merged.
+
+Each image's choice is a function of the seed and the image alone: every token gets a
+score from a counter-based integer hash of (seed, stage, image id, token position), and
+the highest-scoring tokens are kept.  The image id is the image's index in the evaluated
+set (:func:`tokenbench.vit.image_ids`, set by the evaluation loop; ``0 .. B-1`` when
+nobody set it), so predictions do not depend on the evaluation batch size.  The hash is
+plain tensor arithmetic (no generator state, no ``.item()``): vectorised, and the same on
+every device.
 
 Kept tokens stay in their original (spatial) order.
 """
@@ -17,20 +23,44 @@ import torch
 from tokenbench import vit
 from tokenbench.registry import Method, Param, register
 
+_M32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B      # < 2**27: a 32-bit value times it stays inside int64
+_STEP = 0x9E3779B9    # the golden-ratio increment between consecutive tokens
 
 
-
-def _make_on_start(seed: int):
-    def on_start(model, x, st: vit.TokenState) -> None:
-        st.extra["random_n0"] = x.shape[1] - st.n_prefix
-        g = torch.Generator(device=x.device)
-        g.manual_seed(seed)
-        st.extra["random_gen"] = g
-    return on_start
+def mix32(h):
+    """A 32-bit integer hash (two multiply-xorshift rounds), on Python ints or int64 tensors
+    holding values in [0, 2**32)."""
+    h = ((h >> 16) ^ h) * _MUL & _M32
+    h = ((h >> 16) ^ h) * _MUL & _M32
+    return (h >> 16) ^ h
 
 
-def _make_hook(stage: int, keep_rate: float):
+def stage_key(seed: int, stage: int) -> int:
+    """The 32-bit key of one seed and pruning stage (the seed's low and high 32 bits both count)."""
+    h = mix32(stage + 1)
+    for shift in (0, 32):
+        h = mix32(h ^ ((seed >> shift) & _M32))
+    return h
+
+
+def token_scores(key: int, image_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] int64 scores, distinct within each row: the hash of (key, image id, position),
+    with the position in the low bits to break ties."""
+    ids = image_ids.to(torch.int64)
+    h = mix32(mix32((ids & _M32) ^ key) ^ ((ids >> 32) & _M32))               # [B]
+    pos = torch.arange(n, device=ids.device, dtype=torch.int64)
+    u = mix32((h[:, None] + pos * _STEP) & _M32)                             # [B, n]
+    return u * 65536 + pos
+
+
+def _on_start(model, x, st: vit.TokenState) -> None:
+    st.extra["random_n0"] = x.shape[1] - st.n_prefix
+
+
+def _make_hook(stage: int, keep_rate: float, seed: int):
     ratio = keep_rate ** (stage + 1)
+    key = stage_key(seed, stage)
 
     def hook(block, x: torch.Tensor, st: vit.TokenState, info) -> torch.Tensor:
         npf = st.n_prefix
@@ -38,8 +68,8 @@ def _make_hook(stage: int, keep_rate: float):
         k = max(1, int(st.extra["random_n0"] * ratio))
         if k >= n - npf:  # nothing to prune (keep_rate == 1)
             return x
-        noise = torch.rand(b, n - npf, generator=st.extra["random_gen"], device=x.device)
-        keep_idx = noise.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        score = token_scores(key, st.image_ids.to(x.device), n - npf)
+        keep_idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         if npf:
             prefix = torch.arange(npf, device=x.device, dtype=keep_idx.dtype).expand(b, npf)
             keep_idx = torch.cat([prefix, keep_idx + npf], dim=1)
@@ -55,7 +85,7 @@ class RandomPrune(Method):
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
               min=0.0, max=1.0, min_exclusive=True),
-        Param("seed", "int", 0, "seed of the random choice (reset at every forward)"),
+        Param("seed", "int", 0, "seed of the random choice (each image's choice depends on it and the image alone)"),
     )
     learned = False
     needs_class_token = False
@@ -64,9 +94,9 @@ class RandomPrune(Method):
 
     def apply(self, model, keep_rate: float = 0.7, seed: int = 0, **params):
         plan = vit.prepare(model, self.name)
-        plan.on_start.append(_make_on_start(seed))
+        plan.on_start.append(_on_start)
         for s, i in enumerate(vit.depth_sites(len(model.blocks))):
-            plan.mid[i] = _make_hook(s, keep_rate)
+            plan.mid[i] = _make_hook(s, keep_rate, seed)
         return model
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):

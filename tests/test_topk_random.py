@@ -1,6 +1,7 @@
 """topk and random pruning: against slow references, schedules, seeds, parameters."""
 
 import math
+import sys
 
 import pytest
 import timm
@@ -186,23 +187,20 @@ def test_topk_refuses_model_without_class_token():
 
 # --------------------------------------------------------------------------- random
 
-def seeded_choice(seed, batch, n_patches_per_stage):
-    """The adapter's draw: one generator seeded at the start of the forward, [B, N] uniform noise per
-    stage; each image keeps its k highest-noise tokens."""
-    g = torch.Generator().manual_seed(seed)
-    noise = []
+def seeded_choice(seed, image_ids=None):
+    """The adapter's draw, one image and one token at a time with Python integers: token j of
+    image i at stage s scores hash(seed, s, i, j), and each image keeps its k best tokens."""
+    registry.load_methods()
+    rnd = sys.modules["tokenbench_methods.random"]
+    m32 = 0xFFFFFFFF
 
     def choose(b, s, row, k):
-        while len(noise) <= s:
-            noise.append(torch.rand(batch, n_patches_per_stage[len(noise)], generator=g))
-        r = noise[s][b]
-        return sorted(range(len(r)), key=lambda j: -float(r[j]))[:k]
+        i = b if image_ids is None else image_ids[b]
+        h = rnd.mix32(rnd.mix32((i & m32) ^ rnd.stage_key(seed, s)) ^ ((i >> 32) & m32))
+        score = [rnd.mix32((h + j * 0x9E3779B9) & m32) * 65536 + j for j in range(len(row))]
+        return sorted(range(len(row)), key=lambda j: -score[j])[:k]
 
     return choose
-
-
-def _patch_counts(n0, keep_rate):
-    return [n0, int(n0 * keep_rate), int(n0 * keep_rate ** 2)]
 
 
 @pytest.mark.parametrize("kw", [{}, {"class_token": False, "global_pool": "avg"}])
@@ -211,9 +209,22 @@ def test_random_matches_reference(kw):
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         y = m(x)
-    ref = ref_forward(m, x, 0.6, seeded_choice(5, 3, _patch_counts(64, 0.6)))
+    ref = ref_forward(m, x, 0.6, seeded_choice(5))
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
     assert m._tb_state.tokens_mlp[-1] == int(64 * 0.6 ** 3) + m.num_prefix_tokens
+
+
+def test_random_follows_image_ids():
+    """Ids set by the evaluation loop (large ones included) pick each image's stream."""
+    m = registry.apply(tiny(), "random", keep_rate=0.6, seed=-7)
+    x = torch.randn(3, 3, 64, 64)
+    ids = [5, 2 ** 33 + 1, 0]
+    with torch.no_grad(), vit.image_ids(m, torch.tensor(ids)):
+        y = m(x)
+    ref = ref_forward(m, x, 0.6, seeded_choice(-7, ids))
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+    with torch.no_grad():  # outside the block: ids 0..B-1 again
+        assert torch.allclose(m(x), ref_forward(m, x, 0.6, seeded_choice(-7)), atol=1e-4, rtol=1e-4)
 
 
 def kept_sets(m, x):
@@ -227,7 +238,7 @@ def test_random_seed_reproducible_and_varies():
     x = torch.randn(2, 3, 64, 64)
     m = registry.apply(tiny(), "random", keep_rate=0.5, seed=3)
     y1, k1 = kept_sets(m, x)
-    y2, k2 = kept_sets(m, x)  # the generator is reset at every forward
+    y2, k2 = kept_sets(m, x)  # a function of the seed and the image
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(k1, k2))
     m2 = registry.apply(tiny(), "random", keep_rate=0.5, seed=4)
     y3, k3 = kept_sets(m2, x)

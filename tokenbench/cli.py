@@ -71,9 +71,11 @@ RESULTS_OPT = typer.Option(None, "--results", help="Record the measurement in th
 
 def _spec(model: str, method: str, sets: Optional[List[str]], pretrained: bool, checkpoint: Optional[Path],
           img_size: Optional[int]) -> dict:
+    from .checks import unique_set_keys
     from .registry import get_method, parse_set
     from .runner import spec_dict
 
+    unique_set_keys(sets)
     params = parse_set(sets or [])
     cls = get_method(method)
     params = cls.validate(params)
@@ -172,6 +174,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
                    pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
                    results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
     """Images per second (median and quartiles), batch-1 latency (p50, p90) and peak memory."""
+    from . import checks
     from .measure import resolve_device
     from .runner import Loaded, Settings, measure_run
 
@@ -181,6 +184,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
         raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+    checks.min_run_time(min_run_time)
     spec = _spec(model, method, set_, pretrained, checkpoint, img_size)
     store = _store(results)
     loaded = Loaded(spec)
@@ -213,7 +217,8 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
 def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
              data: str = typer.Option(..., "--data", help="fashion-mnist, imagenet, folder or synthetic."),
              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
-             split: str = typer.Option("test", "--split", help="val or test."),
+             split: Optional[str] = typer.Option(None, "--split", help="train, val or test (default: test for "
+                                                 "fashion-mnist and synthetic, val for image folders)."),
              limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, class-stratified subset of N images."),
              seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
              batch_size: int = typer.Option(256, "--batch-size", "-b"),
@@ -230,6 +235,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     resolve_device(device)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
+    split = split or ("val" if data in ("imagenet", "folder") else "test")
     if split not in ("val", "test", "train"):
         raise UserError(f"unknown split {split!r}{did_you_mean(split, ('val', 'test', 'train'))} (use val or test)")
     if precision not in ("fp32", "fp16", "bf16"):
@@ -243,12 +249,23 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
                  split=split, limit=limit, data_seed=seed, eval_batch_size=batch_size)
     rec, reused = measure_run("accuracy", spec, s, _store(results), progress=not json_ and sys.stderr.isatty())
     pub = _public(rec)
+    for w in pub.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
     if json_:
         out_json(pub)
         return
     lo, hi = pub["top1_ci95"]
-    typer.echo(f"{model} + {method} on {data} ({pub['n']} images): top-1 {pub['top1']:.2f}% "
-               f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {pub['top5']:.2f}%")
+    typer.echo(f"{model} + {method} on {_data_text(pub.get('data') or {}, data, split)} ({pub['n']} images): "
+               f"top-1 {pub['top1']:.2f}% [95% CI {lo:.2f}, {hi:.2f}], top-5 {pub['top5']:.2f}%")
+
+
+def _data_text(d: dict, data: str, split: str) -> str:
+    """Which images were read: the dataset and split, or the image folder and its layout."""
+    if d.get("layout") == "split":
+        return f"{data} {d['source']} (split {split})"
+    if d.get("layout") == "flat":
+        return f"{data} {d['source']} (its class folders; no train/val/test split folders, --split not used)"
+    return f"{data} {split}"
 
 
 @app.command("train-base")

@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
         anywhere with --checkpoint RUN/model.pt.
         """
         from .measure import resolve_device
+        from .checks import unique_set_keys
         from .registry import get_method, parse_set
         from .train import FINETUNE_RECIPE, finetune
 
         cls = get_method(method)
+        unique_set_keys(set_)
         params, train_params = cls.validate_training(parse_set(set_ or []))
         resolve_device(device)
         weights = {}

@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
         With --compare: one sheet, the same images across several methods (their final stage), at matched FLOPs with --flops.
         """
         from . import visualize as vz
+        from .checks import unique_set_keys
         from .registry import get_method, load_methods, parse_set
 
         if compare is None and method is None:
@@ -108,6 +109,7 @@ def register(app: typer.Typer) -> None:
         if flops is not None and compare is None:
             raise UserError("--flops matches FLOPs across methods: use it with --compare")
         idx = _index(index)
+        unique_set_keys(set_)
         if compare is not None:
             if compare.strip().lower() == "all":
                 methods = list(load_methods())

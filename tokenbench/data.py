@@ -183,6 +183,10 @@ class DataSpec:
     data_dir: Optional[str] = None
     indices_sha: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    available: Optional[int] = None   # images in the split before any --limit
+    classes: Optional[int] = None     # classes of the split
+    source: Optional[str] = None      # the folder read, for image folders
+    layout: Optional[str] = None      # image folders: "split" (DIR/<split>/<class>) or "flat" (DIR/<class>)
 
     def key(self) -> dict:
         # The directory is not part of the key (the same files may live elsewhere);
@@ -239,6 +243,7 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
         tf = grayscale_transform(cfg["in_chans"], cfg["img_size"], mean, std)
         ds: Dataset = TensorImages(images, labels, tf)
         all_labels = labels
+        n_classes, source, layout = len(FMNIST_CLASSES), None, None
     elif name == "synthetic":
         n = limit or 64
         g = torch.Generator().manual_seed(seed)
@@ -248,8 +253,12 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
         tf = grayscale_transform(cfg["in_chans"], cfg["img_size"], (0.5,) * cfg["in_chans"], (0.25,) * cfg["in_chans"])
         ds = TensorImages(images, labels, tf)
         all_labels = labels
+        n_classes, source, layout = k, None, None
     else:  # imagenet / folder
-        ds, all_labels = _image_folder(name, split, data_dir, model)
+        root, layout = folder_split(name, split, data_dir)
+        ds, all_labels = _read_folder(name, root, model)
+        n_classes, source = len(ds.classes), str(root)
+    available = len(ds)
     if limit is not None:
         idx = stratified_subset(all_labels, limit, seed)
         ds = torch.utils.data.Subset(ds, idx.tolist())
@@ -257,14 +266,15 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
     else:
         sha = None
     spec = DataSpec(name=name, split=split, n=len(ds), limit=limit, seed=seed,
-                    data_dir=str(data_dir) if data_dir else None, indices_sha=sha)
+                    data_dir=str(data_dir) if data_dir else None, indices_sha=sha,
+                    available=available, classes=n_classes, source=source, layout=layout)
     return ds, spec
 
 
 def _model_input(model) -> dict[str, Any]:
     """img_size, in_chans, mean, std of a timm model (defaults for ImageNet)."""
     out = {"img_size": 224, "in_chans": 3, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-           "num_classes": None}
+           "num_classes": None, "patch_size": None}
     if model is None:
         return out
     pe = getattr(model, "patch_embed", None)
@@ -283,6 +293,8 @@ def _model_input(model) -> dict[str, Any]:
         if w is not None:
             in_chans = int(w.shape[1])
     out["in_chans"] = in_chans or int(cfg.get("input_size", (3,))[0])
+    ps = getattr(pe, "patch_size", None)
+    out["patch_size"] = int(ps[0] if isinstance(ps, (tuple, list)) else ps) if ps else None
     out["num_classes"] = getattr(model, "num_classes", None)
     return out
 
@@ -297,17 +309,59 @@ def eval_data_config(model) -> dict[str, Any]:
         # a model built at another size than its pretrained config's (img_size=...)
         # keeps the config's mean/std and crop, not its resolution
         cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in pe.img_size))
+    # mean/std per input channel (a 1-channel model with ImageNet's 3-channel statistics: their mean)
+    c = _model_input(model)["in_chans"]
+    for k in ("mean", "std"):
+        v = tuple(cfg[k])
+        if len(v) != c:
+            cfg[k] = (sum(v) / len(v),) * c
+    cfg["input_size"] = (c, *cfg["input_size"][1:])
     return cfg
 
 
-def _image_folder(name: str, split: str, data_dir, model, transform=None):
-    """ImageNet-style class folders, preprocessed with the model's timm data config
-    (or with ``transform``, e.g. a training transform, when given)."""
+SPLITS = ("train", "val", "test")
+
+
+def _has_subdirs(d: Path) -> bool:
+    try:
+        return any(c.is_dir() for c in d.iterdir())
+    except OSError:
+        return False
+
+
+def folder_split(name: str, split: str, data_dir) -> tuple[Path, str]:
+    """The class-folder root to read for ``split``, and the layout found.
+
+    ``DIR/train/<class>``, ``DIR/val/<class>`` (the layout ``tokenbench train`` reads): the
+    ``split`` folder, ``"split"``.  ``DIR/<class>`` with no split folders: ``DIR`` itself,
+    ``"flat"``.  A split folder counts only if it holds sub-folders, so a flat set with a
+    class named ``train`` stays flat.
+    """
     if data_dir is None:
-        raise UserError(f"--data-dir is required for {name} (a folder of class sub-folders)")
-    root = Path(data_dir)
-    if name == "imagenet" and (root / split).is_dir():
-        root = root / split
+        raise UserError(f"--data-dir is required for {name} (a folder of class sub-folders, or of "
+                        "train/ and val/ split folders holding them)")
+    root = require_dir(data_dir)
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not any(_has_subdirs(root / s) for s in present):
+        return root, "flat"
+    if split not in present:
+        hint = f"; use --split {' or --split '.join(present)}" if present else ""
+        raise UserError(f"{root} has no {split}/ split (it has {', '.join(s + '/' for s in present)}){hint}")
+    return root / split, "split"
+
+
+def _load_image(path: str, mode: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+def _read_folder(name: str, root: Path, model, transform=None):
+    """The images under ``root/<class>/``, converted to the model's channels (1: grayscale,
+    3: RGB) and preprocessed with its timm data config (or with ``transform``)."""
+    import functools
+
     if not root.is_dir():
         raise UserError(f"data directory {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -315,12 +369,23 @@ def _image_folder(name: str, split: str, data_dir, model, transform=None):
         raise UserError(f"{root} has no class sub-folders (expected <class>/<image> files, torchvision layout)")
     if name == "imagenet" and len(classes) != 1000:
         raise UserError(f"{root} has {len(classes)} class folders; an ImageNet split has 1000")
+    in_chans = _model_input(model)["in_chans"]
+    if in_chans not in (1, 3):
+        raise UserError(f"the model takes {in_chans}-channel input; image folders give 1 (grayscale) or 3 (RGB)")
     import timm.data
     from torchvision.datasets import ImageFolder
 
     if transform is None:
         transform = timm.data.create_transform(**eval_data_config(model), is_training=False)
-    ds = ImageFolder(str(root), transform=transform)
+    loader = functools.partial(_load_image, mode="L" if in_chans == 1 else "RGB")
+    ds = ImageFolder(str(root), transform=transform, loader=loader, allow_empty=True)
     if len(ds) == 0:
         raise UserError(f"{root} holds no images")
     return ds, torch.tensor(ds.targets)
+
+
+def _image_folder(name: str, split: str, data_dir, model, transform=None):
+    """ImageNet-style class folders (:func:`folder_split`), preprocessed with the model's timm
+    data config (or with ``transform``, e.g. a training transform, when given)."""
+    root, _ = folder_split(name, split, data_dir)
+    return _read_folder(name, root, model, transform)

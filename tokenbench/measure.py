@@ -706,6 +706,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
     """Top-1/top-5 accuracy in percent with a Wilson 95% interval and per-image correctness."""
     from torch.utils.data import DataLoader
 
+    from . import vit
+
     dev = resolve_device(device) if isinstance(device, str) else device
     ctx, note = precision_context(dev, precision)
     if batch_size < 1:
@@ -731,7 +733,9 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
         with eval_mode(model), torch.inference_mode():
             for x, y in loader:
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
-                with ctx:
+                # each image's index in the evaluated set: random choices follow the image, not the batch
+                ids = torch.arange(n, n + len(x), device=dev)
+                with ctx, vit.image_ids(model, ids):
                     logits = model(x)
                 logits = logits.float()
                 if not torch.isfinite(logits).all():

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import measure
+from . import checks, measure
 from .errors import UserError
 from .store import Store, make_record, record_key
 
@@ -183,7 +183,7 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     loaded = loaded or Loaded(spec)
     net = loaded.net
     prov = loaded.prov
-    warnings_: list[str] = []
+    warnings_: list[str] = checks.for_run(kind, spec, net, prov)
     if kind == "flops":
         metrics = measure.flops(net, img_size=spec["img_size"])
         env = measure.env_info("cpu")

@@ -22,8 +22,9 @@ turns the model back into plain timm.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,7 @@ class TokenState:
         self.stages: list[dict] = []                  # snapshots after each reduction (when tracking)
         self.block = -1
         self.extra: dict[str, Any] = {}               # method-specific carry (e.g. DynamicViT's decisions)
+        self.image_ids: Optional[torch.Tensor] = None  # [B] int64: each image's index in the evaluated set
 
     # ----------------------------------------------------------- shape changes
     def start(self, x: torch.Tensor) -> None:
@@ -224,6 +226,7 @@ def _reducing_block_class(base: type) -> type:
 def _model_forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     st = TokenState(self.num_prefix_tokens, prop_attn=self._tb_plan.prop_attn,
                     track_source=self._tb_track_source, record=True)
+    st.image_ids = _batch_image_ids(self, x)
     self._tb_state = st
     x = self.patch_embed(x)
     x = self._pos_embed(x)
@@ -259,6 +262,42 @@ def _reducing_model_class(base: type) -> type:
                                     {"forward_features": _model_forward_features, "pool": _model_pool,
                                      "_tb_base": base})
     return _MODEL_CLASSES[base]
+
+
+def _batch_image_ids(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ids = model.__dict__.get("_tb_image_ids")
+    if ids is None:
+        return torch.arange(x.shape[0], device=x.device)
+    if ids.shape != (x.shape[0],):
+        raise ValueError(f"image_ids has shape {tuple(ids.shape)} for a batch of {x.shape[0]} images")
+    return ids.to(x.device)
+
+
+@contextlib.contextmanager
+def image_ids(model: nn.Module, ids: Optional[torch.Tensor]) -> Iterator[nn.Module]:
+    """Tell the forwards inside the block which images they see: ``ids`` [B] (int64), the
+    index of each image of the batch in the evaluated set.
+
+    A method whose choices are random (``random``) draws each image's choice from its
+    seed and this id (``TokenState.image_ids``), so a prediction does not depend on the
+    batch it came in.  Outside the block, or with ``ids=None``, the ids are
+    ``arange(B)`` (throughput, FLOPs, training, a direct call).
+
+    :func:`tokenbench.measure.evaluate` sets the running offset plus the position in the
+    batch.  A sharded evaluation (torchrun) must pass the *global* index of each image in
+    the whole evaluated set, not its index within the shard, so that every process count
+    gives the same per-image predictions.  A plain timm model ignores them.
+    """
+    had = "_tb_image_ids" in model.__dict__
+    old = model.__dict__.get("_tb_image_ids")
+    model.__dict__["_tb_image_ids"] = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+    try:
+        yield model
+    finally:
+        if had:
+            model.__dict__["_tb_image_ids"] = old
+        else:
+            model.__dict__.pop("_tb_image_ids", None)
 
 
 class Plan:
@@ -328,7 +367,7 @@ def restore(model: nn.Module) -> nn.Module:
                 for a in ("_tb_index", "_tb_plan", "_tb_owner"):
                     blk.__dict__.pop(a, None)
         model.__class__ = model._tb_base
-        for a in ("_tb_plan", "_tb_state", "_tb_track_source"):
+        for a in ("_tb_plan", "_tb_state", "_tb_track_source", "_tb_image_ids"):
             model.__dict__.pop(a, None)
     for name in list(getattr(model, "_tb_added_modules", ())):
         if name in model._modules:
