@@ -81,6 +81,9 @@ def _make_hook(stage: int, keep_rate: float, seed: int):
 @register
 class RandomPrune(Method):
     name = "random"
+    # 2: each image's draw depends on the seed and the image's index in the evaluated set, not on
+    # its position in the batch (version 1 gave other numbers at another evaluation batch size)
+    version = "2"
     summary = "Keep a random subset of patch tokens in blocks 3, 6, 9 (keep_rate ** s of them), per image."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
@@ -98,6 +101,10 @@ class RandomPrune(Method):
         for s, i in enumerate(vit.depth_sites(len(model.blocks))):
             plan.mid[i] = _make_hook(s, keep_rate, seed)
         return model
+
+    @classmethod
+    def reduces(cls, params):
+        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         return vit.staged_schedule(model, keep_rate, "mid")
