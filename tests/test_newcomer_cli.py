@@ -36,3 +36,26 @@ def test_printed_values_read_back(value):
     printed = fmt_value(value)
     assert parse_set([f"k={printed}"])["k"] == value
     assert _parse_selector(f"tome:k={printed}")[1]["k"] == value
+
+
+# --------------------------------------------------------------------------- item 11: --debug anywhere
+
+@pytest.mark.parametrize("where", ["first", "after the command", "last"])
+def test_debug_works_where_a_user_appends_it(where):
+    import traceback
+
+    from tokenbench.cli import main
+    from tokenbench.errors import UserError
+
+    args = ["flops", "default", "-m", "tome", "-s", "r=-1"]
+    args = {"first": ["--debug"] + args, "after the command": args[:1] + ["--debug"] + args[1:],
+            "last": args + ["--debug"]}[where]
+    with pytest.raises(UserError) as exc:
+        main(args)
+    tb = "".join(traceback.format_exception(exc.value))
+    assert tb.startswith("Traceback") and "r=-1 is out of range" in tb
+
+
+def test_without_debug_the_error_is_one_line(cli):
+    code, out, err = cli("flops", "default", "-m", "tome", "-s", "r=-1")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err

@@ -48,7 +48,7 @@ def console():
 @app.callback(invoke_without_command=True)
 def main_callback(ctx: typer.Context,
                   debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
-    STATE["debug"] = debug or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    STATE["debug"] = STATE["debug"] or debug or bool(os.environ.get("TOKENBENCH_DEBUG"))
     if ctx.invoked_subcommand is None:
         # `tokenbench` alone runs the default sweep, like `tokenbench run`.
         run_cmd = ctx.command.get_command(ctx, "run")
@@ -312,11 +312,24 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
     return tuple(usage), tuple(abort), tuple(exit_)
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` wherever it stands (before a ``--``), and whether it was there.
+
+    "rerun with --debug" is advice users follow by appending it; typer alone would take it
+    only before the subcommand.
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    found = "--debug" in argv[:end]
+    return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], found
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     import warnings
 
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    argv, debug_flag = _take_debug(list(argv) if argv is not None else sys.argv[1:])
+    debug = debug_flag or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    STATE["debug"] = debug
     import logging
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
