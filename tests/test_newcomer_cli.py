@@ -59,3 +59,45 @@ def test_debug_works_where_a_user_appends_it(where):
 def test_without_debug_the_error_is_one_line(cli):
     code, out, err = cli("flops", "default", "-m", "tome", "-s", "r=-1")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- item 8: a quiet install and API
+
+def test_pyproject_gives_setuptools_nothing_to_warn_about():
+    """The license is an SPDX string (a table is deprecated) and every folder of files under
+    tokenbench/ is a listed package (else setuptools warns "Package would be ignored")."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())
+    assert isinstance(cfg["project"]["license"], str)
+    packages = set(cfg["tool"]["setuptools"]["packages"])
+    data = cfg["tool"]["setuptools"].get("package-data", {})
+    for d in (root / "tokenbench").iterdir():
+        if d.is_dir() and d.name != "__pycache__" and any(f.is_file() for f in d.iterdir()):
+            name = f"tokenbench.{d.name}"
+            assert name in packages, f"{name} missing from [tool.setuptools] packages"
+            shipped = {f.name for pat in data.get(name, []) for f in d.glob(pat)}
+            assert shipped >= {f.name for f in d.iterdir() if f.is_file()}, f"{name}: files not in package-data"
+
+
+def test_python_api_prints_no_third_party_notices():
+    """flops (fvcore: torch.jit deprecation) and throughput (torch.utils.benchmark: "No CUDA
+    runtime is found") leave stderr empty, even with every warning shown."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import tokenbench\n"
+            "m, _ = tokenbench.load('default')\n"
+            "tokenbench.flops(m)\n"
+            "tokenbench.throughput(m, batch_size=1, min_run_time=0.01, warmup_s=0.0, latency=False, threads=1)\n"
+            "import warnings; warnings.warn('still shown', UserWarning)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "still shown" in lines[0], p.stderr  # other warnings still pass
