@@ -101,3 +101,165 @@ def test_python_api_prints_no_third_party_notices():
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "still shown" in lines[0], p.stderr  # other warnings still pass
+
+
+# --------------------------------------------------------------------------- item 5: finished runs are never overwritten
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_train_base_defaults_to_runs_not_the_committed_model(cli, monkeypatch, tmp_path):
+    from tokenbench import train as T
+
+    seen = {}
+
+    def fake_train_base(out, cfg, **kw):
+        seen["out"] = out
+        return {"steps": 10, "step": 10, "resumed_from": 0, "finished": True, "test_acc": 50.0}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(T, "train_base", fake_train_base)
+    code, out, err = cli("train-base")
+    assert code == 0, err
+    assert str(seen["out"]).replace("\\", "/") == "runs/embedded"
+
+
+def test_a_finished_run_is_never_touched_without_force(cli, tiny_default, tmp_path):
+    """train-base and train into a finished run directory are refused, leaving every file as it was."""
+    from test_harness import _fake_fmnist
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _fake_fmnist(data, n=300)
+    before = _snapshot(tiny_default)
+    code, out, err = cli("train-base", "--out", str(tiny_default), "--data-dir", str(data), "--max-steps", "1")
+    assert code == 2 and "finished run" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("train", "default", "--method", "topk", "--out", str(tiny_default), "--data-dir", str(data),
+                         "--max-steps", "1")
+    assert code == 2 and "finished run" in err
+    assert _snapshot(tiny_default) == before
+    # --force starts it over; an interruption then leaves an unfinished, resumable run (no stale model.pt)
+    run = tmp_path / "run"
+    code, out, err = cli("train", "default", "--method", "topk", "--out", str(run), "--data-dir", str(data),
+                         "--epochs", "1", "--batch-size", "100")
+    assert code == 0 and (run / "model.pt").is_file(), err
+    code, out, err = cli("train", "default", "--method", "topk", "--out", str(run), "--data-dir", str(data),
+                         "--epochs", "1", "--batch-size", "100", "--max-steps", "1", "--force")
+    assert code == 0, err
+    assert (run / "last.pt").is_file() and not (run / "model.pt").exists()
+    assert "stopped at step 1 of 3" in out
+
+
+# --------------------------------------------------------------------------- item 12: Ctrl-C saves a checkpoint
+
+def test_ctrl_c_before_the_first_checkpoint_saves_one(tmp_path):
+    import os
+    import signal
+
+    import torch
+    from test_embedded import _cfg, _fake_data, _model
+
+    from tokenbench.train import train_loop
+
+    x, y = _fake_data()
+
+    def ctrl_c_at_step_3(model, epoch):
+        if round(epoch * 8) == 3:  # 8 steps per epoch
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = _cfg(epochs=2, ckpt_every=200, eval_every=200)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(_model(), x, y, x[:32], y[:32], cfg, tmp_path, progress=False, step_hook=ctrl_c_at_step_3)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 4  # the step under way finished
+    summary = train_loop(_model(), x, y, x[:32], y[:32], cfg, tmp_path, progress=False)
+    assert summary["resumed_from"] == 4 and summary["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+# --------------------------------------------------------------------------- item 12: train's summary, per-model recipes
+
+@pytest.fixture
+def fake_finetune(monkeypatch):
+    from tokenbench import train as T
+
+    calls = []
+
+    def fake(model, method, params, out, cfg, **kw):
+        calls.append({"model": model, "method": method, "params": params, "out": out, "cfg": cfg, **kw})
+        return {"steps": 936, "step": 936, "resumed_from": 0, "finished": True, "test_acc": 88.5}
+
+    monkeypatch.setattr(T, "finetune", fake)
+    return calls
+
+
+def test_train_prints_a_summary_and_json_only_on_request(cli, fake_finetune, tmp_path):
+    out = tmp_path / "r"
+    code, stdout, err = cli("train", "default", "--method", "topk", "--out", str(out))
+    assert code == 0, err
+    assert "trained 936 steps" in stdout and "88.50%" in stdout and f"--checkpoint {out / 'model.pt'}" in stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stdout)
+    code, stdout, err = cli("train", "default", "--method", "topk", "--out", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["finished"] is True
+
+
+def test_dynamicvit_on_the_embedded_model_gets_the_recipe_that_trains(cli, fake_finetune, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = cli("train", "default", "--method", "dynamicvit", "--set", "keep_rate=0.5")
+    assert code == 0, err
+    call = fake_finetune[-1]
+    assert call["params"] == {"keep_rate": 0.5, "keep_prior_init": True, "decision_grad_clip": 1.0}
+    assert call["loss_weights"] == {"ratio_weight": 2000.0}
+    cfg = call["cfg"]
+    assert (cfg.lr, cfg.epochs, cfg.grad_clip) == (2e-3, 2.0, 1.0)
+    assert str(call["out"]).replace("\\", "/") == "runs/default-dynamicvit-keep_rate0.5"
+    assert "note:" in err and "ratio_weight=2000" in err and "--grad-clip 1" in err
+    # the user's flags win; another model gets the method's general recipe
+    code, stdout, err = cli("train", "default", "--method", "dynamicvit", "--lr", "1e-3", "--set",
+                            "keep_prior_init=false", "--loss-weight", "ratio_weight=2")
+    call = fake_finetune[-1]
+    assert code == 0 and call["cfg"].lr == 1e-3 and call["params"]["keep_prior_init"] is False
+    assert call["loss_weights"] == {"ratio_weight": 2.0} and call["cfg"].grad_clip == 1.0
+    code, stdout, err = cli("train", "deit_tiny_patch16_224", "--method", "dynamicvit")
+    call = fake_finetune[-1]
+    assert code == 0 and call["params"]["keep_prior_init"] is False and call["loss_weights"] is None
+    assert call["cfg"].grad_clip is None and "note:" not in err
+
+
+# --------------------------------------------------------------------------- item 12: cheap checks first, offline fast
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import timm
+
+    from tokenbench import models
+
+    def touched(*a, **k):
+        raise AssertionError("timm.create_model (a download) was reached")
+
+    monkeypatch.setattr(models, "_pretrained_cached", lambda name: False, raising=False)
+    monkeypatch.setattr(models, "_network_reachable", lambda *a, **k: False, raising=False)
+    monkeypatch.setattr(timm, "create_model", touched)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def test_pretrained_offline_fails_fast_in_one_line(cli, no_network, monkeypatch):
+    from tokenbench import models
+
+    code, out, err = cli("eval", "deit_tiny_patch16_224", "--pretrained", "--data", "synthetic", "--limit", "2")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "not in the local cache" in err and "cannot be reached" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_network_reachable", lambda *a, **k: pytest.fail("probed while offline"))
+    code, out, err = cli("flops", "deit_tiny_patch16_224", "--pretrained")
+    assert code == 2 and "HF_HUB_OFFLINE" in err
+
+
+def test_a_missing_data_dir_is_reported_before_any_download(cli, no_network, tmp_path):
+    code, out, err = cli("eval", "deit_tiny_patch16_224", "--pretrained", "--data", "folder", "--data-dir",
+                         str(tmp_path / "nope"))
+    assert code == 2 and "does not exist" in err and "pretrained" not in err
+    code, out, err = cli("train", "deit_tiny_patch16_224", "--method", "topk", "--pretrained", "--data", "folder",
+                         "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "nope" in err and "pretrained" not in err

@@ -129,6 +129,11 @@ class Method:
     # --set`, recorded in the run's config.json, passed to ``train_step``; never part of the
     # applied model's spec (inference does not depend on them).
     train_params: ClassVar[tuple[Param, ...]] = ()
+    # Training defaults per model name, where the method's general recipe does not suit a model:
+    # {"default": {"set": {...training-only or model parameters...}, "loss_weights": {...},
+    #              "recipe": {...TrainConfig fields: lr, epochs, grad_clip...}, "why": "one line"}}.
+    # `tokenbench train` starts from them and says so; the user's flags override each value.
+    train_defaults: ClassVar[dict] = {}
 
     def apply(self, model: nn.Module, **params) -> nn.Module:
         raise NotImplementedError
