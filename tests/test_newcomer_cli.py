@@ -263,3 +263,35 @@ def test_a_missing_data_dir_is_reported_before_any_download(cli, no_network, tmp
     code, out, err = cli("train", "deit_tiny_patch16_224", "--method", "topk", "--pretrained", "--data", "folder",
                          "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
     assert code == 2 and "nope" in err and "pretrained" not in err
+
+
+# --------------------------------------------------------------------------- item 12: visualize's default budget
+
+def test_visualize_one_method_defaults_to_a_matched_flops_level(cli, monkeypatch, tmp_path):
+    """`visualize default --method tome` draws ToMe at a FLOPs level, not at r=16 (2 tokens left)."""
+    from tokenbench import visualize as vz
+
+    searched, drawn = [], []
+
+    def fake_matched(self, model, method, params, target, preferred=()):
+        searched.append((model, method, target))
+        return {**params, "r": [3] * 12}, None
+
+    def fake_visualize(model, method, params, **kw):
+        drawn.append(params)
+        return {"out": "x.png", "n_images": 1, "panels_per_image": 2, "gflops": 1.0, "flops_ratio": 0.66}
+
+    monkeypatch.setattr(vz.Flops, "matched", fake_matched)
+    monkeypatch.setattr(vz, "visualize", fake_visualize)
+    code, out, err = cli("visualize", "default", "--method", "tome")
+    assert code == 0, err
+    assert searched == [("default", "tome", 0.66)] and drawn[-1]["r"] == [3] * 12
+    assert "r=[3x12]" in err and "0.66x dense FLOPs" in err
+    code, out, err = cli("visualize", "default", "--method", "tome", "--flops", "0.5")
+    assert code == 0 and searched[-1][2] == 0.5
+    code, out, err = cli("visualize", "default", "--method", "tome", "--set", "r=16")  # asked for: as asked
+    assert code == 0 and drawn[-1] == {"r": 16} and len(searched) == 2
+    code, out, err = cli("visualize", "default", "--method", "tome", "--set", "r=4", "--flops", "0.5")
+    assert code == 2 and "not both" in err
+    code, out, err = cli("visualize", "default", "--method", "none")
+    assert code == 0 and drawn[-1] == {} and len(searched) == 2
