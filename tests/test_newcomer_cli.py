@@ -221,6 +221,8 @@ def test_dynamicvit_on_the_embedded_model_gets_the_recipe_that_trains(cli, fake_
     call = fake_finetune[-1]
     assert code == 0 and call["cfg"].lr == 1e-3 and call["params"]["keep_prior_init"] is False
     assert call["loss_weights"] == {"ratio_weight": 2.0} and call["cfg"].grad_clip == 1.0
+    code, stdout, err = cli("train", "default", "--method", "dynamicvit", "--grad-clip", "0")
+    assert code == 0 and fake_finetune[-1]["cfg"].grad_clip is None  # the official recipe is reachable
     code, stdout, err = cli("train", "deit_tiny_patch16_224", "--method", "dynamicvit")
     call = fake_finetune[-1]
     assert code == 0 and call["params"]["keep_prior_init"] is False and call["loss_weights"] is None

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
                   backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale",
                                                                     help="Backbone learning-rate multiplier."),
                   fix_epochs: Optional[float] = typer.Option(None, "--fix-epochs", help="Epochs the backbone stays frozen."),
-                  grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient's global norm (off by default, as the official recipe)."),
+                  grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient's global norm (0: off; off by default, as the official recipe)."),
                   loss_weight: Optional[List[str]] = typer.Option(None, "--loss-weight",
                                                                   help="Loss weight NAME=VALUE (e.g. ratio_weight=2.0)."),
                   seed: int = typer.Option(0, "--seed"),
@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
                      ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs),
                      ("grad_clip", grad_clip)):
             if v is not None:
+                if k == "grad_clip" and v == 0:
+                    changes[k] = None  # off, also where the method's per-model defaults clip
+                    continue
                 if v <= 0 and k not in ("fix_epochs",):
                     raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
                 changes[k] = v

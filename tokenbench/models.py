@@ -110,7 +110,8 @@ def embedded_paths(root: Optional[Path] = None) -> dict[str, Path]:
 
 def verify_checksum(ckpt: Path, sha_file: Path) -> str:
     """The checkpoint's SHA-256, after checking it against ``sha_file``."""
-    retrain = "retrain it with `tokenbench train-base` (or restore it with `git checkout -- results/embedded`)"
+    retrain = ("restore it with `git checkout -- results/embedded`, or retrain it with "
+               f"`tokenbench train-base --out {ckpt.parent} --force`")
     if not ckpt.is_file():
         raise UserError(f"embedded model checkpoint {ckpt} is missing: {retrain}")
     if not sha_file.is_file():
