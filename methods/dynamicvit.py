@@ -379,6 +379,17 @@ class DynamicViT(Method):
               "training: clamp each token's straight-through decision gradient to [-c, c] (0: off, "
               "as the official)", min=0.0),
     )
+    # The official recipe does not train on the embedded model (its peaked attention over 49
+    # tokens makes the decision gradients say "keep"); this one does (README, "DynamicViT on the
+    # embedded model"), and made the committed checkpoints.
+    train_defaults = {
+        "default": {
+            "set": {"keep_prior_init": True, "decision_grad_clip": 1.0},
+            "loss_weights": {"ratio_weight": 2000.0},
+            "recipe": {"grad_clip": 1.0, "lr": 2e-3, "epochs": 2.0},
+            "why": "the official recipe does not train on the embedded model",
+        },
+    }
     learned = True
     needs_class_token = True
     deterministic = True

@@ -24,9 +24,9 @@ def test_train_dynamicvit_resumes_and_loads(cli, tiny_default, fake_fmnist, tmp_
     code, stdout, err = cli(*args, "--max-steps", "3")
     assert code == 0, err
     assert (out / "last.pt").is_file() and not (out / "model.pt").exists()
-    code, stdout, err = cli(*args)
+    code, stdout, err = cli(*args, "--json")
     assert code == 0, err
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = json.loads(stdout)
     assert summary["resumed_from"] == 3 and summary["finished"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "dynamicvit" and cfg["params"] == {"keep_rate": 0.7}

@@ -129,7 +129,7 @@ def test_bad_folders_give_user_errors(images, tmp_path, cli):
 def test_synthetic_training_from_the_cli(cli, tmp_path):
     out = tmp_path / "syn"
     code, stdout, err = cli("train", TINY, "--method", "none", "--data", "synthetic", "--out", str(out),
-                            "--batch-size", "64", "--max-steps", "2", "--num-workers", "0")
+                            "--batch-size", "64", "--max-steps", "2", "--num-workers", "0", "--json")
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and np.isfinite(summary["test_acc"])
@@ -137,7 +137,7 @@ def test_synthetic_training_from_the_cli(cli, tmp_path):
     assert cfg["data"] == "synthetic" and cfg["synthetic"]["img_size"] == 32 and cfg["train"]["num_workers"] == 0
     # num_workers does not change results, so resuming with another value is allowed
     code, stdout, err = cli("train", TINY, "--method", "none", "--data", "synthetic", "--out", str(out),
-                            "--batch-size", "64", "--max-steps", "3", "--num-workers", "2")
+                            "--batch-size", "64", "--max-steps", "3", "--num-workers", "2", "--json")
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["resumed_from"] == 2
 

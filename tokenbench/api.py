@@ -75,7 +75,10 @@ def flops(net: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch
 
 def throughput(net: nn.Module, **kwargs) -> dict:
     """Images/s (median, quartiles), batch-1 latency, peak memory; see :func:`measure.throughput`."""
-    return measure.throughput(net, **kwargs)
+    from .quiet import cuda_runtime_notice
+
+    with cuda_runtime_notice():  # torch.utils.benchmark's import, on machines without CUDA
+        return measure.throughput(net, **kwargs)
 
 
 def evaluate(net: nn.Module, data: str = "fashion-mnist", split: str = "test", data_dir=None,

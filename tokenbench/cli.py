@@ -48,7 +48,7 @@ def console():
 @app.callback(invoke_without_command=True)
 def main_callback(ctx: typer.Context,
                   debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
-    STATE["debug"] = debug or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    STATE["debug"] = STATE["debug"] or debug or bool(os.environ.get("TOKENBENCH_DEBUG"))
     if ctx.invoked_subcommand is None:
         # `tokenbench` alone runs the default sweep, like `tokenbench run`.
         run_cmd = ctx.command.get_command(ctx, "run")
@@ -84,6 +84,16 @@ def _spec(model: str, method: str, sets: Optional[List[str]], pretrained: bool, 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist")
     return spec_dict(model, method, params, pretrained, str(checkpoint) if checkpoint else None, img_size)
+
+
+def _check_data_dir(data: str, data_dir: Optional[Path]) -> None:
+    """A missing or unreadable --data-dir, in one line, before anything slow runs."""
+    from .data import require_dir
+
+    if data_dir is not None:
+        require_dir(data_dir)
+    elif data in ("imagenet", "folder"):
+        raise UserError(f"--data-dir is required for --data {data}")
 
 
 def _store(results: Optional[Path]):
@@ -244,6 +254,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
         raise UserError(f"--limit must be positive, got {limit}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    _check_data_dir(data, data_dir)  # cheap, before the model (and any download of its weights)
     spec = _spec(model, method, set_, pretrained, checkpoint, None)
     s = Settings(device=device, precision=precision, data=data, data_dir=str(data_dir) if data_dir else None,
                  split=split, limit=limit, data_seed=seed, eval_batch_size=batch_size)
@@ -269,19 +280,26 @@ def _data_text(d: dict, data: str, split: str) -> str:
 
 
 @app.command("train-base")
-def train_base_cmd(out: Path = typer.Option(Path("results/embedded"), "--out", help="Run directory (resumable)."),
+def train_base_cmd(out: Path = typer.Option(Path("runs/embedded"), "--out",
+                                            help="Run directory (resumable; never the committed results/embedded)."),
                    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
                    epochs: Optional[float] = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
                    seed: int = typer.Option(0, "--seed"),
                    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (resumable)."),
                    threads: Optional[int] = typer.Option(None, "--threads"),
                    reschedule: bool = typer.Option(False, "--reschedule",
-                                                   help="Resume with a different --epochs (recorded in config.json).")):
+                                                   help="Resume with a different --epochs (recorded in config.json)."),
+                   force: bool = typer.Option(False, "--force", help="Train again from scratch over a finished run."),
+                   json_: bool = JSON_OPT):
     """Train the embedded default model from scratch on Fashion-MNIST (resumable; rerun to continue)."""
     import dataclasses
 
-    from .train import BASE_RECIPE, train_base
+    from .cli_train import print_train_summary
+    from .train import BASE_RECIPE, check_run_dir, train_base
 
+    check_run_dir(out, force)
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a directory")
     cfg = BASE_RECIPE
     changes = {"seed": seed, "max_steps": max_steps, "threads": threads}
     if epochs is not None:
@@ -289,8 +307,9 @@ def train_base_cmd(out: Path = typer.Option(Path("results/embedded"), "--out", h
             raise UserError(f"--epochs must be positive, got {epochs}")
         changes["epochs"] = epochs
     cfg = dataclasses.replace(cfg, **changes)
-    summary = train_base(out, cfg, data_dir=str(data_dir) if data_dir else None, reschedule=reschedule)
-    typer.echo(json.dumps(summary))
+    summary = train_base(out, cfg, data_dir=str(data_dir) if data_dir else None, reschedule=reschedule, force=force,
+                         progress=not json_)
+    print_train_summary(out, summary, json_)
 
 
 # --------------------------------------------------------------------------- more commands
@@ -329,11 +348,24 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
     return tuple(usage), tuple(abort), tuple(exit_)
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` wherever it stands (before a ``--``), and whether it was there.
+
+    "rerun with --debug" is advice users follow by appending it; typer alone would take it
+    only before the subcommand.
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    found = "--debug" in argv[:end]
+    return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], found
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     import warnings
 
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    argv, debug_flag = _take_debug(list(argv) if argv is not None else sys.argv[1:])
+    debug = debug_flag or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    STATE["debug"] = debug
     import logging
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

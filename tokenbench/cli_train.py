@@ -25,14 +25,16 @@ def register(app: typer.Typer) -> None:
                   num_workers: Optional[int] = typer.Option(None, "--num-workers",
                                                             help="DataLoader workers for imagenet/folder "
                                                                  "(default min(8, CPUs))."),
-                  out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default results/<model>-<method>-<params>)."),
+                  out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<method>-<params>)."),
+                  force: bool = typer.Option(False, "--force", help="Train again from scratch over a finished run."),
+                  json_: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
                   epochs: Optional[float] = typer.Option(None, "--epochs"),
                   lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the method's new parts."),
                   batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
                   backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale",
                                                                     help="Backbone learning-rate multiplier."),
                   fix_epochs: Optional[float] = typer.Option(None, "--fix-epochs", help="Epochs the backbone stays frozen."),
-                  grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient's global norm (off by default, as the official recipe)."),
+                  grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the gradient's global norm (0: off; off by default, as the official recipe)."),
                   loss_weight: Optional[List[str]] = typer.Option(None, "--loss-weight",
                                                                   help="Loss weight NAME=VALUE (e.g. ratio_weight=2.0)."),
                   seed: int = typer.Option(0, "--seed"),
@@ -44,20 +46,23 @@ def register(app: typer.Typer) -> None:
                                                                     help="Weights of the dense teacher.")):
         """Train a method on a model: DynamicViT's predictors (with its distillation recipe) or a fine-tune.
 
-        Resumable: run the same command again to continue from the last checkpoint.  The run
-        directory gets model.pt (+ .sha256), config.json and train_log.csv; load the result
-        anywhere with --checkpoint RUN/model.pt.
+        Resumable: run the same command again to continue from the last checkpoint (Ctrl-C saves
+        one).  The run directory gets model.pt (+ .sha256), config.json and train_log.csv; load
+        the result anywhere with --checkpoint RUN/model.pt.  A finished run is never overwritten
+        without --force.  A method may bring its own defaults for a model (it says so).
         """
         from .measure import resolve_device
         from .checks import unique_set_keys
         from .registry import get_method, parse_set
-        from .train import FINETUNE_RECIPE, finetune
+        from .train import FINETUNE_RECIPE, check_run_dir, finetune
 
         cls = get_method(method)
         unique_set_keys(set_)
-        params, train_params = cls.validate_training(parse_set(set_ or []))
+        per_model = cls.train_defaults.get(model, {})
+        user_set = parse_set(set_ or [])
+        params, train_params = cls.validate_training({**per_model.get("set", {}), **user_set})
         resolve_device(device)
-        weights = {}
+        weights = dict(per_model.get("loss_weights", {}))
         for item in loss_weight or []:
             if "=" not in item:
                 raise UserError(f"--loss-weight expects NAME=VALUE, got {item!r}")
@@ -68,22 +73,70 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--loss-weight {k}: {v!r} is not a number") from None
         if num_workers is not None and num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
-        changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers}
+        changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers,
+                   **per_model.get("recipe", {})}
         for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
                      ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs),
                      ("grad_clip", grad_clip)):
             if v is not None:
+                if k == "grad_clip" and v == 0:
+                    changes[k] = None  # off, also where the method's per-model defaults clip
+                    continue
                 if v <= 0 and k not in ("fix_epochs",):
                     raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
                 changes[k] = v
         cfg = dataclasses.replace(FINETUNE_RECIPE, **changes)
         if out is None:
-            tdefaults = {q.name: q.default for q in cls.train_params}
-            tag = "-".join([f"{k}{v}" for k, v in params.items()]
-                           + [f"{k}{v}" for k, v in train_params.items() if v != tdefaults[k]])
-            out = Path("results") / (f"{model}-{method}" + (f"-{tag}" if tag else ""))
-        summary = finetune(model, method, {**params, **train_params}, out, cfg, data=data, data_dir=str(data_dir) if data_dir else None,
+            out = Path("runs") / default_run_name(cls, model, params, train_params, per_model.get("set", {}))
+        # the cheap checks, before any model is built or weights are downloaded
+        check_run_dir(out, force)
+        for flag, path in (("--checkpoint", checkpoint), ("--teacher-checkpoint", teacher_checkpoint)):
+            if path is not None and not path.is_file():
+                raise UserError(f"{flag} {path} does not exist")
+        if data_dir is not None and not data_dir.is_dir():
+            raise UserError(f"--data-dir {data_dir} is not a directory")
+        if per_model:
+            typer.echo(per_model_note(cls, model, per_model), err=True)
+        summary = finetune(model, method, {**params, **train_params}, out, cfg, data=data,
+                           data_dir=str(data_dir) if data_dir else None,
                            checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
-                           pretrained=pretrained, loss_weights=weights or None)
+                           pretrained=pretrained, loss_weights=weights or None, force=force, progress=not json_)
+        print_train_summary(out, summary, json_)
+
+
+def default_run_name(cls, model: str, params: dict, train_params: dict, per_model_set: dict) -> str:
+    """``<model>-<method>-<params>``: model parameters, and training-only ones that differ from the
+    defaults this model gets."""
+    tdefaults = {q.name: q.default for q in cls.train_params} | {k: v for k, v in per_model_set.items()
+                                                                 if k in train_params}
+    tag = "-".join([f"{k}{v}" for k, v in params.items()]
+                   + [f"{k}{v}" for k, v in train_params.items() if v != tdefaults[k]])
+    return f"{model}-{cls.name}" + (f"-{tag}" if tag else "")
+
+
+def per_model_note(cls, model: str, per_model: dict) -> str:
+    """One line: which of the method's training defaults for ``model`` apply, as the flags that set them."""
+    from .sweep import fmt_value
+
+    flags = [f"--set {k}={json.dumps(v)}" for k, v in per_model.get("set", {}).items()]
+    flags += [f"--loss-weight {k}={v:g}" for k, v in per_model.get("loss_weights", {}).items()]
+    flags += [f"--{k.replace('_', '-')} {fmt_value(v)}" for k, v in per_model.get("recipe", {}).items()]
+    why = f" ({per_model['why']})" if per_model.get("why") else ""
+    return f"note: {cls.name} on {model} trains with its recipe for this model{why}: {' '.join(flags)}; " \
+           "flags you give override these"
+
+
+def print_train_summary(out: Path, summary: dict, as_json: bool) -> None:
+    """What a training call did: a JSON object with ``--json``, else a line or two for a person."""
+    if as_json:
         typer.echo(json.dumps({"out": str(out), **summary}))
+        return
+    step, total = summary.get("step"), summary.get("steps")
+    resumed = f" (resumed from step {summary['resumed_from']})" if summary.get("resumed_from") else ""
+    acc = f"; test top-1 {summary['test_acc']:.2f}%" if summary.get("test_acc") is not None else ""
+    if summary.get("finished"):
+        typer.echo(f"trained {total} steps into {out}{resumed}{acc}")
+        typer.echo(f"use it with --checkpoint {out / 'model.pt'}")
+    else:
+        typer.echo(f"stopped at step {step} of {total}{resumed}{acc}; rerun the same command to continue ({out})")

@@ -57,6 +57,39 @@ def _index(text: Optional[str]) -> Optional[list[int]]:
         raise UserError(f"--index takes comma-separated integers, got {text!r}") from None
 
 
+# The FLOPs level a single-method picture is drawn at when the method's budget is not given: a
+# method's declared default is tuned for one model (ToMe's r=16 leaves 2 of the embedded model's
+# 50 tokens), a fraction of the dense model's FLOPs means the same on every model.
+DEFAULT_FLOPS = 0.66
+
+
+def _budget(cls, model: str, params: dict, flops: Optional[float], checkpoint: Optional[str],
+            flops_cache: Optional[Path]) -> tuple[dict, Optional[str]]:
+    """``params`` with the method's budget knob filled in where the user left it out, and a note saying how.
+
+    ``--flops F`` (or, by default, :data:`DEFAULT_FLOPS`) searches the knob to F x dense FLOPs; a
+    checkpoint's own training value wins when none of the two is asked for explicitly.
+    """
+    from .visualize import Flops, trained_params
+
+    knob = cls.search_param
+    if not knob or (knob in params and flops is None):
+        return params, None
+    if knob in params:
+        raise UserError(f"--flops searches {knob}: give one of --flops and --set {knob}=..., not both")
+    trained = trained_params(checkpoint).get(knob)
+    if flops is None and trained is not None:
+        return {**params, knob: trained}, f"note: {cls.name} at {knob}={trained}, as its checkpoint was trained"
+    target = DEFAULT_FLOPS if flops is None else flops
+    fl = Flops(flops_cache)
+    p, res = fl.matched(model, cls.name, cls.validate(params), target,
+                        preferred=[trained] if trained is not None else [])
+    from .sweep import fmt_value
+
+    how = "" if flops is not None else f" (no --set {knob}; --flops F picks another level)"
+    return p, f"note: {cls.name} at {knob}={fmt_value(p[knob])}: {target:.2f}x dense FLOPs{how}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("visualize")
     def visualize_cmd(
@@ -69,8 +102,9 @@ def register(app: typer.Typer) -> None:
         compare: Optional[str] = typer.Option(None, "--compare", help="A comparison sheet of these methods "
                                               "(comma-separated, or `all`): rows images, columns methods "
                                               "(final stage)."),
-        flops: Optional[float] = typer.Option(None, "--flops", help="With --compare: match every method to this "
-                                              "fraction of the dense model's FLOPs (e.g. 0.6)."),
+        flops: Optional[float] = typer.Option(None, "--flops", help="Match the method (with --compare: every "
+                                              "method) to this fraction of the dense model's FLOPs (e.g. 0.6); "
+                                              f"one method without its budget set: {DEFAULT_FLOPS}."),
         images: Optional[List[Path]] = typer.Option(None, "--images", "-i", help="Image files (PNG, JPEG, ...) or "
                                                     "folders of them; repeatable.  Default: --data."),
         data: str = typer.Option("fashion-mnist", "--data", help="Dataset to take images from (fashion-mnist, "
@@ -106,8 +140,8 @@ def register(app: typer.Typer) -> None:
             raise UserError("give --method NAME (one method, every stage) or --compare M1,M2,... (a sheet)")
         if compare is not None and method is not None:
             raise UserError("give either --method or --compare, not both")
-        if flops is not None and compare is None:
-            raise UserError("--flops matches FLOPs across methods: use it with --compare")
+        if flops is not None and not 0 < flops <= 1:
+            raise UserError(f"--flops is a fraction of the dense model's FLOPs in (0, 1], got {flops}")
         idx = _index(index)
         unique_set_keys(set_)
         if compare is not None:
@@ -133,18 +167,24 @@ def register(app: typer.Typer) -> None:
             cols = ", ".join(f"{s['method']} {s['flops_ratio']:.2f}x" for s in summary["methods"])
             typer.echo(f"wrote {summary['out']}: {summary['n_images']} images x {len(methods)} methods ({cols})")
             return
-        get_method(method)
+        cls = get_method(method)
         params = parse_set(set_ or [])
         if checkpoint and len(checkpoint) > 1:
             raise UserError("--checkpoint is given more than once (METHOD=PATH is for --compare)")
         ckpt = checkpoint[0] if checkpoint else None
         if ckpt is not None and not Path(ckpt).is_file():
             raise UserError(f"checkpoint {ckpt} does not exist")
+        vz._check_out(out or Path(f"tokens_{method}.png"))  # the cheap checks before the FLOPs search
+        if images:
+            vz.expand_image_paths(images)
+        params, note = _budget(cls, model, params, flops, ckpt, flops_cache)
         summary = vz.visualize(model, method, params, out=out or Path(f"tokens_{method}.png"), images=images,
                                data=data, n=n, data_dir=data_dir, split=split, index=idx, checkpoint=ckpt,
                                pretrained=pretrained, stages=stages, dpi=dpi, flops_cache=flops_cache)
         if json_:
             typer.echo(json.dumps(summary))
             return
+        if note:
+            typer.echo(note, err=True)
         typer.echo(f"wrote {summary['out']}: {summary['n_images']} images x {summary['panels_per_image']} panels; "
                    f"{summary['gflops']:.3g} GFLOPs = {summary['flops_ratio']:.2f}x dense")

@@ -315,16 +315,19 @@ def register_flop_handle(op: str, fn) -> None:
 def _count(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
     import logging
 
-    from fvcore.nn import FlopCountAnalysis
+    from .quiet import torch_jit_deprecations
 
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    fa = FlopCountAnalysis(model, x)
-    fa.set_op_handle(**_EXTRA_HANDLES)
-    fa.unsupported_ops_warnings(False)
-    fa.uncalled_modules_warnings(False)
-    fa.tracer_warnings("none")
-    total = fa.total()
-    return float(total), dict(fa.by_operator())
+    with torch_jit_deprecations():  # fvcore's import and trace, not the user's model
+        from fvcore.nn import FlopCountAnalysis
+
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        fa = FlopCountAnalysis(model, x)
+        fa.set_op_handle(**_EXTRA_HANDLES)
+        fa.unsupported_ops_warnings(False)
+        fa.uncalled_modules_warnings(False)
+        fa.tracer_warnings("none")
+        total = fa.total()
+        return float(total), dict(fa.by_operator())
 
 
 def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[torch.Tensor] = None

@@ -110,7 +110,8 @@ def embedded_paths(root: Optional[Path] = None) -> dict[str, Path]:
 
 def verify_checksum(ckpt: Path, sha_file: Path) -> str:
     """The checkpoint's SHA-256, after checking it against ``sha_file``."""
-    retrain = "retrain it with `tokenbench train-base` (or restore it with `git checkout -- results/embedded`)"
+    retrain = ("restore it with `git checkout -- results/embedded`, or retrain it with "
+               f"`tokenbench train-base --out {ckpt.parent} --force`")
     if not ckpt.is_file():
         raise UserError(f"embedded model checkpoint {ckpt} is missing: {retrain}")
     if not sha_file.is_file():
@@ -138,6 +139,60 @@ def load_embedded(root: Optional[Path] = None) -> tuple[nn.Module, dict]:
 
 # --------------------------------------------------------------------------- timm models
 
+def _pretrained_cached(name: str) -> bool:
+    """Whether timm's weights for ``name`` are already on disk (Hugging Face or torch hub cache)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.file and Path(cfg.file).is_file():
+        return True
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = cfg.hf_hub_id.split("@")[0]
+            for fname in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin",
+                                       "open_clip_pytorch_model.bin")):
+                if isinstance(try_to_load_from_cache(repo, fname), str):
+                    return True
+        except Exception:
+            pass
+    if cfg.url:
+        try:
+            return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url.split("?")[0])).is_file()
+        except Exception:
+            return False
+    return False
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_pretrained_available(name: str) -> None:
+    """Fail in seconds, in one line, where ``--pretrained`` cannot work: weights not cached and no
+    network (``HF_HUB_OFFLINE`` set, or a 3-second connection probe failing), instead of the
+    hub client's retries (about a minute)."""
+    if _pretrained_cached(name):
+        return
+    why = None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        why = "HF_HUB_OFFLINE is set"
+    elif not _network_reachable():
+        why = "huggingface.co cannot be reached (no network?)"
+    if why:
+        raise UserError(f"--pretrained: timm's weights for {name} are not in the local cache and {why}; "
+                        "download them once on a connected machine, or pass --checkpoint FILE")
+
+
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
                  **kwargs) -> tuple[nn.Module, dict]:
     """Model ``name`` in eval mode and a provenance dict (``weights`` identifies them).
@@ -162,6 +217,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
         img_size = kwargs.get("img_size")
         if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0):
             raise UserError(f"--img-size must be a positive integer, got {img_size!r}")
+        if pretrained:
+            check_pretrained_available(name)
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except Exception as e:

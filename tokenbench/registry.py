@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,11 @@ class Method:
     # --set`, recorded in the run's config.json, passed to ``train_step``; never part of the
     # applied model's spec (inference does not depend on them).
     train_params: ClassVar[tuple[Param, ...]] = ()
+    # Training defaults per model name, where the method's general recipe does not suit a model:
+    # {"default": {"set": {...training-only or model parameters...}, "loss_weights": {...},
+    #              "recipe": {...TrainConfig fields: lr, epochs, grad_clip...}, "why": "one line"}}.
+    # `tokenbench train` starts from them and says so; the user's flags override each value.
+    train_defaults: ClassVar[dict] = {}
 
     def apply(self, model: nn.Module, **params) -> nn.Module:
         raise NotImplementedError
@@ -277,8 +283,39 @@ def list_methods() -> list[dict]:
     return [reg[n].describe() | {"source": _SOURCES.get(n, "")} for n in sorted(reg, key=lambda n: (n != "none", n))]
 
 
+# One element of a run-length encoded list, as tables print schedules: ``5x3`` is 5, 5, 5.
+_RUN = re.compile(r"\s*(-?[0-9][0-9.eE+-]*)\s*x\s*([0-9]+)\s*")
+
+
+def _parse_compact_list(v: str) -> Optional[list]:
+    """``[5x3,4x9]`` (the tables' notation for schedules) to ``[5, 5, 5, 4, ...]``; None if it is not one."""
+    v = v.strip()
+    if not (v.startswith("[") and v.endswith("]")) or "x" not in v:
+        return None
+    out: list = []
+    for part in v[1:-1].split(","):
+        m = _RUN.fullmatch(part)
+        try:
+            value, count = (json.loads(m.group(1)), int(m.group(2))) if m else (json.loads(part), 1)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        out += [value] * count
+    return out
+
+
+def parse_value(v: str) -> Any:
+    """One ``--set`` value: JSON where it parses, a compact schedule (``[5x3,4x9]``), else the string."""
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        compact = _parse_compact_list(v)
+        return v if compact is None else compact
+
+
 def parse_set(items: Sequence[str]) -> dict:
-    """``KEY=VALUE`` strings to a dict; values are JSON where they parse, else strings."""
+    """``KEY=VALUE`` strings to a dict; values as :func:`parse_value` reads them."""
     out: dict[str, Any] = {}
     for item in items or ():
         if "=" not in item:
@@ -287,10 +324,7 @@ def parse_set(items: Sequence[str]) -> dict:
         k = k.strip()
         if not k:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+        out[k] = parse_value(v)
     return out
 
 

@@ -149,20 +149,94 @@ def _save_resumable(path: Path, model, opt, step: int, extra: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+RUN_FILES = ("model.pt", "model.pt.sha256", "last.pt", "train_log.csv", "config.json")
+
+
+def is_finished_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a finished run (its final ``model.pt``)."""
+    out_dir = Path(out_dir)
+    return (out_dir / "model.pt").is_file() or (out_dir / "model.pt.sha256").is_file()
+
+
+def check_run_dir(out_dir: Path, force: bool = False) -> None:
+    """Refuse a finished run as the output of a training unless ``force`` (cheap; call it first).
+
+    A finished run's files (``model.pt``, its log and config) belong together: training again
+    into it, or an interruption of that, would leave them inconsistent.  An unfinished run
+    (``last.pt``, no ``model.pt``) is fine: it resumes.
+    """
+    if is_finished_run(out_dir) and not force:
+        raise UserError(f"{out_dir} holds a finished run (model.pt); choose another --out, "
+                        "or add --force to train again from scratch there")
+
+
+def claim_run_dir(out_dir: Path, force: bool = False) -> None:
+    """:func:`check_run_dir`, and with ``force`` clear a finished run's files to start it over."""
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir, force)
+    if not is_finished_run(out_dir):
+        return
+    for name in RUN_FILES:
+        try:
+            (out_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UserError(f"cannot clear {out_dir / name}: {e.strerror}") from None
+
+
+class _StopAtStepEnd:
+    """Ctrl-C (SIGINT) during training stops at the end of the current step, after a checkpoint.
+
+    A second Ctrl-C interrupts at once.  Outside the main thread (no signal handlers there)
+    it does nothing and Ctrl-C interrupts as usual.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:  # the second Ctrl-C
+            signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None, test_x: Optional[torch.Tensor] = None,
                test_y: Optional[torch.Tensor] = None, cfg: Optional[TrainConfig] = None, out_dir: Optional[Path] = None,
                loss_fn: Optional[LossFn] = None,
                eval_model: Optional[Callable[[], nn.Module]] = None, config_extra: Optional[dict] = None,
                progress: bool = True, log_extra_cols: tuple[str, ...] = (),
                groups: Optional[list] = None, step_hook: Optional[Callable[[nn.Module, float], None]] = None,
-               reschedule: bool = False) -> dict:
+               reschedule: bool = False, force: bool = False) -> dict:
     """Train ``model`` resumably into ``out_dir``.
 
     The data is either in-memory preprocessed tensors ``train_x, train_y, test_x, test_y``
     or a batch source (:mod:`tokenbench.train_data`) in place of ``train_x``, with the
     three tensors left out: ``train_loop(model, source, cfg=cfg, out_dir=out)``.
     Returns a summary with the final test accuracy.  ``loss_fn(model, x, y)`` returns
-    ``(loss, logits, metrics)``; the default is label-smoothed cross-entropy.
+    ``(loss, logits, metrics)``; the default is label-smoothed cross-entropy.  A finished
+    run in ``out_dir`` is refused unless ``force`` (which starts it over); Ctrl-C saves a
+    checkpoint at the end of the current step, so that the same call resumes from there.
     """
     from .train_data import TensorSource
 
@@ -175,6 +249,7 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
             raise TypeError("train_loop() takes either four tensors or one batch source")
         source = train_x
     out_dir = Path(out_dir)
+    claim_run_dir(out_dir, force)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -248,12 +323,14 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     run_metrics: dict[str, float] = {}
     summary = {"steps": total, "resumed_from": step}
 
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    # progress and per-evaluation lines on stderr: stdout carries the summary (one JSON object with --json)
     prog = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not progress, transient=False)
-    with prog:
+                    disable=not progress, transient=False, console=Console(stderr=True))
+    with prog, _StopAtStepEnd() as interrupt:
         task = prog.add_task("train", total=stop_at, completed=step, info="")
         batches = source.batches(step, stop_at, steps_per_epoch, cfg)
         while step < stop_at:
@@ -299,6 +376,12 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
                     run_metrics = {}
                     summary["test_acc"] = acc
                 _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
+            elif interrupt.requested:
+                _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
+            if interrupt.requested:
+                batches.close()
+                prog.console.print(f"interrupted: saved step {step}/{total} to {last}; rerun the same command to resume")
+                raise KeyboardInterrupt
         batches.close()  # DataLoader workers, if any, end here
     summary["finished"] = step >= total
     summary["step"] = step
@@ -350,9 +433,12 @@ BASE_RECIPE = TrainConfig(epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, 
 
 
 def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, arch: Optional[dict] = None,
-               limit: Optional[int] = None, progress: bool = True, reschedule: bool = False) -> dict:
+               limit: Optional[int] = None, progress: bool = True, reschedule: bool = False,
+               force: bool = False) -> dict:
     """Train the embedded model from scratch on Fashion-MNIST into ``out_dir``."""
     from .models import EMBEDDED_ARCH, build_embedded
+
+    check_run_dir(out_dir, force)
 
     cfg = cfg or BASE_RECIPE
     torch.manual_seed(cfg.seed)
@@ -363,7 +449,7 @@ def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, 
     if limit:
         tx, ty = tx[:limit], ty[:limit]
     return train_loop(model, tx, ty, vx, vy, cfg, out_dir, config_extra={"arch": a, "data": "fashion-mnist"},
-                      progress=progress, reschedule=reschedule)
+                      progress=progress, reschedule=reschedule, force=force)
 
 
 # --------------------------------------------------------------------------- fine-tuning with a method
@@ -376,7 +462,7 @@ FINETUNE_RECIPE = TrainConfig(epochs=3, batch_size=128, lr=1e-3, min_lr=1e-6, we
 def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional[TrainConfig] = None,
              data: str = "fashion-mnist", data_dir=None, checkpoint: Optional[str] = None,
              teacher_checkpoint: Optional[str] = None, pretrained: bool = False,
-             loss_weights: Optional[dict] = None, progress: bool = True) -> dict:
+             loss_weights: Optional[dict] = None, progress: bool = True, force: bool = False) -> dict:
     """Fine-tune ``model`` with ``method`` applied, with the method's own training behaviour.
 
     The method may provide ``train_setup(model, teacher, params, weights) -> loss_fn``
@@ -400,6 +486,7 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
     from .train_data import build_source, check_data
 
     cfg = cfg or FINETUNE_RECIPE
+    check_run_dir(out_dir, force)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
     check_data(data, data_dir)  # before any model is built
@@ -434,4 +521,4 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
              "teacher": tprov.get("weights"), "loss_weights": loss_weights or {}, "pretrained": pretrained}
     cols = tuple(getattr(loss_fn, "metric_names", ()))
     return train_loop(student, source, cfg=cfg, out_dir=out_dir, loss_fn=loss_fn, config_extra=extra,
-                      progress=progress, log_extra_cols=cols, groups=groups, step_hook=hook)
+                      progress=progress, log_extra_cols=cols, groups=groups, step_hook=hook, force=force)
