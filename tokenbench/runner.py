@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import measure
+from . import distributed, measure
 from .errors import UserError
 from .store import Store, make_record, record_key
 
@@ -121,7 +121,19 @@ def dense_tokens(net) -> Optional[list]:
 
 def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store] = None, force: bool = False,
                 loaded: Optional[Loaded] = None, progress: bool = False) -> tuple[dict, bool]:
-    """(record, reused): measure ``kind`` of ``spec`` unless the store already has it."""
+    """(record, reused): measure ``kind`` of ``spec`` unless the store already has it.
+
+    Under torchrun, accuracy is measured by every rank together; FLOPs and throughput by
+    rank 0 alone while the others wait (throughput never shares the device).  Only rank 0
+    writes the record.
+    """
+    if kind != "accuracy" and distributed.active():
+        return distributed.on_main(lambda: _measure_run(kind, spec, settings, store, force, loaded, progress))
+    return _measure_run(kind, spec, settings, store, force, loaded, progress)
+
+
+def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store], force: bool,
+                 loaded: Optional[Loaded], progress: bool) -> tuple[dict, bool]:
     from .registry import get_method
 
     cls = get_method(spec["method"])
@@ -132,6 +144,8 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     key = record_key({"kind": kind, **kf})
     if store is not None and not force:
         rec = store.get(key)
+        if kind == "accuracy":  # measured by all ranks together: all of them reuse, or all measure
+            rec = distributed.broadcast_from_main(rec)
         if rec is not None:
             return rec, True
     if store is not None:
@@ -168,7 +182,7 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     rspec = dict(spec)
     rspec["learned_parts"] = prov.get("learned_parts")
     rec = make_record(kind, kf, rspec, metrics, env, extra={"weights": weights, "provenance": prov})
-    if store is not None:
+    if store is not None and distributed.is_main():
         store.put(rec)
     return rec, False
 
