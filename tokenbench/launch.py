@@ -147,15 +147,17 @@ def _state(job, cluster: str) -> str:
 
 
 def _reason(err: BaseException) -> str:
-    """Why a job failed, in one line: the last line of its traceback, else the error's first line."""
+    """Why a job failed, in one line."""
     text = str(err)
-    if "with trace:" in text:  # submitit's FailedJobError: the trace sits between two rules of dashes
+    if "with trace:" in text:  # submitit's FailedJobError: the traceback sits between two rules of dashes
         parts = text.split("----------------------")
         trace = [ln.strip() for ln in (parts[1] if len(parts) > 2 else "").splitlines() if ln.strip()]
         if trace:
             return trace[-1].removeprefix("tokenbench.errors.UserError: ")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0] if lines else err.__class__.__name__
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if err.__class__.__module__.startswith("submitit") or isinstance(err, UserError):
+        return first or err.__class__.__name__  # e.g. a job killed before it returned
+    return f"{err.__class__.__name__}: {first}"  # the debug executor hands back the job's own exception
 
 
 def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: JobOptions, force: bool = False,
