@@ -204,8 +204,11 @@ def test_a_failed_job_names_its_log_and_only_missing_runs_are_resubmitted(tmp_pa
     (["--launcher", "submitit", "--runs-per-job", "0"], "--runs-per-job must be at least 1"),
     (["--launcher", "submitit", "--timeout", "0"], "--timeout must be at least 1 minute"),
     (["--launcher", "submitit", "--gpus-per-job", "-1"], "--gpus-per-job must be 0 or more"),
+    (["--launcher", "submitit", "--cluster", "slurm"], "--cluster slurm needs SLURM's sbatch"),
 ])
-def test_bad_launcher_flags_are_one_line_errors(cli, tmp_path, flags, message):
+def test_bad_launcher_flags_are_one_line_errors(cli, tmp_path, monkeypatch, flags, message):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     code, out, err = cli("run", "--method", "topk", "--out", str(tmp_path / "o"), *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()

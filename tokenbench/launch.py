@@ -12,6 +12,7 @@ the runs that still miss a record: a failed or killed job is re-submitted that w
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,10 @@ def job_options(launcher: str, cluster: Optional[str] = None, partition: Optiona
                             "--launcher submitit")
         return None
     check_options(opts)
+    _submitit()
+    if opts.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--cluster slurm needs SLURM's sbatch on this machine's PATH "
+                        "(--cluster local runs the jobs here)")
     return opts
 
 
