@@ -148,7 +148,7 @@ def test_a_killed_job_is_reported_and_rerunning_completes_the_sweep(tiny_default
     first = json.loads(out)  # the table of what was recorded is still written
     assert first["measured"] == 2  # what the second job says it recorded (the first one died first)
     failed = [ln for ln in err.splitlines() if ln.startswith("error: job")]
-    assert len(failed) == 1 and "dense" in failed[0] and "log: " in failed[0], err
+    assert len(failed) == 1 and "dense" in failed[0] and "ended without a result" in failed[0], err
     assert Path(failed[0].rsplit("log: ", 1)[1]).is_file()
     assert "run the same command again" in err
     assert len(records(tmp_path / "o")) == 3

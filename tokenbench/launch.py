@@ -142,13 +142,12 @@ def make_executor(out_dir: Path, opts: JobOptions, sw):
     return executor
 
 
-def _state(job, cluster: str) -> str:
-    """queued, running, done or failed."""
-    if cluster == "debug":  # runs in this process when asked (exception() runs it without a debugger)
-        return "failed" if job.exception() is not None else "done"
-    if not job.done():
-        return "running" if str(job.state).upper() in RUNNING_STATES else "queued"
-    return "failed" if job.exception() is not None else "done"
+def _state(job, cluster: str) -> tuple[str, Optional[BaseException]]:
+    """(queued, running, done or failed; the job's error when failed)."""
+    if cluster != "debug" and not job.done():  # a debug job runs in this process, when exception() asks
+        return ("running" if str(job.state).upper() in RUNNING_STATES else "queued"), None
+    err = job.exception()
+    return ("failed" if err is not None else "done"), err
 
 
 def _reason(err: BaseException) -> str:
@@ -159,7 +158,11 @@ def _reason(err: BaseException) -> str:
         trace = [ln.strip() for ln in (parts[1] if len(parts) > 2 else "").splitlines() if ln.strip()]
         if trace:
             return trace[-1].removeprefix("tokenbench.errors.UserError: ")
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if "has not produced any output" in text:  # ended without a result: killed, out of time or of memory
+        state = text.split("(state: ", 1)[1].split(")", 1)[0] if "(state: " in text else "unknown"
+        return f"ended without a result (state {state}): killed, out of time or out of memory?"
     if err.__class__.__module__.startswith("submitit") or isinstance(err, UserError):
         return first or err.__class__.__name__  # e.g. a job killed before it returned
     return f"{err.__class__.__name__}: {first}"  # the debug executor hands back the job's own exception
@@ -187,17 +190,16 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
         jobs = [executor.submit(run_share, sw, [runs[i] for i in chunk], str(Path(out_dir).resolve()), force, chunk)
                 for chunk in chunks]
     try:
-        states = _wait(jobs, executor.cluster, console, poll_s)
+        states, errors = _wait(jobs, executor.cluster, console, poll_s)
     except KeyboardInterrupt:
         for job in jobs:  # a later run of the command re-submits what they had not recorded
             job.cancel(check=False)
         raise
     outcome = Outcome(steps=steps, submitted=len(jobs))
-    for job, chunk, state in zip(jobs, chunks, states):
+    for job, chunk, state, err in zip(jobs, chunks, states, errors):
         if state == "done":
             outcome.steps += [Step(runs[i], kind, key, reused) for i, kind, key, reused in job.result()]
         else:
-            err = job.exception()
             outcome.failures.append(Failure(job_id=str(job.job_id), runs=[runs[i].name for i in chunk],
                                             reason=_reason(err) if err else "failed", log=str(job.paths.stderr)))
     order = {id(r): i for i, r in enumerate(runs)}
@@ -205,9 +207,12 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
     return outcome
 
 
-def _wait(jobs: list, cluster: str, console, poll_s: float) -> list[str]:
-    """Poll until every job is done or failed; a progress bar of queued/running/done/failed jobs."""
+def _wait(jobs: list, cluster: str, console, poll_s: float) -> tuple[list[str], list]:
+    """Poll until every job is done or failed; a progress bar of queued/running/done/failed jobs.
+
+    Returns each job's state and error (None unless it failed)."""
     states = ["queued"] * len(jobs)
+    errors: list = [None] * len(jobs)
     show = console is not None and console.is_terminal
     prog = None
     if show:
@@ -221,13 +226,13 @@ def _wait(jobs: list, cluster: str, console, poll_s: float) -> list[str]:
         while True:
             for j, job in enumerate(jobs):
                 if states[j] not in ("done", "failed"):
-                    states[j] = _state(job, cluster)
+                    states[j], errors[j] = _state(job, cluster)
             counts = {s: states.count(s) for s in ("queued", "running", "done", "failed")}
             if prog:
                 prog.update(task, completed=counts["done"] + counts["failed"],
                             description=", ".join(f"{v} {k}" for k, v in counts.items()))
             if counts["done"] + counts["failed"] == len(jobs):
-                return states
+                return states, errors
             time.sleep(poll_s)
     finally:
         if prog:
