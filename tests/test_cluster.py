@@ -72,6 +72,28 @@ def test_torchrun_two_processes_give_the_one_process_result(tiny_default, tmp_pa
     assert rec2["metrics"]["predictions"] == rec1["metrics"]["predictions"]
 
 
+def test_torchrun_sweep_times_throughput_on_rank_0_alone_and_writes_each_record_once(tiny_default, tmp_path, cli):
+    args = ["run", "--model", "default", "--method", "topk", "--set", "keep_rate=[0.5]", "--data", "synthetic",
+            "--limit", "24", "--eval-batch-size", "8", "--measure", "flops,throughput,accuracy", "--batch-size", "2",
+            "--threads", "1", "--min-run-time", "0.05", "--device", "cpu", "--no-plots", "--json"]
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "tokenbench", *args, "--out", str(tmp_path / "two")],
+                          cwd=tmp_path, env=subprocess_env(tiny_default), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout  # one table, rank 0's
+    two = json.loads(proc.stdout)
+    assert (two["measured"], two["reused"]) == (6, 0)
+    assert all(r["img_per_s"] for r in two["rows"])
+    code, out, err = cli(*args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert sorted(a) == sorted(b) and len(b) == 6
+    for k, r in a.items():
+        if r["kind"] != "throughput":
+            assert r["metrics"] == b[k]["metrics"], r["kind"]
+
+
 # --------------------------------------------------------------------------- submitit
 
 def sweep_args(keep_rates: str = "[0.5]") -> list:

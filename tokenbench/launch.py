@@ -22,14 +22,14 @@ from .errors import UserError
 
 CLUSTERS = ("slurm", "local", "debug")
 # submitit's (SLURM's) job states that mean "started"; every other unfinished state is "queued".
-RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "INTERRUPTED"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"}
 
 
 @dataclass
 class JobOptions:
     cluster: Optional[str] = None        # None: submitit's guess (slurm where sbatch exists, else local)
     partition: Optional[str] = None
-    gpus_per_job: Optional[int] = None   # None: 1 on SLURM (0 with --device cpu); what is here for local
+    gpus_per_job: Optional[int] = None   # None: 1 where there are GPUs to use (0 with --device cpu)
     timeout_min: int = 120
     runs_per_job: int = 1
 
