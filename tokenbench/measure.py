@@ -482,7 +482,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
     if params_dev != dev:
         model.to(dev)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    ids: list[int] = []
+    seen: list[int] = []  # global indices of the images evaluated so far, in order
     correct1: list[int] = []
     correct5: list[int] = []
     preds: list[int] = []
@@ -496,8 +496,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
     try:
         with eval_mode(model), torch.inference_mode():
             for x, y in loader:
-                # The global dataset index of each image in this batch.
-                batch_ids = list(mine[len(ids):len(ids) + len(y)])
+                # Each image's global index in the evaluated set (the same under torchrun as in one process).
+                batch_ids = list(mine[len(seen):len(seen) + len(y)])
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
                 with ctx:
                     logits = model(x)
@@ -506,7 +506,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
                     raise UserError("the model produced NaN or infinite logits; accuracy would be meaningless")
                 k = min(5, logits.shape[-1])
                 top = logits.topk(k, dim=-1).indices
-                ids += batch_ids
+                seen += batch_ids
                 correct1 += (top[:, 0] == y).int().tolist()
                 preds += top[:, 0].tolist()
                 correct5 += (top == y[:, None]).any(-1).int().tolist()
@@ -518,11 +518,11 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
         if params_dev != dev:
             model.to(params_dev)
     if distributed.active():
-        ids, correct1, correct5, preds = (distributed.gather_in_rank_order(v)
-                                          for v in (ids, correct1, correct5, preds))
-        if ids != list(range(len(dataset))):
+        seen, correct1, correct5, preds = (distributed.gather_in_rank_order(v)
+                                           for v in (seen, correct1, correct5, preds))
+        if seen != list(range(len(dataset))):
             raise RuntimeError("the shards did not cover the evaluation set exactly once, in order")
-    n = len(ids)
+    n = len(seen)
     k1 = sum(correct1)
     lo, hi = wilson_interval(k1, n)
     out = {
