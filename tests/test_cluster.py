@@ -236,6 +236,13 @@ def test_bad_launcher_flags_are_one_line_errors(cli, tmp_path, monkeypatch, flag
     assert not (tmp_path / "o").exists()
 
 
+def test_submitting_from_every_torchrun_process_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(launch.UserError, match="run it without torchrun"):
+        launch.job_options("submitit", cluster="local")
+
+
 def test_local_executor_refuses_to_time_jobs_side_by_side(tmp_path):
     pytest.importorskip("submitit")
     from tokenbench.store import Store

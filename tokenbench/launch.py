@@ -98,6 +98,10 @@ def job_options(launcher: str, cluster: Optional[str] = None, partition: Optiona
                             "--launcher submitit")
         return None
     check_options(opts)
+    from .distributed import launched
+
+    if launched():
+        raise UserError("--launcher submitit submits jobs from one process: run it without torchrun")
     _submitit()
     if opts.cluster == "slurm" and shutil.which("sbatch") is None:
         raise UserError("--cluster slurm needs SLURM's sbatch on this machine's PATH "
