@@ -254,3 +254,15 @@ def test_local_executor_refuses_to_time_jobs_side_by_side(tmp_path):
     opts = launch.JobOptions(cluster="local")
     with pytest.raises(launch.UserError, match="throughput is never timed while other jobs share"):
         launch.submit_sweep(sw, runs, keys, tmp_path, Store(tmp_path), opts)
+
+
+def test_under_torchrun_every_rank_holds_the_claim(monkeypatch):
+    """Claims are per runner; the ranks of one torchrun are one runner and must all measure."""
+    class Store:
+        def claim(self, key):
+            return ("file claim", key)
+
+    assert distributed.claim(Store(), "k") == ("file claim", "k")
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with distributed.claim(Store(), "k") as c:
+        assert c.held and c.key == "k"

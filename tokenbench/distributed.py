@@ -170,3 +170,32 @@ def on_main(fn: Callable[[], Any]) -> Any:
     if result[0] == "failed":
         raise SystemExit(result[1])
     return result[1]
+
+
+class _HeldByAll:
+    """A claim every rank holds: under torchrun the ranks measure each record together."""
+
+    held = True
+    holder = None
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __enter__(self) -> "_HeldByAll":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def is_free(self) -> bool:
+        return True
+
+
+def claim(store, key: str):
+    """``store.claim(key)`` (one runner measures each record), except under torchrun.
+
+    There the ranks are one runner: a claim taken by one rank and not by the others would
+    leave the others out of a collective evaluation, so none is taken (the store's atomic
+    per-key writes still keep every record whole and single).
+    """
+    return _HeldByAll(key) if active() else store.claim(key)
