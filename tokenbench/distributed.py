@@ -74,7 +74,13 @@ def init_from_env() -> bool:
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            from .errors import UserError
+
+            raise UserError(f"torchrun started process {local} on this node but it has only "
+                            f"{torch.cuda.device_count()} GPU(s): use --nproc-per-node {torch.cuda.device_count()}")
+        torch.cuda.set_device(local)
         backend = "nccl"
     else:
         backend = "gloo"
