@@ -28,6 +28,22 @@ def subprocess_env(embedded: Path, **extra) -> dict:
     return env
 
 
+def torchrun(args: list, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m tokenbench ARGS``; on a timeout, all its processes end."""
+    import signal
+
+    proc = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "tokenbench", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 # --------------------------------------------------------------------------- shards
 
 @given(n=st.integers(0, 300), batch=st.integers(1, 40), world=st.integers(1, 5))
@@ -53,10 +69,7 @@ def test_torchrun_two_processes_give_the_one_process_result(tiny_default, tmp_pa
     """gloo, 2 CPU processes, 101 images in batches of 16: shards of 48 and 53 images."""
     args = ["eval", "default", "--data", "synthetic", "--limit", "101", "--batch-size", "16", "--device", "cpu",
             "--json"]
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tokenbench", *args, "--results", str(tmp_path / "two")],
-                          cwd=tmp_path, env=subprocess_env(tiny_default), capture_output=True, text=True,
-                          timeout=300)
+    proc = torchrun([*args, "--results", str(tmp_path / "two")], tmp_path, subprocess_env(tiny_default))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # rank 1 prints nothing
@@ -76,10 +89,7 @@ def test_torchrun_sweep_times_throughput_on_rank_0_alone_and_writes_each_record_
     args = ["run", "--model", "default", "--method", "topk", "--set", "keep_rate=[0.5]", "--data", "synthetic",
             "--limit", "24", "--eval-batch-size", "8", "--measure", "flops,throughput,accuracy", "--batch-size", "2",
             "--threads", "1", "--min-run-time", "0.05", "--device", "cpu", "--no-plots", "--json"]
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tokenbench", *args, "--out", str(tmp_path / "two")],
-                          cwd=tmp_path, env=subprocess_env(tiny_default), capture_output=True, text=True,
-                          timeout=300)
+    proc = torchrun([*args, "--out", str(tmp_path / "two")], tmp_path, subprocess_env(tiny_default))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout  # one table, rank 0's
     two = json.loads(proc.stdout)
