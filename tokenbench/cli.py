@@ -49,6 +49,9 @@ def console():
 def main_callback(ctx: typer.Context,
                   debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
     STATE["debug"] = STATE["debug"] or debug or bool(os.environ.get("TOKENBENCH_DEBUG"))
+    from .distributed import init_from_env
+
+    init_from_env()  # under torchrun: join its process group (a no-op otherwise)
     if ctx.invoked_subcommand is None:
         # `tokenbench` alone runs the default sweep, like `tokenbench run`.
         run_cmd = ctx.command.get_command(ctx, "run")

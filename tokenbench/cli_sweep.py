@@ -86,6 +86,17 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
                               on_note=lambda m: console.print(m, markup=False, highlight=False))
 
 
+def _exit_if_jobs_failed(outcome) -> None:
+    """Name each failed job and its log on stderr, and exit 1 (rerunning re-submits what is missing)."""
+    if outcome is None or not outcome.failures:
+        return
+    from .launch import failure_lines
+
+    for line in failure_lines(outcome):
+        typer.echo(line, err=True)
+    raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
@@ -129,6 +140,15 @@ def register(app: typer.Typer) -> None:
                                                               "the runs, measure nothing."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the plots after the sweep."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+        launcher: str = typer.Option("local", "--launcher", help="local (this process) or submitit (cluster "
+                                                                 "jobs; pip install 'tokenbench\\[cluster]')."),
+        cluster: Optional[str] = typer.Option(None, "--cluster", help="submitit: slurm, local or debug "
+                                                                      "(default: slurm where sbatch exists)."),
+        partition: Optional[str] = typer.Option(None, "--partition", help="submitit: the SLURM partition."),
+        gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="submitit: GPUs per job (default "
+                                                                                "1 on SLURM, 0 with --device cpu)."),
+        timeout: int = typer.Option(120, "--timeout", help="submitit: minutes a job may run."),
+        runs_per_job: int = typer.Option(1, "--runs-per-job", help="submitit: runs packed into one job."),
     ):
         """Run a sweep: measure every run not yet recorded, then write tables and plots to its directory.
 
@@ -145,6 +165,9 @@ def register(app: typer.Typer) -> None:
         from .report import ensure_report_writable, summary_table, write_report
         from .store import Store
 
+        from .launch import job_options
+
+        job_opts = job_options(launcher, cluster, partition, gpus_per_job, timeout, runs_per_job)
         if method and sweep:
             raise UserError("give a sweep file or --method, not both")
         if set_ and not method:
@@ -207,10 +230,21 @@ def register(app: typer.Typer) -> None:
         ensure_report_writable(out_dir, plots)
         store = Store(out_dir)
         retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
-        if quiet:
+        outcome = None
+        if job_opts is not None:
+            from .launch import submit_sweep
+
+            outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force,
+                                   console=None if quiet else err)
+            steps = outcome.steps
+        elif quiet:
             steps = sw_mod.execute(spec, runs, store, force=force, retime=retime)
         else:
             steps = _execute_with_progress(sw_mod, spec, runs, keys, store, force, err, retime)
+        from .distributed import is_main
+
+        if not is_main():  # under torchrun, rank 0 writes the tables
+            return
         res = write_report(out_dir, plots=plots)
         measured = sum(1 for s in steps if not s.reused)
         reused = len(steps) - measured
@@ -219,12 +253,14 @@ def register(app: typer.Typer) -> None:
                                    "flops_counts": searcher.counts, "files": [str(f) for f in res["files"]],
                                    "notes": res["notes"],
                                    "rows": [_public_row(r) for r in res["display"]]}, default=str))
+            _exit_if_jobs_failed(outcome)
             return
         Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
         for n in res["notes"]:
             typer.echo(f"warning: {n}", err=True)
         typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
                    f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else ""))
+        _exit_if_jobs_failed(outcome)
 
     @app.command("compare")
     def compare_cmd(

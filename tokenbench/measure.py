@@ -706,38 +706,46 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, A
 def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
              precision: str = "fp32", progress: bool = False, num_workers: int = 0,
              desc: str = "eval") -> dict[str, Any]:
-    """Top-1/top-5 accuracy in percent with a Wilson 95% interval and per-image correctness."""
-    from torch.utils.data import DataLoader
+    """Top-1/top-5 accuracy in percent with a Wilson 95% interval and per-image correctness.
 
-    from . import vit
+    Under torchrun each process evaluates its shard of whole batches and the per-image
+    results are gathered back in dataset order: the same dict as one process returns.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from . import distributed, vit
 
     dev = resolve_device(device) if isinstance(device, str) else device
     ctx, note = precision_context(dev, precision)
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    # Global indices (into ``dataset``) of the images this process evaluates, in order.
+    mine = distributed.shard(len(dataset), batch_size, distributed.rank(), distributed.world_size())
     # The largest batch the loader will really make: a huge --batch-size on a small set is harmless.
-    check_batch_fits(model, min(batch_size, max(1, len(dataset))), dev, precision)
+    check_batch_fits(model, min(batch_size, max(1, len(mine))), dev, precision)
     params_dev = next(model.parameters()).device
     if params_dev != dev:
         model.to(dev)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    seen: list[int] = []  # global indices of the images evaluated so far, in order
     correct1: list[int] = []
-    correct5 = 0
+    correct5: list[int] = []
     preds: list[int] = []
-    n = 0
     prog = None
     if progress:
         from rich.progress import Progress
 
         prog = Progress(transient=True)
         prog.start()
-        task = prog.add_task(desc, total=len(dataset))
+        task = prog.add_task(desc, total=len(mine))
     try:
         with eval_mode(model), torch.inference_mode():
             for x, y in loader:
+                # Each image's global index in the evaluated set (the same under torchrun as in one
+                # process): random choices follow the image, not its place in a batch or a shard.
+                batch_ids = list(mine[len(seen):len(seen) + len(y)])
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
-                # each image's index in the evaluated set: random choices follow the image, not the batch
-                ids = torch.arange(n, n + len(x), device=dev)
+                ids = torch.tensor(batch_ids, device=dev, dtype=torch.long)
                 with ctx, vit.image_ids(model, ids):
                     logits = model(x)
                 logits = logits.float()
@@ -745,11 +753,10 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
                     raise UserError("the model produced NaN or infinite logits; accuracy would be meaningless")
                 k = min(5, logits.shape[-1])
                 top = logits.topk(k, dim=-1).indices
-                c1 = (top[:, 0] == y)
-                correct1 += c1.int().tolist()
+                seen += batch_ids
+                correct1 += (top[:, 0] == y).int().tolist()
                 preds += top[:, 0].tolist()
-                correct5 += int((top == y[:, None]).any(-1).sum())
-                n += len(y)
+                correct5 += (top == y[:, None]).any(-1).int().tolist()
                 if prog:
                     prog.update(task, advance=len(y))
     finally:
@@ -757,12 +764,18 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
             prog.stop()
         if params_dev != dev:
             model.to(params_dev)
+    if distributed.active():
+        seen, correct1, correct5, preds = (distributed.gather_in_rank_order(v)
+                                           for v in (seen, correct1, correct5, preds))
+        if seen != list(range(len(dataset))):
+            raise RuntimeError("the shards did not cover the evaluation set exactly once, in order")
+    n = len(seen)
     k1 = sum(correct1)
     lo, hi = wilson_interval(k1, n)
     out = {
         "top1": 100.0 * k1 / n if n else float("nan"),
         "top1_ci95": [100.0 * lo, 100.0 * hi],
-        "top5": 100.0 * correct5 / n if n else float("nan"),
+        "top5": 100.0 * sum(correct5) / n if n else float("nan"),
         "n": n,
         "correct": "".join("1" if c else "0" for c in correct1),
         "predictions": preds,

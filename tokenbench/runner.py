@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import checks, measure
+from . import checks, distributed, measure
 from .errors import UserError
 from .store import Store, make_record, record_key
 
@@ -159,7 +159,20 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     needs ``baseline`` (the dense spec), timed interleaved with ``spec``.  A busy or noisy
     timing is taken again, up to ``settings.retries`` times; the calmest attempt is kept,
     with its flag if it stayed noisy.
+
+    Under torchrun, accuracy is measured by every rank together; FLOPs and timings by
+    rank 0 alone while the others wait (a timing never shares the device).  Only rank 0
+    writes the record.
     """
+    args = (kind, spec, settings, store, force, loaded, progress, reference, baseline, baseline_loaded)
+    if kind != "accuracy" and distributed.active():
+        return distributed.on_main(lambda: _measure_run(*args))
+    return _measure_run(*args)
+
+
+def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store], force: bool,
+                 loaded: Optional[Loaded], progress: bool, reference: Optional[Store],
+                 baseline: Optional[dict], baseline_loaded: Optional[Loaded]) -> tuple[dict, bool]:
     from .registry import get_method
 
     cls = get_method(spec["method"])
@@ -171,13 +184,14 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     key, kf, weights = record_key_of(kind, spec, settings, baseline)
     if store is not None and not force:
         rec = store.get(key)
+        if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
+            rec = reference.get(key)
+            if rec is not None and distributed.is_main():
+                store.put_copy(rec)
+        if kind == "accuracy":  # measured by all ranks together: all of them reuse, or all measure
+            rec = distributed.broadcast_from_main(rec)
         if rec is not None:
             return rec, True
-        if reference is not None and reference.root.resolve() != store.root.resolve():
-            rec = reference.get(key)
-            if rec is not None:
-                store.put_copy(rec)
-                return rec, True
     if store is not None:
         store.ensure_writable()
     loaded = loaded or Loaded(spec)
@@ -231,7 +245,7 @@ def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store
     if baseline is not None:
         extra["baseline"] = baseline
     rec = make_record(kind, kf, rspec, metrics, env, extra=extra)
-    if store is not None:
+    if store is not None and distributed.is_main():
         store.put(rec)
     return rec, False
 

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from .errors import UserError, did_you_mean
+from . import distributed
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 DENSE_METHOD = "none"  # the registry's identity method: the baseline every run is compared with
@@ -1136,7 +1137,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
                 ident = canonical_spec(base)
                 dense_loaded.setdefault(ident, Loaded(base))
                 extra = {"baseline": base, "baseline_loaded": dense_loaded[ident]}
-            with store.claim(keys[kind]) as claim:
+            with distributed.claim(store, keys[kind]) as claim:
                 if not claim.held:
                     claimed.append((run, kind, claim))
                     continue
