@@ -135,8 +135,8 @@ def kappa_heatmaps(settings, pdir: Path) -> list[Path]:
         with style, rc:
             fig, ax = plt.subplots(figsize=(WIDTH, WIDTH * 0.85))
             _heat(ax, mat, names, annot_size=6)
-            fig.colorbar(ax.collections[0], ax=ax, fraction=0.046, pad=0.04, label="Cohen's kappa on correctness")
-            ax.set_title(f"Error agreement at {_level_name(lv)}% FLOPs ({len(group[0].correct)} images)", pad=3)
+            fig.colorbar(ax.collections[0], ax=ax, fraction=0.046, pad=0.04, label=f"Cohen's kappa on correctness ({len(group[0].correct)} images)")
+            ax.set_title(f"Error agreement, {_level_name(lv)}% FLOPs", pad=3)
             fig.tight_layout()
             files += _save(fig, pdir / f"errors_kappa_{_level_name(lv)}")
     return files
@@ -229,8 +229,16 @@ def budget_plot(dists: dict, pdir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- spatial prior
 
 def keep_map_grid(maps: dict, prior: np.ndarray, pdir: Path) -> list[Path]:
-    """Keep maps: rows methods, columns FLOPs levels; the centre prior beside them."""
+    """Keep maps: rows methods, columns FLOPs levels; the centre prior beside them.
+
+    Each map is drawn relative to its own mean (1 = kept as often as the average position), so
+    that maps at different keep rates share one scale; a map with (almost) nothing kept is left
+    blank and says so.
+    """
     plt, _ = _plt()
+    from matplotlib.colors import TwoSlopeNorm
+
+    maps = {k: v for k, v in maps.items() if v[1] is not None}   # a setting without a FLOPs level has no column
     if not maps:
         return []
     labels = list(dict.fromkeys(v[0] for v in maps.values()))
@@ -238,9 +246,10 @@ def keep_map_grid(maps: dict, prior: np.ndarray, pdir: Path) -> list[Path]:
     cell = {(v[0], v[1]): v[2] for v in maps.values()}
     ncols, nrows = len(levels) + 1, len(labels)
     side = (WIDTH - 0.6) / ncols
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)
     style, rc = _style()
     with style, rc:
-        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, nrows * (side + 0.06) + 0.55), squeeze=False,
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, nrows * (side + 0.06) + 0.75), squeeze=False,
                                  gridspec_kw={"wspace": 0.08, "hspace": 0.12})
         im = None
         for r, lab in enumerate(labels):
@@ -250,9 +259,11 @@ def keep_map_grid(maps: dict, prior: np.ndarray, pdir: Path) -> list[Path]:
                 ax.set_yticks([])
                 for sp in ax.spines.values():
                     sp.set_linewidth(0.3)
+                if c == 0:
+                    ax.set_ylabel(lab, fontsize=6, rotation=0, ha="right", va="center", labelpad=2)
                 if c == ncols - 1:
                     if r == 0:
-                        ax.imshow(prior, cmap=HEATMAP, vmin=0, vmax=1)
+                        ax.imshow(2 * prior / prior.max(), cmap=DIVERGING, norm=norm)  # its shape, on the same scale
                         ax.set_title("centre\nprior", fontsize=6, pad=2)
                     else:
                         ax.axis("off")
@@ -260,20 +271,22 @@ def keep_map_grid(maps: dict, prior: np.ndarray, pdir: Path) -> list[Path]:
                 lv = levels[c]
                 if r == 0:
                     ax.set_title(f"{_level_name(lv)}%", fontsize=6.5, pad=2)
-                if c == 0:
-                    ax.set_ylabel(lab, fontsize=6, rotation=0, ha="right", va="center", labelpad=2)
                 m = cell.get((lab, lv))
                 if m is None:
-                    ax.axis("off")
-                    if c == 0:  # keep the row's name
-                        ax.text(-0.1, 0.5, lab, fontsize=6, ha="right", va="center", transform=ax.transAxes)
+                    ax.set_frame_on(False)
                     continue
-                im = ax.imshow(m, cmap=HEATMAP, vmin=0, vmax=1)
+                if m.mean() < 0.01:
+                    ax.text(0.5, 0.5, "none\nleft", fontsize=5.5, ha="center", va="center", transform=ax.transAxes)
+                    continue
+                im = ax.imshow(m / m.mean(), cmap=DIVERGING, norm=norm)
         if im is not None:
-            cax = fig.add_axes((0.25, 0.04, 0.5, 0.015))
+            height = fig.get_size_inches()[1]
+            cax = fig.add_axes((0.25, 0.4 / height, 0.5, 0.05 / height))
             cb = fig.colorbar(im, cax=cax, orientation="horizontal")
-            cb.set_label("share of images where the patch is its own token at the end", fontsize=6.5)
+            cb.set_label("how often a patch is still its own token at the end,\nrelative to the map's mean",
+                         fontsize=6.5)
             cb.ax.tick_params(labelsize=6)
         fig.suptitle("Where tokens go: keep maps by FLOPs level", y=0.995, fontsize=8)
-        fig.subplots_adjust(left=0.2, right=0.99, top=1 - 0.35 / fig.get_size_inches()[1], bottom=0.14)
+        fig.subplots_adjust(left=0.2, right=0.99, top=1 - 0.35 / fig.get_size_inches()[1],
+                            bottom=0.6 / fig.get_size_inches()[1])
         return _save(fig, pdir / "keep_maps")

@@ -37,6 +37,9 @@ from .errors import UserError
 from .sweep import DENSE_METHOD, fmt_value
 
 ANALYSIS_DIR = "analysis"
+# Images re-run by default: over 1000 images a keep frequency has a standard error of at most 0.016 (a mean
+# IoU or a CKA less), and re-running a sweep's whole evaluated set (5000 images by default) costs five times as long.
+DEFAULT_RERUN_IMAGES = 1000
 
 
 # --------------------------------------------------------------------------- settings
@@ -56,7 +59,7 @@ class Setting:
     top1: float
     correct: np.ndarray             # bool [n], the record's per-image correctness
     predictions: Optional[np.ndarray]
-    keys: dict                      # record keys per kind
+    keys: dict                      # record keys of the FLOPs and accuracy records
     spec: dict                      # the accuracy record's spec (model, method, params, checkpoint, ...)
     learned: Optional[str] = None
     trace: Optional[dict] = None    # the re-run's arrays, when traced
@@ -65,6 +68,12 @@ class Setting:
     @property
     def is_dense(self) -> bool:
         return self.method == DENSE_METHOD
+
+    @property
+    def level_text(self) -> str:
+        if self.is_dense:
+            return "dense"
+        return "–" if self.level is None else f"{100 * self.level:.0f}%"
 
     @property
     def seed(self):
@@ -101,8 +110,8 @@ class Setting:
         return self.seed_index == 0
 
 
-def _level_text(level: Optional[float]) -> str:
-    return "dense" if level is None else f"{100 * level:.0f}%"
+def _level_text(level: float) -> str:
+    return f"{100 * level:.0f}%"
 
 
 def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
@@ -140,7 +149,8 @@ def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
             continue
         m = rec.get("metrics", {})
         preds = m.get("predictions")
-        keys = {k[:-4]: r[k] for k in ("flops_key", "throughput_key", "accuracy_key") if r.get(k)}
+        # what determines a re-run: the FLOPs and accuracy records (not throughput: a re-timing changes nothing)
+        keys = {k[:-4]: r[k] for k in ("flops_key", "accuracy_key") if r.get(k)}
         s = Setting(label=r["label"], method=r["method"], params=dict(r["_params"]), seed_param=r.get("_seed_param"),
                     seed_index=0, level=None, flops_rel=r.get("flops_rel"), gflops=r.get("gflops"),
                     top1=float(r["top1"]), correct=np.frombuffer(r["_correct"].encode(), dtype=np.uint8) == ord("1"),
@@ -184,7 +194,7 @@ def _narrow(settings: list[Setting], methods: Optional[Sequence[str]], flops: Op
             if not any(abs(f - lv) < 0.005 for lv in levels):
                 raise UserError(f"--flops {f:g}: no setting at that level; levels here: "
                                 f"{', '.join(f'{lv:g}' for lv in levels)}")
-        settings = [s for s in settings if s.is_dense or any(abs(f - s.level) < 0.005 for f in flops)]
+        settings = [s for s in settings if s.is_dense or (s.level is not None and any(abs(f - s.level) < 0.005 for f in flops))]
     return settings
 
 
@@ -212,14 +222,16 @@ class Table:
     rows: list[dict]
     notes: list[str] = field(default_factory=list)
     md_rows: Optional[list[dict]] = None    # a shorter selection for md / tex (the CSV has all rows)
+    formats: dict = field(default_factory=dict)   # column -> format of its floats in md / tex (default .3f)
 
-    def cell(self, v: Any) -> str:
+    def cell(self, v: Any, key: str = "") -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "–"
         if isinstance(v, bool):
             return "yes" if v else "no"
         if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+            text = format(v, self.formats.get(key, ".3f"))
+            return text[1:] if text.startswith("-") and float(text) == 0 else text   # no "-0.00"
         return str(v)
 
     def markdown(self) -> str:
@@ -228,7 +240,7 @@ class Table:
         lines.append("| " + " | ".join(h for _, h in self.columns) + " |")
         lines.append("|" + "|".join("---" for _ in self.columns) + "|")
         for r in rows:
-            lines.append("| " + " | ".join(self.cell(r.get(k)).replace("|", "\\|") for k, _ in self.columns) + " |")
+            lines.append("| " + " | ".join(self.cell(r.get(k), k).replace("|", "\\|") for k, _ in self.columns) + " |")
         lines.append("")
         lines += [n + "\n" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
@@ -255,7 +267,7 @@ class Table:
                  "\\begin{tabular}{" + "".join("r" if n else "l" for n in numeric) + "}", "\\toprule",
                  " & ".join(_tex_escape(h) for _, h in self.columns) + " \\\\", "\\midrule"]
         for r in rows:
-            lines.append(" & ".join(_tex_escape(self.cell(r.get(k))) for k, _ in self.columns) + " \\\\")
+            lines.append(" & ".join(_tex_escape(self.cell(r.get(k), k)) for k, _ in self.columns) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
 
@@ -277,10 +289,10 @@ def kappa_table(settings: list[Setting]) -> Table:
     rows = []
     for a, b in itertools.combinations(settings, 2):
         ca, cb = a.correct, b.correct
-        rows.append({"a": a.name, "b": b.name, "level_a": _level_text(a.level), "level_b": _level_text(b.level),
+        rows.append({"a": a.name, "b": b.name, "level_a": a.level_text, "level_b": b.level_text,
                      "kappa": an.cohen_kappa(ca, cb), "both_wrong": int((~ca & ~cb).sum()),
                      "only_a_wrong": int((~ca & cb).sum()), "only_b_wrong": int((ca & ~cb).sum()),
-                     "n": int(len(ca)), "_matched": a.is_dense or b.is_dense or a.level == b.level})
+                     "n": int(len(ca)), "_matched": a.is_dense or b.is_dense or (a.level is not None and a.level == b.level)})
     t = Table("errors_kappa", "Error agreement: Cohen's kappa on per-image correctness",
               [("a", "A"), ("level_a", "FLOPs A"), ("b", "B"), ("level_b", "FLOPs B"), ("kappa", "kappa"),
                ("both_wrong", "both wrong"), ("only_a_wrong", "only A wrong"), ("only_b_wrong", "only B wrong"),
@@ -310,12 +322,13 @@ def per_class_table(settings: list[Setting], labels: np.ndarray, class_names: Se
         accs = np.mean([an.per_class_top1(m.correct, labels, k) for m in members], axis=0)
         change = accs - base
         matrix[g] = change
-        row = {"setting": g, "level": _level_text(members[0].level), "seeds": len(members) if members[0].seed_param
+        row = {"setting": g, "level": members[0].level_text, "seeds": len(members) if members[0].seed_param
                else ""}
         row.update({c: float(v) for c, v in zip(class_names, change)})
         rows.append(row)
     t = Table("per_class", "Per-class top-1 change against dense (points)",
               [("setting", "setting"), ("level", "FLOPs"), ("seeds", "seeds")] + [(c, c) for c in class_names], rows)
+    t.formats = {c: ".2f" for c in class_names}
     t.notes = [f"First row: the dense model's top-1 per class ({int(len(labels))} images); then each setting's "
                "top-1 minus dense's, per class (seeded methods: the mean over seeds)."]
     return t, matrix
@@ -358,13 +371,14 @@ def drift_table(traced: list[Setting]) -> Table:
     for s in traced:
         if s.is_dense:
             continue
-        rows.append({"setting": s.name, "method": s.label, "level": _level_text(s.level),
+        rows.append({"setting": s.name, "method": s.label, "level": s.level_text,
                      "flops_rel": s.flops_rel, "cka": an.linear_cka(s.trace["features"], dense.trace["features"]),
                      "cosine": an.mean_cosine(s.trace["features"], dense.trace["features"]), "top1": s.top1,
                      "n": int(len(s.trace["pred"]))})
     t = Table("drift", "Representation drift: final features against the dense model's",
               [("setting", "setting"), ("level", "FLOPs"), ("flops_rel", "FLOPs ratio"), ("cka", "linear CKA"),
                ("cosine", "cosine"), ("top1", "top-1 %"), ("n", "images")], rows)
+    t.formats = {"cka": ".4f", "cosine": ".4f", "top1": ".2f"}
     t.notes = ["Features: the class token (or pooled) features before the classifier (timm's forward_features, "
                "then forward_head(pre_logits=True)), of the same images. Linear CKA over the images; cosine: "
                "per image, averaged. A seeded method: its first seed. top-1: the record's, on all its images."]
@@ -390,13 +404,13 @@ def budget_tables(traced: list[Setting], labels: np.ndarray, class_names: Sequen
         correct = tr["pred"] == labels[:n]
         b = an.budget_summary(tokens, gflops, labels[:n], correct, k)
         dists[s.name] = (tokens, gflops, s.level)
-        rows.append({"setting": s.name, "level": _level_text(s.level), "tokens_mean": b["tokens_mean"],
+        rows.append({"setting": s.name, "level": s.level_text, "tokens_mean": b["tokens_mean"],
                      "tokens_std": b["tokens_std"], "tokens_min": b["tokens_min"], "tokens_max": b["tokens_max"],
                      "gflops_mean": b["gflops_mean"], "gflops_std": b["gflops_std"],
                      "count": "constant" if b["constant"] else "varies",
                      "tokens_correct": b["tokens_correct"], "tokens_wrong": b["tokens_wrong"],
                      "corr": b["corr_tokens_correct"], "n": n})
-        cr = {"setting": s.name, "level": _level_text(s.level)}
+        cr = {"setting": s.name, "level": s.level_text}
         cr.update({c: float(v) for c, v in zip(class_names, b["tokens_per_class"])})
         class_rows.append(cr)
     t = Table("budget", "Budget spending: tokens and FLOPs per image",
@@ -404,6 +418,8 @@ def budget_tables(traced: list[Setting], labels: np.ndarray, class_names: Sequen
                ("tokens_std", "std"), ("tokens_min", "min"), ("tokens_max", "max"), ("gflops_mean", "GFLOPs"),
                ("gflops_std", "GFLOPs std"), ("tokens_correct", "tokens, correct"),
                ("tokens_wrong", "tokens, wrong"), ("corr", "corr. with correct"), ("n", "images")], rows)
+    t.formats = {"tokens_mean": ".2f", "tokens_std": ".2f", "tokens_min": ".2f", "tokens_max": ".2f",
+                 "gflops_mean": ".4f", "gflops_std": ".4f", "tokens_correct": ".2f", "tokens_wrong": ".2f"}
     t.notes = ["tokens: the mean sequence length entering a block (prefix tokens included), per image, from the "
                "surgery's per-block counts. GFLOPs per image: the record's fvcore count, shifted by the analytic "
                "cost of the image's counts minus the mean counts (so equal to the record wherever counts are "
@@ -412,6 +428,7 @@ def budget_tables(traced: list[Setting], labels: np.ndarray, class_names: Sequen
                "a method whose count varies per image (such as ATS) shows its spread here."]
     tc = Table("budget_per_class", "Budget spending per class: mean tokens per image",
                [("setting", "setting"), ("level", "FLOPs")] + [(c, c) for c in class_names], class_rows)
+    tc.formats = {c: ".2f" for c in class_names}
     tc.notes = ["Mean over each class's images of the mean sequence length entering a block."]
     return t, tc, dists
 
@@ -428,7 +445,7 @@ def spatial_table(traced: list[Setting], grid: tuple[int, int], blocks: list[int
         surv = an.keep_map(s.trace[f"survive_{last}"], grid)
         z = an.flatness_z(own, n)
         maps[s.name] = (s.label, s.level, own)
-        rows.append({"setting": s.name, "level": _level_text(s.level), "kept": float(own.mean()),
+        rows.append({"setting": s.name, "level": s.level_text, "kept": float(own.mean()),
                      "centre_corr": an.pearson(own, prior), "centre_corr_surviving": an.pearson(surv, prior),
                      "surviving": float(surv.mean()), "flat_z": z, "flat": bool(z < 4.0), "n": n})
     t = Table("spatial", "Where tokens go: keep maps against a centre prior",
@@ -436,6 +453,7 @@ def spatial_table(traced: list[Setting], grid: tuple[int, int], blocks: list[int
                ("centre_corr", "corr. with centre"), ("surviving", "surviving fraction"),
                ("centre_corr_surviving", "corr. with centre (surviving)"), ("flat_z", "max |z| vs flat"),
                ("flat", "flat?"), ("n", "images")], rows)
+    t.formats = {"flat_z": ".1f"}
     t.notes = [f"Keep map: per patch position, the fraction of images in which that patch is still its own token "
                f"after the last block (pruning: kept; merging: not merged). surviving: the same with merged "
                f"tokens counting for the patches they cover. Centre prior: a Gaussian on the {grid[0]}x{grid[1]} "
@@ -448,10 +466,12 @@ def spatial_table(traced: list[Setting], grid: tuple[int, int], blocks: list[int
 # --------------------------------------------------------------------------- the command
 
 def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Optional[Sequence[float]] = None,
-            limit: Optional[int] = None, plots: bool = True, progress: Optional[Any] = None) -> dict:
+            limit: Optional[int] = DEFAULT_RERUN_IMAGES, plots: bool = True, progress: Optional[Any] = None) -> dict:
     """Write every analysis of the sweep in ``out`` under ``out/analysis``; returns a summary.
 
-    ``progress``: a rich Progress to report on (None: silent).
+    ``limit``: models are re-run on the first ``limit`` evaluated images (0 or None: all of them);
+    the error tables always use every recorded image.  ``progress``: a rich Progress to report on
+    (None: silent).
     """
     from . import analysis_plots as ap
     from .analysis_trace import (cache_key, comparison_blocks, dataset_labels, evaluated_dataset, load_cached,
@@ -462,8 +482,8 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"results directory {out} does not exist")
-    if limit is not None and limit < 2:
-        raise UserError(f"--limit must be at least 2 (CKA needs two images), got {limit}")
+    if limit is not None and limit != 0 and limit < 2:
+        raise UserError(f"--limit must be at least 2 (CKA needs two images), or 0 for every image; got {limit}")
     settings, data, notes = gather_settings(out, methods, flops)
     if not data.get("name"):
         raise UserError(f"the accuracy records in {out} do not say which data they measured")
@@ -583,8 +603,8 @@ def _class_names(ds, data: str, k: int) -> list[str]:
 def _check_predictions(traced: list[Setting], n: int, limited: bool) -> list[str]:
     """The re-run's predictions against the records' (they should be the same images, the same model)."""
     out = []
-    why = (" (--limit shortens the last batch: a method whose choices depend on the batch, such as random "
-           "today, draws differently)" if limited else "")
+    why = (" (the image limit shortens the last batch: a method whose choices depend on the batch, such as "
+           "random today, draws differently)" if limited else "")
     for s in traced:
         if s.predictions is None:
             out.append(f"{s.name}: the record keeps no predictions; not checked")

@@ -38,8 +38,8 @@ def register(app: typer.Typer) -> None:
                                               "names, comma-separated); dense is always included."),
         flops: Optional[str] = typer.Option(None, "--flops", help="Only these matched-FLOPs levels (fractions of "
                                             "dense, comma-separated, e.g. 0.5,0.66)."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Re-run models on the first N evaluated images "
-                                            "only (error agreement always uses every recorded image)."),
+        limit: int = typer.Option(1000, "--limit", help="Re-run models on the first N evaluated images (0: every "
+                                  "image); the error tables always use every recorded image."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the figures too."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
     ):
