@@ -244,6 +244,20 @@ def test_analyze_end_to_end_cached_and_narrowed(swept, cli, monkeypatch):
     assert code == 0 and res["settings"] == 2 and res["re_run"] == 2 and res["n_images"] == 20
 
 
+def test_narrowed_run_elsewhere_replaces_its_own_figures_only(swept, cli, tmp_path):
+    dest = tmp_path / "elsewhere"
+    (dest / "plots").mkdir(parents=True)
+    (dest / "plots" / "mine.png").write_bytes(b"not ours")
+    code, out, err = cli("analyze", str(swept), "--out", str(dest), "--json")
+    assert code == 0, err
+    assert (dest / "plots" / "errors_kappa_69.png").is_file() and (dest / "drift.md").is_file()
+    code, out, err = cli("analyze", str(swept), "--out", str(dest), "--flops", "0.48", "--json")
+    assert code == 0, err
+    assert not (dest / "plots" / "errors_kappa_69.png").exists()      # a figure of the wider run: gone
+    assert (dest / "plots" / "errors_kappa_48.png").is_file() and (dest / "plots" / "mine.png").is_file()
+    assert json.loads(out)["re_run"] == 0                             # the cache of DIR/analysis serves
+
+
 def csv_rows(path):
     import csv
 

@@ -40,6 +40,7 @@ ANALYSIS_DIR = "analysis"
 # Images re-run by default: over 1000 images a keep frequency has a standard error of at most 0.016 (a mean
 # IoU or a CKA less), and re-running a sweep's whole evaluated set (5000 images by default) costs five times as long.
 DEFAULT_RERUN_IMAGES = 1000
+FIGURE_STEMS = ("patterns_iou_", "errors_kappa_", "per_class_change", "drift", "budget_tokens", "keep_maps")
 
 
 # --------------------------------------------------------------------------- settings
@@ -466,8 +467,12 @@ def spatial_table(traced: list[Setting], grid: tuple[int, int], blocks: list[int
 # --------------------------------------------------------------------------- the command
 
 def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Optional[Sequence[float]] = None,
-            limit: Optional[int] = DEFAULT_RERUN_IMAGES, plots: bool = True, progress: Optional[Any] = None) -> dict:
-    """Write every analysis of the sweep in ``out`` under ``out/analysis``; returns a summary.
+            limit: Optional[int] = DEFAULT_RERUN_IMAGES, plots: bool = True, progress: Optional[Any] = None,
+            dest: Optional[str | Path] = None) -> dict:
+    """Write every analysis of the sweep in ``out`` under ``out/analysis`` (or ``dest``); returns a summary.
+
+    The figures already in the destination's ``plots/`` are replaced, so that it holds this run's
+    alone; the cache of re-runs always lives in ``out/analysis/cache``.
 
     ``limit``: models are re-run on the first ``limit`` evaluated images (0 or None: all of them);
     the error tables always use every recorded image.  ``progress``: a rich Progress to report on
@@ -487,7 +492,8 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     settings, data, notes = gather_settings(out, methods, flops)
     if not data.get("name"):
         raise UserError(f"the accuracy records in {out} do not say which data they measured")
-    adir = out / ANALYSIS_DIR
+    adir = Path(dest) if dest is not None else out / ANALYSIS_DIR
+    cache_dir = out / ANALYSIS_DIR / "cache"
     try:
         adir.mkdir(parents=True, exist_ok=True)
         probe = adir / ".write-test"
@@ -534,7 +540,7 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     todo = []
     for s in traced:
         key = cache_key(s.keys, data_id, n_img, data["batch_size"], blocks)
-        got = load_cached(adir / "cache", key)
+        got = load_cached(cache_dir, key)
         if got is not None and len(got.get("pred", ())) == n_img:
             s.trace = got
         else:
@@ -548,7 +554,7 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
         net = net_for(s)
         s.trace = trace_setting(net, ds, data["batch_size"], blocks,
                                 on_batch=(lambda k: progress.advance(task, k)) if task is not None else None)
-        save_cached(adir / "cache", key, s.trace)
+        save_cached(cache_dir, key, s.trace)
         if not s.is_dense:
             nets.pop(s.keys.get("accuracy") or s.name, None)  # one model in memory at a time
     checks = _check_predictions(traced, n_img, limited=n_img < len(full_ds))
@@ -565,12 +571,18 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
 
     if plots:
         pdir = adir / "plots"
-        files += ap.pattern_heatmaps(pat_mats, blocks, pdir)
-        files += ap.kappa_heatmaps(settings, pdir)
-        files += ap.per_class_heatmap(class_mat, class_names, pdir)
-        files += ap.drift_plot(drift.rows, pdir)
-        files += ap.budget_plot(dists, pdir)
-        files += ap.keep_map_grid(maps, an.centre_prior(grid), pdir)
+        for old in pdir.glob("*"):   # a narrower run leaves no figure of a wider one behind
+            if old.suffix in (".png", ".pdf") and old.stem.startswith(FIGURE_STEMS) and old.is_file():
+                old.unlink()
+        drawings = [lambda: ap.pattern_heatmaps(pat_mats, blocks, pdir), lambda: ap.kappa_heatmaps(settings, pdir),
+                    lambda: ap.per_class_heatmap(class_mat, class_names, pdir),
+                    lambda: ap.drift_plot(drift.rows, pdir), lambda: ap.budget_plot(dists, pdir),
+                    lambda: ap.keep_map_grid(maps, an.centre_prior(grid), pdir)]
+        fig_task = progress.add_task("drawing figures", total=len(drawings)) if progress is not None else None
+        for draw in drawings:
+            files += draw()
+            if fig_task is not None:
+                progress.advance(fig_task)
     elapsed = time.time() - t0
     files.append(_write_index(adir, out, settings, data, n_img, len(full_ds), blocks, checks, notes, files))
     warnings_ = [c for c in checks if "differently" in c] + notes

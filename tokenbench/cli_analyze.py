@@ -41,14 +41,13 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(1000, "--limit", help="Re-run models on the first N evaluated images (0: every "
                                   "image); the error tables always use every recorded image."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the figures too."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tables and figures here instead of "
+                                           "DIRECTORY/analysis (e.g. for a narrowed run); the cache stays there."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
     ):
-        """Analyse a sweep: reduction-pattern agreement (IoU), error agreement (kappa, per-class change),
-        representation drift (CKA, cosine), budget spending, and keep maps against a centre prior.
+        """Analyse a sweep: reduction-pattern agreement (IoU), error agreement (kappa, per-class change), representation drift (CKA, cosine), budget spending, and keep maps against a centre prior.
 
-        Reads the records and plan of DIRECTORY, re-runs models only for what the records lack (cached
-        under DIRECTORY/analysis/cache/), and writes tables (md, csv, tex) and figures (png, pdf) under
-        DIRECTORY/analysis/."""
+        Reads the records and plan of DIRECTORY, re-runs models only for what the records lack (cached under DIRECTORY/analysis/cache/), and writes tables (md, csv, tex) and figures (png, pdf) under DIRECTORY/analysis/."""
         import sys
 
         from rich.console import Console
@@ -58,7 +57,7 @@ def register(app: typer.Typer) -> None:
         if not directory.is_dir():
             raise UserError(f"results directory {directory} does not exist")
         err = Console(stderr=True)
-        kw = dict(methods=_words(methods), flops=_floats(flops), limit=limit, plots=plots)
+        kw = dict(methods=_words(methods), flops=_floats(flops), limit=limit, plots=plots, dest=out)
         if json_ or not sys.stderr.isatty():
             res = analyze(directory, **kw)
         else:
