@@ -411,9 +411,10 @@ def budget_tables(traced: list[Setting], labels: np.ndarray, class_names: Sequen
                      "count": "constant" if b["constant"] else "varies",
                      "tokens_correct": b["tokens_correct"], "tokens_wrong": b["tokens_wrong"],
                      "corr": b["corr_tokens_correct"], "n": n})
-        cr = {"setting": s.name, "level": s.level_text}
-        cr.update({c: float(v) for c, v in zip(class_names, b["tokens_per_class"])})
-        class_rows.append(cr)
+        for what, per in (("tokens", b["tokens_per_class"]), ("MFLOPs", b["gflops_per_class"])):
+            cr = {"setting": s.name, "level": s.level_text, "quantity": what}
+            cr.update({c: float(v) * (1000 if what == "MFLOPs" else 1) for c, v in zip(class_names, per)})
+            class_rows.append(cr)
     t = Table("budget", "Budget spending: tokens and FLOPs per image",
               [("setting", "setting"), ("level", "FLOPs"), ("count", "token count"), ("tokens_mean", "tokens"),
                ("tokens_std", "std"), ("tokens_min", "min"), ("tokens_max", "max"), ("gflops_mean", "GFLOPs"),
@@ -427,10 +428,12 @@ def budget_tables(traced: list[Setting], labels: np.ndarray, class_names: Sequen
                "constant). corr.: point-biserial correlation of tokens with correctness (undefined, –, when the "
                "count is constant). 'constant': every image gets the same token count at every block; "
                "a method whose count varies per image (such as ATS) shows its spread here."]
-    tc = Table("budget_per_class", "Budget spending per class: mean tokens per image",
-               [("setting", "setting"), ("level", "FLOPs")] + [(c, c) for c in class_names], class_rows)
+    tc = Table("budget_per_class", "Budget spending per class: mean tokens and FLOPs per image",
+               [("setting", "setting"), ("level", "FLOPs"), ("quantity", "per image")] + [(c, c) for c in class_names],
+               class_rows)
     tc.formats = {c: ".2f" for c in class_names}
-    tc.notes = ["Mean over each class's images of the mean sequence length entering a block."]
+    tc.notes = ["Mean over each class's images of the mean sequence length entering a block (tokens) and of the "
+                "FLOPs per image (MFLOPs, as in the budget table)."]
     return t, tc, dists
 
 
@@ -584,7 +587,7 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
             if fig_task is not None:
                 progress.advance(fig_task)
     elapsed = time.time() - t0
-    files.append(_write_index(adir, out, settings, data, n_img, len(full_ds), blocks, checks, notes, files))
+    files.append(_write_index(adir, out, settings, data, n_img, len(full_ds), blocks, checks, notes))
     warnings_ = [c for c in checks if "differently" in c] + notes
     return {"out": str(adir), "settings": len(settings), "traced": len(traced), "re_run": len(todo),
             "n_images": n_img, "files": [str(f) for f in files], "notes": warnings_, "seconds": round(elapsed, 1)}
@@ -631,7 +634,7 @@ def _check_predictions(traced: list[Setting], n: int, limited: bool) -> list[str
 
 
 def _write_index(adir: Path, out: Path, settings: list[Setting], data: dict, n_img: int, n_all: int,
-                 blocks: list[int], checks: list[str], notes: list[str], files: list[Path]) -> Path:
+                 blocks: list[int], checks: list[str], notes: list[str]) -> Path:
     from .store import atomic_write_text
 
     traced = [s for s in settings if s.traced]
@@ -653,7 +656,7 @@ def _write_index(adir: Path, out: Path, settings: list[Setting], data: dict, n_i
              "| [budget](budget.md), [budget_per_class](budget_per_class.md) | tokens and FLOPs per image |",
              "| [spatial](spatial.md) | keep maps against a centre prior |", "",
              "Figures (PNG and PDF) in [plots/](plots/): "
-             + ", ".join(sorted({p.stem for p in files if p.parent.name == "plots"})) + ".", "",
+             + (", ".join(sorted({p.stem for p in (adir / "plots").glob("*.png")})) or "none drawn") + ".", "",
              "Checks:", ""] + [f"- {c}" for c in checks] + [""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
