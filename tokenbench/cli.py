@@ -321,7 +321,7 @@ def _register_extensions() -> None:
     """Commands that live in their own modules (training, sweeps, figures, visualisation)."""
     import importlib
 
-    for name in ("cli_train", "cli_sweep", "cli_visualize", "cli_figure"):
+    for name in ("cli_train", "cli_sweep", "cli_visualize", "cli_figure", "cli_analyze"):
         try:
             mod = importlib.import_module(f"tokenbench.{name}")
         except ModuleNotFoundError as e:
