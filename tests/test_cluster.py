@@ -93,14 +93,14 @@ def test_torchrun_sweep_times_throughput_on_rank_0_alone_and_writes_each_record_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout  # one table, rank 0's
     two = json.loads(proc.stdout)
-    assert (two["measured"], two["reused"]) == (6, 0)
+    assert (two["measured"], two["reused"]) == (7, 0)  # FLOPs, throughput and accuracy x2, top-k's speedup
     assert all(r["img_per_s"] for r in two["rows"])
     code, out, err = cli(*args, "--out", str(tmp_path / "one"))
     assert code == 0, err
     a, b = records(tmp_path / "one"), records(tmp_path / "two")
-    assert sorted(a) == sorted(b) and len(b) == 6
+    assert sorted(a) == sorted(b) and len(b) == 7
     for k, r in a.items():
-        if r["kind"] != "throughput":
+        if r["kind"] not in ("throughput", "speedup"):
             assert r["metrics"] == b[k]["metrics"], r["kind"]
 
 
