@@ -147,11 +147,20 @@ class Store:
         return self.dir / f"{key}.json"
 
     def put(self, rec: dict) -> Path:
+        rec = dict(rec)
+        rec["checksum"] = _checksum(rec)
+        return self._write(rec)
+
+    def put_copy(self, rec: dict) -> Path:
+        """Write a record read from another store, unchanged (its checksum and provenance kept)."""
+        if rec.get("checksum") != _checksum(rec):
+            raise ValueError(f"record {rec.get('key')} does not match its checksum")
+        return self._write(rec)
+
+    def _write(self, rec: dict) -> Path:
         from .errors import UserError
 
         self.ensure_writable()
-        rec = dict(rec)
-        rec["checksum"] = _checksum(rec)
         p = self.path(rec["key"])
         try:
             atomic_write_text(p, json.dumps(rec, indent=1, default=str) + "\n")
@@ -161,20 +170,6 @@ class Store:
 
     def has(self, key: str) -> bool:
         return self.get(key) is not None
-
-    def put_copy(self, rec: dict) -> Path:
-        """Write a record read from another store, unchanged (its checksum and provenance kept)."""
-        from .errors import UserError
-
-        if rec.get("checksum") != _checksum(rec):
-            raise ValueError(f"record {rec.get('key')} does not match its checksum")
-        self.ensure_writable()
-        p = self.path(rec["key"])
-        try:
-            atomic_write_text(p, json.dumps(rec, indent=1, default=str) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write record {p}: {e.strerror or e}") from None
-        return p
 
     def get(self, key: str) -> Optional[dict]:
         p = self.path(key)
