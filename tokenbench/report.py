@@ -76,7 +76,8 @@ def _acc_setting(rec: dict) -> tuple:
 
 
 def _latest(recs: list[dict]) -> Optional[dict]:
-    return max(recs, key=lambda r: r.get("meta", {}).get("time", "")) if recs else None
+    """The record to report among several of one setting: a current one before a stale one, then the newest."""
+    return max(recs, key=lambda r: (not stale_reasons(r), r.get("meta", {}).get("time", ""))) if recs else None
 
 
 def _method_info(name: str) -> tuple[bool, Optional[str]]:
