@@ -357,6 +357,13 @@ def test_a_users_run_reuses_the_reference_and_leaves_it_untouched(tmp_path, cli,
     res = json.loads(out)
     assert res["measured"] == 3 and res["reused"] == 2
     assert _snapshot(ref) == before
+    # a damaged reference record is ignored (and measured here), never moved out of the reference
+    victim = next((ref / "records").glob("*.json"))
+    victim.write_text("{damaged")
+    before = _snapshot(ref)
+    code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, tmp_path / "third", ref)), "--json")
+    assert code == 0, err
+    assert _snapshot(ref) == before
 
 
 def test_flagged_timings_are_announced_and_retimed_alone(tmp_path, cli):

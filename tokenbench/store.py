@@ -131,9 +131,10 @@ class Store:
     with a warning naming it, never mixed into a table.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, read_only: bool = False):
         self.root = Path(root)
         self.dir = self.root / "records"
+        self.read_only = read_only  # a reference store: read, never written (not even to set a file aside)
 
     def ensure_writable(self) -> None:
         """Refuse, before anything is measured, a results directory whose records could not be written."""
@@ -190,6 +191,9 @@ class Store:
         return rec
 
     def _quarantine(self, p: Path) -> None:
+        if self.read_only:
+            warnings.warn(f"damaged record {p} ignored", stacklevel=3)
+            return
         q = self.root / "quarantine"
         try:
             q.mkdir(parents=True, exist_ok=True)

@@ -1118,7 +1118,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
 
     settings = sw.settings()
     ref = sw.reference_dir()
-    reference = Store(ref) if ref is not None and ref.is_dir() else None
+    reference = Store(ref, read_only=True) if ref is not None and ref.is_dir() else None
     total = sum(len(kinds_for(r, sw)) for r in runs)
     steps: list[Step] = []
     dense_loaded: dict[str, Loaded] = {}
