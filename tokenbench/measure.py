@@ -641,11 +641,14 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
                 _check_finite(run(x))
                 _warm(run, x, warmup_s / 2)
             timers = [benchmark.Timer(stmt="run(x)", globals={"run": r, "x": x}, num_threads=threads) for r in runs]
-            # calls per block: what fills block_s, from one autorange estimate each
+            # calls per block: what fills block_s, from the median of three calls, then corrected
+            # once by a calibration block of that size (one slow or fast call misleads the first guess)
             numbers = []
             for t in timers:
-                est = t.timeit(1).mean
-                numbers.append(max(1, int(round(block_s / max(est, 1e-6)))))
+                est = statistics.median(t.timeit(1).mean for _ in range(3))
+                n = max(1, int(round(block_s / max(est, 1e-6))))
+                per_call = t.timeit(n).mean
+                numbers.append(max(1, int(round(block_s / max(per_call, 1e-6)))))
             per_image: list[list[float]] = [[], []]
             ratios = []
             for r in range(rounds):
