@@ -551,6 +551,25 @@ def compiled(model: nn.Module, mode: Optional[str]):
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
+def fresh_compile_state() -> None:
+    """Forget earlier compilations before a compiled measurement: its ``compile_s`` is a whole
+    compile, and a sweep's many models never reach dynamo's recompile limit (past which it
+    would silently run eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def compile_stats() -> dict[str, int]:
+    """Graph breaks and graphs compiled since :func:`fresh_compile_state` (0 breaks: one graph)."""
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": int(sum(counters["graph_break"].values())),
+            "graphs": int(counters["stats"].get("unique_graphs", 0))}
+
+
 def first_call_s(run, x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, float]:
     """(output, seconds) of one synchronised call: under ``torch.compile`` the first call
     compiles, so this is the compile time (plus one forward), kept out of any timed region."""
@@ -697,10 +716,13 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
                 PeakMemory(dev) as mem, load_watch(info, threads):
             info["channels_last"] = fmt == torch.channels_last
             x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
+            if compile:
+                fresh_compile_state()
             run = _runner(compiled(model, compile), ctx)
             out, first_s = first_call_s(run, x, dev)
             if compile:
                 res["compile_s"] = first_s
+                res.update(compile_stats())
             _check_finite(out)
             _warm(run, x, warmup_s)
             if dev.type == "cuda":
@@ -795,11 +817,14 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
                 memory_format(baseline, dev), memory_format(model, dev) as fmt, load_watch(info, threads):
             info["channels_last"] = fmt == torch.channels_last
             x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
+            if compile:
+                fresh_compile_state()
             runs = [_runner(compiled(n, compile), ctx) for n in nets]
             for i, run in enumerate(runs):
                 out, first_s[i] = first_call_s(run, x, dev)
                 _check_finite(out)
                 _warm(run, x, warmup_s / 2)
+            stats = compile_stats() if compile else {}
             timers = [benchmark.Timer(stmt="run(x)", globals={"run": r, "x": x}, num_threads=threads) for r in runs]
             # calls per block: what fills block_s, from one autorange estimate each
             numbers = []
@@ -831,6 +856,7 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
     }
     if compile:
         res["compile_s"], res["baseline_compile_s"] = first_s[1], first_s[0]
+        res.update(stats)
     res["spread_flag"] = bool(res["spread"] > max_spread)
     res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "compile": compile,
                 "env": info})
