@@ -117,6 +117,8 @@ def main(argv=None) -> int:
                     row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
                     row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
                     row["attention"] = r["env"].get("attention")
+                for k in ("busy", "other_cores", "attention"):  # after the timing columns
+                    row[k] = row.pop(k)
                 rows.append(row)
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
             if method == "none":
