@@ -135,3 +135,18 @@ def test_sweep_compile_setting():
     for bad in ("fastest", 3):
         with pytest.raises(Exception, match="compile"):
             S.parse_sweep({**base, "throughput": {"compile": bad}})
+
+
+def test_a_retry_reuses_the_first_attempts_compilation(monkeypatch):
+    flags = []
+
+    def fake(net, **kw):
+        flags.append(kw["fresh_compile"])
+        return {"img_per_s": 1.0, "spread": 0.0, "spread_flag": False, "compile_s": 9.0 if kw["fresh_compile"] else 0.1,
+                "env": {"busy": True}}  # busy: taken again
+
+    monkeypatch.setattr(measure, "throughput", fake)
+    spec = runner.spec_dict("tiny_retry_vit", "none", {}, False, None, None)
+    register_tiny_timm("tiny_retry_vit")
+    rec, _ = runner.measure_run("throughput", spec, runner.Settings(device="cpu", compile="default", retries=2))
+    assert flags == [True, False, False] and rec["metrics"]["compile_s"] == 9.0

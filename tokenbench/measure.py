@@ -560,6 +560,10 @@ def fresh_compile_state() -> None:
 
     torch._dynamo.reset()
     counters.clear()
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one graph per batch size and model
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
 def compile_stats() -> dict[str, int]:
@@ -673,7 +677,7 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
                precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
                warmup_s: float = 0.5, latency: bool = True, latency_samples: int = 30,
                img_size: Optional[int] = None, max_spread: float = 0.10,
-               compile: Optional[str] = None) -> dict[str, Any]:
+               compile: Optional[str] = None, fresh_compile: bool = True) -> dict[str, Any]:
     """Images per second (median and quartiles over timed blocks) and batch-1 latency.
 
     The model alone: eval and inference mode, synthetic input already on the device,
@@ -685,18 +689,19 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
 
     ``compile``: time ``torch.compile(model, mode=compile)`` instead (:func:`compiled`); the
     first, compiling call is timed on its own (``compile_s``; ``latency_compile_s`` for the
-    batch-1 graph) and never enters the timed blocks.  On CUDA, ``cudnn.benchmark`` is on
+    batch-1 graph) and never enters the timed blocks.  ``fresh_compile=False`` (a retry of the
+    same measurement) reuses what an earlier call compiled instead of compiling again.  On CUDA, ``cudnn.benchmark`` is on
     and a convolutional model runs ``channels_last`` (both recorded in ``env``).
     """
     compile = compile_mode(compile)
     dev = resolve_device(device) if isinstance(device, str) else device
     with cuda_timing_settings(dev):
         return _throughput(model, batch_size, dev, precision, threads, min_run_time, warmup_s, latency,
-                           latency_samples, img_size, max_spread, compile)
+                           latency_samples, img_size, max_spread, compile, fresh_compile)
 
 
 def _throughput(model, batch_size, device, precision, threads, min_run_time, warmup_s, latency,
-                latency_samples, img_size, max_spread, compile) -> dict[str, Any]:
+                latency_samples, img_size, max_spread, compile, fresh_compile) -> dict[str, Any]:
     from torch.utils import benchmark
 
     dev, threads, ctx, note = _prepare_timing(model, device, precision, threads, batch_size, img_size)
@@ -716,7 +721,7 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
                 PeakMemory(dev) as mem, load_watch(info, threads):
             info["channels_last"] = fmt == torch.channels_last
             x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
-            if compile:
+            if compile and fresh_compile:
                 fresh_compile_state()
             run = _runner(compiled(model, compile), ctx)
             out, first_s = first_call_s(run, x, dev)
@@ -772,7 +777,8 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
 def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
             precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
             rounds: int = 10, warmup_s: float = 0.5, img_size: Optional[int] = None,
-            max_spread: float = 0.10, compile: Optional[str] = None) -> dict[str, Any]:
+            max_spread: float = 0.10, compile: Optional[str] = None,
+            fresh_compile: bool = True) -> dict[str, Any]:
     """``model``'s speed over ``baseline``'s (its dense model), timed interleaved in rounds.
 
     Both run on the same input, in the same process and settings.  Each round times a
@@ -783,17 +789,18 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
     ratio and its quartiles over rounds, and each model's median images per second.
 
     ``compile``: both models are compiled the same way (:func:`compiled`), each one's
-    compile time reported apart (``compile_s``, ``baseline_compile_s``), never timed.
+    compile time reported apart (``compile_s``, ``baseline_compile_s``), never timed;
+    ``fresh_compile`` as in :func:`throughput`.
     """
     compile = compile_mode(compile)
     dev = resolve_device(device) if isinstance(device, str) else device
     with cuda_timing_settings(dev):
         return _speedup(model, baseline, batch_size, dev, precision, threads, min_run_time, rounds, warmup_s,
-                        img_size, max_spread, compile)
+                        img_size, max_spread, compile, fresh_compile)
 
 
 def _speedup(model, baseline, batch_size, device, precision, threads, min_run_time, rounds, warmup_s,
-             img_size, max_spread, compile) -> dict[str, Any]:
+             img_size, max_spread, compile, fresh_compile) -> dict[str, Any]:
     from torch.utils import benchmark
 
     if rounds < 3:
@@ -817,7 +824,7 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
                 memory_format(baseline, dev), memory_format(model, dev) as fmt, load_watch(info, threads):
             info["channels_last"] = fmt == torch.channels_last
             x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
-            if compile:
+            if compile and fresh_compile:
                 fresh_compile_state()
             runs = [_runner(compiled(n, compile), ctx) for n in nets]
             for i, run in enumerate(runs):
