@@ -7,7 +7,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # torch/torchvision pair known to import together on the project's machines
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run reference test setup data bench visuals clean
+.PHONY: run reference test setup data bench bench-gpu visuals clean
 
 # Your run of the default sweep: runs/default/ (git-ignored); matching reference records are reused.
 run: setup data
@@ -22,6 +22,24 @@ test: setup data
 
 bench: setup
 	$(BIN)/python bench.py
+
+# The GPU check, on a CUDA machine's own python3 and offline (../shared/gpu-wheels/README.md:
+# `cp -r ../shared/gpu-wheels .gpu-wheels` first, here): fvcore and its dependencies from those
+# wheels, the GPU-marked tests, then bench.py on CUDA at fp32 and fp16, eager and compiled
+# columns, for DeiT-S, ViT-B and the embedded model -> results/bench-gpu/<precision>/.
+GPU_PY          ?= python3
+GPU_WHEELS      ?= .gpu-wheels
+BENCH_GPU_ARGS  ?= --batch-sizes 64,max --methods tome,topk --min-run-time 0.5
+bench-gpu:
+	$(GPU_PY) -c "import fvcore" 2>/dev/null || \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation $(GPU_WHEELS)/*
+	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'bench-gpu needs CUDA'"
+	$(GPU_PY) -m pytest -q -rs -m gpu tests/test_gpu_protocol.py
+	for p in fp32 fp16; do \
+		$(GPU_PY) bench.py --device cuda --precision $$p --compile default \
+			--models deit_small_patch16_224,vit_base_patch16_224,default $(BENCH_GPU_ARGS) \
+			--out results/bench-gpu/$$p || exit 1; \
+	done
 
 # The token visualisations in results/figures/ (the README's): one sheet per method, then
 # every method at two thirds of the dense FLOPs; DynamicViT with its trained predictors.

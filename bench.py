@@ -9,8 +9,13 @@ the method and the dense model timed interleaved in rounds, in one process, on o
 so that what else the machine does slows both alike; its interquartile range over rounds
 is printed beside it.
 
+Each figure is taken twice: eager, and under ``torch.compile`` (``--compile MODE``; the
+dense model compiled the same way, so a compiled speedup is over compiled dense).  Compile
+time is reported apart (``compile_s``), never inside a timing.
+
     python bench.py                              # DeiT-S and the embedded model, batch 1 and 16, CPU
-    python bench.py --models deit_small_patch16_224 --batch-sizes 16,64 --device cuda
+    python bench.py --compile none               # eager columns only
+    python bench.py --models deit_small_patch16_224 --batch-sizes 1,16,64,max --device cuda --precision fp16
 
 Never run it while something else computes: the machine's load is printed with the table.
 """
@@ -42,8 +47,11 @@ SETTINGS_SMALL = [(m, ({"r": max(1, p["r"] // 4)} if "r" in p else p)) for m, p 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="deit_small_patch16_224,default")
-    ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--batch-sizes", default="1,16", help="comma-separated; max: the largest power of two that fits")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (autocast)")
+    ap.add_argument("--compile", default="default",
+                    help="torch.compile mode of the compiled columns (default, max-autotune, ...), or none")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0)
     ap.add_argument("--methods", default=None, help="comma-separated subset of methods")
@@ -57,6 +65,8 @@ def main(argv=None) -> int:
 
     threads = args.threads or measure.default_threads()
     torch.set_num_threads(threads)
+    modes = [None] + ([measure.compile_mode(args.compile)] if measure.compile_mode(args.compile) else [])
+    timing = dict(device=args.device, precision=args.precision, threads=threads)
     rows = []
     load0 = os.getloadavg()[0]
     for model_name in args.models.split(","):
@@ -66,6 +76,7 @@ def main(argv=None) -> int:
             settings = [s for s in settings if s[0] in keep]
         dense = {}
         dense_net = None
+        batches: list[int] = []
         for method, params in settings:
             try:
                 net, prov = load(model_name, method, params)
@@ -73,29 +84,42 @@ def main(argv=None) -> int:
                 print(f"skip {model_name}/{method}: {e}", file=sys.stderr)
                 continue
             f = measure.flops(net)
-            for b in [int(x) for x in args.batch_sizes.split(",")]:
+            if method == "none":
+                batches = [measure.max_batch_size(net, args.device, args.precision) if b == "max" else int(b)
+                           for b in args.batch_sizes.split(",")]
+            for b in batches:
                 if method == "none":
-                    r = measure.throughput(net, batch_size=b, device=args.device, threads=threads,
-                                           min_run_time=args.min_run_time, latency=False)
                     dense[b] = f["gflops"]
-                    speed_x, q1, q3 = 1.0, 1.0, 1.0
-                else:
-                    if dense_net is None:
-                        print(f"skip {model_name}/{method}: no dense model to pair with", file=sys.stderr)
-                        continue
-                    r = measure.speedup(net, dense_net, batch_size=b, device=args.device, threads=threads,
-                                        min_run_time=2 * args.min_run_time)
-                    speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
+                elif dense_net is None:
+                    print(f"skip {model_name}/{method}: no dense model to pair with", file=sys.stderr)
+                    continue
                 g0 = dense.get(b)
                 flops_x = g0 / f["gflops"] if g0 else float("nan")
-                rows.append({
-                    "model": model_name, "method": method, "params": json.dumps(params, separators=(",", ":")),
-                    "batch": b, "gflops": round(f["gflops"], 3), "flops_reduction": round(flops_x, 3),
-                    "img_per_s": round(r["img_per_s"], 1), "speedup": round(speed_x, 3),
-                    "speedup_iqr": f"[{q1:.2f}, {q3:.2f}]", "iqr_pct": round(100 * r["spread"], 1),
-                    "efficiency": round(speed_x / flops_x, 3) if g0 else float("nan"),
-                    "busy": r["env"].get("busy"), "other_cores": r["env"].get("other_cores"),
-                })
+                row = {"model": model_name, "method": method, "params": json.dumps(params, separators=(",", ":")),
+                       "batch": b, "precision": args.precision, "gflops": round(f["gflops"], 3),
+                       "flops_reduction": round(flops_x, 3)}
+                for mode in modes:
+                    sfx = "" if mode is None else "_compiled"
+                    if method == "none":
+                        r = measure.throughput(net, batch_size=b, min_run_time=args.min_run_time, latency=False,
+                                               compile=mode, **timing)
+                        speed_x, q1, q3 = 1.0, 1.0, 1.0
+                    else:
+                        r = measure.speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
+                                            compile=mode, **timing)
+                        speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
+                    row.update({
+                        f"img_per_s{sfx}": round(r["img_per_s"], 1), f"speedup{sfx}": round(speed_x, 3),
+                        f"speedup_iqr{sfx}": f"[{q1:.2f}, {q3:.2f}]", f"iqr_pct{sfx}": round(100 * r["spread"], 1),
+                        f"efficiency{sfx}": round(speed_x / flops_x, 3) if g0 else float("nan")})
+                    if mode is not None:
+                        row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
+                    row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
+                    row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
+                    row["attention"] = r["env"].get("attention")
+                for k in ("busy", "other_cores", "attention"):  # after the timing columns
+                    row[k] = row.pop(k)
+                rows.append(row)
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
             if method == "none":
                 dense_net = net
@@ -106,7 +130,11 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     env = measure.env_info(measure.resolve_device(args.device), threads)
     head = (f"device {env['device_name']} ({env['device']}), {threads} threads, torch {env['torch']}, "
-            f"timm {env['timm']}; load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
+            f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode {modes[-1] or 'none'}; "
+            f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
+    if env["device"] == "cuda":
+        head += (f"; GPU {env.get('gpu')}, driver {_driver()}, CUDA {env.get('cuda')}, "
+                 f"cudnn.benchmark on, TF32 matmul {env.get('tf32_matmul')}")
     table = df.to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate() else df.to_string(index=False)
     print(head)
     print(table)
@@ -127,10 +155,25 @@ def _has_tabulate() -> bool:
         return False
 
 
+def _driver() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.splitlines()[0] if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _fmt_row(r: dict) -> str:
-    return (f"{r['model']:<24} {r['method']:<10} {r['params']:<18} b={r['batch']:<3} {r['gflops']:7.3f} GFLOPs "
-            f"x{r['flops_reduction']:.2f} FLOPs  {r['img_per_s']:8.1f} img/s  x{r['speedup']:.2f} speed  "
+    line = (f"{r['model']:<24} {r['method']:<10} {r['params']:<18} b={r['batch']:<3} {r['gflops']:7.3f} GFLOPs "
+            f"x{r['flops_reduction']:.2f} FLOPs  eager {r['img_per_s']:8.1f} img/s  x{r['speedup']:.2f} speed  "
             f"eff {r['efficiency']:.2f}")
+    if "img_per_s_compiled" in r:
+        line += (f"  compiled {r['img_per_s_compiled']:8.1f} img/s  x{r['speedup_compiled']:.2f} speed  "
+                 f"eff {r['efficiency_compiled']:.2f}  ({r['compile_s']:.0f} s to compile)")
+    return line
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ Deviation: every prefix token is protected (kept in front, not ranked).  The off
 code handles only the class token; with a distillation token it would rank and possibly
 drop it, which breaks the distilled head.  For one class token this is the official rule.
 
+Attention scores: only the class token's row is computed (``AttnInfo.cls_attn``: the
+class query against all keys, one softmax row), beside the block's fused attention; the
+official code forms the full matrix to read that row.  Token counts depend on ``n`` alone,
+so the method compiles as one graph (``torch.compile(fullgraph=True)``).
+
 Needs a class token.  Training-free as applied here (the official models are fine-tuned
 with the same reduction; no parameters are added).
 

@@ -9,6 +9,11 @@ first) are always kept.
 
 Kept tokens stay in their original (spatial) order, which keeps visualisations
 simple; the logits do not depend on the order.
+
+Attention scores: only the class token's row is computed (``AttnInfo.cls_attn``: the
+class query against all keys, one softmax row), beside the block's fused attention; the
+full matrix is never formed.  Token counts are fixed by the schedule, so the method
+compiles as one graph (``torch.compile(fullgraph=True)``).
 """
 
 from __future__ import annotations

@@ -166,32 +166,41 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
         typer.echo(f"warning: {w}", err=True)
 
 
-def _parse_batch_sizes(batch_size: str) -> list[int]:
+def _parse_batch_sizes(batch_size: str) -> list:
+    """Batch sizes: integers, or ``max`` (the largest power of two that fits)."""
     try:
-        out = [int(b) for b in str(batch_size).replace(" ", "").strip("[]").split(",") if b]
+        out = [b if b == "max" else int(b) for b in str(batch_size).replace(" ", "").strip("[]").split(",") if b]
     except ValueError:
-        raise UserError(f"--batch-size takes an integer or a comma-separated list, got {batch_size!r}") from None
-    if not out or any(b < 1 for b in out):
+        raise UserError(f"--batch-size takes an integer, max, or a comma-separated list, got {batch_size!r}") from None
+    if not out or any(b != "max" and b < 1 for b in out):
         raise UserError(f"--batch-size must be positive, got {batch_size!r}")
     return out
 
 
 @app.command("throughput")
 def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
-                   batch_size: str = typer.Option("64", "--batch-size", "-b", help="Batch size, or a list: 1,16,64."),
+                   batch_size: str = typer.Option("64", "--batch-size", "-b",
+                                                  help="Batch size, or a list: 1,16,64; max: the largest power "
+                                                       "of two that fits."),
                    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
                    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast)."),
                    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all)."),
                    min_run_time: float = typer.Option(2.0, "--min-run-time", help="Seconds of timing per batch size."),
+                   compile_: bool = typer.Option(False, "--compile", help="Time the model under torch.compile "
+                                                 "(compile time reported apart, as compile_s)."),
+                   compile_mode: str = typer.Option("default", "--compile-mode",
+                                                    help="torch.compile mode with --compile: default, "
+                                                         "reduce-overhead, max-autotune, max-autotune-no-cudagraphs."),
                    img_size: Optional[int] = typer.Option(None, "--img-size"),
                    pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
                    results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
     """Images per second (median and quartiles), batch-1 latency (p50, p90) and peak memory."""
     from . import checks
-    from .measure import resolve_device
+    from .measure import compile_mode as check_compile_mode, max_batch_size, resolve_device
     from .runner import Loaded, Settings, measure_run
 
     sizes = _parse_batch_sizes(batch_size)
+    mode = check_compile_mode(compile_mode) if compile_ else None
     resolve_device(device)
     if precision not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
@@ -203,8 +212,12 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
     loaded = Loaded(spec)
     pubs = []
     for i, b in enumerate(sizes):
+        from_max = b == "max"
+        if from_max:
+            b = max_batch_size(loaded.net, device, precision, img_size)
+            sizes[i] = b
         s = Settings(batch_size=b, device=device, precision=precision, threads=threads, min_run_time=min_run_time,
-                     latency=(i == 0))
+                     latency=(i == 0), compile=mode, batch_from_max=from_max)
         rec, reused = measure_run("throughput", spec, s, store, loaded=loaded)
         pubs.append(_public(rec))
     if json_:
@@ -219,6 +232,9 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
         line = (f"batch {p['batch_size']:>4}: {p['img_per_s']:.1f} img/s "
                 f"[{p['img_per_s_q1']:.1f}, {p['img_per_s_q3']:.1f}] on {p['device']} ({p['precision']}, "
                 f"{p['env']['threads']} threads)")
+        if p.get("compile"):
+            line += f", compiled ({p['compile']}, {p['compile_s']:.1f} s to compile)" if "compile_s" in p \
+                else f", compiled ({p['compile']})"
         if "latency_ms_p50" in p:
             line += f"; batch-1 latency p50 {p['latency_ms_p50']:.2f} ms, p90 {p['latency_ms_p90']:.2f} ms"
         typer.echo(line)

@@ -127,7 +127,10 @@ def gpu_settings() -> dict[str, Any]:
 
 
 def attention_kernel(model: nn.Module) -> str:
-    """Which attention implementation the model's timm blocks use: fused (SDPA) or explicit."""
+    """Which attention the model's blocks run: ``"sdpa"`` (fused scaled-dot-product attention)
+    or ``"explicit"`` (softmax of the full matrix), from timm's switch ``fused_attn``, which
+    timm's own forward and the shared surgery (:func:`tokenbench.vit.attention`) both honour;
+    ``"mixed"`` where blocks differ."""
     fused = {bool(getattr(m, "fused_attn")) for m in model.modules() if hasattr(m, "fused_attn")}
     if not fused:
         return "n/a"
@@ -520,6 +523,145 @@ def _runner(model: nn.Module, ctx):
     return run
 
 
+# --------------------------------------------------------------------------- compiled, GPU protocol
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(mode) -> Optional[str]:
+    """A compile setting as recorded: None (eager) or one of :data:`COMPILE_MODES`
+    (``True`` means ``"default"``); anything else is refused in one line."""
+    if mode is None or mode is False or mode == "" or mode == "none":
+        return None
+    if mode is True:
+        return "default"
+    if mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {mode!r} (use {', '.join(COMPILE_MODES)}, or false for eager)")
+    return str(mode)
+
+
+def compiled(model: nn.Module, mode: Optional[str]):
+    """``model`` under ``torch.compile`` (``mode``; ``None``: the model itself, eager).
+
+    Static shapes (``dynamic=False``): each batch size gets its own graph, as a deployed
+    model at a fixed batch does.  The model itself is not changed.
+    """
+    if mode is None:
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def fresh_compile_state() -> None:
+    """Forget earlier compilations before a compiled measurement: its ``compile_s`` is a whole
+    compile, and a sweep's many models never reach dynamo's recompile limit (past which it
+    would silently run eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one graph per batch size and model
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+
+
+def compile_stats() -> dict[str, int]:
+    """Graph breaks and graphs compiled since :func:`fresh_compile_state` (0 breaks: one graph)."""
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": int(sum(counters["graph_break"].values())),
+            "graphs": int(counters["stats"].get("unique_graphs", 0))}
+
+
+def first_call_s(run, x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, float]:
+    """(output, seconds) of one synchronised call: under ``torch.compile`` the first call
+    compiles, so this is the compile time (plus one forward), kept out of any timed region."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = run(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out, time.perf_counter() - t0
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` has 2-d convolutions besides a patch embedding (a hybrid or CNN
+    model): those run in ``channels_last`` on CUDA."""
+    return any(isinstance(m, nn.Conv2d) and "patch_embed" not in name.split(".")
+               for name, m in model.named_modules())
+
+
+@contextlib.contextmanager
+def cuda_timing_settings(dev: torch.device):
+    """cuDNN autotuning (``cudnn.benchmark``) on while timing on CUDA, restored after; the
+    timing's env records it (:func:`gpu_settings`).  Nothing changes on other devices."""
+    if dev.type != "cuda":
+        yield
+        return
+    prev = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = prev
+
+
+@contextlib.contextmanager
+def memory_format(model: nn.Module, dev: torch.device):
+    """Yields the input memory format: ``channels_last`` for a convolutional model on CUDA
+    (the model converted inside, back to contiguous after), else ``contiguous_format``."""
+    if dev.type != "cuda" or not is_convolutional(model):
+        yield torch.contiguous_format
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+MAX_BATCH = 1024  # --batch-size max never goes past this
+
+
+def max_batch_size(model: nn.Module, device: str | torch.device = "auto", precision: str = "fp32",
+                   img_size: Optional[int] = None, cap: int = MAX_BATCH) -> int:
+    """The largest power-of-two batch (at most ``cap``) that fits, as EViT's speed test and
+    ToMe's benchmark pick it: on CUDA by running the model (eager, inference mode) at
+    doubling batches until one runs out of memory; elsewhere by :func:`check_batch_fits`'s
+    estimate (an out-of-memory on a machine without swap is an uncatchable kill)."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    ctx, _ = precision_context(dev, precision)
+
+    def fits(b: int) -> bool:
+        try:
+            check_batch_fits(model, b, dev, precision, img_size)
+        except UserError:
+            return False
+        if dev.type != "cuda":
+            return True
+        home = next(model.parameters()).device
+        model.to(dev)
+        try:
+            with eval_mode(model), torch.inference_mode(), ctx:
+                model(example_input(model, b, img_size, device=dev))
+            torch.cuda.synchronize(dev)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.to(home)
+            torch.cuda.empty_cache()
+
+    if not fits(1):
+        raise UserError(f"not even batch 1 fits on {dev.type}")
+    b = 1
+    while b * 2 <= cap and fits(b * 2):
+        b *= 2
+    return b
+
+
 def _check_finite(out: torch.Tensor) -> None:
     if not torch.isfinite(out.float()).all():
         raise UserError("the model produced NaN or infinite logits; refusing to time it")
@@ -534,7 +676,8 @@ def _warm(run, x, seconds: float) -> None:
 def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
                precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
                warmup_s: float = 0.5, latency: bool = True, latency_samples: int = 30,
-               img_size: Optional[int] = None, max_spread: float = 0.10) -> dict[str, Any]:
+               img_size: Optional[int] = None, max_spread: float = 0.10,
+               compile: Optional[str] = None, fresh_compile: bool = True) -> dict[str, Any]:
     """Images per second (median and quartiles over timed blocks) and batch-1 latency.
 
     The model alone: eval and inference mode, synthetic input already on the device,
@@ -543,7 +686,22 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
     explicitly (its default is one thread; ours, the CPUs this process may use).
     ``spread_flag`` is set where the interquartile range exceeds ``max_spread`` of the
     median; ``env.busy`` where other processes took CPU time while it ran.
+
+    ``compile``: time ``torch.compile(model, mode=compile)`` instead (:func:`compiled`); the
+    first, compiling call is timed on its own (``compile_s``; ``latency_compile_s`` for the
+    batch-1 graph) and never enters the timed blocks.  ``fresh_compile=False`` (a retry of the
+    same measurement) reuses what an earlier call compiled instead of compiling again.  On CUDA, ``cudnn.benchmark`` is on
+    and a convolutional model runs ``channels_last`` (both recorded in ``env``).
     """
+    compile = compile_mode(compile)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    with cuda_timing_settings(dev):
+        return _throughput(model, batch_size, dev, precision, threads, min_run_time, warmup_s, latency,
+                           latency_samples, img_size, max_spread, compile, fresh_compile)
+
+
+def _throughput(model, batch_size, device, precision, threads, min_run_time, warmup_s, latency,
+                latency_samples, img_size, max_spread, compile, fresh_compile) -> dict[str, Any]:
     from torch.utils import benchmark
 
     dev, threads, ctx, note = _prepare_timing(model, device, precision, threads, batch_size, img_size)
@@ -554,14 +712,23 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
     torch.set_num_threads(threads)
     info = env_info(dev, threads)
     info["attention"] = attention_kernel(model)
+    info["compile"] = compile
     if note:
         info["precision_note"] = note
+    res: dict[str, Any] = {}
     try:
-        with eval_mode(model), torch.inference_mode(), device_context(dev), PeakMemory(dev) as mem, \
-                load_watch(info, threads):
-            x = example_input(model, batch_size, img_size, device=dev)
-            run = _runner(model, ctx)
-            _check_finite(run(x))
+        with eval_mode(model), torch.inference_mode(), device_context(dev), memory_format(model, dev) as fmt, \
+                PeakMemory(dev) as mem, load_watch(info, threads):
+            info["channels_last"] = fmt == torch.channels_last
+            x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
+            if compile and fresh_compile:
+                fresh_compile_state()
+            run = _runner(compiled(model, compile), ctx)
+            out, first_s = first_call_s(run, x, dev)
+            if compile:
+                res["compile_s"] = first_s
+                res.update(compile_stats())
+            _check_finite(out)
             _warm(run, x, warmup_s)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -572,19 +739,22 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
             while len(times) < 5:
                 times += list(timer.blocked_autorange(min_run_time=min_run_time / 2).times)
             rates = [batch_size / t for t in times]
-            res: dict[str, Any] = {
+            res.update({
                 "img_per_s": statistics.median(rates),
                 "img_per_s_q1": _percentile(rates, 0.25),
                 "img_per_s_q3": _percentile(rates, 0.75),
                 "trials": len(rates),
                 "runs_per_trial": m.number_per_run,
-            }
+            })
             iqr = res["img_per_s_q3"] - res["img_per_s_q1"]
             res["spread"] = iqr / res["img_per_s"] if res["img_per_s"] else float("nan")
             res["spread_flag"] = bool(res["spread"] > max_spread)
             if latency:
                 x1 = x[:1].contiguous()
                 t1 = benchmark.Timer(stmt="run(x)", globals={"run": run, "x": x1}, num_threads=threads)
+                _, first1_s = first_call_s(run, x1, dev)  # compiled: batch 1 is a graph of its own
+                if compile:
+                    res["latency_compile_s"] = first1_s
                 _warm(run, x1, min(warmup_s, 0.2))
                 lat = []
                 deadline = time.perf_counter() + max(1.0, min_run_time)
@@ -599,14 +769,16 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
         torch.set_num_threads(prev_threads)
         if params_dev != dev:
             model.to(params_dev)
-    res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "env": info})
+    res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "compile": compile,
+                "env": info})
     return res
 
 
 def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
             precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
             rounds: int = 10, warmup_s: float = 0.5, img_size: Optional[int] = None,
-            max_spread: float = 0.10) -> dict[str, Any]:
+            max_spread: float = 0.10, compile: Optional[str] = None,
+            fresh_compile: bool = True) -> dict[str, Any]:
     """``model``'s speed over ``baseline``'s (its dense model), timed interleaved in rounds.
 
     Both run on the same input, in the same process and settings.  Each round times a
@@ -615,7 +787,20 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
     the two blocks cancels the drift that separate runs minutes apart would not.  Blocks
     are sized to about ``min_run_time / (2 * rounds)`` seconds each.  Returns the median
     ratio and its quartiles over rounds, and each model's median images per second.
+
+    ``compile``: both models are compiled the same way (:func:`compiled`), each one's
+    compile time reported apart (``compile_s``, ``baseline_compile_s``), never timed;
+    ``fresh_compile`` as in :func:`throughput`.
     """
+    compile = compile_mode(compile)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    with cuda_timing_settings(dev):
+        return _speedup(model, baseline, batch_size, dev, precision, threads, min_run_time, rounds, warmup_s,
+                        img_size, max_spread, compile, fresh_compile)
+
+
+def _speedup(model, baseline, batch_size, device, precision, threads, min_run_time, rounds, warmup_s,
+             img_size, max_spread, compile, fresh_compile) -> dict[str, Any]:
     from torch.utils import benchmark
 
     if rounds < 3:
@@ -629,17 +814,24 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
     torch.set_num_threads(threads)
     info = env_info(dev, threads)
     info["attention"] = attention_kernel(model)
+    info["compile"] = compile
     if note:
         info["precision_note"] = note
+    first_s = [0.0, 0.0]
     block_s = max(min_run_time / (2 * rounds), 1e-3)
     try:
         with eval_mode(baseline), eval_mode(model), torch.inference_mode(), device_context(dev), \
-                load_watch(info, threads):
-            x = example_input(model, batch_size, img_size, device=dev)
-            runs = [_runner(n, ctx) for n in nets]
-            for run in runs:
-                _check_finite(run(x))
+                memory_format(baseline, dev), memory_format(model, dev) as fmt, load_watch(info, threads):
+            info["channels_last"] = fmt == torch.channels_last
+            x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
+            if compile and fresh_compile:
+                fresh_compile_state()
+            runs = [_runner(compiled(n, compile), ctx) for n in nets]
+            for i, run in enumerate(runs):
+                out, first_s[i] = first_call_s(run, x, dev)
+                _check_finite(out)
                 _warm(run, x, warmup_s / 2)
+            stats = compile_stats() if compile else {}
             timers = [benchmark.Timer(stmt="run(x)", globals={"run": r, "x": x}, num_threads=threads) for r in runs]
             # calls per block: what fills block_s, from the median of three calls, then corrected
             # once by a calibration block of that size (one slow or fast call misleads the first guess)
@@ -672,8 +864,12 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
         "img_per_s": 1.0 / statistics.median(per_image[1]),
         "baseline_img_per_s": 1.0 / statistics.median(per_image[0]),
     }
+    if compile:
+        res["compile_s"], res["baseline_compile_s"] = first_s[1], first_s[0]
+        res.update(stats)
     res["spread_flag"] = bool(res["spread"] > max_spread)
-    res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "env": info})
+    res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "compile": compile,
+                "env": info})
     return res
 
 

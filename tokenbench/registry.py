@@ -137,6 +137,9 @@ class Method:
     #              "recipe": {...TrainConfig fields: lr, epochs, grad_clip...}, "why": "one line"}}.
     # `tokenbench train` starts from them and says so; the user's flags override each value.
     train_defaults: ClassVar[dict] = {}
+    # How the method compiles under ``torch.compile`` (recorded with compiled timings).  A method
+    # whose token counts vary per image says how it compiles instead (dynamic shapes, graph breaks).
+    compile_note: ClassVar[str] = "static token counts: fullgraph"
 
     def apply(self, model: nn.Module, **params) -> nn.Module:
         raise NotImplementedError

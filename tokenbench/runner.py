@@ -35,6 +35,8 @@ class Settings:
     latency: bool = True
     rounds: int = 10          # paired (speedup) timing: interleaved rounds of dense and method
     retries: int = 2          # a busy or noisy timing is taken again up to this many times
+    compile: Optional[str] = None  # torch.compile mode (measure.COMPILE_MODES); None: eager
+    batch_from_max: bool = False   # batch_size was found by --batch-size max (recorded, not keyed)
     # accuracy
     data: Optional[str] = None
     data_dir: Optional[str] = None
@@ -79,8 +81,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
 
     Always: the model, method, parameters, input size, weights, torch and timm versions,
     the method's code (declared version and source hash, :mod:`tokenbench.identity`) and the
-    kind's protocol version.  Timing adds the device, precision, threads and batch size
-    (a speedup also its dense baseline); accuracy adds the data's fingerprint and subset.
+    kind's protocol version.  Timing adds the device, precision, threads and batch size,
+    and the compile mode when compiled (a speedup also its dense baseline); accuracy adds the data's fingerprint and subset.
     """
     import timm
 
@@ -100,6 +102,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                    "precision": s.precision,
                    "threads": s.threads or (measure.default_threads() if dev.type == "cpu" else None),
                    "batch_size": s.batch_size})
+        if s.compile:  # eager keys stay as they were
+            kf["compile"] = measure.compile_mode(s.compile)
         if kind == "speedup":
             if baseline is None:
                 raise ValueError("a speedup needs its baseline spec")
@@ -215,15 +219,28 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
                 return measure.speedup(net, base_net, batch_size=settings.batch_size, device=settings.device,
                                        precision=settings.precision, threads=settings.threads,
                                        min_run_time=settings.min_run_time, rounds=settings.rounds,
-                                       img_size=spec["img_size"])
+                                       img_size=spec["img_size"], compile=settings.compile,
+                                       fresh_compile=not tries)
         else:
             def once():
                 return measure.throughput(net, batch_size=settings.batch_size, device=settings.device,
                                           precision=settings.precision, threads=settings.threads,
                                           min_run_time=settings.min_run_time, latency=settings.latency,
-                                          img_size=spec["img_size"])
-        metrics = timed_with_retries(once, settings.retries)
+                                          img_size=spec["img_size"], compile=settings.compile,
+                                          fresh_compile=not tries)
+        tries: list = []  # a retry reuses the first attempt's compiled graphs
+
+        def counted():
+            res = once()
+            tries.append(1)
+            return res
+
+        metrics = timed_with_retries(counted, settings.retries)
         env = metrics.pop("env")
+        if settings.compile:
+            metrics["compile_note"] = cls.compile_note
+        if settings.batch_from_max:
+            metrics["batch_size_from"] = "max"
         what = "speedup ratio" if kind == "speedup" else "throughput"
         if metrics.get("spread_flag"):
             warnings_.append(f"{what} spread {metrics['spread']:.0%} of the median after {metrics['attempts']} "
@@ -263,4 +280,7 @@ def timed_with_retries(once, retries: int) -> dict:
                                         r.get("spread") if r.get("spread") == r.get("spread") else 1e9))
     best = dict(best)
     best["attempts"] = len(attempts)
+    for k in ("compile_s", "baseline_compile_s", "latency_compile_s"):  # a retry finds the graphs compiled
+        if k in attempts[0]:
+            best[k] = attempts[0][k]
     return best

@@ -38,6 +38,7 @@ Sweep file format (TOML; YAML with the same structure works too)::
     latency = true                   # also batch-1 latency (p50, p90)
     rounds = 10                      # speedups: interleaved rounds of the method and its dense model
     retries = 2                      # a busy or noisy timing is taken again up to this many times
+    compile = false                  # or "default" / "max-autotune": time under torch.compile
 
     [methods.none]                   # a table per method entry; the table name is the entry's label
     [methods.tome]
@@ -87,7 +88,7 @@ DEFAULT_TOLERANCE = 0.03
 TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "img_size", "pretrained", "measure", "flops_targets",
             "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
 DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
-THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries")
+THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile")
 RUNS_DIR = Path("runs")  # where a sweep writes by default: the user's own results, apart from results/
 ENTRY_KEYS = ("method", "flops_targets", "seeds", "checkpoint", "checkpoints")
 
@@ -135,6 +136,7 @@ class Sweep:
     latency: bool = True
     rounds: int = 10
     retries: int = 2
+    compile: Optional[str] = None    # torch.compile mode for timings (None: eager)
     reference: Optional[str] = None
     source: str = "<flags>"
 
@@ -149,7 +151,7 @@ class Sweep:
 
         return Settings(batch_size=self.batch_size, device=self.device, precision=self.precision,
                         threads=self.threads, min_run_time=self.min_run_time, latency=self.latency,
-                        rounds=self.rounds, retries=self.retries,
+                        rounds=self.rounds, retries=self.retries, compile=self.compile,
                         data=self.data, data_dir=self.data_dir, split=self.split, limit=self.limit,
                         data_seed=self.data_seed, eval_batch_size=self.eval_batch_size)
 
@@ -320,6 +322,19 @@ def _typed(v: Any, kind: type | tuple, what: str, source: str, allow_none: bool 
     return v
 
 
+def _compile_setting(v: Any, source: str) -> Optional[str]:
+    """``[throughput] compile``: false (eager), true or a torch.compile mode name."""
+    from .measure import COMPILE_MODES, compile_mode
+
+    if not isinstance(v, (bool, str)):
+        raise UserError(f"{source}: throughput compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
+                        f"got {v!r}")
+    try:
+        return compile_mode(v)
+    except UserError as e:
+        raise UserError(f"{source}: [throughput] {e}") from None
+
+
 def _as_list(v: Any, what: str, source: str) -> list:
     out = v if isinstance(v, list) else [v]
     if not out:
@@ -405,6 +420,7 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     sw.latency = bool(_typed(tp.get("latency", True), bool, "throughput latency", source))
     sw.rounds = int(_typed(tp.get("rounds", 10), int, "throughput rounds", source))
     sw.retries = int(_typed(tp.get("retries", 2), int, "throughput retries", source))
+    sw.compile = _compile_setting(tp.get("compile", False), source)
     if sw.batch_size < 1 or (sw.threads is not None and sw.threads < 1) or sw.min_run_time <= 0:
         raise UserError(f"{source}: throughput batch_size, threads and min_run_time must be positive")
     if sw.rounds < 3 or sw.retries < 0:

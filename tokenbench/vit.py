@@ -156,8 +156,11 @@ def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor, eps: float = 1
 def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, need_keys: bool, need_attn: bool):
     """timm ``Attention`` forward with size bias, policy masking and what hooks need.
 
-    Returns (output [B, N, C], AttnInfo).  Uses fused scaled-dot-product attention
-    unless the full attention matrix is required (training with a policy).
+    Returns (output [B, N, C], AttnInfo).  Uses fused scaled-dot-product attention (size
+    bias as an additive mask) as timm does, unless timm's switch ``mod.fused_attn`` is off
+    (explicit softmax attention, as timm's own forward) or the full attention matrix is
+    required (training with a policy).  :func:`tokenbench.measure.attention_kernel` reports
+    which of the two ran.
     """
     b, n, c = x.shape
     h, hd = mod.num_heads, mod.head_dim
@@ -169,11 +172,11 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, need_keys: boo
     if state.prop_attn and state.size is not None:
         bias = state.size.log()[:, None, None, :, 0].to(q.dtype)  # [B, 1, 1, N]
     attn_full = None
-    if state.policy is not None:
+    if state.policy is not None or not getattr(mod, "fused_attn", True):
         logits = (q * mod.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
-        attn_full = softmax_with_policy(logits, state.policy)
+        attn_full = logits.softmax(dim=-1) if state.policy is None else softmax_with_policy(logits, state.policy)
         attn_full = mod.attn_drop(attn_full)
         out = attn_full @ v
     else:

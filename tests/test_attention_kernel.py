@@ -1,0 +1,45 @@
+"""The surgery honours timm's fused-attention switch, and the record says which kernel ran."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import peak_weights, random_images, tiny_vit
+from tokenbench import measure, registry, vit
+
+
+def _set_fused(model, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = on
+
+
+@pytest.mark.parametrize("name,params", [("tome", {"r": 4}), ("evit", {"keep_rate": 0.7}), ("none", {})])
+def test_explicit_attention_when_timm_fused_attn_is_off(name, params, monkeypatch):
+    m = peak_weights(registry.apply(tiny_vit(), name, **params)).eval()
+    x = random_images(m, 3)
+    with torch.inference_mode():
+        fused = m(x)
+    assert measure.attention_kernel(m) == "sdpa"
+    _set_fused(m, False)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        explicit = m(x)
+    assert not calls  # the surgery ran the explicit softmax, as timm's own forward would
+    assert measure.attention_kernel(m) == "explicit"
+    torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-4)
+    _set_fused(m, True)
+    with torch.inference_mode():
+        m(x)
+    assert calls  # and the fused kernel again when the switch is back on
+
+
+def test_class_attention_is_one_row():
+    # what EViT and top-k read: the class query against all keys, never the full matrix
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    info = vit.AttnInfo(q, k, None, 0.5, 1)
+    full = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)
+    torch.testing.assert_close(info.cls_attn(), full[:, :, 0].mean(1))

@@ -1,0 +1,152 @@
+"""torch.compile: every method compiles as one graph, and compiled timings are recorded apart.
+
+The per-method check uses the ``aot_eager`` backend (graph capture through dynamo and
+AOTAutograd, no C++ compile) to stay within the suite's time; one test compiles through
+inductor, the default backend.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import random_images, register_tiny_timm, tiny_vit
+from tokenbench import measure, registry, runner
+
+
+def _compiled_equals_eager(name: str, backend: str, **model_kw) -> None:
+    torch._dynamo.reset()
+    m = registry.apply(tiny_vit(**model_kw), name).eval()
+    x = random_images(m, 2)
+    with torch.inference_mode():
+        ref = m(x)
+        out = torch.compile(m, backend=backend, fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(registry.load_methods()))
+def test_every_method_compiles_without_graph_breaks(name):
+    # fullgraph=True raises on the first graph break; the logits must equal the eager ones.
+    _compiled_equals_eager(name, "aot_eager")
+
+
+def test_inductor_compiles_tome():
+    # inductor generates and builds C++ per block: four blocks keep it within the suite's time
+    _compiled_equals_eager("tome", "inductor", depth=4)
+
+
+def test_every_method_declares_how_it_compiles():
+    for name, cls in registry.load_methods().items():
+        assert cls.compile_note, name
+    assert registry.get_method("tome").compile_note == "static token counts: fullgraph"
+
+
+def test_compile_mode_is_checked():
+    assert measure.compile_mode(None) is None and measure.compile_mode(False) is None
+    assert measure.compile_mode(True) == "default"
+    assert measure.compile_mode("max-autotune") == "max-autotune"
+    with pytest.raises(Exception, match="unknown compile mode"):
+        measure.compile_mode("fastest")
+
+
+def test_compile_enters_the_timing_keys_only_when_set():
+    spec = runner.spec_dict("vit_tiny_patch16_224", "tome", {"r": 2, "prop_attn": True}, False, None, None)
+    eager = runner.key_fields("throughput", spec, "w", runner.Settings(device="cpu"))
+    comp = runner.key_fields("throughput", spec, "w", runner.Settings(device="cpu", compile="default"))
+    auto = runner.key_fields("throughput", spec, "w", runner.Settings(device="cpu", compile="max-autotune"))
+    assert "compile" not in eager and comp["compile"] == "default" and auto["compile"] == "max-autotune"
+    dense = runner.spec_dict("vit_tiny_patch16_224", "none", {}, False, None, None)
+    sp = runner.key_fields("speedup", spec, "w", runner.Settings(device="cpu", compile="default"), baseline=dense)
+    assert sp["compile"] == "default"
+    assert "compile" not in runner.key_fields("flops", spec, "w", runner.Settings(compile="default"))
+
+
+class _SlowFirstCall:
+    """A stand-in compiler: the first call of the compiled model sleeps (its 'compile')."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, model, mode):
+        def run(x):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(self.seconds)
+            return model(x)
+        return run if mode else model
+
+
+def test_compile_time_is_reported_apart_from_the_timing(monkeypatch):
+    fake = _SlowFirstCall(1.0)
+    monkeypatch.setattr(measure, "compiled", fake)
+    m = registry.apply(tiny_vit(), "topk").eval()
+    res = measure.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.05, warmup_s=0.01,
+                             latency=False, compile="default")
+    assert res["compile_s"] >= 1.0 and res["compile"] == "default" and res["env"]["compile"] == "default"
+    # the sleep was not in any timed block: every block ran faster than one sleep per batch
+    assert res["img_per_s_q1"] > 2 / 1.0
+    eager = measure.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.05, warmup_s=0.01,
+                               latency=False)
+    assert "compile_s" not in eager and eager["env"]["compile"] is None
+
+
+def test_paired_speedup_compiles_both_models(monkeypatch):
+    seen = []
+    monkeypatch.setattr(measure, "compiled", lambda model, mode: seen.append((model, mode)) or model)
+    m = registry.apply(tiny_vit(), "topk").eval()
+    base = registry.apply(tiny_vit(), "none").eval()
+    res = measure.speedup(m, base, batch_size=2, device="cpu", threads=1, min_run_time=0.05, rounds=3,
+                          warmup_s=0.01, compile="default")
+    assert {id(n) for n, _ in seen} == {id(m), id(base)} and {mode for _, mode in seen} == {"default"}
+    assert "compile_s" in res and "baseline_compile_s" in res and res["env"]["compile"] == "default"
+
+
+def test_cli_compiled_throughput_is_recorded_and_reused(cli, tmp_path, monkeypatch):
+    real = measure.compiled
+    monkeypatch.setattr(measure, "compiled",
+                        lambda model, mode: torch.compile(model, backend="aot_eager", dynamic=False) if mode
+                        else real(model, mode))
+    name = register_tiny_timm("tiny_compile_vit")
+    args = ["throughput", name, "--method", "topk", "--compile", "-b", "2", "--min-run-time", "0.05",
+            "--threads", "1", "--results", str(tmp_path), "--json"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["compile"] == "default" and first["compile_s"] > 0
+    assert first["compile_note"] == "static token counts: fullgraph" and first["env"]["compile"] == "default"
+    assert first["graph_breaks"] == 0 and first["graphs"] >= 1  # one graph, really compiled
+    calls = []
+    monkeypatch.setattr(measure, "throughput", lambda *a, **k: calls.append(1))
+    code, out, err = cli(*args)
+    assert code == 0, err and not calls
+    assert json.loads(out)["key"] == first["key"] and json.loads(out)["img_per_s"] == first["img_per_s"]
+    code, out, err = cli(*args[:-1], "--compile-mode", "fastest")
+    assert code == 2 and "unknown compile mode" in err
+
+
+def test_sweep_compile_setting():
+    from tokenbench import sweep as S
+
+    base = {"name": "t", "models": ["vit_tiny_patch16_224"], "measure": ["throughput"], "methods": {"none": {}}}
+    assert S.parse_sweep(base).settings().compile is None
+    assert S.parse_sweep({**base, "throughput": {"compile": True}}).settings().compile == "default"
+    assert S.parse_sweep({**base, "throughput": {"compile": "max-autotune"}}).compile == "max-autotune"
+    for bad in ("fastest", 3):
+        with pytest.raises(Exception, match="compile"):
+            S.parse_sweep({**base, "throughput": {"compile": bad}})
+
+
+def test_a_retry_reuses_the_first_attempts_compilation(monkeypatch):
+    flags = []
+
+    def fake(net, **kw):
+        flags.append(kw["fresh_compile"])
+        return {"img_per_s": 1.0, "spread": 0.0, "spread_flag": False, "compile_s": 9.0 if kw["fresh_compile"] else 0.1,
+                "env": {"busy": True}}  # busy: taken again
+
+    monkeypatch.setattr(measure, "throughput", fake)
+    spec = runner.spec_dict("tiny_retry_vit", "none", {}, False, None, None)
+    register_tiny_timm("tiny_retry_vit")
+    rec, _ = runner.measure_run("throughput", spec, runner.Settings(device="cpu", compile="default", retries=2))
+    assert flags == [True, False, False] and rec["metrics"]["compile_s"] == 9.0
