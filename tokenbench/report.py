@@ -477,7 +477,7 @@ def _legend(res: dict) -> list[str]:
     lines = [
         "GFLOPs: fvcore, one multiply-add = one FLOP, per image. FLOPs: relative to the dense model. "
         "Speedup: the run's speed over the dense model's, both timed interleaved in rounds in one process on "
-        "the same input (median ratio; quartiles in results.csv). "
+        "the same input (median ratio over rounds, with its quartiles). "
         "Top-1: with its 95% Wilson interval. McNemar p (b/c): exact test against the dense model on the same "
         "images; b = images only the dense model gets right, c = images only this run gets right. "
         "Rows with several seeds: mean ± std over the seeds (interval: mean of the per-seed intervals; "
