@@ -516,6 +516,16 @@ def _prepare_timing(model: nn.Module, device, precision: str, threads: Optional[
     return dev, threads, ctx, note
 
 
+def _timing_env(model: nn.Module, dev: torch.device, threads: int, compile, note: Optional[str]) -> dict:
+    """What a timing records of where and how it ran (device, threads, attention path, compile mode)."""
+    info = env_info(dev, threads)
+    info["attention"] = attention_kernel(model)
+    info["compile"] = compile
+    if note:
+        info["precision_note"] = note
+    return info
+
+
 def _runner(model: nn.Module, ctx):
     def run(inp):
         with ctx:
@@ -710,11 +720,7 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
         model.to(dev)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    info = env_info(dev, threads)
-    info["attention"] = attention_kernel(model)
-    info["compile"] = compile
-    if note:
-        info["precision_note"] = note
+    info = _timing_env(model, dev, threads, compile, note)
     res: dict[str, Any] = {}
     try:
         with eval_mode(model), torch.inference_mode(), device_context(dev), memory_format(model, dev) as fmt, \
@@ -812,11 +818,7 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
         n.to(dev)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    info = env_info(dev, threads)
-    info["attention"] = attention_kernel(model)
-    info["compile"] = compile
-    if note:
-        info["precision_note"] = note
+    info = _timing_env(model, dev, threads, compile, note)
     first_s = [0.0, 0.0]
     block_s = max(min_run_time / (2 * rounds), 1e-3)
     try:
