@@ -119,6 +119,7 @@ def _evit_hook(keep_rate: float, fuse_token: bool):
 @register
 class EViT(Method):
     name = "evit"
+    family = "pruning"  # with the fused token: pruning with fusion, as Haurum et al. (2023) class it
     version = "1"
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one (blocks 3, 6, 9)."
     params = (

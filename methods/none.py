@@ -7,6 +7,7 @@ from tokenbench import vit
 @register
 class NoReduction(Method):
     name = "none"
+    family = "none"
     version = "1"
     summary = "The dense model (no token reduction)."
     params = ()

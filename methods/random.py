@@ -94,6 +94,7 @@ class RandomPrune(Method):
     needs_class_token = False
     deterministic = False
     search_param = "keep_rate"
+    seed_param = "seed"
 
     def apply(self, model, keep_rate: float = 0.7, seed: int = 0, **params):
         plan = vit.prepare(model, self.name)

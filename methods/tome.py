@@ -155,6 +155,7 @@ def _merge_hook(r: int):
 @register
 class ToMe(Method):
     name = "tome"
+    family = "merging"
     version = "1"
     summary = "Token Merging: bipartite soft matching on attention keys, r tokens merged per block."
     params = (

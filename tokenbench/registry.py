@@ -20,6 +20,7 @@ import torch.nn as nn
 from .errors import UserError, did_you_mean
 
 ENTRY_POINT_GROUP = "tokenbench.methods"
+FAMILIES = ("none", "pruning", "merging", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,29 @@ class Method:
     learned: ClassVar[bool] = False
     needs_class_token: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
-    # The parameter a matched-FLOPs search moves, and whether it may be a per-block schedule.
+    # What kind of reduction: "pruning" (tokens dropped), "merging" (tokens combined), "hybrid"
+    # (both), or "none" (the dense model).  Tables and plots group and mark methods by it.
+    family: ClassVar[str] = "pruning"
+    # The budget knob: the parameter a matched-FLOPs search moves (``keep_rate``, ``r``); None if
+    # the method has none.  ``search_param`` is its older name, still read from plugins.
+    knob: ClassVar[Optional[str]] = None
     search_param: ClassVar[Optional[str]] = None
+    # The parameter that seeds a non-deterministic method's choices (sweeps expand it over
+    # ``--seeds``; tables average over it); None for deterministic methods.
+    seed_param: ClassVar[Optional[str]] = None
+    # Backbone families the method applies to (see ``tokenbench.backbones``).
+    backbones: ClassVar[tuple[str, ...]] = ("vit",)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # the knob and its older name are one declaration
+        if cls.__dict__.get("knob") is None and cls.search_param is not None and "knob" not in cls.__dict__:
+            cls.knob = cls.search_param
+        cls.search_param = cls.knob
+        if cls.seed_param is None and not cls.deterministic and any(p.name == "seed" for p in cls.params):
+            cls.seed_param = "seed"  # plugins written before seed_param existed
+        if cls.family not in FAMILIES:
+            raise ValueError(f"{cls.__name__}: family must be one of {FAMILIES}, not {cls.family!r}")
     # Training-only parameters (e.g. EViT's keep-rate warm-up): accepted by `tokenbench train
     # --set`, recorded in the run's config.json, passed to ``train_step``; never part of the
     # applied model's spec (inference does not depend on them).
@@ -197,6 +219,8 @@ class Method:
     @classmethod
     def describe(cls) -> dict:
         out = {"name": cls.name, "version": cls.version, "summary": cls.summary, "learned": cls.learned,
+               "family": cls.family, "knob": cls.knob, "seed_param": cls.seed_param,
+               "backbones": list(cls.backbones),
                "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
                "params": [p.describe() for p in cls.params]}
         if cls.train_params:
