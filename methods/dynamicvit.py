@@ -1,7 +1,7 @@
 """`dynamicvit`: DynamicViT (Rao et al., NeurIPS 2021), learned token pruning.
 
 A light prediction module before blocks 3, 6 and 9 of a 12-block ViT (the quarter
-points of other depths, :func:`tokenbench.vit.depth_sites`) scores every patch token;
+points of other depths, the backbone's ``quarters`` sites) scores every patch token;
 stage ``s`` (1, 2, 3) keeps ``int(N0 * keep_rate ** s)`` of the ``N0`` original patch
 tokens, the class token always.
 
@@ -15,14 +15,14 @@ Faithful to the official ``models/dyvit.py`` (``VisionTransformerDiffPruning``):
   descending), the class token first;
 - training (``model.train()``): no token is removed; decisions are hard straight-through
   Gumbel-softmax samples of the predictor's log-probabilities, multiplied by the
-  previous decision, and the policy masks attention (``vit.softmax_with_policy``) in
+  previous decision, and the policy masks attention (``softmax_with_policy`` of the ViT backbone) in
   every block, the ones before the first stage included (all-ones policy there, as
   the official);
 - the losses of the official ``DistillDiffPruningLoss_dynamic`` as used for DeiT
   (``mse_token=True``, ``clf_weight=1``, ``ratio_weight=2``, ``distill_weight=0.5``):
   :func:`train_setup` returns the training loss function.
 
-What a training forward leaves in ``model._tb_state``: ``extra["dvit_decisions"]`` (per
+What a training forward leaves in the token state (``tokenbench.backbones.last_state``): ``extra["dvit_decisions"]`` (per
 stage, the hard decisions [B, N0], for the ratio loss), ``extra["dvit_prev_decision"]``
 (the final decision [B, N0, 1]) and ``policy`` (the final policy [B, N, 1], prefix 1);
 :func:`student_outputs` returns them with the logits and the final normalised tokens.
@@ -67,7 +67,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenbench import vit
+from tokenbench.backbones import (TokenState, add_module, applied_method, backbone_of, last_state,
+                                  plan_settings)
 from tokenbench.errors import UserError
 from tokenbench.registry import Method, Param, register
 
@@ -140,7 +141,9 @@ def _predictors_compatible(mods, stages: int, dim: int) -> bool:
 
 # --------------------------------------------------------------------------- hooks
 
-def _on_start(model, x, st: vit.TokenState) -> None:
+def _on_start(model, x, st: TokenState) -> None:
+    # this model's predictors (looked up per forward: a deep copy of the model uses its own)
+    st.extra["dvit_predictors"] = model._modules[PREDICTOR_ATTR]
     npf = st.n_prefix
     n0 = x.shape[1] - npf
     st.extra["dvit_n0"] = n0
@@ -153,7 +156,7 @@ def _on_start(model, x, st: vit.TokenState) -> None:
         st.policy = x.new_ones(b, npf + n0, 1)
 
 
-DECISION_CLIP_ATTR = "_tb_dvit_decision_grad_clip"  # set by train_setup (training option)
+DECISION_CLIP = "dvit_decision_grad_clip"  # plan setting written by train_setup (training option)
 
 
 class _ClampGrad(torch.autograd.Function):
@@ -172,9 +175,8 @@ class _ClampGrad(torch.autograd.Function):
 def _make_stage_hook(stage: int, keep_rate: float):
     ratio = keep_rate ** (stage + 1)  # Python float, as the official token_ratio list
 
-    def hook(block, x: torch.Tensor, st: vit.TokenState) -> torch.Tensor:
-        # Looked up at call time (not captured), so a deep copy of the model uses its own predictors.
-        predictor = getattr(block._tb_owner, PREDICTOR_ATTR)[stage]
+    def hook(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
+        predictor = st.extra["dvit_predictors"][stage]
         npf = st.n_prefix
         b, n, _ = x.shape
         n0 = st.extra["dvit_n0"]
@@ -182,7 +184,7 @@ def _make_stage_hook(stage: int, keep_rate: float):
             prev = st.extra["dvit_prev_decision"]
             pred = predictor(x[:, npf:], prev)                      # [B, N0, 2]
             keep = F.gumbel_softmax(pred, hard=True)[:, :, 0:1]
-            clip = getattr(block._tb_owner, DECISION_CLIP_ATTR, 0.0)
+            clip = st.settings.get(DECISION_CLIP, 0.0)
             if clip > 0:
                 keep = _ClampGrad.apply(keep, clip)
             keep = keep * prev
@@ -216,7 +218,7 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     """A plain timm ViT as the official ``VisionTransformerTeacher``: (logits, final normalised patch tokens)."""
     feats = teacher.forward_features(x)
     logits = teacher.forward_head(feats)
-    return logits, feats[:, teacher.num_prefix_tokens:]
+    return logits, feats[:, backbone_of(teacher).n_prefix:]
 
 
 def student_outputs(model: nn.Module, x: torch.Tensor):
@@ -224,11 +226,12 @@ def student_outputs(model: nn.Module, x: torch.Tensor):
     (detached), per-stage decisions [B, N0] list)."""
     feats = model.forward_features(x)
     logits = model.forward_head(feats)
-    st = model._tb_state
+    st = last_state(model)
+    npf = st.n_prefix
     prev = st.extra.get("dvit_prev_decision")
     if prev is None:
-        prev = feats.new_ones(feats.shape[0], feats.shape[1] - model.num_prefix_tokens, 1)
-    return logits, feats[:, model.num_prefix_tokens:], prev.detach(), list(st.extra.get("dvit_decisions", []))
+        prev = feats.new_ones(feats.shape[0], feats.shape[1] - npf, 1)
+    return logits, feats[:, npf:], prev.detach(), list(st.extra.get("dvit_decisions", []))
 
 
 @torch.no_grad()
@@ -293,12 +296,12 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
         if k not in w:
             raise UserError(f"dynamicvit: unknown loss weight {k!r} (known: {', '.join(w)})")
         w[k] = float(v)
-    applied = getattr(model, "_tb_method", {}).get("params", {})
+    applied = applied_method(model).get("params", {})
     p, tp = DynamicViT.validate_training({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
     keep_rate = p["keep_rate"]
     if tp["keep_prior_init"]:
         prior_init(model, keep_rate)
-    setattr(model, DECISION_CLIP_ATTR, float(tp["decision_grad_clip"]))
+    plan_settings(model)[DECISION_CLIP] = float(tp["decision_grad_clip"])
     teacher.eval()
     teacher.requires_grad_(False)
 
@@ -316,7 +319,7 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
             metrics[f"keep_frac_s{s + 1}"] = float(d.detach().mean())
         return loss, logits, metrics
 
-    n_stages = len(vit.depth_sites(len(model.blocks)))
+    n_stages = len(backbone_of(model).sites("quarters"))
     loss_fn.metric_names = ("cls_loss", "ratio_loss", "cls_kl", "token_mse", "keep_frac") + tuple(
         f"keep_frac_s{s + 1}" for s in range(n_stages))
     return loss_fn
@@ -396,16 +399,17 @@ class DynamicViT(Method):
     search_param = "keep_rate"
 
     def apply(self, model, keep_rate: float = 0.7, **params):
-        plan = vit.prepare(model, self.name, need_class_token=True)
-        sites = vit.depth_sites(len(model.blocks))
-        dim = model.embed_dim
+        bb = backbone_of(model, self.name)
+        plan = bb.prepare(self.name, need_class_token=True)
+        sites = bb.sites("quarters")
+        dim = bb.width
         preds = model._modules.get(PREDICTOR_ATTR)
         if not _predictors_compatible(preds, len(sites), dim):
             ref = next(model.parameters())
             g = torch.Generator().manual_seed(0)  # untrained predictors: reproducible, global RNG untouched
             preds = nn.ModuleList([init_predictor(PredictorLG(dim), g) for _ in sites]).to(ref.device, ref.dtype)
             preds.train(model.training)
-        vit.add_module(model, PREDICTOR_ATTR, preds)
+        add_module(model, PREDICTOR_ATTR, preds)
         plan.on_start.append(_on_start)
         for s, i in enumerate(sites):
             plan.pre[i] = _make_stage_hook(s, keep_rate)
@@ -416,10 +420,10 @@ class DynamicViT(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return vit.staged_schedule(model, keep_rate, "pre")
+        return backbone_of(model, self.name).staged_schedule(keep_rate, "pre")
 
     def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
         return train_setup(model, teacher, params, weights)
 
-    def param_groups(self, model, weight_decay: float, backbone_lr_scale: float = 0.01):
+    def param_groups(self, model, weight_decay: float, backbone_lr_scale: float = 0.01, **kw):
         return param_groups(model, weight_decay, backbone_lr_scale)

@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from tokenbench import vit
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of, plan_settings
 from tokenbench.registry import Method, Param, register
 
 
@@ -89,16 +89,16 @@ def warmup_keep_rate(epoch: float, keep_rate: float, shrink_start_epoch: float, 
 
 # --------------------------------------------------------------------------- hook
 
-TRAIN_KEEP_RATE_ATTR = "_tb_evit_train_keep_rate"  # set by train_step: the warm-up's current rate
+TRAIN_KEEP_RATE = "evit_train_keep_rate"  # plan setting written by train_step: the warm-up's current rate
 
 
 def _evit_hook(keep_rate: float, fuse_token: bool):
-    def mid(block, x: torch.Tensor, state: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
+    def mid(block, x: torch.Tensor, state: TokenState, info: AttnInfo) -> torch.Tensor:
         p = state.n_prefix
         n = x.shape[1] - p
         rate = keep_rate
         if block.training:  # the keep-rate warm-up (training only; evaluation uses keep_rate)
-            rate = getattr(block._tb_owner, TRAIN_KEEP_RATE_ATTR, keep_rate)
+            rate = state.settings.get(TRAIN_KEEP_RATE, keep_rate)
         k = n_kept(rate, n)
         if k >= n:
             return x
@@ -141,14 +141,15 @@ class EViT(Method):
 
     def train_step(self, model, params: dict, epoch: float) -> None:
         """Before each training step: the warm-up's keep rate for this step."""
-        setattr(model, TRAIN_KEEP_RATE_ATTR, warmup_keep_rate(
+        plan_settings(model)[TRAIN_KEEP_RATE] = (warmup_keep_rate(
             epoch, params.get("keep_rate", 0.7), params.get("shrink_start_epoch", 0.0),
             params.get("shrink_epochs", 0.0)))
 
     def apply(self, model, keep_rate=0.7, fuse_token=True, **params):
-        plan = vit.prepare(model, self.name, need_class_token=True)
+        bb = backbone_of(model, self.name)
+        plan = bb.prepare(self.name, need_class_token=True)
         if keep_rate < 1:
-            for i in vit.depth_sites(len(model.blocks)):
+            for i in bb.sites("quarters"):
                 plan.mid[i] = _evit_hook(float(keep_rate), bool(fuse_token))
                 plan.needs[i] = ("cls_attn",)
         return model
@@ -158,11 +159,12 @@ class EViT(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate=0.7, fuse_token=True, **params):
-        p = model.num_prefix_tokens
-        n = vit.num_patches(model) + p
-        sites = set(vit.depth_sites(len(model.blocks))) if keep_rate < 1 else set()
+        bb = backbone_of(model, self.name)
+        p = bb.n_prefix
+        n = bb.num_patches + p
+        sites = set(bb.sites("quarters")) if keep_rate < 1 else set()
         tokens, tokens_mlp = [], []
-        for i in range(len(model.blocks)):
+        for i in range(bb.depth):
             tokens.append(n)
             if i in sites:
                 k = n_kept(float(keep_rate), n - p)

@@ -1,7 +1,7 @@
 """`none`: the dense model, unchanged. The baseline every method is compared with."""
 
+from tokenbench.backbones import backbone_of
 from tokenbench.registry import Method, register
-from tokenbench import vit
 
 
 @register
@@ -14,7 +14,7 @@ class NoReduction(Method):
 
     def apply(self, model, **params):
         # Through the shared surgery, so that token counts are recorded like every method's.
-        vit.prepare(model, self.name)
+        backbone_of(model, self.name).prepare(self.name)
         return model
 
     @classmethod
@@ -22,6 +22,5 @@ class NoReduction(Method):
         return False
 
     def expected_tokens(self, model, **params):
-        n = vit.num_patches(model) + model.num_prefix_tokens
-        d = len(model.blocks)
-        return [n] * d, [n] * d
+        dense = backbone_of(model, self.name).dense_tokens()
+        return dense, list(dense)

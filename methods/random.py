@@ -8,7 +8,7 @@ class token is needed, and average pooling needs no size weighting since nothing
 Each image's choice is a function of the seed and the image alone: every token gets a
 score from a counter-based integer hash of (seed, stage, image id, token position), and
 the highest-scoring tokens are kept.  The image id is the image's index in the evaluated
-set (:func:`tokenbench.vit.image_ids`, set by the evaluation loop; ``0 .. B-1`` when
+set (:func:`tokenbench.backbones.image_ids`, set by the evaluation loop; ``0 .. B-1`` when
 nobody set it), so predictions do not depend on the evaluation batch size.  The hash is
 plain tensor arithmetic (no generator state, no ``.item()``): vectorised, and the same on
 every device.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenbench import vit
+from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.registry import Method, Param, register
 
 _M32 = 0xFFFFFFFF
@@ -54,7 +54,7 @@ def token_scores(key: int, image_ids: torch.Tensor, n: int) -> torch.Tensor:
     return u * 65536 + pos
 
 
-def _on_start(model, x, st: vit.TokenState) -> None:
+def _on_start(model, x, st: TokenState) -> None:
     st.extra["random_n0"] = x.shape[1] - st.n_prefix
 
 
@@ -62,7 +62,7 @@ def _make_hook(stage: int, keep_rate: float, seed: int):
     ratio = keep_rate ** (stage + 1)
     key = stage_key(seed, stage)
 
-    def hook(block, x: torch.Tensor, st: vit.TokenState, info) -> torch.Tensor:
+    def hook(block, x: torch.Tensor, st: TokenState, info) -> torch.Tensor:
         npf = st.n_prefix
         b, n, _ = x.shape
         k = max(1, int(st.extra["random_n0"] * ratio))
@@ -97,9 +97,10 @@ class RandomPrune(Method):
     seed_param = "seed"
 
     def apply(self, model, keep_rate: float = 0.7, seed: int = 0, **params):
-        plan = vit.prepare(model, self.name)
+        bb = backbone_of(model, self.name)
+        plan = bb.prepare(self.name)
         plan.on_start.append(_on_start)
-        for s, i in enumerate(vit.depth_sites(len(model.blocks))):
+        for s, i in enumerate(bb.sites("quarters")):
             plan.mid[i] = _make_hook(s, keep_rate, seed)
         return model
 
@@ -108,4 +109,4 @@ class RandomPrune(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return vit.staged_schedule(model, keep_rate, "mid")
+        return backbone_of(model, self.name).staged_schedule(keep_rate, "mid")

@@ -26,8 +26,10 @@ Faithful to ``facebookresearch/ToMe`` (``tome/merge.py``, ``tome/patch/timm.py``
   the depth is padded with zeros (the official ``parse_r``).
 
 The matching and merging are pure functions on tensors (:func:`bipartite_soft_matching`,
-:func:`merge`, :func:`merge_wavg`, :func:`merge_source`); the hook installed on the
-shared ViT surgery is a thin wrapper around them.  Everything is vectorised over the
+:func:`merge`, :func:`merge_wavg`, :func:`merge_source`), importable by other methods as
+``tokenbench.methods.tome``; the hook expresses a matching as token indices
+(:func:`as_token_indices`) and merges through the shared ``TokenState.merge``, which
+keeps sizes, sources, positions, padding and any training policy aligned.  Everything is vectorised over the
 batch (gather / scatter_reduce) and traceable by ``torch.jit.trace``: the only Python
 control flow depends on shapes, never on tensor values.
 
@@ -43,7 +45,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from tokenbench import vit
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.errors import UserError
 from tokenbench.registry import Method, Param, register
 
@@ -137,17 +139,34 @@ def schedule(r, depth: int) -> list[int]:
 
 # --------------------------------------------------------------------------- hook
 
+def as_token_indices(m: Matching, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matching as indices into the whole sequence, for :meth:`TokenState.merge`:
+    (tokens kept, in the official order [B, K]; tokens merged away [B, r]; for each of those,
+    the position in the kept list of the token it merges into [B, r])."""
+    b = m.unm_idx.shape[0]
+    n_b = n_tokens // 2
+    dev = m.unm_idx.device
+    b_pos = (2 * torch.arange(n_b, device=dev) + 1)[None, :, None].expand(b, n_b, 1)
+    keep_idx = _join(2 * m.unm_idx, b_pos, m.n_prefix)[..., 0]
+    where = torch.tensor(_b_slots(m.n_prefix, m.unm_idx.shape[1], n_b), device=dev)
+    return keep_idx, 2 * m.src_idx[..., 0], where[m.dst_idx[..., 0]]
+
+
+def _b_slots(n_prefix: int, n_unm: int, n_b: int) -> list[int]:
+    """Where each B token lands in :func:`_join`'s order (known from the shapes alone)."""
+    if n_prefix <= 1:
+        return [n_unm + j for j in range(n_b)]
+    n_a, n_bp = (n_prefix + 1) // 2, n_prefix // 2
+    return [2 * j + 1 if j < n_bp else n_prefix + (n_unm - n_a) + (j - n_bp) for j in range(n_b)]
+
+
 def _merge_hook(r: int):
-    def mid(block, x: torch.Tensor, state: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
+    def mid(block, x: torch.Tensor, state: TokenState, info: AttnInfo) -> torch.Tensor:
         m = bipartite_soft_matching(info.keys, r, state.n_prefix)
         if m is None:
             return x
-        size = state.ensure_size(x)
-        if state.source is not None:
-            state.source = merge_source(state.source, m)
-        x, state.size = merge_wavg(x, size, m)
-        state.snapshot("merge")
-        return x
+        keep_idx, src_idx, dst = as_token_indices(m, x.shape[1])
+        return state.merge(x, keep_idx, src_idx, dst, mode="mean")
 
     return mid
 
@@ -170,9 +189,9 @@ class ToMe(Method):
     search_param = "r"
 
     def apply(self, model, r=16, prop_attn=True, **params):
-        vit.check_vit(model, self.name)
-        rs = schedule(r, len(model.blocks))
-        plan = vit.prepare(model, self.name)
+        bb = backbone_of(model, self.name)
+        rs = schedule(r, bb.depth)
+        plan = bb.prepare(self.name)
         plan.prop_attn = bool(prop_attn)
         for i, ri in enumerate(rs):
             if ri > 0:
@@ -186,10 +205,11 @@ class ToMe(Method):
         return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=16, prop_attn=True, **params):
-        p = model.num_prefix_tokens
-        n = vit.num_patches(model) + p
+        bb = backbone_of(model, self.name)
+        p = bb.n_prefix
+        n = bb.num_patches + p
         tokens, tokens_mlp = [], []
-        for ri in schedule(r, len(model.blocks)):
+        for ri in schedule(r, bb.depth):
             tokens.append(n)
             n -= clip_r(ri, n, p)
             tokens_mlp.append(n)

@@ -1,7 +1,7 @@
 """`topk`: keep the patch tokens the class token attends to most (training-free pruning).
 
 Inside blocks 3, 6 and 9 of a 12-block ViT (the quarter points of other depths,
-:func:`tokenbench.vit.depth_sites`), between the attention and the MLP, the patch
+the backbone's ``quarters`` sites), between the attention and the MLP, the patch
 tokens are ranked by the class-token attention of that block (averaged over heads)
 and the best ``int(N0 * keep_rate ** s)`` are kept at stage ``s`` (1, 2, 3), ``N0``
 the original patch count: DynamicViT's schedule.  The prefix tokens (class token
@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from tokenbench import vit
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.registry import Method, Param, register
 
 
 
 
-def _on_start(model, x, st: vit.TokenState) -> None:
+def _on_start(model, x, st: TokenState) -> None:
     st.extra["topk_n0"] = x.shape[1] - st.n_prefix
 
 
 def _make_hook(stage: int, keep_rate: float):
     ratio = keep_rate ** (stage + 1)
 
-    def hook(block, x: torch.Tensor, st: vit.TokenState, info: vit.AttnInfo) -> torch.Tensor:
+    def hook(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
         npf = st.n_prefix
         b, n, _ = x.shape
         k = max(1, int(st.extra["topk_n0"] * ratio))
@@ -62,9 +62,10 @@ class TopK(Method):
     search_param = "keep_rate"
 
     def apply(self, model, keep_rate: float = 0.7, **params):
-        plan = vit.prepare(model, self.name, need_class_token=True)
+        bb = backbone_of(model, self.name)
+        plan = bb.prepare(self.name, need_class_token=True)
         plan.on_start.append(_on_start)
-        for s, i in enumerate(vit.depth_sites(len(model.blocks))):
+        for s, i in enumerate(bb.sites("quarters")):
             plan.mid[i] = _make_hook(s, keep_rate)
             plan.needs[i] = ("cls_attn",)
         return model
@@ -74,5 +75,5 @@ class TopK(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return vit.staged_schedule(model, keep_rate, "mid")
+        return backbone_of(model, self.name).staged_schedule(keep_rate, "mid")
 

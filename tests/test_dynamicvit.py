@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tokenbench import registry, vit
 from tokenbench.errors import UserError
+from tokenbench.backbones import last_state
 
 registry.load_methods()
 dv = sys.modules["tokenbench_methods.dynamicvit"]
@@ -144,7 +145,7 @@ def test_token_counts_match_expected():
     m = registry.apply(tiny(), "dynamicvit", keep_rate=0.6)
     with torch.no_grad():
         m(torch.randn(2, 3, 64, 64))
-    st = m._tb_state
+    st = last_state(m)
     exp = registry.get_method("dynamicvit")().expected_tokens(m, keep_rate=0.6)
     assert (st.tokens, st.tokens_mlp) == exp
     n = 64
@@ -159,7 +160,7 @@ def test_deit_s_schedule():
     assert exp[1] == exp[0]
     with torch.no_grad():
         m(torch.randn(1, 3, 224, 224))
-    assert m._tb_state.tokens == exp[0] and m._tb_state.tokens_mlp == exp[1]
+    assert last_state(m).tokens == exp[0] and last_state(m).tokens_mlp == exp[1]
     assert vit.keep_counts(196, 3, 0.7) == [int(196 * 0.7), int(196 * 0.7 ** 2), int(196 * 0.7 ** 3)]
 
 
@@ -180,7 +181,7 @@ def test_keep_rate_one_is_dense():
         y0 = dense(x)
         m = registry.apply(dense, "dynamicvit", keep_rate=1.0)
         y1 = m(x)
-    assert m._tb_state.tokens == [65] * 12
+    assert last_state(m).tokens == [65] * 12
     assert torch.allclose(y0, y1, atol=1e-5)
 
 
@@ -302,7 +303,7 @@ def test_gumbel_decisions_never_revive():
         for prev, cur in zip(decisions, decisions[1:]):
             assert (cur <= prev).all()  # a dropped token stays dropped
         assert torch.equal(mask[..., 0], decisions[-1])
-        st = m._tb_state
+        st = last_state(m)
         assert st.tokens == [65] * 12  # training removes nothing
         assert torch.equal(st.policy[:, 1:, 0], decisions[-1]) and (st.policy[:, 0] == 1).all()
         assert tokens.shape == (4, 64, 48) and logits.shape == (4, 7)

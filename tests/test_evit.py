@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from tokenbench import registry, vit
 from tokenbench.errors import UserError
+from tokenbench.backbones import last_state, plan_of
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
 SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
@@ -112,7 +113,7 @@ def test_matches_reference(variant, keep_rate, fuse_token):
     scale = ref.abs().max().item()
     assert scale > 0.5  # logits are not trivially small
     torch.testing.assert_close(out, ref, atol=1e-5 * scale, rtol=0)
-    src = model._tb_state.source  # the same tokens, in the same order
+    src = last_state(model).source  # the same tokens, in the same order
     for b, mem in enumerate(members):
         want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
         for t, s in enumerate(mem):
@@ -160,7 +161,7 @@ def test_token_counts(variant, keep_rate, fuse_token):
     registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
     with torch.no_grad():
         model(images(model, 2))
-    st_ = model._tb_state
+    st_ = last_state(model)
     want = registry.get_method("evit")().expected_tokens(model, keep_rate=keep_rate, fuse_token=fuse_token)
     assert (st_.tokens, st_.tokens_mlp) == want
 
@@ -184,8 +185,8 @@ def test_keep_rate_one_is_unchanged(fuse_token):
         registry.apply(model, "evit", keep_rate=1.0, fuse_token=fuse_token)
         out = model(imgs)
     assert torch.equal(out, dense) or torch.allclose(out, dense, atol=1e-6, rtol=1e-6)
-    assert model._tb_state.tokens_mlp == [65] * 12
-    assert not model._tb_plan.mid  # nothing installed
+    assert last_state(model).tokens_mlp == [65] * 12
+    assert not plan_of(model).mid  # nothing installed
 
 
 @pytest.mark.parametrize("params", [
@@ -211,7 +212,7 @@ def test_source_map_partitions_patches(variant):
     vit.set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
-    st_ = model._tb_state
+    st_ = last_state(model)
     assert [s["block"] for s in st_.stages] == [3, 6, 9] and all(s["kind"] == "fuse" for s in st_.stages)
     p = model.num_prefix_tokens
     n0 = vit.num_patches(model) + p
@@ -232,7 +233,7 @@ def test_source_map_without_fusion():
     vit.set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
-    stages = model._tb_state.stages
+    stages = last_state(model).stages
     assert [s["kind"] for s in stages] == ["prune"] * 3
     kept = [1 + 16]
     for s in stages:
@@ -271,7 +272,7 @@ def test_keep_rates_property(keep_rate, fuse_token, variant):
     registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
     with torch.no_grad():
         model(images(model, 2))
-    st_ = model._tb_state
+    st_ = last_state(model)
     want = registry.get_method("evit")().expected_tokens(model, keep_rate=keep_rate, fuse_token=fuse_token)
     assert (st_.tokens, st_.tokens_mlp) == want
     assert all(t >= model.num_prefix_tokens + 1 for t in st_.tokens_mlp)

@@ -52,7 +52,8 @@ def test_train_params_split_and_refused():
 
 def test_warmup_changes_training_tokens_only():
     from conftest import tiny_vit
-    TRAIN_KEEP_RATE_ATTR = evit_module().TRAIN_KEEP_RATE_ATTR
+    TRAIN_KEEP_RATE = evit_module().TRAIN_KEEP_RATE
+    from tokenbench.backbones import plan_settings
     from tokenbench.registry import apply
 
     base = tiny_vit()
@@ -74,7 +75,7 @@ def test_warmup_changes_training_tokens_only():
 
     dense = n_patches + 1
     assert tokens_out(True, 0.5) == dense                   # before the warm-up: nothing pruned
-    assert getattr(model, TRAIN_KEEP_RATE_ATTR) == 1.0
+    assert plan_settings(model)[TRAIN_KEEP_RATE] == 1.0
     mid, end = tokens_out(True, 1.5), tokens_out(True, 2.0)
     assert end < mid < dense                                # shrinking, then at keep_rate
     assert tokens_out(False, 0.5) == end                    # evaluation always at keep_rate

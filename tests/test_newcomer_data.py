@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tokenbench.backbones import surgery_of
 from tokenbench import checks, measure, registry, vit
 from tokenbench.errors import UserError
 
@@ -247,7 +248,7 @@ def test_random_logits_follow_the_image_not_the_batch():
         assert not torch.allclose(alone, parts[0][9:10], atol=1e-5)
         with vit.image_ids(m, torch.tensor([9])):
             assert torch.allclose(m(x[9:10]), parts[0][9:10], atol=1e-5)
-    assert "_tb_image_ids" not in m.__dict__  # the block leaves nothing behind
+    assert surgery_of(m).image_ids is None  # the block leaves nothing behind
 
 
 def test_random_scores_compile_without_graph_breaks():

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_vit
 from tokenbench import registry, vit
 from tokenbench.errors import UserError
+from tokenbench.backbones import last_state
 
 BUILTIN = {"none", "dynamicvit", "tome", "evit", "topk", "random"}
 
@@ -104,7 +105,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, cli):
     assert "halve" in registry.load_methods()
     m = registry.apply(tiny_vit(), "halve", site=4)
     m(torch.randn(1, 3, 32, 32))
-    assert m._tb_state.tokens == [65] * 4 + [33] * 8
+    assert last_state(m).tokens == [65] * 4 + [33] * 8
     code, out, err = cli("flops", "deit_tiny_patch16_224", "--img-size", "64", "--method", "halve", "--json")
     assert code == 0, err
     assert json.loads(out)["tokens"] == [17] * 6 + [9] * 6

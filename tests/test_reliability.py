@@ -24,6 +24,7 @@ import torch
 from tokenbench.errors import UserError
 
 from conftest import register_tiny_timm  # noqa: E402
+from tokenbench.backbones import last_state
 
 TINY = "tb_rel_tiny_vit"          # in-process only: 32 px, patch 4 (64 patches + class token), width 32
 GAP = "vit_medium_patch16_gap_256"  # a real timm ViT without a class token (global average pooling)
@@ -876,7 +877,7 @@ def test_every_method_on_random_grids_matches_its_declared_tokens(name, data):
         y = net(x)
     assert y.shape == (batch, 5)
     assert torch.isfinite(y).all()
-    st_ = net._tb_state
+    st_ = last_state(net)
     assert len(st_.tokens) == len(st_.tokens_mlp) == DEPTH
     exp = cls().expected_tokens(net, **params)
     if exp is not None:

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from tokenbench import registry, vit
 from tokenbench.errors import UserError
+from tokenbench.backbones import last_state
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
 SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
@@ -139,7 +140,7 @@ def test_matches_reference(variant, r, prop_attn):
     assert scale > 0.5  # logits are not trivially small
     torch.testing.assert_close(out, ref, atol=1e-5 * scale, rtol=0)
     # the same tokens, in the same order, stand for the same patches
-    src = model._tb_state.source
+    src = last_state(model).source
     for b, mem in enumerate(members):
         want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
         for t, s in enumerate(mem):
@@ -165,7 +166,7 @@ def test_token_counts(variant, r):
     registry.apply(model, "tome", r=r)
     with torch.no_grad():
         model(images(model, 2))
-    st_ = model._tb_state
+    st_ = last_state(model)
     want = registry.get_method("tome")().expected_tokens(model, r=r)
     assert (st_.tokens, st_.tokens_mlp) == want
     n = vit.num_patches(model) + model.num_prefix_tokens
@@ -203,7 +204,7 @@ def test_r_zero_is_unchanged():
         registry.apply(model, "tome", r=0)
         out = model(imgs)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
-    assert model._tb_state.tokens_mlp == [65] * 12
+    assert last_state(model).tokens_mlp == [65] * 12
 
 
 @pytest.mark.parametrize("params", [
@@ -228,7 +229,7 @@ def test_source_map_partitions_patches(variant):
     vit.set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
-    st_ = model._tb_state
+    st_ = last_state(model)
     assert [s["block"] for s in st_.stages] == [0, 1, 2, 4, 5] and {s["kind"] for s in st_.stages} == {"merge"}
     p = model.num_prefix_tokens
     n0 = vit.num_patches(model) + p
@@ -278,7 +279,7 @@ def test_schedules_property(r, variant):
     vit.set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 2))
-    st_ = model._tb_state
+    st_ = last_state(model)
     assert (st_.tokens, st_.tokens_mlp) == registry.get_method("tome")().expected_tokens(model, r=r)
     if st_.source is not None:
         assert torch.all(st_.source.sum(1) == 1)

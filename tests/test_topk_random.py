@@ -9,6 +9,7 @@ import torch
 
 from tokenbench import registry, vit
 from tokenbench.errors import UserError
+from tokenbench.backbones import last_state
 
 
 def tiny(img=64, patch=8, **kw):
@@ -108,7 +109,7 @@ def test_topk_keeps_original_order():
     vit.set_track_source(m)
     with torch.no_grad():
         m(torch.randn(2, 3, 64, 64))
-    stages = m._tb_state.stages
+    stages = last_state(m).stages
     assert len(stages) == 3
     for st in stages:
         pos = st["source"].argmax(-1)  # original position of each kept token
@@ -122,7 +123,7 @@ def test_token_counts_match_expected(name):
     with torch.no_grad():
         m(torch.randn(2, 3, 64, 64))
     exp = registry.get_method(name)().expected_tokens(m, keep_rate=0.55)
-    assert (m._tb_state.tokens, m._tb_state.tokens_mlp) == exp
+    assert (last_state(m).tokens, last_state(m).tokens_mlp) == exp
 
 
 @pytest.mark.parametrize("name", ["topk", "random"])
@@ -133,7 +134,7 @@ def test_deit_s_schedule(name):
     assert tokens_mlp == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
     with torch.no_grad():
         m(torch.randn(1, 3, 224, 224))
-    assert (m._tb_state.tokens, m._tb_state.tokens_mlp) == (tokens, tokens_mlp)
+    assert (last_state(m).tokens, last_state(m).tokens_mlp) == (tokens, tokens_mlp)
 
 
 def test_topk_batch_consistency():
@@ -153,7 +154,7 @@ def test_keep_rate_one_is_dense(name):
         y0 = dense(x)
         m = registry.apply(dense, name, keep_rate=1.0)
         y1 = m(x)
-    assert m._tb_state.tokens == [65] * 12 and m._tb_state.tokens_mlp == [65] * 12
+    assert last_state(m).tokens == [65] * 12 and last_state(m).tokens_mlp == [65] * 12
     assert torch.allclose(y0, y1, atol=1e-5)
 
 
@@ -211,7 +212,7 @@ def test_random_matches_reference(kw):
         y = m(x)
     ref = ref_forward(m, x, 0.6, seeded_choice(5))
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
-    assert m._tb_state.tokens_mlp[-1] == int(64 * 0.6 ** 3) + m.num_prefix_tokens
+    assert last_state(m).tokens_mlp[-1] == int(64 * 0.6 ** 3) + m.num_prefix_tokens
 
 
 def test_random_follows_image_ids():
@@ -231,7 +232,7 @@ def kept_sets(m, x):
     vit.set_track_source(m)
     with torch.no_grad():
         y = m(x)
-    return y, [st["source"].argmax(-1) for st in m._tb_state.stages]
+    return y, [st["source"].argmax(-1) for st in last_state(m).stages]
 
 
 def test_random_seed_reproducible_and_varies():

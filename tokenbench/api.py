@@ -86,12 +86,13 @@ def evaluate(net: nn.Module, data: str = "fashion-mnist", split: str = "test", d
              precision: str = "fp32", progress: bool = False) -> dict:
     """Top-1/top-5 with a Wilson 95% interval on ``data`` (see :mod:`tokenbench.data`)."""
     from . import checks
-    from .data import _model_input, build_dataset
+    from .backbones import input_config
+    from .data import build_dataset
 
     ds, dspec = build_dataset(data, split, data_dir, model=net, limit=limit, seed=seed)
     what = dspec.source or f"{data} {split}"
     checks.limit_within(limit, dspec.available, what)
-    checks.head_fits(_model_input(net)["num_classes"], dspec.classes, what)
+    checks.head_fits(input_config(net)["num_classes"], dspec.classes, what)
     res = measure.evaluate(net, ds, batch_size=batch_size, device=device, precision=precision, progress=progress)
     res["data"] = dspec.key() | {"data_dir": dspec.data_dir, "source": dspec.source, "layout": dspec.layout}
     return res

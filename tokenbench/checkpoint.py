@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .backbones import added_modules
 from .errors import UserError
 
 # Functions that rename an external checkpoint's keys to ours: each takes and returns
@@ -80,7 +81,7 @@ def load_state_dict_checked(model: nn.Module, sd: dict, source: str = "checkpoin
 
         if isinstance(model, VisionTransformer):
             own = model.state_dict()
-            added = tuple(f"{m}." for m in getattr(model, "_tb_added_modules", ()))
+            added = tuple(f"{m}." for m in added_modules(model))
             extra = {k: v for k, v in sd.items() if k not in own or (added and k.startswith(added))}
             base = {k: v for k, v in sd.items() if k not in extra}
             base = checkpoint_filter_fn(base, model)
@@ -112,7 +113,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
 
     sd = read_state_dict(path)
     load_state_dict_checked(model, sd, source=f"checkpoint {path}")
-    added = tuple(f"{m}." for m in getattr(model, "_tb_added_modules", ()))
+    added = tuple(f"{m}." for m in added_modules(model))
     learned_keys = [k for k in sd if added and k.startswith(added)]
     return {"checkpoint": str(path), "weights": f"sha256:{sha256_file(path)}", "pretrained": True,
             "learned_parts_in_checkpoint": bool(learned_keys)}

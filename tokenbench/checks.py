@@ -113,9 +113,9 @@ def for_run(kind: str, spec: dict, net, prov: dict) -> list[str]:
     """The refusals and warnings of one measurement of ``spec`` on the loaded ``net``
     (``prov``: its provenance from :func:`tokenbench.api.load`); reads the checkpoint's
     run config when there is one."""
-    from .data import _model_input
+    from .backbones import input_config
 
-    mi = _model_input(net)
+    mi = input_config(net)
     if mi["patch_size"]:  # a patch-embedding model (others take any size)
         input_size(spec.get("img_size"), mi["img_size"], mi["patch_size"], spec["model"])
     if kind != "accuracy":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .backbones import input_config
 from .errors import UserError, did_you_mean
 
 DATASETS = ("fashion-mnist", "imagenet", "folder", "synthetic")
@@ -233,7 +234,7 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
         raise UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; choose from {', '.join(DATASETS)}")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
-    cfg = _model_input(model)
+    cfg = input_config(model)
     if name == "fashion-mnist":
         images, labels = load_fashion_mnist(split, data_dir)
         if cfg["in_chans"] == 1:
@@ -272,31 +273,10 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
 
 
 def _model_input(model) -> dict[str, Any]:
-    """img_size, in_chans, mean, std of a timm model (defaults for ImageNet)."""
-    out = {"img_size": 224, "in_chans": 3, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-           "num_classes": None, "patch_size": None}
-    if model is None:
-        return out
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        out["img_size"] = int(pe.img_size[0])
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg and pe is None:
-        out["img_size"] = int(cfg["input_size"][-1])
-    if "mean" in cfg:
-        out["mean"], out["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
-    in_chans = None
-    if pe is not None and hasattr(pe, "proj"):
-        w = getattr(pe.proj, "weight", None)
-        if w is None and isinstance(pe.proj, torch.nn.Sequential):
-            w = pe.proj[0].weight
-        if w is not None:
-            in_chans = int(w.shape[1])
-    out["in_chans"] = in_chans or int(cfg.get("input_size", (3,))[0])
-    ps = getattr(pe, "patch_size", None)
-    out["patch_size"] = int(ps[0] if isinstance(ps, (tuple, list)) else ps) if ps else None
-    out["num_classes"] = getattr(model, "num_classes", None)
-    return out
+    # TODO(lead): callers move to tokenbench.backbones.input_config; this alias goes after the merges
+    from .backbones import input_config
+
+    return input_config(model)
 
 
 def eval_data_config(model) -> dict[str, Any]:
@@ -304,13 +284,12 @@ def eval_data_config(model) -> dict[str, Any]:
     import timm.data
 
     cfg = timm.data.resolve_data_config({}, model=model)
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        # a model built at another size than its pretrained config's (img_size=...)
-        # keeps the config's mean/std and crop, not its resolution
-        cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in pe.img_size))
+    mi = input_config(model)
+    # a model built at another size than its pretrained config's (img_size=...) keeps the
+    # config's mean/std and crop, not its resolution
+    cfg["input_size"] = (cfg["input_size"][0], mi["img_size"], mi["img_size"])
     # mean/std per input channel (a 1-channel model with ImageNet's 3-channel statistics: their mean)
-    c = _model_input(model)["in_chans"]
+    c = mi["in_chans"]
     for k in ("mean", "std"):
         v = tuple(cfg[k])
         if len(v) != c:
@@ -369,7 +348,7 @@ def _read_folder(name: str, root: Path, model, transform=None):
         raise UserError(f"{root} has no class sub-folders (expected <class>/<image> files, torchvision layout)")
     if name == "imagenet" and len(classes) != 1000:
         raise UserError(f"{root} has {len(classes)} class folders; an ImageNet split has 1000")
-    in_chans = _model_input(model)["in_chans"]
+    in_chans = input_config(model)["in_chans"]
     if in_chans not in (1, 3):
         raise UserError(f"the model takes {in_chans}-channel input; image folders give 1 (grayscale) or 3 (RGB)")
     import timm.data

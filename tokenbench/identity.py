@@ -6,7 +6,7 @@ Three things besides the model, method, parameters and settings determine a resu
   author when its results change on purpose, as lm-evaluation-harness versions tasks) and
   a hash of the source it runs: its own file, the method files it imports (a merging method
   reusing ToMe's matching), and the shared surgery every method goes through
-  (``tokenbench/vit.py``);
+  (every file of ``tokenbench/backbones/``);
 - **the protocol** of each measurement kind (:data:`PROTOCOLS`), raised here whenever the
   counting, timing or evaluation rules change;
 - **the data** of an accuracy figure: a fingerprint of the files (checksums of the
@@ -36,7 +36,7 @@ PROTOCOLS: dict[str, int] = {
     "accuracy": 1,    # top-1/top-5, Wilson interval, per-image correctness; random's choice keyed by image index
 }
 
-SURGERY = Path(__file__).resolve().parent / "vit.py"  # the shared machinery every method runs through
+SURGERY = Path(__file__).resolve().parent / "backbones"  # the shared machinery every method runs through
 
 _HASHES: dict[tuple, str] = {}
 
@@ -48,7 +48,7 @@ def _file_stamp(p: Path) -> tuple:
 
 def _is_method_module(mod) -> bool:
     name = getattr(mod, "__name__", "") or ""
-    return name.startswith(("tokenbench_methods.", "tokenbench.builtin_methods."))
+    return name.startswith(("tokenbench.methods.", "tokenbench_methods.", "tokenbench.builtin_methods."))
 
 
 def source_files(cls) -> list[Path]:
@@ -72,7 +72,8 @@ def source_files(cls) -> list[Path]:
             other = v if inspect.ismodule(v) else sys.modules.get(getattr(v, "__module__", "") or "")
             if other is not None and other is not mod and _is_method_module(other):
                 add(getattr(other, "__file__", None))
-    add(str(SURGERY))
+    for f in sorted(SURGERY.glob("*.py")):
+        add(str(f))
     return files
 
 

@@ -129,7 +129,7 @@ def gpu_settings() -> dict[str, Any]:
 def attention_kernel(model: nn.Module) -> str:
     """Which attention the model's blocks run: ``"sdpa"`` (fused scaled-dot-product attention)
     or ``"explicit"`` (softmax of the full matrix), from timm's switch ``fused_attn``, which
-    timm's own forward and the shared surgery (:func:`tokenbench.vit.attention`) both honour;
+    timm's own forward and the ViT backbone's surgery (``tokenbench.backbones.vit.attention``) both honour;
     ``"mixed"`` where blocks differ."""
     fused = {bool(getattr(m, "fused_attn")) for m in model.modules() if hasattr(m, "fused_attn")}
     if not fused:
@@ -277,9 +277,9 @@ def eval_mode(model: nn.Module):
 
 def model_input(model: nn.Module) -> tuple[int, int]:
     """(in_chans, img_size) the model expects."""
-    from .data import _model_input
+    from .backbones import input_config
 
-    cfg = _model_input(model)
+    cfg = input_config(model)
     return cfg["in_chans"], cfg["img_size"]
 
 
@@ -336,7 +336,7 @@ def _count(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
 def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[torch.Tensor] = None
                  ) -> tuple[list[float], list[float]]:
     """Sequence length entering each block and each block's MLP (prefix tokens included)."""
-    from . import vit
+    from .backbones import last_state
 
     with _surgery_for_counting(model):
         dev = next(model.parameters()).device
@@ -344,7 +344,7 @@ def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[t
             x = example_input(model, 1, img_size, device=dev)
         with eval_mode(model), torch.inference_mode():
             model(x)
-        st = vit.last_state(model)
+        st = last_state(model)
         return [float(t) for t in st.tokens], [float(t) for t in st.tokens_mlp]
 
 
@@ -352,12 +352,12 @@ def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[t
 def _surgery_for_counting(model: nn.Module):
     """A plain timm ViT gets the shared surgery (with no method) for its token bookkeeping
     while it is counted, and is restored to its own classes after, as it was found."""
-    from . import vit
+    from . import backbones
 
     added = False
-    if not hasattr(model, "_tb_base") and hasattr(model, "blocks"):
+    if not backbones.is_prepared(model):
         try:
-            vit.prepare(model, "none")
+            backbones.prepare(model, "none")
             added = True
         except UserError:
             pass
@@ -365,7 +365,7 @@ def _surgery_for_counting(model: nn.Module):
         yield
     finally:
         if added:
-            vit.restore(model)
+            backbones.restore(model)
 
 
 def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch.Tensor] = None,
@@ -381,6 +381,8 @@ def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[tor
 
 
 def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Tensor], max_images: int) -> dict:
+    from .backbones import is_prepared
+
     dev = next(model.parameters()).device
     if inputs is None:
         xs = [example_input(model, 1, img_size, device=dev)]
@@ -394,7 +396,7 @@ def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Ten
             totals.append(t)
             for k, v in ops.items():
                 by_op[k] = by_op.get(k, 0.0) + v / len(xs)
-            if hasattr(model, "_tb_base"):
+            if is_prepared(model):
                 tk, tm = token_counts(model, x=x)
                 toks.append(tk)
                 toks_mlp.append(tm)
@@ -456,22 +458,19 @@ def estimate_memory_bytes(model: nn.Module, batch_size: int, img_size: Optional[
     Per block a pre-norm ViT holds the residual stream, the normalised input, q/k/v and
     the MLP's hidden layer; unfused attention would add one N x N matrix per head.
     """
+    from .backbones import backbone_of
+
     bytes_per = 2 if precision in ("fp16", "bf16") else 4
     params = sum(p.numel() for p in model.parameters()) * 4
     c, s = model_input(model)
     s = img_size or s
-    n = (s // _patch(model)) ** 2 + getattr(model, "num_prefix_tokens", 1)
-    dim = getattr(model, "embed_dim", 768)
-    heads = getattr(getattr(model.blocks[0], "attn", None), "num_heads", 12) if hasattr(model, "blocks") else 12
-    hidden = model.blocks[0].mlp.fc1.out_features if hasattr(model, "blocks") and hasattr(model.blocks[0].mlp, "fc1") else 4 * dim
-    per_image = n * (6 * dim + 2 * hidden) * bytes_per + heads * n * n * 4 + c * s * s * 4
+    try:
+        act = backbone_of(model).activation_bytes(s, bytes_per)
+    except UserError:  # an unknown family: ViT-B's figures at this size
+        n = (s // 16) ** 2 + 1
+        act = n * (6 * 768 + 2 * 3072) * bytes_per + 12 * n * n * 4
+    per_image = act + c * s * s * 4
     return int(params + 2 * batch_size * per_image)
-
-
-def _patch(model) -> int:
-    pe = getattr(model, "patch_embed", None)
-    ps = getattr(pe, "patch_size", (16, 16)) if pe is not None else (16, 16)
-    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
 def check_batch_fits(model: nn.Module, batch_size: int, device: torch.device, precision: str = "fp32",
@@ -599,8 +598,12 @@ def first_call_s(run, x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor,
 def is_convolutional(model: nn.Module) -> bool:
     """Whether ``model`` has 2-d convolutions besides a patch embedding (a hybrid or CNN
     model): those run in ``channels_last`` on CUDA."""
-    return any(isinstance(m, nn.Conv2d) and "patch_embed" not in name.split(".")
-               for name, m in model.named_modules())
+    from .backbones import backbone_of
+
+    try:
+        return backbone_of(model).convolutional
+    except UserError:
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -914,7 +917,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
     """
     from torch.utils.data import DataLoader, Subset
 
-    from . import distributed, vit
+    from . import distributed
+    from .backbones import image_ids
 
     dev = resolve_device(device) if isinstance(device, str) else device
     ctx, note = precision_context(dev, precision)
@@ -947,7 +951,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
                 batch_ids = list(mine[len(seen):len(seen) + len(y)])
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
                 ids = torch.tensor(batch_ids, device=dev, dtype=torch.long)
-                with ctx, vit.image_ids(model, ids):
+                with ctx, image_ids(model, ids):
                     logits = model(x)
                 logits = logits.float()
                 if not torch.isfinite(logits).all():

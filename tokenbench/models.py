@@ -230,12 +230,15 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
                 raise UserError(f"{name} takes no --img-size (tokenbench measures timm VisionTransformer "
                                 "models)") from e
             raise UserError(f"could not build {name}: {first}") from e
-        pe = getattr(model, "patch_embed", None)
-        grid = getattr(pe, "grid_size", None)
-        if grid is not None and min(grid) < 1:
-            ps = getattr(pe, "patch_size", "?")
+        from .backbones import backbone_of
+
+        try:
+            bb = backbone_of(model)
+        except UserError:
+            bb = None  # refused with its reason where a measurement needs the backbone
+        if bb is not None and min(bb.grid) < 1:
             raise UserError(f"--img-size {img_size} is smaller than {name}'s patch size "
-                            f"{ps[0] if isinstance(ps, (tuple, list)) else ps}: no patch tokens")
+                            f"{bb.input_config()['patch_size']}: no patch tokens")
         tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else None
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", name)
         prov = {"pretrained": bool(pretrained),

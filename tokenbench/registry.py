@@ -110,12 +110,25 @@ class Param:
 
 
 class Method:
-    """Base class of a token-reduction adapter.
+    """Base class of a token-reduction adapter: the whole contract between a method and the harness.
 
-    Subclasses set ``name``, ``params``, ``learned`` (has trainable parts of its own),
-    ``needs_class_token`` and ``summary``, and implement :meth:`apply`.  Optionally:
-    :meth:`expected_tokens` (the declared schedule, checked by the tests against what
-    the model really does), :meth:`train_setup` (training-time behaviour and losses).
+    The harness reads only this declaration and calls only these hooks.
+
+    Declaration (class attributes):
+      ``name``, ``version``, ``summary``; ``params`` (:class:`Param` tuple: the CLI lists and
+      validates them); ``family`` ("pruning", "merging", "hybrid"); ``learned`` (has trainable
+      parts of its own); ``knob`` (the budget parameter a matched-FLOPs search moves);
+      ``seed_param`` (the parameter seeding a random method's choices); ``deterministic``;
+      ``needs_class_token``; ``backbones`` (model families it applies to); ``train_params``,
+      ``train_defaults``; ``compile_note``.
+
+    Hooks (methods):
+      ``apply(model, **params) -> model``: install the method (required);
+      ``expected_tokens(model, **params) -> (tokens per block, tokens per MLP) | None``;
+      ``reduces(params) -> bool``;
+      ``train_setup(model, teacher, params, weights) -> loss_fn | None``;
+      ``param_groups(model, weight_decay, **kw) -> list | None``;
+      ``train_step(model, params, epoch) -> None``.
     """
 
     name: ClassVar[str] = ""
@@ -164,11 +177,28 @@ class Method:
     compile_note: ClassVar[str] = "static token counts: fullgraph"
 
     def apply(self, model: nn.Module, **params) -> nn.Module:
+        """Install the method on ``model`` (in place): ``backbone_of(model).prepare(...)`` gives the
+        plan to put hooks on; sites come from ``backbone.sites("quarters" | "every" | ...)``."""
         raise NotImplementedError
 
     def expected_tokens(self, model: nn.Module, **params) -> Optional[tuple[list[int], list[int]]]:
-        """(tokens entering each block, tokens entering each MLP) for the model's input size."""
+        """(tokens entering each block, tokens entering each MLP) for the model's input size;
+        None when the count depends on the image.  The shared tests check it against the model."""
         return None
+
+    # ---- training hooks (learned methods, or methods fine-tuned with the backbone)
+    def train_setup(self, model: nn.Module, teacher: Optional[nn.Module], params: Optional[dict] = None,
+                    weights: Optional[dict] = None) -> Optional[Callable]:
+        """The training loss ``loss_fn(model, x, y) -> (loss, parts)``; None: plain cross-entropy."""
+        return None
+
+    def param_groups(self, model: nn.Module, weight_decay: float, **kw) -> Optional[list]:
+        """Optimizer parameter groups (e.g. a lower rate for the backbone); None: the default groups."""
+        return None
+
+    def train_step(self, model: nn.Module, params: dict, epoch: float) -> None:
+        """Called before every training step with the (fractional) epoch: schedules such as a
+        keep-rate warm-up update the method's plan settings here."""
 
     @classmethod
     def reduces(cls, params: dict) -> bool:
@@ -242,28 +272,19 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def methods_dirs() -> list[Path]:
-    """Where built-in method files live: ``methods/`` beside the package, or installed copy."""
-    here = Path(__file__).resolve().parent
-    out = []
-    for d in (here.parent / "methods", here / "builtin_methods"):
-        if d.is_dir():
-            out.append(d)
-    return out
+    """Where built-in method files live: ``methods/`` beside the package, or the installed copy."""
+    import tokenbench.methods as pkg
+
+    return [Path(p) for p in pkg.__path__ if Path(p).resolve() != Path(pkg.__file__).resolve().parent]
 
 
 def _load_file(path: Path) -> None:
-    mod_name = f"tokenbench_methods.{path.stem}"
-    if mod_name in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
+    """Import one built-in method file as ``tokenbench.methods.<stem>`` (its public name)."""
+    mod_name = f"tokenbench.methods.{path.stem}"
     before = set(_REGISTRY)
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[mod_name]
-        raise
+    if mod_name not in sys.modules:
+        module = importlib.import_module(mod_name)
+        sys.modules.setdefault(f"tokenbench_methods.{path.stem}", module)  # the name used before 0.2
     for name in set(_REGISTRY) - before:
         _SOURCES[name] = str(path)
 
@@ -274,9 +295,6 @@ def load_methods() -> dict[str, type[Method]]:
     if _LOADED:
         return _REGISTRY
     _LOADED = True
-    import types
-
-    sys.modules.setdefault("tokenbench_methods", types.ModuleType("tokenbench_methods"))
     for d in methods_dirs()[:1]:
         for path in sorted(d.glob("*.py")):
             if not path.name.startswith("_"):
@@ -361,5 +379,9 @@ def apply(model: nn.Module, name: str = "none", **params) -> nn.Module:
     p = cls.validate(params)
     m = cls()
     out = m.apply(model, **p)
-    out._tb_method = {"name": name, "params": p}
+    from .backbones import surgery_of
+
+    s = surgery_of(out)
+    if s is not None:
+        s.method = {"name": name, "params": p}
     return out

@@ -147,10 +147,12 @@ class Loaded:
 
 
 def dense_tokens(net) -> Optional[list]:
-    from . import vit
+    from .backbones import backbone_of
 
-    n = vit.num_patches(net) + net.num_prefix_tokens if hasattr(net, "patch_embed") else None
-    return [n] * len(net.blocks) if n is not None and hasattr(net, "blocks") else None
+    try:
+        return backbone_of(net).dense_tokens()
+    except UserError:
+        return None
 
 
 def measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Store] = None, force: bool = False,

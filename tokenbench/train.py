@@ -499,13 +499,12 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
     teacher, tprov = load(model, "none", {}, pretrained=pretrained, checkpoint=teacher_checkpoint)
     teacher.eval().requires_grad_(False)
     teacher.to(cfg.device)
-    setup = getattr(meth, "train_setup", None)
-    loss_fn = setup(student, teacher, {**p, **train_p}, loss_weights) if setup else None
+    loss_fn = meth.train_setup(student, teacher, {**p, **train_p}, loss_weights)
     if loss_fn is None and loss_weights:
         raise UserError(f"{method} has no loss weights to set")
     scale = cfg.backbone_lr_scale
-    if hasattr(meth, "param_groups"):
-        groups = meth.param_groups(student, cfg.weight_decay, **({} if scale is None else {"backbone_lr_scale": scale}))
+    groups = meth.param_groups(student, cfg.weight_decay, **({} if scale is None else {"backbone_lr_scale": scale}))
+    if groups is not None:
         for g in groups:
             if g.get("fix_epochs", 0) > 0:
                 g["fix_epochs"] = cfg.fix_epochs if cfg.fix_epochs is not None else min(g["fix_epochs"], cfg.epochs / 6)
@@ -514,8 +513,7 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
         for g in groups:
             g["lr_scale"] = 0.1 if scale is None else scale
             g["fix_epochs"] = 0.0
-    step = getattr(meth, "train_step", None)
-    hook = (lambda m, ep: step(m, {**p, **train_p}, ep)) if step else None
+    hook = lambda m, ep: meth.train_step(m, {**p, **train_p}, ep)  # noqa: E731
     source = build_source(data, data_dir, student, cfg)
     extra = {"model": model, "method": method, "params": p, **({"train_params": train_p} if train_p else {}), "data": data, "init": prov.get("weights"),
              "teacher": tprov.get("weights"), "loss_weights": loss_weights or {}, "pretrained": pretrained}

@@ -1,0 +1,218 @@
+"""What every backbone offers the harness and the methods, and how backbones are found.
+
+A *backbone* is the one object that knows a model family's insides.  The harness asks it
+for geometry (depth, sites, tokens, grid, input configuration, an analytic cost) and never
+reads a model attribute itself; a method asks it for its *sites* by position ("quarters",
+"every", "stage 3") and installs hooks on the :class:`Plan` it returns.
+
+Hook kinds (a backbone runs those it supports and refuses the others):
+
+- ``plan.pre[i] = fn(block, x, state) -> x``: before block ``i``;
+- ``plan.mid[i] = fn(block, x, state, info) -> x``: inside block ``i``, after the token
+  mixer's residual and before the MLP; ``info`` describes the attention
+  (:class:`~tokenbench.backbones.tokens.AttnInfo`) when ``plan.needs[i]`` asks for it;
+- ``plan.subset[i] = fn(block, x, state) -> (idx, fast)``: hierarchical backbones run
+  block ``i``'s expensive part only on the positions ``idx`` and ``fast`` on the others,
+  and scatter both back into the full map (:func:`run_on_subset`), so later layers see
+  the usual feature map.
+
+Backbones register per model family with :func:`register_backbone`; ``backbone_of(model)``
+returns the first whose :meth:`Backbone.matches` accepts the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ClassVar, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+
+SURGERY_ATTR = "_tokenbench"
+
+class Surgery:
+    """What the surgery keeps on one model (a plain attribute, not a submodule)."""
+
+    def __init__(self, base: type, plan: Plan, track_source: bool = False):
+        self.base = base                      # the model's timm class, restored by restore()
+        self.plan = plan
+        self.track_source = track_source
+        self.state: Optional[TokenState] = None   # the last forward's bookkeeping
+        self.image_ids: Optional[torch.Tensor] = None
+        self.added: list[str] = []            # names of modules a method attached
+        self.method: dict = {}                # {"name", "params"} of the applied method
+
+
+def surgery_of(model: nn.Module) -> Optional[Surgery]:
+    return model.__dict__.get(SURGERY_ATTR)
+
+
+
+class Plan:
+    """Where a method acts: hooks per block index, and model-wide settings."""
+
+    def __init__(self, depth: int, method: str = "method"):
+        self.depth = depth
+        self.method = method
+        self.pre: dict[int, Callable] = {}
+        self.mid: dict[int, Callable] = {}
+        self.subset: dict[int, Callable] = {}
+        self.needs: dict[int, tuple[str, ...]] = {}
+        self.on_start: list[Callable] = []
+        self.prop_attn = False
+        # Values a method's training hooks change between steps (e.g. EViT's warm-up keep
+        # rate): read by the method's own hooks, never by the harness.
+        self.settings: dict = {}
+
+    def hooked(self, i: int) -> bool:
+        return i in self.pre or i in self.mid or i in self.subset
+
+
+class Backbone:
+    """Base class of a model family's adapter.  Subclasses set ``name`` and implement the rest."""
+
+    name: ClassVar[str] = ""
+    # Site names this backbone resolves (see :meth:`sites`).
+    site_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---- recognising and checking
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def check(self, method: str = "this method", need_class_token: bool = False) -> None:
+        """Refuse, with one clear line, what the surgery cannot run."""
+
+    # ---- geometry the harness asks for
+    @property
+    def depth(self) -> int:
+        """Blocks at which hooks may sit."""
+        raise NotImplementedError
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens before the patches (class, distillation, register tokens)."""
+        return 0
+
+    @property
+    def num_patches(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid at the reduction sites."""
+        raise NotImplementedError
+
+    @property
+    def convolutional(self) -> bool:
+        """Whether the model has 2-d convolutions worth running ``channels_last`` on CUDA."""
+        return any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+
+    def dense_tokens(self) -> list[int]:
+        """Tokens entering each block of the dense model."""
+        return [self.num_patches + self.n_prefix] * self.depth
+
+    def sites(self, where: str) -> list[int]:
+        """Block indices for a site name (e.g. ``"quarters"``, ``"every"``, ``"stage 3"``)."""
+        raise UserError(f"the {self.name} backbone has no sites called {where!r}")
+
+    def input_config(self) -> dict:
+        """img_size, in_chans, mean, std, patch_size, num_classes."""
+        raise NotImplementedError
+
+    def block_cost(self, tokens: list, tokens_mlp: list) -> Optional[float]:
+        """Analytic multiply-adds per image of the blocks for a token schedule (None: unknown)."""
+        return None
+
+    def activation_bytes(self, img_size: int, itemsize: int = 4) -> int:
+        """A rough size of one image's activations in an inference forward (to refuse batches
+        that cannot fit)."""
+        raise NotImplementedError
+
+    # ---- surgery
+    def prepare(self, method: str = "method", need_class_token: bool = False,
+                track_source: bool = False) -> Plan:
+        """Install the reducing forward (in place) and return its empty :class:`Plan`."""
+        raise NotImplementedError
+
+    def restore(self) -> nn.Module:
+        """Undo :meth:`prepare`: the plain timm model again."""
+        raise NotImplementedError
+
+
+def run_on_subset(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, idx: torch.Tensor,
+                  fast: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """``fn`` on the positions ``idx`` [B, K] of ``x`` [B, N, C] and ``fast`` (or nothing: zeros)
+    on the rest, scattered back into a full [B, N, C'] map.
+
+    The shared primitive of the slow / fast paths of hierarchical models: the map keeps its
+    shape, so every later layer (and a detection or segmentation head) sees the usual map.
+    """
+    b, n, c = x.shape
+    sel = x.gather(1, idx[..., None].expand(-1, -1, c))
+    slow = fn(sel)
+    if fast is None:
+        out = slow.new_zeros(b, n, slow.shape[-1])
+    else:
+        out = fast(x).to(slow.dtype)
+    return out.scatter(1, idx[..., None].expand(-1, -1, slow.shape[-1]), slow)
+
+
+@contextlib.contextmanager
+def image_ids(model: nn.Module, ids: Optional[torch.Tensor]) -> Iterator[nn.Module]:
+    """Tell the forwards inside the block which images they see: ``ids`` [B] (int64), the
+    index of each image of the batch in the evaluated set.
+
+    A method whose choices are random (``random``) draws each image's choice from its
+    seed and this id (``TokenState.image_ids``), so a prediction does not depend on the
+    batch it came in.  Outside the block, or with ``ids=None``, the ids are
+    ``arange(B)`` (throughput, FLOPs, training, a direct call).  A sharded evaluation
+    (torchrun) passes the *global* index of each image.  A plain timm model ignores them.
+    """
+    s = surgery_of(model)
+    if s is None:
+        yield model
+        return
+    old = s.image_ids
+    s.image_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+    try:
+        yield model
+    finally:
+        s.image_ids = old
+
+
+def default_input_config() -> dict:
+    """ImageNet's input, for a model that says nothing."""
+    return {"img_size": 224, "in_chans": 3, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "num_classes": None, "patch_size": None}
+
+
+_BACKBONES: list[type[Backbone]] = []
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    """Class decorator: make a model family known to the harness."""
+    if cls not in _BACKBONES:
+        _BACKBONES.append(cls)
+    return cls
+
+
+def known_backbones() -> list[str]:
+    return [b.name for b in _BACKBONES]
+
+
+def backbone_of(model: nn.Module, method: str = "none") -> Backbone:
+    """The backbone adapter of ``model``, or a one-line refusal."""
+    for cls in _BACKBONES:
+        if cls.matches(model):
+            return cls(model)
+    who = "tokenbench measures" if method == "none" else f"{method} applies to"
+    raise UserError(f"{who} models of the families {', '.join(known_backbones())} "
+                    f"(timm VisionTransformer: DeiT, ViT, the embedded default); "
+                    f"{model.__class__.__name__} is not one")

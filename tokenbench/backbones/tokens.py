@@ -1,0 +1,228 @@
+"""The token bookkeeping of one forward pass: :class:`TokenState` and its three primitives.
+
+A method changes the token sequence only through these primitives, so that everything
+carried beside the tokens stays aligned with them:
+
+- :meth:`TokenState.keep` (pruning): keep some tokens, in a given order;
+- :meth:`TokenState.merge` (merging): fold tokens into others by a size-weighted average;
+- :meth:`TokenState.fuse` (EViT): keep some tokens and append one weighted sum of the rest.
+
+What is carried: token *sizes* (how many original patches each token stands for, the
+weights of proportional attention and average pooling), *positions* (the grid index of
+the patch a token stands at, -1 for prefix and fused tokens), the *source* map (which
+original tokens each token covers; only when tracking, for pictures), a training-time
+soft *policy* (DynamicViT's masked attention) and a *padding mask* for per-image token
+counts (a batch padded to its longest sequence; padded tokens are never attended to,
+pooled or counted).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, idx[b]]`` for ``t`` [B, N, ...C] or [B, N] and ``idx`` [B, K]."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+class TokenState:
+    """Bookkeeping for one forward pass, shared by all blocks of one model."""
+
+    def __init__(self, n_prefix: int, prop_attn: bool = False, track_source: bool = False,
+                 record: bool = True):
+        self.n_prefix = n_prefix
+        self.prop_attn = prop_attn
+        self.track_source = track_source
+        self.record = record
+        self.size: Optional[torch.Tensor] = None      # [B, N, 1]: original patches per token
+        self.source: Optional[torch.Tensor] = None    # [B, N, N0]: 1 where token n covers original token j
+        self.policy: Optional[torch.Tensor] = None    # [B, N, 1]: soft keep mask (training: masked attention)
+        self.pad: Optional[torch.Tensor] = None       # [B, N] bool: True for real tokens (per-image counts)
+        self.pos: Optional[torch.Tensor] = None       # [B, N] int64: grid index of each token (-1: none)
+        self.tokens: list[int] = []                   # length entering each block
+        self.tokens_mlp: list[int] = []               # length entering each block's MLP
+        self.real_tokens: list[torch.Tensor] = []     # with a padding mask: real tokens per image, per block
+        self.stages: list[dict] = []                  # snapshots after each reduction (when tracking)
+        self.block = -1
+        self.extra: dict[str, Any] = {}               # method-specific carry (e.g. DynamicViT's decisions)
+        self.image_ids: Optional[torch.Tensor] = None  # [B] int64: each image's index in the evaluated set
+        self.settings: dict = {}                      # the plan's settings (training schedules), read-only here
+
+    # ----------------------------------------------------------- start
+    def start(self, x: torch.Tensor) -> None:
+        """The sequence after the embedding: prefix tokens first, then the grid's patches in order."""
+        b, n, _ = x.shape
+        if self.track_source:
+            self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+        pos = torch.arange(-self.n_prefix, n - self.n_prefix, device=x.device).clamp(min=-1)
+        self.pos = pos.expand(b, n)
+
+    def ensure_size(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is None:
+            self.size = torch.ones_like(x[..., :1])
+        return self.size
+
+    # ----------------------------------------------------------- counting
+    def count(self, x: torch.Tensor, mlp: bool = False) -> None:
+        """Record the sequence length entering a block (or its MLP)."""
+        if not self.record:
+            return
+        (self.tokens_mlp if mlp else self.tokens).append(x.shape[1])
+        if self.pad is not None and not mlp:
+            self.real_tokens.append(self.pad.sum(1).detach())
+
+    def tokens_per_image(self) -> Optional[torch.Tensor]:
+        """[B, depth] real tokens entering each block, when the count varies per image."""
+        if not self.real_tokens:
+            return None
+        return torch.stack(self.real_tokens, 1)
+
+    # ----------------------------------------------------------- the primitives
+    def keep(self, x: torch.Tensor, idx: torch.Tensor, kind: str = "prune",
+             pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Keep the tokens ``idx`` [B, K] (indices into all of x, prefix included), in that order.
+
+        ``pad`` [B, K] (bool, True = real) marks slots that are only padding: for per-image
+        token counts, ``idx`` is padded to the batch's longest sequence.
+        """
+        x = gather_tokens(x, idx)
+        self.size = None if self.size is None else gather_tokens(self.size, idx)
+        self.source = None if self.source is None else gather_tokens(self.source, idx)
+        self.policy = None if self.policy is None else gather_tokens(self.policy, idx)
+        self.pos = None if self.pos is None else gather_tokens(self.pos, idx)
+        old_pad = None if self.pad is None else gather_tokens(self.pad, idx)
+        if pad is not None:
+            old_pad = pad if old_pad is None else (old_pad & pad)
+        self.pad = old_pad
+        self.snapshot(kind)
+        return x
+
+    def merge(self, x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tensor,
+              dst: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Keep ``keep_idx`` [B, K] and fold the tokens ``src_idx`` [B, R] into kept ones.
+
+        ``dst`` [B, R]: for each merged token, the *position in the kept list* it folds into.
+        ``mode="mean"``: size-weighted average (ToMe); ``"sum"``: plain sum.  Sizes add up,
+        source maps are united, a policy keeps its largest value, positions are the kept
+        token's.  Operation order is ToMe's (``x * size`` summed, then divided by the summed
+        size), so a bipartite matching expressed this way gives the official result.
+        """
+        c = x.shape[-1]
+        weighted = mode == "mean"
+        if weighted:
+            size = self.ensure_size(x)
+            x = x * size
+        kept = gather_tokens(x, keep_idx)
+        src = gather_tokens(x, src_idx)
+        kept = kept.scatter_reduce(1, dst[..., None].expand(-1, -1, c), src, reduce="sum")
+        if self.size is not None:
+            s_kept = gather_tokens(self.size, keep_idx)
+            self.size = s_kept.scatter_reduce(1, dst[..., None], gather_tokens(self.size, src_idx), reduce="sum")
+        if weighted:
+            kept = kept / self.size
+        if self.source is not None:
+            n0 = self.source.shape[-1]
+            self.source = gather_tokens(self.source, keep_idx).scatter_reduce(
+                1, dst[..., None].expand(-1, -1, n0), gather_tokens(self.source, src_idx), reduce="amax")
+        if self.policy is not None:
+            self.policy = gather_tokens(self.policy, keep_idx).scatter_reduce(
+                1, dst[..., None], gather_tokens(self.policy, src_idx), reduce="amax")
+        self.pos = None if self.pos is None else gather_tokens(self.pos, keep_idx)
+        self.pad = None if self.pad is None else gather_tokens(self.pad, keep_idx)
+        self.snapshot("merge")
+        return kept
+
+    def fuse(self, x: torch.Tensor, kept_idx: torch.Tensor, dropped_idx: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+        """Keep ``kept_idx`` and append one token: the ``weights``-weighted sum of ``dropped_idx`` (EViT)."""
+        kept = gather_tokens(x, kept_idx)
+        dropped = gather_tokens(x, dropped_idx)
+        fused = (dropped * weights[..., None]).sum(dim=1, keepdim=True)
+        if self.size is not None:
+            s_drop = gather_tokens(self.size, dropped_idx)
+            self.size = torch.cat([gather_tokens(self.size, kept_idx), s_drop.sum(1, keepdim=True)], 1)
+        if self.source is not None:
+            src_drop = gather_tokens(self.source, dropped_idx)
+            self.source = torch.cat([gather_tokens(self.source, kept_idx),
+                                     src_drop.sum(1, keepdim=True).clamp(max=1)], 1)
+        if self.policy is not None:
+            self.policy = torch.cat([gather_tokens(self.policy, kept_idx),
+                                     gather_tokens(self.policy, dropped_idx).amax(1, keepdim=True)], 1)
+        if self.pos is not None:
+            self.pos = torch.cat([gather_tokens(self.pos, kept_idx), self.pos[:, :1].new_full((x.shape[0], 1), -1)], 1)
+        if self.pad is not None:
+            self.pad = torch.cat([gather_tokens(self.pad, kept_idx), gather_tokens(self.pad, dropped_idx).any(1, keepdim=True)], 1)
+        self.extra["fused_token"] = True
+        out = torch.cat([kept, fused], dim=1)
+        self.snapshot("fuse")
+        return out
+
+    def snapshot(self, kind: str) -> None:
+        if self.track_source and self.source is not None:
+            self.stages.append({"block": self.block, "kind": kind, "source": self.source.detach().clone(),
+                                "fused_last": kind == "fuse",
+                                "pad": None if self.pad is None else self.pad.detach().clone()})
+
+    # ----------------------------------------------------------- attention masks
+    def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The additive attention mask [B, 1, 1, N] this state asks for: log(size) under
+        proportional attention, -inf on padded keys; None when neither applies."""
+        bias = None
+        if self.prop_attn and self.size is not None:
+            bias = self.size.log()[:, None, None, :, 0].to(dtype)
+        if self.pad is not None:
+            neg = torch.zeros(self.pad.shape, dtype=dtype, device=self.pad.device)
+            neg = neg.masked_fill(~self.pad, float("-inf"))[:, None, None, :]
+            bias = neg if bias is None else bias + neg
+        return bias
+
+
+class AttnInfo:
+    """What a mid-block hook may read about the block's attention."""
+
+    def __init__(self, q: Optional[torch.Tensor], k: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 scale: float, n_prefix: int, attn: Optional[torch.Tensor] = None,
+                 v: Optional[torch.Tensor] = None):
+        self._q, self._k, self._bias, self._scale = q, k, bias, scale
+        self._attn = attn
+        self.n_prefix = n_prefix
+        self.values = v                               # [B, H, N, head_dim] when asked for ("values")
+        self._keys: Optional[torch.Tensor] = None
+
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        """Keys averaged over heads, [B, N, head_dim] (ToMe's metric); computed on first use."""
+        if self._keys is None and self._k is not None:
+            self._keys = self._k.mean(1)
+        return self._keys
+
+    def cls_attn(self, per_head: bool = False) -> torch.Tensor:
+        """Attention of the class token to every token, averaged over heads: [B, N]
+        (``per_head``: [B, H, N]).
+
+        Computed from the class token's query row alone (one row of the softmax), which
+        equals the first row of the full attention matrix.
+        """
+        if self._attn is not None:
+            row = self._attn[:, :, 0]
+        else:
+            q0 = self._q[:, :, :1] * self._scale
+            logits = q0 @ self._k.transpose(-2, -1)  # [B, H, 1, N]
+            if self._bias is not None:
+                logits = logits + self._bias
+            row = logits.softmax(dim=-1)[:, :, 0]
+        return row if per_head else row.mean(1)
+
+    def attn(self) -> torch.Tensor:
+        """The full attention matrix [B, H, N, N] (only for methods that need every row)."""
+        if self._attn is None:
+            logits = (self._q * self._scale) @ self._k.transpose(-2, -1)
+            if self._bias is not None:
+                logits = logits + self._bias
+            self._attn = logits.softmax(dim=-1)
+        return self._attn

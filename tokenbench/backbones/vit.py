@@ -1,0 +1,370 @@
+"""The ViT backbone: timm's ``VisionTransformer`` (DeiT, ViT, registers, the embedded default).
+
+The surgery patches as little of timm as it can: the model's class is swapped (in place;
+parameters and state-dict keys untouched) for one whose ``forward_features`` walks the
+blocks itself and whose ``pool`` weights tokens by size and padding.  Blocks stay timm's
+own: a block with no hook, while nothing asks for an attention mask (no proportional
+attention yet, no training policy, no padding), runs timm's ``Block.forward`` unchanged,
+with gradient checkpointing when the model has it on.  Only a block that carries a hook,
+or needs a mask, runs :func:`reducing_block`, a re-implementation of timm's pre-norm block
+that honours timm's fused-attention switch (``attn.fused_attn``) and the ``attn_mask`` /
+``is_causal`` arguments.  Such blocks are not gradient-checkpointed: their hooks change
+the token state, which a recomputation would do twice.
+
+Everything about the surgery lives in one attribute, ``model._tokenbench``
+(:class:`Surgery`): the plan, the last forward's state, the images' ids, the modules a
+method added.  :meth:`ViTBackbone.restore` removes it and the model is plain timm again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .base import SURGERY_ATTR, Backbone, default_input_config, Plan, Surgery, register_backbone, surgery_of
+from .tokens import AttnInfo, TokenState
+
+# --------------------------------------------------------------------------- attention
+
+def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DynamicViT's masked softmax: dropped tokens are not attended to, except by themselves."""
+    b, n, _ = policy.shape
+    attn_policy = policy.reshape(b, 1, 1, n)
+    eye = torch.eye(n, dtype=attn_policy.dtype, device=attn_policy.device).view(1, 1, n, n)
+    attn_policy = attn_policy + (1.0 - attn_policy) * eye
+    max_att = torch.max(attn, dim=-1, keepdim=True)[0]
+    attn = attn - max_att
+    attn = attn.to(torch.float32).exp_() * attn_policy.to(torch.float32)
+    attn = (attn + eps / n) / (attn.sum(dim=-1, keepdim=True) + eps)
+    return attn.type_as(max_att)
+
+
+def _user_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, dtype, device) -> Optional[torch.Tensor]:
+    """timm's ``attn_mask`` (bool: True = attend, or additive) and ``is_causal`` as one additive mask."""
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.shape[-1] != n:
+            raise UserError(f"an attn_mask of {attn_mask.shape[-1]} tokens cannot follow a sequence "
+                            f"reduced to {n} tokens")
+        mask = attn_mask if attn_mask.dtype != torch.bool else \
+            torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(~attn_mask, float("-inf"))
+        mask = mask.to(dtype)
+    if is_causal:
+        causal = torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu(1)
+        mask = causal if mask is None else mask + causal
+    return mask
+
+
+def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple = (),
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    """timm ``Attention`` forward with the state's masks and what hooks need.
+
+    Returns (output [B, N, C], AttnInfo).  ``needs``: ``"keys"`` (keys averaged over heads),
+    ``"cls_attn"`` (the class token's attention row), ``"attn"`` (the full matrix),
+    ``"values"``.  The block's output uses fused scaled-dot-product attention (the state's
+    size bias and padding mask as an additive mask), as timm does, unless timm's switch
+    ``mod.fused_attn`` is off or a training policy needs DynamicViT's masked softmax; a
+    method reading the class row gets one extra softmax row, not the matrix.
+    """
+    b, n, c = x.shape
+    h, hd = mod.num_heads, mod.head_dim
+    gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
+    qkv = mod.qkv(x).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = mod.q_norm(q), mod.k_norm(k)
+    bias = state.attn_bias(q.dtype)
+    user = _user_mask(attn_mask, is_causal, n, q.dtype, q.device)
+    if user is not None:
+        bias = user if bias is None else bias + user
+    attn_full = None
+    if state.policy is not None or not getattr(mod, "fused_attn", True):
+        logits = (q * mod.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        attn_full = logits.softmax(dim=-1) if state.policy is None else softmax_with_policy(logits, state.policy)
+        attn_full = mod.attn_drop(attn_full)
+        out = attn_full @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=mod.attn_drop.p if mod.training else 0.0)
+    out = out.transpose(1, 2).reshape(b, n, h * hd)
+    out = mod.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = mod.proj_drop(mod.proj(out))
+    need_q = "cls_attn" in needs or "attn" in needs
+    info = AttnInfo(q if need_q else None, k if (need_q or "keys" in needs) else None, bias, mod.scale,
+                    state.n_prefix, attn=attn_full if need_q else None,
+                    v=v if "values" in needs else None)
+    return out, info
+
+
+# --------------------------------------------------------------------------- block and model
+
+def reducing_block(blk: nn.Module, x: torch.Tensor, st: TokenState, plan: Plan, i: int,
+                   attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    """timm's pre-norm ``Block.forward`` with the plan's hooks of block ``i``."""
+    pre = plan.pre.get(i)
+    if pre is not None:
+        x = pre(blk, x, st)
+    st.count(x)
+    attn_out, info = attention(blk.attn, blk.norm1(x), st, plan.needs.get(i, ()), attn_mask, is_causal)
+    x = x + blk.drop_path1(blk.ls1(attn_out))
+    mid = plan.mid.get(i)
+    if mid is not None:
+        x = mid(blk, x, st, info)
+    st.count(x, mlp=True)
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def _needs_masks(st: TokenState) -> bool:
+    return st.policy is not None or st.pad is not None or (st.prop_attn and st.size is not None)
+
+
+def _forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    s: Surgery = self.__dict__[SURGERY_ATTR]
+    plan = s.plan
+    st = TokenState(self.num_prefix_tokens, prop_attn=plan.prop_attn, track_source=s.track_source)
+    st.image_ids = _batch_image_ids(s, x)
+    st.settings = plan.settings
+    s.state = st
+    x = self.patch_embed(x)
+    x = self._pos_embed(x)
+    x = self.patch_drop(x)
+    x = self.norm_pre(x)
+    st.start(x)
+    for fn in plan.on_start:
+        fn(self, x, st)
+    ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+    for i, blk in enumerate(self.blocks):
+        st.block = i
+        if plan.hooked(i) or _needs_masks(st):
+            x = reducing_block(blk, x, st, plan, i, attn_mask, is_causal)
+            continue
+        st.count(x)
+        st.count(x, mlp=True)
+        if attn_mask is not None or is_causal:
+            x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif ckpt:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return self.norm(x)
+
+
+def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+    """timm's pooling; average pooling weights each token by the patches it stands for and
+    skips padding; max pooling skips padding."""
+    pool_type = self.global_pool if pool_type is None else pool_type
+    s: Surgery = self.__dict__[SURGERY_ATTR]
+    st = s.state
+    weighted = st is not None and (st.size is not None or st.pad is not None)
+    if pool_type in ("avg", "max", "avgmax") and getattr(self, "attn_pool", None) is None and weighted:
+        npf = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        xs = x[:, npf:]
+        w = torch.ones_like(xs[..., :1]) if st.size is None else st.size[:, npf:].to(x.dtype)
+        if st.pad is not None:
+            real = st.pad[:, npf:, None]
+            w = w * real.to(x.dtype)
+            xmax = xs.masked_fill(~real, float("-inf")).amax(dim=1)
+        else:
+            xmax = xs.amax(dim=1)
+        avg = (xs * w).sum(1) / w.sum(1)
+        return {"avg": avg, "max": xmax, "avgmax": 0.5 * (xmax + avg)}[pool_type]
+    return s.base.pool(self, x, pool_type)
+
+
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _reducing_model_class(base: type) -> type:
+    if base not in _MODEL_CLASSES:
+        _MODEL_CLASSES[base] = type(f"Reducing{base.__name__}", (base,),
+                                    {"forward_features": _forward_features, "pool": _pool})
+    return _MODEL_CLASSES[base]
+
+
+def _batch_image_ids(s: Surgery, x: torch.Tensor) -> torch.Tensor:
+    ids = s.image_ids
+    if ids is None:
+        return torch.arange(x.shape[0], device=x.device)
+    if ids.shape != (x.shape[0],):
+        raise ValueError(f"image_ids has shape {tuple(ids.shape)} for a batch of {x.shape[0]} images")
+    return ids.to(x.device)
+
+
+# --------------------------------------------------------------------------- the backbone
+
+def quarter_sites(depth: int) -> list[int]:
+    """The three reduction sites: blocks 3, 6, 9 of 12 (the quarter points of other depths)."""
+    sites = sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3)})
+    return [s for s in sites if s < depth]
+
+
+@register_backbone
+class ViTBackbone(Backbone):
+    name = "vit"
+    site_names = ("quarters", "every")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def check(self, method: str = "this method", need_class_token: bool = False) -> None:
+        from timm.layers import Attention
+
+        model = self.model
+        for i, blk in enumerate(model.blocks):
+            if not hasattr(blk, "norm1") or not hasattr(blk, "mlp") or \
+                    not isinstance(getattr(blk, "attn", None), Attention):
+                raise UserError(f"{method}: block {i} ({blk.__class__.__name__}) is not a standard pre-norm ViT block")
+        if getattr(model, "attn_pool", None) is not None and method != "none":
+            raise UserError(f"{method}: models with attention pooling heads are not supported")
+        if need_class_token and getattr(model, "cls_token", None) is None:
+            raise UserError(f"{method} needs a class token; this model has none (class_token=False)")
+
+    # ---- geometry
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def n_prefix(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.model.patch_embed.num_patches)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        gs = getattr(self.model.patch_embed, "grid_size", None)
+        if gs is not None:
+            return int(gs[0]), int(gs[1])
+        n = self.num_patches
+        side = int(round(math.sqrt(n)))
+        return side, n // side
+
+    @property
+    def patch_size(self) -> int:
+        ps = self.model.patch_embed.patch_size
+        return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+    @property
+    def width(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def convolutional(self) -> bool:
+        """Convolutions besides the patch embedding (a hybrid or a convolutional stem)."""
+        return any(isinstance(m, nn.Conv2d) and "patch_embed" not in name.split(".")
+                   for name, m in self.model.named_modules())
+
+    def sites(self, where: str) -> list[int]:
+        if where == "quarters":
+            return quarter_sites(self.depth)
+        if where == "every":
+            return list(range(self.depth))
+        return super().sites(where)
+
+    def input_config(self) -> dict:
+        model = self.model
+        out = default_input_config()
+        pe = model.patch_embed
+        if getattr(pe, "img_size", None):
+            out["img_size"] = int(pe.img_size[0])
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "mean" in cfg:
+            out["mean"], out["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
+        in_chans = None
+        if hasattr(pe, "proj"):
+            w = getattr(pe.proj, "weight", None)
+            if w is None and isinstance(pe.proj, nn.Sequential):
+                w = pe.proj[0].weight
+            if w is not None:
+                in_chans = int(w.shape[1])
+        out["in_chans"] = in_chans or int(cfg.get("input_size", (3,))[0])
+        out["patch_size"] = self.patch_size
+        out["num_classes"] = getattr(model, "num_classes", None)
+        return out
+
+    def block_cost(self, tokens: list, tokens_mlp: list) -> Optional[float]:
+        try:
+            d = self.width
+            h = int(self.model.blocks[0].mlp.fc1.out_features)
+        except (AttributeError, IndexError):
+            return None
+        return float(sum(4 * n * d * d + 2 * n * n * d + 2 * m * d * h for n, m in zip(tokens, tokens_mlp)))
+
+    def activation_bytes(self, img_size: int, itemsize: int = 4) -> int:
+        """Per image, per block: the residual stream, the normalised input, q/k/v and the MLP's
+        hidden layer at ``itemsize``, and one fp32 N x N matrix per head (unfused attention)."""
+        n = (img_size // self.patch_size) ** 2 + self.n_prefix
+        dim = self.width
+        blk = self.model.blocks[0]
+        heads = int(getattr(getattr(blk, "attn", None), "num_heads", 12))
+        hidden = int(blk.mlp.fc1.out_features) if hasattr(blk.mlp, "fc1") else 4 * dim
+        return int(n * (6 * dim + 2 * hidden) * itemsize + heads * n * n * 4)
+
+    # ---- surgery
+    def prepare(self, method: str = "method", need_class_token: bool = False,
+                track_source: bool = False) -> Plan:
+        """Convert the model (in place) to the reducing class and return its empty :class:`Plan`.
+
+        Applying a second method replaces the first one's plan (modules it added stay until
+        :meth:`restore`)."""
+        self.check(method, need_class_token)
+        model = self.model
+        plan = Plan(self.depth, method)
+        s = surgery_of(model)
+        if s is None:
+            s = Surgery(model.__class__, plan, track_source)
+            model.__class__ = _reducing_model_class(model.__class__)
+            model.__dict__[SURGERY_ATTR] = s
+        else:
+            s.plan, s.track_source = plan, track_source
+        return plan
+
+    def restore(self) -> nn.Module:
+        model = self.model
+        s = surgery_of(model)
+        if s is None:
+            return model
+        for name in s.added:
+            if name in model._modules:
+                del model._modules[name]
+        model.__class__ = s.base
+        del model.__dict__[SURGERY_ATTR]
+        return model
+
+    # ---- staged pruning schedules
+    def staged_schedule(self, keep_rate: float, where: str = "mid") -> tuple[list[int], list[int]]:
+        """(tokens entering each block, tokens entering each MLP) for pruning to :func:`keep_counts`
+        at the quarter sites, before those blocks (``pre``: DynamicViT) or between their attention
+        and MLP (``mid``: top-k, random)."""
+        npf, n0 = self.n_prefix, self.num_patches
+        sites = self.sites("quarters")
+        counts = keep_counts(n0, len(sites), keep_rate)
+        tokens, tokens_mlp, n = [], [], n0
+        for i in range(self.depth):
+            if where == "pre" and i in sites:
+                n = min(n, counts[sites.index(i)])
+            tokens.append(n + npf)
+            if where == "mid" and i in sites:
+                n = min(n, counts[sites.index(i)])
+            tokens_mlp.append(n + npf)
+        return tokens, tokens_mlp
+
+
+def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
+    """Patch tokens kept after each pruning stage: DynamicViT's ``int(n0 * keep_rate ** s)``, at least 1."""
+    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
