@@ -389,3 +389,17 @@ def test_visualisation_reads_no_model_attribute_and_names_no_method(module):
     named = [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docstrings
              and isinstance(n.value, str) and n.value in known]
     assert not named, f"{module} names methods or their parameters: {named}"
+
+
+def test_drawing_runs_no_model():
+    """Data flows one way: visual_draw draws traces and images, and imports nothing that loads or runs a model."""
+    import inspect
+
+    from tokenbench import visual_draw
+
+    tree = ast.parse(inspect.getsource(visual_draw))
+    imported = {(n.module or "").lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not imported & {"api", "vit", "registry", "models", "data", "torch.nn", "timm"}, imported
+    assert not names & {"trace", "run_with_sources", "token_geometry", "input_config", "load"}, names
