@@ -1,5 +1,6 @@
 """Token visualisations: the source bookkeeping they read, the drawing, and `tokenbench visualize`."""
 
+import ast
 import json
 
 import numpy as np
@@ -342,3 +343,63 @@ def test_visualize_errors(cli, stand_in, tmp_path):
         code, stdout, err = cli(*base, *args)
         assert code == 2 and msg in err, (args, err)
         assert len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- what the modules may know
+
+VISUAL_MODULES = ["visualize", "visual_trace", "visual_inputs", "visual_draw", "visual_budget", "cli_visualize",
+                  "analysis_trace", "analysis_report"]
+# (analysis_report's tables write LaTeX column specs such as "r": only its attribute reads are checked)
+NAME_CHECKED = set(VISUAL_MODULES) - {"analysis_report"}
+VIT_ATTRIBUTES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "num_patches", "grid_size",
+                  "pretrained_cfg", "cls_token", "pos_embed", "_model_input"}
+GEOMETRY_MARK = "# backbone geometry: the lead moves this into tokenbench/backbones"
+
+
+def _marked_functions(tree, lines):
+    """The top-level functions right under the geometry mark."""
+    return [n for n in tree.body if isinstance(n, ast.FunctionDef)
+            and lines[min([n.lineno] + [d.lineno for d in n.decorator_list]) - 2].strip() == GEOMETRY_MARK]
+
+
+@pytest.mark.parametrize("module", VISUAL_MODULES)
+def test_visualisation_reads_no_model_attribute_and_names_no_method(module):
+    """Model attributes are read only in the marked geometry functions; no method name or
+    method parameter name appears as a string in code (docstrings and comments may explain)."""
+    import importlib
+    import inspect
+
+    src = inspect.getsource(importlib.import_module(f"tokenbench.{module}"))
+    tree, lines = ast.parse(src), src.splitlines()
+    allowed = {id(n) for f in _marked_functions(tree, lines) for n in ast.walk(f)}
+    reads = [(n.lineno, getattr(n, "attr", None) or getattr(n, "name", None))
+             for n in ast.walk(tree) if id(n) not in allowed
+             and ((isinstance(n, ast.Attribute) and n.attr in VIT_ATTRIBUTES)
+                  or (isinstance(n, ast.alias) and n.name in VIT_ATTRIBUTES))]
+    assert not reads, f"{module} reads model attributes outside the marked geometry functions: {reads}"
+    if module not in NAME_CHECKED:
+        return
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    known = {m["name"] for m in list_methods() if get_method(m["name"]).family != "none"}
+    # every parameter name but the seed's ("seed" is also the key of a data subset's seed)
+    known |= {p.name for m in list_methods() for p in get_method(m["name"]).params
+              if p.name != get_method(m["name"]).seed_param}
+    named = [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docstrings
+             and isinstance(n.value, str) and n.value in known]
+    assert not named, f"{module} names methods or their parameters: {named}"
+
+
+def test_drawing_runs_no_model():
+    """Data flows one way: visual_draw draws traces and images, and imports nothing that loads or runs a model."""
+    import inspect
+
+    from tokenbench import visual_draw
+
+    tree = ast.parse(inspect.getsource(visual_draw))
+    imported = {(n.module or "").lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not imported & {"api", "vit", "registry", "models", "data", "torch.nn", "timm"}, imported
+    assert not names & {"trace", "run_with_sources", "token_geometry", "input_config", "load"}, names

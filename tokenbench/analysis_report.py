@@ -537,7 +537,7 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     # Re-runs (cached): the first seed of every setting.
     n_img = min(limit or len(full_ds), len(full_ds))
     ds = evaluated_dataset(dnet, data, n_img)[0]
-    blocks = comparison_blocks(len(dnet.blocks))
+    blocks = comparison_blocks(_depth(dnet))
     data_id = {k: data.get(k) for k in ("name", "split", "limit", "seed", "indices_sha")}
     traced = [s for s in settings if s.traced]
     todo = []
@@ -594,9 +594,15 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
 
 
 def _grid(net) -> tuple[int, int]:
-    from .visualize import grid_of
+    from .visual_trace import token_geometry
 
-    return grid_of(net)
+    return token_geometry(net).grid
+
+
+def _depth(net) -> int:
+    from .visual_trace import token_geometry
+
+    return token_geometry(net).depth
 
 
 def _class_names(ds, data: str, k: int) -> list[str]:

@@ -5,10 +5,11 @@ class-token (or pooled) features (timm's ``forward_features`` then ``forward_hea
 True)``), the tokens entering each block and each MLP, and, after each comparison block,
 which original patches survive (merged tokens count for the patches they cover) and which
 are still their own token.  The source map and its per-stage snapshots of
-:mod:`tokenbench.vit`, analysed by :func:`tokenbench.visualize.classify`, say which.
+:mod:`tokenbench.vit`, traced and analysed by :mod:`tokenbench.visual_trace` (which alone reads
+the model's geometry), say which.
 
 Images run in dataset order at the sweep's evaluation batch size, as the evaluation did, so
-a seeded method (``random``) draws what it drew for the records; :func:`trace_setting`'s
+a seeded method draws what it drew for the records; :func:`trace_setting`'s
 caller checks the predictions against the records.  Each pass is cached in a ``.npz`` file
 keyed by everything that determines it (:func:`cache_key`).
 """
@@ -81,23 +82,22 @@ def _per_image(counts: list, b: int) -> np.ndarray:
     return np.stack(cols, 1) if cols else np.zeros((b, 0), dtype=np.int32)
 
 
+def _features_and_logits(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's pooled pre-logit features and the logits, from one pass through the blocks."""
+    feats = net.forward_features(x)
+    return net.forward_head(feats, pre_logits=True), net.forward_head(feats)
+
+
 @torch.no_grad()
 def trace_batch(net: nn.Module, x: torch.Tensor, blocks: list[int]) -> dict[str, np.ndarray]:
     """One batch through ``net`` with the source map on: predictions, features, token counts, patterns."""
-    from . import vit
-    from .visualize import classify
+    from .visual_trace import analyse, run_with_sources, token_geometry
 
-    vit.set_track_source(net, True)
-    try:
-        feats = net.forward_features(x)
-        pre = net.forward_head(feats, pre_logits=True)
-        logits = net.forward_head(feats)
-        st = vit.last_state(net)
-    finally:
-        vit.set_track_source(net, False)
+    (pre, logits), st = run_with_sources(net, lambda m: _features_and_logits(m, x))
     b = x.shape[0]
-    n_patches = vit.num_patches(net)
-    stages = classify(st.stages if st is not None else [], int(net.num_prefix_tokens))
+    geo = token_geometry(net)
+    n_patches = geo.n_patches
+    stages = analyse(st, geo)
     out = {"pred": logits.argmax(-1).cpu().numpy().astype(np.int64),
            "features": pre.float().cpu().numpy(),
            "tokens": _per_image(st.tokens, b), "tokens_mlp": _per_image(st.tokens_mlp, b)}

@@ -57,40 +57,9 @@ def _index(text: Optional[str]) -> Optional[list[int]]:
         raise UserError(f"--index takes comma-separated integers, got {text!r}") from None
 
 
-# The FLOPs level a single-method picture is drawn at when the method's budget is not given: a
-# method's declared default is tuned for one model (ToMe's r=16 leaves 2 of the embedded model's
-# 50 tokens), a fraction of the dense model's FLOPs means the same on every model.
-DEFAULT_FLOPS = 0.66
-
-
-def _budget(cls, model: str, params: dict, flops: Optional[float], checkpoint: Optional[str],
-            flops_cache: Optional[Path]) -> tuple[dict, Optional[str]]:
-    """``params`` with the method's budget knob filled in where the user left it out, and a note saying how.
-
-    ``--flops F`` (or, by default, :data:`DEFAULT_FLOPS`) searches the knob to F x dense FLOPs; a
-    checkpoint's own training value wins when none of the two is asked for explicitly.
-    """
-    from .visualize import Flops, trained_params
-
-    knob = cls.search_param
-    if not knob or (knob in params and flops is None):
-        return params, None
-    if knob in params:
-        raise UserError(f"--flops searches {knob}: give one of --flops and --set {knob}=..., not both")
-    trained = trained_params(checkpoint).get(knob)
-    if flops is None and trained is not None:
-        return {**params, knob: trained}, f"note: {cls.name} at {knob}={trained}, as its checkpoint was trained"
-    target = DEFAULT_FLOPS if flops is None else flops
-    fl = Flops(flops_cache)
-    p, res = fl.matched(model, cls.name, cls.validate(params), target,
-                        preferred=[trained] if trained is not None else [])
-    from .sweep import fmt_value
-
-    how = "" if flops is not None else f" (no --set {knob}; --flops F picks another level)"
-    return p, f"note: {cls.name} at {knob}={fmt_value(p[knob])}: {target:.2f}x dense FLOPs{how}"
-
-
 def register(app: typer.Typer) -> None:
+    from . import visual_budget as vb
+
     @app.command("visualize")
     def visualize_cmd(
         model: str = typer.Argument(..., help="A timm model name, or `default` for the embedded Fashion-MNIST ViT."),
@@ -104,7 +73,7 @@ def register(app: typer.Typer) -> None:
                                               "(final stage)."),
         flops: Optional[float] = typer.Option(None, "--flops", help="Match the method (with --compare: every "
                                               "method) to this fraction of the dense model's FLOPs (e.g. 0.6); "
-                                              f"one method without its budget set: {DEFAULT_FLOPS}."),
+                                              f"one method without its budget set: {vb.DEFAULT_FLOPS}."),
         images: Optional[List[Path]] = typer.Option(None, "--images", "-i", help="Image files (PNG, JPEG, ...) or "
                                                     "folders of them; repeatable.  Default: --data."),
         data: str = typer.Option("fashion-mnist", "--data", help="Dataset to take images from (fashion-mnist, "
@@ -128,13 +97,13 @@ def register(app: typer.Typer) -> None:
     ):
         """Draw which original patches each token stands for, after every reduction stage.
 
-        Pruning: dropped patches greyed out, a fused token (EViT) hatched.  Merging: each merged token one region in its own colour with white borders.
+        Pruning: dropped patches greyed out, a fused token (the dropped ones kept as one) hatched.  Merging: each merged token one region in its own colour with white borders.
 
         With --compare: one sheet, the same images across several methods (their final stage), at matched FLOPs with --flops.
         """
         from . import visualize as vz
         from .checks import unique_set_keys
-        from .registry import get_method, load_methods, parse_set
+        from .registry import get_method, list_methods, parse_set
 
         if compare is None and method is None:
             raise UserError("give --method NAME (one method, every stage) or --compare M1,M2,... (a sheet)")
@@ -146,8 +115,7 @@ def register(app: typer.Typer) -> None:
         unique_set_keys(set_)
         if compare is not None:
             if compare.strip().lower() == "all":
-                methods = list(load_methods())
-                methods = sorted(methods, key=lambda m: (m != "none", m))
+                methods = [m["name"] for m in list_methods()]
             else:
                 methods = [m for m in compare.replace(" ", "").split(",") if m]
             if not methods:
@@ -174,10 +142,10 @@ def register(app: typer.Typer) -> None:
         ckpt = checkpoint[0] if checkpoint else None
         if ckpt is not None and not Path(ckpt).is_file():
             raise UserError(f"checkpoint {ckpt} does not exist")
-        vz._check_out(out or Path(f"tokens_{method}.png"))  # the cheap checks before the FLOPs search
+        vz.check_out(out or Path(f"tokens_{method}.png"))  # the cheap checks before the FLOPs search
         if images:
             vz.expand_image_paths(images)
-        params, note = _budget(cls, model, params, flops, ckpt, flops_cache)
+        params, note = vb.picture_params(cls, model, params, flops, ckpt, flops_cache)
         summary = vz.visualize(model, method, params, out=out or Path(f"tokens_{method}.png"), images=images,
                                data=data, n=n, data_dir=data_dir, split=split, index=idx, checkpoint=ckpt,
                                pretrained=pretrained, stages=stages, dpi=dpi, flops_cache=flops_cache)

@@ -1,0 +1,226 @@
+"""Tracing for the token pictures: run a model with the source map on and say, after every
+reduction stage, which original patches each token stands for.
+
+Everything here reads the shared bookkeeping of :mod:`tokenbench.vit` (the source map
+and its per-stage snapshots); nothing knows a method by name.  A snapshot is
+classified by its ``kind`` and its source rows alone:
+
+- a row covering no patch is a prefix token (class, distillation, register token);
+- a row covering one patch is a kept token;
+- a row covering several patches is a merged group, unless it is or contains a *fused*
+  token (the last token of a ``fuse`` snapshot with ``fused_last``);
+- a patch in no row was dropped.
+
+The model's geometry (patch grid, prefix tokens, depth, input configuration) is read in
+:func:`token_geometry` and :func:`input_config` alone.  Entry points: :func:`patch_assignment`
+and :func:`classify` (the analysis of snapshots), :func:`run_with_sources` (a forward with the
+source map on), :func:`trace` (what a picture needs).  Drawing is :mod:`tokenbench.visual_draw`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+# Token roles, one per token of a stage.
+PREFIX, KEPT, GROUP, FUSED = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------- the model's geometry
+
+@dataclass(frozen=True)
+class TokenGeometry:
+    """Where a model's tokens come from: its patch grid and the tokens before the patches."""
+
+    grid: tuple[int, int]         # patch rows, patch columns
+    n_prefix: int                 # class, distillation and register tokens, first in the sequence
+    depth: int                    # blocks
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+# backbone geometry: the lead moves this into tokenbench/backbones
+def token_geometry(model: nn.Module) -> TokenGeometry:
+    """The patch grid, prefix tokens and depth of a timm ViT."""
+    gs = getattr(model.patch_embed, "grid_size", None)
+    if gs is None:
+        n = int(model.patch_embed.num_patches)
+        g = int(math.isqrt(n))
+        grid = (g, n // g)
+    else:
+        grid = (int(gs[0]), int(gs[1]))
+    return TokenGeometry(grid=grid, n_prefix=int(model.num_prefix_tokens), depth=len(model.blocks))
+
+
+# backbone geometry: the lead moves this into tokenbench/backbones
+def input_config(model: nn.Module) -> dict:
+    """What the model takes: in_chans, img_size, mean and std (one per channel), and
+    ``transform_mean`` / ``transform_std``, the statistics timm's transforms normalise with."""
+    import timm.data
+
+    from .data import _model_input
+
+    cfg = dict(_model_input(model))
+    c = int(cfg["in_chans"])
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if len(mean) != c:  # e.g. a 1-channel timm model keeps ImageNet's three statistics
+        mean = (sum(mean) / len(mean),) * c
+        std = (sum(std) / len(std),) * c
+    cfg["mean"], cfg["std"] = mean, std
+    dcfg = timm.data.resolve_data_config({}, model=model)
+    cfg["transform_mean"], cfg["transform_std"] = tuple(dcfg["mean"]), tuple(dcfg["std"])
+    return cfg
+
+
+def grid_of(model: nn.Module) -> tuple[int, int]:
+    """The model's patch grid (rows, columns)."""
+    return token_geometry(model).grid
+
+
+# --------------------------------------------------------------------------- analysis of snapshots
+
+def patch_assignment(stage: dict, n_prefix: int, check: bool = True) -> torch.Tensor:
+    """For every original patch, the token (index into the stage's sequence) that covers it, or -1.
+
+    ``stage`` is one snapshot of ``vit.TokenState.stages`` (its ``source`` [B, N, N0], N0 =
+    ``n_prefix`` + patches, prefix tokens first).  Returns a LongTensor [B, n_patches].
+    With ``check``, a patch covered by more than one token raises ``ValueError`` (the
+    bookkeeping would be broken).
+    """
+    src = stage["source"][:, :, n_prefix:] > 0            # [B, N, P]
+    count = src.sum(1)                                       # [B, P]
+    if check and bool((count > 1).any()):
+        b, p = [int(v) for v in (count > 1).nonzero()[0]]
+        raise ValueError(f"patch {p} of image {b} is covered by {int(count[b, p])} tokens at block "
+                         f"{stage.get('block')} ({stage.get('kind')})")
+    idx = src.to(torch.uint8).argmax(1)
+    return torch.where(count > 0, idx, torch.full_like(idx, -1))
+
+
+@dataclass
+class Stage:
+    """One snapshot, analysed: what each token is and which patches it covers."""
+
+    block: int
+    kind: str
+    n_tokens: int                 # sequence length after the reduction, prefix tokens included
+    assign: torch.Tensor          # [B, P] token index or -1 (dropped)
+    role: torch.Tensor            # [B, N] PREFIX / KEPT / GROUP / FUSED
+    n_patches: torch.Tensor       # [B, N] patches each token covers
+    newest_fused: Optional[int]   # index of the token fused at this stage (None if none)
+
+    def counts(self, b: int) -> dict:
+        role, npatch = self.role[b], self.n_patches[b]
+        return {"tokens": self.n_tokens,
+                "kept": int((role == KEPT).sum()),
+                "groups": int((role == GROUP).sum()),
+                "grouped_patches": int(npatch[role == GROUP].sum()),
+                "fused": int((role == FUSED).sum()),
+                "fused_patches": int(npatch[role == FUSED].sum()),
+                "dropped": int((self.assign[b] < 0).sum())}
+
+    def title(self) -> str:
+        return f"block {self.block}: {self.n_tokens} tokens"
+
+    def caption(self, b: int) -> str:
+        c = self.counts(b)
+        parts = [f"{c['kept']} kept"]
+        if c["groups"]:
+            parts.append(f"{c['groups']} merged ({c['grouped_patches']} p.)")
+        if c["fused"]:
+            parts.append(f"{c['fused']} fused ({c['fused_patches']} p.)")
+        if c["dropped"]:
+            parts.append(f"{c['dropped']} dropped")
+        return ", ".join(parts)
+
+
+def classify(stages: Sequence[dict], n_prefix: int) -> list[Stage]:
+    """Analyse every snapshot of a forward, in order (fused lineage is carried across stages)."""
+    out: list[Stage] = []
+    fused_patches: Optional[torch.Tensor] = None            # [B, P] bool: ever part of a fused token
+    for st in stages:
+        src = st["source"][:, :, n_prefix:] > 0               # [B, N, P]
+        b, n, p = src.shape
+        assign = patch_assignment(st, n_prefix)
+        npatch = src.sum(-1)                                   # [B, N]
+        if fused_patches is None:
+            fused_patches = torch.zeros(b, p, dtype=torch.bool, device=src.device)
+        newest = None
+        if st.get("kind") == "fuse" and st.get("fused_last") and n > n_prefix:
+            newest = n - 1
+            fused_patches = fused_patches | src[:, newest]
+        is_fused = (src & fused_patches[:, None, :]).any(-1)  # contains a fused token
+        role = torch.full((b, n), KEPT, dtype=torch.long, device=src.device)
+        role[npatch > 1] = GROUP
+        role[is_fused] = FUSED
+        role[npatch == 0] = PREFIX
+        out.append(Stage(block=int(st.get("block", -1)), kind=str(st.get("kind", "")), n_tokens=n,
+                         assign=assign.cpu(), role=role.cpu(), n_patches=npatch.cpu(), newest_fused=newest))
+    return out
+
+
+def dense_stage(n_images: int, n_patches: int, n_prefix: int, block: int) -> Stage:
+    """What a model with no reduction shows: every patch its own token."""
+    idx = torch.arange(n_patches).expand(n_images, -1) + n_prefix
+    role = torch.cat([torch.full((n_images, n_prefix), PREFIX), torch.full((n_images, n_patches), KEPT)], 1)
+    npatch = torch.cat([torch.zeros(n_images, n_prefix, dtype=torch.long),
+                        torch.ones(n_images, n_patches, dtype=torch.long)], 1)
+    return Stage(block=block, kind="none", n_tokens=n_prefix + n_patches, assign=idx.clone(), role=role,
+                 n_patches=npatch, newest_fused=None)
+
+
+# --------------------------------------------------------------------------- forward
+
+def run_with_sources(model: nn.Module, forward: Callable[[nn.Module], Any]) -> tuple[Any, Any]:
+    """``forward(model)`` with the source map on: its output and the token state it left
+    (``vit.TokenState``: per-block token counts and the stage snapshots), or None."""
+    from . import vit
+
+    vit.set_track_source(model, True)
+    try:
+        out = forward(model)
+        state = vit.last_state(model)
+    finally:
+        vit.set_track_source(model, False)
+    return out, state
+
+
+def analyse(state: Any, geometry: TokenGeometry) -> list[Stage]:
+    """The analysed stages of a forward's token state, checked against the patch grid."""
+    stages = classify(state.stages if state is not None else [], geometry.n_prefix)
+    grid = geometry.grid
+    for s in stages:
+        if s.assign.shape[1] != grid[0] * grid[1]:
+            raise UserError(f"the source map has {s.assign.shape[1]} patches, the patch grid {grid[0]}x{grid[1]}")
+    return stages
+
+
+@dataclass
+class Trace:
+    """What a picture needs from one forward: the analysed stages, the logits and the geometry."""
+
+    stages: list[Stage]
+    logits: torch.Tensor
+    grid: tuple[int, int]
+    n_prefix: int
+
+
+@torch.no_grad()
+def trace(model: nn.Module, x: torch.Tensor) -> Trace:
+    """Run ``model`` on ``x`` (in eval mode) with the source map on; the analysed stages and the logits."""
+    was = model.training
+    model.eval()
+    try:
+        logits, state = run_with_sources(model, lambda m: m(x))
+    finally:
+        model.train(was)
+    geo = token_geometry(model)
+    return Trace(stages=analyse(state, geo), logits=logits.float().cpu(), grid=geo.grid, n_prefix=geo.n_prefix)
