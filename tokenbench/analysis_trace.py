@@ -66,9 +66,9 @@ def dataset_labels(ds) -> np.ndarray:
 def comparison_blocks(depth: int) -> list[int]:
     """Where reduction patterns are compared: after each reduction site (the quarter points of
     the depth) and after the last block."""
-    from . import vit
+    from .backbones.vit import quarter_sites
 
-    return sorted(set(vit.depth_sites(depth)) | {depth - 1})
+    return sorted(set(quarter_sites(depth)) | {depth - 1})
 
 
 def _per_image(counts: list, b: int) -> np.ndarray:
@@ -117,22 +117,19 @@ def trace_batch(net: nn.Module, x: torch.Tensor, blocks: list[int]) -> dict[str,
 def trace_setting(net: nn.Module, ds, batch_size: int, blocks: list[int],
                   on_batch: Optional[Callable[[int], None]] = None) -> dict[str, np.ndarray]:
     """Every image of ``ds``, in order, in batches of ``batch_size``: :func:`trace_batch`'s arrays, joined."""
-    import contextlib
-
     from torch.utils.data import DataLoader
 
-    from . import vit
+    from .backbones import image_ids
     from .measure import eval_mode
 
-    # Where the surgery lets the evaluation say which images a batch holds (each image's index in the
-    # evaluated set, so that a seeded method's draw follows the image), say it as the evaluation does.
-    image_ids = getattr(vit, "image_ids", None)
+    # Say which images a batch holds (each image's index in the evaluated set, so that a seeded
+    # method's draw follows the image), as the evaluation does.
     parts: list[dict] = []
     seen = 0
     with eval_mode(net):
         for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
             ids = torch.arange(seen, seen + len(x))
-            with (image_ids(net, ids) if image_ids is not None else contextlib.nullcontext()):
+            with image_ids(net, ids):
                 parts.append(trace_batch(net, x, blocks))
             seen += len(x)
             if on_batch:
@@ -144,10 +141,12 @@ def per_image_gflops(net: nn.Module, tokens: np.ndarray, tokens_mlp: np.ndarray,
     """FLOPs per image: the run's fvcore count, shifted by the analytic cost (linear layers,
     attention, MLP per block) of the difference between this image's token counts and the
     mean counts.  Exactly the fvcore count wherever counts are constant."""
-    from .sweep import FlopsSearch
+    from .backbones import backbone_of
+
+    bb = backbone_of(net)
 
     def cost(t, m):
-        c = FlopsSearch._analytic(net, (tuple(float(v) for v in t), tuple(float(v) for v in m)))
+        c = bb.block_cost([float(v) for v in t], [float(v) for v in m])
         return 0.0 if c is None else c
 
     rows = np.concatenate([tokens, tokens_mlp], 1)

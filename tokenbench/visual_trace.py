@@ -47,28 +47,22 @@ class TokenGeometry:
         return self.grid[0] * self.grid[1]
 
 
-# backbone geometry: the lead moves this into tokenbench/backbones
 def token_geometry(model: nn.Module) -> TokenGeometry:
-    """The patch grid, prefix tokens and depth of a timm ViT."""
-    gs = getattr(model.patch_embed, "grid_size", None)
-    if gs is None:
-        n = int(model.patch_embed.num_patches)
-        g = int(math.isqrt(n))
-        grid = (g, n // g)
-    else:
-        grid = (int(gs[0]), int(gs[1]))
-    return TokenGeometry(grid=grid, n_prefix=int(model.num_prefix_tokens), depth=len(model.blocks))
+    """The patch grid, prefix tokens and depth, from the model's backbone."""
+    from .backbones import backbone_of
+
+    bb = backbone_of(model)
+    return TokenGeometry(grid=bb.grid, n_prefix=bb.n_prefix, depth=bb.depth)
 
 
-# backbone geometry: the lead moves this into tokenbench/backbones
 def input_config(model: nn.Module) -> dict:
     """What the model takes: in_chans, img_size, mean and std (one per channel), and
     ``transform_mean`` / ``transform_std``, the statistics timm's transforms normalise with."""
     import timm.data
 
-    from .data import _model_input
+    from .backbones import input_config as backbone_input
 
-    cfg = dict(_model_input(model))
+    cfg = dict(backbone_input(model))
     c = int(cfg["in_chans"])
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if len(mean) != c:  # e.g. a 1-channel timm model keeps ImageNet's three statistics
