@@ -386,7 +386,8 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     # methods
     methods = raw.get("methods")
     if methods is None or methods == {}:
-        raise UserError(f"{source}: no methods: add a [methods.<name>] table (e.g. [methods.tome]) or --method")
+        raise UserError(f"{source}: no methods: add a [methods.<name>] table (`tokenbench list` names them) "
+                        "or --method")
     _typed(methods, dict, "methods", source)
     load_methods()
     for label, body in methods.items():
