@@ -11,6 +11,7 @@ from .expand import Run
 from .format import Sweep
 from .plan import baseline_spec, kinds_for, run_keys
 
+
 @dataclass
 class Step:
     run: Run

@@ -25,6 +25,7 @@ from ..errors import UserError
 from .format import DENSE_METHOD, MethodEntry, Sweep
 from .search import FlopsSearch
 
+
 @dataclass
 class Run:
     """One model x method x parameters: measured for each of the sweep's kinds."""
@@ -135,26 +136,26 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
                     pretrained=sw.pretrained))
         for e in sw.methods:
             cls = get_method(e.method)
-            sp = cls.knob
+            knob = cls.knob
             # a seeded method runs once per seed, unless its entry fixes the seed itself
             seed_p = cls.seed_param if (cls.seed_param and cls.seed_param not in e.grid) else None
             seeds = (e.seeds or sw.seeds) if seed_p else [None]
             targets = _entry_targets(sw, e, cls)
-            others = {k: v for k, v in e.grid.items() if k != sp}
+            others = {k: v for k, v in e.grid.items() if k != knob}
             keys = list(others)
             for combo in itertools.product(*(others[k] for k in keys)):
                 fixed = dict(zip(keys, combo))
                 # (value or None for the default, targets, search info)
                 values: list[tuple[Any, list, Optional[dict]]] = []
-                if sp and sp in e.grid:
-                    values += [(v, [], None) for v in e.grid[sp]]
+                if knob and knob in e.grid:
+                    values += [(v, [], None) for v in e.grid[knob]]
                 ck_vals = [json.loads(k) for k in e.checkpoints]
                 for t in targets:
-                    now["what"] = f"{e.label}: {sp} for {t:g} x dense" + (
+                    now["what"] = f"{e.label}: {knob} for {t:g} x dense" + (
                         f" on {model}" if len(sw.models) > 1 else "")
                     tell()
                     fixed_s = {**fixed, **({seed_p: seeds[0]} if seed_p else {})}
-                    res = searcher.search(model, sw.img_size, cls, fixed_s, sp, t, sw.flops_tolerance,
+                    res = searcher.search(model, sw.img_size, cls, fixed_s, knob, t, sw.flops_tolerance,
                                           preferred=ck_vals)
                     values.append((res.value, [t], res.as_dict()))
                     now["done"] += 1
@@ -166,13 +167,13 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
                     for i, seed in enumerate(seeds):
                         params = dict(fixed)
                         if v is not None:
-                            params[sp] = v
+                            params[knob] = v
                         if seed_p:
                             params[seed_p] = seed
                         params = cls.validate(params)
                         ck = e.checkpoint
-                        if sp and e.checkpoints:
-                            ck = e.checkpoints.get(json.dumps(params[sp]), None)
+                        if knob and e.checkpoints:
+                            ck = e.checkpoints.get(json.dumps(params[knob]), None)
                         if ck is not None and not Path(ck).is_file():
                             raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
                         add(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,

@@ -7,6 +7,7 @@ from typing import Any, Optional
 from ..errors import UserError, did_you_mean
 from .format import ENTRY_KEYS
 
+
 def sweep_from_flags(models: list[str], methods: list[str], sets: list[str], name: Optional[str] = None) -> dict:
     """The raw mapping of a sweep given as flags: ``--method NAME --set PARAM=[A,B]``.
 

@@ -9,6 +9,7 @@ from ..errors import UserError
 from .format import DENSE_METHOD, Sweep
 from .search import FlopsSearch
 
+
 def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
     """Refuse, before anything is written or measured, what would fail part-way through the sweep.
 

@@ -48,6 +48,29 @@ def analytic_block_cost(net, schedule: tuple) -> Optional[float]:
     return float(sum(4 * n * d * d + 2 * n * n * d + 2 * m * d * h for n, m in zip(tokens, tokens_mlp)))
 
 
+# model identity: reads models.py's architecture tag of the embedded model
+def build_architecture(model: str, img_size: Optional[int]) -> tuple[Any, dict]:
+    """``model`` with random weights (FLOPs do not depend on them), in eval mode, and the
+    identity of its architecture (the FLOPs cache's key)."""
+    import timm
+    import torch
+
+    from ..models import EMBEDDED_NAME, build_embedded, create_model, embedded_paths
+
+    torch.manual_seed(0)
+    if model == EMBEDDED_NAME:
+        cfg = embedded_paths()["config"]
+        arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
+        net = build_embedded(arch)
+        arch_id = {"embedded": net.tokenbench_arch}
+    else:
+        net, _ = create_model(model, pretrained=False, **({"img_size": img_size} if img_size else {}))
+        arch_id = {"timm": model, "img_size": img_size}
+    arch_id["timm_version"] = timm.__version__
+    net.eval()
+    return net, arch_id
+
+
 @dataclass
 class SearchResult:
     value: Any
@@ -96,29 +119,10 @@ class FlopsSearch:
 
     # ----------------------------------------------------------- models and counting
     def base(self, model: str, img_size: Optional[int]):
-        """The architecture (no method, weights irrelevant to FLOPs), built once."""
+        """The architecture (no method, weights irrelevant to FLOPs) and its identity, built once."""
         key = (model, img_size)
         if key not in self._bases:
-            import torch
-
-            from ..models import EMBEDDED_NAME, build_embedded, embedded_paths
-
-            torch.manual_seed(0)
-            if model == EMBEDDED_NAME:
-                cfg = embedded_paths()["config"]
-                arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
-                net = build_embedded(arch)
-                arch_id = {"embedded": net.tokenbench_arch}
-            else:
-                from ..models import create_model
-
-                net, _ = create_model(model, pretrained=False, **({"img_size": img_size} if img_size else {}))
-                arch_id = {"timm": model, "img_size": img_size}
-            import timm
-
-            arch_id["timm_version"] = timm.__version__
-            net.eval()
-            self._bases[key] = (net, arch_id)
+            self._bases[key] = build_architecture(model, img_size)
         return self._bases[key]
 
     def _key(self, model, img_size, method, params) -> str:
