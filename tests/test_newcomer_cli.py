@@ -78,7 +78,7 @@ def test_pyproject_gives_setuptools_nothing_to_warn_about():
         if d.is_dir() and d.name != "__pycache__" and any(f.is_file() for f in d.iterdir()):
             name = f"tokenbench.{d.name}"
             assert name in packages, f"{name} missing from [tool.setuptools] packages"
-            shipped = {f.name for pat in data.get(name, []) for f in d.glob(pat)}
+            shipped = {f.name for pat in ["*.py", *data.get(name, [])] for f in d.glob(pat)}  # modules ship too
             assert shipped >= {f.name for f in d.iterdir() if f.is_file()}, f"{name}: files not in package-data"
 
 

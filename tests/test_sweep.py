@@ -99,6 +99,39 @@ def test_seeds_expand_for_non_deterministic_methods_only(tmp_path):
     assert S.kinds_for(runs[2], sw) == ["flops", "accuracy"]
 
 
+def test_the_sweep_reads_the_seed_and_knob_from_the_method_declaration(tmp_path, monkeypatch):
+    """No parameter name is built into the sweep: a method whose seed is `draw` and whose knob is
+    `budget` expands over seeds by `draw`, and its knob takes FLOPs targets and checkpoints."""
+    from tokenbench import registry
+    from tokenbench.registry import Method, Param
+
+    registry.load_methods()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register
+    class Drawn(Method):
+        name = "tb_test_drawn"
+        params = (Param("budget", "float", 0.5, "kept fraction", min=0.0, max=1.0, min_exclusive=True),
+                  Param("draw", "int", 0, "which random draw"))
+        deterministic = False
+        knob = "budget"
+        seed_param = "draw"
+
+        def apply(self, model, **params):
+            return model
+
+    ck = tmp_path / "drawn.pt"
+    ck.write_bytes(b"")
+    raw = {"models": [TINY], "seeds": [3, 4], "methods": {"tb_test_drawn": {
+        "budget": [0.5, 0.7], "seeds": [5, 6], "flops_targets": [], "checkpoints": {"0.7": str(ck)}}}}
+    sw = S.parse_sweep(raw, "test")
+    assert sw.methods[0].checkpoints == {"0.7": str(ck)}
+    runs = [r for r in S.expand(sw) if r.method == "tb_test_drawn"]
+    assert [(r.params["budget"], r.params["draw"], r.seed_param) for r in runs] == [
+        (0.5, 5, "draw"), (0.5, 6, "draw"), (0.7, 5, "draw"), (0.7, 6, "draw")]
+    assert [r.checkpoint for r in runs] == [None, None, str(ck), str(ck)]
+
+
 def test_seeds_on_a_deterministic_method_is_an_error(tmp_path):
     with pytest.raises(UserError, match="deterministic"):
         tiny_sweep(tmp_path, """

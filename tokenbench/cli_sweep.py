@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
 
         With no arguments: the default sweep (the embedded model on Fashion-MNIST, every built-in method at matched FLOPs).
 
-        A sweep file (format: `python -c "import tokenbench.sweep as s; help(s)"`), or flags:
+        A sweep file (format: `python -c "import tokenbench.sweep.format as f; help(f)"`), or flags:
         `tokenbench run --method tome --set r=[4,8] --data fashion-mnist`.
 
         Completed runs are reused: an interrupted or extended sweep measures only what is missing.

@@ -1,0 +1,123 @@
+"""Execution: measure a plan's runs against a store (claims shared with other runners, reuse of
+reference records, ``--retime-flagged``, progress callbacks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+from .. import distributed
+from .expand import Run
+from .format import Sweep
+from .plan import baseline_spec, kinds_for, run_keys
+
+
+@dataclass
+class Step:
+    run: Run
+    kind: str
+    key: str
+    reused: bool
+
+
+def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
+            on_step: Optional[Callable[[int, int, Run, str], None]] = None,
+            on_note: Optional[Callable[[str], None]] = None,
+            retime: Optional[set[str]] = None) -> list[Step]:
+    """Measure every run and kind not already in ``store`` (all of them with ``force``).
+
+    Records found in the sweep's ``reference`` directory are copied, not measured.
+    ``retime``: keys of timing records to measure again although recorded (``--retime-flagged``).
+    Each measurement is claimed first (:meth:`Store.claim`): one that another runner of the
+    same directory is measuring is left to it, and waited for at the end."""
+    from ..runner import Loaded, measure_run
+    from ..store import Store
+
+    settings = sw.settings()
+    ref = sw.reference_dir()
+    reference = Store(ref, read_only=True) if ref is not None and ref.is_dir() else None
+    total = sum(len(kinds_for(r, sw)) for r in runs)
+    steps: list[Step] = []
+    dense_loaded: dict[str, Loaded] = {}
+    claimed: list[tuple[Run, str, Any]] = []  # (run, kind, claim) another runner holds
+    i = 0
+    for run in runs:
+        loaded = Loaded(run.spec())
+        keys = run_keys(run, sw)
+        for kind in kinds_for(run, sw):
+            if on_step:
+                on_step(i, total, run, kind)
+            again = force or (retime is not None and keys.get(kind) in retime)
+            extra: dict[str, Any] = {}
+            if kind == "speedup":
+                base = baseline_spec(run)
+                ident = canonical_spec(base)
+                dense_loaded.setdefault(ident, Loaded(base))
+                extra = {"baseline": base, "baseline_loaded": dense_loaded[ident]}
+            with distributed.claim(store, keys[kind]) as claim:
+                if not claim.held:
+                    claimed.append((run, kind, claim))
+                    continue
+                if kind == "flops":
+                    import torch
+
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+                    try:
+                        rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
+                                                  reference=reference)
+                    finally:
+                        torch.set_num_threads(threads)
+                else:
+                    rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
+                                              reference=reference, **extra)
+            steps.append(Step(run, kind, rec["key"], reused))
+            i += 1
+        del loaded
+    steps += _await_claimed(sw, claimed, store, force, on_step, on_note, done=i, total=total)
+    if on_step:
+        on_step(total, total, None, "")
+    return steps
+
+
+def canonical_spec(spec: dict) -> str:
+    from ..store import canonical
+
+    return canonical(spec)
+
+
+def flagged_timing_keys(store, keys: list[dict]) -> set[str]:
+    """Keys of the plan's timing records that are flagged busy or noisy (``--retime-flagged``)."""
+    out = set()
+    for kd in keys:
+        for kind in ("throughput", "speedup"):
+            k = kd.get(kind)
+            rec = store.get(k) if k else None
+            if rec is not None and (rec["metrics"].get("spread_flag") or rec.get("env", {}).get("busy")):
+                out.add(k)
+    return out
+
+
+def _await_claimed(sw: Sweep, claimed: list, store, force: bool, on_step, on_note, done: int,
+                   total: int) -> list[Step]:
+    """The measurements other runners held: wait for their records; measure those given up."""
+    import sys
+    import time
+
+    missing = [c for _, _, c in claimed if not store.has(c.key)]
+    if missing:
+        h = missing[0].holder or {}
+        (on_note or (lambda m: print(m, file=sys.stderr, flush=True)))(
+            f"waiting for {len(missing)} measurement(s) another runner is making (pid {h.get('pid', '?')} on "
+            f"{h.get('host', '?')} since {h.get('since', '?')}; claims in {missing[0].path.parent})")
+    steps: list[Step] = []
+    for run, kind, claim in claimed:
+        if on_step:
+            on_step(done + len(steps), total, run, f"{kind}: waiting for another runner")
+        while (rec := store.get(claim.key)) is None and not claim.is_free():
+            time.sleep(1.0)
+        if rec is not None:
+            steps.append(Step(run, kind, rec["key"], True))
+        else:  # the other runner gave up without a record: measure it here
+            steps += execute(replace(sw, measure=[kind]), [run], store, force=force, on_note=on_note)
+    return steps

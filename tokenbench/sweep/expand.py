@@ -1,0 +1,185 @@
+"""Expansion: a sweep's entries as concrete runs.
+
+The cross product of every entry's parameter grids, for every model.  A method that
+declares a budget knob (``knob``) and whose entry does not fix it gets one run per FLOPs
+target, at the value the matched-FLOPs search finds (:class:`.search.FlopsSearch`); an
+entry that lists values of its knob runs those values (and, with an explicit
+``flops_targets`` of its own, the targets too).  Non-deterministic methods run once per
+seed (over the parameter they declare as ``seed_param``; throughput is timed for the first
+seed only: the seed changes which tokens are kept, not how many).  A method entry with
+``checkpoints`` runs each checkpointed value with its checkpoint; a FLOPs target picks a
+checkpointed value when one lands within the tolerance.  Runs without a checkpoint for a
+learned method measure its untrained parts (the table says so).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import UserError
+from .format import DENSE_METHOD, MethodEntry, Sweep
+from .search import FlopsSearch
+
+
+@dataclass
+class Run:
+    """One model x method x parameters: measured for each of the sweep's kinds."""
+
+    label: str
+    model: str
+    method: str
+    params: dict
+    img_size: Optional[int] = None
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    targets: list[float] = field(default_factory=list)
+    search: Optional[dict] = None        # the matched-FLOPs search's answer for this run
+    seed_param: Optional[str] = None     # the parameter varied over seeds (non-deterministic methods)
+    seed_index: int = 0
+
+    def spec(self) -> dict:
+        from ..runner import spec_dict
+
+        return spec_dict(self.model, self.method, self.params, self.pretrained, self.checkpoint, self.img_size)
+
+    def identity(self) -> str:
+        from ..store import canonical
+
+        return canonical(self.spec())
+
+    @property
+    def name(self) -> str:
+        shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in self.params.items())
+        s = self.label + (f" ({shown})" if shown else "")
+        if self.targets:
+            s += " @" + "/".join(f"{t:g}" for t in self.targets)
+        return s
+
+
+def fmt_value(v: Any) -> str:
+    """A parameter value, short: schedules run-length encoded (``5x3,4x9``)."""
+    if isinstance(v, (list, tuple)):
+        parts, i = [], 0
+        while i < len(v):
+            j = i
+            while j < len(v) and v[j] == v[i]:
+                j += 1
+            parts.append(f"{v[i]}x{j - i}" if j - i > 1 else f"{v[i]}")
+            i = j
+        return "[" + ",".join(parts) + "]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
+    """The FLOPs targets an entry's knob is searched for."""
+    if e.flops_targets is not None:
+        return e.flops_targets
+    return sw.flops_targets if (cls.knob and cls.knob not in e.grid) else []
+
+
+def count_searches(sw: Sweep) -> int:
+    """How many matched-FLOPs searches :func:`expand` makes (each answered from the cache when it can)."""
+    from ..registry import get_method
+
+    n = 0
+    for e in sw.methods:
+        cls = get_method(e.method)
+        combos = math.prod(len(v) for k, v in e.grid.items() if k != cls.knob)
+        n += combos * len(_entry_targets(sw, e, cls))
+    return n * len(sw.models)
+
+
+def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
+           on_search: Optional[Callable[[int, int, str, int], None]] = None) -> list[Run]:
+    """Every run of the sweep (dense first), matched-FLOPs values found by ``searcher``.
+
+    ``on_search(done, total, what, counts)`` is called before each search (``what``: method, knob,
+    target and model), after each fvcore count it makes (``counts``: made so far) and once at the
+    end (``done == total``)."""
+    from ..registry import get_method
+
+    searcher = searcher or FlopsSearch()
+    n_searches = count_searches(sw) if on_search else 0
+    now = {"done": 0, "what": ""}
+
+    def tell(counts: Optional[int] = None) -> None:
+        if on_search:
+            on_search(now["done"], n_searches, now["what"], searcher.counts if counts is None else counts)
+
+    outer_on_count = searcher.on_count
+    if on_search:
+        searcher.on_count = tell
+    runs: list[Run] = []
+    seen: dict[str, Run] = {}
+
+    def add(run: Run) -> None:
+        ident = run.identity()
+        if ident in seen:
+            old = seen[ident]
+            old.targets = sorted(set(old.targets) | set(run.targets))
+            if run.search and not old.search:
+                old.search = run.search
+            return
+        seen[ident] = run
+        runs.append(run)
+
+    for model in sw.models:
+        if sw.dense:
+            add(Run(label="dense", model=model, method=DENSE_METHOD, params={}, img_size=sw.img_size,
+                    pretrained=sw.pretrained))
+        for e in sw.methods:
+            cls = get_method(e.method)
+            knob = cls.knob
+            # a seeded method runs once per seed, unless its entry fixes the seed itself
+            seed_p = cls.seed_param if (cls.seed_param and cls.seed_param not in e.grid) else None
+            seeds = (e.seeds or sw.seeds) if seed_p else [None]
+            targets = _entry_targets(sw, e, cls)
+            others = {k: v for k, v in e.grid.items() if k != knob}
+            keys = list(others)
+            for combo in itertools.product(*(others[k] for k in keys)):
+                fixed = dict(zip(keys, combo))
+                # (value or None for the default, targets, search info)
+                values: list[tuple[Any, list, Optional[dict]]] = []
+                if knob and knob in e.grid:
+                    values += [(v, [], None) for v in e.grid[knob]]
+                ck_vals = [json.loads(k) for k in e.checkpoints]
+                for t in targets:
+                    now["what"] = f"{e.label}: {knob} for {t:g} x dense" + (
+                        f" on {model}" if len(sw.models) > 1 else "")
+                    tell()
+                    fixed_s = {**fixed, **({seed_p: seeds[0]} if seed_p else {})}
+                    res = searcher.search(model, sw.img_size, cls, fixed_s, knob, t, sw.flops_tolerance,
+                                          preferred=ck_vals)
+                    values.append((res.value, [t], res.as_dict()))
+                    now["done"] += 1
+                if not values:
+                    values.append((None, [], None))
+                chosen = {json.dumps(v) for v, _, _ in values}
+                values += [(v, [], None) for v in ck_vals if json.dumps(v) not in chosen]
+                for v, tg, info in values:
+                    for i, seed in enumerate(seeds):
+                        params = dict(fixed)
+                        if v is not None:
+                            params[knob] = v
+                        if seed_p:
+                            params[seed_p] = seed
+                        params = cls.validate(params)
+                        ck = e.checkpoint
+                        if knob and e.checkpoints:
+                            ck = e.checkpoints.get(json.dumps(params[knob]), None)
+                        if ck is not None and not Path(ck).is_file():
+                            raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
+                        add(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,
+                                pretrained=sw.pretrained, checkpoint=ck, targets=list(tg),
+                                search=dict(info) if info else None, seed_param=seed_p, seed_index=i))
+    now["what"] = ""
+    tell()
+    searcher.on_count = outer_on_count
+    return runs

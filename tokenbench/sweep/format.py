@@ -1,0 +1,474 @@
+"""The sweep file format: reading a TOML (or YAML) sweep, validating it, its data classes.
+
+A sweep is a TOML (or YAML) file, or the same given as ``tokenbench run`` flags
+(:mod:`.flags`).  Everything one sweep writes lands in its output directory: the
+records (``records/``), the expanded plan (``sweep.json``), the FLOPs-search cache
+(``flops_cache.json``), the tables and the plots.
+
+Sweep file format (TOML; YAML with the same structure works too)::
+
+    name = "default"                 # output directory runs/<name>/ unless `out` is given
+    description = "one line"         # optional
+    out = "runs/default"             # optional; relative paths are relative to the working directory
+    reference = "results/default"    # optional: a read-only results directory (the project's reference
+                                     # results) whose records are reused when their keys match
+    models = ["default"]             # timm names, or `default` (the embedded Fashion-MNIST ViT); or model = "..."
+    img_size = 224                   # optional input resolution (timm models)
+    pretrained = false               # timm's pretrained weights
+    measure = ["flops", "throughput", "accuracy"]   # default: all three (accuracy only with data)
+    flops_targets = [0.5, 0.7, 0.9]  # matched-FLOPs levels, fractions of the dense model's FLOPs
+    flops_tolerance = 0.03           # a run landing further than this from its target is flagged
+    seeds = [0, 1, 2]                # seeds of non-deterministic methods (their declared seed parameter)
+    dense = true                     # always measure the dense model (the reference of every comparison)
+    device = "cpu"                   # auto, cpu, cuda (throughput and accuracy)
+    precision = "fp32"               # fp32, fp16, bf16
+
+    [data]                           # or data = "fashion-mnist"
+    name = "fashion-mnist"           # fashion-mnist, imagenet, folder, synthetic
+    split = "test"
+    limit = 5000                     # a seeded, class-stratified subset: the same images for every run
+    seed = 0                         # seed of that subset
+    dir = "/path/to/data"            # optional
+    batch_size = 256                 # evaluation batch size
+
+    [throughput]
+    batch_size = 64
+    threads = 2                      # default: all cores
+    min_run_time = 1.0               # seconds of timing per run
+    latency = true                   # also batch-1 latency (p50, p90)
+    rounds = 10                      # speedups: interleaved rounds of the method and its dense model
+    retries = 2                      # a busy or noisy timing is taken again up to this many times
+    compile = false                  # or "default" / "max-autotune": time under torch.compile
+
+    [methods.none]                   # a table per method entry; the table name is the entry's label
+    [methods.tome]
+    r = [4, 8]                       # a list is a grid of values; a per-block schedule is a nested list: [[5, 5, 4]]
+    prop_attn = true
+    [methods.tome-plain]             # a second entry of one method: name it with `method`
+    method = "tome"
+    prop_attn = false
+    flops_targets = [0.7]            # per-entry targets (replace the sweep's; [] for none)
+    [methods.random]
+    seeds = [0, 1, 2, 3]             # per-entry seeds
+    [methods.dynamicvit]
+    checkpoints = { "0.7" = "results/dynamicvit-0.7/model.pt" }   # per value of the method's budget knob
+    # checkpoint = "path.pt"         # or one checkpoint for every run of the entry
+
+How the entries become runs: :mod:`.expand`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..errors import UserError, did_you_mean
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"  # the packaged sweep files
+DENSE_METHOD = "none"  # the registry's identity method: the baseline every run is compared with
+KINDS = ("flops", "throughput", "accuracy")
+DEFAULT_TOLERANCE = 0.03
+
+TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "img_size", "pretrained", "measure", "flops_targets",
+            "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
+DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
+THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile")
+RUNS_DIR = Path("runs")  # where a sweep writes by default: the user's own results, apart from results/
+ENTRY_KEYS = ("method", "flops_targets", "seeds", "checkpoint", "checkpoints")
+
+
+# --------------------------------------------------------------------------- the spec
+
+@dataclass
+class MethodEntry:
+    """One ``[methods.<label>]`` table: a method with parameter grids."""
+
+    label: str
+    method: str
+    grid: dict[str, list] = field(default_factory=dict)
+    flops_targets: Optional[list[float]] = None   # None: the sweep's (when the budget knob is free)
+    seeds: Optional[list[int]] = None
+    checkpoint: Optional[str] = None
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    name: str
+    methods: list[MethodEntry]
+    models: list[str] = field(default_factory=lambda: ["default"])
+    description: str = ""
+    out: Optional[str] = None
+    img_size: Optional[int] = None
+    pretrained: bool = False
+    measure: list[str] = field(default_factory=lambda: list(KINDS))
+    flops_targets: list[float] = field(default_factory=list)
+    flops_tolerance: float = DEFAULT_TOLERANCE
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    dense: bool = True
+    device: str = "auto"
+    precision: str = "fp32"
+    data: Optional[str] = None
+    data_dir: Optional[str] = None
+    split: str = "test"
+    limit: Optional[int] = None
+    data_seed: int = 0
+    eval_batch_size: int = 256
+    batch_size: int = 64
+    threads: Optional[int] = None
+    min_run_time: float = 2.0
+    latency: bool = True
+    rounds: int = 10
+    retries: int = 2
+    compile: Optional[str] = None    # torch.compile mode for timings (None: eager)
+    reference: Optional[str] = None
+    source: str = "<flags>"
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else RUNS_DIR / self.name
+
+    def reference_dir(self) -> Optional[Path]:
+        return Path(self.reference) if self.reference else None
+
+    def settings(self):
+        from ..runner import Settings
+
+        return Settings(batch_size=self.batch_size, device=self.device, precision=self.precision,
+                        threads=self.threads, min_run_time=self.min_run_time, latency=self.latency,
+                        rounds=self.rounds, retries=self.retries, compile=self.compile,
+                        data=self.data, data_dir=self.data_dir, split=self.split, limit=self.limit,
+                        data_seed=self.data_seed, eval_batch_size=self.eval_batch_size)
+
+
+# --------------------------------------------------------------------------- loading and validation
+
+def packaged_sweeps() -> list[str]:
+    return sorted(p.stem for p in SWEEPS_DIR.glob("*.toml")) if SWEEPS_DIR.is_dir() else []
+
+
+def resolve_sweep_path(source: str | os.PathLike) -> Path:
+    """A sweep file's path: an existing file, or the name of a packaged sweep (``default``)."""
+    p = Path(source)
+    if p.is_file():
+        return p
+    if p.exists():
+        raise UserError(f"sweep {p} is not a file")
+    for ext in (".toml", ".yaml", ".yml"):
+        q = SWEEPS_DIR / f"{p.name}{ext}" if p.suffix == "" and p.parent == Path(".") else None
+        if q is not None and q.is_file():
+            return q
+    names = packaged_sweeps()
+    raise UserError(f"sweep {str(source)!r} not found: neither a file nor a packaged sweep"
+                    f"{did_you_mean(p.stem, names)} (packaged: {', '.join(names) or 'none'})")
+
+
+def read_sweep_file(path: str | os.PathLike) -> dict:
+    """The raw mapping in a TOML or YAML sweep file, syntax errors as one-line :class:`UserError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read sweep file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"{path}: invalid YAML{where}: {what}") from None
+        if raw is None:
+            raw = {}
+    else:
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            msg = str(e).splitlines()[0]
+            if "at end of document" in msg:
+                msg = msg.replace("at end of document", f"at end of document, line {len(text.splitlines())}")
+            raise UserError(f"{path}: invalid TOML: {msg}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a sweep file holds a mapping of keys (name, models, methods, ...), "
+                        f"not a {type(raw).__name__}")
+    return raw
+
+
+def load_sweep(source: str | os.PathLike, overrides: Optional[dict] = None) -> Sweep:
+    """Read, merge ``overrides`` (top-level keys, as in a file) and validate a sweep file."""
+    path = resolve_sweep_path(source)
+    raw = read_sweep_file(path)
+    raw.setdefault("name", path.stem)
+    merge_overrides(raw, overrides or {})
+    return parse_sweep(raw, _display_path(path))
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory (or the package) when under it: records and
+    plans then read the same on every checkout."""
+    p = Path(path).resolve()
+    for root in (Path.cwd().resolve(), SWEEPS_DIR.parent.parent):
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def merge_overrides(raw: dict, overrides: dict) -> dict:
+    """Top-level overrides; ``data``/``throughput`` sub-keys merge into their tables."""
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in ("data", "throughput") and isinstance(v, dict):
+            cur = raw.get(k)
+            if isinstance(cur, str):
+                cur = {"name": cur}
+            cur = dict(cur or {})
+            cur.update({kk: vv for kk, vv in v.items() if vv is not None})
+            raw[k] = cur
+        else:
+            raw[k] = v
+    return raw
+
+
+def _check_keys(d: dict, allowed: Iterable[str], where: str, source: str) -> None:
+    allowed = list(allowed)
+    for k in d:
+        if k not in allowed:
+            hint = did_you_mean(k, allowed) or f" (allowed: {', '.join(allowed)})"
+            raise UserError(f"{source}: unknown key {k!r} in {where}{hint}")
+
+
+def _typed(v: Any, kind: type | tuple, what: str, source: str, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    ok = isinstance(v, kind) and not (kind in (int, float, (int, float)) and isinstance(v, bool))
+    if not ok:
+        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+                 dict: "a table"}
+        want = names.get(kind, "a number") if not isinstance(kind, tuple) else "a number"
+        raise UserError(f"{source}: {what} must be {want}, got {v!r}")
+    return v
+
+
+def _compile_setting(v: Any, source: str) -> Optional[str]:
+    """``[throughput] compile``: false (eager), true or a torch.compile mode name."""
+    from ..measure import COMPILE_MODES, compile_mode
+
+    if not isinstance(v, (bool, str)):
+        raise UserError(f"{source}: throughput compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
+                        f"got {v!r}")
+    try:
+        return compile_mode(v)
+    except UserError as e:
+        raise UserError(f"{source}: [throughput] {e}") from None
+
+
+def _as_list(v: Any, what: str, source: str) -> list:
+    out = v if isinstance(v, list) else [v]
+    if not out:
+        raise UserError(f"{source}: {what} is an empty grid (give at least one value)")
+    return out
+
+
+def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
+    """A validated :class:`Sweep` from a raw mapping (a parsed file or the CLI flags)."""
+    from ..registry import get_method, load_methods
+
+    _check_keys(raw, TOP_KEYS, "the sweep", source)
+    name = str(_typed(raw.get("name", "sweep"), str, "name", source))
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"{source}: name {name!r} must be a plain directory name")
+    sw = Sweep(name=name, methods=[], source=source)
+    sw.description = str(raw.get("description", ""))
+    if raw.get("out") is not None:
+        sw.out = str(_typed(raw["out"], str, "out", source))
+    if "model" in raw and "models" in raw:
+        raise UserError(f"{source}: give `models` or `model`, not both")
+    models = raw.get("models", raw.get("model", ["default"]))
+    models = _as_list(models, "models", source)
+    for m in models:
+        _typed(m, str, "each model", source)
+    sw.models = list(dict.fromkeys(models))
+    import timm
+
+    from ..models import EMBEDDED_NAME
+
+    for m in sw.models:
+        if m != EMBEDDED_NAME and not timm.is_model(m):
+            raise UserError(f"{source}: unknown model {m!r}{did_you_mean(m, timm.list_models())} "
+                            "(a timm model name, or `default` for the embedded model)")
+    sw.img_size = _typed(raw.get("img_size"), int, "img_size", source, allow_none=True)
+    if sw.img_size is not None and sw.img_size <= 0:
+        raise UserError(f"{source}: img_size must be positive, got {sw.img_size}")
+    sw.pretrained = bool(_typed(raw.get("pretrained", False), bool, "pretrained", source))
+    sw.dense = bool(_typed(raw.get("dense", True), bool, "dense", source))
+    sw.device = str(_typed(raw.get("device", "auto"), str, "device", source))
+    if sw.device not in ("auto", "cpu", "mps") and not sw.device.startswith("cuda"):
+        raise UserError(f"{source}: unknown device {sw.device!r} (use auto, cpu or cuda)")
+    sw.precision = str(_typed(raw.get("precision", "fp32"), str, "precision", source))
+    if sw.precision not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"{source}: unknown precision {sw.precision!r} (use fp32, fp16 or bf16)")
+
+    # data
+    data = raw.get("data")
+    if isinstance(data, str):
+        data = {"name": data}
+    if data is not None:
+        _typed(data, dict, "data", source)
+        _check_keys(data, DATA_KEYS, "[data]", source)
+        if "name" not in data:
+            raise UserError(f"{source}: [data] needs a `name` (fashion-mnist, imagenet, folder, synthetic)")
+        from ..data import DATASETS
+
+        sw.data = str(_typed(data["name"], str, "data name", source))
+        if sw.data not in DATASETS:
+            raise UserError(f"{source}: unknown dataset {sw.data!r}{did_you_mean(sw.data, DATASETS)}; "
+                            f"choose from {', '.join(DATASETS)}")
+        sw.split = str(_typed(data.get("split", "test"), str, "data split", source))
+        if sw.split not in ("val", "test", "train"):
+            raise UserError(f"{source}: unknown data split {sw.split!r}"
+                            f"{did_you_mean(sw.split, ('val', 'test', 'train'))} (use val or test)")
+        sw.limit = _typed(data.get("limit"), int, "data limit", source, allow_none=True)
+        if sw.limit is not None and sw.limit <= 0:
+            raise UserError(f"{source}: data limit must be positive, got {sw.limit}")
+        sw.data_seed = int(_typed(data.get("seed", 0), int, "data seed", source))
+        if data.get("dir") is not None:
+            sw.data_dir = str(_typed(data["dir"], str, "data dir", source))
+        sw.eval_batch_size = int(_typed(data.get("batch_size", 256), int, "data batch_size", source))
+        if sw.eval_batch_size < 1:
+            raise UserError(f"{source}: data batch_size must be positive")
+
+    # throughput
+    tp = raw.get("throughput") or {}
+    _typed(tp, dict, "throughput", source)
+    _check_keys(tp, THROUGHPUT_KEYS, "[throughput]", source)
+    sw.batch_size = int(_typed(tp.get("batch_size", 64), int, "throughput batch_size", source))
+    sw.threads = _typed(tp.get("threads"), int, "throughput threads", source, allow_none=True)
+    sw.min_run_time = float(_typed(tp.get("min_run_time", 2.0), (int, float), "throughput min_run_time", source))
+    sw.latency = bool(_typed(tp.get("latency", True), bool, "throughput latency", source))
+    sw.rounds = int(_typed(tp.get("rounds", 10), int, "throughput rounds", source))
+    sw.retries = int(_typed(tp.get("retries", 2), int, "throughput retries", source))
+    sw.compile = _compile_setting(tp.get("compile", False), source)
+    if sw.batch_size < 1 or (sw.threads is not None and sw.threads < 1) or sw.min_run_time <= 0:
+        raise UserError(f"{source}: throughput batch_size, threads and min_run_time must be positive")
+    if sw.rounds < 3 or sw.retries < 0:
+        raise UserError(f"{source}: throughput rounds must be at least 3 and retries at least 0")
+    if raw.get("reference") is not None:
+        sw.reference = str(_typed(raw["reference"], str, "reference", source))
+
+    # measure
+    measure = raw.get("measure", list(KINDS) if sw.data else ["flops", "throughput"])
+    measure = _as_list(measure, "measure", source)
+    for k in measure:
+        if k not in KINDS:
+            raise UserError(f"{source}: unknown measurement {k!r} in measure{did_you_mean(str(k), KINDS)} "
+                            f"(choose from {', '.join(KINDS)})")
+    if "accuracy" in measure and not sw.data:
+        raise UserError(f"{source}: measuring accuracy needs data (data = \"fashion-mnist\", or --data)")
+    # FLOPs are always counted: cheap, and every comparison (and the FLOPs-miss flag) needs them.
+    sw.measure = [k for k in KINDS if k in measure or k == "flops"]
+
+    sw.flops_targets = _targets(raw.get("flops_targets", []), "flops_targets", source)
+    tol = _typed(raw.get("flops_tolerance", DEFAULT_TOLERANCE), (int, float), "flops_tolerance", source)
+    if not 0 < tol < 1:
+        raise UserError(f"{source}: flops_tolerance is a fraction of the dense FLOPs in (0, 1), got {tol}")
+    sw.flops_tolerance = float(tol)
+    sw.seeds = _seeds(raw.get("seeds", [0, 1, 2]), "seeds", source)
+
+    # methods
+    methods = raw.get("methods")
+    if methods is None or methods == {}:
+        raise UserError(f"{source}: no methods: add a [methods.<name>] table (`tokenbench list` names them) "
+                        "or --method")
+    _typed(methods, dict, "methods", source)
+    load_methods()
+    for label, body in methods.items():
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise UserError(f"{source}: [methods.{label}] must be a table of parameters, got {body!r}")
+        mname = body.get("method", label)
+        _typed(mname, str, f"[methods.{label}] method", source)
+        try:
+            cls = get_method(mname)
+        except UserError as e:
+            raise UserError(f"{source}: [methods.{label}]: {e}") from None
+        pnames = [p.name for p in cls.params]
+        _check_keys(body, list(ENTRY_KEYS) + pnames, f"[methods.{label}] ({mname}'s parameters: "
+                    f"{', '.join(pnames) or 'none'})", source)
+        entry = MethodEntry(label=str(label), method=mname)
+        for k, v in body.items():
+            if k in ENTRY_KEYS:
+                continue
+            values = _as_list(v, f"[methods.{label}] {k}", source)
+            p = cls.param(k)
+            parsed = []
+            for val in values:
+                try:
+                    parsed.append(p.parse(val, mname))
+                except UserError as e:
+                    raise UserError(f"{source}: [methods.{label}]: {e}") from None
+            entry.grid[k] = list({json.dumps(x): x for x in parsed}.values())
+        if "flops_targets" in body:
+            entry.flops_targets = _targets(body["flops_targets"], f"[methods.{label}] flops_targets", source)
+            if entry.flops_targets and not cls.knob:
+                raise UserError(f"{source}: [methods.{label}]: {mname} declares no parameter a FLOPs search can "
+                                "move, so it takes no flops_targets")
+        if "seeds" in body:
+            entry.seeds = _seeds(body["seeds"], f"[methods.{label}] seeds", source)
+            if cls.seed_param is None:
+                raise UserError(f"{source}: [methods.{label}]: seeds apply to non-deterministic methods that "
+                                f"declare a seed parameter; {mname} is deterministic")
+        if body.get("checkpoint") is not None:
+            entry.checkpoint = str(_typed(body["checkpoint"], str, f"[methods.{label}] checkpoint", source))
+        if body.get("checkpoints") is not None:
+            cks = _typed(body["checkpoints"], dict, f"[methods.{label}] checkpoints", source)
+            if not cls.knob:
+                raise UserError(f"{source}: [methods.{label}]: checkpoints are keyed by values of the searched "
+                                f"parameter, and {mname} declares none; use `checkpoint`")
+            if entry.checkpoint:
+                raise UserError(f"{source}: [methods.{label}]: give `checkpoint` or `checkpoints`, not both")
+            p = cls.param(cls.knob)
+            for key, path in cks.items():
+                _typed(path, str, f"[methods.{label}] checkpoints.{key}", source)
+                try:
+                    val = p.parse(_decode(key), mname)
+                except UserError as e:
+                    raise UserError(f"{source}: [methods.{label}] checkpoints: key {key!r}: {e}") from None
+                entry.checkpoints[json.dumps(val)] = path
+        sw.methods.append(entry)
+    return sw
+
+
+def _decode(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except (json.JSONDecodeError, TypeError):
+        return s
+
+
+def _targets(v: Any, what: str, source: str) -> list[float]:
+    if v is None:
+        return []
+    vals = v if isinstance(v, list) else [v]
+    out = []
+    for t in vals:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise UserError(f"{source}: {what} are fractions of the dense model's FLOPs in (0, 1], got {t!r}")
+        out.append(float(t))
+    return sorted(set(out))
+
+
+def _seeds(v: Any, what: str, source: str) -> list[int]:
+    vals = _as_list(v, what, source)
+    for s in vals:
+        _typed(s, int, f"each of {what}", source)
+    return list(dict.fromkeys(vals))

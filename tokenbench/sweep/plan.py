@@ -1,0 +1,108 @@
+"""The plan: a sweep expanded into runs, each run's store keys, written to ``<out>/sweep.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import UserError
+from .expand import Run, expand
+from .format import DENSE_METHOD, Sweep
+from .preflight import preflight
+from .search import CACHE_FILE, FlopsSearch
+
+PLAN_FILE = "sweep.json"
+
+
+def baseline_spec(run: Run) -> dict:
+    """The dense model a run's speedup is timed against: same model, input size and pretrained
+    weights, no method, no checkpoint."""
+    from ..runner import spec_dict
+
+    return spec_dict(run.model, DENSE_METHOD, {}, run.pretrained, None, run.img_size)
+
+
+def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
+    """The store keys this run's records have (or will have), per kind."""
+    from ..registry import get_method
+    from ..runner import record_key_of
+
+    spec = run.spec()
+    spec["params"] = get_method(run.method).validate(spec["params"])
+    s = sw.settings()
+    out = {}
+    for k in kinds_for(run, sw):
+        out[k] = record_key_of(k, spec, s, baseline_spec(run) if k == "speedup" else None)[0]
+    return out
+
+
+def kinds_for(run: Run, sw: Sweep) -> list[str]:
+    """What a run measures: the sweep's kinds, and with throughput, the speedup over the dense
+    model timed interleaved with it (a seeded method's throughput for its first seed only)."""
+    out = []
+    for k in sw.measure:
+        if k == "throughput":
+            if run.seed_index > 0:
+                continue
+            out.append(k)
+            if run.method != DENSE_METHOD and sw.dense:
+                out.append("speedup")
+        else:
+            out.append(k)
+    return out
+
+
+def plan_dict(sw: Sweep, runs: list[Run], keys: Optional[list[dict]] = None) -> dict:
+    d = asdict(sw)
+    d.pop("methods")
+    return {"sweep": d, "methods": [asdict(e) for e in sw.methods], "settings": asdict(sw.settings()),
+            "runs": [{**asdict(r), "name": r.name, "spec": r.spec(), "keys": (keys[i] if keys else {})}
+                     for i, r in enumerate(runs)]}
+
+
+def write_plan(out: Path, sw: Sweep, runs: list[Run], keys: list[dict]) -> Path:
+    from ..store import atomic_write_text
+
+    p = Path(out) / PLAN_FILE
+    try:
+        atomic_write_text(p, json.dumps(plan_dict(sw, runs, keys), indent=1, default=str) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
+    return p
+
+
+def read_plan(out: Path) -> Optional[dict]:
+    p = Path(out) / PLAN_FILE
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        import warnings
+
+        warnings.warn(f"{p} is damaged; reporting every record in {out}")
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("runs"), list) else None
+
+
+def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
+            on_search: Optional[Callable[[int, int, str, int], None]] = None) -> tuple[Path, list[Run],
+                                                                                      list[dict], FlopsSearch]:
+    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan.
+
+    ``on_search(done, total, what, counts)`` follows the matched-FLOPs searches (see :func:`expand`)."""
+    out = Path(out) if out else sw.out_dir()
+    from ..store import Store, ensure_writable_dir
+
+    Store(out).ensure_writable()
+    ensure_writable_dir(out, "output directory")  # the plan, the FLOPs cache, the tables
+    ref = sw.reference_dir()
+    searcher = FlopsSearch(out / CACHE_FILE, force=force,
+                           seed_path=(ref / CACHE_FILE) if ref is not None else None)
+    preflight(sw, searcher)
+    runs = expand(sw, searcher, on_search=on_search)
+    keys = [run_keys(r, sw) for r in runs]
+    write_plan(out, sw, runs, keys)
+    return out, runs, keys, searcher

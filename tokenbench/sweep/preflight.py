@@ -1,0 +1,78 @@
+"""Preflight: refuse, before anything is written or measured, what would fail part-way through."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from ..errors import UserError
+from .format import DENSE_METHOD, Sweep
+from .search import FlopsSearch
+
+
+def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
+    """Refuse, before anything is written or measured, what would fail part-way through the sweep.
+
+    Every model is built (random weights; the embedded model's checkpoint is verified), every
+    method entry is applied to it and every value of its grid checked against the model
+    (declared schedule), every checkpoint is loaded into the method-applied model, the
+    device is resolved, the data is found and read, and the throughput and evaluation
+    batches are checked against the free memory.
+    """
+    import copy as _copy
+
+    from .. import measure
+    from ..checkpoint import load_state_dict_checked, read_state_dict
+    from ..models import EMBEDDED_NAME, embedded_paths, verify_checksum
+    from ..registry import apply, get_method
+
+    timed = [k for k in sw.measure if k != "flops"]
+    dev = measure.resolve_device(sw.device) if timed else None
+    for model in sw.models:
+        net, _ = searcher.base(model, sw.img_size)
+        if model == EMBEDDED_NAME:  # its trained weights load under every run (checkpoints load on top)
+            p = embedded_paths()
+            verify_checksum(p["ckpt"], p["sha"])
+        if sw.dense:
+            apply(_copy.deepcopy(net), DENSE_METHOD)
+        for e in sw.methods:
+            cls = get_method(e.method)
+            inst = cls()
+            keys = list(e.grid)
+            first = None
+            for combo in itertools.product(*(e.grid[k] for k in keys)):
+                params = cls.validate(dict(zip(keys, combo)))
+                first = first or params
+                try:
+                    inst.expected_tokens(net, **params)
+                except UserError as err:
+                    raise UserError(f"{sw.source}: [methods.{e.label}] on {model}: {err}") from None
+            trial = _copy.deepcopy(net)
+            try:
+                apply(trial, e.method, **(first or {}))
+            except UserError as err:
+                raise UserError(f"{sw.source}: [methods.{e.label}] on {model}: {err}") from None
+            for ck in dict.fromkeys([e.checkpoint, *e.checkpoints.values()]):
+                if ck is None:
+                    continue
+                if not Path(ck).is_file():
+                    raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
+                try:
+                    load_state_dict_checked(trial, read_state_dict(ck), source=f"checkpoint {ck}")
+                except UserError as err:
+                    raise UserError(f"{sw.source}: [methods.{e.label}]: {err}") from None
+            del trial
+        if "throughput" in sw.measure:
+            try:
+                measure.check_batch_fits(net, sw.batch_size, dev, sw.precision, sw.img_size)
+            except UserError as err:
+                raise UserError(f"{sw.source}: throughput {err} ([throughput] batch_size)") from None
+        if "accuracy" in sw.measure:
+            from ..data import build_dataset
+
+            ds, _ = build_dataset(sw.data, sw.split, sw.data_dir, model=net, limit=sw.limit, seed=sw.data_seed)
+            try:
+                measure.check_batch_fits(net, min(sw.eval_batch_size, max(1, len(ds))), dev, sw.precision)
+            except UserError as err:
+                msg = str(err).replace("--batch-size", "--eval-batch-size")
+                raise UserError(f"{sw.source}: evaluation {msg} ([data] batch_size)") from None

@@ -1,0 +1,373 @@
+"""The matched-FLOPs search: the value of a method's budget knob whose FLOPs land closest to a
+fraction of the dense model's, every fvcore count cached in the sweep's ``flops_cache.json``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from ..errors import UserError
+from .format import DEFAULT_TOLERANCE, DENSE_METHOD
+
+CACHE_FILE = "flops_cache.json"
+
+
+# backbone geometry: the lead moves this into tokenbench/backbones
+def model_depth(net) -> int:
+    """How many blocks the model has (0 when it has none the search knows of)."""
+    return len(getattr(net, "blocks", []))
+
+
+# backbone geometry: the lead moves this into tokenbench/backbones
+def dense_schedule(net) -> Optional[tuple]:
+    """The dense model's token schedule (tokens per block, tokens entering each MLP), or None."""
+    try:
+        from .. import vit
+
+        n = float(vit.num_patches(net) + net.num_prefix_tokens)
+        d = len(net.blocks)
+    except AttributeError:
+        return None
+    return (tuple([n] * d), tuple([n] * d))
+
+
+# backbone geometry: the lead moves this into tokenbench/backbones
+def analytic_block_cost(net, schedule: tuple) -> Optional[float]:
+    """Per-image multiply-adds of the blocks for a token schedule (tokens, tokens entering MLP):
+    linear layers ~ n d^2, attention ~ n^2 d, MLP ~ m d h; None for a model it cannot read."""
+    try:
+        d = int(net.embed_dim)
+        h = int(net.blocks[0].mlp.fc1.out_features)
+    except (AttributeError, IndexError):
+        return None
+    tokens, tokens_mlp = schedule
+    return float(sum(4 * n * d * d + 2 * n * n * d + 2 * m * d * h for n, m in zip(tokens, tokens_mlp)))
+
+
+# model identity: reads models.py's architecture tag of the embedded model
+def build_architecture(model: str, img_size: Optional[int]) -> tuple[Any, dict]:
+    """``model`` with random weights (FLOPs do not depend on them), in eval mode, and the
+    identity of its architecture (the FLOPs cache's key)."""
+    import timm
+    import torch
+
+    from ..models import EMBEDDED_NAME, build_embedded, create_model, embedded_paths
+
+    torch.manual_seed(0)
+    if model == EMBEDDED_NAME:
+        cfg = embedded_paths()["config"]
+        arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
+        net = build_embedded(arch)
+        arch_id = {"embedded": net.tokenbench_arch}
+    else:
+        net, _ = create_model(model, pretrained=False, **({"img_size": img_size} if img_size else {}))
+        arch_id = {"timm": model, "img_size": img_size}
+    arch_id["timm_version"] = timm.__version__
+    net.eval()
+    return net, arch_id
+
+
+@dataclass
+class SearchResult:
+    value: Any
+    gflops: float
+    dense_gflops: float
+    target: float
+    ratio: float
+    miss: bool
+    checkpointed: bool = False
+    counted: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class FlopsSearch:
+    """The parameter value whose FLOPs land closest to a fraction of the dense model's.
+
+    Candidates: for a float knob (a keep rate) every distinct token schedule on a grid of
+    0.01 (then 0.005, 0.001) steps over its range, each represented by its roundest value;
+    for an ``int_or_list`` knob (tokens merged per block) every constant value ``n`` and,
+    between ``n`` and ``n + 1``, the schedules ``n + 1`` for the first ``k`` blocks and ``n``
+    after (a constant is coarse on short sequences).  Token schedules come from the
+    method's declared ``expected_tokens``; an analytic cost (:func:`analytic_block_cost`)
+    ranks them; fvcore counts the nearest ones, a multiplicative correction for what the
+    analytic cost leaves out (the method's own scoring, norms, the stem) is refit after each
+    count, and the final answer is the fvcore-counted candidate closest to the target (so the
+    reported ratio is exact).
+    Methods that declare no schedule are searched by bisection on fvcore counts.
+    Every fvcore count is cached in ``cache_path`` (JSON), so reruns are quick.
+    """
+
+    def __init__(self, cache_path: Optional[Path] = None, force: bool = False, seed_path: Optional[Path] = None):
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.cache: dict[str, float] = {}
+        if not force:
+            # counts from a reference directory's cache first (keys carry the code identity, so
+            # a count made by other code never matches), then this directory's own
+            if seed_path is not None and Path(seed_path).is_file():
+                self.cache = self._read_cache(Path(seed_path))
+            self.cache.update(self._read_cache())
+        self._bases: dict[tuple, Any] = {}
+        self._cands: dict[str, Any] = {}
+        self.counts = 0  # fvcore counts made (not cached)
+        self.on_count: Optional[Callable[[int], None]] = None  # told the running total after each count
+
+    # ----------------------------------------------------------- models and counting
+    def base(self, model: str, img_size: Optional[int]):
+        """The architecture (no method, weights irrelevant to FLOPs) and its identity, built once."""
+        key = (model, img_size)
+        if key not in self._bases:
+            self._bases[key] = build_architecture(model, img_size)
+        return self._bases[key]
+
+    def _key(self, model, img_size, method, params) -> str:
+        from .. import identity
+        from ..registry import get_method
+        from ..store import canonical
+
+        _, arch_id = self.base(model, img_size)
+        return canonical({"arch": arch_id, "method": method, "params": params,
+                          "code": identity.method_code(get_method(method)),
+                          "protocol": identity.PROTOCOLS["flops"]})
+
+    def count(self, model: str, img_size: Optional[int], method: str, params: dict) -> float:
+        """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached)."""
+        from ..registry import apply, get_method
+
+        params = get_method(method).validate(params)
+        key = self._key(model, img_size, method, params)
+        if key not in self.cache:
+            import torch
+
+            from .. import measure
+
+            net, _ = self.base(model, img_size)
+            net = copy.deepcopy(net)
+            apply(net, method, **params)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+            try:
+                self.cache[key] = float(measure.flops(net, img_size=img_size)["gflops"])
+            finally:
+                torch.set_num_threads(threads)
+            self.counts += 1
+            self.save()
+            if self.on_count:
+                self.on_count(self.counts)
+        return self.cache[key]
+
+    def dense(self, model: str, img_size: Optional[int]) -> float:
+        return self.count(model, img_size, DENSE_METHOD, {})
+
+    def save(self) -> None:
+        if self.cache_path is None:
+            return
+        from ..store import atomic_write_text
+
+        # Another sweep may be writing the same cache: keep its counts too (each write is
+        # atomic, so the file is always whole; at worst a concurrent count is made twice).
+        merged = dict(self._read_cache())
+        merged.update(self.cache)
+        try:
+            atomic_write_text(self.cache_path, json.dumps({"about": "fvcore GFLOPs per architecture, method and "
+                                                           "parameters (tokenbench matched-FLOPs search cache)",
+                                                           "gflops": merged}, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass  # a cache, not a result
+
+    def _read_cache(self, path: Optional[Path] = None) -> dict[str, float]:
+        path = path or self.cache_path
+        if not (path and path.is_file()):
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("gflops"), dict):
+                return {k: float(v) for k, v in data["gflops"].items()}
+        except (OSError, ValueError, TypeError):
+            import warnings
+
+            warnings.warn(f"FLOPs cache {path} is damaged; counting again")
+        return {}
+
+    # ----------------------------------------------------------- candidates
+    def candidates(self, model: str, img_size: Optional[int], cls, fixed: dict, param: str
+                   ) -> Optional[list[tuple[Any, tuple]]]:
+        """(value, token schedule) for every distinct schedule, or None without a declared schedule."""
+        from ..store import canonical
+
+        memo_key = canonical([model, img_size, cls.name, fixed, param])
+        if memo_key not in self._cands:
+            self._cands[memo_key] = self._candidates(model, img_size, cls, fixed, param)
+        return self._cands[memo_key]
+
+    def _candidates(self, model, img_size, cls, fixed, param):
+        net, _ = self.base(model, img_size)
+        inst = cls()
+        p = cls.param(param)
+
+        def schedule(v):
+            try:
+                out = inst.expected_tokens(net, **cls.validate({**fixed, param: v}))
+            except UserError:
+                return "invalid"
+            if out is None:
+                return None
+            return tuple(tuple(float(t) for t in seq) for seq in out)
+
+        seen: dict[tuple, Any] = {}
+        if p.type == "float":
+            lo = 0.0 if p.min is None else float(p.min)
+            hi = 1.0 if p.max is None else float(p.max)
+            for step in (0.01, 0.005, 0.001):
+                n = int(round((hi - lo) / step))
+                for i in range(n + 1):
+                    v = round(lo + i * step, 6)
+                    if v < lo or v > hi or (p.min_exclusive and v == lo):
+                        continue
+                    s = schedule(v)
+                    if s is None:
+                        return None
+                    if s != "invalid" and s not in seen:
+                        seen[s] = v
+        elif p.type in ("int", "int_or_list"):
+            lo = 0 if p.min is None else int(math.ceil(p.min))
+            hi = int(p.max) if p.max is not None else 4096
+            depth = model_depth(net)
+            prev, same = None, 0
+            for n in range(lo, hi + 1):
+                s = schedule(n)
+                if s is None:
+                    return None
+                if s == "invalid":
+                    continue
+                if s not in seen:
+                    seen[s] = n
+                if p.type == "int_or_list" and depth > 1 and n + 1 <= hi:
+                    for k in range(1, depth):
+                        v = [n + 1] * k + [n] * (depth - k)
+                        sv = schedule(v)
+                        if sv not in ("invalid", None) and sv not in seen:
+                            seen[sv] = v
+                same = same + 1 if s == prev else 0
+                prev = s
+                if same >= 2:  # saturated: larger values change nothing
+                    break
+        else:
+            return None
+        return [(v, s) for s, v in seen.items()]
+
+    # older names of the geometry helpers above (analysis_trace reads ``_analytic``)
+    _analytic = staticmethod(analytic_block_cost)
+    candidates_dense = staticmethod(dense_schedule)
+
+    # ----------------------------------------------------------- the search
+    def search(self, model: str, img_size: Optional[int], cls, fixed: dict, param: str, target: float,
+               tolerance: float = DEFAULT_TOLERANCE, preferred: Iterable[Any] = ()) -> SearchResult:
+        """The value of ``param`` (others ``fixed``) closest to ``target`` x dense FLOPs.
+
+        ``preferred`` values (those with a checkpoint) win whenever one lands within ``tolerance``.
+        """
+        dense = self.dense(model, img_size)
+        goal = target * dense
+        before = self.counts
+
+        def cnt(v) -> float:
+            return self.count(model, img_size, cls.name, {**fixed, param: v})
+
+        counted: dict[str, tuple[Any, float]] = {}
+        cands = self.candidates(model, img_size, cls, fixed, param)
+        net, _ = self.base(model, img_size)
+        est = None
+        if cands:
+            dense_sched = dense_schedule(net)
+            a_dense = analytic_block_cost(net, dense_sched) if dense_sched else None
+            if a_dense is not None:
+                fixed_part = dense - a_dense / 1e9
+                est = [fixed_part + analytic_block_cost(net, s) / 1e9 for _, s in cands]
+        if cands and est is not None:
+            scale = 1.0
+            order_tried: set[int] = set()
+            for _ in range(6):
+                i = min(range(len(cands)), key=lambda j: (abs(scale * est[j] - goal), j))
+                if i in order_tried:
+                    break
+                order_tried.add(i)
+                g = cnt(cands[i][0])
+                counted[json.dumps(cands[i][0])] = (cands[i][0], g)
+                scale = g / est[i] if est[i] > 0 else 1.0
+            # the bracketing neighbours of the goal under the refit cost
+            below = [j for j in range(len(cands)) if scale * est[j] <= goal]
+            above = [j for j in range(len(cands)) if scale * est[j] >= goal]
+            for group, pick in ((below, max), (above, min)):
+                if group:
+                    j = pick(group, key=lambda j: (est[j], -j))
+                    counted.setdefault(json.dumps(cands[j][0]), (cands[j][0], cnt(cands[j][0])))
+        else:
+            self._bisect(cls, param, goal, cnt, counted, close=0.1 * tolerance * dense)
+        pref = {json.dumps(cls.param(param).parse(v, cls.name)): v for v in preferred}
+        for k, v in pref.items():
+            counted.setdefault(k, (v, cnt(v)))
+        # the closest count; but a checkpointed value wins whenever one lands within the tolerance
+        pool = [k for k, (_, g) in counted.items() if k in pref and abs(g / dense - target) <= tolerance]
+        pool = pool or list(counted)
+        best_key = min(pool, key=lambda k: (abs(counted[k][1] - goal), k))
+        value, g = counted[best_key]
+        ratio = g / dense
+        return SearchResult(value=value, gflops=g, dense_gflops=dense, target=target, ratio=ratio,
+                            miss=abs(ratio - target) > tolerance + 1e-12, checkpointed=best_key in pref,
+                            counted=self.counts - before)
+
+    def _bisect(self, cls, param: str, goal: float, cnt: Callable, counted: dict, close: float = 0.0) -> None:
+        """Bisection on fvcore counts (FLOPs assumed monotone in the parameter); stops within ``close``."""
+        p = cls.param(param)
+        if p.type == "float":
+            lo = (0.0 if p.min is None else float(p.min))
+            hi = 1.0 if p.max is None else float(p.max)
+            if p.min_exclusive:
+                lo = lo + min(1e-3, (hi - lo) / 1000)
+            a, b = lo, hi
+            ga, gb = cnt(round(a, 4)), cnt(round(b, 4))
+            counted[json.dumps(round(a, 4))] = (round(a, 4), ga)
+            counted[json.dumps(round(b, 4))] = (round(b, 4), gb)
+            increasing = gb >= ga
+            for _ in range(12):
+                m = round((a + b) / 2, 4)
+                if m in (round(a, 4), round(b, 4)):
+                    break
+                gm = cnt(m)
+                counted[json.dumps(m)] = (m, gm)
+                if abs(gm - goal) <= close:
+                    break
+                if (gm < goal) == increasing:
+                    a = m
+                else:
+                    b = m
+        elif p.type in ("int", "int_or_list"):
+            lo = 0 if p.min is None else int(math.ceil(p.min))
+            hi = lo + 1
+            g_lo = cnt(lo)
+            counted[json.dumps(lo)] = (lo, g_lo)
+            g_prev = g_lo
+            while hi < (int(p.max) if p.max is not None else 4096):  # find where FLOPs stop changing
+                g_hi = cnt(hi)
+                counted[json.dumps(hi)] = (hi, g_hi)
+                if g_hi == g_prev or (g_hi - goal) * (g_lo - goal) <= 0:
+                    break
+                g_prev, hi = g_hi, hi * 2
+            a, b = lo, hi
+            increasing = counted[json.dumps(b)][1] >= g_lo
+            while b - a > 1:
+                m = (a + b) // 2
+                gm = cnt(m)
+                counted[json.dumps(m)] = (m, gm)
+                if (gm < goal) == increasing:
+                    a = m
+                else:
+                    b = m
+        else:
+            raise UserError(f"{cls.name}: cannot search parameter {param!r} of type {p.type}")
