@@ -16,36 +16,36 @@ from .format import DEFAULT_TOLERANCE, DENSE_METHOD
 CACHE_FILE = "flops_cache.json"
 
 
-# backbone geometry: the lead moves this into tokenbench/backbones
+def _backbone(net):
+    from ..backbones import backbone_of
+    from ..errors import UserError
+
+    try:
+        return backbone_of(net)
+    except UserError:
+        return None
+
+
 def model_depth(net) -> int:
-    """How many blocks the model has (0 when it has none the search knows of)."""
-    return len(getattr(net, "blocks", []))
+    """How many blocks the model has (0 when its family is unknown)."""
+    bb = _backbone(net)
+    return 0 if bb is None else bb.depth
 
 
-# backbone geometry: the lead moves this into tokenbench/backbones
 def dense_schedule(net) -> Optional[tuple]:
     """The dense model's token schedule (tokens per block, tokens entering each MLP), or None."""
-    try:
-        from .. import vit
-
-        n = float(vit.num_patches(net) + net.num_prefix_tokens)
-        d = len(net.blocks)
-    except AttributeError:
+    bb = _backbone(net)
+    if bb is None:
         return None
-    return (tuple([n] * d), tuple([n] * d))
+    dense = tuple(float(n) for n in bb.dense_tokens())
+    return (dense, dense)
 
 
-# backbone geometry: the lead moves this into tokenbench/backbones
 def analytic_block_cost(net, schedule: tuple) -> Optional[float]:
-    """Per-image multiply-adds of the blocks for a token schedule (tokens, tokens entering MLP):
-    linear layers ~ n d^2, attention ~ n^2 d, MLP ~ m d h; None for a model it cannot read."""
-    try:
-        d = int(net.embed_dim)
-        h = int(net.blocks[0].mlp.fc1.out_features)
-    except (AttributeError, IndexError):
-        return None
-    tokens, tokens_mlp = schedule
-    return float(sum(4 * n * d * d + 2 * n * n * d + 2 * m * d * h for n, m in zip(tokens, tokens_mlp)))
+    """Per-image multiply-adds of the blocks for a token schedule (tokens, tokens entering MLP),
+    from the backbone's cost model; None for a model it cannot read."""
+    bb = _backbone(net)
+    return None if bb is None else bb.block_cost(*schedule)
 
 
 # model identity: reads models.py's architecture tag of the embedded model
@@ -260,10 +260,6 @@ class FlopsSearch:
         else:
             return None
         return [(v, s) for s, v in seen.items()]
-
-    # older names of the geometry helpers above (analysis_trace reads ``_analytic``)
-    _analytic = staticmethod(analytic_block_cost)
-    candidates_dense = staticmethod(dense_schedule)
 
     # ----------------------------------------------------------- the search
     def search(self, model: str, img_size: Optional[int], cls, fixed: dict, param: str, target: float,
