@@ -75,6 +75,8 @@ class Backbone:
     """Base class of a model family's adapter.  Subclasses set ``name`` and implement the rest."""
 
     name: ClassVar[str] = ""
+    # The models it covers, for refusals ("tome applies to <describes>; ResNet is not one").
+    describes: ClassVar[str] = ""
     # Site names this backbone resolves (see :meth:`sites`).
     site_names: ClassVar[tuple[str, ...]] = ()
 
@@ -213,6 +215,5 @@ def backbone_of(model: nn.Module, method: str = "none") -> Backbone:
         if cls.matches(model):
             return cls(model)
     who = "tokenbench measures" if method == "none" else f"{method} applies to"
-    raise UserError(f"{who} models of the families {', '.join(known_backbones())} "
-                    f"(timm VisionTransformer: DeiT, ViT, the embedded default); "
-                    f"{model.__class__.__name__} is not one")
+    kinds = " or ".join(b.describes for b in _BACKBONES)
+    raise UserError(f"{who} {kinds}; {model.__class__.__name__} is not one")

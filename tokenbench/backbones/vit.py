@@ -211,6 +211,7 @@ def quarter_sites(depth: int) -> list[int]:
 @register_backbone
 class ViTBackbone(Backbone):
     name = "vit"
+    describes = "timm VisionTransformer models (DeiT, ViT, the embedded default)"
     site_names = ("quarters", "every")
 
     @classmethod
