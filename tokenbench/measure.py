@@ -409,6 +409,10 @@ def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Ten
         "flops_by_operator": {k: v / 1e9 for k, v in sorted(by_op.items())},
         "flops_images": len(xs),
     }
+    if len(totals) > 1:  # per-image counts (methods whose token count depends on the image)
+        g = torch.tensor(totals, dtype=torch.float64) / 1e9
+        out["gflops_per_image"] = {"mean": float(g.mean()), "std": float(g.std()) if len(g) > 1 else 0.0,
+                                   "min": float(g.min()), "max": float(g.max())}
     if toks:
         out["tokens"] = [round(sum(col) / len(col), 3) for col in zip(*toks)]
         out["tokens_mlp"] = [round(sum(col) / len(col), 3) for col in zip(*toks_mlp)]

@@ -377,9 +377,13 @@ def apply(model: nn.Module, name: str = "none", **params) -> nn.Module:
     """Apply method ``name`` with ``params`` to ``model`` (in place) and return it."""
     cls = get_method(name)
     p = cls.validate(params)
+    from .backbones import backbone_of, surgery_of
+
+    family = backbone_of(model, name).name
+    if cls.backbones and family not in cls.backbones:
+        raise UserError(f"{name} does not apply to {family} models (it supports: {', '.join(cls.backbones)})")
     m = cls()
     out = m.apply(model, **p)
-    from .backbones import surgery_of
 
     s = surgery_of(out)
     if s is not None:
