@@ -116,7 +116,8 @@ def main(argv=None) -> int:
                     continue
                 g0 = dense.get(b)
                 flops_x = g0 / f["gflops"] if g0 else float("nan")
-                row = {"model": model_name, "method": method, "params": params_json(params, compact=True),
+                row = {"model": model_name, "method": method, "family": method_family(method),
+                       "params": params_json(params, compact=True),
                        "batch": b, "precision": args.precision, "gflops": round(f["gflops"], 3),
                        "flops_reduction": round(flops_x, 3)}
                 for mode in modes:
@@ -187,6 +188,13 @@ def redraw(src: Path, out: Path) -> int:
     """The tables again from ``src``/bench.json, timing nothing (the heading from the json, or bench.md's)."""
     data = json.loads((src / "bench.json").read_text())
     head = data.get("head") or (src / "bench.md").read_text().split("\n", 1)[0]
+    from tokenbench.rows import method_family
+
+    for r in data["rows"]:  # records written before the family column: the method's declaration
+        r.setdefault("family", method_family(r["method"]))
+    data["rows"] = [{k: r[k] for k in ["model", "method", "family"] + [k for k in r if k not in
+                                                                        ("model", "method", "family")]}
+                    for r in data["rows"]]
     print(write_tables(out, head, data["env"], data["rows"]))
     return 0
 

@@ -39,10 +39,12 @@ def test_report_figures_and_bench_write_one_row_alike():
     assert cells["Params"] == figures.params_text(fig) == fig_cells[1] == "r=[5x3,4x9], prop_attn=True"
     assert cells["Params"] == render.params_text(row.params)
     # top-1 with its 95% interval
-    assert cells["Top-1 % [95% CI]"] == fig_cells[9] == "79.12 [78.5, 79.7]"
+    assert cells["Top-1 % [95% CI]"] == fig_cells[10] == "79.12 [78.5, 79.7]"
     # the speedup: the same value in all three, and its quartiles as bench.py writes them
-    assert cells["Speedup [q1, q3]"] == f"{fig_cells[7]} {bench_cols['speedup_iqr']}" == "1.46x [1.40, 1.50]"
+    assert cells["Speedup [q1, q3]"] == f"{fig_cells[8]} {bench_cols['speedup_iqr']}" == "1.46x [1.40, 1.50]"
     assert bench_cols["efficiency"] == round(1.4567 * 0.678, 3)
+    # the method's family, in the report's and the figure's tables alike
+    assert cells["Family"] == fig_cells[2] == "merging"
     # a seeded mean row: the number of seeds, in the report and the figure alike
     mean = _row(row_type="mean", params={"keep_rate": 0.7}, seeds=[0, 1, 2], method="random", label="random")
     fig_mean = figures._compare_row(ours_from_row(mean, None), None, in_recipe=True)

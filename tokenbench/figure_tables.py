@@ -11,7 +11,7 @@ from .figure_plan import Plan, measure_command
 from .figure_recipe import GFLOPS_AGREEMENT, Published, arch, matches, weights_same
 from .render import csv_table, fmt_value, interval_text, markdown_table, num, signed, tokens_text
 from .render import params_text as _params_text
-from .rows import DENSE_METHOD, Row
+from .rows import DENSE_METHOD, Row, method_family
 
 FLAG_HELP = {
     "gflops-differs": f"our GFLOPs differ from the published value by more than {GFLOPS_AGREEMENT}",
@@ -92,6 +92,7 @@ def collect_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[
             except UserError:
                 continue
             ours = {"model": model, "label": "dense" if p.method == DENSE_METHOD else p.method, "method": p.method,
+                    "family": method_family(p.method),
                     "params": params, "seeds": None, "target": None, "targets": [], "tokens": None,
                     "tokens_mlp": None, "gflops": g, "flops_rel": None, "img_per_s": None, "speedup": None,
                     "top1": None, "top1_lo": None, "top1_hi": None, "n": None, "weights": None, "checkpoint": None,
@@ -131,8 +132,8 @@ def _compare_row(ours: dict, p: Optional[Published], in_recipe: bool) -> dict:
 
 # --------------------------------------------------------------------------- tables
 
-CSV_COLUMNS = ["in_recipe", "model", "label", "method", "params", "target", "tokens", "tokens_mlp", "gflops",
-               "gflops_published", "gflops_diff", "flops_rel", "img_per_s", "speedup", "speedup_published",
+CSV_COLUMNS = ["in_recipe", "model", "label", "method", "family", "params", "target", "tokens", "tokens_mlp",
+               "gflops", "gflops_published", "gflops_diff", "flops_rel", "img_per_s", "speedup", "speedup_published",
                "speedup_diff", "top1", "top1_lo", "top1_hi", "n", "top1_published", "top1_diff", "accuracy_status",
                "weights", "checkpoint", "weights_published", "paper", "source", "hardware_published",
                "throughput_published", "dense_throughput_published", "device", "device_name", "threads",
@@ -159,6 +160,7 @@ def _cells(row: dict, src: dict[int, int], matched: bool) -> list[str]:
         cells.append(row.get("target") or "–")
     x = "x"
     cells += [
+        row.get("family") or "–",
         tokens_text(row.get("tokens")),
         num(row["gflops"], ".3f"), num(row["gflops_published"], ".1f"), signed(row["gflops_diff"], ".2f"),
         num(row["img_per_s"], ".1f"), num(row["speedup"], ".2f") + (x if row["speedup"] is not None else ""),
@@ -176,8 +178,8 @@ def markdown(fig: dict) -> str:
     rows, extra = fig["rows"], fig["extra"]
     matched = plan.recipe.x == "target"
     cols = ["Method", "Params"] + (["Target"] if matched else []) + [
-        "Tokens per block", "GFLOPs", "GFLOPs pub.", "Δ GFLOPs", "img/s", "Speedup", "Speedup pub.", "Top-1 %",
-        "Top-1 pub.", "Δ Top-1", "Weights (ours)", "Src", "Flags"]
+        "Family", "Tokens per block", "GFLOPs", "GFLOPs pub.", "Δ GFLOPs", "img/s", "Speedup", "Speedup pub.",
+        "Top-1 %", "Top-1 pub.", "Δ Top-1", "Weights (ours)", "Src", "Flags"]
     # footnotes: published sources in order of first use
     src: dict[int, int] = {}
     for r in rows + extra:
