@@ -29,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+# ---------------------------------------------------------------------------------------------
+# THE SETTINGS TIMED (data, not logic): (method, parameters) per model; the dense model ("none")
+# first, since every other setting is timed against it.  The embedded model has 49 patch tokens,
+# so ToMe merges fewer per block there, to span the same range of FLOPs.
 SETTINGS = [
     ("none", {}),
     ("tome", {"r": 8}),
@@ -40,8 +44,19 @@ SETTINGS = [
     ("dynamicvit", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.5}),
 ]
-# The embedded model has 49 patch tokens: ToMe's r scaled to the same FLOPs range.
-SETTINGS_SMALL = [(m, ({"r": max(1, p["r"] // 4)} if "r" in p else p)) for m, p in SETTINGS]
+SETTINGS_EMBEDDED = [
+    ("none", {}),
+    ("tome", {"r": 2}),
+    ("tome", {"r": 3}),
+    ("evit", {"keep_rate": 0.7}),
+    ("evit", {"keep_rate": 0.5}),
+    ("topk", {"keep_rate": 0.7}),
+    ("random", {"keep_rate": 0.7}),
+    ("dynamicvit", {"keep_rate": 0.7}),
+    ("dynamicvit", {"keep_rate": 0.5}),
+]
+SETTINGS_BY_MODEL = {"default": SETTINGS_EMBEDDED}  # any other model: SETTINGS
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -56,12 +71,18 @@ def main(argv=None) -> int:
     ap.add_argument("--min-run-time", type=float, default=2.0)
     ap.add_argument("--methods", default=None, help="comma-separated subset of methods")
     ap.add_argument("--out", default="results/bench", help="where to write bench.md / bench.csv / bench.json")
+    ap.add_argument("--redraw", default=None, metavar="DIR",
+                    help="time nothing: write the tables again from DIR/bench.json into --out")
     args = ap.parse_args(argv)
+    if args.redraw:
+        return redraw(Path(args.redraw), Path(args.out))
 
     import torch
 
     from tokenbench import measure
     from tokenbench.api import load
+    from tokenbench.render import params_json
+    from tokenbench.rows import Row, method_family
 
     threads = args.threads or measure.default_threads()
     torch.set_num_threads(threads)
@@ -70,7 +91,7 @@ def main(argv=None) -> int:
     rows = []
     load0 = os.getloadavg()[0]
     for model_name in args.models.split(","):
-        settings = SETTINGS_SMALL if model_name == "default" else SETTINGS
+        settings = SETTINGS_BY_MODEL.get(model_name, SETTINGS)
         if args.methods:
             keep = set(args.methods.split(",")) | {"none"}
             settings = [s for s in settings if s[0] in keep]
@@ -95,11 +116,11 @@ def main(argv=None) -> int:
                     continue
                 g0 = dense.get(b)
                 flops_x = g0 / f["gflops"] if g0 else float("nan")
-                row = {"model": model_name, "method": method, "params": json.dumps(params, separators=(",", ":")),
+                row = {"model": model_name, "method": method, "family": method_family(method),
+                       "params": params_json(params, compact=True),
                        "batch": b, "precision": args.precision, "gflops": round(f["gflops"], 3),
                        "flops_reduction": round(flops_x, 3)}
                 for mode in modes:
-                    sfx = "" if mode is None else "_compiled"
                     if method == "none":
                         r = measure.throughput(net, batch_size=b, min_run_time=args.min_run_time, latency=False,
                                                compile=mode, **timing)
@@ -108,10 +129,11 @@ def main(argv=None) -> int:
                         r = measure.speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
                                             compile=mode, **timing)
                         speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
-                    row.update({
-                        f"img_per_s{sfx}": round(r["img_per_s"], 1), f"speedup{sfx}": round(speed_x, 3),
-                        f"speedup_iqr{sfx}": f"[{q1:.2f}, {q3:.2f}]", f"iqr_pct{sfx}": round(100 * r["spread"], 1),
-                        f"efficiency{sfx}": round(speed_x / flops_x, 3) if g0 else float("nan")})
+                    timed = Row(model=model_name, label=method, method=method, params=params,
+                                family=method_family(method), gflops=f["gflops"],
+                                flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"], speedup=speed_x,
+                                speedup_q1=q1, speedup_q3=q3, batch_size=b, precision=args.precision)
+                    row.update(timing_columns(timed, flops_x, r["spread"], "" if mode is None else "_compiled"))
                     if mode is not None:
                         row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
                     row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
@@ -125,9 +147,6 @@ def main(argv=None) -> int:
                 dense_net = net
             else:
                 del net
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
     env = measure.env_info(measure.resolve_device(args.device), threads)
     head = (f"device {env['device_name']} ({env['device']}), {threads} threads, torch {env['torch']}, "
             f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode {modes[-1] or 'none'}; "
@@ -135,14 +154,48 @@ def main(argv=None) -> int:
     if env["device"] == "cuda":
         head += (f"; GPU {env.get('gpu')}, driver {_driver()}, CUDA {env.get('cuda')}, "
                  f"cudnn.benchmark on, TF32 matmul {env.get('tf32_matmul')}")
-    table = df.to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate() else df.to_string(index=False)
     print(head)
-    print(table)
-    out = Path(args.out)
+    print(write_tables(Path(args.out), head, env, rows))
+    return 0
+
+
+def timing_columns(row, flops_x: float, spread: float, sfx: str) -> dict:
+    """One timing's columns (eager: no suffix; compiled: ``_compiled``) from its typed row.
+
+    Efficiency: the speedup over the FLOPs reduction ``flops_x`` (dense / method)."""
+    from tokenbench.render import quartiles_text
+
+    return {f"img_per_s{sfx}": round(row.img_per_s, 1), f"speedup{sfx}": round(row.speedup, 3),
+            f"speedup_iqr{sfx}": quartiles_text(row.speedup_q1, row.speedup_q3),
+            f"iqr_pct{sfx}": round(100 * spread, 1),
+            f"efficiency{sfx}": round(row.speedup / flops_x, 3) if row.flops_rel else float("nan")}
+
+
+def write_tables(out: Path, head: str, env: dict, rows: list[dict]) -> str:
+    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    table = df.to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate() else df.to_string(index=False)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "bench.csv", index=False)
     (out / "bench.md").write_text(f"{head}\n\n{table}\n")
-    (out / "bench.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / "bench.json").write_text(json.dumps({"env": env, "head": head, "rows": rows}, indent=1))
+    return table
+
+
+def redraw(src: Path, out: Path) -> int:
+    """The tables again from ``src``/bench.json, timing nothing (the heading from the json, or bench.md's)."""
+    data = json.loads((src / "bench.json").read_text())
+    head = data.get("head") or (src / "bench.md").read_text().split("\n", 1)[0]
+    from tokenbench.rows import method_family
+
+    for r in data["rows"]:  # records written before the family column: the method's declaration
+        r.setdefault("family", method_family(r["method"]))
+    data["rows"] = [{k: r[k] for k in ["model", "method", "family"] + [k for k in r if k not in
+                                                                        ("model", "method", "family")]}
+                    for r in data["rows"]]
+    print(write_tables(out, head, data["env"], data["rows"]))
     return 0
 
 

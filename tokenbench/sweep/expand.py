@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from ..errors import UserError
 from .format import DENSE_METHOD, MethodEntry, Sweep
 from .search import FlopsSearch
+from ..render import fmt_value
 
 
 @dataclass
@@ -59,22 +60,6 @@ class Run:
         if self.targets:
             s += " @" + "/".join(f"{t:g}" for t in self.targets)
         return s
-
-
-def fmt_value(v: Any) -> str:
-    """A parameter value, short: schedules run-length encoded (``5x3,4x9``)."""
-    if isinstance(v, (list, tuple)):
-        parts, i = [], 0
-        while i < len(v):
-            j = i
-            while j < len(v) and v[j] == v[i]:
-                j += 1
-            parts.append(f"{v[i]}x{j - i}" if j - i > 1 else f"{v[i]}")
-            i = j
-        return "[" + ",".join(parts) + "]"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
 
 
 def _entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:

@@ -1,0 +1,76 @@
+"""One row, three reporting paths (report, figures, bench.py): the same cells; and the rows stay method-agnostic."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+from tokenbench import figures, render, report
+from tokenbench.figure_tables import _cells, ours_from_row
+from tokenbench.rows import Row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(**kw) -> Row:
+    base = dict(model="deit_small_patch16_224", label="tome", method="tome", family="merging",
+                params={"r": [5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4, 4], "prop_attn": True}, gflops=3.12345,
+                flops_rel=0.678, img_per_s=123.4, img_per_s_q1=120.0, img_per_s_q3=125.0, speedup=1.4567,
+                speedup_q1=1.4012, speedup_q3=1.5049, top1=79.123, top1_lo=78.51, top1_hi=79.74, n=1000,
+                batch_size=16, precision="fp32")
+    base.update(kw)
+    return Row(**base)
+
+
+def test_report_figures_and_bench_write_one_row_alike():
+    row = _row()
+    cells = report.display_cells(row)
+    ours = ours_from_row(row, {"metrics": {"tokens": [197.0] * 3}, "weights": "timm:x"})
+    fig = figures._compare_row(ours, None, in_recipe=True)
+    fig_cells = _cells(fig, {}, matched=False)
+    bench_cols = _bench().timing_columns(row, 1 / row.flops_rel, 0.05, "")
+    # parameters, schedules run-length encoded: the same text in the report and the figure
+    assert cells["Params"] == figures.params_text(fig) == fig_cells[1] == "r=[5x3,4x9], prop_attn=True"
+    assert cells["Params"] == render.params_text(row.params)
+    # top-1 with its 95% interval
+    assert cells["Top-1 % [95% CI]"] == fig_cells[10] == "79.12 [78.5, 79.7]"
+    # the speedup: the same value in all three, and its quartiles as bench.py writes them
+    assert cells["Speedup [q1, q3]"] == f"{fig_cells[8]} {bench_cols['speedup_iqr']}" == "1.46x [1.40, 1.50]"
+    assert bench_cols["efficiency"] == round(1.4567 * 0.678, 3)
+    # the method's family, in the report's and the figure's tables alike
+    assert cells["Family"] == fig_cells[2] == "merging"
+    # a seeded mean row: the number of seeds, in the report and the figure alike
+    mean = _row(row_type="mean", params={"keep_rate": 0.7}, seeds=[0, 1, 2], method="random", label="random")
+    fig_mean = figures._compare_row(ours_from_row(mean, None), None, in_recipe=True)
+    assert report.display_cells(mean)["Params"] == figures.params_text(fig_mean) == "keep_rate=0.7, 3 seeds"
+
+
+def test_row_reads_like_the_dict_it_replaces():
+    row = _row(keys={"flops": "abc"}, flag_set={"noisy"})
+    assert row["params"] == '{"prop_attn": true, "r": [5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4, 4]}'
+    assert row["_params"] is row.params and row["_flags"] == {"noisy"}
+    assert row["flops_key"] == "abc" and row.get("accuracy_key") is None and row.get("mcnemar_p") is None
+
+
+def test_family_markers_differ_and_colours_follow_the_method():
+    styles = render.method_styles(["tome", "evit", "topk"], {"tome": "merging", "evit": "pruning", "topk": "pruning"})
+    assert styles["evit"][1] == styles["topk"][1] != styles["tome"][1]
+    assert len({styles[k][0] for k in styles}) == 3
+
+
+def test_reporting_code_names_no_method_nor_method_parameter():
+    src = ["rows.py", "render.py"] + [p.name for p in (ROOT / "tokenbench").glob("report*.py")] + [
+        p.name for p in (ROOT / "tokenbench").glob("figure*.py")]
+    for name in src:
+        code = (ROOT / "tokenbench" / name).read_text()
+        code = re.sub(r'""".*?"""', "", code, flags=re.S)  # docstrings may give examples
+        code = re.sub(r"#.*", "", code)
+        for word in ("keep_rate", '["r"]', '"r":', '== "seed"', '["seed"]', 'get("seed"', "tome", "evit", "topk",
+                     "dynamicvit", '"random"', "search_param"):
+            assert word not in code, f"{name} names {word}"

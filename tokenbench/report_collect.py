@@ -1,0 +1,104 @@
+"""Rows from a results directory: which records belong to which run, by the sweep's plan or by grouping."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+from .identity import stale_reasons
+from .report_stats import aggregate_seeds, closing_notes, compare_with_dense
+from .rows import DENSE_METHOD, acc_setting, method_info, row_from_records, tp_setting
+from .sweep import DEFAULT_TOLERANCE, read_plan
+
+
+def _identity(spec: dict) -> str:
+    from .store import canonical
+
+    return canonical({k: spec.get(k) for k in ("model", "method", "params", "pretrained", "checkpoint",
+                                               "img_size")})
+
+
+def _latest(recs: list[dict]) -> Optional[dict]:
+    """The record to report among several of one setting: a current one before a stale one, then the newest."""
+    return max(recs, key=lambda r: (not stale_reasons(r), r.get("meta", {}).get("time", ""))) if recs else None
+
+
+def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
+    out = []
+    for r in plan["runs"]:
+        keys = r.get("keys") or {}
+        out.append({
+            "label": r.get("label") or r["method"], "spec": r["spec"], "targets": r.get("targets") or [],
+            "seed_param": r.get("seed_param"), "planned": sorted(keys),
+            "recs": {k: by_key.get(v) for k, v in keys.items()},
+        })
+    return out
+
+
+def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
+    tp = [r for r in recs if r["kind"] == "throughput"]
+    acc = [r for r in recs if r["kind"] == "accuracy"]
+    tp_set = Counter(map(tp_setting, tp)).most_common(1)[0][0] if tp else None
+    acc_set = Counter(map(acc_setting, acc)).most_common(1)[0][0] if acc else None
+    if len({tp_setting(r) for r in tp}) > 1:
+        notes.append(f"throughput records of several settings: reporting device/batch {tp_set}")
+    if len({acc_setting(r) for r in acc}) > 1:
+        notes.append(f"accuracy records of several data subsets: reporting {acc_set}")
+    groups: dict[str, dict] = {}
+    for r in recs:
+        if r["kind"] == "throughput" and tp_setting(r) != tp_set:
+            continue
+        if r["kind"] == "accuracy" and acc_setting(r) != acc_set:
+            continue
+        g = groups.setdefault(_identity(r["spec"]), {"spec": r["spec"], "by_kind": {}})
+        g["by_kind"].setdefault(r["kind"], []).append(r)
+    out = []
+    for g in groups.values():
+        spec = g["spec"]
+        _, seed_p = method_info(spec["method"])
+        out.append({"label": spec["method"], "spec": spec, "targets": [], "seed_param": seed_p,
+                    "planned": sorted(g["by_kind"]), "recs": {k: _latest(v) for k, v in g["by_kind"].items()}})
+
+    def order(e):
+        s = e["spec"]
+        g = (e["recs"].get("flops") or {}).get("metrics", {}).get("gflops", 0.0)
+        return (s["model"], s["method"] != DENSE_METHOD, s["method"], -g, json.dumps(s["params"], sort_keys=True))
+
+    return sorted(out, key=order)
+
+
+def collect(out: str | os.PathLike) -> dict:
+    """Rows (all, for the CSV) and display rows (seeds aggregated) from the records in ``out``."""
+    from .store import Store
+
+    out = Path(out)
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = Store(out)
+        recs = store.records()
+        plan = read_plan(out)
+    for w in caught:
+        notes.append(str(w.message))
+    if not recs:
+        raise UserError(f"no records in {out / 'records'} (run a sweep there first: tokenbench run --out {out})")
+    by_key = {r["key"]: r for r in recs}
+    tolerance = DEFAULT_TOLERANCE
+    if plan:
+        tolerance = float(plan.get("sweep", {}).get("flops_tolerance") or DEFAULT_TOLERANCE)
+        entries = _entries_from_plan(plan, by_key)
+    else:
+        entries = _entries_from_records(recs, notes)
+    rows = [row_from_records(e["label"], e["spec"], e["recs"], e["planned"], e["targets"], e["seed_param"], tolerance)
+            for e in entries]
+    compare_with_dense(rows)
+    display = aggregate_seeds(rows)
+    for r in rows + display:
+        r.flags = ",".join(sorted(r.flag_set))
+    notes += closing_notes(rows)
+    return {"rows": rows, "display": display, "notes": notes, "plan": plan, "out": out}

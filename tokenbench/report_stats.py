@@ -1,0 +1,211 @@
+"""Statistics over report rows: against the dense model, over seeds, and paired tests between settings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Optional
+
+from .errors import UserError
+from .render import params_text as _params_text
+from .rows import Row, setting_key
+
+
+def params_text(r: Row) -> str:
+    """A row's parameters, and its number of seeds when it is a mean over seeds (a Row, or a row as a dict)."""
+    return _params_text(r["_params"], len(r["_seeds"]) if r["row_type"] == "mean" else None)
+
+
+def _misses_target(r: Row) -> bool:
+    return min(abs(r.flops_rel - t) for t in r.targets) > r.tolerance + 1e-12
+
+
+def compare_with_dense(rows: list[Row]) -> None:
+    """FLOPs relative to dense, speedup, McNemar against dense, the FLOPs-miss flag (in place)."""
+    from .measure import mcnemar
+
+    dense_rows = [r for r in rows if r.is_dense]
+    for r in rows:
+        d = next((x for x in dense_rows if x.model == r.model), None)
+        if d is None:
+            continue
+        if r.gflops is not None and d.gflops:
+            r.flops_rel = r.gflops / d.gflops
+            if r.targets and _misses_target(r):
+                r.flag_set.add("flops-miss")
+        if r is d and r.img_per_s:
+            r.speedup = 1.0  # speedups are the paired (interleaved) timings of the speedup records
+        if r is not d and r.correct and d.correct and r.acc_setting == d.acc_setting \
+                and len(r.correct) == len(d.correct):
+            res = mcnemar([c == "1" for c in d.correct], [c == "1" for c in r.correct])
+            r.mcnemar_p, r.only_dense, r.only_run = res["p_value"], res["only_a"], res["only_b"]
+
+
+def _mean(xs):
+    xs = [x for x in xs if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+MEAN_COLUMNS = ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "speedup_q1",
+                "speedup_q3", "latency_ms_p50", "top1", "top1_lo", "top1_hi", "top5", "params_m", "only_dense",
+                "only_run")
+
+
+def _mean_row(g: list[Row]) -> Row:
+    first = g[0]
+    m = first.replace(row_type="mean", seed=None, n_seeds=len(g), params=first.setting_params,
+                      seeds=[r.seed for r in g], flag_set=set().union(*(r.flag_set for r in g)),
+                      stale="; ".join(dict.fromkeys(r.stale for r in g if r.stale)) or None,
+                      warnings=sorted({w for r in g for w in r.warnings}), members=g, keys=dict(first.keys))
+    for col in MEAN_COLUMNS:
+        setattr(m, col, _mean(getattr(r, col) for r in g))
+    m.top1_std = _std([r.top1 for r in g if r.top1 is not None])
+    m.top5_std = _std([r.top5 for r in g if r.top5 is not None])
+    m.img_per_s_std = _std([r.img_per_s for r in g if r.img_per_s is not None])
+    ps = [r.mcnemar_p for r in g if r.mcnemar_p is not None]
+    m.mcnemar_p = max(ps) if ps else None  # the most conservative of the seeds
+    if m.flops_rel is not None and m.targets and "flops-miss" not in m.flag_set and _misses_target(m):
+        m.flag_set.add("flops-miss")
+    return m
+
+
+def aggregate_seeds(rows: list[Row]) -> list[Row]:
+    """Display rows: each group of seeds becomes one mean row (per-seed rows stay for the CSV)."""
+    out: list[Row] = []
+    groups: dict[str, list[Row]] = {}
+    order: list[tuple[str, object]] = []
+    for r in rows:
+        if not r.seed_param:
+            order.append(("row", r))
+            continue
+        gk = setting_key(r)
+        if gk not in groups:
+            groups[gk] = []
+            order.append(("group", gk))
+        groups[gk].append(r)
+    for kind, item in order:
+        if kind == "row":
+            out.append(item)
+        elif len(groups[item]) == 1:
+            out.append(groups[item][0].replace(row_type="run"))
+        else:
+            out.append(_mean_row(groups[item]))
+    return out
+
+
+def closing_notes(rows: list[Row]) -> list[str]:
+    """What a reader must know before trusting the table: stale rows and unreliable timings."""
+    out = []
+    stale = [r for r in rows if "stale" in r.flag_set]
+    if stale:
+        why = sorted({w for r in stale for w in (r.stale or "").split("; ") if w})
+        out.append(f"{len(stale)} of {len(rows)} runs are stale (marked `stale`): {'; '.join(why[:3])}"
+                   f"{' ...' if len(why) > 3 else ''}; rerun `tokenbench run` to measure them with this code")
+    timed = [r for r in rows if r.keys.get("throughput") or r.keys.get("speedup")]
+    flagged = [r for r in timed if r.flag_set & {"busy", "noisy"}]
+    if flagged:
+        out.append(f"{len(flagged)} of {len(timed)} throughput runs flagged busy or noisy: their speedups are "
+                   "unreliable (`tokenbench run ... --retime-flagged` times them again)")
+    return out
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+def _parse_selector(text: str) -> tuple[str, dict]:
+    """``METHOD`` or ``METHOD:KEY=VALUE,KEY=VALUE`` (values read as in ``--set``)."""
+    from .registry import parse_set
+
+    method, _, rest = text.partition(":")
+    method = method.strip()
+    if not method:
+        raise UserError(f"selector {text!r} names no method (write METHOD or METHOD:KEY=VALUE,...)")
+    items, depth, cur = [], 0, ""
+    for ch in rest:  # commas inside [...] belong to a list value
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items = [x for x in items + [cur] if x.strip()]
+    return method, parse_set(items)
+
+
+# selection reads rows by name, so that it takes a Row or a row written as a dict alike
+
+def _matches(row: Row, method: str, params: dict, by_label: bool = False) -> bool:
+    if (row.get("label") if by_label else row["method"]) != method:
+        return False
+    for k, v in params.items():
+        have = row["_params"].get(k)
+        if isinstance(v, (int, float)) and isinstance(have, (int, float)) and not isinstance(v, bool):
+            if not math.isclose(float(have), float(v), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif have != v:
+            return False
+    return True
+
+
+def _select(rows: list[Row], text: str) -> list[Row]:
+    """The rows ``text`` picks: one setting (its seeds, if the method is seeded)."""
+    method, params = _parse_selector(text)
+    # a sweep entry's label (e.g. [methods.topk-finetuned]) names it; otherwise the method does
+    by_label = any(r.get("label") == method and r["method"] != method for r in rows)
+    got = [r for r in rows if _matches(r, method, params, by_label)]
+    if not got:
+        same = sorted({params_text(r) for r in rows if r["method"] == method})
+        known = sorted({r["method"] for r in rows})
+        hint = (f"; its settings here: {'; '.join(same)}" if same else f"; methods here: {', '.join(known)}")
+        raise UserError(f"no accuracy record matches {text!r}{hint}")
+
+    def settings_of(rs):
+        return {json.dumps([r.get("label"), r.get("checkpoint"),
+                            {k: v for k, v in r["_params"].items() if k != r["_seed_param"]}], sort_keys=True)
+                for r in rs}
+
+    settings = settings_of(got)
+    own = [r for r in got if r.get("label") == method]
+    if len(settings) > 1 and own and len(settings_of(own)) == 1:
+        return own  # `topk` is the [methods.topk] entry, not also [methods.topk-finetuned]
+    if len(settings) > 1:
+        shown = sorted({f"{r.get('label') or r['method']}: {params_text(r)}" for r in got})
+        raise UserError(f"{text!r} matches {len(settings)} settings ({'; '.join(shown)}); "
+                        "add KEY=VALUE, or name the sweep entry's label, to pick one")
+    return got
+
+
+def paired(out: str | os.PathLike, a: str, b: str) -> dict:
+    """McNemar's paired test between two settings measured on the same images in ``out``.
+
+    Each of ``a`` and ``b`` selects one setting (``METHOD:KEY=VALUE,...``); a seeded method
+    gives one comparison per seed.  Returns both sides' accuracy and, per pair, the images
+    only one side gets right and the exact two-sided p-value.
+    """
+    from .measure import mcnemar
+    from .report_collect import collect
+
+    res = collect(out)
+    rows = [r for r in res["rows"] if r.correct]
+    ra, rb = _select(rows, a), _select(rows, b)
+
+    def side(r: Row) -> dict:
+        return {"method": r.method, "params": r.params, "top1": r.top1, "top1_ci95": [r.top1_lo, r.top1_hi],
+                "n": r.n, "gflops": r.gflops, "learned": r.learned, "checkpoint": r.checkpoint}
+
+    pairs = []
+    for x in ra:
+        for y in rb:
+            if x.acc_setting != y.acc_setting or len(x.correct) != len(y.correct):
+                raise UserError(f"{params_text(x)} and {params_text(y)} were not measured on the same images; "
+                                "a paired test needs the same data subset")
+            m = mcnemar([c == "1" for c in x.correct], [c == "1" for c in y.correct])
+            pairs.append({"a": side(x), "b": side(y), "only_a": m["only_a"], "only_b": m["only_b"],
+                          "p_value": m["p_value"], "diff": x.top1 - y.top1})
+    return {"out": str(out), "a": a, "b": b, "pairs": pairs}

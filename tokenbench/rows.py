@@ -1,0 +1,259 @@
+"""One typed row per run: what every reporting path (report, figures, bench.py) tabulates.
+
+:func:`row_from_records` builds a :class:`Row` from one run's records (FLOPs, throughput,
+paired speedup, accuracy) in one place.  The comparisons against the dense model and the
+seed averages are filled in by :mod:`tokenbench.report_stats`; cells are written by
+:mod:`tokenbench.render`.
+
+A row also reads like the dict it replaces (``row["top1"]``, ``row.get("gflops")``): the
+CSV's columns by name, ``row["params"]`` the parameters as JSON, and the older private
+names (``_params``, ``_flags``, ...) for the code and tests that still use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import UserError
+from .identity import stale_reasons
+from .render import params_json
+
+DENSE_METHOD = "none"
+
+# older private names of a row's fields (the rows were dicts)
+ALIASES = {"_params": "params", "_flags": "flag_set", "_targets": "targets", "_seed_param": "seed_param",
+           "_correct": "correct", "_acc_setting": "acc_setting", "_tp_setting": "tp_setting", "_seeds": "seeds",
+           "_members": "members", "_tolerance": "tolerance"}
+RECORD_KINDS = ("flops", "throughput", "speedup", "accuracy")
+
+
+@dataclass(eq=False)
+class Row:
+    """One run (or one setting averaged over its seeds): its identity and every measured number."""
+
+    model: str
+    label: str
+    method: str
+    params: dict
+    row_type: str = "run"                 # run | seed (one seed of a seeded setting) | mean (over the seeds)
+    family: Optional[str] = None          # the method's declared family (none, pruning, merging, hybrid)
+    seed_param: Optional[str] = None
+    seed: Optional[int] = None
+    n_seeds: Optional[int] = None
+    seeds: Optional[list] = None
+    targets: list = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    learned: Optional[str] = None
+    # FLOPs
+    gflops: Optional[float] = None
+    params_m: Optional[float] = None
+    flops_rel: Optional[float] = None
+    # throughput and the paired speedup
+    img_per_s: Optional[float] = None
+    img_per_s_q1: Optional[float] = None
+    img_per_s_q3: Optional[float] = None
+    img_per_s_std: Optional[float] = None
+    latency_ms_p50: Optional[float] = None
+    speedup: Optional[float] = None
+    speedup_q1: Optional[float] = None
+    speedup_q3: Optional[float] = None
+    device: Optional[str] = None
+    device_name: Optional[str] = None
+    threads: Optional[int] = None
+    batch_size: Optional[int] = None
+    precision: Optional[str] = None
+    tp_setting: Optional[tuple] = None
+    # accuracy and the paired test against dense
+    top1: Optional[float] = None
+    top1_lo: Optional[float] = None
+    top1_hi: Optional[float] = None
+    top1_std: Optional[float] = None
+    top5: Optional[float] = None
+    top5_std: Optional[float] = None
+    n: Optional[int] = None
+    correct: Optional[str] = None
+    acc_setting: Optional[tuple] = None
+    mcnemar_p: Optional[float] = None
+    only_dense: Optional[float] = None
+    only_run: Optional[float] = None
+    # provenance and trust
+    keys: dict = field(default_factory=dict)  # record kind -> record key
+    warnings: list = field(default_factory=list)
+    flag_set: set = field(default_factory=set)
+    flags: str = ""
+    stale: Optional[str] = None
+    tolerance: float = 0.0
+    members: Optional[list] = None          # a mean row's seed rows
+
+    @property
+    def target(self) -> Optional[str]:
+        return "/".join(f"{x:g}" for x in self.targets) or None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == DENSE_METHOD
+
+    @property
+    def setting_params(self) -> dict:
+        """The parameters without the seed."""
+        return {k: v for k, v in self.params.items() if k != self.seed_param}
+
+    # -- dict-style reading, for the CSV's columns and older callers
+    def __getitem__(self, key: str) -> Any:
+        if key in ALIASES:
+            return getattr(self, ALIASES[key])
+        if key == "params":
+            return params_json(self.params)
+        if key.endswith("_key") and key[:-4] in RECORD_KINDS:
+            return self.keys.get(key[:-4])
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            v = self[key]
+        except KeyError:
+            return default
+        return default if v is None else v
+
+    def replace(self, **changes) -> "Row":
+        return dataclasses.replace(self, **changes)
+
+
+def as_row(r: "Row | dict") -> Row:
+    """A Row as it is, or one from a row written as a dict (the CSV's names and the older private ones)."""
+    if isinstance(r, Row):
+        return r
+    names = {v: k for k, v in ALIASES.items()}
+    kw = {}
+    for f in dataclasses.fields(Row):
+        key = names.get(f.name, f.name)
+        if key in r:
+            kw[f.name] = r[key]
+    if "params" not in kw or not isinstance(kw["params"], dict):
+        kw["params"] = json.loads(r["params"]) if isinstance(r.get("params"), str) else {}
+    kw["keys"] = {k: r[f"{k}_key"] for k in RECORD_KINDS if r.get(f"{k}_key")}
+    for f, empty in (("targets", list), ("warnings", list), ("flag_set", set)):
+        if kw.get(f) is None:
+            kw[f] = empty()
+    kw["flags"] = kw.get("flags") or ""
+    return Row(**{k: v for k, v in kw.items() if k != "target"})
+
+
+# --------------------------------------------------------------------------- settings of records
+
+def tp_setting(rec: dict) -> tuple:
+    kf = rec.get("key_fields", {})
+    return tuple(kf.get(k) for k in ("device", "device_name", "precision", "threads", "batch_size"))
+
+
+def acc_setting(rec: dict) -> tuple:
+    kf = rec.get("key_fields", {})
+    return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed", "device", "precision"))
+
+
+def learned_status(spec: dict) -> str:
+    """What the record's learned parts are: none, untrained, trained, or fine-tuned (a checkpoint)."""
+    status = spec.get("learned_parts") or "none"
+    if status == "trained" and spec.get("checkpoint"):
+        return "fine-tuned"
+    if status == "none" and spec.get("checkpoint") and spec.get("method") not in (None, DENSE_METHOD):
+        return "fine-tuned"  # a training-free method on weights trained with it (tokenbench train)
+    return status
+
+
+def method_declaration(name: str):
+    """The method's class from the registry, or None for a method not installed here."""
+    try:
+        from .registry import get_method
+
+        return get_method(name)
+    except UserError:
+        return None
+
+
+def method_info(name: str) -> tuple[bool, Optional[str]]:
+    """(deterministic, seed parameter) from the method's declaration (unknown methods: deterministic)."""
+    cls = method_declaration(name)
+    if cls is None:
+        return True, None
+    return cls.deterministic, (cls.seed_param if not cls.deterministic else None)
+
+
+def method_family(name: str) -> Optional[str]:
+    cls = method_declaration(name)
+    return getattr(cls, "family", None) if cls is not None else None
+
+
+# --------------------------------------------------------------------------- a row from records
+
+def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], planned: list[str],
+                     targets: list, seed_param: Optional[str], tolerance: float) -> Row:
+    """One run's row: ``recs`` maps a record kind to its record (None: planned, not measured)."""
+    f, t, a, sp = recs.get("flops"), recs.get("throughput"), recs.get("accuracy"), recs.get("speedup")
+    params = dict(spec.get("params") or {})
+    row = Row(model=spec["model"], label="dense" if spec["method"] == DENSE_METHOD else label,
+              method=spec["method"], params=params, row_type="seed" if seed_param else "run",
+              family=method_family(spec["method"]), seed_param=seed_param,
+              seed=params.get(seed_param) if seed_param else None, targets=list(targets),
+              checkpoint=spec.get("checkpoint"), tolerance=tolerance)
+    flags = row.flag_set
+    stale = []
+    for kind, rec in recs.items():
+        if rec is not None:
+            stale += [f"{kind}: {why}" for why in stale_reasons(rec)]
+            row.keys[kind] = rec["key"]
+            row.learned = row.learned or learned_status(rec.get("spec", {}))
+            row.warnings += list(rec.get("metrics", {}).get("warnings") or [])
+    if any(recs.get(k) is None for k in planned):
+        flags.add("incomplete")
+    if f is not None:
+        row.gflops = f["metrics"].get("gflops")
+        row.params_m = f["metrics"].get("params_m")
+    if t is not None:
+        m, kf = t["metrics"], t.get("key_fields", {})
+        row.img_per_s, row.img_per_s_q1, row.img_per_s_q3 = m.get("img_per_s"), m.get("img_per_s_q1"), m.get(
+            "img_per_s_q3")
+        row.latency_ms_p50 = m.get("latency_ms_p50")
+        row.device, row.device_name, row.threads = kf.get("device"), kf.get("device_name"), kf.get("threads")
+        row.batch_size, row.precision = kf.get("batch_size"), kf.get("precision")
+        row.tp_setting = tp_setting(t)
+        if m.get("spread_flag"):
+            flags.add("noisy")
+        if t.get("env", {}).get("busy"):
+            flags.add("busy")
+    if sp is not None:
+        m = sp["metrics"]
+        row.speedup, row.speedup_q1, row.speedup_q3 = m.get("speedup"), m.get("speedup_q1"), m.get("speedup_q3")
+        if m.get("spread_flag"):
+            flags.add("noisy")
+        if sp.get("env", {}).get("busy"):
+            flags.add("busy")
+    if stale:
+        flags.add("stale")
+        row.stale = "; ".join(dict.fromkeys(stale))
+    if a is not None:
+        m, kf = a["metrics"], a.get("key_fields", {})
+        row.top1_lo, row.top1_hi = (m.get("top1_ci95") or [None, None])[:2]
+        row.top1, row.top5, row.n, row.correct = m.get("top1"), m.get("top5"), m.get("n"), m.get("correct")
+        row.acc_setting = acc_setting(a)
+        if t is None:  # the throughput record's device and precision come first
+            row.device, row.precision = kf.get("device"), kf.get("precision")
+    for w in row.warnings:
+        if "busy" in w:
+            flags.add("busy")
+        elif "spread" in w:
+            flags.add("noisy")
+        else:
+            flags.add("warning")
+    return row
+
+
+def setting_key(row: Row) -> str:
+    """What a row's seeds share: model, label, parameters without the seed, targets, checkpoint."""
+    return json.dumps([row.model, row.label, row.setting_params, row.targets, row.checkpoint], sort_keys=True)
