@@ -73,14 +73,16 @@ class TokenState:
         if not self.record:
             return
         (self.tokens_mlp if mlp else self.tokens).append(x.shape[1])
-        if self.pad is not None and not mlp:
-            self.real_tokens.append(self.pad.sum(1).detach())
+        if not mlp:
+            self.real_tokens.append(None if self.pad is None else self.pad.sum(1).detach())
 
     def tokens_per_image(self) -> Optional[torch.Tensor]:
-        """[B, depth] real tokens entering each block, when the count varies per image."""
-        if not self.real_tokens:
+        """[B, depth] real tokens entering each block, when the count varies per image (else None)."""
+        ref = next((t for t in self.real_tokens if t is not None), None)
+        if ref is None:
             return None
-        return torch.stack(self.real_tokens, 1)
+        return torch.stack([torch.full_like(ref, n) if t is None else t
+                            for t, n in zip(self.real_tokens, self.tokens)], 1)
 
     # ----------------------------------------------------------- the primitives
     def keep(self, x: torch.Tensor, idx: torch.Tensor, kind: str = "prune",
