@@ -121,27 +121,35 @@ def _public(rec: dict) -> dict:
 
 @app.command("list")
 def list_cmd(json_: bool = JSON_OPT):
-    """The registered methods and their parameters (type, default, range, help)."""
+    """The registered methods: family (pruning, merging, hybrid), training-free or learned, and
+    their parameters (type, default, range, help; the budget knob marked *)."""
     from .registry import list_methods
 
     methods = list_methods()
     if json_:
         out_json({"methods": methods})
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title="tokenbench methods", show_lines=False)
-    for col in ("method", "parameter", "type", "default", "range", "help"):
+    reducing = [m for m in methods if m["family"] != "none"]
+    t = Table(title=f"tokenbench methods ({len(reducing)} reduction methods and the dense model)", show_lines=False)
+    for col in ("method", "family", "parameter", "type", "default", "range", "help"):
         t.add_column(col)
     for m in methods:
         first = True
-        label = m["name"] + (" (learned)" if m["learned"] else "")
+        label = m["name"]
+        kind = m["family"] if m["family"] == "none" else \
+            f"{m['family']}, {'learned' if m['learned'] else 'training-free'}"
         if not m["params"]:
-            t.add_row(label, "-", "", "", "", m["summary"])
+            t.add_row(label, kind, "-", "", "", "", m["summary"])
         for p in m["params"] + m.get("train_params", []):
-            t.add_row(label if first else "", p["name"], p["type"], json.dumps(p["default"]), p["range"], p["help"])
+            name = p["name"] + ("*" if p["name"] == m["knob"] else "")
+            t.add_row(label if first else "", kind if first else "", name, p["type"], json.dumps(p["default"]),
+                      escape(p["range"]), escape(p["help"]))
             first = False
     console().print(t)
+    console().print("* the budget knob a matched-FLOPs search moves")
 
 
 @app.command("flops")
