@@ -1,0 +1,100 @@
+"""The two layering rules of the redesign, checked on the source:
+
+- no module outside ``tokenbench/backbones/`` reads a model's insides (a ViT attribute);
+- no harness module names a method or a method's parameter (what differs between methods is
+  read from their declarations).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tokenbench"
+# Attributes of timm's VisionTransformer (and its blocks) only a backbone may read.
+MODEL_INSIDES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "cls_token", "pos_embed",
+                 "fc1", "attn_pool", "norm_pre", "grid_size", "global_pool", "dist_token", "reg_token"}
+# The deprecated shim for 0.1 plugins only re-exports the backbone layer.
+EXEMPT = {"vit.py"}
+
+
+def harness_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py")
+                  if "backbones" not in p.relative_to(PACKAGE).parts and p.name not in EXEMPT
+                  and p.relative_to(PACKAGE).parts[0] != "methods")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body:
+            first = n.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def model_attribute_reads(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and n.attr in MODEL_INSIDES:
+            hits.append(f"{path.name}:{n.lineno} .{n.attr}")
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("getattr", "hasattr", "setattr") \
+                and len(n.args) > 1 and isinstance(n.args[1], ast.Constant) and n.args[1].value in MODEL_INSIDES:
+            hits.append(f"{path.name}:{n.lineno} {n.func.id}(..., {n.args[1].value!r})")
+    return hits
+
+
+def method_names_used(path: Path, methods: set[str], params: set[str]) -> list[str]:
+    """String constants naming a method or a parameter, outside docstrings.  A one-letter
+    parameter name (ToMe's ``r``) counts only where it indexes or names something
+    (``p["r"]``, ``p.get("r")``, a dict key), not as, e.g., a LaTeX column letter."""
+    tree = ast.parse(path.read_text())
+    docs = _docstrings(tree)
+    keyish: set[int] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Subscript):
+            keyish.add(id(n.slice))
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("get", "pop") and n.args:
+            keyish.add(id(n.args[0]))
+        elif isinstance(n, ast.Dict):
+            keyish.update(id(k) for k in n.keys if k is not None)
+        elif isinstance(n, ast.Compare):
+            keyish.update(id(c) for c in [n.left, *n.comparators])
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            v = n.value
+            if v in methods or (v in params and (len(v) > 1 or id(n) in keyish)):
+                hits.append(f"{path.name}:{n.lineno} {v!r}")
+    return hits
+
+
+@pytest.mark.parametrize("path", harness_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_model_insides_outside_the_backbones(path):
+    assert model_attribute_reads(path) == []
+
+
+@pytest.mark.parametrize("path", harness_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_method_names_in_the_harness(path):
+    from tokenbench.registry import _SOURCES, load_methods
+
+    reg = load_methods()
+    shipped = {n for n, s in _SOURCES.items() if s}
+    # "none" is the dense baseline every comparison needs (the contract's own name for it);
+    # "seed" is also the data subset's seed.
+    names = {n for n in shipped if n != "none"}
+    params = {p.name for n in shipped for p in (*reg[n].params, *reg[n].train_params)} - {"seed"}
+    assert method_names_used(path, names, params) == []
+
+
+def test_the_checks_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(model, p):\n    """keep_rate in a docstring is fine"""\n'
+                   '    return len(model.blocks), p["r"], p.get("keep_rate"), "tome", "{r}".format(r=1)\n')
+    assert model_attribute_reads(bad) == ["bad.py:3 .blocks"]
+    assert sorted(method_names_used(bad, {"tome"}, {"r", "keep_rate"})) == [
+        "bad.py:3 'keep_rate'", "bad.py:3 'r'", "bad.py:3 'tome'"]
