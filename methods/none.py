@@ -10,6 +10,7 @@ class NoReduction(Method):
     family = "none"
     version = "1"
     summary = "The dense model (no token reduction)."
+    backbones = ("vit", "convnext")
     params = ()
 
     def apply(self, model, **params):
