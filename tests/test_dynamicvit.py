@@ -369,7 +369,7 @@ def test_committed_checkpoints_meet_their_token_budget(keep_rate):
     from pathlib import Path
 
     from tokenbench.api import load
-    from tokenbench.train import fmnist_tensors
+    from tokenbench.train_data import fmnist_tensors
 
     root = Path(__file__).resolve().parent.parent
     ckpt = root / "results" / f"dynamicvit-{keep_rate}" / "model.pt"
