@@ -39,8 +39,10 @@ def test_every_method_compiles_without_graph_breaks(name):
 
 
 def test_inductor_compiles_tome():
-    # inductor generates and builds C++ per block: four blocks keep it within the suite's time
-    _compiled_equals_eager("tome", "inductor", depth=4)
+    # inductor builds C++ kernels per block shape, and ToMe's shapes change in every block: two
+    # blocks (both merging) hold the same operators as twelve and keep it within the suite's time
+    tokens = _compiled_equals_eager("tome", "inductor", depth=2)
+    assert tokens[0] > tokens[1], tokens
 
 
 def test_every_method_declares_how_it_compiles():
