@@ -63,12 +63,13 @@ def _move(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- tensors
 
-def fmnist_tensors(data_dir=None):
-    """Fashion-MNIST train and test sets as normalised float tensors [N, 1, 28, 28]."""
+def fmnist_tensors(data_dir=None, splits: tuple[str, ...] = ("train", "test")) -> list[torch.Tensor]:
+    """Fashion-MNIST ``splits`` as normalised float images [N, 1, 28, 28] and labels:
+    ``[train_x, train_y, test_x, test_y]`` by default."""
     from .data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
 
     out = []
-    for split in ("train", "test"):
+    for split in splits:
         x, y = load_fashion_mnist(split, data_dir)
         x = (x.float().div(255.0).unsqueeze(1) - FMNIST_MEAN) / FMNIST_STD
         out += [x.contiguous(), y]
