@@ -50,7 +50,7 @@ import subprocess
 import socket
 import time as _time
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 SCHEMA_VERSION = 1
 

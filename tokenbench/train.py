@@ -11,7 +11,6 @@ and, when finished, ``model.pt`` with ``model.pt.sha256``.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
