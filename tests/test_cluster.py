@@ -85,10 +85,34 @@ def test_torchrun_two_processes_give_the_one_process_result(tiny_default, tmp_pa
     assert rec2["metrics"]["predictions"] == rec1["metrics"]["predictions"]
 
 
+# One short timing per record (no batch-1 latency, no retries of a busy timing, three speedup rounds):
+# which rank times, and how often each record is written, do not depend on the timing's length.
+TORCHRUN_SWEEP = """
+name = "torchrun"
+models = ["default"]
+measure = ["flops", "throughput", "accuracy"]
+device = "cpu"
+[data]
+name = "synthetic"
+limit = 24
+batch_size = 8
+[throughput]
+batch_size = 2
+threads = 1
+min_run_time = 0.05
+latency = false
+retries = 0
+rounds = 3
+[methods.none]
+[methods.topk]
+keep_rate = [0.5]
+"""
+
+
 def test_torchrun_sweep_times_throughput_on_rank_0_alone_and_writes_each_record_once(tiny_default, tmp_path, cli):
-    args = ["run", "--model", "default", "--method", "topk", "--set", "keep_rate=[0.5]", "--data", "synthetic",
-            "--limit", "24", "--eval-batch-size", "8", "--measure", "flops,throughput,accuracy", "--batch-size", "2",
-            "--threads", "1", "--min-run-time", "0.05", "--device", "cpu", "--no-plots", "--json"]
+    sweep = tmp_path / "torchrun.toml"
+    sweep.write_text(TORCHRUN_SWEEP)
+    args = ["run", str(sweep), "--no-plots", "--json"]
     proc = torchrun([*args, "--out", str(tmp_path / "two")], tmp_path, subprocess_env(tiny_default))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout  # one table, rank 0's

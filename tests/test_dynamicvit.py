@@ -370,12 +370,12 @@ def test_committed_checkpoints_meet_their_token_budget(keep_rate):
     from pathlib import Path
 
     from tokenbench.api import load
-    from tokenbench.train import fmnist_tensors
+    from tokenbench.train_data import fmnist_tensors
 
     root = Path(__file__).resolve().parent.parent
     ckpt = root / "results" / f"dynamicvit-{keep_rate}" / "model.pt"
     model, _ = load("default", "dynamicvit", {"keep_rate": keep_rate}, checkpoint=str(ckpt))
-    x = fmnist_tensors()[2][:512]
+    x = fmnist_tensors(splits=("test",))[0][:512]
     fracs = dv.training_keep_fractions(model, x)
     targets = [keep_rate ** (s + 1) for s in range(len(fracs))]
     assert len(fracs) == 3

@@ -96,12 +96,13 @@ def test_finetune_records_train_params(tmp_path, monkeypatch):
     import json
 
     from tokenbench import train as T
+    from tokenbench import train_data
 
     n = 64
     g = torch.Generator().manual_seed(0)
     fake = (torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g),
             torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g))
-    monkeypatch.setattr(T, "fmnist_tensors", lambda data_dir=None: fake)
+    monkeypatch.setattr(train_data, "fmnist_tensors", lambda data_dir=None: fake)
     cfg = dataclasses.replace(T.FINETUNE_RECIPE, epochs=1, batch_size=32, max_steps=1, eval_limit=16)
     T.finetune("default", "evit", {"keep_rate": 0.7, "shrink_epochs": 1}, tmp_path, cfg=cfg, progress=False)
     conf = json.loads((tmp_path / "config.json").read_text())

@@ -188,8 +188,6 @@ def test_record_written_reloaded_recognised(tmp_path):
     assert not reused and store.path(rec["key"]).is_file()
     rec2, reused2 = measure_run("flops", spec, Settings(), store)
     assert reused2 and rec2["metrics"]["gflops"] == rec["metrics"]["gflops"]
-    df = store.frame()
-    assert len(df) == 1 and df.loc[0, "gflops"] == rec["metrics"]["gflops"]
     assert rec["schema_version"] == 1 and "commit" in rec["meta"] and "host" in rec["meta"]
     # provenance outside the key: the key does not change with time or host
     assert "host" not in rec["key_fields"] and "weights" in rec["key_fields"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tokenbench.errors import UserError
-from tokenbench.train import FINETUNE_RECIPE, TrainConfig, augment, finetune
+from tokenbench.train import FINETUNE_RECIPE, TrainConfig, finetune
+from tokenbench.train_data import augment
 
 from conftest import register_tiny_timm  # noqa: E402
 

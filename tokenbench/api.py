@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import measure
-from .errors import UserError
 from .registry import apply, get_method
-
-
-@dataclass
-class ModelSpec:
-    """What model and method a measurement is of (hashable through its dict)."""
-
-    model: str
-    method: str = "none"
-    params: dict = field(default_factory=dict)
-    pretrained: bool = False
-    checkpoint: Optional[str] = None
-    img_size: Optional[int] = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def load(model: str, method: str = "none", params: Optional[dict] = None, pretrained: bool = False,

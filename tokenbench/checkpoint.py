@@ -6,23 +6,13 @@ import argparse
 import os
 import pickle
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from .backbones import added_modules
 from .errors import UserError
-
-# Functions that rename an external checkpoint's keys to ours: each takes and returns
-# a state dict and may leave it unchanged.  Methods register theirs here.
-KEY_MAPPERS: list[Callable[[dict], dict]] = []
-
-
-def register_key_mapper(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-    KEY_MAPPERS.append(fn)
-    return fn
-
+from .store import sha256_file
 
 def read_state_dict(path: str | os.PathLike) -> dict:
     """The tensor state dict inside a checkpoint file (``model`` / ``state_dict`` / bare)."""
@@ -74,8 +64,6 @@ def _summarise(keys: list[str], n: int = 4) -> str:
 
 def load_state_dict_checked(model: nn.Module, sd: dict, source: str = "checkpoint") -> dict:
     """Load ``sd`` into ``model`` strictly; a clear error names the mismatched keys."""
-    for fn in KEY_MAPPERS:
-        sd = fn(sd)
     try:  # timm's own conversions for older ViT checkpoints (pos-embed resize etc.)
         from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -109,8 +97,6 @@ def load_state_dict_checked(model: nn.Module, sd: dict, source: str = "checkpoin
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load a checkpoint file into ``model``; provenance for the record."""
-    from .models import sha256_file
-
     sd = read_state_dict(path)
     load_state_dict_checked(model, sd, source=f"checkpoint {path}")
     added = tuple(f"{m}." for m in added_modules(model))

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError, did_you_mean
+from .store import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_DIR", REPO_ROOT / "results" / "embedded"))
@@ -37,14 +37,6 @@ EMBEDDED_ARCH: dict[str, Any] = {
     "mlp_ratio": 2.0,
     "stem_channels": [32, 64],
 }
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- conv stem
@@ -193,22 +185,17 @@ def check_pretrained_available(name: str) -> None:
                         "download them once on a connected machine, or pass --checkpoint FILE")
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
-                 **kwargs) -> tuple[nn.Module, dict]:
+def create_model(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Module, dict]:
     """Model ``name`` in eval mode and a provenance dict (``weights`` identifies them).
 
     ``name`` is ``default`` (the embedded model) or a timm model name, with random
-    weights unless ``pretrained`` (timm's hub weights: needs a network) or a
-    ``checkpoint`` file.
+    weights unless ``pretrained`` (timm's hub weights: needs a network).  A checkpoint file
+    loads after a method is applied (:func:`tokenbench.api.load`).
     """
     import timm
 
     if name == EMBEDDED_NAME:
-        if checkpoint is None:
-            model, prov = load_embedded()
-        else:
-            model = build_embedded()
-            prov = {"pretrained": False}
+        model, prov = load_embedded()
     else:
         if not timm.is_model(name):
             candidates = timm.list_models()
@@ -243,11 +230,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", name)
         prov = {"pretrained": bool(pretrained),
                 "weights": (f"timm:{arch}.{tag}" if tag else f"timm:{arch}") if pretrained else "random-init"}
-    if checkpoint is not None:
-        from .checkpoint import load_checkpoint
-
-        info = load_checkpoint(model, checkpoint)
-        prov.update(info)
     model.eval()
     if "weights" not in prov:
         prov["weights"] = "random-init"

@@ -48,7 +48,8 @@ class Settings:
 
 def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> str:
     """Identity of the weights without building the model: checkpoint hash, timm tag, or random-init."""
-    from .models import EMBEDDED_NAME, embedded_paths, sha256_file
+    from .models import EMBEDDED_NAME, embedded_paths
+    from .store import sha256_file
 
     if checkpoint:
         p = Path(checkpoint)

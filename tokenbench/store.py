@@ -1,7 +1,8 @@
-"""Atomic file writes.  (The results store builds on these.)"""
+"""Atomic file writes and file hashes.  (The results store builds on these.)"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -33,15 +34,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- records
 
-import hashlib
 import json
 import subprocess
 import socket
 import time as _time
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 SCHEMA_VERSION = 1
 
@@ -212,24 +221,6 @@ class Store:
             if rec is not None and (kind is None or rec.get("kind") == kind):
                 out.append(rec)
         return out
-
-    def frame(self, kind: Optional[str] = None):
-        """All records as one pandas DataFrame (spec and metrics flattened)."""
-        import pandas as pd
-
-        rows = []
-        for rec in self.records(kind):
-            row = {"key": rec["key"], "kind": rec["kind"]}
-            for section in ("spec", "metrics"):
-                for k, v in rec.get(section, {}).items():
-                    if k in ("correct", "predictions", "flops_by_operator"):
-                        continue
-                    row[k] = v
-            for k, v in rec.get("env", {}).items():
-                row[f"env.{k}"] = v
-            row.update({f"meta.{k}": v for k, v in rec.get("meta", {}).items()})
-            rows.append(row)
-        return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- claims

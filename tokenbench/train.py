@@ -11,12 +11,11 @@ and, when finished, ``model.pt`` with ``model.pt.sha256``.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .store import atomic_write_bytes, atomic_write_text
+from .store import atomic_write_bytes, atomic_write_text, sha256_file
+from .train_data import TensorSource, build_source, check_data, fmnist_tensors
 
 
 @dataclass
@@ -54,43 +54,12 @@ class TrainConfig:
     # method's own defaults, scaled to the run's length)
     backbone_lr_scale: Optional[float] = None
     fix_epochs: Optional[float] = None
-    extra: dict = field(default_factory=dict)
     # DataLoader workers for image-folder data (None: min(8, CPU count)); results do not
     # depend on it, so a run may resume with another value
     num_workers: Optional[int] = None
 
 
-# --------------------------------------------------------------------------- augmentation
-
-def augment(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Batched augmentation of float images [B, C, H, W]: shift, flip, erase."""
-    b, _, h, w = x.shape
-    if cfg.shift > 0:
-        s = cfg.shift
-        padded = F.pad(x, (s, s, s, s), value=float(x.min()))
-        dx = torch.randint(0, 2 * s + 1, (b,), generator=g)
-        dy = torch.randint(0, 2 * s + 1, (b,), generator=g)
-        rows = (dy[:, None] + torch.arange(h)[None, :])  # [B, H]
-        cols = (dx[:, None] + torch.arange(w)[None, :])  # [B, W]
-        bi = torch.arange(b)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-    if cfg.hflip:
-        flip = torch.rand(b, generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if cfg.erase_p > 0:
-        erase = torch.rand(b, generator=g) < cfg.erase_p
-        eh = torch.randint(h // 5, h // 2 + 1, (b,), generator=g)
-        ew = torch.randint(w // 5, w // 2 + 1, (b,), generator=g)
-        y0 = (torch.rand(b, generator=g) * (h - eh + 1)).long()
-        x0 = (torch.rand(b, generator=g) * (w - ew + 1)).long()
-        ys = torch.arange(h)[None, :]
-        xs = torch.arange(w)[None, :]
-        my = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])
-        mx = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])
-        m = (my[:, :, None] & mx[:, None, :]) & erase[:, None, None]
-        x = x.masked_fill(m[:, None], 0.0)
-    return x
-
+# --------------------------------------------------------------------------- schedule and optimiser groups
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up then cosine decay to ``min_lr``."""
@@ -112,21 +81,6 @@ def param_groups(model: nn.Module, weight_decay: float):
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@torch.inference_mode()
-def evaluate_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy (percent) of ``model`` on preprocessed float images."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        out = model(images[i:i + batch_size])
-        correct += int((out.argmax(-1) == labels[i:i + batch_size]).sum())
-    model.train(was)
-    return 100.0 * correct / max(1, len(labels))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -238,8 +192,6 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     run in ``out_dir`` is refused unless ``force`` (which starts it over); Ctrl-C saves a
     checkpoint at the end of the current step, so that the same call resumes from there.
     """
-    from .train_data import TensorSource
-
     if cfg is None or out_dir is None:
         raise TypeError("train_loop() needs cfg and out_dir")
     if isinstance(train_x, torch.Tensor):
@@ -403,8 +355,6 @@ def finalize(model: nn.Module, out_dir: Path) -> str:
     """Write ``model.pt`` (weights only) and its SHA-256 beside it."""
     import io
 
-    from .models import sha256_file
-
     buf = io.BytesIO()
     torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(out_dir / "model.pt", buf.getvalue())
@@ -414,18 +364,6 @@ def finalize(model: nn.Module, out_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------- base model
-
-def fmnist_tensors(data_dir=None, in_chans: int = 1):
-    """Fashion-MNIST train and test sets as normalised float tensors [N, 1, 28, 28]."""
-    from .data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
-
-    out = []
-    for split in ("train", "test"):
-        x, y = load_fashion_mnist(split, data_dir)
-        x = (x.float().div(255.0).unsqueeze(1) - FMNIST_MEAN) / FMNIST_STD
-        out += [x.contiguous(), y]
-    return out
-
 
 BASE_RECIPE = TrainConfig(epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
                           label_smoothing=0.1, shift=3, hflip=True, erase_p=0.25, ckpt_every=200,
@@ -483,7 +421,6 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
     from .data import DATASETS
     from .errors import did_you_mean
     from .registry import get_method
-    from .train_data import build_source, check_data
 
     cfg = cfg or FINETUNE_RECIPE
     check_run_dir(out_dir, force)

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import UserError, did_you_mean
 
@@ -62,6 +63,63 @@ def _move(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- tensors
 
+def fmnist_tensors(data_dir=None, splits: tuple[str, ...] = ("train", "test")) -> list[torch.Tensor]:
+    """Fashion-MNIST ``splits`` as normalised float images [N, 1, 28, 28] and labels:
+    ``[train_x, train_y, test_x, test_y]`` by default."""
+    from .data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
+
+    out = []
+    for split in splits:
+        x, y = load_fashion_mnist(split, data_dir)
+        x = (x.float().div(255.0).unsqueeze(1) - FMNIST_MEAN) / FMNIST_STD
+        out += [x.contiguous(), y]
+    return out
+
+
+def augment(x: torch.Tensor, cfg, g: torch.Generator) -> torch.Tensor:
+    """Batched augmentation of float images [B, C, H, W]: shift, flip, erase (the
+    ``shift``, ``hflip`` and ``erase_p`` of ``cfg``, a :class:`tokenbench.train.TrainConfig`)."""
+    b, _, h, w = x.shape
+    if cfg.shift > 0:
+        s = cfg.shift
+        padded = F.pad(x, (s, s, s, s), value=float(x.min()))
+        dx = torch.randint(0, 2 * s + 1, (b,), generator=g)
+        dy = torch.randint(0, 2 * s + 1, (b,), generator=g)
+        rows = (dy[:, None] + torch.arange(h)[None, :])  # [B, H]
+        cols = (dx[:, None] + torch.arange(w)[None, :])  # [B, W]
+        bi = torch.arange(b)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    if cfg.hflip:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if cfg.erase_p > 0:
+        erase = torch.rand(b, generator=g) < cfg.erase_p
+        eh = torch.randint(h // 5, h // 2 + 1, (b,), generator=g)
+        ew = torch.randint(w // 5, w // 2 + 1, (b,), generator=g)
+        y0 = (torch.rand(b, generator=g) * (h - eh + 1)).long()
+        x0 = (torch.rand(b, generator=g) * (w - ew + 1)).long()
+        ys = torch.arange(h)[None, :]
+        xs = torch.arange(w)[None, :]
+        my = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])
+        mx = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])
+        m = (my[:, :, None] & mx[:, None, :]) & erase[:, None, None]
+        x = x.masked_fill(m[:, None], 0.0)
+    return x
+
+
+@torch.inference_mode()
+def evaluate_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy (percent) of ``model`` on preprocessed float images."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        out = model(images[i:i + batch_size])
+        correct += int((out.argmax(-1) == labels[i:i + batch_size]).sum())
+    model.train(was)
+    return 100.0 * correct / max(1, len(labels))
+
+
 class TensorSource:
     """Preprocessed images held in memory, augmented in batches (shift, flip, erase).
 
@@ -79,15 +137,11 @@ class TensorSource:
         return len(self.train_y)
 
     def batches(self, start: int, stop: int, steps_per_epoch: int, cfg) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from .train import augment
-
         for step, idx in _step_indices(start, stop, self.n, cfg.batch_size, cfg.seed):
             g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
             yield augment(self.train_x[idx], cfg, g), self.train_y[idx]
 
     def evaluate(self, model: nn.Module, dev: torch.device, limit: Optional[int] = None) -> float:
-        from .train import evaluate_tensors
-
         x, y = self.test_x, self.test_y
         if limit:
             x, y = x[:limit], y[:limit]
@@ -283,10 +337,8 @@ def build_source(data: str, data_dir, model: nn.Module, cfg) -> "TensorSource | 
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
     tensor_aug = {"shift": cfg.shift, "hflip": cfg.hflip, "erase_p": cfg.erase_p,
-                  "note": "batched tensor augmentation (tokenbench.train.augment), seeded per step"}
+                  "note": "batched tensor augmentation (tokenbench.train_data.augment), seeded per step"}
     if data == "fashion-mnist":
-        from .train import fmnist_tensors
-
         tx, ty, vx, vy = fmnist_tensors(data_dir)
         return TensorSource(tx, ty, vx, vy, {"data_dir": data_dir, "eval_split": "test",
                                              "train_transform": tensor_aug})
