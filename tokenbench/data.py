@@ -272,13 +272,6 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
     return ds, spec
 
 
-def _model_input(model) -> dict[str, Any]:
-    # TODO(lead): callers move to tokenbench.backbones.input_config; this alias goes after the merges
-    from .backbones import input_config
-
-    return input_config(model)
-
-
 def eval_data_config(model) -> dict[str, Any]:
     """timm's eval data config of ``model`` (resize, crop, interpolation, mean, std) at its own input size."""
     import timm.data

@@ -15,10 +15,9 @@ import contextlib
 import math
 import os
 import platform
-import re
 import statistics
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn

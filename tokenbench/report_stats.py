@@ -6,7 +6,6 @@ import json
 import math
 import os
 import statistics
-from typing import Optional
 
 from .errors import UserError
 from .render import params_text as _params_text

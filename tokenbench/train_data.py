@@ -318,9 +318,9 @@ def train_transform(model) -> tuple[Any, dict]:
     """timm's training transform for ``model`` (DeiT's recipe without mixup/cutmix) and its summary."""
     import timm.data
 
-    from .data import _model_input
+    from .backbones import input_config
 
-    mi = _model_input(model)
+    mi = input_config(model)
     args = {"input_size": (mi["in_chans"], mi["img_size"], mi["img_size"]), **FOLDER_AUGMENT,
             "mean": tuple(mi["mean"]), "std": tuple(mi["std"])}
     tf = timm.data.create_transform(**args, is_training=True)
@@ -332,7 +332,8 @@ def train_transform(model) -> tuple[Any, dict]:
 
 def build_source(data: str, data_dir, model: nn.Module, cfg) -> "TensorSource | FolderSource":
     """The training source for ``data`` in fashion-mnist / imagenet / folder / synthetic, preprocessed for ``model``."""
-    from .data import DATASETS, _image_folder, _model_input, build_dataset, eval_data_config
+    from .backbones import input_config
+    from .data import DATASETS, _image_folder, build_dataset, eval_data_config
 
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
@@ -342,7 +343,7 @@ def build_source(data: str, data_dir, model: nn.Module, cfg) -> "TensorSource | 
         tx, ty, vx, vy = fmnist_tensors(data_dir)
         return TensorSource(tx, ty, vx, vy, {"data_dir": data_dir, "eval_split": "test",
                                              "train_transform": tensor_aug})
-    mi = _model_input(model)
+    mi = input_config(model)
     if data == "synthetic":
         parts = []
         for split, n in (("train", SYNTHETIC_TRAIN), ("val", SYNTHETIC_VAL)):

@@ -19,7 +19,6 @@ source map on), :func:`trace` (what a picture needs).  Drawing is :mod:`tokenben
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 

@@ -23,12 +23,15 @@ returns the first whose :meth:`Backbone.matches` accepts the model.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .tokens import TokenState
 
 
 SURGERY_ATTR = "_tokenbench"

@@ -18,9 +18,8 @@ method added.  :meth:`ViTBackbone.restore` removes it and the model is plain tim
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
