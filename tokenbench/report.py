@@ -42,7 +42,8 @@ from .render import tex_escape as _tex_escape  # noqa: F401
 from .report_collect import collect  # noqa: F401
 from .report_plot import ERRORBAR_NOTE, pareto, plot_layers  # noqa: F401
 from .report_plot import plot as _plot
-from .report_stats import _parse_selector, _select, closing_notes, paired, params_text  # noqa: F401
+from .report_paired import paired  # noqa: F401
+from .report_stats import _parse_selector, _select, closing_notes, params_text  # noqa: F401
 from .report_tables import (CSV_COLUMNS, FLAG_HELP, SUMMARY_COLUMNS, TIMING_FLAGS, csv_text,  # noqa: F401
                             display_cells, latex, latex_paper, markdown, summary_table)
 from .rows import learned_status as _learned  # noqa: F401

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 
 from .errors import UserError
@@ -178,33 +177,3 @@ def _select(rows: list[Row], text: str) -> list[Row]:
         raise UserError(f"{text!r} matches {len(settings)} settings ({'; '.join(shown)}); "
                         "add KEY=VALUE, or name the sweep entry's label, to pick one")
     return got
-
-
-def paired(out: str | os.PathLike, a: str, b: str) -> dict:
-    """McNemar's paired test between two settings measured on the same images in ``out``.
-
-    Each of ``a`` and ``b`` selects one setting (``METHOD:KEY=VALUE,...``); a seeded method
-    gives one comparison per seed.  Returns both sides' accuracy and, per pair, the images
-    only one side gets right and the exact two-sided p-value.
-    """
-    from .measure import mcnemar
-    from .report_collect import collect
-
-    res = collect(out)
-    rows = [r for r in res["rows"] if r.correct]
-    ra, rb = _select(rows, a), _select(rows, b)
-
-    def side(r: Row) -> dict:
-        return {"method": r.method, "params": r.params, "top1": r.top1, "top1_ci95": [r.top1_lo, r.top1_hi],
-                "n": r.n, "gflops": r.gflops, "learned": r.learned, "checkpoint": r.checkpoint}
-
-    pairs = []
-    for x in ra:
-        for y in rb:
-            if x.acc_setting != y.acc_setting or len(x.correct) != len(y.correct):
-                raise UserError(f"{params_text(x)} and {params_text(y)} were not measured on the same images; "
-                                "a paired test needs the same data subset")
-            m = mcnemar([c == "1" for c in x.correct], [c == "1" for c in y.correct])
-            pairs.append({"a": side(x), "b": side(y), "only_a": m["only_a"], "only_b": m["only_b"],
-                          "p_value": m["p_value"], "diff": x.top1 - y.top1})
-    return {"out": str(out), "a": a, "b": b, "pairs": pairs}
