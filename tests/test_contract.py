@@ -44,7 +44,6 @@ def keep_above_mean(x: torch.Tensor, st: TokenState) -> torch.Tensor:
     return st.keep(x, idx, pad=pad)
 
 
-@register
 class MeanNorm(Method):
     name = "tb_test_mean_norm"
     family = "pruning"
@@ -61,6 +60,18 @@ class MeanNorm(Method):
 
         plan.mid[bb.sites("quarters")[site]] = mid
         return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """The toy methods exist for this module only (other tests list every registered method)."""
+    from tokenbench import registry
+
+    register(MeanNorm)
+    yield
+    for name in ("tb_test_mean_norm", "tb_test_only_swin"):
+        registry._REGISTRY.pop(name, None)
+        registry._SOURCES.pop(name, None)
 
 
 def _images(n: int, seed: int = 3) -> torch.Tensor:
