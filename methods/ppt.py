@@ -32,6 +32,8 @@ Faithful: sites, ``r`` (``--r_tokens 50``; a list gives one value per site, as t
 defaults to on), scores from the softmax attention with the ``log(size)`` bias, the orders above.
 Deviations: models with several prefix tokens (distillation, registers) get all of them protected
 (score 2, never merged); the official code protects the distillation token only from merging.
+With ``prop_attn`` off the official code forgets token sizes at each site (it re-reads them as
+ones) and pools later sites unweighted; here pooling always weights by the true sizes.
 """
 
 from __future__ import annotations
