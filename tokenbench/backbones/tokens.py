@@ -52,6 +52,9 @@ class TokenState:
         self.extra: dict[str, Any] = {}               # method-specific carry (e.g. DynamicViT's decisions)
         self.image_ids: Optional[torch.Tensor] = None  # [B] int64: each image's index in the evaluated set
         self.settings: dict = {}                      # the plan's settings (training schedules), read-only here
+        # [B, H, N, N]: attention probabilities a pre-block hook already computed for the next
+        # attention (MCTF's one-step-ahead attention); the block uses them once, then clears this.
+        self.next_attn: Optional[torch.Tensor] = None
 
     # ----------------------------------------------------------- start
     def start(self, x: torch.Tensor) -> None:
@@ -105,7 +108,7 @@ class TokenState:
         return x
 
     def merge(self, x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tensor,
-              dst: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+              dst: torch.Tensor, mode: str = "mean", drop: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keep ``keep_idx`` [B, K] and fold the tokens ``src_idx`` [B, R] into kept ones.
 
         ``dst`` [B, R]: for each merged token, the *position in the kept list* it folds into.
@@ -113,27 +116,35 @@ class TokenState:
         source maps are united, a policy keeps its largest value, positions are the kept
         token's.  Operation order is ToMe's (``x * size`` summed, then divided by the summed
         size), so a bipartite matching expressed this way gives the official result.
+        ``drop`` [B, R] (bool, optional): the tokens of ``src_idx`` marked True are discarded
+        instead of folded (pruning inside a merge, so that one batch can prune some images and
+        merge others with one call: PPT).
         """
         c = x.shape[-1]
         weighted = mode == "mean"
+        live = None if drop is None else (~drop)[..., None]
+
+        def srcs(t: torch.Tensor) -> torch.Tensor:
+            s = gather_tokens(t, src_idx)
+            return s if live is None else s * live.to(s.dtype)
+
         if weighted:
             size = self.ensure_size(x)
             x = x * size
         kept = gather_tokens(x, keep_idx)
-        src = gather_tokens(x, src_idx)
-        kept = kept.scatter_reduce(1, dst[..., None].expand(-1, -1, c), src, reduce="sum")
+        kept = kept.scatter_reduce(1, dst[..., None].expand(-1, -1, c), srcs(x), reduce="sum")
         if self.size is not None:
             s_kept = gather_tokens(self.size, keep_idx)
-            self.size = s_kept.scatter_reduce(1, dst[..., None], gather_tokens(self.size, src_idx), reduce="sum")
+            self.size = s_kept.scatter_reduce(1, dst[..., None], srcs(self.size), reduce="sum")
         if weighted:
             kept = kept / self.size
         if self.source is not None:
             n0 = self.source.shape[-1]
             self.source = gather_tokens(self.source, keep_idx).scatter_reduce(
-                1, dst[..., None].expand(-1, -1, n0), gather_tokens(self.source, src_idx), reduce="amax")
+                1, dst[..., None].expand(-1, -1, n0), srcs(self.source), reduce="amax")
         if self.policy is not None:
             self.policy = gather_tokens(self.policy, keep_idx).scatter_reduce(
-                1, dst[..., None], gather_tokens(self.policy, src_idx), reduce="amax")
+                1, dst[..., None], srcs(self.policy), reduce="amax")
         self.pos = None if self.pos is None else gather_tokens(self.pos, keep_idx)
         self.pad = None if self.pad is None else gather_tokens(self.pad, keep_idx)
         self.snapshot("merge")

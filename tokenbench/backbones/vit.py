@@ -71,6 +71,8 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple =
     ``mod.fused_attn`` is off or a training policy needs DynamicViT's masked softmax; a
     method reading the class row gets one extra softmax row, not the matrix.
     """
+    if state.next_attn is not None:
+        return attention_given(mod, x, state)
     b, n, c = x.shape
     h, hd = mod.num_heads, mod.head_dim
     gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
@@ -102,6 +104,24 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple =
                     state.n_prefix, attn=attn_full if need_q else None,
                     v=v if "values" in needs else None)
     return out, info
+
+
+def attention_given(mod: nn.Module, x: torch.Tensor, state: TokenState):
+    """timm ``Attention`` forward with the probabilities ``state.next_attn`` a hook computed
+    already (MCTF's one-step-ahead attention): only the values are projected (the value third
+    of ``qkv``), then ``attn @ v``.  Clears ``state.next_attn``; returns (output, AttnInfo)."""
+    attn, state.next_attn = state.next_attn, None
+    b, n, _ = x.shape
+    h, hd = mod.num_heads, mod.head_dim
+    gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
+    bias = None if mod.qkv.bias is None else mod.qkv.bias[2 * h * hd:]
+    v = F.linear(x, mod.qkv.weight[2 * h * hd:], bias).reshape(b, n, h, hd).transpose(1, 2)
+    out = (mod.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, h * hd)
+    out = mod.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = mod.proj_drop(mod.proj(out))
+    return out, AttnInfo(None, None, state.attn_bias(x.dtype), mod.scale, state.n_prefix, attn=attn, v=v)
 
 
 # --------------------------------------------------------------------------- block and model

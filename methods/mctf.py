@@ -1,0 +1,264 @@
+"""`mctf`: Multi-Criteria Token Fusion with one-step-ahead attention (Lee, Choi and Kim,
+CVPR 2024), off the shelf (the paper's fine-tuning is not needed to run it).
+
+Official code: https://github.com/mlvlab/MCTF (``utils/mctf.py``, ``models/modules/blocks.py``,
+``models/SA/MHSA.py``), MIT license.  Read, not copied.  Defaults: the official DeiT-S evaluation
+(``run/eval_deit_s_mctf.sh``: ``--mctf_type [16,0,0,1,1,1,20,40,1,1,0] --r_evals [16]
+--activate_layer [1..11]``): ``r = 16`` in every block but the first, proportional attention on,
+one-step-ahead attention on (mode 1), ``tau_sim = 1``, ``tau_info = 20``, ``tau_size = 40``,
+bidirectional matching on, attention-weighted pooling (type 1).
+
+In an active block, *before* its attention (the official block merges its input):
+
+1. the attention of the block's input is computed (``softmax(q k^T * scale + log size)``, all heads
+   and rows: the full matrix is needed, see 3);
+2. tokens are split into A (even) and B (odd); the edge weight between a in A and b in B is the
+   product of three criteria: similarity ``((cos(x_a, x_b) + 1) / 2) ** (1 / tau_sim)`` on the
+   tokens themselves (not the keys), informativeness ``(I_a I_b) ** (1 / tau_info)`` with ``I`` the
+   inverse of the attention each token receives (averaged over heads and queries, scaled to max
+   1), and size ``(S_a S_b) ** (1 / tau_size)`` with ``S`` the inverse size scaled to max 1 (1
+   before any merge).  ``r1 = r // 2`` A tokens with the heaviest best edges fold into their B
+   partners; then (bidirectional) ``r2 = r - r1`` B tokens fold into their best *unmerged* A token,
+   with the same (pre-merge) weights.  The class token never merges (its A row is ``-inf``);
+3. fusion is attention-weighted: a group becomes ``sum w_i x_i / sum w_i`` with
+   ``w = (attention received) * size / max size``; sizes add up.  With one-step-ahead attention
+   (mode 1) the block's attention is not recomputed: the matrix of step 1 is fused too (columns of
+   a group summed, rows averaged with the same weights ``w``) and multiplied with the values of
+   the fused tokens.  This is why this method asks for the full attention matrix and hands it to
+   the block (``TokenState.next_attn``; the block then projects only the values, as the official
+   ``MHSA`` does).  Mode 2 (the official "precise" variant) recomputes the attention after fusing.
+
+The resulting order is the official one: ``[unmerged A tokens in order (the class token first),
+unmerged B tokens by decreasing best edge]``.  The two folds are applied as one
+``TokenState.merge`` (``mode="sum"`` on ``w x``, then divided by the summed weights): the group
+sums are the official ones up to float summation order.  The official ``r`` clip is kept:
+``r = t - 10`` when fewer than 10 tokens would remain, and at most half the non-class tokens.
+
+Deviations and limits: only one prefix token (the class token; the official code protects
+several only on the A side); ``one_step_ahead = 0`` (fusing after the MLP) and pooling types 2
+(max) are not offered; ``r`` as a fraction of the tokens (official ``r < 1``) is not offered.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.errors import UserError
+from tokenbench.registry import Method, Param, register
+
+
+# --------------------------------------------------------------------------- algorithm
+
+class Fusion(NamedTuple):
+    """A fusion as indices into the whole sequence, for :meth:`TokenState.merge`."""
+
+    keep_idx: torch.Tensor  # [B, K]: tokens that stay, in the official order
+    src_idx: torch.Tensor   # [B, R]: tokens folded away (A tokens, then B tokens)
+    dst: torch.Tensor       # [B, R]: position in the kept list each of them ends in
+
+
+def clip_r(r: int, t: int, n_prefix: int = 1) -> int:
+    """Tokens fused at ``t`` tokens: the official clip (keep at least 10, at most half)."""
+    if t - r < 10:
+        r = t - 10
+    return max(0, min(int(r), (t - n_prefix) // 2))
+
+
+def edge_weights(x: torch.Tensor, recv: torch.Tensor, size, tau_sim: float, tau_info: float,
+                 tau_size: float) -> torch.Tensor:
+    """Multi-criteria weights [B, |A|, |B|] between A (even) and B (odd) tokens.
+
+    ``x`` [B, N, C] the tokens, ``recv`` [B, N] the attention each receives (mean over heads and
+    queries), ``size`` [B, N, 1] or None.  A tau of 0 switches its criterion off."""
+    unit = x / x.norm(dim=-1, keepdim=True)
+    a, b = unit[:, ::2], unit[:, 1::2]
+    if tau_sim:
+        w = ((a @ b.transpose(-1, -2) + 1) / 2) ** (1 / tau_sim)
+    else:
+        w = torch.ones(a.shape[0], a.shape[1], b.shape[1], device=x.device, dtype=x.dtype)
+    if tau_info > 0:
+        inv = 1 / recv
+        inv = inv / inv.max(1, keepdim=True)[0]
+        w = w * (inv[:, ::2, None] * inv[:, None, 1::2]) ** (1 / tau_info)
+    if tau_size and size is not None:
+        inv = 1 / size[..., 0]
+        inv = inv / inv.max(1, keepdim=True)[0]
+        w = w * (inv[:, ::2, None] * inv[:, None, 1::2]) ** (1 / tau_size)
+    return w
+
+
+def bidirectional_matching(scores: torch.Tensor, r: int, bidirection: bool = True) -> Fusion:
+    """The official two-step matching on ``scores`` [B, |A|, |B|] (class token = A[0], row -inf)."""
+    bsz, n_a, n_b = scores.shape
+    r1, r2 = (r // 2, r - r // 2) if bidirection else (r, 0)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm, src = edge_idx[:, r1:].sort(dim=1)[0], edge_idx[:, :r1]   # A tokens kept (in order) / folded
+    dst_b = node_idx.gather(1, src)                                  # the B token each folds into
+    n_unm = unm.shape[1]
+    dev = scores.device
+    if bidirection:
+        back = scores.gather(1, unm[..., None].expand(-1, -1, n_b)).transpose(1, 2)  # [B, |B|, |unm|]
+        node_max2, node_idx2 = back.max(dim=-1)
+        edge_idx2 = node_max2.sort(dim=-1, descending=True)[1]
+        unm2, src2 = edge_idx2[:, r2:], edge_idx2[:, :r2]            # B tokens kept / folded
+        dst2 = node_idx2.gather(1, src2)                             # position in the kept A list
+    else:
+        unm2 = torch.arange(n_b, device=dev).expand(bsz, n_b)
+        src2 = dst2 = unm2[:, :0]
+    # where each B token ends: its own slot if kept, else the A token it folds into
+    b_pos = torch.empty(bsz, n_b, dtype=torch.long, device=dev)
+    b_pos.scatter_(1, unm2, (n_unm + torch.arange(unm2.shape[1], device=dev)).expand(bsz, -1))
+    b_pos.scatter_(1, src2, dst2)
+    keep = torch.cat([2 * unm, 2 * unm2 + 1], dim=1)
+    src_all = torch.cat([2 * src, 2 * src2 + 1], dim=1)
+    dst_all = torch.cat([b_pos.gather(1, dst_b), dst2], dim=1)
+    return Fusion(keep, src_all, dst_all)
+
+
+def mctf_fusion(x: torch.Tensor, attn: torch.Tensor, size, r: int, tau_sim: float, tau_info: float,
+                tau_size: float, bidirection: bool = True) -> Fusion:
+    """Which tokens fuse: ``x`` [B, N, C] the block input, ``attn`` [B, H, N, N]."""
+    with torch.no_grad():
+        w = edge_weights(x, attn.mean(dim=(1, 2)), size, tau_sim, tau_info, tau_size)
+        w[:, 0, :] = -math.inf                                        # the class token stays
+        return bidirectional_matching(w, r, bidirection)
+
+
+def group_sum(t: torch.Tensor, f: Fusion, dim: int) -> torch.Tensor:
+    """Sum ``t`` over the fusion's groups along token dimension ``dim`` (batch first)."""
+    t = t.movedim(dim, 1)
+    shape = t.shape
+
+    def idx(i: torch.Tensor) -> torch.Tensor:
+        return i.view(i.shape[0], i.shape[1], *([1] * (t.dim() - 2))).expand(-1, -1, *shape[2:])
+
+    kept = t.gather(1, idx(f.keep_idx))
+    out = kept.scatter_add(1, idx(f.dst), t.gather(1, idx(f.src_idx)))
+    return out.movedim(1, dim)
+
+
+def pooling_weights(attn: torch.Tensor, size, pooling: int) -> torch.Tensor:
+    """Per-token fusion weights [B, N, 1]: 1 attention * size / max size, 0 size, 3 one."""
+    if size is None:
+        size = attn.new_ones(attn.shape[0], attn.shape[-1], 1)
+    if pooling == 1:
+        return attn.mean(dim=(1, 2))[..., None] * (size / size.amax(dim=1, keepdim=True))
+    if pooling == 0:
+        return size
+    return torch.ones_like(size)
+
+
+def fuse_attention(attn: torch.Tensor, f: Fusion, w: torch.Tensor) -> torch.Tensor:
+    """One-step-ahead attention [B, H, K, K]: key groups summed, query groups averaged with ``w``."""
+    a = group_sum(attn, f, dim=3)
+    a = group_sum(a * w[:, None], f, dim=2)
+    return a / group_sum(w, f, dim=1)[:, None]
+
+
+def input_attention(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
+    """The block's attention probabilities [B, H, N, N] on its input (queries and keys only)."""
+    mod = block.attn
+    b, n, _ = x.shape
+    h, hd = mod.num_heads, mod.head_dim
+    bias = None if mod.qkv.bias is None else mod.qkv.bias[:2 * h * hd]
+    qk = F.linear(block.norm1(x), mod.qkv.weight[:2 * h * hd], bias).reshape(b, n, 2, h, hd).permute(2, 0, 3, 1, 4)
+    q, k = mod.q_norm(qk[0]), mod.k_norm(qk[1])
+    logits = (q * mod.scale) @ k.transpose(-2, -1)
+    mask = st.attn_bias(logits.dtype)
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(dim=-1)
+
+
+# --------------------------------------------------------------------------- hook
+
+def _mctf_hook(r: int, tau_sim: float, tau_info: float, tau_size: float, bidirection: bool,
+               one_step_ahead: int, pooling: int):
+    def pre(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
+        rr = clip_r(r, x.shape[1], st.n_prefix)
+        if rr <= 0:
+            return x
+        attn = input_attention(block, x, st)
+        f = mctf_fusion(x, attn, st.size, rr, tau_sim, tau_info, tau_size, bidirection)
+        w = pooling_weights(attn, st.size, pooling).detach()
+        norm = group_sum(w, f, dim=1)
+        if one_step_ahead == 1:
+            st.next_attn = fuse_attention(attn, f, w)
+        st.ensure_size(x)
+        out = st.merge(x * w, f.keep_idx, f.src_idx, f.dst, mode="sum")
+        return out / norm
+
+    return pre
+
+
+@register
+class MCTF(Method):
+    name = "mctf"
+    version = "1"
+    summary = ("Multi-Criteria Token Fusion: bidirectional matching weighted by similarity, "
+               "informativeness and size; attention-weighted fusion with one-step-ahead attention.")
+    family = "merging"
+    learned = False
+    params = (
+        Param("r", "int_or_list", 16,
+              "tokens fused per block: one number for blocks 1..depth-1 (the official activate_layer), "
+              "or a list (one per block, padded with zeros)", min=0),
+        Param("tau_sim", "float", 1.0, "temperature of the similarity criterion (0: off)", min=0.0),
+        Param("tau_info", "float", 20.0, "temperature of the informativeness criterion (0: off)", min=0.0),
+        Param("tau_size", "float", 40.0, "temperature of the size criterion (0: off)", min=0.0),
+        Param("bidirection", "bool", True, "bidirectional matching (A to B, then B to the unmerged A)"),
+        Param("one_step_ahead", "int", 1, "1: reuse the fused attention of the block's input (official); "
+                                          "2: recompute it after fusing (official 'precise')", choices=(1, 2)),
+        Param("pooling", "int", 1, "fusion weights: 1 attention x size (official), 0 size, 3 plain mean",
+              choices=(0, 1, 3)),
+        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+    )
+    knob = "r"
+    seed_param = None
+    deterministic = True
+    needs_class_token = True
+
+    @staticmethod
+    def schedule(r, depth: int) -> list[int]:
+        if isinstance(r, (list, tuple)):
+            rs = [int(v) for v in r]
+            if len(rs) > depth:
+                raise UserError(f"mctf: r has {len(rs)} entries but the model has {depth} blocks")
+            return rs + [0] * (depth - len(rs))
+        return [0] + [int(r)] * (depth - 1)
+
+    def apply(self, model, r=16, tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirection=True,
+              one_step_ahead=1, pooling=1, prop_attn=True, **params):
+        bb = backbone_of(model, self.name)
+        if bb.n_prefix != 1:
+            raise UserError(f"mctf: needs exactly one prefix token (the class token); this model has {bb.n_prefix}")
+        rs = self.schedule(r, bb.depth)
+        plan = bb.prepare(self.name, need_class_token=True)
+        plan.prop_attn = bool(prop_attn)
+        for i, ri in enumerate(rs):
+            if ri > 0:
+                plan.pre[i] = _mctf_hook(ri, float(tau_sim), float(tau_info), float(tau_size),
+                                         bool(bidirection), int(one_step_ahead), int(pooling))
+        return model
+
+    @classmethod
+    def reduces(cls, params):
+        r = params["r"]
+        return (sum(r) if isinstance(r, list) else r) > 0
+
+    def expected_tokens(self, model, r=16, **params):
+        bb = backbone_of(model, self.name)
+        n = bb.num_patches + bb.n_prefix
+        tokens, tokens_mlp = [], []
+        for ri in self.schedule(r, bb.depth):
+            if ri > 0:
+                n -= clip_r(ri, n, bb.n_prefix)
+            tokens.append(n)
+            tokens_mlp.append(n)
+        return tokens, tokens_mlp
