@@ -19,7 +19,9 @@ linear, the later blocks):
 - blocks ``>= merge_from`` (**MLERP merge**): each B token and the A tokens matched to it
   become one token whose direction is their average and whose norm is the largest norm
   among them: ``MLERP(x_1..x_k) = (x_bar / ||x_bar||) * max_i ||x_i||`` with ``x_bar``
-  the average (the paper's norm-preserving extension of SLERP to several tokens).
+  the average (the paper's norm-preserving extension of SLERP to several tokens).  The
+  paper's text could not be consulted where this was written (no network): the formula
+  is our reading of it, and it agrees with the max-norm rule of the reimplementation.
 
 Choices (the paper leaves them open or we could not check them against the text):
 
@@ -37,6 +39,14 @@ Choices (the paper leaves them open or we could not check them against the text)
 - ``r`` is ToMe's knob: one number for every block or a per-block list (padded with
   zeros), at most half the non-prefix tokens per block; the token order after a block is
   ToMe's.
+
+Differences from the PiToMe repository's reimplementation: its MLERP step takes the plain
+(unweighted) mean and rescales it by ``max_norm / ||x_b||`` (the B token's norm before
+merging) rather than by ``max_norm / ||mean||``, so its merged tokens do not have the
+group's largest norm, which the paper's MLERP is for; it carries no token sizes (so no
+proportional attention); its knob is a keep ratio (``r = floor(N - N * ratio)``, class
+token counted), not ``r``.  Its pruning blocks equal ours exactly (checked on the same
+random weights with ``prop_attn=False`` and the same per-block ``r``).
 
 Token counts depend on the sequence length only, so the schedule is declared (it is
 ToMe's).
