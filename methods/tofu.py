@@ -58,7 +58,6 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import gather_tokens
-from tokenbench.errors import UserError
 from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r, schedule
 from tokenbench.registry import Method, Param, register
 
@@ -122,8 +121,6 @@ class ToFu(Method):
     def apply(self, model, r=16, merge_from=DEFAULT_MERGE_FROM, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
         rs = schedule(r, bb.depth)
-        if int(merge_from) < 0:
-            raise UserError(f"tofu: merge_from must be >= 0, got {merge_from}")
         plan = bb.prepare(self.name)
         plan.prop_attn = bool(prop_attn)
         for i, ri in enumerate(rs):
