@@ -1,0 +1,146 @@
+"""`tofu`: Token Fusion (Kim et al., WACV 2024), prune early, merge with MLERP later, training-free.
+
+"Token Fusion: Bridging the Gap between Token Pruning and Token Merging" (arXiv 2312.01026).
+There is no official code.  This file follows the paper, with the choices it leaves open
+taken from the one public reimplementation we know, the ToFu baseline in the PiToMe
+repository (https://github.com/hchautran/PiToMe, ``algo/tofu/merge.py`` and
+``algo/tofu/patch/deit.py``; CC BY-NC 4.0); nothing is copied from it.
+
+Every block, between the attention and the MLP, runs ToMe's bipartite soft matching
+(``tokenbench.methods.tome.bipartite_soft_matching``: keys averaged over heads, alternate
+A / B split, the ``r`` A tokens with the most similar B partners are reduced, at most half
+the non-prefix tokens, prefix tokens protected).  What happens to the ``r`` matched A
+tokens depends on the block (the paper's Token Fusion: pruning where the model responds
+non-linearly to interpolated inputs, i.e. the early blocks, merging where it is close to
+linear, the later blocks):
+
+- blocks ``< merge_from`` (**prune**): the matched A tokens are dropped; their B partners
+  stay as they are (the paper's "prune" variant of bipartite matching);
+- blocks ``>= merge_from`` (**MLERP merge**): each B token and the A tokens matched to it
+  become one token whose direction is their average and whose norm is the largest norm
+  among them: ``MLERP(x_1..x_k) = (x_bar / ||x_bar||) * max_i ||x_i||`` with ``x_bar``
+  the average (the paper's norm-preserving extension of SLERP to several tokens).  The
+  paper's text could not be consulted where this was written (no network): the formula
+  is our reading of it, and it agrees with the max-norm rule of the reimplementation.
+
+Choices (the paper leaves them open or we could not check them against the text):
+
+- the layer split: ``merge_from = 7`` by default, i.e. prune in blocks 0..6 and merge in
+  7..11 of 12, the PiToMe reimplementation's rule (``'prune' if i <= L // 2``);
+  ``merge_from = 0`` merges everywhere, ``merge_from >= depth`` prunes everywhere;
+- ``x_bar`` is the *size-weighted* average (ToMe's ``merge_wavg``, through
+  ``TokenState.merge``), so a token standing for more patches weighs more; with unit
+  sizes it is the plain average.  The max norm is over the tokens before merging;
+- a B token that receives nothing is left exactly as it is (MLERP of one token is the
+  token itself);
+- token sizes: merging adds them (as ToMe); pruning drops the pruned tokens' sizes (their
+  patches are gone).  ``prop_attn`` (default True, as ToMe, on which ToFu is built) adds
+  ``log(size)`` to the attention logits; only merged tokens have sizes above one;
+- ``r`` is ToMe's knob: one number for every block or a per-block list (padded with
+  zeros), at most half the non-prefix tokens per block; the token order after a block is
+  ToMe's.
+
+Differences from the PiToMe repository's reimplementation: its MLERP step takes the plain
+(unweighted) mean and rescales it by ``max_norm / ||x_b||`` (the B token's norm before
+merging) rather than by ``max_norm / ||mean||``, so its merged tokens do not have the
+group's largest norm, which the paper's MLERP is for; it carries no token sizes (so no
+proportional attention); its knob is a keep ratio (``r = floor(N - N * ratio)``, class
+token counted), not ``r``.  Its pruning blocks equal ours exactly (checked on the same
+random weights with ``prop_attn=False`` and the same per-block ``r``).
+
+Token counts depend on the sequence length only, so the schedule is declared (it is
+ToMe's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones.tokens import gather_tokens
+from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r, schedule
+from tokenbench.registry import Method, Param, register
+
+DEFAULT_MERGE_FROM = 7
+
+
+# --------------------------------------------------------------------------- algorithm
+
+def group_max_norm(x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tensor,
+                   dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the largest norm in each kept token's group [B, K], which kept tokens receive a merge [B, K])."""
+    norms = x.norm(dim=-1)
+    group = gather_tokens(norms, keep_idx).scatter_reduce(1, dst, gather_tokens(norms, src_idx), reduce="amax")
+    touched = torch.zeros_like(keep_idx, dtype=torch.bool).scatter(1, dst, torch.ones_like(dst, dtype=torch.bool))
+    return group, touched
+
+
+def mlerp_rescale(merged: torch.Tensor, max_norm: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
+    """MLERP: the merged tokens keep their direction and take their group's largest norm."""
+    rescaled = merged / merged.norm(dim=-1, keepdim=True) * max_norm[..., None]
+    return torch.where(touched[..., None], rescaled, merged)
+
+
+# --------------------------------------------------------------------------- hook
+
+def _hook(r: int, prune: bool):
+    def mid(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
+        m = bipartite_soft_matching(info.keys, r, st.n_prefix)
+        if m is None:
+            return x
+        keep_idx, src_idx, dst = as_token_indices(m, x.shape[1])
+        if prune:
+            return st.keep(x, keep_idx, kind="prune")
+        max_norm, touched = group_max_norm(x, keep_idx, src_idx, dst)
+        merged = st.merge(x, keep_idx, src_idx, dst, mode="mean")
+        return mlerp_rescale(merged, max_norm, touched)
+
+    return mid
+
+
+@register
+class ToFu(Method):
+    name = "tofu"
+    version = "1"
+    summary = "Token Fusion: ToMe's matching; prune in early blocks, norm-preserving MLERP merge later."
+    family = "hybrid"
+    learned = False
+    params = (
+        Param("r", "int_or_list", 16,
+              "tokens removed per block: one number, or a list (one per block, padded with zeros); "
+              "at most half the tokens in a block", min=0),
+        Param("merge_from", "int", DEFAULT_MERGE_FROM,
+              "first block that merges (MLERP); earlier blocks prune", min=0),
+        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+    )
+    knob = "r"
+    seed_param = None
+    deterministic = True
+    needs_class_token = False
+
+    def apply(self, model, r=16, merge_from=DEFAULT_MERGE_FROM, prop_attn=True, **params):
+        bb = backbone_of(model, self.name)
+        rs = schedule(r, bb.depth)
+        plan = bb.prepare(self.name)
+        plan.prop_attn = bool(prop_attn)
+        for i, ri in enumerate(rs):
+            if ri > 0:
+                plan.mid[i] = _hook(ri, prune=i < int(merge_from))
+                plan.needs[i] = ("keys",)
+        return model
+
+    @classmethod
+    def reduces(cls, params):
+        r = params["r"]
+        return (sum(r) if isinstance(r, list) else r) > 0
+
+    def expected_tokens(self, model, r=16, merge_from=DEFAULT_MERGE_FROM, prop_attn=True, **params):
+        bb = backbone_of(model, self.name)
+        p = bb.n_prefix
+        n = bb.num_patches + p
+        tokens, tokens_mlp = [], []
+        for ri in schedule(r, bb.depth):
+            tokens.append(n)
+            n -= clip_r(ri, n, p)
+            tokens_mlp.append(n)
+        return tokens, tokens_mlp

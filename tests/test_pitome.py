@@ -1,0 +1,208 @@
+"""Tests of the `pitome` adapter (PiToMe) against a slow, obvious per-image reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_tome import SMALL, TINY, images, make_model
+from tokenbench import registry, vit
+from tokenbench.backbones import last_state
+from tokenbench.errors import UserError
+
+
+# --------------------------------------------------------------------------- the reference
+
+def ref_forward(model, imgs, reduce, prop_attn):
+    """The whole model, one image at a time, attention written out per head.
+
+    ``reduce(i, x, size, keys, members, p)`` changes the tokens of one image in block ``i``
+    (between attention and MLP) and returns ``(x, size, members)``.
+    """
+    p = model.num_prefix_tokens
+    logits, all_members = [], []
+    for img in imgs:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        size = torch.ones(x.shape[0], dtype=x.dtype)
+        members = [{i} for i in range(x.shape[0])]
+        for i, blk in enumerate(model.blocks):
+            at = blk.attn
+            qkv = at.qkv(blk.norm1(x)).reshape(x.shape[0], 3, at.num_heads, at.head_dim)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
+            heads = []
+            for h in range(at.num_heads):
+                s = (q[:, h] @ k[:, h].T) * at.head_dim ** -0.5
+                if prop_attn:
+                    s = s + size.log()[None, :]
+                heads.append(torch.softmax(s, -1) @ v[:, h])
+            x = x + at.proj(torch.cat(heads, -1))
+            x, size, members = reduce(i, x, size, k.mean(1), members, p)
+            x = x + blk.mlp(blk.norm2(x))
+        x = model.norm(x)
+        if model.global_pool == "avg":
+            out = model.head(model.fc_norm((x[p:] * size[p:, None]).sum(0) / size[p:].sum()))
+        elif getattr(model, "head_dist", None) is not None:
+            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
+        else:
+            out = model.head(model.fc_norm(x[0]))
+        logits.append(out)
+        all_members.append(members)
+    return torch.stack(logits), all_members
+
+
+def apply_groups(x, size, members, p, groups):
+    """Prefix tokens first, then each group (a list of token indices) averaged by size."""
+    groups = [[j] for j in range(p)] + groups
+    new_x = torch.stack([sum(x[j] * size[j] for j in g) / sum(size[j] for j in g) for g in groups])
+    new_size = torch.stack([sum(size[j] for j in g) for g in groups])
+    new_members = [set().union(*(members[j] for j in g)) for g in groups]
+    return new_x, new_size, new_members
+
+
+def ref_pitome(ratio, depth):
+    def reduce(i, x, size, keys, members, p):
+        toks = list(range(p, x.shape[0]))
+        t = len(toks)
+        r = min(math.floor(t - t * ratio), t // 2) if ratio < 1 else 0
+        if r <= 0:
+            return x, size, members
+        margin = 0.75 - 0.75 * i / depth
+        unit = {j: keys[j] / keys[j].norm() for j in toks}
+        cos = lambda a, b: float(unit[a] @ unit[b])
+        energy = {a: sum(F.elu(torch.tensor(cos(a, b) - margin)).item() for b in toks) / t for a in toks}
+        order = sorted(toks, key=lambda j: -energy[j])
+        if i < math.ceil(depth / 2):  # bipartite matching over every token, split by energy rank
+            a_set, b_set = order[0::2], order[1::2]
+            best = {a: max(b_set, key=lambda b: cos(a, b)) for a in a_set}
+            by_score = sorted(a_set, key=lambda a: -cos(a, best[a]))
+            src, stay = by_score[:r], by_score[r:]
+        else:  # only the 2r highest-energy tokens merge; every A token merges
+            a_set, b_set = order[0:2 * r:2], order[1:2 * r:2]
+            best = {a: max(b_set, key=lambda b: cos(a, b)) for a in a_set}
+            src, stay = a_set, order[2 * r:]
+        into = {b: [b] for b in b_set}
+        for a in src:
+            into[best[a]].append(a)
+        return apply_groups(x, size, members, p, [[j] for j in stay] + [into[b] for b in b_set])
+
+    return reduce
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("variant,ratio,prop_attn", [
+    ("cls", 0.9125, False),
+    ("cls", 0.7, True),
+    ("cls", 0.5, False),
+    ("avg", 0.8, False),
+    ("distilled", 0.85, False),
+    ("registers", 0.75, True),
+])
+def test_matches_reference(variant, ratio, prop_attn):
+    model = make_model(variant).double()
+    imgs = images(model, 3, dtype=torch.float64)
+    registry.apply(model, "pitome", ratio=ratio, prop_attn=prop_attn)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, members = ref_forward(model, imgs, ref_pitome(ratio, 12), prop_attn)
+    scale = ref.abs().max().item()
+    assert scale > 0.5
+    torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=0)
+    src = last_state(model).source  # the same tokens, in the same order, cover the same patches
+    for b, mem in enumerate(members):
+        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
+        for t, s in enumerate(mem):
+            want[t, sorted(s)] = 1
+        assert torch.equal(src[b], want)
+
+
+def test_float32_matches_reference():
+    model = make_model("cls")
+    imgs = images(model, 2)
+    registry.apply(model, "pitome", ratio=0.8)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, _ = ref_forward(model.double(), imgs.double(), ref_pitome(0.8, 12), False)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg", "distilled", "registers"])
+@pytest.mark.parametrize("ratio", [0.5, 0.77, 0.9125, 0.99, 1.0])
+def test_token_counts(variant, ratio):
+    model = make_model(variant, SMALL)
+    registry.apply(model, "pitome", ratio=ratio)
+    with torch.no_grad():
+        model(images(model, 2))
+    st_ = last_state(model)
+    want = registry.get_method("pitome")().expected_tokens(model, ratio=ratio)
+    assert (st_.tokens, st_.tokens_mlp) == want
+    p = model.num_prefix_tokens
+    assert want[1][0] == want[0][0] - math.floor(64 - 64 * ratio)
+
+
+def test_declaration_and_schedule():
+    m = registry.get_method("pitome")
+    assert m.defaults() == {"ratio": 0.9125, "prop_attn": False}
+    assert m.knob == "ratio" and m.family == "merging" and not m.learned and m.deterministic
+    model = make_model("cls", SMALL)  # 64 patches + class token
+    tokens, mlp = m().expected_tokens(model, ratio=0.9125)
+    assert tokens[:4] == [65, 60, 55, 51]  # floor(64 * 0.0875) = 5, floor(59 * 0.0875) = 5, ...
+    assert not m.reduces({"ratio": 1.0, "prop_attn": False}) and m.reduces({"ratio": 0.9, "prop_attn": False})
+
+
+def test_ratio_one_is_unchanged():
+    model = make_model("cls", TINY)
+    imgs = images(model, 2)
+    with torch.no_grad():
+        dense = model(imgs)
+        registry.apply(model, "pitome", ratio=1.0)
+        out = model(imgs)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_consistency_and_determinism():
+    model = make_model("cls")
+    registry.apply(model, "pitome", ratio=0.7)
+    imgs = images(model, 4)
+    with torch.no_grad():
+        full = model(imgs)
+        again = model(imgs)
+        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
+    assert torch.equal(full, again)
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("params", [
+    {"ratio": 0.4}, {"ratio": 1.5}, {"ratio": "most"}, {"prop_attn": "maybe"}, {"r": 3},
+])
+def test_bad_params(params):
+    with pytest.raises(UserError):
+        registry.apply(make_model("cls", TINY), "pitome", **params)
+
+
+def test_source_map_partitions_patches():
+    model = make_model("distilled", SMALL)
+    registry.apply(model, "pitome", ratio=0.8)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        model(images(model, 3))
+    st_ = last_state(model)
+    assert torch.all(st_.source.sum(1) == 1)
+    assert torch.equal(st_.source[:, :2, :2], torch.eye(2).expand(3, 2, 2))  # prefix tokens untouched
+    torch.testing.assert_close(st_.source.sum(2, keepdim=True), st_.size)
+
+
+def test_pure_function_small_example():
+    from tokenbench.methods.pitome import pitome_plan
+
+    # 6 tokens: 0, 1, 2 near-parallel (a high-energy cluster), 3, 4, 5 spread out
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.05], [1.0, -0.05], [0.0, 1.0], [-1.0, 0.3], [-0.2, -1.0]])[None]
+    plan = pitome_plan(keys, 1, margin=0.0, bsm=False)
+    # the two highest-energy tokens are in the cluster: one merges into the other; the rest stay
+    merged = {plan.src.item(), plan.keep[0, plan.dst.item()].item()}
+    assert merged <= {0, 1, 2}
+    assert sorted(plan.keep[0].tolist() + plan.src[0].tolist()) == list(range(6))

@@ -1,0 +1,181 @@
+"""Tests of the `tofu` adapter (Token Fusion) against a slow, obvious per-image reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from test_pitome import ref_forward
+from test_tome import SMALL, TINY, images, make_model
+from tokenbench import registry, vit
+from tokenbench.backbones import last_state
+from tokenbench.errors import UserError
+
+
+# --------------------------------------------------------------------------- the reference
+
+def tome_groups(keys, n, r, p):
+    """ToMe's matching on one image, token by token: (A tokens that stay, {B token: its group})."""
+    a_set, b_set = list(range(0, n, 2)), list(range(1, n, 2))
+    unit = [keys[i] / keys[i].norm() for i in range(n)]
+    best = {}
+    for a in a_set:
+        if a < p:
+            best[a] = (-math.inf, None)
+            continue
+        best[a] = max(((float(unit[a] @ unit[b]), b) for b in b_set if b >= p), key=lambda t: t[0])
+    by_score = sorted(a_set, key=lambda a: -best[a][0])
+    src, stay = by_score[:r], by_score[r:]
+    if p > 0:
+        stay = sorted(stay)
+    into = {b: [b] for b in b_set}
+    for a in src:
+        into[best[a][1]].append(a)
+    return [a for a in stay if a >= p], [into[b] for b in b_set if b >= p]
+
+
+def ref_tofu(rs, merge_from):
+    def reduce(i, x, size, keys, members, p):
+        n = x.shape[0]
+        r = min(rs[i], (n - p) // 2)
+        if r <= 0:
+            return x, size, members
+        stay, groups = tome_groups(keys, n, r, p)
+        order = list(range(p)) + stay
+        if i < merge_from:  # prune: the merged-away A tokens vanish, their partners stay as they were
+            order += [g[0] for g in groups]
+            return x[order], size[order], [members[j] for j in order]
+        rows, sizes, mems = [x[j] for j in order], [size[j] for j in order], [members[j] for j in order]
+        for g in groups:
+            total = sum(size[j] for j in g)
+            avg = sum(x[j] * size[j] for j in g) / total
+            if len(g) > 1:  # MLERP: the average's direction, the largest norm of the group
+                avg = avg / avg.norm() * max(x[j].norm() for j in g)
+            rows.append(avg)
+            sizes.append(total)
+            mems.append(set().union(*(members[j] for j in g)))
+        return torch.stack(rows), torch.stack(sizes), mems
+
+    return reduce
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("variant,r,merge_from,prop_attn", [
+    ("cls", 6, 7, True),
+    ("cls", [3, 0, 9, 2, 5, 4, 8, 8, 1], 4, True),
+    ("cls", 5, 0, False),
+    ("cls", 5, 12, True),
+    ("avg", 6, 7, True),
+    ("distilled", 5, 6, True),
+    ("registers", 5, 3, True),
+])
+def test_matches_reference(variant, r, merge_from, prop_attn):
+    model = make_model(variant).double()
+    imgs = images(model, 3, dtype=torch.float64)
+    registry.apply(model, "tofu", r=r, merge_from=merge_from, prop_attn=prop_attn)
+    vit.set_track_source(model, True)
+    rs = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
+    with torch.no_grad():
+        out = model(imgs)
+        ref, members = ref_forward(model, imgs, ref_tofu(rs, merge_from), prop_attn)
+    scale = ref.abs().max().item()
+    assert scale > 0.5
+    torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=0)
+    src = last_state(model).source  # the same tokens, in the same order, cover the same patches
+    for b, mem in enumerate(members):
+        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
+        for t, s in enumerate(mem):
+            want[t, sorted(s)] = 1
+        assert torch.equal(src[b], want)
+
+
+def test_float32_matches_reference():
+    model = make_model("cls")
+    imgs = images(model, 2)
+    registry.apply(model, "tofu", r=6)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, _ = ref_forward(model.double(), imgs.double(), ref_tofu([6] * 12, 7), True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_mlerp_keeps_the_largest_norm():
+    from tokenbench.methods.tofu import group_max_norm, mlerp_rescale
+
+    x = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # tokens 0 and 1 merge; 2 stays
+    keep, src, dst = torch.tensor([[0, 2]]), torch.tensor([[1]]), torch.tensor([[0]])
+    max_norm, touched = group_max_norm(x, keep, src, dst)
+    torch.testing.assert_close(max_norm, torch.tensor([[3.0, 50 ** 0.5]]))
+    assert touched.tolist() == [[True, False]]
+    merged = torch.tensor([[[1.5, 0.5], [5.0, 5.0]]])  # the plain average, and the untouched token
+    out = mlerp_rescale(merged, max_norm, touched)
+    torch.testing.assert_close(out[0, 0].norm(), torch.tensor(3.0))
+    torch.testing.assert_close(out[0, 0] / 3.0, merged[0, 0] / merged[0, 0].norm())
+    assert torch.equal(out[0, 1], merged[0, 1])
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg", "distilled", "registers"])
+@pytest.mark.parametrize("r", [0, 1, 4, 40, [2, 9, 0, 30]])
+def test_token_counts(variant, r):
+    model = make_model(variant, TINY)
+    registry.apply(model, "tofu", r=r, merge_from=3)
+    with torch.no_grad():
+        model(images(model, 2))
+    st_ = last_state(model)
+    want = registry.get_method("tofu")().expected_tokens(model, r=r, merge_from=3)
+    assert (st_.tokens, st_.tokens_mlp) == want
+    assert want == registry.get_method("tome")().expected_tokens(model, r=r)  # ToMe's schedule
+
+
+def test_declaration():
+    m = registry.get_method("tofu")
+    assert m.defaults() == {"r": 16, "merge_from": 7, "prop_attn": True}
+    assert m.knob == "r" and m.family == "hybrid" and not m.learned and m.deterministic
+    assert not m.reduces({"r": 0, "merge_from": 7, "prop_attn": True})
+
+
+def test_r_zero_is_unchanged():
+    model = make_model("cls", TINY)
+    imgs = images(model, 2)
+    with torch.no_grad():
+        dense = model(imgs)
+        registry.apply(model, "tofu", r=0)
+        out = model(imgs)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_consistency_and_determinism():
+    model = make_model("cls")
+    registry.apply(model, "tofu", r=[6, 8, 3, 10, 4, 7, 5, 5], merge_from=4)
+    imgs = images(model, 4)
+    with torch.no_grad():
+        full = model(imgs)
+        again = model(imgs)
+        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
+    assert torch.equal(full, again)
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("params", [
+    {"r": -1}, {"r": [2, -3]}, {"r": list(range(13))}, {"merge_from": -1}, {"merge_from": 1.5},
+    {"prop_attn": "maybe"}, {"ratio": 0.9},
+])
+def test_bad_params(params):
+    with pytest.raises(UserError):
+        registry.apply(make_model("cls", TINY), "tofu", **params)
+
+
+def test_pruned_blocks_drop_patches_merged_blocks_keep_them():
+    model = make_model("cls", SMALL)
+    registry.apply(model, "tofu", r=4, merge_from=2)
+    vit.set_track_source(model, True)
+    with torch.no_grad():
+        model(images(model, 2))
+    stages = last_state(model).stages
+    assert [s["kind"] for s in stages[:3]] == ["prune", "prune", "merge"]
+    covered = [int(s["source"][0].sum().item()) for s in stages]
+    assert covered[:3] == [61, 57, 57]  # 65 tokens: 4 patches pruned per pruning block, none lost after
+    assert covered[-1] == 57
