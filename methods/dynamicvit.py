@@ -56,6 +56,8 @@ barely move in a short run or drift to keeping almost everything.  Measured at k
 weight 20000: the loss diverged (NaN).  Starting at the targets, a large ratio weight (2000) and clamping the
 spikes at 1 keeps every stage on its target while the predictors still learn which
 tokens matter; see README ("The embedded default model") for the runs.
+
+License of the original (raoyongming/DynamicViT): MIT.  This file is our own code.
 """
 
 from __future__ import annotations

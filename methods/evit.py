@@ -37,6 +37,8 @@ keep rate follows a half cosine from 1 down to ``keep_rate`` over ``E`` epochs (
 and stays at ``keep_rate`` after.  ``shrink_epochs=0`` (the default, as the official
 fine-tuning script ``--shrink_start_epoch 0 --shrink_epochs 0``) trains at ``keep_rate``
 from the first step.  Evaluation always uses ``keep_rate``.
+
+License of the original (youweiliang/evit): none stated in the repository.  This file is our own code.
 """
 
 from __future__ import annotations

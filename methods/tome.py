@@ -36,6 +36,8 @@ control flow depends on shapes, never on tensor values.
 Default ``r = 16``: the setting the official README shows for 224-px ViT-B/16 (197
 tokens).  It is aggressive for short sequences (the embedded 50-token model ends with
 2 tokens); set ``r`` per model or let a matched-FLOPs search choose it.
+
+License of the original (facebookresearch/ToMe): CC BY-NC 4.0.  This file is our own code.
 """
 
 from __future__ import annotations
