@@ -56,9 +56,23 @@ shipped schedules) and a 64-patch ViT.  fvcore counts 2.916 GFLOPs for DeiT-S at
 default schedule (the official analytic count: 2.905; the difference is the layer norms
 and the class-attention and similarity products, which the official formula leaves out).
 
-Not implemented here: the differentiable rate search itself (training the per-block
-kept-count distributions of ``ddp.py`` to a FLOPs target with the ViT frozen); ``tokenbench
-train --method diffrate`` fine-tunes the ViT under the fixed schedule instead.
+Training (``tokenbench train MODEL --method diffrate``): by default the ViT is fine-tuned
+with cross-entropy under the fixed schedule.  ``--set search=true`` runs DiffRate's
+differentiable rate search instead (official ``ddp.py``, the training branch of
+``DiffRateBlock.forward``, ``calculate_flop_training``, ``engine.train_one_epoch``): the ViT
+is frozen; every block has a prune and a merge distribution over kept patch counts
+(``n0 .. 1``; block 0 is never compressed), whose ceiled expectation is the block's count
+(straight-through); nothing is removed, ranked tokens beyond a count are masked out of the
+attention (the training policy) by a straight-through mask; merged tokens are averaged into
+their destination and stay, masked.  Loss: cross-entropy ``+ flops_weight * (FLOPs /
+dense - target_ratio) ** 2``.  Checked against the official training forward on the same
+weights and rate logits: equal counts, logits, FLOPs and gradients of the rate logits.
+Deviations: the FLOPs term is a fraction of the dense blocks' cost (model-independent),
+not GFLOPs, so the default weight 100 stands for the official 5 on DeiT-S (5 x 4.6^2);
+the learning rate is ``--lr`` (official: AdamW 0.01 -> 0.001 cosine, weight decay 0, 3
+epochs).  The searched counts are ``Rates.schedule()`` of the attached ``diffrate_rates``
+module (prefix included, on the model's own grid); turning them into ``prune`` / ``merge``
+parameters is left to the user.
 """
 
 from __future__ import annotations
@@ -67,8 +81,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones import AttnInfo, TokenState, add_module, backbone_of, last_state, plan_of
 from tokenbench.errors import UserError
 from tokenbench.registry import Method, Param, register
 
@@ -163,6 +179,167 @@ def _counts(model, name, prune, merge, power):
     return bb, block_counts(prune, merge, bb.depth, bb.num_patches, float(power))
 
 
+# --------------------------------------------------------------------------- the rate search (training only)
+#
+# DiffRate's differentiable compression-rate search (official ``ddp.py``, the training branch of
+# ``DiffRateBlock.forward``, ``calculate_flop_training``, ``engine.train_one_epoch``): the ViT is
+# frozen; each block has two distributions over candidate kept-token counts (prune, merge), whose
+# expectation (ceiled, straight-through) is the block's count.  Nothing is removed in training:
+# tokens are ranked, and pruned / merged ones are masked out of the attention (the training
+# policy) by a straight-through mask whose gradient reaches the distributions.
+
+RATES_ATTR = "diffrate_rates"
+
+
+class _SteCeil(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _SteMin(torch.autograd.Function):
+    """min(n, a, b); the gradient goes to both ``a`` and ``b`` (official ``STE_Min``)."""
+
+    @staticmethod
+    def forward(ctx, n, a, b):
+        return torch.minimum(torch.minimum(n, a), b)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g, g
+
+
+class RateProxy(nn.Module):
+    """One block's distribution over kept patch counts (official ``DiffRate`` module)."""
+
+    def __init__(self, n0: int, n_prefix: int, fixed: bool = False):
+        super().__init__()
+        cands = torch.tensor([float(n0)]) if fixed else torch.arange(n0, 0, -1).float()
+        self.register_buffer("candidates", cands)
+        self.logits = nn.Parameter(torch.zeros_like(cands))
+        self.n_prefix = n_prefix
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept tokens, prefix included: ceil of the expected count, straight-through; the distribution)."""
+        prob = self.logits.softmax(-1)
+        return _SteCeil.apply(self.candidates @ prob) + self.n_prefix, prob
+
+    def token_mask(self, prob: torch.Tensor, kept: int, upto: int) -> torch.Tensor:
+        """[N] mask: 0 on positions ``kept .. upto``, 1 elsewhere; its gradient is that of the
+        probability that each position is kept (official ``get_token_mask``)."""
+        n = int(self.candidates[0]) + self.n_prefix
+        pos = torch.arange(n, device=prob.device)[:, None]
+        p_kept = (pos < self.candidates[None, :] + self.n_prefix).to(prob.dtype) @ prob
+        hard = torch.ones_like(p_kept)
+        hard[kept:upto] = 0
+        return hard - p_kept.detach() + p_kept
+
+
+class Rates(nn.Module):
+    """The per-block prune and merge proxies; block 0 is never compressed (official)."""
+
+    def __init__(self, depth: int, n0: int, n_prefix: int):
+        super().__init__()
+        self.prune = nn.ModuleList([RateProxy(n0, n_prefix, fixed=i == 0) for i in range(depth)])
+        self.merge = nn.ModuleList([RateProxy(n0, n_prefix, fixed=i == 0) for i in range(depth)])
+
+    def schedule(self) -> tuple[list[int], list[int]]:
+        """The current counts (tokens kept, prefix included, on this model's grid)."""
+        with torch.no_grad():
+            return ([int(p.kept()[0]) for p in self.prune], [int(m.kept()[0]) for m in self.merge])
+
+
+def _search_on_start(model, x, st: TokenState) -> None:
+    st.extra["diffrate_rates"] = model._modules[RATES_ATTR]
+    st.extra["diffrate_kept"] = []
+    if model.training:  # the official trains with a policy (all ones at first) in every block
+        st.policy = x.new_ones(x.shape[0], x.shape[1], 1)
+
+
+def _search_hook(i: int):
+    def mid(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
+        rates: Rates = st.extra["diffrate_rates"]
+        p = st.n_prefix
+        if not block.training:  # evaluation during the search: the current counts, hard
+            kp, km = int(rates.prune[i].kept()[0]) - p, int(rates.merge[i].kept()[0]) - p
+            return _diffrate_hook(kp, km if km < kp else kp)(block, x, st, info)
+        order = rank_tokens(info.cls_attn()[:, p:]) + p
+        prefix = torch.arange(p, device=x.device, dtype=order.dtype).expand(x.shape[0], p)
+        x = st.keep(x, torch.cat([prefix, order], dim=1))      # every token, ranked
+        mask = st.policy[..., 0]
+        last = int(mask[0].sum())
+        kp, prob = rates.prune[i].kept()
+        st.extra["diffrate_kept"].append((kp, None))
+        if kp < last:
+            mask = mask * rates.prune[i].token_mask(prob, int(kp), last)
+        mid_n = min(last, int(kp))
+        km, prob = rates.merge[i].kept()
+        st.extra["diffrate_kept"][-1] = (kp, km)
+        if km < mid_n:
+            k = int(km)
+            node_idx, node_max = match_to_kept(x[:, :mid_n].detach(), k, p)
+            c = x.shape[-1]
+            dst = x[:, :k].scatter_reduce(1, node_idx[..., None].expand(-1, -1, c), x[:, k:mid_n], reduce="mean")
+            x = torch.cat([dst, x[:, k:]], dim=1)              # merged tokens stay, masked out
+            size = st.ensure_size(x)
+            head = torch.cat([size[:, :k], size[:, k:mid_n] * node_max[..., None]], dim=1).clamp(1)
+            head = torch.cat([head[:, :k].scatter_reduce(1, node_idx[..., None], head[:, k:], reduce="sum"),
+                              head[:, k:]], dim=1)
+            st.size = torch.cat([head, size[:, mid_n:]], dim=1)
+            mask = mask * rates.merge[i].token_mask(prob, k, mid_n)
+        st.policy = mask[..., None]
+        return x
+
+    return mid
+
+
+def search_flops(model, kept: list) -> torch.Tensor:
+    """The official training FLOPs count (``calculate_flop_training``), differentiable in the counts."""
+    bb = backbone_of(model, "diffrate")
+    c, n = bb.width, bb.num_patches + bb.n_prefix
+    hidden = bb.block_cost([0], [1]) / (2 * c)  # the MLP's hidden width, from the cost model
+    ref = kept[0][0]
+    big_n = ref.new_tensor(float(n))
+    flops = ref.new_zeros(())
+    for kp, km in kept:
+        flops = flops + 4 * big_n * c * c + 2 * big_n * big_n * c
+        big_n = _SteMin.apply(big_n, kp.float(), km.float())
+        flops = flops + 2 * big_n * c * hidden
+    return flops
+
+
+def search_setup(model, params: dict):
+    """Turn ``model`` (diffrate applied) into DiffRate's search: rate modules attached, the ViT
+    frozen, every block hooked.  Returns the loss function of :func:`tokenbench.train.train_loop`."""
+    bb = backbone_of(model, "diffrate")
+    model.requires_grad_(False)
+    ref = next(model.parameters())
+    rates = Rates(bb.depth, bb.num_patches, bb.n_prefix).to(ref.device)
+    add_module(model, RATES_ATTR, rates)
+    plan = plan_of(model)
+    plan.on_start.append(_search_on_start)
+    for i in range(bb.depth):
+        plan.mid[i] = _search_hook(i)
+        plan.needs[i] = ("cls_attn",)
+    dense = float(bb.block_cost([bb.num_patches + bb.n_prefix] * bb.depth, [bb.num_patches + bb.n_prefix] * bb.depth))
+    target, weight = float(params["target_ratio"]), float(params["flops_weight"])
+
+    def loss_fn(model, x, y):
+        logits = model(x)
+        kept = last_state(model).extra["diffrate_kept"]
+        ratio = search_flops(model, kept) / dense
+        ce = F.cross_entropy(logits, y)
+        loss = ce + weight * (ratio - target) ** 2
+        return loss, logits, {"cls_loss": float(ce.detach()), "flops_ratio": float(ratio.detach())}
+
+    loss_fn.metric_names = ("cls_loss", "flops_ratio")
+    return loss_fn
+
+
 @register
 class DiffRate(Method):
     name = "diffrate"
@@ -181,6 +358,15 @@ class DiffRate(Method):
               "kept fractions raised to this power: 1 = the schedule as given, 0 = dense, >1 = fewer "
               "tokens (the matched-FLOPs knob)", min=0.0, max=4.0),
         Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+    )
+    train_params = (
+        Param("search", "bool", False, "training: DiffRate's rate search (the ViT frozen, per-block kept "
+                                       "counts learned to target_ratio) instead of fine-tuning the ViT"),
+        Param("target_ratio", "float", 0.63, "training, search: FLOPs target as a fraction of the dense "
+                                             "blocks' (DeiT-S 2.9 of 4.6 GFLOPs: 0.63)", min=0.0, max=1.0,
+              min_exclusive=True),
+        Param("flops_weight", "float", 100.0, "training, search: weight of (FLOPs ratio - target)^2 "
+                                              "(official 5 on GFLOPs ~ 100 on DeiT-S's ratio)", min=0.0),
     )
     knob = "power"
     seed_param = None
@@ -218,3 +404,15 @@ class DiffRate(Method):
             n = min(n, kp, km)
             tokens_mlp.append(n + p)
         return tokens, tokens_mlp
+
+    def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
+        p = {"search": False, "target_ratio": 0.63, "flops_weight": 100.0, **(params or {})}
+        return search_setup(model, p) if p["search"] else None
+
+    def param_groups(self, model, weight_decay: float, **kw):
+        """In a search: only the rate distributions, at the full rate, no weight decay (official
+        AdamW on ``arch_parameters``, weight decay 0); otherwise the default groups."""
+        if RATES_ATTR not in model._modules:
+            return None
+        return [{"params": list(model._modules[RATES_ATTR].parameters()), "weight_decay": 0.0,
+                 "lr_scale": 1.0, "fix_epochs": 0.0}]

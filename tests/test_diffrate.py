@@ -232,3 +232,69 @@ def test_merge_primitive_plain_mean_and_size_weights():
     want1 = torch.stack([x[1, 0], (x[1, 1] + x[1, 4]) / 2, (x[1, 2] + x[1, 3]) / 2])
     torch.testing.assert_close(out, torch.stack([want0, want1]))
     torch.testing.assert_close(st.size[..., 0], torch.tensor([[1, 1.75, 1], [1, 0.9, 1.8]]))
+
+
+# --------------------------------------------------------------------------- the rate search (training only)
+
+def _search_model(target: float = 0.3):
+    from conftest import tiny_vit
+
+    net = registry.apply(tiny_vit(), "diffrate").train()
+    m = registry.get_method("diffrate")()
+    loss_fn = m.train_setup(net, None, {"search": True, "target_ratio": target, "flops_weight": 100.0}, None)
+    return net, m, loss_fn
+
+
+def test_search_moves_the_rates_toward_the_flops_target():
+    net, m, loss_fn = _search_model(target=0.3)
+    groups = m.param_groups(net, 0.05)
+    rates = net._modules["diffrate_rates"]
+    assert [p for g in groups for p in g["params"]] == list(rates.parameters())
+    assert not any(p.requires_grad for n, p in net.named_parameters() if not n.startswith("diffrate_rates."))
+    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.0)
+    x, y = random_images(net, 8), torch.arange(8) % 10
+    ratios = []
+    for _ in range(6):
+        loss, logits, metrics = loss_fn(net, x, y)
+        assert logits.shape == (8, 10) and set(metrics) == {"cls_loss", "flops_ratio"}
+        assert last_state(net).tokens == [65] * 12  # nothing is removed in training: masked out instead
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ratios.append(metrics["flops_ratio"])
+    assert ratios[-1] < ratios[0] and abs(ratios[-1] - 0.3) < abs(ratios[0] - 0.3)
+    # evaluation during the search removes tokens by the current counts
+    prune, merge = rates.schedule()
+    assert prune[0] == merge[0] == 65  # block 0 is never compressed
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    n, want = 64, []
+    for kp, km in zip(prune, merge):
+        n = min(n, kp - 1, km - 1 if km < kp else n)
+        want.append(n + 1)
+    assert last_state(net).tokens_mlp == want
+
+
+def test_search_is_off_by_default():
+    from conftest import tiny_vit
+
+    net = registry.apply(tiny_vit(), "diffrate")
+    m = registry.get_method("diffrate")()
+    assert m.train_setup(net, None, {}, None) is None and m.param_groups(net, 0.05) is None
+    with pytest.raises(UserError):
+        registry.get_method("diffrate").validate_training({"target_ratio": 1.5})
+
+
+def test_train_cli_runs_the_search(cli, tiny_default, tmp_path):
+    from test_harness import _fake_fmnist
+
+    d = tmp_path / "fmnist"
+    d.mkdir()
+    _fake_fmnist(d, n=100)
+    out = tmp_path / "run"
+    code, stdout, err = cli("train", "default", "--method", "diffrate", "--set", "search=true", "--set", "target_ratio=0.4",
+                            "--data-dir", str(d), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+                            "--lr", "0.05", "--max-steps", "2")
+    assert code == 0, err
+    assert "flops_ratio" in (out / "train_log.csv").read_text().splitlines()[0]
