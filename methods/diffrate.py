@@ -43,7 +43,8 @@ Choices and deviations:
   tokens there too; token order does not change the result beyond float rounding).
 - Every prefix token (class, distillation, registers) is protected: kept in front, never
   ranked, never a merge destination.  The official code handles one class token only.
-- The schedule lists need one entry per block (as the official ``set_kept_num``).
+- A schedule list has one entry per block (as the official ``set_kept_num``); a shorter
+  one is padded with 197 (no further reduction), a longer one is refused.
 
 The ranking, pruning and matching are pure functions (:func:`rank_tokens`,
 :func:`match_to_kept`); the hook changes tokens only through ``TokenState.keep`` and
@@ -120,11 +121,12 @@ def block_counts(prune, merge, depth: int, n0: int, power: float = 1.0) -> list[
     """Per block, the patch tokens (kept by pruning, kept by merging), before clipping to what is present."""
     out = []
     for name, v in (("prune", prune), ("merge", merge)):
-        if isinstance(v, (list, tuple)) and len(v) != depth:
+        if isinstance(v, (list, tuple)) and len(v) > depth:
             raise UserError(f"diffrate: {name} has {len(v)} entries but the model has {depth} blocks "
-                            f"(give one kept-token count per block)")
-    ps = list(prune) if isinstance(prune, (list, tuple)) else [prune] * depth
-    ms = list(merge) if isinstance(merge, (list, tuple)) else [merge] * depth
+                            f"(give at most one kept-token count per block)")
+    # a shorter list is padded with the full count: no further reduction (as ToMe pads r with 0)
+    ps = list(prune) + [REF_TOKENS] * (depth - len(prune)) if isinstance(prune, (list, tuple)) else [prune] * depth
+    ms = list(merge) + [REF_TOKENS] * (depth - len(merge)) if isinstance(merge, (list, tuple)) else [merge] * depth
     for p, m in zip(ps, ms):
         kp = kept_patches(p, n0, power)
         # official: merge only where merge_kept_num < prune_kept_num
@@ -350,10 +352,12 @@ class DiffRate(Method):
     params = (
         Param("prune", "int_or_list", DEFAULT_PRUNE,
               "tokens kept by pruning in each block, class token included, on the official 197-token "
-              "scale (one per block; default: the official DeiT-S 2.9 GFLOPs search)", min=2, max=REF_TOKENS),
+              "scale (one per block, padded with 197; default: the official DeiT-S 2.9 GFLOPs search)",
+              min=2, max=REF_TOKENS),
         Param("merge", "int_or_list", DEFAULT_MERGE,
               "tokens kept by merging in each block, class token included, on the official 197-token "
-              "scale (one per block; default: the official DeiT-S 2.9 GFLOPs search)", min=2, max=REF_TOKENS),
+              "scale (one per block, padded with 197; default: the official DeiT-S 2.9 GFLOPs search)",
+              min=2, max=REF_TOKENS),
         Param("power", "float", 1.0,
               "kept fractions raised to this power: 1 = the schedule as given, 0 = dense, >1 = fewer "
               "tokens (the matched-FLOPs knob)", min=0.0, max=4.0),

@@ -169,6 +169,7 @@ def test_counts_follow_the_official_rules():
     assert [kept_patches(k, 196) for k in (197, 196, 58, 3, 2)] == [196, 195, 57, 2, 1]
     assert block_counts([197, 150, 164], [197, 148, 156], 3, 196) == [(196, 196), (149, 147), (163, 155)]
     assert block_counts([150], [160], 1, 196) == [(149, 149)]  # merge >= prune: no merging
+    assert block_counts([150], [140, 100], 3, 196) == [(149, 139), (196, 99), (196, 196)]  # padded with 197
     assert kept_patches(99, 64, power=0.0) == 64
     # FLOPs fall monotonically with the knob
     sums = [sum(km for _, km in block_counts(*SCHEDULES["2.9"], 12, 196, pw)) for pw in (0, 0.5, 1, 2, 4)]
@@ -190,7 +191,7 @@ def test_identity_settings(params):
 
 
 @pytest.mark.parametrize("params", [
-    {"prune": [197] * 11}, {"merge": [150] * 13}, {"prune": 1}, {"merge": 198}, {"prune": [197] * 11 + [0]},
+    {"prune": [197] * 13}, {"merge": [150] * 13}, {"prune": 1}, {"merge": 198}, {"prune": [197] * 11 + [0]},
     {"power": -0.5}, {"power": 5}, {"power": "strong"}, {"prune": "many"}, {"keep_rate": 0.5},
 ])
 def test_bad_params(params):
@@ -293,8 +294,8 @@ def test_train_cli_runs_the_search(cli, tiny_default, tmp_path):
     d.mkdir()
     _fake_fmnist(d, n=100)
     out = tmp_path / "run"
-    code, stdout, err = cli("train", "default", "--method", "diffrate", "--set", "search=true", "--set", "target_ratio=0.4",
-                            "--data-dir", str(d), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+    code, stdout, err = cli("train", "default", "--method", "diffrate", "--set", "search=true",
+                            "--set", "target_ratio=0.4", "--data-dir", str(d), "--out", str(out), "--epochs", "1", "--batch-size", "32",
                             "--lr", "0.05", "--max-steps", "2")
     assert code == 0, err
     assert "flops_ratio" in (out / "train_log.csv").read_text().splitlines()[0]
