@@ -108,17 +108,21 @@ class TokenState:
         return x
 
     def merge(self, x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tensor,
-              dst: torch.Tensor, mode: str = "mean", drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+              dst: torch.Tensor, mode: str = "mean", drop: Optional[torch.Tensor] = None,
+              size_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keep ``keep_idx`` [B, K] and fold the tokens ``src_idx`` [B, R] into kept ones.
 
         ``dst`` [B, R]: for each merged token, the *position in the kept list* it folds into.
-        ``mode="mean"``: size-weighted average (ToMe); ``"sum"``: plain sum.  Sizes add up,
+        ``mode="mean"``: size-weighted average (ToMe); ``"sum"``: plain sum; ``"avg"``: plain
+        (unweighted) mean of a kept token and those folded into it (DiffRate).  Sizes add up,
         source maps are united, a policy keeps its largest value, positions are the kept
         token's.  Operation order is ToMe's (``x * size`` summed, then divided by the summed
         size), so a bipartite matching expressed this way gives the official result.
         ``drop`` [B, R] (bool, optional): the tokens of ``src_idx`` marked True are discarded
         instead of folded (pruning inside a merge, so that one batch can prune some images and
         merge others with one call: PPT).
+        ``size_weights`` [B, R]: the merged tokens' sizes are multiplied by these before they
+        add up (DiffRate weighs them by their similarity to the destination).
         """
         c = x.shape[-1]
         weighted = mode == "mean"
@@ -128,14 +132,19 @@ class TokenState:
             s = gather_tokens(t, src_idx)
             return s if live is None else s * live.to(s.dtype)
 
-        if weighted:
+        if weighted or size_weights is not None:
             size = self.ensure_size(x)
+        if weighted:
             x = x * size
         kept = gather_tokens(x, keep_idx)
-        kept = kept.scatter_reduce(1, dst[..., None].expand(-1, -1, c), srcs(x), reduce="sum")
+        kept = kept.scatter_reduce(1, dst[..., None].expand(-1, -1, c), srcs(x),
+                                   reduce="mean" if mode == "avg" else "sum")
         if self.size is not None:
             s_kept = gather_tokens(self.size, keep_idx)
-            self.size = s_kept.scatter_reduce(1, dst[..., None], srcs(self.size), reduce="sum")
+            s_src = srcs(self.size)
+            if size_weights is not None:
+                s_src = s_src * size_weights[..., None].to(s_src.dtype)
+            self.size = s_kept.scatter_reduce(1, dst[..., None], s_src, reduce="sum")
         if weighted:
             kept = kept / self.size
         if self.source is not None:
