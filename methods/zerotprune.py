@@ -39,7 +39,7 @@ Where an image has no head in range, all its heads are used.
 
 Schedule (our choice, to be checked against the paper's appendix): one pruning layer in
 every block, between the attention and the MLP (``plan.mid``, as ToMe in this benchmark),
-``r`` patch tokens per block (``r_s = round(s_share * r)`` by the S-stage, the rest by the
+``r`` patch tokens per block (``r_s = s_share * r`` rounded half up by the S-stage, the rest by the
 I-stage), at most ``n // 2`` by the S-stage and at least one patch token kept.  The
 paper's pruning layer sits between blocks; here the pruned tokens also skip the MLP of
 the block whose attention ranked them.  Default ``r = 12``: 2.96 GFLOPs on DeiT-S (224 px,
