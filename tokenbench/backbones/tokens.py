@@ -184,6 +184,40 @@ class TokenState:
         self.snapshot("fuse")
         return out
 
+    def mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Replace the non-prefix tokens by linear combinations of them: ``weights @ x[:, p:]``
+        (``weights`` [K, n] or [B, K, n]; prefix tokens kept in front), e.g. a DCT resampling.
+
+        The combination is dense, so the bookkeeping follows each old token's *dominant*
+        new token (largest ``|weight|`` in its column): sizes add up there, source maps are
+        united there (each patch stays covered by one token), a policy keeps its largest
+        value; a new token's position is that of the old token it weighs most.  Refused on a
+        padded (per-image count) sequence.
+        """
+        if self.pad is not None:
+            raise ValueError("TokenState.mix cannot combine a padded sequence")
+        p, b = self.n_prefix, x.shape[0]
+        w = weights.to(x.dtype)
+        out = torch.cat([x[:, :p], torch.matmul(w, x[:, p:])], dim=1)
+        wa = weights.abs().expand(b, -1, -1) if weights.dim() == 2 else weights.abs()
+        k = wa.shape[1]
+        dom = wa.argmax(1)                                   # [B, n]: new token each old one goes to
+
+        def fold(t: torch.Tensor, reduce: str) -> torch.Tensor:
+            """[B, N, D] -> [B, p + K, D]: prefix rows kept, the others reduced into their dominant token."""
+            body = t.new_zeros(b, k, t.shape[-1]).scatter_reduce(
+                1, dom[..., None].expand(-1, -1, t.shape[-1]), t[:, p:], reduce=reduce, include_self=False)
+            return torch.cat([t[:, :p], body], 1)
+
+        self.size = None if self.size is None else fold(self.size, "sum")
+        self.source = None if self.source is None else fold(self.source, "amax")
+        self.policy = None if self.policy is None else fold(self.policy, "amax")
+        if self.pos is not None:
+            centre = wa.argmax(2)                            # [B, K]: old token each new one weighs most
+            self.pos = torch.cat([self.pos[:, :p], self.pos[:, p:].gather(1, centre)], 1)
+        self.snapshot("mix")
+        return out
+
     def snapshot(self, kind: str) -> None:
         if self.track_source and self.source is not None:
             self.stages.append({"block": self.block, "kind": kind, "source": self.source.detach().clone(),
