@@ -40,6 +40,9 @@ Deviations and choices:
   the seed and the image alone, never on its batch;
 - a stage whose cluster count is not below the current patch count leaves the tokens as
   they are (the official would reorder them: no effect on the output);
+- FLOPs: the pairwise distances (``torch.cdist``) are counted through an fvcore handle
+  (``N^2 C`` multiply-adds per site, shared with ``kmedoids``); the density, top-k and
+  averaging are not counted;
 - cluster counts: ``int(N0 * keep_rate ** s)`` as the official, capped at the current
   count and at least 1 (``keep_counts``); ``k`` neighbours capped at the token count.
 """
@@ -50,10 +53,14 @@ import torch
 
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.backbones.vit import keep_counts
+from tokenbench.measure import register_flop_handle
+from tokenbench.methods.kmedoids import cdist_flop
 from tokenbench.methods.random import stage_key, token_scores
 from tokenbench.registry import Method, Param, register
 
 _EPS = 1e-6    # the official's noise scale and its guard in the cluster sizes
+
+register_flop_handle("aten::cdist", cdist_flop)   # pairwise distances: N^2 C multiply-adds per site
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -88,7 +95,7 @@ def centre_merge_indices(centres: torch.Tensor, cluster: torch.Tensor, n_prefix:
     into the whole sequence."""
     b, n = cluster.shape
     k = centres.shape[1]
-    is_centre = torch.zeros_like(cluster, dtype=torch.int8).scatter(1, centres, 1)
+    is_centre = torch.zeros_like(cluster, dtype=torch.int8).scatter(1, centres, torch.ones_like(centres, dtype=torch.int8))
     others = torch.argsort(is_centre, dim=1, stable=True)[:, :n - k]
     prefix = torch.arange(n_prefix, device=cluster.device).expand(b, n_prefix)
     keep_idx = torch.cat([prefix, centres + n_prefix], dim=1)

@@ -44,6 +44,9 @@ Deviations and choices:
   ``(q * scale) @ k^T``, the official ``(q @ k^T) * scale`` (float rounding only);
 - a stage whose cluster count is not below the current patch count leaves the tokens as
   they are (the official would reorder them into medoid order: no effect on the output);
+- FLOPs: the pairwise distances (``torch.cdist``, ``N^2 C`` multiply-adds per site) are
+  counted through an fvcore handle registered here; the extra attention matrices count as
+  matmuls; the comparisons, sums and arg-mins of the iterations are not counted;
 - the official computes ``int(N0 * keep_rate ** s)`` per stage independently; so do we,
   capped at the current count and at least 1 (``keep_counts``).
 """
@@ -54,6 +57,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.vit import keep_counts
+from tokenbench.measure import register_flop_handle
 from tokenbench.registry import Method, Param, register
 
 _MASKED = 1000000.0  # the official value written over rows outside a cluster
@@ -97,13 +101,29 @@ def medoid_merge_indices(medoids: torch.Tensor, assign: torch.Tensor, n_prefix: 
     indices into the whole sequence.  Also the [B, P + N] mask of the kept tokens."""
     b, n = assign.shape
     k = medoids.shape[1]
-    is_medoid = torch.zeros_like(assign, dtype=torch.bool).scatter(1, medoids, True)
-    others = torch.argsort(is_medoid.to(torch.int8), dim=1, stable=True)[:, :n - k]
+    is_medoid = torch.zeros_like(assign, dtype=torch.int8).scatter(1, medoids, torch.ones_like(medoids, dtype=torch.int8))
+    others = torch.argsort(is_medoid, dim=1, stable=True)[:, :n - k]
     prefix = torch.arange(n_prefix, device=assign.device).expand(b, n_prefix)
     keep_idx = torch.cat([prefix, medoids + n_prefix], dim=1)
     dst = assign.gather(1, others) + n_prefix
-    kept_mask = torch.cat([torch.ones_like(prefix, dtype=torch.bool), is_medoid], dim=1)
+    kept_mask = torch.cat([torch.ones_like(prefix, dtype=torch.bool), is_medoid.bool()], dim=1)
     return keep_idx, others + n_prefix, dst, kept_mask
+
+
+def cdist_flop(inputs, outputs) -> int:
+    """fvcore handle for aten::cdist, [B, P, M] x [B, R, M]: B * P * R * M multiply-adds (as a
+    Gram matrix costs; fvcore would otherwise count the pairwise distances as free)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    *batch, p, m = get_shape(inputs[0])
+    r = get_shape(inputs[1])[-2]
+    b = 1
+    for s in batch:
+        b *= s
+    return b * p * r * m
+
+
+register_flop_handle("aten::cdist", cdist_flop)
 
 
 # --------------------------------------------------------------------------- hooks
