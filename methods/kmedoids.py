@@ -164,7 +164,7 @@ class KMedoids(Method):
         Param("keep_rate", "float", 0.7,
               "clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens",
               min=0.0, max=1.0, min_exclusive=True),
-        Param("iters", "int", 3, "K-Medoids iterations (official --cluster_iters)", min=0),
+        Param("iters", "int", 3, "K-Medoids iterations (official --cluster_iters)", min=0, max=50),
     )
     knob = "keep_rate"
     seed_param = None
