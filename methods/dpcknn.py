@@ -1,0 +1,165 @@
+"""`dpcknn`: DPC-KNN clustering of the patch tokens (Haurum et al., ICCVW 2023), training-free.
+
+The clustering is TCFormer's (W. Zeng et al., "Not All Tokens Are Equal: Human-centric
+Visual Analysis via Token Clustering Transformer", CVPR 2022), as used by J. B. Haurum et
+al., "Which Tokens to Use? Investigating Token Reduction in Vision Transformers", ICCV
+Workshops 2023.  Official code: https://github.com/JoakimHaurum/TokenReduction
+(``models/dpcknn.py``: ``cluster_dpc_knn``, ``merge_tokens``), MIT license; it follows
+https://github.com/zengwang430521/TCFormer (Apache-2.0).  Read, not copied.
+
+Before each reduction block (blocks 3, 6 and 9 of a 12-block ViT, the official
+``--reduction_loc 3 6 9``; the quarter points of other depths), the patch tokens (prefix
+tokens stay aside) are clustered into ``int(N0 * keep_rate ** s)`` clusters at stage
+``s = 1, 2, 3`` (``N0`` the patch count after the embedding, as the official counts):
+
+- distances: Euclidean between the block's input tokens, divided by ``sqrt(C)``;
+- local density: ``exp(-mean of the squared distances to the k nearest neighbours)``, the
+  token itself included (official default ``--k_neighbors 5``), plus a uniform noise of at
+  most ``1e-6`` that breaks ties;
+- distance indicator: the distance to the nearest token of higher density (the largest
+  distance of the image for the densest token);
+- centres: the ``K`` tokens with the largest ``density * distance indicator``, in that
+  order; every token joins its nearest centre (first on ties), each centre its own cluster;
+- each cluster becomes the plain average of its members, ``sum x_i / (n_k + 1e-6)`` as the
+  official ``merge_tokens`` with equal token weights: members are *not* weighted by the
+  patches they already stand for (the official tracks them but does not use them).
+
+The merge goes through ``TokenState.merge`` (``mode="sum"`` on tokens pre-scaled by
+``1 / (n_k + 1e-6)``, the official arithmetic), so sizes, source maps and positions (the
+centre's) stay aligned; no proportional attention (the official has none); sizes weight
+average pooling only.
+
+Deviations and choices:
+
+- the official fine-tunes DeiT with the method inserted and, by default, weights the
+  members by a *learned* score (``exp(Linear(x))``, ``--equal_weight`` off); off-the-shelf
+  there is no trained score, so this is the official ``--equal_weight`` variant (plain
+  averages), with no learned part;
+- the tie-breaking noise is the official's ``torch.rand * 1e-6``, drawn instead from a hash
+  of (``seed``, stage, image id, token) as ``random`` does, so an image's result depends on
+  the seed and the image alone, never on its batch;
+- a stage whose cluster count is not below the current patch count leaves the tokens as
+  they are (the official would reorder them: no effect on the output);
+- FLOPs: the pairwise distances (``torch.cdist``) are counted through an fvcore handle
+  (``N^2 C`` multiply-adds per site, shared with ``kmedoids``); the density, top-k and
+  averaging are not counted;
+- cluster counts: ``int(N0 * keep_rate ** s)`` as the official, capped at the current
+  count and at least 1 (``keep_counts``); ``k`` neighbours capped at the token count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.backbones.vit import keep_counts
+from tokenbench.measure import register_flop_handle
+from tokenbench.methods.kmedoids import cdist_flop
+from tokenbench.methods.random import stage_key, token_scores
+from tokenbench.registry import Method, Param, register
+
+_EPS = 1e-6    # the official's noise scale and its guard in the cluster sizes
+
+register_flop_handle("aten::cdist", cdist_flop)   # pairwise distances: N^2 C multiply-adds per site
+
+
+# --------------------------------------------------------------------------- algorithm
+
+def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peaks clustering of the tokens ``x`` [B, N, C]; ``noise`` [B, N] (uniform in
+    [0, 1), scaled by 1e-6) breaks density ties.  Returns (cluster of every token [B, N], centre indices [B, K])."""
+    b, n, c = x.shape
+    dist = torch.cdist(x, x) / (c ** 0.5)
+    nearest = dist.topk(min(k, n), dim=-1, largest=False).values
+    density = (-(nearest ** 2).mean(dim=-1)).exp() + noise * _EPS
+    higher = (density[:, None, :] > density[:, :, None]).to(x.dtype)   # [i, j]: j denser than i
+    far = dist.flatten(1).max(dim=-1).values[:, None, None]
+    delta = (dist * higher + far * (1 - higher)).min(dim=-1).values
+    centres = (delta * density).topk(n_clusters, dim=-1).indices      # [B, K]
+    to_centre = dist.gather(1, centres[..., None].expand(b, n_clusters, n))  # [B, K, N]
+    cluster = to_centre.argmin(dim=1)
+    cluster = cluster.scatter(1, centres, torch.arange(n_clusters, device=x.device).expand(b, n_clusters))
+    return cluster, centres
+
+
+def cluster_scale(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N]: ``1 / (n_k + 1e-6)`` for each token's cluster ``k`` (the official's equal-weight normaliser)."""
+    counts = torch.zeros(cluster.shape[0], n_clusters, dtype=dtype, device=cluster.device)
+    counts = counts.scatter_add(1, cluster, torch.ones_like(cluster, dtype=dtype))
+    return 1.0 / (counts + _EPS).gather(1, cluster)
+
+
+def centre_merge_indices(centres: torch.Tensor, cluster: torch.Tensor, n_prefix: int):
+    """For :meth:`TokenState.merge`: (kept [B, P + K]: prefix then centres; the other patch
+    tokens [B, N - K]; for each of them, its cluster's slot in the kept list), as indices
+    into the whole sequence."""
+    b, n = cluster.shape
+    k = centres.shape[1]
+    is_centre = torch.zeros_like(cluster, dtype=torch.int8).scatter(1, centres, torch.ones_like(centres, dtype=torch.int8))
+    others = torch.argsort(is_centre, dim=1, stable=True)[:, :n - k]
+    prefix = torch.arange(n_prefix, device=cluster.device).expand(b, n_prefix)
+    keep_idx = torch.cat([prefix, centres + n_prefix], dim=1)
+    return keep_idx, others + n_prefix, cluster.gather(1, others) + n_prefix
+
+
+def density_noise(seed: int, stage: int, image_ids: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, n] uniform noise in [0, 1): a function of (seed, stage, image id, token) only."""
+    u = token_scores(stage_key(seed, stage), image_ids, n) >> 16        # [B, n] in [0, 2**32)
+    return (u.to(torch.float64) / 2.0 ** 32).to(dtype)
+
+
+# --------------------------------------------------------------------------- hook
+
+def _cluster_hook(stage: int, k_target: int, k_neighbors: int, seed: int):
+    def pre(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
+        npf = st.n_prefix
+        n = x.shape[1] - npf
+        k = min(k_target, n)
+        if k >= n:
+            return x
+        patches = x[:, npf:]
+        noise = density_noise(seed, stage, st.image_ids.to(x.device), n, x.dtype)
+        cluster, centres = dpc_knn(patches, k, k_neighbors, noise)
+        scale = cluster_scale(cluster, k, x.dtype)
+        scale = torch.cat([scale.new_ones(x.shape[0], npf), scale], dim=1)
+        keep_idx, src_idx, dst = centre_merge_indices(centres, cluster, npf)
+        st.ensure_size(x)
+        return st.merge(x * scale[..., None], keep_idx, src_idx, dst, mode="sum")
+
+    return pre
+
+
+@register
+class DPCKNN(Method):
+    name = "dpcknn"
+    version = "1"
+    summary = ("DPC-KNN (density peaks, k nearest neighbours) clustering of the patch tokens before "
+               "blocks 3, 6, 9; each cluster averaged, int(N0 * keep_rate ** s) of them.")
+    family = "merging"
+    learned = False
+    params = (
+        Param("keep_rate", "float", 0.7,
+              "clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens",
+              min=0.0, max=1.0, min_exclusive=True),
+        Param("k_neighbors", "int", 5, "nearest neighbours of the local density (official --k_neighbors)", min=1),
+        Param("seed", "int", 0, "seed of the density tie-breaking noise (per image, as the official torch.rand * 1e-6)"),
+    )
+    knob = "keep_rate"
+    seed_param = "seed"
+    deterministic = False
+    needs_class_token = False
+
+    def apply(self, model, keep_rate: float = 0.7, k_neighbors: int = 5, seed: int = 0):
+        bb = backbone_of(model, self.name)
+        plan = bb.prepare(self.name)
+        sites = bb.sites("quarters")
+        for s, (site, k) in enumerate(zip(sites, keep_counts(bb.num_patches, len(sites), keep_rate))):
+            plan.pre[site] = _cluster_hook(s, k, int(k_neighbors), int(seed))
+        return model
+
+    @classmethod
+    def reduces(cls, params) -> bool:
+        return params["keep_rate"] < 1
+
+    def expected_tokens(self, model, keep_rate: float = 0.7, k_neighbors: int = 5, seed: int = 0):
+        return backbone_of(model, self.name).staged_schedule(keep_rate, "pre")
