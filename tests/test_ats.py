@@ -31,21 +31,21 @@ def images(n: int, seed: int = 1) -> torch.Tensor:
 # --------------------------------------------------------------------------- the reference
 
 def ref_sample(score: list[float], n_samples: int) -> list[int]:
-    """Positions (into ``score``) ATS keeps, in increasing order of score; loops only."""
+    """Positions (into ``score``) ATS keeps, in increasing order of score; one sample at a time."""
     order = sorted(range(len(score)), key=lambda j: score[j])
     cdf, acc = [], torch.tensor(0.0)
-    for j in order:
+    for j in order:                                   # float32 running sum, as cumsum
         acc = acc + torch.tensor(score[j])
         cdf.append(acc)
-    lo, hi = cdf[0], cdf[-1]
-    ncdf = [((c - lo) / (hi - lo)) for c in cdf]
-    y0 = min(c for c in ncdf if c != 0)
+    cdf = torch.stack(cdf)
+    ncdf = (cdf - cdf[0]) / (cdf[-1] - cdf[0])
+    y0 = ncdf[ncdf != 0].min()
+    lin = torch.linspace(0.0, 1.0, n_samples)
     picked = set()
     for j in range(n_samples):
-        lin = torch.linspace(0.0, 1.0, n_samples)[j]
-        y = y0 + ((lin * (n_samples - 1)) - y0 * j) / (n_samples - 1)
-        dist = [abs(y - c) for c in ncdf]
-        picked.add(min(range(len(ncdf)), key=lambda i: (dist[i], i)))
+        y = y0 + ((lin[j] * (n_samples - 1)) - y0 * j) / (n_samples - 1)
+        dist = (y - ncdf).abs()
+        picked.add(int(torch.nonzero(dist == dist.min())[0]))   # the nearest; the first on a tie
     return [order[i] for i in sorted(picked)]
 
 
