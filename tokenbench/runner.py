@@ -82,7 +82,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
     Always: the model, method, parameters, input size, weights, torch and timm versions,
     the method's code (declared version and source hash, :mod:`tokenbench.identity`) and the
     kind's protocol version.  Timing adds the device, precision, threads and batch size,
-    and the compile mode when compiled (a speedup also its dense baseline); accuracy adds the data's fingerprint and subset.
+    and the compile mode when compiled (a speedup also its dense baseline); accuracy, and FLOPs
+    counted on data (``--data``), add the data's fingerprint and subset.
     """
     import timm
 
@@ -110,6 +111,9 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
             kf["baseline"] = {k: baseline[k] for k in ("model", "method", "params", "img_size")}
             kf["baseline_code"] = identity.method_code(get_method(baseline["method"]))
             kf["rounds"] = s.rounds
+    elif kind == "flops" and s.data:  # FLOPs averaged over real images: keyed by them, like accuracy
+        kf.update({"data": s.data, "data_id": identity.data_fingerprint(s.data, s.split, s.data_dir),
+                   "split": s.split, "limit": flops_limit(s), "data_seed": s.data_seed})
     elif kind == "accuracy":
         if not s.data:
             raise UserError("accuracy needs a dataset (--data)")
@@ -118,6 +122,37 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                    "split": s.split, "limit": s.limit, "data_seed": s.data_seed,
                    "device": dev.type, "precision": s.precision})
     return kf
+
+
+FLOPS_LIMIT = 64  # images counted by `flops --data` without --limit (each is one fvcore trace)
+SYNTHETIC_FLOPS = "FLOPs of one synthetic image; pass --data for the mean over real images"
+
+
+def flops_limit(s: Settings) -> int:
+    """Images a FLOPs count over ``s.data`` uses: ``--limit``, else :data:`FLOPS_LIMIT`."""
+    return s.limit or FLOPS_LIMIT
+
+
+def flops_on_data(net, spec: dict, s: Settings) -> dict:
+    """FLOPs averaged over the first :func:`flops_limit` images of the (seeded, stratified)
+    subset of ``s.data``: mean, spread per image and the data's identity."""
+    from .data import build_dataset
+
+    n = flops_limit(s)
+    ds, dspec = build_dataset(s.data, s.split, s.data_dir, model=net, limit=n, seed=s.data_seed)
+    checks.limit_within(s.limit, dspec.available, dspec.source or f"{s.data} {s.split}")
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    metrics = measure.flops(net, img_size=spec["img_size"], inputs=images, max_images=len(images))
+    metrics["data"] = dspec.key()
+    return metrics
+
+
+def varies_per_image(cls, net, params: dict) -> bool:
+    """True when the method declares no token schedule (its count depends on the image)."""
+    try:
+        return cls().expected_tokens(net, **params) is None
+    except UserError:
+        return False
 
 
 def record_key_of(kind: str, spec: dict, s: Settings, baseline: Optional[dict] = None) -> tuple[str, dict, str]:
@@ -205,7 +240,12 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     prov = loaded.prov
     warnings_: list[str] = checks.for_run(kind, spec, net, prov)
     if kind == "flops":
-        metrics = measure.flops(net, img_size=spec["img_size"])
+        if settings.data:
+            metrics = flops_on_data(net, spec, settings)
+        else:
+            metrics = measure.flops(net, img_size=spec["img_size"])
+            if varies_per_image(cls, net, spec["params"]):
+                warnings_.append(SYNTHETIC_FLOPS)
         env = measure.env_info("cpu")
         dense = dense_tokens(net)
         if dense is not None and metrics.get("tokens") == dense and \
