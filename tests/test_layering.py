@@ -19,7 +19,7 @@ MODEL_INSIDES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "cls
 # The deprecated shim for 0.1 plugins only re-exports the backbone layer.
 EXEMPT = {"vit.py"}
 # Words the harness uses for its own concepts, whichever method also names a parameter so.
-HARNESS_WORDS = {"seed", "ratio", "target", "limit", "threshold"}
+HARNESS_WORDS = {"seed", "ratio", "target", "limit", "threshold", "search"}
 
 
 def harness_modules() -> list[Path]:
