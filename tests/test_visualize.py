@@ -76,9 +76,14 @@ def check_bookkeeping(model, method, params, stages):
             assert prev_dropped[i] <= dropped, "a dropped patch came back"
             old = set(prev[i])
             kind = stage["kind"]
-            if kind == "merge":
+            if kind in ("merge", "mix"):  # mix: a linear map, each old token followed to its dominant new one
                 assert dropped == prev_dropped[i]
                 # every new token is a union of old ones
+                for t in toks:
+                    parts = [o for o in old if o <= t]
+                    assert frozenset().union(*parts) == t
+            elif kind == "merge+prune":  # a merge that also drops some tokens (PPT's pruning images)
+                assert prev_dropped[i] <= dropped
                 for t in toks:
                     parts = [o for o in old if o <= t]
                     assert frozenset().union(*parts) == t

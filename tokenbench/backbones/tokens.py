@@ -156,7 +156,7 @@ class TokenState:
                 1, dst[..., None], srcs(self.policy), reduce="amax")
         self.pos = None if self.pos is None else gather_tokens(self.pos, keep_idx)
         self.pad = None if self.pad is None else gather_tokens(self.pad, keep_idx)
-        self.snapshot("merge")
+        self.snapshot("merge" if drop is None else "merge+prune")
         return kept
 
     def fuse(self, x: torch.Tensor, kept_idx: torch.Tensor, dropped_idx: torch.Tensor,
