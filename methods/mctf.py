@@ -236,6 +236,7 @@ class MCTF(Method):
     def apply(self, model, r=16, tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirection=True,
               one_step_ahead=1, pooling=1, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
+        bb.check(self.name, need_class_token=True)  # no class token: the standard refusal
         if bb.n_prefix != 1:
             raise UserError(f"mctf: needs exactly one prefix token (the class token); this model has {bb.n_prefix}")
         rs = self.schedule(r, bb.depth)

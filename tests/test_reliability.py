@@ -865,13 +865,25 @@ def test_every_method_on_random_grids_matches_its_declared_tokens(name, data):
     batch = data.draw(st.integers(1, 4), label="batch")
     cls_token = True if cls.needs_class_token else data.draw(st.booleans(), label="class_token")
     reg = data.draw(st.integers(0, 2), label="reg_tokens")
+    if name == "mctf":  # MCTF refuses models with register tokens (one prefix token, as the official)
+        reg = 0
     params = {p.name: data.draw(_param_strategy(st, p), label=p.name) for p in cls.params}
     params = cls.validate(params)
+    if name == "mctf" and isinstance(params["r"], list) and params["r"]:
+        params["r"][0] = 0  # MCTF fuses before blocks 1..11 (the official layers), never before block 0
     torch.manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", img_size=img, patch_size=patch, embed_dim=32, depth=DEPTH,
                             num_heads=2, num_classes=5, class_token=cls_token, reg_tokens=reg,
                             global_pool="token" if cls_token else "avg").eval()
-    apply(net, name, **params)
+    from hypothesis import assume
+
+    from tokenbench.errors import UserError
+
+    try:
+        apply(net, name, **params)
+    except UserError as e:  # a per-site or per-block list longer than the method's sites: refused
+        assume("entries" not in str(e))
+        raise
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
         y = net(x)
