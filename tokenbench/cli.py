@@ -179,7 +179,8 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
             raise UserError(f"--limit must be positive, got {limit}")
         _check_data_dir(data, data_dir)
         settings = Settings(data=data, data_dir=str(data_dir) if data_dir else None,
-                            split="val" if data in ("imagenet", "folder") else "test", limit=limit, data_seed=seed)
+                            split="val" if data in ("imagenet", "folder") else "test", limit=limit, data_seed=seed,
+                            flops_on_data=True)
     elif limit is not None or data_dir is not None:
         raise UserError("--limit and --data-dir count real images: pass --data too")
     spec = _spec(model, method, set_, pretrained, checkpoint, img_size)

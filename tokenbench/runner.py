@@ -43,6 +43,9 @@ class Settings:
     limit: Optional[int] = None
     data_seed: int = 0
     eval_batch_size: int = 256
+    # FLOPs counted over real images of ``data`` (``tokenbench flops --data``), not one synthetic
+    # image; sweeps set ``data`` for accuracy only, so this is asked for explicitly.
+    flops_on_data: bool = False
 
 
 def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> str:
@@ -111,7 +114,7 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
             kf["baseline"] = {k: baseline[k] for k in ("model", "method", "params", "img_size")}
             kf["baseline_code"] = identity.method_code(get_method(baseline["method"]))
             kf["rounds"] = s.rounds
-    elif kind == "flops" and s.data:  # FLOPs averaged over real images: keyed by them, like accuracy
+    elif kind == "flops" and s.flops_on_data:  # FLOPs averaged over real images: keyed by them, like accuracy
         kf.update({"data": s.data, "data_id": identity.data_fingerprint(s.data, s.split, s.data_dir),
                    "split": s.split, "limit": flops_limit(s), "data_seed": s.data_seed})
     elif kind == "accuracy":
@@ -240,7 +243,7 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     prov = loaded.prov
     warnings_: list[str] = checks.for_run(kind, spec, net, prov)
     if kind == "flops":
-        if settings.data:
+        if settings.flops_on_data:
             metrics = flops_on_data(net, spec, settings)
         else:
             metrics = measure.flops(net, img_size=spec["img_size"])
