@@ -59,9 +59,12 @@ def test_flops_keys_without_data_are_unchanged():
     spec = {"model": TINY, "method": "ats", "params": {"keep_rate": 1.0}, "img_size": None}
     plain = key_fields("flops", spec, "random-init:seed0", Settings())
     assert "data" not in plain and "limit" not in plain
-    on_data = key_fields("flops", spec, "random-init:seed0", Settings(data="synthetic", limit=16))
+    # a sweep's settings carry data for accuracy: its FLOPs keys stay those of one synthetic image
+    assert key_fields("flops", spec, "random-init:seed0", Settings(data="synthetic", limit=16)) == plain
+    on_data = key_fields("flops", spec, "random-init:seed0", Settings(data="synthetic", limit=16, flops_on_data=True))
     assert on_data["data_id"] == "synthetic:v1" and on_data["limit"] == 16
-    assert key_fields("flops", spec, "random-init:seed0", Settings(data="synthetic"))["limit"] == 64
+    assert key_fields("flops", spec, "random-init:seed0",
+                      Settings(data="synthetic", flops_on_data=True))["limit"] == 64
 
 
 def test_bad_data_options_are_one_line(cli):
