@@ -282,11 +282,11 @@ def _load_file(path: Path) -> None:
     """Import one built-in method file as ``tokenbench.methods.<stem>`` (its public name)."""
     mod_name = f"tokenbench.methods.{path.stem}"
     before = set(_REGISTRY)
-    if mod_name not in sys.modules:
-        module = importlib.import_module(mod_name)
-        sys.modules.setdefault(f"tokenbench_methods.{path.stem}", module)  # the name used before 0.2
-    for name in set(_REGISTRY) - before:
-        _SOURCES[name] = str(path)
+    module = importlib.import_module(mod_name)  # (perhaps already imported by another method)
+    sys.modules.setdefault(f"tokenbench_methods.{path.stem}", module)  # the name used before 0.2
+    for name in set(_REGISTRY) - before:  # a method file importing another registers both here
+        mod = sys.modules.get(_REGISTRY[name].__module__)
+        _SOURCES[name] = str(getattr(mod, "__file__", None) or path)
 
 
 def load_methods() -> dict[str, type[Method]]:
