@@ -1,5 +1,9 @@
 """`dynamicvit`: DynamicViT (Rao et al., NeurIPS 2021), learned token pruning.
 
+One method, one name across model families: on ViTs this file (the conference version);
+on ConvNeXt and Swin the journal version (dynamic spatial sparsification, T-PAMI 2023),
+implemented in ``methods/dynamicvit_hierarchical.py``; the class below only dispatches.
+
 A light prediction module before blocks 3, 6 and 9 of a 12-block ViT (the quarter
 points of other depths, the backbone's ``quarters`` sites) scores every patch token;
 stage ``s`` (1, 2, 3) keeps ``int(N0 * keep_rate ** s)`` of the ``N0`` original patch
@@ -72,6 +76,7 @@ import torch.nn.functional as F
 from tokenbench.backbones import (TokenState, add_module, applied_method, backbone_of, last_state,
                                   plan_settings)
 from tokenbench.errors import UserError
+from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.registry import Method, Param, register
 
 PREDICTOR_ATTR = "score_predictor"  # the official attribute name: keys score_predictor.{i}.*
@@ -371,9 +376,12 @@ def official_state_dict(state: dict) -> dict:
 class DynamicViT(Method):
     name = "dynamicvit"
     version = "1"
-    summary = "DynamicViT: learned prediction modules prune tokens before blocks 3, 6, 9 (keep_rate ** s of them)."
+    summary = ("DynamicViT: learned prediction modules prune tokens before blocks 3, 6, 9 (keep_rate ** s of "
+               "them); on ConvNeXt / Swin, the MLP of stage 3 runs on keep_rate, keep_rate - 0.2, keep_rate - 0.4 "
+               "of the positions, a fast path on the rest")
     params = (
-        Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
+        Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages (ViT); "
+              "rho of the keep ratios rho, rho - 0.2, rho - 0.4 of stage 3 (ConvNeXt, Swin)",
               min=0.0, max=1.0, min_exclusive=True),
     )
     train_params = (
@@ -399,9 +407,12 @@ class DynamicViT(Method):
     needs_class_token = True
     deterministic = True
     search_param = "keep_rate"
+    backbones = ("vit", "convnext", "swin")
 
     def apply(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)
+        if bb.name != "vit":
+            return hier.apply_dynamicvit(model, keep_rate)
         plan = bb.prepare(self.name, need_class_token=True)
         sites = bb.sites("quarters")
         dim = bb.width
@@ -422,10 +433,27 @@ class DynamicViT(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return backbone_of(model, self.name).staged_schedule(keep_rate, "pre")
+        bb = backbone_of(model, self.name)
+        if bb.name != "vit":
+            return hier.expected_tokens(model, keep_rate)
+        return bb.staged_schedule(keep_rate, "pre")
 
     def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
+        if backbone_of(model, self.name).name != "vit":
+            applied = applied_method(model).get("params", {})
+            p, tp = self.validate_training({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
+            return hier.train_setup(model, teacher, p["keep_rate"], tp, weights)
         return train_setup(model, teacher, params, weights)
 
-    def param_groups(self, model, weight_decay: float, backbone_lr_scale: float = 0.01, **kw):
-        return param_groups(model, weight_decay, backbone_lr_scale)
+    def param_groups(self, model, weight_decay: float, backbone_lr_scale: Optional[float] = None, **kw):
+        if backbone_of(model, self.name).name != "vit":  # the journal recipe: --lr_scale 0.2
+            return hier.param_groups(model, weight_decay, hier.BACKBONE_LR_SCALE if backbone_lr_scale is None
+                                     else backbone_lr_scale)
+        return param_groups(model, weight_decay, 0.01 if backbone_lr_scale is None else backbone_lr_scale)
+
+    @staticmethod
+    def convert_checkpoint(model, state: dict) -> dict:
+        """An official checkpoint's state dict in our layout (``--checkpoint``; ours pass unchanged)."""
+        if backbone_of(model).name != "vit":
+            return hier.convert_checkpoint(model, state)
+        return official_state_dict(state)

@@ -14,6 +14,11 @@ plain tensor arithmetic (no generator state, no ``.item()``): vectorised, and th
 every device.
 
 Kept tokens stay in their original (spatial) order.
+
+On ConvNeXt and Swin (the control of DynamicViT's journal version): the same sites, keep
+ratios and fast paths as ``dynamicvit`` there (``methods/dynamicvit_hierarchical.py``), the
+slow-path positions of each of its three predictors drawn by the same hash instead; the
+fast paths are untrained until fine-tuned (``tokenbench train ... --method random``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.registry import Method, Param, register
 
 _M32 = 0xFFFFFFFF
@@ -95,9 +101,12 @@ class RandomPrune(Method):
     deterministic = False
     search_param = "keep_rate"
     seed_param = "seed"
+    backbones = ("vit", "convnext", "swin")
 
     def apply(self, model, keep_rate: float = 0.7, seed: int = 0, **params):
         bb = backbone_of(model, self.name)
+        if bb.name != "vit":
+            return hier.apply_random(model, keep_rate, seed, lambda s, st, n: token_scores(stage_key(seed, s), st.image_ids, n))
         plan = bb.prepare(self.name)
         plan.on_start.append(_on_start)
         for s, i in enumerate(bb.sites("quarters")):
@@ -109,4 +118,7 @@ class RandomPrune(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return backbone_of(model, self.name).staged_schedule(keep_rate, "mid")
+        bb = backbone_of(model, self.name)
+        if bb.name != "vit":
+            return hier.expected_tokens(model, keep_rate, self.name)
+        return bb.staged_schedule(keep_rate, "mid")

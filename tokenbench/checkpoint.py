@@ -62,8 +62,25 @@ def _summarise(keys: list[str], n: int = 4) -> str:
     return s + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+def official_layout(model: nn.Module, sd: dict) -> dict:
+    """``sd`` in our layout: the applied method's ``convert_checkpoint(model, sd)`` if it has one
+    (official release files of learned methods), else the backbone's ``from_official``."""
+    from .backbones import applied_method, backbone_of
+    from .registry import get_method
+
+    name = applied_method(model).get("name")
+    convert = getattr(get_method(name), "convert_checkpoint", None) if name else None
+    if convert is not None:
+        return convert(model, sd)
+    try:
+        return backbone_of(model).from_official(sd)
+    except UserError:  # a family without a backbone: as it is
+        return sd
+
+
 def load_state_dict_checked(model: nn.Module, sd: dict, source: str = "checkpoint") -> dict:
     """Load ``sd`` into ``model`` strictly; a clear error names the mismatched keys."""
+    sd = official_layout(model, sd)
     try:  # timm's own conversions for older ViT checkpoints (pos-embed resize etc.)
         from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -97,7 +114,7 @@ def load_state_dict_checked(model: nn.Module, sd: dict, source: str = "checkpoin
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load a checkpoint file into ``model``; provenance for the record."""
-    sd = read_state_dict(path)
+    sd = official_layout(model, read_state_dict(path))
     load_state_dict_checked(model, sd, source=f"checkpoint {path}")
     added = tuple(f"{m}." for m in added_modules(model))
     learned_keys = [k for k in sd if added and k.startswith(added)]

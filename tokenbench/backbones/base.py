@@ -145,6 +145,11 @@ class Backbone:
         """Analytic multiply-adds per image of the blocks for a token schedule (None: unknown)."""
         return None
 
+    def from_official(self, state: dict) -> dict:
+        """A state dict in the family's original repository layout (keys and shapes) in timm's;
+        keys already in timm's layout, and keys it does not know, pass unchanged."""
+        return state
+
     def final_feature_map(self, feats: torch.Tensor) -> torch.Tensor:
         """Hierarchical backbones: the output of ``model.forward_features`` as the last stage's map
         normalised per position by the model's final norm, as tokens [B, N, C] (what the

@@ -33,6 +33,7 @@ starts at the first hooked block that sees a block index not above the previous 
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -191,6 +192,33 @@ class ConvNeXtBackbone(Backbone):
         stem = next(m for m in self.model.stem.modules() if isinstance(m, nn.Conv2d))
         out["in_chans"] = int(stem.in_channels)
         out["num_classes"] = getattr(self.model, "num_classes", None)
+        return out
+
+    def from_official(self, state: dict) -> dict:
+        """facebookresearch/ConvNeXt's layout (``downsample_layers``, ``stages.i.j``, ``dwconv``,
+        ``pwconv1/2``, ``norm``, ``head``) in timm's; ``pwconv`` weights [O, I] become the 1x1
+        convolutions [O, I, 1, 1] of ``conv_mlp`` models."""
+        own = self.model.state_dict()
+        out = {}
+        for k, v in state.items():
+            k2 = k
+            m = re.match(r"^downsample_layers\.(\d+)\.(\d+)\.(.+)$", k)
+            if m:
+                i, j, leaf = m.groups()
+                k2 = f"stem.{j}.{leaf}" if i == "0" else f"stages.{i}.downsample.{j}.{leaf}"
+            m = re.match(r"^stages\.(\d+)\.(\d+)\.(.+)$", k)
+            if m:
+                i, j, leaf = m.groups()
+                leaf = {"dwconv": "conv_dw", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}.get(
+                    leaf.split(".")[0], leaf.split(".")[0]) + leaf[len(leaf.split(".")[0]):]
+                k2 = f"stages.{i}.blocks.{j}.{leaf}"
+            elif k.startswith("norm."):
+                k2 = "head." + k
+            elif k in ("head.weight", "head.bias"):
+                k2 = "head.fc." + k[5:]
+            if k2 in own and v.numel() == own[k2].numel() and v.shape != own[k2].shape:
+                v = v.reshape(own[k2].shape)
+            out[k2] = v
         return out
 
     def final_feature_map(self, feats: torch.Tensor) -> torch.Tensor:
