@@ -38,6 +38,11 @@ The algorithm, as the official code runs it:
   command) and frozen for the first 5 epochs (``fix_step``); no weight decay on 1-d
   parameters and biases.
 
+Training-only options (``tokenbench train --set``, off by default as the official):
+``keep_prior_init`` starts predictor ``s`` keeping about ``ratio_s`` of the map (last-layer
+bias ``[log r, log(1 - r)]``) instead of 1/2; ``decision_grad_clip=c`` clamps each position's
+straight-through decision gradient to ``[-c, c]`` (see ``methods/dynamicvit.py`` for why).
+
 Official state dicts load (:func:`convert_checkpoint`, called by ``--checkpoint``): the
 backbone keys through the backbone's ``from_official`` (ConvNeXt: ``downsample_layers`` /
 ``stages.i.j`` / ``dwconv`` / ``pwconv1`` / ``norm`` / ``head``), the extra keys here:
