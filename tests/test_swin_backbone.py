@@ -134,6 +134,18 @@ def test_fvcore_counts_the_mlp_on_k_positions():
     saved = dense["flops_by_operator"]["linear"] - reduced["flops_by_operator"]["linear"]
     assert saved * 1e9 == pytest.approx(2 * (n - keep) * 2 * c * hidden)   # two stage-3 blocks, fc1 + fc2
     assert reduced["tokens_mlp"] == [256, 64, keep, keep, 4]
+    # with a fast path (LayerNorm + Linear(C, C), as DynamicViT's) on the N - K others only,
+    # which the analytic block cost counts the same way
+    fast = torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, c))
+    net = _slow_fast(tiny_swin(), keep=keep, fast=fast)
+    backbones.add_module(net, "fast", fast)                               # a method's module, as methods attach them
+    with_fast = flops(net)["flops_by_operator"]["linear"]
+    saved = 2 * (n - keep) * (2 * c * hidden - c * c)
+    assert (dense["flops_by_operator"]["linear"] - with_fast) * 1e9 == pytest.approx(saved)
+    bb = backbone_of(net)
+    t = [float(v) for v in bb.dense_tokens()]
+    assert bb.block_cost(t, t) - bb.block_cost(t, [*t[:2], keep, keep, t[4]]) == pytest.approx(
+        (dense["flops_by_operator"]["linear"] - with_fast) * 1e9)
 
 
 def test_block_cost_matches_fvcore_on_the_dense_model():
@@ -193,3 +205,65 @@ def test_official_layout_maps_to_timm_keys():
 def test_vit_methods_refuse_swin_with_one_line():
     with pytest.raises(UserError, match="tome does not apply to swin models"):
         apply(tiny_swin(), "tome")
+
+
+# --------------------------------------------------------------------------- training: two streams
+
+def test_two_streams_equal_the_official_form_written_out():
+    """Stage 3 in training with a streams hook at both blocks: the official
+    AdaSwinTransformerBlock / BasicLayer arithmetic, written out here, block by block."""
+    torch.manual_seed(3)
+    net = tiny_swin(drop_path_rate=0.0).train()
+    fast = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
+    masks = {i: (torch.rand(3, 16, 1) < 0.5).float() for i in (2, 3)}
+    seen, started = {}, []
+    bb = backbone_of(net)
+    plan = bb.prepare("toy")
+    plan.on_start.append(lambda model, x, st: started.append((model, tuple(x.shape))))
+    for i in (2, 3):
+        plan.pre[i] = lambda block, t, st, i=i: seen.__setitem__(i, t.clone())
+        plan.streams[i] = lambda block, t, st, i=i: (masks[i], fast)
+        plan.subset[i] = lambda block, t, st: pytest.fail("subset used in training")
+    x = torch.randn(3, 4, 4, 64)
+    got = net.layers[2].blocks(x)
+
+    x1 = x2 = merged = x.reshape(3, 16, 64)
+    for i, blk in zip((2, 3), net.layers[2].blocks):
+        torch.testing.assert_close(seen[i], merged, rtol=1e-5, atol=1e-5)  # what the official predictor sees
+        m = masks[i]
+        x0 = x1 * m + x2 * (1 - m)
+        mixed = x0 + blk._attn(blk.norm1(x0.reshape(3, 4, 4, 64))).reshape(3, 16, 64)
+        a = mixed * m + x1 * (1 - m)
+        b = mixed * (1 - m) + x2 * m
+        x1, x2 = mixed + blk.mlp(blk.norm2(a)), mixed + fast(b)
+        merged = x1 * m + x2 * (1 - m)                                    # the official end-of-stage merge
+    want = merged
+    torch.testing.assert_close(got, want.reshape(3, 4, 4, 64), rtol=1e-5, atol=1e-5)
+    st = backbones.last_state(net)
+    torch.testing.assert_close(st.extra["streams"][0], x1.reshape(3, 4, 4, 64), rtol=1e-5, atol=1e-5)
+    assert st.tokens_mlp == [16, 16]
+    assert started == [(net, (3, 4, 4, 64))]
+    got.sum().backward()                                                  # gradients reach the fast path
+    assert fast[1].weight.grad is not None
+
+
+def test_eval_at_batch_size_two_uses_the_subset_hook():
+    """The official BasicLayer's ``if len(x) == 2`` mistakes a batch of two for the pair of
+    streams; here eval mode at batch size 2 runs the split like any other batch size."""
+    net = _slow_fast(tiny_swin(), keep=5, fast=None)
+    plan = backbones.plan_of(net)
+    for i in (2, 3):
+        plan.streams[i] = lambda block, t, st: pytest.fail("streams used in eval")
+    with torch.no_grad():
+        two = net(_x(2))
+        three = net(_x(3))
+    torch.testing.assert_close(two, three[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_final_feature_map_is_the_normalised_last_stage():
+    net = tiny_swin()
+    with torch.no_grad():
+        fmap = backbone_of(net).final_feature_map(net.forward_features(_x()))
+        last = net.forward_intermediates(_x(), intermediates_only=True)[-1]  # [B, C, H, W], before the norm
+    assert fmap.shape == (2, 4, 128)
+    torch.testing.assert_close(fmap, net.norm(last.permute(0, 2, 3, 1)).reshape(2, 4, 128), rtol=0, atol=1e-6)

@@ -7,13 +7,33 @@ the journal version of DynamicViT sparsifies.  Tokens are the map's positions.  
 for one input size (``img_size`` of ``timm.create_model``; the attention masks of the shifted
 windows are computed for it), so the input configuration is the size it was built for.
 
-Hook kind: ``plan.subset[i] = fn(block, tokens, st) -> (idx, fast)``.  Block ``i`` runs its
-mixer on the full map (norm1, the shifted-window attention with its masks, the residual), so
-the windows and every later layer are untouched; then its FFN (norm2 and MLP) only on the
-positions ``idx`` [B, K] (the slow path) and ``fast`` (a module on [B, M, C] tokens, or None
-for nothing) on all the others, both scattered back into the full map before the FFN's
-residual (:func:`~tokenbench.backbones.base.run_on_subset`).  Blocks without a hook run
-timm's operations exactly.
+Hook kinds (the contract of the hierarchical backbones, as ``convnext``):
+
+- ``plan.subset[i] = fn(block, tokens, st) -> (idx, fast)``.  Block ``i`` runs its mixer on
+  the full map (norm1, the shifted-window attention with its masks, the residual), so the
+  windows and every later layer are untouched; then its FFN (norm2 and MLP) only on the
+  positions ``idx`` [B, K] (the slow path) and ``fast`` (a module on [B, M, C] tokens, or None
+  for nothing) on the N - K others, both scattered back into the full map before the FFN's
+  residual (:func:`~tokenbench.backbones.base.run_on_subset`).  ``tokens`` [B, N, C]: the map
+  after the attention residual.
+- ``plan.pre[i] = fn(block, tokens, st) -> None``: observes block ``i``'s input map as tokens
+  [B, N, C] (where DynamicViT's journal version runs its predictors); it cannot change it.
+- ``plan.streams[i] = fn(block, tokens, st) -> (mask, fast)``, training mode only: the
+  official two-stream ``AdaSwinTransformerBlock`` (:func:`~tokenbench.backbones.base.run_two_streams`):
+  the streams mixed with ``mask`` [B, N, 1] before the attention, the attention and its
+  residual on the mixed map, the FFN on stream 1 and ``fast`` (on [B, N, C]) on stream 2,
+  each added to the attention's output; the block returns the merged map and keeps the pair
+  in the state for the next block.  ``tokens``: the input map, as ``pre`` sees it.  In eval
+  mode the block uses ``subset``.
+
+``plan.on_start`` hooks run at the first block of each forward, as ``fn(model, x, st)`` with
+the patch embedding's map ``x`` [B, H, W, C].  Blocks without a hook run timm's operations
+exactly.
+
+Deviation from the official ``models/dyswin.py``: its ``BasicLayer`` merges the two streams at
+the end of the stage with ``if len(x) == 2``, which in eval mode is also true of a batch of two
+images (the map, not a pair of streams) and then fails; here every block hands the merged map
+on (the pair rides in the token state), so nothing tests the batch size.
 
 The surgery swaps the class of the blocks only (parameters and state-dict keys untouched),
 so ``forward_features``, ``forward_intermediates`` and ``features_only`` keep working and
@@ -33,13 +53,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .base import SURGERY_ATTR, Backbone, Plan, Surgery, default_input_config, register_backbone, run_on_subset, surgery_of
+from .base import (SURGERY_ATTR, Backbone, Plan, Surgery, default_input_config, enter_streams, leave_streams,
+                   mix_streams, register_backbone, run_on_subset, run_two_streams, surgery_of)
 from .tokens import TokenState
 
 
 def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's ``SwinTransformerBlock.forward`` ([B, H, W, C] in and out) with the plan's
-    slow / fast split of the FFN at this block."""
+    """timm's ``SwinTransformerBlock.forward`` ([B, H, W, C] in and out) with the plan's hooks at
+    this block: ``pre`` (observes the input map), ``subset`` (the slow / fast split of the FFN)
+    or, in training mode, ``streams`` (the two-stream form)."""
     s: Surgery = self._tb_surgery
     i = self._tb_index
     st = s.state
@@ -48,27 +70,56 @@ def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
         st.settings = s.plan.settings
         st.image_ids = s.image_ids if s.image_ids is not None else torch.arange(x.shape[0])
         s.state = st
+        for fn in s.plan.on_start:
+            fn(s.owner, x, st)
     st.block = i
-    hook = s.plan.subset.get(i)
     b, h, w, c = x.shape
+    pre = s.plan.pre.get(i)
+    if pre is not None:
+        pre(self, x.reshape(b, h * w, c), st)
+    if self.training and i in s.plan.streams:
+        return _two_stream_forward(self, x, st, s.plan.streams[i])
+    hook = s.plan.subset.get(i)
     x = x + self.drop_path1(self._attn(self.norm1(x)))                  # the mixer, on the full map
     tokens = x.reshape(b, h * w, c)                                      # [B, N, C]
     if st.record:
         st.tokens.append(h * w)
-
-    def ffn(t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm2(t))
-
     if hook is None:
-        out = ffn(tokens)
+        out = _ffn(self, tokens)
         if st.record:
             st.tokens_mlp.append(h * w)
     else:
         idx, fast = hook(self, tokens, st)
         if st.record:
             st.tokens_mlp.append(int(idx.shape[1]))
-        out = run_on_subset(ffn, tokens, idx, fast)
+        out = run_on_subset(lambda t: _ffn(self, t), tokens, idx, fast)
     return (tokens + self.drop_path2(out)).reshape(b, h, w, c)
+
+
+def _two_stream_forward(self, x: torch.Tensor, st: TokenState, hook) -> torch.Tensor:
+    """The official ``AdaSwinTransformerBlock`` in training: mix the streams with the hook's
+    mask, the attention and its residual on the mixed map, FFN on stream 1, ``fast`` on stream
+    2, each added to the attention's output; returns the merged map (the pair stays in the
+    state)."""
+    b, h, w, c = x.shape
+    mask, fast = hook(self, x.reshape(b, h * w, c), st)                 # [B, N, 1]
+    x1, x2 = enter_streams(st, x)
+    m = mask.reshape(b, h, w, 1)
+    x0 = mix_streams(x1, x2, m)
+    mixed = (x0 + self.drop_path1(self._attn(self.norm1(x0)))).reshape(b, h * w, c)
+    if st.record:
+        st.tokens.append(h * w)
+        st.tokens_mlp.append(h * w)
+    slow, quick = run_two_streams(lambda t: _ffn(self, t), fast, mixed, x1.reshape(b, h * w, c),
+                                  x2.reshape(b, h * w, c), mask)
+    y1 = (mixed + self.drop_path2(slow)).reshape(b, h, w, c)
+    y2 = (mixed + self.drop_path2(quick)).reshape(b, h, w, c)
+    return leave_streams(st, y1, y2, m)
+
+
+def _ffn(block, t: torch.Tensor) -> torch.Tensor:
+    """The block's norm2 and MLP on tokens [B, K, C] (the slow path)."""
+    return block.mlp(block.norm2(t))
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -157,6 +208,11 @@ class SwinBackbone(Backbone):
             cost += 4 * n * c * c + 2 * n * area * c + 2 * m * c * hidden + (n - m) * c * c
         return float(cost)
 
+    def final_feature_map(self, feats: torch.Tensor) -> torch.Tensor:
+        """``forward_features``' map [B, H, W, C], already normalised by the model's final norm
+        (the official ``featmap = self.norm(x)``), as tokens [B, H * W, C]."""
+        return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+
     def activation_bytes(self, img_size: int, itemsize: int = 4) -> int:
         peak = 0
         scale = img_size / self.input_config()["img_size"]
@@ -182,6 +238,7 @@ class SwinBackbone(Backbone):
             model.__dict__[SURGERY_ATTR] = s
         else:
             s.plan, s.track_source = plan, track_source
+        s.owner = model
         for i, (_, blk) in enumerate(self._blocks()):
             if not hasattr(blk, "_tb_index"):
                 blk.__class__ = _reducing_block_class(blk.__class__)
