@@ -40,6 +40,7 @@ def test_registry_geometry_and_sites():
     cfg = bb.input_config()
     assert (cfg["img_size"], cfg["in_chans"], cfg["patch_size"], cfg["num_classes"]) == (64, 3, 4, 10)
     assert net.layers[2].blocks[1].shift_size == (1, 1)                  # the test covers shifted windows
+    assert bb.activation_bytes(64) >= 256 * 16 * 4 * 4                   # at least the first stage's map
     with pytest.raises(UserError, match="class token"):
         bb.prepare("topk", need_class_token=True)
 
@@ -245,6 +246,19 @@ def test_two_streams_equal_the_official_form_written_out():
     assert started == [(net, (3, 4, 4, 64))]
     got.sum().backward()                                                  # gradients reach the fast path
     assert fast[1].weight.grad is not None
+
+
+def test_a_deep_copy_runs_its_own_hooks_on_itself():
+    import copy
+
+    net = tiny_swin()
+    plan = backbone_of(net).prepare("toy")
+    seen = []
+    plan.on_start.append(lambda model, x, st: seen.append(model))
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin(_x())
+    assert seen == [twin] and backbones.last_state(net) is None and backbones.last_state(twin) is not None
 
 
 def test_eval_at_batch_size_two_uses_the_subset_hook():
