@@ -14,7 +14,13 @@ Hook kinds (a backbone runs those it supports and refuses the others):
 - ``plan.subset[i] = fn(block, x, state) -> (idx, fast)``: hierarchical backbones run
   block ``i``'s expensive part only on the positions ``idx`` and ``fast`` on the others,
   and scatter both back into the full map (:func:`run_on_subset`), so later layers see
-  the usual feature map.
+  the usual feature map;
+- ``plan.streams[i] = fn(block, x, state) -> (mask, fast)``: hierarchical backbones, in
+  training mode only: block ``i`` runs the official two-stream form of DynamicViT's journal
+  version (:func:`run_two_streams`, :func:`enter_streams`, :func:`leave_streams`) with the
+  hard (straight-through) decision ``mask`` [B, N, 1]; in eval mode the block uses
+  ``plan.subset[i]``.  On hierarchical backbones ``x`` is the block's input map as tokens
+  [B, N, C], and a ``plan.pre[i]`` hook observes that same map (it returns None).
 
 Backbones register per model family with :func:`register_backbone`; ``backbone_of(model)``
 returns the first whose :meth:`Backbone.matches` accepts the model.
@@ -47,6 +53,9 @@ class Surgery:
         self.image_ids: Optional[torch.Tensor] = None
         self.added: list[str] = []            # names of modules a method attached
         self.method: dict = {}                # {"name", "params"} of the applied method
+        # The model itself, for hierarchical backbones whose surgery sits on the blocks only
+        # (their ``plan.on_start`` hooks get it; a deep copy of the model gets its copy).
+        self.owner: Optional[nn.Module] = None
 
 
 def surgery_of(model: nn.Module) -> Optional[Surgery]:
@@ -63,6 +72,7 @@ class Plan:
         self.pre: dict[int, Callable] = {}
         self.mid: dict[int, Callable] = {}
         self.subset: dict[int, Callable] = {}
+        self.streams: dict[int, Callable] = {}
         self.needs: dict[int, tuple[str, ...]] = {}
         self.on_start: list[Callable] = []
         self.prop_attn = False
@@ -71,7 +81,7 @@ class Plan:
         self.settings: dict = {}
 
     def hooked(self, i: int) -> bool:
-        return i in self.pre or i in self.mid or i in self.subset
+        return i in self.pre or i in self.mid or i in self.subset or i in self.streams
 
 
 class Backbone:
@@ -135,6 +145,12 @@ class Backbone:
         """Analytic multiply-adds per image of the blocks for a token schedule (None: unknown)."""
         return None
 
+    def final_feature_map(self, feats: torch.Tensor) -> torch.Tensor:
+        """Hierarchical backbones: the output of ``model.forward_features`` as the last stage's map
+        normalised per position by the model's final norm, as tokens [B, N, C] (what the
+        official DynamicViT journal version distils at every position)."""
+        raise NotImplementedError(f"the {self.name} backbone has no final feature map")
+
     def activation_bytes(self, img_size: int, itemsize: int = 4) -> int:
         """A rough size of one image's activations in an inference forward (to refuse batches
         that cannot fit)."""
@@ -151,10 +167,16 @@ class Backbone:
         raise NotImplementedError
 
 
+def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions [B, n - K] of ``range(n)`` not in ``idx`` [B, K] (distinct per row), in order."""
+    chosen = torch.zeros(idx.shape[0], n, dtype=torch.uint8, device=idx.device).scatter(1, idx, 1)
+    return torch.argsort(chosen, dim=1, stable=True)[:, :n - idx.shape[1]]
+
+
 def run_on_subset(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, idx: torch.Tensor,
                   fast: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``fn`` on the positions ``idx`` [B, K] of ``x`` [B, N, C] and ``fast`` (or nothing: zeros)
-    on the rest, scattered back into a full [B, N, C'] map.
+    on the other N - K positions only, scattered back into a full [B, N, C'] map.
 
     The shared primitive of the slow / fast paths of hierarchical models: the map keeps its
     shape, so every later layer (and a detection or segmentation head) sees the usual map.
@@ -162,11 +184,59 @@ def run_on_subset(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, i
     b, n, c = x.shape
     sel = x.gather(1, idx[..., None].expand(-1, -1, c))
     slow = fn(sel)
-    if fast is None:
-        out = slow.new_zeros(b, n, slow.shape[-1])
-    else:
-        out = fast(x).to(slow.dtype)
+    out = slow.new_zeros(b, n, slow.shape[-1])
+    if fast is not None and idx.shape[1] < n:
+        rest = complement(idx, n)
+        quick = fast(x.gather(1, rest[..., None].expand(-1, -1, c))).to(slow.dtype)
+        out = out.scatter(1, rest[..., None].expand(-1, -1, quick.shape[-1]), quick)
     return out.scatter(1, idx[..., None].expand(-1, -1, slow.shape[-1]), slow)
+
+
+# ---- training of hierarchical models: the official two-stream form (DynamicViT's journal version)
+#
+# From the first adaptive block of a stage on, two full-size streams run side by side: stream 1
+# went through the slow path (the block's FFN), stream 2 through the fast path.  A block mixes
+# them with its hard decision ``mask`` before its mixer, runs the mixer on the full map, gives
+# stream 1 the mixer's output where ``mask`` is 1 and stream 2 where it is 0, then FFN on stream
+# 1, fast path on stream 2, each with its residual.  What flows from block to block is the merged
+# map (the streams mixed with the last mask: what the official hands to the next stage, and what
+# its next predictor sees); the pair rides in the token state beside it.
+
+_STREAMS = "streams"  # st.extra key: (stream 1, stream 2, the merged map the last block returned)
+
+
+def enter_streams(st: TokenState, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two streams behind the map ``x`` a block receives: the pair the previous two-stream
+    block left if ``x`` is the map it returned, else ``(x, x)`` (the first adaptive block)."""
+    pair = st.extra.get(_STREAMS)
+    if pair is not None and pair[2] is x:
+        return pair[0], pair[1]
+    return x, x
+
+
+def leave_streams(st: TokenState, y1: torch.Tensor, y2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Keep the streams ``(y1, y2)`` in the state and return the merged map ``y1 * mask + y2 *
+    (1 - mask)`` for the next block (a block without a streams hook, the next stage and
+    ``forward_intermediates`` just see that map)."""
+    merged = mix_streams(y1, y2, mask)
+    st.extra[_STREAMS] = (y1, y2, merged)
+    return merged
+
+
+def mix_streams(x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x1`` where ``mask`` is 1, ``x2`` where it is 0 (``mask`` broadcasts over channels)."""
+    return x1 * mask + x2 * (1 - mask)
+
+
+def run_two_streams(slow: Callable[[torch.Tensor], torch.Tensor], fast: Callable[[torch.Tensor], torch.Tensor],
+                    mixed: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training counterpart of :func:`run_on_subset`: ``(slow(a), fast(b))`` with
+    ``a = mixed * mask + x1 * (1 - mask)`` and ``b = mixed * (1 - mask) + x2 * mask``, where
+    ``mixed`` is the mixer's output on ``mix_streams(x1, x2, mask)`` (all [B, N, C], ``mask``
+    [B, N, 1]).  The caller adds each stream's residual (ConvNeXt: ``x1`` and ``x2``; Swin: the
+    map after the attention residual)."""
+    return slow(mix_streams(mixed, x1, mask)), fast(mix_streams(x2, mixed, mask))
 
 
 @contextlib.contextmanager

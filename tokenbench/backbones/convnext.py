@@ -4,12 +4,26 @@ Sites are blocks, numbered through all stages (``depth`` = every block of every 
 ``sites("stage 3")`` names the blocks of the third stage (the 14 x 14 map at 224 px), where
 the journal version of DynamicViT sparsifies.  Tokens are the map's positions.
 
-Hook kind: ``plan.subset[i] = fn(block, tokens, st) -> (idx, fast)``.  Block ``i`` runs its
-depthwise 7 x 7 convolution on the full map (so the map and every later layer are untouched),
-then its expensive part (norm, MLP, layer scale) only on the positions ``idx`` [B, K] (the
-slow path) and ``fast`` (a module on [B, N, C] tokens, or None for nothing) on all the others,
-and scatters both back into the full map before the residual
-(:func:`~tokenbench.backbones.base.run_on_subset`).
+Hook kinds:
+
+- ``plan.subset[i] = fn(block, tokens, st) -> (idx, fast)``.  Block ``i`` runs its depthwise
+  7 x 7 convolution on the full map (so the map and every later layer are untouched), then its
+  expensive part (norm, MLP, layer scale) only on the positions ``idx`` [B, K] (the slow path)
+  and ``fast`` (a module on [B, M, C] tokens, or None for nothing) on the N - K others, and
+  scatters both back into the full map before the residual
+  (:func:`~tokenbench.backbones.base.run_on_subset`).  ``tokens`` [B, N, C]: the map after
+  the depthwise convolution.
+- ``plan.pre[i] = fn(block, tokens, st) -> None``: observes block ``i``'s input map as tokens
+  [B, N, C] (where DynamicViT's journal version runs its predictors); it cannot change it.
+- ``plan.streams[i] = fn(block, tokens, st) -> (mask, fast)``, training mode only: the
+  official two-stream ``AdaBlock`` (:func:`~tokenbench.backbones.base.run_two_streams`):
+  the streams mixed with ``mask`` [B, N, 1] before the depthwise convolution, the block's FFN
+  on stream 1 and ``fast`` (on [B, N, C]) on stream 2, each stream with its own residual; the
+  block returns the merged map and keeps the pair in the state for the next block.
+  ``tokens``: the input map, as ``pre`` sees it.  In eval mode the block uses ``subset``.
+
+``plan.on_start`` hooks run at the first block of each forward, as ``fn(model, x, st)`` with
+the stem's output map ``x``.
 
 The surgery swaps the class of the hooked blocks only (parameters and state-dict keys
 untouched), so ``forward_features``, ``forward_intermediates`` and ``features_only`` keep
@@ -25,12 +39,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .base import SURGERY_ATTR, Backbone, Plan, Surgery, default_input_config, register_backbone, run_on_subset, surgery_of
+from .base import (SURGERY_ATTR, Backbone, Plan, Surgery, default_input_config, enter_streams, leave_streams,
+                   mix_streams, register_backbone, run_on_subset, run_two_streams, surgery_of)
 from .tokens import TokenState
 
 
 def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's ``ConvNeXtBlock.forward`` with the plan's slow / fast split at this block."""
+    """timm's ``ConvNeXtBlock.forward`` with the plan's hooks at this block: ``pre`` (observes
+    the input map), ``subset`` (the slow / fast split) or, in training mode, ``streams`` (the
+    two-stream form)."""
     s: Surgery = self._tb_surgery
     i = self._tb_index
     st = s.state
@@ -39,33 +56,68 @@ def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
         st.settings = s.plan.settings
         st.image_ids = s.image_ids if s.image_ids is not None else torch.arange(x.shape[0])
         s.state = st
+        for fn in s.plan.on_start:
+            fn(s.owner, x, st)
     st.block = i
+    b, c, h, w = x.shape
+    pre = s.plan.pre.get(i)
+    if pre is not None:
+        pre(self, _tokens(x), st)
+    if self.training and i in s.plan.streams:
+        return _two_stream_forward(self, x, st, s.plan.streams[i])
     hook = s.plan.subset.get(i)
     shortcut = x
     x = self.conv_dw(x)
-    b, c, h, w = x.shape
     if st.record:
         st.tokens.append(h * w)
-    tokens = x.flatten(2).transpose(1, 2)                               # [B, N, C]
-
-    def slow(t: torch.Tensor) -> torch.Tensor:
-        if self.use_conv_mlp:  # 1x1 convolutions on a [B, C, K, 1] "map" of the selected positions
-            t = self.mlp(self.norm(t.transpose(1, 2)[..., None]))[..., 0].transpose(1, 2)
-        else:
-            t = self.mlp(self.norm(t))
-        return t if self.gamma is None else t * self.gamma
-
+    tokens = _tokens(x)                                                 # [B, N, C]
     if hook is None:
-        out = slow(tokens)
+        out = _ffn(self, tokens)
         if st.record:
             st.tokens_mlp.append(h * w)
     else:
         idx, fast = hook(self, tokens, st)
         if st.record:
             st.tokens_mlp.append(int(idx.shape[1]))
-        out = run_on_subset(slow, tokens, idx, fast)
-    out = out.transpose(1, 2).reshape(b, -1, h, w)
-    return self.drop_path(out) + self.shortcut(shortcut)
+        out = run_on_subset(lambda t: _ffn(self, t), tokens, idx, fast)
+    return self.drop_path(_map(out, h, w)) + self.shortcut(shortcut)
+
+
+def _two_stream_forward(self, x: torch.Tensor, st: TokenState, hook) -> torch.Tensor:
+    """The official ``AdaBlock`` in training: mix the streams with the hook's mask, the
+    depthwise conv on the full map, FFN on stream 1, ``fast`` on stream 2, each stream with its
+    own residual; returns the merged map (the pair stays in the state)."""
+    b, c, h, w = x.shape
+    mask, fast = hook(self, _tokens(x), st)                             # [B, N, 1]
+    x1, x2 = enter_streams(st, x)
+    m = mask.transpose(1, 2).reshape(b, 1, h, w)
+    mixed = _tokens(self.conv_dw(mix_streams(x1, x2, m)))
+    if st.record:
+        st.tokens.append(h * w)
+        st.tokens_mlp.append(h * w)
+    slow, quick = run_two_streams(lambda t: _ffn(self, t), fast, mixed, _tokens(x1), _tokens(x2), mask)
+    y1 = self.drop_path(_map(slow, h, w)) + self.shortcut(x1)
+    y2 = self.drop_path(_map(quick, h, w)) + self.shortcut(x2)
+    return leave_streams(st, y1, y2, m)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] map -> [B, H * W, C] tokens."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _map(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, H * W, C] tokens -> [B, C, H, W] map."""
+    return t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+
+def _ffn(block, t: torch.Tensor) -> torch.Tensor:
+    """The block's norm, MLP and layer scale on tokens [B, K, C] (the slow path)."""
+    if block.use_conv_mlp:  # 1x1 convolutions on a [B, C, K, 1] "map" of the positions
+        t = block.mlp(block.norm(t.transpose(1, 2)[..., None]))[..., 0].transpose(1, 2)
+    else:
+        t = block.mlp(block.norm(t))
+    return t if block.gamma is None else t * block.gamma
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -141,6 +193,14 @@ class ConvNeXtBackbone(Backbone):
         out["num_classes"] = getattr(self.model, "num_classes", None)
         return out
 
+    def final_feature_map(self, feats: torch.Tensor) -> torch.Tensor:
+        """``forward_features``' map [B, C, H, W] normalised per position by the head's norm (the
+        official ``self.norm(x.permute(0, 2, 3, 1))``), as tokens [B, H * W, C]."""
+        head_norm = getattr(self.model.head, "norm", None)
+        if isinstance(self.model.norm_pre, nn.Identity) and head_norm is not None:
+            feats = head_norm(feats)  # timm's LayerNorm2d: per position over channels
+        return _tokens(feats)
+
     def activation_bytes(self, img_size: int, itemsize: int = 4) -> int:
         peak = 0
         for s, blk in self._blocks():
@@ -161,6 +221,7 @@ class ConvNeXtBackbone(Backbone):
             model.__dict__[SURGERY_ATTR] = s
         else:
             s.plan, s.track_source = plan, track_source
+        s.owner = model
         for i, (_, blk) in enumerate(self._blocks()):
             if not hasattr(blk, "_tb_index"):
                 blk.__class__ = _reducing_block_class(blk.__class__)
