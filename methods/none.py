@@ -10,7 +10,7 @@ class NoReduction(Method):
     family = "none"
     version = "1"
     summary = "The dense model (no token reduction)."
-    backbones = ("vit", "convnext")
+    backbones = ("vit", "convnext", "swin")
     params = ()
 
     def apply(self, model, **params):

@@ -127,3 +127,23 @@ def tiny_default(tmp_path, monkeypatch):
     (d / "config.json").write_text(json.dumps({"arch": SMALL_EMBEDDED}))
     monkeypatch.setattr(models, "EMBEDDED_DIR", d)
     return d
+
+
+# A tiny hierarchical embedded model: stage 3 still 7 x 7 at 28 px, a few thousand weights.
+SMALL_EMBEDDED_CONVNEXT = {"family": "convnext", "depths": [1, 1, 4, 1], "dims": [8, 16, 16, 32]}
+
+
+@pytest.fixture
+def tiny_default_convnext(tmp_path, monkeypatch):
+    """A tiny stand-in for `default-convnext`, so the name resolves without the real checkpoint."""
+    import json
+
+    from tokenbench import models
+    from tokenbench.train import finalize
+
+    d = tmp_path / "embedded-convnext"
+    torch.manual_seed(0)
+    finalize(models.build_embedded(SMALL_EMBEDDED_CONVNEXT), d)
+    (d / "config.json").write_text(json.dumps({"arch": SMALL_EMBEDDED_CONVNEXT}))
+    monkeypatch.setattr(models, "EMBEDDED_CONVNEXT_DIR", d)
+    return d

@@ -48,6 +48,35 @@ def test_embedded_architecture_is_a_timm_vit():
     assert out.shape == (2, 10)
 
 
+def test_embedded_convnext_is_a_timm_convnext_with_a_7x7_stage_3():
+    from timm.models.convnext import ConvNeXt
+
+    from tokenbench.backbones import backbone_of
+    from tokenbench.models import EMBEDDED_CONVNEXT_ARCH, build_embedded_convnext
+
+    m = build_embedded_convnext().eval()
+    assert isinstance(m, ConvNeXt) and EMBEDDED_CONVNEXT_ARCH["in_chans"] == 1
+    bb = backbone_of(m)
+    assert bb.name == "convnext" and bb.grid == (7, 7) and bb.num_patches >= 49
+    assert len(bb.sites("stage 3")) == EMBEDDED_CONVNEXT_ARCH["depths"][2] >= 4
+    feats = m.forward_intermediates(torch.randn(2, 1, 28, 28), intermediates_only=True)
+    assert [f.shape[-1] for f in feats] == [28, 14, 7, 3]
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_default_convnext_resolves_by_name(tiny_default_convnext):
+    from tokenbench.models import create_model
+
+    m, prov = create_model("default-convnext")
+    assert prov["weights"].startswith("sha256:") and prov["pretrained"]
+    assert m(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_train_base_refuses_a_model_that_is_not_embedded(cli):
+    code, out, err = cli("train-base", "--model", "resnet50")
+    assert code == 2 and "embedded model" in err and "Traceback" not in err
+
+
 def test_short_training_learns(tmp_path):
     x, y = _fake_data()
     summary = train_loop(_model(depth=2), x, y, x[:64], y[:64], _cfg(epochs=4, lr=3e-3, label_smoothing=0.0), tmp_path,

@@ -99,7 +99,15 @@ def test_the_shared_surgery_is_part_of_every_methods_code(tmp_path):
 
     for name in ("none", "topk", "tome"):
         files = [p.name for p in identity.source_files(get_method(name))]
-        assert f"{name}.py" in files and "vit.py" in files
+        assert f"{name}.py" in files and "vit.py" in files and "base.py" in files and "tokens.py" in files
+
+
+def test_a_model_familys_backbone_file_enters_only_the_methods_that_declare_it():
+    from tokenbench import identity
+    from tokenbench.registry import get_method
+
+    assert "convnext.py" not in [p.name for p in identity.source_files(get_method("tome"))]  # ViT only
+    assert "convnext.py" in [p.name for p in identity.source_files(get_method("none"))]      # every family
 
 
 def _folder(root: Path, classes: dict[str, int], size: int = 8, seed: int = 0) -> Path:

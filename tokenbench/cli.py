@@ -334,8 +334,12 @@ def _data_text(d: dict, data: str, split: str) -> str:
 
 
 @app.command("train-base")
-def train_base_cmd(out: Path = typer.Option(Path("runs/embedded"), "--out",
-                                            help="Run directory (resumable; never the committed results/embedded)."),
+def train_base_cmd(model: str = typer.Option("default", "--model",
+                                              help="The embedded model to train: default (ViT) or default-convnext."),
+                   out: Optional[Path] = typer.Option(None, "--out",
+                                                      help="Run directory (resumable; never the committed results/"
+                                                           "embedded*; default runs/embedded or "
+                                                           "runs/embedded-convnext)."),
                    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
                    epochs: Optional[float] = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
                    seed: int = typer.Option(0, "--seed"),
@@ -345,16 +349,20 @@ def train_base_cmd(out: Path = typer.Option(Path("runs/embedded"), "--out",
                                                    help="Resume with a different --epochs (recorded in config.json)."),
                    force: bool = typer.Option(False, "--force", help="Train again from scratch over a finished run."),
                    json_: bool = JSON_OPT):
-    """Train the embedded default model from scratch on Fashion-MNIST (resumable; rerun to continue)."""
+    """Train an embedded model from scratch on Fashion-MNIST (resumable; rerun to continue)."""
     import dataclasses
 
     from .cli_train import print_train_summary
-    from .train import BASE_RECIPE, check_run_dir, train_base
+    from .models import EMBEDDED_MODELS
+    from .train import BASE_RECIPES, check_run_dir, train_base
 
+    if model not in EMBEDDED_MODELS:
+        raise UserError(f"--model {model!r}: train-base trains an embedded model: {', '.join(EMBEDDED_MODELS)}")
+    out = out or Path("runs/embedded" if model == "default" else "runs/embedded-convnext")
     check_run_dir(out, force)
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory")
-    cfg = BASE_RECIPE
+    cfg = BASE_RECIPES[model]
     changes = {"seed": seed, "max_steps": max_steps, "threads": threads}
     if epochs is not None:
         if epochs <= 0:
@@ -362,7 +370,7 @@ def train_base_cmd(out: Path = typer.Option(Path("runs/embedded"), "--out",
         changes["epochs"] = epochs
     cfg = dataclasses.replace(cfg, **changes)
     summary = train_base(out, cfg, data_dir=str(data_dir) if data_dir else None, reschedule=reschedule, force=force,
-                         progress=not json_)
+                         progress=not json_, model=model)
     print_train_summary(out, summary, json_)
 
 

@@ -104,7 +104,7 @@ def expand_plan(plan: Plan, searcher=None) -> list:
 
 def accuracy_status(plan: Plan, run) -> tuple[bool, str]:
     """(measure accuracy?, why not) for one run."""
-    from .models import EMBEDDED_NAME
+    from .models import is_embedded
     from .registry import get_method
 
     if "accuracy" not in plan.sweep.measure:
@@ -120,7 +120,7 @@ def accuracy_status(plan: Plan, run) -> tuple[bool, str]:
             val = run.params.get(sp) if sp else None
             want = f": expected {spec.file.replace('{value}', fmt_value(val) if val is not None else 'K')}"
         return False, f"no checkpoint for the learned {cls.name}{want}"
-    if run.model == EMBEDDED_NAME or run.checkpoint or run.pretrained:
+    if is_embedded(run.model) or run.checkpoint or run.pretrained:
         return True, ""
     return False, "random-init weights (add --pretrained)"
 

@@ -5,8 +5,10 @@ Three things besides the model, method, parameters and settings determine a resu
 - **the method's code**: the version the method declares (``Method.version``, raised by its
   author when its results change on purpose, as lm-evaluation-harness versions tasks) and
   a hash of the source it runs: its own file, the method files it imports (a merging method
-  reusing ToMe's matching), and the shared surgery every method goes through
-  (every file of ``tokenbench/backbones/``);
+  reusing ToMe's matching), the shared surgery every method goes through (the files of
+  ``tokenbench/backbones/`` that are not a model family's: ``base.py``, ``tokens.py``,
+  ``__init__.py``) and the backbone file of each model family the method declares
+  (``Method.backbones``: a ViT-only method is not made stale by an edit to ``swin.py``);
 - **the protocol** of each measurement kind (:data:`PROTOCOLS`), raised here whenever the
   counting, timing or evaluation rules change;
 - **the data** of an accuracy figure: a fingerprint of the files (checksums of the
@@ -51,9 +53,24 @@ def _is_method_module(mod) -> bool:
     return name.startswith(("tokenbench.methods.", "tokenbench_methods.", "tokenbench.builtin_methods."))
 
 
+def _backbone_files(cls) -> list[Path]:
+    """The surgery files ``cls`` runs through: the shared ones and those of its declared families."""
+    from .backbones.base import _BACKBONES
+
+    families = {}
+    for b in _BACKBONES:
+        try:
+            families[Path(inspect.getsourcefile(b)).resolve()] = b.name
+        except TypeError:
+            pass
+    declared = set(getattr(cls, "backbones", ()) or ())
+    return [f for f in sorted(SURGERY.glob("*.py"))
+            if f.resolve() not in families or families[f.resolve()] in declared]
+
+
 def source_files(cls) -> list[Path]:
     """The files whose text determines what ``cls`` computes: its own module, the method modules
-    it imports from, and the shared surgery."""
+    it imports from, and the surgery it runs through (:func:`_backbone_files`)."""
     files: list[Path] = []
 
     def add(p: Optional[str]) -> None:
@@ -72,7 +89,7 @@ def source_files(cls) -> list[Path]:
             other = v if inspect.ismodule(v) else sys.modules.get(getattr(v, "__module__", "") or "")
             if other is not None and other is not mod and _is_method_module(other):
                 add(getattr(other, "__file__", None))
-    for f in sorted(SURGERY.glob("*.py")):
+    for f in _backbone_files(cls):
         add(str(f))
     return files
 

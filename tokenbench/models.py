@@ -1,7 +1,8 @@
-"""Models: timm models by name, checkpoints, and the embedded default.
+"""Models: timm models by name, checkpoints, and the embedded models.
 
-``create_model("default")`` is the project's own ViT trained on Fashion-MNIST (see
-``tokenbench train-base``); anything else is a timm model name.
+``create_model("default")`` is the project's own ViT trained on Fashion-MNIST and
+``create_model("default-convnext")`` its hierarchical sibling, a small timm ConvNeXt (see
+``tokenbench train-base --model NAME``); anything else is a timm model name.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from .store import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_DIR", REPO_ROOT / "results" / "embedded"))
+EMBEDDED_CONVNEXT_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_CONVNEXT_DIR",
+                                            REPO_ROOT / "results" / "embedded-convnext"))
 EMBEDDED_NAME = "default"
+EMBEDDED_CONVNEXT = "default-convnext"
+EMBEDDED_MODELS = (EMBEDDED_NAME, EMBEDDED_CONVNEXT)
 
 # The embedded model's architecture.  A timm VisionTransformer with a class token and
 # 12 blocks, so every ViT adapter applies to it unchanged; a small convolutional stem
@@ -37,6 +42,31 @@ EMBEDDED_ARCH: dict[str, Any] = {
     "mlp_ratio": 2.0,
     "stem_channels": [32, 64],
 }
+
+# The hierarchical embedded model: a timm ConvNeXt whose stem is a 1x1 "patch" (patch size 1)
+# so that the 28 x 28 image keeps four stages of 28, 14, 7 and 3 positions a side: stage 3,
+# where DynamicViT's journal version acts, is 7 x 7 = 49 positions with six blocks
+# (predictors before its blocks 1, 2, 3, as for ConvNeXt-T).  Widths are multiples of 16,
+# which the CPU's depthwise convolutions run much faster than nearby widths.
+EMBEDDED_CONVNEXT_ARCH: dict[str, Any] = {
+    "family": "convnext",
+    "img_size": 28,
+    "patch_size": 1,
+    "in_chans": 1,
+    "num_classes": 10,
+    "depths": [1, 1, 6, 1],
+    "dims": [16, 32, 64, 128],
+}
+
+
+def is_embedded(name: str) -> bool:
+    """Whether ``name`` is one of the project's embedded models (``default``, ``default-convnext``)."""
+    return name in EMBEDDED_MODELS
+
+
+def embedded_arch(name: str) -> dict[str, Any]:
+    """The architecture of embedded model ``name``."""
+    return dict(EMBEDDED_CONVNEXT_ARCH if name == EMBEDDED_CONVNEXT else EMBEDDED_ARCH)
 
 
 # --------------------------------------------------------------------------- conv stem
@@ -71,10 +101,32 @@ def _conv_stem_class():
     return ConvStemPatchEmbed
 
 
+def _pretrained_cfg(a: dict, architecture: str) -> dict:
+    return {"architecture": architecture, "input_size": (a["in_chans"], a["img_size"], a["img_size"]),
+            "mean": (0.2860,), "std": (0.3530,), "num_classes": a["num_classes"],
+            "interpolation": "bilinear", "crop_pct": 1.0}
+
+
+def build_embedded_convnext(arch: Optional[dict] = None) -> nn.Module:
+    """The hierarchical embedded model (a plain timm ``ConvNeXt``) with fresh weights."""
+    from timm.models.convnext import ConvNeXt
+
+    a = dict(EMBEDDED_CONVNEXT_ARCH)
+    a.update(arch or {})
+    model = ConvNeXt(in_chans=a["in_chans"], num_classes=a["num_classes"], depths=tuple(a["depths"]),
+                     dims=tuple(a["dims"]), patch_size=a["patch_size"])
+    model.pretrained_cfg = _pretrained_cfg(a, "tokenbench_default_convnext")
+    model.tokenbench_arch = a
+    return model
+
+
 def build_embedded(arch: Optional[dict] = None) -> nn.Module:
-    """The embedded model's architecture with fresh weights."""
+    """An embedded model's architecture with fresh weights: the ViT ``default``, or the
+    ConvNeXt ``default-convnext`` where ``arch["family"]`` says ``convnext``."""
     from timm.models.vision_transformer import VisionTransformer
 
+    if (arch or {}).get("family") == "convnext":
+        return build_embedded_convnext(arch)
     a = dict(EMBEDDED_ARCH)
     a.update(arch or {})
     stem = _conv_stem_class()
@@ -84,26 +136,23 @@ def build_embedded(arch: Optional[dict] = None) -> nn.Module:
         class_token=True, global_pool="token",
         embed_layer=functools.partial(stem, stem_channels=tuple(a["stem_channels"])),
     )
-    model.pretrained_cfg = {
-        "architecture": "tokenbench_default",
-        "input_size": (a["in_chans"], a["img_size"], a["img_size"]),
-        "mean": (0.2860,), "std": (0.3530,), "num_classes": a["num_classes"],
-        "interpolation": "bilinear", "crop_pct": 1.0,
-    }
+    model.pretrained_cfg = _pretrained_cfg(a, "tokenbench_default")
     model.tokenbench_arch = a
     return model
 
 
-def embedded_paths(root: Optional[Path] = None) -> dict[str, Path]:
-    root = Path(root or EMBEDDED_DIR)
+def embedded_paths(root: Optional[Path] = None, name: str = EMBEDDED_NAME) -> dict[str, Path]:
+    """Where embedded model ``name`` lives: checkpoint, checksum, training config and log."""
+    root = Path(root or (EMBEDDED_CONVNEXT_DIR if name == EMBEDDED_CONVNEXT else EMBEDDED_DIR))
     return {"dir": root, "ckpt": root / "model.pt", "sha": root / "model.pt.sha256", "config": root / "config.json",
             "log": root / "train_log.csv"}
 
 
-def verify_checksum(ckpt: Path, sha_file: Path) -> str:
+def verify_checksum(ckpt: Path, sha_file: Path, name: str = EMBEDDED_NAME) -> str:
     """The checkpoint's SHA-256, after checking it against ``sha_file``."""
-    retrain = ("restore it with `git checkout -- results/embedded`, or retrain it with "
-               f"`tokenbench train-base --out {ckpt.parent} --force`")
+    model = "" if name == EMBEDDED_NAME else f" --model {name}"
+    retrain = (f"restore it with `git checkout -- {ckpt.parent}`, or retrain it with "
+               f"`tokenbench train-base{model} --out {ckpt.parent} --force`")
     if not ckpt.is_file():
         raise UserError(f"embedded model checkpoint {ckpt} is missing: {retrain}")
     if not sha_file.is_file():
@@ -116,12 +165,12 @@ def verify_checksum(ckpt: Path, sha_file: Path) -> str:
     return actual
 
 
-def load_embedded(root: Optional[Path] = None) -> tuple[nn.Module, dict]:
-    """The trained embedded model (checksum verified) and its provenance."""
-    p = embedded_paths(root)
-    sha = verify_checksum(p["ckpt"], p["sha"])
+def load_embedded(root: Optional[Path] = None, name: str = EMBEDDED_NAME) -> tuple[nn.Module, dict]:
+    """The trained embedded model ``name`` (checksum verified) and its provenance."""
+    p = embedded_paths(root, name)
+    sha = verify_checksum(p["ckpt"], p["sha"], name)
     arch = json.loads(p["config"].read_text()).get("arch", {}) if p["config"].is_file() else {}
-    model = build_embedded(arch)
+    model = build_embedded({**embedded_arch(name), **arch})
     state = torch.load(p["ckpt"], map_location="cpu", weights_only=True)
     state = state.get("model", state)
     model.load_state_dict(state)
@@ -194,13 +243,13 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Modu
     """
     import timm
 
-    if name == EMBEDDED_NAME:
-        model, prov = load_embedded()
+    if is_embedded(name):
+        model, prov = load_embedded(name=name)
     else:
         if not timm.is_model(name):
             candidates = timm.list_models()
             raise UserError(f"unknown model {name!r}{did_you_mean(name, candidates)} "
-                            "(a timm model name, or `default` for the embedded model)")
+                            "(a timm model name, or `default` / `default-convnext` for the embedded models)")
         img_size = kwargs.get("img_size")
         if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0):
             raise UserError(f"--img-size must be a positive integer, got {img_size!r}")

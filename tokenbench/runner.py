@@ -50,7 +50,7 @@ class Settings:
 
 def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> str:
     """Identity of the weights without building the model: checkpoint hash, timm tag, or random-init."""
-    from .models import EMBEDDED_NAME, embedded_paths
+    from .models import embedded_paths, is_embedded
     from .store import sha256_file
 
     if checkpoint:
@@ -58,8 +58,8 @@ def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] =
         if not p.is_file():
             raise UserError(f"checkpoint {p} does not exist")
         return f"sha256:{sha256_file(p)}"
-    if model == EMBEDDED_NAME:
-        sha = embedded_paths()["sha"]
+    if is_embedded(model):
+        sha = embedded_paths(name=model)["sha"]
         if sha.is_file():
             return "sha256:" + sha.read_text().split()[0]
         return "embedded:missing"

@@ -4,7 +4,7 @@ The harness asks :func:`backbone_of` (depth, sites, tokens, grid, input configur
 analytic cost) and the functions below (install and remove the surgery, read the last
 forward's token state); methods resolve their sites through it and change tokens only
 through :class:`TokenState`'s primitives.  One file per model family: ``vit`` (timm's
-VisionTransformer) and ``convnext`` (the slow / fast path split of hierarchical models).
+VisionTransformer), ``convnext`` and ``swin`` (the slow / fast path split of hierarchical models).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..errors import UserError
 
 from . import vit as _vit  # noqa: F401  (registers the ViT backbone)
 from . import convnext as _convnext  # noqa: F401,I001  (registers the ConvNeXt backbone, after the ViT's)
+from . import swin as _swin  # noqa: F401,I001  (registers the Swin backbone)
 from .base import (Backbone, Plan, Surgery, backbone_of, default_input_config, image_ids, known_backbones,
                    register_backbone, run_on_subset, surgery_of)
 from .tokens import AttnInfo, TokenState, gather_tokens

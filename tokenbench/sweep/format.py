@@ -299,12 +299,12 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     sw.models = list(dict.fromkeys(models))
     import timm
 
-    from ..models import EMBEDDED_NAME
+    from ..models import is_embedded
 
     for m in sw.models:
-        if m != EMBEDDED_NAME and not timm.is_model(m):
+        if not is_embedded(m) and not timm.is_model(m):
             raise UserError(f"{source}: unknown model {m!r}{did_you_mean(m, timm.list_models())} "
-                            "(a timm model name, or `default` for the embedded model)")
+                            "(a timm model name, or `default` / `default-convnext` for the embedded models)")
     sw.img_size = _typed(raw.get("img_size"), int, "img_size", source, allow_none=True)
     if sw.img_size is not None and sw.img_size <= 0:
         raise UserError(f"{source}: img_size must be positive, got {sw.img_size}")

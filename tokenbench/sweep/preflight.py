@@ -23,16 +23,16 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
 
     from .. import measure
     from ..checkpoint import load_state_dict_checked, read_state_dict
-    from ..models import EMBEDDED_NAME, embedded_paths, verify_checksum
+    from ..models import embedded_paths, is_embedded, verify_checksum
     from ..registry import apply, get_method
 
     timed = [k for k in sw.measure if k != "flops"]
     dev = measure.resolve_device(sw.device) if timed else None
     for model in sw.models:
         net, _ = searcher.base(model, sw.img_size)
-        if model == EMBEDDED_NAME:  # its trained weights load under every run (checkpoints load on top)
-            p = embedded_paths()
-            verify_checksum(p["ckpt"], p["sha"])
+        if is_embedded(model):  # its trained weights load under every run (checkpoints load on top)
+            p = embedded_paths(name=model)
+            verify_checksum(p["ckpt"], p["sha"], model)
         if sw.dense:
             apply(_copy.deepcopy(net), DENSE_METHOD)
         for e in sw.methods:

@@ -55,13 +55,13 @@ def build_architecture(model: str, img_size: Optional[int]) -> tuple[Any, dict]:
     import timm
     import torch
 
-    from ..models import EMBEDDED_NAME, build_embedded, create_model, embedded_paths
+    from ..models import build_embedded, create_model, embedded_arch, embedded_paths, is_embedded
 
     torch.manual_seed(0)
-    if model == EMBEDDED_NAME:
-        cfg = embedded_paths()["config"]
+    if is_embedded(model):
+        cfg = embedded_paths(name=model)["config"]
         arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
-        net = build_embedded(arch)
+        net = build_embedded({**embedded_arch(model), **arch})
         arch_id = {"embedded": net.tokenbench_arch}
     else:
         net, _ = create_model(model, pretrained=False, **({"img_size": img_size} if img_size else {}))
