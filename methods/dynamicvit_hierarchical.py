@@ -84,7 +84,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenbench.backbones import TokenState, add_module, applied_method, backbone_of, last_state, plan_settings
+from tokenbench.backbones import TokenState, add_module, backbone_of, last_state, plan_settings
 from tokenbench.errors import UserError
 
 PREDICTOR_ATTR = "score_predictor"   # official name: score_predictor.{s}.*
@@ -495,7 +495,3 @@ def apply_random(model: nn.Module, keep_rate: float, seed: int, scores: Callable
         return scores(s, st, tokens.shape[1]).to(tokens.device).topk(k, dim=1, sorted=False).indices
 
     return install(model, keep_rate, choose, "random")
-
-
-def applied_keep_rate(model: nn.Module) -> Optional[float]:
-    return applied_method(model).get("params", {}).get("keep_rate")
