@@ -225,7 +225,7 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     cfg_path = out_dir / "config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        free = {"max_steps": None, "num_workers": None}  # may change between sessions of one run
+        free = {"max_steps": None, "num_workers": None, "threads": None}  # may change between sessions of one run
         new_train = config["train"] | free
         # fields added to the config since that run started take their (behaviour-preserving) defaults
         old_train = {k: old.get("train", {}).get(k, v) for k, v in new_train.items()} | free
