@@ -203,6 +203,23 @@ def test_official_layout_maps_to_timm_keys():
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
+def test_a_dense_official_checkpoint_loads_through_the_checkpoint_loader():
+    from tokenbench.backbones import backbone_of
+    from tokenbench.checkpoint import load_state_dict_checked
+
+    src = tiny_swin()
+    official = _to_official(src)
+    dst = tiny_swin()
+    torch.manual_seed(5)
+    for p in dst.parameters():
+        torch.nn.init.normal_(p)
+    load_state_dict_checked(dst, official)  # the loader maps the layout through the backbone
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    assert backbone_of(dst).from_official(src.state_dict()).keys() == src.state_dict().keys()
+
+
 def test_vit_methods_refuse_swin_with_one_line():
     with pytest.raises(UserError, match="tome does not apply to swin models"):
         apply(tiny_swin(), "tome")

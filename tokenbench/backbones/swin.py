@@ -208,6 +208,11 @@ class SwinBackbone(Backbone):
             cost += 4 * n * c * c + 2 * n * area * c + 2 * m * c * hidden + (n - m) * c * c
         return float(cost)
 
+    def from_official(self, state: dict) -> dict:
+        """microsoft/Swin-Transformer's layout (:func:`official_to_timm`) in timm's; a state dict
+        already in timm's layout passes unchanged."""
+        return official_to_timm(state) if is_official_layout(state) else state
+
     def final_feature_map(self, feats: torch.Tensor) -> torch.Tensor:
         """``forward_features``' map [B, H, W, C], already normalised by the model's final norm
         (the official ``featmap = self.norm(x)``), as tokens [B, H * W, C]."""
