@@ -48,10 +48,16 @@ backbone keys through the backbone's ``from_official`` (ConvNeXt: ``downsample_l
 ``stages.i.j`` / ``dwconv`` / ``pwconv1`` / ``norm`` / ``head``), the extra keys here:
 ``stages.2.{j}.fast_path.{0,1}.*`` / ``stages.2.{j}.fast_path_gamma`` ->
 ``fast_paths.{j}.norm|fc|gamma``; ``score_predictor.{s}.*`` keeps its name (conv weights
-reshaped).
+reshaped); Swin: ``official_to_timm`` of the backbone (``tokenbench/backbones/swin.py``),
+``layers.2.blocks.{j}.fastmlp.fc1.{0,1}.*`` -> ``fast_paths.{j}.norm|fc.*`` and
+``layers.2.score_predictor.{s}.*`` -> ``score_predictor.{s}.*``.
 
 Deviations from the official code (none changes an official configuration's result):
 
+- the official Swin ``BasicLayer`` merges the streams at the end of stage 3 with
+  ``if len(x) == 2``, which in eval mode is also true of a batch of two images and then fails
+  (``TypeError``): here the merged map flows between blocks (``plan.streams``), so any batch
+  size works;
 - the released ``ConvNextDistillDiffPruningLoss`` prints ``self.layer_mse_loss`` and
   ``self.feat_distill_loss`` every 100 steps, attributes it never sets (an
   ``AttributeError`` at step 100 with ``print_mode=True``): the parts are returned as
@@ -78,7 +84,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenbench.backbones import TokenState, add_module, applied_method, backbone_of, last_state, plan_settings
+from tokenbench.backbones import TokenState, add_module, backbone_of, last_state, plan_settings
 from tokenbench.errors import UserError
 
 PREDICTOR_ATTR = "score_predictor"   # official name: score_predictor.{s}.*
@@ -470,7 +476,17 @@ def convert_checkpoint(model: nn.Module, sd: dict) -> dict:
             extra[f"{PREDICTOR_ATTR}.{p.group(1)}.{p.group(2)}"] = v.flatten(1) if v.ndim == 4 else v
         else:
             rest[k] = v
-    return {**bb.from_official(rest), **extra}
+    return {**_backbone_from_official(bb, rest), **extra}
+
+
+def _backbone_from_official(bb, sd: dict) -> dict:
+    """The backbone's keys in timm's layout (Swin: ``official_to_timm``, which is not idempotent,
+    only on an official-layout dict)."""
+    if bb.name == "swin":
+        from tokenbench.backbones.swin import is_official_layout, official_to_timm
+
+        return official_to_timm(sd) if is_official_layout(sd) else sd
+    return bb.from_official(sd)
 
 
 # --------------------------------------------------------------------------- random (the control)
@@ -482,7 +498,3 @@ def apply_random(model: nn.Module, keep_rate: float, seed: int, scores: Callable
         return scores(s, st, tokens.shape[1]).to(tokens.device).topk(k, dim=1, sorted=False).indices
 
     return install(model, keep_rate, choose, "random")
-
-
-def applied_keep_rate(model: nn.Module) -> Optional[float]:
-    return applied_method(model).get("params", {}).get("keep_rate")

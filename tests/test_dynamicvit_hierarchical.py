@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tokenbench import backbones
 from tokenbench.backbones.base import enter_streams
@@ -183,8 +182,7 @@ def test_two_stream_block_is_the_official_form():
     plan = backbones.plan_of(net)
     old = plan.streams[4]
     plan.streams[4] = lambda block, t, s: (mask.flatten(2).transpose(1, 2), fast)
-    s = backbones.base.surgery_of(net)
-    s.state, blk_index = st, 4
+    backbones.base.surgery_of(net).state = st       # continue this forward at block 4
     st.block = 3
     try:
         with torch.no_grad():
@@ -205,7 +203,6 @@ def test_two_stream_block_is_the_official_form():
     y1_got, y2_got, _ = st.extra["streams"]
     torch.testing.assert_close(y1_got, y1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y2_got, y2, rtol=1e-5, atol=1e-6)
-    assert blk_index == 4
 
 
 def _loss_fn(net, teacher, **weights):
@@ -343,3 +340,72 @@ def test_random_uses_the_same_sites_ratios_and_fast_paths():
         with backbones.image_ids(net, torch.tensor([2])):
             torch.testing.assert_close(net(x[2:]), y[2:], rtol=1e-5, atol=1e-6)   # per image, not per batch
     assert get_method("random")().expected_tokens(net, keep_rate=0.7)[1][2:6] == [16, 11, 7, 4]
+
+
+# --------------------------------------------------------------------------- Swin
+
+def tiny_swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)  # stage 3: an 8 x 8 map (64 positions), 4 blocks, windows of 4
+    return SwinTransformer(img_size=64, patch_size=2, embed_dim=16, depths=(1, 1, 4, 1), num_heads=(1, 1, 2, 2),
+                           window_size=4, num_classes=10, drop_path_rate=0.0).eval()
+
+
+def _swin_x(n=2, seed=1):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _swin_reference_logits(net, x, keep_rate):
+    """One image, one position at a time, written from the official ``AdaSwinTransformerBlock``."""
+    ratios = [keep_rate, keep_rate - 0.2, keep_rate - 0.4]
+    out = []
+    for b in range(x.shape[0]):
+        h = net.layers[1](net.layers[0](net.patch_embed(x[b:b + 1])))
+        h = net.layers[2].downsample(h)                                     # [1, 8, 8, C]
+        chosen = None
+        for j, blk in enumerate(net.layers[2].blocks):
+            if j in (1, 2, 3):
+                score = net.score_predictor[j - 1](h.reshape(1, 64, -1))[0, :, 0]
+                chosen = set(torch.argsort(score, descending=True)[:int(64 * ratios[j - 1])].tolist())
+            h = (h + blk._attn(blk.norm1(h))).reshape(64, -1)
+            rows = [blk.mlp(blk.norm2(h[p:p + 1])) if chosen is None or p in chosen
+                    else net.fast_paths[str(j)](h[p:p + 1]) for p in range(64)]
+            h = (h + torch.cat(rows)).reshape(1, 8, 8, -1)
+        out.append(net.forward_head(net.norm(net.layers[3](h))))
+    return torch.cat(out)
+
+
+def test_swin_slow_fast_split_equals_a_per_image_reference():
+    net = _randomise(apply(tiny_swin(), "dynamicvit", keep_rate=0.7)).eval()
+    assert hier.FAMILY["swin"]["layer_scale"] is None and net.fast_paths["1"].gamma is None   # fastMlp: no layer scale
+    x = _swin_x(3)
+    with torch.no_grad():
+        y = net(x)
+        assert backbones.last_state(net).tokens_mlp[2:6] == [64, 44, 31, 19]   # int(64 * 0.49999...) = 31
+        torch.testing.assert_close(y, _swin_reference_logits(net, x, 0.7), rtol=1e-4, atol=1e-5)
+
+
+def test_swin_official_extra_keys_load_and_a_training_step(tmp_path):
+    src = _randomise(apply(tiny_swin(), "dynamicvit", keep_rate=0.7)).eval()
+    official = {}
+    for k, v in src.state_dict().items():   # the official DynamicSwin names of the extra keys
+        m = re.match(r"^fast_paths\.(\d+)\.(norm|fc)\.(weight|bias)$", k)
+        if m:
+            k = f"layers.2.blocks.{m.group(1)}.fastmlp.fc1.{'0' if m.group(2) == 'norm' else '1'}.{m.group(3)}"
+        elif k.startswith("score_predictor."):
+            k = "layers.2." + k
+        official[k] = v.clone()
+    path = tmp_path / "official.pth"
+    torch.save({"model": official}, path)
+    dst = apply(tiny_swin(), "dynamicvit", keep_rate=0.7).eval()
+    load_checkpoint(dst, path)
+    x = _swin_x()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    dst.train()
+    loss, _, metrics = _loss_fn(dst, tiny_swin())(dst, x, torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and len([k for k in metrics if k.startswith("keep_frac_s")]) == 3
+    assert dst.score_predictor[2].in_conv[1].weight.grad.abs().sum() > 0
+    assert dst.fast_paths["3"].fc.weight.grad.abs().sum() > 0
