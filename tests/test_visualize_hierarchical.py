@@ -15,7 +15,7 @@ from tokenbench.errors import UserError
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.registry import apply
 
-from test_dynamicvit_hierarchical import SIZE, _randomise, _x, tiny_convnext
+from test_dynamicvit_hierarchical import SIZE, _randomise, _swin_x, _x, tiny_convnext, tiny_swin
 
 
 def _chosen_by_hand(net, x, keep_rate):
@@ -54,6 +54,16 @@ def test_one_stage_per_predictor_with_its_slow_positions(keep_rate):
             assert slow == want[b][p]
             assert set(torch.nonzero(s.role[b] == vz.FAST).flatten().tolist()) == set(range(16)) - slow
             assert s.caption(b) == f"{len(slow)} slow, {16 - len(slow)} fast"
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "random"])
+def test_swin_one_panel_per_predictor_on_its_stage3_grid(method):
+    net = apply(tiny_swin(), method, keep_rate=0.7).eval()
+    tr = vz.trace(net, _swin_x(2))
+    assert tr.grid == (8, 8)
+    assert [s.kind for s in tr.stages] == [vz.SLOW_PATH] * 3
+    assert [int(s.role[1].eq(vz.KEPT).sum()) for s in tr.stages] == hier.keep_counts(64, 0.7)
+    assert [s.n_tokens for s in tr.stages] == [64] * 3
 
 
 def test_random_shows_its_draw_per_image():
