@@ -144,6 +144,24 @@ def test_hierarchical_recipes_hold_three_sizes_and_name_checkpoints_by_model(fam
     assert status[0.7] == (True, "") and f"dynamicvit-{sizes[0][0]}-0.9.pth" in status[0.9][1]
 
 
+def test_embedded_variant_of_the_convnext_recipe_runs_on_the_embedded_convnext(tmp_path):
+    ck = tmp_path / "results"
+    (ck / "dynamicvit-convnext-0.7").mkdir(parents=True)
+    (ck / "dynamicvit-convnext-0.7" / "model.pt").write_bytes(b"x")
+    plan = figures.build_plan("dynamicvit-convnext@embedded", figures.FigureOptions(checkpoint_dir=str(ck),
+                                                                                    out=str(tmp_path)))
+    runs = figures.expand_plan(plan)
+    assert {r.model for r in runs} == {"default-convnext"} and not plan.published
+    assert {r.params.get("keep_rate"): r.checkpoint for r in runs} == {
+        None: None, 0.7: str(ck / "dynamicvit-convnext-0.7" / "model.pt"), 0.9: None}
+    assert {r.model for r in figures.expand_plan(figures.build_plan(
+        "tome-deit-s@embedded", figures.FigureOptions(out=str(tmp_path))))} == {"default"}
+    bad = tmp_path / "r.toml"
+    bad.write_text('[figure.embedded]\nmodel = "resnet50"\n[sweep]\n[sweep.methods.none]\n')
+    with pytest.raises(UserError, match="model must be one of default, default-convnext"):
+        figures.load_recipe(bad)
+
+
 @pytest.fixture(scope="module")
 def matched_out(tmp_path_factory):
     """An output directory whose FLOPs-search cache holds the tiny model's matched-FLOPs search."""

@@ -190,7 +190,7 @@ def markdown(fig: dict) -> str:
     lines = [f"# Figure {plan.name}", ""]
     if plan.recipe.description:
         lines += [plan.recipe.description + ("" if not plan.embedded else
-                                             " — on the embedded Fashion-MNIST model (`default`)."), ""]
+                                             f" — on the embedded Fashion-MNIST model (`{', '.join(models)}`)."), ""]
     weights = sorted({_weights_text(r["weights"], r["checkpoint"]) for r in rows})
     lines.append(f"Model: {', '.join(models)}; weights: {', '.join(weights)}.")
     from .report_tables import setting_line

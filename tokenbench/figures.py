@@ -18,6 +18,7 @@ table)::
     required = false                  # true: drop the entry when its file is missing
 
     [figure.embedded]                 # the same recipe on the embedded Fashion-MNIST model
+    model = "default"                 # which one (`default-convnext` for a ConvNeXt recipe)
     drop = ["label"]                  # entries that make no sense there
     limit = 1000                      # accuracy on a seeded stratified subset of the test split
     [figure.embedded.methods.tome]    # parameter grids replaced for the embedded model
@@ -111,7 +112,7 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
         from .models import EMBEDDED_NAME
 
         raw.pop("model", None)
-        raw["models"] = [EMBEDDED_NAME]
+        raw["models"] = [recipe.embedded.get("model", EMBEDDED_NAME)]
         raw.pop("img_size", None)
         for label in recipe.embedded.get("drop", []):
             if methods.pop(label, None) is not None:
