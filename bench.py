@@ -74,7 +74,8 @@ SETTINGS_BY_FAMILY = {"convnext": SETTINGS_HIERARCHICAL, "swin": SETTINGS_HIERAR
 # The gather / scatter overhead (hierarchical models; --no-overhead skips it): the blocks this
 # setting splits into a slow and a fast path, run with EVERY position on the slow path and no
 # fast path.  Same FLOPs as dense: its slowdown over dense is what the gather, the scatter and
-# the bookkeeping cost alone.
+# the bookkeeping cost alone (the slow path's; a real selection adds the complement and the fast
+# path's gather and scatter).
 OVERHEAD_OF = ("dynamicvit", {"keep_rate": 0.7})
 OVERHEAD = "gather-scatter"   # its method column
 # ---------------------------------------------------------------------------------------------
