@@ -124,6 +124,19 @@ def test_cli_on_the_embedded_convnext(cli, tiny_default_convnext, tmp_path):
     assert [m["final_tokens"] for m in json.loads(stdout)["methods"]] == [49, 49]
 
 
+def test_a_failed_budget_search_says_what_to_give(cli, tiny_default_convnext, tmp_path, monkeypatch):
+    from tokenbench import visual_budget
+
+    def refuse(self, *a, **k):
+        raise UserError("dynamicvit needs keep_rate > 0.4, got 0.001")
+
+    monkeypatch.setattr(visual_budget.Flops, "matched", refuse)
+    code, stdout, err = cli("visualize", "default-convnext", "--method", "dynamicvit", "--data", "synthetic",
+                            "--out", str(tmp_path / "t.png"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "while searching keep_rate for 0.66x dense FLOPs: give --set keep_rate=VALUE" in err
+
+
 def test_cli_refuses_a_method_that_cannot_apply(cli, tiny_default_convnext, tmp_path):
     code, stdout, err = cli("visualize", "default-convnext", "--method", "tome", "--data", "synthetic",
                             "--out", str(tmp_path / "t.png"))
