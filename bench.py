@@ -16,6 +16,10 @@ time is reported apart (``compile_s``), never inside a timing.
     python bench.py                              # DeiT-S and the embedded model, batch 1 and 16, CPU
     python bench.py --compile none               # eager columns only
     python bench.py --models deit_small_patch16_224 --batch-sizes 1,16,64,max --device cuda --precision fp16
+    python bench.py --models convnext_tiny,swin_tiny_patch4_window7_224 --batch-sizes 16 --out results/bench-hierarchical
+
+Hierarchical models (ConvNeXt, Swin) get :data:`SETTINGS_HIERARCHICAL` and one more row, the
+gather / scatter overhead (:data:`OVERHEAD_OF`), also tabulated apart below the main table.
 
 Never run it while something else computes: the machine's load is printed with the table.
 """
@@ -55,7 +59,25 @@ SETTINGS_EMBEDDED = [
     ("dynamicvit", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.5}),
 ]
-SETTINGS_BY_MODEL = {"default": SETTINGS_EMBEDDED}  # any other model: SETTINGS
+# Hierarchical models (ConvNeXt, Swin): DynamicViT's journal version and its random control, at
+# the two keep rates of the official model zoo.
+SETTINGS_HIERARCHICAL = [
+    ("none", {}),
+    ("dynamicvit", {"keep_rate": 0.7}),
+    ("dynamicvit", {"keep_rate": 0.9}),
+    ("random", {"keep_rate": 0.7}),
+    ("random", {"keep_rate": 0.9}),
+]
+SETTINGS_BY_MODEL = {"default": SETTINGS_EMBEDDED}               # by model name, first
+SETTINGS_BY_FAMILY = {"convnext": SETTINGS_HIERARCHICAL, "swin": SETTINGS_HIERARCHICAL}  # then by backbone
+# any other model: SETTINGS
+# The gather / scatter overhead (hierarchical models; --no-overhead skips it): the blocks this
+# setting splits into a slow and a fast path, run with EVERY position on the slow path and no
+# fast path.  Same FLOPs as dense: its slowdown over dense is what the gather, the scatter and
+# the bookkeeping cost alone (the slow path's; a real selection adds the complement and the fast
+# path's gather and scatter).
+OVERHEAD_OF = ("dynamicvit", {"keep_rate": 0.7})
+OVERHEAD = "gather-scatter"   # its method column
 # ---------------------------------------------------------------------------------------------
 
 
@@ -69,7 +91,9 @@ def main(argv=None) -> int:
                     help="torch.compile mode of the compiled columns (default, max-autotune, ...), or none")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0)
-    ap.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of methods (and " + OVERHEAD + ")")
+    ap.add_argument("--no-overhead", action="store_true",
+                    help="hierarchical models: skip the gather/scatter overhead row")
     ap.add_argument("--out", default="results/bench", help="where to write bench.md / bench.csv / bench.json")
     ap.add_argument("--redraw", default=None, metavar="DIR",
                     help="time nothing: write the tables again from DIR/bench.json into --out")
@@ -91,16 +115,21 @@ def main(argv=None) -> int:
     rows = []
     load0 = os.getloadavg()[0]
     for model_name in args.models.split(","):
-        settings = SETTINGS_BY_MODEL.get(model_name, SETTINGS)
+        family = model_family(model_name)
+        settings = settings_for(model_name, family)
         if args.methods:
             keep = set(args.methods.split(",")) | {"none"}
             settings = [s for s in settings if s[0] in keep]
+        jobs = [(method, params, lambda m=method, p=params: load(model_name, m, p)[0]) for method, params in settings]
+        if family in SETTINGS_BY_FAMILY and not args.no_overhead and (not args.methods or OVERHEAD in keep):
+            jobs.append((OVERHEAD, {"of": OVERHEAD_OF[0], **OVERHEAD_OF[1], "slow": "all"},
+                         lambda: all_positions_model(model_name, split_blocks(model_name, *OVERHEAD_OF))))
         dense = {}
         dense_net = None
         batches: list[int] = []
-        for method, params in settings:
+        for method, params, build in jobs:
             try:
-                net, prov = load(model_name, method, params)
+                net = build()
             except Exception as e:  # e.g. the embedded checkpoint missing
                 print(f"skip {model_name}/{method}: {e}", file=sys.stderr)
                 continue
@@ -116,7 +145,8 @@ def main(argv=None) -> int:
                     continue
                 g0 = dense.get(b)
                 flops_x = g0 / f["gflops"] if g0 else float("nan")
-                row = {"model": model_name, "method": method, "family": method_family(method),
+                family_col = "overhead" if method == OVERHEAD else method_family(method)
+                row = {"model": model_name, "method": method, "family": family_col,
                        "params": params_json(params, compact=True),
                        "batch": b, "precision": args.precision, "gflops": round(f["gflops"], 3),
                        "flops_reduction": round(flops_x, 3)}
@@ -130,7 +160,7 @@ def main(argv=None) -> int:
                                             compile=mode, **timing)
                         speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
                     timed = Row(model=model_name, label=method, method=method, params=params,
-                                family=method_family(method), gflops=f["gflops"],
+                                family=family_col, gflops=f["gflops"],
                                 flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"], speedup=speed_x,
                                 speedup_q1=q1, speedup_q3=q3, batch_size=b, precision=args.precision)
                     row.update(timing_columns(timed, flops_x, r["spread"], "" if mode is None else "_compiled"))
@@ -159,6 +189,69 @@ def main(argv=None) -> int:
     return 0
 
 
+def model_family(model_name: str):
+    """The backbone family of ``model_name`` (vit, convnext, swin), or None if it cannot be built."""
+    from tokenbench.api import load
+    from tokenbench.backbones import backbone_of
+
+    try:
+        return backbone_of(load(model_name)[0]).name
+    except Exception:  # the timing loop says why it skips the model
+        return None
+
+
+def settings_for(model_name: str, family) -> list:
+    return SETTINGS_BY_MODEL.get(model_name) or SETTINGS_BY_FAMILY.get(family) or SETTINGS
+
+
+def split_blocks(model_name: str, method: str, params: dict) -> list[int]:
+    """The blocks ``method`` splits into a slow and a fast path on ``model_name``."""
+    from tokenbench.api import load
+    from tokenbench.backbones import plan_of
+
+    return sorted(plan_of(load(model_name, method, params)[0]).subset)
+
+
+def all_positions_model(model_name: str, blocks: list[int]):
+    """The dense model with the slow / fast split installed at ``blocks`` and every position on
+    the slow path, in a fixed shuffled order (as a method's selection arrives), no fast path:
+    dense FLOPs and output, plus the gather, the scatter and the bookkeeping."""
+    import torch
+
+    from tokenbench import backbones
+    from tokenbench.api import load
+
+    net = load(model_name)[0]
+    plan = backbones.prepare(net, OVERHEAD)
+    orders: dict = {}
+
+    def every_position(block, tokens, st):
+        b, n = tokens.shape[0], tokens.shape[1]
+        if (n, tokens.device) not in orders:
+            orders[n, tokens.device] = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(tokens.device)
+        return orders[n, tokens.device].expand(b, n), None
+
+    for i in blocks:
+        plan.subset[i] = every_position
+    return net
+
+
+def overhead_table(rows: list[dict]) -> str:
+    """The gather / scatter overhead rows apart: the slowdown over dense in percent (and the
+    paired speedup with its quartiles over rounds)."""
+    lines = ["| model | batch | eager slowdown | compiled slowdown |", "|---|---|---|---|"]
+    for r in rows:
+        if r.get("method") != OVERHEAD:
+            continue
+        cells = [f"{100 * (1 / r[k] - 1):+.1f}% (x{r[k]:.3f} {r['speedup_iqr' + k[len('speedup'):]]})"
+                 if r.get(k) else "-" for k in ("speedup", "speedup_compiled")]
+        lines.append(f"| {r['model']} | {r['batch']} | {cells[0]} | {cells[1]} |")
+    if len(lines) == 2:
+        return ""
+    return ("Gather / scatter overhead: the blocks " + OVERHEAD_OF[0] + " splits, every position on the slow path, "
+            "no fast path (dense FLOPs); slowdown over dense\n\n" + "\n".join(lines))
+
+
 def timing_columns(row, flops_x: float, spread: float, sfx: str) -> dict:
     """One timing's columns (eager: no suffix; compiled: ``_compiled``) from its typed row.
 
@@ -172,16 +265,17 @@ def timing_columns(row, flops_x: float, spread: float, sfx: str) -> dict:
 
 
 def write_tables(out: Path, head: str, env: dict, rows: list[dict]) -> str:
-    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table."""
+    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table (and the overhead's)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     table = df.to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate() else df.to_string(index=False)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "bench.csv", index=False)
-    (out / "bench.md").write_text(f"{head}\n\n{table}\n")
+    extra = overhead_table(rows)
+    (out / "bench.md").write_text(f"{head}\n\n{table}\n" + (f"\n{extra}\n" if extra else ""))
     (out / "bench.json").write_text(json.dumps({"env": env, "head": head, "rows": rows}, indent=1))
-    return table
+    return f"{table}\n\n{extra}" if extra else table
 
 
 def redraw(src: Path, out: Path) -> int:

@@ -253,6 +253,9 @@ def install(model: nn.Module, keep_rate: float, choose: Callable, method: str,
         def pre(block, tokens: torch.Tensor, st: TokenState) -> None:
             if not (block.training and streams is not None):
                 st.extra["hier_choice"] = choose(s, tokens, st, int(tokens.shape[1] * ratios[s]))
+                if st.track_source:  # for pictures (tokenbench visualize): this predictor's slow path
+                    st.stages.append({"block": st.block, "kind": "slow path", "predictor": s,
+                                      "slow": st.extra["hier_choice"].detach().clone(), "positions": tokens.shape[1]})
         return pre
 
     def make_subset(i: int):

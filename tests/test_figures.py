@@ -24,8 +24,8 @@ def tokenbench_test_vit(pretrained=False, **kwargs):
     return VisionTransformer(**args)
 
 
-RECIPES = ["dynamicvit-deit-b", "dynamicvit-deit-s", "evit-deit-s", "matched-flops-deit-s", "tome-deit-s",
-           "tome-vit-b"]
+RECIPES = ["dynamicvit-convnext", "dynamicvit-deit-b", "dynamicvit-deit-s", "dynamicvit-swin", "evit-deit-s",
+           "matched-flops-deit-s", "tome-deit-s", "tome-vit-b"]
 KR = [0.5, 0.6, 0.7, 0.8, 0.9]
 R = [2, 4, 6, 8, 10, 12, 13, 14, 16]
 
@@ -113,6 +113,55 @@ def test_checkpoints_found_by_template_and_required_entries(tmp_path):
     assert not ok and "--pretrained" in why
 
 
+@pytest.mark.parametrize("family,sizes,zoo", [
+    ("convnext", [("convnext_tiny", "fb_in1k"), ("convnext_small", "fb_in1k"), ("convnext_base", "fb_in1k")], 6),
+    ("swin", [(f"swin_{s}_patch4_window7_224", "ms_in1k") for s in ("tiny", "small", "base")], 3)])
+def test_hierarchical_recipes_hold_three_sizes_and_name_checkpoints_by_model(family, sizes, zoo, tmp_path):
+    """Three sizes, dense and keep rates 0.7 / 0.9 each; `{model}` in a checkpoint file names the
+    architecture, one model at a time (the sweep keys checkpoints by the keep rate alone)."""
+    name = f"dynamicvit-{family}"
+    plan = figures.build_plan(name, figures.FigureOptions(out=str(tmp_path)))
+    models = [f"{a}.{tag}" for a, tag in sizes]
+    assert [(r.model, r.method, r.params.get("keep_rate")) for r in figures.expand_plan(plan)] == [
+        (m, meth, k) for m in models for meth, k in (("none", None), ("dynamicvit", 0.7), ("dynamicvit", 0.9))]
+    assert len([p for p in plan.published if p.method == "dynamicvit"]) == zoo
+    assert len([p for p in plan.published if p.method == "none"]) == 3
+    assert "--checkpoint-dir /path/to/checkpoints --model MODEL" in figures.measure_command(plan)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    small = sizes[1][0]
+    for f in (f"dynamicvit-{small}-0.7.pth", f"dynamicvit-{small}-0.9.pth", f"dynamicvit-{sizes[0][0]}-0.7.pth"):
+        (ck / f).write_bytes(b"x")
+    with pytest.raises(UserError, match=r"named by \{model\}: measure one model at a time with --model"):
+        figures.build_plan(name, figures.FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
+    plan = figures.build_plan(name, figures.FigureOptions(model=models[1], checkpoint_dir=str(ck), out=str(tmp_path)))
+    cks = {r.params.get("keep_rate"): r.checkpoint for r in figures.expand_plan(plan)}
+    assert cks == {None: None, 0.7: str(ck / f"dynamicvit-{small}-0.7.pth"), 0.9: str(ck / f"dynamicvit-{small}-0.9.pth")}
+    assert plan.published and {figures.arch(p.model) for p in plan.published} == {small}
+    plan = figures.build_plan(name, figures.FigureOptions(model=models[0], checkpoint_dir=str(ck), out=str(tmp_path),
+                                                          data_dir=str(tmp_path), pretrained=True))
+    status = {r.params.get("keep_rate"): figures.accuracy_status(plan, r) for r in figures.expand_plan(plan)}
+    assert status[0.7] == (True, "") and f"dynamicvit-{sizes[0][0]}-0.9.pth" in status[0.9][1]
+
+
+def test_embedded_variant_of_the_convnext_recipe_runs_on_the_embedded_convnext(tmp_path):
+    ck = tmp_path / "results"
+    (ck / "dynamicvit-convnext-0.7").mkdir(parents=True)
+    (ck / "dynamicvit-convnext-0.7" / "model.pt").write_bytes(b"x")
+    plan = figures.build_plan("dynamicvit-convnext@embedded", figures.FigureOptions(checkpoint_dir=str(ck),
+                                                                                    out=str(tmp_path)))
+    runs = figures.expand_plan(plan)
+    assert {r.model for r in runs} == {"default-convnext"} and not plan.published
+    assert {r.params.get("keep_rate"): r.checkpoint for r in runs} == {
+        None: None, 0.7: str(ck / "dynamicvit-convnext-0.7" / "model.pt"), 0.9: None}
+    assert {r.model for r in figures.expand_plan(figures.build_plan(
+        "tome-deit-s@embedded", figures.FigureOptions(out=str(tmp_path))))} == {"default"}
+    bad = tmp_path / "r.toml"
+    bad.write_text('[figure.embedded]\nmodel = "resnet50"\n[sweep]\n[sweep.methods.none]\n')
+    with pytest.raises(UserError, match="model must be one of default, default-convnext"):
+        figures.load_recipe(bad)
+
+
 @pytest.fixture(scope="module")
 def matched_out(tmp_path_factory):
     """An output directory whose FLOPs-search cache holds the tiny model's matched-FLOPs search."""
@@ -143,7 +192,7 @@ def test_published_csv_is_complete_and_consistent():
     from tokenbench.registry import get_method
 
     rows = figures.load_published()
-    assert {p.paper for p in rows} == {"DynamicViT", "EViT", "ToMe"}
+    assert {p.paper for p in rows} == {"ConvNeXt", "DynamicViT", "EViT", "Swin", "ToMe"}
     for p in rows:
         assert p.source and timm.is_model(p.model) and "." in p.model, p  # a pinned weight tag
         assert p.weights.startswith(("timm:", "release:")), p

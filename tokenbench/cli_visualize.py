@@ -1,4 +1,6 @@
-"""``tokenbench visualize``: which patches each token stands for, stage by stage, or a comparison sheet."""
+"""``tokenbench visualize``: which patches each token stands for, stage by stage (hierarchical
+models: which positions of the stage-3 map take the slow path, predictor by predictor), or a
+comparison sheet."""
 
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ def register(app: typer.Typer) -> None:
         """Draw which original patches each token stands for, after every reduction stage.
 
         Pruning: dropped patches greyed out, a fused token (the dropped ones kept as one) hatched.  Merging: each merged token one region in its own colour with white borders.
+
+        Hierarchical models (ConvNeXt, Swin): one panel per stage-3 predictor on the stage-3 grid, the positions on the fast path dimmed.
 
         With --compare: one sheet, the same images across several methods (their final stage), at matched FLOPs with --flops.
         """

@@ -6,6 +6,7 @@ and the command that measures it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -55,6 +56,26 @@ class Plan:
 def _template_regex(template: str) -> re.Pattern:
     parts = template.split("{value}")
     return re.compile("^" + "(?P<value>[^/]+?)".join(re.escape(p) for p in parts) + "$")
+
+
+def model_specs(specs: dict[str, CheckpointSpec], models: list[str], searched: bool, source: str
+                ) -> dict[str, CheckpointSpec]:
+    """The checkpoint specs with ``{model}`` (the architecture: ``convnext_small``) filled in.
+
+    The sweep keys a method entry's checkpoints by the searched value alone, so a pattern that
+    names the model applies to one model at a time: with several, it is filled in only when no
+    checkpoint directory is ``searched`` (nothing is looked up), else refused."""
+    from .figure_recipe import arch
+
+    named = [label for label, sp in specs.items() if "{model}" in sp.file]
+    if not named:
+        return specs
+    archs = list(dict.fromkeys(arch(m) for m in models))
+    if len(archs) > 1 and searched:
+        raise UserError(f"{source}: the checkpoints of {', '.join(named)} are named by {{model}}: measure one model "
+                        f"at a time with --model ({', '.join(models)})")
+    fill = archs[0] if len(archs) == 1 else "MODEL"
+    return {label: dataclasses.replace(sp, file=sp.file.replace("{model}", fill)) for label, sp in specs.items()}
 
 
 def find_checkpoints(ck_dir: Optional[Path], spec: CheckpointSpec, cls=None) -> dict[str, str]:
@@ -139,6 +160,8 @@ def measure_command(plan: Plan) -> str:
             parts += ["--checkpoint-dir", str(o.checkpoint_dir) if o.checkpoint_dir else "/path/to/checkpoints"]
         if o.model:
             parts += ["--model", o.model]
+        elif len(plan.sweep.models) > 1 and any("{model}" in sp.file for sp in plan.recipe.checkpoints.values()):
+            parts += ["--model", "MODEL"]  # checkpoints named by the model: one size at a time
     if o.img_size:
         parts += ["--img-size", str(o.img_size)]
     if o.out:

@@ -28,7 +28,7 @@ EMBEDDED_CKPT_DIR = Path("results")
 
 FIGURE_KEYS = ("description", "papers", "x", "data", "split", "checkpoints", "embedded")
 CKPT_KEYS = ("file", "help", "required")
-EMBEDDED_KEYS = ("methods", "checkpoints", "drop", "limit")
+EMBEDDED_KEYS = ("methods", "checkpoints", "drop", "limit", "model")
 PUBLISHED_COLUMNS = ("paper", "source", "model", "weights", "method", "params", "gflops", "top1", "throughput",
                      "hardware", "dense_throughput", "note")
 
@@ -132,6 +132,11 @@ def load_recipe(name: str | os.PathLike) -> Recipe:
         if k not in EMBEDDED_KEYS:
             raise UserError(f"{source}: unknown key {k!r} in [figure.embedded]{did_you_mean(k, EMBEDDED_KEYS)}")
     emb["checkpoints"] = _ckpt_specs(emb.get("checkpoints"), "[figure.embedded.checkpoints]", source)
+    from .models import EMBEDDED_MODELS
+
+    if emb.get("model", EMBEDDED_MODELS[0]) not in EMBEDDED_MODELS:  # the embedded model of the recipe's family
+        raise UserError(f"{source}: [figure.embedded] model must be one of {', '.join(EMBEDDED_MODELS)}, "
+                        f"got {emb['model']!r}")
     papers = fig.get("papers", [])
     papers = [papers] if isinstance(papers, str) else list(papers)
     rec = Recipe(name=p.stem, description=str(fig.get("description", "")), papers=[str(x) for x in papers],

@@ -190,15 +190,18 @@ def markdown(fig: dict) -> str:
     lines = [f"# Figure {plan.name}", ""]
     if plan.recipe.description:
         lines += [plan.recipe.description + ("" if not plan.embedded else
-                                             " — on the embedded Fashion-MNIST model (`default`)."), ""]
+                                             f" — on the embedded Fashion-MNIST model (`{', '.join(models)}`)."), ""]
     weights = sorted({_weights_text(r["weights"], r["checkpoint"]) for r in rows})
     lines.append(f"Model: {', '.join(models)}; weights: {', '.join(weights)}.")
     from .report_tables import setting_line
 
     lines += [setting_line(fig["res"]), ""]
 
+    several = len(models) > 1  # a recipe of several sizes: a model column first
+
     def table(rs):
-        return markdown_table(cols, (_cells(r, src, matched) for r in rs))
+        return markdown_table((["Model"] if several else []) + cols,
+                              (([r["model"]] if several else []) + _cells(r, src, matched) for r in rs))
 
     lines += table(rows) + [""]
     if extra:
@@ -227,7 +230,7 @@ def _notes(fig: dict, src: dict[int, int], by_row: dict[int, Published]) -> list
     if plan.embedded:
         lines.append("Published figures: none (they are of ImageNet models; this is the embedded Fashion-MNIST "
                      "model, so only ours are shown).")
-    elif plan.options.model:
+    elif plan.options.model and not plan.published:
         lines.append(f"Published figures: none match (the recipe's model was replaced by {plan.options.model}).")
     elif ag["compared"]:
         s = (f"GFLOPs agreement: {ag['agree']} of {ag['compared']} published values within {GFLOPS_AGREEMENT:g} "
@@ -237,7 +240,8 @@ def _notes(fig: dict, src: dict[int, int], by_row: dict[int, Published]) -> list
                                             f"{d['ours']:.3f} vs {d['published']:.1f} [{src.get(d['source_row'])}]"
                                             for d in ag["differ"]) + "."
         lines.append(s)
-    nopub = [r for r in rows if r["paper"] is None] if not plan.embedded and not plan.options.model else []
+    nopub = ([r for r in rows if r["paper"] is None]
+             if not plan.embedded and (not plan.options.model or plan.published) else [])
     if nopub:
         lines.append(f"{len(nopub)} row(s) have no published counterpart in the recipe's papers "
                      f"({', '.join(plan.recipe.papers)}): published cells –.")

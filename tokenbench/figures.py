@@ -18,6 +18,7 @@ table)::
     required = false                  # true: drop the entry when its file is missing
 
     [figure.embedded]                 # the same recipe on the embedded Fashion-MNIST model
+    model = "default"                 # which one (`default-convnext` for a ConvNeXt recipe)
     drop = ["label"]                  # entries that make no sense there
     limit = 1000                      # accuracy on a seeded stratified subset of the test split
     [figure.embedded.methods.tome]    # parameter grids replaced for the embedded model
@@ -68,7 +69,7 @@ from typing import Any, Callable, Optional
 
 from .errors import UserError
 from .figure_plan import (FigureOptions, Plan, accuracy_status, default_out, expand_plan,  # noqa: F401
-                          find_checkpoints, measure_command)
+                          find_checkpoints, measure_command, model_specs)
 from .figure_plot import plot_figure
 from .figure_recipe import (CKPT_KEYS, DEFAULT_OUT, EMBEDDED_CKPT_DIR, EMBEDDED_KEYS, EMBEDDED_LIMIT,  # noqa: F401
                             EMBEDDED_SUFFIXES, FIGURE_KEYS, FIGURES_DIR, GFLOPS_AGREEMENT, PUBLISHED_COLUMNS,
@@ -111,7 +112,7 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
         from .models import EMBEDDED_NAME
 
         raw.pop("model", None)
-        raw["models"] = [EMBEDDED_NAME]
+        raw["models"] = [recipe.embedded.get("model", EMBEDDED_NAME)]
         raw.pop("img_size", None)
         for label in recipe.embedded.get("drop", []):
             if methods.pop(label, None) is not None:
@@ -130,6 +131,7 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
     ck_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else (EMBEDDED_CKPT_DIR if embedded else None)
     if opts.checkpoint_dir and not Path(opts.checkpoint_dir).is_dir():
         raise UserError(f"checkpoint directory {opts.checkpoint_dir} does not exist")
+    specs = model_specs(specs, raw.get("models") or [raw.get("model")], ck_dir is not None, recipe.source)
     found: dict[str, dict[str, str]] = {}
     for label, spec in specs.items():
         if label not in methods:

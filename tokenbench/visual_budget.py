@@ -89,8 +89,12 @@ def picture_params(cls, model: str, params: dict, flops: Optional[float], checkp
     if flops is None and trained is not None:
         return {**params, knob: trained}, f"note: {cls.name} at {knob}={trained}, as its checkpoint was trained"
     target = DEFAULT_FLOPS if flops is None else flops
-    p, res = Flops(flops_cache).matched(model, cls.name, cls.validate(params), target,
-                                        preferred=[trained] if trained is not None else [])
+    try:
+        p, res = Flops(flops_cache).matched(model, cls.name, cls.validate(params), target,
+                                            preferred=[trained] if trained is not None else [])
+    except UserError as e:  # e.g. a value the search tried that the method refuses on this model
+        raise UserError(f"{e} (while searching {knob} for {target:.2f}x dense FLOPs: give --set {knob}=VALUE)"
+                        ) from None
     how = "" if flops is not None else f" (no --set {knob}; --flops F picks another level)"
     return p, f"note: {cls.name} at {knob}={fmt_value(p[knob])}: {target:.2f}x dense FLOPs{how}"
 

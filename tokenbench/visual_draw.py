@@ -6,7 +6,9 @@ comparison sheet across methods.  Nothing here runs a model: it draws
 - a merged group is one region in its own colour, filled with its mean colour tinted by that
   colour, with white boundaries (as in the ToMe paper);
 - a fused token, or a group containing one, is hatched;
-- a dropped patch is greyed out (as in the DynamicViT paper).
+- a dropped patch is greyed out (as in the DynamicViT paper);
+- hierarchical models: a position on the slow path (the block's full MLP) shows the image's
+  pixels, one on the fast path is dimmed (whitened), with a border between the two.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from .errors import UserError
 from .visual_inputs import Images
-from .visual_trace import FUSED, GROUP, Stage, Trace, dense_stage
+from .visual_trace import FAST, FUSED, GROUP, SLOW_PATH, Stage, Trace, dense_stage
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -31,6 +33,7 @@ DROPPED_GHOST = 0.10          # how much of the image shows through a dropped pa
 DROPPED_EDGE = "#4a5a70"      # the border between dropped and surviving patches
 FUSED_COLOURS = ["#e66100", "#5d3a9b", "#1a85ff", "#d41159"]   # newest fused token first
 BOUNDARY = "white"
+FAST_DIM = 0.35               # how much of the image shows through a fast-path position
 
 
 def select_stages(stages: list[Stage], which: str) -> list[Stage]:
@@ -86,6 +89,8 @@ def render_stage(img: np.ndarray, stage: Optional[Stage], b: int, grid: tuple[in
             pix = full
         if t < 0:
             canvas[pix] = (1 - DROPPED_GHOST) * DROPPED_GREY + DROPPED_GHOST * img[pix]
+        elif role[t] == FAST:
+            canvas[pix] = (1 - FAST_DIM) + FAST_DIM * img[pix]
         elif role[t] == GROUP:
             first = int(np.flatnonzero(mask.ravel())[0])
             col = group_colour(first)
@@ -107,7 +112,7 @@ def render_stage(img: np.ndarray, stage: Optional[Stage], b: int, grid: tuple[in
                            ((assign[i + 1, j] if i + 1 < gh else None), ((j, i + 1), (j + 1, i + 1)))):
                 if c is None or a == c:
                     continue
-                if (a < 0) != (c < 0):
+                if (a < 0) != (c < 0) or (role[a] == FAST) != (role[c] == FAST):
                     drop_segs.append(seg)
                 elif multi[a] or multi[c]:
                     segs.append(seg)
@@ -155,6 +160,10 @@ def _legend_handles(stages: Sequence[Optional[Stage]]) -> list:
             continue
         roles.update(int(r) for r in s.role.unique())
         dropped = dropped or bool((s.assign < 0).any())
+    if any(s is not None and s.kind == SLOW_PATH for s in stages):
+        return [Patch(facecolor="#999999", edgecolor="none", label="slow path: the block's MLP (its pixels)"),
+                Patch(facecolor=(1 - FAST_DIM) + FAST_DIM * 0.6 * np.ones(3), edgecolor=DROPPED_EDGE, linewidth=0.6,
+                      label="fast path (dimmed)")]
     out = [Patch(facecolor="#999999", edgecolor="none", label="kept token (its pixels)")]
     if GROUP in roles:
         out.append(Patch(facecolor=group_colour(3), edgecolor="white",
@@ -268,8 +277,7 @@ def method_figure(images: Images, tr: Trace, title: str = "", stages: str = "all
                       top=_suptitle_h(title, width), bottom=_line_h(6.5, n_leg_rows))
     for b in range(nrows):
         draw_panel(axes[b, 0], images.display[b], None, b, tr.grid)
-        axes[b, 0].set_title(f"{images.labels[b]}\ninput: {tr.n_prefix + tr.grid[0] * tr.grid[1]} tokens",
-                             fontsize=7)
+        axes[b, 0].set_title(f"{images.labels[b]}\n{_input_caption(tr, shown)}", fontsize=7)
         for j, s in enumerate(shown, start=1):
             ax = axes[b, j]
             draw_panel(ax, images.display[b], s, b, tr.grid)
@@ -279,6 +287,12 @@ def method_figure(images: Images, tr: Trace, title: str = "", stages: str = "all
         axes[b, -1].set_xlabel(text, fontsize=7, color=colour, labelpad=2)
     _decorate(fig, title, handles)
     return fig
+
+
+def _input_caption(tr: Trace, shown: Sequence[Stage]) -> str:
+    if any(s.kind == SLOW_PATH for s in shown):
+        return f"input (stage 3: {tr.grid[0]}x{tr.grid[1]})"
+    return f"input: {tr.n_prefix + tr.grid[0] * tr.grid[1]} tokens"
 
 
 @dataclass

@@ -11,6 +11,11 @@ classified by its ``kind`` and its source rows alone:
   token (the last token of a ``fuse`` snapshot with ``fused_last``);
 - a patch in no row was dropped.
 
+Hierarchical models (ConvNeXt, Swin) keep every position of their map; a method that splits
+a block into a slow and a fast path records a ``slow path`` snapshot instead (``slow`` [B, K]:
+the positions of the stage-3 map that take the slow path, ``positions``: N): each position is
+its own token, KEPT on the slow path, FAST on the other (:func:`slow_path_stage`).
+
 The model's geometry (patch grid, prefix tokens, depth, input configuration) is read in
 :func:`token_geometry` and :func:`input_config` alone.  Entry points: :func:`patch_assignment`
 and :func:`classify` (the analysis of snapshots), :func:`run_with_sources` (a forward with the
@@ -28,7 +33,8 @@ import torch.nn as nn
 from .errors import UserError
 
 # Token roles, one per token of a stage.
-PREFIX, KEPT, GROUP, FUSED = 0, 1, 2, 3
+PREFIX, KEPT, GROUP, FUSED, FAST = 0, 1, 2, 3, 4
+SLOW_PATH = "slow path"       # the kind of a hierarchical model's snapshot
 
 
 # --------------------------------------------------------------------------- the model's geometry
@@ -106,9 +112,10 @@ class Stage:
     kind: str
     n_tokens: int                 # sequence length after the reduction, prefix tokens included
     assign: torch.Tensor          # [B, P] token index or -1 (dropped)
-    role: torch.Tensor            # [B, N] PREFIX / KEPT / GROUP / FUSED
+    role: torch.Tensor            # [B, N] PREFIX / KEPT / GROUP / FUSED (/ FAST: slow-path snapshots)
     n_patches: torch.Tensor       # [B, N] patches each token covers
     newest_fused: Optional[int]   # index of the token fused at this stage (None if none)
+    predictor: Optional[int] = None   # slow-path snapshots: which predictor chose (0-based)
 
     def counts(self, b: int) -> dict:
         role, npatch = self.role[b], self.n_patches[b]
@@ -121,10 +128,14 @@ class Stage:
                 "dropped": int((self.assign[b] < 0).sum())}
 
     def title(self) -> str:
+        if self.kind == SLOW_PATH:
+            return f"predictor {self.predictor + 1} (block {self.block})"
         return f"block {self.block}: {self.n_tokens} tokens"
 
     def caption(self, b: int) -> str:
         c = self.counts(b)
+        if self.kind == SLOW_PATH:
+            return f"{c['kept']} slow, {int((self.role[b] == FAST).sum())} fast"
         parts = [f"{c['kept']} kept"]
         if c["groups"]:
             parts.append(f"{c['groups']} merged ({c['grouped_patches']} p.)")
@@ -140,6 +151,8 @@ def classify(stages: Sequence[dict], n_prefix: int) -> list[Stage]:
     out: list[Stage] = []
     fused_patches: Optional[torch.Tensor] = None            # [B, P] bool: ever part of a fused token
     for st in stages:
+        if st.get("kind") == SLOW_PATH:  # no source map: see slow_path_stages
+            continue
         src = st["source"][:, :, n_prefix:] > 0               # [B, N, P]
         b, n, p = src.shape
         assign = patch_assignment(st, n_prefix)
@@ -158,6 +171,27 @@ def classify(stages: Sequence[dict], n_prefix: int) -> list[Stage]:
         out.append(Stage(block=int(st.get("block", -1)), kind=str(st.get("kind", "")), n_tokens=n,
                          assign=assign.cpu(), role=role.cpu(), n_patches=npatch.cpu(), newest_fused=newest))
     return out
+
+
+def slow_path_stage(snap: dict) -> Stage:
+    """A hierarchical model's snapshot: every position its own token, those in ``slow`` KEPT,
+    the others FAST."""
+    slow = snap["slow"].cpu()
+    b, n = slow.shape[0], int(snap["positions"])
+    role = torch.full((b, n), FAST, dtype=torch.long).scatter(1, slow, KEPT)
+    return Stage(block=int(snap["block"]), kind=SLOW_PATH, n_tokens=n, assign=torch.arange(n).expand(b, n).clone(),
+                 role=role, n_patches=torch.ones(b, n, dtype=torch.long), newest_fused=None,
+                 predictor=int(snap["predictor"]))
+
+
+def slow_path_stages(state: Any, method: str = "this method") -> list[Stage]:
+    """The slow-path snapshots of a hierarchical model's forward, analysed.  A forward that ran
+    some blocks' MLP on fewer positions but recorded none is refused (it cannot be drawn)."""
+    snaps = [s for s in (state.stages if state is not None else []) if s.get("kind") == SLOW_PATH]
+    if not snaps and state is not None and list(state.tokens_mlp) != list(state.tokens):
+        raise UserError(f"{method} runs some blocks' MLP on fewer positions but records none of them: "
+                        f"it cannot be shown")
+    return [slow_path_stage(s) for s in snaps]
 
 
 def dense_stage(n_images: int, n_patches: int, n_prefix: int, block: int) -> Stage:
@@ -216,4 +250,9 @@ def trace(model: nn.Module, x: torch.Tensor) -> Trace:
     finally:
         model.train(was)
     geo = token_geometry(model)
-    return Trace(stages=analyse(state, geo), logits=logits.float().cpu(), grid=geo.grid, n_prefix=geo.n_prefix)
+    stages = analyse(state, geo)
+    if not stages:  # a hierarchical model: its slow-path positions, if any
+        from .backbones import applied_method
+
+        stages = slow_path_stages(state, applied_method(model).get("name", "this method"))
+    return Trace(stages=stages, logits=logits.float().cpu(), grid=geo.grid, n_prefix=geo.n_prefix)

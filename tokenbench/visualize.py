@@ -23,16 +23,17 @@ from .visual_draw import (BOUNDARY, DROPPED_EDGE, DROPPED_GHOST, DROPPED_GREY, F
                           render_stage, save_figure, select_stages)
 from .visual_inputs import (IMAGE_SUFFIXES, Images, _to_display, expand_image_paths, images_from_dataset,
                             images_from_files, read_image)
-from .visual_trace import (FUSED, GROUP, KEPT, PREFIX, Stage, TokenGeometry, Trace, classify, dense_stage,
-                           grid_of, input_config, patch_assignment, run_with_sources, token_geometry, trace)
+from .visual_trace import (FAST, FUSED, GROUP, KEPT, PREFIX, SLOW_PATH, Stage, TokenGeometry, Trace, classify,
+                           dense_stage, grid_of, input_config, patch_assignment, run_with_sources, slow_path_stages,
+                           token_geometry, trace)
 
 __all__ = ["BOUNDARY", "DEFAULT_FLOPS", "DROPPED_EDGE", "DROPPED_GHOST", "DROPPED_GREY", "FIGURE_SUFFIXES",
-           "FUSED", "FUSED_COLOURS", "GROUP", "IMAGE_SUFFIXES", "KEPT", "PREFIX", "Column", "Flops", "Images",
+           "FAST", "FUSED", "FUSED_COLOURS", "GROUP", "IMAGE_SUFFIXES", "KEPT", "PREFIX", "Column", "Flops", "Images",
            "Stage", "TokenGeometry", "Trace", "_to_display", "check_out", "classify", "column_params", "compare",
            "compare_figure", "dense_stage", "draw_panel", "expand_image_paths", "fmt_params", "grid_of",
            "group_colour", "images_from_dataset", "images_from_files", "input_config", "method_figure",
            "patch_assignment", "picture_params", "read_image", "render_stage", "run_with_sources", "save_figure",
-           "select_stages", "token_geometry", "trace", "trained_params", "visualize"]
+           "select_stages", "SLOW_PATH", "slow_path_stages", "token_geometry", "trace", "trained_params", "visualize"]
 
 
 def _load(model: str, method: str, params: dict, checkpoint: Optional[str], pretrained: bool):
@@ -70,8 +71,15 @@ def visualize(model: str = "default", method: str = "none", params: Optional[dic
     return {"out": str(path), "model": model, "method": method, "params": p, "gflops": g, "dense_gflops": dense,
             "flops_ratio": g / dense, "learned_parts": prov.get("learned_parts"), "images": imgs.source,
             "n_images": len(imgs.labels),
-            "stages": [{"block": s.block, "kind": s.kind, "tokens": s.n_tokens} for s in tr.stages],
+            "stages": [_stage_summary(s) for s in tr.stages],
             "panels_per_image": 1 + max(1, len(shown))}
+
+
+def _stage_summary(s: Stage) -> dict:
+    out = {"block": s.block, "kind": s.kind, "tokens": s.n_tokens}
+    if s.kind == SLOW_PATH:  # a hierarchical model keeps its map: the positions on the slow path, per image
+        out["slow"] = [s.counts(b)["kept"] for b in range(s.role.shape[0])]
+    return out
 
 
 def compare(model: str = "default", methods: Optional[Sequence[str]] = None,
