@@ -409,3 +409,18 @@ def test_swin_official_extra_keys_load_and_a_training_step(tmp_path):
     assert torch.isfinite(loss) and len([k for k in metrics if k.startswith("keep_frac_s")]) == 3
     assert dst.score_predictor[2].in_conv[1].weight.grad.abs().sum() > 0
     assert dst.fast_paths["3"].fc.weight.grad.abs().sum() > 0
+
+
+def test_matched_flops_search_stays_above_the_refused_keep_rates():
+    # keep_rate <= 0.4 is refused on hierarchical models: the bisection starts where it is valid
+    from tokenbench.sweep.search import FlopsSearch
+
+    def cnt(v):
+        if v <= 0.4:
+            raise UserError("random on hierarchical models needs keep_rate > 0.4")
+        return 10.0 * v
+
+    counted = {}
+    FlopsSearch(None)._bisect(get_method("random"), "keep_rate", 8.2, cnt, counted, close=0.01)
+    values = [v for v, _ in counted.values()]
+    assert min(values) == 0.5 and any(abs(g - 8.2) <= 0.01 for _, g in counted.values()), counted

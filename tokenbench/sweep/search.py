@@ -327,7 +327,15 @@ class FlopsSearch:
             if p.min_exclusive:
                 lo = lo + min(1e-3, (hi - lo) / 1000)
             a, b = lo, hi
-            ga, gb = cnt(round(a, 4)), cnt(round(b, 4))
+            gb = cnt(round(b, 4))
+            for k in range(10):  # the low end may be refused on some models (hierarchical keep_rate > 0.4)
+                a = round(lo + (hi - lo) * k / 10, 4)
+                try:
+                    ga = cnt(a)
+                    break
+                except UserError:
+                    if k == 9:
+                        raise
             counted[json.dumps(round(a, 4))] = (round(a, 4), ga)
             counted[json.dumps(round(b, 4))] = (round(b, 4), gb)
             increasing = gb >= ga
