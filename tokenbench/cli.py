@@ -198,7 +198,7 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
     typer.echo(f"tokens per block:     {pub.get('tokens')}")
     typer.echo(f"tokens entering MLP:  {pub.get('tokens_mlp')}")
     dist = pub.get("tokens_per_image")
-    if dist and any(b["min"] != b["max"] for b in dist["blocks"] + dist["blocks_mlp"]):
+    if dist:
         for name, rows in (("block", dist["blocks"]), ("MLP", dist["blocks_mlp"])):
             typer.echo(f"tokens per image entering each {name} (min / median / max): "
                        + ", ".join(f"{r['min']}/{r['q50']}/{r['max']}" for r in rows))

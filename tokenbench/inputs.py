@@ -53,7 +53,7 @@ def data_key(data: str, split: str, data_dir: Optional[str], n: int, seed: int) 
 
 def described(data: Optional[str] = None, split: Optional[str] = None, n: int = 1,
               seed: Optional[int] = None) -> dict[str, Any]:
-    """What a record says of its input: ``{"source": "data", ...}`` or ``{"source": "random", "images": n}``."""
+    """What a record says of its input: ``{"source": "data", ...}`` or ``{"source": "random-input", "images": n}``."""
     if data is None:
-        return {"source": "random", "images": n}
+        return {"source": "random-input", "images": n}
     return {"source": "data", "data": data, "split": split, "images": n, "seed": seed}
