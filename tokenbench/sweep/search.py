@@ -218,24 +218,24 @@ class FlopsSearch:
 
         from ..backbones import last_state
 
+        base = self.base(model, img_size)[0]
+        sched = dense_schedule(base)
+        a_dense = analytic_block_cost(base, sched) if sched else None
+        if a_dense is None:
+            return None
         params = self._validated(method, params)
         key = self._key(model, img_size, method, params, self._on_data_key(model, weights))
         if key not in self._estimates:
+            images = self.images(model, img_size)
             net = self._applied(model, img_size, method, params, weights)
             with torch.inference_mode():
-                net(self.images(model, img_size))
+                net(images)
             st = last_state(net)
             per = st.tokens_per_image()
-            rows = per.tolist() if per is not None else [list(st.tokens)] * len(self.images(model, img_size))
-            dense = self.dense(model, img_size)
-            base = self.base(model, img_size)[0]
-            sched = dense_schedule(base)
-            a_dense = analytic_block_cost(base, sched) if sched else None
-            if a_dense is None:
-                return None
-            fixed_part = dense - a_dense / 1e9
+            rows = per.tolist() if per is not None else [list(st.tokens)] * len(images)
             # tokens entering a block's MLP: those entering the next block (the last: its own)
             costs = [analytic_block_cost(base, (row, row[1:] + row[-1:])) for row in rows]
+            fixed_part = self.dense(model, img_size) - a_dense / 1e9
             self._estimates[key] = fixed_part + sum(costs) / len(costs) / 1e9
         return self._estimates[key]
 
@@ -424,16 +424,14 @@ class FlopsSearch:
         cands = None if on_data else self.candidates(model, img_size, cls, fixed, param)
         net, _ = self.base(model, img_size)
         est = None
-        if on_data:
-            self._search_on_data(model, img_size, cls, fixed, param, goal, dense, tolerance, weights, cnt, counted)
-        elif cands:
+        if cands:
             dense_sched = dense_schedule(net)
             a_dense = analytic_block_cost(net, dense_sched) if dense_sched else None
             if a_dense is not None:
                 fixed_part = dense - a_dense / 1e9
                 est = [fixed_part + analytic_block_cost(net, s) / 1e9 for _, s in cands]
         if on_data:
-            pass
+            self._search_on_data(model, img_size, cls, fixed, param, goal, dense, tolerance, weights, cnt, counted)
         elif cands and est is not None:
             scale = 1.0
             order_tried: set[int] = set()
