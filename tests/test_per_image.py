@@ -199,3 +199,26 @@ def test_token_distribution_by_hand():
     assert d["blocks"][0] == {"mean": 5, "min": 5, "max": 5, "q10": 5, "q25": 5, "q50": 5, "q75": 5, "q90": 5}
     assert d["blocks"][1]["min"] == 2 and d["blocks"][1]["max"] == 4 and d["blocks"][1]["q50"] == 3
     assert d["final_histogram"] == {"1": 1, "2": 2}
+
+
+def test_paired_speedup_on_data_times_both_models_on_the_images(monkeypatch):
+    import torch
+
+    import tokenbench.measure as measure
+    from tokenbench.api import load
+
+    seen = []
+    real = measure.timing_input
+
+    def spy(model, batch_size, img_size, dev, given):
+        seen.append(real(model, batch_size, img_size, dev, given))
+        return seen[-1]
+
+    monkeypatch.setattr(measure, "timing_input", spy)
+    s = Settings(batch_size=4, device="cpu", threads=1, min_run_time=0.01, rounds=3, retries=0,
+                 data="synthetic", timing_on_data=True)
+    spec = spec_dict(TINY, "ats", {}, False, None, None)
+    rec = measure_run("speedup", spec, s, baseline=spec_dict(TINY, "none", {}, False, None, None))[0]
+    assert rec["metrics"]["input"]["source"] == "data" and rec["key_fields"]["input"]["images"] == 4
+    images = inputs.data_images(load(TINY, "none", {})[0], "synthetic", "test", None, 4, 0)[0]
+    assert len(seen) == 1 and torch.equal(seen[0], images)          # one batch, both models on it
