@@ -47,8 +47,8 @@ class Settings:
     # image; sweeps set ``data`` for accuracy only, so this is asked for explicitly.
     flops_on_data: bool = False
     flops_images: Optional[int] = None  # images those FLOPs are counted on (default: ``limit``, else 64)
-    # throughput and speedup timed on a batch of real images of ``data`` (the first ``batch_size``
-    # of its seeded subset), not the synthetic batch: for methods whose token count depends on the image
+    # throughput and speedup timed on a batch of real images of ``data`` (its seeded, stratified
+    # subset of ``batch_size`` images), not the synthetic batch: for methods whose count depends on the image
     timing_on_data: bool = False
 
 
