@@ -58,7 +58,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import gather_tokens
-from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r, schedule
+from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, merged_schedule, schedule
 from tokenbench.registry import Method, Param, register
 
 DEFAULT_MERGE_FROM = 7
@@ -135,12 +135,4 @@ class ToFu(Method):
         return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=16, merge_from=DEFAULT_MERGE_FROM, prop_attn=True, **params):
-        bb = backbone_of(model, self.name)
-        p = bb.n_prefix
-        n = bb.num_patches + p
-        tokens, tokens_mlp = [], []
-        for ri in schedule(r, bb.depth):
-            tokens.append(n)
-            n -= clip_r(ri, n, p)
-            tokens_mlp.append(n)
-        return tokens, tokens_mlp
+        return merged_schedule(backbone_of(model, self.name), r)

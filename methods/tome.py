@@ -141,6 +141,19 @@ def schedule(r, depth: int) -> list[int]:
 
 # --------------------------------------------------------------------------- hook
 
+def merged_schedule(bb, r) -> tuple[list[int], list[int]]:
+    """Tokens entering each block and each MLP when block ``i`` removes ``schedule(r)[i]``
+    tokens (clipped to half the non-prefix tokens), on the backbone ``bb``."""
+    p = bb.n_prefix
+    n = bb.num_patches + p
+    tokens, tokens_mlp = [], []
+    for ri in schedule(r, bb.depth):
+        tokens.append(n)
+        n -= clip_r(ri, n, p)
+        tokens_mlp.append(n)
+    return tokens, tokens_mlp
+
+
 def as_token_indices(m: Matching, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The matching as indices into the whole sequence, for :meth:`TokenState.merge`:
     (tokens kept, in the official order [B, K]; tokens merged away [B, r]; for each of those,
@@ -150,7 +163,7 @@ def as_token_indices(m: Matching, n_tokens: int) -> tuple[torch.Tensor, torch.Te
     dev = m.unm_idx.device
     b_pos = (2 * torch.arange(n_b, device=dev) + 1)[None, :, None].expand(b, n_b, 1)
     keep_idx = _join(2 * m.unm_idx, b_pos, m.n_prefix)[..., 0]
-    where = torch.tensor(_b_slots(m.n_prefix, m.unm_idx.shape[1], n_b), device=dev)
+    where = b_slots(m.n_prefix, m.unm_idx.shape[1], n_b, dev)
     return keep_idx, 2 * m.src_idx[..., 0], where[m.dst_idx[..., 0]]
 
 
@@ -160,6 +173,21 @@ def _b_slots(n_prefix: int, n_unm: int, n_b: int) -> list[int]:
         return [n_unm + j for j in range(n_b)]
     n_a, n_bp = (n_prefix + 1) // 2, n_prefix // 2
     return [2 * j + 1 if j < n_bp else n_prefix + (n_unm - n_a) + (j - n_bp) for j in range(n_b)]
+
+
+_B_SLOTS: dict[tuple, torch.Tensor] = {}  # (n_prefix, n_unm, n_b, device) -> :func:`_b_slots` as a tensor
+
+
+def b_slots(n_prefix: int, n_unm: int, n_b: int, device: torch.device) -> torch.Tensor:
+    """:func:`_b_slots` as a tensor on ``device``, built once per shape and device (not in
+    every block of every forward); built afresh while ``torch.compile`` traces (a constant)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(_b_slots(n_prefix, n_unm, n_b), device=device)
+    key = (n_prefix, n_unm, n_b, torch.device(device))
+    if key not in _B_SLOTS:
+        with torch.inference_mode(False):  # a normal tensor: usable in training as in inference
+            _B_SLOTS[key] = torch.tensor(_b_slots(n_prefix, n_unm, n_b), device=device)
+    return _B_SLOTS[key]
 
 
 def _merge_hook(r: int):
@@ -207,12 +235,4 @@ class ToMe(Method):
         return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=16, prop_attn=True, **params):
-        bb = backbone_of(model, self.name)
-        p = bb.n_prefix
-        n = bb.num_patches + p
-        tokens, tokens_mlp = [], []
-        for ri in schedule(r, bb.depth):
-            tokens.append(n)
-            n -= clip_r(ri, n, p)
-            tokens_mlp.append(n)
-        return tokens, tokens_mlp
+        return merged_schedule(backbone_of(model, self.name), r)

@@ -423,4 +423,4 @@ def test_matched_flops_search_stays_above_the_refused_keep_rates():
     counted = {}
     FlopsSearch(None)._bisect(get_method("random"), "keep_rate", 8.2, cnt, counted, close=0.01)
     values = [v for v, _ in counted.values()]
-    assert min(values) == 0.5 and any(abs(g - 8.2) <= 0.01 for _, g in counted.values()), counted
+    assert 0.4 < min(values) <= 0.5 and any(abs(g - 8.2) <= 0.01 for _, g in counted.values()), counted

@@ -179,3 +179,11 @@ def test_pruned_blocks_drop_patches_merged_blocks_keep_them():
     covered = [int(s["source"][0].sum().item()) for s in stages]
     assert covered[:3] == [61, 57, 57]  # 65 tokens: 4 patches pruned per pruning block, none lost after
     assert covered[-1] == 57
+
+
+def test_schedule_is_tomes():
+    """ToFu removes what ToMe merges: the same declared schedule, from ToMe's function."""
+    model = make_model("cls", TINY)
+    for r in (0, 3, [8, 4, 2], 40):
+        assert registry.get_method("tofu")().expected_tokens(model, r=r) == \
+            registry.get_method("tome")().expected_tokens(model, r=r)

@@ -284,3 +284,22 @@ def test_schedules_property(r, variant):
     if st_.source is not None:
         assert torch.all(st_.source.sum(1) == 1)
         assert st_.source.shape[1] == st_.tokens_mlp[-1]
+
+
+def test_b_slots_built_once_per_shape_and_device():
+    """The B tokens' slots are a tensor cached per (shape, device), equal to the list they replace."""
+    from tokenbench.methods import tome
+
+    a = tome.b_slots(1, 10, 12, torch.device("cpu"))
+    assert a is tome.b_slots(1, 10, 12, "cpu")                       # cached, not rebuilt
+    assert a.tolist() == tome._b_slots(1, 10, 12) and not a.is_inference()
+    b = tome.b_slots(3, 10, 12, "cpu")                                 # another shape, another tensor
+    assert b is not a and b.tolist() == tome._b_slots(3, 10, 12)
+    model = registry.apply(make_model("registers"), "tome", r=4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        first = model(x)
+    n = len(tome._B_SLOTS)
+    with torch.inference_mode():
+        assert torch.equal(model(x), first)
+    assert len(tome._B_SLOTS) == n                                     # a second forward builds none

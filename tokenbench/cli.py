@@ -197,6 +197,13 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
                    f"std {spread['std']:.4f}, min {spread['min']:.4f}, max {spread['max']:.4f} GFLOPs")
     typer.echo(f"tokens per block:     {pub.get('tokens')}")
     typer.echo(f"tokens entering MLP:  {pub.get('tokens_mlp')}")
+    dist = pub.get("tokens_per_image")
+    if dist:
+        for name, rows in (("block", dist["blocks"]), ("MLP", dist["blocks_mlp"])):
+            typer.echo(f"tokens per image entering each {name} (min / median / max): "
+                       + ", ".join(f"{r['min']}/{r['q50']}/{r['max']}" for r in rows))
+        typer.echo("final token count (tokens: images): "
+                   + ", ".join(f"{n}: {k}" for n, k in dist["final_histogram"].items()))
     for w in pub.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
 
@@ -227,6 +234,12 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
                                                     help="torch.compile mode with --compile: default, "
                                                          "reduce-overhead, max-autotune, max-autotune-no-cudagraphs."),
                    img_size: Optional[int] = typer.Option(None, "--img-size"),
+                   data: Optional[str] = typer.Option(None, "--data", help="Time on a batch of real images "
+                                                      "(fashion-mnist, imagenet, folder or synthetic: the seeded "
+                                                      "subset of --batch-size images), for methods whose token "
+                                                      "count depends on the image."),
+                   data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
+                   seed: int = typer.Option(0, "--seed", help="Seed of the --data subset."),
                    pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
                    results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
     """Images per second (median and quartiles), batch-1 latency (p50, p90) and peak memory."""
@@ -242,6 +255,19 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
     checks.min_run_time(min_run_time)
+    on_data = {}
+    if data is not None:
+        from .data import DATASETS
+        from .errors import did_you_mean
+
+        if data not in DATASETS:
+            raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; "
+                            f"choose from {', '.join(DATASETS)}")
+        _check_data_dir(data, data_dir)
+        on_data = dict(data=data, data_dir=str(data_dir) if data_dir else None, data_seed=seed,
+                       split="val" if data in ("imagenet", "folder") else "test", timing_on_data=True)
+    elif data_dir is not None:
+        raise UserError("--data-dir times real images: pass --data too")
     spec = _spec(model, method, set_, pretrained, checkpoint, img_size)
     store = _store(results)
     loaded = Loaded(spec)
@@ -252,7 +278,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
             b = max_batch_size(loaded.net, device, precision, img_size)
             sizes[i] = b
         s = Settings(batch_size=b, device=device, precision=precision, threads=threads, min_run_time=min_run_time,
-                     latency=(i == 0), compile=mode, batch_from_max=from_max)
+                     latency=(i == 0), compile=mode, batch_from_max=from_max, **on_data)
         rec, reused = measure_run("throughput", spec, s, store, loaded=loaded)
         pubs.append(_public(rec))
     if json_:
@@ -272,6 +298,9 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
                 else f", compiled ({p['compile']})"
         if "latency_ms_p50" in p:
             line += f"; batch-1 latency p50 {p['latency_ms_p50']:.2f} ms, p90 {p['latency_ms_p90']:.2f} ms"
+        inp = p.get("input") or {}
+        if inp.get("source") == "data":
+            line += f"; on {inp['images']} images of {inp['data']}"
         typer.echo(line)
         for w in p.get("warnings", []):
             typer.echo(f"warning: {w}", err=True)

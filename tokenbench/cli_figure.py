@@ -90,10 +90,10 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         quiet = json_ or not sys.stderr.isatty()
         if dry_run:
-            from .sweep import CACHE_FILE, FlopsSearch
+            from .sweep import CACHE_FILE, FlopsSearch, search_data
 
             plan = figures.build_plan(name, opts)
-            runs = figures.expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE))
+            runs = figures.expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE, data=search_data(plan.sweep)))
             items = []
             for r in runs:
                 ok, why = figures.accuracy_status(plan, r)

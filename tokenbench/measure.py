@@ -412,12 +412,32 @@ def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Ten
         g = torch.tensor(totals, dtype=torch.float64) / 1e9
         out["gflops_per_image"] = {"mean": float(g.mean()), "std": float(g.std()) if len(g) > 1 else 0.0,
                                    "min": float(g.min()), "max": float(g.max())}
+    if toks and len(xs) > 1:  # counted image by image: how the counts spread over the images
+        out["tokens_per_image"] = token_distribution(toks, toks_mlp)
     if toks:
         out["tokens"] = [round(sum(col) / len(col), 3) for col in zip(*toks)]
         out["tokens_mlp"] = [round(sum(col) / len(col), 3) for col in zip(*toks_mlp)]
         out["tokens"] = [int(t) if float(t).is_integer() else t for t in out["tokens"]]
         out["tokens_mlp"] = [int(t) if float(t).is_integer() else t for t in out["tokens_mlp"]]
     return out
+
+
+TOKEN_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def token_distribution(toks: Sequence[Sequence[float]], toks_mlp: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """How per-image token counts spread (``toks[i][b]``: tokens image ``i`` has entering block ``b``):
+    per block, mean, min, max and the :data:`TOKEN_QUANTILES`; and a histogram of the final count
+    (tokens entering the last block's MLP: ``{count: images}``)."""
+    def stats(col: Sequence[float]) -> dict[str, float]:
+        out = {"mean": round(sum(col) / len(col), 3), "min": min(col), "max": max(col)}
+        out.update({f"q{round(q * 100)}": _percentile(col, q) for q in TOKEN_QUANTILES})
+        return {k: int(v) if float(v).is_integer() else v for k, v in out.items()}
+
+    final = [int(t[-1]) for t in toks_mlp]
+    return {"images": len(toks), "blocks": [stats(col) for col in zip(*toks)],
+            "blocks_mlp": [stats(col) for col in zip(*toks_mlp)],
+            "final_histogram": {str(n): final.count(n) for n in sorted(set(final))}}
 
 
 # --------------------------------------------------------------------------- throughput
@@ -693,7 +713,8 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
                precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
                warmup_s: float = 0.5, latency: bool = True, latency_samples: int = 30,
                img_size: Optional[int] = None, max_spread: float = 0.10,
-               compile: Optional[str] = None, fresh_compile: bool = True) -> dict[str, Any]:
+               compile: Optional[str] = None, fresh_compile: bool = True,
+               inputs: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Images per second (median and quartiles over timed blocks) and batch-1 latency.
 
     The model alone: eval and inference mode, synthetic input already on the device,
@@ -708,16 +729,29 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
     batch-1 graph) and never enters the timed blocks.  ``fresh_compile=False`` (a retry of the
     same measurement) reuses what an earlier call compiled instead of compiling again.  On CUDA, ``cudnn.benchmark`` is on
     and a convolutional model runs ``channels_last`` (both recorded in ``env``).
+
+    ``inputs``: the batch to time (``batch_size`` real images, for a method whose token count
+    depends on the image) instead of the synthetic one; latency takes its first image.
     """
     compile = compile_mode(compile)
     dev = resolve_device(device) if isinstance(device, str) else device
     with cuda_timing_settings(dev):
         return _throughput(model, batch_size, dev, precision, threads, min_run_time, warmup_s, latency,
-                           latency_samples, img_size, max_spread, compile, fresh_compile)
+                           latency_samples, img_size, max_spread, compile, fresh_compile, inputs)
+
+
+def timing_input(model: nn.Module, batch_size: int, img_size: Optional[int], dev: torch.device,
+                 inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    """The batch a timing runs on: ``inputs`` (real images) when given, else the synthetic one."""
+    if inputs is None:
+        return example_input(model, batch_size, img_size, device=dev)
+    if inputs.shape[0] != batch_size:
+        raise ValueError(f"timing inputs hold {inputs.shape[0]} images, the batch size is {batch_size}")
+    return inputs.to(dev)
 
 
 def _throughput(model, batch_size, device, precision, threads, min_run_time, warmup_s, latency,
-                latency_samples, img_size, max_spread, compile, fresh_compile) -> dict[str, Any]:
+                latency_samples, img_size, max_spread, compile, fresh_compile, inputs=None) -> dict[str, Any]:
     from torch.utils import benchmark
 
     dev, threads, ctx, note = _prepare_timing(model, device, precision, threads, batch_size, img_size)
@@ -732,7 +766,7 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
         with eval_mode(model), torch.inference_mode(), device_context(dev), memory_format(model, dev) as fmt, \
                 PeakMemory(dev) as mem, load_watch(info, threads):
             info["channels_last"] = fmt == torch.channels_last
-            x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
+            x = timing_input(model, batch_size, img_size, dev, inputs).contiguous(memory_format=fmt)
             if compile and fresh_compile:
                 fresh_compile_state()
             run = _runner(compiled(model, compile), ctx)
@@ -790,7 +824,7 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
             precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
             rounds: int = 10, warmup_s: float = 0.5, img_size: Optional[int] = None,
             max_spread: float = 0.10, compile: Optional[str] = None,
-            fresh_compile: bool = True) -> dict[str, Any]:
+            fresh_compile: bool = True, inputs: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """``model``'s speed over ``baseline``'s (its dense model), timed interleaved in rounds.
 
     Both run on the same input, in the same process and settings.  Each round times a
@@ -802,17 +836,17 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
 
     ``compile``: both models are compiled the same way (:func:`compiled`), each one's
     compile time reported apart (``compile_s``, ``baseline_compile_s``), never timed;
-    ``fresh_compile`` as in :func:`throughput`.
+    ``fresh_compile`` and ``inputs`` (both models run on them) as in :func:`throughput`.
     """
     compile = compile_mode(compile)
     dev = resolve_device(device) if isinstance(device, str) else device
     with cuda_timing_settings(dev):
         return _speedup(model, baseline, batch_size, dev, precision, threads, min_run_time, rounds, warmup_s,
-                        img_size, max_spread, compile, fresh_compile)
+                        img_size, max_spread, compile, fresh_compile, inputs)
 
 
 def _speedup(model, baseline, batch_size, device, precision, threads, min_run_time, rounds, warmup_s,
-             img_size, max_spread, compile, fresh_compile) -> dict[str, Any]:
+             img_size, max_spread, compile, fresh_compile, inputs=None) -> dict[str, Any]:
     from torch.utils import benchmark
 
     if rounds < 3:
@@ -831,7 +865,7 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
         with eval_mode(baseline), eval_mode(model), torch.inference_mode(), device_context(dev), \
                 memory_format(baseline, dev), memory_format(model, dev) as fmt, load_watch(info, threads):
             info["channels_last"] = fmt == torch.channels_last
-            x = example_input(model, batch_size, img_size, device=dev).contiguous(memory_format=fmt)
+            x = timing_input(model, batch_size, img_size, dev, inputs).contiguous(memory_format=fmt)
             if compile and fresh_compile:
                 fresh_compile_state()
             runs = [_runner(compiled(n, compile), ctx) for n in nets]

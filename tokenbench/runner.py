@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import checks, distributed, measure
+from . import checks, distributed, inputs, measure
 from .errors import UserError
 from .store import Store, make_record, record_key
 
@@ -46,6 +46,10 @@ class Settings:
     # FLOPs counted over real images of ``data`` (``tokenbench flops --data``), not one synthetic
     # image; sweeps set ``data`` for accuracy only, so this is asked for explicitly.
     flops_on_data: bool = False
+    flops_images: Optional[int] = None  # images those FLOPs are counted on (default: ``limit``, else 64)
+    # throughput and speedup timed on a batch of real images of ``data`` (its seeded, stratified
+    # subset of ``batch_size`` images), not the synthetic batch: for methods whose count depends on the image
+    timing_on_data: bool = False
 
 
 def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> str:
@@ -108,6 +112,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                    "batch_size": s.batch_size})
         if s.compile:  # eager keys stay as they were
             kf["compile"] = measure.compile_mode(s.compile)
+        if s.timing_on_data:  # real images; without this field, the synthetic batch
+            kf["input"] = inputs.data_key(s.data, s.split, s.data_dir, s.batch_size, s.data_seed)
         if kind == "speedup":
             if baseline is None:
                 raise ValueError("a speedup needs its baseline spec")
@@ -127,35 +133,35 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
     return kf
 
 
-FLOPS_LIMIT = 64  # images counted by `flops --data` without --limit (each is one fvcore trace)
-SYNTHETIC_FLOPS = "FLOPs of one synthetic image; pass --data for the mean over real images"
+FLOPS_LIMIT = inputs.SEARCH_IMAGES  # images counted by `flops --data` without --limit (each is one fvcore trace)
+SYNTHETIC_FLOPS = inputs.SYNTHETIC_FLOPS
+varies_per_image = inputs.varies_per_image
 
 
 def flops_limit(s: Settings) -> int:
-    """Images a FLOPs count over ``s.data`` uses: ``--limit``, else :data:`FLOPS_LIMIT`."""
-    return s.limit or FLOPS_LIMIT
+    """Images a FLOPs count over ``s.data`` uses: ``flops_images`` (a sweep's), ``--limit``,
+    else :data:`FLOPS_LIMIT`."""
+    return s.flops_images or s.limit or FLOPS_LIMIT
 
 
 def flops_on_data(net, spec: dict, s: Settings) -> dict:
     """FLOPs averaged over the first :func:`flops_limit` images of the (seeded, stratified)
-    subset of ``s.data``: mean, spread per image and the data's identity."""
-    from .data import build_dataset
-
+    subset of ``s.data``: mean, spread per image, the tokens' distribution and the data's identity."""
     n = flops_limit(s)
-    ds, dspec = build_dataset(s.data, s.split, s.data_dir, model=net, limit=n, seed=s.data_seed)
-    checks.limit_within(s.limit, dspec.available, dspec.source or f"{s.data} {s.split}")
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    images, dspec = inputs.data_images(net, s.data, s.split, s.data_dir, n, s.data_seed,
+                                       asked=s.flops_images or s.limit)
     metrics = measure.flops(net, img_size=spec["img_size"], inputs=images, max_images=len(images))
     metrics["data"] = dspec.key()
+    metrics["input"] = inputs.described(s.data, s.split, len(images), s.data_seed)
     return metrics
 
 
-def varies_per_image(cls, net, params: dict) -> bool:
-    """True when the method declares no token schedule (its count depends on the image)."""
-    try:
-        return cls().expected_tokens(net, **params) is None
-    except UserError:
-        return False
+def timing_images(net, s: Settings) -> Optional[torch.Tensor]:
+    """The batch a timing runs on: ``batch_size`` real images of ``s.data`` when
+    ``s.timing_on_data``, else None (the synthetic batch)."""
+    if not s.timing_on_data:
+        return None
+    return inputs.data_images(net, s.data, s.split, s.data_dir, s.batch_size, s.data_seed)[0]
 
 
 def record_key_of(kind: str, spec: dict, s: Settings, baseline: Optional[dict] = None) -> tuple[str, dict, str]:
@@ -249,12 +255,15 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
             metrics = measure.flops(net, img_size=spec["img_size"])
             if varies_per_image(cls, net, spec["params"]):
                 warnings_.append(SYNTHETIC_FLOPS)
+                metrics["input"] = inputs.described(n=1)
         env = measure.env_info("cpu")
         dense = dense_tokens(net)
         if dense is not None and metrics.get("tokens") == dense and \
                 metrics.get("tokens_mlp") == dense and cls.reduces(spec["params"]):
             warnings_.append("method left every block at the dense token count")
     elif kind in TIMED:
+        images = timing_images(net, settings)  # None: the synthetic batch
+        per_image = varies_per_image(cls, net, spec["params"])
         if kind == "speedup":
             if baseline is None:
                 raise ValueError("a speedup needs its baseline spec")
@@ -265,14 +274,14 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
                                        precision=settings.precision, threads=settings.threads,
                                        min_run_time=settings.min_run_time, rounds=settings.rounds,
                                        img_size=spec["img_size"], compile=settings.compile,
-                                       fresh_compile=not tries)
+                                       fresh_compile=not tries, inputs=images)
         else:
             def once():
                 return measure.throughput(net, batch_size=settings.batch_size, device=settings.device,
                                           precision=settings.precision, threads=settings.threads,
                                           min_run_time=settings.min_run_time, latency=settings.latency,
                                           img_size=spec["img_size"], compile=settings.compile,
-                                          fresh_compile=not tries)
+                                          fresh_compile=not tries, inputs=images)
         tries: list = []  # a retry reuses the first attempt's compiled graphs
 
         def counted():
@@ -286,6 +295,11 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
             metrics["compile_note"] = cls.compile_note
         if settings.batch_from_max:
             metrics["batch_size_from"] = "max"
+        if images is not None:
+            metrics["input"] = inputs.described(settings.data, settings.split, len(images), settings.data_seed)
+        elif per_image:  # records of methods with a declared schedule stay as they were
+            metrics["input"] = inputs.described(n=settings.batch_size)
+            warnings_.append(inputs.RANDOM_TIMING)
         what = "speedup ratio" if kind == "speedup" else "throughput"
         if metrics.get("spread_flag"):
             warnings_.append(f"{what} spread {metrics['spread']:.0%} of the median after {metrics['attempts']} "

@@ -19,17 +19,18 @@ from .flags import sweep_from_flags
 from .format import (DATA_KEYS, DEFAULT_TOLERANCE, DENSE_METHOD, ENTRY_KEYS, KINDS, RUNS_DIR, SWEEPS_DIR,
                      THROUGHPUT_KEYS, TOP_KEYS, MethodEntry, Sweep, load_sweep, merge_overrides, packaged_sweeps,
                      parse_sweep, read_sweep_file, resolve_sweep_path)
-from .plan import PLAN_FILE, baseline_spec, kinds_for, plan_dict, prepare, read_plan, run_keys, write_plan
+from .plan import (PLAN_FILE, baseline_spec, kinds_for, plan_dict, prepare, read_plan, run_keys, run_settings,
+                   search_data, write_plan)
 from .preflight import preflight
-from .search import (CACHE_FILE, FlopsSearch, SearchResult, analytic_block_cost, dense_schedule,
+from .search import (CACHE_FILE, FlopsSearch, SearchData, SearchResult, analytic_block_cost, dense_schedule,
                      model_depth)
 
 __all__ = [
     "CACHE_FILE", "DATA_KEYS", "DEFAULT_TOLERANCE", "DENSE_METHOD", "ENTRY_KEYS", "KINDS", "PLAN_FILE",
     "RUNS_DIR", "SWEEPS_DIR", "THROUGHPUT_KEYS", "TOP_KEYS",
-    "FlopsSearch", "MethodEntry", "Run", "SearchResult", "Step", "Sweep",
+    "FlopsSearch", "MethodEntry", "Run", "SearchData", "SearchResult", "Step", "Sweep",
     "analytic_block_cost", "baseline_spec", "count_searches", "dense_schedule", "execute", "expand",
     "flagged_timing_keys", "fmt_value", "kinds_for", "load_sweep", "merge_overrides", "model_depth",
     "packaged_sweeps", "parse_sweep", "plan_dict", "prepare", "preflight", "read_plan", "read_sweep_file",
-    "resolve_sweep_path", "run_keys", "sweep_from_flags", "write_plan",
+    "resolve_sweep_path", "run_keys", "run_settings", "search_data", "sweep_from_flags", "write_plan",
 ]

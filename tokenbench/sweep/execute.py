@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from .. import distributed
 from .expand import Run
 from .format import Sweep
-from .plan import baseline_spec, kinds_for, run_keys
+from .plan import baseline_spec, kinds_for, run_keys, run_settings
 
 
 @dataclass
@@ -33,7 +33,6 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     from ..runner import Loaded, measure_run
     from ..store import Store
 
-    settings = sw.settings()
     ref = sw.reference_dir()
     reference = Store(ref, read_only=True) if ref is not None and ref.is_dir() else None
     total = sum(len(kinds_for(r, sw)) for r in runs)
@@ -44,6 +43,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     for run in runs:
         loaded = Loaded(run.spec())
         keys = run_keys(run, sw)
+        settings = run_settings(run, sw)
         for kind in kinds_for(run, sw):
             if on_step:
                 on_step(i, total, run, kind)

@@ -42,6 +42,7 @@ class Run:
     search: Optional[dict] = None        # the matched-FLOPs search's answer for this run
     seed_param: Optional[str] = None     # the parameter varied over seeds (non-deterministic methods)
     seed_index: int = 0
+    per_image: bool = False              # its token count depends on the image: FLOPs and timings on real images
 
     def spec(self) -> dict:
         from ..runner import spec_dict
@@ -141,7 +142,7 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
                     tell()
                     fixed_s = {**fixed, **({seed_p: seeds[0]} if seed_p else {})}
                     res = searcher.search(model, sw.img_size, cls, fixed_s, knob, t, sw.flops_tolerance,
-                                          preferred=ck_vals)
+                                          preferred=ck_vals, weights=(sw.pretrained, e.checkpoint))
                     values.append((res.value, [t], res.as_dict()))
                     now["done"] += 1
                 if not values:
@@ -163,7 +164,8 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
                             raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
                         add(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,
                                 pretrained=sw.pretrained, checkpoint=ck, targets=list(tg),
-                                search=dict(info) if info else None, seed_param=seed_p, seed_index=i))
+                                search=dict(info) if info else None, seed_param=seed_p, seed_index=i,
+                                per_image=searcher.per_image(model, sw.img_size, e.method, params)))
     now["what"] = ""
     tell()
     searcher.on_count = outer_on_count

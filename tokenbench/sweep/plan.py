@@ -24,6 +24,30 @@ def baseline_spec(run: Run) -> dict:
     return spec_dict(run.model, DENSE_METHOD, {}, run.pretrained, None, run.img_size)
 
 
+def run_settings(run: Run, sw: Sweep):
+    """The settings a run is measured with: the sweep's; for a method whose token count depends
+    on the image, with FLOPs counted on the first :data:`~tokenbench.inputs.SEARCH_IMAGES` images
+    of the sweep's data (those its matched-FLOPs search counted) and timings on a batch of them."""
+    from dataclasses import replace
+
+    from ..inputs import SEARCH_IMAGES
+
+    s = sw.settings()
+    if run.per_image and sw.data:
+        s = replace(s, flops_on_data=True, flops_images=SEARCH_IMAGES, timing_on_data=True)
+    return s
+
+
+def search_data(sw: Sweep):
+    """Where the sweep's matched-FLOPs search counts per-image methods: its data, or None."""
+    from ..inputs import SEARCH_IMAGES
+    from .search import SearchData
+
+    if not sw.data:
+        return None
+    return SearchData(sw.data, sw.split, sw.data_dir, sw.data_seed, SEARCH_IMAGES)
+
+
 def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
     """The store keys this run's records have (or will have), per kind."""
     from ..registry import get_method
@@ -31,7 +55,7 @@ def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
 
     spec = run.spec()
     spec["params"] = get_method(run.method).validate(spec["params"])
-    s = sw.settings()
+    s = run_settings(run, sw)
     out = {}
     for k in kinds_for(run, sw):
         out[k] = record_key_of(k, spec, s, baseline_spec(run) if k == "speedup" else None)[0]
@@ -100,7 +124,7 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
     ensure_writable_dir(out, "output directory")  # the plan, the FLOPs cache, the tables
     ref = sw.reference_dir()
     searcher = FlopsSearch(out / CACHE_FILE, force=force,
-                           seed_path=(ref / CACHE_FILE) if ref is not None else None)
+                           seed_path=(ref / CACHE_FILE) if ref is not None else None, data=search_data(sw))
     preflight(sw, searcher)
     runs = expand(sw, searcher, on_search=on_search)
     keys = [run_keys(r, sw) for r in runs]

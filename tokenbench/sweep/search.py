@@ -81,9 +81,35 @@ class SearchResult:
     miss: bool
     checkpointed: bool = False
     counted: int = 0
+    input: Optional[dict] = None     # per-image methods only: the images counted (inputs.described)
+    warning: Optional[str] = None    # per-image methods searched on the random input
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The answer, as the plan records it (``input`` and ``warning`` only where set, so a
+        method with a declared schedule reads as before)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("input", "warning")}
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """Real images on which a method whose token count depends on the image is counted: the
+    first ``images`` of the seeded, class-stratified subset of the sweep's data."""
+
+    name: str
+    split: str = "test"
+    dir: Optional[str] = None
+    seed: int = 0
+    images: int = 64
+
+    def key(self) -> dict:
+        from .. import inputs
+
+        return inputs.data_key(self.name, self.split, self.dir, self.images, self.seed)
+
+    def described(self) -> dict:
+        from .. import inputs
+
+        return inputs.described(self.name, self.split, self.images, self.seed)
 
 
 class FlopsSearch:
@@ -103,8 +129,13 @@ class FlopsSearch:
     Every fvcore count is cached in ``cache_path`` (JSON), so reruns are quick.
     """
 
-    def __init__(self, cache_path: Optional[Path] = None, force: bool = False, seed_path: Optional[Path] = None):
+    def __init__(self, cache_path: Optional[Path] = None, force: bool = False, seed_path: Optional[Path] = None,
+                 data: Optional[SearchData] = None):
         self.cache_path = Path(cache_path) if cache_path else None
+        self.data = data  # where methods with per-image token counts are counted (None: the random input)
+        self._weighted: dict[tuple, Any] = {}
+        self._images: dict[tuple, Any] = {}
+        self._estimates: dict[str, float] = {}
         self.cache: dict[str, float] = {}
         if not force:
             # counts from a reference directory's cache first (keys carry the code identity, so
@@ -125,21 +156,105 @@ class FlopsSearch:
             self._bases[key] = build_architecture(model, img_size)
         return self._bases[key]
 
-    def _key(self, model, img_size, method, params) -> str:
+    def _key(self, model, img_size, method, params, on_data: Optional[dict] = None) -> str:
         from .. import identity
         from ..registry import get_method
         from ..store import canonical
 
         _, arch_id = self.base(model, img_size)
-        return canonical({"arch": arch_id, "method": method, "params": params,
-                          "code": identity.method_code(get_method(method)),
-                          "protocol": identity.PROTOCOLS["flops"]})
+        key = {"arch": arch_id, "method": method, "params": params,
+               "code": identity.method_code(get_method(method)), "protocol": identity.PROTOCOLS["flops"]}
+        return canonical({**key, **(on_data or {})})  # a count on images also names them and the weights
 
-    def count(self, model: str, img_size: Optional[int], method: str, params: dict) -> float:
-        """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached)."""
+    # ----------------------------------------------------------- per-image token counts
+    def per_image(self, model: str, img_size: Optional[int], method: str, params: dict) -> bool:
+        """Whether ``method(params)`` declares no token schedule on ``model`` (its count, and so
+        its FLOPs, depend on the image)."""
+        from .. import inputs
+        from ..registry import get_method
+
+        cls = get_method(method)
+        return inputs.varies_per_image(cls, self.base(model, img_size)[0], cls.validate(params))
+
+    def weighted(self, model: str, img_size: Optional[int], weights: tuple = (False, None)):
+        """``model`` with the weights a run measures (``weights``: pretrained, checkpoint), no method:
+        which tokens a per-image method keeps depends on them."""
+        key = (model, img_size, bool(weights[0]), weights[1])
+        if key not in self._weighted:
+            from ..api import load
+
+            self._weighted[key] = load(model, "none", {}, pretrained=bool(weights[0]), checkpoint=weights[1],
+                                       img_size=img_size)[0].eval()
+        return self._weighted[key]
+
+    def images(self, model: str, img_size: Optional[int]):
+        """The :attr:`data` images, preprocessed for ``model``."""
+        from .. import inputs
+
+        key = (model, img_size)
+        if key not in self._images:
+            d = self.data
+            net = self.base(model, img_size)[0]
+            self._images[key] = inputs.data_images(net, d.name, d.split, d.dir, d.images, d.seed)[0]
+        return self._images[key]
+
+    def _on_data_key(self, model: str, weights: tuple) -> dict:
+        from ..runner import weights_id
+
+        return {"input": self.data.key(), "weights": weights_id(model, bool(weights[0]), weights[1])}
+
+    def _applied(self, model, img_size, method, params, weights):
+        from ..registry import apply
+
+        net = copy.deepcopy(self.weighted(model, img_size, weights))
+        return apply(net, method, **params)
+
+    def estimate(self, model: str, img_size: Optional[int], method: str, params: dict,
+                 weights: tuple = (False, None)) -> Optional[float]:
+        """Per-image GFLOPs on the :attr:`data` images from the backbone's cost model (the tokens each
+        image keeps, read from one batched forward), averaged; None where the model has no cost model.
+        Cheap next to fvcore's count (one trace per image): it steers the search, fvcore decides."""
+        import torch
+
+        from ..backbones import last_state
+
+        base = self.base(model, img_size)[0]
+        sched = dense_schedule(base)
+        a_dense = analytic_block_cost(base, sched) if sched else None
+        if a_dense is None:
+            return None
+        params = self._validated(method, params)
+        key = self._key(model, img_size, method, params, self._on_data_key(model, weights))
+        if key not in self._estimates:
+            images = self.images(model, img_size)
+            net = self._applied(model, img_size, method, params, weights)
+            with torch.inference_mode():
+                net(images)
+            st = last_state(net)
+            per = st.tokens_per_image()
+            rows = per.tolist() if per is not None else [list(st.tokens)] * len(images)
+            # tokens entering a block's MLP: those entering the next block (the last: its own)
+            costs = [analytic_block_cost(base, (row, row[1:] + row[-1:])) for row in rows]
+            fixed_part = self.dense(model, img_size) - a_dense / 1e9
+            self._estimates[key] = fixed_part + sum(costs) / len(costs) / 1e9
+        return self._estimates[key]
+
+    @staticmethod
+    def _validated(method: str, params: dict) -> dict:
+        from ..registry import get_method
+
+        return get_method(method).validate(params)
+
+    def count(self, model: str, img_size: Optional[int], method: str, params: dict,
+              weights: tuple = (False, None)) -> float:
+        """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached).  A method whose
+        token count depends on the image is counted on the :attr:`data` images with the run's
+        ``weights`` (the mean per image), where the searcher has data."""
         from ..registry import apply, get_method
 
         params = get_method(method).validate(params)
+        if self.data is not None and self.per_image(model, img_size, method, params):
+            return self._count_on_data(model, img_size, method, params, weights)
         key = self._key(model, img_size, method, params)
         if key not in self.cache:
             import torch
@@ -153,6 +268,28 @@ class FlopsSearch:
             torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
             try:
                 self.cache[key] = float(measure.flops(net, img_size=img_size)["gflops"])
+            finally:
+                torch.set_num_threads(threads)
+            self.counts += 1
+            self.save()
+            if self.on_count:
+                self.on_count(self.counts)
+        return self.cache[key]
+
+    def _count_on_data(self, model, img_size, method, params, weights) -> float:
+        key = self._key(model, img_size, method, params, self._on_data_key(model, weights))
+        if key not in self.cache:
+            import torch
+
+            from .. import measure
+
+            net = self._applied(model, img_size, method, params, weights)
+            images = self.images(model, img_size)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+            try:
+                self.cache[key] = float(measure.flops(net, img_size=img_size, inputs=images,
+                                                      max_images=len(images))["gflops"])
             finally:
                 torch.set_num_threads(threads)
             self.counts += 1
@@ -263,20 +400,28 @@ class FlopsSearch:
 
     # ----------------------------------------------------------- the search
     def search(self, model: str, img_size: Optional[int], cls, fixed: dict, param: str, target: float,
-               tolerance: float = DEFAULT_TOLERANCE, preferred: Iterable[Any] = ()) -> SearchResult:
+               tolerance: float = DEFAULT_TOLERANCE, preferred: Iterable[Any] = (),
+               weights: tuple = (False, None)) -> SearchResult:
         """The value of ``param`` (others ``fixed``) closest to ``target`` x dense FLOPs.
 
         ``preferred`` values (those with a checkpoint) win whenever one lands within ``tolerance``.
+        A method whose token count depends on the image is counted on the :attr:`data` images
+        with the run's ``weights`` (pretrained, checkpoint); without data, on the random input,
+        with a warning.
         """
+        from .. import inputs
+
         dense = self.dense(model, img_size)
         goal = target * dense
         before = self.counts
 
         def cnt(v) -> float:
-            return self.count(model, img_size, cls.name, {**fixed, param: v})
+            return self.count(model, img_size, cls.name, {**fixed, param: v}, weights)
 
         counted: dict[str, tuple[Any, float]] = {}
-        cands = self.candidates(model, img_size, cls, fixed, param)
+        per_image = self.per_image(model, img_size, cls.name, fixed)
+        on_data = per_image and self.data is not None
+        cands = None if on_data else self.candidates(model, img_size, cls, fixed, param)
         net, _ = self.base(model, img_size)
         est = None
         if cands:
@@ -285,7 +430,9 @@ class FlopsSearch:
             if a_dense is not None:
                 fixed_part = dense - a_dense / 1e9
                 est = [fixed_part + analytic_block_cost(net, s) / 1e9 for _, s in cands]
-        if cands and est is not None:
+        if on_data:
+            self._search_on_data(model, img_size, cls, fixed, param, goal, dense, tolerance, weights, cnt, counted)
+        elif cands and est is not None:
             scale = 1.0
             order_tried: set[int] = set()
             for _ in range(6):
@@ -314,9 +461,41 @@ class FlopsSearch:
         best_key = min(pool, key=lambda k: (abs(counted[k][1] - goal), k))
         value, g = counted[best_key]
         ratio = g / dense
-        return SearchResult(value=value, gflops=g, dense_gflops=dense, target=target, ratio=ratio,
-                            miss=abs(ratio - target) > tolerance + 1e-12, checkpointed=best_key in pref,
-                            counted=self.counts - before)
+        res = SearchResult(value=value, gflops=g, dense_gflops=dense, target=target, ratio=ratio,
+                           miss=abs(ratio - target) > tolerance + 1e-12, checkpointed=best_key in pref,
+                           counted=self.counts - before)
+        if on_data:
+            res.input = self.data.described()
+        elif per_image:
+            res.input, res.warning = inputs.described(n=1), inputs.SYNTHETIC_FLOPS
+        return res
+
+    def _search_on_data(self, model, img_size, cls, fixed, param, goal, dense, tolerance, weights, cnt,
+                        counted) -> None:
+        """A per-image method on the data images: bisect on the cost model's estimate
+        (:meth:`estimate`, one batched forward per value), count the answer with fvcore (one trace
+        per image), correct the estimate by the ratio of the two and look again, until fvcore lands
+        within a third of the tolerance or the answer repeats (at most 4 fvcore counts).  Without a
+        cost model: bisection on fvcore counts."""
+        def est(v):
+            return self.estimate(model, img_size, cls.name, {**fixed, param: v}, weights)
+
+        if est(cls.param(param).default) is None:
+            self._bisect(cls, param, goal, cnt, counted, close=0.1 * tolerance * dense)
+            return
+        scale = 1.0
+        for _ in range(4):
+            seen: dict[str, tuple[Any, float]] = {}
+            self._bisect(cls, param, goal / scale, est, seen)
+            value = min(seen.values(), key=lambda vg: (abs(vg[1] - goal / scale), json.dumps(vg[0])))[0]
+            k = json.dumps(value)
+            if k in counted:
+                break
+            g = cnt(value)
+            counted[k] = (value, g)
+            if abs(g - goal) <= tolerance * dense / 3:
+                break
+            scale = g / est(value)
 
     def _bisect(self, cls, param: str, goal: float, cnt: Callable, counted: dict, close: float = 0.0) -> None:
         """Bisection on fvcore counts (FLOPs assumed monotone in the parameter); stops within ``close``."""
