@@ -842,7 +842,9 @@ def _param_strategy(st, p):
     if p.type in ("int", "int_or_list"):
         lo = 0 if p.min is None else int(math.ceil(p.min + (1 if p.min_exclusive else 0)))
         hi = lo + 40 if p.max is None else int(p.max)
-        one = st.one_of(st.integers(lo, min(hi, lo + 40)), st.just(hi if p.max is not None else 10**6))
+        # unbounded: 1000 is far beyond any token or block count here (<= 39 tokens, 12 blocks) and, unlike
+        # 10**6, cheap where the parameter is an iteration count (Zero-TPrune's: 30 s a test at 10**6)
+        one = st.one_of(st.integers(lo, min(hi, lo + 40)), st.just(hi if p.max is not None else 1000))
         if p.type == "int":
             return one
         return st.one_of(one, st.lists(st.integers(lo, min(hi, lo + 20)), min_size=1, max_size=DEPTH))
