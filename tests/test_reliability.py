@@ -721,10 +721,37 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _start(sweep: Path, out: Path, *extra) -> subprocess.Popen:
+def _start(sweep: Path, out: Path, *extra, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(_tokenbench_cmd() + ["run", str(sweep), "--out", str(out), "--no-plots", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or _env(),
                             cwd=sweep.parent)
+
+
+# In the sweep to interrupt: a pause after each record written, so that the signal, sent when the
+# first record appears, lands part way even when this process is slow to see it (a loaded machine:
+# the 16 tiny records can all be written before it looks again).
+PAUSE_AFTER_EACH_RECORD = """
+import os
+if os.environ.get("TB_TEST_PAUSE_AFTER_PUT"):
+    import time
+    from tokenbench import store
+    _put = store.Store.put
+    def put(self, rec):
+        path = _put(self, rec)
+        time.sleep(float(os.environ["TB_TEST_PAUSE_AFTER_PUT"]))
+        return path
+    store.Store.put = put
+"""
+
+
+def _paused_env(tmp_path: Path) -> dict:
+    d = tmp_path / "pause"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(PAUSE_AFTER_EACH_RECORD)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(d), env.get("PYTHONPATH", "")])
+    env["TB_TEST_PAUSE_AFTER_PUT"] = "0.5"
+    return env
 
 
 def _records(out: Path) -> list[Path]:
@@ -751,7 +778,7 @@ def _interrupt_part_way(tmp_path: Path, sig: int) -> tuple[Path, subprocess.Pope
     sweep = tmp_path / "sub.toml"
     sweep.write_text(SUB_SWEEP)
     out = tmp_path / "out"
-    p = _start(sweep, out)
+    p = _start(sweep, out, env=_paused_env(tmp_path))
     deadline = time.monotonic() + 300
     while not _records(out):
         assert p.poll() is None, p.communicate()
