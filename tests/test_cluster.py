@@ -139,6 +139,14 @@ def sweep_args(keep_rates: str = "[0.5]") -> list:
 SWEEP_ARGS = sweep_args()
 
 
+@pytest.fixture
+def quick_poll(monkeypatch):
+    """Jobs polled every 0.2 s, not 2 s: a tiny job's result is seen as soon as it is there."""
+    import functools
+
+    monkeypatch.setattr(launch, "submit_sweep", functools.partial(launch.submit_sweep, poll_s=0.2))
+
+
 def comparable(recs: dict) -> dict:
     """What must not depend on where a record was measured."""
     drop = {"env", "meta", "checksum"}
@@ -146,7 +154,7 @@ def comparable(recs: dict) -> dict:
 
 
 def test_submitit_local_executor_gives_the_records_and_table_of_a_local_run(tiny_default, tmp_path, cli,
-                                                                            monkeypatch):
+                                                                            monkeypatch, quick_poll):
     pytest.importorskip("submitit")
     monkeypatch.setenv("TOKENBENCH_EMBEDDED_DIR", str(tiny_default))  # the jobs are new processes
     monkeypatch.setenv("PYTHONPATH", subprocess_env(tiny_default)["PYTHONPATH"])
@@ -188,7 +196,8 @@ if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):  # inside a job: die right after rec
 """
 
 
-def test_a_killed_job_is_reported_and_rerunning_completes_the_sweep(tiny_default, tmp_path, cli, monkeypatch):
+def test_a_killed_job_is_reported_and_rerunning_completes_the_sweep(tiny_default, tmp_path, cli, monkeypatch,
+                                                                   quick_poll):
     """Two jobs (dense + topk 0.5, then topk 0.7); the first is killed mid-run, after one record."""
     pytest.importorskip("submitit")
     killer = tmp_path / "killer"
