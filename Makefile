@@ -7,7 +7,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # torch/torchvision pair known to import together on the project's machines
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run reference test setup data bench bench-gpu visuals clean
+.PHONY: run reference reference-hierarchical test setup data bench bench-gpu visuals clean
 
 # Your run of the default sweep: runs/default/ (git-ignored); matching reference records are reused.
 run: setup data
@@ -16,6 +16,10 @@ run: setup data
 # The project's reference results quoted in the README (maintainers, on an idle machine).
 reference: setup data
 	$(BIN)/tokenbench run default --out results/default
+
+# The hierarchical sweep's reference (DynamicCNN on the embedded ConvNeXt; README "Hierarchical models").
+reference-hierarchical: setup data
+	$(BIN)/tokenbench run hierarchical --out results/hierarchical
 
 test: setup data
 	$(BIN)/python -m pytest
