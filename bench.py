@@ -47,6 +47,17 @@ SETTINGS = [
     ("random", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.5}),
+    # the field's other methods at their official DeiT-S defaults (see `tokenbench list`)
+    ("ats", {}),
+    ("ppt", {}),
+    ("pitome", {}),
+    ("tofu", {}),
+    ("diffrate", {}),
+    ("mctf", {}),
+    ("zerotprune", {}),
+    ("dct", {}),
+    ("kmedoids", {}),
+    ("dpcknn", {}),
 ]
 SETTINGS_EMBEDDED = [
     ("none", {}),
