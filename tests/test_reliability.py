@@ -721,10 +721,18 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def _default_sigint() -> None:
+    # a job started in the background of a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: give the sweep Ctrl-C as a terminal has it
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(sweep: Path, out: Path, *extra, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(_tokenbench_cmd() + ["run", str(sweep), "--out", str(out), "--no-plots", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or _env(),
-                            cwd=sweep.parent)
+                            cwd=sweep.parent, preexec_fn=_default_sigint if os.name == "posix" else None)
 
 
 # In the sweep to interrupt: a pause after each record written, so that the signal, sent when the
