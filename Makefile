@@ -29,21 +29,11 @@ bench: setup
 
 # The GPU check, on a CUDA machine's own python3 and offline (../shared/gpu-wheels/README.md:
 # `cp -r ../shared/gpu-wheels .gpu-wheels` first, here): fvcore and its dependencies from those
-# wheels, the GPU-marked tests, then bench.py on CUDA at fp32 and fp16, eager and compiled
-# columns, for DeiT-S, ViT-B and the embedded model -> results/bench-gpu/<precision>/.
-GPU_PY          ?= python3
-GPU_WHEELS      ?= .gpu-wheels
-BENCH_GPU_ARGS  ?= --batch-sizes 64,max --methods tome,topk --min-run-time 0.5
+# wheels, the GPU-marked tests, then bench.py on CUDA at fp16 and fp32, eager and compiled
+# columns, for the embedded model, DeiT-S and ViT-B, and eager fp16 tables of the hierarchical
+# models and of every method -> results/bench-gpu/ (bench-gpu.sh; its variables tune it).
 bench-gpu:
-	$(GPU_PY) -c "import fvcore" 2>/dev/null || \
-		$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation $(GPU_WHEELS)/*
-	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'bench-gpu needs CUDA'"
-	$(GPU_PY) -m pytest -q -rs -m gpu tests/test_gpu_protocol.py
-	for p in fp32 fp16; do \
-		$(GPU_PY) bench.py --device cuda --precision $$p --compile default \
-			--models deit_small_patch16_224,vit_base_patch16_224,default $(BENCH_GPU_ARGS) \
-			--out results/bench-gpu/$$p || exit 1; \
-	done
+	GPU_PY=$(or $(GPU_PY),python3) ./bench-gpu.sh
 
 # The token visualisations in results/figures/ (the README's): one sheet per method, then
 # every method at two thirds of the dense FLOPs; DynamicViT with its trained predictors.

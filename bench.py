@@ -184,20 +184,34 @@ def main(argv=None) -> int:
                     row[k] = row.pop(k)
                 rows.append(row)
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
+                # the tables so far, after every row: a run stopped part-way keeps what it timed
+                write_tables(Path(args.out), _heading(args, modes, threads, load0, partial=True), _env(args, threads), rows)
             if method == "none":
                 dense_net = net
             else:
                 del net
-    env = measure.env_info(measure.resolve_device(args.device), threads)
+    head = _heading(args, modes, threads, load0)
+    print(head)
+    print(write_tables(Path(args.out), head, _env(args, threads), rows))
+    return 0
+
+
+def _env(args, threads: int) -> dict:
+    from tokenbench import measure
+
+    return measure.env_info(measure.resolve_device(args.device), threads)
+
+
+def _heading(args, modes, threads: int, load0: float, partial: bool = False) -> str:
+    """The tables' first line: device, versions, precision, compile mode, the machine's load."""
+    env = _env(args, threads)
     head = (f"device {env['device_name']} ({env['device']}), {threads} threads, torch {env['torch']}, "
             f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode {modes[-1] or 'none'}; "
             f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     if env["device"] == "cuda":
         head += (f"; GPU {env.get('gpu')}, driver {_driver()}, CUDA {env.get('cuda')}, "
                  f"cudnn.benchmark on, TF32 matmul {env.get('tf32_matmul')}")
-    print(head)
-    print(write_tables(Path(args.out), head, env, rows))
-    return 0
+    return head + ("; PARTIAL: the run had not finished when this was written" if partial else "")
 
 
 def model_family(model_name: str):
