@@ -131,16 +131,20 @@ def mctf_fusion(x: torch.Tensor, attn: torch.Tensor, size, r: int, tau_sim: floa
 
 
 def group_sum(t: torch.Tensor, f: Fusion, dim: int) -> torch.Tensor:
-    """Sum ``t`` over the fusion's groups along token dimension ``dim`` (batch first)."""
-    t = t.movedim(dim, 1)
-    shape = t.shape
+    """Sum ``t`` over the fusion's groups along token dimension ``dim`` (batch first).
+
+    The gather and scatter run along ``dim`` in place (no ``movedim``): on the attention
+    matrix, gathering key columns reads along contiguous rows and gathering query rows copies
+    whole rows, where a moved dimension made every read strided (a seventh of MCTF's time)."""
+    shape = list(t.shape)
 
     def idx(i: torch.Tensor) -> torch.Tensor:
-        return i.view(i.shape[0], i.shape[1], *([1] * (t.dim() - 2))).expand(-1, -1, *shape[2:])
+        view = [i.shape[0]] + [1] * (t.dim() - 1)
+        view[dim] = i.shape[1]
+        return i.view(view).expand(*shape[:dim], i.shape[1], *shape[dim + 1:])
 
-    kept = t.gather(1, idx(f.keep_idx))
-    out = kept.scatter_add(1, idx(f.dst), t.gather(1, idx(f.src_idx)))
-    return out.movedim(1, dim)
+    kept = t.gather(dim, idx(f.keep_idx))
+    return kept.scatter_add(dim, idx(f.dst), t.gather(dim, idx(f.src_idx)))
 
 
 def pooling_weights(attn: torch.Tensor, size, pooling: int) -> torch.Tensor:
