@@ -143,7 +143,8 @@ def tiny_default_convnext(tmp_path, monkeypatch):
 
     d = tmp_path / "embedded-convnext"
     torch.manual_seed(0)
-    finalize(models.build_embedded(SMALL_EMBEDDED_CONVNEXT), d)
-    (d / "config.json").write_text(json.dumps({"arch": SMALL_EMBEDDED_CONVNEXT}))
+    m = models.build_embedded(SMALL_EMBEDDED_CONVNEXT)
+    finalize(m, d)
+    (d / "config.json").write_text(json.dumps({"arch": m.tokenbench_arch}))  # every key, as training writes
     monkeypatch.setattr(models, "EMBEDDED_CONVNEXT_DIR", d)
     return d

@@ -72,6 +72,27 @@ def test_default_convnext_resolves_by_name(tiny_default_convnext):
     assert m(torch.randn(1, 1, 28, 28)).shape == (1, 10)
 
 
+def test_default_convnext_stem_and_layer_scale_and_older_configs(tmp_path):
+    """The 3x3 stem and layer scales at 1 are the architecture's; a stored config written before
+    those keys existed loads as it was trained (a 1x1 stem, layer scales 1e-6)."""
+    import json
+
+    from tokenbench.models import EMBEDDED_CONVNEXT, build_embedded_convnext, load_embedded
+    from tokenbench.store import sha256_file
+
+    m = build_embedded_convnext()
+    assert m.stem[0].kernel_size == (3, 3) and float(m.stages[2].blocks[0].gamma[0]) == 1.0
+    old = build_embedded_convnext({"stem_kernel": 1, "ls_init_value": 1e-6})
+    torch.save(old.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model.pt.sha256").write_text(f"{sha256_file(tmp_path / 'model.pt')}  model.pt\n")
+    arch = {k: v for k, v in old.tokenbench_arch.items() if k not in ("stem_kernel", "ls_init_value")}
+    (tmp_path / "config.json").write_text(json.dumps({"arch": arch}))
+    loaded, _ = load_embedded(tmp_path, EMBEDDED_CONVNEXT)
+    assert loaded.stem[0].kernel_size == (1, 1)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), old.eval()(x))
+
+
 def test_train_base_refuses_a_model_that_is_not_embedded(cli):
     code, out, err = cli("train-base", "--model", "resnet50")
     assert code == 2 and "embedded model" in err and "Traceback" not in err

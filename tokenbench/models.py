@@ -43,11 +43,15 @@ EMBEDDED_ARCH: dict[str, Any] = {
     "stem_channels": [32, 64],
 }
 
-# The hierarchical embedded model: a timm ConvNeXt whose stem is a 1x1 "patch" (patch size 1)
+# The hierarchical embedded model: a timm ConvNeXt whose stem keeps the resolution (stride 1)
 # so that the 28 x 28 image keeps four stages of 28, 14, 7 and 3 positions a side: stage 3,
 # where DynamicViT's journal version acts, is 7 x 7 = 49 positions with six blocks
 # (predictors before its blocks 1, 2, 3, as for ConvNeXt-T).  Widths are multiples of 16,
-# which the CPU's depthwise convolutions run much faster than nearby widths.
+# which the CPU's depthwise convolutions run much faster than nearby widths.  Two changes from
+# timm's defaults make it learn in a short schedule: a 3x3 stem (a 1x1 stem on one grey channel
+# gives every position a rank-one embedding) and layer scales starting at 1, not 1e-6 (blocks
+# that start as the identity need more epochs than the embedded budget has).  A checkpoint
+# whose config lacks these keys was trained with timm's defaults (stem 1, 1e-6).
 EMBEDDED_CONVNEXT_ARCH: dict[str, Any] = {
     "family": "convnext",
     "img_size": 28,
@@ -56,7 +60,14 @@ EMBEDDED_CONVNEXT_ARCH: dict[str, Any] = {
     "num_classes": 10,
     "depths": [1, 1, 6, 1],
     "dims": [16, 32, 64, 128],
+    "stem_kernel": 3,
+    "ls_init_value": 1.0,
 }
+
+
+# What a default-convnext architecture key meant before it existed: a stored config without it
+# was trained so (timm's defaults).
+ARCH_KEYS_BEFORE: dict[str, Any] = {"stem_kernel": 1, "ls_init_value": 1e-6}
 
 
 def is_embedded(name: str) -> bool:
@@ -114,7 +125,14 @@ def build_embedded_convnext(arch: Optional[dict] = None) -> nn.Module:
     a = dict(EMBEDDED_CONVNEXT_ARCH)
     a.update(arch or {})
     model = ConvNeXt(in_chans=a["in_chans"], num_classes=a["num_classes"], depths=tuple(a["depths"]),
-                     dims=tuple(a["dims"]), patch_size=a["patch_size"])
+                     dims=tuple(a["dims"]), patch_size=a["patch_size"],
+                     ls_init_value=a.get("ls_init_value", 1e-6))
+    k = a.get("stem_kernel", 1)
+    if k != 1:  # a k x k stem with the patch stride, padded to keep img_size / patch_size positions
+        from timm.layers import LayerNorm2d
+
+        model.stem = nn.Sequential(nn.Conv2d(a["in_chans"], a["dims"][0], k, stride=a["patch_size"], padding=k // 2),
+                                   LayerNorm2d(a["dims"][0]))
     model.pretrained_cfg = _pretrained_cfg(a, "tokenbench_default_convnext")
     model.tokenbench_arch = a
     return model
@@ -170,7 +188,8 @@ def load_embedded(root: Optional[Path] = None, name: str = EMBEDDED_NAME) -> tup
     p = embedded_paths(root, name)
     sha = verify_checksum(p["ckpt"], p["sha"], name)
     arch = json.loads(p["config"].read_text()).get("arch", {}) if p["config"].is_file() else {}
-    model = build_embedded({**embedded_arch(name), **arch})
+    before = ARCH_KEYS_BEFORE if embedded_arch(name).get("family") == "convnext" else {}
+    model = build_embedded({**embedded_arch(name), **before, **arch})
     state = torch.load(p["ckpt"], map_location="cpu", weights_only=True)
     state = state.get("model", state)
     model.load_state_dict(state)
