@@ -47,6 +47,8 @@ visuals: setup data
 	$(BIN)/tokenbench visualize default --method dynamicvit --set keep_rate=0.7 --checkpoint $(DVIT07) --out results/figures/tokens_dynamicvit.png
 	$(BIN)/tokenbench visualize default --compare dynamicvit,tome,evit,topk,random --flops 0.66 \
 		--checkpoint dynamicvit=$(DVIT07) --out results/figures/compare_matched_flops.png
+	$(BIN)/tokenbench visualize default-convnext --method dynamicvit --set keep_rate=0.7 \
+		--checkpoint results/dynamicvit-convnext-0.7/model.pt --out results/figures/tokens_dynamicvit_convnext.png
 
 setup: $(STAMP)
 
