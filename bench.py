@@ -185,14 +185,16 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
                 # the tables so far, after every row: a run stopped part-way keeps what it timed
-                write_tables(Path(args.out), _heading(args, modes, threads, load0, partial=True), _env(args, threads), rows)
+                env = _env(args, threads)
+                write_tables(Path(args.out), _heading(env, args, modes, threads, load0, partial=True), env, rows)
             if method == "none":
                 dense_net = net
             else:
                 del net
-    head = _heading(args, modes, threads, load0)
+    env = _env(args, threads)
+    head = _heading(env, args, modes, threads, load0)
     print(head)
-    print(write_tables(Path(args.out), head, _env(args, threads), rows))
+    print(write_tables(Path(args.out), head, env, rows))
     return 0
 
 
@@ -202,9 +204,8 @@ def _env(args, threads: int) -> dict:
     return measure.env_info(measure.resolve_device(args.device), threads)
 
 
-def _heading(args, modes, threads: int, load0: float, partial: bool = False) -> str:
+def _heading(env: dict, args, modes, threads: int, load0: float, partial: bool = False) -> str:
     """The tables' first line: device, versions, precision, compile mode, the machine's load."""
-    env = _env(args, threads)
     head = (f"device {env['device_name']} ({env['device']}), {threads} threads, torch {env['torch']}, "
             f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode {modes[-1] or 'none'}; "
             f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")

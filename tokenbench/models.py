@@ -126,8 +126,8 @@ def build_embedded_convnext(arch: Optional[dict] = None) -> nn.Module:
     a.update(arch or {})
     model = ConvNeXt(in_chans=a["in_chans"], num_classes=a["num_classes"], depths=tuple(a["depths"]),
                      dims=tuple(a["dims"]), patch_size=a["patch_size"],
-                     ls_init_value=a.get("ls_init_value", 1e-6))
-    k = a.get("stem_kernel", 1)
+                     ls_init_value=a["ls_init_value"])
+    k = a["stem_kernel"]
     if k != 1:  # a k x k stem with the patch stride, padded to keep img_size / patch_size positions
         from timm.layers import LayerNorm2d
 
