@@ -177,6 +177,7 @@ def main(argv=None) -> int:
                     row.update(timing_columns(timed, flops_x, r["spread"], "" if mode is None else "_compiled"))
                     if mode is not None:
                         row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
+                        row["graph_breaks"] = r.get("graph_breaks")  # 0: one graph; more: per-image counts
                     row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
                     row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
                     row["attention"] = r["env"].get("attention")
