@@ -276,26 +276,35 @@ def stand_in(tiny_default, tmp_path):
     return data
 
 
-@pytest.fixture(scope="module")
-def flops_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("flops") / "cache.json"
+@pytest.fixture(scope="session")
+def flops_cache(tmp_path_factory, worker_id):
+    """One FLOPs cache for this test run, shared by the parallel suite's workers (the cache merges
+    concurrent writes): the figure tests and the comparison sheet search the same budgets."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if worker_id != "master" else base) / "visualize-flops-cache.json"
 
 
-def test_figure_for_every_method(cli, stand_in, flops_cache, tmp_path):
+@pytest.mark.parametrize("name", [m["name"] for m in list_methods()])
+def test_figure_for_every_method(name, cli, stand_in, flops_cache, tmp_path):
+    # one test per method: the parallel suite spreads them over its workers
     from PIL import Image
 
-    for m in list_methods():
-        out = tmp_path / f"tokens_{m['name']}.png"
-        code, stdout, err = cli("visualize", "default", "--method", m["name"], "--data-dir", str(stand_in),
-                                "--n", "2", "--out", str(out), "--dpi", "40", "--flops-cache", str(flops_cache),
-                                "--json")
-        assert code == 0, (m["name"], err)
-        s = json.loads(stdout)
-        assert s["out"] == str(out) and s["n_images"] == 2
-        assert s["panels_per_image"] == 1 + max(1, len(s["stages"]))
-        assert 0 < s["flops_ratio"] <= 1.0 + 1e-9
-        with Image.open(out) as im:
-            assert im.format == "PNG" and im.size[0] > 100
+    out = tmp_path / f"tokens_{name}.png"
+    # at the comparison sheet's budget, so that the two share their FLOPs searches (the default
+    # budget without --flops: tests/test_newcomer_cli.py)
+    code, stdout, err = cli("visualize", "default", "--method", name, "--flops", "0.6", "--data-dir", str(stand_in),
+                            "--n", "2", "--out", str(out), "--dpi", "40", "--flops-cache", str(flops_cache),
+                            "--json")
+    assert code == 0, (name, err)
+    s = json.loads(stdout)
+    assert s["out"] == str(out) and s["n_images"] == 2
+    assert s["panels_per_image"] == 1 + max(1, len(s["stages"]))
+    assert 0 < s["flops_ratio"] <= 1.0 + 1e-9
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_figure_of_chosen_images_and_stages_as_pdf(cli, stand_in, flops_cache, tmp_path):
     code, stdout, err = cli("visualize", "default", "-m", "evit", "--data-dir", str(stand_in), "--index", "3,4,5",
                             "--stages", "final", "--out", str(tmp_path / "e.pdf"), "--flops-cache", str(flops_cache))
     assert code == 0, err
