@@ -949,3 +949,22 @@ def test_ctrl_c_in_process_is_exit_130_with_one_line(cli, tmp_path, monkeypatch)
                        "--no-plots")
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted; completed runs are recorded, rerun to continue"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc")
+def test_a_measurements_own_child_processes_are_not_other_processes():
+    # torch.compile compiles in worker processes of its own: their CPU time is the measurement's,
+    # so it must not make the machine look busy
+    from tokenbench import measure
+
+    before = measure._self_jiffies()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.time() + 20
+        while measure._self_jiffies() - before < 30 and time.time() < deadline:  # 0.3 s of the child's CPU
+            time.sleep(0.1)
+        assert measure._self_jiffies() - before >= 30
+    finally:
+        child.kill()
+        child.wait()
