@@ -140,6 +140,25 @@ def test_flags_and_learned_status(reported):
     assert len(disp) == 6
 
 
+def test_unpaired_img_per_s_that_contradicts_the_paired_speedup_is_flagged():
+    from tokenbench.report_stats import closing_notes, compare_with_dense
+    from tokenbench.rows import Row
+
+    def row(method, img_per_s, speedup=None):
+        q = {} if speedup is None else {"speedup": speedup, "speedup_q1": speedup * 0.97,
+                                        "speedup_q3": speedup * 1.03}
+        return Row(model="m", label=method, method=method, params={}, img_per_s=img_per_s,
+                   keys={"throughput": method}, **q)
+
+    # the dense model timed in a slow spell: 645 img/s against the method's 778, paired 0.84x
+    dense, slow, agrees = row("none", 645.0), row("dynamicvit", 778.0, 0.84), row("topk", 700.0, 1.05)
+    compare_with_dense([dense, slow, agrees])
+    assert "unpaired" in slow.flag_set and "unpaired" not in agrees.flag_set
+    assert "unpaired" not in dense.flag_set and dense.speedup == 1.0
+    assert any("1 of 3 runs' img/s" in n and "`unpaired`" in n for n in closing_notes([dense, slow, agrees]))
+    assert "unpaired" in R.FLAG_HELP
+
+
 def test_learned_status_words():
     assert R._learned({"learned_parts": "trained", "checkpoint": "x.pt"}) == "fine-tuned"
     assert R._learned({"learned_parts": "trained", "checkpoint": None}) == "trained"

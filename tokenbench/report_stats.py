@@ -35,10 +35,26 @@ def compare_with_dense(rows: list[Row]) -> None:
                 r.flag_set.add("flops-miss")
         if r is d and r.img_per_s:
             r.speedup = 1.0  # speedups are the paired (interleaved) timings of the speedup records
+        if r is not d and _unpaired_disagrees(r, d):
+            r.flag_set.add("unpaired")
         if r is not d and r.correct and d.correct and r.acc_setting == d.acc_setting \
                 and len(r.correct) == len(d.correct):
             res = mcnemar([c == "1" for c in d.correct], [c == "1" for c in r.correct])
             r.mcnemar_p, r.only_dense, r.only_run = res["p_value"], res["only_a"], res["only_b"]
+
+
+# How far the ratio of two separately timed img/s may fall outside the paired speedup's quartiles
+# before the row says so: beyond it, the machine's speed drifted between the two timings.
+UNPAIRED_TOLERANCE = 0.10
+
+
+def _unpaired_disagrees(r: Row, d: Row) -> bool:
+    """Whether ``r``'s img/s over the dense row's (each timed on its own) contradicts the paired
+    speedup: outside its quartiles widened by :data:`UNPAIRED_TOLERANCE`."""
+    if not (r.img_per_s and d.img_per_s and r.speedup and r.speedup_q1 and r.speedup_q3):
+        return False
+    ratio = r.img_per_s / d.img_per_s
+    return not r.speedup_q1 / (1 + UNPAIRED_TOLERANCE) <= ratio <= r.speedup_q3 * (1 + UNPAIRED_TOLERANCE)
 
 
 def _mean(xs):
@@ -111,6 +127,11 @@ def closing_notes(rows: list[Row]) -> list[str]:
     if flagged:
         out.append(f"{len(flagged)} of {len(timed)} throughput runs flagged busy or noisy: their speedups are "
                    "unreliable (`tokenbench run ... --retime-flagged` times them again)")
+    unpaired = [r for r in rows if "unpaired" in r.flag_set]
+    if unpaired:
+        out.append(f"{len(unpaired)} of {len(timed)} runs' img/s over the dense model's disagree with their paired "
+                   "speedup (marked `unpaired`): the img/s were timed apart while the machine's speed drifted; "
+                   "the Speedup column, timed interleaved, is the one to compare")
     return out
 
 

@@ -17,6 +17,8 @@ FLAG_HELP = {
     "stale": "measured by other code or under another protocol than this checkout's (rerun `tokenbench run`)",
     "warning": "the records carry warnings (listed below the table)",
     "incomplete": "some planned measurements are missing (interrupted sweep: rerun to complete)",
+    "unpaired": "img/s over the dense model's img/s (each timed on its own) is more than 10% outside the paired "
+                "speedup's quartiles: the machine's speed drifted between them; compare the Speedup column",
 }
 CSV_COLUMNS = [
     "row_type", "model", "label", "method", "family", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
