@@ -350,5 +350,22 @@ def _fmt_row(r: dict) -> str:
     return line
 
 
+def cli(argv=None) -> int:
+    """:func:`main`, with bad input as one line on stderr and exit status 2 (``--debug``: the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        return main(argv)
+    except Exception as e:
+        from tokenbench.errors import UserError
+
+        if debug or not isinstance(e, UserError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -79,3 +79,11 @@ def test_quick_mode_rows(tiny_default_convnext, tmp_path, capsys, monkeypatch):
     assert bench.main(quick + ["--methods", "gather-scatter"]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "gather-scatter"]
+
+
+def test_bench_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+    bench = _bench()
+    assert bench.cli(["--compile", "bogus", "--models", "default", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown compile mode 'bogus'" in err
+    assert not (tmp_path / "b").exists()  # nothing written
