@@ -351,19 +351,18 @@ def _fmt_row(r: dict) -> str:
 
 
 def cli(argv=None) -> int:
-    """:func:`main`, with bad input as one line on stderr and exit status 2 (``--debug``: the traceback)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if debug:
-        argv.remove("--debug")
+    """:func:`main`, with bad input as one line on stderr and exit status 2, as the `tokenbench`
+    command does (``--debug`` or ``TOKENBENCH_DEBUG``: the traceback)."""
+    from tokenbench.cli import _take_debug, err
+    from tokenbench.errors import UserError
+
+    argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
     try:
         return main(argv)
-    except Exception as e:
-        from tokenbench.errors import UserError
-
-        if debug or not isinstance(e, UserError):
+    except UserError as e:
+        if debug or os.environ.get("TOKENBENCH_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        err(str(e).splitlines()[0] if str(e) else "invalid input")
         return 2
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .render import (NONE, csv_table, fmt_value, interval_text, markdown_table, num, p_value_text, sig, speedup_text,
                      tex_escape)
-from .report_stats import params_text
+from .report_stats import UNPAIRED_TOLERANCE, params_text
 from .rows import Row, as_row, method_declaration
 from .sweep import DEFAULT_TOLERANCE
 
@@ -17,8 +17,9 @@ FLAG_HELP = {
     "stale": "measured by other code or under another protocol than this checkout's (rerun `tokenbench run`)",
     "warning": "the records carry warnings (listed below the table)",
     "incomplete": "some planned measurements are missing (interrupted sweep: rerun to complete)",
-    "unpaired": "img/s over the dense model's img/s (each timed on its own) is more than 10% outside the paired "
-                "speedup's quartiles: the machine's speed drifted between them; compare the Speedup column",
+    "unpaired": f"img/s over the dense model's img/s (each timed on its own) is more than {UNPAIRED_TOLERANCE:.0%} "
+                "outside the paired speedup's quartiles: the machine's speed drifted between them; compare the "
+                "Speedup column",
 }
 CSV_COLUMNS = [
     "row_type", "model", "label", "method", "family", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
