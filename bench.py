@@ -102,7 +102,9 @@ def main(argv=None) -> int:
                     help="torch.compile mode of the compiled columns (default, max-autotune, ...), or none")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0)
-    ap.add_argument("--methods", default=None, help="comma-separated subset of methods (and " + OVERHEAD + ")")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of methods (and " + OVERHEAD + "); METHOD:KEY=VALUE[:KEY=VALUE] "
+                         "times that one setting (e.g. tome:r=13)")
     ap.add_argument("--no-overhead", action="store_true",
                     help="hierarchical models: skip the gather/scatter overhead row")
     ap.add_argument("--out", default="results/bench", help="where to write bench.md / bench.csv / bench.json")
@@ -129,8 +131,7 @@ def main(argv=None) -> int:
         family = model_family(model_name)
         settings = settings_for(model_name, family)
         if args.methods:
-            keep = set(args.methods.split(",")) | {"none"}
-            settings = [s for s in settings if s[0] in keep]
+            settings, keep = chosen_settings(settings, args.methods)
         jobs = [(method, params, lambda m=method, p=params: load(model_name, m, p)[0]) for method, params in settings]
         if family in SETTINGS_BY_FAMILY and not args.no_overhead and (not args.methods or OVERHEAD in keep):
             jobs.append((OVERHEAD, {"of": OVERHEAD_OF[0], **OVERHEAD_OF[1], "slow": "all"},
@@ -229,6 +230,26 @@ def model_family(model_name: str):
 
 def settings_for(model_name: str, family) -> list:
     return SETTINGS_BY_MODEL.get(model_name) or SETTINGS_BY_FAMILY.get(family) or SETTINGS
+
+
+def chosen_settings(settings: list, methods: str) -> tuple[list, set]:
+    """``--methods``: (the settings to time, dense first; the method names chosen).  A bare name
+    keeps that method's listed settings; ``METHOD:KEY=VALUE[:KEY=VALUE]`` times that setting
+    (values as ``--set`` reads them; no commas inside)."""
+    from tokenbench.registry import get_method, parse_set
+
+    out, keep = [s for s in settings if s[0] == "none"], {"none"}
+    for item in filter(None, (m.strip() for m in methods.split(","))):
+        name, *pairs = item.split(":")
+        keep.add(name)
+        if pairs:
+            setting = (name, parse_set(pairs))
+            get_method(name).validate(setting[1])  # an unknown method or parameter: one line
+            chosen = [setting] if setting not in out else []
+        else:
+            chosen = [s for s in settings if s[0] == name and s not in out]
+        out += chosen
+    return out, keep
 
 
 def split_blocks(model_name: str, method: str, params: dict) -> list[int]:
