@@ -1,0 +1,74 @@
+"""bench.py's ``--methods`` choice of settings, and profile_method.py (where a method's time goes):
+what they time and write, and bad input as one line.  No timing is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenbench.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_methods_picks_listed_settings_or_names_one():
+    bench = _script("bench")
+    listed = bench.SETTINGS
+    chosen, keep = bench.chosen_settings(listed, "topk,tome:r=13:prop_attn=false,evit:keep_rate=0.7")
+    assert chosen == [("none", {}), ("topk", {"keep_rate": 0.7}), ("tome", {"r": 13, "prop_attn": False}),
+                      ("evit", {"keep_rate": 0.7})]
+    assert keep == {"none", "topk", "tome", "evit"}
+    chosen, _ = bench.chosen_settings(listed, "tome")                   # a bare name: its listed settings
+    assert chosen == [("none", {}), ("tome", {"r": 8}), ("tome", {"r": 13})]
+    chosen, _ = bench.chosen_settings(listed, "tome,tome:r=8")          # nothing timed twice
+    assert chosen == [("none", {}), ("tome", {"r": 8}), ("tome", {"r": 13})]
+    for bad, msg in (("tome:q=3", "unknown parameter 'q'"), ("bogus:r=1", "unknown method 'bogus'"),
+                     ("tome:r", "KEY=VALUE")):
+        with pytest.raises(UserError, match=msg):
+            bench.chosen_settings(listed, bad)
+
+
+def test_bench_times_a_named_setting(tmp_path):
+    bench = _script("bench")
+    out = tmp_path / "b"
+    args = ["--models", "default", "--methods", "tome:r=1", "--batch-sizes", "2", "--min-run-time", "0.02",
+            "--compile", "none", "--out", str(out)]
+    assert bench.main(args) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["params"]) for r in rows] == [("none", "{}"), ("tome", '{"r":1}')]
+    assert bench.cli(args[:3] + ["tome:r=-1"] + args[4:]) == 2        # out of range: one line, exit 2
+
+
+def test_profile_method_reports_each_setting(tmp_path, capsys):
+    prof = _script("profile_method")
+    out = tmp_path / "p.md"
+    assert prof.main(["default", 'tome:{"r":2}', "topk", "--batch-size", "2", "--steps", "1", "--top", "3",
+                      "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.strip() == capsys.readouterr().out.strip()
+    assert md.startswith("# Profile: default, batch 2, fp32, eager")
+    for label in ("none", 'tome {"r":2}', "topk"):
+        assert f"\n## {label}\n" in md and f"| {label} |" in md
+    summary = [line for line in md.splitlines() if line.startswith("| none |")][0]
+    assert "| 1.00 | 1.00 |" in summary                                  # dense: speed x1, efficiency 1
+    assert md.count("| ms / forward | share | calls | name |") == 3
+    assert "aten::" in md                                              # CPU: operators by self time
+
+
+def test_profile_method_bad_input_is_one_line(capsys):
+    prof = _script("profile_method")
+    assert prof.cli(["default", "tome:{r:1}"]) == 2
+    assert prof.cli(["default", "bogus"]) == 2
+    assert prof.cli(["default", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and "must be a JSON object" in err and "unknown method 'bogus'" in err
