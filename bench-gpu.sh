@@ -59,7 +59,10 @@ step 50 $PY profile_method.py deit_small_patch16_224 'tome:{"r":13}' 'tome:{"r":
     'topk:{"keep_rate":0.7}' --device "$DEVICE" --precision fp16 --batch-size "$BATCH" --top 15 \
     --out "$OUT/profile-deit-s-fp16.md"
 
-# compile every setting in parallel (untimed), then time them one run at a time
+# compile every setting in parallel (untimed), then time them one run at a time; the processes
+# share the cores (each one's own compile workers would otherwise be one per core)
+n=0; for mp in $COMPILED; do n=$((n + $(settings_of "${mp%%:*}" | tr , ' ' | wc -w))); done
+export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / n > 1 ? $(nproc) / n : 1 ))
 for mp in $COMPILED; do
     m=${mp%%:*}; p=${mp##*:}
     for s in $(settings_of "$m" | tr , ' '); do
@@ -68,6 +71,7 @@ for mp in $COMPILED; do
     done
 done
 wait
+unset TORCHINDUCTOR_COMPILE_THREADS
 echo "== $(date -u +%T) compiled in parallel (untimed)" >&2
 for mp in $COMPILED; do
     m=${mp%%:*}; p=${mp##*:}
