@@ -250,46 +250,41 @@ class FlopsSearch:
         """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached).  A method whose
         token count depends on the image is counted on the :attr:`data` images with the run's
         ``weights`` (the mean per image), where the searcher has data."""
+        from .. import measure
         from ..registry import apply, get_method
 
         params = get_method(method).validate(params)
         if self.data is not None and self.per_image(model, img_size, method, params):
             return self._count_on_data(model, img_size, method, params, weights)
-        key = self._key(model, img_size, method, params)
-        if key not in self.cache:
-            import torch
 
-            from .. import measure
-
-            net, _ = self.base(model, img_size)
-            net = copy.deepcopy(net)
+        def fvcore_count() -> float:
+            net = copy.deepcopy(self.base(model, img_size)[0])
             apply(net, method, **params)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
-            try:
-                self.cache[key] = float(measure.flops(net, img_size=img_size)["gflops"])
-            finally:
-                torch.set_num_threads(threads)
-            self.counts += 1
-            self.save()
-            if self.on_count:
-                self.on_count(self.counts)
-        return self.cache[key]
+            return measure.flops(net, img_size=img_size)["gflops"]
+
+        return self._counted(self._key(model, img_size, method, params), fvcore_count)
 
     def _count_on_data(self, model, img_size, method, params, weights) -> float:
-        key = self._key(model, img_size, method, params, self._on_data_key(model, weights))
+        from .. import measure
+
+        def fvcore_count() -> float:
+            net = self._applied(model, img_size, method, params, weights)
+            images = self.images(model, img_size)
+            return measure.flops(net, img_size=img_size, inputs=images, max_images=len(images))["gflops"]
+
+        return self._counted(self._key(model, img_size, method, params, self._on_data_key(model, weights)),
+                             fvcore_count)
+
+    def _counted(self, key: str, count: Callable[[], float]) -> float:
+        """The cached count under ``key``; else ``count()``, made on one thread (tracing is
+        Python-bound; more threads only contend), then cached, saved and reported."""
         if key not in self.cache:
             import torch
 
-            from .. import measure
-
-            net = self._applied(model, img_size, method, params, weights)
-            images = self.images(model, img_size)
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+            torch.set_num_threads(1)
             try:
-                self.cache[key] = float(measure.flops(net, img_size=img_size, inputs=images,
-                                                      max_images=len(images))["gflops"])
+                self.cache[key] = float(count())
             finally:
                 torch.set_num_threads(threads)
             self.counts += 1
