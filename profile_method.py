@@ -219,18 +219,10 @@ def render(lines: list[str], summary: list[tuple], dense_ms: float) -> str:
 
 
 def cli(argv=None) -> int:
-    """:func:`main`, with bad input as one line on stderr and exit status 2 (``--debug``: the traceback)."""
-    from tokenbench.cli import _take_debug, err
-    from tokenbench.errors import UserError
+    """:func:`main`, with bad input as one line and exit status 2 (``--debug``: the traceback)."""
+    from tokenbench.cli import script_main
 
-    argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return main(argv)
-    except UserError as e:
-        if debug or os.environ.get("TOKENBENCH_DEBUG"):
-            raise
-        err(str(e).splitlines()[0] if str(e) else "invalid input")
-        return 2
+    return script_main(main, argv)
 
 
 if __name__ == "__main__":

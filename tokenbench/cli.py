@@ -450,6 +450,22 @@ def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
     return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], found
 
 
+def script_main(main, argv: Optional[list[str]] = None) -> int:
+    """A script's ``main(argv)`` (``bench.py``, ``profile_method.py``) with bad input as one line on
+    stderr and exit status 2, as the `tokenbench` command does (``--debug`` or ``TOKENBENCH_DEBUG``:
+    the traceback)."""
+    from .errors import UserError
+
+    argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return main(argv)
+    except UserError as e:
+        if debug or os.environ.get("TOKENBENCH_DEBUG"):
+            raise
+        err(str(e).splitlines()[0] if str(e) else "invalid input")
+        return 2
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     import warnings
