@@ -140,6 +140,7 @@ def main(argv=None) -> int:
              f"per forward, over {args.steps} profiled forwards", ""]
     summary = []
     dense_ms = None
+    cuda = dev.type == "cuda"
     for method, params in settings:
         label = method + ("" if not params else " " + json.dumps(params, separators=(",", ":")))
         net, _prov = load(args.model, method, params)
@@ -156,8 +157,9 @@ def main(argv=None) -> int:
             net.cpu()
         dense_ms = wall if method == "none" else dense_ms
         summary.append((label, gflops, wall, device, host))
-        lines += [f"## {label}", "", f"{wall:.3f} ms per forward (wall); device {device:.3f} ms, host {host:.3f} ms"
-                  + ("  (host-bound: the device waits for launches)" if dev.type == "cuda" and host > device else ""),
+        times = (f"device {device:.3f} ms, host {host:.3f} ms" if cuda else f"operators' own time {host:.3f} ms")
+        lines += [f"## {label}", "", f"{wall:.3f} ms per forward (wall); {times}"
+                  + ("  (host-bound: the device waits for launches)" if cuda and host > device else ""),
                   "", "| ms / forward | share | calls | name |", "|---|---|---|---|"]
         for name, count, ms in top:
             lines.append(f"| {ms:.3f} | {ms / device:.0%} | {count} | `{name[:90]}` |" if device else
@@ -170,8 +172,8 @@ def main(argv=None) -> int:
         print(f"{label:40s} {gflops:7.3f} GFLOPs  {wall:8.3f} ms/forward", file=sys.stderr, flush=True)
         if args.out:  # after every setting: a run stopped part-way keeps what it profiled
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(render(lines, summary, dense_ms))
-    report = render(lines, summary, dense_ms)
+            Path(args.out).write_text(render(lines, summary, dense_ms, cuda))
+    report = render(lines, summary, dense_ms, cuda)
     print(report)
     if args.out:
         Path(args.out).write_text(report)
@@ -207,14 +209,17 @@ def measure_setting(net, args, dev, ctx, mode):
         return (wall,) + profile(run, x, dev, args.steps, args.top)
 
 
-def render(lines: list[str], summary: list[tuple], dense_ms: float) -> str:
-    """The report: heading, the summary table (speed and efficiency over dense), then each setting's operators."""
+def render(lines: list[str], summary: list[tuple], dense_ms: float, cuda: bool) -> str:
+    """The report: heading, the summary table (speed and efficiency over dense; on CUDA the device
+    and host time per forward), then each setting's operators."""
     g0 = summary[0][1]
-    table = ["| setting | GFLOPs | FLOPs x | ms / forward | speed x | efficiency | device ms | host ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    extra = " device ms | host ms |" if cuda else ""
+    table = ["| setting | GFLOPs | FLOPs x | ms / forward | speed x | efficiency |" + extra,
+             "|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
     for label, g, wall, device, host in summary:
         fx, sx = g0 / g, dense_ms / wall
-        table.append(f"| {label} | {g:.3f} | {fx:.2f} | {wall:.3f} | {sx:.2f} | {sx / fx:.2f} | {device:.3f} | {host:.3f} |")
+        table.append(f"| {label} | {g:.3f} | {fx:.2f} | {wall:.3f} | {sx:.2f} | {sx / fx:.2f} |"
+                     + (f" {device:.3f} | {host:.3f} |" if cuda else ""))
     return "\n".join(lines[:4] + table + [""] + lines[4:]) + "\n"
 
 

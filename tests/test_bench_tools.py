@@ -63,6 +63,7 @@ def test_profile_method_reports_each_setting(tmp_path, capsys):
     assert "| 1.00 | 1.00 |" in summary                                  # dense: speed x1, efficiency 1
     assert md.count("| ms / forward | share | calls | name |") == 3
     assert "aten::" in md                                              # CPU: operators by self time
+    assert "device ms" not in md and "operators' own time" in md       # no device / host split on a CPU
 
 
 def test_profile_method_bad_input_is_one_line(capsys):
