@@ -23,6 +23,7 @@ OUT=${BENCH_GPU_OUT:-results/bench-gpu/$(date -u +%Y-%m-%d-%H%M)}
 DEVICE=${BENCH_GPU_DEVICE:-cuda}
 BATCH=${BENCH_GPU_BATCH:-256}
 MIN_RUN=${BENCH_GPU_MIN_RUN_TIME:-0.3}
+MODE=${BENCH_GPU_COMPILE_MODE:-default}   # torch.compile mode of the compiled columns (reduce-overhead: CUDA graphs)
 # model:precision pairs timed eager and compiled, in this order
 COMPILED=${BENCH_GPU_COMPILED:-default:fp16 deit_small_patch16_224:fp16 vit_base_patch16_224:fp16 deit_small_patch16_224:fp32 default:fp32}
 BOUNDED=${BENCH_GPU_BOUNDED:-0}
@@ -66,7 +67,7 @@ export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / n > 1 ? $(nproc) / n : 1 ))
 for mp in $COMPILED; do
     m=${mp%%:*}; p=${mp##*:}
     for s in $(settings_of "$m" | tr , ' '); do
-        step 170 $PY bench.py --device "$DEVICE" --precision "$p" --compile default --models "$m" --methods "$s" \
+        step 170 $PY bench.py --device "$DEVICE" --precision "$p" --compile "$MODE" --models "$m" --methods "$s" \
             --batch-sizes "$BATCH" --min-run-time 0.01 --out "$SCRATCH/warm-$m-$p-${s%%:*}" > /dev/null 2>&1 &
     done
 done
@@ -75,7 +76,7 @@ unset TORCHINDUCTOR_COMPILE_THREADS
 echo "== $(date -u +%T) compiled in parallel (untimed)" >&2
 for mp in $COMPILED; do
     m=${mp%%:*}; p=${mp##*:}
-    step 55 $PY bench.py --device "$DEVICE" --precision "$p" --compile default --models "$m" \
+    step 55 $PY bench.py --device "$DEVICE" --precision "$p" --compile "$MODE" --models "$m" \
         --methods "$(settings_of "$m")" --batch-sizes "$BATCH" --min-run-time "$MIN_RUN" --out "$OUT/compiled-$p-$m"
     if [ "$m:$p" = deit_small_patch16_224:fp16 ]; then  # eager over batch sizes: launch-bound or not
         step 45 $PY bench.py --device "$DEVICE" --precision fp16 --compile none --models "$m" \
