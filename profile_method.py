@@ -137,7 +137,9 @@ def main(argv=None) -> int:
     lines = [f"# Profile: {args.model}, batch {args.batch_size}, {args.precision}, "
              f"{'compiled ' + mode if mode else 'eager'}{', sdpa ' + args.sdpa if args.sdpa else ''}, {measure.env_info(dev, threads).get('device_name', dev.type)}",
              "", f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; top {args.top} {what} "
-             f"per forward, over {args.steps} profiled forwards", ""]
+             f"per forward, over {args.steps} profiled forwards. The settings are timed one after another, "
+             "not interleaved: their speed and efficiency move with the machine's speed; for speedups, "
+             "use bench.py (paired).", ""]
     summary = []
     dense_ms = None
     cuda = dev.type == "cuda"

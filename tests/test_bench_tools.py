@@ -57,6 +57,7 @@ def test_profile_method_reports_each_setting(tmp_path, capsys):
     md = out.read_text()
     assert md.strip() == capsys.readouterr().out.strip()
     assert md.startswith("# Profile: default, batch 2, fp32, eager")
+    assert "not interleaved" in md.splitlines()[2] and "bench.py (paired)" in md   # unpaired speeds say so
     for label in ("none", 'tome {"r":2}', "topk"):
         assert f"\n## {label}\n" in md and f"| {label} |" in md
     summary = [line for line in md.splitlines() if line.startswith("| none |")][0]
