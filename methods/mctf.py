@@ -26,7 +26,13 @@ In an active block, *before* its attention (the official block merges its input)
    a group summed, rows averaged with the same weights ``w``) and multiplied with the values of
    the fused tokens.  This is why this method asks for the full attention matrix and hands it to
    the block (``TokenState.next_attn``; the block then projects only the values, as the official
-   ``MHSA`` does).  Mode 2 (the official "precise" variant) recomputes the attention after fusing.
+   ``MHSA`` does).  The fused matrix is not formed: the block multiplies the unfused matrix by
+   the fused values, each column reading its group's value (the column sums, by linearity), and
+   pools the rows of the product with the weights ``w`` (``AheadAttention``).  The result is
+   the official one up to float summation order; the product costs ``N^2`` instead of ``K^2``
+   multiply-adds per head (DeiT-S: 2.62 GFLOPs where fusing the matrix counts 2.60) and saves
+   two gather-and-scatter passes over the [B, H, N, N] matrix (about 10 ms a block at batch
+   16 on a 2-core CPU, a tenth of MCTF's time).  Mode 2 (the official "precise" variant) recomputes the attention after fusing.
 
 The resulting order is the official one: ``[unmerged A tokens in order (the class token first),
 unmerged B tokens by decreasing best edge]``.  The two folds are applied as one
@@ -47,7 +53,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.backbones import AheadAttention, TokenState, backbone_of
 from tokenbench.errors import UserError
 from tokenbench.registry import Method, Param, register
 
@@ -158,11 +164,21 @@ def pooling_weights(attn: torch.Tensor, size, pooling: int) -> torch.Tensor:
     return torch.ones_like(size)
 
 
-def fuse_attention(attn: torch.Tensor, f: Fusion, w: torch.Tensor) -> torch.Tensor:
-    """One-step-ahead attention [B, H, K, K]: key groups summed, query groups averaged with ``w``."""
-    a = group_sum(attn, f, dim=3)
-    a = group_sum(a * w[:, None], f, dim=2)
-    return a / group_sum(w, f, dim=1)[:, None]
+def fused_group(f: Fusion, n: int) -> torch.Tensor:
+    """[B, n]: the position in the kept list of the fused token each of ``n`` tokens went into."""
+    bsz, k = f.keep_idx.shape
+    group = f.keep_idx.new_empty(bsz, n)
+    group.scatter_(1, f.keep_idx, torch.arange(k, device=group.device).expand(bsz, k))
+    return group.scatter_(1, f.src_idx, f.dst)
+
+
+def ahead_attention(attn: torch.Tensor, f: Fusion, w: torch.Tensor, norm: torch.Tensor) -> AheadAttention:
+    """One-step-ahead attention: ``attn`` [B, H, N, N] with its key groups summed and its query
+    groups averaged with ``w`` [B, N, 1] (``norm`` [B, K, 1]: the groups' summed ``w``), as the
+    official code fuses the matrix; the block applies both to its product with the values
+    (:class:`AheadAttention`), so the matrix is never copied."""
+    return AheadAttention(attn, fused_group(f, attn.shape[-1]),
+                          lambda rows: group_sum(rows * w, f, dim=1) / norm)
 
 
 def input_attention(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
@@ -193,7 +209,7 @@ def _mctf_hook(r: int, tau_sim: float, tau_info: float, tau_size: float, bidirec
         w = pooling_weights(attn, st.size, pooling).detach()
         norm = group_sum(w, f, dim=1)
         if one_step_ahead == 1:
-            st.next_attn = fuse_attention(attn, f, w)
+            st.next_attn = ahead_attention(attn, f, w, norm)
         st.ensure_size(x)
         out = st.merge(x * w, f.keep_idx, f.src_idx, f.dst, mode="sum")
         return out / norm

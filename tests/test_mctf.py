@@ -161,6 +161,29 @@ def test_next_attention_is_consumed():
     assert last_state(model).next_attn is None
 
 
+def test_ahead_attention_equals_the_fused_matrix():
+    """The block's product with the unfused matrix (columns reading their group's value, rows
+    pooled after) equals the official fused matrix times the fused values."""
+    from tokenbench.methods.mctf import ahead_attention, bidirectional_matching, group_sum
+
+    torch.manual_seed(4)
+    b, h, n, hd, r = 2, 3, 17, 5, 5
+    attn = torch.randn(b, h, n, n, dtype=torch.float64).softmax(-1)
+    scores = torch.randn(b, (n + 1) // 2, n // 2, dtype=torch.float64)
+    scores[:, 0] = float("-inf")
+    f = bidirectional_matching(scores, r)
+    w = torch.rand(b, n, 1, dtype=torch.float64) + 0.1
+    norm = group_sum(w, f, dim=1)
+    k = f.keep_idx.shape[1]
+    v = torch.randn(b, h, k, hd, dtype=torch.float64)
+    fused = group_sum(group_sum(attn, f, dim=3) * w[:, None], f, dim=2) / norm[:, None]   # [B, H, K, K]
+    want = (fused @ v).transpose(1, 2).reshape(b, k, h * hd)
+    given = ahead_attention(attn, f, w, norm)
+    v_old = v.gather(2, given.group[:, None, :, None].expand(-1, h, -1, hd))
+    got = given.pool((given.attn @ v_old).transpose(1, 2).reshape(b, n, h * hd))
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("params", [dict(r=-1), dict(r=[1] * 13), dict(one_step_ahead=0),
                                     dict(pooling=2), dict(tau_info=-1.0)])
 def test_bad_params(params):

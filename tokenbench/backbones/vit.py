@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .base import SURGERY_ATTR, Backbone, default_input_config, Plan, Surgery, register_backbone, surgery_of
-from .tokens import AttnInfo, TokenState
+from .tokens import AheadAttention, AttnInfo, TokenState
 
 # --------------------------------------------------------------------------- attention
 
@@ -109,14 +109,23 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple =
 def attention_given(mod: nn.Module, x: torch.Tensor, state: TokenState):
     """timm ``Attention`` forward with the probabilities ``state.next_attn`` a hook computed
     already (MCTF's one-step-ahead attention): only the values are projected (the value third
-    of ``qkv``), then ``attn @ v``.  Clears ``state.next_attn``; returns (output, AttnInfo)."""
-    attn, state.next_attn = state.next_attn, None
+    of ``qkv``), then ``attn @ v``, or for an :class:`AheadAttention` (probabilities on the
+    tokens before they were fused) ``pool(attn @ v[group])``.  Clears ``state.next_attn``;
+    returns (output, AttnInfo)."""
+    given, state.next_attn = state.next_attn, None
     b, n, _ = x.shape
     h, hd = mod.num_heads, mod.head_dim
     gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
     bias = None if mod.qkv.bias is None else mod.qkv.bias[2 * h * hd:]
     v = F.linear(x, mod.qkv.weight[2 * h * hd:], bias).reshape(b, n, h, hd).transpose(1, 2)
-    out = (mod.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, h * hd)
+    if isinstance(given, AheadAttention):
+        attn = None                                     # the fused matrix is never formed
+        v_old = v.gather(2, given.group[:, None, :, None].expand(-1, h, -1, hd))
+        out = (mod.attn_drop(given.attn) @ v_old).transpose(1, 2).reshape(b, -1, h * hd)
+        out = given.pool(out)
+    else:
+        attn = given
+        out = (mod.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, h * hd)
     out = mod.norm(out)
     if gate is not None:
         out = out * gate
