@@ -201,8 +201,9 @@ def main(argv=None) -> int:
 
 def _env(args, threads: int) -> dict:
     from tokenbench import measure
+    from tokenbench.store import git_commit
 
-    return measure.env_info(measure.resolve_device(args.device), threads)
+    return {**measure.env_info(measure.resolve_device(args.device), threads), "code": git_commit(changed=True)}
 
 
 def _heading(env: dict, args, modes, threads: int, load0: float, partial: bool = False) -> str:
@@ -210,6 +211,10 @@ def _heading(env: dict, args, modes, threads: int, load0: float, partial: bool =
     head = (f"device {env['device_name']} ({env['device']}), {threads} threads, torch {env['torch']}, "
             f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode {modes[-1] or 'none'}; "
             f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
+    if env.get("code"):
+        from tokenbench.store import code_line
+
+        head += f"; {code_line(env['code'])}"
     if env["device"] == "cuda":
         head += (f"; GPU {env.get('gpu')}, driver {_driver()}, CUDA {env.get('cuda')}, "
                  f"cudnn.benchmark on, TF32 matmul {env.get('tf32_matmul')}")

@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     from tokenbench.api import load
     from tokenbench.errors import UserError
     from tokenbench.registry import get_method
+    from tokenbench.store import code_line, git_commit
 
     dev = measure.resolve_device(args.device)
     if args.batch_size < 1 or args.steps < 1 or args.top < 1:
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
     what = "kernels (device time)" if dev.type == "cuda" else "operators (self CPU time)"
     lines = [f"# Profile: {args.model}, batch {args.batch_size}, {args.precision}, "
              f"{'compiled ' + mode if mode else 'eager'}{', sdpa ' + args.sdpa if args.sdpa else ''}, {measure.env_info(dev, threads).get('device_name', dev.type)}",
-             "", f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; top {args.top} {what} "
+             "", f"torch {torch.__version__}; {code_line(git_commit(changed=True))}; "
+             f"load average {os.getloadavg()[0]:.2f}; top {args.top} {what} "
              f"per forward, over {args.steps} profiled forwards. The settings are timed one after another, "
              "not interleaved: their speed and efficiency move with the machine's speed; for speedups, "
              "use bench.py (paired).", ""]

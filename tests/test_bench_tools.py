@@ -46,6 +46,8 @@ def test_bench_times_a_named_setting(tmp_path):
     assert bench.main(args) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["method"], r["params"]) for r in rows] == [("none", "{}"), ("tome", '{"r":1}')]
+    code = json.loads((out / "bench.json").read_text())["env"]["code"]     # which code made the table
+    assert code["commit"] and (out / "bench.md").read_text().splitlines()[0].count(f"code {code['commit'][:7]}") == 1
     assert bench.cli(args[:3] + ["tome:r=-1"] + args[4:]) == 2        # out of range: one line, exit 2
 
 
@@ -58,6 +60,7 @@ def test_profile_method_reports_each_setting(tmp_path, capsys):
     assert md.strip() == capsys.readouterr().out.strip()
     assert md.startswith("# Profile: default, batch 2, fp32, eager")
     assert "not interleaved" in md.splitlines()[2] and "bench.py (paired)" in md   # unpaired speeds say so
+    assert "; code " in md.splitlines()[2]                                 # which code made it
     for label in ("none", 'tome {"r":2}', "topk"):
         assert f"\n## {label}\n" in md and f"| {label} |" in md
     summary = [line for line in md.splitlines() if line.startswith("| none |")][0]
@@ -65,6 +68,17 @@ def test_profile_method_reports_each_setting(tmp_path, capsys):
     assert md.count("| ms / forward | share | calls | name |") == 3
     assert "aten::" in md                                              # CPU: operators by self time
     assert "device ms" not in md and "operators' own time" in md       # no device / host split on a CPU
+
+
+def test_code_line_names_the_commit_and_what_differs_from_it():
+    from tokenbench.store import OUTPUT_DIRS, code_line, git_commit
+
+    assert code_line({"commit": "80e147ca732c", "dirty": False}) == "code 80e147c"
+    assert code_line({"commit": "80e147ca732c", "dirty": True, "changed": ["a.py", "b.py"]}) == \
+        "code 80e147c + uncommitted changes to a.py, b.py"
+    assert code_line({"commit": None, "dirty": None}) == "code: not a git checkout"
+    here = git_commit(changed=True)
+    assert not any(f.split("/")[0] in OUTPUT_DIRS for f in here["changed"] or [])   # outputs are not code
 
 
 def test_profile_method_bad_input_is_one_line(capsys):

@@ -64,16 +64,35 @@ def record_key(key_fields: dict) -> str:
     return hashlib.sha256(canonical(key_fields).encode()).hexdigest()[:20]
 
 
-def git_commit() -> dict:
+OUTPUT_DIRS = ("results", "runs")  # what the tool writes: a run changing them leaves the code clean
+
+
+def git_commit(changed: bool = False) -> dict:
+    """The checkout's commit and whether tracked files other than the tool's outputs
+    (:data:`OUTPUT_DIRS`) differ from it (``changed``: also which)."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
-        return {"commit": sha or None, "dirty": dirty if sha else None}
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                 ".", *(f":(exclude){d}" for d in OUTPUT_DIRS)],
+                                capture_output=True, text=True, timeout=5).stdout.splitlines()
+        out = {"commit": sha or None, "dirty": bool(status) if sha else None}
+        if changed:
+            out["changed"] = sorted(line[3:] for line in status) if sha else None
+        return out
     except Exception:
-        return {"commit": None, "dirty": None}
+        return {"commit": None, "dirty": None, **({"changed": None} if changed else {})}
+
+
+def code_line(code: dict) -> str:
+    """``code 80e147c`` or ``code 80e147c + uncommitted changes to a.py, b.py``: what made a table."""
+    if not code.get("commit"):
+        return "code: not a git checkout"
+    line = f"code {code['commit'][:7]}"
+    if code.get("dirty"):
+        line += " + uncommitted changes" + (f" to {', '.join(code['changed'])}" if code.get("changed") else "")
+    return line
 
 
 def make_record(kind: str, key_fields: dict, spec: dict, metrics: dict, env: Optional[dict] = None,
