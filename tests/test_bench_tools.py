@@ -77,6 +77,8 @@ def test_code_line_names_the_commit_and_what_differs_from_it():
     assert code_line({"commit": "80e147ca732c", "dirty": True, "changed": ["a.py", "b.py"]}) == \
         "code 80e147c + uncommitted changes to a.py, b.py"
     assert code_line({"commit": None, "dirty": None}) == "code: not a git checkout"
+    many = code_line({"commit": "80e147ca732c", "dirty": True, "changed": [f"f{i}.py" for i in range(8)]})
+    assert many.endswith("to f0.py, f1.py, f2.py, f3.py, f4.py and 3 more")
     here = git_commit(changed=True)
     assert not any(f.split("/")[0] in OUTPUT_DIRS for f in here["changed"] or [])   # outputs are not code
 

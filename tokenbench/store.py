@@ -91,7 +91,9 @@ def code_line(code: dict) -> str:
         return "code: not a git checkout"
     line = f"code {code['commit'][:7]}"
     if code.get("dirty"):
-        line += " + uncommitted changes" + (f" to {', '.join(code['changed'])}" if code.get("changed") else "")
+        files = code.get("changed") or []
+        named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        line += " + uncommitted changes" + (f" to {named}" if files else "")
     return line
 
 
