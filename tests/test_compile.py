@@ -133,11 +133,15 @@ def test_cli_compiled_throughput_is_recorded_and_reused(cli, tmp_path, monkeypat
     assert first["compile"] == "default" and first["compile_s"] > 0
     assert first["compile_note"] == "static token counts: fullgraph" and first["env"]["compile"] == "default"
     assert first["graph_breaks"] == 0 and first["graphs"] >= 1  # one graph, really compiled
-    calls = []
-    monkeypatch.setattr(measure, "throughput", lambda *a, **k: calls.append(1))
+    assert first["reused"] is False and first["recorded_in"] == str(tmp_path)
+    calls, timed = [], measure.throughput
+    monkeypatch.setattr(measure, "throughput", lambda *a, **k: calls.append(1) or timed(*a, **k))
     code, out, err = cli(*args)
-    assert code == 0, err and not calls
-    assert json.loads(out)["key"] == first["key"] and json.loads(out)["img_per_s"] == first["img_per_s"]
+    assert code == 0 and not calls, err                         # nothing timed: read from the store
+    again = json.loads(out)
+    assert again["reused"] is True and again["key"] == first["key"] and again["img_per_s"] == first["img_per_s"]
+    code, out, err = cli(*[a for a in args if a not in ("--results", str(tmp_path))])
+    assert code == 0 and calls and json.loads(out)["recorded_in"] is None    # no --results: measured, not kept
     code, out, err = cli(*args[:-1], "--compile-mode", "fastest")
     assert code == 2 and "unknown compile mode" in err
 

@@ -31,9 +31,10 @@ def test_flops_on_data_gives_mean_and_spread_and_reuses(cli, tmp_path):
     assert first["data"]["name"] == "synthetic" and first["data"]["limit"] == 16
     assert SYNTHETIC_FLOPS not in first["warnings"]
 
+    assert first["reused"] is False and first["recorded_in"] == str(res)
     code, out, err = cli(*args, "--limit", "16")                 # the same record, reused
     assert code == 0, err
-    assert json.loads(out) == first
+    assert json.loads(out) == {**first, "reused": True}
     assert len(Store(res).records("flops")) == 1
 
     code, out, err = cli(*args, "--limit", "8")                  # another subset: another record

@@ -109,12 +109,14 @@ def _store(results: Optional[Path]):
     return s
 
 
-def _public(rec: dict) -> dict:
+def _public(rec: dict, reused: bool = False, results: Optional[Path] = None) -> dict:
+    """A record as the commands print it; ``recorded_in``: the results directory that keeps it
+    (None: not kept, pass ``--results``), ``reused``: it was read from there, not measured."""
     m = {k: v for k, v in rec["metrics"].items() if k not in ("correct", "predictions")}
     spec = rec["spec"]
     return {"model": spec["model"], "method": spec["method"], "params": spec["params"], **m,
             "weights": rec.get("weights"), "learned_parts": spec.get("learned_parts"), "env": rec["env"],
-            "key": rec["key"]}
+            "key": rec["key"], "reused": bool(reused), "recorded_in": None if results is None else str(results)}
 
 
 # --------------------------------------------------------------------------- commands
@@ -185,7 +187,7 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
         raise UserError("--limit and --data-dir count real images: pass --data too")
     spec = _spec(model, method, set_, pretrained, checkpoint, img_size)
     rec, reused = measure_run("flops", spec, settings, _store(results))
-    pub = _public(rec)
+    pub = _public(rec, reused, results)
     if json_:
         out_json(pub)
         return
@@ -280,7 +282,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
         s = Settings(batch_size=b, device=device, precision=precision, threads=threads, min_run_time=min_run_time,
                      latency=(i == 0), compile=mode, batch_from_max=from_max, **on_data)
         rec, reused = measure_run("throughput", spec, s, store, loaded=loaded)
-        pubs.append(_public(rec))
+        pubs.append(_public(rec, reused, results))
     if json_:
         if len(pubs) == 1:
             out_json(pubs[0])
@@ -301,6 +303,8 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
         inp = p.get("input") or {}
         if inp.get("source") == "data":
             line += f"; on {inp['images']} images of {inp['data']}"
+        if p["reused"]:
+            line += f" (reused from {p['recorded_in']})"
         typer.echo(line)
         for w in p.get("warnings", []):
             typer.echo(f"warning: {w}", err=True)
@@ -342,7 +346,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     s = Settings(device=device, precision=precision, data=data, data_dir=str(data_dir) if data_dir else None,
                  split=split, limit=limit, data_seed=seed, eval_batch_size=batch_size)
     rec, reused = measure_run("accuracy", spec, s, _store(results), progress=not json_ and sys.stderr.isatty())
-    pub = _public(rec)
+    pub = _public(rec, reused, results)
     for w in pub.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if json_:
