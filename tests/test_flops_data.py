@@ -35,6 +35,8 @@ def test_flops_on_data_gives_mean_and_spread_and_reuses(cli, tmp_path):
     code, out, err = cli(*args, "--limit", "16")                 # the same record, reused
     assert code == 0, err
     assert json.loads(out) == {**first, "reused": True}
+    code, out, err = cli(*args[:-1], "--limit", "16")           # the text line says so too
+    assert code == 0 and f"(reused from {res})" in out.splitlines()[0], err
     assert len(Store(res).records("flops")) == 1
 
     code, out, err = cli(*args, "--limit", "8")                  # another subset: another record

@@ -119,6 +119,11 @@ def _public(rec: dict, reused: bool = False, results: Optional[Path] = None) -> 
             "key": rec["key"], "reused": bool(reused), "recorded_in": None if results is None else str(results)}
 
 
+def _reused_text(pub: dict) -> str:
+    """`` (reused from DIR)`` for a record read from the store, else nothing."""
+    return f" (reused from {pub['recorded_in']})" if pub.get("reused") else ""
+
+
 # --------------------------------------------------------------------------- commands
 
 @app.command("list")
@@ -192,7 +197,7 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
         out_json(pub)
         return
     typer.echo(f"{model} + {method} {json.dumps(spec['params'])}: {pub['gflops']:.3f} GFLOPs, "
-               f"{pub['params_m']:.2f} M params")
+               f"{pub['params_m']:.2f} M params{_reused_text(pub)}")
     spread = pub.get("gflops_per_image")
     if spread:
         typer.echo(f"per image ({pub['flops_images']} images of {data}): mean {spread['mean']:.4f}, "
@@ -303,9 +308,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
         inp = p.get("input") or {}
         if inp.get("source") == "data":
             line += f"; on {inp['images']} images of {inp['data']}"
-        if p["reused"]:
-            line += f" (reused from {p['recorded_in']})"
-        typer.echo(line)
+        typer.echo(line + _reused_text(p))
         for w in p.get("warnings", []):
             typer.echo(f"warning: {w}", err=True)
 
@@ -354,7 +357,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
         return
     lo, hi = pub["top1_ci95"]
     typer.echo(f"{model} + {method} on {_data_text(pub.get('data') or {}, data, split)} ({pub['n']} images): "
-               f"top-1 {pub['top1']:.2f}% [95% CI {lo:.2f}, {hi:.2f}], top-5 {pub['top5']:.2f}%")
+               f"top-1 {pub['top1']:.2f}% [95% CI {lo:.2f}, {hi:.2f}], top-5 {pub['top5']:.2f}%{_reused_text(pub)}")
 
 
 def _data_text(d: dict, data: str, split: str) -> str:
