@@ -78,4 +78,6 @@ def evaluate(net: nn.Module, data: str = "fashion-mnist", split: str = "test", d
     checks.head_fits(input_config(net)["num_classes"], dspec.classes, what)
     res = measure.evaluate(net, ds, batch_size=batch_size, device=device, precision=precision, progress=progress)
     res["data"] = dspec.key() | {"data_dir": dspec.data_dir, "source": dspec.source, "layout": dspec.layout}
+    if dspec.carved:
+        res["data"]["carved"] = dspec.carved
     return res

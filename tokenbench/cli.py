@@ -318,7 +318,9 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
              data: str = typer.Option(..., "--data", help="fashion-mnist, imagenet, folder or synthetic."),
              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
              split: Optional[str] = typer.Option(None, "--split", help="train, val or test (default: test for "
-                                                 "fashion-mnist and synthetic, val for image folders)."),
+                                                 "fashion-mnist and synthetic, val for image folders). "
+                                                 "Fashion-MNIST's val: 5,000 train images held out (500 per "
+                                                 "class, seed 0), not trained on; its train: the other 55,000."),
              limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, class-stratified subset of N images."),
              seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
              batch_size: int = typer.Option(256, "--batch-size", "-b"),
@@ -337,7 +339,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
     split = split or ("val" if data in ("imagenet", "folder") else "test")
     if split not in ("val", "test", "train"):
-        raise UserError(f"unknown split {split!r}{did_you_mean(split, ('val', 'test', 'train'))} (use val or test)")
+        raise UserError(f"unknown split {split!r}{did_you_mean(split, ('val', 'test', 'train'))} (use train, val or test)")
     if precision not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
     if limit is not None and limit <= 0:
@@ -366,6 +368,8 @@ def _data_text(d: dict, data: str, split: str) -> str:
         return f"{data} {d['source']} (split {split})"
     if d.get("layout") == "flat":
         return f"{data} {d['source']} (its class folders; no train/val/test split folders, --split not used)"
+    if d.get("carved") and split != "test":
+        return f"{data} {split} ({d['carved']})"
     return f"{data} {split}"
 
 

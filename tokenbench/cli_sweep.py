@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
                                                                       "(FLOPs always)."),
         data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist, imagenet, folder or synthetic."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
-        split: Optional[str] = typer.Option(None, "--split", help="val or test."),
+        split: Optional[str] = typer.Option(None, "--split", help="train, val or test (Fashion-MNIST's val: "
+                                                                  "5,000 held-out train images)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="A seeded, class-stratified subset of N images "
                                                                   "(the same for every run)."),
         data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Seed of the --limit subset."),

@@ -34,6 +34,17 @@ FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+# Fashion-MNIST ships train and test only.  Its validation split is carved from train:
+# a seeded, class-stratified draw of 5,000 of the 60,000 train images (500 per class);
+# `train` is the other 55,000, so tuning on `val` never sees test images and training
+# never sees the val images.
+FMNIST_VAL_SIZE = 5000
+FMNIST_VAL_SEED = 0
+FMNIST_SPLIT_TEXT = {
+    "train": "the 55,000 train images not held out for val",
+    "val": "5,000 train images held out (500 per class, seed 0), not used in training",
+    "test": "the 10,000 test images",
+}
 # Channel statistics of the Fashion-MNIST train split (pixels scaled to [0, 1]).
 FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
@@ -119,12 +130,29 @@ def find_fashion_mnist(data_dir: Optional[str | os.PathLike] = None) -> Path:
         ) from None
 
 
+def fmnist_val_indices(train_labels: torch.Tensor) -> torch.Tensor:
+    """The train-file indices held out as Fashion-MNIST's val split (sorted)."""
+    return stratified_subset(train_labels, FMNIST_VAL_SIZE, FMNIST_VAL_SEED)
+
+
 def load_fashion_mnist(split: str = "test", data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) for ``split`` in train/test."""
-    if split in ("val", "validation"):
-        split = "test"  # Fashion-MNIST has no separate validation split
-    if split not in FMNIST_FILES:
-        raise UserError(f"unknown split {split!r} for fashion-mnist (use train or test)")
+    """(images uint8 [N, 28, 28], labels int64 [N]) for ``split`` in train/val/test
+    (val and train partition the train files: :data:`FMNIST_SPLIT_TEXT`)."""
+    if split == "validation":
+        split = "val"
+    if split not in FMNIST_SPLIT_TEXT:
+        raise UserError(f"unknown split {split!r} for fashion-mnist (use train, val or test)")
+    images, labels = _fmnist_files("test" if split == "test" else "train", data_dir)
+    if split == "test":
+        return images, labels
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    held[fmnist_val_indices(labels)] = True
+    keep = held if split == "val" else ~held
+    return images[keep].contiguous(), labels[keep].contiguous()
+
+
+def _fmnist_files(split: str, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of one of the two idx file pairs (train or test)."""
     d = find_fashion_mnist(data_dir)
     img_name, lbl_name = FMNIST_FILES[split]
     img_path = d / img_name if (d / img_name).is_file() else d / img_name[:-3]
@@ -188,6 +216,7 @@ class DataSpec:
     classes: Optional[int] = None     # classes of the split
     source: Optional[str] = None      # the folder read, for image folders
     layout: Optional[str] = None      # image folders: "split" (DIR/<split>/<class>) or "flat" (DIR/<class>)
+    carved: Optional[str] = None      # Fashion-MNIST: which images of its files the split holds
 
     def key(self) -> dict:
         # The directory is not part of the key (the same files may live elsewhere);
@@ -245,6 +274,7 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
         ds: Dataset = TensorImages(images, labels, tf)
         all_labels = labels
         n_classes, source, layout = len(FMNIST_CLASSES), None, None
+        carved = FMNIST_SPLIT_TEXT["val" if split == "validation" else split]
     elif name == "synthetic":
         n = limit or 64
         g = torch.Generator().manual_seed(seed)
@@ -259,6 +289,8 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
         root, layout = folder_split(name, split, data_dir)
         ds, all_labels = _read_folder(name, root, model)
         n_classes, source = len(ds.classes), str(root)
+    if name != "fashion-mnist":
+        carved = None
     available = len(ds)
     if limit is not None:
         idx = stratified_subset(all_labels, limit, seed)
@@ -268,7 +300,8 @@ def build_dataset(name: str, split: str = "test", data_dir=None, model=None, lim
         sha = None
     spec = DataSpec(name=name, split=split, n=len(ds), limit=limit, seed=seed,
                     data_dir=str(data_dir) if data_dir else None, indices_sha=sha,
-                    available=available, classes=n_classes, source=source, layout=layout)
+                    available=available, classes=n_classes, source=source, layout=layout,
+                    carved=carved)
     return ds, spec
 
 

@@ -171,9 +171,14 @@ def data_fingerprint(name: str, split: str, data_dir: Optional[str] = None) -> s
         from .data import find_fashion_mnist
 
         d = find_fashion_mnist(data_dir)
-        prefix = "t10k" if split in ("test", "val") else "train"
+        prefix = "t10k" if split == "test" else "train"
         files = sorted(p for p in d.iterdir() if p.name.startswith(prefix + "-"))
-        return "fmnist:" + _hash_files(files)
+        if split == "test":
+            return "fmnist:" + _hash_files(files)
+        # val and train are carved from the train files (data.FMNIST_SPLIT_TEXT): the rule is part of the identity
+        from .data import FMNIST_VAL_SEED, FMNIST_VAL_SIZE
+
+        return f"fmnist-{split}-held{FMNIST_VAL_SIZE}s{FMNIST_VAL_SEED}:" + _hash_files(files)
     if name == "synthetic":
         return "synthetic:v1"
     if data_dir is None:

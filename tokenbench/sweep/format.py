@@ -335,7 +335,7 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
         sw.split = str(_typed(data.get("split", "test"), str, "data split", source))
         if sw.split not in ("val", "test", "train"):
             raise UserError(f"{source}: unknown data split {sw.split!r}"
-                            f"{did_you_mean(sw.split, ('val', 'test', 'train'))} (use val or test)")
+                            f"{did_you_mean(sw.split, ('val', 'test', 'train'))} (use train, val or test)")
         sw.limit = _typed(data.get("limit"), int, "data limit", source, allow_none=True)
         if sw.limit is not None and sw.limit <= 0:
             raise UserError(f"{source}: data limit must be positive, got {sw.limit}")
