@@ -474,8 +474,10 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
             dest: Optional[str | Path] = None) -> dict:
     """Write every analysis of the sweep in ``out`` under ``out/analysis`` (or ``dest``); returns a summary.
 
-    The figures already in the destination's ``plots/`` are replaced, so that it holds this run's
-    alone; the cache of re-runs always lives in ``out/analysis/cache``.
+    A committed reference sweep (under ``results/``) is analysed into ``runs/analysis/<name>``
+    unless ``dest`` says otherwise (:func:`tokenbench.outputs.analysis_dirs`).  The figures
+    already in the destination's ``plots/`` are replaced, so that it holds this run's alone; the
+    cache of re-runs lives beside the default destination, never in a reference folder.
 
     ``limit``: models are re-run on the first ``limit`` evaluated images (0 or None: all of them);
     the error tables always use every recorded image.  ``progress``: a rich Progress to report on
@@ -485,6 +487,7 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     from .analysis_trace import (cache_key, comparison_blocks, dataset_labels, evaluated_dataset, load_cached,
                                  save_cached, trace_setting)
     from .api import load
+    from .outputs import analysis_dirs
 
     t0 = time.time()
     out = Path(out)
@@ -495,8 +498,7 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     settings, data, notes = gather_settings(out, methods, flops)
     if not data.get("name"):
         raise UserError(f"the accuracy records in {out} do not say which data they measured")
-    adir = Path(dest) if dest is not None else out / ANALYSIS_DIR
-    cache_dir = out / ANALYSIS_DIR / "cache"
+    adir, cache_dir = analysis_dirs(out, dest)
     try:
         adir.mkdir(parents=True, exist_ok=True)
         probe = adir / ".write-test"

@@ -41,13 +41,14 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(1000, "--limit", help="Re-run models on the first N evaluated images (0: every "
                                   "image); the error tables always use every recorded image."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the figures too."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tables and figures here instead of "
-                                           "DIRECTORY/analysis (e.g. for a narrowed run); the cache stays there."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tables and figures here (default: "
+                                           "DIRECTORY/analysis; runs/analysis/NAME for a committed results/NAME, "
+                                           "which only an explicit --out results/... rewrites)."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
     ):
         """Analyse a sweep: reduction-pattern agreement (IoU), error agreement (kappa, per-class change), representation drift (CKA, cosine), budget spending, and keep maps against a centre prior.
 
-        Reads the records and plan of DIRECTORY, re-runs models only for what the records lack (cached under DIRECTORY/analysis/cache/), and writes tables (md, csv, tex) and figures (png, pdf) under DIRECTORY/analysis/."""
+        Reads the records and plan of DIRECTORY, re-runs models only for what the records lack (cached beside the output), and writes tables (md, csv, tex) and figures (png, pdf) under DIRECTORY/analysis/, or runs/analysis/NAME/ for the committed results/NAME (see --out)."""
         import sys
 
         from rich.console import Console

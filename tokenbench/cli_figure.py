@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
         pretrained: bool = typer.Option(False, "--pretrained", help="timm's weights for the recipe's pinned tags "
                                         "(needs a network or timm's cache)."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default "
-                                           "results/figures/NAME/)."),
+                                           "runs/figures/NAME/; the committed results/figures/NAME/ only when "
+                                           "named here, its records reused either way)."),
         embedded: bool = typer.Option(False, "--embedded", help="The same recipe on the embedded Fashion-MNIST "
                                       "model (runs here end to end; no published overlays)."),
         model: Optional[str] = typer.Option(None, "--model", help="Replace the recipe's model (a timm name); the "
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
         Without ImageNet or weights it still writes everything that needs neither (GFLOPs and tokens per block,
         throughput here) and marks top-1 "not measured" with the command that measures it.  Writes NAME.md,
-        NAME.csv, NAME.png and NAME.pdf to results/figures/NAME/.
+        NAME.csv, NAME.png and NAME.pdf to runs/figures/NAME/ (--out results/figures/NAME rewrites the committed one).
         """
         from rich.console import Console
 

@@ -59,6 +59,19 @@ def _index(text: Optional[str]) -> Optional[list[int]]:
         raise UserError(f"--index takes comma-separated integers, got {text!r}") from None
 
 
+VISUALS = Path("runs") / "visuals"  # git-ignored; `make visuals` passes --out results/figures/...
+
+
+def _warn_untrained(method: str, checkpoint) -> None:
+    """A learned method drawn without a checkpoint shows its untrained (random) predictors: say so."""
+    from .registry import get_method
+
+    if get_method(method).learned and not checkpoint:
+        typer.echo(f"warning: {method} is learned and no --checkpoint was given: its predictors are untrained, "
+                   "so the picture shows random choices (pass the trained model.pt, as `make visuals` does)",
+                   err=True)
+
+
 def register(app: typer.Typer) -> None:
     from . import visual_budget as vb
 
@@ -87,7 +100,8 @@ def register(app: typer.Typer) -> None:
         stages: str = typer.Option("all", "--stages", help="Stages to draw: all, final, or block indices "
                                    "(3,6,9); a --compare sheet shows the final one."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output figure: .png, .pdf or .svg "
-                                           "(default tokens_<method>.png or compare.png)."),
+                                           "(default runs/visuals/tokens_<method>.png or "
+                                           "runs/visuals/compare.png)."),
         dpi: int = typer.Option(200, "--dpi", help="Resolution of a PNG."),
         checkpoint: Optional[List[str]] = typer.Option(None, "--checkpoint", "-c", help="Weights to load after "
                                                        "the method is applied; with --compare, METHOD=PATH for "
@@ -128,10 +142,13 @@ def register(app: typer.Typer) -> None:
                 get_method(m)
             if len(set(methods)) != len(methods):
                 raise UserError("--compare lists a method twice")
+            ckpts = _split_checkpoints(checkpoint, methods)
+            for m in methods:
+                _warn_untrained(m, ckpts.get(m) or ckpts.get(None))
             summary = vz.compare(model, methods, flops=flops, params=_split_sets(set_, methods),
-                                 out=out or Path("compare.png"), images=images, data=data, n=n,
+                                 out=out or VISUALS / "compare.png", images=images, data=data, n=n,
                                  data_dir=data_dir, split=split, index=idx,
-                                 checkpoints=_split_checkpoints(checkpoint, methods), pretrained=pretrained,
+                                 checkpoints=ckpts, pretrained=pretrained,
                                  dpi=dpi, flops_cache=flops_cache)
             if json_:
                 typer.echo(json.dumps(summary))
@@ -146,11 +163,13 @@ def register(app: typer.Typer) -> None:
         ckpt = checkpoint[0] if checkpoint else None
         if ckpt is not None and not Path(ckpt).is_file():
             raise UserError(f"checkpoint {ckpt} does not exist")
-        vz.check_out(out or Path(f"tokens_{method}.png"))  # the cheap checks before the FLOPs search
+        _warn_untrained(method, ckpt)
+        out = out or VISUALS / f"tokens_{method}.png"
+        vz.check_out(out)  # the cheap checks before the FLOPs search
         if images:
             vz.expand_image_paths(images)
         params, note = vb.picture_params(cls, model, params, flops, ckpt, flops_cache)
-        summary = vz.visualize(model, method, params, out=out or Path(f"tokens_{method}.png"), images=images,
+        summary = vz.visualize(model, method, params, out=out, images=images,
                                data=data, n=n, data_dir=data_dir, split=split, index=idx, checkpoint=ckpt,
                                pretrained=pretrained, stages=stages, dpi=dpi, flops_cache=flops_cache)
         if json_:

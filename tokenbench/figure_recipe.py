@@ -20,7 +20,8 @@ from .errors import UserError, did_you_mean
 
 FIGURES_DIR = Path(__file__).resolve().parent / "figures"
 PUBLISHED_FILE = FIGURES_DIR / "published.csv"
-DEFAULT_OUT = Path("results") / "figures"
+DEFAULT_OUT = Path("runs") / "figures"          # git-ignored: a figure of one's own
+REFERENCE_OUT = Path("results") / "figures"     # the committed figures (only an explicit --out rewrites them)
 GFLOPS_AGREEMENT = 0.1  # published GFLOPs are rounded to 0.1: ours must land within this of them
 EMBEDDED_SUFFIXES = ("@embedded", "@default")
 EMBEDDED_LIMIT = 1000

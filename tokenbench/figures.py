@@ -34,8 +34,8 @@ table)::
 
 :func:`run_figure` builds the sweep (the recipe's, with the command line's data,
 weights, checkpoints and throughput settings), runs it with :mod:`tokenbench.sweep` and
-:mod:`tokenbench.runner` into ``results/figures/<name>/`` (records are reused, as in
-any sweep), reads the rows with :func:`tokenbench.report.collect`, matches each row with
+:mod:`tokenbench.runner` into ``runs/figures/<name>/`` (records are reused, as in
+any sweep, and copied from the committed ``results/figures/<name>/``; only ``--out`` writes there), reads the rows with :func:`tokenbench.report.collect`, matches each row with
 the published figures (``figures/published.csv``: same architecture, method and
 parameters, from one of the recipe's papers) and writes ``<name>.md`` and ``<name>.csv``
 (ours, published and the difference: GFLOPs, speedup over dense, top-1) and
@@ -71,7 +71,7 @@ from .errors import UserError
 from .figure_plan import (FigureOptions, Plan, accuracy_status, default_out, expand_plan,  # noqa: F401
                           find_checkpoints, measure_command, model_specs)
 from .figure_plot import plot_figure
-from .figure_recipe import (CKPT_KEYS, DEFAULT_OUT, EMBEDDED_CKPT_DIR, EMBEDDED_KEYS, EMBEDDED_LIMIT,  # noqa: F401
+from .figure_recipe import (REFERENCE_OUT, CKPT_KEYS, DEFAULT_OUT, EMBEDDED_CKPT_DIR, EMBEDDED_KEYS, EMBEDDED_LIMIT,  # noqa: F401
                             EMBEDDED_SUFFIXES, FIGURE_KEYS, FIGURES_DIR, GFLOPS_AGREEMENT, PUBLISHED_COLUMNS,
                             PUBLISHED_FILE, CheckpointSpec, Published, Recipe, arch, list_recipes, load_published,
                             load_recipe, matches, recipe_names, split_name, weights_same)
@@ -103,6 +103,9 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
     raw = copy.deepcopy(recipe.sweep)
     raw["name"] = variant
     raw["out"] = str(out)
+    committed = REFERENCE_OUT / out.name
+    if not opts.out and "reference" not in raw and committed.is_dir():
+        raw["reference"] = str(committed)  # the committed figure's records are copied, not measured again
     raw.setdefault("description", recipe.description)
     methods = raw["methods"]
     for label in list(methods):

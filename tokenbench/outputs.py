@@ -1,0 +1,33 @@
+"""Where commands write by default: under ``runs/`` (git-ignored), never into the committed
+reference folders under ``results/`` unless the user names one with ``--out``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+RUNS = Path("runs")
+REFERENCE = Path("results")
+
+
+def under_reference(path: str | Path) -> Optional[Path]:
+    """``path`` relative to a ``results/`` folder holding it (the current directory's, or the
+    checkout's beside the package), or None when it is outside both."""
+    p = Path(path).resolve()
+    roots = {(Path.cwd() / REFERENCE).resolve(), (Path(__file__).resolve().parent.parent / REFERENCE).resolve()}
+    for root in roots:
+        try:
+            return p.relative_to(root)
+        except ValueError:
+            continue
+    return None
+
+
+def analysis_dirs(directory: Path, dest: Optional[Path]) -> tuple[Path, Path]:
+    """(where ``analyze`` writes, where it caches re-runs) for the sweep in ``directory``.
+
+    A sweep of one's own keeps both in ``DIRECTORY/analysis``; a committed reference sweep keeps
+    them in ``runs/analysis/<its path under results>`` (``--out`` still writes anywhere)."""
+    ref = under_reference(directory)
+    home = RUNS / "analysis" / ref if ref is not None else Path(directory) / "analysis"
+    return (Path(dest) if dest is not None else home), home / "cache"
