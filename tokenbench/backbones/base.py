@@ -11,6 +11,8 @@ Hook kinds (a backbone runs those it supports and refuses the others):
 - ``plan.mid[i] = fn(block, x, state, info) -> x``: inside block ``i``, after the token
   mixer's residual and before the MLP; ``info`` describes the attention
   (:class:`~tokenbench.backbones.tokens.AttnInfo`) when ``plan.needs[i]`` asks for it;
+- ``plan.post[i] = fn(block, x, state) -> x``: after block ``i``'s MLP residual (ViT), where
+  a method reads the block's output (A-ViT's halting) or changes what the next block gets;
 - ``plan.subset[i] = fn(block, x, state) -> (idx, fast)``: hierarchical backbones run
   block ``i``'s expensive part only on the positions ``idx`` and ``fast`` on the others,
   and scatter both back into the full map (:func:`run_on_subset`), so later layers see
@@ -71,6 +73,7 @@ class Plan:
         self.method = method
         self.pre: dict[int, Callable] = {}
         self.mid: dict[int, Callable] = {}
+        self.post: dict[int, Callable] = {}
         self.subset: dict[int, Callable] = {}
         self.streams: dict[int, Callable] = {}
         self.needs: dict[int, tuple[str, ...]] = {}
@@ -81,7 +84,7 @@ class Plan:
         self.settings: dict = {}
 
     def hooked(self, i: int) -> bool:
-        return i in self.pre or i in self.mid or i in self.subset or i in self.streams
+        return i in self.pre or i in self.mid or i in self.post or i in self.subset or i in self.streams
 
 
 class Backbone:

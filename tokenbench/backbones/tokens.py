@@ -128,7 +128,7 @@ class TokenState:
 
     def merge(self, x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tensor,
               dst: torch.Tensor, mode: str = "mean", drop: Optional[torch.Tensor] = None,
-              size_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+              size_weights: Optional[torch.Tensor] = None, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keep ``keep_idx`` [B, K] and fold the tokens ``src_idx`` [B, R] into kept ones.
 
         ``dst`` [B, R]: for each merged token, the *position in the kept list* it folds into.
@@ -142,6 +142,8 @@ class TokenState:
         merge others with one call: PPT).
         ``size_weights`` [B, R]: the merged tokens' sizes are multiplied by these before they
         add up (DiffRate weighs them by their similarity to the destination).
+        ``pad`` [B, K] (bool, True = real): as in :meth:`keep`, slots of ``keep_idx`` that are only
+        padding (per-image token counts; merged tokens must not fold into them).
         """
         c = x.shape[-1]
         weighted = mode == "mean"
@@ -175,7 +177,10 @@ class TokenState:
             self.policy = gather_tokens(self.policy, keep_idx).scatter_reduce_(
                 1, dst[..., None], srcs(self.policy), reduce="amax")
         self.pos = None if self.pos is None else gather_tokens(self.pos, keep_idx)
-        self.pad = None if self.pad is None else gather_tokens(self.pad, keep_idx)
+        old_pad = None if self.pad is None else gather_tokens(self.pad, keep_idx)
+        if pad is not None:
+            old_pad = pad if old_pad is None else (old_pad & pad)
+        self.pad = old_pad
         self.snapshot("merge" if drop is None else "merge+prune")
         return kept
 

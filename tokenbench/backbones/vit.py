@@ -148,7 +148,9 @@ def reducing_block(blk: nn.Module, x: torch.Tensor, st: TokenState, plan: Plan, 
     if mid is not None:
         x = mid(blk, x, st, info)
     st.count(x, mlp=True)
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    post = plan.post.get(i)
+    return x if post is None else post(blk, x, st)
 
 
 def _needs_masks(st: TokenState) -> bool:
