@@ -18,8 +18,8 @@ from ..errors import UserError
 from . import vit as _vit  # noqa: F401  (registers the ViT backbone)
 from . import convnext as _convnext  # noqa: F401,I001  (registers the ConvNeXt backbone, after the ViT's)
 from . import swin as _swin  # noqa: F401,I001  (registers the Swin backbone)
-from .base import (Backbone, Plan, Surgery, backbone_of, default_input_config, image_ids, known_backbones,
-                   register_backbone, run_on_subset, surgery_of)
+from .base import Backbone, Plan, backbone_of, default_input_config, known_backbones, register_backbone, run_on_subset
+from .surgery import Surgery, image_ids, surgery_of
 from .tokens import AheadAttention, AttnInfo, TokenState, gather_tokens
 
 __all__ = ["AheadAttention", "AttnInfo", "Backbone", "Plan", "TokenState", "add_module", "added_modules", "applied_method",

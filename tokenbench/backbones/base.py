@@ -30,39 +30,16 @@ returns the first whose :meth:`Backbone.matches` accepts the model.
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .surgery import install, remove, surgery_of
 
 if TYPE_CHECKING:
     from .tokens import TokenState
-
-
-SURGERY_ATTR = "_tokenbench"
-
-class Surgery:
-    """What the surgery keeps on one model (a plain attribute, not a submodule)."""
-
-    def __init__(self, base: type, plan: Plan, track_source: bool = False):
-        self.base = base                      # the model's timm class, restored by restore()
-        self.plan = plan
-        self.track_source = track_source
-        self.state: Optional[TokenState] = None   # the last forward's bookkeeping
-        self.image_ids: Optional[torch.Tensor] = None
-        self.added: list[str] = []            # names of modules a method attached
-        self.method: dict = {}                # {"name", "params"} of the applied method
-        # The model itself, for hierarchical backbones whose surgery sits on the blocks only
-        # (their ``plan.on_start`` hooks get it; a deep copy of the model gets its copy).
-        self.owner: Optional[nn.Module] = None
-
-
-def surgery_of(model: nn.Module) -> Optional[Surgery]:
-    return model.__dict__.get(SURGERY_ATTR)
-
 
 
 class Plan:
@@ -164,15 +141,37 @@ class Backbone:
         that cannot fit)."""
         raise NotImplementedError
 
-    # ---- surgery
+    # ---- surgery (one for every family: :mod:`~tokenbench.backbones.surgery`)
+    def blocks(self) -> list[nn.Module]:
+        """The blocks hooks sit at, in order (block ``i`` is site ``i``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def block_forward(block: nn.Module, *args, **kwargs):
+        """The family's reducing ``forward`` of a patched block."""
+        raise NotImplementedError
+
+    # The family's reducing subclass of the model's class (a function of the class), if any.
+    model_class: ClassVar[Optional[Callable[[type], type]]] = None
+
     def prepare(self, method: str = "method", need_class_token: bool = False,
                 track_source: bool = False) -> Plan:
-        """Install the reducing forward (in place) and return its empty :class:`Plan`."""
-        raise NotImplementedError
+        """Patch the blocks (in place) and return the empty :class:`Plan` they run.  Applying a
+        second method replaces the first one's plan (modules it added stay until :meth:`restore`)."""
+        self.check(method, need_class_token)
+        plan = Plan(self.depth, method)
+        install(self.model, self.blocks(), type(self).block_forward, plan, track_source, self.n_prefix,
+                type(self).model_class)
+        return plan
 
     def restore(self) -> nn.Module:
         """Undo :meth:`prepare`: the plain timm model again."""
-        raise NotImplementedError
+        return remove(self.model, self.blocks())
+
+    def last_state(self) -> Optional[TokenState]:
+        """The token bookkeeping of the model's last forward (None before the first, or if plain)."""
+        s = surgery_of(self.model)
+        return None if s is None else s.state
 
 
 def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -245,29 +244,6 @@ def run_two_streams(slow: Callable[[torch.Tensor], torch.Tensor], fast: Callable
     [B, N, 1]).  The caller adds each stream's residual (ConvNeXt: ``x1`` and ``x2``; Swin: the
     map after the attention residual)."""
     return slow(mix_streams(mixed, x1, mask)), fast(mix_streams(x2, mixed, mask))
-
-
-@contextlib.contextmanager
-def image_ids(model: nn.Module, ids: Optional[torch.Tensor]) -> Iterator[nn.Module]:
-    """Tell the forwards inside the block which images they see: ``ids`` [B] (int64), the
-    index of each image of the batch in the evaluated set.
-
-    A method whose choices are random (``random``) draws each image's choice from its
-    seed and this id (``TokenState.image_ids``), so a prediction does not depend on the
-    batch it came in.  Outside the block, or with ``ids=None``, the ids are
-    ``arange(B)`` (throughput, FLOPs, training, a direct call).  A sharded evaluation
-    (torchrun) passes the *global* index of each image.  A plain timm model ignores them.
-    """
-    s = surgery_of(model)
-    if s is None:
-        yield model
-        return
-    old = s.image_ids
-    s.image_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
-    try:
-        yield model
-    finally:
-        s.image_ids = old
 
 
 def default_input_config() -> dict:

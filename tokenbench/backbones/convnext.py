@@ -25,23 +25,22 @@ Hook kinds:
 ``plan.on_start`` hooks run at the first block of each forward, as ``fn(model, x, st)`` with
 the stem's output map ``x``.
 
-The surgery swaps the class of the hooked blocks only (parameters and state-dict keys
-untouched), so ``forward_features``, ``forward_intermediates`` and ``features_only`` keep
-working and return the dense model's shapes at every stage.  The token state of one forward
-starts at the first hooked block that sees a block index not above the previous one.
+The shared surgery (:mod:`~tokenbench.backbones.surgery`) patches the blocks, so
+``forward_features``, ``forward_intermediates`` and ``features_only`` run reduced and return
+the dense model's shapes at every stage.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .base import (SURGERY_ATTR, Backbone, Plan, Surgery, default_input_config, enter_streams, leave_streams,
-                   mix_streams, register_backbone, run_on_subset, run_two_streams, surgery_of)
+from .base import (Backbone, default_input_config, enter_streams, leave_streams,
+                   mix_streams, register_backbone, run_on_subset, run_two_streams)
+from .surgery import begin_forward, block_surgery
 from .tokens import TokenState
 
 
@@ -49,17 +48,8 @@ def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm's ``ConvNeXtBlock.forward`` with the plan's hooks at this block: ``pre`` (observes
     the input map), ``subset`` (the slow / fast split) or, in training mode, ``streams`` (the
     two-stream form)."""
-    s: Surgery = self._tb_surgery
-    i = self._tb_index
-    st = s.state
-    if st is None or i <= st.block:  # a new forward
-        st = TokenState(0, track_source=s.track_source)
-        st.settings = s.plan.settings
-        st.image_ids = s.image_ids if s.image_ids is not None else torch.arange(x.shape[0])
-        s.state = st
-        for fn in s.plan.on_start:
-            fn(s.owner, x, st)
-    st.block = i
+    s, i = block_surgery(self)
+    st = begin_forward(s, i, x)
     b, c, h, w = x.shape
     pre = s.plan.pre.get(i)
     if pre is not None:
@@ -119,15 +109,6 @@ def _ffn(block, t: torch.Tensor) -> torch.Tensor:
     else:
         t = block.mlp(block.norm(t))
     return t if block.gamma is None else t * block.gamma
-
-
-_BLOCK_CLASSES: dict[type, type] = {}
-
-
-def _reducing_block_class(base: type) -> type:
-    if base not in _BLOCK_CLASSES:
-        _BLOCK_CLASSES[base] = type(f"Reducing{base.__name__}", (base,), {"forward": _block_forward})
-    return _BLOCK_CLASSES[base]
 
 
 @register_backbone
@@ -237,42 +218,11 @@ class ConvNeXtBackbone(Backbone):
             peak = max(peak, n * c * (4 + 2 * 4) * itemsize)  # map, dwconv, norm and 4x MLP hidden
         return int(peak)
 
-    def prepare(self, method: str = "method", need_class_token: bool = False,
-                track_source: bool = False) -> Plan:
+    def check(self, method: str = "this method", need_class_token: bool = False) -> None:
         if need_class_token:
             raise UserError(f"{method} needs a class token; ConvNeXt models have none")
-        model = self.model
-        plan = Plan(self.depth, method)
-        s = surgery_of(model)
-        if s is None:
-            s = Surgery(model.__class__, plan, track_source)
-            model.__dict__[SURGERY_ATTR] = s
-        else:
-            s.plan, s.track_source = plan, track_source
-        s.owner = model
-        for i, (_, blk) in enumerate(self._blocks()):
-            if not hasattr(blk, "_tb_index"):
-                blk.__class__ = _reducing_block_class(blk.__class__)
-            object.__setattr__(blk, "_tb_index", i)
-            object.__setattr__(blk, "_tb_surgery", s)
-        return plan
 
-    def restore(self) -> nn.Module:
-        model = self.model
-        s = surgery_of(model)
-        if s is None:
-            return model
-        for _, blk in self._blocks():
-            if hasattr(blk, "_tb_index"):
-                blk.__class__ = blk.__class__.__mro__[1]
-                for a in ("_tb_index", "_tb_surgery"):
-                    blk.__dict__.pop(a, None)
-        for name in s.added:
-            if name in model._modules:
-                del model._modules[name]
-        del model.__dict__[SURGERY_ATTR]
-        return model
+    def blocks(self) -> list[nn.Module]:
+        return [blk for _, blk in self._blocks()]
 
-    def last_state(self) -> Optional[TokenState]:
-        s = surgery_of(self.model)
-        return None if s is None else s.state
+    block_forward = _block_forward

@@ -66,6 +66,7 @@ class TokenState:
         self.real_tokens: list[torch.Tensor] = []     # with a padding mask: real tokens per image, per block
         self.stages: list[dict] = []                  # snapshots after each reduction (when tracking)
         self.block = -1
+        self.first_change: Optional[int] = None       # the first block where a primitive changed the sequence
         self.extra: dict[str, Any] = {}               # method-specific carry (e.g. DynamicViT's decisions)
         self.image_ids: Optional[torch.Tensor] = None  # [B] int64: each image's index in the evaluated set
         self.settings: dict = {}                      # the plan's settings (training schedules), read-only here
@@ -244,6 +245,9 @@ class TokenState:
         return out
 
     def snapshot(self, kind: str) -> None:
+        """Note that block ``self.block`` changed the sequence (and keep a snapshot when tracking)."""
+        if self.first_change is None:
+            self.first_change = self.block
         if self.track_source and self.source is not None:
             self.stages.append({"block": self.block, "kind": kind, "source": self.source.detach().clone(),
                                 "fused_last": kind == "fuse",

@@ -1,23 +1,23 @@
 """The ViT backbone: timm's ``VisionTransformer`` (DeiT, ViT, registers, the embedded default).
 
-The surgery patches as little of timm as it can: the model's class is swapped (in place;
-parameters and state-dict keys untouched) for one whose ``forward_features`` walks the
-blocks itself and whose ``pool`` weights tokens by size and padding.  Blocks stay timm's
-own: a block with no hook, while nothing asks for an attention mask (no proportional
-attention yet, no training policy, no padding), runs timm's ``Block.forward`` unchanged,
-with gradient checkpointing when the model has it on.  Only a block that carries a hook,
-or needs a mask, runs :func:`reducing_block`, a re-implementation of timm's pre-norm block
-that honours timm's fused-attention switch (``attn.fused_attn``) and the ``attn_mask`` /
-``is_causal`` arguments.  Such blocks are not gradient-checkpointed: their hooks change
-the token state, which a recomputation would do twice.
+The blocks are patched by the shared surgery (:mod:`~tokenbench.backbones.surgery`); the first
+block of a forward starts the token state on the embedded patches.  A block with no hook, while
+nothing asks for an attention mask (no proportional attention yet, no training policy, no
+padding), runs timm's ``Block.forward`` unchanged, gradient-checkpointed when the model has it
+on.  Only a block that carries a hook, or needs a mask, runs :func:`reducing_block`, a
+re-implementation of timm's pre-norm block that honours timm's fused-attention switch
+(``attn.fused_attn``) and the ``attn_mask`` / ``is_causal`` arguments.  Such blocks are not
+gradient-checkpointed: their hooks change the token state, which a recomputation would do twice.
 
-Everything about the surgery lives in one attribute, ``model._tokenbench``
-(:class:`Surgery`): the plan, the last forward's state, the images' ids, the modules a
-method added.  :meth:`ViTBackbone.restore` removes it and the model is plain timm again.
+The model's class is swapped too (in place; parameters and state-dict keys untouched), for
+what only the model sees: ``pool`` weights tokens by size and padding, and
+``forward_intermediates`` refuses a spatial grid of blocks after tokens were pruned or merged.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -26,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import SURGERY_ATTR, Backbone, default_input_config, Plan, Surgery, register_backbone, surgery_of
+
+from .base import Backbone, default_input_config, Plan, register_backbone
+from .surgery import begin_forward, block_surgery, checkpointing_switch, surgery_of
 from .tokens import AheadAttention, AttnInfo, TokenState
 
 # --------------------------------------------------------------------------- attention
@@ -157,43 +159,32 @@ def _needs_masks(st: TokenState) -> bool:
     return st.policy is not None or st.pad is not None or (st.prop_attn and st.size is not None)
 
 
-def _forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                      is_causal: bool = False) -> torch.Tensor:
-    s: Surgery = self.__dict__[SURGERY_ATTR]
+def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                   is_causal: bool = False) -> torch.Tensor:
+    """timm's ``Block.forward`` with the plan's hooks of this block.  The first block of a
+    forward starts the token state on its input (the embedded patches); a block with no hook,
+    while nothing asks for a mask, runs timm's own forward (gradient-checkpointed when the
+    model has it on)."""
+    s, i = block_surgery(self)
+    st = begin_forward(s, i, x, tokens=x)
     plan = s.plan
-    st = TokenState(self.num_prefix_tokens, prop_attn=plan.prop_attn, track_source=s.track_source)
-    st.image_ids = _batch_image_ids(s, x)
-    st.settings = plan.settings
-    s.state = st
-    x = self.patch_embed(x)
-    x = self._pos_embed(x)
-    x = self.patch_drop(x)
-    x = self.norm_pre(x)
-    st.start(x)
-    for fn in plan.on_start:
-        fn(self, x, st)
-    ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
-    for i, blk in enumerate(self.blocks):
-        st.block = i
-        if plan.hooked(i) or _needs_masks(st):
-            x = reducing_block(blk, x, st, plan, i, attn_mask, is_causal)
-            continue
-        st.count(x)
-        st.count(x, mlp=True)
-        if attn_mask is not None or is_causal:
-            x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
-        elif ckpt:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
-    return self.norm(x)
+    if plan.hooked(i) or _needs_masks(st):
+        return reducing_block(self, x, st, plan, i, attn_mask, is_causal)
+    st.count(x)
+    st.count(x, mlp=True)
+    timm_forward = type(self).__mro__[1].forward
+    if attn_mask is not None or is_causal:
+        return timm_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    if s.checkpointing and self.training and not torch.jit.is_scripting():
+        return torch.utils.checkpoint.checkpoint(functools.partial(timm_forward, self), x, use_reentrant=False)
+    return timm_forward(self, x)
 
 
 def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
     """timm's pooling; average pooling weights each token by the patches it stands for and
     skips padding; max pooling skips padding."""
     pool_type = self.global_pool if pool_type is None else pool_type
-    s: Surgery = self.__dict__[SURGERY_ATTR]
+    s = surgery_of(self)
     st = s.state
     weighted = st is not None and (st.size is not None or st.pad is not None)
     if pool_type in ("avg", "max", "avgmax") and getattr(self, "attn_pool", None) is None and weighted:
@@ -211,23 +202,55 @@ def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tenso
     return s.base.pool(self, x, pool_type)
 
 
+def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+    """timm's ``forward_intermediates`` on the reducing blocks.  Token sequences (``NLC``) are
+    returned as the blocks left them; a spatial grid (``NCHW``, timm's default) only for blocks
+    before the first that pruned or merged tokens, else one line of refusal."""
+    from timm.models._features import feature_take_indices
+
+    base = surgery_of(self).base.forward_intermediates
+    call = inspect.signature(base).bind(self, x, *args, **kwargs)
+    call.apply_defaults()
+    fmt = call.arguments.get("output_fmt", "NCHW")
+    if fmt != "NCHW":
+        return base(*call.args, **call.kwargs)
+    call.arguments["output_fmt"] = "NLC"
+    out = base(*call.args, **call.kwargs)
+    st = surgery_of(self).state
+    take, _ = feature_take_indices(len(self.blocks), call.arguments.get("indices"))
+    changed = st.first_change if st is not None else None
+    if changed is not None and any(i >= changed for i in take):
+        raise UserError(f"forward_intermediates cannot return a spatial grid (output_fmt='NCHW') after block "
+                        f"{changed}: the method pruned or merged tokens there; ask for output_fmt='NLC' "
+                        f"or for blocks before it")
+    h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+    return _map_intermediates(out, lambda y: y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous())
+
+
+def _map_intermediates(out, fn):
+    """``out`` of timm's ``forward_intermediates`` (a list, a (final, list) pair or a dict; each
+    item a tensor or a (tokens, prefix) pair) with ``fn`` applied to each intermediate's tokens."""
+    def one(y):
+        return (fn(y[0]), *y[1:]) if isinstance(y, tuple) else fn(y)
+
+    if isinstance(out, dict):
+        return {**out, "image_intermediates": [one(y) for y in out["image_intermediates"]]}
+    if isinstance(out, tuple):
+        return out[0], [one(y) for y in out[1]]
+    return [one(y) for y in out]
+
+
 _MODEL_CLASSES: dict[type, type] = {}
 
 
 def _reducing_model_class(base: type) -> type:
+    """The model's class with size-weighted pooling, timm's intermediates checked for a grid, and
+    gradient checkpointing left to the blocks."""
     if base not in _MODEL_CLASSES:
         _MODEL_CLASSES[base] = type(f"Reducing{base.__name__}", (base,),
-                                    {"forward_features": _forward_features, "pool": _pool})
+                                    {"pool": _pool, "forward_intermediates": _forward_intermediates,
+                                     "grad_checkpointing": checkpointing_switch()})
     return _MODEL_CLASSES[base]
-
-
-def _batch_image_ids(s: Surgery, x: torch.Tensor) -> torch.Tensor:
-    ids = s.image_ids
-    if ids is None:
-        return torch.arange(x.shape[0], device=x.device)
-    if ids.shape != (x.shape[0],):
-        raise ValueError(f"image_ids has shape {tuple(ids.shape)} for a batch of {x.shape[0]} images")
-    return ids.to(x.device)
 
 
 # --------------------------------------------------------------------------- the backbone
@@ -347,35 +370,11 @@ class ViTBackbone(Backbone):
         return int(n * (6 * dim + 2 * hidden) * itemsize + heads * n * n * 4)
 
     # ---- surgery
-    def prepare(self, method: str = "method", need_class_token: bool = False,
-                track_source: bool = False) -> Plan:
-        """Convert the model (in place) to the reducing class and return its empty :class:`Plan`.
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
 
-        Applying a second method replaces the first one's plan (modules it added stay until
-        :meth:`restore`)."""
-        self.check(method, need_class_token)
-        model = self.model
-        plan = Plan(self.depth, method)
-        s = surgery_of(model)
-        if s is None:
-            s = Surgery(model.__class__, plan, track_source)
-            model.__class__ = _reducing_model_class(model.__class__)
-            model.__dict__[SURGERY_ATTR] = s
-        else:
-            s.plan, s.track_source = plan, track_source
-        return plan
-
-    def restore(self) -> nn.Module:
-        model = self.model
-        s = surgery_of(model)
-        if s is None:
-            return model
-        for name in s.added:
-            if name in model._modules:
-                del model._modules[name]
-        model.__class__ = s.base
-        del model.__dict__[SURGERY_ATTR]
-        return model
+    block_forward = _block_forward
+    model_class = _reducing_model_class
 
     # ---- staged pruning schedules
     def staged_schedule(self, keep_rate: float, where: str = "mid") -> tuple[list[int], list[int]]:
