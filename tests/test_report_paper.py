@@ -92,7 +92,7 @@ def test_plots_explain_error_bars_show_the_frontier_and_hollow_flags(res, monkey
     R.plot(res, tmp_path)
     for name, fig in figs.items():
         ax = fig.axes[0]
-        leg = ax.get_legend()
+        leg = fig.legends[0]  # below the axes, in columns
         assert "95% Wilson interval" in leg.get_title().get_text()
         labels = [t.get_text() for t in leg.get_texts()]
         assert "Pareto frontier" in labels and "topk-finetuned" in labels and "topk keep_rate=0.7, off-grid" in labels

@@ -166,10 +166,13 @@ def family_marker(family: Optional[str]) -> str:
 
 
 def method_styles(labels: Sequence[str], families: dict[str, Optional[str]]) -> dict[str, tuple[Any, str]]:
-    """(colour, marker) per label: seaborn's colour-blind palette in order, the marker of the label's family."""
+    """(colour, marker) per label: seaborn's colour-blind palette in order (then its dark one), the
+    marker of the label's family."""
     import seaborn as sns
 
     palette = sns.color_palette("colorblind", max(1, len(labels)))
+    if len(labels) > 10:  # the palette's ten colours, then ten darker ones: no two methods share a colour
+        palette = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
     return {lab: (palette[i % len(palette)], family_marker(families.get(lab))) for i, lab in enumerate(labels)}
 
 

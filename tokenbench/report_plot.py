@@ -1,7 +1,10 @@
-"""The report's plots: accuracy against GFLOPs and against throughput, with the Pareto frontier.
+"""The report's plots: accuracy against GFLOPs and against the paired speedup over the dense
+model, with the Pareto frontier.
 
 Colour says the method (the sweep entry's label), the marker says its family (the method's
-declaration: pruning, merging, hybrid); the legend shows both.
+declaration: pruning, merging, hybrid); the legend, below the axes in columns, shows both.
+A run without a paired speedup is placed at its standalone img/s over the dense model's, drawn
+hollow and kept off the frontier (the two were not timed together).
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ def plot_layers(rows: list[Row], xcol: str) -> dict:
       top-k);
     - ``dense``: the dense model's rows;
     - ``frontier``: the Pareto frontier over every run (higher accuracy; lower GFLOPs or higher
-      throughput);
-    - ``hollow``: ids of rows whose timing is flagged (drawn hollow on the throughput axis).
+      throughput), unpaired runs left out;
+    - ``hollow``: ids of rows whose timing is flagged or unpaired (drawn hollow on a timing axis);
+    - ``unpaired``: ids of rows placed by img/s over the dense model's (``speedup`` axis only);
+    - ``x``: the x of each row by id.
     """
     typed = [as_row(r) for r in rows]
     given = {id(t): r for t, r in zip(typed, rows)}  # the layers hold the rows as given (Rows or dicts)
@@ -48,11 +53,33 @@ def plot_layers(rows: list[Row], xcol: str) -> dict:
     back = given.__getitem__
     return {"curves": {lab: [back(id(r)) for r in rs] for lab, rs in layers["curves"].items()},
             "points": [back(id(r)) for r in layers["points"]], "dense": [back(id(r)) for r in layers["dense"]],
-            "hollow": {id(back(i)) for i in layers["hollow"]}, "frontier": layers["frontier"]}
+            "hollow": {id(back(i)) for i in layers["hollow"]}, "frontier": layers["frontier"],
+            "unpaired": {id(back(i)) for i in layers["unpaired"]},
+            "x": {id(back(i)): x for i, x in layers["x"].items()}}
+
+
+def x_values(rows: list[Row], xcol: str) -> tuple[dict[int, float], set[int]]:
+    """(x per row id, ids placed without a paired timing).  On the ``speedup`` axis the dense
+    model sits at 1, a run at its paired speedup, and a run without one at its img/s over the
+    dense model's (unpaired)."""
+    if xcol != "speedup":
+        return {id(r): getattr(r, xcol) for r in rows if getattr(r, xcol) is not None}, set()
+    dense_tp = next((r.img_per_s for r in rows if r.is_dense and r.img_per_s), None)
+    xs, unpaired = {}, set()
+    for r in rows:
+        if r.is_dense and (r.img_per_s is not None or r.speedup is not None):
+            xs[id(r)] = 1.0
+        elif r.speedup is not None:
+            xs[id(r)] = r.speedup
+        elif r.img_per_s is not None and dense_tp:
+            xs[id(r)] = r.img_per_s / dense_tp
+            unpaired.add(id(r))
+    return xs, unpaired
 
 
 def _layers(rows: list[Row], xcol: str) -> dict:
-    pts = [r for r in rows if getattr(r, xcol) is not None and r.top1 is not None]
+    xv, unpaired = x_values(rows, xcol)
+    pts = [r for r in rows if id(r) in xv and r.top1 is not None]
     dense = [r for r in pts if r.is_dense]
     curves: dict[str, list[Row]] = {}
     points: list[Row] = []
@@ -61,11 +88,13 @@ def _layers(rows: list[Row], xcol: str) -> dict:
         on_grid = [r for r in mine if r.targets]
         curve = on_grid if on_grid else (mine if len(mine) > 1 else [])
         if curve:
-            curves[lab] = sorted(curve, key=lambda r: (r.gflops or 0.0, getattr(r, xcol)))
+            curves[lab] = sorted(curve, key=lambda r: (r.gflops or 0.0, xv[id(r)]))
         points += [r for r in mine if not any(r is c for c in curve)]
-    hollow = {id(r) for r in pts if xcol == "img_per_s" and timing_flagged(r)}
-    return {"curves": curves, "points": points, "dense": dense, "hollow": hollow,
-            "frontier": pareto([(getattr(r, xcol), r.top1) for r in pts], xcol == "gflops")}
+    timed = xcol in ("img_per_s", "speedup")
+    hollow = {id(r) for r in pts if timed and timing_flagged(r)} | unpaired
+    return {"curves": curves, "points": points, "dense": dense, "hollow": hollow, "unpaired": unpaired,
+            "x": {id(r): xv[id(r)] for r in pts},
+            "frontier": pareto([(xv[id(r)], r.top1) for r in pts if id(r) not in unpaired], xcol == "gflops")}
 
 
 def _point_label(r: Row, has_curve: bool) -> str:
@@ -83,18 +112,23 @@ def _dodge(layers: dict, xcol: str) -> dict[str, float]:
     if xcol != "gflops" or len(labels) < 2:
         return {lab: 0.0 for lab in labels}
     drawn = [r for rs in layers["curves"].values() for r in rs] + layers["dense"]
-    xs = [getattr(r, xcol) for r in drawn]
+    xs = [layers["x"][id(r)] for r in drawn]
     span = (max(xs) - min(xs)) or 1.0
     step = 0.008 * span
     return {lab: (i - (len(labels) - 1) / 2) * step for i, lab in enumerate(labels)}
 
 
+LEGEND_COLUMNS = 3
+MIN_Y_TICKS = 4
+
+
 def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
-    """accuracy vs GFLOPs and vs throughput, per model; returns the files written.
+    """accuracy vs GFLOPs and vs the paired speedup, per model; returns the files written.
 
     Curves per method, controls and off-grid runs as separate labelled markers, the Pareto
     frontier as a wide grey band behind them, 95% Wilson intervals as bars (said in the legend),
-    flagged timings hollow on the throughput axis.
+    flagged or unpaired timings hollow on the speedup axis.  The legend sits below the figure in
+    columns, so the axes keep the figure's whole height whatever the number of methods.
     """
     import sys
 
@@ -105,6 +139,7 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
     import matplotlib.pyplot as plt
     import seaborn as sns
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     disp = [r for r in map(as_row, res["display"]) if r.top1 is not None]
     written: list[Path] = []
@@ -113,15 +148,16 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
     families = {r.label: r.family for r in disp if not r.is_dense}
     style = method_styles(labels, families)
     axes_spec = [("gflops", "accuracy_vs_gflops", "Computation (GFLOPs per image)"),
-                 ("img_per_s", "accuracy_vs_throughput", "Throughput (images/s)")]
+                 ("speedup", "accuracy_vs_throughput", "Speedup over dense")]
     for model in models:
         rows = [r for r in disp if r.model == model]
         for xcol, fname, xlabel in axes_spec:
             layers = plot_layers(rows, xcol)
             if not (layers["curves"] or layers["points"] or layers["dense"]):
                 continue
+            xv = layers["x"]
             with sns.axes_style("whitegrid"), plt.rc_context(PLOT_RC):
-                fig, ax = plt.subplots(figsize=(FIG_SIZE[0], FIG_SIZE[1] + 0.5))
+                fig, ax = plt.subplots(figsize=FIG_SIZE)
                 handles: list = []
                 front = layers["frontier"]
                 if len(front) > 1:
@@ -140,36 +176,41 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
 
                 for lab, lr in layers["curves"].items():
                     color, marker = style[lab]
-                    xs = [getattr(r, xcol) + dodge[lab] for r in lr]
+                    xs = [xv[id(r)] + dodge[lab] for r in lr]
                     ax.plot(xs, [r.top1 for r in lr], color=color, lw=1.0, alpha=0.85, zorder=2)
                     for r, x in zip(lr, xs):
                         draw(r, x, color, marker, 4.0, 3)
                     handles.append(Line2D([], [], color=color, marker=marker, ms=4.0, mec="white", mew=0.4, label=lab))
                 for r in layers["points"]:  # larger than a curve's markers
                     color, marker = style[r.label]
-                    draw(r, getattr(r, xcol), color, marker, 6.0, 5)
+                    draw(r, xv[id(r)], color, marker, 6.0, 5)
                     handles.append(Line2D([], [], ls="none", color=color, marker=marker, ms=6.0, mec="white",
                                           mew=0.4, label=_point_label(r, r.label in layers["curves"])))
                 for r in layers["dense"]:
-                    draw(r, getattr(r, xcol), "black", "*", 8.0, 6)
+                    draw(r, xv[id(r)], "black", "*", 8.0, 6)
                 if layers["dense"]:
                     handles.append(Line2D([], [], ls="none", color="black", marker="*", ms=8.0, mec="white",
                                           mew=0.4, label="dense"))
                 drawn = [r.label for rs in layers["curves"].values() for r in rs] + [r.label for r in layers["points"]]
                 handles += family_handles(families[lab] for lab in dict.fromkeys(drawn))
-                if layers["hollow"]:
+                if layers["hollow"] - layers["unpaired"]:
                     handles.append(Line2D([], [], ls="none", color="0.3", marker="o", ms=4.0, mfc="none", mew=0.9,
                                           label="hollow: flagged timing"))
-                ax.set_xlabel(xlabel if xcol == "gflops" else _tp_label([r for rs in layers["curves"].values()
-                                                                          for r in rs] + layers["points"]
-                                                                         + layers["dense"]))
+                if layers["unpaired"]:
+                    handles.append(Line2D([], [], ls="none", color="0.3", marker="o", ms=4.0, mfc="none", mew=0.9,
+                                          label="hollow: no paired timing (img/s ratio, off the frontier)"))
+                timed = [r for rs in layers["curves"].values() for r in rs] + layers["points"] + layers["dense"]
+                ax.set_xlabel(xlabel if xcol == "gflops" else _tp_label(timed))
                 ax.set_ylabel("Top-1 accuracy (%)")
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10], min_n_ticks=MIN_Y_TICKS))
                 if len(models) > 1:
                     ax.set_title(model)
                 note = ERRORBAR_NOTE + ("; curves dodged slightly in x" if any(dodge.values()) else "")
-                ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.27), ncol=2, frameon=False,
-                          handlelength=1.8, columnspacing=1.0, title=note, title_fontsize=6, fontsize=6.5)
                 fig.tight_layout()
+                # below the figure's own area (x label included): the saved image grows to hold it
+                fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=LEGEND_COLUMNS,
+                           frameon=False, handlelength=1.5, columnspacing=0.8, handletextpad=0.4,
+                           title=note, title_fontsize=5.5, fontsize=5.5)
                 suffix = "" if len(models) == 1 else "_" + model.replace("/", "_")
                 written += save(fig, plots_dir / f"{fname}{suffix}")
                 plt.close(fig)
@@ -182,7 +223,7 @@ def _tp_label(rows) -> str:
     extra = f", {dev}" + (f" x{r.threads}" if r.threads and dev == "cpu" else "")
     if r.batch_size:
         extra += f", batch {r.batch_size}"
-    return f"Throughput (images/s{extra})"
+    return f"Speedup over dense (paired{extra})"
 
 
 def _yerr(rows):
