@@ -298,8 +298,9 @@ def csv_text(res: dict) -> str:
 def summary_table(res: dict):
     """A compact rich table of the display rows for the terminal (the full table is results.md).
 
-    At most six columns, which fit 80: numbers are never cut; the setting (parameters, seeds,
-    learned parts), the flags and a seed-averaged top-1's interval wrap onto further lines."""
+    At most six columns, which fit 80: numbers are never cut; the setting (the budget knob and
+    the parameters set away from their defaults, seeds, learned parts), the flags (whole words)
+    and a seed-averaged top-1's interval wrap onto further lines."""
     from rich import box
     from rich.table import Table
 
@@ -308,7 +309,7 @@ def summary_table(res: dict):
     rows = []
     for r in disp:
         c = display_cells(r)
-        setting = c["Params"] if c["Params"] != NONE else ""
+        setting = "" if r.is_dense else paper_setting(r)
         if r.learned not in (None, "none"):
             setting += ("; " if setting else "") + r.learned
         top1 = num(r.top1, ".2f")
@@ -318,16 +319,19 @@ def summary_table(res: dict):
             top1 += f" [{r.top1_lo:.1f}–{r.top1_hi:.1f}]"  # no space inside: it wraps before the interval
         rows.append(([r.model] if multi else []) +
                     [c["Method"], setting or NONE, c["FLOPs"], c["Speedup [q1, q3]"].split(" [")[0], top1,
-                     c["Flags"]])
+                     ", ".join(sorted(r.flag_set or ())) if r.flag_set else c["Flags"].replace(",", ", ")])
     cols = (["Model"] if multi else []) + list(SUMMARY_COLUMNS)
     # columns nothing was measured for (a FLOPs-only sweep's speedup and top-1) are left out
     shown = [j for j, c in enumerate(cols)
              if c in ("Method", "Setting") or any(row[j] not in (NONE, "") for row in rows)]
     t = Table(title=f"tokenbench: {Path(res['out'])}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # a flag is never cut: the column is at least as wide as the longest flag word
+    flag_width = max([len(w) for row in rows for w in row[-1].replace(",", " ").split()] + [5])
     for j in shown:
         c = cols[j]
         t.add_column(c, no_wrap=c in ("Method", "FLOPs", "Speedup"), justify="right" if c in ("FLOPs", "Speedup")
-                     else "left", overflow="fold", min_width={"Setting": 16, "Top-1 % [95% CI]": 17}.get(c))
+                     else "left", overflow="fold",
+                     min_width={"Setting": 16, "Top-1 % [95% CI]": 17, "Flags": flag_width}.get(c))
     for row in rows:
         t.add_row(*(row[j] for j in shown))
     return t

@@ -1,0 +1,33 @@
+"""The end-of-sweep summary fits 80 columns: only the knob and non-default parameters, flags whole."""
+
+from rich.console import Console
+
+from tokenbench import report as R
+from tokenbench.registry import get_method
+
+
+def _row(label, method, params, flags=(), top1=88.0):
+    return {"row_type": "run", "model": "m", "label": label, "method": method, "_params": dict(params),
+            "_targets": [0.7], "target": "0.7", "_seed_param": None, "gflops": 0.035, "flops_rel": 0.7,
+            "top1": top1, "top1_lo": top1 - 0.9, "top1_hi": top1 + 0.9, "top5": 99.0, "n": 5000, "params_m": 0.9,
+            "device": "cpu", "threads": 2, "batch_size": 64, "precision": "fp32", "learned": "none",
+            "checkpoint": None, "warnings": [], "_flags": set(flags), "flags": ",".join(sorted(flags)),
+            "_tolerance": 0.03, "speedup": 1.1}
+
+
+def test_summary_fits_80_columns_with_defaults_left_out_and_flags_whole(tmp_path):
+    mctf = get_method("mctf").validate({"r": [3, 3, 3] + [2] * 9})       # every default spelled out
+    rows = [_row("mctf", "mctf", mctf, flags=("busy", "noisy", "unpaired")),
+            _row("tome", "tome", get_method("tome").validate({"r": 3}), flags=("flops-miss", "unpaired")),
+            _row("topk", "topk", {"keep_rate": 0.755})]
+    con = Console(width=80, record=True, file=open(tmp_path / "sink", "w"))
+    con.print(R.summary_table({"display": rows, "out": tmp_path}))
+    text = con.export_text()
+    lines = text.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    assert "tau_info" not in text and "prop_attn" not in text and "bidirection" not in text
+    assert "r=[3x3,2x9]" in text
+    words = text.replace(",", " ").split()
+    for flag in ("busy", "noisy", "unpaired", "flops-miss"):
+        assert flag in words, (flag, text)
+    assert len(lines) <= 5 + 2 * len(rows)
