@@ -59,30 +59,56 @@ def _search_progress(console):
                     TimeElapsedColumn(), console=console, transient=True, expand=True)
 
 
-def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, retime=None):
-    """``sweep.execute`` under a bar of the measurements still to make (reused ones are not
-    counted, so the time left is that of the measuring), with the run being measured."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, retime=None, lines: bool = False):
+    """``sweep.execute`` under a bar of the measurements still to make (``console``; reused ones
+    are not counted, so the time left is that of the measuring), with the run being measured;
+    ``lines``: one line on stdout per measurement made (for a log).  The time left is estimated
+    from the measured durations of each kind alone (:class:`tokenbench.sweep.progress.StepTimer`)."""
+    from .sweep.progress import StepTimer, duration_text, step_line
+
+    todo_keys = {k for kk in keys for k in kk.values() if force or k in (retime or ()) or not store.has(k)}
+    left: dict[str, int] = {}
+    for kk in keys:
+        for kind, k in kk.items():
+            if k in todo_keys:
+                left[kind] = left.get(kind, 0) + 1
+    timer = StepTimer(left)
+    index = {id(r): i for i, r in enumerate(runs)}
+    seen: set[str] = set()
+    if lines:
+        typer.echo(f"{len(runs)} runs: {len(todo_keys)} measurements to make, the others recorded")
+
+    def on_step(i, total, run, kind):
+        key = None
+        if run is not None and id(run) in index:
+            key = keys[index[id(run)]].get(kind.split(":")[0])
+        measuring = key in todo_keys and key not in seen
+        seen.add(key)
+        ended = timer.start(f"{run.name}" if run is not None else "", kind.split(":")[0], measuring) \
+            if run is not None else timer.finish()
+        if lines and ended is not None:
+            typer.echo(step_line(timer, ended))
+        return run is None
+
+    if console is None:
+        return sw_mod.execute(spec, runs, store, force=force, on_step=on_step, retime=retime)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Column
 
-    todo = {k for kk in keys for k in kk.values() if force or k in (retime or ()) or not store.has(k)}
-    index = {id(r): i for i, r in enumerate(runs)}
-    reached: set[str] = set()
     with Progress(TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
                   BarColumn(bar_width=12), MofNCompleteColumn(), TextColumn("measurements"), TimeElapsedColumn(),
-                  TextColumn("left"), TimeRemainingColumn(), console=console, expand=True) as prog:
-        task = prog.add_task(f"{len(runs)} runs", total=len(todo))
+                  TextColumn("left {task.fields[eta]}"), console=console, expand=True) as prog:
+        task = prog.add_task(f"{len(runs)} runs", total=len(todo_keys), eta="?")
 
-        def on_step(i, total, run, kind):
-            if run is None:
-                prog.update(task, completed=len(todo), description="writing tables and plots")
+        def on_step_bar(i, total, run, kind):
+            if on_step(i, total, run, kind):
+                prog.update(task, completed=len(todo_keys), description="writing tables and plots", eta="0 s")
                 return
-            key = keys[index[id(run)]].get(kind.split(":")[0]) if id(run) in index else None
-            prog.update(task, completed=len((reached - {key}) & todo), description=f"{run.name} [{kind}]")
-            reached.add(key)
+            prog.update(task, completed=timer.done, description=f"{run.name} [{kind}]",
+                        eta=duration_text(timer.seconds_left()))
 
-        return sw_mod.execute(spec, runs, store, force=force, on_step=on_step, retime=retime,
+        return sw_mod.execute(spec, runs, store, force=force, on_step=on_step_bar, retime=retime,
                               on_note=lambda m: console.print(m, markup=False, highlight=False))
 
 
@@ -238,10 +264,13 @@ def register(app: typer.Typer) -> None:
             outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force,
                                    console=None if quiet else err)
             steps = outcome.steps
-        elif quiet:
-            steps = sw_mod.execute(spec, runs, store, force=force, retime=retime)
-        else:
-            steps = _execute_with_progress(sw_mod, spec, runs, keys, store, force, err, retime)
+        else:  # a bar on a terminal's stderr; a line per measurement where stdout is a log
+            lines = not json_ and not sys.stdout.isatty()
+            if quiet and not lines:
+                steps = sw_mod.execute(spec, runs, store, force=force, retime=retime)
+            else:
+                steps = _execute_with_progress(sw_mod, spec, runs, keys, store, force, None if quiet else err,
+                                               retime, lines=lines)
         from .distributed import is_main
 
         if not is_main():  # under torchrun, rank 0 writes the tables
