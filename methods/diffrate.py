@@ -87,6 +87,7 @@ import torch.nn.functional as F
 
 from tokenbench.backbones import AttnInfo, TokenState, add_module, backbone_of, last_state, plan_of
 from tokenbench.errors import UserError
+from tokenbench.methods._policy import softmax_with_policy
 from tokenbench.registry import Method, Param, register
 
 REF_TOKENS = 197  # the official counts are for 196 patches + the class token
@@ -324,6 +325,7 @@ def search_setup(model, params: dict):
     add_module(model, RATES_ATTR, rates)
     plan = plan_of(model)
     plan.on_start.append(_search_on_start)
+    plan.policy_softmax = softmax_with_policy
     for i in range(bb.depth):
         plan.mid[i] = _search_hook(i)
         plan.needs[i] = ("cls_attn",)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
-from tokenbench.backbones.vit import keep_counts
+from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.measure import register_flop_handle
 from tokenbench.methods.kmedoids import cdist_flop
 from tokenbench.methods.random import stage_key, token_scores
@@ -162,4 +162,4 @@ class DPCKNN(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, k_neighbors: int = 5, seed: int = 0):
-        return backbone_of(model, self.name).staged_schedule(keep_rate, "pre")
+        return staged_schedule(backbone_of(model, self.name), keep_rate, "pre")

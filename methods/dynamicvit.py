@@ -19,7 +19,7 @@ Faithful to the official ``models/dyvit.py`` (``VisionTransformerDiffPruning``):
   descending), the class token first;
 - training (``model.train()``): no token is removed; decisions are hard straight-through
   Gumbel-softmax samples of the predictor's log-probabilities, multiplied by the
-  previous decision, and the policy masks attention (``softmax_with_policy`` of the ViT backbone) in
+  previous decision, and the policy masks attention (``softmax_with_policy``, ``methods/_policy.py``) in
   every block, the ones before the first stage included (all-ones policy there, as
   the official);
 - the losses of the official ``DistillDiffPruningLoss_dynamic`` as used for DeiT
@@ -77,6 +77,8 @@ from tokenbench.backbones import (TokenState, add_module, applied_method, backbo
                                   plan_settings)
 from tokenbench.errors import UserError
 from tokenbench.methods import dynamicvit_hierarchical as hier
+from tokenbench.methods._policy import softmax_with_policy
+from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
 
 PREDICTOR_ATTR = "score_predictor"  # the official attribute name: keys score_predictor.{i}.*
@@ -424,6 +426,7 @@ class DynamicViT(Method):
             preds.train(model.training)
         add_module(model, PREDICTOR_ATTR, preds)
         plan.on_start.append(_on_start)
+        plan.policy_softmax = softmax_with_policy
         for s, i in enumerate(sites):
             plan.pre[i] = _make_stage_hook(s, keep_rate)
         return model
@@ -436,7 +439,7 @@ class DynamicViT(Method):
         bb = backbone_of(model, self.name)
         if bb.name != "vit":
             return hier.expected_tokens(model, keep_rate)
-        return bb.staged_schedule(keep_rate, "pre")
+        return staged_schedule(bb, keep_rate, "pre")
 
     def train_setup(self, model, teacher, params: Optional[dict] = None, weights: Optional[dict] = None):
         if backbone_of(model, self.name).name != "vit":

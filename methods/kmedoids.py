@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
-from tokenbench.backbones.vit import keep_counts
+from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.measure import register_flop_handle
 from tokenbench.registry import Method, Param, register
 
@@ -186,4 +186,4 @@ class KMedoids(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, iters: int = 3):
-        return backbone_of(model, self.name).staged_schedule(keep_rate, "pre")
+        return staged_schedule(backbone_of(model, self.name), keep_rate, "pre")

@@ -25,7 +25,7 @@ In an active block, *before* its attention (the official block merges its input)
    (mode 1) the block's attention is not recomputed: the matrix of step 1 is fused too (columns of
    a group summed, rows averaged with the same weights ``w``) and multiplied with the values of
    the fused tokens.  This is why this method asks for the full attention matrix and hands it to
-   the block (``TokenState.next_attn``; the block then projects only the values, as the official
+   the block (``plan.attend``; the block then projects only the values, as the official
    ``MHSA`` does).  The fused matrix is not formed: the block multiplies the unfused matrix by
    the fused values, each column reading its group's value (the column sums, by linearity), and
    pools the rows of the product with the weights ``w`` (``AheadAttention``).  The result is
@@ -48,12 +48,12 @@ several only on the A side); ``one_step_ahead = 0`` (fusing after the MLP) and p
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from tokenbench.backbones import AheadAttention, TokenState, backbone_of
+from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.backbones.vit import attention_probs
 from tokenbench.errors import UserError
 from tokenbench.registry import Method, Param, register
 
@@ -172,6 +172,29 @@ def fused_group(f: Fusion, n: int) -> torch.Tensor:
     return group.scatter_(1, f.src_idx, f.dst)
 
 
+class AheadAttention(NamedTuple):
+    """Attention probabilities computed before the tokens were fused, for the fused tokens'
+    attention (one-step-ahead attention), without fusing the matrix itself.
+
+    Fusing ``attn`` sums the columns of each group and pools its rows; the block computes the
+    same product with the fused values instead: ``pool(attn @ v[:, :, group])``, each old
+    token's column reading the value of the fused token it went into (a column sum, by
+    linearity) and the rows pooled after the product (the rows' pooling commutes with it).
+    This multiplies an N-row matrix by the values (N^2 instead of K^2 multiply-adds per head)
+    and never copies the [B, H, N, N] matrix, which gathering its groups did twice.
+    """
+
+    attn: torch.Tensor                                  # [B, H, N, N] on the tokens before fusing
+    group: torch.Tensor                                 # [B, N] int64: the fused token each went into
+    pool: Callable[[torch.Tensor], torch.Tensor]        # rows [B, N, C] -> fused rows [B, K, C]
+
+    def mix(self, v: torch.Tensor, attn_drop: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The fused tokens' values [B, H, K, head_dim] -> the attention's rows [B, K, H * head_dim]."""
+        b, h, _, hd = v.shape
+        v_old = v.gather(2, self.group[:, None, :, None].expand(-1, h, -1, hd))
+        return self.pool((attn_drop(self.attn) @ v_old).transpose(1, 2).reshape(b, -1, h * hd))
+
+
 def ahead_attention(attn: torch.Tensor, f: Fusion, w: torch.Tensor, norm: torch.Tensor) -> AheadAttention:
     """One-step-ahead attention: ``attn`` [B, H, N, N] with its key groups summed and its query
     groups averaged with ``w`` [B, N, 1] (``norm`` [B, K, 1]: the groups' summed ``w``), as the
@@ -179,21 +202,6 @@ def ahead_attention(attn: torch.Tensor, f: Fusion, w: torch.Tensor, norm: torch.
     (:class:`AheadAttention`), so the matrix is never copied."""
     return AheadAttention(attn, fused_group(f, attn.shape[-1]),
                           lambda rows: group_sum(rows * w, f, dim=1) / norm)
-
-
-def input_attention(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
-    """The block's attention probabilities [B, H, N, N] on its input (queries and keys only)."""
-    mod = block.attn
-    b, n, _ = x.shape
-    h, hd = mod.num_heads, mod.head_dim
-    bias = None if mod.qkv.bias is None else mod.qkv.bias[:2 * h * hd]
-    qk = F.linear(block.norm1(x), mod.qkv.weight[:2 * h * hd], bias).reshape(b, n, 2, h, hd).permute(2, 0, 3, 1, 4)
-    q, k = mod.q_norm(qk[0]), mod.k_norm(qk[1])
-    logits = (q * mod.scale) @ k.transpose(-2, -1)
-    mask = st.attn_bias(logits.dtype)
-    if mask is not None:
-        logits = logits + mask
-    return logits.softmax(dim=-1)
 
 
 # --------------------------------------------------------------------------- hook
@@ -204,17 +212,26 @@ def _mctf_hook(r: int, tau_sim: float, tau_info: float, tau_size: float, bidirec
         rr = clip_r(r, x.shape[1], st.n_prefix)
         if rr <= 0:
             return x
-        attn = input_attention(block, x, st)
+        attn = attention_probs(block, x, st)
         f = mctf_fusion(x, attn, st.size, rr, tau_sim, tau_info, tau_size, bidirection)
         w = pooling_weights(attn, st.size, pooling).detach()
         norm = group_sum(w, f, dim=1)
         if one_step_ahead == 1:
-            st.next_attn = ahead_attention(attn, f, w, norm)
+            st.extra[_AHEAD] = ahead_attention(attn, f, w, norm)
         st.ensure_size(x)
         out = st.merge(x * w, f.keep_idx, f.src_idx, f.dst, mode="sum")
         return out / norm
 
     return pre
+
+
+_AHEAD = "mctf_ahead"  # st.extra: the attention the block's own pre hook computed, used once
+
+
+def _take_ahead(block, x: torch.Tensor, st: TokenState):
+    """``plan.attend``: the one-step-ahead attention the pre hook left, once (None: recompute)."""
+    ahead = st.extra.pop(_AHEAD, None)
+    return None if ahead is None else ahead.mix
 
 
 @register
@@ -266,6 +283,7 @@ class MCTF(Method):
             if ri > 0:
                 plan.pre[i] = _mctf_hook(ri, float(tau_sim), float(tau_info), float(tau_size),
                                          bool(bidirection), int(one_step_ahead), int(pooling))
+                plan.attend[i] = _take_ahead
         return model
 
     @classmethod

@@ -27,6 +27,7 @@ import torch
 
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.methods import dynamicvit_hierarchical as hier
+from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
 
 _M32 = 0xFFFFFFFF
@@ -121,4 +122,4 @@ class RandomPrune(Method):
         bb = backbone_of(model, self.name)
         if bb.name != "vit":
             return hier.expected_tokens(model, keep_rate, self.name)
-        return bb.staged_schedule(keep_rate, "mid")
+        return staged_schedule(bb, keep_rate, "mid")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
 
 
@@ -75,5 +76,5 @@ class TopK(Method):
         return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
-        return backbone_of(model, self.name).staged_schedule(keep_rate, "mid")
+        return staged_schedule(backbone_of(model, self.name), keep_rate, "mid")
 

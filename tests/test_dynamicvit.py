@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 from tokenbench import registry, vit
 from tokenbench.errors import UserError
-from tokenbench.backbones import last_state
+from tokenbench.backbones import TokenState, last_state
+from tokenbench.backbones.vit import attention
+from tokenbench.methods._policy import softmax_with_policy
+from tokenbench.methods._staged import keep_counts
 
 registry.load_methods()
 dv = sys.modules["tokenbench_methods.dynamicvit"]
@@ -161,7 +164,7 @@ def test_deit_s_schedule():
     with torch.no_grad():
         m(torch.randn(1, 3, 224, 224))
     assert last_state(m).tokens == exp[0] and last_state(m).tokens_mlp == exp[1]
-    assert vit.keep_counts(196, 3, 0.7) == [int(196 * 0.7), int(196 * 0.7 ** 2), int(196 * 0.7 ** 3)]
+    assert keep_counts(196, 3, 0.7) == [int(196 * 0.7), int(196 * 0.7 ** 2), int(196 * 0.7 ** 3)]
 
 
 def test_batch_consistency():
@@ -314,18 +317,18 @@ def test_masked_attention_equals_attention_over_kept():
     blk = tiny().blocks[2]
     x = torch.randn(2, 9, 48)
     keep = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1, 1, 0, 1]], dtype=torch.float32)
-    st = vit.TokenState(1)
+    st = TokenState(1)
     st.policy = keep[..., None]
     with torch.no_grad():
-        out, _ = vit.attention(blk.attn, x, st, False, False)
+        out, _ = attention(blk.attn, x, st, policy_softmax=softmax_with_policy)
         for b in range(2):
             idx = keep[b].nonzero()[:, 0]
-            sub, _ = vit.attention(blk.attn, x[b:b + 1, idx], vit.TokenState(1), False, False)
+            sub, _ = attention(blk.attn, x[b:b + 1, idx], TokenState(1))
             assert torch.allclose(out[b, idx], sub[0], atol=1e-5)
             # a dropped token attends to the kept tokens and to itself
             for j in (keep[b] == 0).nonzero()[:, 0].tolist():
                 idx_j = torch.cat([idx, torch.tensor([j])])
-                sub_j, _ = vit.attention(blk.attn, x[b:b + 1, idx_j], vit.TokenState(1), False, False)
+                sub_j, _ = attention(blk.attn, x[b:b + 1, idx_j], TokenState(1))
                 assert torch.allclose(out[b, j], sub_j[0, -1], atol=1e-5)
 
 

@@ -158,7 +158,7 @@ def test_next_attention_is_consumed():
     registry.apply(model, "mctf", r=4)
     with torch.no_grad():
         model(random_images(model, 2))
-    assert last_state(model).next_attn is None
+    assert "mctf_ahead" not in last_state(model).extra
 
 
 def test_ahead_attention_equals_the_fused_matrix():

@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from .backbones import (AttnInfo, Plan, TokenState, add_module, backbone_of, image_ids, last_state,  # noqa: F401
                         prepare, restore, set_track_source)
-from .backbones.vit import attention as _attention, keep_counts, quarter_sites as depth_sites, softmax_with_policy  # noqa: F401
+from .backbones.vit import attention as _attention, quarter_sites as depth_sites  # noqa: F401
+from .methods._policy import softmax_with_policy  # noqa: F401
+from .methods._staged import keep_counts, staged_schedule as _staged_schedule  # noqa: F401
 
 
 def check_vit(model: nn.Module, method: str = "this method", need_class_token: bool = False) -> None:
@@ -23,10 +25,10 @@ def num_patches(model: nn.Module) -> int:
 
 
 def staged_schedule(model: nn.Module, keep_rate: float, where: str = "mid"):
-    return backbone_of(model).staged_schedule(keep_rate, where)
+    return _staged_schedule(backbone_of(model), keep_rate, where)
 
 
 def attention(mod: nn.Module, x, state, need_keys: bool = False, need_attn: bool = False):
     """The 0.1 signature of :func:`tokenbench.backbones.vit.attention`."""
     needs = (("keys",) if need_keys else ()) + (("cls_attn",) if need_attn else ())
-    return _attention(mod, x, state, needs)
+    return _attention(mod, x, state, needs, policy_softmax=softmax_with_policy)

@@ -11,6 +11,10 @@ Hook kinds (a backbone runs those it supports and refuses the others):
 - ``plan.mid[i] = fn(block, x, state, info) -> x``: inside block ``i``, after the token
   mixer's residual and before the MLP; ``info`` describes the attention
   (:class:`~tokenbench.backbones.tokens.AttnInfo`) when ``plan.needs[i]`` asks for it;
+- ``plan.attend[i] = fn(block, x, state) -> mix or None``: ViT, the attention of block ``i``
+  (after its ``pre`` hook) when a hook already holds its probabilities: ``mix(v, attn_drop)``
+  turns the block's values [B, H, N, head_dim] into the attention's rows [B, N, C]
+  (:func:`~tokenbench.backbones.vit.attention_from_values`); None: the usual attention;
 - ``plan.post[i] = fn(block, x, state) -> x``: after block ``i``'s MLP residual (ViT), where
   a method reads the block's output (A-ViT's halting) or changes what the next block gets;
 - ``plan.subset[i] = fn(block, x, state) -> (idx, fast)``: hierarchical backbones run
@@ -50,18 +54,23 @@ class Plan:
         self.method = method
         self.pre: dict[int, Callable] = {}
         self.mid: dict[int, Callable] = {}
+        self.attend: dict[int, Callable] = {}
         self.post: dict[int, Callable] = {}
         self.subset: dict[int, Callable] = {}
         self.streams: dict[int, Callable] = {}
         self.needs: dict[int, tuple[str, ...]] = {}
         self.on_start: list[Callable] = []
         self.prop_attn = False
+        # ViT: how attention honours ``TokenState.policy`` (a method that sets a policy sets
+        # this too): ``fn(logits [B, H, N, N], policy [B, N, 1]) -> probabilities``.
+        self.policy_softmax: Optional[Callable] = None
         # Values a method's training hooks change between steps (e.g. EViT's warm-up keep
         # rate): read by the method's own hooks, never by the harness.
         self.settings: dict = {}
 
     def hooked(self, i: int) -> bool:
-        return i in self.pre or i in self.mid or i in self.post or i in self.subset or i in self.streams
+        return (i in self.pre or i in self.mid or i in self.attend or i in self.post or i in self.subset
+                or i in self.streams)
 
 
 class Backbone:

@@ -18,7 +18,7 @@ pooled or counted).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -28,23 +28,6 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2:
         return t.gather(1, idx)
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-
-
-class AheadAttention(NamedTuple):
-    """Attention probabilities computed before the tokens were fused, for the fused tokens'
-    attention (MCTF's one-step-ahead attention), without fusing the matrix itself.
-
-    Fusing ``attn`` sums the columns of each group and pools its rows; the block computes the
-    same product with the fused values instead: ``pool(attn @ v[:, :, group])``, each old
-    token's column reading the value of the fused token it went into (a column sum, by
-    linearity) and the rows pooled after the product (the rows' pooling commutes with it).
-    This multiplies an N-row matrix by the values (N^2 instead of K^2 multiply-adds per head)
-    and never copies the [B, H, N, N] matrix, which gathering its groups did twice.
-    """
-
-    attn: torch.Tensor                                  # [B, H, N, N] on the tokens before fusing
-    group: torch.Tensor                                 # [B, N] int64: the fused token each went into
-    pool: Callable[[torch.Tensor], torch.Tensor]        # rows [B, N, C] -> fused rows [B, K, C]
 
 
 class TokenState:
@@ -70,11 +53,6 @@ class TokenState:
         self.extra: dict[str, Any] = {}               # method-specific carry (e.g. DynamicViT's decisions)
         self.image_ids: Optional[torch.Tensor] = None  # [B] int64: each image's index in the evaluated set
         self.settings: dict = {}                      # the plan's settings (training schedules), read-only here
-        # attention probabilities a pre-block hook already computed for the next attention
-        # (MCTF's one-step-ahead attention): [B, H, N, N] on the block's tokens, or an
-        # AheadAttention on the tokens before they were fused; the block uses it once, then
-        # clears this.
-        self.next_attn: Optional[torch.Tensor | AheadAttention] = None
 
     # ----------------------------------------------------------- start
     def start(self, x: torch.Tensor) -> None:

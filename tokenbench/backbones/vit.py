@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -29,22 +29,9 @@ from ..errors import UserError
 
 from .base import Backbone, default_input_config, Plan, register_backbone
 from .surgery import begin_forward, block_surgery, checkpointing_switch, surgery_of
-from .tokens import AheadAttention, AttnInfo, TokenState
+from .tokens import AttnInfo, TokenState
 
 # --------------------------------------------------------------------------- attention
-
-def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """DynamicViT's masked softmax: dropped tokens are not attended to, except by themselves."""
-    b, n, _ = policy.shape
-    attn_policy = policy.reshape(b, 1, 1, n)
-    eye = torch.eye(n, dtype=attn_policy.dtype, device=attn_policy.device).view(1, 1, n, n)
-    attn_policy = attn_policy + (1.0 - attn_policy) * eye
-    max_att = torch.max(attn, dim=-1, keepdim=True)[0]
-    attn = attn - max_att
-    attn = attn.to(torch.float32).exp_() * attn_policy.to(torch.float32)
-    attn = (attn + eps / n) / (attn.sum(dim=-1, keepdim=True) + eps)
-    return attn.type_as(max_att)
-
 
 def _user_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, dtype, device) -> Optional[torch.Tensor]:
     """timm's ``attn_mask`` (bool: True = attend, or additive) and ``is_causal`` as one additive mask."""
@@ -63,18 +50,18 @@ def _user_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, dtype
 
 
 def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple = (),
-              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+              policy_softmax: Optional[Callable] = None):
     """timm ``Attention`` forward with the state's masks and what hooks need.
 
     Returns (output [B, N, C], AttnInfo).  ``needs``: ``"keys"`` (keys averaged over heads),
     ``"cls_attn"`` (the class token's attention row), ``"attn"`` (the full matrix),
     ``"values"``.  The block's output uses fused scaled-dot-product attention (the state's
     size bias and padding mask as an additive mask), as timm does, unless timm's switch
-    ``mod.fused_attn`` is off or a training policy needs DynamicViT's masked softmax; a
-    method reading the class row gets one extra softmax row, not the matrix.
+    ``mod.fused_attn`` is off or the state carries a training policy, which
+    ``policy_softmax(logits, policy)`` (the plan's) turns into probabilities; a method reading
+    the class row gets one extra softmax row, not the matrix.
     """
-    if state.next_attn is not None:
-        return attention_given(mod, x, state)
     b, n, c = x.shape
     h, hd = mod.num_heads, mod.head_dim
     gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
@@ -90,7 +77,12 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple =
         logits = (q * mod.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
-        attn_full = logits.softmax(dim=-1) if state.policy is None else softmax_with_policy(logits, state.policy)
+        if state.policy is None:
+            attn_full = logits.softmax(dim=-1)
+        elif policy_softmax is None:
+            raise RuntimeError("the token state carries a policy but the plan has no policy_softmax")
+        else:
+            attn_full = policy_softmax(logits, state.policy)
         attn_full = mod.attn_drop(attn_full)
         out = attn_full @ v
     else:
@@ -108,31 +100,37 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple =
     return out, info
 
 
-def attention_given(mod: nn.Module, x: torch.Tensor, state: TokenState):
-    """timm ``Attention`` forward with the probabilities ``state.next_attn`` a hook computed
-    already (MCTF's one-step-ahead attention): only the values are projected (the value third
-    of ``qkv``), then ``attn @ v``, or for an :class:`AheadAttention` (probabilities on the
-    tokens before they were fused) ``pool(attn @ v[group])``.  Clears ``state.next_attn``;
-    returns (output, AttnInfo)."""
-    given, state.next_attn = state.next_attn, None
+def attention_from_values(mod: nn.Module, x: torch.Tensor, state: TokenState, mix: Callable):
+    """timm ``Attention`` forward whose probabilities a hook already holds (``plan.attend``): only
+    the values are projected (the value third of ``qkv``), ``mix(v, attn_drop)`` turns them
+    ([B, H, N, head_dim]) into the attention's rows [B, N, H * head_dim], then timm's norm, gate
+    and projection.  Returns (output, AttnInfo with the values)."""
     b, n, _ = x.shape
     h, hd = mod.num_heads, mod.head_dim
     gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
     bias = None if mod.qkv.bias is None else mod.qkv.bias[2 * h * hd:]
     v = F.linear(x, mod.qkv.weight[2 * h * hd:], bias).reshape(b, n, h, hd).transpose(1, 2)
-    if isinstance(given, AheadAttention):
-        attn = None                                     # the fused matrix is never formed
-        v_old = v.gather(2, given.group[:, None, :, None].expand(-1, h, -1, hd))
-        out = (mod.attn_drop(given.attn) @ v_old).transpose(1, 2).reshape(b, -1, h * hd)
-        out = given.pool(out)
-    else:
-        attn = given
-        out = (mod.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, h * hd)
-    out = mod.norm(out)
+    out = mod.norm(mix(v, mod.attn_drop))
     if gate is not None:
         out = out * gate
     out = mod.proj_drop(mod.proj(out))
-    return out, AttnInfo(None, None, state.attn_bias(x.dtype), mod.scale, state.n_prefix, attn=attn, v=v)
+    return out, AttnInfo(None, None, state.attn_bias(x.dtype), mod.scale, state.n_prefix, v=v)
+
+
+def attention_probs(block: nn.Module, x: torch.Tensor, st: TokenState) -> torch.Tensor:
+    """Block ``block``'s attention probabilities [B, H, N, N] on its input ``x`` (its norm, then
+    queries and keys only, with the state's attention mask)."""
+    mod = block.attn
+    b, n, _ = x.shape
+    h, hd = mod.num_heads, mod.head_dim
+    bias = None if mod.qkv.bias is None else mod.qkv.bias[:2 * h * hd]
+    qk = F.linear(block.norm1(x), mod.qkv.weight[:2 * h * hd], bias).reshape(b, n, 2, h, hd).permute(2, 0, 3, 1, 4)
+    q, k = mod.q_norm(qk[0]), mod.k_norm(qk[1])
+    logits = (q * mod.scale) @ k.transpose(-2, -1)
+    mask = st.attn_bias(logits.dtype)
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(dim=-1)
 
 
 # --------------------------------------------------------------------------- block and model
@@ -144,7 +142,13 @@ def reducing_block(blk: nn.Module, x: torch.Tensor, st: TokenState, plan: Plan, 
     if pre is not None:
         x = pre(blk, x, st)
     st.count(x)
-    attn_out, info = attention(blk.attn, blk.norm1(x), st, plan.needs.get(i, ()), attn_mask, is_causal)
+    attend = plan.attend.get(i)
+    mix = None if attend is None else attend(blk, x, st)
+    if mix is not None:
+        attn_out, info = attention_from_values(blk.attn, blk.norm1(x), st, mix)
+    else:
+        attn_out, info = attention(blk.attn, blk.norm1(x), st, plan.needs.get(i, ()), attn_mask, is_causal,
+                                   plan.policy_softmax)
     x = x + blk.drop_path1(blk.ls1(attn_out))
     mid = plan.mid.get(i)
     if mid is not None:
@@ -375,26 +379,3 @@ class ViTBackbone(Backbone):
 
     block_forward = _block_forward
     model_class = _reducing_model_class
-
-    # ---- staged pruning schedules
-    def staged_schedule(self, keep_rate: float, where: str = "mid") -> tuple[list[int], list[int]]:
-        """(tokens entering each block, tokens entering each MLP) for pruning to :func:`keep_counts`
-        at the quarter sites, before those blocks (``pre``: DynamicViT) or between their attention
-        and MLP (``mid``: top-k, random)."""
-        npf, n0 = self.n_prefix, self.num_patches
-        sites = self.sites("quarters")
-        counts = keep_counts(n0, len(sites), keep_rate)
-        tokens, tokens_mlp, n = [], [], n0
-        for i in range(self.depth):
-            if where == "pre" and i in sites:
-                n = min(n, counts[sites.index(i)])
-            tokens.append(n + npf)
-            if where == "mid" and i in sites:
-                n = min(n, counts[sites.index(i)])
-            tokens_mlp.append(n + npf)
-        return tokens, tokens_mlp
-
-
-def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
-    """Patch tokens kept after each pruning stage: DynamicViT's ``int(n0 * keep_rate ** s)``, at least 1."""
-    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]

@@ -1,0 +1,34 @@
+"""Staged pruning schedules shared by the pruning methods (DynamicViT, top-k, random, DPC-KNN,
+k-medoids, ATC): how many patch tokens each of the three quarter-point stages keeps, and the
+token counts that follow from it block by block.
+
+Not a method (discovery skips files whose name starts with ``_``); pure functions of the
+backbone's geometry.
+"""
+
+from __future__ import annotations
+
+from tokenbench.backbones import Backbone
+
+
+def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
+    """Patch tokens kept after each pruning stage: DynamicViT's ``int(n0 * keep_rate ** s)``, at least 1."""
+    return [max(1, int(n0 * keep_rate ** (s + 1))) for s in range(stages)]
+
+
+def staged_schedule(bb: Backbone, keep_rate: float, where: str = "mid") -> tuple[list[int], list[int]]:
+    """(tokens entering each block, tokens entering each MLP) for pruning to :func:`keep_counts`
+    at the quarter sites of ``bb``, before those blocks (``pre``: DynamicViT) or between their
+    attention and MLP (``mid``: top-k, random)."""
+    npf, n0 = bb.n_prefix, bb.num_patches
+    sites = bb.sites("quarters")
+    counts = keep_counts(n0, len(sites), keep_rate)
+    tokens, tokens_mlp, n = [], [], n0
+    for i in range(bb.depth):
+        if where == "pre" and i in sites:
+            n = min(n, counts[sites.index(i)])
+        tokens.append(n + npf)
+        if where == "mid" and i in sites:
+            n = min(n, counts[sites.index(i)])
+        tokens_mlp.append(n + npf)
+    return tokens, tokens_mlp
