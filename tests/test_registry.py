@@ -27,7 +27,9 @@ def test_builtin_methods_listed_with_parameters(cli):
         assert kr["name"] == "keep_rate" and kr["type"] == "float" and kr["range"] == "(0, 1]" and kr["help"]
     assert methods["dynamicvit"]["learned"] and not methods["topk"]["learned"]
     code, out, err = cli("list")
-    assert code == 0 and "keep_rate" in out and "prop_attn" in out
+    assert code == 0 and "keep_rate" in out
+    code, out, err = cli("list", "tome")
+    assert code == 0 and "prop_attn" in out
 
 
 @pytest.mark.parametrize("name,params,msg", [

@@ -126,39 +126,6 @@ def _reused_text(pub: dict) -> str:
 
 # --------------------------------------------------------------------------- commands
 
-@app.command("list")
-def list_cmd(json_: bool = JSON_OPT):
-    """The registered methods: family (pruning, merging, hybrid), training-free or learned, and
-    their parameters (type, default, range, help; the budget knob marked *)."""
-    from .registry import list_methods
-
-    methods = list_methods()
-    if json_:
-        out_json({"methods": methods})
-        return
-    from rich.markup import escape
-    from rich.table import Table
-
-    reducing = [m for m in methods if m["family"] != "none"]
-    t = Table(title=f"tokenbench methods ({len(reducing)} reduction methods and the dense model)", show_lines=False)
-    for col in ("method", "family", "parameter", "type", "default", "range", "help"):
-        t.add_column(col)
-    for m in methods:
-        first = True
-        label = m["name"]
-        kind = m["family"] if m["family"] == "none" else \
-            f"{m['family']}, {'learned' if m['learned'] else 'training-free'}"
-        if not m["params"]:
-            t.add_row(label, kind, "-", "", "", "", m["summary"])
-        for p in m["params"] + m.get("train_params", []):
-            name = p["name"] + ("*" if p["name"] == m["knob"] else "")
-            t.add_row(label if first else "", kind if first else "", name, p["type"], json.dumps(p["default"]),
-                      escape(p["range"]), escape(p["help"]))
-            first = False
-    console().print(t)
-    console().print("* the budget knob a matched-FLOPs search moves")
-
-
 @app.command("flops")
 def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
               img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the model's)."),
@@ -417,10 +384,10 @@ def train_base_cmd(model: str = typer.Option("default", "--model",
 # --------------------------------------------------------------------------- more commands
 
 def _register_extensions() -> None:
-    """Commands that live in their own modules (training, sweeps, figures, visualisation)."""
+    """Commands that live in their own modules (listing, training, sweeps, figures, visualisation)."""
     import importlib
 
-    for name in ("cli_train", "cli_sweep", "cli_visualize", "cli_figure", "cli_analyze"):
+    for name in ("cli_list", "cli_train", "cli_sweep", "cli_visualize", "cli_figure", "cli_analyze"):
         try:
             mod = importlib.import_module(f"tokenbench.{name}")
         except ModuleNotFoundError as e:
