@@ -79,6 +79,27 @@ def weights_warnings(method: str, learned_parts: Optional[str], weights: Optiona
     return out
 
 
+def _schedule_text(tokens: Sequence[float]) -> str:
+    return "[" + ",".join(f"{t:g}" for t in tokens) + "]"
+
+
+def schedule_disagreement(declared: Optional[tuple], tokens: Optional[Sequence[float]],
+                          tokens_mlp: Optional[Sequence[float]]) -> Optional[str]:
+    """Why a method's declared token schedule (``expected_tokens``: tokens per block, tokens per
+    MLP) is not what its forward keeps (the traced ``tokens``, ``tokens_mlp``), or None when they
+    agree or there is nothing to compare.  The matched-FLOPs search ranks values by the declared
+    schedule, so a disagreement sends it to the wrong value."""
+    if declared is None or not tokens:
+        return None
+    want = [[float(t) for t in seq] for seq in declared]
+    got = [[float(t) for t in tokens], [float(t) for t in (tokens_mlp or tokens)]]
+    if want == got:
+        return None
+    return (f"the method's declared token schedule (expected_tokens) disagrees with what its forward keeps: "
+            f"declared {_schedule_text(want[0])}, traced {_schedule_text(got[0])} tokens per block; the "
+            "matched-FLOPs search ranks values by the declared schedule, so it misses its target")
+
+
 def run_config(checkpoint: Optional[str]) -> Optional[dict]:
     """The ``config.json`` that ``tokenbench train`` wrote next to ``checkpoint``, if any."""
     if not checkpoint:

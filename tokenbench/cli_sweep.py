@@ -235,6 +235,10 @@ def register(app: typer.Typer) -> None:
                                 description=what or "writing the plan")
 
                 out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, on_search=on_search)
+        # a missed FLOPs target the search can explain (a declared schedule the forward does not keep)
+        for why in dict.fromkeys(f"{r.label}: {r.search['warning']}" for r in runs
+                                 if r.search and r.search.get("miss") and r.search.get("warning")):
+            typer.echo(f"warning: {why}", err=True)
         if dry_run:
             plan = [{"name": r.name, "model": r.model, "method": r.method, "params": r.params,
                      "checkpoint": r.checkpoint, "targets": r.targets, "search": r.search,

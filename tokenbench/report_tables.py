@@ -14,6 +14,8 @@ FLAG_HELP = {
     "flops-miss": "FLOPs land more than the tolerance (3 points of the dense model's FLOPs by default) from the target",
     "noisy": "throughput or speedup interquartile range above 10% of the median, after the retries",
     "busy": "other processes took CPU time while this was timed, after the retries",
+    "schedule-mismatch": "the method's declared token schedule (expected_tokens) is not what its forward keeps: "
+                         "the matched-FLOPs search, which ranks values by it, misses its target",
     "stale": "measured by other code or under another protocol than this checkout's (rerun `tokenbench run`)",
     "warning": "the records carry warnings (listed below the table)",
     "incomplete": "some planned measurements are missing (interrupted sweep: rerun to complete)",

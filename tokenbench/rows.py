@@ -214,6 +214,8 @@ def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], pl
         flags.add("incomplete")
     if f is not None:
         row.gflops = f["metrics"].get("gflops")
+        if f["metrics"].get("schedule_mismatch"):
+            flags.add("schedule-mismatch")
         row.params_m = f["metrics"].get("params_m")
     if t is not None:
         m, kf = t["metrics"], t.get("key_fields", {})

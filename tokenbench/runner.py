@@ -190,6 +190,15 @@ class Loaded:
         return self._net
 
 
+def declared_schedule_check(cls, net, params: dict, metrics: dict) -> Optional[str]:
+    """The traced token counts of a FLOPs record against the method's declared schedule."""
+    try:
+        declared = cls().expected_tokens(net, **params)
+    except UserError:
+        return None
+    return checks.schedule_disagreement(declared, metrics.get("tokens"), metrics.get("tokens_mlp"))
+
+
 def dense_tokens(net) -> Optional[list]:
     from .backbones import backbone_of
 
@@ -257,6 +266,10 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
                 warnings_.append(SYNTHETIC_FLOPS)
                 metrics["input"] = inputs.described(n=1)
         env = measure.env_info("cpu")
+        mismatch = None if settings.flops_on_data else declared_schedule_check(cls, net, spec["params"], metrics)
+        if mismatch:
+            warnings_.append(mismatch)
+            metrics["schedule_mismatch"] = True
         dense = dense_tokens(net)
         if dense is not None and metrics.get("tokens") == dense and \
                 metrics.get("tokens_mlp") == dense and cls.reduces(spec["params"]):

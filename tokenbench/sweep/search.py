@@ -463,7 +463,25 @@ class FlopsSearch:
             res.input = self.data.described()
         elif per_image:
             res.input, res.warning = inputs.described(n=1), inputs.SYNTHETIC_FLOPS
+        elif res.miss and cands:  # ranked by the declared schedule: is it the one the forward keeps?
+            res.warning = self.schedule_diagnosis(model, img_size, cls, {**fixed, param: value})
         return res
+
+    def schedule_diagnosis(self, model: str, img_size: Optional[int], cls, params: dict) -> Optional[str]:
+        """The method's declared token schedule against its traced forward at ``params`` (one trace)."""
+        from .. import measure
+        from ..checks import schedule_disagreement
+        from ..registry import apply
+
+        params = cls.validate(params)
+        net = copy.deepcopy(self.base(model, img_size)[0])
+        apply(net, cls.name, **params)
+        traced = measure.flops(net, img_size=img_size)
+        try:
+            declared = cls().expected_tokens(net, **params)
+        except UserError:
+            return None
+        return schedule_disagreement(declared, traced.get("tokens"), traced.get("tokens_mlp"))
 
     def _search_on_data(self, model, img_size, cls, fixed, param, goal, dense, tolerance, weights, cnt,
                         counted) -> None:
