@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, user_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="tokenbench: FLOPs, throughput and accuracy of token reduction in vision transformers.")
@@ -432,7 +432,7 @@ def script_main(main, argv: Optional[list[str]] = None) -> int:
     """A script's ``main(argv)`` (``bench.py``, ``profile_method.py``) with bad input as one line on
     stderr and exit status 2, as the `tokenbench` command does (``--debug`` or ``TOKENBENCH_DEBUG``:
     the traceback)."""
-    from .errors import UserError
+    from .errors import UserError, user_message
 
     argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -440,7 +440,7 @@ def script_main(main, argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         if debug or os.environ.get("TOKENBENCH_DEBUG"):
             raise
-        err(str(e).splitlines()[0] if str(e) else "invalid input")
+        err(user_message(e))
         return 2
 
 
@@ -471,7 +471,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as e:
         if debug:
             raise
-        err(str(e).splitlines()[0] if str(e) else "invalid input")
+        err(user_message(e))
         sys.exit(2)
     except KeyboardInterrupt:
         err("interrupted; completed runs are recorded, rerun to continue")

@@ -356,10 +356,14 @@ def folder_split(name: str, split: str, data_dir) -> tuple[Path, str]:
 
 
 def _load_image(path: str, mode: str):
-    from PIL import Image
+    """One image of a folder dataset; a file PIL cannot read is the user's to fix (one line)."""
+    from PIL import Image, UnidentifiedImageError
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}; remove or fix it ({e.__class__.__name__})") from None
 
 
 def _read_folder(name: str, root: Path, model, transform=None):

@@ -17,6 +17,18 @@ class UserError(Exception):
     exit_code = 2
 
 
+def user_message(e: UserError) -> str:
+    """A user error as one line; one raised in a DataLoader worker arrives wrapped in the
+    worker's traceback, whose last line is the error itself."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return "invalid input"
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("UserError") else last
+    return lines[0]
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix with the closest names, or ''."""
     choices = list(choices)
