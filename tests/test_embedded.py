@@ -147,7 +147,7 @@ train_loop(_model(), x, y, x[:32], y[:32], _cfg(epochs=50, ckpt_every=2), {str(t
     done = state["step"]
     assert done >= 2
     x, y = _fake_data()
-    summary = train_loop(_model(), x, y, x[:32], y[:32], _cfg(epochs=50, ckpt_every=2, max_steps=done + 2),
+    summary = train_loop(_model(), x, y, x[:32], y[:32], _cfg(epochs=50, ckpt_every=2, max_steps=2),
                          tmp_path, progress=False)
     assert summary["resumed_from"] == done and summary["step"] == done + 2
 
@@ -190,3 +190,13 @@ def test_reschedule_changes_only_length_and_is_recorded(tmp_path):
     assert s["resumed_from"] == 2 and s["finished"]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["rescheduled"] == [{"from_epochs": 2, "to_epochs": 1, "at_step": 2}]
+
+
+def test_max_steps_counts_this_invocation_so_rerunning_continues(tmp_path, capsys):
+    x, y = _fake_data(128)
+    first = train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2, max_steps=3), tmp_path, progress=False)
+    assert first["step"] == 3 and not first.get("finished")
+    again = train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2, max_steps=3), tmp_path, progress=True)
+    assert again["resumed_from"] == 3 and again["step"] == 6                # the same command went 3 further
+    err = capsys.readouterr().err
+    assert "resuming" in err and "stopping at step 6" in err

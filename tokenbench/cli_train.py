@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
                   loss_weight: Optional[List[str]] = typer.Option(None, "--loss-weight",
                                                                   help="Loss weight NAME=VALUE (e.g. ratio_weight=2.0)."),
                   seed: int = typer.Option(0, "--seed"),
-                  max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps (resume later)."),
+                  max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N more "
+                  "steps (rerun the same command to go N further)."),
                   device: str = typer.Option("cpu", "--device"),
                   pretrained: bool = typer.Option(False, "--pretrained"),
                   checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Initial student weights."),

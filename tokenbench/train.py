@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class TrainConfig:
     ckpt_every: int = 200     # steps between resumable checkpoints
     eval_limit: Optional[int] = None  # test images used at intermediate evaluations (None: all)
     threads: Optional[int] = None
-    max_steps: Optional[int] = None   # stop early (tests); the schedule still follows `epochs`
+    max_steps: Optional[int] = None   # steps of this invocation (a resumed run goes that much further); the schedule still follows `epochs`
     grad_clip: Optional[float] = None
     device: str = "cpu"
     # fine-tuning: learning-rate multiplier of the pretrained backbone and epochs it stays
@@ -216,7 +217,6 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {n} images, fewer than one batch of {cfg.batch_size}")
     total = int(round(cfg.epochs * steps_per_epoch))
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     eval_every = cfg.eval_every or steps_per_epoch
 
     config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch}
@@ -260,6 +260,11 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
             elapsed0 = float(state.get("elapsed", 0.0))
         except Exception as e:
             raise UserError(f"cannot resume from {last} ({e.__class__.__name__}); delete it to start over") from None
+    # --max-steps counts this invocation's steps, so rerunning the same command continues
+    stop_at = min(total, step + cfg.max_steps) if cfg.max_steps else total
+    if progress and step > 0:
+        print(f"resuming {out_dir} at step {step} of {total}; stopping at step {stop_at}"
+              + (f" (--max-steps {cfg.max_steps})" if cfg.max_steps else ""), file=sys.stderr)
     log_path = out_dir / "train_log.csv"
     cols = ["step", "epoch", "lr", "train_loss", "train_acc", "test_acc", "elapsed_s", *log_extra_cols]
     if not log_path.is_file() or step == 0:
