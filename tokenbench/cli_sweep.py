@@ -112,6 +112,20 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
                               on_note=lambda m: console.print(m, markup=False, highlight=False))
 
 
+def _note_tie_seeds(runs) -> None:
+    """Say which entries are measured at one seed because their seed only breaks ties."""
+    from .registry import get_method
+
+    seeds: dict[str, set] = {}
+    for r in runs:
+        if r.seed_param and get_method(r.method).seed_breaks_ties:
+            seeds.setdefault(r.label, set()).add(r.params.get(r.seed_param))
+    for label, s in seeds.items():
+        if len(s) == 1:
+            typer.echo(f"note: {label}: its seed only breaks exact ties (the method's tie-breaking noise), so it "
+                       f"is measured at seed {next(iter(s))} alone", err=True)
+
+
 def _exit_if_jobs_failed(outcome) -> None:
     """Name each failed job and its log on stderr, and exit 1 (rerunning re-submits what is missing)."""
     if outcome is None or not outcome.failures:
@@ -239,6 +253,7 @@ def register(app: typer.Typer) -> None:
         for why in dict.fromkeys(f"{r.label}: {r.search['warning']}" for r in runs
                                  if r.search and r.search.get("miss") and r.search.get("warning")):
             typer.echo(f"warning: {why}", err=True)
+        _note_tie_seeds(runs)
         if dry_run:
             plan = [{"name": r.name, "model": r.model, "method": r.method, "params": r.params,
                      "checkpoint": r.checkpoint, "targets": r.targets, "search": r.search,

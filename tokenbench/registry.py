@@ -150,6 +150,9 @@ class Method:
     # The parameter that seeds a non-deterministic method's choices (sweeps expand it over
     # ``--seeds``; tables average over it); None for deterministic methods.
     seed_param: ClassVar[Optional[str]] = None
+    # The seed only draws tie-breaking noise (a result changes only where two scores tie at the
+    # noise's scale): a sweep measures such a method at its first seed alone, and says so.
+    seed_breaks_ties: ClassVar[bool] = False
     # Backbone families the method applies to (see ``tokenbench.backbones``).
     backbones: ClassVar[tuple[str, ...]] = ("vit",)
 
@@ -250,6 +253,7 @@ class Method:
     def describe(cls) -> dict:
         out = {"name": cls.name, "version": cls.version, "summary": cls.summary, "learned": cls.learned,
                "family": cls.family, "knob": cls.knob, "seed_param": cls.seed_param,
+               "seed_breaks_ties": cls.seed_breaks_ties,
                "backbones": list(cls.backbones),
                "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
                "params": [p.describe() for p in cls.params]}

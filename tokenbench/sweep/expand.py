@@ -126,6 +126,8 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
             # a seeded method runs once per seed, unless its entry fixes the seed itself
             seed_p = cls.seed_param if (cls.seed_param and cls.seed_param not in e.grid) else None
             seeds = (e.seeds or sw.seeds) if seed_p else [None]
+            if seed_p and cls.seed_breaks_ties and not e.seeds:
+                seeds = seeds[:1]  # more seeds would measure one result again (an entry's own seeds are honoured)
             targets = _entry_targets(sw, e, cls)
             others = {k: v for k, v in e.grid.items() if k != knob}
             keys = list(others)
