@@ -43,6 +43,7 @@ class TokenState:
         self.source: Optional[torch.Tensor] = None    # [B, N, N0]: 1 where token n covers original token j
         self.policy: Optional[torch.Tensor] = None    # [B, N, 1]: soft keep mask (training: masked attention)
         self.pad: Optional[torch.Tensor] = None       # [B, N] bool: True for real tokens (per-image counts)
+        self.key_bias: Optional[torch.Tensor] = None  # [B, N]: added to every query's logit of each key (A-ViT's masked keys)
         self.pos: Optional[torch.Tensor] = None       # [B, N] int64: grid index of each token (-1: none)
         self.tokens: list[int] = []                   # length entering each block
         self.tokens_mlp: list[int] = []               # length entering each block's MLP
@@ -234,7 +235,7 @@ class TokenState:
     # ----------------------------------------------------------- attention masks
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The additive attention mask [B, 1, 1, N] this state asks for: log(size) under
-        proportional attention, -inf on padded keys; None when neither applies."""
+        proportional attention, -inf on padded keys, a method's ``key_bias``; None when none applies."""
         bias = None
         if self.prop_attn and self.size is not None:
             bias = self.size.log()[:, None, None, :, 0].to(dtype)
@@ -242,6 +243,9 @@ class TokenState:
             neg = torch.zeros(self.pad.shape, dtype=dtype, device=self.pad.device)
             neg = neg.masked_fill(~self.pad, float("-inf"))[:, None, None, :]
             bias = neg if bias is None else bias + neg
+        if self.key_bias is not None:
+            kb = self.key_bias[:, None, None, :].to(dtype)
+            bias = kb if bias is None else bias + kb
         return bias
 
 

@@ -160,7 +160,8 @@ def reducing_block(blk: nn.Module, x: torch.Tensor, st: TokenState, plan: Plan, 
 
 
 def _needs_masks(st: TokenState) -> bool:
-    return st.policy is not None or st.pad is not None or (st.prop_attn and st.size is not None)
+    return st.policy is not None or st.pad is not None or st.key_bias is not None or \
+        (st.prop_attn and st.size is not None)
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
