@@ -119,6 +119,8 @@ def test_reducing_settings_count_fewer_flops(name):
     got = measure.flops(_model(name))["gflops"]
     if cls.reduces(cls.defaults()):
         assert got < dense
+    elif cls.learned:  # untrained, it may keep every token; its scoring may still count
+        assert got >= dense * (1 - 1e-6)
     else:
         assert got == pytest.approx(dense, rel=1e-6)
 

@@ -103,6 +103,7 @@ class TokenState:
         if pad is not None:
             old_pad = pad if old_pad is None else (old_pad & pad)
         self.pad = old_pad
+        self._clear_padding_sources()
         self.snapshot(kind)
         return x
 
@@ -161,6 +162,7 @@ class TokenState:
         if pad is not None:
             old_pad = pad if old_pad is None else (old_pad & pad)
         self.pad = old_pad
+        self._clear_padding_sources()
         self.snapshot("merge" if drop is None else "merge+prune")
         return kept
 
@@ -222,6 +224,11 @@ class TokenState:
             self.pos = torch.cat([self.pos[:, :p], self.pos[:, p:].gather(1, centre)], 1)
         self.snapshot("mix")
         return out
+
+    def _clear_padding_sources(self) -> None:
+        """Padding slots cover no patch (their rows were copied from tokens dropped or merged)."""
+        if self.source is not None and self.pad is not None:
+            self.source = self.source * self.pad[..., None].to(self.source.dtype)
 
     def snapshot(self, kind: str) -> None:
         """Note that block ``self.block`` changed the sequence (and keep a snapshot when tracking)."""
