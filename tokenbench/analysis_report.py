@@ -126,7 +126,7 @@ def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
     from .store import Store
 
     res = collect(out)
-    notes = list(res["notes"])
+    notes = [n for n in res["notes"] if n not in res.get("timing_notes", ())]  # the analysis uses no timing
     plan = res.get("plan") or {}
     sweep = plan.get("sweep") or {}
     targets = [float(t) for t in sweep.get("flops_targets") or []]

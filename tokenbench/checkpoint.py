@@ -118,5 +118,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     load_state_dict_checked(model, sd, source=f"checkpoint {path}")
     added = tuple(f"{m}." for m in added_modules(model))
     learned_keys = [k for k in sd if added and k.startswith(added)]
-    return {"checkpoint": str(path), "weights": f"sha256:{sha256_file(path)}", "pretrained": True,
+    from .outputs import repository_relative
+
+    return {"checkpoint": repository_relative(path), "weights": f"sha256:{sha256_file(path)}", "pretrained": True,
             "learned_parts_in_checkpoint": bool(learned_keys)}

@@ -194,7 +194,9 @@ def load_embedded(root: Optional[Path] = None, name: str = EMBEDDED_NAME) -> tup
     state = state.get("model", state)
     model.load_state_dict(state)
     model.eval()
-    return model, {"weights": f"sha256:{sha}", "checkpoint": str(p["ckpt"]), "pretrained": True}
+    from .outputs import repository_relative
+
+    return model, {"weights": f"sha256:{sha}", "checkpoint": repository_relative(p["ckpt"]), "pretrained": True}
 
 
 # --------------------------------------------------------------------------- timm models

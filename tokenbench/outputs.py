@@ -23,6 +23,18 @@ def under_reference(path: str | Path) -> Optional[Path]:
     return None
 
 
+def repository_relative(path: str | Path) -> str:
+    """``path`` relative to the checkout holding the package when it lies inside it (records
+    copied to another machine then name the same file), else as given."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "pyproject.toml").is_file():
+        return str(path)
+    try:
+        return Path(path).resolve().relative_to(repo).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def analysis_dirs(directory: Path, dest: Optional[Path]) -> tuple[Path, Path]:
     """(where ``analyze`` writes, where it caches re-runs) for the sweep in ``directory``.
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from .errors import UserError
 from .identity import stale_reasons
-from .report_stats import aggregate_seeds, closing_notes, compare_with_dense
+from .report_stats import aggregate_seeds, closing_notes, compare_with_dense, timing_notes
 from .rows import DENSE_METHOD, acc_setting, method_info, row_from_records, tp_setting
 from .sweep import DEFAULT_TOLERANCE, read_plan
 
@@ -101,4 +101,5 @@ def collect(out: str | os.PathLike) -> dict:
     for r in rows + display:
         r.flags = ",".join(sorted(r.flag_set))
     notes += closing_notes(rows)
-    return {"rows": rows, "display": display, "notes": notes, "plan": plan, "out": out}
+    return {"rows": rows, "display": display, "notes": notes, "plan": plan, "out": out,
+            "timing_notes": timing_notes(rows)}

@@ -115,13 +115,24 @@ def aggregate_seeds(rows: list[Row]) -> list[Row]:
 
 
 def closing_notes(rows: list[Row]) -> list[str]:
-    """What a reader must know before trusting the table: stale rows and unreliable timings."""
+    """What a reader must know before trusting the table: stale rows, a missing dense FLOPs count
+    (then :func:`timing_notes`, kept apart for readers that use no timing)."""
     out = []
     stale = [r for r in rows if "stale" in r.flag_set]
     if stale:
         why = sorted({w for r in stale for w in (r.stale or "").split("; ") if w})
         out.append(f"{len(stale)} of {len(rows)} runs are stale (marked `stale`): {'; '.join(why[:3])}"
                    f"{' ...' if len(why) > 3 else ''}; rerun `tokenbench run` to measure them with this code")
+    no_dense = sorted({r.model for r in rows if r.gflops is not None and r.flops_rel is None})
+    if no_dense:
+        out.append(f"no FLOPs count of the dense model of {', '.join(no_dense)} (missing or damaged record): the "
+                   "FLOPs column gives GFLOPs (G) there, not % of dense; rerun `tokenbench run` to count it again")
+    return out + timing_notes(rows)
+
+
+def timing_notes(rows: list[Row]) -> list[str]:
+    """Unreliable timings: flagged busy or noisy, img/s that disagree with the paired speedup."""
+    out = []
     timed = [r for r in rows if r.keys.get("throughput") or r.keys.get("speedup")]
     flagged = [r for r in timed if r.flag_set & {"busy", "noisy"}]
     if flagged:

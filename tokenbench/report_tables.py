@@ -59,6 +59,15 @@ def top1_text(r: Row, pm: str = "±") -> str:
     return top1 + interval_text(r.top1_lo, r.top1_hi)
 
 
+def flops_cell(r: Row) -> str:
+    """FLOPs as % of dense; GFLOPs (``G``) where the dense model's count is missing (a damaged record)."""
+    if r.flops_rel is not None:
+        return f"{100 * r.flops_rel:.1f}%"
+    if r.gflops is not None:
+        return f"{sig(r.gflops)}G"
+    return NONE
+
+
 def display_cells(r: Row, tex: bool = False) -> dict[str, str]:
     r = as_row(r)
     pm = r"$\pm$" if tex else "±"
@@ -81,8 +90,7 @@ def display_cells(r: Row, tex: bool = False) -> dict[str, str]:
         "Target": r.target or NONE,
         "Family": r.family or NONE,
         "GFLOPs": sig(r.gflops),
-        "FLOPs": num(None if r.flops_rel is None else 100 * r.flops_rel, ".1f") + ("%" if r.flops_rel is not None
-                                                                                   else ""),
+        "FLOPs": flops_cell(r),
         "img/s [q1, q3]": tp,
         "Speedup [q1, q3]": speedup_text(r.speedup, r.speedup_q1, r.speedup_q3, r.is_dense, x),
         "Top-1 % [95% CI]": top1_text(r, pm),

@@ -137,6 +137,7 @@ class FlopsSearch:
         self._images: dict[tuple, Any] = {}
         self._estimates: dict[str, float] = {}
         self.cache: dict[str, float] = {}
+        self._damaged: set[str] = set()
         if not force:
             # counts from a reference directory's cache first (keys carry the code identity, so
             # a count made by other code never matches), then this directory's own
@@ -323,7 +324,9 @@ class FlopsSearch:
         except (OSError, ValueError, TypeError):
             import warnings
 
-            warnings.warn(f"FLOPs cache {path} is damaged; counting again")
+            if str(path) not in self._damaged:  # read again when saving: say it once
+                self._damaged.add(str(path))
+                warnings.warn(f"FLOPs cache {path} is damaged; counting again")
         return {}
 
     # ----------------------------------------------------------- candidates
