@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .analysis import surviving_patches
 
-TRACE_VERSION = 1  # raise when what a pass computes changes: older cache files are then ignored
+TRACE_VERSION = 2  # raise when what a pass computes changes: older cache files are then ignored
 
 
 # --------------------------------------------------------------------------- data
@@ -82,6 +82,15 @@ def _per_image(counts: list, b: int) -> np.ndarray:
     return np.stack(cols, 1) if cols else np.zeros((b, 0), dtype=np.int32)
 
 
+def _real_counts(st, b: int, mlp: bool) -> np.ndarray:
+    """Each image's own token counts per block [b, blocks]: a padded batch (per-image counts)
+    counts its real tokens, not the batch's longest sequence."""
+    per = st.tokens_per_image(mlp=mlp)
+    if per is not None:
+        return per.detach().cpu().numpy().astype(np.int32).reshape(b, -1)
+    return _per_image(st.tokens_mlp if mlp else st.tokens, b)
+
+
 def _features_and_logits(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's pooled pre-logit features and the logits, from one pass through the blocks."""
     feats = net.forward_features(x)
@@ -100,7 +109,7 @@ def trace_batch(net: nn.Module, x: torch.Tensor, blocks: list[int]) -> dict[str,
     stages = analyse(st, geo)
     out = {"pred": logits.argmax(-1).cpu().numpy().astype(np.int64),
            "features": pre.float().cpu().numpy(),
-           "tokens": _per_image(st.tokens, b), "tokens_mlp": _per_image(st.tokens_mlp, b)}
+           "tokens": _real_counts(st, b, mlp=False), "tokens_mlp": _real_counts(st, b, mlp=True)}
     for blk in blocks:
         done = [s for s in stages if s.block <= blk]
         if done:

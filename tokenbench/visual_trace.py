@@ -86,6 +86,16 @@ def grid_of(model: nn.Module) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- analysis of snapshots
 
+def real_sources(stage: dict, n_prefix: int) -> torch.Tensor:
+    """[B, N, P] bool: the patches each token of a snapshot covers.  A padding slot (a padded
+    batch of per-image counts) covers none: it stands for no token of its image."""
+    src = stage["source"][:, :, n_prefix:] > 0
+    pad = stage.get("pad")
+    if pad is not None:
+        src = src & pad.to(src.device)[:, :, None]
+    return src
+
+
 def patch_assignment(stage: dict, n_prefix: int, check: bool = True) -> torch.Tensor:
     """For every original patch, the token (index into the stage's sequence) that covers it, or -1.
 
@@ -94,7 +104,7 @@ def patch_assignment(stage: dict, n_prefix: int, check: bool = True) -> torch.Te
     With ``check``, a patch covered by more than one token raises ``ValueError`` (the
     bookkeeping would be broken).
     """
-    src = stage["source"][:, :, n_prefix:] > 0            # [B, N, P]
+    src = real_sources(stage, n_prefix)                     # [B, N, P]
     count = src.sum(1)                                       # [B, P]
     if check and bool((count > 1).any()):
         b, p = [int(v) for v in (count > 1).nonzero()[0]]
@@ -153,7 +163,7 @@ def classify(stages: Sequence[dict], n_prefix: int) -> list[Stage]:
     for st in stages:
         if st.get("kind") == SLOW_PATH:  # no source map: see slow_path_stages
             continue
-        src = st["source"][:, :, n_prefix:] > 0               # [B, N, P]
+        src = real_sources(st, n_prefix)                      # [B, N, P]
         b, n, p = src.shape
         assign = patch_assignment(st, n_prefix)
         npatch = src.sum(-1)                                   # [B, N]

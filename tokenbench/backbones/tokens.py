@@ -48,6 +48,7 @@ class TokenState:
         self.tokens: list[int] = []                   # length entering each block
         self.tokens_mlp: list[int] = []               # length entering each block's MLP
         self.real_tokens: list[torch.Tensor] = []     # with a padding mask: real tokens per image, per block
+        self.real_tokens_mlp: list[torch.Tensor] = []  # the same entering each block's MLP
         self.stages: list[dict] = []                  # snapshots after each reduction (when tracking)
         self.block = -1
         self.first_change: Optional[int] = None       # the first block where a primitive changed the sequence
@@ -75,16 +76,17 @@ class TokenState:
         if not self.record:
             return
         (self.tokens_mlp if mlp else self.tokens).append(x.shape[1])
-        if not mlp:
-            self.real_tokens.append(None if self.pad is None else self.pad.sum(1).detach())
+        (self.real_tokens_mlp if mlp else self.real_tokens).append(
+            None if self.pad is None else self.pad.sum(1).detach())
 
-    def tokens_per_image(self) -> Optional[torch.Tensor]:
-        """[B, depth] real tokens entering each block, when the count varies per image (else None)."""
-        ref = next((t for t in self.real_tokens if t is not None), None)
+    def tokens_per_image(self, mlp: bool = False) -> Optional[torch.Tensor]:
+        """[B, depth] real tokens entering each block (``mlp``: each block's MLP), when the count
+        varies per image (else None)."""
+        real, padded = (self.real_tokens_mlp, self.tokens_mlp) if mlp else (self.real_tokens, self.tokens)
+        ref = next((t for t in self.real_tokens + self.real_tokens_mlp if t is not None), None)
         if ref is None:
             return None
-        return torch.stack([torch.full_like(ref, n) if t is None else t
-                            for t, n in zip(self.real_tokens, self.tokens)], 1)
+        return torch.stack([torch.full_like(ref, n) if t is None else t for t, n in zip(real, padded)], 1)
 
     # ----------------------------------------------------------- the primitives
     def keep(self, x: torch.Tensor, idx: torch.Tensor, kind: str = "prune",
