@@ -30,6 +30,74 @@ def test_iou_identical_disjoint_and_partial():
     assert an.mean_iou(np.vstack([c, c]), np.vstack([d, c])) == pytest.approx((0.5 + 1) / 2)
 
 
+def test_chance_iou_is_the_exact_mean_over_every_pair_of_subsets():
+    import itertools
+
+    n = 6
+    for a in range(n + 1):
+        for b in range(n + 1):
+            sets_a = list(itertools.combinations(range(n), a))
+            sets_b = list(itertools.combinations(range(n), b))
+            ious = [len(set(x) & set(y)) / len(set(x) | set(y)) if (x or y) else 1.0
+                    for x in sets_a for y in sets_b]
+            assert an.chance_iou(n, a, b) == pytest.approx(sum(ious) / len(ious), abs=1e-12), (a, b)
+    # the example sizes: a third of 196 patches each gives about 0.2
+    assert 0.19 < an.chance_iou(196, 65, 65) < 0.21
+
+
+def test_pattern_agreement_puts_random_choices_at_zero_and_identical_sets_at_one():
+    rng = np.random.default_rng(0)
+    n, p = 4000, 64
+    a = np.zeros((n, p), bool)
+    b = np.zeros((n, p), bool)
+    for i in range(n):
+        a[i, rng.choice(p, 20, replace=False)] = True
+        b[i, rng.choice(p, 40, replace=False)] = True
+    r = an.pattern_agreement(a, b)
+    assert r["informative"] and r["chance"] == pytest.approx(an.chance_iou(p, 20, 40))
+    assert r["iou"] == pytest.approx(r["chance"], abs=0.01) and abs(r["above_chance"]) < 0.03
+    same = an.pattern_agreement(a, a)
+    assert same["iou"] == 1.0 and same["above_chance"] == pytest.approx(1.0)
+    # every patch covered (a merging method): IoU is the other's kept fraction, i.e. its chance level
+    full = an.pattern_agreement(np.ones((n, p), bool), a)
+    assert not full["informative"] and math.isnan(full["iou"]) and math.isnan(full["above_chance"])
+
+
+def _setting(label, survive, alone):
+    from tokenbench.analysis_report import Setting
+
+    n = len(survive)
+    trace = {"pred": np.zeros(n, np.int64), **{f"survive_{b}": survive for b in (3, 11)},
+             **{f"alone_{b}": alone for b in (3, 11)}}
+    return Setting(label=label, method=label, params={}, seed_param=None, seed_index=0, level=0.5, flops_rel=0.5,
+                   gflops=None, top1=0.0, correct=np.zeros(n, bool), predictions=None, keys={}, spec={}, trace=trace)
+
+
+def test_pattern_table_shows_chance_and_leaves_out_what_says_nothing():
+    from tokenbench.analysis_report import pattern_table
+
+    rng = np.random.default_rng(1)
+    kept = rng.random((50, 64)) < 0.3
+    other = rng.random((50, 64)) < 0.5
+    full = np.ones((50, 64), bool)
+    group = [_setting("pa", kept, kept), _setting("pb", other, other), _setting("merge", full, full)]
+    t, mats = pattern_table(group, [3, 11])
+    pairs = {(r["a"], r["b"]) for r in t.rows}
+    assert pairs == {("pa", "pb")}                              # nothing against a set covering every patch
+    row = t.rows[0]
+    expect = np.mean([an.chance_iou(64, int(x), int(y)) for x, y in zip(kept.sum(1), other.sum(1))])
+    assert row["chance"] == pytest.approx(expect) and row["iou"] == pytest.approx(an.mean_iou(kept, other))
+    assert row["above"] == pytest.approx((row["iou"] - expect) / (1 - expect))
+    assert "chance" in t.markdown() and "above chance" in t.markdown()
+    names, mat = mats[(0.5, 11)]
+    assert np.isnan(mat[2]).all() and mat[0, 1] == pytest.approx(row["above"])
+    # a merging method whose own tokens are a proper subset keeps its own-token row, surviving blank
+    merged_some = _setting("merge", full, kept)
+    t, _ = pattern_table([group[1], merged_some], [3])
+    assert len(t.rows) == 1 and math.isnan(t.rows[0]["iou"]) and not math.isnan(t.rows[0]["iou_alone"])
+    assert "| – |" in t.markdown()
+
+
 def test_surviving_patches_count_merged_coverage_but_not_a_fused_token():
     # 6 patches; tokens: 0 class token, 1 kept (patch 0), 2 merged group (patches 1, 2), 3 fused (patches 4, 5);
     # patch 3 dropped.

@@ -53,6 +53,8 @@ def check_bookkeeping(model, method, params, stages):
     last_in_block = {s["block"]: i for i, s in enumerate(stages)}
     for k, (stage, an) in enumerate(zip(stages, analysed)):
         src = stage["source"]
+        if stage.get("pad") is not None:  # a padding slot stands for no token of its image
+            src = src * stage["pad"][:, :, None]
         assert set(src.unique().tolist()) <= {0.0, 1.0}
         patch_src = src[:, :, npf:]
         assert (patch_src.sum(1) <= 1).all(), "a patch is in more than one token"
@@ -68,9 +70,10 @@ def check_bookkeeping(model, method, params, stages):
         n = src.shape[1]
         assert torch.equal(an.assign, assign) and an.n_tokens == n
         for i in range(b):
-            toks = rows(src[i])
-            if stage.get("pad") is not None:  # padding slots (per-image counts) are no tokens
-                toks = [t for j, t in enumerate(toks) if stage["pad"][i, j]]
+            real = stage["pad"][i] if stage.get("pad") is not None else torch.ones(n, dtype=torch.bool)
+            assert (an.role[i][~real] == vz.PAD).all()
+            toks = rows(src[i][real])
+            n_real = int(real.sum())
             # prefix tokens stay first, themselves alone; every other token covers >= 1 patch
             assert toks[:npf] == [frozenset([j]) for j in range(npf)]
             assert all(len(t) >= 1 and min(t) >= npf for t in toks[npf:])
@@ -105,12 +108,13 @@ def check_bookkeeping(model, method, params, stages):
             # roles: fused if it holds a patch ever fused, else kept (one patch) or merged (several)
             if kind == "fuse":
                 fused_ever[i] |= toks[-1]
+            role = an.role[i][real]
             for t, tok in enumerate(toks[npf:], start=npf):
                 want = vz.FUSED if tok & fused_ever[i] else (vz.GROUP if len(tok) > 1 else vz.KEPT)
-                assert int(an.role[i, t]) == want
+                assert int(role[t]) == want
             # the roles add up
             c = an.counts(i)
-            assert c["kept"] + c["groups"] + c["fused"] == len(toks) - npf
+            assert c["kept"] + c["groups"] + c["fused"] == n_real - npf == c["tokens"] - npf
             assert c["kept"] + c["grouped_patches"] + c["fused_patches"] + c["dropped"] == n_patches
             assert c["dropped"] == len(dropped)
             prev[i], prev_dropped[i] = toks, dropped

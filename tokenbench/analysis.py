@@ -5,7 +5,8 @@ Nothing here loads a model or reads a file: the re-runs live in
 the command in :mod:`tokenbench.cli_analyze`.
 
 - reduction patterns: which original patches survive a stage (:func:`surviving_patches`),
-  and the intersection over union of two such sets (:func:`iou`);
+  the intersection over union of two such sets (:func:`iou`) and its chance level
+  (:func:`chance_iou`, :func:`pattern_agreement`);
 - error agreement: Cohen's kappa on per-image correctness (:func:`cohen_kappa`) and the
   per-class top-1 change against dense (:func:`per_class_top1`);
 - representation drift: linear CKA (:func:`linear_cka`) and the mean cosine similarity
@@ -20,6 +21,7 @@ the command in :mod:`tokenbench.cli_analyze`.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
@@ -65,6 +67,50 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def mean_iou(a: np.ndarray, b: np.ndarray) -> float:
     """:func:`iou` averaged over images."""
     return float(iou(a, b).mean())
+
+
+@lru_cache(maxsize=65536)
+def chance_iou(n: int, size_a: int, size_b: int) -> float:
+    """Expected IoU of two independent uniformly random subsets of sizes ``size_a`` and ``size_b``
+    of ``n`` items (the agreement two random choices of those sizes reach by chance).
+
+    The intersection k is hypergeometric, P(k) = C(a, k) C(n - a, b - k) / C(n, b), and the union
+    is a + b - k, so E[IoU] = sum_k P(k) k / (a + b - k).  Two empty sets: 1, as in :func:`iou`.
+    """
+    a, b = int(size_a), int(size_b)
+    if not (0 <= a <= n and 0 <= b <= n):
+        raise ValueError(f"set sizes {a}, {b} outside 0..{n}")
+    if a == 0 and b == 0:
+        return 1.0
+    total = math.comb(n, b)
+    e = 0.0
+    for k in range(max(0, a + b - n), min(a, b) + 1):
+        e += math.comb(a, k) * math.comb(n - a, b - k) / total * (k / (a + b - k))
+    return e
+
+
+def pattern_agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """IoU of two sets of patches per image (bool [B, P]), beside its chance level and a
+    chance-corrected score.
+
+    ``chance``: the mean over images of :func:`chance_iou` at each image's two set sizes.
+    ``above_chance``: (IoU - chance) / (1 - chance), 0 for random choices of those sizes, 1 for
+    identical sets.  Where, in every image, one of the sets is empty or holds every patch (a
+    merging method keeps every patch covered), IoU is fixed by the set sizes: it equals its chance
+    level and says nothing about agreement; ``informative`` is then False and the three are NaN.
+    """
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    n = a.shape[-1]
+    sa, sb = a.sum(-1), b.sum(-1)
+    proper = (sa > 0) & (sa < n) & (sb > 0) & (sb < n)
+    if not proper.any():
+        nan = float("nan")
+        return {"iou": nan, "chance": nan, "above_chance": nan, "informative": False}
+    v = mean_iou(a, b)
+    ch = float(np.mean([chance_iou(n, int(x), int(y)) for x, y in zip(sa.ravel(), sb.ravel())]))
+    above = (v - ch) / (1.0 - ch) if ch < 1.0 else float("nan")
+    return {"iou": v, "chance": ch, "above_chance": above, "informative": True}
 
 
 # --------------------------------------------------------------------------- error agreement

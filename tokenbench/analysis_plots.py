@@ -82,12 +82,17 @@ def _heat(ax, mat, names, vmin=0.0, vmax=1.0, cmap=HEATMAP, annot_size=5.5, cbar
 # --------------------------------------------------------------------------- reduction patterns
 
 def pattern_heatmaps(mats: dict, blocks: Sequence[int], pdir: Path) -> list[Path]:
-    """One figure per FLOPs level: an IoU heatmap per stage (after each comparison block)."""
+    """One figure per FLOPs level: a heatmap per stage (after each comparison block) of the
+    chance-corrected IoU, (IoU - chance) / (1 - chance): white is what random choices of the same
+    sizes reach.  A setting whose IoU says nothing at any stage (it covers every patch) has no row."""
     plt, _ = _plt()
     files = []
     levels = sorted({lv for lv, _ in mats})
     for lv in levels:
         names = mats[(lv, blocks[0])][0]
+        shown = [i for i in range(len(names))
+                 if any(not np.isnan(mats[(lv, blk)][1][i]).all() for blk in blocks)]
+        names = [names[i] for i in shown]
         if len(names) < 2:
             continue
         ncols = min(2, len(blocks))
@@ -99,12 +104,13 @@ def pattern_heatmaps(mats: dict, blocks: Sequence[int], pdir: Path) -> list[Path
             cax = fig.add_axes((0.9, 0.25, 0.025, 0.55))
             for i, blk in enumerate(blocks):
                 ax = axes[i // ncols, i % ncols]
-                _heat(ax, mats[(lv, blk)][1], names, cbar_ax=cax if i == 0 else None,
+                mat = np.asarray(mats[(lv, blk)][1])[np.ix_(shown, shown)]
+                _heat(ax, mat, names, vmin=-1.0, vmax=1.0, cmap=DIVERGING, cbar_ax=cax if i == 0 else None,
                       xlabels=i // ncols == nrows - 1, ylabels=i % ncols == 0)
                 ax.set_title(f"after block {blk}", pad=2)
             for j in range(len(blocks), nrows * ncols):
                 axes[j // ncols, j % ncols].axis("off")
-            cax.set_ylabel("IoU of surviving patches", fontsize=7)
+            cax.set_ylabel("IoU above chance (0: random)", fontsize=7)
             cax.tick_params(labelsize=6)
             fig.suptitle(f"Reduction-pattern agreement at {_level_name(lv)}% FLOPs", y=0.99, fontsize=8)
             fig.subplots_adjust(left=0.22, right=0.86, bottom=0.2, top=0.9, wspace=0.06, hspace=0.18)

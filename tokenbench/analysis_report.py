@@ -336,7 +336,8 @@ def per_class_table(settings: list[Setting], labels: np.ndarray, class_names: Se
 
 
 def pattern_table(traced: list[Setting], blocks: list[int]) -> tuple[Table, dict]:
-    """IoU of surviving patches for every pair of methods at each FLOPs level and stage."""
+    """IoU of surviving patches for every pair of methods at each FLOPs level and stage, beside
+    its chance level; the heatmaps get the chance-corrected score (NaN where IoU says nothing)."""
     rows, mats = [], {}
     levels = sorted({s.level for s in traced if s.level is not None})
     for lv in levels:
@@ -345,24 +346,36 @@ def pattern_table(traced: list[Setting], blocks: list[int]) -> tuple[Table, dict
         for blk in blocks:
             mat = np.eye(len(group))
             for (i, a), (j, b) in itertools.combinations(enumerate(group), 2):
-                v = an.mean_iou(a.trace[f"survive_{blk}"], b.trace[f"survive_{blk}"])
-                v_alone = an.mean_iou(a.trace[f"alone_{blk}"], b.trace[f"alone_{blk}"])
-                mat[i, j] = mat[j, i] = v
-                rows.append({"level": _level_text(lv), "after_block": blk, "a": a.name, "b": b.name, "iou": v,
-                             "iou_alone": v_alone,
+                surv = an.pattern_agreement(a.trace[f"survive_{blk}"], b.trace[f"survive_{blk}"])
+                own = an.pattern_agreement(a.trace[f"alone_{blk}"], b.trace[f"alone_{blk}"])
+                mat[i, j] = mat[j, i] = surv["above_chance"]
+                if not (surv["informative"] or own["informative"]):
+                    continue  # every patch covered (or none): IoU is fixed by the set sizes
+                rows.append({"level": _level_text(lv), "after_block": blk, "a": a.name, "b": b.name,
+                             "iou": surv["iou"], "chance": surv["chance"], "above": surv["above_chance"],
+                             "iou_alone": own["iou"], "chance_alone": own["chance"],
+                             "above_alone": own["above_chance"],
                              "kept_a": float(a.trace[f"survive_{blk}"].mean()),
                              "kept_b": float(b.trace[f"survive_{blk}"].mean()),
                              "n": int(len(a.trace["pred"]))})
+            for i in range(len(group)):  # a setting agreeing with no other beyond its set sizes: no row
+                if len(group) > 1 and np.isnan(np.delete(mat[i], i)).all():
+                    mat[i, i] = np.nan
             mats[(lv, blk)] = (names, mat)
-    t = Table("patterns", "Reduction-pattern agreement at matched FLOPs: IoU of surviving patches",
+    t = Table("patterns", "Reduction-pattern agreement at matched FLOPs: IoU of surviving patches and its chance level",
               [("level", "FLOPs"), ("after_block", "after block"), ("a", "A"), ("b", "B"), ("iou", "IoU"),
-               ("iou_alone", "IoU (own tokens)"), ("kept_a", "surviving A"), ("kept_b", "surviving B"),
-               ("n", "images")], rows)
+               ("chance", "chance"), ("above", "above chance"), ("iou_alone", "IoU (own tokens)"),
+               ("chance_alone", "chance (own)"), ("above_alone", "above chance (own)"),
+               ("kept_a", "surviving A"), ("kept_b", "surviving B"), ("n", "images")], rows)
     t.notes = ["IoU: per image, |A ∩ B| / |A ∪ B| of the original patches that survive up to the end of the block "
                "(a merged token counts for every patch it covers; EViT's fused token, the pool of what was "
-               "dropped, for none), averaged over images. IoU (own tokens): the same for patches that are still "
-               "their own token (pruning: the kept ones; merging: the ones not yet merged). surviving: the "
-               "fraction of patches that survive. A seeded method: its first seed."]
+               "dropped, for none), averaged over images. chance: the IoU two independent random choices of the "
+               "same sizes reach on average (hypergeometric expectation, per image, averaged). above chance: "
+               "(IoU - chance) / (1 - chance): 0 for random choices, 1 for identical sets. IoU (own tokens): the "
+               "same for patches that are still their own token (pruning: the kept ones; merging: the ones not "
+               "yet merged). –: the IoU is fixed by the set sizes (a merging method covers every patch), so it "
+               "says nothing; a pair with nothing to compare has no row. surviving: the fraction of patches that "
+               "survive. A seeded method: its first seed."]
     return t, mats
 
 

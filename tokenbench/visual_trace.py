@@ -33,7 +33,7 @@ import torch.nn as nn
 from .errors import UserError
 
 # Token roles, one per token of a stage.
-PREFIX, KEPT, GROUP, FUSED, FAST = 0, 1, 2, 3, 4
+PREFIX, KEPT, GROUP, FUSED, FAST, PAD = 0, 1, 2, 3, 4, 5   # PAD: a padding slot of a padded batch
 SLOW_PATH = "slow path"       # the kind of a hierarchical model's snapshot
 
 
@@ -129,7 +129,7 @@ class Stage:
 
     def counts(self, b: int) -> dict:
         role, npatch = self.role[b], self.n_patches[b]
-        return {"tokens": self.n_tokens,
+        return {"tokens": self.n_tokens - int((role == PAD).sum()),
                 "kept": int((role == KEPT).sum()),
                 "groups": int((role == GROUP).sum()),
                 "grouped_patches": int(npatch[role == GROUP].sum()),
@@ -178,6 +178,8 @@ def classify(stages: Sequence[dict], n_prefix: int) -> list[Stage]:
         role[npatch > 1] = GROUP
         role[is_fused] = FUSED
         role[npatch == 0] = PREFIX
+        if st.get("pad") is not None:
+            role[~st["pad"].to(role.device)] = PAD
         out.append(Stage(block=int(st.get("block", -1)), kind=str(st.get("kind", "")), n_tokens=n,
                          assign=assign.cpu(), role=role.cpu(), n_patches=npatch.cpu(), newest_fused=newest))
     return out

@@ -23,12 +23,13 @@ from .visual_draw import (BOUNDARY, DROPPED_EDGE, DROPPED_GHOST, DROPPED_GREY, F
                           render_stage, save_figure, select_stages)
 from .visual_inputs import (IMAGE_SUFFIXES, Images, _to_display, expand_image_paths, images_from_dataset,
                             images_from_files, read_image)
-from .visual_trace import (FAST, FUSED, GROUP, KEPT, PREFIX, SLOW_PATH, Stage, TokenGeometry, Trace, classify,
+from .visual_trace import (FAST, FUSED, GROUP, KEPT, PAD, PREFIX, SLOW_PATH, Stage, TokenGeometry, Trace, classify,
                            dense_stage, grid_of, input_config, patch_assignment, run_with_sources, slow_path_stages,
                            token_geometry, trace)
 
 __all__ = ["BOUNDARY", "DEFAULT_FLOPS", "DROPPED_EDGE", "DROPPED_GHOST", "DROPPED_GREY", "FIGURE_SUFFIXES",
-           "FAST", "FUSED", "FUSED_COLOURS", "GROUP", "IMAGE_SUFFIXES", "KEPT", "PREFIX", "Column", "Flops", "Images",
+           "FAST", "FUSED", "FUSED_COLOURS", "GROUP", "IMAGE_SUFFIXES", "KEPT", "PAD", "PREFIX", "Column", "Flops",
+           "Images",
            "Stage", "TokenGeometry", "Trace", "_to_display", "check_out", "classify", "column_params", "compare",
            "compare_figure", "dense_stage", "draw_panel", "expand_image_paths", "fmt_params", "grid_of",
            "group_colour", "images_from_dataset", "images_from_files", "input_config", "method_figure",
