@@ -137,6 +137,29 @@ def _exit_if_jobs_failed(outcome) -> None:
     raise typer.Exit(1)
 
 
+class _PlanUndo:
+    """What ``tokenbench run`` wrote before submitting, undone when the scheduler refuses the jobs:
+    a new output directory goes, an existing one gets its previous plan back."""
+
+    def __init__(self, out_dir: Path):
+        from .sweep.plan import PLAN_FILE
+
+        self.out_dir = Path(out_dir)
+        self.existed = self.out_dir.exists()
+        self.plan = self.out_dir / PLAN_FILE
+        self.old_plan = self.plan.read_bytes() if self.plan.is_file() else None
+
+    def __call__(self) -> None:
+        import shutil
+
+        if not self.existed:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        elif self.old_plan is not None:
+            self.plan.write_bytes(self.old_plan)
+        else:
+            self.plan.unlink(missing_ok=True)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
@@ -186,6 +209,12 @@ def register(app: typer.Typer) -> None:
         cluster: Optional[str] = typer.Option(None, "--cluster", help="submitit: slurm, local or debug "
                                                                       "(default: slurm where sbatch exists)."),
         partition: Optional[str] = typer.Option(None, "--partition", help="submitit: the SLURM partition."),
+        account: Optional[str] = typer.Option(None, "--account", help="submitit: the SLURM account to charge."),
+        qos: Optional[str] = typer.Option(None, "--qos", help="submitit: the SLURM quality of service."),
+        mem: Optional[str] = typer.Option(None, "--mem", help="submitit: SLURM memory per node (16G, 64000M)."),
+        cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", help="submitit: CPUs per job."),
+        constraint: Optional[str] = typer.Option(None, "--constraint", help="submitit: SLURM node features "
+                                                                            "(e.g. 'a100|h100')."),
         gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="submitit: GPUs per job (default "
                                                                                 "1 on SLURM, 0 with --device cpu)."),
         timeout: int = typer.Option(120, "--timeout", help="submitit: minutes a job may run."),
@@ -208,7 +237,8 @@ def register(app: typer.Typer) -> None:
 
         from .launch import job_options
 
-        job_opts = job_options(launcher, cluster, partition, gpus_per_job, timeout, runs_per_job)
+        job_opts = job_options(launcher, cluster, partition, gpus_per_job, timeout, runs_per_job, account=account,
+                               qos=qos, mem=mem, cpus_per_task=cpus_per_task, constraint=constraint)
         if method and sweep:
             raise UserError("give a sweep file or --method, not both")
         if set_ and not method:
@@ -238,6 +268,7 @@ def register(app: typer.Typer) -> None:
             spec = sw_mod.load_sweep(sweep or "default", overrides)
         err = Console(stderr=True)
         quiet = json_ or not sys.stderr.isatty()
+        undo = _PlanUndo(spec.out_dir()) if job_opts is not None else None
         if quiet:
             out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
         else:
@@ -280,8 +311,14 @@ def register(app: typer.Typer) -> None:
         if job_opts is not None:
             from .launch import submit_sweep
 
-            outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force,
-                                   console=None if quiet else err)
+            from .launch import SubmissionRefused
+
+            try:
+                outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force,
+                                       console=None if quiet else err)
+            except SubmissionRefused:
+                undo()  # nothing was submitted: the plan goes back to what it was
+                raise
             steps = outcome.steps
         else:  # a bar on a terminal's stderr; a line per measurement where stdout is a log
             lines = not json_ and not sys.stdout.isatty()
@@ -294,7 +331,11 @@ def register(app: typer.Typer) -> None:
 
         if not is_main():  # under torchrun, rank 0 writes the tables
             return
-        res = write_report(out_dir, plots=plots)
+        try:
+            res = write_report(out_dir, plots=plots)
+        except UserError:
+            _exit_if_jobs_failed(outcome)  # every job failed: name them and their logs, not "no records"
+            raise
         measured = sum(1 for s in steps if not s.reused)
         reused = len(steps) - measured
         if json_:

@@ -12,7 +12,11 @@ the runs that still miss a record: a failed or killed job is re-submitted that w
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,16 @@ class JobOptions:
     gpus_per_job: Optional[int] = None   # None: 1 where there are GPUs to use (0 with --device cpu)
     timeout_min: int = 120
     runs_per_job: int = 1
+    account: Optional[str] = None        # SLURM account to charge
+    qos: Optional[str] = None            # SLURM quality of service
+    mem: Optional[str] = None            # SLURM memory per node, e.g. 16G
+    cpus_per_task: Optional[int] = None
+    constraint: Optional[str] = None     # SLURM node features, e.g. "a100|h100"
+
+
+# JobOptions field -> submitit's SLURM parameter (ignored by the local and debug executors)
+SLURM_PARAMS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "mem": "slurm_mem",
+                "constraint": "slurm_constraint"}
 
 
 @dataclass
@@ -82,20 +96,26 @@ def check_options(opts: JobOptions) -> None:
         raise UserError(f"--timeout must be at least 1 minute, got {opts.timeout_min}")
     if opts.gpus_per_job is not None and opts.gpus_per_job < 0:
         raise UserError(f"--gpus-per-job must be 0 or more, got {opts.gpus_per_job}")
+    if opts.cpus_per_task is not None and opts.cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task must be at least 1, got {opts.cpus_per_task}")
+    if opts.mem is not None and not re.fullmatch(r"\d+[KMGTkmgt]?", opts.mem):
+        raise UserError(f"--mem takes SLURM's form, a number with an optional unit (16G, 64000M), got {opts.mem!r}")
 
 
 def job_options(launcher: str, cluster: Optional[str] = None, partition: Optional[str] = None,
-                gpus_per_job: Optional[int] = None, timeout_min: int = 120, runs_per_job: int = 1
-                ) -> Optional[JobOptions]:
-    """``tokenbench run``'s launcher flags: submitit's job options, or None to run in this process."""
+                gpus_per_job: Optional[int] = None, timeout_min: int = 120, runs_per_job: int = 1,
+                **slurm) -> Optional[JobOptions]:
+    """``tokenbench run``'s launcher flags: submitit's job options, or None to run in this process.
+
+    ``slurm``: account, qos, mem, cpus_per_task, constraint (None: the cluster's default)."""
     if launcher not in ("local", "submitit"):
         raise UserError(f"unknown launcher {launcher!r}; choose local or submitit")
     opts = JobOptions(cluster=cluster, partition=partition, gpus_per_job=gpus_per_job, timeout_min=timeout_min,
-                      runs_per_job=runs_per_job)
+                      runs_per_job=runs_per_job, **slurm)
     if launcher == "local":
         if opts != JobOptions():
-            raise UserError("--cluster, --partition, --gpus-per-job, --timeout and --runs-per-job need "
-                            "--launcher submitit")
+            raise UserError("--cluster, --partition, --account, --qos, --mem, --cpus-per-task, --constraint, "
+                            "--gpus-per-job, --timeout and --runs-per-job need --launcher submitit")
         return None
     check_options(opts)
     from .distributed import launched
@@ -138,12 +158,55 @@ def make_executor(out_dir: Path, opts: JobOptions, sw):
         executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"cannot use cluster {opts.cluster or '(detected)'}: {str(e).splitlines()[0]}") from None
-    params: dict[str, Any] = {"timeout_min": opts.timeout_min, "gpus_per_node": _gpus(opts, executor.cluster, sw.device),
-                              "nodes": 1, "tasks_per_node": 1, "name": f"tokenbench-{sw.name}"}
-    if opts.partition:
-        params["slurm_partition"] = opts.partition
+    params: dict[str, Any] = {"timeout_min": opts.timeout_min, "nodes": 1, "tasks_per_node": 1,
+                              "name": f"tokenbench-{sw.name}"}
+    gpus = _gpus(opts, executor.cluster, sw.device)
+    if gpus or executor.cluster != "slurm":  # no --gpus-per-node=0 line: some clusters reject it
+        params["gpus_per_node"] = gpus
+    if opts.cpus_per_task:
+        params["cpus_per_task"] = opts.cpus_per_task
+    for field_, param in SLURM_PARAMS.items():
+        if getattr(opts, field_):
+            params[param] = getattr(opts, field_)
     executor.update_parameters(**params)
     return executor
+
+
+class SubmissionRefused(UserError):
+    """The scheduler refused the jobs (e.g. sbatch: invalid partition); nothing was submitted."""
+
+
+def _refusal(err: BaseException) -> str:
+    """The scheduler's own words for a refused submission: the command's stderr (first error line)."""
+    cause = err.__cause__
+    text = cause.stderr if isinstance(cause, subprocess.CalledProcessError) and cause.stderr else str(err)
+    text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or [err.__class__.__name__])[-1]
+
+
+def _submit(executor, folder: Path, make_jobs) -> list:
+    """Submit ``make_jobs()`` as one batch; a refused submission leaves none of its files in ``folder``
+    and raises :class:`SubmissionRefused` in one line."""
+    submitit = _submitit()
+    before = set(folder.rglob("*")) if folder.exists() else set()
+    refused = (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError,
+               subprocess.CalledProcessError, OSError)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; said once below
+            with executor.batch():
+                jobs = make_jobs()
+    except refused as e:
+        for p in sorted(set(folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise SubmissionRefused(f"the scheduler refused the jobs, none was submitted: {_refusal(e)}") from None
+    return jobs
 
 
 def _state(job, cluster: str) -> tuple[str, Optional[BaseException]]:
@@ -154,22 +217,39 @@ def _state(job, cluster: str) -> tuple[str, Optional[BaseException]]:
     return ("failed" if err is not None else "done"), err
 
 
-def _reason(err: BaseException) -> str:
-    """Why a job failed, in one line."""
-    text = str(err)
-    if "with trace:" in text:  # submitit's FailedJobError: the traceback sits between two rules of dashes
-        parts = text.split("----------------------")
-        trace = [ln.strip() for ln in (parts[1] if len(parts) > 2 else "").splitlines() if ln.strip()]
-        if trace:
-            return trace[-1].removeprefix("tokenbench.errors.UserError: ")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    first = lines[0] if lines else ""
-    if "has not produced any output" in text:  # ended without a result: killed, out of time or of memory
-        state = text.split("(state: ", 1)[1].split(")", 1)[0] if "(state: " in text else "unknown"
-        return f"ended without a result (state {state}): killed, out of time or out of memory?"
-    if err.__class__.__module__.startswith("submitit") or isinstance(err, UserError):
-        return first or err.__class__.__name__  # e.g. a job killed before it returned
-    return f"{err.__class__.__name__}: {first}"  # the debug executor hands back the job's own exception
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _reason(job, err: Optional[BaseException]) -> str:
+    """Why a job failed, in one line, from what submitit keeps of it: the job's result file (the
+    traceback of the error it raised), else its state and the end of its stderr file."""
+    if err is not None and not err.__class__.__module__.startswith("submitit"):
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        if isinstance(err, UserError):
+            return first or err.__class__.__name__
+        return f"{err.__class__.__name__}: {first}"  # the debug executor hands back the job's own exception
+    result = Path(job.paths.result_pickle)
+    if result.is_file():
+        try:
+            outcome, payload = _submitit().core.utils.pickle_load(result)
+        except Exception:  # a damaged result file: say what the state and the log say instead
+            outcome, payload = None, None
+        if outcome == "error":
+            trace = [ln.strip() for ln in str(payload).splitlines() if ln.strip()]
+            if trace:
+                return trace[-1].removeprefix("tokenbench.errors.UserError: ")
+    try:
+        state = str(job.state)
+    except Exception:  # the scheduler cannot be asked (gone, or no accounting)
+        state = "unknown"
+    tail = _last_line(job.paths.stderr)
+    return (f"ended without a result (state {state}): killed, out of time or out of memory?"
+            + (f" Its log ends: {tail}" if tail else ""))
 
 
 def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: JobOptions, force: bool = False,
@@ -190,9 +270,9 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
                         "is never timed while other jobs share it: use --runs-per-job "
                         f"{len(todo)} (one job) or --measure without throughput")
     store.ensure_writable()
-    with executor.batch():
-        jobs = [executor.submit(run_share, sw, [runs[i] for i in chunk], str(Path(out_dir).resolve()), force, chunk)
-                for chunk in chunks]
+    jobs = _submit(executor, Path(out_dir).resolve() / "jobs",
+                   lambda: [executor.submit(run_share, sw, [runs[i] for i in chunk], str(Path(out_dir).resolve()),
+                                            force, chunk) for chunk in chunks])
     try:
         states, errors = _wait(jobs, executor.cluster, console, poll_s)
     except KeyboardInterrupt:
@@ -205,7 +285,7 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
             outcome.steps += [Step(runs[i], kind, key, reused) for i, kind, key, reused in job.result()]
         else:
             outcome.failures.append(Failure(job_id=str(job.job_id), runs=[runs[i].name for i in chunk],
-                                            reason=_reason(err) if err else "failed", log=str(job.paths.stderr)))
+                                            reason=_reason(job, err), log=str(job.paths.stderr)))
     order = {id(r): i for i, r in enumerate(runs)}
     outcome.steps.sort(key=lambda s: order[id(s.run)])
     return outcome
