@@ -13,6 +13,7 @@ only rank 0 prints and writes records.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import sys
@@ -197,11 +198,27 @@ class _HeldByAll:
         return True
 
 
-def claim(store, key: str):
-    """``store.claim(key)`` (one runner measures each record), except under torchrun.
+_WORK_SPLIT_ELSEWHERE = False
 
-    There the ranks are one runner: a claim taken by one rank and not by the others would
-    leave the others out of a collective evaluation, so none is taken (the store's atomic
+
+@contextlib.contextmanager
+def work_split_elsewhere():
+    """Within: another engine (a submitit job array) has already split the work among its
+    jobs, so :func:`claim` takes no claim files (no file, no heartbeat)."""
+    global _WORK_SPLIT_ELSEWHERE
+    old, _WORK_SPLIT_ELSEWHERE = _WORK_SPLIT_ELSEWHERE, True
+    try:
+        yield
+    finally:
+        _WORK_SPLIT_ELSEWHERE = old
+
+
+def claim(store, key: str):
+    """``store.claim(key)`` (one runner measures each record), except under torchrun or where
+    another engine split the work (:func:`work_split_elsewhere`).
+
+    Under torchrun the ranks are one runner: a claim taken by one rank and not by the others
+    would leave the others out of a collective evaluation, so none is taken (the store's atomic
     per-key writes still keep every record whole and single).
     """
-    return _HeldByAll(key) if active() else store.claim(key)
+    return _HeldByAll(key) if active() or _WORK_SPLIT_ELSEWHERE else store.claim(key)

@@ -69,9 +69,11 @@ def run_share(sw, runs: list, out: str, force: bool, indices: list[int]) -> list
     What the store already holds is skipped.  Returns (run index, kind, key, reused) per step.
     """
     from . import sweep as sw_mod
+    from .distributed import work_split_elsewhere
     from .store import Store
 
-    steps = sw_mod.execute(sw, runs, Store(out), force=force)
+    with work_split_elsewhere():  # the array gave each job its own runs: no claim files needed
+        steps = sw_mod.execute(sw, runs, Store(out), force=force)
     index = {id(r): i for r, i in zip(runs, indices)}
     return [(index[id(s.run)], s.kind, s.key, s.reused) for s in steps]
 

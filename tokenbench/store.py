@@ -253,9 +253,11 @@ class Claim:
     holds the claim measures, the other goes on with other runs and waits for the
     record at the end.  The file says who holds it (host, pid, start time); the holder
     refreshes its time stamp every ``heartbeat`` seconds and removes it when done, also
-    on an error or Ctrl-C.  A claim whose process is gone (same host) or whose time stamp
-    is older than ``stale_after`` seconds (a runner killed on another host) is stale and
-    taken over.
+    on an error or Ctrl-C.  A claim is stale, and taken over at once, when its owner is known
+    dead: its file names no host and pid (damaged; a claim file is written whole, by a link),
+    its process is gone (same host), or the SLURM job it names has ended (``squeue``).
+    Otherwise it is stale once its time stamp is older than ``stale_after`` seconds (a
+    runner killed on another host, outside SLURM).
 
         with store.claim(key) as claim:
             if claim.held:
@@ -272,6 +274,7 @@ class Claim:
         self.holder: Optional[dict] = None  # who holds it, when another runner does
         self._mine = b""
         self._stop = None
+        self._jobs_ended: dict[str, tuple[float, Optional[bool]]] = {}  # job id -> (asked at, ended?)
 
     # ----------------------------------------------------------- taking and giving back
     def acquire(self) -> bool:
@@ -318,20 +321,28 @@ class Claim:
 
     # ----------------------------------------------------------- the file
     def _create(self) -> bool:
+        """Write the claim whole to a private file, then link it in place: the link fails if a
+        claim is there, and nobody ever reads a half-written claim."""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "nonce": os.urandom(8).hex()}
+        job = slurm_job_id()
+        if job:
+            me["job"] = job
         data = (json.dumps(me) + "\n").encode()
+        tmp = self.path.with_name(f".{self.path.name}.{me['nonce']}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
         except OSError as e:
             from .errors import UserError
 
             raise UserError(f"cannot claim {self.path}: {e.strerror or e}") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            tmp.unlink(missing_ok=True)
         self._mine = data
         return True
 
@@ -357,14 +368,27 @@ class Claim:
 
     def _stale(self, seen: bytes) -> bool:
         info = self._info(seen)
-        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        if not info.get("host") or not isinstance(info.get("pid"), int):
+            return True  # names no owner: nobody can be waiting on it
+        if info["host"] == socket.gethostname():
             try:
                 os.kill(info["pid"], 0)
             except ProcessLookupError:
                 return True  # its process is gone
             except PermissionError:
                 pass  # alive, another user's
+        job = info.get("job")
+        if isinstance(job, str) and job and job != slurm_job_id() and self._job_ended(job):
+            return True
         return self._age() > self.stale_after
+
+    def _job_ended(self, job: str) -> bool:
+        """Whether SLURM says job ``job`` has ended (asked at most every 30 s; False when unknown)."""
+        asked, ended = self._jobs_ended.get(job, (0.0, None))
+        if _time.time() - asked > 30.0:
+            ended = slurm_job_ended(job)
+            self._jobs_ended[job] = (_time.time(), ended)
+        return bool(ended)
 
     def _take_over(self, seen: bytes) -> None:
         """Move a stale claim aside; put it back if it changed meanwhile (someone else took it over)."""
@@ -389,3 +413,36 @@ class Claim:
                 os.utime(self.path)
             except OSError:
                 return
+
+
+# --------------------------------------------------------------------------- SLURM jobs of claims
+
+SLURM_LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
+                     "STAGE_OUT", "SIGNALING", "STOPPED", "PREEMPTED", "RESV_DEL_HOLD", "REQUEUE_HOLD",
+                     "REQUEUE_FED", "SPECIAL_EXIT"}
+
+
+def slurm_job_id() -> Optional[str]:
+    """This process's SLURM job (``ARRAY_TASK`` form inside an array), or None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_job_ended(job: str) -> Optional[bool]:
+    """Whether SLURM's ``squeue`` reports job ``job`` ended: True (no longer queued, or in a final
+    state), False (queued or running), None (no squeue here, or no clear answer)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    states = {ln.strip().upper() for ln in proc.stdout.splitlines() if ln.strip()}
+    if proc.returncode == 0:
+        return not (states & SLURM_LIVE_STATES)
+    return True if "invalid job id" in proc.stderr.lower() else None
