@@ -213,6 +213,11 @@ def work_split_elsewhere():
         _WORK_SPLIT_ELSEWHERE = old
 
 
+def claims_bypassed() -> bool:
+    """Whether :func:`claim` takes no claim files here (torchrun, or work split elsewhere)."""
+    return active() or _WORK_SPLIT_ELSEWHERE
+
+
 def claim(store, key: str):
     """``store.claim(key)`` (one runner measures each record), except under torchrun or where
     another engine split the work (:func:`work_split_elsewhere`).
@@ -221,4 +226,4 @@ def claim(store, key: str):
     would leave the others out of a collective evaluation, so none is taken (the store's atomic
     per-key writes still keep every record whole and single).
     """
-    return _HeldByAll(key) if active() or _WORK_SPLIT_ELSEWHERE else store.claim(key)
+    return _HeldByAll(key) if claims_bypassed() else store.claim(key)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -302,7 +302,9 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
             tries.append(1)
             return res
 
-        metrics = timed_with_retries(counted, settings.retries)
+        from .busy import still_busy
+
+        metrics = timed_with_retries(counted, settings.retries, still_busy=still_busy)
         env = metrics.pop("env")
         if settings.compile:
             metrics["compile_note"] = cls.compile_note
@@ -320,6 +322,8 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
         if env.get("busy"):
             warnings_.append(f"machine busy while timing (other processes took {env.get('other_cores')} cores) "
                              f"after {metrics['attempts']} attempts")
+        if metrics.get("retries_stopped"):
+            warnings_.append(metrics["retries_stopped"])
     else:
         from .api import evaluate
 
@@ -339,11 +343,22 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     return rec, False
 
 
-def timed_with_retries(once, retries: int) -> dict:
+def timed_with_retries(once, retries: int, still_busy: Optional[Callable[[], Optional[float]]] = None) -> dict:
     """Run a timing; while it is busy or noisy, run it again (at most ``retries`` more times)
-    and keep the calmest attempt: not busy first, then the smallest spread."""
+    and keep the calmest attempt: not busy first, then the smallest spread.
+
+    ``still_busy()``: other processes' cores now when they would make a retry busy too, else
+    None.  A busy attempt is retried only when the load has dropped: otherwise the retries stop
+    early and ``retries_stopped`` says why."""
     attempts = []
-    for _ in range(1 + max(0, retries)):
+    stopped = None
+    for i in range(1 + max(0, retries)):
+        if i and still_busy is not None and attempts[-1]["env"].get("busy"):
+            load = still_busy()
+            if load is not None:
+                stopped = (f"retries stopped after {i} attempt(s): the machine was still busy before the next one "
+                           f"(other processes took {load} cores), so it could not be calmer")
+                break
         res = once()
         attempts.append(res)
         if not res.get("spread_flag") and not res["env"].get("busy"):
@@ -352,6 +367,8 @@ def timed_with_retries(once, retries: int) -> dict:
                                         r.get("spread") if r.get("spread") == r.get("spread") else 1e9))
     best = dict(best)
     best["attempts"] = len(attempts)
+    if stopped:
+        best["retries_stopped"] = stopped
     for k in ("compile_s", "baseline_compile_s", "latency_compile_s"):  # a retry finds the graphs compiled
         if k in attempts[0]:
             best[k] = attempts[0][k]

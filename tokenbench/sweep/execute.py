@@ -3,6 +3,8 @@ reference records, ``--retime-flagged``, progress callbacks)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -30,12 +32,15 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     ``retime``: keys of timing records to measure again although recorded (``--retime-flagged``).
     Each measurement is claimed first (:meth:`Store.claim`): one that another runner of the
     same directory is measuring is left to it, and waited for at the end."""
-    from ..runner import Loaded, measure_run
+    from ..runner import TIMED, Loaded, measure_run
     from ..store import Store
 
     ref = sw.reference_dir()
     reference = Store(ref, read_only=True) if ref is not None and ref.is_dir() else None
     total = sum(len(kinds_for(r, sw)) for r in runs)
+    note = on_note or (lambda m: print(m, file=sys.stderr, flush=True))
+    _say_if_busy(sw, runs, store, force, retime, reference, note)
+    turn = _TimingTurn(store, note)
     steps: list[Step] = []
     dense_loaded: dict[str, Loaded] = {}
     claimed: list[tuple[Run, str, Any]] = []  # (run, kind, claim) another runner holds
@@ -58,19 +63,20 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
                 if not claim.held:
                     claimed.append((run, kind, claim))
                     continue
-                if kind == "flops":
-                    import torch
+                with turn(kind in TIMED):
+                    if kind == "flops":
+                        import torch
 
-                    threads = torch.get_num_threads()
-                    torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
-                    try:
+                        threads = torch.get_num_threads()
+                        torch.set_num_threads(1)  # tracing is Python-bound; more threads only contend
+                        try:
+                            rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
+                                                      reference=reference)
+                        finally:
+                            torch.set_num_threads(threads)
+                    else:
                         rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
-                                                  reference=reference)
-                    finally:
-                        torch.set_num_threads(threads)
-                else:
-                    rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
-                                              reference=reference, **extra)
+                                                  reference=reference, **extra)
             steps.append(Step(run, kind, rec["key"], reused))
             i += 1
         del loaded
@@ -78,6 +84,71 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     if on_step:
         on_step(total, total, None, "")
     return steps
+
+
+def _say_if_busy(sw: Sweep, runs: list[Run], store, force: bool, retime, reference, note) -> None:
+    """Before the first timing: on a busy machine, say so and what it will cost."""
+    from ..busy import BUSY_CORES, busy_start_note, other_cores
+    from ..runner import TIMED
+
+    if not any(k in TIMED for k in sw.measure) or not distributed.is_main():
+        return
+    todo = 0
+    for run in runs:
+        for kind, key in run_keys(run, sw).items():
+            again = force or (retime is not None and key in retime)
+            if kind in TIMED and (again or not (store.has(key) or (reference is not None and reference.has(key)))):
+                todo += 1
+    if not todo:
+        return
+    other = other_cores(1.0)
+    if other is not None and other > BUSY_CORES:
+        note(busy_start_note(todo, other, sw.settings().threads))
+
+
+class _TimingTurn:
+    """One timing at a time among the runners of this directory on this host: a timing holds the
+    claim ``timing-<host>``; every measurement waits while another runner holds it (its load
+    would make the timing busy), and says so once.  Not used where another engine shares the
+    work out (torchrun: rank 0 alone times; a submitit array: its jobs on their own hosts)."""
+
+    def __init__(self, store, note):
+        import socket
+
+        self.store, self.note = store, note
+        self.key = f"timing-{socket.gethostname()}"
+        self.said = False
+
+    @contextlib.contextmanager
+    def __call__(self, timing: bool):
+        import time
+
+        if distributed.claims_bypassed():
+            yield
+            return
+        if not timing:
+            probe = self.store.claim(self.key)
+            while not probe.is_free():
+                self._say(probe)
+                time.sleep(1.0)
+            yield
+            return
+        claim = self.store.claim(self.key)
+        while not claim.acquire():
+            self._say(claim)
+            time.sleep(1.0)
+        try:
+            yield
+        finally:
+            claim.release()
+
+    def _say(self, claim) -> None:
+        if self.said:
+            return
+        self.said = True
+        h = claim.holder or {}
+        self.note(f"another runner of this directory is timing on this machine (pid {h.get('pid', '?')}): "
+                  "waiting for each of its timings to end before measuring, so that no two timings overlap")
 
 
 def canonical_spec(spec: dict) -> str:
