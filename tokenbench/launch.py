@@ -179,7 +179,7 @@ class SubmissionRefused(UserError):
 
 
 def _refusal(err: BaseException) -> str:
-    """The scheduler's own words for a refused submission: the command's stderr (first error line)."""
+    """The scheduler's own words for a refused submission: the last line of its stderr naming an error."""
     cause = err.__cause__
     text = cause.stderr if isinstance(cause, subprocess.CalledProcessError) and cause.stderr else str(err)
     text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
@@ -194,7 +194,7 @@ def _submit(executor, folder: Path, make_jobs) -> list:
     submitit = _submitit()
     before = set(folder.rglob("*")) if folder.exists() else set()
     refused = (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError,
-               subprocess.CalledProcessError, OSError)
+               subprocess.CalledProcessError)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; said once below
             with executor.batch():

@@ -337,6 +337,12 @@ class Claim:
                 os.link(tmp, self.path)
             except FileExistsError:
                 return False
+            except OSError:  # a file system without hard links: create exclusively, then write
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+        except FileExistsError:
+            return False
         except OSError as e:
             from .errors import UserError
 
