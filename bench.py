@@ -17,6 +17,12 @@ time is reported apart (``compile_s``), never inside a timing.
     python bench.py --compile none               # eager columns only
     python bench.py --models deit_small_patch16_224 --batch-sizes 1,16,64,max --device cuda --precision fp16
     python bench.py --models convnext_tiny,swin_tiny_patch4_window7_224 --batch-sizes 16 --out results/bench-hierarchical
+    python bench.py --models deit_small_patch16_224 --batch-sizes 16 --official ~/official   # and the authors' code
+
+``--official DIR`` (DIR holds clones named ``owner+repo``, README "Checking against the official
+code"): the official ToMe, EViT and DynamicViT built on the same weights as ours, their logits
+checked equal to ours, then ours timed against them interleaved in every mode (a table of its
+own, ``vs_official`` = ours over the official); a missing clone is one line.
 
 Hierarchical models (ConvNeXt, Swin) get :data:`SETTINGS_HIERARCHICAL` and one more row, the
 gather / scatter overhead (:data:`OVERHEAD_OF`), also tabulated apart below the main table.
@@ -107,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-overhead", action="store_true",
                     help="hierarchical models: skip the gather/scatter overhead row")
     ap.add_argument("--out", default="results/bench", help="where to write bench.md / bench.csv / bench.json")
+    ap.add_argument("--official", default=None, metavar="DIR",
+                    help="also time the official ToMe, EViT and DynamicViT cloned in DIR (as owner+repo) against ours")
     ap.add_argument("--redraw", default=None, metavar="DIR",
                     help="time nothing: write the tables again from DIR/bench.json into --out")
     args = ap.parse_args(argv)
@@ -125,6 +133,7 @@ def main(argv=None) -> int:
     modes = [None] + ([measure.compile_mode(args.compile)] if measure.compile_mode(args.compile) else [])
     timing = dict(device=args.device, precision=args.precision, threads=threads)
     rows = []
+    official = {"rows": [], "notes": [], "root": official_root(args.official)}
     load0 = os.getloadavg()[0]
     for model_name in args.models.split(","):
         family = model_family(model_name)
@@ -187,16 +196,46 @@ def main(argv=None) -> int:
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
                 # the tables so far, after every row: a run stopped part-way keeps what it timed
                 env = _env(args, threads)
-                write_tables(Path(args.out), _heading(env, args, modes, threads, load0, partial=True), env, rows)
+                write_tables(Path(args.out), _heading(env, args, modes, threads, load0, partial=True), env, rows,
+                             official)
             if method == "none":
                 dense_net = net
             else:
                 del net
+        if official["root"] is not None and dense_net is not None:
+            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, modes, timing, args,
+                          official)
     env = _env(args, threads)
     head = _heading(env, args, modes, threads, load0)
     print(head)
-    print(write_tables(Path(args.out), head, env, rows))
+    print(write_tables(Path(args.out), head, env, rows, official))
     return 0
+
+
+def official_root(value):
+    """``--official DIR`` as a folder (one line and exit 2 where it is not one), or None."""
+    if value is None:
+        return None
+    from tokenbench.errors import UserError
+
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--official {value}: not a folder (clone the official repositories into it as owner+repo)")
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)  # official_code/ sits beside this script
+    return root
+
+
+def time_official(model_name: str, settings: list, batches: list, modes: list, timing: dict, args,
+                  official: dict) -> None:
+    """Ours against the official code for ``model_name``'s settings that have one (official_code/)."""
+    from official_code.timing import official_rows
+
+    rows, notes = official_rows(model_name, settings, batches, modes, timing, args.min_run_time, official["root"],
+                                lambda line: print(line, file=sys.stderr, flush=True))
+    official["rows"] += rows
+    official["notes"] += notes
 
 
 def _env(args, threads: int) -> dict:
@@ -316,8 +355,9 @@ def timing_columns(row, flops_x: float, spread: float, sfx: str) -> dict:
             f"efficiency{sfx}": round(row.speedup / flops_x, 3) if row.flops_rel else float("nan")}
 
 
-def write_tables(out: Path, head: str, env: dict, rows: list[dict]) -> str:
-    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table (and the overhead's)."""
+def write_tables(out: Path, head: str, env: dict, rows: list[dict], official: dict | None = None) -> str:
+    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table (and the overhead's,
+    and with ``--official`` the table of ours against the official code)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -325,8 +365,15 @@ def write_tables(out: Path, head: str, env: dict, rows: list[dict]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "bench.csv", index=False)
     extra = overhead_table(rows)
+    data = {"env": env, "head": head, "rows": rows}
+    if official and official.get("root") is not None:
+        from official_code.timing import official_table
+
+        extra = "\n\n".join(filter(None, [extra, official_table(official["rows"], official["notes"],
+                                                                   official["root"])]))
+        data["official"] = {"dir": str(official["root"]), "rows": official["rows"], "notes": official["notes"]}
     (out / "bench.md").write_text(f"{head}\n\n{table}\n" + (f"\n{extra}\n" if extra else ""))
-    (out / "bench.json").write_text(json.dumps({"env": env, "head": head, "rows": rows}, indent=1))
+    (out / "bench.json").write_text(json.dumps(data, indent=1))
     return f"{table}\n\n{extra}" if extra else table
 
 
@@ -341,7 +388,13 @@ def redraw(src: Path, out: Path) -> int:
     data["rows"] = [{k: r[k] for k in ["model", "method", "family"] + [k for k in r if k not in
                                                                         ("model", "method", "family")]}
                     for r in data["rows"]]
-    print(write_tables(out, head, data["env"], data["rows"]))
+    official = data.get("official")
+    if official:
+        official = {"root": Path(official["dir"]), "rows": official["rows"], "notes": official["notes"]}
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
+    print(write_tables(out, head, data["env"], data["rows"], official))
     return 0
 
 
