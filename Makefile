@@ -6,6 +6,15 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # torch/torchvision pair known to import together on the project's machines
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# A machine without CUDA (no nvidia-smi, no /dev/nvidia*) installs the pins' CPU builds (about
+# 1 GB instead of 6) from CPU_TORCH_INDEX when it is set, e.g.
+# `make setup CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu`.  It is empty by default: the
+# package index the project's machines reach serves no CPU torchvision (its only CPU torch,
+# 2.13.0+cpu from a local wheel, fails `import torchvision` beside PyPI's torchvision 0.28.0, and
+# no 2.14.1+cpu is served), so there the CUDA build installs as before.
+CPU_TORCH_INDEX ?=
+HAS_CUDA ?= $(shell (command -v nvidia-smi || ls /dev/nvidia*) >/dev/null 2>&1 && echo yes)
+TORCH_INDEX := $(if $(CPU_TORCH_INDEX),$(if $(HAS_CUDA),,--index-url $(CPU_TORCH_INDEX)))
 
 .PHONY: run reference reference-hierarchical test setup data bench bench-gpu visuals clean
 
@@ -56,7 +65,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
-	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_INDEX) $(TORCH_PINS)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
