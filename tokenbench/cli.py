@@ -158,7 +158,8 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
     elif limit is not None or data_dir is not None:
         raise UserError("--limit and --data-dir count real images: pass --data too")
     spec = _spec(model, method, set_, pretrained, checkpoint, img_size)
-    rec, reused = measure_run("flops", spec, settings, _store(results))
+    rec, reused = measure_run("flops", spec, settings, _store(results),
+                              progress=settings.flops_on_data and sys.stderr.isatty())
     pub = _public(rec, reused, results)
     if json_:
         out_json(pub)

@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -393,18 +393,20 @@ def _surgery_for_counting(model: nn.Module):
 
 
 def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch.Tensor] = None,
-          max_images: int = 8) -> dict[str, Any]:
+          max_images: int = 8, on_image: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """GFLOPs per image (fvcore, multiply-add = 1), parameters, tokens per block.
 
     For methods whose token counts depend on the image, pass ``inputs`` (real images):
-    FLOPs and token counts are then the mean over the first ``max_images`` of them.
+    FLOPs and token counts are then the mean over the first ``max_images`` of them, one trace
+    each; ``on_image(done, total)`` is told after each (a progress bar).
     Counting runs in eval mode under no_grad and restores the model's mode.
     """
     with _surgery_for_counting(model):
-        return _flops(model, img_size, inputs, max_images)
+        return _flops(model, img_size, inputs, max_images, on_image)
 
 
-def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Tensor], max_images: int) -> dict:
+def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Tensor], max_images: int,
+           on_image: Optional[Callable[[int, int], None]] = None) -> dict:
     from .backbones import is_prepared
 
     dev = next(model.parameters()).device
@@ -415,7 +417,7 @@ def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Ten
     totals, by_op = [], {}
     toks, toks_mlp = [], []
     with eval_mode(model), torch.no_grad():
-        for x in xs:
+        for i, x in enumerate(xs):
             t, ops = _count(model, x)
             totals.append(t)
             for k, v in ops.items():
@@ -424,6 +426,8 @@ def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Ten
                 tk, tm = token_counts(model, x=x)
                 toks.append(tk)
                 toks_mlp.append(tm)
+            if on_image is not None:
+                on_image(i + 1, len(xs))
     n_params = sum(p.numel() for p in model.parameters())
     c, s = model_input(model)
     out = {

@@ -144,13 +144,38 @@ def flops_limit(s: Settings) -> int:
     return s.flops_images or s.limit or FLOPS_LIMIT
 
 
-def flops_on_data(net, spec: dict, s: Settings) -> dict:
+def image_progress(total: int):
+    """A progress bar on stderr over ``total`` images (one fvcore trace each: minutes for a few
+    hundred), with the time left; a context manager yielding ``on_image(done, total)``."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(TextColumn("counting FLOPs image by image"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as prog:
+            task = prog.add_task("flops", total=total)
+            yield lambda done, _total: prog.update(task, completed=done)
+
+    return bar()
+
+
+def flops_on_data(net, spec: dict, s: Settings, progress: bool = False) -> dict:
     """FLOPs averaged over the first :func:`flops_limit` images of the (seeded, stratified)
-    subset of ``s.data``: mean, spread per image, the tokens' distribution and the data's identity."""
+    subset of ``s.data``: mean, spread per image, the tokens' distribution and the data's identity.
+    ``progress``: a bar with the time left on stderr (:func:`image_progress`)."""
+    import contextlib
+
     n = flops_limit(s)
     images, dspec = inputs.data_images(net, s.data, s.split, s.data_dir, n, s.data_seed,
                                        asked=s.flops_images or s.limit)
-    metrics = measure.flops(net, img_size=spec["img_size"], inputs=images, max_images=len(images))
+    with (image_progress(len(images)) if progress else contextlib.nullcontext()) as on_image:
+        metrics = measure.flops(net, img_size=spec["img_size"], inputs=images, max_images=len(images),
+                                on_image=on_image)
     metrics["data"] = dspec.key()
     metrics["input"] = inputs.described(s.data, s.split, len(images), s.data_seed)
     return metrics
@@ -259,7 +284,7 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     warnings_: list[str] = checks.for_run(kind, spec, net, prov)
     if kind == "flops":
         if settings.flops_on_data:
-            metrics = flops_on_data(net, spec, settings)
+            metrics = flops_on_data(net, spec, settings, progress=progress)
         else:
             metrics = measure.flops(net, img_size=spec["img_size"])
             if varies_per_image(cls, net, spec["params"]):
