@@ -26,8 +26,8 @@ The algorithm, as the official code runs it:
   the selected positions take the block's FFN, the others the fast path (ConvNeXt:
   LayerNorm(eps 1e-6) + Linear(C, C) times ``fast_path_gamma``, initialised 1e-6; Swin:
   ``fastMlp``, LayerNorm + Linear(C, C)), scattered back before the residual.
-- **Training** (model in train mode): the official two streams (``plan.streams``, see
-  ``tokenbench/backbones/base.py``), hard Gumbel-softmax decisions (straight-through) of the
+- **Training** (model in train mode): the official two streams (``methods/_two_streams.py``, a
+  ``plan.block`` hook), hard Gumbel-softmax decisions (straight-through) of the
   predictor on the merged map; the loss of ``ConvNextDistillDiffPruningLoss`` as ``main.py``
   builds it (``clf_weight=1``, ``ratio_weight=10``, ``distill_weight=0.5``):
   ``CE + 10 * mean_s mean_b (kept fraction_bs - ratio_s) ** 2 + 0.5 * KL(teacher || student)
@@ -56,7 +56,7 @@ Deviations from the official code (none changes an official configuration's resu
 
 - the official Swin ``BasicLayer`` merges the streams at the end of stage 3 with
   ``if len(x) == 2``, which in eval mode is also true of a batch of two images and then fails
-  (``TypeError``): here the merged map flows between blocks (``plan.streams``), so any batch
+  (``TypeError``): here the merged map flows between blocks (``methods/_two_streams.py``), so any batch
   size works;
 - the released ``ConvNextDistillDiffPruningLoss`` prints ``self.layer_mse_loss`` and
   ``self.feat_distill_loss`` every 100 steps, attributes it never sets (an
@@ -86,6 +86,7 @@ import torch.nn.functional as F
 
 from tokenbench.backbones import TokenState, add_module, backbone_of, last_state, plan_settings
 from tokenbench.errors import UserError
+from tokenbench.methods._two_streams import two_streams
 
 PREDICTOR_ATTR = "score_predictor"   # official name: score_predictor.{s}.*
 FAST_ATTR = "fast_paths"             # fast_paths.{j}: the fast path of stage-3 block j
@@ -280,7 +281,7 @@ def install(model: nn.Module, keep_rate: float, choose: Callable, method: str,
     for i in sites.adaptive:
         plan.subset[i] = make_subset(i)
         if streams is not None:
-            plan.streams[i] = make_streams(i, sites.predictors.index(i) if i in sites.predictors else None)
+            plan.block[i] = two_streams(type(sites.bb), make_streams(i, sites.predictors.index(i) if i in sites.predictors else None))
     return model
 
 

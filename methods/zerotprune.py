@@ -214,7 +214,7 @@ class ZeroTPrune(Method):
         plan = bb.prepare(self.name)
         if r <= 0:
             return model
-        cls_index = 0 if cls_init and getattr(model, "cls_token", None) is not None else None
+        cls_index = 0 if cls_init and bb.has_class_token else None
         opts = dict(eir=bool(eir), vhf=bool(vhf), var_min=float(var_min), var_max=float(var_max))
         for i in bb.sites("every"):
             its = iterations(i, bb.depth, int(iters_first), int(iters_mid), int(iters_last))

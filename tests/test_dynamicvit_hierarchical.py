@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokenbench import backbones
-from tokenbench.backbones.base import enter_streams
+from tokenbench.methods._two_streams import enter_streams, two_streams
 from tokenbench.checkpoint import load_checkpoint
 from tokenbench.errors import UserError
 from tokenbench.methods import dynamicvit_hierarchical as hier
@@ -180,15 +180,15 @@ def test_two_stream_block_is_the_official_form():
     st.extra["streams"] = (x1, x2, x1 * mask + x2 * (1 - mask))
     assert enter_streams(st, st.extra["streams"][2])[0] is x1
     plan = backbones.plan_of(net)
-    old = plan.streams[4]
-    plan.streams[4] = lambda block, t, s: (mask.flatten(2).transpose(1, 2), fast)
+    old = plan.block[4]
+    plan.block[4] = two_streams(type(backbones.backbone_of(net)), lambda block, t, s: (mask.flatten(2).transpose(1, 2), fast))
     backbones.base.surgery_of(net).state = st       # continue this forward at block 4
     st.block = 3
     try:
         with torch.no_grad():
             merged = blk(st.extra["streams"][2])
     finally:
-        plan.streams[4] = old
+        plan.block[4] = old
 
     def lastdim(f, t):  # the official permute to (N, H, W, C) and back
         return f(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

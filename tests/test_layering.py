@@ -1,6 +1,7 @@
-"""The two layering rules of the redesign, checked on the source:
+"""The two layering rules, checked on the source:
 
-- no module outside ``tokenbench/backbones/`` reads a model's insides (a ViT attribute);
+- no module outside ``tokenbench/backbones/`` (the harness and the method files in
+  ``methods/``) reads a model's insides (an attribute of a ViT, ConvNeXt or Swin model);
 - no harness module names a method or a method's parameter (what differs between methods is
   read from their declarations).
 """
@@ -13,9 +14,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tokenbench"
-# Attributes of timm's VisionTransformer (and its blocks) only a backbone may read.
+METHODS = PACKAGE.parent / "methods"
+# Attributes of timm's VisionTransformer, ConvNeXt and SwinTransformer (and their blocks) only
+# a backbone may read.
 MODEL_INSIDES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "cls_token", "pos_embed",
-                 "fc1", "attn_pool", "norm_pre", "grid_size", "global_pool", "dist_token", "reg_token"}
+                 "fc1", "attn_pool", "norm_pre", "grid_size", "global_pool", "dist_token", "reg_token",
+                 "downsample", "conv_dw", "feature_info", "norm1", "norm2", "qkv", "shift_size", "window_size"}
+# Family attributes whose names also mean something else (``TokenState.stages``, ``Path.stem``):
+# counted where they are read from a model.
+MODEL_ONLY_INSIDES = {"stages", "layers", "stem", "head"}
+MODEL_NAMES = {"model", "net", "teacher", "student", "owner", "m"}
 # The deprecated shim for 0.1 plugins only re-exports the backbone layer.
 EXEMPT = {"vit.py"}
 # Words the harness uses for its own concepts, whichever method also names a parameter so.
@@ -26,6 +34,16 @@ def harness_modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py")
                   if "backbones" not in p.relative_to(PACKAGE).parts and p.name not in EXEMPT
                   and p.relative_to(PACKAGE).parts[0] != "methods")
+
+
+def method_files() -> list[Path]:
+    return sorted(METHODS.glob("*.py"))
+
+
+def _names_a_model(node: ast.AST) -> bool:
+    """``model``, ``net``, ..., or ``<anything>.model``."""
+    return (isinstance(node, ast.Name) and node.id in MODEL_NAMES) or \
+        (isinstance(node, ast.Attribute) and node.attr == "model")
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -42,7 +60,8 @@ def model_attribute_reads(path: Path) -> list[str]:
     tree = ast.parse(path.read_text())
     hits = []
     for n in ast.walk(tree):
-        if isinstance(n, ast.Attribute) and n.attr in MODEL_INSIDES:
+        if isinstance(n, ast.Attribute) and not isinstance(n.ctx, ast.Store) and (n.attr in MODEL_INSIDES or
+                                             (n.attr in MODEL_ONLY_INSIDES and _names_a_model(n.value))):
             hits.append(f"{path.name}:{n.lineno} .{n.attr}")
         if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("getattr", "hasattr", "setattr") \
                 and len(n.args) > 1 and isinstance(n.args[1], ast.Constant) and n.args[1].value in MODEL_INSIDES:
@@ -75,7 +94,7 @@ def method_names_used(path: Path, methods: set[str], params: set[str]) -> list[s
     return hits
 
 
-@pytest.mark.parametrize("path", harness_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", harness_modules() + method_files(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
 def test_no_model_insides_outside_the_backbones(path):
     assert model_attribute_reads(path) == []
 
@@ -99,5 +118,8 @@ def test_the_checks_can_fail(tmp_path):
     bad.write_text('def f(model, p):\n    """keep_rate in a docstring is fine"""\n'
                    '    return len(model.blocks), p["r"], p.get("keep_rate"), "tome", "{r}".format(r=1)\n')
     assert model_attribute_reads(bad) == ["bad.py:3 .blocks"]
+    family = tmp_path / "family.py"
+    family.write_text("def f(model, st, path):\n    return model.stages, self.model.layers[0].downsample, st.stages, path.stem\n")
+    assert sorted(model_attribute_reads(family)) == ["family.py:2 .downsample", "family.py:2 .layers", "family.py:2 .stages"]
     assert sorted(method_names_used(bad, {"tome"}, {"r", "keep_rate"})) == [
         "bad.py:3 'keep_rate'", "bad.py:3 'r'", "bad.py:3 'tome'"]

@@ -13,6 +13,7 @@ from tokenbench import backbones
 from tokenbench.backbones import backbone_of
 from tokenbench.backbones.swin import is_official_layout, official_to_timm
 from tokenbench.errors import UserError
+from tokenbench.methods._two_streams import two_streams
 from tokenbench.registry import apply
 
 # 64 px, windows of 2: stage maps 16, 8, 4, 2; block 3 (stage 3) has shifted windows and masks.
@@ -240,7 +241,7 @@ def test_two_streams_equal_the_official_form_written_out():
     plan.on_start.append(lambda model, x, st: started.append((model, tuple(x.shape))))
     for i in (2, 3):
         plan.pre[i] = lambda block, t, st, i=i: seen.__setitem__(i, t.clone())
-        plan.streams[i] = lambda block, t, st, i=i: (masks[i], fast)
+        plan.block[i] = two_streams(type(bb), lambda block, t, st, i=i: (masks[i], fast))
         plan.subset[i] = lambda block, t, st: pytest.fail("subset used in training")
     x = torch.randn(3, 4, 4, 64)
     got = net.layers[2].blocks(x)
@@ -284,7 +285,7 @@ def test_eval_at_batch_size_two_uses_the_subset_hook():
     net = _slow_fast(tiny_swin(), keep=5, fast=None)
     plan = backbones.plan_of(net)
     for i in (2, 3):
-        plan.streams[i] = lambda block, t, st: pytest.fail("streams used in eval")
+        plan.block[i] = two_streams(type(backbone_of(net)), lambda block, t, st: pytest.fail("streams used in eval"))
     with torch.no_grad():
         two = net(_x(2))
         three = net(_x(3))

@@ -17,16 +17,12 @@ Hook kinds (a backbone runs those it supports and refuses the others):
   (:func:`~tokenbench.backbones.vit.attention_from_values`); None: the usual attention;
 - ``plan.post[i] = fn(block, x, state) -> x``: after block ``i``'s MLP residual (ViT), where
   a method reads the block's output (A-ViT's halting) or changes what the next block gets;
-- ``plan.subset[i] = fn(block, x, state) -> (idx, fast)``: hierarchical backbones run
-  block ``i``'s expensive part only on the positions ``idx`` and ``fast`` on the others,
-  and scatter both back into the full map (:func:`run_on_subset`), so later layers see
-  the usual feature map;
-- ``plan.streams[i] = fn(block, x, state) -> (mask, fast)``: hierarchical backbones, in
-  training mode only: block ``i`` runs the official two-stream form of DynamicViT's journal
-  version (:func:`run_two_streams`, :func:`enter_streams`, :func:`leave_streams`) with the
-  hard (straight-through) decision ``mask`` [B, N, 1]; in eval mode the block uses
-  ``plan.subset[i]``.  On hierarchical backbones ``x`` is the block's input map as tokens
-  [B, N, C], and a ``plan.pre[i]`` hook observes that same map (it returns None).
+- ``plan.subset[i] = fn(block, tokens, state) -> (idx, fast)`` and
+  ``plan.block[i] = fn(block, x, state) -> map or None``: hierarchical backbones
+  (:mod:`~tokenbench.backbones.hierarchical`): the FFN on some positions and a fast path on
+  the others, scattered back into the full map (:func:`run_on_subset`); a method's own form
+  of the whole block.  There a ``plan.pre[i]`` hook observes the block's input map as tokens
+  [B, N, C] (it returns None).
 
 Backbones register per model family with :func:`register_backbone`; ``backbone_of(model)``
 returns the first whose :meth:`Backbone.matches` accepts the model.
@@ -57,7 +53,7 @@ class Plan:
         self.attend: dict[int, Callable] = {}
         self.post: dict[int, Callable] = {}
         self.subset: dict[int, Callable] = {}
-        self.streams: dict[int, Callable] = {}
+        self.block: dict[int, Callable] = {}
         self.needs: dict[int, tuple[str, ...]] = {}
         self.on_start: list[Callable] = []
         self.prop_attn = False
@@ -70,7 +66,7 @@ class Plan:
 
     def hooked(self, i: int) -> bool:
         return (i in self.pre or i in self.mid or i in self.attend or i in self.post or i in self.subset
-                or i in self.streams)
+                or i in self.block)
 
 
 class Backbone:
@@ -103,6 +99,11 @@ class Backbone:
     def n_prefix(self) -> int:
         """Tokens before the patches (class, distillation, register tokens)."""
         return 0
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the first token is a class token."""
+        return False
 
     @property
     def num_patches(self) -> int:
@@ -206,53 +207,6 @@ def run_on_subset(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, i
         quick = fast(x.gather(1, rest[..., None].expand(-1, -1, c))).to(slow.dtype)
         out = out.scatter(1, rest[..., None].expand(-1, -1, quick.shape[-1]), quick)
     return out.scatter(1, idx[..., None].expand(-1, -1, slow.shape[-1]), slow)
-
-
-# ---- training of hierarchical models: the official two-stream form (DynamicViT's journal version)
-#
-# From the first adaptive block of a stage on, two full-size streams run side by side: stream 1
-# went through the slow path (the block's FFN), stream 2 through the fast path.  A block mixes
-# them with its hard decision ``mask`` before its mixer, runs the mixer on the full map, gives
-# stream 1 the mixer's output where ``mask`` is 1 and stream 2 where it is 0, then FFN on stream
-# 1, fast path on stream 2, each with its residual.  What flows from block to block is the merged
-# map (the streams mixed with the last mask: what the official hands to the next stage, and what
-# its next predictor sees); the pair rides in the token state beside it.
-
-_STREAMS = "streams"  # st.extra key: (stream 1, stream 2, the merged map the last block returned)
-
-
-def enter_streams(st: TokenState, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two streams behind the map ``x`` a block receives: the pair the previous two-stream
-    block left if ``x`` is the map it returned, else ``(x, x)`` (the first adaptive block)."""
-    pair = st.extra.get(_STREAMS)
-    if pair is not None and pair[2] is x:
-        return pair[0], pair[1]
-    return x, x
-
-
-def leave_streams(st: TokenState, y1: torch.Tensor, y2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Keep the streams ``(y1, y2)`` in the state and return the merged map ``y1 * mask + y2 *
-    (1 - mask)`` for the next block (a block without a streams hook, the next stage and
-    ``forward_intermediates`` just see that map)."""
-    merged = mix_streams(y1, y2, mask)
-    st.extra[_STREAMS] = (y1, y2, merged)
-    return merged
-
-
-def mix_streams(x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x1`` where ``mask`` is 1, ``x2`` where it is 0 (``mask`` broadcasts over channels)."""
-    return x1 * mask + x2 * (1 - mask)
-
-
-def run_two_streams(slow: Callable[[torch.Tensor], torch.Tensor], fast: Callable[[torch.Tensor], torch.Tensor],
-                    mixed: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training counterpart of :func:`run_on_subset`: ``(slow(a), fast(b))`` with
-    ``a = mixed * mask + x1 * (1 - mask)`` and ``b = mixed * (1 - mask) + x2 * mask``, where
-    ``mixed`` is the mixer's output on ``mix_streams(x1, x2, mask)`` (all [B, N, C], ``mask``
-    [B, N, 1]).  The caller adds each stream's residual (ConvNeXt: ``x1`` and ``x2``; Swin: the
-    map after the attention residual)."""
-    return slow(mix_streams(mixed, x1, mask)), fast(mix_streams(x2, mixed, mask))
 
 
 def default_input_config() -> dict:

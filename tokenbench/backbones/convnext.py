@@ -4,26 +4,9 @@ Sites are blocks, numbered through all stages (``depth`` = every block of every 
 ``sites("stage 3")`` names the blocks of the third stage (the 14 x 14 map at 224 px), where
 the journal version of DynamicViT sparsifies.  Tokens are the map's positions.
 
-Hook kinds:
-
-- ``plan.subset[i] = fn(block, tokens, st) -> (idx, fast)``.  Block ``i`` runs its depthwise
-  7 x 7 convolution on the full map (so the map and every later layer are untouched), then its
-  expensive part (norm, MLP, layer scale) only on the positions ``idx`` [B, K] (the slow path)
-  and ``fast`` (a module on [B, M, C] tokens, or None for nothing) on the N - K others, and
-  scatters both back into the full map before the residual
-  (:func:`~tokenbench.backbones.base.run_on_subset`).  ``tokens`` [B, N, C]: the map after
-  the depthwise convolution.
-- ``plan.pre[i] = fn(block, tokens, st) -> None``: observes block ``i``'s input map as tokens
-  [B, N, C] (where DynamicViT's journal version runs its predictors); it cannot change it.
-- ``plan.streams[i] = fn(block, tokens, st) -> (mask, fast)``, training mode only: the
-  official two-stream ``AdaBlock`` (:func:`~tokenbench.backbones.base.run_two_streams`):
-  the streams mixed with ``mask`` [B, N, 1] before the depthwise convolution, the block's FFN
-  on stream 1 and ``fast`` (on [B, N, C]) on stream 2, each stream with its own residual; the
-  block returns the merged map and keeps the pair in the state for the next block.
-  ``tokens``: the input map, as ``pre`` sees it.  In eval mode the block uses ``subset``.
-
-``plan.on_start`` hooks run at the first block of each forward, as ``fn(model, x, st)`` with
-the stem's output map ``x``.
+A block is the depthwise 7 x 7 convolution (the mixer, on the full map), then norm, MLP and
+layer scale (the FFN, on positions), then the residual; hook kinds are the hierarchical
+families' (:mod:`~tokenbench.backbones.hierarchical`).
 
 The shared surgery (:mod:`~tokenbench.backbones.surgery`) patches the blocks, so
 ``forward_features``, ``forward_intermediates`` and ``features_only`` run reduced and return
@@ -38,58 +21,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .base import (Backbone, default_input_config, enter_streams, leave_streams,
-                   mix_streams, register_backbone, run_on_subset, run_two_streams)
-from .surgery import begin_forward, block_surgery
-from .tokens import TokenState
-
-
-def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's ``ConvNeXtBlock.forward`` with the plan's hooks at this block: ``pre`` (observes
-    the input map), ``subset`` (the slow / fast split) or, in training mode, ``streams`` (the
-    two-stream form)."""
-    s, i = block_surgery(self)
-    st = begin_forward(s, i, x)
-    b, c, h, w = x.shape
-    pre = s.plan.pre.get(i)
-    if pre is not None:
-        pre(self, _tokens(x), st)
-    if self.training and i in s.plan.streams:
-        return _two_stream_forward(self, x, st, s.plan.streams[i])
-    hook = s.plan.subset.get(i)
-    shortcut = x
-    x = self.conv_dw(x)
-    if st.record:
-        st.tokens.append(h * w)
-    tokens = _tokens(x)                                                 # [B, N, C]
-    if hook is None:
-        out = _ffn(self, tokens)
-        if st.record:
-            st.tokens_mlp.append(h * w)
-    else:
-        idx, fast = hook(self, tokens, st)
-        if st.record:
-            st.tokens_mlp.append(int(idx.shape[1]))
-        out = run_on_subset(lambda t: _ffn(self, t), tokens, idx, fast)
-    return self.drop_path(_map(out, h, w)) + self.shortcut(shortcut)
-
-
-def _two_stream_forward(self, x: torch.Tensor, st: TokenState, hook) -> torch.Tensor:
-    """The official ``AdaBlock`` in training: mix the streams with the hook's mask, the
-    depthwise conv on the full map, FFN on stream 1, ``fast`` on stream 2, each stream with its
-    own residual; returns the merged map (the pair stays in the state)."""
-    b, c, h, w = x.shape
-    mask, fast = hook(self, _tokens(x), st)                             # [B, N, 1]
-    x1, x2 = enter_streams(st, x)
-    m = mask.transpose(1, 2).reshape(b, 1, h, w)
-    mixed = _tokens(self.conv_dw(mix_streams(x1, x2, m)))
-    if st.record:
-        st.tokens.append(h * w)
-        st.tokens_mlp.append(h * w)
-    slow, quick = run_two_streams(lambda t: _ffn(self, t), fast, mixed, _tokens(x1), _tokens(x2), mask)
-    y1 = self.drop_path(_map(slow, h, w)) + self.shortcut(x1)
-    y2 = self.drop_path(_map(quick, h, w)) + self.shortcut(x2)
-    return leave_streams(st, y1, y2, m)
+from .base import default_input_config, register_backbone
+from .hierarchical import HierarchicalBackbone
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +45,7 @@ def _ffn(block, t: torch.Tensor) -> torch.Tensor:
 
 
 @register_backbone
-class ConvNeXtBackbone(Backbone):
+class ConvNeXtBackbone(HierarchicalBackbone):
     name = "convnext"
     describes = "timm ConvNeXt models (convnext_*)"
     site_names = ("stage 1", "stage 2", "stage 3", "stage 4", "every")
@@ -225,4 +158,20 @@ class ConvNeXtBackbone(Backbone):
     def blocks(self) -> list[nn.Module]:
         return [blk for _, blk in self._blocks()]
 
-    block_forward = _block_forward
+    # ---- the block in three parts (:class:`~tokenbench.backbones.hierarchical.HierarchicalBackbone`)
+    to_tokens = staticmethod(_tokens)
+
+    @staticmethod
+    def to_map(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _map(t, like.shape[2], like.shape[3])
+
+    @staticmethod
+    def mixer(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise 7 x 7 convolution on the full map."""
+        return _tokens(block.conv_dw(x))
+
+    ffn = staticmethod(_ffn)
+
+    @staticmethod
+    def finish(block: nn.Module, out: torch.Tensor, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        return block.drop_path(_map(out, x.shape[2], x.shape[3])) + block.shortcut(x)

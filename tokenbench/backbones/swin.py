@@ -7,33 +7,10 @@ the journal version of DynamicViT sparsifies.  Tokens are the map's positions.  
 for one input size (``img_size`` of ``timm.create_model``; the attention masks of the shifted
 windows are computed for it), so the input configuration is the size it was built for.
 
-Hook kinds (the contract of the hierarchical backbones, as ``convnext``):
-
-- ``plan.subset[i] = fn(block, tokens, st) -> (idx, fast)``.  Block ``i`` runs its mixer on
-  the full map (norm1, the shifted-window attention with its masks, the residual), so the
-  windows and every later layer are untouched; then its FFN (norm2 and MLP) only on the
-  positions ``idx`` [B, K] (the slow path) and ``fast`` (a module on [B, M, C] tokens, or None
-  for nothing) on the N - K others, both scattered back into the full map before the FFN's
-  residual (:func:`~tokenbench.backbones.base.run_on_subset`).  ``tokens`` [B, N, C]: the map
-  after the attention residual.
-- ``plan.pre[i] = fn(block, tokens, st) -> None``: observes block ``i``'s input map as tokens
-  [B, N, C] (where DynamicViT's journal version runs its predictors); it cannot change it.
-- ``plan.streams[i] = fn(block, tokens, st) -> (mask, fast)``, training mode only: the
-  official two-stream ``AdaSwinTransformerBlock`` (:func:`~tokenbench.backbones.base.run_two_streams`):
-  the streams mixed with ``mask`` [B, N, 1] before the attention, the attention and its
-  residual on the mixed map, the FFN on stream 1 and ``fast`` (on [B, N, C]) on stream 2,
-  each added to the attention's output; the block returns the merged map and keeps the pair
-  in the state for the next block.  ``tokens``: the input map, as ``pre`` sees it.  In eval
-  mode the block uses ``subset``.
-
-``plan.on_start`` hooks run at the first block of each forward, as ``fn(model, x, st)`` with
-the patch embedding's map ``x`` [B, H, W, C].  Blocks without a hook run timm's operations
-exactly.
-
-Deviation from the official ``models/dyswin.py``: its ``BasicLayer`` merges the two streams at
-the end of the stage with ``if len(x) == 2``, which in eval mode is also true of a batch of two
-images (the map, not a pair of streams) and then fails; here every block hands the merged map
-on (the pair rides in the token state), so nothing tests the batch size.
+A block is norm1, the shifted-window attention and its residual (the mixer, on the full map,
+so the windows and their masks are untouched), then norm2 and the MLP (the FFN, on
+positions), then the FFN's residual; hook kinds are the hierarchical families'
+(:mod:`~tokenbench.backbones.hierarchical`).
 
 The shared surgery (:mod:`~tokenbench.backbones.surgery`) patches the blocks, so
 ``forward_features``, ``forward_intermediates`` and ``features_only`` run reduced and return
@@ -52,60 +29,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .base import (Backbone, default_input_config, enter_streams, leave_streams,
-                   mix_streams, register_backbone, run_on_subset, run_two_streams)
-from .surgery import begin_forward, block_surgery
-from .tokens import TokenState
-
-
-def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's ``SwinTransformerBlock.forward`` ([B, H, W, C] in and out) with the plan's hooks at
-    this block: ``pre`` (observes the input map), ``subset`` (the slow / fast split of the FFN)
-    or, in training mode, ``streams`` (the two-stream form)."""
-    s, i = block_surgery(self)
-    st = begin_forward(s, i, x)
-    b, h, w, c = x.shape
-    pre = s.plan.pre.get(i)
-    if pre is not None:
-        pre(self, x.reshape(b, h * w, c), st)
-    if self.training and i in s.plan.streams:
-        return _two_stream_forward(self, x, st, s.plan.streams[i])
-    hook = s.plan.subset.get(i)
-    x = x + self.drop_path1(self._attn(self.norm1(x)))                  # the mixer, on the full map
-    tokens = x.reshape(b, h * w, c)                                      # [B, N, C]
-    if st.record:
-        st.tokens.append(h * w)
-    if hook is None:
-        out = _ffn(self, tokens)
-        if st.record:
-            st.tokens_mlp.append(h * w)
-    else:
-        idx, fast = hook(self, tokens, st)
-        if st.record:
-            st.tokens_mlp.append(int(idx.shape[1]))
-        out = run_on_subset(lambda t: _ffn(self, t), tokens, idx, fast)
-    return (tokens + self.drop_path2(out)).reshape(b, h, w, c)
-
-
-def _two_stream_forward(self, x: torch.Tensor, st: TokenState, hook) -> torch.Tensor:
-    """The official ``AdaSwinTransformerBlock`` in training: mix the streams with the hook's
-    mask, the attention and its residual on the mixed map, FFN on stream 1, ``fast`` on stream
-    2, each added to the attention's output; returns the merged map (the pair stays in the
-    state)."""
-    b, h, w, c = x.shape
-    mask, fast = hook(self, x.reshape(b, h * w, c), st)                 # [B, N, 1]
-    x1, x2 = enter_streams(st, x)
-    m = mask.reshape(b, h, w, 1)
-    x0 = mix_streams(x1, x2, m)
-    mixed = (x0 + self.drop_path1(self._attn(self.norm1(x0)))).reshape(b, h * w, c)
-    if st.record:
-        st.tokens.append(h * w)
-        st.tokens_mlp.append(h * w)
-    slow, quick = run_two_streams(lambda t: _ffn(self, t), fast, mixed, x1.reshape(b, h * w, c),
-                                  x2.reshape(b, h * w, c), mask)
-    y1 = (mixed + self.drop_path2(slow)).reshape(b, h, w, c)
-    y2 = (mixed + self.drop_path2(quick)).reshape(b, h, w, c)
-    return leave_streams(st, y1, y2, m)
+from .base import default_input_config, register_backbone
+from .hierarchical import HierarchicalBackbone
 
 
 def _ffn(block, t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +39,7 @@ def _ffn(block, t: torch.Tensor) -> torch.Tensor:
 
 
 @register_backbone
-class SwinBackbone(Backbone):
+class SwinBackbone(HierarchicalBackbone):
     name = "swin"
     describes = "timm Swin Transformers (swin_*_patch4_window7_224)"
     site_names = ("stage 1", "stage 2", "stage 3", "stage 4", "every")
@@ -220,7 +145,28 @@ class SwinBackbone(Backbone):
     def blocks(self) -> list[nn.Module]:
         return [blk for _, blk in self._blocks()]
 
-    block_forward = _block_forward
+    # ---- the block in three parts (:class:`~tokenbench.backbones.hierarchical.HierarchicalBackbone`)
+    @staticmethod
+    def to_tokens(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, c)
+
+    @staticmethod
+    def to_map(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = like.shape
+        return t.reshape(b, h, w, -1)
+
+    @staticmethod
+    def mixer(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """norm1, the shifted-window attention (with its masks) and its residual, on the full map."""
+        b, h, w, c = x.shape
+        return (x + block.drop_path1(block._attn(block.norm1(x)))).reshape(b, h * w, c)
+
+    ffn = staticmethod(_ffn)
+
+    @staticmethod
+    def finish(block: nn.Module, out: torch.Tensor, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        return (mixed + block.drop_path2(out)).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- official key layout

@@ -301,6 +301,10 @@ class ViTBackbone(Backbone):
         return int(self.model.num_prefix_tokens)
 
     @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
     def num_patches(self) -> int:
         return int(self.model.patch_embed.num_patches)
 
