@@ -3,7 +3,9 @@
 The harness asks :func:`backbone_of` (depth, sites, tokens, grid, input configuration,
 analytic cost) and the functions below (install and remove the surgery, read the last
 forward's token state); methods resolve their sites through it and change tokens only
-through :class:`TokenState`'s primitives.  One file per model family: ``vit`` (timm's
+through :class:`TokenState`'s primitives.  One block-level surgery serves every family
+(``surgery``; ``hierarchical`` for the block forward ConvNeXt and Swin share), so every entry
+point of a reduced model runs reduced.  One file per model family: ``vit`` (timm's
 VisionTransformer), ``convnext`` and ``swin`` (the slow / fast path split of hierarchical models).
 """
 
