@@ -224,12 +224,23 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     st = surgery_of(self).state
     take, _ = feature_take_indices(len(self.blocks), call.arguments.get("indices"))
     changed = st.first_change if st is not None else None
-    if changed is not None and any(i >= changed for i in take):
+    if changed is not None and any(i >= changed for i in take) and not _grid_intact(st, self.patch_embed.num_patches):
         raise UserError(f"forward_intermediates cannot return a spatial grid (output_fmt='NCHW') after block "
                         f"{changed}: the method pruned or merged tokens there; ask for output_fmt='NLC' "
                         f"or for blocks before it")
     h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
     return _map_intermediates(out, lambda y: y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous())
+
+
+def _grid_intact(st: TokenState, n_patches: int) -> bool:
+    """Whether the primitives a forward ran left every patch token of every image in place, alone
+    and unpadded (then every block's output was the full grid: no primitive gives a token back)."""
+    npf = st.n_prefix
+    if st.pos is None or st.pos.shape[1] != npf + n_patches:
+        return False
+    grid = torch.arange(n_patches, device=st.pos.device)
+    return bool((st.pos[:, npf:] == grid).all()) and (st.pad is None or bool(st.pad.all())) and \
+        (st.size is None or bool((st.size == 1).all()))
 
 
 def _map_intermediates(out, fn):
