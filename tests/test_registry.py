@@ -104,6 +104,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, cli):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_LOADED", False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))   # no plugin left behind for later tests
     assert "halve" in registry.load_methods()
     m = registry.apply(tiny_vit(), "halve", site=4)
     m(torch.randn(1, 3, 32, 32))
@@ -111,6 +112,8 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, cli):
     code, out, err = cli("flops", "deit_tiny_patch16_224", "--img-size", "64", "--method", "halve", "--json")
     assert code == 0, err
     assert json.loads(out)["tokens"] == [17] * 6 + [9] * 6
+    code, out, err = cli("check", "halve")                              # the shared adapter checks, on a plugin
+    assert code == 0 and "halve: 6 of 6 checks passed" in out, out + err
 
 
 def test_declared_schedules_match_what_runs():

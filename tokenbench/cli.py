@@ -389,7 +389,7 @@ def _register_extensions() -> None:
     """Commands that live in their own modules (listing, training, sweeps, figures, visualisation)."""
     import importlib
 
-    for name in ("cli_list", "cli_train", "cli_sweep", "cli_visualize", "cli_figure", "cli_analyze"):
+    for name in ("cli_list", "cli_check", "cli_train", "cli_sweep", "cli_visualize", "cli_figure", "cli_analyze"):
         try:
             mod = importlib.import_module(f"tokenbench.{name}")
         except ModuleNotFoundError as e:
