@@ -64,7 +64,7 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("max abs logit difference, ours against the official code")
     for name, setting, diff, tol, scale in _MEASURED:
-        tr.write_line(f"{name} {setting}: {diff:.2e} (tolerance {tol:g}; logits up to {scale:.2f})")
+        tr.write_line(f"{name} {setting}: {diff:.2e} (tolerance {tol:g}; ours up to {scale:.2f})")
 
 
 @pytest.fixture
