@@ -87,6 +87,7 @@ STUBS = {
     "torch._six": lambda: _stub("torch._six", inf=float("inf"), string_classes=(str, bytes)),
     "tensorboardX": lambda: _stub("tensorboardX", SummaryWriter=object),
     "torchprofile": lambda: _stub("torchprofile", profile_macs=None),
+    "wandb": lambda: _stub("wandb"),
 }
 
 
