@@ -200,3 +200,29 @@ def test_max_steps_counts_this_invocation_so_rerunning_continues(tmp_path, capsy
     assert again["resumed_from"] == 3 and again["step"] == 6                # the same command went 3 further
     err = capsys.readouterr().err
     assert "resuming" in err and "stopping at step 6" in err
+
+
+def test_default_small_is_a_smaller_embedded_vit_with_the_same_recipe_and_grid(tmp_path, monkeypatch):
+    """`default-small` shares the stem, grid and recipe of `default` at fewer FLOPs, and resolves
+    by name from its own folder."""
+    import json
+
+    from tokenbench import models
+    from tokenbench.backbones import backbone_of
+    from tokenbench.measure import flops
+    from tokenbench.train import BASE_RECIPES, finalize
+
+    small = models.build_embedded(models.embedded_arch("default-small")).eval()
+    big = models.build_embedded(models.embedded_arch("default")).eval()
+    bs, bb = backbone_of(small), backbone_of(big)
+    assert bs.grid == bb.grid and bs.n_prefix == bb.n_prefix
+    assert (bs.depth, bs.width) < (bb.depth, bb.width) or bs.width < bb.width
+    assert flops(small)["gflops"] < 0.5 * flops(big)["gflops"]
+    assert BASE_RECIPES["default-small"] == BASE_RECIPES["default"]
+    d = tmp_path / "default-small"
+    finalize(small, d)
+    (d / "config.json").write_text(json.dumps({"arch": small.tokenbench_arch}))
+    monkeypatch.setattr(models, "EMBEDDED_SMALL_DIR", d)
+    m, prov = models.create_model("default-small")
+    assert prov["weights"].startswith("sha256:") and backbone_of(m).depth == bs.depth
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)

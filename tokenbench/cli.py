@@ -343,7 +343,8 @@ def _data_text(d: dict, data: str, split: str) -> str:
 
 @app.command("train-base")
 def train_base_cmd(model: str = typer.Option("default", "--model",
-                                              help="The embedded model to train: default (ViT) or default-convnext."),
+                                              help="The embedded model to train: default (ViT), default-small "
+                                                   "(its smaller dense sibling) or default-convnext."),
                    out: Optional[Path] = typer.Option(None, "--out",
                                                       help="Run directory (resumable; never the committed results/"
                                                            "embedded*; default runs/embedded or "
@@ -367,7 +368,7 @@ def train_base_cmd(model: str = typer.Option("default", "--model",
 
     if model not in EMBEDDED_MODELS:
         raise UserError(f"--model {model!r}: train-base trains an embedded model: {', '.join(EMBEDDED_MODELS)}")
-    out = out or Path("runs/embedded" if model == "default" else "runs/embedded-convnext")
+    out = out or Path({"default": "runs/embedded", "default-convnext": "runs/embedded-convnext"}.get(model, f"runs/{model}"))
     check_run_dir(out, force)
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory")

@@ -23,9 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_DIR", REPO_ROOT / "results" / "embedded"))
 EMBEDDED_CONVNEXT_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_CONVNEXT_DIR",
                                             REPO_ROOT / "results" / "embedded-convnext"))
+EMBEDDED_SMALL_DIR = Path(os.environ.get("TOKENBENCH_EMBEDDED_SMALL_DIR", REPO_ROOT / "results" / "default-small"))
 EMBEDDED_NAME = "default"
 EMBEDDED_CONVNEXT = "default-convnext"
-EMBEDDED_MODELS = (EMBEDDED_NAME, EMBEDDED_CONVNEXT)
+EMBEDDED_SMALL = "default-small"
+EMBEDDED_MODELS = (EMBEDDED_NAME, EMBEDDED_CONVNEXT, EMBEDDED_SMALL)
 
 # The embedded model's architecture.  A timm VisionTransformer with a class token and
 # 12 blocks, so every ViT adapter applies to it unchanged; a small convolutional stem
@@ -42,6 +44,11 @@ EMBEDDED_ARCH: dict[str, Any] = {
     "mlp_ratio": 2.0,
     "stem_channels": [32, 64],
 }
+
+# The smaller dense sibling of the embedded ViT (``default-small``): the same stem, grid and
+# recipe at half the width and half the depth (about a sixth of the FLOPs), so a sweep can
+# draw "use a smaller model" as a line beside the token-reduction methods.
+EMBEDDED_SMALL_ARCH: dict[str, Any] = {**EMBEDDED_ARCH, "embed_dim": 48, "depth": 6, "num_heads": 3}
 
 # The hierarchical embedded model: a timm ConvNeXt whose stem keeps the resolution (stride 1)
 # so that the 28 x 28 image keeps four stages of 28, 14, 7 and 3 positions a side: stage 3,
@@ -71,13 +78,19 @@ ARCH_KEYS_BEFORE: dict[str, Any] = {"stem_kernel": 1, "ls_init_value": 1e-6}
 
 
 def is_embedded(name: str) -> bool:
-    """Whether ``name`` is one of the project's embedded models (``default``, ``default-convnext``)."""
+    """Whether ``name`` is one of the project's embedded models (``default``, ``default-convnext``,
+    ``default-small``)."""
     return name in EMBEDDED_MODELS
 
 
 def embedded_arch(name: str) -> dict[str, Any]:
     """The architecture of embedded model ``name``."""
-    return dict(EMBEDDED_CONVNEXT_ARCH if name == EMBEDDED_CONVNEXT else EMBEDDED_ARCH)
+    return dict({EMBEDDED_CONVNEXT: EMBEDDED_CONVNEXT_ARCH, EMBEDDED_SMALL: EMBEDDED_SMALL_ARCH}.get(name, EMBEDDED_ARCH))
+
+
+def embedded_dir(name: str) -> Path:
+    """The committed folder of embedded model ``name``."""
+    return {EMBEDDED_CONVNEXT: EMBEDDED_CONVNEXT_DIR, EMBEDDED_SMALL: EMBEDDED_SMALL_DIR}.get(name, EMBEDDED_DIR)
 
 
 # --------------------------------------------------------------------------- conv stem
@@ -161,7 +174,7 @@ def build_embedded(arch: Optional[dict] = None) -> nn.Module:
 
 def embedded_paths(root: Optional[Path] = None, name: str = EMBEDDED_NAME) -> dict[str, Path]:
     """Where embedded model ``name`` lives: checkpoint, checksum, training config and log."""
-    root = Path(root or (EMBEDDED_CONVNEXT_DIR if name == EMBEDDED_CONVNEXT else EMBEDDED_DIR))
+    root = Path(root or embedded_dir(name))
     return {"dir": root, "ckpt": root / "model.pt", "sha": root / "model.pt.sha256", "config": root / "config.json",
             "log": root / "train_log.csv"}
 
@@ -270,7 +283,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Modu
         if not timm.is_model(name):
             candidates = timm.list_models()
             raise UserError(f"unknown model {name!r}{did_you_mean(name, candidates)} "
-                            "(a timm model name, or `default` / `default-convnext` for the embedded models)")
+                            "(a timm model name, or `default` / `default-small` / `default-convnext` for the embedded "
+                            "models)")
         img_size = kwargs.get("img_size")
         if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0):
             raise UserError(f"--img-size must be a positive integer, got {img_size!r}")

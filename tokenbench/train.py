@@ -379,13 +379,14 @@ BASE_RECIPE = TrainConfig(epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, 
 CONVNEXT_RECIPE = TrainConfig(epochs=15, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=400,
                               label_smoothing=0.1, shift=3, hflip=True, erase_p=0.1, ckpt_every=200,
                               eval_limit=2000, grad_clip=1.0)
-BASE_RECIPES = {"default": BASE_RECIPE, "default-convnext": CONVNEXT_RECIPE}
+# default-small trains with the embedded ViT's recipe unchanged.
+BASE_RECIPES = {"default": BASE_RECIPE, "default-convnext": CONVNEXT_RECIPE, "default-small": BASE_RECIPE}
 
 
 def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, arch: Optional[dict] = None,
                limit: Optional[int] = None, progress: bool = True, reschedule: bool = False,
                force: bool = False, model: str = "default") -> dict:
-    """Train embedded model ``model`` (``default`` or ``default-convnext``) from scratch on
+    """Train embedded model ``model`` (``default``, ``default-small`` or ``default-convnext``) from scratch on
     Fashion-MNIST into ``out_dir``."""
     from .models import build_embedded, embedded_arch
 
