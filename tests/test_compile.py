@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from conftest import random_images, register_tiny_timm, tiny_vit
-from tokenbench import measure, registry, runner
+from tokenbench import backbones, measure, registry, runner
 
 
-def _compiled_equals_eager(name: str, backend: str, **model_kw) -> list[float]:
+def _compiled_equals_eager(name: str, backend: str, **model_kw) -> tuple[list[float], list[int]]:
     """Compile ``name`` on a tiny ViT; the logits must equal the eager ones.  Returns the
     eager forward's token count per block.  A method with static token counts must compile as
-    one graph; one whose counts vary per image (no declared schedule) may break the graph."""
+    one graph; one whose counts vary per image (no declared schedule) may break the graph.
+    Also returns the dense model's token count per block."""
     from tokenbench.errors import UserError
 
     torch._dynamo.reset()
@@ -34,23 +35,23 @@ def _compiled_equals_eager(name: str, backend: str, **model_kw) -> list[float]:
         ref = m(x)
         out = torch.compile(m, backend=backend, fullgraph=static, dynamic=False)(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    return tokens
+    return tokens, backbones.backbone_of(m).dense_tokens()
 
 
 @pytest.mark.parametrize("name", sorted(registry.load_methods()))
 def test_every_method_compiles_without_graph_breaks(name):
     # fullgraph=True raises on the first graph break.  Four blocks hold the same three reduction
     # sites as twelve (blocks 1, 2, 3: the quarter points) at a third of the tracing time.
-    tokens = _compiled_equals_eager(name, "eager", depth=4)
+    tokens, dense = _compiled_equals_eager(name, "eager", depth=4)
     cls = registry.get_method(name)
-    if cls.reduces(cls.defaults()):  # the compiled graph holds the method's reductions
-        assert tokens[-1] < tokens[0], tokens
+    if cls.reduces(cls.defaults()):  # the compiled graph holds the method's reductions (a resized input: from the start)
+        assert tokens[-1] < dense[0], tokens
 
 
 def test_inductor_compiles_tome():
     # inductor builds C++ kernels per block shape, and ToMe's shapes change in every block: two
     # blocks (both merging) hold the same operators as twelve and keep it within the suite's time
-    tokens = _compiled_equals_eager("tome", "inductor", depth=2)
+    tokens, _ = _compiled_equals_eager("tome", "inductor", depth=2)
     assert tokens[0] > tokens[1], tokens
 
 

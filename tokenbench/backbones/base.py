@@ -60,6 +60,9 @@ class Plan:
         # ViT: how attention honours ``TokenState.policy`` (a method that sets a policy sets
         # this too): ``fn(logits [B, H, N, N], policy [B, N, 1]) -> probabilities``.
         self.policy_softmax: Optional[Callable] = None
+        # The patch grid (rows, columns) the image is resized to before the embedding, its
+        # position embeddings resampled to it; None: the model's own grid.
+        self.input_grid: Optional[tuple[int, int]] = None
         # Values a method's training hooks change between steps (e.g. EViT's warm-up keep
         # rate): read by the method's own hooks, never by the harness.
         self.settings: dict = {}

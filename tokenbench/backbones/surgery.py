@@ -136,10 +136,12 @@ def batch_image_ids(s: Surgery, x: torch.Tensor) -> torch.Tensor:
     return ids.to(x.device)
 
 
-def begin_forward(s: Surgery, i: int, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> TokenState:
+def begin_forward(s: Surgery, i: int, x: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                  cover=None) -> TokenState:
     """The token state block ``i`` works in: the running forward's, or, when ``i`` is not above
     the last block seen (a new forward), a new one, made on ``x``'s device, started on
-    ``tokens`` (the sequence, for families whose positions are tokens) and handed to the
+    ``tokens`` (the sequence, for families whose positions are tokens; ``cover``: how its
+    patches cover the model's own grid, see :meth:`TokenState.start`) and handed to the
     plan's ``on_start`` hooks as ``fn(model, x, st)``."""
     st = s.state
     if st is None or i <= st.block:
@@ -149,7 +151,7 @@ def begin_forward(s: Surgery, i: int, x: torch.Tensor, tokens: Optional[torch.Te
         st.settings = plan.settings
         s.state = st
         if tokens is not None:
-            st.start(tokens)
+            st.start(tokens, cover)
         for fn in plan.on_start:
             fn(s.owner, x, st)
     st.block = i

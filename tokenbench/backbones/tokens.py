@@ -57,13 +57,32 @@ class TokenState:
         self.settings: dict = {}                      # the plan's settings (training schedules), read-only here
 
     # ----------------------------------------------------------- start
-    def start(self, x: torch.Tensor) -> None:
-        """The sequence after the embedding: prefix tokens first, then the grid's patches in order."""
+    def start(self, x: torch.Tensor, cover: Optional[tuple[list[list[int]], list[int]]] = None) -> None:
+        """The sequence after the embedding: prefix tokens first, then the grid's patches in order.
+
+        ``cover`` (the patches stand on a coarser grid than the model's own: a resized image):
+        for each patch, the original patches it covers, and the one nearest its centre; sources
+        and positions then refer to the original grid, and a snapshot shows the coverage."""
         b, n, _ = x.shape
+        p = self.n_prefix
+        if cover is None:
+            if self.track_source:
+                self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+            pos = torch.arange(-p, n - p, device=x.device).clamp(min=-1)
+            self.pos = pos.expand(b, n)
+            return
+        cells, centres = cover
+        self.pos = torch.tensor([-1] * p + centres, device=x.device).expand(b, n)
         if self.track_source:
-            self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
-        pos = torch.arange(-self.n_prefix, n - self.n_prefix, device=x.device).clamp(min=-1)
-        self.pos = pos.expand(b, n)
+            n0 = p + sum(len(c) for c in cells)
+            full = torch.zeros(n, n0, device=x.device, dtype=x.dtype)
+            for k in range(p):
+                full[k, k] = 1
+            for t, c in enumerate(cells):
+                full[p + t, [p + j for j in c]] = 1
+            self.source = full.expand(b, n, n0)
+            self.block = max(self.block, 0)  # the coverage is what the first block sees
+            self.snapshot("merge")
 
     def ensure_size(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is None:

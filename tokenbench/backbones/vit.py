@@ -10,8 +10,10 @@ re-implementation of timm's pre-norm block that honours timm's fused-attention s
 gradient-checkpointed: their hooks change the token state, which a recomputation would do twice.
 
 The model's class is swapped too (in place; parameters and state-dict keys untouched), for
-what only the model sees: ``pool`` weights tokens by size and padding, and
-``forward_intermediates`` refuses a spatial grid of blocks after tokens were pruned or merged.
+what only the model sees: ``pool`` weights tokens by size and padding,
+``forward_intermediates`` refuses a spatial grid of blocks after tokens were pruned or merged,
+and ``forward_features`` embeds the image resized to a plan's ``input_grid`` (position
+embeddings resampled as timm does) when a method asks for a coarser grid.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
     while nothing asks for a mask, runs timm's own forward (gradient-checkpointed when the
     model has it on)."""
     s, i = block_surgery(self)
-    st = begin_forward(s, i, x, tokens=x)
+    st = begin_forward(s, i, x, tokens=x, cover=_input_cover(s) if i == 0 else None)
     plan = s.plan
     if plan.hooked(i) or _needs_masks(st):
         return reducing_block(self, x, st, plan, i, attn_mask, is_causal)
@@ -183,6 +185,72 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
     if s.checkpointing and self.training and not torch.jit.is_scripting():
         return torch.utils.checkpoint.checkpoint(functools.partial(timm_forward, self), x, use_reentrant=False)
     return timm_forward(self, x)
+
+
+def _resized_grid(model: nn.Module) -> Optional[tuple[int, int]]:
+    """The grid the plan resizes the image to (``plan.input_grid``), None when it is the model's own."""
+    grid = surgery_of(model).plan.input_grid
+    return None if grid is None or tuple(grid) == tuple(model.patch_embed.grid_size) else tuple(grid)
+
+
+def _input_cover(s):
+    """How the patches of a resized input cover the model's own grid (None: not resized)."""
+    grid = _resized_grid(s.owner)
+    return None if grid is None else grid_cover(tuple(s.owner.patch_embed.grid_size), grid)
+
+
+def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """timm's ``forward_features``; with a plan's ``input_grid``, on the image resized to that
+    grid (:func:`_embed_resized`), then the (patched) blocks and the final norm as timm's."""
+    s = surgery_of(self)
+    grid = _resized_grid(self)
+    if grid is None:
+        return s.base.forward_features(self, x, *args, **kwargs)
+    if args or any(v is not None for v in kwargs.values()):
+        raise UserError("an attention mask cannot follow an image resized to another patch grid")
+    x = self.norm_pre(self.patch_drop(_embed_resized(self, x, grid)))
+    return self.norm(self.blocks(x))
+
+
+def _embed_resized(model: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch and position embedding of the image resized (bilinear, antialiased) to ``grid``
+    patches: the patch projection at the smaller size, the position embeddings resampled to
+    the grid as timm's ``dynamic_img_size`` does (``resample_abs_pos_embed``)."""
+    from timm.layers import resample_abs_pos_embed
+
+    pe = model.patch_embed
+    ph, pw = pe.patch_size
+    x = F.interpolate(x, size=(grid[0] * ph, grid[1] * pw), mode="bilinear", align_corners=False, antialias=True)
+    x = pe.proj(x)
+    x = pe.norm(x.flatten(2).transpose(1, 2))                   # NCHW -> NLC
+    to_cat = [t.expand(x.shape[0], -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+    if model.pos_embed is None:
+        return model.pos_drop(torch.cat(to_cat + [x], dim=1))
+    pos = resample_abs_pos_embed(model.pos_embed, new_size=list(grid), old_size=list(pe.grid_size),
+                                 num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
+    if model.no_embed_class:
+        x = torch.cat(to_cat + [x + pos], dim=1)
+    else:
+        x = torch.cat(to_cat + [x], dim=1) + pos
+    return model.pos_drop(x)
+
+
+def grid_cover(old: tuple[int, int], new: tuple[int, int]) -> tuple[list[list[int]], list[int]]:
+    """How a coarser grid ``new`` covers the grid ``old`` (both rows, columns): for each new cell,
+    the old patches whose centres fall in it, and the old patch nearest its centre."""
+    def cell(i: int, n_old: int, n_new: int) -> int:
+        return min(n_new - 1, int((i + 0.5) * n_new / n_old))
+
+    def centre(a: int, n_old: int, n_new: int) -> int:
+        return min(n_old - 1, int((a + 0.5) * n_old / n_new))
+
+    cover: list[list[int]] = [[] for _ in range(new[0] * new[1])]
+    for i in range(old[0]):
+        for j in range(old[1]):
+            cover[cell(i, old[0], new[0]) * new[1] + cell(j, old[1], new[1])].append(i * old[1] + j)
+    centres = [centre(a, old[0], new[0]) * old[1] + centre(b, old[1], new[1])
+               for a in range(new[0]) for b in range(new[1])]
+    return cover, centres
 
 
 def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -213,6 +281,8 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     before the first that pruned or merged tokens, else one line of refusal."""
     from timm.models._features import feature_take_indices
 
+    if _resized_grid(self) is not None:
+        raise UserError("forward_intermediates is not available on an image resized to another patch grid")
     base = surgery_of(self).base.forward_intermediates
     call = inspect.signature(base).bind(self, x, *args, **kwargs)
     call.apply_defaults()
@@ -265,6 +335,7 @@ def _reducing_model_class(base: type) -> type:
     if base not in _MODEL_CLASSES:
         _MODEL_CLASSES[base] = type(f"Reducing{base.__name__}", (base,),
                                     {"pool": _pool, "forward_intermediates": _forward_intermediates,
+                                     "forward_features": _forward_features,
                                      "grad_checkpointing": checkpointing_switch()})
     return _MODEL_CLASSES[base]
 
