@@ -20,7 +20,7 @@ import torch.nn as nn
 from .errors import UserError, did_you_mean
 
 ENTRY_POINT_GROUP = "tokenbench.methods"
-FAMILIES = ("none", "pruning", "merging", "hybrid")
+FAMILIES = ("none", "pruning", "merging", "hybrid", "baseline")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ class Method:
     needs_class_token: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
     # What kind of reduction: "pruning" (tokens dropped), "merging" (tokens combined), "hybrid"
-    # (both), or "none" (the dense model).  Tables and plots group and mark methods by it.
+    # (both), "baseline" (a reference a token method must beat: a lower resolution, plain pooling),
+    # or "none" (the dense model).  Tables and plots group and mark methods by it.
     family: ClassVar[str] = "pruning"
     # The budget knob: the parameter a matched-FLOPs search moves (``keep_rate``, ``r``); None if
     # the method has none.  ``search_param`` is its older name, still read from plugins.

@@ -157,7 +157,7 @@ PLOT_RC = {"font.size": 8, "axes.labelsize": 8, "axes.titlesize": 8, "xtick.labe
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
 FIG_SIZE = (3.4, 2.5)
 # a method's marker says its family (the registry's declaration); its colour says the method
-FAMILY_MARKERS = {"pruning": "o", "merging": "s", "hybrid": "D", "none": "*"}
+FAMILY_MARKERS = {"pruning": "o", "merging": "s", "hybrid": "D", "baseline": "X", "none": "*"}
 OTHER_FAMILY_MARKER = "^"  # a method whose family is unknown (a record of a method not installed here)
 
 
