@@ -132,7 +132,7 @@ def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
     targets = [float(t) for t in sweep.get("flops_targets") or []]
     tolerance = float(sweep.get("flops_tolerance") or 0.03)
     store = Store(out)
-    rows = [r for r in res["rows"] if r.get("_correct") and r.get("accuracy_key")]
+    rows = [r for r in res["rows"] if r.get("_correct") and r.get("accuracy_key") and not r.get("line_of")]
     dense_rows = [r for r in rows if r["method"] == DENSE_METHOD]
     if not dense_rows:
         raise UserError(f"{out} has no accuracy record of the dense model (method none): every analysis "

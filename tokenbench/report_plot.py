@@ -2,7 +2,9 @@
 model, with the Pareto frontier.
 
 Colour says the method (the sweep entry's label), the marker says its family (the method's
-declaration: pruning, merging, hybrid); the legend, below the axes in columns, shows both.
+declaration: pruning, merging, hybrid, baseline); the legend, below the axes in columns, shows
+both.  Baselines (the ``baseline`` family, and the sweep's dense models of other sizes) are
+dashed lines.
 A run without a paired speedup is placed at its standalone img/s over the dense model's, drawn
 hollow and kept off the frontier (the two were not timed together).
 """
@@ -29,6 +31,8 @@ def pareto(points: list[tuple[float, float]], lower_x_better: bool) -> list[tupl
 
 
 ERRORBAR_NOTE = "error bars: 95% Wilson interval of top-1"
+# baselines (the resolution and pooling baselines, dense models of other sizes) are drawn dashed
+BASELINE_LINESTYLE = "--"
 
 
 def plot_layers(rows: list[Row], xcol: str) -> dict:
@@ -41,6 +45,8 @@ def plot_layers(rows: list[Row], xcol: str) -> dict:
       has a curve (no FLOPs target), and labels with one run (a control, such as a fine-tuned
       top-k);
     - ``dense``: the dense model's rows;
+    - ``line``: the sweep's dense models of other sizes (``dense_family``) with this model's dense
+      rows, sorted along x: "use a smaller model" drawn as a line;
     - ``frontier``: the Pareto frontier over every run (higher accuracy; lower GFLOPs or higher
       throughput), unpaired runs left out;
     - ``hollow``: ids of rows whose timing is flagged or unpaired (drawn hollow on a timing axis);
@@ -53,6 +59,7 @@ def plot_layers(rows: list[Row], xcol: str) -> dict:
     back = given.__getitem__
     return {"curves": {lab: [back(id(r)) for r in rs] for lab, rs in layers["curves"].items()},
             "points": [back(id(r)) for r in layers["points"]], "dense": [back(id(r)) for r in layers["dense"]],
+            "line": [back(id(r)) for r in layers["line"]],
             "hollow": {id(back(i)) for i in layers["hollow"]}, "frontier": layers["frontier"],
             "unpaired": {id(back(i)) for i in layers["unpaired"]},
             "x": {id(back(i)): x for i, x in layers["x"].items()}}
@@ -64,10 +71,10 @@ def x_values(rows: list[Row], xcol: str) -> tuple[dict[int, float], set[int]]:
     dense model's (unpaired)."""
     if xcol != "speedup":
         return {id(r): getattr(r, xcol) for r in rows if getattr(r, xcol) is not None}, set()
-    dense_tp = next((r.img_per_s for r in rows if r.is_dense and r.img_per_s), None)
+    dense_tp = next((r.img_per_s for r in rows if r.is_dense and not r.line_of and r.img_per_s), None)
     xs, unpaired = {}, set()
     for r in rows:
-        if r.is_dense and (r.img_per_s is not None or r.speedup is not None):
+        if r.is_dense and not r.line_of and (r.img_per_s is not None or r.speedup is not None):
             xs[id(r)] = 1.0
         elif r.speedup is not None:
             xs[id(r)] = r.speedup
@@ -80,7 +87,9 @@ def x_values(rows: list[Row], xcol: str) -> tuple[dict[int, float], set[int]]:
 def _layers(rows: list[Row], xcol: str) -> dict:
     xv, unpaired = x_values(rows, xcol)
     pts = [r for r in rows if id(r) in xv and r.top1 is not None]
-    dense = [r for r in pts if r.is_dense]
+    dense = [r for r in pts if r.is_dense and not r.line_of]
+    others = [r for r in pts if r.line_of]  # dense models of other sizes: one line with this model's dense
+    line = sorted(dense + others, key=lambda r: xv[id(r)]) if others else []
     curves: dict[str, list[Row]] = {}
     points: list[Row] = []
     for lab in dict.fromkeys(r.label for r in pts if not r.is_dense):
@@ -92,7 +101,7 @@ def _layers(rows: list[Row], xcol: str) -> dict:
         points += [r for r in mine if not any(r is c for c in curve)]
     timed = xcol in ("img_per_s", "speedup")
     hollow = {id(r) for r in pts if timed and timing_flagged(r)} | unpaired
-    return {"curves": curves, "points": points, "dense": dense, "hollow": hollow, "unpaired": unpaired,
+    return {"curves": curves, "points": points, "dense": dense, "line": line, "hollow": hollow, "unpaired": unpaired,
             "x": {id(r): xv[id(r)] for r in pts},
             "frontier": pareto([(xv[id(r)], r.top1) for r in pts if id(r) not in unpaired], xcol == "gflops")}
 
@@ -143,17 +152,17 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
 
     disp = [r for r in map(as_row, res["display"]) if r.top1 is not None]
     written: list[Path] = []
-    models = models_of(disp)
+    models = models_of([r for r in disp if not r.line_of])
     labels = list(dict.fromkeys(r.label for r in disp if not r.is_dense))
     families = {r.label: r.family for r in disp if not r.is_dense}
     style = method_styles(labels, families)
     axes_spec = [("gflops", "accuracy_vs_gflops", "Computation (GFLOPs per image)"),
                  ("speedup", "accuracy_vs_throughput", "Speedup over dense")]
     for model in models:
-        rows = [r for r in disp if r.model == model]
+        rows = [r for r in disp if r.model == model or r.line_of == model]
         for xcol, fname, xlabel in axes_spec:
             layers = plot_layers(rows, xcol)
-            if not (layers["curves"] or layers["points"] or layers["dense"]):
+            if not (layers["curves"] or layers["points"] or layers["dense"] or layers["line"]):
                 continue
             xv = layers["x"]
             with sns.axes_style("whitegrid"), plt.rc_context(PLOT_RC):
@@ -177,7 +186,8 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
                 for lab, lr in layers["curves"].items():
                     color, marker = style[lab]
                     xs = [xv[id(r)] + dodge[lab] for r in lr]
-                    ax.plot(xs, [r.top1 for r in lr], color=color, lw=1.0, alpha=0.85, zorder=2)
+                    ls = BASELINE_LINESTYLE if families.get(lab) == "baseline" else "-"
+                    ax.plot(xs, [r.top1 for r in lr], color=color, lw=1.0, ls=ls, alpha=0.85, zorder=2)
                     for r, x in zip(lr, xs):
                         draw(r, x, color, marker, 4.0, 3)
                     handles.append(Line2D([], [], color=color, marker=marker, ms=4.0, mec="white", mew=0.4, label=lab))
@@ -186,6 +196,17 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
                     draw(r, xv[id(r)], color, marker, 6.0, 5)
                     handles.append(Line2D([], [], ls="none", color=color, marker=marker, ms=6.0, mec="white",
                                           mew=0.4, label=_point_label(r, r.label in layers["curves"])))
+                if layers["line"]:
+                    lr = layers["line"]
+                    ax.plot([xv[id(r)] for r in lr], [r.top1 for r in lr], color="black", lw=1.0,
+                            ls=BASELINE_LINESTYLE, alpha=0.7, zorder=2)
+                    for r in lr:
+                        if r.line_of:
+                            draw(r, xv[id(r)], "black", "P", 5.0, 6)
+                            ax.annotate(r.model, (xv[id(r)], r.top1), textcoords="offset points", xytext=(3, -8),
+                                        fontsize=5.5, color="0.25")
+                    handles.append(Line2D([], [], color="black", ls=BASELINE_LINESTYLE, marker="P", ms=5.0,
+                                          mec="white", mew=0.4, label="dense models of other sizes"))
                 for r in layers["dense"]:
                     draw(r, xv[id(r)], "black", "*", 8.0, 6)
                 if layers["dense"]:

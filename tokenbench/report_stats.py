@@ -24,9 +24,9 @@ def compare_with_dense(rows: list[Row]) -> None:
     """FLOPs relative to dense, speedup, McNemar against dense, the FLOPs-miss flag (in place)."""
     from .measure import mcnemar
 
-    dense_rows = [r for r in rows if r.is_dense]
+    dense_rows = [r for r in rows if r.is_dense and not r.line_of]
     for r in rows:
-        d = next((x for x in dense_rows if x.model == r.model), None)
+        d = next((x for x in dense_rows if x.model == (r.line_of or r.model)), None)
         if d is None:
             continue
         if r.gflops is not None and d.gflops:

@@ -40,6 +40,7 @@ class Row:
     params: dict
     row_type: str = "run"                 # run | seed (one seed of a seeded setting) | mean (over the seeds)
     family: Optional[str] = None          # the method's declared family (none, pruning, merging, hybrid)
+    line_of: Optional[str] = None         # a dense model of another size, drawn as a line on this model's plot
     seed_param: Optional[str] = None
     seed: Optional[int] = None
     n_seeds: Optional[int] = None
@@ -193,11 +194,14 @@ def method_family(name: str) -> Optional[str]:
 # --------------------------------------------------------------------------- a row from records
 
 def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], planned: list[str],
-                     targets: list, seed_param: Optional[str], tolerance: float) -> Row:
-    """One run's row: ``recs`` maps a record kind to its record (None: planned, not measured)."""
+                     targets: list, seed_param: Optional[str], tolerance: float, line_of: Optional[str] = None
+                     ) -> Row:
+    """One run's row: ``recs`` maps a record kind to its record (None: planned, not measured).
+    ``line_of``: the run is a dense model of another size, compared with that model's dense run."""
     f, t, a, sp = recs.get("flops"), recs.get("throughput"), recs.get("accuracy"), recs.get("speedup")
     params = dict(spec.get("params") or {})
-    row = Row(model=spec["model"], label="dense" if spec["method"] == DENSE_METHOD else label,
+    row = Row(model=spec["model"], label="dense" if spec["method"] == DENSE_METHOD and not line_of else label,
+              line_of=line_of,
               method=spec["method"], params=params, row_type="seed" if seed_param else "run",
               family=method_family(spec["method"]), seed_param=seed_param,
               seed=params.get(seed_param) if seed_param else None, targets=list(targets),

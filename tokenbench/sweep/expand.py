@@ -43,6 +43,7 @@ class Run:
     seed_param: Optional[str] = None     # the parameter varied over seeds (non-deterministic methods)
     seed_index: int = 0
     per_image: bool = False              # its token count depends on the image: FLOPs and timings on real images
+    line_of: Optional[str] = None        # a dense_family model's dense run: the model whose plot it joins
 
     def spec(self) -> dict:
         from ..runner import spec_dict
@@ -120,6 +121,9 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
         if sw.dense:
             add(Run(label="dense", model=model, method=DENSE_METHOD, params={}, img_size=sw.img_size,
                     pretrained=sw.pretrained))
+        for other in sw.dense_family:  # other sizes of dense model: a line on this model's plot
+            add(Run(label=other, model=other, method=DENSE_METHOD, params={}, img_size=sw.img_size,
+                    pretrained=sw.pretrained, line_of=model))
         for e in sw.methods:
             cls = get_method(e.method)
             knob = cls.knob

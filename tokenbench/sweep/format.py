@@ -14,10 +14,12 @@ Sweep file format (TOML; YAML with the same structure works too)::
                                      # results) whose records are reused when their keys match
     models = ["default"]             # timm names, or `default` (the embedded Fashion-MNIST ViT); or model = "..."
     img_size = 224                   # optional input resolution (timm models)
+    dense_family = ["default-small"] # optional: other dense models drawn as a line on each model's
+                                     # accuracy plot ("use a smaller model"), e.g. DeiT-T/S/B
     pretrained = false               # timm's pretrained weights
     measure = ["flops", "throughput", "accuracy"]   # default: all three (accuracy only with data)
     flops_targets = [0.5, 0.7, 0.9]  # matched-FLOPs levels, fractions of the dense model's FLOPs
-    flops_tolerance = 0.03           # a run landing further than this from its target is flagged
+    flops_tolerance = 0.01           # a run landing further than this from its target is flagged (1 point)
     seeds = [0, 1, 2]                # seeds of non-deterministic methods (their declared seed parameter)
     dense = true                     # always measure the dense model (the reference of every comparison)
     device = "cpu"                   # auto, cpu, cuda (throughput and accuracy)
@@ -70,9 +72,9 @@ from ..errors import UserError, did_you_mean
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"  # the packaged sweep files
 DENSE_METHOD = "none"  # the registry's identity method: the baseline every run is compared with
 KINDS = ("flops", "throughput", "accuracy")
-DEFAULT_TOLERANCE = 0.03
+DEFAULT_TOLERANCE = 0.01  # one point of the dense model's FLOPs
 
-TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "img_size", "pretrained", "measure", "flops_targets",
+TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "dense_family", "img_size", "pretrained", "measure", "flops_targets",
             "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
 DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
 THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile")
@@ -100,6 +102,8 @@ class Sweep:
     name: str
     methods: list[MethodEntry]
     models: list[str] = field(default_factory=lambda: ["default"])
+    # dense models of other sizes, measured dense and drawn as one line beside each model's methods
+    dense_family: list[str] = field(default_factory=list)
     description: str = ""
     out: Optional[str] = None
     img_size: Optional[int] = None
@@ -301,10 +305,16 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
 
     from ..models import is_embedded
 
-    for m in sw.models:
+    family = raw.get("dense_family", [])
+    family = family if isinstance(family, list) else [family]
+    for m in family:
+        _typed(m, str, "each dense_family model", source)
+    sw.dense_family = [m for m in dict.fromkeys(family) if m not in sw.models]
+    for m in sw.models + sw.dense_family:
         if not is_embedded(m) and not timm.is_model(m):
             raise UserError(f"{source}: unknown model {m!r}{did_you_mean(m, timm.list_models())} "
-                            "(a timm model name, or `default` / `default-convnext` for the embedded models)")
+                            "(a timm model name, or `default` / `default-small` / `default-convnext` for the "
+                            "embedded models)")
     sw.img_size = _typed(raw.get("img_size"), int, "img_size", source, allow_none=True)
     if sw.img_size is not None and sw.img_size <= 0:
         raise UserError(f"{source}: img_size must be positive, got {sw.img_size}")

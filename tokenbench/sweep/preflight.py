@@ -28,6 +28,11 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
 
     timed = [k for k in sw.measure if k != "flops"]
     dev = measure.resolve_device(sw.device) if timed else None
+    for model in sw.dense_family:  # dense models of other sizes: built, and embedded weights checked
+        searcher.base(model, sw.img_size)
+        if is_embedded(model):
+            p = embedded_paths(name=model)
+            verify_checksum(p["ckpt"], p["sha"], model)
     for model in sw.models:
         net, _ = searcher.base(model, sw.img_size)
         if is_embedded(model):  # its trained weights load under every run (checkpoints load on top)
