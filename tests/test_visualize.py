@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_vit
 from tokenbench import visualize as vz
+from tokenbench.sweep import DEFAULT_TOLERANCE
 from tokenbench import vit
 from tokenbench.errors import UserError
 from tokenbench.registry import apply, get_method, list_methods
@@ -328,7 +329,10 @@ def test_comparison_sheet(cli, stand_in, flops_cache, tmp_path):
     assert [c["method"] for c in s["methods"]] == [m["name"] for m in list_methods()]
     for c in s["methods"]:
         if get_method(c["method"]).search_param:
-            assert abs(c["flops_ratio"] - 0.6) < 0.05 and c["miss"] is False, c
+            # near the target; flagged exactly when further than the tolerance (a coarse knob on
+            # this 49-patch stand-in, such as a grid of a resized image, may not land closer)
+            assert abs(c["flops_ratio"] - 0.6) < 0.05, c
+            assert c["miss"] is (abs(c["flops_ratio"] - 0.6) > DEFAULT_TOLERANCE + 1e-12), c
         else:
             assert c["flops_ratio"] == pytest.approx(1.0)
     # without --flops: each method's own parameters; --set reaches the methods declaring the key

@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
         flops_targets: Optional[str] = typer.Option(None, "--flops-targets", help="Matched-FLOPs levels, fractions "
                                                     "of dense: 0.5,0.7,0.9."),
         tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Flag runs landing further than this "
-                                                  "from their FLOPs target (fraction of dense; default 0.03)."),
+                                                  "from their FLOPs target (fraction of dense; default 0.01)."),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of non-deterministic methods: 0,1,2."),
         measure: Optional[str] = typer.Option(None, "--measure", help="What to measure: flops,throughput,accuracy "
                                                                       "(FLOPs always)."),

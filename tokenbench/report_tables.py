@@ -11,7 +11,7 @@ from .rows import Row, as_row, method_declaration
 from .sweep import DEFAULT_TOLERANCE
 
 FLAG_HELP = {
-    "flops-miss": "FLOPs land more than the tolerance (3 points of the dense model's FLOPs by default) from the target",
+    "flops-miss": "FLOPs land more than the tolerance (1 point of the dense model's FLOPs by default) from the target",
     "noisy": "throughput or speedup interquartile range above 10% of the median, after the retries",
     "busy": "other processes took CPU time while this was timed, after the retries",
     "schedule-mismatch": "the method's declared token schedule (expected_tokens) is not what its forward keeps: "
@@ -158,7 +158,7 @@ def _legend(res: dict) -> list[str]:
     used = sorted({f for r in disp for f in r.flag_set})
     if used:
         lines.append("Flags: " + "; ".join(f"**{f}**: " + FLAG_HELP.get(f, f).replace(
-            "3 points", f"{100 * tol:g} points") for f in used) + ".")
+            "1 point of", f"{100 * tol:g} point{'' if tol == 0.01 else 's'} of") for f in used) + ".")
         lines.append("")
     warn = []
     for r in disp:

@@ -71,6 +71,30 @@ def build_architecture(model: str, img_size: Optional[int]) -> tuple[Any, dict]:
     return net, arch_id
 
 
+class _Refit:
+    """fvcore's count predicted from the analytic estimate: after one count a ratio (what the
+    analytic cost leaves out, in proportion), after two or more the line through the two counts
+    nearest the goal (what it leaves out may also shrink with the tokens: a resized input's stem)."""
+
+    def __init__(self):
+        self.points: list[tuple[float, float]] = []
+
+    def add(self, estimate: float, counted: float, goal: float) -> None:
+        self.points.append((estimate, counted))
+        self.points.sort(key=lambda p: abs(p[1] - goal))
+
+    def __call__(self, estimate: float) -> float:
+        if not self.points:
+            return estimate
+        (e1, g1) = self.points[0]
+        other = next(((e, g) for e, g in self.points[1:] if abs(e - e1) > 1e-12 * max(1.0, abs(e1))), None)
+        if other is None:
+            return estimate * (g1 / e1 if e1 > 0 else 1.0)
+        e2, g2 = other
+        slope = (g2 - g1) / (e2 - e1)
+        return g1 + slope * (estimate - e1) if slope > 0 else estimate * (g1 / e1 if e1 > 0 else 1.0)
+
+
 @dataclass
 class SearchResult:
     value: Any
@@ -431,19 +455,19 @@ class FlopsSearch:
         if on_data:
             self._search_on_data(model, img_size, cls, fixed, param, goal, dense, tolerance, weights, cnt, counted)
         elif cands and est is not None:
-            scale = 1.0
+            fit = _Refit()
             order_tried: set[int] = set()
             for _ in range(6):
-                i = min(range(len(cands)), key=lambda j: (abs(scale * est[j] - goal), j))
+                i = min(range(len(cands)), key=lambda j: (abs(fit(est[j]) - goal), j))
                 if i in order_tried:
                     break
                 order_tried.add(i)
                 g = cnt(cands[i][0])
                 counted[json.dumps(cands[i][0])] = (cands[i][0], g)
-                scale = g / est[i] if est[i] > 0 else 1.0
+                fit.add(est[i], g, goal)
             # the bracketing neighbours of the goal under the refit cost
-            below = [j for j in range(len(cands)) if scale * est[j] <= goal]
-            above = [j for j in range(len(cands)) if scale * est[j] >= goal]
+            below = [j for j in range(len(cands)) if fit(est[j]) <= goal]
+            above = [j for j in range(len(cands)) if fit(est[j]) >= goal]
             for group, pick in ((below, max), (above, min)):
                 if group:
                     j = pick(group, key=lambda j: (est[j], -j))
