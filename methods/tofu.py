@@ -19,18 +19,19 @@ linear, the later blocks):
 - blocks ``>= merge_from`` (**MLERP merge**): each B token and the A tokens matched to it
   become one token whose direction is their average and whose norm is the largest norm
   among them: ``MLERP(x_1..x_k) = (x_bar / ||x_bar||) * max_i ||x_i||`` with ``x_bar``
-  the average (the paper's norm-preserving extension of SLERP to several tokens).  The
-  paper's text could not be consulted where this was written (no network): the formula
-  is our reading of it, and it agrees with the max-norm rule of the reimplementation.
+  the plain average (the paper's norm-preserving extension of SLERP to several tokens).
 
-Choices (the paper leaves them open or we could not check them against the text):
+Choices:
 
-- the layer split: ``merge_from = 7`` by default, i.e. prune in blocks 0..6 and merge in
-  7..11 of 12, the PiToMe reimplementation's rule (``'prune' if i <= L // 2``);
-  ``merge_from = 0`` merges everywhere, ``merge_from >= depth`` prunes everywhere;
-- ``x_bar`` is the *size-weighted* average (ToMe's ``merge_wavg``, through
-  ``TokenState.merge``), so a token standing for more patches weighs more; with unit
-  sizes it is the plain average.  The max norm is over the tokens before merging;
+- the layer split: ``merge_from`` defaults to half the depth (``depth // 2``: prune in
+  blocks 0..5 and merge in 6..11 of 12), where the paper's ablation of the switch point puts
+  it for 12 blocks; ``merge_from = 0`` merges everywhere, ``merge_from >= depth`` prunes
+  everywhere.  The PiToMe reimplementation prunes one block more (``'prune' if i <= L // 2``:
+  merging from block 7);
+- ``x_bar`` is the plain mean of the group, as in the paper; ``size_weighted=true`` takes
+  the size-weighted average instead (ToMe's ``merge_wavg``, so a token standing for more
+  patches weighs more), a departure from the paper offered for comparison.  The max norm is
+  over the tokens before merging;
 - a B token that receives nothing is left exactly as it is (MLERP of one token is the
   token itself);
 - token sizes: merging adds them (as ToMe); pruning drops the pruned tokens' sizes (their
@@ -40,12 +41,12 @@ Choices (the paper leaves them open or we could not check them against the text)
   zeros), at most half the non-prefix tokens per block; the token order after a block is
   ToMe's.
 
-Differences from the PiToMe repository's reimplementation: its MLERP step takes the plain
-(unweighted) mean and rescales it by ``max_norm / ||x_b||`` (the B token's norm before
-merging) rather than by ``max_norm / ||mean||``, so its merged tokens do not have the
-group's largest norm, which the paper's MLERP is for; it carries no token sizes (so no
-proportional attention); its knob is a keep ratio (``r = floor(N - N * ratio)``, class
-token counted), not ``r``.  Its pruning blocks equal ours exactly (checked on the same
+Differences from the PiToMe repository's reimplementation: it switches to merging one
+block later (above); its MLERP step takes the plain mean (as ours by default) but rescales
+it by ``max_norm / ||x_b||`` (the B token's norm before merging) rather than by
+``max_norm / ||mean||``, so its merged tokens do not have the group's largest norm, which the
+paper's MLERP is for; it carries no token sizes (so no proportional attention); its knob is
+a keep ratio (``r = floor(N - N * ratio)``, class token counted), not ``r``.  Its pruning blocks equal ours exactly (checked on the same
 random weights with ``prop_attn=False`` and the same per-block ``r``).
 
 Token counts depend on the sequence length only, so the schedule is declared (it is
@@ -61,7 +62,13 @@ from tokenbench.backbones.tokens import gather_tokens
 from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, merged_schedule, schedule
 from tokenbench.registry import Method, Param, register
 
-DEFAULT_MERGE_FROM = 7
+# merge_from's default: half the depth (the paper's switch point, 6 of 12 blocks)
+HALF_DEPTH = -1
+
+
+def merge_start(merge_from: int, depth: int) -> int:
+    """The first merging block: ``merge_from``, or half the depth for :data:`HALF_DEPTH`."""
+    return depth // 2 if merge_from == HALF_DEPTH else int(merge_from)
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -83,7 +90,7 @@ def mlerp_rescale(merged: torch.Tensor, max_norm: torch.Tensor, touched: torch.T
 
 # --------------------------------------------------------------------------- hook
 
-def _hook(r: int, prune: bool):
+def _hook(r: int, prune: bool, size_weighted: bool):
     def mid(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
         m = bipartite_soft_matching(info.keys, r, st.n_prefix)
         if m is None:
@@ -92,7 +99,8 @@ def _hook(r: int, prune: bool):
         if prune:
             return st.keep(x, keep_idx, kind="prune")
         max_norm, touched = group_max_norm(x, keep_idx, src_idx, dst)
-        merged = st.merge(x, keep_idx, src_idx, dst, mode="mean")
+        st.ensure_size(x)  # sizes add up under either mean (proportional attention reads them)
+        merged = st.merge(x, keep_idx, src_idx, dst, mode="mean" if size_weighted else "avg")
         return mlerp_rescale(merged, max_norm, touched)
 
     return mid
@@ -101,7 +109,7 @@ def _hook(r: int, prune: bool):
 @register
 class ToFu(Method):
     name = "tofu"
-    version = "1"
+    version = "2"
     summary = "Token Fusion: ToMe's matching; prune in early blocks, norm-preserving MLERP merge later."
     family = "hybrid"
     learned = False
@@ -109,8 +117,11 @@ class ToFu(Method):
         Param("r", "int_or_list", 16,
               "tokens removed per block: one number, or a list (one per block, padded with zeros); "
               "at most half the tokens in a block", min=0),
-        Param("merge_from", "int", DEFAULT_MERGE_FROM,
-              "first block that merges (MLERP); earlier blocks prune", min=0),
+        Param("merge_from", "int", HALF_DEPTH,
+              "first block that merges (MLERP); earlier blocks prune; -1: half the depth (depth // 2, "
+              "the paper's 6 of 12)", min=-1),
+        Param("size_weighted", "bool", False,
+              "MLERP's average weighted by token sizes (ToMe's) instead of the paper's plain mean"),
         Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
     )
     knob = "r"
@@ -118,14 +129,15 @@ class ToFu(Method):
     deterministic = True
     needs_class_token = False
 
-    def apply(self, model, r=16, merge_from=DEFAULT_MERGE_FROM, prop_attn=True, **params):
+    def apply(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
         rs = schedule(r, bb.depth)
+        start = merge_start(merge_from, bb.depth)
         plan = bb.prepare(self.name)
         plan.prop_attn = bool(prop_attn)
         for i, ri in enumerate(rs):
             if ri > 0:
-                plan.mid[i] = _hook(ri, prune=i < int(merge_from))
+                plan.mid[i] = _hook(ri, prune=i < start, size_weighted=bool(size_weighted))
                 plan.needs[i] = ("keys",)
         return model
 
@@ -134,5 +146,5 @@ class ToFu(Method):
         r = params["r"]
         return (sum(r) if isinstance(r, list) else r) > 0
 
-    def expected_tokens(self, model, r=16, merge_from=DEFAULT_MERGE_FROM, prop_attn=True, **params):
+    def expected_tokens(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
         return merged_schedule(backbone_of(model, self.name), r)

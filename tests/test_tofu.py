@@ -36,7 +36,7 @@ def tome_groups(keys, n, r, p):
     return [a for a in stay if a >= p], [into[b] for b in b_set if b >= p]
 
 
-def ref_tofu(rs, merge_from):
+def ref_tofu(rs, merge_from, size_weighted=False):
     def reduce(i, x, size, keys, members, p):
         n = x.shape[0]
         r = min(rs[i], (n - p) // 2)
@@ -50,7 +50,10 @@ def ref_tofu(rs, merge_from):
         rows, sizes, mems = [x[j] for j in order], [size[j] for j in order], [members[j] for j in order]
         for g in groups:
             total = sum(size[j] for j in g)
-            avg = sum(x[j] * size[j] for j in g) / total
+            if size_weighted:
+                avg = sum(x[j] * size[j] for j in g) / total
+            else:  # the paper's plain mean
+                avg = sum(x[j] for j in g) / len(g)
             if len(g) > 1:  # MLERP: the average's direction, the largest norm of the group
                 avg = avg / avg.norm() * max(x[j].norm() for j in g)
             rows.append(avg)
@@ -63,24 +66,28 @@ def ref_tofu(rs, merge_from):
 
 # --------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("variant,r,merge_from,prop_attn", [
-    ("cls", 6, 7, True),
-    ("cls", [3, 0, 9, 2, 5, 4, 8, 8, 1], 4, True),
-    ("cls", 5, 0, False),
-    ("cls", 5, 12, True),
-    ("avg", 6, 7, True),
-    ("distilled", 5, 6, True),
-    ("registers", 5, 3, True),
+@pytest.mark.parametrize("variant,r,merge_from,prop_attn,size_weighted", [
+    ("cls", 6, 7, True, False),
+    ("cls", 6, 7, True, True),
+    ("cls", 6, -1, True, False),
+    ("cls", [3, 0, 9, 2, 5, 4, 8, 8, 1], 4, True, False),
+    ("cls", [3, 0, 9, 2, 5, 4, 8, 8, 1], 4, True, True),
+    ("cls", 5, 0, False, False),
+    ("cls", 5, 12, True, False),
+    ("avg", 6, 7, True, False),
+    ("distilled", 5, 6, True, True),
+    ("registers", 5, 3, True, False),
 ])
-def test_matches_reference(variant, r, merge_from, prop_attn):
+def test_matches_reference(variant, r, merge_from, prop_attn, size_weighted):
     model = make_model(variant).double()
     imgs = images(model, 3, dtype=torch.float64)
-    registry.apply(model, "tofu", r=r, merge_from=merge_from, prop_attn=prop_attn)
+    registry.apply(model, "tofu", r=r, merge_from=merge_from, prop_attn=prop_attn, size_weighted=size_weighted)
     vit.set_track_source(model, True)
     rs = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
+    start = 6 if merge_from == -1 else merge_from  # -1: half the depth (12 // 2)
     with torch.no_grad():
         out = model(imgs)
-        ref, members = ref_forward(model, imgs, ref_tofu(rs, merge_from), prop_attn)
+        ref, members = ref_forward(model, imgs, ref_tofu(rs, start, size_weighted), prop_attn)
     scale = ref.abs().max().item()
     assert scale > 0.5
     torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=0)
@@ -98,7 +105,7 @@ def test_float32_matches_reference():
     registry.apply(model, "tofu", r=6)
     with torch.no_grad():
         out = model(imgs)
-        ref, _ = ref_forward(model.double(), imgs.double(), ref_tofu([6] * 12, 7), True)
+        ref, _ = ref_forward(model.double(), imgs.double(), ref_tofu([6] * 12, 6), True)
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
@@ -132,9 +139,12 @@ def test_token_counts(variant, r):
 
 def test_declaration():
     m = registry.get_method("tofu")
-    assert m.defaults() == {"r": 16, "merge_from": 7, "prop_attn": True}
+    assert m.defaults() == {"r": 16, "merge_from": -1, "size_weighted": False, "prop_attn": True}
     assert m.knob == "r" and m.family == "hybrid" and not m.learned and m.deterministic
-    assert not m.reduces({"r": 0, "merge_from": 7, "prop_attn": True})
+    assert not m.reduces({"r": 0, "merge_from": -1, "size_weighted": False, "prop_attn": True})
+    from tokenbench.methods.tofu import merge_start
+
+    assert [merge_start(-1, d) for d in (12, 24, 4)] == [6, 12, 2] and merge_start(7, 12) == 7
 
 
 def test_r_zero_is_unchanged():
@@ -160,7 +170,7 @@ def test_batch_consistency_and_determinism():
 
 
 @pytest.mark.parametrize("params", [
-    {"r": -1}, {"r": [2, -3]}, {"r": list(range(13))}, {"merge_from": -1}, {"merge_from": 1.5},
+    {"r": -1}, {"r": [2, -3]}, {"r": list(range(13))}, {"merge_from": -2}, {"merge_from": 1.5},
     {"prop_attn": "maybe"}, {"ratio": 0.9},
 ])
 def test_bad_params(params):
