@@ -100,7 +100,7 @@ def test_wpr_converges_to_the_stationary_distribution():
 # --------------------------------------------------------------------------- the model
 
 @pytest.mark.parametrize("params", [{}, {"r": 3, "s_share": 0.0}, {"r": 5, "s_share": 1.0, "cls_init": False},
-                                    {"r": 40}])
+                                    {"r": 40}, {"r": [7, 7, 6, 0, 6]}])
 def test_declared_schedule_is_real(params):
     m = registry.apply(tiny_vit(), "zerotprune", **params)
     with torch.no_grad():
@@ -148,3 +148,24 @@ def test_bad_parameters_and_determinism_and_identity():
         assert torch.equal(m(x), m(x))
         torch.testing.assert_close(registry.apply(tiny_vit(), "zerotprune", r=0)(x), tiny_vit()(x))
     assert not registry.get_method("zerotprune").reduces({"r": 0})
+
+
+def test_a_per_block_r_lets_the_search_land_between_constants(tmp_path):
+    """A list r prunes that many tokens in each block; the matched-FLOPs search's candidates
+    then include r + 1 over the first blocks and r after, so it lands closer than a constant."""
+    from tokenbench.sweep import FlopsSearch
+
+    m = registry.apply(tiny_vit(), "zerotprune", r=[4, 4, 3])
+    with torch.no_grad():
+        m(random_images(m, 2))
+    st = last_state(m)
+    assert st.tokens_mlp[:4] == [65 - 4, 65 - 8, 65 - 11, 65 - 11]
+    s = FlopsSearch(tmp_path / "cache.json")
+    cls = registry.get_method("zerotprune")
+    from conftest import register_tiny_timm
+
+    name = register_tiny_timm("tb_ztp_tiny_vit")
+    res = s.search(name, None, cls, {}, "r", 0.7, tolerance=0.01)
+    consts = [s.count(name, None, "zerotprune", {"r": r}) / s.dense(name, None) for r in range(1, 6)]
+    assert abs(res.ratio - 0.7) <= min(abs(c - 0.7) for c in consts) + 1e-12
+    assert isinstance(res.value, list) or abs(res.ratio - 0.7) <= 0.01
