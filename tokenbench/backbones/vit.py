@@ -206,7 +206,7 @@ def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     grid = _resized_grid(self)
     if grid is None:
         return s.base.forward_features(self, x, *args, **kwargs)
-    if args or any(v is not None for v in kwargs.values()):
+    if any(a is not None and a is not False for a in (*args, *kwargs.values())):  # attn_mask, is_causal
         raise UserError("an attention mask cannot follow an image resized to another patch grid")
     x = self.norm_pre(self.patch_drop(_embed_resized(self, x, grid)))
     return self.norm(self.blocks(x))
