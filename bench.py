@@ -63,6 +63,10 @@ SETTINGS = [
     ("dct", {}),
     ("kmedoids", {}),
     ("dpcknn", {}),
+    # the baselines: a lower input resolution, and the token grid average-pooled at one block
+    ("resize", {"scale": 0.7}),
+    ("resize", {"scale": 0.5}),
+    ("pool", {"half_block": 8}),
 ]
 SETTINGS_EMBEDDED = [
     ("none", {}),
@@ -74,6 +78,9 @@ SETTINGS_EMBEDDED = [
     ("random", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.5}),
+    ("resize", {"scale": 0.7}),
+    ("resize", {"scale": 0.5}),
+    ("pool", {"half_block": 8}),
 ]
 # Hierarchical models (ConvNeXt, Swin): DynamicViT's journal version and its random control, at
 # the two keep rates of the official model zoo.
