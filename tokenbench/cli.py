@@ -283,7 +283,8 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
 
 @app.command("eval")
 def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
-             data: str = typer.Option(..., "--data", help="fashion-mnist, imagenet, folder or synthetic."),
+             data: str = typer.Option(..., "--data", help="fashion-mnist, imagenet, folder or synthetic; dense: "
+                                      "fashion-mnist-scenes or voc (with a dense model such as default-seg)."),
              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
              split: Optional[str] = typer.Option(None, "--split", help="train, val or test (default: test for "
                                                  "fashion-mnist and synthetic, val for image folders). "
@@ -296,12 +297,17 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
              precision: str = typer.Option("fp32", "--precision"),
              pretrained: bool = PRETRAINED_OPT, checkpoint: Optional[Path] = CKPT_OPT,
              results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
-    """Top-1 and top-5 accuracy with a 95% (Wilson) interval."""
+    """Top-1 and top-5 accuracy with a 95% (Wilson) interval; on a dense dataset (fashion-mnist-scenes,
+    voc) mIoU with a 95% bootstrap interval, pixel accuracy and per-class IoU."""
+    from .cli_dense import eval_dense, wants_dense
     from .data import DATASETS
     from .errors import did_you_mean
     from .measure import resolve_device
     from .runner import Settings, measure_run
 
+    if wants_dense(model, data):
+        return eval_dense(model, method, set_, data, data_dir, split, limit, seed, batch_size, device, precision,
+                          checkpoint, results, json_, pretrained)
     resolve_device(device)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")

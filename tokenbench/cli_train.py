@@ -15,7 +15,10 @@ from .errors import UserError
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(model: str = typer.Argument(..., help="timm model name, or `default` (the embedded model)."),
-                  method: str = typer.Option(..., "--method", "-m", help="Method to train with (e.g. dynamicvit)."),
+                  method: Optional[str] = typer.Option(None, "--method", "-m", help="Method to train with (e.g. "
+                                                       "dynamicvit); not used for a dense model."),
+                  task: Optional[str] = typer.Option(None, "--task", help="classification or segmentation "
+                                                     "(default: what the data is)."),
                   set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE, or a training-only one (evit: shrink_start_epoch, shrink_epochs)."),
                   data: str = typer.Option("fashion-mnist", "--data",
                                            help="Training data: fashion-mnist, imagenet or folder (DATA_DIR/train and "
@@ -52,8 +55,15 @@ def register(app: typer.Typer) -> None:
         the result anywhere with --checkpoint RUN/model.pt.  A finished run is never overwritten
         without --force.  A method may bring its own defaults for a model (it says so).
         """
+        from .cli_dense import wants_dense
         from .measure import resolve_device
         from .checks import unique_set_keys
+
+        if wants_dense(model, data, task):
+            return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
+                               seed, max_steps, device, checkpoint)
+        if method is None:
+            raise UserError("--method is required to train a classification model (e.g. --method dynamicvit)")
         from .registry import get_method, parse_set
         from .train import FINETUNE_RECIPE, check_run_dir, finetune
 
@@ -104,6 +114,38 @@ def register(app: typer.Typer) -> None:
                            teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
                            pretrained=pretrained, loss_weights=weights or None, force=force, progress=not json_)
         print_train_summary(out, summary, json_)
+
+
+def train_dense(model: str, method: Optional[str], task: Optional[str], data: str, data_dir: Optional[Path],
+                out: Optional[Path], force: bool, as_json: bool, epochs: Optional[float], lr: Optional[float],
+                batch_size: Optional[int], seed: int, max_steps: Optional[int], device: str,
+                checkpoint: Optional[Path]) -> None:
+    """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably."""
+    from .measure import resolve_device
+    from .runner_dense import task_of
+    from .train_seg import SEG_RECIPE, train_seg
+
+    task_of(model, data, task)
+    if method not in (None, "none"):
+        raise UserError(f"training a dense model with a method ({method}) is not supported yet; leave out --method")
+    resolve_device(device)
+    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device}
+    for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
+        if v is not None:
+            if v <= 0:
+                raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
+            changes[k] = v
+    if checkpoint is not None and not checkpoint.is_file():
+        raise UserError(f"--checkpoint {checkpoint} does not exist")
+    out = out or Path("runs") / f"{model}-{data}"
+    summary = train_seg(model, out, dataclasses.replace(SEG_RECIPE, **changes), data=data,
+                        data_dir=str(data_dir) if data_dir else None,
+                        checkpoint=str(checkpoint) if checkpoint else None, progress=not as_json, force=force)
+    miou = summary.pop("test_acc", None)
+    summary["val_miou"] = miou
+    print_train_summary(out, summary, as_json)
+    if miou is not None and not as_json:
+        typer.echo(f"val mIoU {miou:.2f}%")
 
 
 def default_run_name(cls, model: str, params: dict, train_params: dict, per_model_set: dict) -> str:

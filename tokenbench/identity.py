@@ -36,6 +36,7 @@ PROTOCOLS: dict[str, int] = {
     "throughput": 1,  # torch.utils.benchmark blocks, threads = CPUs this process may use, per-measurement peak memory
     "speedup": 1,     # method and dense timed interleaved in rounds on one input; ratio median and quartiles
     "accuracy": 1,    # top-1/top-5, Wilson interval, per-image correctness; random's choice keyed by image index
+    "segmentation": 1,  # mIoU from one confusion matrix over the set, pixel accuracy, bootstrap intervals over images
 }
 
 SURGERY = Path(__file__).resolve().parent / "backbones"  # the shared machinery every method runs through

@@ -311,7 +311,9 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
             opt.step()
             step += 1
             run_loss += loss.item() * len(y)
-            run_correct += int((logits.argmax(-1) == y).sum())
+            # per-image share of correct predictions (one for a class label, a fraction of pixels for a mask)
+            hits = logits.argmax(1 if logits.dim() > 2 else -1) == y
+            run_correct += float(hits.float().reshape(len(y), -1).mean(1).sum())
             run_n += len(y)
             for k, v in metrics.items():
                 run_metrics[k] = run_metrics.get(k, 0.0) + float(v) * len(y)

@@ -1,0 +1,282 @@
+"""Dense datasets: ``fashion-mnist-scenes`` (generated, cached) and VOC-layout segmentation folders.
+
+Every dense dataset yields ``(image, mask)``: the image preprocessed for the model
+(float ``[C, S, S]``, S the model's input size) and the per-pixel label (int64 ``[H, W]``,
+the value :data:`IGNORE` where a pixel is not scored).
+
+``fashion-mnist-scenes``: 56 x 56 grey scenes, each composed of 2 to 4 real Fashion-MNIST
+items at seeded positions and scales (20 to 36 pixels a side).  Label 0 is the background;
+an item's pixels brighter than :data:`ITEM_THRESHOLD` take its Fashion-MNIST class + 1
+(so 11 classes); a later item occludes earlier ones.  Train scenes draw their items from
+Fashion-MNIST's train split (the 55,000 images not held out), val scenes from its held-out
+val images, test scenes from its test images, so no item is shared between splits.
+Generation is deterministic (seeded per split) and cached under the data cache
+(``$TOKENBENCH_DATA``, default ``~/.cache/tokenbench``), one file per split, named by the
+generator's version and the source files' fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import UserError
+
+SCENES = "fashion-mnist-scenes"
+VOC = "voc"
+DENSE_DATASETS = (SCENES, VOC)
+IGNORE = 255
+SCENE_SIZE = 56
+SCENE_ITEMS = (2, 4)           # items per scene, inclusive
+ITEM_SIDE = (20, 36)           # an item's side after scaling, pixels, inclusive
+ITEM_THRESHOLD = 50            # an item's pixel (0..255) belongs to it above this
+SCENE_SIZES = {"train": 20000, "val": 2000, "test": 2000}
+SCENE_SEEDS = {"train": 0, "val": 1, "test": 2}
+SCENES_VERSION = 1             # raised whenever generation changes: cache files and record keys follow
+SCENE_MEAN, SCENE_STD = 0.15, 0.30
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+
+
+def scene_classes() -> tuple[str, ...]:
+    from .data import FMNIST_CLASSES
+
+    return ("background",) + FMNIST_CLASSES
+
+
+def is_dense_data(name: Optional[str]) -> bool:
+    return name in DENSE_DATASETS
+
+
+# --------------------------------------------------------------------------- generation
+
+def compose_scenes(items: np.ndarray, labels: np.ndarray, n: int, seed: int,
+                   size: int = SCENE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` scenes (uint8 [n, size, size]) and their masks (uint8, 0 = background, class + 1
+    on an item) composed from ``items`` (uint8 [M, 28, 28]) with class ``labels``."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        for _ in range(int(rng.integers(SCENE_ITEMS[0], SCENE_ITEMS[1] + 1))):
+            j = int(rng.integers(len(items)))
+            side = int(rng.integers(ITEM_SIDE[0], ITEM_SIDE[1] + 1))
+            top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            item = torch.from_numpy(items[j].astype(np.float32))[None, None]
+            item = F.interpolate(item, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+            item = item.round().clamp(0, 255).to(torch.uint8).numpy()
+            on = item > ITEM_THRESHOLD
+            images[i, top:top + side, left:left + side][on] = item[on]
+            masks[i, top:top + side, left:left + side][on] = int(labels[j]) + 1
+    return images, masks
+
+
+def data_cache() -> Path:
+    return Path(os.environ.get("TOKENBENCH_DATA", Path.home() / ".cache" / "tokenbench"))
+
+
+def scenes_fingerprint(split: str, data_dir=None) -> str:
+    """The identity of a split's scenes: generator version, size, seed and the source files."""
+    from .identity import data_fingerprint
+
+    check_split(split)
+    source = data_fingerprint("fashion-mnist", split, data_dir)
+    return f"{SCENES}-v{SCENES_VERSION}-{split}-n{SCENE_SIZES[split]}-s{SCENE_SEEDS[split]}:{source}"
+
+
+def check_split(split: str) -> None:
+    if split not in SCENE_SIZES:
+        raise UserError(f"unknown split {split!r} for {SCENES} (use train, val or test)")
+
+
+def load_scenes(split: str = "test", data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 56, 56], masks uint8 [N, 56, 56]) of ``split``, generated once and cached."""
+    from .data import load_fashion_mnist
+
+    fp = scenes_fingerprint(split, data_dir)
+    path = data_cache() / "scenes" / f"{SCENES}-{hashlib.sha256(fp.encode()).hexdigest()[:16]}-{split}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return torch.from_numpy(z["images"]), torch.from_numpy(z["masks"])
+        except (OSError, ValueError, KeyError):
+            pass  # damaged cache file: generate again
+    items, labels = load_fashion_mnist(split, data_dir)
+    images, masks = compose_scenes(items.numpy(), labels.numpy(), SCENE_SIZES[split], SCENE_SEEDS[split])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, images=images, masks=masks)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: the scenes are generated again next time
+    return torch.from_numpy(images), torch.from_numpy(masks)
+
+
+# --------------------------------------------------------------------------- datasets
+
+class SegmentationTensors(Dataset):
+    """Images and masks in memory (uint8 [N, H, W]); ``transform`` maps an image to the model's input."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, transform, classes: tuple[str, ...]):
+        self.images, self.masks, self.transform, self.classes = images, masks, transform, classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.masks[i].long()
+
+
+def _palette_indices(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise UserError(f"mask {path} is a {im.mode} image; a segmentation mask is a palette (P) or "
+                                "grey (L) PNG of class indices")
+            return np.array(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read mask {path} ({e.__class__.__name__})") from None
+
+
+class VocSegmentation(Dataset):
+    """A folder in the VOC layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
+    PNGs of class indices, 255 not scored) and ``ImageSets/Segmentation/<split>.txt`` listing the ids.
+
+    Each item is checked when read: its mask must be as large as its image and hold only class
+    indices below ``len(classes)`` or 255.  Image and mask are resized to the model's input size
+    (bilinear for the image, nearest for the mask).
+    """
+
+    def __init__(self, root, split: str, img_size: int, in_chans: int, mean, std,
+                 classes: tuple[str, ...] = VOC_CLASSES):
+        from .data import require_dir
+
+        self.root = require_dir(root)
+        ids_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not ids_file.is_file():
+            raise UserError(f"{self.root} has no ImageSets/Segmentation/{split}.txt (a VOC-layout folder lists "
+                            "each split's image ids there)")
+        self.ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+        if not self.ids:
+            raise UserError(f"{ids_file} lists no images: the {split} split is empty")
+        self.classes, self.img_size, self.in_chans = classes, img_size, in_chans
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        import torch.nn.functional as F
+
+        from .data import _load_image
+
+        name = self.ids[i]
+        img_path = self.root / "JPEGImages" / f"{name}.jpg"
+        mask_path = self.root / "SegmentationClass" / f"{name}.png"
+        if not img_path.is_file() or not mask_path.is_file():
+            missing = img_path if not img_path.is_file() else mask_path
+            raise UserError(f"{missing} is missing (listed in ImageSets/Segmentation)")
+        img = _load_image(str(img_path), "L" if self.in_chans == 1 else "RGB")
+        mask = _palette_indices(mask_path)
+        if mask.shape != (img.height, img.width):
+            raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} pixels, its image "
+                            f"{img.width}x{img.height}: a mask must match its image")
+        bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(len(self.classes)), IGNORE])
+        if len(bad):
+            raise UserError(f"mask {mask_path} holds label {int(bad[0])}, outside the {len(self.classes)} classes "
+                            f"(0..{len(self.classes) - 1}, and {IGNORE} for pixels not scored)")
+        x = torch.from_numpy(np.array(img, dtype=np.float32) / 255.0)
+        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+        s = (self.img_size, self.img_size)
+        x = F.interpolate(x[None], size=s, mode="bilinear", align_corners=False, antialias=True)[0]
+        y = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=s, mode="nearest")[0, 0]
+        return (x - self.mean) / self.std, y.long()
+
+
+@dataclass
+class DenseSpec:
+    """Which dense images were measured: enough to recognise the same subset again."""
+
+    name: str
+    split: str
+    n: int
+    available: int
+    classes: int
+    limit: Optional[int] = None
+    seed: int = 0
+    source: Optional[str] = None
+
+    def key(self) -> dict:
+        return {"name": self.name, "split": self.split, "n": self.n, "limit": self.limit, "seed": self.seed}
+
+
+def dense_fingerprint(name: str, split: str, data_dir=None) -> str:
+    """The identity of a dense split (not where it lives), for record keys."""
+    if name == SCENES:
+        return scenes_fingerprint(split, data_dir)
+    from .identity import _hash_files
+
+    root = Path(data_dir) if data_dir else None
+    if root is None or not root.is_dir():
+        return f"{name}:missing"
+    ids = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not ids.is_file():
+        return f"{name}:no-{split}"
+    names = [n.split()[0] for n in ids.read_text().splitlines() if n.strip()]
+    files = [ids] + [root / d / f"{n}{e}" for n in names for d, e in (("JPEGImages", ".jpg"),
+                                                                      ("SegmentationClass", ".png"))]
+    return f"{name}-{split}:" + _hash_files([f for f in files if f.is_file()])
+
+
+def build_dense_dataset(name: str, split: str = "test", data_dir=None, model=None, limit: Optional[int] = None,
+                        seed: int = 0) -> tuple[Dataset, DenseSpec]:
+    """The dense dataset ``name`` preprocessed for ``model`` and a :class:`DenseSpec` describing it.
+
+    ``limit`` takes a seeded random subset of that many images (sorted)."""
+    from .backbones import input_config
+    from .data import grayscale_transform
+
+    if name not in DENSE_DATASETS:
+        raise UserError(f"unknown dense dataset {name!r}; choose from {', '.join(DENSE_DATASETS)}")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be positive, got {limit}")
+    cfg = input_config(model)
+    if name == SCENES:
+        check_split(split)
+        images, masks = load_scenes(split, data_dir)
+        mean, std = (SCENE_MEAN,) * cfg["in_chans"], (SCENE_STD,) * cfg["in_chans"]
+        ds: Dataset = SegmentationTensors(images, masks, grayscale_transform(cfg["in_chans"], cfg["img_size"],
+                                                                             mean, std), scene_classes())
+        source = None
+    else:
+        if data_dir is None:
+            raise UserError("--data-dir is required for voc (a folder with JPEGImages/, SegmentationClass/ and "
+                            "ImageSets/Segmentation/)")
+        ds = VocSegmentation(data_dir, split, cfg["img_size"], cfg["in_chans"], cfg["mean"], cfg["std"])
+        source = str(data_dir)
+    available = len(ds)
+    if available == 0:
+        raise UserError(f"the {split} split of {name} is empty")
+    classes = len(ds.classes)
+    if limit is not None:
+        if limit > available:
+            raise UserError(f"--limit {limit} is more than the {available} images of {name} {split}")
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.sort(torch.randperm(available, generator=g)[:limit]).values
+        ds = torch.utils.data.Subset(ds, idx.tolist())
+    return ds, DenseSpec(name=name, split=split, n=len(ds), available=available, classes=classes,
+                         limit=limit, seed=seed, source=source)

@@ -1,0 +1,160 @@
+"""The embedded dense models: an encoder (a timm model) and a light decoder, built by name.
+
+``default-seg``: the embedded ViT's architecture at 56 x 56 input (patch 4: 14 x 14 = 196
+tokens, DeiT's count at 224 px) with a linear head on its last feature map (BatchNorm and a
+1 x 1 convolution to the classes), logits bilinearly upsampled to pixels.
+``default-convnext-seg``: the embedded ConvNeXt at 56 x 56 (stages of 56, 28, 14 and 7
+positions a side) with a small FPN head: a 1 x 1 lateral per stage to a common width,
+summed top-down at the finest stage, then BatchNorm, GELU and a 1 x 1 classifier.
+
+The encoder's feature maps come from timm's own ``forward_intermediates``, so a reduced
+encoder hands back whatever that entry point gives (the full grid, or a refusal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+DENSE_MODELS = ("default-seg", "default-convnext-seg")
+SCENE_CLASS_COUNT = 11
+DECODER_WIDTH = 32
+
+SEG_ARCH: dict[str, dict[str, Any]] = {
+    "default-seg": {"family": "vit", "img_size": 56, "patch_size": 4, "in_chans": 1, "num_classes": 0,
+                    "embed_dim": 96, "depth": 12, "num_heads": 3, "mlp_ratio": 2.0, "stem_channels": [32, 64],
+                    "classes": SCENE_CLASS_COUNT, "decoder": "linear"},
+    "default-convnext-seg": {"family": "convnext", "img_size": 56, "patch_size": 1, "in_chans": 1,
+                             "num_classes": 0, "depths": [1, 1, 6, 1], "dims": [16, 32, 64, 128],
+                             "stem_kernel": 3, "ls_init_value": 1.0, "classes": SCENE_CLASS_COUNT,
+                             "decoder": "fpn", "decoder_width": DECODER_WIDTH},
+}
+
+
+def is_dense_model(name: str) -> bool:
+    return name in DENSE_MODELS
+
+
+def is_segmentation_model(model: nn.Module) -> bool:
+    """Whether ``model`` predicts a class per pixel (a :class:`SegModel`)."""
+    return isinstance(model, SegModel)
+
+
+class LinearHead(nn.Module):
+    """BatchNorm and a 1 x 1 convolution on the last feature map."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.cls = nn.Conv2d(channels, classes, 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.cls(self.norm(maps[-1]))
+
+
+class FPNHead(nn.Module):
+    """Laterals to a common width, summed top-down at the finest map's resolution, then a classifier."""
+
+    def __init__(self, channels: list[int], classes: int, width: int = DECODER_WIDTH):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.norm = nn.BatchNorm2d(width)
+        self.cls = nn.Conv2d(width, classes, 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        size = maps[0].shape[-2:]
+        fused = self.laterals[0](maps[0])
+        for lat, m in zip(self.laterals[1:], maps[1:]):
+            fused = fused + F.interpolate(lat(m), size=size, mode="bilinear", align_corners=False)
+        return self.cls(F.gelu(self.norm(fused)))
+
+
+class SegModel(nn.Module):
+    """``encoder`` (a timm model) -> its feature maps at ``indices`` -> ``decoder`` -> logits [B, K, H, W]."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, indices: int, arch: dict):
+        super().__init__()
+        self.encoder, self.decoder, self.indices = encoder, decoder, indices
+        self.tokenbench_arch = dict(arch)
+        self.pretrained_cfg = {"architecture": "tokenbench_seg", "num_classes": arch["classes"],
+                               "input_size": (arch["in_chans"], arch["img_size"], arch["img_size"]),
+                               "mean": (0.15,) * arch["in_chans"], "std": (0.30,) * arch["in_chans"]}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.tokenbench_arch["classes"])
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps (NCHW), from timm's ``forward_intermediates``."""
+        return list(self.encoder.forward_intermediates(x, indices=self.indices, intermediates_only=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.features(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_seg_model(name: str, arch: Optional[dict] = None) -> SegModel:
+    """The dense model ``name`` with fresh weights (``arch`` overrides its architecture)."""
+    from .models import build_embedded
+
+    if name not in SEG_ARCH:
+        raise UserError(f"unknown dense model {name!r}; choose from {', '.join(DENSE_MODELS)}")
+    a = {**SEG_ARCH[name], **(arch or {})}
+    enc_arch = {k: v for k, v in a.items() if k not in ("classes", "decoder", "decoder_width", "family")}
+    if a["family"] == "convnext":
+        enc = build_embedded({**enc_arch, "family": "convnext"})
+        decoder: nn.Module = FPNHead(list(a["dims"]), a["classes"], a.get("decoder_width", DECODER_WIDTH))
+        indices = len(a["dims"])
+    else:
+        enc = build_embedded(enc_arch)
+        decoder = LinearHead(a["embed_dim"], a["classes"])
+        indices = 1
+    return SegModel(enc, decoder, indices, a)
+
+
+def seg_paths(name: str) -> dict[str, Path]:
+    """Where the trained weights of dense model ``name`` live (``results/embedded-<name>``)."""
+    from .models import REPO_ROOT
+
+    root = Path(os.environ.get("TOKENBENCH_EMBEDDED_SEG_DIR", REPO_ROOT / "results")) / f"embedded-{name}"
+    return {"dir": root, "ckpt": root / "model.pt", "sha": root / "model.pt.sha256", "config": root / "config.json"}
+
+
+def untrained_note(name: str) -> str:
+    return (f"{name} has no trained weights ({seg_paths(name)['ckpt']} is missing): random weights, the "
+            f"figures say nothing about the method; train it with `tokenbench train {name} --data "
+            "fashion-mnist-scenes`")
+
+
+def create_seg_model(name: str) -> tuple[SegModel, dict]:
+    """Dense model ``name``: its committed weights (checksum verified) where they exist, else
+    random weights (seed 0) marked ``untrained``."""
+    from .models import verify_checksum
+
+    p = seg_paths(name)
+    if not p["ckpt"].is_file():
+        torch.manual_seed(0)
+        model = build_seg_model(name)
+        model.eval()
+        return model, {"weights": "random-init:untrained", "pretrained": False, "untrained": True}
+    sha = verify_checksum(p["ckpt"], p["sha"], name)
+    arch = json.loads(p["config"].read_text()).get("arch", {}) if p["config"].is_file() else {}
+    model = build_seg_model(name, arch)
+    state = torch.load(p["ckpt"], map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state))
+    model.eval()
+    return model, {"weights": f"sha256:{sha}", "pretrained": True}
+
+
+def seg_weights_id(name: str) -> str:
+    """Identity of a dense model's weights without building it."""
+    sha = seg_paths(name)["sha"]
+    return "sha256:" + sha.read_text().split()[0] if sha.is_file() else "random-init:untrained"

@@ -1,0 +1,142 @@
+"""One dense measurement (mIoU, pixel accuracy, FLOPs of encoder and decoder) recorded in a store.
+
+The dense counterpart of :func:`tokenbench.runner.measure_run`: every refusal (a model and a
+dataset of different tasks, a method that cannot hand back the full grid, bad data) happens
+before anything is written, and a record is keyed by the model, method, weights, code, the
+protocol and the data's fingerprint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import measure
+from .data_scenes import DENSE_DATASETS, is_dense_data
+from .errors import UserError
+from .models_seg import DENSE_MODELS, is_dense_model
+from .store import Store, make_record, record_key
+
+KIND = "segmentation"
+TASKS = ("classification", "segmentation")
+
+
+def task_of(model: str, data: Optional[str], task: Optional[str] = None) -> str:
+    """The task a command runs: ``task`` when given, else what the data (or the model) says.
+
+    A model and a dataset of different tasks are refused in one line."""
+    if task is not None and task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    dense_model, dense_data = is_dense_model(model), is_dense_data(data)
+    wanted = task or ("segmentation" if dense_data or (data is None and dense_model) else "classification")
+    if wanted == "segmentation" and not dense_model:
+        raise UserError(f"{model} is a classification model; {data or 'a segmentation task'} needs a dense model "
+                        f"({', '.join(DENSE_MODELS)})")
+    if wanted == "segmentation" and data is not None and not dense_data:
+        raise UserError(f"{data} is a classification dataset; segmentation needs a dense one "
+                        f"({', '.join(DENSE_DATASETS)})")
+    if wanted == "classification" and dense_model:
+        raise UserError(f"{model} is a segmentation model; {data or 'classification'} needs a classification "
+                        f"model (or a dense dataset: {', '.join(DENSE_DATASETS)})")
+    if wanted == "classification" and dense_data:
+        raise UserError(f"{data} is a dense (per-pixel) dataset; {model} is a classification model: use "
+                        f"{' or '.join(DENSE_MODELS)}")
+    return wanted
+
+
+def check_restores_grid(method: str, params: dict) -> None:
+    """Refuse a method that reduces tokens but declares no way to hand back the full grid
+    (``restores_grid`` on the method: how pruned or merged positions are filled back)."""
+    from .registry import get_method
+
+    cls = get_method(method)
+    if cls.reduces(params) and not getattr(cls, "restores_grid", None):
+        raise UserError(f"{method} cannot restore the full token grid a dense task needs (it declares no "
+                        "restores_grid); measure it on a classification dataset, or use --method none")
+
+
+def weights_id(model: str, checkpoint: Optional[str]) -> str:
+    from .models_seg import seg_weights_id
+    from .store import sha256_file
+
+    if checkpoint:
+        p = Path(checkpoint)
+        if not p.is_file():
+            raise UserError(f"checkpoint {p} does not exist")
+        return f"sha256:{sha256_file(p)}"
+    return seg_weights_id(model)
+
+
+def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] = None):
+    """The dense model with ``method`` applied to its encoder, and its provenance."""
+    from .models_seg import create_seg_model
+    from .registry import apply, get_method
+
+    net, prov = create_seg_model(model)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict(state.get("model", state))
+        except RuntimeError as e:
+            raise UserError(f"{checkpoint} does not hold {model}'s weights ({str(e).splitlines()[0]})") from None
+        prov = {"weights": weights_id(model, checkpoint), "pretrained": False, "checkpoint": str(checkpoint)}
+    if get_method(method).reduces(params):
+        apply(net.encoder, method, **params)
+    net.eval()
+    return net, prov
+
+
+def key_fields(spec: dict, settings, weights: str) -> dict:
+    import timm
+
+    from . import identity
+    from .data_scenes import dense_fingerprint
+    from .registry import get_method
+
+    dev = measure.resolve_device(settings.device)
+    return {"model": spec["model"], "method": spec["method"], "params": spec["params"], "img_size": None,
+            "weights": weights, "torch": torch.__version__, "timm": timm.__version__,
+            "code": identity.method_code(get_method(spec["method"])), "protocol": identity.PROTOCOLS[KIND],
+            "data": settings.data, "data_id": dense_fingerprint(settings.data, settings.split, settings.data_dir),
+            "split": settings.split, "limit": settings.limit, "data_seed": settings.data_seed,
+            "device": dev.type, "precision": settings.precision}
+
+
+def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force: bool = False,
+                      progress: bool = False) -> tuple[dict, bool]:
+    """(record, reused): mIoU, pixel accuracy and FLOPs of ``spec`` on ``settings.data``."""
+    from .data_scenes import build_dense_dataset
+    from .measure_dense import dense_flops, evaluate_dense
+    from .models_seg import untrained_note
+    from .registry import get_method
+
+    task_of(spec["model"], settings.data)
+    cls = get_method(spec["method"])
+    spec = dict(spec, params=cls.validate(spec.get("params") or {}))
+    check_restores_grid(spec["method"], spec["params"])
+    weights = weights_id(spec["model"], spec.get("checkpoint"))
+    kf = key_fields(spec, settings, weights)
+    key = record_key({"kind": KIND, **kf})
+    if store is not None and not force:
+        rec = store.get(key)
+        if rec is not None:
+            return rec, True
+        store.ensure_writable()
+    net, prov = load_dense(spec["model"], spec["method"], spec["params"], spec.get("checkpoint"))
+    ds, dspec = build_dense_dataset(settings.data, settings.split, settings.data_dir, model=net,
+                                    limit=settings.limit, seed=settings.data_seed)
+    if dspec.classes != net.num_classes:
+        raise UserError(f"{spec['model']} predicts {net.num_classes} classes; {settings.data} has {dspec.classes}")
+    metrics = evaluate_dense(net, ds, dspec.classes, batch_size=settings.eval_batch_size, device=settings.device,
+                             precision=settings.precision, progress=progress)
+    metrics.update(dense_flops(net.cpu()))
+    metrics["data"] = dspec.key() | {"source": dspec.source}
+    metrics["warnings"] = [untrained_note(spec["model"])] if prov.get("untrained") else []
+    rspec = dict(spec, pretrained=False, img_size=None, task=KIND)
+    rec = make_record(KIND, kf, rspec, metrics, measure.env_info(measure.resolve_device(settings.device)),
+                      extra={"weights": weights, "provenance": prov})
+    if store is not None:
+        store.put(rec)
+    return rec, False
