@@ -1,0 +1,113 @@
+"""`tokenbench eval` and `tokenbench train` on the dense task, and their one-line refusals."""
+
+import json
+
+import pytest
+import torch
+
+from tokenbench import data_scenes as ds
+
+
+@pytest.fixture(autouse=True)
+def small_scenes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOKENBENCH_EMBEDDED_SEG_DIR", str(tmp_path / "no-weights"))
+    for split, n in (("train", 32), ("val", 8), ("test", 12)):
+        monkeypatch.setitem(ds.SCENE_SIZES, split, n)
+
+
+def stored(results):
+    return [p for p in results.rglob("*.json")] if results.exists() else []
+
+
+def test_eval_prints_miou_with_interval_pixel_accuracy_and_flops(cli, tmp_path):
+    code, out, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "6",
+                         "--results", str(tmp_path / "res"))
+    assert code == 0, err
+    rec = json.loads(out)
+    lo, hi = rec["miou_ci95"]
+    assert lo <= rec["miou"] <= hi and 0 <= rec["pixel_accuracy"] <= 100
+    assert len(rec["per_class_iou"]) == 11 and rec["n"] == 6
+    assert rec["gflops"] == pytest.approx(rec["gflops_backbone"] + rec["gflops_decoder"])
+    assert "untrained" in rec["weights"] and "no trained weights" in err
+    assert len(stored(tmp_path / "res")) == 1
+    code, out, _ = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "6",
+                       "--results", str(tmp_path / "res"))
+    assert code == 0 and json.loads(out)["reused"] is True
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("default", "--data", "fashion-mnist-scenes"), "default is a classification model"),
+    (("default-seg", "--data", "fashion-mnist"), "default-seg is a segmentation model; fashion-mnist needs"),
+    (("default-seg", "--data", "fashion-mnist-scenes", "--method", "tome", "--set", "r=8"),
+     "tome cannot restore the full token grid"),
+    (("default-seg", "--data", "fashion-mnist-scenes", "--method", "topk", "--set", "keep_rate=0.7"),
+     "topk cannot restore the full token grid"),
+])
+def test_eval_refuses_in_one_line_and_stores_nothing(cli, tmp_path, args, msg):
+    code, out, err = cli("eval", *args, "--limit", "4", "--results", str(tmp_path / "res"))
+    assert code == 2 and msg in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert stored(tmp_path / "res") == []
+
+
+def test_eval_refuses_bad_voc_masks_and_class_mismatch(cli, tmp_path):
+    from test_dense_data import write_voc
+
+    root = write_voc(tmp_path / "voc")
+    code, _, err = cli("eval", "default-seg", "--data", "voc", "--data-dir", str(root), "--split", "val",
+                       "--results", str(tmp_path / "res"))
+    assert code == 2 and "predicts 11 classes; voc has 21" in err and stored(tmp_path / "res") == []
+    empty = write_voc(tmp_path / "empty", listed=[])
+    code, _, err = cli("eval", "default-seg", "--data", "voc", "--data-dir", str(empty), "--split", "val")
+    assert code == 2 and "the val split is empty" in err
+
+
+def test_a_method_keeping_every_token_runs_on_the_dense_task(cli):
+    code, out, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4",
+                         "--method", "tome", "--set", "r=0")
+    base = json.loads(cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4")[1])
+    assert code == 0, err
+    assert json.loads(out)["miou"] == pytest.approx(base["miou"])
+
+
+def test_train_dense_model_a_few_steps_resumably(cli, tmp_path):
+    out = tmp_path / "run"
+    code, text, err = cli("train", "default-seg", "--data", "fashion-mnist-scenes", "--max-steps", "1",
+                          "--batch-size", "8", "--epochs", "1", "--out", str(out), "--json")
+    assert code == 0, err
+    first = json.loads(text)
+    assert first["step"] == 1 and not first["finished"] and 0 <= first["val_miou"] <= 100
+    code, text, err = cli("train", "default-seg", "--data", "fashion-mnist-scenes", "--max-steps", "3",
+                          "--batch-size", "8", "--epochs", "1", "--out", str(out), "--json")
+    done = json.loads(text)
+    assert code == 0 and done["resumed_from"] == 1 and done["finished"] and done["step"] == 4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["arch"]["decoder"] == "linear" and cfg["task"] == "segmentation"
+    assert (out / "model.pt").is_file() and (out / "model.pt.sha256").is_file()
+    code, text, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4",
+                          "--checkpoint", str(out / "model.pt"))
+    assert code == 0 and json.loads(text)["weights"].startswith("sha256:"), err
+
+
+def test_pixel_cross_entropy_lowers_the_loss_of_a_tiny_dense_model(tmp_path):
+    from tokenbench.train import TrainConfig
+    from tokenbench.train_seg import train_seg
+
+    tiny = {"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_channels": [8, 16]}
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_steps=2, hflip=True, ckpt_every=100, eval_limit=8)
+    summary = train_seg("default-seg", tmp_path / "tiny", cfg, arch=tiny, progress=False)
+    rows = (tmp_path / "tiny" / "train_log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[3]) for r in rows]
+    assert summary["finished"] and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("train", "default", "--data", "fashion-mnist-scenes"), "default is a classification model"),
+    (("train", "default-seg", "--data", "fashion-mnist"), "default-seg is a segmentation model; fashion-mnist needs"),
+    (("train", "default-seg", "--data", "fashion-mnist-scenes", "--task", "classification"),
+     "default-seg is a segmentation model"),
+])
+def test_train_refuses_mixed_tasks(cli, tmp_path, args, msg):
+    code, _, err = cli(*args, "--out", str(tmp_path / "r"))
+    assert code == 2 and msg in err and not (tmp_path / "r").exists()

@@ -1,0 +1,122 @@
+"""Dense datasets: fashion-mnist-scenes generation and caching, VOC-layout folders and their refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from tokenbench import data_scenes as ds
+from tokenbench.errors import UserError
+
+
+@pytest.fixture
+def small_scenes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_DATA", str(tmp_path / "cache"))
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        monkeypatch.setitem(ds.SCENE_SIZES, split, n)
+    return tmp_path / "cache"
+
+
+def reference_squares(labels, n, seed, size=56):
+    """Masks of scenes whose items are solid squares, painted one by one in draw order (later on top)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        for _ in range(int(rng.integers(ds.SCENE_ITEMS[0], ds.SCENE_ITEMS[1] + 1))):
+            j = int(rng.integers(len(labels)))
+            side = int(rng.integers(ds.ITEM_SIDE[0], ds.ITEM_SIDE[1] + 1))
+            top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            masks[i, top:top + side, left:left + side] = labels[j] + 1
+    return masks
+
+
+def test_later_items_occlude_earlier_ones_and_labels_are_class_plus_one():
+    items = np.full((10, 28, 28), 255, dtype=np.uint8)
+    labels = np.arange(10)
+    images, masks = ds.compose_scenes(items, labels, 12, seed=3)
+    assert np.array_equal(masks, reference_squares(labels, 12, 3))
+    assert ((images > 0) == (masks > 0)).all()
+
+
+def test_scenes_are_seeded_and_mask_follows_item_pixels():
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 256, (20, 28, 28)).astype(np.uint8)
+    labels = rng.integers(0, 10, 20)
+    a = ds.compose_scenes(items, labels, 6, seed=1)
+    b = ds.compose_scenes(items, labels, 6, seed=1)
+    c = ds.compose_scenes(items, labels, 6, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], c[1])
+    images, masks = a
+    assert (images[masks > 0] > ds.ITEM_THRESHOLD).all() and (images[masks == 0] == 0).all()
+    assert masks.max() <= 10
+
+
+def test_scenes_are_cached_and_each_split_draws_from_its_own_images(small_scenes, monkeypatch):
+    from tokenbench import data as data_mod
+
+    asked = []
+    real = data_mod.load_fashion_mnist
+
+    def spy(split="test", data_dir=None):
+        asked.append(split)
+        return real(split, data_dir)
+
+    monkeypatch.setattr(data_mod, "load_fashion_mnist", spy)
+    x1, m1 = ds.load_scenes("train")
+    ds.load_scenes("val")
+    ds.load_scenes("test")
+    assert asked == ["train", "val", "test"]  # val scenes from the held-out val images, never train's
+    assert len(list((small_scenes / "scenes").glob("*.npz"))) == 3
+    x2, m2 = ds.load_scenes("train")
+    assert asked == ["train", "val", "test"]  # read from the cache
+    assert torch.equal(x1, x2) and torch.equal(m1, m2)
+    assert len({ds.scenes_fingerprint(s) for s in ("train", "val", "test")}) == 3
+
+
+def test_scene_dataset_gives_model_input_and_long_mask(small_scenes):
+    from tokenbench.models_seg import build_seg_model
+
+    d, spec = ds.build_dense_dataset(ds.SCENES, "test", model=build_seg_model("default-seg"), limit=4)
+    x, y = d[0]
+    assert x.shape == (1, 56, 56) and y.shape == (56, 56) and y.dtype == torch.long
+    assert spec.n == 4 and spec.available == 8 and spec.classes == 11
+    with pytest.raises(UserError, match="more than"):
+        ds.build_dense_dataset(ds.SCENES, "test", model=build_seg_model("default-seg"), limit=9)
+
+
+def write_voc(root, ids=("a", "b"), mask_size=None, label=3, listed=None):
+    from PIL import Image
+
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for name in ids:
+        Image.fromarray(np.full((20, 30, 3), 120, dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        h, w = mask_size or (20, 30)
+        m = np.zeros((h, w), dtype=np.uint8)
+        m[5:10, 5:15] = label
+        m[0, 0] = 255
+        p = Image.fromarray(m, mode="P")
+        p.putpalette([0, 0, 0, 128, 0, 0] * 128)
+        p.save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids if listed is None else listed) + "\n")
+    return root
+
+
+def voc(root):
+    return ds.VocSegmentation(root, "val", 16, 3, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_voc_folder_reads_palette_masks(tmp_path):
+    d = voc(write_voc(tmp_path / "voc"))
+    x, y = d[1]
+    assert len(d) == 2 and x.shape == (3, 16, 16) and y.shape == (16, 16)
+    assert set(y.unique().tolist()) <= {0, 3, 255} and (y == 3).any()
+
+
+@pytest.mark.parametrize("kw,msg", [({"mask_size": (10, 30)}, "must match its image"),
+                                    ({"label": 40}, "holds label 40, outside the 21 classes"),
+                                    ({"listed": []}, "empty")])
+def test_voc_folder_refuses_bad_masks_and_empty_splits(tmp_path, kw, msg):
+    root = write_voc(tmp_path / "voc", **kw)
+    with pytest.raises(UserError, match=msg):
+        voc(root)[0]
