@@ -306,8 +306,11 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     from .runner import Settings, measure_run
 
     if wants_dense(model, data):
-        return eval_dense(model, method, set_, data, data_dir, split, limit, seed, batch_size, device, precision,
-                          checkpoint, results, json_, pretrained)
+        pub, line = eval_dense(model, method, set_, data, data_dir, split, limit, seed, batch_size, device,
+                               precision, checkpoint, results, json_, pretrained)
+        for w in pub.get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)
+        return out_json(pub) if json_ else typer.echo(line)
     resolve_device(device)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")

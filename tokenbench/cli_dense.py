@@ -1,12 +1,10 @@
-"""``tokenbench eval`` on a dense task: parse, measure (:mod:`tokenbench.runner_dense`), print."""
+"""`tokenbench eval` on a dense task: parse the options and measure (:mod:`tokenbench.runner_dense`)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 from typing import List, Optional
-
-import typer
 
 from .errors import UserError
 
@@ -22,12 +20,15 @@ def wants_dense(model: str, data: Optional[str], task: Optional[str] = None) -> 
 def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, data_dir: Optional[Path],
                split: Optional[str], limit: Optional[int], seed: int, batch_size: int, device: str,
                precision: str, checkpoint: Optional[Path], results: Optional[Path], as_json: bool,
-               pretrained: bool = False) -> None:
-    """mIoU (95% bootstrap interval), pixel accuracy, per-class IoU and GFLOPs of a dense model."""
-    from .cli import _spec, _store, out_json
+               pretrained: bool = False) -> tuple[dict, str]:
+    """(the printed record, its one-line summary) of mIoU (95% bootstrap interval), pixel accuracy,
+    per-class IoU and GFLOPs of a dense model."""
+    from .checks import unique_set_keys
     from .measure import resolve_device
-    from .runner import Settings
+    from .registry import get_method, parse_set
+    from .runner import Settings, spec_dict
     from .runner_dense import check_restores_grid, measure_dense_run, task_of
+    from .store import Store
 
     task_of(model, data)  # a model and a dataset of different tasks: refused before anything is built
     resolve_device(device)
@@ -43,22 +44,26 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
     if pretrained:
         raise UserError(f"{model} has no timm pretrained weights: its own are loaded when trained, or pass "
                         "--checkpoint")
-    spec = _spec(model, method, sets, False, checkpoint, None)
-    check_restores_grid(method, spec["params"])
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    unique_set_keys(sets)
+    params = get_method(method).validate(parse_set(sets or []))
+    check_restores_grid(method, params)
+    spec = spec_dict(model, method, params, False, str(checkpoint) if checkpoint else None, None)
+    store = None
+    if results is not None:
+        store = Store(results)
+        store.ensure_writable()
     s = Settings(device=device, precision=precision, data=data, data_dir=str(data_dir) if data_dir else None,
                  split=split, limit=limit, data_seed=seed, eval_batch_size=batch_size)
-    rec, reused = measure_dense_run(spec, s, _store(results), progress=not as_json and sys.stderr.isatty())
+    rec, reused = measure_dense_run(spec, s, store, progress=not as_json and sys.stderr.isatty())
     m = {k: v for k, v in rec["metrics"].items() if k != "per_image_iou"}
-    pub = {"model": model, "method": method, "params": spec["params"], "task": "segmentation", **m,
+    pub = {"model": model, "method": method, "params": params, "task": "segmentation", **m,
            "weights": rec.get("weights"), "env": rec["env"], "key": rec["key"], "reused": reused,
            "recorded_in": None if results is None else str(results)}
-    for w in m.get("warnings", []):
-        typer.echo(f"warning: {w}", err=True)
-    if as_json:
-        out_json(pub)
-        return
     lo, hi = pub["miou_ci95"]
-    typer.echo(f"{model} + {method} on {data} {split} ({pub['n']} images): mIoU {pub['miou']:.2f}% "
-               f"[95% CI {lo:.2f}, {hi:.2f}], pixel accuracy {pub['pixel_accuracy']:.2f}%; "
-               f"{pub['gflops']:.3f} GFLOPs ({pub['gflops_backbone']:.3f} backbone + "
-               f"{pub['gflops_decoder']:.3f} decoder)" + (f" (reused from {results})" if reused else ""))
+    line = (f"{model} + {method} on {data} {split} ({pub['n']} images): mIoU {pub['miou']:.2f}% "
+            f"[95% CI {lo:.2f}, {hi:.2f}], pixel accuracy {pub['pixel_accuracy']:.2f}%; "
+            f"{pub['gflops']:.3f} GFLOPs ({pub['gflops_backbone']:.3f} backbone + "
+            f"{pub['gflops_decoder']:.3f} decoder)" + (f" (reused from {results})" if reused else ""))
+    return pub, line
