@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (autocast)")
     ap.add_argument("--compile", default="default",
                     help="torch.compile mode of the compiled columns (default, max-autotune, ...), or none")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="CUDA only: add columns timed with the eager model captured as CUDA graphs and replayed")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0)
     ap.add_argument("--methods", default=None,
@@ -132,12 +134,14 @@ def main(argv=None) -> int:
 
     from tokenbench import measure
     from tokenbench.api import load
+    from tokenbench.errors import UserError
+    from tokenbench.overhead import overhead
     from tokenbench.render import params_json
     from tokenbench.rows import Row, method_family
 
     threads = args.threads or measure.default_threads()
     torch.set_num_threads(threads)
-    modes = [None] + ([measure.compile_mode(args.compile)] if measure.compile_mode(args.compile) else [])
+    modes = timing_modes(args)
     timing = dict(device=args.device, precision=args.precision, threads=threads)
     rows = []
     official = {"rows": [], "notes": [], "root": official_root(args.official)}
@@ -161,6 +165,7 @@ def main(argv=None) -> int:
                 print(f"skip {model_name}/{method}: {e}", file=sys.stderr)
                 continue
             f = measure.flops(net)
+            ops = overhead(net)  # per forward, whatever the batch: the host's share of the time
             if method == "none":
                 batches = [measure.max_batch_size(net, args.device, args.precision) if b == "max" else int(b)
                            for b in args.batch_sizes.split(",")]
@@ -176,29 +181,37 @@ def main(argv=None) -> int:
                 row = {"model": model_name, "method": method, "family": family_col,
                        "params": params_json(params, compact=True),
                        "batch": b, "precision": args.precision, "gflops": round(f["gflops"], 3),
-                       "flops_reduction": round(flops_x, 3)}
-                for mode in modes:
-                    if method == "none":
-                        r = measure.throughput(net, batch_size=b, min_run_time=args.min_run_time, latency=False,
-                                               compile=mode, **timing)
-                        speed_x, q1, q3 = 1.0, 1.0, 1.0
-                    else:
-                        r = measure.speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
-                                            compile=mode, **timing)
-                        speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
+                       "flops_reduction": round(flops_x, 3), "aten_ops": ops["aten_ops"],
+                       "host_ms": ops["host_ms"] if ops["host_ms"] is None else round(ops["host_ms"], 2)}
+                for sfx, how in modes:
+                    try:
+                        if method == "none":
+                            r = measure.throughput(net, batch_size=b, min_run_time=args.min_run_time,
+                                                   latency=False, **how, **timing)
+                            speed_x, q1, q3 = 1.0, 1.0, 1.0
+                        else:
+                            r = measure.speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
+                                                **how, **timing)
+                            speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
+                    except UserError as e:  # e.g. a per-image method cannot be captured as a CUDA graph
+                        row[f"not_timed{sfx}"] = str(e)
+                        print(f"skip {model_name}/{method} {sfx.strip('_') or 'eager'}: {e}", file=sys.stderr)
+                        continue
                     timed = Row(model=model_name, label=method, method=method, params=params,
                                 family=family_col, gflops=f["gflops"],
                                 flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"], speedup=speed_x,
                                 speedup_q1=q1, speedup_q3=q3, batch_size=b, precision=args.precision)
-                    row.update(timing_columns(timed, flops_x, r["spread"], "" if mode is None else "_compiled"))
-                    if mode is not None:
+                    row.update(timing_columns(timed, flops_x, r["spread"], sfx))
+                    if how.get("compile"):
                         row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
                         row["graph_breaks"] = r.get("graph_breaks")  # 0: one graph; more: per-image counts
+                    if how.get("cuda_graphs"):
+                        row["capture_s"] = round(r.get("capture_s", float("nan")), 2)
                     row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
                     row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
                     row["attention"] = r["env"].get("attention")
                 for k in ("busy", "other_cores", "attention"):  # after the timing columns
-                    row[k] = row.pop(k)
+                    row[k] = row.pop(k, None)
                 rows.append(row)
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
                 # the tables so far, after every row: a run stopped part-way keeps what it timed
@@ -210,8 +223,9 @@ def main(argv=None) -> int:
             else:
                 del net
         if official["root"] is not None and dense_net is not None:
-            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, modes, timing, args,
-                          official)
+            compile_modes = [how.get("compile") for _, how in modes if not how.get("cuda_graphs")]
+            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, compile_modes, timing,
+                          args, official)
     env = _env(args, threads)
     head = _heading(env, args, modes, threads, load0)
     print(head)
@@ -245,6 +259,24 @@ def time_official(model_name: str, settings: list, batches: list, modes: list, t
     official["notes"] += notes
 
 
+def timing_modes(args) -> list[tuple[str, dict]]:
+    """The timing columns, in order: (column suffix, the timing's keyword arguments).  Eager
+    first; ``--cuda-graphs`` adds ``_graphs`` (refused in one line off CUDA); ``--compile``
+    adds ``_compiled``."""
+    from tokenbench import measure
+
+    modes = [("", {})]
+    if args.cuda_graphs:
+        from tokenbench.graphs import check_device
+
+        check_device(measure.resolve_device(args.device))
+        modes.append(("_graphs", {"cuda_graphs": True}))
+    mode = measure.compile_mode(args.compile)
+    if mode:
+        modes.append(("_compiled", {"compile": mode}))
+    return modes
+
+
 def _env(args, threads: int) -> dict:
     from tokenbench import measure
     from tokenbench.store import git_commit
@@ -255,7 +287,10 @@ def _env(args, threads: int) -> dict:
 def _heading(env: dict, args, modes, threads: int, load0: float, partial: bool = False) -> str:
     """The tables' first line: device, versions, precision, compile mode, the machine's load."""
     head = (f"device {env['device_name']} ({env['device']}), {threads} threads, torch {env['torch']}, "
-            f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode {modes[-1] or 'none'}; "
+            f"timm {env['timm']}, {args.precision}, compiled columns: torch.compile mode "
+            f"{dict(modes).get('_compiled', {}).get('compile') or 'none'}"
+            f"{', CUDA-graph columns: the eager forward replayed' if '_graphs' in dict(modes) else ''}; "
+            f"aten_ops: operators per forward (batch 2), host_ms: a forward on an empty batch (CPU); "
             f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     if env.get("code"):
         from tokenbench.store import code_line
@@ -427,8 +462,13 @@ def _driver() -> str:
 
 def _fmt_row(r: dict) -> str:
     line = (f"{r['model']:<24} {r['method']:<10} {r['params']:<18} b={r['batch']:<3} {r['gflops']:7.3f} GFLOPs "
-            f"x{r['flops_reduction']:.2f} FLOPs  eager {r['img_per_s']:8.1f} img/s  x{r['speedup']:.2f} speed  "
-            f"eff {r['efficiency']:.2f}")
+            f"x{r['flops_reduction']:.2f} FLOPs")
+    if "img_per_s" in r:
+        line += f"  eager {r['img_per_s']:8.1f} img/s  x{r['speedup']:.2f} speed  eff {r['efficiency']:.2f}"
+    if r.get("aten_ops") is not None:
+        line += f"  {r['aten_ops']} ops"
+    if "img_per_s_graphs" in r:
+        line += f"  graphs {r['img_per_s_graphs']:8.1f} img/s  x{r['speedup_graphs']:.2f} speed"
     if "img_per_s_compiled" in r:
         line += (f"  compiled {r['img_per_s_compiled']:8.1f} img/s  x{r['speedup_compiled']:.2f} speed  "
                  f"eff {r['efficiency_compiled']:.2f}  ({r['compile_s']:.0f} s to compile)")

@@ -146,7 +146,7 @@ def inverse_transform_sample(score: torch.Tensor, n_samples: int,
     picks = (ys[:, :, None] - ncdf[:, None, :]).abs().min(dim=2).indices  # [B, S], sorted positions
     picked = torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter(1, picks, torch.ones_like(picks, dtype=torch.bool))
     picked &= real_sorted
-    k = int(picked.sum(1).max())
+    k = int(picked.sum(1).max()) if b else min(n, n_samples)     # an empty batch keeps the most it could
     slots = torch.argsort((~picked).to(torch.int8), dim=1, stable=True)[:, :k]  # picked first, in order
     return order.gather(1, slots), picked.gather(1, slots)
 

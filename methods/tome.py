@@ -55,12 +55,26 @@ from tokenbench.registry import Method, Param, register
 # --------------------------------------------------------------------------- algorithm
 
 class Matching(NamedTuple):
-    """The outcome of one bipartite soft matching (indices into the A and B sets)."""
+    """The outcome of one bipartite soft matching: indices into the A and B sets, [B, K] each
+    (``unm_idx`` / ``src_idx`` / ``dst_idx``: the same with a trailing axis, [B, K, 1], as the
+    official code keeps them)."""
 
-    unm_idx: torch.Tensor   # [B, |A| - r, 1]: A tokens that stay
-    src_idx: torch.Tensor   # [B, r, 1]: A tokens merged away
-    dst_idx: torch.Tensor   # [B, r, 1]: the B token each of them merges into
+    unm: torch.Tensor       # [B, |A| - r]: A tokens that stay
+    src: torch.Tensor       # [B, r]: A tokens merged away
+    dst: torch.Tensor       # [B, r]: the B token each of them merges into
     n_prefix: int           # protected tokens at the front of the sequence
+
+    @property
+    def unm_idx(self) -> torch.Tensor:
+        return self.unm[..., None]
+
+    @property
+    def src_idx(self) -> torch.Tensor:
+        return self.src[..., None]
+
+    @property
+    def dst_idx(self) -> torch.Tensor:
+        return self.dst[..., None]
 
 
 def clip_r(r: int, n_tokens: int, n_prefix: int) -> int:
@@ -71,7 +85,9 @@ def clip_r(r: int, n_tokens: int, n_prefix: int) -> int:
 def bipartite_soft_matching(metric: torch.Tensor, r: int, n_prefix: int = 1) -> Optional[Matching]:
     """Match ``r`` tokens of ``metric`` [B, N, C] (keys averaged over heads) for merging.
 
-    Returns ``None`` when nothing is to be merged (``r`` clipped to 0).
+    Returns ``None`` when nothing is to be merged (``r`` clipped to 0).  The official steps,
+    with the indices kept as [B, K] (no trailing axis to add and take off again) and the
+    protected rows filled in place (no scalar tensor made for the assignment).
     """
     r = clip_r(r, metric.shape[1], n_prefix)
     if r <= 0:
@@ -82,14 +98,14 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, n_prefix: int = 1) -> 
         scores = a @ b.transpose(-1, -2)            # cosine similarities, [B, |A|, |B|]
         n_a, n_b = (n_prefix + 1) // 2, n_prefix // 2  # prefix tokens falling in A and in B
         if n_a:
-            scores[..., :n_a, :] = -math.inf         # protected A tokens never merge away
+            scores[..., :n_a, :].fill_(-math.inf)    # protected A tokens never merge away
         if n_b:
-            scores[..., :, :n_b] = -math.inf         # nothing merges into protected B tokens
+            scores[..., :, :n_b].fill_(-math.inf)    # nothing merges into protected B tokens
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[..., r:, :]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_idx = edge_idx[..., r:]
+        src_idx = edge_idx[..., :r]
+        dst_idx = node_idx.gather(dim=-1, index=src_idx)
         if n_prefix:
             unm_idx = unm_idx.sort(dim=1)[0]         # prefix tokens back at the front
     return Matching(unm_idx, src_idx, dst_idx, n_prefix)
@@ -158,17 +174,22 @@ def as_token_indices(m: Matching, n_tokens: int) -> tuple[torch.Tensor, torch.Te
     """The matching as indices into the whole sequence, for :meth:`TokenState.merge`:
     (tokens kept, in the official order [B, K]; tokens merged away [B, r]; for each of those,
     the position in the kept list of the token it merges into [B, r])."""
-    b = m.unm_idx.shape[0]
+    b, n_unm = m.unm.shape
     n_b = n_tokens // 2
-    dev = m.unm_idx.device
-    b_pos = (2 * torch.arange(n_b, device=dev) + 1)[None, :, None].expand(b, n_b, 1)
-    keep_idx = _join(2 * m.unm_idx, b_pos, m.n_prefix)[..., 0]
-    where = b_slots(m.n_prefix, m.unm_idx.shape[1], n_b, dev)
-    return keep_idx, 2 * m.src_idx[..., 0], where[m.dst_idx[..., 0]]
+    dev = m.unm.device
+    odd = b_slots(0, -1, n_b, dev).expand(b, n_b)         # the B tokens' positions 1, 3, 5, ...
+    if m.n_prefix <= 1:                                     # [unmerged A, B]: B token j lands at n_unm + j
+        return torch.cat([2 * m.unm, odd], 1), 2 * m.src, m.dst + n_unm
+    keep_idx = _join(2 * m.unm_idx, odd[..., None], m.n_prefix)[..., 0]
+    where = b_slots(m.n_prefix, n_unm, n_b, dev)
+    return keep_idx, 2 * m.src, where[m.dst]
 
 
 def _b_slots(n_prefix: int, n_unm: int, n_b: int) -> list[int]:
-    """Where each B token lands in :func:`_join`'s order (known from the shapes alone)."""
+    """Where each B token lands in :func:`_join`'s order (known from the shapes alone); with
+    ``n_unm = -1``, the B tokens' own positions in the sequence (1, 3, 5, ...)."""
+    if n_unm < 0:
+        return [2 * j + 1 for j in range(n_b)]
     if n_prefix <= 1:
         return [n_unm + j for j in range(n_b)]
     n_a, n_bp = (n_prefix + 1) // 2, n_prefix // 2

@@ -208,6 +208,10 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
                    compile_mode: str = typer.Option("default", "--compile-mode",
                                                     help="torch.compile mode with --compile: default, "
                                                          "reduce-overhead, max-autotune, max-autotune-no-cudagraphs."),
+                   cuda_graphs: bool = typer.Option(False, "--cuda-graphs",
+                                                    help="CUDA only: time the eager model captured as a CUDA "
+                                                         "graph once per batch shape and replayed (no launch "
+                                                         "overhead, no compiling)."),
                    img_size: Optional[int] = typer.Option(None, "--img-size"),
                    data: Optional[str] = typer.Option(None, "--data", help="Time on a batch of real images "
                                                       "(fashion-mnist, imagenet, folder or synthetic: the seeded "
@@ -224,7 +228,14 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
 
     sizes = _parse_batch_sizes(batch_size)
     mode = check_compile_mode(compile_mode) if compile_ else None
-    resolve_device(device)
+    dev = resolve_device(device)
+    if cuda_graphs:
+        from .graphs import check_device
+
+        check_device(dev)
+        if mode:
+            raise UserError("--cuda-graphs times the eager model; compiled, CUDA graphs are "
+                            "--compile-mode reduce-overhead")
     if precision not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
     if threads is not None and threads < 1:
@@ -253,7 +264,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
             b = max_batch_size(loaded.net, device, precision, img_size)
             sizes[i] = b
         s = Settings(batch_size=b, device=device, precision=precision, threads=threads, min_run_time=min_run_time,
-                     latency=(i == 0), compile=mode, batch_from_max=from_max, **on_data)
+                     latency=(i == 0), compile=mode, cuda_graphs=cuda_graphs, batch_from_max=from_max, **on_data)
         rec, reused = measure_run("throughput", spec, s, store, loaded=loaded)
         pubs.append(_public(rec, reused, results))
     if json_:
@@ -271,6 +282,8 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
         if p.get("compile"):
             line += f", compiled ({p['compile']}, {p['compile_s']:.1f} s to compile)" if "compile_s" in p \
                 else f", compiled ({p['compile']})"
+        if p.get("cuda_graphs"):
+            line += f", CUDA graphs ({p['capture_s']:.1f} s to capture)" if "capture_s" in p else ", CUDA graphs"
         if "latency_ms_p50" in p:
             line += f"; batch-1 latency p50 {p['latency_ms_p50']:.2f} ms, p90 {p['latency_ms_p90']:.2f} ms"
         inp = p.get("input") or {}

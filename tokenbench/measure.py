@@ -743,7 +743,7 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
                warmup_s: float = 0.5, latency: bool = True, latency_samples: int = 30,
                img_size: Optional[int] = None, max_spread: float = 0.10,
                compile: Optional[str] = None, fresh_compile: bool = True,
-               inputs: Optional[torch.Tensor] = None) -> dict[str, Any]:
+               inputs: Optional[torch.Tensor] = None, cuda_graphs: bool = False) -> dict[str, Any]:
     """Images per second (median and quartiles over timed blocks) and batch-1 latency.
 
     The model alone: eval and inference mode, synthetic input already on the device,
@@ -761,12 +761,37 @@ def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.devic
 
     ``inputs``: the batch to time (``batch_size`` real images, for a method whose token count
     depends on the image) instead of the synthetic one; latency takes its first image.
+
+    ``cuda_graphs``: time the eager forward captured as a CUDA graph once per static shape and
+    replayed (:mod:`tokenbench.graphs`; CUDA only; the capture is reported apart, ``capture_s``).
     """
     compile = compile_mode(compile)
     dev = resolve_device(device) if isinstance(device, str) else device
+    _check_graphs(cuda_graphs, compile, dev)
     with cuda_timing_settings(dev):
         return _throughput(model, batch_size, dev, precision, threads, min_run_time, warmup_s, latency,
-                           latency_samples, img_size, max_spread, compile, fresh_compile, inputs)
+                           latency_samples, img_size, max_spread, compile, fresh_compile, inputs, cuda_graphs)
+
+
+def _check_graphs(cuda_graphs: bool, compile: Optional[str], dev: torch.device) -> None:
+    if not cuda_graphs:
+        return
+    from .graphs import check_device
+
+    check_device(dev)
+    if compile:
+        raise UserError("--cuda-graphs times the eager model; compiled, CUDA graphs are "
+                        "--compile-mode reduce-overhead")
+
+
+def _timed_runner(model: nn.Module, ctx, compile: Optional[str], cuda_graphs: bool, dev: torch.device):
+    """The callable a timing calls: eager, compiled, or the eager forward replayed as CUDA graphs."""
+    run = _runner(compiled(model, compile), ctx)
+    if cuda_graphs:
+        from .graphs import replayer
+
+        run = replayer(run, dev)
+    return run
 
 
 def timing_input(model: nn.Module, batch_size: int, img_size: Optional[int], dev: torch.device,
@@ -780,7 +805,8 @@ def timing_input(model: nn.Module, batch_size: int, img_size: Optional[int], dev
 
 
 def _throughput(model, batch_size, device, precision, threads, min_run_time, warmup_s, latency,
-                latency_samples, img_size, max_spread, compile, fresh_compile, inputs=None) -> dict[str, Any]:
+                latency_samples, img_size, max_spread, compile, fresh_compile, inputs=None,
+                cuda_graphs=False) -> dict[str, Any]:
     from torch.utils import benchmark
 
     dev, threads, ctx, note = _prepare_timing(model, device, precision, threads, batch_size, img_size)
@@ -790,6 +816,8 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     info = _timing_env(model, dev, threads, compile, note)
+    if cuda_graphs:
+        info["cuda_graphs"] = True
     res: dict[str, Any] = {}
     try:
         with eval_mode(model), torch.inference_mode(), device_context(dev), memory_format(model, dev) as fmt, \
@@ -798,11 +826,13 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
             x = timing_input(model, batch_size, img_size, dev, inputs).contiguous(memory_format=fmt)
             if compile and fresh_compile:
                 fresh_compile_state()
-            run = _runner(compiled(model, compile), ctx)
+            run = _timed_runner(model, ctx, compile, cuda_graphs, dev)
             out, first_s = first_call_s(run, x, dev)
             if compile:
                 res["compile_s"] = first_s
                 res.update(compile_stats())
+            if cuda_graphs:
+                res["capture_s"] = first_s
             _check_finite(out)
             _warm(run, x, warmup_s)
             if dev.type == "cuda":
@@ -846,6 +876,8 @@ def _throughput(model, batch_size, device, precision, threads, min_run_time, war
             model.to(params_dev)
     res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "compile": compile,
                 "env": info})
+    if cuda_graphs:
+        res["cuda_graphs"] = True
     return res
 
 
@@ -853,7 +885,8 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
             precision: str = "fp32", threads: Optional[int] = None, min_run_time: float = 2.0,
             rounds: int = 10, warmup_s: float = 0.5, img_size: Optional[int] = None,
             max_spread: float = 0.10, compile: Optional[str] = None,
-            fresh_compile: bool = True, inputs: Optional[torch.Tensor] = None) -> dict[str, Any]:
+            fresh_compile: bool = True, inputs: Optional[torch.Tensor] = None,
+            cuda_graphs: bool = False) -> dict[str, Any]:
     """``model``'s speed over ``baseline``'s (its dense model), timed interleaved in rounds.
 
     Both run on the same input, in the same process and settings.  Each round times a
@@ -865,17 +898,19 @@ def speedup(model: nn.Module, baseline: nn.Module, batch_size: int = 64, device:
 
     ``compile``: both models are compiled the same way (:func:`compiled`), each one's
     compile time reported apart (``compile_s``, ``baseline_compile_s``), never timed;
-    ``fresh_compile`` and ``inputs`` (both models run on them) as in :func:`throughput`.
+    ``fresh_compile``, ``inputs`` (both models run on them) and ``cuda_graphs`` (both models
+    replayed as CUDA graphs) as in :func:`throughput`.
     """
     compile = compile_mode(compile)
     dev = resolve_device(device) if isinstance(device, str) else device
+    _check_graphs(cuda_graphs, compile, dev)
     with cuda_timing_settings(dev):
         return _speedup(model, baseline, batch_size, dev, precision, threads, min_run_time, rounds, warmup_s,
-                        img_size, max_spread, compile, fresh_compile, inputs)
+                        img_size, max_spread, compile, fresh_compile, inputs, cuda_graphs)
 
 
 def _speedup(model, baseline, batch_size, device, precision, threads, min_run_time, rounds, warmup_s,
-             img_size, max_spread, compile, fresh_compile, inputs=None) -> dict[str, Any]:
+             img_size, max_spread, compile, fresh_compile, inputs=None, cuda_graphs=False) -> dict[str, Any]:
     from torch.utils import benchmark
 
     if rounds < 3:
@@ -897,7 +932,7 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
             x = timing_input(model, batch_size, img_size, dev, inputs).contiguous(memory_format=fmt)
             if compile and fresh_compile:
                 fresh_compile_state()
-            runs = [_runner(compiled(n, compile), ctx) for n in nets]
+            runs = [_timed_runner(n, ctx, compile, cuda_graphs, dev) for n in nets]
             for i, run in enumerate(runs):
                 out, first_s[i] = first_call_s(run, x, dev)
                 _check_finite(out)
@@ -938,6 +973,10 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
     if compile:
         res["compile_s"], res["baseline_compile_s"] = first_s[1], first_s[0]
         res.update(stats)
+    if cuda_graphs:
+        res["cuda_graphs"] = True
+        res["capture_s"], res["baseline_capture_s"] = first_s[1], first_s[0]
+        info["cuda_graphs"] = True
     res["spread_flag"] = bool(res["spread"] > max_spread)
     res.update({"batch_size": batch_size, "device": dev.type, "precision": precision, "compile": compile,
                 "env": info})

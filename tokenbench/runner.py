@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import checks, distributed, inputs, measure
+from . import checks, distributed, inputs, measure, overhead
 from .errors import UserError
 from .store import Store, make_record, record_key
 
@@ -35,6 +35,7 @@ class Settings:
     rounds: int = 10          # paired (speedup) timing: interleaved rounds of dense and method
     retries: int = 2          # a busy or noisy timing is taken again up to this many times
     compile: Optional[str] = None  # torch.compile mode (measure.COMPILE_MODES); None: eager
+    cuda_graphs: bool = False      # the eager forward captured as CUDA graphs and replayed (tokenbench.graphs)
     batch_from_max: bool = False   # batch_size was found by --batch-size max (recorded, not keyed)
     # accuracy
     data: Optional[str] = None
@@ -112,6 +113,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                    "batch_size": s.batch_size})
         if s.compile:  # eager keys stay as they were
             kf["compile"] = measure.compile_mode(s.compile)
+        if s.cuda_graphs:
+            kf["cuda_graphs"] = True
         if s.timing_on_data:  # real images; without this field, the synthetic batch
             kf["input"] = inputs.data_key(s.data, s.split, s.data_dir, s.batch_size, s.data_seed)
         if kind == "speedup":
@@ -302,6 +305,10 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     elif kind in TIMED:
         images = timing_images(net, settings)  # None: the synthetic batch
         per_image = varies_per_image(cls, net, spec["params"])
+        if settings.cuda_graphs and per_image:
+            from .graphs import NOT_CAPTURABLE
+
+            raise UserError(f"{spec['method']}: {NOT_CAPTURABLE}")
         if kind == "speedup":
             if baseline is None:
                 raise ValueError("a speedup needs its baseline spec")
@@ -312,14 +319,15 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
                                        precision=settings.precision, threads=settings.threads,
                                        min_run_time=settings.min_run_time, rounds=settings.rounds,
                                        img_size=spec["img_size"], compile=settings.compile,
-                                       fresh_compile=not tries, inputs=images)
+                                       fresh_compile=not tries, inputs=images, cuda_graphs=settings.cuda_graphs)
         else:
             def once():
                 return measure.throughput(net, batch_size=settings.batch_size, device=settings.device,
                                           precision=settings.precision, threads=settings.threads,
                                           min_run_time=settings.min_run_time, latency=settings.latency,
                                           img_size=spec["img_size"], compile=settings.compile,
-                                          fresh_compile=not tries, inputs=images)
+                                          fresh_compile=not tries, inputs=images,
+                                          cuda_graphs=settings.cuda_graphs)
         tries: list = []  # a retry reuses the first attempt's compiled graphs
 
         def counted():
@@ -331,6 +339,7 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
 
         metrics = timed_with_retries(counted, settings.retries, still_busy=still_busy)
         env = metrics.pop("env")
+        metrics.update(overhead.overhead(net, spec["img_size"]))  # aten_ops, host_ms: the host's share
         if settings.compile:
             metrics["compile_note"] = cls.compile_note
         if settings.batch_from_max:

@@ -30,6 +30,49 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
+class _Index:
+    """Token indices [B, K] in the two forms a gather needs: as given (for [B, N] tensors) and
+    with a trailing axis (for [B, N, C]), made once and shared by every tensor gathered with
+    them: one operator per index instead of one per gathered tensor."""
+
+    def __init__(self, idx: torch.Tensor):
+        self.flat = idx
+        self._col: Optional[torch.Tensor] = None
+
+    @property
+    def col(self) -> torch.Tensor:
+        if self._col is None:
+            self._col = self.flat[..., None]
+        return self._col
+
+    def expanded(self, t: torch.Tensor) -> torch.Tensor:
+        """The index for ``t`` [B, N] or [B, N, C] (not expanded when C is 1)."""
+        if t.dim() == 2:
+            return self.flat
+        return self.col if t.shape[-1] == 1 else self.col.expand(-1, -1, t.shape[-1])
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t[b, idx[b]]``, as :func:`gather_tokens`."""
+        return t.gather(1, self.expanded(t))
+
+
+class AheadAttention(NamedTuple):
+    """Attention probabilities computed before the tokens were fused, for the fused tokens'
+    attention (MCTF's one-step-ahead attention), without fusing the matrix itself.
+
+    Fusing ``attn`` sums the columns of each group and pools its rows; the block computes the
+    same product with the fused values instead: ``pool(attn @ v[:, :, group])``, each old
+    token's column reading the value of the fused token it went into (a column sum, by
+    linearity) and the rows pooled after the product (the rows' pooling commutes with it).
+    This multiplies an N-row matrix by the values (N^2 instead of K^2 multiply-adds per head)
+    and never copies the [B, H, N, N] matrix, which gathering its groups did twice.
+    """
+
+    attn: torch.Tensor                                  # [B, H, N, N] on the tokens before fusing
+    group: torch.Tensor                                 # [B, N] int64: the fused token each went into
+    pool: Callable[[torch.Tensor], torch.Tensor]        # rows [B, N, C] -> fused rows [B, K, C]
+
+
 class TokenState:
     """Bookkeeping for one forward pass, shared by all blocks of one model."""
 
@@ -115,12 +158,13 @@ class TokenState:
         ``pad`` [B, K] (bool, True = real) marks slots that are only padding: for per-image
         token counts, ``idx`` is padded to the batch's longest sequence.
         """
-        x = gather_tokens(x, idx)
-        self.size = None if self.size is None else gather_tokens(self.size, idx)
-        self.source = None if self.source is None else gather_tokens(self.source, idx)
-        self.policy = None if self.policy is None else gather_tokens(self.policy, idx)
-        self.pos = None if self.pos is None else gather_tokens(self.pos, idx)
-        old_pad = None if self.pad is None else gather_tokens(self.pad, idx)
+        ix = _Index(idx)
+        x = ix.gather(x)
+        self.size = None if self.size is None else ix.gather(self.size)
+        self.source = None if self.source is None else ix.gather(self.source)
+        self.policy = None if self.policy is None else ix.gather(self.policy)
+        self.pos = None if self.pos is None else ix.gather(self.pos)
+        old_pad = None if self.pad is None else ix.gather(self.pad)
         if pad is not None:
             old_pad = pad if old_pad is None else (old_pad & pad)
         self.pad = old_pad
@@ -147,39 +191,37 @@ class TokenState:
         ``pad`` [B, K] (bool, True = real): as in :meth:`keep`, slots of ``keep_idx`` that are only
         padding (per-image token counts; merged tokens must not fold into them).
         """
-        c = x.shape[-1]
         weighted = mode == "mean"
         live = None if drop is None else (~drop)[..., None]
+        keep, src, into = _Index(keep_idx), _Index(src_idx), _Index(dst)
 
         def srcs(t: torch.Tensor) -> torch.Tensor:
-            s = gather_tokens(t, src_idx)
+            s = src.gather(t)
             return s if live is None else s * live.to(s.dtype)
+
+        def fold(t: torch.Tensor, s: torch.Tensor, reduce: str) -> torch.Tensor:
+            """The kept rows of ``t`` with the rows ``s`` reduced into them (in place into the
+            gathered copy, a fresh tensor: one copy fewer)."""
+            return keep.gather(t).scatter_reduce_(1, into.expanded(s), s, reduce=reduce)
 
         if weighted or size_weights is not None:
             size = self.ensure_size(x)
         if weighted:
             x = x * size
-        # the scatters write in place into the gathered copies (fresh tensors): one copy fewer each
-        kept = gather_tokens(x, keep_idx)
-        kept.scatter_reduce_(1, dst[..., None].expand(-1, -1, c), srcs(x),
-                             reduce="mean" if mode == "avg" else "sum")
+        kept = fold(x, srcs(x), "mean" if mode == "avg" else "sum")
         if self.size is not None:
-            s_kept = gather_tokens(self.size, keep_idx)
             s_src = srcs(self.size)
             if size_weights is not None:
                 s_src = s_src * size_weights[..., None].to(s_src.dtype)
-            self.size = s_kept.scatter_reduce_(1, dst[..., None], s_src, reduce="sum")
+            self.size = fold(self.size, s_src, "sum")
         if weighted:
             kept = kept / self.size
         if self.source is not None:
-            n0 = self.source.shape[-1]
-            self.source = gather_tokens(self.source, keep_idx).scatter_reduce_(
-                1, dst[..., None].expand(-1, -1, n0), srcs(self.source), reduce="amax")
+            self.source = fold(self.source, srcs(self.source), "amax")
         if self.policy is not None:
-            self.policy = gather_tokens(self.policy, keep_idx).scatter_reduce_(
-                1, dst[..., None], srcs(self.policy), reduce="amax")
-        self.pos = None if self.pos is None else gather_tokens(self.pos, keep_idx)
-        old_pad = None if self.pad is None else gather_tokens(self.pad, keep_idx)
+            self.policy = fold(self.policy, srcs(self.policy), "amax")
+        self.pos = None if self.pos is None else keep.gather(self.pos)
+        old_pad = None if self.pad is None else keep.gather(self.pad)
         if pad is not None:
             old_pad = pad if old_pad is None else (old_pad & pad)
         self.pad = old_pad
@@ -266,7 +308,9 @@ class TokenState:
         proportional attention, -inf on padded keys, a method's ``key_bias``; None when none applies."""
         bias = None
         if self.prop_attn and self.size is not None:
-            bias = self.size.log()[:, None, None, :, 0].to(dtype)
+            b, n = self.size.shape[:2]
+            bias = self.size.log().reshape(b, 1, 1, n)
+            bias = bias if bias.dtype == dtype else bias.to(dtype)
         if self.pad is not None:
             neg = torch.zeros(self.pad.shape, dtype=dtype, device=self.pad.device)
             neg = neg.masked_fill(~self.pad, float("-inf"))[:, None, None, :]

@@ -41,6 +41,7 @@ Sweep file format (TOML; YAML with the same structure works too)::
     rounds = 10                      # speedups: interleaved rounds of the method and its dense model
     retries = 2                      # a busy or noisy timing is taken again up to this many times
     compile = false                  # or "default" / "max-autotune": time under torch.compile
+    cuda_graphs = false              # CUDA: time the eager forward replayed as CUDA graphs
 
     [methods.none]                   # a table per method entry; the table name is the entry's label
     [methods.tome]
@@ -77,7 +78,8 @@ DEFAULT_TOLERANCE = 0.01  # one point of the dense model's FLOPs
 TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "dense_family", "img_size", "pretrained", "measure", "flops_targets",
             "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
 DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
-THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile")
+THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile",
+                   "cuda_graphs")
 RUNS_DIR = Path("runs")  # where a sweep writes by default: the user's own results, apart from results/
 ENTRY_KEYS = ("method", "flops_targets", "seeds", "checkpoint", "checkpoints")
 
@@ -128,6 +130,7 @@ class Sweep:
     rounds: int = 10
     retries: int = 2
     compile: Optional[str] = None    # torch.compile mode for timings (None: eager)
+    cuda_graphs: bool = False        # timings replay the eager forward as CUDA graphs (CUDA only)
     reference: Optional[str] = None
     source: str = "<flags>"
 
@@ -143,6 +146,7 @@ class Sweep:
         return Settings(batch_size=self.batch_size, device=self.device, precision=self.precision,
                         threads=self.threads, min_run_time=self.min_run_time, latency=self.latency,
                         rounds=self.rounds, retries=self.retries, compile=self.compile,
+                        cuda_graphs=self.cuda_graphs,
                         data=self.data, data_dir=self.data_dir, split=self.split, limit=self.limit,
                         data_seed=self.data_seed, eval_batch_size=self.eval_batch_size)
 
@@ -367,6 +371,10 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     sw.rounds = int(_typed(tp.get("rounds", 10), int, "throughput rounds", source))
     sw.retries = int(_typed(tp.get("retries", 2), int, "throughput retries", source))
     sw.compile = _compile_setting(tp.get("compile", False), source)
+    sw.cuda_graphs = bool(_typed(tp.get("cuda_graphs", False), bool, "throughput cuda_graphs", source))
+    if sw.cuda_graphs and sw.compile:
+        raise UserError(f"{source}: throughput cuda_graphs times the eager model; compiled, CUDA graphs are "
+                        "compile = \"reduce-overhead\"")
     if sw.batch_size < 1 or (sw.threads is not None and sw.threads < 1) or sw.min_run_time <= 0:
         raise UserError(f"{source}: throughput batch_size, threads and min_run_time must be positive")
     if sw.rounds < 3 or sw.retries < 0:
