@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
                     help="torch.compile mode of the compiled columns (default, max-autotune, ...), or none")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="CUDA only: add columns timed with the eager model captured as CUDA graphs and replayed")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="time only the CUDA-graph and compiled columns (the eager ones were timed apart)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=2.0)
     ap.add_argument("--methods", default=None,
@@ -121,6 +124,11 @@ def main(argv=None) -> int:
                          "times that one setting (e.g. tome:r=13)")
     ap.add_argument("--no-overhead", action="store_true",
                     help="hierarchical models: skip the gather/scatter overhead row")
+    ap.add_argument("--deadline", type=float, default=None, metavar="EPOCH_S",
+                    help="start no setting whose measured cost (the mean of the settings timed so far) would "
+                         "end past this time (seconds since the epoch); such settings are listed as not reached")
+    ap.add_argument("--setting-cost", type=float, default=None, metavar="S",
+                    help="with --deadline: the seconds a setting is expected to take before any was timed here")
     ap.add_argument("--out", default="results/bench", help="where to write bench.md / bench.csv / bench.json")
     ap.add_argument("--official", default=None, metavar="DIR",
                     help="also time the official ToMe, EViT and DynamicViT cloned in DIR (as owner+repo) against ours")
@@ -143,9 +151,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     modes = timing_modes(args)
     timing = dict(device=args.device, precision=args.precision, threads=threads)
-    rows = []
+    rows: list[dict] = []
+    missed: list[dict] = []   # settings not timed, and why (the deadline, a refusal)
     official = {"rows": [], "notes": [], "root": official_root(args.official)}
     load0 = os.getloadavg()[0]
+    env: dict = {}            # the machine and the code, read once
+    costs: list[float] = [args.setting_cost] if args.setting_cost else []  # seconds per setting
     for model_name in args.models.split(","):
         family = model_family(model_name)
         settings = settings_for(model_name, family)
@@ -159,6 +170,17 @@ def main(argv=None) -> int:
         dense_net = None
         batches: list[int] = []
         for method, params, build in jobs:
+            late = past_deadline(args.deadline, costs)
+            if late:
+                missed.append({"model": model_name, "method": method, "params": params_json(params, compact=True),
+                               "columns": "all", "reason": late})
+                print(f"skip {model_name}/{method}: {late}", file=sys.stderr)
+                if method == "none":  # nothing to pair the model's other settings with
+                    missed += [{"model": model_name, "method": m, "params": params_json(p, compact=True),
+                                "columns": "all", "reason": late} for m, p, _ in jobs if m != "none"]
+                    break
+                continue
+            started = time.time()
             try:
                 net = build()
             except Exception as e:  # e.g. the embedded checkpoint missing
@@ -194,7 +216,8 @@ def main(argv=None) -> int:
                                                 **how, **timing)
                             speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
                     except UserError as e:  # e.g. a per-image method cannot be captured as a CUDA graph
-                        row[f"not_timed{sfx}"] = str(e)
+                        missed.append({"model": model_name, "method": method, "params": row["params"],
+                                       "columns": f"batch {b} {sfx.strip('_') or 'eager'}", "reason": str(e)})
                         print(f"skip {model_name}/{method} {sfx.strip('_') or 'eager'}: {e}", file=sys.stderr)
                         continue
                     timed = Row(model=model_name, label=method, method=method, params=params,
@@ -215,9 +238,10 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
                 # the tables so far, after every row: a run stopped part-way keeps what it timed
-                env = _env(args, threads)
+                env = env or _env(args, threads)
                 write_tables(Path(args.out), _heading(env, args, modes, threads, load0, partial=True), env, rows,
-                             official)
+                             official, missed)
+            costs.append(time.time() - started)
             if method == "none":
                 dense_net = net
             else:
@@ -226,10 +250,10 @@ def main(argv=None) -> int:
             compile_modes = [how.get("compile") for _, how in modes if not how.get("cuda_graphs")]
             time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, compile_modes, timing,
                           args, official)
-    env = _env(args, threads)
+    env = env or _env(args, threads)
     head = _heading(env, args, modes, threads, load0)
     print(head)
-    print(write_tables(Path(args.out), head, env, rows, official))
+    print(write_tables(Path(args.out), head, env, rows, official, missed))
     return 0
 
 
@@ -259,13 +283,25 @@ def time_official(model_name: str, settings: list, batches: list, modes: list, t
     official["notes"] += notes
 
 
+def past_deadline(deadline, costs: list[float]):
+    """Why the next setting is not started (None: start it): its cost, the mean of the settings
+    timed so far, would end past ``deadline``.  Nothing is refused before a cost was measured."""
+    if deadline is None or not costs:
+        return None
+    need, left = sum(costs) / len(costs), deadline - time.time()
+    if need <= left:
+        return None
+    return f"time: about {need:.0f} s needed, {max(left, 0):.0f} s left"
+
+
 def timing_modes(args) -> list[tuple[str, dict]]:
     """The timing columns, in order: (column suffix, the timing's keyword arguments).  Eager
     first; ``--cuda-graphs`` adds ``_graphs`` (refused in one line off CUDA); ``--compile``
     adds ``_compiled``."""
     from tokenbench import measure
+    from tokenbench.errors import UserError
 
-    modes = [("", {})]
+    modes = [] if getattr(args, "no_eager", False) else [("", {})]
     if args.cuda_graphs:
         from tokenbench.graphs import check_device
 
@@ -274,6 +310,8 @@ def timing_modes(args) -> list[tuple[str, dict]]:
     mode = measure.compile_mode(args.compile)
     if mode:
         modes.append(("_compiled", {"compile": mode}))
+    if not modes:
+        raise UserError("--no-eager leaves no column to time: add --cuda-graphs or --compile MODE")
     return modes
 
 
@@ -331,8 +369,11 @@ def chosen_settings(settings: list, methods: str) -> tuple[list, set]:
             setting = (name, parse_set(pairs))
             get_method(name).validate(setting[1])  # an unknown method or parameter: one line
             chosen = [setting] if setting not in out else []
-        else:
-            chosen = [s for s in settings if s[0] == name and s not in out]
+        else:  # its listed settings; a method the model's list lacks: its defaults
+            chosen = [s for s in settings if s[0] == name and s not in out] or \
+                ([(name, {})] if name != OVERHEAD and not any(s[0] == name for s in out) else [])
+            if chosen == [(name, {})]:
+                get_method(name)  # an unknown method: one line
         out += chosen
     return out, keep
 
@@ -397,17 +438,26 @@ def timing_columns(row, flops_x: float, spread: float, sfx: str) -> dict:
             f"efficiency{sfx}": round(row.speedup / flops_x, 3) if row.flops_rel else float("nan")}
 
 
-def write_tables(out: Path, head: str, env: dict, rows: list[dict], official: dict | None = None) -> str:
-    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table (and the overhead's,
-    and with ``--official`` the table of ours against the official code)."""
+def markdown(rows: list[dict]) -> str:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    table = df.to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate() else df.to_string(index=False)
+    return df.to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate() else df.to_string(index=False)
+
+
+def write_tables(out: Path, head: str, env: dict, rows: list[dict], official: dict | None = None,
+                 missed: list[dict] = ()) -> str:
+    """bench.md, bench.csv and bench.json in ``out``; returns the Markdown table (and the overhead's,
+    the settings not timed with their reasons, and with ``--official`` the table of ours against
+    the official code)."""
+    import pandas as pd
+
+    table = markdown(rows)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "bench.csv", index=False)
-    extra = overhead_table(rows)
-    data = {"env": env, "head": head, "rows": rows}
+    pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)
+    extra = "\n\n".join(t for t in (overhead_table(rows),
+                                      ("Not timed\n\n" + markdown(list(missed))) if missed else "") if t)
+    data = {"env": env, "head": head, "rows": rows, "not_reached": list(missed)}
     if official and official.get("root") is not None:
         from official_code.timing import official_table
 

@@ -54,6 +54,7 @@ import torch
 
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.backbones.vit import attention_probs
+from tokenbench.backbones.tokens import constant_range
 from tokenbench.errors import UserError
 from tokenbench.registry import Method, Param, register
 
@@ -119,7 +120,7 @@ def bidirectional_matching(scores: torch.Tensor, r: int, bidirection: bool = Tru
         src2 = dst2 = unm2[:, :0]
     # where each B token ends: its own slot if kept, else the A token it folds into
     b_pos = torch.empty(bsz, n_b, dtype=torch.long, device=dev)
-    b_pos.scatter_(1, unm2, (n_unm + torch.arange(unm2.shape[1], device=dev)).expand(bsz, -1))
+    b_pos.scatter_(1, unm2, constant_range(n_unm, n_unm + unm2.shape[1], dev).expand(bsz, -1))
     b_pos.scatter_(1, src2, dst2)
     keep = torch.cat([2 * unm, 2 * unm2 + 1], dim=1)
     src_all = torch.cat([2 * src, 2 * src2 + 1], dim=1)
@@ -128,11 +129,13 @@ def bidirectional_matching(scores: torch.Tensor, r: int, bidirection: bool = Tru
 
 
 def mctf_fusion(x: torch.Tensor, attn: torch.Tensor, size, r: int, tau_sim: float, tau_info: float,
-                tau_size: float, bidirection: bool = True) -> Fusion:
-    """Which tokens fuse: ``x`` [B, N, C] the block input, ``attn`` [B, H, N, N]."""
+                tau_size: float, bidirection: bool = True, recv=None) -> Fusion:
+    """Which tokens fuse: ``x`` [B, N, C] the block input, ``attn`` [B, H, N, N] (``recv``: its
+    mean over heads and queries, [B, N], when the caller has it already)."""
     with torch.no_grad():
-        w = edge_weights(x, attn.mean(dim=(1, 2)), size, tau_sim, tau_info, tau_size)
-        w[:, 0, :] = -math.inf                                        # the class token stays
+        recv = attn.mean(dim=(1, 2)) if recv is None else recv
+        w = edge_weights(x, recv, size, tau_sim, tau_info, tau_size)
+        w[:, 0, :].fill_(-math.inf)                                   # the class token stays
         return bidirectional_matching(w, r, bidirection)
 
 
@@ -141,24 +144,29 @@ def group_sum(t: torch.Tensor, f: Fusion, dim: int) -> torch.Tensor:
 
     The gather and scatter run along ``dim`` in place (no ``movedim``): on the attention
     matrix, gathering key columns reads along contiguous rows and gathering query rows copies
-    whole rows, where a moved dimension made every read strided (a seventh of MCTF's time)."""
+    whole rows, where a moved dimension made every read strided (a seventh of MCTF's time).
+    A [B, N, 1] tensor along ``dim=1`` takes the indices as [B, K, 1] views, without expanding."""
     shape = list(t.shape)
 
     def idx(i: torch.Tensor) -> torch.Tensor:
         view = [i.shape[0]] + [1] * (t.dim() - 1)
         view[dim] = i.shape[1]
-        return i.view(view).expand(*shape[:dim], i.shape[1], *shape[dim + 1:])
+        out = i.view(view)
+        return out if list(out.shape) == shape[:dim] + [i.shape[1]] + shape[dim + 1:] else \
+            out.expand(*shape[:dim], i.shape[1], *shape[dim + 1:])
 
     kept = t.gather(dim, idx(f.keep_idx))
     return kept.scatter_add(dim, idx(f.dst), t.gather(dim, idx(f.src_idx)))
 
 
-def pooling_weights(attn: torch.Tensor, size, pooling: int) -> torch.Tensor:
-    """Per-token fusion weights [B, N, 1]: 1 attention * size / max size, 0 size, 3 one."""
+def pooling_weights(attn: torch.Tensor, size, pooling: int, recv=None) -> torch.Tensor:
+    """Per-token fusion weights [B, N, 1]: 1 attention * size / max size, 0 size, 3 one
+    (``recv``: the attention's mean over heads and queries, [B, N], when the caller has it)."""
     if size is None:
         size = attn.new_ones(attn.shape[0], attn.shape[-1], 1)
     if pooling == 1:
-        return attn.mean(dim=(1, 2))[..., None] * (size / size.amax(dim=1, keepdim=True))
+        recv = attn.mean(dim=(1, 2)) if recv is None else recv
+        return recv[..., None] * (size / size.amax(dim=1, keepdim=True))
     if pooling == 0:
         return size
     return torch.ones_like(size)
@@ -168,7 +176,7 @@ def fused_group(f: Fusion, n: int) -> torch.Tensor:
     """[B, n]: the position in the kept list of the fused token each of ``n`` tokens went into."""
     bsz, k = f.keep_idx.shape
     group = f.keep_idx.new_empty(bsz, n)
-    group.scatter_(1, f.keep_idx, torch.arange(k, device=group.device).expand(bsz, k))
+    group.scatter_(1, f.keep_idx, constant_range(0, k, group.device).expand(bsz, k))
     return group.scatter_(1, f.src_idx, f.dst)
 
 
@@ -192,7 +200,7 @@ class AheadAttention(NamedTuple):
         """The fused tokens' values [B, H, K, head_dim] -> the attention's rows [B, K, H * head_dim]."""
         b, h, _, hd = v.shape
         v_old = v.gather(2, self.group[:, None, :, None].expand(-1, h, -1, hd))
-        return self.pool((attn_drop(self.attn) @ v_old).transpose(1, 2).reshape(b, -1, h * hd))
+        return self.pool((attn_drop(self.attn) @ v_old).transpose(1, 2).reshape(b, self.attn.shape[2], h * hd))
 
 
 def ahead_attention(attn: torch.Tensor, f: Fusion, w: torch.Tensor, norm: torch.Tensor) -> AheadAttention:
@@ -213,8 +221,9 @@ def _mctf_hook(r: int, tau_sim: float, tau_info: float, tau_size: float, bidirec
         if rr <= 0:
             return x
         attn = attention_probs(block, x, st)
-        f = mctf_fusion(x, attn, st.size, rr, tau_sim, tau_info, tau_size, bidirection)
-        w = pooling_weights(attn, st.size, pooling).detach()
+        recv = attn.mean(dim=(1, 2))                # attention each token receives: both criteria read it
+        f = mctf_fusion(x, attn, st.size, rr, tau_sim, tau_info, tau_size, bidirection, recv)
+        w = pooling_weights(attn, st.size, pooling, recv).detach()
         norm = group_sum(w, f, dim=1)
         if one_step_ahead == 1:
             st.extra[_AHEAD] = ahead_attention(attn, f, w, norm)

@@ -68,6 +68,7 @@ import math
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones.tokens import constant, constant_range
 from tokenbench.methods.evit import complement
 from tokenbench.methods.tome import schedule
 from tokenbench.registry import Method, Param, register
@@ -76,18 +77,24 @@ from tokenbench.registry import Method, Param, register
 # --------------------------------------------------------------------------- algorithm
 
 def wpr_init(b: int, h: int, n: int, cls_index: int | None, device, dtype) -> torch.Tensor:
-    """``s_0`` [B, H, N]: uniform, the class token (if any) ``sqrt(N)`` times the others, summing to 1."""
-    s = torch.ones(n, device=device, dtype=dtype)
-    if cls_index is not None:
-        s[cls_index] = math.sqrt(n)
-    return (s / s.sum()).expand(b, h, n)
+    """``s_0`` [B, H, N]: uniform, the class token (if any) ``sqrt(N)`` times the others, summing to 1
+    (the vector depends on ``n`` alone: made once per shape, device and dtype)."""
+    def make() -> torch.Tensor:
+        s = torch.ones(n, device=device, dtype=dtype)
+        if cls_index is not None:
+            s[cls_index] = math.sqrt(n)
+        return s / s.sum()
+
+    return constant("wpr_init", make, n, cls_index, torch.device(device), dtype).expand(b, h, n)
 
 
 def weighted_pagerank(attn: torch.Tensor, s: torch.Tensor, iters: int) -> torch.Tensor:
-    """``iters`` rounds of ``s <- A^T s`` per head: ``attn`` [B, H, N, N] (rows: queries), ``s`` [B, H, N]."""
+    """``iters`` rounds of ``s <- A^T s`` per head: ``attn`` [B, H, N, N] (rows: queries), ``s`` [B, H, N].
+    The scores stay a row [B, H, 1, N] between rounds: one matrix product per round."""
+    row = s.unsqueeze(-2)
     for _ in range(iters):
-        s = torch.matmul(s.unsqueeze(-2), attn).squeeze(-2)   # s'_i = sum_j s_j A[j, i]
-    return s
+        row = torch.matmul(row, attn)                          # s'_i = sum_j s_j A[j, i]
+    return row.squeeze(-2)
 
 
 def aggregate_heads(s: torch.Tensor, n_prefix: int, eir: bool = True, vhf: bool = True,
@@ -98,13 +105,14 @@ def aggregate_heads(s: torch.Tensor, n_prefix: int, eir: bool = True, vhf: bool 
     ``[var_min, var_max]`` (all heads where none does); EIR: root mean square over the heads
     that count (else their mean)."""
     sp = s[..., n_prefix:]
-    w = torch.ones(sp.shape[:2], dtype=sp.dtype, device=sp.device)
     if vhf:
         rel = sp / sp.mean(-1, keepdim=True)
         var = rel.var(-1, unbiased=False)                                  # [B, H]
         ok = (var >= var_min) & (var <= var_max)
         ok = ok | ~ok.any(-1, keepdim=True)                                # no head in range: all heads
         w = ok.to(sp.dtype)
+    else:
+        w = torch.ones(sp.shape[:2], dtype=sp.dtype, device=sp.device)
     denom = w.sum(-1, keepdim=True)                                        # [B, 1]
     if eir:
         return ((sp * sp * w[..., None]).sum(1) / denom).sqrt()
@@ -146,13 +154,13 @@ def zero_tprune_keep(attn: torch.Tensor, keys: torch.Tensor, n_prefix: int, r_s:
     p, n = n_prefix, big_n - n_prefix
     attn = attn.float()
     dev = attn.device
-    patches = torch.arange(p, big_n, device=dev).expand(b, n)             # patch positions in the sequence
+    patches = constant_range(p, big_n, dev).expand(b, n)                  # patch positions in the sequence
     if r_s > 0:
         s = wpr_init(b, h, big_n, cls_index, dev, attn.dtype)
         pre = aggregate_heads(weighted_pagerank(attn, s, 1), p, eir, vhf, var_min, var_max)
         pruned = similar_in_lower_half(keys[:, p:].float(), pre, r_s)
         patches = complement(pruned, n) + p                                 # survivors, in order
-        seq = torch.cat([torch.arange(p, device=dev).expand(b, p), patches], 1)
+        seq = torch.cat([constant_range(0, p, dev).expand(b, p), patches], 1)
         attn = attn.gather(2, seq[:, None, :, None].expand(-1, h, -1, big_n))
         attn = attn.gather(3, seq[:, None, None, :].expand(-1, h, seq.shape[1], -1))
         attn = attn / attn.sum(-1, keepdim=True)                            # the survivors' softmax
@@ -162,7 +170,7 @@ def zero_tprune_keep(attn: torch.Tensor, keys: torch.Tensor, n_prefix: int, r_s:
         imp = aggregate_heads(weighted_pagerank(attn, s, iters), p, eir, vhf, var_min, var_max)
         top = imp.topk(m - r_i, dim=-1).indices.sort(dim=-1).values
         patches = patches.gather(1, top)
-    return torch.cat([torch.arange(p, device=dev).expand(b, p), patches], 1)
+    return torch.cat([constant_range(0, p, dev).expand(b, p), patches], 1)
 
 
 def iterations(i: int, depth: int, first: int, mid: int, last: int) -> int:

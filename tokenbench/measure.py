@@ -357,6 +357,22 @@ def _count(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
         return float(total), dict(fa.by_operator())
 
 
+def _last_counts(model: nn.Module) -> tuple[list[float], list[float]]:
+    from .backbones import last_state
+
+    st = last_state(model)
+    return [float(t) for t in st.tokens], [float(t) for t in st.tokens_mlp]
+
+
+def _count_fast(model: nn.Module, x: torch.Tensor) -> Optional[tuple[float, dict]]:
+    """:func:`_count`'s numbers from one forward on the dispatcher (:mod:`tokenbench.flops_dispatch`);
+    None where an operator has no rule there."""
+    from .flops_dispatch import count
+
+    got = count(model, x)
+    return None if got is None else (got[0], {k: v for k, v in got[1].items() if v})
+
+
 def token_counts(model: nn.Module, img_size: Optional[int] = None, x: Optional[torch.Tensor] = None
                  ) -> tuple[list[float], list[float]]:
     """Sequence length entering each block and each block's MLP (prefix tokens included)."""
@@ -397,8 +413,10 @@ def flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[tor
     """GFLOPs per image (fvcore, multiply-add = 1), parameters, tokens per block.
 
     For methods whose token counts depend on the image, pass ``inputs`` (real images):
-    FLOPs and token counts are then the mean over the first ``max_images`` of them, one trace
-    each; ``on_image(done, total)`` is told after each (a progress bar).
+    FLOPs and token counts are then the mean over the first ``max_images`` of them: fvcore's
+    trace on the first, then fvcore's rules read on the dispatcher in one forward each where they
+    agree with fvcore there (:mod:`tokenbench.flops_dispatch`), else fvcore's trace on each;
+    ``on_image(done, total)`` is told after each (a progress bar).
     Counting runs in eval mode under no_grad and restores the model's mode.
     """
     with _surgery_for_counting(model):
@@ -416,14 +434,21 @@ def _flops(model: nn.Module, img_size: Optional[int], inputs: Optional[torch.Ten
         xs = [inputs[i:i + 1].to(dev) for i in range(min(max_images, len(inputs)))]
     totals, by_op = [], {}
     toks, toks_mlp = [], []
+    fast = len(xs) > 1  # many images: fvcore's rules on the dispatcher, once fvcore agrees on the first
     with eval_mode(model), torch.no_grad():
         for i, x in enumerate(xs):
-            t, ops = _count(model, x)
+            got = _count_fast(model, x) if fast and i > 0 else None
+            counted_here = got is not None   # that forward left this image's token counts in the state
+            if got is None:
+                got = _count(model, x)
+                if fast and i == 0:
+                    fast = _count_fast(model, x) == got  # the same number, operator by operator
+            t, ops = got
             totals.append(t)
             for k, v in ops.items():
                 by_op[k] = by_op.get(k, 0.0) + v / len(xs)
             if is_prepared(model):
-                tk, tm = token_counts(model, x=x)
+                tk, tm = _last_counts(model) if counted_here else token_counts(model, x=x)
                 toks.append(tk)
                 toks_mlp.append(tm)
             if on_image is not None:

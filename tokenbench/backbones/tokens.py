@@ -30,6 +30,28 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}  # (name, args, device) -> a tensor that only depends on them
+
+
+def constant(name: str, make: Callable[[], torch.Tensor], *key: Any) -> torch.Tensor:
+    """A tensor that depends only on ``key`` (shapes, a device, a dtype), made by ``make`` once
+    rather than in every block of every forward: no operators issued after the first forward.
+    Made afresh while ``torch.compile`` traces (a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return make()
+    k = (name, *key)
+    if k not in _CONSTANTS:
+        with torch.inference_mode(False):  # a normal tensor: usable in training as in inference
+            _CONSTANTS[k] = make()
+    return _CONSTANTS[k]
+
+
+def constant_range(start: int, stop: int, device) -> torch.Tensor:
+    """``torch.arange(start, stop, device=device)``, made once (:func:`constant`)."""
+    device = torch.device(device)
+    return constant("arange", lambda: torch.arange(start, stop, device=device), start, stop, device)
+
+
 class _Index:
     """Token indices [B, K] in the two forms a gather needs: as given (for [B, N] tensors) and
     with a trailing axis (for [B, N, C]), made once and shared by every tensor gathered with
