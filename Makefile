@@ -41,10 +41,10 @@ bench: setup
 
 # The GPU check, on a CUDA machine's own python3 and offline (../shared/gpu-wheels/README.md:
 # `cp -r ../shared/gpu-wheels .gpu-wheels` first, here): fvcore and its dependencies from those
-# wheels, the GPU-marked tests, a profile of ToMe on DeiT-S, then bench.py on CUDA at fp16 and
-# fp32, eager and compiled columns, for the embedded model, DeiT-S and ViT-B, an eager batch sweep,
-# and eager fp16 tables of every method and of the hierarchical models -> results/bench-gpu/DATE-TIME/
-# (bench-gpu.sh; its variables tune it).
+# wheels, the GPU-marked tests, then bench_gpu.py's plan within ten minutes in all (eager fp16 of
+# every method, CUDA graphs, ViT-B/L with ToMe, compiled if time remains), ending with the cells
+# not reached and why -> results/bench-gpu/DATE-TIME/bench-gpu.md (bench-gpu.sh; BENCH_GPU_DRYRUN=1
+# runs the plan on the CPU).
 bench-gpu:
 	GPU_PY=$(or $(GPU_PY),python3) ./bench-gpu.sh
 

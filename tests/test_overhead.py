@@ -16,7 +16,7 @@ def deit_s_geometry(**kw):
     return tiny_vit(img_size=224, patch_size=16, embed_dim=24, num_heads=2, **kw)
 
 
-def test_dense_deit_s_issues_227_aten_operators_views_included():
+def test_dense_deit_s_dispatches_227_aten_operators_views_included():
     counts = operator_count(deit_s_geometry())
     assert counts["aten_ops"] == 227                     # timm's DeiT-S at batch 2, inference mode
     assert 0 < counts["aten_views"] < 227
@@ -27,8 +27,8 @@ def test_the_dense_surgery_adds_at_most_a_few_operators():
     assert operator_count(model)["aten_ops"] <= 231
 
 
-def test_tome_issues_no_more_operators_than_the_official_tome():
-    """The official ToMe issues 825 aten operators per DeiT-S forward (r=16, batch 2)."""
+def test_tome_dispatches_no_more_operators_than_the_official_tome():
+    """The official ToMe dispatches 825 aten operators per DeiT-S forward (r=16, batch 2)."""
     model = registry.apply(deit_s_geometry(), "tome", r=16)
     assert operator_count(model)["aten_ops"] <= 825
 

@@ -7,7 +7,7 @@ operator's shapes (multiply-add = 1): linear, matmul / mm / bmm / addmm, convolu
 group / instance / batch norm (eval), and fused attention (:func:`tokenbench.measure._sdpa_flop`'s
 rule: both matmuls).  Operators fvcore does not count are not counted here either.
 
-:func:`count` returns ``None`` when the forward issues an operator fvcore has a rule for and this
+:func:`count` returns ``None`` when the forward dispatches an operator fvcore has a rule for and this
 module has not (einsum, upsampling, ...): the caller falls back to fvcore.  The caller also checks
 one image against fvcore itself before trusting the rest (``tokenbench.measure.flops``).
 """
@@ -125,7 +125,7 @@ class _FlopCounter(TorchDispatchMode):
 
 def count(model: nn.Module, x: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
     """(total, by operator) of one forward of ``model`` on ``x`` by fvcore's rules, or None when
-    it issues an operator counted by fvcore that has no rule here.  Inference mode, eval mode
+    it dispatches an operator counted by fvcore that has no rule here.  Inference mode, eval mode
     left as the caller set it."""
     with torch.inference_mode(), _FlopCounter() as c:
         model(x)

@@ -1,4 +1,4 @@
-"""What a forward costs the host, apart from its arithmetic: operators issued and host time.
+"""What a forward costs the host, apart from its arithmetic: operators dispatched and host time.
 
 Two device-free predictors of launch-bound behaviour (on a GPU every operator is at least
 one kernel launch, and a forward whose host side takes longer than its kernels leaves the
@@ -8,10 +8,10 @@ device idle):
   a ``TorchDispatchMode`` at the aten level, **views included** (``view``, ``expand``,
   ``transpose``, ``select``, ... each count one).  Inference mode, as every timing runs;
   the second forward is counted (a first one may build caches).  timm's DeiT-S at batch 2
-  issues 227.
+  dispatches 227.
 - :func:`host_time_ms`: the wall time of one forward on an **empty batch** (0 images) on
   the CPU: every operator is dispatched and every Python line runs, but the kernels have
-  no elements to compute, so what is left is the time to issue the forward.  (The ``meta``
+  no elements to compute, so what is left is the time to launch the forward.  (The ``meta``
   device would do the same without kernels, but its shape functions are Python reference
   implementations, about a millisecond per operator, which measures them instead.)  A GPU
   adds its launch latency per operator on top of this.
@@ -68,7 +68,7 @@ def operator_count(model: nn.Module, img_size: Optional[int] = None, batch: int 
 
 def host_time_ms(model: nn.Module, img_size: Optional[int] = None, repeats: int = 30,
                  warmup: int = 3) -> dict[str, Any]:
-    """Milliseconds to issue one forward of ``model`` with no compute waiting: the fastest (and
+    """Milliseconds to launch one forward of ``model`` with no compute waiting: the fastest (and
     the median) of ``repeats`` forwards on an empty batch, on the CPU, in inference mode.  The
     fastest, because other work on the machine only ever adds to a forward's host time.
 

@@ -35,7 +35,7 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}  # (name, args, device) -> a tensor t
 
 def constant(name: str, make: Callable[[], torch.Tensor], *key: Any) -> torch.Tensor:
     """A tensor that depends only on ``key`` (shapes, a device, a dtype), made by ``make`` once
-    rather than in every block of every forward: no operators issued after the first forward.
+    rather than in every block of every forward: no operators dispatched after the first forward.
     Made afresh while ``torch.compile`` traces (a constant of the graph)."""
     if torch.compiler.is_compiling():
         return make()

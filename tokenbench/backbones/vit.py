@@ -95,7 +95,7 @@ def attention(mod: nn.Module, x: torch.Tensor, state: TokenState, needs: tuple =
     if gate is not None:
         out = out * gate
     out = mod.proj(out)
-    if mod.training:  # dropout is the identity in eval mode: no operator issued for it
+    if mod.training:  # dropout is the identity in eval mode: no operator dispatched for it
         out = mod.proj_drop(out)
     need_q = "cls_attn" in needs or "attn" in needs
     info = AttnInfo(q if need_q else None, k if (need_q or "keys" in needs) else None, bias, mod.scale,
