@@ -160,7 +160,7 @@ def _eval_step(x, h, st: TokenState, s: dict, last: bool) -> torch.Tensor:
         st.pad, st.size = None, None
         st.pos, st.source = s["pos"], s["source"]
         return s["acc"]
-    k = int(going_on.sum(1).max())
+    k = int(going_on.sum(1).max()) if going_on.shape[0] else going_on.shape[1]  # an empty batch: all
     idx = torch.argsort((~going_on).to(torch.int8), dim=1, stable=True)[:, :k]
     s["c"], s["R"], s["ids"] = cc.gather(1, idx), rr.gather(1, idx), s["ids"].gather(1, idx)
     return st.keep(x, idx, pad=going_on.gather(1, idx))

@@ -163,7 +163,7 @@ def ltmp_inference_step(x: torch.Tensor, st: TokenState, attn: torch.Tensor, key
     order_pos = torch.cat([src_pos, dst_pos]).expand(b, n)
     key = torch.arange(n, device=x.device).expand(b, n) + (~kept).to(torch.int64) * n
     perm = torch.argsort(key, dim=1)
-    k = int(kept.sum(1).max())
+    k = int(kept.sum(1).max()) if b else n  # an empty batch keeps every slot
     keep_idx = order_pos.gather(1, perm[:, :k])
     pad = kept.gather(1, perm[:, :k])
     slot = torch.empty_like(perm).scatter_(1, perm, torch.arange(n, device=x.device).expand(b, n))

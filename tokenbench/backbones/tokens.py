@@ -18,7 +18,7 @@ pooled or counted).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -76,23 +76,6 @@ class _Index:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """``t[b, idx[b]]``, as :func:`gather_tokens`."""
         return t.gather(1, self.expanded(t))
-
-
-class AheadAttention(NamedTuple):
-    """Attention probabilities computed before the tokens were fused, for the fused tokens'
-    attention (MCTF's one-step-ahead attention), without fusing the matrix itself.
-
-    Fusing ``attn`` sums the columns of each group and pools its rows; the block computes the
-    same product with the fused values instead: ``pool(attn @ v[:, :, group])``, each old
-    token's column reading the value of the fused token it went into (a column sum, by
-    linearity) and the rows pooled after the product (the rows' pooling commutes with it).
-    This multiplies an N-row matrix by the values (N^2 instead of K^2 multiply-adds per head)
-    and never copies the [B, H, N, N] matrix, which gathering its groups did twice.
-    """
-
-    attn: torch.Tensor                                  # [B, H, N, N] on the tokens before fusing
-    group: torch.Tensor                                 # [B, N] int64: the fused token each went into
-    pool: Callable[[torch.Tensor], torch.Tensor]        # rows [B, N, C] -> fused rows [B, K, C]
 
 
 class TokenState:
