@@ -111,3 +111,18 @@ def test_pixel_cross_entropy_lowers_the_loss_of_a_tiny_dense_model(tmp_path):
 def test_train_refuses_mixed_tasks(cli, tmp_path, args, msg):
     code, _, err = cli(*args, "--out", str(tmp_path / "r"))
     assert code == 2 and msg in err and not (tmp_path / "r").exists()
+
+
+def test_compare_pairs_two_dense_settings_on_per_image_iou(cli, tmp_path):
+    res = str(tmp_path / "res")
+    for extra in ((), ("--method", "tome", "--set", "r=0")):
+        code, _, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "6", "--results", res,
+                           *extra)
+        assert code == 0, err
+    code, out, err = cli("compare", res, "tome:r=0", "none", "--json")
+    assert code == 0, err
+    (d,) = json.loads(out)["comparisons"]
+    assert d["n"] == 6 and d["mean_diff"] == pytest.approx(0, abs=1e-9) and d["p_value"] == 1.0
+    assert d["a"]["miou"] == pytest.approx(d["b"]["miou"])
+    code, _, err = cli("compare", res, "topk:keep_rate=0.7", "none")
+    assert code == 2 and "no dense record matches" in err

@@ -361,9 +361,25 @@ def register(app: typer.Typer) -> None:
     ):
         """McNemar's paired test of A against each B, on the images both were measured on.
 
-        Reads the records only.  A seeded method (random) gives one comparison per seed."""
+        Reads the records only.  A seeded method (random) gives one comparison per seed.  In a
+        directory of dense records only: the paired test on per-image IoU (mean difference, its 95%
+        bootstrap interval, Wilcoxon signed-rank p)."""
         from .report import paired
+        from .report_paired_dense import dense_records, paired_dense
+        from .store import Store
 
+        if dense_records(directory) and not any(r.get("kind") == "accuracy"
+                                                for r in Store(directory, read_only=True).records()):
+            dense = [paired_dense(directory, a, x) for x in b]
+            if json_:
+                typer.echo(json.dumps({"out": str(directory), "a": a, "comparisons": dense}, default=str))
+                return
+            for d in dense:
+                lo, hi = d["diff_ci95"]
+                typer.echo(f"{d['a']['method']} mIoU {d['a']['miou']:.2f}% vs {d['b']['method']} "
+                           f"{d['b']['miou']:.2f}%: per-image IoU diff {d['mean_diff']:+.4f} [95% CI {lo:+.4f}, "
+                           f"{hi:+.4f}] on n={d['n']}; Wilcoxon p = {d['p_value']:.2g}")
+            return
         results = [paired(directory, a, x) for x in b]
         if json_:
             typer.echo(json.dumps({"out": str(directory), "a": a, "comparisons": results}, default=str))

@@ -1,0 +1,63 @@
+"""The paired test of two settings of a results directory on a dense task (``tokenbench compare``):
+per-image IoU of the same images, compared by :func:`tokenbench.measure_dense.paired_iou_test`."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from .errors import UserError
+
+KIND = "segmentation"
+
+
+def dense_records(out: str | os.PathLike) -> list[dict]:
+    """The dense (segmentation) records of a results directory."""
+    from .store import Store
+
+    return Store(out, read_only=True).records(KIND)
+
+
+def _matches(rec: dict, method: str, params: dict) -> bool:
+    kf = rec["key_fields"]
+    if kf["method"] != method:
+        return False
+    for k, v in params.items():
+        have = kf["params"].get(k)
+        if isinstance(v, (int, float)) and isinstance(have, (int, float)) and not isinstance(v, bool):
+            if not math.isclose(float(have), float(v), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif have != v:
+            return False
+    return True
+
+
+def _select(recs: list[dict], text: str) -> dict:
+    from .report_stats import _parse_selector
+
+    method, params = _parse_selector(text)
+    got = [r for r in recs if _matches(r, method, params)]
+    if len(got) != 1:
+        what = "no dense record" if not got else f"{len(got)} dense records (name more parameters)"
+        raise UserError(f"{what} matches {text!r}; methods here: "
+                        f"{', '.join(sorted({r['key_fields']['method'] for r in recs}))}")
+    return got[0]
+
+
+def paired_dense(out: str | os.PathLike, a: str, b: str) -> dict:
+    """mIoU of settings ``a`` and ``b`` and the paired test on their per-image IoU."""
+    from .measure_dense import paired_iou_test
+
+    recs = dense_records(out)
+    ra, rb = _select(recs, a), _select(recs, b)
+    same = ("model", "data", "data_id", "split", "limit", "data_seed")
+    if any(ra["key_fields"].get(k) != rb["key_fields"].get(k) for k in same):
+        raise UserError(f"{a} and {b} were not measured on the same model and images; a paired test needs them")
+    test = paired_iou_test(ra["metrics"]["per_image_iou"], rb["metrics"]["per_image_iou"])
+
+    def side(r: dict) -> dict:
+        m = r["metrics"]
+        return {"method": r["key_fields"]["method"], "params": r["key_fields"]["params"], "miou": m["miou"],
+                "miou_ci95": m["miou_ci95"], "n": m["n"], "gflops": m.get("gflops")}
+
+    return {"out": str(out), "a": side(ra), "b": side(rb), **test}
