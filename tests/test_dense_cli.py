@@ -126,3 +126,17 @@ def test_compare_pairs_two_dense_settings_on_per_image_iou(cli, tmp_path):
     assert d["a"]["miou"] == pytest.approx(d["b"]["miou"])
     code, _, err = cli("compare", res, "topk:keep_rate=0.7", "none")
     assert code == 2 and "no dense record matches" in err
+
+
+def test_a_method_declaring_grid_restoration_reaches_the_encoder_and_a_grid_refusal_is_one_line(cli, tmp_path,
+                                                                                                monkeypatch):
+    from tokenbench import registry
+
+    base = registry.get_method("topk")
+    declared = type("DeclaresGrid", (base,), {"name": "topk-declares-grid", "restores_grid": "fill"})
+    monkeypatch.setitem(registry._REGISTRY, declared.name, declared)
+    code, _, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "4", "--method",
+                       declared.name, "--set", "keep_rate=0.7", "--results", str(tmp_path / "res"))
+    # applied to the encoder, whose forward_intermediates refuses a grid after pruning
+    assert code == 2 and "spatial grid" in err and err.count("\n") == 1
+    assert stored(tmp_path / "res") == []
