@@ -14,6 +14,7 @@ method with official code, some through these builders and others inline.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import importlib
 import os
@@ -84,7 +85,8 @@ def _stub(name: str, **attrs) -> types.ModuleType:
 # Modules some official files import for training or logging only; absent or removed from newer
 # torch.  A stub stands in while the import runs, only where the real module is missing.
 STUBS = {
-    "torch._six": lambda: _stub("torch._six", inf=float("inf"), string_classes=(str, bytes)),
+    "torch._six": lambda: _stub("torch._six", inf=float("inf"), string_classes=(str, bytes),
+                                container_abcs=collections.abc, int_classes=int),
     "tensorboardX": lambda: _stub("tensorboardX", SummaryWriter=object),
     "torchprofile": lambda: _stub("torchprofile", profile_macs=None),
     "wandb": lambda: _stub("wandb"),
@@ -125,17 +127,19 @@ def importing_from(clone: Path, subdir: str = "") -> Iterator[Path]:
         _timm_registry_restore(registry)
 
 
-def import_bare(root: Path, dotted: str):
+def import_bare(root: Path, dotted: str, top: Optional[str] = None):
     """Import ``dotted`` from ``root`` without running its parent packages' ``__init__`` files
     (which, in some official repositories, import every integration: LAVIS, transformers ...).
-    Use inside :func:`importing_from`."""
+    ``top``: the folder of ``dotted``'s first part, where it differs (a vendored ``timm`` loaded
+    under another name, beside the installed one).  Use inside :func:`importing_from`."""
     parts = dotted.split(".")
+    folders = [top or parts[0]] + parts[1:]
     for i in range(1, len(parts)):
         name = ".".join(parts[:i])
         if name not in sys.modules:
             pkg = types.ModuleType(name)
-            pkg.__path__ = [str(Path(root).joinpath(*parts[:i]))]
-            pkg.__file__ = str(Path(root).joinpath(*parts[:i], "__init__.py"))
+            pkg.__path__ = [str(Path(root).joinpath(*folders[:i]))]
+            pkg.__file__ = str(Path(root).joinpath(*folders[:i], "__init__.py"))
             sys.modules[name] = pkg
     return importlib.import_module(dotted)
 
