@@ -161,12 +161,16 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
-def load_same_weights(official: torch.nn.Module, state: dict, rename: Optional[Callable[[str], str]] = None) -> None:
+def load_same_weights(official: torch.nn.Module, state: dict, rename: Optional[Callable[[str], str]] = None,
+                      own: Optional[Callable[[str], bool]] = None) -> None:
     """Load ``state`` (our model's state dict) into ``official``; every official parameter and
-    buffer must come from ``state`` (a missing one would leave the official at its random init)."""
+    buffer must come from ``state`` (a missing one would leave the official at its random init),
+    except the constant buffers ``own`` names (the official's own, e.g. a mask it builds)."""
     if rename is not None:
         state = {rename(k): v for k, v in state.items()}
     want = official.state_dict()
+    if own is not None:
+        state = {**{k: v for k, v in want.items() if own(k)}, **state}
     missing = [k for k in want if k not in state]
     if missing:
         raise KeyError(f"our state dict lacks the official keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
