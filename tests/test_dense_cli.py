@@ -140,3 +140,9 @@ def test_a_method_declaring_grid_restoration_reaches_the_encoder_and_a_grid_refu
     # applied to the encoder, whose forward_intermediates refuses a grid after pruning
     assert code == 2 and "spatial grid" in err and err.count("\n") == 1
     assert stored(tmp_path / "res") == []
+
+
+@pytest.mark.parametrize("command", ["flops", "throughput"])
+def test_classification_commands_point_a_dense_model_to_eval(cli, command):
+    code, _, err = cli(command, "default-seg")
+    assert code == 2 and "is a dense (segmentation) model" in err and "tokenbench eval default-seg" in err

@@ -28,6 +28,8 @@ EMBEDDED_NAME = "default"
 EMBEDDED_CONVNEXT = "default-convnext"
 EMBEDDED_SMALL = "default-small"
 EMBEDDED_MODELS = (EMBEDDED_NAME, EMBEDDED_CONVNEXT, EMBEDDED_SMALL)
+# The embedded dense models (built by :mod:`tokenbench.models_seg`; measured by `tokenbench eval`).
+DENSE_MODELS = ("default-seg", "default-convnext-seg")
 
 # The embedded model's architecture.  A timm VisionTransformer with a class token and
 # 12 blocks, so every ViT adapter applies to it unchanged; a small convolutional stem
@@ -277,6 +279,9 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Modu
     """
     import timm
 
+    if name in DENSE_MODELS:
+        raise UserError(f"{name} is a dense (segmentation) model: measure it with `tokenbench eval {name} --data "
+                        "fashion-mnist-scenes` (mIoU, and the GFLOPs of backbone and decoder)")
     if is_embedded(name):
         model, prov = load_embedded(name=name)
     else:

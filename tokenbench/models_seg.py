@@ -23,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-
-DENSE_MODELS = ("default-seg", "default-convnext-seg")
+from .models import DENSE_MODELS
 SCENE_CLASS_COUNT = 11
 DECODER_WIDTH = 32
 
