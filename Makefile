@@ -16,7 +16,7 @@ CPU_TORCH_INDEX ?=
 HAS_CUDA ?= $(shell (command -v nvidia-smi || ls /dev/nvidia*) >/dev/null 2>&1 && echo yes)
 TORCH_INDEX := $(if $(CPU_TORCH_INDEX),$(if $(HAS_CUDA),,--index-url $(CPU_TORCH_INDEX)))
 
-.PHONY: run reference reference-hierarchical test setup data bench bench-gpu visuals clean
+.PHONY: run reference reference-hierarchical test setup data browser docs bench bench-gpu visuals clean
 
 # Your run of the default sweep: runs/default/ (git-ignored); matching reference records are reused.
 run: setup data
@@ -33,7 +33,7 @@ reference-hierarchical: setup data
 # The suite in parallel, one process per CPU (pytest-xdist; each test runs one torch thread):
 # about half the wall time on a 2-core machine.  TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= auto
-test: setup data
+test: setup data browser
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: setup
@@ -78,5 +78,14 @@ data:
 		|| echo "warning: could not install dataset-fashion-mnist; pass --data-dir"; \
 	fi
 
+# Chromium for the test that opens report.html headless (skipped without it), from Debian's
+# package where apt exists.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null)) \
+		|| echo "warning: could not install chromium; the report's browser test is skipped"; \
+	fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site

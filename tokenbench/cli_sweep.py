@@ -332,7 +332,7 @@ def register(app: typer.Typer) -> None:
         if not is_main():  # under torchrun, rank 0 writes the tables
             return
         try:
-            res = write_report(out_dir, plots=plots)
+            res = write_report(out_dir, plots=plots, html=True)
         except UserError:
             _exit_if_jobs_failed(outcome)  # every job failed: name them and their logs, not "no records"
             raise
@@ -349,7 +349,8 @@ def register(app: typer.Typer) -> None:
         for n in res["notes"]:
             typer.echo(f"warning: {n}", err=True)
         typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
-                   f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else ""))
+                   f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else "") +
+                   f", the interactive page {out_dir / 'report.html'}")
         _exit_if_jobs_failed(outcome)
 
     @app.command("compare")
@@ -400,6 +401,8 @@ def register(app: typer.Typer) -> None:
     def report_cmd(
         directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the plots too."),
+        html_: bool = typer.Option(False, "--html", help="Write DIRECTORY/report.html too: the plots with hover, "
+                                                         "a family filter and a sortable table, in one offline page."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
     ):
         """Redraw the tables (Markdown, CSV, LaTeX) and plots of DIRECTORY from its records; measures nothing."""
@@ -407,7 +410,7 @@ def register(app: typer.Typer) -> None:
 
         from .report import summary_table, write_report
 
-        res = write_report(directory, plots=plots)
+        res = write_report(directory, plots=plots, html=html_)
         if json_:
             typer.echo(json.dumps({"out": str(directory), "files": [str(f) for f in res["files"]],
                                    "notes": res["notes"], "rows": [_public_row(r) for r in res["display"]]},
@@ -417,4 +420,5 @@ def register(app: typer.Typer) -> None:
         for n in res["notes"]:
             typer.echo(f"warning: {n}", err=True)
         typer.echo(f"the full table is {directory / 'results.md'}" +
-                   (f", plots in {directory / 'plots'}/" if plots else ""))
+                   (f", plots in {directory / 'plots'}/" if plots else "") +
+                   (f", the interactive page {directory / 'report.html'}" if html_ else ""))

@@ -15,7 +15,9 @@ is one (which runs, labels, FLOPs targets), and writes:
 - ``plots/accuracy_vs_gflops.{png,pdf}`` and ``plots/accuracy_vs_throughput.{png,pdf}``
   (one pair per model when a sweep has several): one line per method, dense marked, the
   Pareto frontier over all methods, 95% intervals as bars; 3.4 in wide, 8 pt fonts,
-  seaborn's colour-blind palette.
+  seaborn's colour-blind palette;
+- ``report.html`` (with ``html``; every sweep writes it): the same plots to explore, with hover,
+  a family filter and a sortable table, in one self-contained page (:mod:`tokenbench.report_html`).
 
 Without a plan (records written by ``tokenbench eval --results DIR``, say) every record
 in the directory is reported: runs are grouped by model, method and parameters, and the
@@ -69,8 +71,9 @@ def ensure_report_writable(out: str | os.PathLike, plots: bool = True) -> None:
         ensure_writable_dir(out / "plots", "plots directory")
 
 
-def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
-    """Write the tables and plots of ``out`` from its records; returns the rows and paths."""
+def write_report(out: str | os.PathLike, plots: bool = True, html: bool = False) -> dict:
+    """Write the tables and plots of ``out`` from its records (and ``report.html`` with ``html``);
+    returns the rows and paths."""
     from .store import atomic_write_text
 
     out = Path(out)
@@ -89,6 +92,10 @@ def write_report(out: str | os.PathLike, plots: bool = True) -> dict:
         files.append(p)
     if plots:
         files += plot(res, out / "plots")
+    if html:
+        from .report_html import write_html
+
+        files.append(write_html(res))
     res["files"] = files
     return res
 
