@@ -21,7 +21,8 @@ time is reported apart (``compile_s``), never inside a timing.
 
 ``--official DIR`` (DIR holds clones named ``owner+repo``, README "Checking against the official
 code"): the official ToMe, EViT and DynamicViT built on the same weights as ours, their logits
-checked equal to ours, then ours timed against them interleaved in every mode (a table of its
+checked equal to ours, then ours timed against them interleaved in every timing mode (eager, CUDA
+graphs, compiled; a forward that cannot be captured is a line, not a failure; a table of its
 own, ``vs_official`` = ours over the official); a missing clone is one line.
 
 Hierarchical models (ConvNeXt, Swin) get :data:`SETTINGS_HIERARCHICAL` and one more row, the
@@ -247,9 +248,8 @@ def main(argv=None) -> int:
             else:
                 del net
         if official["root"] is not None and dense_net is not None:
-            compile_modes = [how.get("compile") for _, how in modes if not how.get("cuda_graphs")]
-            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, compile_modes, timing,
-                          args, official)
+            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, modes, timing, args,
+                          official)
     env = env or _env(args, threads)
     head = _heading(env, args, modes, threads, load0)
     print(head)

@@ -35,9 +35,10 @@ def check_equal(ours: torch.nn.Module, official: torch.nn.Module, seed: int = 0)
 
 def official_rows(model_name: str, settings: list, batches: list[int], modes: list, timing: dict,
                   min_run_time: float, root: Path, log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
-    """One row per (setting with official code, batch): the equality check and, per mode, ours
+    """One row per (setting with official code, batch): the equality check and, per timing mode
+    (bench.py's ``(column suffix, timing keyword arguments)``: eager, CUDA graphs, compiled), ours
     over the official (median and quartiles over rounds) and both throughputs.  Returns the rows
-    and the lines saying what could not be built or checked (a missing clone: one line)."""
+    and the lines saying what could not be built, checked or timed (a missing clone: one line)."""
     from tokenbench import measure
     from tokenbench.api import load
     from tokenbench.render import params_json, quartiles_text
@@ -75,10 +76,15 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
             continue
         for b in batches:
             row = dict(base, batch=b, precision=timing.get("precision"))
-            for mode in modes:
-                sfx = "" if mode is None else "_compiled"
-                r = measure.speedup(ours, official, batch_size=b, min_run_time=2 * min_run_time, compile=mode,
-                                    **timing)
+            for sfx, how in modes:
+                try:
+                    r = measure.speedup(ours, official, batch_size=b, min_run_time=2 * min_run_time, **how, **timing)
+                except Exception as e:  # e.g. a forward CUDA graphs cannot capture
+                    line = (f"official {off.label} on {model_name} {base['params']} b={b}: {sfx.strip('_') or 'eager'} "
+                            f"not timed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                    notes.append(line)
+                    log(line)
+                    continue
                 row.update({f"official_img_per_s{sfx}": round(r["baseline_img_per_s"], 1),
                             f"img_per_s{sfx}": round(r["img_per_s"], 1),
                             f"vs_official{sfx}": round(r["speedup"], 3),
@@ -87,8 +93,8 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
             row["busy"] = row.pop("busy")
             rows.append(row)
             log(f"{model_name:<24} {method:<10} {row['params']:<18} b={b:<3} official diff {diff:.2g}  " +
-                "  ".join(f"{'eager' if m is None else 'compiled'} ours/official x{row['vs_official' + s]:.2f}"
-                          for m, s in ((m, "" if m is None else "_compiled") for m in modes)))
+                "  ".join(f"{sfx.strip('_') or 'eager'} ours/official x{row['vs_official' + sfx]:.2f}"
+                          for sfx, _ in modes if "vs_official" + sfx in row))
         del ours, official, dense
     return rows, notes
 
