@@ -146,3 +146,15 @@ def test_a_method_declaring_grid_restoration_reaches_the_encoder_and_a_grid_refu
 def test_classification_commands_point_a_dense_model_to_eval(cli, command):
     code, _, err = cli(command, "default-seg")
     assert code == 2 and "is a dense (segmentation) model" in err and "tokenbench eval default-seg" in err
+
+
+def test_report_leaves_dense_records_out_of_the_classification_table(cli, tmp_path):
+    res = str(tmp_path / "res")
+    assert cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "4", "--results", res)[0] == 0
+    code, _, err = cli("report", res, "--no-plots")
+    assert code == 2 and "only dense (segmentation) records" in err
+    assert cli("flops", "default", "--results", res)[0] == 0
+    code, out, err = cli("report", res, "--no-plots", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert [r["model"] for r in rep["rows"]] == ["default"] and any("dense" in n for n in rep["notes"])
