@@ -110,6 +110,74 @@ def test_a_model_familys_backbone_file_enters_only_the_methods_that_declare_it()
     assert "convnext.py" in [p.name for p in identity.source_files(get_method("none"))]      # every family
 
 
+def _keys_with(monkeypatch, copies: dict) -> dict:
+    """Every built-in method's source hash, with the files named in ``copies`` (real path -> copy)
+    read from their copies."""
+    from tokenbench import identity
+    from tokenbench.registry import load_methods
+
+    own, shared = getattr(identity, "_own_file", lambda cls: None), identity._backbone_files
+
+    def swap(p):
+        return copies.get(Path(p).resolve(), p)
+
+    monkeypatch.setattr(identity, "_own_file", lambda cls: swap(own(cls)), raising=False)
+    monkeypatch.setattr(identity, "_backbone_files", lambda cls: [swap(f) for f in shared(cls)])
+    return {name: identity.source_hash(cls) for name, cls in load_methods().items()}
+
+
+def _copy_methods(tmp_path: Path) -> dict:
+    """A copy of the method files (so that their imports of one another resolve among the copies)."""
+    from tokenbench import identity
+    from tokenbench.registry import load_methods
+
+    out = {}
+    for cls in load_methods().values():
+        real = identity._own_file(cls)
+        copy = tmp_path / "methods" / real.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_text(real.read_text())
+        out[real] = copy
+    return out
+
+
+def test_comments_and_docstrings_of_the_shared_surgery_change_no_key(tmp_path, monkeypatch):
+    from tokenbench import identity
+
+    real = (identity.SURGERY / "tokens.py").resolve()
+    copy = tmp_path / "tokens.py"
+    text = real.read_text()
+    copy.write_text(text)
+    before = _keys_with(monkeypatch, {real: copy})
+    assert text.startswith('"""')
+    copy.write_text('"""A docstring, reworded."""' + text[text.index('"""', 3) + 3:]
+                    .replace("\ndef ", "\n# a comment, added\n\n\ndef ", 1) + "\n# trailing remark\n")
+    assert _keys_with(monkeypatch, {real: copy}) == before
+    copy.write_text(text + "\nSHARED_CONSTANT = 1\n")  # a change of code changes every method's key
+    after = _keys_with(monkeypatch, {real: copy})
+    assert all(after[n] != before[n] for n in before)
+
+
+def test_editing_a_method_file_changes_its_key_and_no_other_methods(tmp_path, monkeypatch):
+    from tokenbench.registry import load_methods
+
+    copies = _copy_methods(tmp_path)
+    before = _keys_with(monkeypatch, copies)
+    assert len(set(before.values())) == len(before) == len(load_methods())
+    topk = tmp_path / "methods" / "topk.py"
+    text = topk.read_text()
+    topk.write_text(text.replace('"""', '"""Reworded. ', 1) + "\n# a closing comment\n")  # docstring and comment
+    assert _keys_with(monkeypatch, copies) == before
+    topk.write_text(text + "\nEDITED = 1\n")  # code
+    after = _keys_with(monkeypatch, copies)
+    assert [n for n in before if after[n] != before[n]] == ["topk"]
+    # a method whose functions others import changes their keys too, and only theirs
+    tome = tmp_path / "methods" / "tome.py"
+    tome.write_text(tome.read_text() + "\nEDITED = 1\n")
+    changed = {n for n, k in _keys_with(monkeypatch, copies).items() if k != after[n]}
+    assert changed == {"tome", "tofu", "ppt"}
+
+
 def _folder(root: Path, classes: dict[str, int], size: int = 8, seed: int = 0) -> Path:
     from PIL import Image
 

@@ -4,8 +4,8 @@ Three things besides the model, method, parameters and settings determine a resu
 
 - **the method's code**: the version the method declares (``Method.version``, raised by its
   author when its results change on purpose, as lm-evaluation-harness versions tasks) and
-  a hash of the source it runs: its own file, the method files it imports (a merging method
-  reusing ToMe's matching), the shared surgery every method goes through (the files of
+  a hash of the code it runs (comments and docstrings left out): its own file, the method files
+  it imports (a merging method reusing ToMe's matching), the shared surgery every method goes through (the files of
   ``tokenbench/backbones/`` that are not a model family's: ``base.py``, ``tokens.py``,
   ``__init__.py``) and the backbone file of each model family the method declares
   (``Method.backbones``: a ViT-only method is not made stale by an edit to ``swin.py``);
@@ -22,10 +22,10 @@ and ``tokenbench report`` marks it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +42,7 @@ PROTOCOLS: dict[str, int] = {
 }
 
 SURGERY = Path(__file__).resolve().parent / "backbones"  # the shared machinery every method runs through
+METHODS_PACKAGE = "tokenbench.methods"  # the one import name of the built-in method files
 
 _HASHES: dict[tuple, str] = {}
 
@@ -51,9 +52,52 @@ def _file_stamp(p: Path) -> tuple:
     return (str(p), st.st_mtime_ns, st.st_size)
 
 
-def _is_method_module(mod) -> bool:
-    name = getattr(mod, "__name__", "") or ""
-    return name.startswith(("tokenbench.methods.", "tokenbench_methods.", "tokenbench.builtin_methods."))
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` without the docstrings of its module, classes and functions."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_text(path: Path) -> str:
+    """The code of a Python file without its comments, docstrings and layout: the docstring-free
+    syntax tree written back as source (``ast.unparse``, steadier across Python versions than
+    ``ast.dump``, whose node fields grow).  A file that does not parse counts by its text."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return ast.unparse(_strip_docstrings(ast.parse(text)))
+    except SyntaxError:
+        return text
+
+
+def _method_imports(path: Path) -> list[Path]:
+    """The method files ``path`` imports (``tokenbench.methods.X``, or ``.X`` beside it)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return []
+    here = path.resolve().parent
+    pkg = METHODS_PACKAGE + "."
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name[len(pkg):] for a in node.names if a.name.startswith(pkg)]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1 or mod == METHODS_PACKAGE:  # from . import x / from tokenbench.methods import x
+                names += [mod] if node.level and mod else [a.name for a in node.names]
+            elif mod.startswith(pkg):
+                names.append(mod[len(pkg):])
+    out = []
+    for n in names:
+        f = here / (n.split(".")[0] + ".py")
+        if f.is_file() and f.resolve() != path.resolve() and f.resolve() not in out:
+            out.append(f.resolve())
+    return out
 
 
 def _backbone_files(cls) -> list[Path]:
@@ -71,40 +115,40 @@ def _backbone_files(cls) -> list[Path]:
             if f.resolve() not in families or families[f.resolve()] in declared]
 
 
-def source_files(cls) -> list[Path]:
-    """The files whose text determines what ``cls`` computes: its own module, the method modules
-    it imports from, and the surgery it runs through (:func:`_backbone_files`)."""
-    files: list[Path] = []
-
-    def add(p: Optional[str]) -> None:
-        if p and Path(p).is_file():
-            q = Path(p).resolve()
-            if q not in files:
-                files.append(q)
-
+def _own_file(cls) -> Optional[Path]:
+    """The file that defines ``cls`` (None for a class made at run time)."""
     try:
-        add(inspect.getsourcefile(cls))
+        return Path(inspect.getsourcefile(cls)).resolve()
     except TypeError:
-        pass
-    mod = sys.modules.get(cls.__module__)
-    if mod is not None:
-        for v in vars(mod).values():
-            other = v if inspect.ismodule(v) else sys.modules.get(getattr(v, "__module__", "") or "")
-            if other is not None and other is not mod and _is_method_module(other):
-                add(getattr(other, "__file__", None))
+        return None
+
+
+def source_files(cls) -> list[Path]:
+    """The files whose code determines what ``cls`` computes: its own module, the method modules
+    it imports (and those they import), and the surgery it runs through (:func:`_backbone_files`)."""
+    files: list[Path] = []
+    own = _own_file(cls)
+    todo = [] if own is None else [own]
+    while todo:
+        f = todo.pop(0)
+        if f not in files:
+            files.append(f)
+            todo += _method_imports(f)
     for f in _backbone_files(cls):
-        add(str(f))
+        if f.resolve() not in files:
+            files.append(f.resolve())
     return files
 
 
 def source_hash(cls) -> str:
-    """sha256 (16 hex digits) over the names and texts of :func:`source_files`."""
+    """sha256 (16 hex digits) over the names and code (:func:`code_text`) of :func:`source_files`:
+    an edit to a comment or a docstring leaves it as it was."""
     files = source_files(cls)
     stamp = tuple(_file_stamp(p) for p in files)
     if stamp not in _HASHES:
         h = hashlib.sha256()
         for p in files:
-            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+            h.update(p.name.encode() + b"\0" + code_text(p).encode() + b"\0")
         _HASHES[stamp] = h.hexdigest()[:16]
     return _HASHES[stamp]
 
