@@ -89,6 +89,7 @@ from typing import Optional
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.registry import Method, Param, register
 
 MIN_TOKENS = 8  # the official lower bound on the tokens sampled, class token included
@@ -164,8 +165,7 @@ def ats_keep(x: torch.Tensor, st: TokenState, info: AttnInfo, n_samples: int) ->
     score = significance(info.cls_attn(per_head=True).float(), info.values.float(), p, real)  # fp32 under autocast
     idx, keep = inverse_transform_sample(score, n_samples, None if real is None else real[:, p:])
     b = x.shape[0]
-    prefix = torch.arange(p, device=x.device, dtype=idx.dtype).expand(b, p)
-    idx = torch.cat([prefix, idx + p], dim=1)
+    idx = with_prefix(idx, p)
     pad = torch.cat([torch.ones(b, p, dtype=torch.bool, device=x.device), keep], dim=1)
     return st.keep(x, idx, pad=pad)
 
@@ -184,22 +184,19 @@ class ATS(Method):
     summary = ("ATS: sample tokens by inverse transform of class-attention x value-norm scores, "
                "duplicates collapsed (blocks 3-11; per-image counts).")
     family = "pruning"
-    learned = False
     params = (
         Param("keep_rate", "float", 1.0, "samples drawn at each ATS block, as a fraction of the patch "
                                          "tokens (1.0: the official K = 197 of DeiT-S)",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True),  # no identity: duplicate samples collapse at 1.0 too
     )
     knob = "keep_rate"
-    seed_param = None
-    deterministic = True
     needs_class_token = True
     compile_note = ("per-image token counts: each ATS block reads the batch's longest count "
                     "(data-dependent shape), a graph break per block")
 
     def apply(self, model, keep_rate: float = 1.0, **params):
         bb = backbone_of(model, self.name)
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         n_samples = n_samples_for(bb.num_patches, float(keep_rate))
 
         def mid(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
@@ -212,7 +209,3 @@ class ATS(Method):
 
     def expected_tokens(self, model, **params):
         return None  # the count varies per image
-
-    @classmethod
-    def reduces(cls, params) -> bool:
-        return True  # duplicates collapse even when every token could be sampled

@@ -114,18 +114,14 @@ class DCT(Method):
     version = "1"
     summary = "Truncated-DCT resampling of the patch tokens along the sequence (before blocks 3, 6, 9)."
     family = "merging"
-    learned = False
     params = (
         Param("keep_rate", "float", 0.7, "fraction of the patch tokens kept at each of the three sites "
                                          "(the lowest ceil(keep_rate * n) DCT frequencies)",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
         Param("rescale", "bool", True, "multiply the output by sqrt(K/n) so a constant sequence is unchanged "
                                        "(off: the official orthonormal pair)"),
     )
     knob = "keep_rate"
-    seed_param = None
-    deterministic = True
-    needs_class_token = False
 
     def apply(self, model, keep_rate=0.7, rescale=True, **params):
         bb = backbone_of(model, self.name)
@@ -135,10 +131,6 @@ class DCT(Method):
             for i in bb.sites("quarters"):
                 plan.pre[i] = _dct_hook(float(keep_rate), bool(rescale), tokens[i - 1] - bb.n_prefix)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate=0.7, rescale=True, **params):
         bb = backbone_of(model, self.name)

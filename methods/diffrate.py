@@ -86,6 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenbench.backbones import AttnInfo, TokenState, add_module, backbone_of, last_state, plan_of
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
 from tokenbench.methods._policy import softmax_with_policy
 from tokenbench.registry import Method, Param, register
@@ -164,9 +165,8 @@ def _diffrate_hook(n_prune: int, n_merge: int):
         km = min(kp, n_merge)
         if kp == n and km == kp:
             return x
-        order = rank_tokens(info.cls_attn()[:, p:])[:, :kp] + p
-        prefix = torch.arange(p, device=x.device, dtype=order.dtype).expand(x.shape[0], p)
-        x = st.keep(x, torch.cat([prefix, order], dim=1))      # ranked, pruned
+        order = rank_tokens(info.cls_attn()[:, p:])[:, :kp]
+        x = st.keep(x, with_prefix(order, p))                  # ranked, pruned
         if km == kp:
             return x
         node_idx, node_max = match_to_kept(x.detach(), p + km, p)
@@ -270,9 +270,8 @@ def _search_hook(i: int):
         if not block.training:  # evaluation during the search: the current counts, hard
             kp, km = int(rates.prune[i].kept()[0]) - p, int(rates.merge[i].kept()[0]) - p
             return _diffrate_hook(kp, km if km < kp else kp)(block, x, st, info)
-        order = rank_tokens(info.cls_attn()[:, p:]) + p
-        prefix = torch.arange(p, device=x.device, dtype=order.dtype).expand(x.shape[0], p)
-        x = st.keep(x, torch.cat([prefix, order], dim=1))      # every token, ranked
+        order = rank_tokens(info.cls_attn()[:, p:])
+        x = st.keep(x, with_prefix(order, p))                  # every token, ranked
         mask = st.policy[..., 0]
         last = int(mask[0].sum())
         kp, prob = rates.prune[i].kept()
@@ -375,14 +374,11 @@ class DiffRate(Method):
                                               "(official 5 on GFLOPs ~ 100 on DeiT-S's ratio)", min=0.0),
     )
     knob = "power"
-    seed_param = None
-    learned = False
     needs_class_token = True
-    deterministic = True
 
     def apply(self, model, prune=DEFAULT_PRUNE, merge=DEFAULT_MERGE, power=1.0, prop_attn=True, **params):
         bb, counts = _counts(model, self.name, prune, merge, power)
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         plan.prop_attn = bool(prop_attn)
         n = bb.num_patches
         for i, (kp, km) in enumerate(counts):

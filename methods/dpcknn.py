@@ -43,7 +43,7 @@ Deviations and choices:
 - a stage whose cluster count is not below the current patch count leaves the tokens as
   they are (the official would reorder them: no effect on the output);
 - FLOPs: the pairwise distances (``torch.cdist``) are counted through an fvcore handle
-  (``N^2 C`` multiply-adds per site, shared with ``kmedoids``); the density, top-k and
+  (``N^2 C`` multiply-adds per site, among the counting rules of the FLOPs code); the density, top-k and
   averaging are not counted;
 - cluster counts: ``int(N0 * keep_rate ** s)`` as the official, capped at the current
   count and at least 1 (``keep_counts``); ``k`` neighbours capped at the token count.
@@ -55,14 +55,11 @@ import torch
 
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.methods._staged import keep_counts, staged_schedule
-from tokenbench.measure import register_flop_handle
-from tokenbench.methods.kmedoids import cdist_flop
+from tokenbench.methods.kmedoids import medoid_merge_indices
 from tokenbench.methods.random import stage_key, token_scores
 from tokenbench.registry import Method, Param, register
 
 _EPS = 1e-6    # the official's noise scale and its guard in the cluster sizes
-
-register_flop_handle("aten::cdist", cdist_flop)   # pairwise distances: N^2 C multiply-adds per site
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -91,19 +88,6 @@ def cluster_scale(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype) ->
     return 1.0 / (counts + _EPS).gather(1, cluster)
 
 
-def centre_merge_indices(centres: torch.Tensor, cluster: torch.Tensor, n_prefix: int):
-    """For :meth:`TokenState.merge`: (kept [B, P + K]: prefix then centres; the other patch
-    tokens [B, N - K]; for each of them, its cluster's slot in the kept list), as indices
-    into the whole sequence."""
-    b, n = cluster.shape
-    k = centres.shape[1]
-    is_centre = torch.zeros_like(cluster, dtype=torch.int8).scatter(1, centres, torch.ones_like(centres, dtype=torch.int8))
-    others = torch.argsort(is_centre, dim=1, stable=True)[:, :n - k]
-    prefix = torch.arange(n_prefix, device=cluster.device).expand(b, n_prefix)
-    keep_idx = torch.cat([prefix, centres + n_prefix], dim=1)
-    return keep_idx, others + n_prefix, cluster.gather(1, others) + n_prefix
-
-
 def density_noise(seed: int, stage: int, image_ids: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, n] uniform noise in [0, 1): a function of (seed, stage, image id, token) only."""
     u = token_scores(stage_key(seed, stage), image_ids, n) >> 16        # [B, n] in [0, 2**32)
@@ -124,7 +108,7 @@ def _cluster_hook(stage: int, k_target: int, k_neighbors: int, seed: int):
         cluster, centres = dpc_knn(patches, k, k_neighbors, noise)
         scale = cluster_scale(cluster, k, x.dtype)
         scale = torch.cat([scale.new_ones(x.shape[0], npf), scale], dim=1)
-        keep_idx, src_idx, dst = centre_merge_indices(centres, cluster, npf)
+        keep_idx, src_idx, dst, _ = medoid_merge_indices(centres, cluster, npf)  # a centre is its cluster's medoid
         st.ensure_size(x)
         return st.merge(x * scale[..., None], keep_idx, src_idx, dst, mode="sum")
 
@@ -138,11 +122,10 @@ class DPCKNN(Method):
     summary = ("DPC-KNN (density peaks, k nearest neighbours) clustering of the patch tokens before "
                "blocks 3, 6, 9; each cluster averaged, int(N0 * keep_rate ** s) of them.")
     family = "merging"
-    learned = False
     params = (
         Param("keep_rate", "float", 0.7,
               "clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
         Param("k_neighbors", "int", 5, "nearest neighbours of the local density (official --k_neighbors)", min=1),
         Param("seed", "int", 0, "seed of the density tie-breaking noise (per image, as the official torch.rand * 1e-6)"),
     )
@@ -150,7 +133,6 @@ class DPCKNN(Method):
     seed_param = "seed"
     seed_breaks_ties = True  # noise at 1e-6 of a density: no seed changed a prediction on 5,000 images
     deterministic = False
-    needs_class_token = False
 
     def apply(self, model, keep_rate: float = 0.7, k_neighbors: int = 5, seed: int = 0):
         bb = backbone_of(model, self.name)
@@ -159,10 +141,6 @@ class DPCKNN(Method):
         for s, (site, k) in enumerate(zip(sites, keep_counts(bb.num_patches, len(sites), keep_rate))):
             plan.pre[site] = _cluster_hook(s, k, int(k_neighbors), int(seed))
         return model
-
-    @classmethod
-    def reduces(cls, params) -> bool:
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, k_neighbors: int = 5, seed: int = 0):
         return staged_schedule(backbone_of(model, self.name), keep_rate, "pre")

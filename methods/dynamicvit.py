@@ -48,18 +48,13 @@ Training-only options (``tokenbench train --set``; all off by default, as the of
 - ``decision_grad_clip=c``: each token's straight-through decision gradient is clamped
   to ``[-c, c]``.
 
-Why they exist.  With masked attention, the gradient of the loss with respect to a
-*dropped* token's decision is the slope of the softmax at policy 0, which is huge when a
-kept query would attend mostly to that token: on the embedded Fashion-MNIST model (peaked
-attention, 49 tokens) the cross-entropy gradient of single dropped tokens reaches -3e3
-while kept tokens see ~1e-3 and the ratio loss (weight 2) gives the predictors' bias ~0.2.
-Those rare spikes all say "keep", so under the official recipe the predictors either
-barely move in a short run or drift to keeping almost everything.  Measured at keep rate
-0.7 (last-stage target 0.34): ratio weight 2, lr 5e-3: 0.79 after 2 epochs; weight 10:
-0.86 after half an epoch; weight 1000: 0.44, with stage 1 stuck at 0.51 (target 0.70);
-weight 20000: the loss diverged (NaN).  Starting at the targets, a large ratio weight (2000) and clamping the
-spikes at 1 keeps every stage on its target while the predictors still learn which
-tokens matter; see README ("The embedded default model") for the runs.
+Why they exist.  With masked attention, the gradient with respect to a *dropped* token's
+decision is the softmax's slope at policy 0, huge where a kept query attends mostly to that
+token (peaked attention over few tokens, as on the embedded Fashion-MNIST model): those rare
+spikes all say "keep" and outweigh the ratio loss, so the predictors drift to keeping almost
+everything.  Starting at the targets and clamping the spikes keeps every stage on its target
+while the predictors still learn which tokens matter (``train_defaults`` below; the README's
+"The embedded default model" has the runs).
 
 License of the original (raoyongming/DynamicViT): MIT.  This file is our own code.
 """
@@ -75,6 +70,7 @@ import torch.nn.functional as F
 
 from tokenbench.backbones import (TokenState, add_module, applied_method, backbone_of, last_state,
                                   plan_settings)
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.methods._policy import softmax_with_policy
@@ -168,17 +164,7 @@ def _on_start(model, x, st: TokenState) -> None:
 DECISION_CLIP = "dvit_decision_grad_clip"  # plan setting written by train_setup (training option)
 
 
-class _ClampGrad(torch.autograd.Function):
-    """Identity forward; the incoming gradient clamped element-wise to [-c, c]."""
-
-    @staticmethod
-    def forward(ctx, x, c):
-        ctx.c = c
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.clamp(-ctx.c, ctx.c), None
+_ClampGrad = hier._ClampGrad  # identity forward, gradient clamped element-wise to [-c, c]
 
 
 def _make_stage_hook(stage: int, keep_rate: float):
@@ -206,8 +192,7 @@ def _make_stage_hook(stage: int, keep_rate: float):
             return x
         score = predictor(x[:, npf:])[:, :, 0]                     # keep log-probability [B, N]
         keep_idx = torch.argsort(score, dim=1, descending=True)[:, :k]
-        prefix = torch.arange(npf, device=x.device, dtype=keep_idx.dtype).expand(b, npf)
-        return st.keep(x, torch.cat([prefix, keep_idx + npf], dim=1))
+        return st.keep(x, with_prefix(keep_idx, npf))
 
     return hook
 
@@ -384,7 +369,7 @@ class DynamicViT(Method):
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages (ViT); "
               "rho of the keep ratios rho, rho - 0.2, rho - 0.4 of stage 3 (ConvNeXt, Swin)",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
     )
     train_params = (
         Param("keep_prior_init", "bool", False,
@@ -408,14 +393,14 @@ class DynamicViT(Method):
     learned = True
     needs_class_token = True
     deterministic = True
-    search_param = "keep_rate"
+    knob = "keep_rate"
     backbones = ("vit", "convnext", "swin")
 
     def apply(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)
         if bb.name != "vit":
             return hier.apply_dynamicvit(model, keep_rate)
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         sites = bb.sites("quarters")
         dim = bb.width
         preds = model._modules.get(PREDICTOR_ATTR)
@@ -430,10 +415,6 @@ class DynamicViT(Method):
         for s, i in enumerate(sites):
             plan.pre[i] = _make_stage_hook(s, keep_rate)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)

@@ -47,7 +47,8 @@ import math
 
 import torch
 
-from tokenbench.backbones import AttnInfo, TokenState, backbone_of, plan_settings
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement, plan_settings
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.registry import Method, Param, register
 
 
@@ -61,18 +62,6 @@ def n_kept(keep_rate: float, n: int) -> int:
 def attentive_tokens(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] of the ``k`` most attended tokens of ``cls_attn`` [B, n], most attended first."""
     return torch.topk(cls_attn, k, dim=1, largest=True, sorted=True)[1]
-
-
-def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """The indices of ``range(n)`` not in ``idx`` [B, k], in increasing order: [B, n - k].
-
-    Writing 0 over the kept positions of ``arange(n)`` and sorting leaves ``k`` (or
-    ``k + 1``, when 0 itself is dropped) leading zeros; what follows the first ``k`` is the
-    dropped positions in order.
-    """
-    k = idx.shape[1]
-    ar = torch.arange(n, device=idx.device).expand(idx.shape[0], n)
-    return ar.scatter(1, idx, 0).sort(dim=1)[0][:, k:]
 
 
 def warmup_keep_rate(epoch: float, keep_rate: float, shrink_start_epoch: float, shrink_epochs: float) -> float:
@@ -106,9 +95,7 @@ def _evit_hook(keep_rate: float, fuse_token: bool):
             return x
         attn = info.cls_attn()[:, p:]                     # [B, n], raw softmax row of the class token
         idx = attentive_tokens(attn, k)
-        b = x.shape[0]
-        prefix = torch.arange(p, device=x.device, dtype=idx.dtype).expand(b, p)
-        kept_idx = torch.cat([prefix, idx + p], dim=1)
+        kept_idx = with_prefix(idx, p)
         if not fuse_token:
             return state.keep(x, kept_idx)
         dropped = complement(idx, n)
@@ -126,7 +113,7 @@ class EViT(Method):
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one (blocks 3, 6, 9)."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of the non-prefix tokens kept at each of the three sites",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
         Param("fuse_token", "bool", True, "fuse the inattentive tokens into one (weighted by class attention) "
                                           "instead of dropping them"),
     )
@@ -136,10 +123,8 @@ class EViT(Method):
         Param("shrink_epochs", "float", 0.0, "training: epochs of the cosine keep-rate warm-up from 1 to "
                                              "keep_rate (0: keep_rate from the start)", min=0.0),
     )
-    learned = False
     needs_class_token = True
-    deterministic = True
-    search_param = "keep_rate"
+    knob = "keep_rate"
 
     def train_step(self, model, params: dict, epoch: float) -> None:
         """Before each training step: the warm-up's keep rate for this step."""
@@ -149,16 +134,12 @@ class EViT(Method):
 
     def apply(self, model, keep_rate=0.7, fuse_token=True, **params):
         bb = backbone_of(model, self.name)
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         if keep_rate < 1:
             for i in bb.sites("quarters"):
                 plan.mid[i] = _evit_hook(float(keep_rate), bool(fuse_token))
                 plan.needs[i] = ("cls_attn",)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate=0.7, fuse_token=True, **params):
         bb = backbone_of(model, self.name)

@@ -45,7 +45,7 @@ Deviations and choices:
 - a stage whose cluster count is not below the current patch count leaves the tokens as
   they are (the official would reorder them into medoid order: no effect on the output);
 - FLOPs: the pairwise distances (``torch.cdist``, ``N^2 C`` multiply-adds per site) are
-  counted through an fvcore handle registered here; the extra attention matrices count as
+  counted through an fvcore handle of the FLOPs code; the extra attention matrices count as
   matmuls; the comparisons, sums and arg-mins of the iterations are not counted;
 - the official computes ``int(N0 * keep_rate ** s)`` per stage independently; so do we,
   capped at the current count and at least 1 (``keep_counts``).
@@ -55,9 +55,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods._staged import keep_counts, staged_schedule
-from tokenbench.measure import register_flop_handle
 from tokenbench.registry import Method, Param, register
 
 _MASKED = 1000000.0  # the official value written over rows outside a cluster
@@ -100,30 +100,11 @@ def medoid_merge_indices(medoids: torch.Tensor, assign: torch.Tensor, n_prefix: 
     the other patch tokens; for each of them, its slot in the kept list [B, N - K]), all as
     indices into the whole sequence.  Also the [B, P + N] mask of the kept tokens."""
     b, n = assign.shape
-    k = medoids.shape[1]
-    is_medoid = torch.zeros_like(assign, dtype=torch.int8).scatter(1, medoids, torch.ones_like(medoids, dtype=torch.int8))
-    others = torch.argsort(is_medoid, dim=1, stable=True)[:, :n - k]
-    prefix = torch.arange(n_prefix, device=assign.device).expand(b, n_prefix)
-    keep_idx = torch.cat([prefix, medoids + n_prefix], dim=1)
+    others = complement(medoids, n)
     dst = assign.gather(1, others) + n_prefix
-    kept_mask = torch.cat([torch.ones_like(prefix, dtype=torch.bool), is_medoid.bool()], dim=1)
-    return keep_idx, others + n_prefix, dst, kept_mask
-
-
-def cdist_flop(inputs, outputs) -> int:
-    """fvcore handle for aten::cdist, [B, P, M] x [B, R, M]: B * P * R * M multiply-adds (as a
-    Gram matrix costs; fvcore would otherwise count the pairwise distances as free)."""
-    from fvcore.nn.jit_handles import get_shape
-
-    *batch, p, m = get_shape(inputs[0])
-    r = get_shape(inputs[1])[-2]
-    b = 1
-    for s in batch:
-        b *= s
-    return b * p * r * m
-
-
-register_flop_handle("aten::cdist", cdist_flop)
+    kept_mask = torch.ones(b, n_prefix + n, dtype=torch.bool, device=assign.device)
+    kept_mask[:, n_prefix:].scatter_(1, others, False)
+    return with_prefix(medoids, n_prefix), others + n_prefix, dst, kept_mask
 
 
 # --------------------------------------------------------------------------- hooks
@@ -159,17 +140,13 @@ class KMedoids(Method):
     summary = ("K-Medoids of the patch tokens before blocks 3, 6, 9 (attention-weighted, top-k init); "
                "the medoids continue, int(N0 * keep_rate ** s) of them.")
     family = "merging"
-    learned = False
     params = (
         Param("keep_rate", "float", 0.7,
               "clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
         Param("iters", "int", 3, "K-Medoids iterations (official --cluster_iters)", min=0, max=50),
     )
     knob = "keep_rate"
-    seed_param = None
-    deterministic = True
-    needs_class_token = False
 
     def apply(self, model, keep_rate: float = 0.7, iters: int = 3):
         bb = backbone_of(model, self.name)
@@ -180,10 +157,6 @@ class KMedoids(Method):
             plan.needs[site - 1] = ("attn",)
             plan.pre[site] = _cluster_hook(k, int(iters))
         return model
-
-    @classmethod
-    def reduces(cls, params) -> bool:
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, iters: int = 3):
         return staged_schedule(backbone_of(model, self.name), keep_rate, "pre")

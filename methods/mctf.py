@@ -56,6 +56,7 @@ from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.backbones.vit import attention_probs
 from tokenbench.backbones.tokens import constant_range
 from tokenbench.errors import UserError
+from tokenbench.methods.tome import schedule
 from tokenbench.registry import Method, Param, register
 
 
@@ -250,11 +251,10 @@ class MCTF(Method):
     summary = ("Multi-Criteria Token Fusion: bidirectional matching weighted by similarity, "
                "informativeness and size; attention-weighted fusion with one-step-ahead attention.")
     family = "merging"
-    learned = False
     params = (
         Param("r", "int_or_list", 16,
               "tokens fused per block: one number for blocks 1..depth-1 (the official activate_layer), "
-              "or a list (one per block, padded with zeros)", min=0),
+              "or a list (one per block, padded with zeros)", min=0, identity=0),
         Param("tau_sim", "float", 1.0, "temperature of the similarity criterion (0: off)", min=0.0),
         Param("tau_info", "float", 20.0, "temperature of the informativeness criterion (0: off)", min=0.0),
         Param("tau_size", "float", 40.0, "temperature of the size criterion (0: off)", min=0.0),
@@ -266,27 +266,15 @@ class MCTF(Method):
         Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
     )
     knob = "r"
-    seed_param = None
-    deterministic = True
     needs_class_token = True
-
-    @staticmethod
-    def schedule(r, depth: int) -> list[int]:
-        if isinstance(r, (list, tuple)):
-            rs = [int(v) for v in r]
-            if len(rs) > depth:
-                raise UserError(f"mctf: r has {len(rs)} entries but the model has {depth} blocks")
-            return rs + [0] * (depth - len(rs))
-        return [0] + [int(r)] * (depth - 1)
 
     def apply(self, model, r=16, tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirection=True,
               one_step_ahead=1, pooling=1, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
-        bb.check(self.name, need_class_token=True)  # no class token: the standard refusal
         if bb.n_prefix != 1:
             raise UserError(f"mctf: needs exactly one prefix token (the class token); this model has {bb.n_prefix}")
-        rs = self.schedule(r, bb.depth)
-        plan = bb.prepare(self.name, need_class_token=True)
+        rs = schedule(r, bb.depth, self.name, first=1)  # block 0 fuses nothing (activate_layer)
+        plan = bb.prepare(self.name)
         plan.prop_attn = bool(prop_attn)
         for i, ri in enumerate(rs):
             if ri > 0:
@@ -295,16 +283,11 @@ class MCTF(Method):
                 plan.attend[i] = _take_ahead
         return model
 
-    @classmethod
-    def reduces(cls, params):
-        r = params["r"]
-        return (sum(r) if isinstance(r, list) else r) > 0
-
     def expected_tokens(self, model, r=16, **params):
         bb = backbone_of(model, self.name)
         n = bb.num_patches + bb.n_prefix
         tokens, tokens_mlp = [], []
-        for ri in self.schedule(r, bb.depth):
+        for ri in schedule(r, bb.depth, self.name, first=1):
             if ri > 0:
                 n -= clip_r(ri, n, bb.n_prefix)
             tokens.append(n)

@@ -18,10 +18,6 @@ class NoReduction(Method):
         backbone_of(model, self.name).prepare(self.name)
         return model
 
-    @classmethod
-    def reduces(cls, params):
-        return False
-
     def expected_tokens(self, model, **params):
         dense = backbone_of(model, self.name).dense_tokens()
         return dense, list(dense)

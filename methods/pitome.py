@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.registry import Method, Param, register
 
 ELU_ALPHA = 1.0
@@ -140,9 +141,7 @@ def _merge_hook(ratio: float, margin: float, bsm: bool):
         if r <= 0:
             return x
         plan = pitome_plan(info.keys[:, p:], r, margin, bsm)
-        b = x.shape[0]
-        prefix = torch.arange(p, device=x.device).expand(b, p)
-        keep = torch.cat([prefix, plan.keep + p], dim=1)
+        keep = with_prefix(plan.keep, p)
         return st.merge(x, keep, plan.src + p, plan.dst + p, mode="mean")
 
     return mid
@@ -154,18 +153,14 @@ class PiToMe(Method):
     version = "1"
     summary = "PiToMe: energy-ranked token merging; low-energy (isolated) tokens are protected."
     family = "merging"
-    learned = False
     params = (
         Param("ratio", "float", 0.9125,
               "fraction of the non-prefix tokens each block keeps (r = floor(T - T*ratio) merged)",
-              min=0.5, max=1.0),
+              min=0.5, max=1.0, identity=1.0),
         Param("prop_attn", "bool", False,
               "proportional attention (log token size on the logits); off in the official DeiT patch"),
     )
     knob = "ratio"
-    seed_param = None
-    deterministic = True
-    needs_class_token = False
 
     def apply(self, model, ratio=0.9125, prop_attn=False, **params):
         bb = backbone_of(model, self.name)
@@ -178,10 +173,6 @@ class PiToMe(Method):
             plan.mid[i] = _merge_hook(float(ratio), m, i < n_bsm)
             plan.needs[i] = ("keys",)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        return params["ratio"] < 1.0
 
     def expected_tokens(self, model, ratio=0.9125, prop_attn=False, **params):
         bb = backbone_of(model, self.name)

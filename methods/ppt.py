@@ -41,8 +41,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
-from tokenbench.errors import UserError
-from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r
+from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r, schedule
 from tokenbench.registry import Method, Param, register
 
 
@@ -90,16 +89,6 @@ def ppt_selection(keys: torch.Tensor, scores: torch.Tensor, r: int, n_prefix: in
     return keep, src, dst, drop
 
 
-def site_r(r, n_sites: int) -> list[int]:
-    """``r`` as one value per site (an int for all; a list padded with zeros, the official parse_r)."""
-    if isinstance(r, (list, tuple)):
-        rs = [int(v) for v in r]
-        if len(rs) > n_sites:
-            raise UserError(f"ppt: r has {len(rs)} entries but there are {n_sites} sites")
-        return rs + [0] * (n_sites - len(rs))
-    return [int(r)] * n_sites
-
-
 # --------------------------------------------------------------------------- hook
 
 def _ppt_hook(r: int, threshold: float):
@@ -122,25 +111,22 @@ class PPT(Method):
     summary = ("Token Pruning and Pooling: per image, ToMe pooling when the significance scores' "
                "variance is low, else pruning of the least significant tokens (blocks 3, 6, 9).")
     family = "hybrid"
-    learned = False
     params = (
         Param("r", "int_or_list", 50,
               "tokens removed at each site (blocks 3, 6, 9): one number, or a list (one per site); "
-              "at most half the non-prefix tokens", min=0),
+              "at most half the non-prefix tokens", min=0, identity=0),
         Param("threshold", "float", 7e-5,
               "score-variance threshold: images below it pool (merge), the others prune", min=0.0),
         Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
     )
     knob = "r"
-    seed_param = None
-    deterministic = True
     needs_class_token = True
 
     def apply(self, model, r=50, threshold=7e-5, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
         sites = bb.sites("quarters")
-        rs = site_r(r, len(sites))
-        plan = bb.prepare(self.name, need_class_token=True)
+        rs = schedule(r, len(sites), self.name, "reduction sites")  # the official parse_r
+        plan = bb.prepare(self.name)
         plan.prop_attn = bool(prop_attn)
         for i, ri in zip(sites, rs):
             if ri > 0:
@@ -148,16 +134,11 @@ class PPT(Method):
                 plan.needs[i] = ("keys", "cls_attn", "values")
         return model
 
-    @classmethod
-    def reduces(cls, params):
-        r = params["r"]
-        return (sum(r) if isinstance(r, list) else r) > 0
-
     def expected_tokens(self, model, r=50, threshold=7e-5, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
         p = bb.n_prefix
         sites = bb.sites("quarters")
-        per_site = dict(zip(sites, site_r(r, len(sites))))
+        per_site = dict(zip(sites, schedule(r, len(sites), self.name, "reduction sites")))
         n = bb.num_patches + p
         tokens, tokens_mlp = [], []
         for i in range(bb.depth):

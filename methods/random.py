@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
@@ -71,16 +72,13 @@ def _make_hook(stage: int, keep_rate: float, seed: int):
 
     def hook(block, x: torch.Tensor, st: TokenState, info) -> torch.Tensor:
         npf = st.n_prefix
-        b, n, _ = x.shape
+        n = x.shape[1]
         k = max(1, int(st.extra["random_n0"] * ratio))
         if k >= n - npf:  # nothing to prune (keep_rate == 1)
             return x
         score = token_scores(key, st.image_ids.to(x.device), n - npf)
         keep_idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        if npf:
-            prefix = torch.arange(npf, device=x.device, dtype=keep_idx.dtype).expand(b, npf)
-            keep_idx = torch.cat([prefix, keep_idx + npf], dim=1)
-        return st.keep(x, keep_idx)
+        return st.keep(x, with_prefix(keep_idx, npf))
 
     return hook
 
@@ -94,13 +92,11 @@ class RandomPrune(Method):
     summary = "Keep a random subset of patch tokens in blocks 3, 6, 9 (keep_rate ** s of them), per image."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
         Param("seed", "int", 0, "seed of the random choice (each image's choice depends on it and the image alone)"),
     )
-    learned = False
-    needs_class_token = False
     deterministic = False
-    search_param = "keep_rate"
+    knob = "keep_rate"
     seed_param = "seed"
     backbones = ("vit", "convnext", "swin")
 
@@ -113,10 +109,6 @@ class RandomPrune(Method):
         for s, i in enumerate(bb.sites("quarters")):
             plan.mid[i] = _make_hook(s, keep_rate, seed)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)

@@ -112,11 +112,10 @@ class ToFu(Method):
     version = "2"
     summary = "Token Fusion: ToMe's matching; prune in early blocks, norm-preserving MLERP merge later."
     family = "hybrid"
-    learned = False
     params = (
         Param("r", "int_or_list", 16,
               "tokens removed per block: one number, or a list (one per block, padded with zeros); "
-              "at most half the tokens in a block", min=0),
+              "at most half the tokens in a block", min=0, identity=0),
         Param("merge_from", "int", HALF_DEPTH,
               "first block that merges (MLERP); earlier blocks prune; -1: half the depth (depth // 2, "
               "the paper's 6 of 12)", min=-1),
@@ -125,9 +124,6 @@ class ToFu(Method):
         Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
     )
     knob = "r"
-    seed_param = None
-    deterministic = True
-    needs_class_token = False
 
     def apply(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
@@ -140,11 +136,6 @@ class ToFu(Method):
                 plan.mid[i] = _hook(ri, prune=i < start, size_weighted=bool(size_weighted))
                 plan.needs[i] = ("keys",)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        r = params["r"]
-        return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
         return merged_schedule(backbone_of(model, self.name), r)

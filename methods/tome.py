@@ -145,14 +145,16 @@ def merge_source(source: torch.Tensor, m: Matching) -> torch.Tensor:
     return merge(source, m, "amax")
 
 
-def schedule(r, depth: int) -> list[int]:
-    """``r`` (an int or a per-block list) as one value per block (lists padded with zeros)."""
+def schedule(r, slots: int, method: str = "tome", what: str = "blocks", first: int = 0) -> list[int]:
+    """A per-block (or per-site) count ``r`` as one value per slot: an int applies to every slot
+    from ``first`` on, a list gives one value per slot (padded with zeros; a longer list is refused).
+    ToMe, ToFu, MCTF and PPT read their ``r`` through it."""
     if isinstance(r, (list, tuple)):
         rs = [int(v) for v in r]
-        if len(rs) > depth:
-            raise UserError(f"tome: r has {len(rs)} entries but the model has {depth} blocks")
-        return rs + [0] * (depth - len(rs))
-    return [int(r)] * depth
+        if len(rs) > slots:
+            raise UserError(f"{method}: r has {len(rs)} entries but the model has {slots} {what}")
+        return rs + [0] * (slots - len(rs))
+    return [0] * first + [int(r)] * (slots - first)
 
 
 # --------------------------------------------------------------------------- hook
@@ -231,13 +233,10 @@ class ToMe(Method):
     params = (
         Param("r", "int_or_list", 16,
               "tokens merged per block: one number, or a list (one per block, padded with zeros); "
-              "at most half the tokens merge in a block", min=0),
+              "at most half the tokens merge in a block", min=0, identity=0),
         Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
     )
-    learned = False
-    needs_class_token = False
-    deterministic = True
-    search_param = "r"
+    knob = "r"
 
     def apply(self, model, r=16, prop_attn=True, **params):
         bb = backbone_of(model, self.name)
@@ -249,11 +248,6 @@ class ToMe(Method):
                 plan.mid[i] = _merge_hook(ri)
                 plan.needs[i] = ("keys",)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        r = params["r"]
-        return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=16, prop_attn=True, **params):
         return merged_schedule(backbone_of(model, self.name), r)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
 
@@ -36,14 +37,13 @@ def _make_hook(stage: int, keep_rate: float):
 
     def hook(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
         npf = st.n_prefix
-        b, n, _ = x.shape
+        n = x.shape[1]
         k = max(1, int(st.extra["topk_n0"] * ratio))
         if k >= n - npf:  # nothing to prune (keep_rate == 1)
             return x
         score = info.cls_attn()[:, npf:]                              # [B, N]
         keep_idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        prefix = torch.arange(npf, device=x.device, dtype=keep_idx.dtype).expand(b, npf)
-        return st.keep(x, torch.cat([prefix, keep_idx + npf], dim=1))
+        return st.keep(x, with_prefix(keep_idx, npf))
 
     return hook
 
@@ -55,25 +55,19 @@ class TopK(Method):
     summary = "Keep the patch tokens with the highest class-token attention in blocks 3, 6, 9 (keep_rate ** s of them)."
     params = (
         Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
-              min=0.0, max=1.0, min_exclusive=True),
+              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
     )
-    learned = False
     needs_class_token = True
-    deterministic = True
-    search_param = "keep_rate"
+    knob = "keep_rate"
 
     def apply(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         plan.on_start.append(_on_start)
         for s, i in enumerate(bb.sites("quarters")):
             plan.mid[i] = _make_hook(s, keep_rate)
             plan.needs[i] = ("cls_attn",)
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         return staged_schedule(backbone_of(model, self.name), keep_rate, "mid")

@@ -67,9 +67,8 @@ import math
 
 import torch
 
-from tokenbench.backbones import AttnInfo, TokenState, backbone_of
-from tokenbench.backbones.tokens import constant, constant_range
-from tokenbench.methods.evit import complement
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
+from tokenbench.backbones.tokens import constant, constant_range, with_prefix
 from tokenbench.methods.tome import schedule
 from tokenbench.registry import Method, Param, register
 
@@ -154,13 +153,13 @@ def zero_tprune_keep(attn: torch.Tensor, keys: torch.Tensor, n_prefix: int, r_s:
     p, n = n_prefix, big_n - n_prefix
     attn = attn.float()
     dev = attn.device
-    patches = constant_range(p, big_n, dev).expand(b, n)                  # patch positions in the sequence
+    patches = constant_range(0, n, dev).expand(b, n)                      # surviving patches, from the first
     if r_s > 0:
         s = wpr_init(b, h, big_n, cls_index, dev, attn.dtype)
         pre = aggregate_heads(weighted_pagerank(attn, s, 1), p, eir, vhf, var_min, var_max)
         pruned = similar_in_lower_half(keys[:, p:].float(), pre, r_s)
-        patches = complement(pruned, n) + p                                 # survivors, in order
-        seq = torch.cat([constant_range(0, p, dev).expand(b, p), patches], 1)
+        patches = complement(pruned, n)                                     # survivors, in order
+        seq = with_prefix(patches, p)
         attn = attn.gather(2, seq[:, None, :, None].expand(-1, h, -1, big_n))
         attn = attn.gather(3, seq[:, None, None, :].expand(-1, h, seq.shape[1], -1))
         attn = attn / attn.sum(-1, keepdim=True)                            # the survivors' softmax
@@ -170,7 +169,7 @@ def zero_tprune_keep(attn: torch.Tensor, keys: torch.Tensor, n_prefix: int, r_s:
         imp = aggregate_heads(weighted_pagerank(attn, s, iters), p, eir, vhf, var_min, var_max)
         top = imp.topk(m - r_i, dim=-1).indices.sort(dim=-1).values
         patches = patches.gather(1, top)
-    return torch.cat([constant_range(0, p, dev).expand(b, p), patches], 1)
+    return with_prefix(patches, p)
 
 
 def iterations(i: int, depth: int, first: int, mid: int, last: int) -> int:
@@ -202,10 +201,9 @@ class ZeroTPrune(Method):
     version = "1"
     summary = "Zero-TPrune: weighted PageRank on the attention graph (I-stage) and similar-key pruning (S-stage)."
     family = "pruning"
-    learned = False
     params = (
         Param("r", "int_or_list", 12, "patch tokens pruned per block (S-stage and I-stage together): one "
-              "number, or a list (one per block, padded with zeros)", min=0),
+              "number, or a list (one per block, padded with zeros)", min=0, identity=0),
         Param("s_share", "float", 0.5, "share of r pruned by the S-stage (similarity), the rest by the I-stage; "
               "0.5 is ours, the paper's value was not found, and it matters (README)", min=0.0, max=1.0),
         Param("iters_first", "int", 30, "WPR iterations in the first three blocks (paper: 30-50)", min=1),
@@ -218,9 +216,6 @@ class ZeroTPrune(Method):
         Param("var_max", "float", 0.7, "VHF: highest variance of a head's scores (divided by their mean)", min=0.0),
     )
     knob = "r"
-    seed_param = None
-    deterministic = True
-    needs_class_token = False
 
     def apply(self, model, r=12, s_share=0.5, iters_first=30, iters_mid=5, iters_last=1, cls_init=True,
               eir=True, vhf=True, var_min=0.01, var_max=0.7, **params):
@@ -236,11 +231,6 @@ class ZeroTPrune(Method):
             plan.mid[i] = _hook(rs[i], float(s_share), its, cls_index, opts)
             plan.needs[i] = ("attn", "keys")
         return model
-
-    @classmethod
-    def reduces(cls, params):
-        r = params["r"]
-        return (sum(r) if isinstance(r, list) else r) > 0
 
     def expected_tokens(self, model, r=12, s_share=0.5, **params):
         bb = backbone_of(model, self.name)

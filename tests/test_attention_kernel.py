@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import peak_weights, random_images, tiny_vit
-from tokenbench import measure, registry, vit
+from tokenbench import measure, registry
+from tokenbench.backbones import AttnInfo
 
 
 def _set_fused(model, on: bool) -> None:
@@ -40,6 +41,6 @@ def test_class_attention_is_one_row():
     # what EViT and top-k read: the class query against all keys, never the full matrix
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
-    info = vit.AttnInfo(q, k, None, 0.5, 1)
+    info = AttnInfo(q, k, None, 0.5, 1)
     full = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)
     torch.testing.assert_close(info.cls_attn(), full[:, :, 0].mean(1))

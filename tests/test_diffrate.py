@@ -8,8 +8,8 @@ import timm
 import torch
 
 from conftest import peak_weights, random_images
-from tokenbench import registry, vit
-from tokenbench.backbones import TokenState, last_state, plan_of
+from tokenbench import registry
+from tokenbench.backbones import TokenState, last_state, plan_of, set_track_source
 from tokenbench.errors import UserError
 from tokenbench.methods.diffrate import SCHEDULES, block_counts, kept_patches
 
@@ -111,7 +111,7 @@ def test_matches_reference(variant, schedule, power):
     model = make_model(variant).double()
     imgs = random_images(model, 2, dtype=torch.float64)
     registry.apply(model, "diffrate", prune=prune, merge=merge, power=power)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         out = model(imgs)
         ref, members = ref_forward(model, imgs, prune, merge, power)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import peak_weights, random_images, tiny_vit
-from tokenbench import registry, vit
-from tokenbench.backbones import image_ids, last_state
+from tokenbench import registry
+from tokenbench.backbones import image_ids, last_state, set_track_source
 from tokenbench.errors import UserError
 
 
@@ -105,7 +105,7 @@ def test_token_counts(keep_rate):
 def test_clusters_partition_the_patches():
     model = peak_weights(tiny_vit())
     registry.apply(model, "dpcknn", keep_rate=0.6)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(random_images(model, 3))
     st = last_state(model)

@@ -8,15 +8,15 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tokenbench import registry, vit
+from tokenbench import registry
 from tokenbench.errors import UserError
-from tokenbench.backbones import TokenState, last_state
+from tokenbench.backbones import TokenState, backbone_of, last_state, restore
 from tokenbench.backbones.vit import attention
 from tokenbench.methods._policy import softmax_with_policy
 from tokenbench.methods._staged import keep_counts
 
 registry.load_methods()
-dv = sys.modules["tokenbench_methods.dynamicvit"]
+dv = sys.modules["tokenbench.methods.dynamicvit"]
 
 
 def tiny(img=64, patch=8, **kw):
@@ -89,7 +89,7 @@ def ref_keep_score(pred, t):
 @torch.no_grad()
 def ref_dynamicvit(model, images, keep_rate):
     n0 = model.patch_embed.num_patches
-    sites = vit.depth_sites(len(model.blocks))
+    sites = backbone_of(model).sites("quarters")
     out = []
     for img in images:  # one image at a time
         t = model._pos_embed(model.patch_embed(img[None]))[0]
@@ -258,7 +258,7 @@ def test_reapply_keeps_loaded_predictors():
     w = m.score_predictor[1].out_conv[2].weight.clone()
     registry.apply(m, "dynamicvit", keep_rate=0.5)
     assert torch.equal(m.score_predictor[1].out_conv[2].weight, w)
-    vit.restore(m)
+    restore(m)
     assert not any(k.startswith("score_predictor") for k in m.state_dict())
 
 

@@ -12,9 +12,10 @@ from conftest import peak_weights, random_images
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tokenbench import registry, vit
+from tokenbench import registry
 from tokenbench.errors import UserError
-from tokenbench.backbones import last_state, plan_of
+from tokenbench.backbones.vit import quarter_sites
+from tokenbench.backbones import backbone_of, last_state, plan_of, set_track_source
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
 SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
@@ -106,7 +107,7 @@ def test_matches_reference(variant, keep_rate, fuse_token):
     model = make_model(variant).double()
     imgs = images(model, 3, dtype=torch.float64)
     registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         out = model(imgs)
         ref, members = ref_forward(model, imgs, keep_rate, fuse_token)
@@ -134,7 +135,7 @@ def test_matches_reference_float32():
 def test_other_depth_uses_quarter_sites():
     model = make_model("cls", dict(TINY, depth=8)).double()
     imgs = images(model, 2, dtype=torch.float64)
-    assert vit.depth_sites(8) == [2, 4, 6]
+    assert quarter_sites(8) == [2, 4, 6]
     registry.apply(model, "evit", keep_rate=0.6)
     with torch.no_grad():
         out = model(imgs)
@@ -145,7 +146,7 @@ def test_other_depth_uses_quarter_sites():
 def test_default_schedule():
     m = registry.get_method("evit")
     assert m.defaults() == {"keep_rate": 0.7, "fuse_token": True}
-    assert m.search_param == "keep_rate" and m.needs_class_token and not m.learned
+    assert m.knob == "keep_rate" and m.needs_class_token and not m.learned
     model = make_model("cls", SMALL)  # 1 + 64 tokens
     tokens, mlp = m().expected_tokens(model)
     # 64 -> ceil(44.8) = 45 (+1 fused); the fused token counts as a token next time: ceil(0.7 * 46) = 33 (+1) ...
@@ -209,13 +210,13 @@ def test_needs_class_token():
 def test_source_map_partitions_patches(variant):
     model = make_model(variant, TINY)
     registry.apply(model, "evit", keep_rate=0.6)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
     st_ = last_state(model)
     assert [s["block"] for s in st_.stages] == [3, 6, 9] and all(s["kind"] == "fuse" for s in st_.stages)
     p = model.num_prefix_tokens
-    n0 = vit.num_patches(model) + p
+    n0 = backbone_of(model).num_patches + p
     for j, (s, tm) in enumerate(zip(st_.stages, [st_.tokens_mlp[i] for i in (3, 6, 9)])):
         src = s["source"]
         assert src.shape == (3, tm, n0) and s["fused_last"]
@@ -230,7 +231,7 @@ def test_source_map_partitions_patches(variant):
 def test_source_map_without_fusion():
     model = make_model("cls", TINY)
     registry.apply(model, "evit", keep_rate=0.6, fuse_token=False)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
     stages = last_state(model).stages

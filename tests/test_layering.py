@@ -24,15 +24,13 @@ MODEL_INSIDES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "cls
 # counted where they are read from a model.
 MODEL_ONLY_INSIDES = {"stages", "layers", "stem", "head"}
 MODEL_NAMES = {"model", "net", "teacher", "student", "owner", "m"}
-# The deprecated shim for 0.1 plugins only re-exports the backbone layer.
-EXEMPT = {"vit.py"}
 # Words the harness uses for its own concepts, whichever method also names a parameter so.
 HARNESS_WORDS = {"seed", "ratio", "target", "limit", "threshold", "search"}
 
 
 def harness_modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py")
-                  if "backbones" not in p.relative_to(PACKAGE).parts and p.name not in EXEMPT
+                  if "backbones" not in p.relative_to(PACKAGE).parts
                   and p.relative_to(PACKAGE).parts[0] != "methods")
 
 

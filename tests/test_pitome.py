@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from test_tome import SMALL, TINY, images, make_model
-from tokenbench import registry, vit
-from tokenbench.backbones import last_state
+from tokenbench import registry
+from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
 
 
@@ -105,7 +105,7 @@ def test_matches_reference(variant, ratio, prop_attn):
     model = make_model(variant).double()
     imgs = images(model, 3, dtype=torch.float64)
     registry.apply(model, "pitome", ratio=ratio, prop_attn=prop_attn)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         out = model(imgs)
         ref, members = ref_forward(model, imgs, ref_pitome(ratio, 12), prop_attn)
@@ -187,7 +187,7 @@ def test_bad_params(params):
 def test_source_map_partitions_patches():
     model = make_model("distilled", SMALL)
     registry.apply(model, "pitome", ratio=0.8)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
     st_ = last_state(model)

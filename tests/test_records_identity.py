@@ -1,4 +1,4 @@
-"""Records know which code, data and settings made them (issue: records that know their code).
+"""Records know which code, data and settings made them.
 
 An edited method gives a new key, two image folders give two accuracy records, a record
 of an older protocol is stale in the report and measured again by the sweep, speedups
@@ -30,7 +30,7 @@ def plugins():
 
 
 def _plugin(tmp_path: Path, name: str, body: str):
-    """Load a method file from ``tmp_path`` under the public method namespace, as a plugin would."""
+    """Load a method file from ``tmp_path`` as a plugin package's module."""
     import importlib.util
     import sys
 
@@ -38,7 +38,7 @@ def _plugin(tmp_path: Path, name: str, body: str):
 
     path = tmp_path / f"{name}.py"
     path.write_text(textwrap.dedent(body))
-    mod_name = f"tokenbench_methods.{name}"
+    mod_name = f"tb_plugin_{name}"
     sys.modules.pop(mod_name, None)
     spec = importlib.util.spec_from_file_location(mod_name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -48,7 +48,7 @@ def _plugin(tmp_path: Path, name: str, body: str):
 
 
 PLUGIN = """
-from tokenbench import vit
+from tokenbench.backbones import prepare
 from tokenbench.registry import Method, Param, register
 
 
@@ -59,7 +59,7 @@ class Halve(Method):
     params = (Param("keep_rate", "float", 0.5, "fraction kept", min=0.0, max=1.0, min_exclusive=True),)
 
     def apply(self, model, keep_rate=0.5, **params):
-        plan = vit.prepare(model, self.name)
+        plan = prepare(model, self.name)
 
         def hook(block, x, st, info):
             k = max(1, int((x.shape[1] - st.n_prefix) * keep_rate))  # EDIT-ME
@@ -175,7 +175,7 @@ def test_editing_a_method_file_changes_its_key_and_no_other_methods(tmp_path, mo
     tome = tmp_path / "methods" / "tome.py"
     tome.write_text(tome.read_text() + "\nEDITED = 1\n")
     changed = {n for n, k in _keys_with(monkeypatch, copies).items() if k != after[n]}
-    assert changed == {"tome", "tofu", "ppt"}
+    assert changed == {"tome", "tofu", "ppt", "mctf"}
 
 
 def _folder(root: Path, classes: dict[str, int], size: int = 8, seed: int = 0) -> Path:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from tokenbench import registry, vit
+from tokenbench import registry
 from tokenbench.errors import UserError
-from tokenbench.backbones import last_state
+from tokenbench.backbones import last_state, restore
 
 BUILTIN = {"none", "dynamicvit", "tome", "evit", "topk", "random"}
 
@@ -56,7 +56,7 @@ def test_apply_keeps_parameters_and_restore_gives_timm_back():
     with torch.no_grad():
         assert not torch.allclose(m(x), ref)
     assert set(m.state_dict()) == set(tiny_vit().state_dict())
-    vit.restore(m)
+    restore(m)
     with torch.no_grad():
         assert torch.equal(m(x), ref)
 
@@ -75,7 +75,7 @@ def test_refuses_non_vit_models():
 
 PLUGIN = textwrap.dedent('''
     import torch
-    from tokenbench import vit
+    from tokenbench.backbones import prepare
     from tokenbench.registry import Method, Param
 
     class Halve(Method):
@@ -84,7 +84,7 @@ PLUGIN = textwrap.dedent('''
         params = (Param("site", "int", 6, "block index", min=1, max=11),)
 
         def apply(self, model, site=6):
-            plan = vit.prepare(model, self.name)
+            plan = prepare(model, self.name)
             def pre(block, x, state):
                 p = state.n_prefix
                 keep = torch.cat([torch.arange(p), torch.arange(p, x.shape[1], 2)]).to(x.device)
@@ -129,3 +129,111 @@ def test_declared_schedules_match_what_runs():
             continue
         got = token_counts(m)
         assert got[0] == exp[0] and got[1] == exp[1], name
+
+
+def test_register_refuses_a_name_taken_by_another_class(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.load_methods()))
+
+    class Impostor(registry.Method):
+        name = "tome"
+
+    with pytest.raises(UserError, match="'tome' is registered twice"):
+        registry.register(Impostor)
+    assert registry.get_method("tome").__module__ == "tokenbench.methods.tome"
+    registry.register(registry.get_method("topk"))  # the same class again (a reloaded module): kept
+
+
+def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(tmp_path, monkeypatch):
+    (tmp_path / "tb_plugin_halve.py").write_text(PLUGIN)
+    (tmp_path / "tb_plugin_broken.py").write_text("import tb_no_such_dependency\n")
+    dist = tmp_path / "tb_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tb-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tokenbench.methods]\nbroken = tb_plugin_broken:Broken\n"
+                                           "halve = tb_plugin_halve:Halve\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    with pytest.warns(UserWarning) as caught:
+        names = registry.load_methods()
+    assert "halve" in names and "tome" in names
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "'broken'" in lines[0] and "ModuleNotFoundError" in lines[0] and "tb_no_such_dependency" in lines[0]
+
+
+def _toy(knob_param: registry.Param, **attrs) -> type:
+    def apply(self, model, **p):
+        from tokenbench.backbones import prepare  # (the method itself checks nothing)
+
+        prepare(model, self.name)
+        return model
+
+    body = {"name": "tb_toy", "params": (knob_param,), "knob": knob_param.name, "apply": apply, **attrs}
+    return type("Toy", (registry.Method,), body)
+
+
+def test_reduces_by_default_unless_the_knob_is_at_its_identity():
+    keep = _toy(registry.Param("keep_rate", "float", 0.7, "kept", min=0.0, max=1.0, identity=1.0))
+    assert keep.reduces({"keep_rate": 0.5}) and not keep.reduces({"keep_rate": 1.0})
+    merge = _toy(registry.Param("r", "int_or_list", 4, "merged", min=0, identity=0))
+    assert merge.reduces({"r": 2}) and merge.reduces({"r": [0, 1]})
+    assert not merge.reduces({"r": 0}) and not merge.reduces({"r": [0, 0, 0]})
+    assert _toy(registry.Param("k", "int", 4, "no identity declared")).reduces({"k": 0})
+    assert not _toy(registry.Param("k", "int", 4, "x", identity=4), family="none").reduces({"k": 0})
+    for name, cls in registry.load_methods().items():  # the built-ins: at the identity, nothing is removed
+        ident = cls.param(cls.knob).identity if cls.knob else None
+        if ident is not None and name != "diffrate":
+            assert not cls.reduces({**cls.defaults(), cls.knob: ident}), name
+            assert cls.reduces(cls.defaults()), name
+
+
+def test_the_harness_refuses_a_model_without_the_class_token_a_method_declares(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.load_methods()))
+
+    toy = _toy(registry.Param("keep_rate", "float", 0.5, "kept", min=0.0, max=1.0, identity=1.0),
+               needs_class_token=True)
+    registry.register(toy)
+    with pytest.raises(UserError, match="tb_toy needs a class token"):
+        registry.apply(tiny_vit(class_token=False, global_pool="avg"), "tb_toy")
+    registry.apply(tiny_vit(), "tb_toy")
+
+
+def test_convert_checkpoint_is_a_declared_hook(monkeypatch):
+    from tokenbench.checkpoint import official_layout
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.load_methods()))
+    assert registry.Method().convert_checkpoint(tiny_vit(), {}) is None
+    m = registry.apply(tiny_vit(), "topk")  # no conversion of its own: the backbone's
+    sd = m.state_dict()
+    assert official_layout(m, sd).keys() == sd.keys()
+
+    def convert(self, model, state):
+        return {k.removeprefix("official."): v for k, v in state.items()}
+
+    registry.register(_toy(registry.Param("k", "int", 1, "x"), convert_checkpoint=convert))
+    m = registry.apply(tiny_vit(), "tb_toy")
+    assert official_layout(m, {"official." + k: v for k, v in sd.items()}).keys() == sd.keys()
+
+
+def test_one_import_name_per_method_file():
+    from pathlib import Path
+
+    for name, cls in registry.load_methods().items():
+        if registry._SOURCES.get(name, "").endswith(".py"):
+            assert cls.__module__ == "tokenbench.methods." + registry._SOURCES[name].rsplit("/", 1)[1][:-3]
+    assert not [m for m in sys.modules if m.startswith(("tokenbench_methods", "tokenbench.builtin_methods"))]
+    import tokenbench
+
+    assert not (Path(tokenbench.__file__).parent / "vit.py").exists()  # the ViT surgery is tokenbench.backbones
+    assert not hasattr(registry.Method, "search_param")
+
+
+def test_installs_map_methods_to_the_one_package_name():
+    """pyproject ships ``methods/`` as ``tokenbench.methods`` (and nothing else under another name)."""
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"] == {"tokenbench.methods": "methods"}
+    assert "tokenbench.methods" in cfg["packages"] and not [p for p in cfg["packages"] if "builtin" in p]

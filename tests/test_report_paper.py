@@ -1,4 +1,4 @@
-"""Issue 13 item 13: tables and plots a paper can use (compact table, controls apart from curves,
+"""Tables and plots a paper can use (compact table, controls apart from curves,
 a visible Pareto frontier, error bars explained, flagged timings hollow)."""
 
 import pytest

@@ -163,7 +163,7 @@ def test_default_sweep_is_valid_and_uses_the_embedded_model():
     assert sw.reference_dir() == Path("results/default")
     from tokenbench.registry import load_methods
 
-    builtin = {n for n, c in load_methods().items() if c.__module__.startswith("tokenbench_methods")}
+    builtin = {n for n, c in load_methods().items() if c.__module__.startswith("tokenbench.methods.")}
     assert builtin <= {e.method for e in sw.methods}
     assert (S.SWEEPS_DIR / "default.toml").is_file()
 

@@ -9,8 +9,8 @@ import torch
 
 from test_pitome import ref_forward
 from test_tome import SMALL, TINY, images, make_model
-from tokenbench import registry, vit
-from tokenbench.backbones import last_state
+from tokenbench import registry
+from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
 
 
@@ -82,7 +82,7 @@ def test_matches_reference(variant, r, merge_from, prop_attn, size_weighted):
     model = make_model(variant).double()
     imgs = images(model, 3, dtype=torch.float64)
     registry.apply(model, "tofu", r=r, merge_from=merge_from, prop_attn=prop_attn, size_weighted=size_weighted)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     rs = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
     start = 6 if merge_from == -1 else merge_from  # -1: half the depth (12 // 2)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_bad_params(params):
 def test_pruned_blocks_drop_patches_merged_blocks_keep_them():
     model = make_model("cls", SMALL)
     registry.apply(model, "tofu", r=4, merge_from=2)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 2))
     stages = last_state(model).stages

@@ -12,9 +12,9 @@ from conftest import peak_weights, random_images
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tokenbench import registry, vit
+from tokenbench import registry
 from tokenbench.errors import UserError
-from tokenbench.backbones import last_state
+from tokenbench.backbones import backbone_of, last_state, set_track_source
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
 SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
@@ -131,7 +131,7 @@ def test_matches_reference(variant, r, prop_attn):
     model = make_model(variant).double()
     imgs = images(model, 3, dtype=torch.float64)
     registry.apply(model, "tome", r=r, prop_attn=prop_attn)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         out = model(imgs)
         r_list = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
@@ -169,7 +169,7 @@ def test_token_counts(variant, r):
     st_ = last_state(model)
     want = registry.get_method("tome")().expected_tokens(model, r=r)
     assert (st_.tokens, st_.tokens_mlp) == want
-    n = vit.num_patches(model) + model.num_prefix_tokens
+    n = backbone_of(model).num_patches + model.num_prefix_tokens
     assert want[0][0] == n
     for t, tm in zip(*want):  # at most half of the non-prefix tokens merge in a block
         assert t - tm <= (t - model.num_prefix_tokens) // 2
@@ -178,7 +178,7 @@ def test_token_counts(variant, r):
 def test_default_and_known_schedule():
     m = registry.get_method("tome")
     assert m.defaults() == {"r": 16, "prop_attn": True}
-    assert m.search_param == "r" and not m.needs_class_token and not m.learned
+    assert m.knob == "r" and not m.needs_class_token and not m.learned
     model = make_model("cls", SMALL)  # 65 tokens
     tokens, mlp = m().expected_tokens(model, r=8)
     assert tokens[:4] == [65, 57, 49, 41]
@@ -226,13 +226,13 @@ def test_refuses_non_vit():
 def test_source_map_partitions_patches(variant):
     model = make_model(variant, TINY)
     registry.apply(model, "tome", r=[3, 4, 2, 0, 5, 2])
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 3))
     st_ = last_state(model)
     assert [s["block"] for s in st_.stages] == [0, 1, 2, 4, 5] and {s["kind"] for s in st_.stages} == {"merge"}
     p = model.num_prefix_tokens
-    n0 = vit.num_patches(model) + p
+    n0 = backbone_of(model).num_patches + p
     for s, tm in zip(st_.stages, [st_.tokens_mlp[i] for i in (0, 1, 2, 4, 5)]):
         src = s["source"]
         assert src.shape == (3, tm, n0)
@@ -276,7 +276,7 @@ def test_merge_functions_small_example():
 def test_schedules_property(r, variant):
     model = make_model(variant, TINY)
     registry.apply(model, "tome", r=r)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     with torch.no_grad():
         model(images(model, 2))
     st_ = last_state(model)

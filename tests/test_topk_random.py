@@ -7,9 +7,9 @@ import pytest
 import timm
 import torch
 
-from tokenbench import registry, vit
+from tokenbench import registry
 from tokenbench.errors import UserError
-from tokenbench.backbones import last_state
+from tokenbench.backbones import backbone_of, image_ids, last_state, set_track_source
 
 
 def tiny(img=64, patch=8, **kw):
@@ -63,7 +63,7 @@ def ref_forward(model, images, keep_rate, choose):
     tokens; ``choose(b, stage, cls_row_of_patches, k)`` gives the kept patch positions."""
     npf = model.num_prefix_tokens
     n0 = model.patch_embed.num_patches
-    sites = vit.depth_sites(len(model.blocks))
+    sites = backbone_of(model).sites("quarters")
     out = []
     for b, img in enumerate(images):  # one image at a time
         t = model._pos_embed(model.patch_embed(img[None]))[0]
@@ -106,7 +106,7 @@ def test_topk_matches_reference(keep_rate):
 
 def test_topk_keeps_original_order():
     m = registry.apply(tiny(), "topk", keep_rate=0.6)
-    vit.set_track_source(m)
+    set_track_source(m)
     with torch.no_grad():
         m(torch.randn(2, 3, 64, 64))
     stages = last_state(m).stages
@@ -192,7 +192,7 @@ def seeded_choice(seed, image_ids=None):
     """The adapter's draw, one image and one token at a time with Python integers: token j of
     image i at stage s scores hash(seed, s, i, j), and each image keeps its k best tokens."""
     registry.load_methods()
-    rnd = sys.modules["tokenbench_methods.random"]
+    rnd = sys.modules["tokenbench.methods.random"]
     m32 = 0xFFFFFFFF
 
     def choose(b, s, row, k):
@@ -220,7 +220,7 @@ def test_random_follows_image_ids():
     m = registry.apply(tiny(), "random", keep_rate=0.6, seed=-7)
     x = torch.randn(3, 3, 64, 64)
     ids = [5, 2 ** 33 + 1, 0]
-    with torch.no_grad(), vit.image_ids(m, torch.tensor(ids)):
+    with torch.no_grad(), image_ids(m, torch.tensor(ids)):
         y = m(x)
     ref = ref_forward(m, x, 0.6, seeded_choice(-7, ids))
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
@@ -229,7 +229,7 @@ def test_random_follows_image_ids():
 
 
 def kept_sets(m, x):
-    vit.set_track_source(m)
+    set_track_source(m)
     with torch.no_grad():
         y = m(x)
     return y, [st["source"].argmax(-1) for st in last_state(m).stages]
@@ -260,5 +260,5 @@ def test_declarations():
     r, t = registry.get_method("random"), registry.get_method("topk")
     assert not r.deterministic and not r.needs_class_token and not r.learned
     assert t.deterministic and t.needs_class_token and not t.learned
-    assert r.search_param == t.search_param == "keep_rate"
+    assert r.knob == t.knob == "keep_rate"
     assert r.defaults() == {"keep_rate": 0.7, "seed": 0} and t.defaults() == {"keep_rate": 0.7}

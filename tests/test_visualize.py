@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from conftest import tiny_vit
 from tokenbench import visualize as vz
 from tokenbench.sweep import DEFAULT_TOLERANCE
-from tokenbench import vit
+from tokenbench.backbones import backbone_of, last_state, set_track_source
 from tokenbench.errors import UserError
 from tokenbench.registry import apply, get_method, list_methods
 
@@ -28,11 +28,11 @@ CASES += [(m["name"], {}) for m in list_methods()]
 def run_tracked(method, params, b=2, seed=0):
     model = tiny_vit()
     apply(model, method, **params)
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model(torch.randn(b, 3, 32, 32, generator=g))
-    return model, vit.last_state(model).stages
+    return model, last_state(model).stages
 
 
 def rows(src_b):
@@ -43,7 +43,7 @@ def rows(src_b):
 def check_bookkeeping(model, method, params, stages):
     """Every invariant of the source map the figures rely on (see the module docstring)."""
     npf = model.num_prefix_tokens
-    n_patches = vit.num_patches(model)
+    n_patches = backbone_of(model).num_patches
     cls = get_method(method)
     expected = cls().expected_tokens(model, **cls.validate(params))
     b = stages[0]["source"].shape[0] if stages else 0
@@ -298,7 +298,7 @@ def test_figure_for_every_method(name, cli, stand_in, flops_cache, tmp_path):
 
     out = tmp_path / f"tokens_{name}.png"
     # at the comparison sheet's budget, so that the two share their FLOPs searches (the default
-    # budget without --flops: tests/test_newcomer_cli.py)
+    # budget without --flops: tests/test_cli.py)
     code, stdout, err = cli("visualize", "default", "--method", name, "--flops", "0.6", "--data-dir", str(stand_in),
                             "--n", "2", "--out", str(out), "--dpi", "40", "--flops-cache", str(flops_cache),
                             "--json")
@@ -328,7 +328,7 @@ def test_comparison_sheet(cli, stand_in, flops_cache, tmp_path):
     assert out.is_file() and s["target"] == 0.6
     assert [c["method"] for c in s["methods"]] == [m["name"] for m in list_methods()]
     for c in s["methods"]:
-        if get_method(c["method"]).search_param:
+        if get_method(c["method"]).knob:
             # near the target; flagged exactly when further than the tolerance (a coarse knob on
             # this 49-patch stand-in, such as a grid of a resized image, may not land closer)
             assert abs(c["flops_ratio"] - 0.6) < 0.05, c

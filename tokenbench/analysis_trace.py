@@ -5,7 +5,7 @@ class-token (or pooled) features (timm's ``forward_features`` then ``forward_hea
 True)``), the tokens entering each block and each MLP, and, after each comparison block,
 which original patches survive (merged tokens count for the patches they cover) and which
 are still their own token.  The source map and its per-stage snapshots of
-:mod:`tokenbench.vit`, traced and analysed by :mod:`tokenbench.visual_trace` (which alone reads
+:mod:`tokenbench.backbones`, traced and analysed by :mod:`tokenbench.visual_trace` (which alone reads
 the model's geometry), say which.
 
 Images run in dataset order at the sweep's evaluation batch size, as the evaluation did, so

@@ -63,15 +63,15 @@ def _summarise(keys: list[str], n: int = 4) -> str:
 
 
 def official_layout(model: nn.Module, sd: dict) -> dict:
-    """``sd`` in our layout: the applied method's ``convert_checkpoint(model, sd)`` if it has one
+    """``sd`` in our layout: the applied method's :meth:`~tokenbench.registry.Method.convert_checkpoint`
     (official release files of learned methods), else the backbone's ``from_official``."""
     from .backbones import applied_method, backbone_of
     from .registry import get_method
 
     name = applied_method(model).get("name")
-    convert = getattr(get_method(name), "convert_checkpoint", None) if name else None
-    if convert is not None:
-        return convert(model, sd)
+    converted = get_method(name)().convert_checkpoint(model, sd) if name else None
+    if converted is not None:
+        return converted
     try:
         return backbone_of(model).from_official(sd)
     except UserError:  # a family without a backbone: as it is

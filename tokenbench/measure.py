@@ -331,7 +331,20 @@ def _sdpa_flop(inputs, outputs):
     return b * n * m * d + b * n * m * dv
 
 
-_EXTRA_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flop}
+def _cdist_flop(inputs, outputs) -> int:
+    """fvcore handle for aten::cdist, [B, P, M] x [B, R, M]: B * P * R * M multiply-adds (as a
+    Gram matrix costs; fvcore would otherwise count the pairwise distances as free)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    *batch, p, m = get_shape(inputs[0])
+    r = get_shape(inputs[1])[-2]
+    b = 1
+    for s in batch:
+        b *= s
+    return b * p * r * m
+
+
+_EXTRA_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flop, "aten::cdist": _cdist_flop}
 
 
 def register_flop_handle(op: str, fn) -> None:

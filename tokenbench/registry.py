@@ -7,20 +7,31 @@ exposes it through the entry-point group ``tokenbench.methods``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 import json
 import re
-import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from .errors import UserError, did_you_mean
 
 ENTRY_POINT_GROUP = "tokenbench.methods"
 FAMILIES = ("none", "pruning", "merging", "hybrid", "baseline")
+
+# The training loss a method's ``train_setup`` returns: ``loss_fn(model, x, y)`` with a batch of
+# images ``x`` and labels ``y`` returns ``(loss, logits, metrics)``: the scalar to minimise, the
+# model's logits (for the training accuracy) and a dict of floats logged per step.  An optional
+# attribute ``loss_fn.metric_names`` (a tuple of str) names the metrics' columns in the log.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
+# (tokens entering each block, tokens entering each block's MLP)
+TokenSchedule = tuple[list[int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,9 @@ class Param:
     max: Optional[float] = None
     min_exclusive: bool = False
     choices: Optional[Sequence[Any]] = None
+    # The value at which the parameter removes no token (a keep rate of 1, a merge count of 0; for
+    # a list, every entry): the default ``Method.reduces`` compares the knob with it.
+    identity: Any = None
 
     def range_text(self) -> str:
         if self.choices:
@@ -104,7 +118,7 @@ class Param:
             raise UserError(f"{method}: {self.name}={out!r} is not one of {list(self.choices)}")
         return out
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "default": self.default, "range": self.range_text(),
                 "help": self.help}
 
@@ -114,40 +128,35 @@ class Method:
 
     The harness reads only this declaration and calls only these hooks.
 
-    Declaration (class attributes):
-      ``name``, ``version``, ``summary``; ``params`` (:class:`Param` tuple: the CLI lists and
-      validates them); ``family`` ("pruning", "merging", "hybrid"); ``learned`` (has trainable
-      parts of its own); ``knob`` (the budget parameter a matched-FLOPs search moves);
-      ``seed_param`` (the parameter seeding a random method's choices); ``deterministic``;
-      ``needs_class_token``; ``backbones`` (model families it applies to); ``train_params``,
-      ``train_defaults``; ``compile_note``.
+    Declaration (class attributes): ``name``, ``version``, ``summary``; ``params`` (:class:`Param`
+    tuple: the CLI lists and validates them); ``family``; ``learned``; ``knob``; ``seed_param``;
+    ``deterministic``; ``needs_class_token``; ``backbones``; ``train_params``, ``train_defaults``;
+    ``compile_note``.  Each is described where it is declared below.
 
-    Hooks (methods):
-      ``apply(model, **params) -> model``: install the method (required);
-      ``expected_tokens(model, **params) -> (tokens per block, tokens per MLP) | None``;
-      ``reduces(params) -> bool``;
-      ``train_setup(model, teacher, params, weights) -> loss_fn | None``;
-      ``param_groups(model, weight_decay, **kw) -> list | None``;
-      ``train_step(model, params, epoch) -> None``.
+    Hooks: :meth:`apply` (required), :meth:`expected_tokens`, :meth:`reduces`,
+    :meth:`convert_checkpoint`, and for training :meth:`train_setup`, :meth:`param_groups`,
+    :meth:`train_step`.
     """
 
     name: ClassVar[str] = ""
     # Raise when the method's results change on purpose (a fixed bug, a new default): every
-    # record it wrote becomes stale.  Edits to its source change its records' keys anyway.
+    # record it wrote becomes stale.  Edits to its code change its records' keys anyway.
     version: ClassVar[str] = "1"
     summary: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
+    # Has trainable parts of its own (a checkpoint says whether they were trained).
     learned: ClassVar[bool] = False
+    # The harness refuses, in one line and before :meth:`apply`, a model without a class token.
     needs_class_token: ClassVar[bool] = False
+    # Gives the same output for the same input (random choices are keyed by ``seed_param``).
     deterministic: ClassVar[bool] = True
     # What kind of reduction: "pruning" (tokens dropped), "merging" (tokens combined), "hybrid"
     # (both), "baseline" (a reference a token method must beat: a lower resolution, plain pooling),
     # or "none" (the dense model).  Tables and plots group and mark methods by it.
     family: ClassVar[str] = "pruning"
     # The budget knob: the parameter a matched-FLOPs search moves (``keep_rate``, ``r``); None if
-    # the method has none.  ``search_param`` is its older name, still read from plugins.
+    # the method has none.  Its :attr:`Param.identity` is the setting that reduces nothing.
     knob: ClassVar[Optional[str]] = None
-    search_param: ClassVar[Optional[str]] = None
     # The parameter that seeds a non-deterministic method's choices (sweeps expand it over
     # ``--seeds``; tables average over it); None for deterministic methods.
     seed_param: ClassVar[Optional[str]] = None
@@ -156,17 +165,6 @@ class Method:
     seed_breaks_ties: ClassVar[bool] = False
     # Backbone families the method applies to (see ``tokenbench.backbones``).
     backbones: ClassVar[tuple[str, ...]] = ("vit",)
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        # the knob and its older name are one declaration
-        if cls.__dict__.get("knob") is None and cls.search_param is not None and "knob" not in cls.__dict__:
-            cls.knob = cls.search_param
-        cls.search_param = cls.knob
-        if cls.seed_param is None and not cls.deterministic and any(p.name == "seed" for p in cls.params):
-            cls.seed_param = "seed"  # plugins written before seed_param existed
-        if cls.family not in FAMILIES:
-            raise ValueError(f"{cls.__name__}: family must be one of {FAMILIES}, not {cls.family!r}")
     # Training-only parameters (e.g. EViT's keep-rate warm-up): accepted by `tokenbench train
     # --set`, recorded in the run's config.json, passed to ``train_step``; never part of the
     # applied model's spec (inference does not depend on them).
@@ -175,40 +173,64 @@ class Method:
     # {"default": {"set": {...training-only or model parameters...}, "loss_weights": {...},
     #              "recipe": {...TrainConfig fields: lr, epochs, grad_clip...}, "why": "one line"}}.
     # `tokenbench train` starts from them and says so; the user's flags override each value.
-    train_defaults: ClassVar[dict] = {}
+    train_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # How the method compiles under ``torch.compile`` (recorded with compiled timings).  A method
     # whose token counts vary per image says how it compiles instead (dynamic shapes, graph breaks).
     compile_note: ClassVar[str] = "static token counts: fullgraph"
 
-    def apply(self, model: nn.Module, **params) -> nn.Module:
-        """Install the method on ``model`` (in place): ``backbone_of(model).prepare(...)`` gives the
-        plan to put hooks on; sites come from ``backbone.sites("quarters" | "every" | ...)``."""
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.family not in FAMILIES:
+            raise ValueError(f"{cls.__name__}: family must be one of {FAMILIES}, not {cls.family!r}")
+
+    def apply(self, model: nn.Module, **params: Any) -> nn.Module:
+        """Install the method on ``model`` (in place) and return it: ``backbone_of(model).prepare(...)``
+        gives the plan to put hooks on; sites come from ``backbone.sites("quarters" | "every" | ...)``.
+        ``params`` are validated, with defaults filled in."""
         raise NotImplementedError
 
-    def expected_tokens(self, model: nn.Module, **params) -> Optional[tuple[list[int], list[int]]]:
+    def expected_tokens(self, model: nn.Module, **params: Any) -> Optional[TokenSchedule]:
         """(tokens entering each block, tokens entering each MLP) for the model's input size;
         None when the count depends on the image.  The shared tests check it against the model."""
         return None
 
-    # ---- training hooks (learned methods, or methods fine-tuned with the backbone)
-    def train_setup(self, model: nn.Module, teacher: Optional[nn.Module], params: Optional[dict] = None,
-                    weights: Optional[dict] = None) -> Optional[Callable]:
-        """The training loss ``loss_fn(model, x, y) -> (loss, parts)``; None: plain cross-entropy."""
+    @classmethod
+    def reduces(cls, params: dict[str, Any]) -> bool:
+        """Whether these (validated) parameters remove any token; a FLOPs count that finds the
+        dense token count everywhere then warns.  By default: the dense model never does; a method
+        whose knob declares an :attr:`Param.identity` does unless the knob (every entry of a
+        list) equals it; any other method does."""
+        if cls.family == "none":
+            return False
+        if cls.knob is None:
+            return True
+        identity = cls.param(cls.knob).identity
+        value = params[cls.knob]
+        if identity is None:
+            return True
+        return any(v != identity for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+    def convert_checkpoint(self, model: nn.Module, state: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """``state`` (a checkpoint's state dict, for ``--checkpoint``) in the layout of ``model``
+        with this method applied, for methods whose official release files differ from it; None:
+        not the method's to convert (the backbone's conversion of official weights applies)."""
         return None
 
-    def param_groups(self, model: nn.Module, weight_decay: float, **kw) -> Optional[list]:
+    # ---- training hooks (learned methods, or methods fine-tuned with the backbone)
+    def train_setup(self, model: nn.Module, teacher: Optional[nn.Module], params: Optional[dict[str, Any]] = None,
+                    weights: Optional[dict[str, float]] = None) -> Optional[LossFn]:
+        """The training loss (:data:`LossFn`) for ``model``, distilled from ``teacher`` where the
+        method does; ``params`` its model and training-only parameters, ``weights`` the user's loss
+        weights.  None: plain label-smoothed cross-entropy."""
+        return None
+
+    def param_groups(self, model: nn.Module, weight_decay: float, **kw: Any) -> Optional[list[dict[str, Any]]]:
         """Optimizer parameter groups (e.g. a lower rate for the backbone); None: the default groups."""
         return None
 
-    def train_step(self, model: nn.Module, params: dict, epoch: float) -> None:
+    def train_step(self, model: nn.Module, params: dict[str, Any], epoch: float) -> None:
         """Called before every training step with the (fractional) epoch: schedules such as a
         keep-rate warm-up update the method's plan settings here."""
-
-    @classmethod
-    def reduces(cls, params: dict) -> bool:
-        """Whether these (validated) parameters should remove any token; a FLOPs count that
-        finds the dense token count everywhere then warns.  Override where a setting is the identity."""
-        return True
 
     # ---- helpers
     @classmethod
@@ -219,11 +241,11 @@ class Method:
         raise KeyError(name)
 
     @classmethod
-    def defaults(cls) -> dict:
+    def defaults(cls) -> dict[str, Any]:
         return {p.name: p.default for p in cls.params}
 
     @classmethod
-    def validate(cls, params: dict) -> dict:
+    def validate(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in, every value converted and range-checked; unknown keys refused."""
         cls._refuse_unknown(params, [p.name for p in cls.params])
         out = {}
@@ -232,7 +254,7 @@ class Method:
         return out
 
     @classmethod
-    def _refuse_unknown(cls, params: dict, names: list[str]) -> None:
+    def _refuse_unknown(cls, params: dict[str, Any], names: list[str]) -> None:
         for k in params:
             if k not in names:
                 hint = (did_you_mean(k, names) or f" (its parameters: {', '.join(names)})") if names \
@@ -240,7 +262,7 @@ class Method:
                 raise UserError(f"{cls.name}: unknown parameter {k!r}{hint}")
 
     @classmethod
-    def validate_training(cls, params: dict) -> tuple[dict, dict]:
+    def validate_training(cls, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split ``params`` into (model parameters, training-only parameters), each validated
         with defaults filled in; a key that is neither is refused with suggestions."""
         tnames = [p.name for p in cls.train_params]
@@ -251,8 +273,8 @@ class Method:
         return model_p, train_p
 
     @classmethod
-    def describe(cls) -> dict:
-        out = {"name": cls.name, "version": cls.version, "summary": cls.summary, "learned": cls.learned,
+    def describe(cls) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": cls.name, "version": cls.version, "summary": cls.summary, "learned": cls.learned,
                "family": cls.family, "knob": cls.knob, "seed_param": cls.seed_param,
                "seed_breaks_ties": cls.seed_breaks_ties,
                "backbones": list(cls.backbones),
@@ -269,29 +291,46 @@ _LOADED = False
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available as ``cls.name``."""
+    """Class decorator: make ``cls`` available as ``cls.name``.  A name already taken by another
+    class is refused (the same class defined again, as when its module is reloaded, replaces it)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise UserError(f"method {cls.name!r} is registered twice: {old.__module__}.{old.__qualname__} "
+                        f"and {cls.__module__}.{cls.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def methods_dirs() -> list[Path]:
-    """Where built-in method files live: ``methods/`` beside the package, or the installed copy."""
-    import tokenbench.methods as pkg
-
-    return [Path(p) for p in pkg.__path__ if Path(p).resolve() != Path(pkg.__file__).resolve().parent]
+def methods_dir() -> Path:
+    """Where the built-in method files live: the package ``tokenbench.methods`` (``methods/``)."""
+    spec = importlib.util.find_spec("tokenbench.methods")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def _load_file(path: Path) -> None:
-    """Import one built-in method file as ``tokenbench.methods.<stem>`` (its public name)."""
-    mod_name = f"tokenbench.methods.{path.stem}"
+    """Import one built-in method file as ``tokenbench.methods.<stem>``."""
     before = set(_REGISTRY)
-    module = importlib.import_module(mod_name)  # (perhaps already imported by another method)
-    sys.modules.setdefault(f"tokenbench_methods.{path.stem}", module)  # the name used before 0.2
+    importlib.import_module(f"tokenbench.methods.{path.stem}")  # (perhaps already imported by another method)
     for name in set(_REGISTRY) - before:  # a method file importing another registers both here
-        mod = sys.modules.get(_REGISTRY[name].__module__)
-        _SOURCES[name] = str(getattr(mod, "__file__", None) or path)
+        _SOURCES[name] = str(Path(inspect.getsourcefile(_REGISTRY[name]) or path).resolve())
+
+
+def _load_plugin(ep: Any) -> None:
+    """Register the methods of one entry point (its object, if a :class:`Method`, and whatever its
+    module registers); a plugin that fails is reported in one warning line and left out."""
+    before = set(_REGISTRY)
+    try:
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Method) and _REGISTRY.get(obj.name) is not obj:
+            register(obj)
+    except Exception as e:  # a broken plugin must not break the built-ins, nor go unnoticed
+        warnings.warn(f"tokenbench: method plugin {ep.name!r} ({ep.value}) failed to load: "
+                      f"{type(e).__name__}: {e}", stacklevel=2)
+        return
+    for name in set(_REGISTRY) - before:
+        _SOURCES[name] = f"entry point {ep.name} ({ep.value})"
 
 
 def load_methods() -> dict[str, type[Method]]:
@@ -300,24 +339,13 @@ def load_methods() -> dict[str, type[Method]]:
     if _LOADED:
         return _REGISTRY
     _LOADED = True
-    for d in methods_dirs()[:1]:
-        for path in sorted(d.glob("*.py")):
-            if not path.name.startswith("_"):
-                _load_file(path)
-    try:
-        from importlib.metadata import entry_points
+    for path in sorted(methods_dir().glob("*.py")):
+        if not path.name.startswith("_"):
+            _load_file(path)
+    from importlib.metadata import entry_points
 
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            before = set(_REGISTRY)
-            obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY:
-                register(obj)
-            for name in set(_REGISTRY) - before:
-                _SOURCES[name] = f"entry point {ep.name} ({ep.value})"
-    except Exception as e:  # a broken plugin must not break the built-ins
-        import warnings
-
-        warnings.warn(f"tokenbench: could not load method plugins: {e}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        _load_plugin(ep)
     return _REGISTRY
 
 
@@ -328,7 +356,7 @@ def get_method(name: str) -> type[Method]:
     return reg[name]
 
 
-def list_methods() -> list[dict]:
+def list_methods() -> list[dict[str, Any]]:
     reg = load_methods()
     return [reg[n].describe() | {"source": _SOURCES.get(n, "")} for n in sorted(reg, key=lambda n: (n != "none", n))]
 
@@ -337,12 +365,12 @@ def list_methods() -> list[dict]:
 _RUN = re.compile(r"\s*(-?[0-9][0-9.eE+-]*)\s*x\s*([0-9]+)\s*")
 
 
-def _parse_compact_list(v: str) -> Optional[list]:
+def _parse_compact_list(v: str) -> Optional[list[Any]]:
     """``[5x3,4x9]`` (the tables' notation for schedules) to ``[5, 5, 5, 4, ...]``; None if it is not one."""
     v = v.strip()
     if not (v.startswith("[") and v.endswith("]")) or "x" not in v:
         return None
-    out: list = []
+    out: list[Any] = []
     for part in v[1:-1].split(","):
         m = _RUN.fullmatch(part)
         try:
@@ -364,7 +392,7 @@ def parse_value(v: str) -> Any:
         return v if compact is None else compact
 
 
-def parse_set(items: Sequence[str]) -> dict:
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings to a dict; values as :func:`parse_value` reads them."""
     out: dict[str, Any] = {}
     for item in items or ():
@@ -378,15 +406,17 @@ def parse_set(items: Sequence[str]) -> dict:
     return out
 
 
-def apply(model: nn.Module, name: str = "none", **params) -> nn.Module:
-    """Apply method ``name`` with ``params`` to ``model`` (in place) and return it."""
+def apply(model: nn.Module, name: str = "none", **params: Any) -> nn.Module:
+    """Apply method ``name`` with ``params`` to ``model`` (in place) and return it.  What the
+    method declares is checked first: its backbone families, its need of a class token."""
     cls = get_method(name)
     p = cls.validate(params)
     from .backbones import backbone_of, surgery_of
 
-    family = backbone_of(model, name).name
-    if cls.backbones and family not in cls.backbones:
-        raise UserError(f"{name} does not apply to {family} models (it supports: {', '.join(cls.backbones)})")
+    bb = backbone_of(model, name)
+    if cls.backbones and bb.name not in cls.backbones:
+        raise UserError(f"{name} does not apply to {bb.name} models (it supports: {', '.join(cls.backbones)})")
+    bb.check(name, need_class_token=cls.needs_class_token)
     m = cls()
     out = m.apply(model, **p)
 

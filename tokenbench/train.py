@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .registry import LossFn
 from .store import atomic_write_bytes, atomic_write_text, sha256_file
 from .train_data import TensorSource, build_source, check_data, fmnist_tensors
 
@@ -86,7 +87,6 @@ def param_groups(model: nn.Module, weight_decay: float):
 
 # --------------------------------------------------------------------------- the loop
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def cross_entropy_loss(label_smoothing: float) -> LossFn:
@@ -188,8 +188,8 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     The data is either in-memory preprocessed tensors ``train_x, train_y, test_x, test_y``
     or a batch source (:mod:`tokenbench.train_data`) in place of ``train_x``, with the
     three tensors left out: ``train_loop(model, source, cfg=cfg, out_dir=out)``.
-    Returns a summary with the final test accuracy.  ``loss_fn(model, x, y)`` returns
-    ``(loss, logits, metrics)``; the default is label-smoothed cross-entropy.  A finished
+    Returns a summary with the final test accuracy.  ``loss_fn`` is a
+    :data:`~tokenbench.registry.LossFn`; the default is label-smoothed cross-entropy.  A finished
     run in ``out_dir`` is refused unless ``force`` (which starts it over); Ctrl-C saves a
     checkpoint at the end of the current step, so that the same call resumes from there.
     """
@@ -225,7 +225,7 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     cfg_path = out_dir / "config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        free = {"max_steps": None, "num_workers": None, "threads": None}  # may change between sessions of one run
+        free = {"max_steps": None, "num_workers": None, "threads": None}  # may change when a run resumes
         new_train = config["train"] | free
         # fields added to the config since that run started take their (behaviour-preserving) defaults
         old_train = {k: old.get("train", {}).get(k, v) for k, v in new_train.items()} | free
@@ -419,7 +419,7 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
              loss_weights: Optional[dict] = None, progress: bool = True, force: bool = False) -> dict:
     """Fine-tune ``model`` with ``method`` applied, with the method's own training behaviour.
 
-    The method may provide ``train_setup(model, teacher, params, weights) -> loss_fn``
+    The method may provide ``train_setup(model, teacher, params, weights) -> LossFn``
     (DynamicViT: Gumbel decisions, masked attention, ratio and distillation losses
     against the frozen dense ``teacher``), ``param_groups(model, wd, backbone_lr_scale)``
     (new parts at the full rate, the pretrained backbone scaled down and frozen at first)

@@ -1,7 +1,7 @@
 """Tracing for the token pictures: run a model with the source map on and say, after every
 reduction stage, which original patches each token stands for.
 
-Everything here reads the shared bookkeeping of :mod:`tokenbench.vit` (the source map
+Everything here reads the shared bookkeeping of :mod:`tokenbench.backbones` (the source map
 and its per-stage snapshots); nothing knows a method by name.  A snapshot is
 classified by its ``kind`` and its source rows alone:
 

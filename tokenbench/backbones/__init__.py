@@ -20,12 +20,13 @@ from ..errors import UserError
 from . import vit as _vit  # noqa: F401  (registers the ViT backbone)
 from . import convnext as _convnext  # noqa: F401,I001  (registers the ConvNeXt backbone, after the ViT's)
 from . import swin as _swin  # noqa: F401,I001  (registers the Swin backbone)
-from .base import Backbone, Plan, backbone_of, default_input_config, known_backbones, register_backbone, run_on_subset
+from .base import (Backbone, Plan, backbone_of, complement, default_input_config, known_backbones, register_backbone,
+                   run_on_subset)
 from .surgery import Surgery, image_ids, surgery_of
 from .tokens import AttnInfo, TokenState, gather_tokens
 
 __all__ = ["AttnInfo", "Backbone", "Plan", "TokenState", "add_module", "added_modules", "applied_method",
-           "backbone_of", "gather_tokens", "image_ids", "input_config", "is_prepared", "known_backbones",
+           "backbone_of", "complement", "gather_tokens", "image_ids", "input_config", "is_prepared", "known_backbones",
            "last_state", "plan_of", "plan_settings", "prepare", "register_backbone", "restore", "run_on_subset", "set_track_source"]
 
 

@@ -370,3 +370,11 @@ class AttnInfo:
                 logits = logits + self._bias
             self._attn = logits.softmax(dim=-1)
         return self._attn
+
+
+def with_prefix(idx: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Sequence positions [B, n_prefix + K] for :meth:`TokenState.keep` and friends: the prefix
+    tokens (class, registers) first, then the patch indices ``idx`` [B, K], counted from the
+    first patch."""
+    prefix = constant_range(0, n_prefix, idx.device).to(idx.dtype).expand(idx.shape[0], n_prefix)
+    return torch.cat([prefix, idx + n_prefix], dim=1)

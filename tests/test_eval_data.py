@@ -1,4 +1,4 @@
-"""Issue 13, items 2-4: eval on image folders, silent semantics refused or warned, `random`
+"""Evaluation data: eval on image folders, silent semantics refused or warned, `random`
 independent of the evaluation batch."""
 
 import json
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from tokenbench.backbones import surgery_of
-from tokenbench import checks, measure, registry, vit
+from tokenbench.backbones import image_ids, surgery_of
+from tokenbench import checks, measure, registry
 from tokenbench.errors import UserError
 
 from conftest import peak_weights, register_tiny_timm, tiny_vit  # noqa: E402
 
-TINY = register_tiny_timm("tiny_vit_newcomer_data")                     # 32 px, patch 4, RGB, 10 classes
-TINY_1000 = register_tiny_timm("tiny_vit_newcomer_data_1000", num_classes=1000)
+TINY = register_tiny_timm("tiny_vit_eval_data")                     # 32 px, patch 4, RGB, 10 classes
+TINY_1000 = register_tiny_timm("tiny_vit_eval_data_1000", num_classes=1000)
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -49,7 +49,7 @@ def _one_line_error(code, err, *words):
         assert w in err, err
 
 
-# --------------------------------------------------------------------------- 2. eval on folders
+# --------------------------------------------------------------------------- eval on folders
 
 def test_folder_split_honoured(cli, tmp_path):
     root = _tree(tmp_path / "d", {"train": 3, "val": 2})
@@ -112,7 +112,7 @@ def test_empty_or_missing_split_one_line(cli, tmp_path):
     _one_line_error(code, err, "holds no images")
 
 
-# --------------------------------------------------------------------------- 3. silent semantics
+# --------------------------------------------------------------------------- silent semantics
 
 def test_untrained_predictors_warned_and_recorded(cli, tmp_path):
     res = tmp_path / "res"
@@ -208,7 +208,7 @@ def test_min_run_time_must_be_positive(cli):
     _one_line_error(code, err, "--min-run-time must be positive")
 
 
-# --------------------------------------------------------------------------- 4. random and the batch
+# --------------------------------------------------------------------------- random and the batch
 
 class _Images(torch.utils.data.Dataset):
     def __init__(self, n: int):
@@ -240,13 +240,13 @@ def test_random_logits_follow_the_image_not_the_batch():
         for bs in (7, 16):
             out = []
             for i in range(0, len(x), bs):
-                with vit.image_ids(m, torch.arange(i, min(i + bs, len(x)))):
+                with image_ids(m, torch.arange(i, min(i + bs, len(x)))):
                     out.append(m(x[i:i + bs]))
             parts.append(torch.cat(out))
         assert torch.allclose(parts[0], parts[1], atol=1e-5)
         alone = m(x[9:10])  # outside the block: image 9 is id 0 here, another draw
         assert not torch.allclose(alone, parts[0][9:10], atol=1e-5)
-        with vit.image_ids(m, torch.tensor([9])):
+        with image_ids(m, torch.tensor([9])):
             assert torch.allclose(m(x[9:10]), parts[0][9:10], atol=1e-5)
     assert surgery_of(m).image_ids is None  # the block leaves nothing behind
 
@@ -255,7 +255,7 @@ def test_random_scores_compile_without_graph_breaks():
     registry.load_methods()
     import sys
 
-    rnd = sys.modules["tokenbench_methods.random"]
+    rnd = sys.modules["tokenbench.methods.random"]
     key = rnd.stage_key(0, 1)
     fn = torch.compile(lambda ids: rnd.token_scores(key, ids, 49), fullgraph=True, backend="eager")
     ids = torch.arange(5, 12)

@@ -1,6 +1,5 @@
-"""Issue 13, the command line a newcomer meets: compact schedules as input (item 10),
-``--debug`` anywhere (item 11), run directories that are never overwritten (item 5),
-quiet install and API (item 8), cheap checks and defaults (item 12)."""
+"""The command line: compact schedules as input, ``--debug`` anywhere, run directories that
+are never overwritten, a quiet install and API, cheap checks first and per-model defaults."""
 
 import json
 
@@ -12,10 +11,10 @@ from tokenbench.registry import get_method, parse_set
 from tokenbench.report import _parse_selector
 from tokenbench.sweep import fmt_value
 
-TINY = "tb_tiny_newcomer"
+TINY = "tb_tiny_cli"
 
 
-# --------------------------------------------------------------------------- item 10: r=[3x3,2x9]
+# --------------------------------------------------------------------------- r=[3x3,2x9]
 
 def test_compact_schedule_accepted_by_set_and_compare():
     want = [3, 3, 3] + [2] * 9
@@ -38,7 +37,7 @@ def test_printed_values_read_back(value):
     assert _parse_selector(f"tome:k={printed}")[1]["k"] == value
 
 
-# --------------------------------------------------------------------------- item 11: --debug anywhere
+# --------------------------------------------------------------------------- --debug anywhere
 
 @pytest.mark.parametrize("where", ["first", "after the command", "last"])
 def test_debug_works_where_a_user_appends_it(where):
@@ -61,7 +60,7 @@ def test_without_debug_the_error_is_one_line(cli):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
 
 
-# --------------------------------------------------------------------------- item 8: a quiet install and API
+# --------------------------------------------------------------------------- a quiet install and API
 
 def test_pyproject_gives_setuptools_nothing_to_warn_about():
     """The license is an SPDX string (a table is deprecated) and every folder of files under
@@ -103,7 +102,7 @@ def test_python_api_prints_no_third_party_notices():
     assert len(lines) == 1 and "still shown" in lines[0], p.stderr  # other warnings still pass
 
 
-# --------------------------------------------------------------------------- item 5: finished runs are never overwritten
+# --------------------------------------------------------------------------- finished runs are never overwritten
 
 def _snapshot(d):
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
@@ -151,7 +150,7 @@ def test_a_finished_run_is_never_touched_without_force(cli, tiny_default, tmp_pa
     assert "stopped at step 1 of 2" in out   # 275 train images in batches of 100 (25 are held out for val)
 
 
-# --------------------------------------------------------------------------- item 12: Ctrl-C saves a checkpoint
+# --------------------------------------------------------------------------- Ctrl-C saves a checkpoint
 
 def test_ctrl_c_before_the_first_checkpoint_saves_one(tmp_path):
     import os
@@ -178,7 +177,7 @@ def test_ctrl_c_before_the_first_checkpoint_saves_one(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
 
-# --------------------------------------------------------------------------- item 12: train's summary, per-model recipes
+# --------------------------------------------------------------------------- train's summary, per-model recipes
 
 @pytest.fixture
 def fake_finetune(monkeypatch):
@@ -230,7 +229,7 @@ def test_dynamicvit_on_the_embedded_model_gets_the_recipe_that_trains(cli, fake_
     assert call["cfg"].grad_clip is None and "note:" not in err
 
 
-# --------------------------------------------------------------------------- item 12: cheap checks first, offline fast
+# --------------------------------------------------------------------------- cheap checks first, offline fast
 
 @pytest.fixture
 def no_network(monkeypatch):
@@ -268,7 +267,7 @@ def test_a_missing_data_dir_is_reported_before_any_download(cli, no_network, tmp
     assert code == 2 and "nope" in err and "pretrained" not in err
 
 
-# --------------------------------------------------------------------------- item 12: visualize's default budget
+# --------------------------------------------------------------------------- visualize's default budget
 
 def test_visualize_one_method_defaults_to_a_matched_flops_level(cli, monkeypatch, tmp_path):
     """`visualize default --method tome` draws ToMe at a FLOPs level, not at r=16 (2 tokens left)."""

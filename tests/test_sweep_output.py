@@ -1,4 +1,4 @@
-"""Issue 13, items 7, 9 and 14: output directories checked before measuring, the end-of-sweep
+"""A sweep's output: directories checked before measuring, the end-of-sweep
 output (a summary that fits 80 columns, a progress bar in measurements with a time estimate, a
 matched-FLOPs search bar), and runs claimed so that two runners measure each once."""
 
@@ -80,7 +80,7 @@ def refused(cli, where: Path, *args, match: str):
     assert snapshot(where) == before
 
 
-# --------------------------------------------------------------------------- 7: writable before measuring
+# --------------------------------------------------------------------------- writable before measuring
 
 def test_sweep_out_that_refuses_files_is_refused_before_measuring(cli, tmp_path, measured):
     """records/ writable, the sweep directory itself not (where sweep.json, the FLOPs cache and the
@@ -154,7 +154,7 @@ def test_report_into_read_only_plots_or_directory_is_one_line(cli, flops_out):
         refused(cli, out, "report", str(out), "--no-plots", match=f"output directory {out} is not writable")
 
 
-# --------------------------------------------------------------------------- 9: end-of-sweep output
+# --------------------------------------------------------------------------- end-of-sweep output
 
 REFERENCE = Path(__file__).resolve().parent.parent / "results" / "default"
 
@@ -248,7 +248,7 @@ def test_cli_search_bar_on_a_terminal(tmp_path):
     assert re.search(r"1/1 searches \(\d+ fvcore counts\)", err), err[-2000:]
 
 
-# --------------------------------------------------------------------------- 14: claims
+# --------------------------------------------------------------------------- claims
 
 def test_claim_is_exclusive_names_its_holder_and_is_released_on_error(tmp_path):
     from tokenbench.store import Claim
