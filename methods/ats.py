@@ -90,7 +90,8 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import with_prefix
-from tokenbench.registry import Method, Param, register
+from tokenbench.methods._knobs import keep_rate_param
+from tokenbench.registry import Method, register
 
 MIN_TOKENS = 8  # the official lower bound on the tokens sampled, class token included
 
@@ -185,9 +186,9 @@ class ATS(Method):
                "duplicates collapsed (blocks 3-11; per-image counts).")
     family = "pruning"
     params = (
-        Param("keep_rate", "float", 1.0, "samples drawn at each ATS block, as a fraction of the patch "
-                                         "tokens (1.0: the official K = 197 of DeiT-S)",
-              min=0.0, max=1.0, min_exclusive=True),  # no identity: duplicate samples collapse at 1.0 too
+        # no identity: at 1.0 duplicate samples still collapse
+        keep_rate_param("samples drawn at each ATS block, as a fraction of the patch "
+                        "tokens (1.0: the official K = 197 of DeiT-S)", default=1.0, identity=None),
     )
     knob = "keep_rate"
     needs_class_token = True

@@ -51,6 +51,7 @@ import math
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.registry import Method, Param, register
 
 
@@ -115,9 +116,8 @@ class DCT(Method):
     summary = "Truncated-DCT resampling of the patch tokens along the sequence (before blocks 3, 6, 9)."
     family = "merging"
     params = (
-        Param("keep_rate", "float", 0.7, "fraction of the patch tokens kept at each of the three sites "
-                                         "(the lowest ceil(keep_rate * n) DCT frequencies)",
-              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
+        keep_rate_param("fraction of the patch tokens kept at each of the three sites "
+                        "(the lowest ceil(keep_rate * n) DCT frequencies)"),
         Param("rescale", "bool", True, "multiply the output by sqrt(K/n) so a constant sequence is unchanged "
                                        "(off: the official orthonormal pair)"),
     )

@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from tokenbench.backbones import AttnInfo, TokenState, add_module, backbone_of, last_state, plan_of
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
+from tokenbench.methods._knobs import PROP_ATTN
 from tokenbench.methods._policy import softmax_with_policy
 from tokenbench.registry import Method, Param, register
 
@@ -362,7 +363,7 @@ class DiffRate(Method):
         Param("power", "float", 1.0,
               "kept fractions raised to this power: 1 = the schedule as given, 0 = dense, >1 = fewer "
               "tokens (the matched-FLOPs knob)", min=0.0, max=4.0),
-        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+        PROP_ATTN,
     )
     train_params = (
         Param("search", "bool", False, "training: DiffRate's rate search (the ViT frozen, per-block kept "

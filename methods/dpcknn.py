@@ -57,6 +57,7 @@ from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.methods.kmedoids import medoid_merge_indices
 from tokenbench.methods.random import stage_key, token_scores
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.registry import Method, Param, register
 
 _EPS = 1e-6    # the official's noise scale and its guard in the cluster sizes
@@ -123,9 +124,7 @@ class DPCKNN(Method):
                "blocks 3, 6, 9; each cluster averaged, int(N0 * keep_rate ** s) of them.")
     family = "merging"
     params = (
-        Param("keep_rate", "float", 0.7,
-              "clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens",
-              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
+        keep_rate_param("clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens"),
         Param("k_neighbors", "int", 5, "nearest neighbours of the local density (official --k_neighbors)", min=1),
         Param("seed", "int", 0, "seed of the density tie-breaking noise (per image, as the official torch.rand * 1e-6)"),
     )

@@ -49,6 +49,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement, plan_settings
 from tokenbench.backbones.tokens import with_prefix
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.registry import Method, Param, register
 
 
@@ -112,8 +113,7 @@ class EViT(Method):
     version = "1"
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one (blocks 3, 6, 9)."
     params = (
-        Param("keep_rate", "float", 0.7, "fraction of the non-prefix tokens kept at each of the three sites",
-              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
+        keep_rate_param("fraction of the non-prefix tokens kept at each of the three sites"),
         Param("fuse_token", "bool", True, "fuse the inattentive tokens into one (weighted by class attention) "
                                           "instead of dropping them"),
     )

@@ -57,6 +57,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
 from tokenbench.backbones.tokens import with_prefix
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.registry import Method, Param, register
 
@@ -102,8 +103,8 @@ def medoid_merge_indices(medoids: torch.Tensor, assign: torch.Tensor, n_prefix: 
     b, n = assign.shape
     others = complement(medoids, n)
     dst = assign.gather(1, others) + n_prefix
-    kept_mask = torch.ones(b, n_prefix + n, dtype=torch.bool, device=assign.device)
-    kept_mask[:, n_prefix:].scatter_(1, others, False)
+    is_medoid = torch.zeros_like(assign, dtype=torch.int8).scatter(1, medoids, torch.ones_like(medoids, dtype=torch.int8))
+    kept_mask = torch.cat([torch.ones(b, n_prefix, dtype=torch.bool, device=assign.device), is_medoid.bool()], dim=1)
     return with_prefix(medoids, n_prefix), others + n_prefix, dst, kept_mask
 
 
@@ -141,9 +142,7 @@ class KMedoids(Method):
                "the medoids continue, int(N0 * keep_rate ** s) of them.")
     family = "merging"
     params = (
-        Param("keep_rate", "float", 0.7,
-              "clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens",
-              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
+        keep_rate_param("clusters after stage s: int(N0 * keep_rate ** s) of the N0 patch tokens"),
         Param("iters", "int", 3, "K-Medoids iterations (official --cluster_iters)", min=0, max=50),
     )
     knob = "keep_rate"

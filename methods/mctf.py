@@ -57,6 +57,7 @@ from tokenbench.backbones.vit import attention_probs
 from tokenbench.backbones.tokens import constant_range
 from tokenbench.errors import UserError
 from tokenbench.methods.tome import schedule
+from tokenbench.methods._knobs import PROP_ATTN, r_param
 from tokenbench.registry import Method, Param, register
 
 
@@ -252,9 +253,8 @@ class MCTF(Method):
                "informativeness and size; attention-weighted fusion with one-step-ahead attention.")
     family = "merging"
     params = (
-        Param("r", "int_or_list", 16,
-              "tokens fused per block: one number for blocks 1..depth-1 (the official activate_layer), "
-              "or a list (one per block, padded with zeros)", min=0, identity=0),
+        r_param("tokens fused per block: one number for blocks 1..depth-1 (the official activate_layer), "
+                "or a list (one per block, padded with zeros)"),
         Param("tau_sim", "float", 1.0, "temperature of the similarity criterion (0: off)", min=0.0),
         Param("tau_info", "float", 20.0, "temperature of the informativeness criterion (0: off)", min=0.0),
         Param("tau_size", "float", 40.0, "temperature of the size criterion (0: off)", min=0.0),
@@ -263,7 +263,7 @@ class MCTF(Method):
                                           "2: recompute it after fusing (official 'precise')", choices=(1, 2)),
         Param("pooling", "int", 1, "fusion weights: 1 attention x size (official), 0 size, 3 plain mean",
               choices=(0, 1, 3)),
-        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+        PROP_ATTN,
     )
     knob = "r"
     needs_class_token = True

@@ -42,6 +42,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r, schedule
+from tokenbench.methods._knobs import PROP_ATTN, r_param
 from tokenbench.registry import Method, Param, register
 
 
@@ -112,12 +113,11 @@ class PPT(Method):
                "variance is low, else pruning of the least significant tokens (blocks 3, 6, 9).")
     family = "hybrid"
     params = (
-        Param("r", "int_or_list", 50,
-              "tokens removed at each site (blocks 3, 6, 9): one number, or a list (one per site); "
-              "at most half the non-prefix tokens", min=0, identity=0),
+        r_param("tokens removed at each site (blocks 3, 6, 9): one number, or a list (one per site); "
+                "at most half the non-prefix tokens", default=50),
         Param("threshold", "float", 7e-5,
               "score-variance threshold: images below it pool (merge), the others prune", min=0.0),
-        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+        PROP_ATTN,
     )
     knob = "r"
     needs_class_token = True

@@ -28,6 +28,7 @@ import torch
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods import dynamicvit_hierarchical as hier
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
 
@@ -91,8 +92,7 @@ class RandomPrune(Method):
     version = "2"
     summary = "Keep a random subset of patch tokens in blocks 3, 6, 9 (keep_rate ** s of them), per image."
     params = (
-        Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
-              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
+        keep_rate_param("fraction of patch tokens kept at each of the three stages"),
         Param("seed", "int", 0, "seed of the random choice (each image's choice depends on it and the image alone)"),
     )
     deterministic = False

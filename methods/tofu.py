@@ -60,6 +60,7 @@ import torch
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import gather_tokens
 from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, merged_schedule, schedule
+from tokenbench.methods._knobs import PROP_ATTN, r_param
 from tokenbench.registry import Method, Param, register
 
 # merge_from's default: half the depth (the paper's switch point, 6 of 12 blocks)
@@ -113,15 +114,14 @@ class ToFu(Method):
     summary = "Token Fusion: ToMe's matching; prune in early blocks, norm-preserving MLERP merge later."
     family = "hybrid"
     params = (
-        Param("r", "int_or_list", 16,
-              "tokens removed per block: one number, or a list (one per block, padded with zeros); "
-              "at most half the tokens in a block", min=0, identity=0),
+        r_param("tokens removed per block: one number, or a list (one per block, padded with zeros); "
+                "at most half the tokens in a block"),
         Param("merge_from", "int", HALF_DEPTH,
               "first block that merges (MLERP); earlier blocks prune; -1: half the depth (depth // 2, "
               "the paper's 6 of 12)", min=-1),
         Param("size_weighted", "bool", False,
               "MLERP's average weighted by token sizes (ToMe's) instead of the paper's plain mean"),
-        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+        PROP_ATTN,
     )
     knob = "r"
 

@@ -49,7 +49,8 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.errors import UserError
-from tokenbench.registry import Method, Param, register
+from tokenbench.methods._knobs import PROP_ATTN, r_param
+from tokenbench.registry import Method, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -231,10 +232,9 @@ class ToMe(Method):
     version = "1"
     summary = "Token Merging: bipartite soft matching on attention keys, r tokens merged per block."
     params = (
-        Param("r", "int_or_list", 16,
-              "tokens merged per block: one number, or a list (one per block, padded with zeros); "
-              "at most half the tokens merge in a block", min=0, identity=0),
-        Param("prop_attn", "bool", True, "proportional attention: add log(token size) to the attention logits"),
+        r_param("tokens merged per block: one number, or a list (one per block, padded with zeros); "
+                "at most half the tokens merge in a block"),
+        PROP_ATTN,
     )
     knob = "r"
 

@@ -22,8 +22,9 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import with_prefix
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import staged_schedule
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import Method, register
 
 
 
@@ -54,8 +55,7 @@ class TopK(Method):
     version = "1"
     summary = "Keep the patch tokens with the highest class-token attention in blocks 3, 6, 9 (keep_rate ** s of them)."
     params = (
-        Param("keep_rate", "float", 0.7, "fraction of patch tokens kept at each of the three stages",
-              min=0.0, max=1.0, min_exclusive=True, identity=1.0),
+        keep_rate_param("fraction of patch tokens kept at each of the three stages"),
     )
     needs_class_token = True
     knob = "keep_rate"

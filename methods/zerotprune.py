@@ -69,6 +69,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
 from tokenbench.backbones.tokens import constant, constant_range, with_prefix
+from tokenbench.methods._knobs import r_param
 from tokenbench.methods.tome import schedule
 from tokenbench.registry import Method, Param, register
 
@@ -202,8 +203,8 @@ class ZeroTPrune(Method):
     summary = "Zero-TPrune: weighted PageRank on the attention graph (I-stage) and similar-key pruning (S-stage)."
     family = "pruning"
     params = (
-        Param("r", "int_or_list", 12, "patch tokens pruned per block (S-stage and I-stage together): one "
-              "number, or a list (one per block, padded with zeros)", min=0, identity=0),
+        r_param("patch tokens pruned per block (S-stage and I-stage together): one "
+                "number, or a list (one per block, padded with zeros)", default=12),
         Param("s_share", "float", 0.5, "share of r pruned by the S-stage (similarity), the rest by the I-stage; "
               "0.5 is ours, the paper's value was not found, and it matters (README)", min=0.0, max=1.0),
         Param("iters_first", "int", 30, "WPR iterations in the first three blocks (paper: 30-50)", min=1),

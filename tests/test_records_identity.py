@@ -132,12 +132,12 @@ def _copy_methods(tmp_path: Path) -> dict:
     from tokenbench.registry import load_methods
 
     out = {}
-    for cls in load_methods().values():
-        real = identity._own_file(cls)
+    folder = identity._own_file(load_methods()["tome"]).parent
+    (tmp_path / "methods").mkdir()
+    for real in folder.glob("*.py"):
         copy = tmp_path / "methods" / real.name
-        copy.parent.mkdir(exist_ok=True)
         copy.write_text(real.read_text())
-        out[real] = copy
+        out[real.resolve()] = copy
     return out
 
 
