@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import staged_schedule
 from tokenbench.registry import Method, Param, register
 
@@ -148,17 +149,15 @@ class ATC(Method):
     summary = ("ATC: agglomerative (hierarchical) clustering of the tokens on their keys in blocks 3, 6, 9, "
                "int(N * keep_rate ** s) clusters, each averaged into one token.")
     family = "merging"
-    learned = False
     params = (
-        Param("keep_rate", "float", 0.7, "clusters at stage s (1, 2, 3) as a fraction keep_rate ** s of the "
-                                         "original patch tokens", min=0.0, max=1.0, min_exclusive=True),
+        keep_rate_param("clusters at stage s (1, 2, 3) as a fraction keep_rate ** s of the "
+                        "original patch tokens"),
         Param("linkage", "str", "average", "linkage of the clustering (official default: average)",
               choices=LINKAGES),
         Param("prop_attn", "bool", True, "size-weighted clusters and proportional attention (the official "
                                          "--proportional_attn); off: plain means, no sizes carried"),
     )
     knob = "keep_rate"
-    deterministic = True
     compile_note = "static token counts: fullgraph (the clustering loop unrolls, n - k steps per site)"
 
     def apply(self, model, keep_rate: float = 0.7, linkage: str = "average", prop_attn: bool = True, **params):
@@ -173,10 +172,6 @@ class ATC(Method):
             plan.mid[i] = mid
             plan.needs[i] = ("keys",)
         return model
-
-    @classmethod
-    def reduces(cls, params) -> bool:
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.7, **params):
         return staged_schedule(backbone_of(model, self.name), keep_rate, "mid")

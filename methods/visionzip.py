@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import torch
 
-from tokenbench.backbones import AttnInfo, TokenState, backbone_of
-from tokenbench.backbones.base import complement
+from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
+from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
+from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.registry import Method, Param, register
 
 OFFICIAL_SHARE = 10 / 64  # contextual tokens per kept token in the official settings
@@ -74,9 +75,8 @@ def visionzip_reduce(x: torch.Tensor, st: TokenState, cls_attn: torch.Tensor, ke
     n = n_all - p
     score = cls_attn.sum(dim=1)[:, p:]
     dom = score.topk(dominant, dim=1).indices.sort(dim=1).values           # position order
-    prefix = torch.arange(p, device=x.device).expand(b, p)
     if contextual == 0 or dominant == n:
-        return st.keep(x, torch.cat([prefix, dom + p], dim=1))
+        return st.keep(x, with_prefix(dom, p))
     rest = complement(dom, n)                                               # [B, R], position order
     r = rest.shape[1]
     contextual = min(contextual, r)
@@ -93,7 +93,7 @@ def visionzip_reduce(x: torch.Tensor, st: TokenState, cls_attn: torch.Tensor, ke
     scale = (1 / counts).gather(1, assign)[..., None]
     x = x.scatter(1, others[..., None].expand(-1, -1, c),
                   x.gather(1, others[..., None].expand(-1, -1, c)) * scale)
-    keep_idx = torch.cat([prefix, dom + p, targets], dim=1)
+    keep_idx = torch.cat([with_prefix(dom, p), targets], dim=1)
     return st.merge(x, keep_idx, others, assign + p + dominant, mode="sum")
 
 
@@ -109,17 +109,15 @@ class VisionZip(Method):
     summary = ("VisionZip: after one block keep the top tokens by class attention (dominant) and merge the "
                "rest into a few contextual tokens; contextual=0 is FasterVLM.")
     family = "hybrid"
-    learned = False
     params = (
-        Param("keep_rate", "float", 0.5, "patch tokens that survive the layer (dominant + contextual), as a "
-                                         "fraction", min=0.0, max=1.0, min_exclusive=True),
+        keep_rate_param("patch tokens that survive the layer (dominant + contextual), as a fraction",
+                        default=0.5),
         Param("contextual", "int", -1, "contextual tokens among them: -1 the official share (10 of every 64), "
                                        "0 FasterVLM (keep the top by class attention, drop the rest)", min=-1),
         Param("layer", "int", 2, "block whose output is reduced, with its own class attention and keys; 2: blocks 3 on "
                                  "run reduced (negative: from the end; -2 is the official position in LLaVA)"),
     )
     knob = "keep_rate"
-    deterministic = True
     needs_class_token = True
 
     @staticmethod
@@ -132,7 +130,7 @@ class VisionZip(Method):
     def apply(self, model, keep_rate: float = 0.5, contextual: int = -1, layer: int = 2, **params):
         bb = backbone_of(model, self.name)
         at = self._layer(bb.depth, int(layer))
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         dominant, ctx = split_counts(bb.num_patches, float(keep_rate), int(contextual))
         if dominant + ctx >= bb.num_patches:
             return model
@@ -154,10 +152,6 @@ class VisionZip(Method):
         else:
             plan.post[at] = reduce
         return model
-
-    @classmethod
-    def reduces(cls, params) -> bool:
-        return params["keep_rate"] < 1
 
     def expected_tokens(self, model, keep_rate: float = 0.5, contextual: int = -1, layer: int = 2, **params):
         bb = backbone_of(model, self.name)
