@@ -235,15 +235,7 @@ def training_keep_fractions(model: nn.Module, x: torch.Tensor, seed: int = 0) ->
     ``int(N * keep_rate ** s)`` tokens whatever the predictors say; a trained model whose
     training-time fractions miss their targets was trained for another token budget.
     The model's mode and the global random state are left as they were."""
-    was = model.training
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            decisions = student_outputs(model, x)[3]
-    finally:
-        model.train(was)
-    return [float(d.mean()) for d in decisions]
+    return hier.gumbel_keep_fractions(lambda m, t: student_outputs(m, t)[3], model, x, seed)
 
 
 def ratio_loss(decisions: list[torch.Tensor], keep_rate: float) -> torch.Tensor:
@@ -391,7 +383,7 @@ class DynamicViT(Method):
         },
     }
     learned = True
-    needs_class_token = True
+    needs_class_token = ("vit",)  # the journal version (ConvNeXt, Swin) has none
     deterministic = True
     knob = "keep_rate"
     backbones = ("vit", "convnext", "swin")

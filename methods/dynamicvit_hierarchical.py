@@ -438,18 +438,25 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
     return list(groups.values())
 
 
-@torch.no_grad()
-def training_keep_fractions(model: nn.Module, x: torch.Tensor, seed: int = 0) -> list[float]:
-    """The kept fraction of each predictor's training-time (Gumbel) decisions on ``x``."""
+def gumbel_keep_fractions(decide: Callable[[nn.Module, torch.Tensor], list], model: nn.Module,
+                          x: torch.Tensor, seed: int = 0) -> list[float]:
+    """The mean of each training-time (Gumbel) decision ``decide(model, x)`` returns, drawn in
+    training mode under ``seed``; the model's mode and the global random state are left as they were."""
     was = model.training
     model.train()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            decisions = student_outputs(model, x)[2]
+            decisions = decide(model, x)
     finally:
         model.train(was)
     return [float(d.mean()) for d in decisions]
+
+
+@torch.no_grad()
+def training_keep_fractions(model: nn.Module, x: torch.Tensor, seed: int = 0) -> list[float]:
+    """The kept fraction of each predictor's training-time (Gumbel) decisions on ``x``."""
+    return gumbel_keep_fractions(lambda m, t: student_outputs(m, t)[2], model, x, seed)
 
 
 # --------------------------------------------------------------------------- official checkpoints

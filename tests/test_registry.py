@@ -197,6 +197,12 @@ def test_the_harness_refuses_a_model_without_the_class_token_a_method_declares(m
     with pytest.raises(UserError, match="tb_toy needs a class token"):
         registry.apply(tiny_vit(class_token=False, global_pool="avg"), "tb_toy")
     registry.apply(tiny_vit(), "tb_toy")
+    # needed on some families only (DynamicViT's journal version on ConvNeXt has none)
+    monkeypatch.setattr(toy, "needs_class_token", ("swin",))
+    registry.apply(tiny_vit(class_token=False, global_pool="avg"), "tb_toy")
+    monkeypatch.setattr(toy, "needs_class_token", ("vit",))
+    with pytest.raises(UserError, match="tb_toy needs a class token"):
+        registry.apply(tiny_vit(class_token=False, global_pool="avg"), "tb_toy")
 
 
 def test_convert_checkpoint_is_a_declared_hook(monkeypatch):

@@ -15,7 +15,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -146,8 +146,9 @@ class Method:
     params: ClassVar[tuple[Param, ...]] = ()
     # Has trainable parts of its own (a checkpoint says whether they were trained).
     learned: ClassVar[bool] = False
-    # The harness refuses, in one line and before :meth:`apply`, a model without a class token.
-    needs_class_token: ClassVar[bool] = False
+    # Needs a class token: True on every family it applies to, or the families where it does (a
+    # tuple of names); the harness refuses, in one line and before :meth:`apply`, a model without one.
+    needs_class_token: ClassVar[Union[bool, tuple[str, ...]]] = False
     # Gives the same output for the same input (random choices are keyed by ``seed_param``).
     deterministic: ClassVar[bool] = True
     # What kind of reduction: "pruning" (tokens dropped), "merging" (tokens combined), "hybrid"
@@ -416,7 +417,8 @@ def apply(model: nn.Module, name: str = "none", **params: Any) -> nn.Module:
     bb = backbone_of(model, name)
     if cls.backbones and bb.name not in cls.backbones:
         raise UserError(f"{name} does not apply to {bb.name} models (it supports: {', '.join(cls.backbones)})")
-    bb.check(name, need_class_token=cls.needs_class_token)
+    need = cls.needs_class_token
+    bb.check(name, need_class_token=need is True or (isinstance(need, tuple) and bb.name in need))
     m = cls()
     out = m.apply(model, **p)
 
