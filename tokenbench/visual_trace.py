@@ -99,7 +99,7 @@ def real_sources(stage: dict, n_prefix: int) -> torch.Tensor:
 def patch_assignment(stage: dict, n_prefix: int, check: bool = True) -> torch.Tensor:
     """For every original patch, the token (index into the stage's sequence) that covers it, or -1.
 
-    ``stage`` is one snapshot of ``vit.TokenState.stages`` (its ``source`` [B, N, N0], N0 =
+    ``stage`` is one snapshot of ``TokenState.stages`` (its ``source`` [B, N, N0], N0 =
     ``n_prefix`` + patches, prefix tokens first).  Returns a LongTensor [B, n_patches].
     With ``check``, a patch covered by more than one token raises ``ValueError`` (the
     bookkeeping would be broken).
@@ -220,15 +220,15 @@ def dense_stage(n_images: int, n_patches: int, n_prefix: int, block: int) -> Sta
 
 def run_with_sources(model: nn.Module, forward: Callable[[nn.Module], Any]) -> tuple[Any, Any]:
     """``forward(model)`` with the source map on: its output and the token state it left
-    (``vit.TokenState``: per-block token counts and the stage snapshots), or None."""
-    from . import vit
+    (a ``TokenState``: per-block token counts and the stage snapshots), or None."""
+    from .backbones import last_state, set_track_source
 
-    vit.set_track_source(model, True)
+    set_track_source(model, True)
     try:
         out = forward(model)
-        state = vit.last_state(model)
+        state = last_state(model)
     finally:
-        vit.set_track_source(model, False)
+        set_track_source(model, False)
     return out, state
 
 
