@@ -232,15 +232,13 @@ class AViT(Method):
             "why": "DeiT-T's gate centre suits the embedded model's activations; one epoch",
         },
     }
-    knob = None
-    deterministic = True
     needs_class_token = True
     compile_note = ("per-image token counts: every block's count depends on the halting scores "
                     "(data-dependent shape), a graph break per block")
 
     def apply(self, model, gate_scale: float = 10.0, gate_center: float = 75.0, **params):
         bb = backbone_of(model, self.name)
-        plan = bb.prepare(self.name, need_class_token=True)
+        plan = bb.prepare(self.name)
         plan.on_start.append(_on_start)
         for i in range(bb.depth):
             plan.post[i] = _make_post(i, bb.depth, float(gate_scale), float(gate_center))

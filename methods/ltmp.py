@@ -284,8 +284,6 @@ class LTMP(Method):
             "why": "the official one-epoch recipe, thresholds only, with AdamW step sizes",
         },
     }
-    knob = None
-    deterministic = True
     compile_note = ("per-image token counts: every block's count depends on the learned thresholds "
                     "(data-dependent shape), a graph break per block")
 
