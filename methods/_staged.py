@@ -8,7 +8,12 @@ backbone's geometry.
 
 from __future__ import annotations
 
-from tokenbench.backbones import Backbone
+from typing import Callable
+
+import torch
+
+from tokenbench.backbones import Backbone, TokenState
+from tokenbench.backbones.tokens import with_prefix
 
 
 def keep_counts(n0: int, stages: int, keep_rate: float) -> list[int]:
@@ -32,3 +37,15 @@ def staged_schedule(bb: Backbone, keep_rate: float, where: str = "mid") -> tuple
             n = min(n, counts[sites.index(i)])
         tokens_mlp.append(n + npf)
     return tokens, tokens_mlp
+
+
+def keep_top_patches(x: torch.Tensor, st: TokenState, n0: int, ratio: float,
+                     scores: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """One pruning stage: keep ``max(1, int(n0 * ratio))`` patch tokens of ``x``, those of highest
+    ``scores()`` [B, N] (called only when a token goes), in their order, the prefix tokens first."""
+    npf = st.n_prefix
+    k = max(1, int(n0 * ratio))
+    if k >= x.shape[1] - npf:  # nothing to prune (keep_rate == 1)
+        return x
+    keep_idx = scores().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    return st.keep(x, with_prefix(keep_idx, npf))

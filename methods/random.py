@@ -26,10 +26,9 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
-from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.methods._staged import staged_schedule
+from tokenbench.methods._staged import keep_top_patches, staged_schedule
 from tokenbench.registry import Method, Param, register
 
 _M32 = 0xFFFFFFFF
@@ -72,14 +71,8 @@ def _make_hook(stage: int, keep_rate: float, seed: int):
     key = stage_key(seed, stage)
 
     def hook(block, x: torch.Tensor, st: TokenState, info) -> torch.Tensor:
-        npf = st.n_prefix
-        n = x.shape[1]
-        k = max(1, int(st.extra["random_n0"] * ratio))
-        if k >= n - npf:  # nothing to prune (keep_rate == 1)
-            return x
-        score = token_scores(key, st.image_ids.to(x.device), n - npf)
-        keep_idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        return st.keep(x, with_prefix(keep_idx, npf))
+        return keep_top_patches(x, st, st.extra["random_n0"], ratio,
+                                lambda: token_scores(key, st.image_ids.to(x.device), x.shape[1] - st.n_prefix))
 
     return hook
 

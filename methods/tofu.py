@@ -59,7 +59,7 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import gather_tokens
-from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, merged_schedule, schedule
+from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, install_per_block, merged_schedule
 from tokenbench.methods._knobs import PROP_ATTN, r_param
 from tokenbench.registry import Method, Param, register
 
@@ -126,16 +126,9 @@ class ToFu(Method):
     knob = "r"
 
     def apply(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
-        bb = backbone_of(model, self.name)
-        rs = schedule(r, bb.depth)
-        start = merge_start(merge_from, bb.depth)
-        plan = bb.prepare(self.name)
-        plan.prop_attn = bool(prop_attn)
-        for i, ri in enumerate(rs):
-            if ri > 0:
-                plan.mid[i] = _hook(ri, prune=i < start, size_weighted=bool(size_weighted))
-                plan.needs[i] = ("keys",)
-        return model
+        start = merge_start(merge_from, backbone_of(model, self.name).depth)
+        return install_per_block(model, self.name, r, prop_attn,
+                                 lambda i, ri: _hook(ri, prune=i < start, size_weighted=bool(size_weighted)))
 
     def expected_tokens(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
         return merged_schedule(backbone_of(model, self.name), r)

@@ -43,9 +43,10 @@ License of the original (facebookresearch/ToMe): CC BY-NC 4.0.  This file is our
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn as nn
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.errors import UserError
@@ -160,6 +161,20 @@ def schedule(r, slots: int, method: str = "tome", what: str = "blocks", first: i
 
 # --------------------------------------------------------------------------- hook
 
+def install_per_block(model: nn.Module, method: str, r, prop_attn: bool,
+                      make_hook: Callable[[int, int], Callable]) -> nn.Module:
+    """Prepare ``model`` for ``method`` and put ``make_hook(block, r_block)`` between attention and
+    MLP of every block whose count in ``schedule(r)`` is positive, with the keys it matches on."""
+    bb = backbone_of(model, method)
+    plan = bb.prepare(method)
+    plan.prop_attn = bool(prop_attn)
+    for i, ri in enumerate(schedule(r, bb.depth, method)):
+        if ri > 0:
+            plan.mid[i] = make_hook(i, ri)
+            plan.needs[i] = ("keys",)
+    return model
+
+
 def merged_schedule(bb, r) -> tuple[list[int], list[int]]:
     """Tokens entering each block and each MLP when block ``i`` removes ``schedule(r)[i]``
     tokens (clipped to half the non-prefix tokens), on the backbone ``bb``."""
@@ -239,15 +254,7 @@ class ToMe(Method):
     knob = "r"
 
     def apply(self, model, r=16, prop_attn=True, **params):
-        bb = backbone_of(model, self.name)
-        rs = schedule(r, bb.depth)
-        plan = bb.prepare(self.name)
-        plan.prop_attn = bool(prop_attn)
-        for i, ri in enumerate(rs):
-            if ri > 0:
-                plan.mid[i] = _merge_hook(ri)
-                plan.needs[i] = ("keys",)
-        return model
+        return install_per_block(model, self.name, r, prop_attn, lambda i, ri: _merge_hook(ri))
 
     def expected_tokens(self, model, r=16, prop_attn=True, **params):
         return merged_schedule(backbone_of(model, self.name), r)

@@ -21,12 +21,9 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
-from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.methods._staged import staged_schedule
+from tokenbench.methods._staged import keep_top_patches, staged_schedule
 from tokenbench.registry import Method, register
-
-
 
 
 def _on_start(model, x, st: TokenState) -> None:
@@ -37,14 +34,7 @@ def _make_hook(stage: int, keep_rate: float):
     ratio = keep_rate ** (stage + 1)
 
     def hook(block, x: torch.Tensor, st: TokenState, info: AttnInfo) -> torch.Tensor:
-        npf = st.n_prefix
-        n = x.shape[1]
-        k = max(1, int(st.extra["topk_n0"] * ratio))
-        if k >= n - npf:  # nothing to prune (keep_rate == 1)
-            return x
-        score = info.cls_attn()[:, npf:]                              # [B, N]
-        keep_idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        return st.keep(x, with_prefix(keep_idx, npf))
+        return keep_top_patches(x, st, st.extra["topk_n0"], ratio, lambda: info.cls_attn()[:, st.n_prefix:])
 
     return hook
 
