@@ -154,6 +154,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_LOADED", False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
     with pytest.warns(UserWarning) as caught:
         names = registry.load_methods()
     assert "halve" in names and "tome" in names
