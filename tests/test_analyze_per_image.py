@@ -81,7 +81,7 @@ def _one_by_one(method: str, params: dict):
     """Per image, alone in its batch: mean tokens entering a block, and patches surviving the last block."""
     from tokenbench.analysis_trace import evaluated_dataset, trace_batch
     from tokenbench.api import load
-    from tokenbench.vit import last_state
+    from tokenbench.backbones import last_state
 
     net, _ = load(TINY, method, params)
     ds, _ = evaluated_dataset(net, {"name": "synthetic", "limit": N_IMAGES})
