@@ -107,6 +107,7 @@ def test_pixel_cross_entropy_lowers_the_loss_of_a_tiny_dense_model(tmp_path):
     (("train", "default-seg", "--data", "fashion-mnist"), "default-seg is a segmentation model; fashion-mnist needs"),
     (("train", "default-seg", "--data", "fashion-mnist-scenes", "--task", "classification"),
      "default-seg is a segmentation model"),
+    (("train", "default"), "--method is required to train a classification model"),
 ])
 def test_train_refuses_mixed_tasks(cli, tmp_path, args, msg):
     code, _, err = cli(*args, "--out", str(tmp_path / "r"))
