@@ -169,6 +169,9 @@ def test_a_retry_reuses_the_first_attempts_compilation(monkeypatch):
                 "env": {"busy": True}}  # busy: taken again
 
     monkeypatch.setattr(measure, "throughput", fake)
+    from tokenbench import busy
+
+    monkeypatch.setattr(busy, "still_busy", lambda: None)   # the load dropped: each retry is taken
     spec = runner.spec_dict("tiny_retry_vit", "none", {}, False, None, None)
     register_tiny_timm("tiny_retry_vit")
     rec, _ = runner.measure_run("throughput", spec, runner.Settings(device="cpu", compile="default", retries=2))

@@ -109,9 +109,13 @@ def test_every_entry_point_runs_the_reduced_model(family, name):
         feats = net.forward_features(x)
         _close(net.forward_head(feats), logits)
         if family == "vit":
-            final, inter = net.forward_intermediates(x, output_fmt="NLC", norm=True)
-            _close(final, feats)
-            _close(inter[-1], feats[:, backbones.backbone_of(net).n_prefix:])
+            try:
+                final, inter = net.forward_intermediates(x, output_fmt="NLC", norm=True)
+            except UserError as e:   # an input the method reshapes (resize) has no intermediates to give
+                assert "\n" not in str(e) and "forward_intermediates" in str(e)
+            else:
+                _close(final, feats)
+                _close(inter[-1], feats[:, backbones.backbone_of(net).n_prefix:])
         else:
             final, inter = net.forward_intermediates(x)
             _close(final, feats)

@@ -864,6 +864,10 @@ def _method_names():
 DEPTH = 12
 
 
+# parameters that name a block, whose valid range is the model's depth (declared without a bound)
+BLOCK_INDEX = {("visionzip", "layer"): (-DEPTH, DEPTH - 1), ("pool", "half_block"): (0, 2 * DEPTH - 1)}
+
+
 def _param_strategy(st, p):
     """A hypothesis strategy over the declared range of one parameter."""
     if p.choices:
@@ -906,6 +910,9 @@ def test_every_method_on_random_grids_matches_its_declared_tokens(name, data):
     if name == "mctf":  # MCTF refuses models with register tokens (one prefix token, as the official)
         reg = 0
     params = {p.name: data.draw(_param_strategy(st, p), label=p.name) for p in cls.params}
+    for (method, key), (lo, hi) in BLOCK_INDEX.items():   # a block index: within this model's depth
+        if method == name:
+            params[key] = data.draw(st.integers(lo, hi), label=key)
     params = cls.validate(params)
     if name == "mctf" and isinstance(params["r"], list) and params["r"]:
         params["r"][0] = 0  # MCTF fuses before blocks 1..11 (the official layers), never before block 0
@@ -934,7 +941,11 @@ def test_every_method_on_random_grids_matches_its_declared_tokens(name, data):
         assert list(st_.tokens) == list(exp[0]), (params, img, patch)
         assert list(st_.tokens_mlp) == list(exp[1]), (params, img, patch)
     n0 = grid * grid + net.num_prefix_tokens
-    assert st_.tokens[0] == n0 and all(1 <= t <= n0 for t in st_.tokens + st_.tokens_mlp)
+    # the first block sees every token, unless the method shrinks the input itself (resize: its
+    # declared schedule, checked above, says how many); A-ViT may halt every token, class token too
+    least = 0 if name == "avit" else 1
+    assert st_.tokens[0] == n0 or (name == "resize" and st_.tokens[0] <= n0)
+    assert all(least <= t <= n0 for t in st_.tokens + st_.tokens_mlp)
     assert all(a >= b for a, b in zip(st_.tokens_mlp, st_.tokens[1:]))  # only the method's sites change lengths
 
 
