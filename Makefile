@@ -78,6 +78,12 @@ data:
 		|| echo "warning: could not install dataset-fashion-mnist; pass --data-dir"; \
 	fi
 
+# The documentation site into site/ (git-ignored): first the FLOPs on DeiT-S of any method whose
+# code changed (docs/method_flops.json), then mkdocs, which fails on a broken link or a missing page.
+docs: setup
+	$(BIN)/python docs/gen_method_flops.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # Chromium for the test that opens report.html headless (skipped without it), from Debian's
 # package where apt exists.
 browser:

@@ -61,10 +61,23 @@ def detail(m: dict, width: int) -> list[str]:
     return lines
 
 
+def markdown_table(methods: list[dict]) -> list[str]:
+    """Every method in one Markdown table (the README's): name, family, training, budget knob, summary."""
+    lines = ["| method | family | training | budget knob | what it does |", "|---|---|---|---|---|"]
+    for m in methods:
+        training = "–" if m["family"] == "none" else ("learned" if m["learned"] else "training-free")
+        knob = f"`{m['knob']}`" if m.get("knob") else "–"
+        summary = m["summary"].replace("|", "\\|")
+        lines.append(f"| `{m['name']}` | {m['family']} | {training} | {knob} | {summary} |")
+    return lines
+
+
 def register(app: typer.Typer) -> None:
     @app.command("list")
     def list_cmd(method: Optional[str] = typer.Argument(None, help="One method to show in full."),
-                 json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")):
+                 json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+                 markdown: bool = typer.Option(False, "--markdown", help="Every method in one Markdown table "
+                                                                         "(the README's).")):
         """The registered methods, one line each (family, training-free or learned, budget knob,
         summary); with METHOD, that method in full (its parameters: type, default, range, help)."""
         from .registry import get_method, list_methods
@@ -80,5 +93,8 @@ def register(app: typer.Typer) -> None:
             return
         if json_:
             typer.echo(json.dumps({"methods": methods}, default=str))
+            return
+        if markdown:
+            typer.echo("\n".join(markdown_table(methods)))
             return
         typer.echo("\n".join(overview(methods, _width())))
