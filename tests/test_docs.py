@@ -44,3 +44,21 @@ def test_readme_is_short_and_lists_every_method(cli):
     code, table, err = cli("list", "--markdown")
     assert code == 0, err
     assert table.strip() in readme  # regenerate with `tokenbench list --markdown`
+
+
+def test_the_tutorial_runs_as_written(tmp_path):
+    """The example method of docs/adding-a-method.md registers and counts its FLOPs on the embedded model."""
+    import json
+    import re
+
+    text = (ROOT / "docs" / "adding-a-method.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "halve.py").write_text(code)
+    script = ("import halve\nfrom tokenbench.cli import main\n"
+              "main(['flops', 'default', '--method', 'halve', '--set', 'keep_every=3', '--json'])\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", TOKENBENCH_QUIET="1")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["tokens"][-1] < res["tokens"][0]  # it reduced tokens
