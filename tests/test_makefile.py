@@ -22,3 +22,13 @@ def test_cpu_build_without_cuda_only(tmp_path):
     assert "--index-url https://download.pytorch.org/whl/cpu torch==" in _install_line(tmp_path, idx, "HAS_CUDA=")
     assert "--index-url" not in _install_line(tmp_path, idx, "HAS_CUDA=yes")
     assert "--index-url" not in _install_line(tmp_path, "HAS_CUDA=")         # no CPU index: the pins as before
+
+
+def test_make_test_installs_chromium_and_docs_build_strict():
+    """`make test` installs Chromium (the report's browser test) where apt exists; `make docs` builds strict."""
+    test = subprocess.run(["make", "-n", "test", "STAMP=/dev/null"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "apt-get install -y -qq chromium" in test
+    docs = subprocess.run(["make", "-n", "docs", "STAMP=/dev/null"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "mkdocs build --strict" in docs
