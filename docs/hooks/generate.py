@@ -100,7 +100,7 @@ def method_page(m: dict, prov: dict, counted: dict) -> str:
              ("backbones", ", ".join(m.get("backbones") or [])), ("budget knob", m.get("knob") or "–"),
              ("seed parameter", m.get("seed_param") or "–"),
              ("deterministic", "yes" if m.get("deterministic") else "no (seeded random choices)")]
-    lines = [f"# `{m['name']}`", "", m["summary"], "", "| | |", "|---|---|"]
+    lines = [f"# `{m['name']}`", "", m["summary"], "", "| property | value |", "|---|---|"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in facts]
     lines += ["", "## Parameters", ""]
     lines += _params_table(m["params"], m.get("knob")) if m["params"] else ["None."]
@@ -112,7 +112,9 @@ def method_page(m: dict, prov: dict, counted: dict) -> str:
         code = f"[{p['code']}]({p['code_url']})" if p.get("code_url") else p.get("code", "–")
         lines += [f"- **Paper**: {p.get('paper', '–')}", f"- **Official code**: {code}",
                   f"- **Licence of the original**: {p.get('licence', '–')}", "",
-                  "## How it was checked", "", p.get("verified", "–")]
+                  "## How it was checked", "", p.get("verified", "–"), "",
+                  "The official code's tests and how to run them: [Checking against the official code]"
+                  "(../verification.md)."]
     else:
         lines.append("Not stated (a method from a package outside this repository: see its own documentation).")
     lines += ["", "## FLOPs on DeiT-S", ""]
