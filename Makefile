@@ -22,11 +22,11 @@ TORCH_INDEX := $(if $(CPU_TORCH_INDEX),$(if $(HAS_CUDA),,--index-url $(CPU_TORCH
 run: setup data
 	$(BIN)/tokenbench run
 
-# The project's reference results quoted in the README (maintainers, on an idle machine).
+# The project's reference results (README, docs/reference.md) (maintainers, on an idle machine).
 reference: setup data
 	$(BIN)/tokenbench run default --out results/default
 
-# The hierarchical sweep's reference (DynamicCNN on the embedded ConvNeXt; README "Hierarchical models").
+# The hierarchical sweep's reference (DynamicCNN on the embedded ConvNeXt; docs/hierarchical.md).
 reference-hierarchical: setup data
 	$(BIN)/tokenbench run hierarchical --out results/hierarchical
 
@@ -48,7 +48,7 @@ bench: setup
 bench-gpu:
 	GPU_PY=$(or $(GPU_PY),python3) ./bench-gpu.sh
 
-# The token visualisations in results/figures/ (the README's): one sheet per method, then
+# The token visualisations in results/figures/ (docs/ shows them): one sheet per method, then
 # every method at two thirds of the dense FLOPs; DynamicViT with its trained predictors.
 DVIT07  := results/dynamicvit-0.7/model.pt
 visuals: setup data

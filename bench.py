@@ -19,8 +19,7 @@ time is reported apart (``compile_s``), never inside a timing.
     python bench.py --models convnext_tiny,swin_tiny_patch4_window7_224 --batch-sizes 16 --out results/bench-hierarchical
     python bench.py --models deit_small_patch16_224 --batch-sizes 16 --official ~/official   # and the authors' code
 
-``--official DIR`` (DIR holds clones named ``owner+repo``, README "Checking against the official
-code"): the official ToMe, EViT and DynamicViT built on the same weights as ours, their logits
+``--official DIR`` (DIR holds clones named ``owner+repo``, docs/verification.md): the official ToMe, EViT and DynamicViT built on the same weights as ours, their logits
 checked equal to ours, then ours timed against them interleaved in every timing mode (eager, CUDA
 graphs, compiled; a forward that cannot be captured is a line, not a failure; a table of its
 own, ``vs_official`` = ours over the official); a missing clone is one line.

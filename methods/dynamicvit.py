@@ -53,8 +53,8 @@ decision is the softmax's slope at policy 0, huge where a kept query attends mos
 token (peaked attention over few tokens, as on the embedded Fashion-MNIST model): those rare
 spikes all say "keep" and outweigh the ratio loss, so the predictors drift to keeping almost
 everything.  Starting at the targets and clamping the spikes keeps every stage on its target
-while the predictors still learn which tokens matter (``train_defaults`` below; the README's
-"The embedded default model" has the runs).
+while the predictors still learn which tokens matter (``train_defaults`` below; docs/training.md,
+"DynamicViT on the embedded model", has the runs).
 
 License of the original (raoyongming/DynamicViT): MIT.  This file is our own code.
 """
@@ -372,8 +372,8 @@ class DynamicViT(Method):
               "as the official)", min=0.0),
     )
     # The official recipe does not train on the embedded model (its peaked attention over 49
-    # tokens makes the decision gradients say "keep"); this one does (README, "DynamicViT on the
-    # embedded model"), and made the committed checkpoints.
+    # tokens makes the decision gradients say "keep"); this one does (docs/training.md, "DynamicViT on
+    # the embedded model"), and made the committed checkpoints.
     train_defaults = {
         "default": {
             "set": {"keep_prior_init": True, "decision_grad_clip": 1.0},

@@ -2,7 +2,7 @@
 its FLOPs, and the published DeiT-S figures it compares with, each with its source.
 
 Running the recipe takes minutes (75 matched-FLOPs searches); `tokenbench figure methods-deit-s
---no-throughput` is the check (README, "Regenerating the papers' figures").  These tests hold what
+--no-throughput` is the check (docs/paper-figures.md).  These tests hold what
 can be checked in a second: the recipe covers every method, and its published rows are usable.
 """
 

@@ -269,5 +269,5 @@ def stale_reasons(rec: dict) -> list[str]:
 
 
 def describe_key() -> dict[str, Any]:
-    """What the protocol section of the README says a key contains (for `tokenbench list --json`)."""
+    """What the protocol page (docs/protocol.md) says a key contains (for `tokenbench list --json`)."""
     return {"protocols": dict(PROTOCOLS)}
