@@ -148,3 +148,14 @@ def test_chromium_loads_without_errors_and_draws(tmp_path, page):
     _chromium("--window-size=1200,900", f"--screenshot={shot}", shown.as_uri())
     img = Image.open(shot).convert("L")
     assert max(ImageStat.Stat(img).stddev) > 10  # not a blank page
+
+
+def test_a_run_without_plotly_says_so_and_keeps_its_tables(swept, monkeypatch):
+    from tokenbench import report_html
+    from tokenbench.report import write_report
+
+    (swept / "report.html").unlink(missing_ok=True)
+    monkeypatch.setattr(report_html, "plotly_available", lambda: False)
+    res = write_report(swept, plots=False, html="if-available")
+    assert not (swept / "report.html").exists() and (swept / "results.md").is_file()
+    assert any("report.html not written" in n for n in res["notes"])

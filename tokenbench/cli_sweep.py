@@ -332,7 +332,7 @@ def register(app: typer.Typer) -> None:
         if not is_main():  # under torchrun, rank 0 writes the tables
             return
         try:
-            res = write_report(out_dir, plots=plots, html=True)
+            res = write_report(out_dir, plots=plots, html="if-available")
         except UserError:
             _exit_if_jobs_failed(outcome)  # every job failed: name them and their logs, not "no records"
             raise
@@ -350,7 +350,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"warning: {n}", err=True)
         typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
                    f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else "") +
-                   f", the interactive page {out_dir / 'report.html'}")
+                   (f", the interactive page {out_dir / 'report.html'}" if (out_dir / "report.html").exists() else ""))
         _exit_if_jobs_failed(outcome)
 
     @app.command("compare")

@@ -71,9 +71,10 @@ def ensure_report_writable(out: str | os.PathLike, plots: bool = True) -> None:
         ensure_writable_dir(out / "plots", "plots directory")
 
 
-def write_report(out: str | os.PathLike, plots: bool = True, html: bool = False) -> dict:
-    """Write the tables and plots of ``out`` from its records (and ``report.html`` with ``html``);
-    returns the rows and paths."""
+def write_report(out: str | os.PathLike, plots: bool = True, html: bool | str = False) -> dict:
+    """Write the tables and plots of ``out`` from its records (and ``report.html`` with ``html``;
+    ``html="if-available"``: only where plotly is installed, else a note says so); returns the rows
+    and paths."""
     from .store import atomic_write_text
 
     out = Path(out)
@@ -93,9 +94,12 @@ def write_report(out: str | os.PathLike, plots: bool = True, html: bool = False)
     if plots:
         files += plot(res, out / "plots")
     if html:
-        from .report_html import write_html
+        from .report_html import plotly_available, write_html
 
-        files.append(write_html(res))
+        if html == "if-available" and not plotly_available():
+            res["notes"].append("report.html not written: it needs plotly (pip install plotly)")
+        else:
+            files.append(write_html(res))
     res["files"] = files
     return res
 

@@ -171,6 +171,12 @@ def _json_script(obj, attrs: str) -> str:
     return f'<script type="application/json" {attrs}>{text}</script>'
 
 
+def plotly_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("plotly") is not None
+
+
 def html_page(res: dict) -> str:
     """The page's text from a collected report (:func:`tokenbench.report_collect.collect`)."""
     try:
