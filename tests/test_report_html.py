@@ -159,3 +159,21 @@ def test_a_run_without_plotly_says_so_and_keeps_its_tables(swept, monkeypatch):
     res = write_report(swept, plots=False, html="if-available")
     assert not (swept / "report.html").exists() and (swept / "results.md").is_file()
     assert any("report.html not written" in n for n in res["notes"])
+
+
+def test_a_dense_model_of_another_size_is_one_point_on_its_models_plot(tmp_path):
+    from tokenbench.report import write_report
+
+    small = register_tiny_timm("tb_html_tinier_vit", embed_dim=16)
+    p = tmp_path / "s.toml"
+    p.write_text(f'name = "line"\nmodels = ["{TINY}"]\ndense_family = ["{small}"]\nmeasure = ["flops", "accuracy"]\n'
+                 f'device = "cpu"\n[data]\nname = "synthetic"\nlimit = 16\nbatch_size = 16\n'
+                 f'[methods.topk]\nkeep_rate = 0.5\n')
+    sw = S.load_sweep(p, {"out": str(tmp_path / "out")})
+    out, runs, _, _ = S.prepare(sw)
+    S.execute(sw, runs, Store(out))
+    page = (write_report(out, plots=False, html=True)["out"] / "report.html").read_text()
+    points = _scripts(page, 'id="tb-points"')[0]
+    assert len(points) == 3 and sum(1 for q in points if q["line_of"]) == 1  # dense, topk, the smaller model
+    fig = _scripts(page, 'class="tb-figure"')[0]  # one model's plot holds all three
+    assert sorted(i for t in fig["data"] if t["meta"]["kind"] == "setting" for i in t["customdata"]) == [0, 1, 2]
