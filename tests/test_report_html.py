@@ -122,7 +122,8 @@ ERROR_COLLECTOR = (
 
 
 def _chromium(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--hide-scrollbars",
                            "--virtual-time-budget=5000", *args], capture_output=True, text=True, timeout=120)
 
 
