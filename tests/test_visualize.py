@@ -283,7 +283,7 @@ def stand_in(tiny_default, tmp_path):
     return data
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def flops_cache(tmp_path_factory, worker_id):
     """One FLOPs cache for this test run, shared by the parallel suite's workers (the cache merges
     concurrent writes): the figure tests and the comparison sheet search the same budgets."""
