@@ -27,6 +27,19 @@ def unique_set_keys(items: Optional[Sequence[str]]) -> None:
         seen.add(key)
 
 
+def eval_options(split: str, precision: str, limit: Optional[int], batch_size: int,
+                 hint: str = "") -> None:
+    """Refuse an evaluation's split, precision, --limit or --batch-size in one line."""
+    if split not in ("train", "val", "test"):
+        raise UserError(f"unknown split {split!r}{hint} (use train, val or test)")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be positive, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+
+
 def min_run_time(seconds: float) -> None:
     if not seconds > 0:
         raise UserError(f"--min-run-time must be positive, got {seconds:g}")

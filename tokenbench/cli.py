@@ -328,14 +328,9 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
     split = split or ("val" if data in ("imagenet", "folder") else "test")
-    if split not in ("val", "test", "train"):
-        raise UserError(f"unknown split {split!r}{did_you_mean(split, ('val', 'test', 'train'))} (use train, val or test)")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be positive, got {limit}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    from .checks import eval_options
+
+    eval_options(split, precision, limit, batch_size, did_you_mean(split, ("val", "test", "train")))
     _check_data_dir(data, data_dir)  # cheap, before the model (and any download of its weights)
     spec = _spec(model, method, set_, pretrained, checkpoint, None)
     s = Settings(device=device, precision=precision, data=data, data_dir=str(data_dir) if data_dir else None,

@@ -23,7 +23,7 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
                pretrained: bool = False) -> tuple[dict, str]:
     """(the printed record, its one-line summary) of mIoU (95% bootstrap interval), pixel accuracy,
     per-class IoU and GFLOPs of a dense model."""
-    from .checks import unique_set_keys
+    from .checks import eval_options, unique_set_keys
     from .measure import resolve_device
     from .registry import get_method, parse_set
     from .runner import Settings, spec_dict
@@ -33,14 +33,7 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
     task_of(model, data)  # a model and a dataset of different tasks: refused before anything is built
     resolve_device(device)
     split = split or "test"
-    if split not in ("train", "val", "test"):
-        raise UserError(f"unknown split {split!r} (use train, val or test)")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be positive, got {limit}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    eval_options(split, precision, limit, batch_size)
     if pretrained:
         raise UserError(f"{model} has no timm pretrained weights: its own are loaded when trained, or pass "
                         "--checkpoint")

@@ -3,7 +3,6 @@ per-image IoU of the same images, compared by :func:`tokenbench.measure_dense.pa
 
 from __future__ import annotations
 
-import math
 import os
 
 from .errors import UserError
@@ -19,17 +18,10 @@ def dense_records(out: str | os.PathLike) -> list[dict]:
 
 
 def _matches(rec: dict, method: str, params: dict) -> bool:
+    from .report_stats import params_match
+
     kf = rec["key_fields"]
-    if kf["method"] != method:
-        return False
-    for k, v in params.items():
-        have = kf["params"].get(k)
-        if isinstance(v, (int, float)) and isinstance(have, (int, float)) and not isinstance(v, bool):
-            if not math.isclose(float(have), float(v), rel_tol=1e-9, abs_tol=1e-12):
-                return False
-        elif have != v:
-            return False
-    return True
+    return kf["method"] == method and params_match(kf["params"], params)
 
 
 def _select(recs: list[dict], text: str) -> dict:

@@ -170,17 +170,22 @@ def _parse_selector(text: str) -> tuple[str, dict]:
 
 # selection reads rows by name, so that it takes a Row or a row written as a dict alike
 
+def params_match(have: dict, want: dict) -> bool:
+    """Every parameter a selector gives equals the setting's (numbers within float rounding)."""
+    for k, v in want.items():
+        got = have.get(k)
+        if isinstance(v, (int, float)) and isinstance(got, (int, float)) and not isinstance(v, bool):
+            if not math.isclose(float(got), float(v), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif got != v:
+            return False
+    return True
+
+
 def _matches(row: Row, method: str, params: dict, by_label: bool = False) -> bool:
     if (row.get("label") if by_label else row["method"]) != method:
         return False
-    for k, v in params.items():
-        have = row["_params"].get(k)
-        if isinstance(v, (int, float)) and isinstance(have, (int, float)) and not isinstance(v, bool):
-            if not math.isclose(float(have), float(v), rel_tol=1e-9, abs_tol=1e-12):
-                return False
-        elif have != v:
-            return False
-    return True
+    return params_match(row["_params"], params)
 
 
 def _select(rows: list[Row], text: str) -> list[Row]:
