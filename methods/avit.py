@@ -169,7 +169,7 @@ def _eval_step(x, h, st: TokenState, s: dict, last: bool) -> torch.Tensor:
 # --------------------------------------------------------------------------- training
 
 def train_setup(model, params: dict, weights: Optional[dict] = None):
-    """``loss_fn(model, x, y) -> (loss, logits, metrics)``: the losses of the official ``engine_act.py``."""
+    """The training loss (a :data:`~tokenbench.registry.LossFn`): the losses of the official ``engine_act.py``."""
     w = {"ponder_token_scale": params["ponder_token_scale"], "distr_prior_alpha": params["distr_prior_alpha"],
          "label_smoothing": 0.1}
     for k, v in (weights or {}).items():

@@ -317,7 +317,7 @@ def search_flops(model, kept: list) -> torch.Tensor:
 
 def search_setup(model, params: dict):
     """Turn ``model`` (diffrate applied) into DiffRate's search: rate modules attached, the ViT
-    frozen, every block hooked.  Returns the loss function of :func:`tokenbench.train.train_loop`."""
+    frozen, every block hooked.  Returns the training loss, a :data:`~tokenbench.registry.LossFn`."""
     bb = backbone_of(model, "diffrate")
     model.requires_grad_(False)
     ref = next(model.parameters())

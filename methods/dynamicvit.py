@@ -273,8 +273,7 @@ def train_setup(model: nn.Module, teacher: nn.Module, params: Optional[dict] = N
     parameters (``keep_rate``; default the one applied to ``model``).  ``weights``:
     overrides of :data:`DEFAULT_WEIGHTS`.
 
-    Returns ``loss_fn(model, x, y) -> (loss, logits, metrics)`` for
-    :func:`tokenbench.train.train_loop`, with
+    Returns the training loss, a :data:`~tokenbench.registry.LossFn`, with
     ``loss = clf * CE(label smoothing) + ratio * ratio_loss + distill * (KL(logits) + MSE(tokens))``.
     """
     w = dict(DEFAULT_WEIGHTS)

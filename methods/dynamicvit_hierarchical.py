@@ -382,7 +382,7 @@ def feature_distill_loss(featmap: torch.Tensor, teacher_featmap: torch.Tensor) -
 
 def train_setup(model: nn.Module, teacher: nn.Module, keep_rate: float, train_params: dict,
                 weights: Optional[dict] = None):
-    """``loss_fn(model, x, y) -> (loss, logits, metrics)``: the official
+    """The training loss (a :data:`~tokenbench.registry.LossFn`): the official
     ``ConvNextDistillDiffPruningLoss`` as ``main.py`` configures it for ConvNeXt and Swin."""
     w = dict(DEFAULT_WEIGHTS)
     for k, v in (weights or {}).items():

@@ -244,3 +244,38 @@ def test_installs_map_methods_to_the_one_package_name():
     cfg = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert cfg["package-dir"] == {"tokenbench.methods": "methods"}
     assert "tokenbench.methods" in cfg["packages"] and not [p for p in cfg["packages"] if "builtin" in p]
+
+
+def _contract_fields() -> set:
+    return {k for k in registry.Method.__annotations__}
+
+
+def test_every_declared_field_and_hook_of_the_contract_is_documented():
+    """Each class attribute of ``Method`` and each hook is named in its docstring and in the
+    method author's page."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "adding-a-method.md").read_text()
+    hooks = {"apply", "expected_tokens", "reduces", "convert_checkpoint", "train_setup", "param_groups",
+             "train_step"}
+    for name in _contract_fields() | hooks:
+        assert f"``{name}``" in registry.Method.__doc__ or f":meth:`{name}`" in registry.Method.__doc__, name
+        assert f"`{name}`" in page, name
+
+
+def test_the_harness_reads_contract_fields_as_declared_never_with_getattr():
+    """``getattr(cls, "family", None)`` would hide a field missing from the contract: every field
+    the harness reads is declared on ``Method`` and read as an attribute."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    fields = _contract_fields()
+    found = []
+    for f in [*root.joinpath("tokenbench").rglob("*.py"), *root.joinpath("docs").rglob("*.py"),
+              root / "bench.py", root / "bench_gpu.py"]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr") \
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in fields:
+                found.append(f"{f.relative_to(root)}:{node.lineno} {node.args[1].value}")
+    assert not found, found

@@ -27,7 +27,10 @@ import hashlib
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .registry import Method
 
 # The rules of each measurement kind.  Raise a number whenever its rules change (and say
 # what changed below): every record measured under the old rules becomes stale.
@@ -100,7 +103,7 @@ def _method_imports(path: Path) -> list[Path]:
     return out
 
 
-def _backbone_files(cls) -> list[Path]:
+def _backbone_files(cls: type[Method]) -> list[Path]:
     """The surgery files ``cls`` runs through: the shared ones and those of its declared families."""
     from .backbones.base import _BACKBONES
 
@@ -110,12 +113,12 @@ def _backbone_files(cls) -> list[Path]:
             families[Path(inspect.getsourcefile(b)).resolve()] = b.name
         except TypeError:
             pass
-    declared = set(getattr(cls, "backbones", ()) or ())
+    declared = set(cls.backbones)
     return [f for f in sorted(SURGERY.glob("*.py"))
             if f.resolve() not in families or families[f.resolve()] in declared]
 
 
-def _own_file(cls) -> Optional[Path]:
+def _own_file(cls: type[Method]) -> Optional[Path]:
     """The file that defines ``cls`` (None for a class made at run time)."""
     try:
         return Path(inspect.getsourcefile(cls)).resolve()
@@ -123,7 +126,7 @@ def _own_file(cls) -> Optional[Path]:
         return None
 
 
-def source_files(cls) -> list[Path]:
+def source_files(cls: type[Method]) -> list[Path]:
     """The files whose code determines what ``cls`` computes: its own module, the method modules
     it imports (and those they import), and the surgery it runs through (:func:`_backbone_files`)."""
     files: list[Path] = []
@@ -140,7 +143,7 @@ def source_files(cls) -> list[Path]:
     return files
 
 
-def source_hash(cls) -> str:
+def source_hash(cls: type[Method]) -> str:
     """sha256 (16 hex digits) over the names and code (:func:`code_text`) of :func:`source_files`:
     an edit to a comment or a docstring leaves it as it was."""
     files = source_files(cls)
@@ -153,9 +156,9 @@ def source_hash(cls) -> str:
     return _HASHES[stamp]
 
 
-def method_code(cls) -> dict[str, str]:
+def method_code(cls: type[Method]) -> dict[str, str]:
     """The code identity of a registered method class, as it enters a record key."""
-    return {"version": str(getattr(cls, "version", "1")), "source": source_hash(cls)}
+    return {"version": str(cls.version), "source": source_hash(cls)}
 
 
 # --------------------------------------------------------------------------- data

@@ -130,8 +130,9 @@ class Method:
 
     Declaration (class attributes): ``name``, ``version``, ``summary``; ``params`` (:class:`Param`
     tuple: the CLI lists and validates them); ``family``; ``learned``; ``knob``; ``seed_param``;
-    ``deterministic``; ``needs_class_token``; ``backbones``; ``train_params``, ``train_defaults``;
-    ``compile_note``.  Each is described where it is declared below.
+    ``deterministic``; ``seed_breaks_ties``; ``needs_class_token``; ``backbones``; ``train_params``,
+    ``train_defaults``; ``compile_note``; ``paper``, ``code``, ``code_url``, ``licence``, ``verified``.
+    Each is described where it is declared below.
 
     Hooks: :meth:`apply` (required), :meth:`expected_tokens`, :meth:`reduces`,
     :meth:`convert_checkpoint`, and for training :meth:`train_setup`, :meth:`param_groups`,
@@ -178,6 +179,14 @@ class Method:
     # How the method compiles under ``torch.compile`` (recorded with compiled timings).  A method
     # whose token counts vary per image says how it compiles instead (dynamic shapes, graph breaks).
     compile_note: ClassVar[str] = "static token counts: fullgraph"
+    # Where the method comes from, shown on its page of the documentation (None: the entry of
+    # ``docs/method_provenance.toml``): the paper, the official code's name and address, the
+    # original's licence, and how the adapter was checked against the official code.
+    paper: ClassVar[Optional[str]] = None
+    code: ClassVar[Optional[str]] = None
+    code_url: ClassVar[Optional[str]] = None
+    licence: ClassVar[Optional[str]] = None
+    verified: ClassVar[Optional[str]] = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

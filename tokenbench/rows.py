@@ -15,11 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import UserError
 from .identity import stale_reasons
 from .render import params_json
+
+if TYPE_CHECKING:
+    from .registry import Method
 
 DENSE_METHOD = "none"
 
@@ -168,7 +171,7 @@ def learned_status(spec: dict) -> str:
     return status
 
 
-def method_declaration(name: str):
+def method_declaration(name: str) -> Optional[type[Method]]:
     """The method's class from the registry, or None for a method not installed here."""
     try:
         from .registry import get_method
@@ -188,7 +191,7 @@ def method_info(name: str) -> tuple[bool, Optional[str]]:
 
 def method_family(name: str) -> Optional[str]:
     cls = method_declaration(name)
-    return getattr(cls, "family", None) if cls is not None else None
+    return cls.family if cls is not None else None
 
 
 # --------------------------------------------------------------------------- a row from records

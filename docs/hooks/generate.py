@@ -78,17 +78,15 @@ def _published(name: str) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["method"] == name and r["model"].startswith(DEIT_S) and r["gflops"]]
 
 
-PROVENANCE = ("paper", "code", "code_url", "licence", "verified")
-
-
 def provenance(name: str, prov: dict) -> dict:
-    """What the method's class declares of its origin (``paper``, ``code``, ``code_url``, ``licence``,
-    ``verified``: optional attributes), else the entry of docs/method_provenance.toml."""
+    """What the method's class declares of its origin (``Method.paper``, ``code``, ``code_url``,
+    ``licence``, ``verified``), else the entry of docs/method_provenance.toml."""
     from tokenbench.registry import get_method
 
     cls = get_method(name)
-    own = {k: getattr(cls, k) for k in PROVENANCE if isinstance(getattr(cls, k, None), str)}
-    return {**prov.get(name, {}), **own}
+    declared = {"paper": cls.paper, "code": cls.code, "code_url": cls.code_url, "licence": cls.licence,
+                "verified": cls.verified}
+    return {**prov.get(name, {}), **{k: v for k, v in declared.items() if v is not None}}
 
 
 def method_page(m: dict, prov: dict, counted: dict) -> str:
