@@ -52,7 +52,7 @@ def test_eval_refuses_in_one_line_and_stores_nothing(cli, tmp_path, args, msg):
 
 
 def test_eval_refuses_bad_voc_masks_and_class_mismatch(cli, tmp_path):
-    from test_dense_data import write_voc
+    from test_dense_folders import write_voc
 
     root = write_voc(tmp_path / "voc")
     code, _, err = cli("eval", "default-seg", "--data", "voc", "--data-dir", str(root), "--split", "val",

@@ -1,4 +1,4 @@
-"""Dense datasets: fashion-mnist-scenes generation and caching, VOC-layout folders and their refusals."""
+"""fashion-mnist-scenes: generation, caching and the dataset a model reads."""
 
 import numpy as np
 import pytest
@@ -82,41 +82,3 @@ def test_scene_dataset_gives_model_input_and_long_mask(small_scenes):
     assert spec.n == 4 and spec.available == 8 and spec.classes == 11
     with pytest.raises(UserError, match="more than"):
         ds.build_dense_dataset(ds.SCENES, "test", model=build_seg_model("default-seg"), limit=9)
-
-
-def write_voc(root, ids=("a", "b"), mask_size=None, label=3, listed=None):
-    from PIL import Image
-
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for name in ids:
-        Image.fromarray(np.full((20, 30, 3), 120, dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
-        h, w = mask_size or (20, 30)
-        m = np.zeros((h, w), dtype=np.uint8)
-        m[5:10, 5:15] = label
-        m[0, 0] = 255
-        p = Image.fromarray(m, mode="P")
-        p.putpalette([0, 0, 0, 128, 0, 0] * 128)
-        p.save(root / "SegmentationClass" / f"{name}.png")
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids if listed is None else listed) + "\n")
-    return root
-
-
-def voc(root):
-    return ds.VocSegmentation(root, "val", 16, 3, (0.5,) * 3, (0.25,) * 3)
-
-
-def test_voc_folder_reads_palette_masks(tmp_path):
-    d = voc(write_voc(tmp_path / "voc"))
-    x, y = d[1]
-    assert len(d) == 2 and x.shape == (3, 16, 16) and y.shape == (16, 16)
-    assert set(y.unique().tolist()) <= {0, 3, 255} and (y == 3).any()
-
-
-@pytest.mark.parametrize("kw,msg", [({"mask_size": (10, 30)}, "must match its image"),
-                                    ({"label": 40}, "holds label 40, outside the 21 classes"),
-                                    ({"listed": []}, "empty")])
-def test_voc_folder_refuses_bad_masks_and_empty_splits(tmp_path, kw, msg):
-    root = write_voc(tmp_path / "voc", **kw)
-    with pytest.raises(UserError, match=msg):
-        voc(root)[0]

@@ -297,7 +297,8 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
 @app.command("eval")
 def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[List[str]] = SET_OPT,
              data: str = typer.Option(..., "--data", help="fashion-mnist, imagenet, folder or synthetic; dense: "
-                                      "fashion-mnist-scenes or voc (with a dense model such as default-seg)."),
+                                      "fashion-mnist-scenes, voc or ade20k (with a dense model such as default-seg, or "
+                                      "a --checkpoint trained with --task segmentation)."),
              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
              split: Optional[str] = typer.Option(None, "--split", help="train, val or test (default: test for "
                                                  "fashion-mnist and synthetic, val for image folders). "
@@ -318,7 +319,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     from .measure import resolve_device
     from .runner import Settings, measure_run
 
-    if wants_dense(model, data):
+    if wants_dense(model, data, checkpoint=checkpoint):
         pub, line = eval_dense(model, method, set_, data, data_dir, split, limit, seed, batch_size, device,
                                precision, checkpoint, results, json_, pretrained)
         for w in pub.get("warnings", []):

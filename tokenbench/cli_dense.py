@@ -9,12 +9,15 @@ from typing import List, Optional
 from .errors import UserError
 
 
-def wants_dense(model: str, data: Optional[str], task: Optional[str] = None) -> bool:
-    """Whether a command names a dense model, a dense dataset or the segmentation task."""
+def wants_dense(model: str, data: Optional[str], task: Optional[str] = None, checkpoint=None) -> bool:
+    """Whether a command names a dense model, a dense dataset, the segmentation task, or a
+    checkpoint holding a dense model."""
     from .data_scenes import is_dense_data
     from .models_seg import is_dense_model
+    from .models_seg_timm import checkpoint_arch
 
-    return task == "segmentation" or is_dense_model(model) or is_dense_data(data)
+    return (task == "segmentation" or is_dense_model(model) or is_dense_data(data)
+            or (checkpoint is not None and checkpoint_arch(checkpoint) is not None))
 
 
 def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, data_dir: Optional[Path],
@@ -30,9 +33,11 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
     from .runner_dense import check_restores_grid, measure_dense_run, task_of
     from .store import Store
 
-    task_of(model, data)  # a model and a dataset of different tasks: refused before anything is built
+    task_of(model, data, checkpoint=checkpoint)  # a model and a dataset of different tasks: refused before anything is built
     resolve_device(device)
-    split = split or "test"
+    from .data_scenes import SCENES
+
+    split = split or ("test" if data == SCENES else "val")  # the folders' scored split is val
     eval_options(split, precision, limit, batch_size)
     if pretrained:
         raise UserError(f"{model} has no timm pretrained weights: its own are loaded when trained, or pass "

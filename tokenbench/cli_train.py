@@ -47,7 +47,11 @@ def register(app: typer.Typer) -> None:
                   pretrained: bool = typer.Option(False, "--pretrained"),
                   checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Initial student weights."),
                   teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint",
-                                                                    help="Weights of the dense teacher.")):
+                                                                    help="Weights of the dense teacher."),
+                  head: Optional[str] = typer.Option(None, "--head", help="Segmentation head on a timm backbone: "
+                                                     "linear (last block, the default) or linear4 (last four)."),
+                  finetune: bool = typer.Option(False, "--finetune", help="Segmentation on a timm backbone: train "
+                                                "the backbone too (default: frozen, a linear probe).")):
         """Train a method on a model: DynamicViT's predictors (with its distillation recipe) or a fine-tune.
 
         Resumable: run the same command again to continue from the last checkpoint (Ctrl-C saves
@@ -61,7 +65,10 @@ def register(app: typer.Typer) -> None:
 
         if wants_dense(model, data, task):
             return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
-                               seed, max_steps, device, checkpoint)
+                               seed, max_steps, device, checkpoint, head, finetune, pretrained, num_workers)
+        if head is not None or finetune:
+            raise UserError("--head and --finetune train a segmentation head; add --task segmentation and a dense "
+                            "--data")
         if method is None:
             raise UserError("--method is required to train a classification model (e.g. --method dynamicvit)")
         from .registry import get_method, parse_set
@@ -119,17 +126,28 @@ def register(app: typer.Typer) -> None:
 def train_dense(model: str, method: Optional[str], task: Optional[str], data: str, data_dir: Optional[Path],
                 out: Optional[Path], force: bool, as_json: bool, epochs: Optional[float], lr: Optional[float],
                 batch_size: Optional[int], seed: int, max_steps: Optional[int], device: str,
-                checkpoint: Optional[Path]) -> None:
-    """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably."""
+                checkpoint: Optional[Path], head: Optional[str] = None, finetune: bool = False,
+                pretrained: bool = False, num_workers: Optional[int] = None) -> None:
+    """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably: an
+    embedded dense model, or a timm backbone with a linear head (frozen unless ``finetune``)."""
     from .measure import resolve_device
+    from .models_seg import is_dense_model
+    from .models_seg_timm import HEADS
     from .runner_dense import task_of
     from .train_seg import SEG_RECIPE, train_seg
 
-    task_of(model, data, task)
+    task_of(model, data, task, new_decoder=task == "segmentation" and not is_dense_model(model))
     if method not in (None, "none"):
         raise UserError(f"training a dense model with a method ({method}) is not supported yet; leave out --method")
+    if is_dense_model(model) and (head is not None or finetune or pretrained):
+        raise UserError(f"{model} has its own decoder and is trained whole; --head, --finetune and --pretrained are "
+                        "for a timm backbone")
+    if head is not None and head not in HEADS:
+        raise UserError(f"unknown --head {head!r}; choose from {', '.join(HEADS)}")
     resolve_device(device)
-    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device}
+    if num_workers is not None and num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
+    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers}
     for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
         if v is not None:
             if v <= 0:
@@ -137,10 +155,14 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
             changes[k] = v
     if checkpoint is not None and not checkpoint.is_file():
         raise UserError(f"--checkpoint {checkpoint} does not exist")
-    out = out or Path("runs") / f"{model}-{data}"
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a directory")
+    tag = "" if is_dense_model(model) else f"-{head or 'linear'}{'-finetune' if finetune else ''}"
+    out = out or Path("runs") / f"{model}-{data}{tag}"
     summary = train_seg(model, out, dataclasses.replace(SEG_RECIPE, **changes), data=data,
                         data_dir=str(data_dir) if data_dir else None,
-                        checkpoint=str(checkpoint) if checkpoint else None, progress=not as_json, force=force)
+                        checkpoint=str(checkpoint) if checkpoint else None, progress=not as_json, force=force,
+                        head=head, frozen=not finetune, pretrained=pretrained)
     miou = summary.pop("test_acc", None)
     summary["val_miou"] = miou
     print_train_summary(out, summary, as_json)

@@ -1,4 +1,5 @@
-"""Dense datasets: ``fashion-mnist-scenes`` (generated, cached) and VOC-layout segmentation folders.
+"""Dense datasets: ``fashion-mnist-scenes`` (generated, cached), and the segmentation folders of
+:mod:`tokenbench.data_seg_folders` (VOC and ADE20K layouts) built through one entry point.
 
 Every dense dataset yields ``(image, mask)``: the image preprocessed for the model
 (float ``[C, S, S]``, S the model's input size) and the per-pixel label (int64 ``[H, W]``,
@@ -27,12 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .data_seg_folders import ADE20K, IGNORE, VOC, layout_classes
 from .errors import UserError
 
 SCENES = "fashion-mnist-scenes"
-VOC = "voc"
-DENSE_DATASETS = (SCENES, VOC)
-IGNORE = 255
+DENSE_DATASETS = (SCENES, VOC, ADE20K)
 SCENE_SIZE = 56
 SCENE_ITEMS = (2, 4)           # items per scene, inclusive
 ITEM_SIDE = (20, 36)           # an item's side after scaling, pixels, inclusive
@@ -41,9 +41,6 @@ SCENE_SIZES = {"train": 20000, "val": 2000, "test": 2000}
 SCENE_SEEDS = {"train": 0, "val": 1, "test": 2}
 SCENES_VERSION = 1             # raised whenever generation changes: cache files and record keys follow
 SCENE_MEAN, SCENE_STD = 0.15, 0.30
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
 
 
 def scene_classes() -> tuple[str, ...]:
@@ -54,6 +51,11 @@ def scene_classes() -> tuple[str, ...]:
 
 def is_dense_data(name: Optional[str]) -> bool:
     return name in DENSE_DATASETS
+
+
+def dense_classes(name: str) -> int:
+    """How many classes dataset ``name`` scores (known before any file is read)."""
+    return len(scene_classes()) if name == SCENES else len(layout_classes(name))
 
 
 # --------------------------------------------------------------------------- generation
@@ -138,75 +140,6 @@ class SegmentationTensors(Dataset):
         return self.transform(self.images[i]), self.masks[i].long()
 
 
-def _palette_indices(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise UserError(f"mask {path} is a {im.mode} image; a segmentation mask is a palette (P) or "
-                                "grey (L) PNG of class indices")
-            return np.array(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read mask {path} ({e.__class__.__name__})") from None
-
-
-class VocSegmentation(Dataset):
-    """A folder in the VOC layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
-    PNGs of class indices, 255 not scored) and ``ImageSets/Segmentation/<split>.txt`` listing the ids.
-
-    Each item is checked when read: its mask must be as large as its image and hold only class
-    indices below ``len(classes)`` or 255.  Image and mask are resized to the model's input size
-    (bilinear for the image, nearest for the mask).
-    """
-
-    def __init__(self, root, split: str, img_size: int, in_chans: int, mean, std,
-                 classes: tuple[str, ...] = VOC_CLASSES):
-        from .data import require_dir
-
-        self.root = require_dir(root)
-        ids_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        if not ids_file.is_file():
-            raise UserError(f"{self.root} has no ImageSets/Segmentation/{split}.txt (a VOC-layout folder lists "
-                            "each split's image ids there)")
-        self.ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
-        if not self.ids:
-            raise UserError(f"{ids_file} lists no images: the {split} split is empty")
-        self.classes, self.img_size, self.in_chans = classes, img_size, in_chans
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        import torch.nn.functional as F
-
-        from .data import _load_image
-
-        name = self.ids[i]
-        img_path = self.root / "JPEGImages" / f"{name}.jpg"
-        mask_path = self.root / "SegmentationClass" / f"{name}.png"
-        if not img_path.is_file() or not mask_path.is_file():
-            missing = img_path if not img_path.is_file() else mask_path
-            raise UserError(f"{missing} is missing (listed in ImageSets/Segmentation)")
-        img = _load_image(str(img_path), "L" if self.in_chans == 1 else "RGB")
-        mask = _palette_indices(mask_path)
-        if mask.shape != (img.height, img.width):
-            raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} pixels, its image "
-                            f"{img.width}x{img.height}: a mask must match its image")
-        bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(len(self.classes)), IGNORE])
-        if len(bad):
-            raise UserError(f"mask {mask_path} holds label {int(bad[0])}, outside the {len(self.classes)} classes "
-                            f"(0..{len(self.classes) - 1}, and {IGNORE} for pixels not scored)")
-        x = torch.from_numpy(np.array(img, dtype=np.float32) / 255.0)
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        s = (self.img_size, self.img_size)
-        x = F.interpolate(x[None], size=s, mode="bilinear", align_corners=False, antialias=True)[0]
-        y = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=s, mode="nearest")[0, 0]
-        return (x - self.mean) / self.std, y.long()
-
-
 @dataclass
 class DenseSpec:
     """Which dense images were measured: enough to recognise the same subset again."""
@@ -228,18 +161,9 @@ def dense_fingerprint(name: str, split: str, data_dir=None) -> str:
     """The identity of a dense split (not where it lives), for record keys."""
     if name == SCENES:
         return scenes_fingerprint(split, data_dir)
-    from .identity import _hash_files
+    from .data_seg_folders import layout_fingerprint
 
-    root = Path(data_dir) if data_dir else None
-    if root is None or not root.is_dir():
-        return f"{name}:missing"
-    ids = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not ids.is_file():
-        return f"{name}:no-{split}"
-    names = [n.split()[0] for n in ids.read_text().splitlines() if n.strip()]
-    files = [ids] + [root / d / f"{n}{e}" for n in names for d, e in (("JPEGImages", ".jpg"),
-                                                                      ("SegmentationClass", ".png"))]
-    return f"{name}-{split}:" + _hash_files([f for f in files if f.is_file()])
+    return layout_fingerprint(name, split, data_dir)
 
 
 def build_dense_dataset(name: str, split: str = "test", data_dir=None, model=None, limit: Optional[int] = None,
@@ -263,10 +187,10 @@ def build_dense_dataset(name: str, split: str = "test", data_dir=None, model=Non
                                                                              mean, std), scene_classes())
         source = None
     else:
-        if data_dir is None:
-            raise UserError("--data-dir is required for voc (a folder with JPEGImages/, SegmentationClass/ and "
-                            "ImageSets/Segmentation/)")
-        ds = VocSegmentation(data_dir, split, cfg["img_size"], cfg["in_chans"], cfg["mean"], cfg["std"])
+        from .data_seg_folders import SegmentationFolder, check_layout_dir
+
+        check_layout_dir(name, data_dir)
+        ds = SegmentationFolder(name, data_dir, split, cfg["img_size"], cfg["in_chans"], cfg["mean"], cfg["std"])
         source = str(data_dir)
     available = len(ds)
     if available == 0:

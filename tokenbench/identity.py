@@ -192,18 +192,25 @@ def folder_fingerprint(root: Path) -> str:
     50,000 validation images, exact on small folders.  Added, removed, renamed or resized
     images always change it; where the same-size files differ only in content, the sample
     catches it in a small folder and probably in a large one."""
-    entries: list[tuple[str, Path, int]] = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        rel = Path(dirpath).relative_to(root)
-        for fn in sorted(filenames):
-            p = Path(dirpath) / fn
-            try:
-                entries.append((str(rel / fn), p, p.stat().st_size))
-            except OSError:
-                continue
+        files += [Path(dirpath) / fn for fn in sorted(filenames)]
     classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    h = hashlib.sha256(("\n".join(classes) + "\0").encode())
+    return files_fingerprint(root, files, "\n".join(classes))
+
+
+def files_fingerprint(root: Path, files: list[Path], header: str = "") -> str:
+    """``header``, each of ``files``' path relative to ``root`` and size, and the bytes of up to
+    :data:`CONTENT_SAMPLE` of them spread evenly over the list (the rule of
+    :func:`folder_fingerprint`, for datasets that list their files)."""
+    entries: list[tuple[str, Path, int]] = []
+    for p in files:
+        try:
+            entries.append((str(p.relative_to(root)), p, p.stat().st_size))
+        except OSError:
+            continue
+    h = hashlib.sha256((header + "\0").encode())
     for rel, _, size in entries:
         h.update(f"{rel}\t{size}\n".encode())
     step = max(1, len(entries) // CONTENT_SAMPLE)

@@ -48,7 +48,8 @@ def is_segmentation_model(model: nn.Module) -> bool:
 
 
 class LinearHead(nn.Module):
-    """BatchNorm and a 1 x 1 convolution on the last feature map."""
+    """BatchNorm and a 1 x 1 convolution on the feature maps, concatenated at the first map's
+    resolution (one map: the last block; several: DINOv2's linear probe over the last four)."""
 
     def __init__(self, channels: int, classes: int):
         super().__init__()
@@ -56,7 +57,10 @@ class LinearHead(nn.Module):
         self.cls = nn.Conv2d(channels, classes, 1)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return self.cls(self.norm(maps[-1]))
+        size = maps[0].shape[-2:]
+        x = torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear",
+                                                                    align_corners=False) for m in maps], 1)
+        return self.cls(self.norm(x))
 
 
 class FPNHead(nn.Module):
@@ -77,23 +81,37 @@ class FPNHead(nn.Module):
 
 
 class SegModel(nn.Module):
-    """``encoder`` (a timm model) -> its feature maps at ``indices`` -> ``decoder`` -> logits [B, K, H, W]."""
+    """``encoder`` (a timm model) -> its feature maps at ``indices`` -> ``decoder`` -> logits [B, K, H, W].
+
+    With ``arch["frozen"]`` the encoder is a fixed feature extractor (a linear probe): its
+    parameters take no gradient and it stays in eval mode while the decoder trains."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, indices: int, arch: dict):
         super().__init__()
         self.encoder, self.decoder, self.indices = encoder, decoder, indices
         self.tokenbench_arch = dict(arch)
+        c = arch["in_chans"]
         self.pretrained_cfg = {"architecture": "tokenbench_seg", "num_classes": arch["classes"],
-                               "input_size": (arch["in_chans"], arch["img_size"], arch["img_size"]),
-                               "mean": (0.15,) * arch["in_chans"], "std": (0.30,) * arch["in_chans"]}
+                               "input_size": (c, arch["img_size"], arch["img_size"]),
+                               "mean": tuple(arch.get("mean", (0.15,) * c)), "std": tuple(arch.get("std", (0.30,) * c))}
+        self.frozen = bool(arch.get("frozen", False))
+        if self.frozen:
+            self.encoder.requires_grad_(False)
 
     @property
     def num_classes(self) -> int:
         return int(self.tokenbench_arch["classes"])
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature maps (NCHW), from timm's ``forward_intermediates``."""
-        return list(self.encoder.forward_intermediates(x, indices=self.indices, intermediates_only=True))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return list(self.encoder.forward_intermediates(x, indices=self.indices, intermediates_only=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.decoder(self.features(x))

@@ -23,27 +23,48 @@ KIND = "segmentation"
 TASKS = ("classification", "segmentation")
 
 
-def task_of(model: str, data: Optional[str], task: Optional[str] = None) -> str:
+def task_of(model: str, data: Optional[str], task: Optional[str] = None, checkpoint=None,
+            new_decoder: bool = False) -> str:
     """The task a command runs: ``task`` when given, else what the data (or the model) says.
 
-    A model and a dataset of different tasks are refused in one line."""
+    A model is dense when it is an embedded dense model, when ``checkpoint`` holds a dense model
+    trained on it (:func:`tokenbench.models_seg_timm.checkpoint_arch`), or when a training gives
+    it a new decoder (``new_decoder``).  A model and a dataset of different tasks are refused in
+    one line."""
     if task is not None and task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    dense_model, dense_data = is_dense_model(model), is_dense_data(data)
+    dense_ckpt = checkpoint is not None and seg_checkpoint(model, checkpoint) is not None
+    dense_model, dense_data = is_dense_model(model) or dense_ckpt or new_decoder, is_dense_data(data)
     wanted = task or ("segmentation" if dense_data or (data is None and dense_model) else "classification")
     if wanted == "segmentation" and not dense_model:
         raise UserError(f"{model} is a classification model; {data or 'a segmentation task'} needs a dense model "
-                        f"({', '.join(DENSE_MODELS)})")
+                        f"({', '.join(DENSE_MODELS)}), or a decoder trained on it with `tokenbench train {model} "
+                        f"--task segmentation --data {data or 'DATA'}`")
     if wanted == "segmentation" and data is not None and not dense_data:
         raise UserError(f"{data} is a classification dataset; segmentation needs a dense one "
                         f"({', '.join(DENSE_DATASETS)})")
     if wanted == "classification" and dense_model:
-        raise UserError(f"{model} is a segmentation model; {data or 'classification'} needs a classification "
-                        f"model (or a dense dataset: {', '.join(DENSE_DATASETS)})")
+        what = f"{checkpoint} holds a segmentation model" if dense_ckpt and not is_dense_model(model) \
+            else f"{model} is a segmentation model"
+        raise UserError(f"{what}; {data or 'classification'} needs a classification model (or a dense dataset: "
+                        f"{', '.join(DENSE_DATASETS)})")
     if wanted == "classification" and dense_data:
         raise UserError(f"{data} is a dense (per-pixel) dataset; {model} is a classification model: use "
                         f"{' or '.join(DENSE_MODELS)}")
     return wanted
+
+
+def seg_checkpoint(model: str, checkpoint) -> Optional[dict]:
+    """The architecture of the dense model ``checkpoint`` holds (None: no segmentation training
+    wrote it); a checkpoint trained for another model is refused in one line."""
+    from .models_seg_timm import checkpoint_arch
+
+    found = checkpoint_arch(checkpoint)
+    if found is None:
+        return None
+    if found["model"] not in (None, model):
+        raise UserError(f"{checkpoint} holds a dense model trained on {found['model']}, not {model}")
+    return found["arch"]
 
 
 def check_restores_grid(method: str, params: dict) -> None:
@@ -70,11 +91,19 @@ def weights_id(model: str, checkpoint: Optional[str]) -> str:
 
 
 def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] = None):
-    """The dense model with ``method`` applied to its encoder, and its provenance."""
+    """The dense model with ``method`` applied to its encoder, and its provenance.
+
+    A checkpoint a segmentation training wrote is loaded into the architecture its
+    ``config.json`` names (any timm backbone and its head); other checkpoints into ``model``'s."""
     from .models_seg import create_seg_model
+    from .models_seg_timm import build_dense
     from .registry import apply, get_method
 
-    net, prov = create_seg_model(model)
+    arch = seg_checkpoint(model, checkpoint) if checkpoint else None
+    if arch is not None:
+        net = build_dense(model, arch)
+    else:
+        net, prov = create_seg_model(model)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         try:
@@ -112,7 +141,7 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
     from .models_seg import untrained_note
     from .registry import get_method
 
-    task_of(spec["model"], settings.data)
+    task_of(spec["model"], settings.data, checkpoint=spec.get("checkpoint"))
     cls = get_method(spec["method"])
     spec = dict(spec, params=cls.validate(spec.get("params") or {}))
     check_restores_grid(spec["method"], spec["params"])

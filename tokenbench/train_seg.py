@@ -1,8 +1,12 @@
 """Training a dense model: per-pixel cross-entropy through the shared resumable loop.
 
-The scenes are held in memory, preprocessed once; a training batch flips each scene and its
-mask together left-right with probability 1/2 (seeded by step).  Intermediate evaluations
-report mIoU (percent) on the val scenes, the final one on all of them.
+The model is an embedded dense model (``default-seg``, ``default-convnext-seg``) or any timm
+backbone given a linear head (:mod:`tokenbench.models_seg_timm`; frozen by default, fine-tuned
+with ``frozen=False``).  The scenes are held in memory, preprocessed once; a segmentation
+folder (VOC or ADE20K layout) is read by a DataLoader, each image with the evaluation
+transform.  A training batch flips each image and its mask together left-right with
+probability 1/2 (seeded by step and position).  Intermediate evaluations report mIoU
+(percent) on the val split, the final one on all of it.
 """
 
 from __future__ import annotations
@@ -54,18 +58,68 @@ class SegmentationSource:
             yield x, y
 
     def evaluate(self, model: nn.Module, dev: torch.device, limit: Optional[int] = None) -> float:
-        from .measure_dense import confusion, mean_iou
-
         x, y = (self.eval_x[:limit], self.eval_y[:limit]) if limit else (self.eval_x, self.eval_y)
-        was = model.training
-        model.eval()
-        total = torch.zeros(self.classes, self.classes, dtype=torch.long)
-        with torch.no_grad():
-            for i in range(0, len(x), 200):
-                pred = model(x[i:i + 200].to(dev)).argmax(1)
-                total += confusion(pred, y[i:i + 200].to(dev), self.classes).sum(0).cpu()
-        model.train(was)
-        return 100.0 * float(mean_iou(total))
+        return pixel_miou(model, dev, ((x[i:i + 200], y[i:i + 200]) for i in range(0, len(x), 200)), self.classes)
+
+    def describe(self) -> dict:
+        return dict(self.info)
+
+
+def pixel_miou(model: nn.Module, dev: torch.device, pairs, classes: int) -> float:
+    """mIoU (percent) of ``model`` over batches ``pairs`` of (images, masks), in eval mode."""
+    from .measure_dense import confusion, mean_iou
+
+    was = model.training
+    model.eval()
+    total = torch.zeros(classes, classes, dtype=torch.long)
+    with torch.no_grad():
+        for x, y in pairs:
+            pred = model(x.to(dev)).argmax(1)
+            total += confusion(pred, y.to(dev), classes).sum(0).cpu()
+    model.train(was)
+    return 100.0 * float(mean_iou(total))
+
+
+class _FlippedPairs(torch.utils.data.Dataset):
+    """Indexed by ``(index, seed)``: the image and mask ``index``, flipped together left-right with
+    probability 1/2 under ``seed`` when ``hflip``."""
+
+    def __init__(self, ds, hflip: bool):
+        self.ds, self.hflip = ds, hflip
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, seed = key
+        x, y = self.ds[i]
+        if self.hflip and torch.rand(1, generator=torch.Generator().manual_seed(seed)).item() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return x, y
+
+
+class FolderSegSource:
+    """A segmentation folder's train and val splits, read by DataLoaders, for :func:`train_loop`."""
+
+    def __init__(self, train_ds, eval_ds, classes: int, info: dict, num_workers: int = 0):
+        self.train_ds, self.eval_ds, self.classes, self.info = train_ds, eval_ds, classes, dict(info)
+        self.num_workers = num_workers
+
+    @property
+    def n(self) -> int:
+        return len(self.train_ds)
+
+    def batches(self, start: int, stop: int, steps_per_epoch: int, cfg) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from .train_data import StepBatchSampler
+
+        sampler = StepBatchSampler(self.n, cfg.batch_size, cfg.seed, start, stop)
+        yield from torch.utils.data.DataLoader(_FlippedPairs(self.train_ds, cfg.hflip), batch_sampler=sampler,
+                                               num_workers=self.num_workers)
+
+    def evaluate(self, model: nn.Module, dev: torch.device, limit: Optional[int] = None) -> float:
+        ds = torch.utils.data.Subset(self.eval_ds, range(min(limit, len(self.eval_ds)))) if limit else self.eval_ds
+        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=self.num_workers)
+        return pixel_miou(model, dev, loader, self.classes)
 
     def describe(self) -> dict:
         return dict(self.info)
@@ -78,29 +132,47 @@ def dense_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data: str = SCENES, data_dir=None,
               checkpoint: Optional[str] = None, arch: Optional[dict] = None, train_limit: Optional[int] = None,
-              progress: bool = True, force: bool = False) -> dict:
+              progress: bool = True, force: bool = False, head: Optional[str] = None, frozen: bool = True,
+              pretrained: bool = False) -> dict:
     """Train dense model ``model`` on ``data`` (its train split; mIoU on its val split) into ``out_dir``:
     ``model.pt`` (+ .sha256), ``config.json`` (with the architecture) and ``train_log.csv``, whose
-    ``test_acc`` column holds the val mIoU."""
-    from .data_scenes import build_dense_dataset
-    from .models_seg import build_seg_model
+    ``test_acc`` column holds the val mIoU.
+
+    ``model`` is an embedded dense model (``arch`` overrides its architecture) or a timm backbone,
+    which gets a ``head`` (``linear`` or ``linear4``) on its feature maps, its weights frozen
+    unless ``frozen`` is False."""
+    from .data_scenes import build_dense_dataset, dense_classes
+    from .models_seg import SEG_ARCH, build_seg_model
+    from .models_seg_timm import build_timm_seg
     from .runner_dense import task_of
 
-    task_of(model, data, "segmentation")
-    if data != SCENES:
-        raise UserError(f"training reads {SCENES} for now; {data} is measured by `tokenbench eval`")
+    embedded = model in SEG_ARCH
+    task_of(model, data, "segmentation", new_decoder=not embedded)
     cfg = cfg or SEG_RECIPE
     check_run_dir(out_dir, force)
     torch.manual_seed(cfg.seed)
-    net = build_seg_model(model, arch)
+    classes = dense_classes(data)
+    if embedded:
+        net = build_seg_model(model, {"classes": classes, **(arch or {})})
+    else:
+        net = build_timm_seg(model, classes, head or "linear", frozen, pretrained)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        net.load_state_dict(state.get("model", state))
+        try:
+            net.load_state_dict(state.get("model", state))
+        except RuntimeError as e:
+            raise UserError(f"{checkpoint} does not hold {model}'s weights ({str(e).splitlines()[0]})") from None
     train_ds, _ = build_dense_dataset(data, "train", data_dir, model=net, limit=train_limit)
     val_ds, vspec = build_dense_dataset(data, "val", data_dir, model=net)
-    tx, ty = dense_tensors(train_ds)
-    vx, vy = dense_tensors(val_ds)
-    source = SegmentationSource(tx, ty, vx, vy, vspec.classes,
-                                {"data": data, "task": "segmentation", "eval": "mIoU (%) on the val split"})
+    info = {"data": data, "task": "segmentation", "eval": "mIoU (%) on the val split"}
+    if data == SCENES:
+        tx, ty = dense_tensors(train_ds)
+        vx, vy = dense_tensors(val_ds)
+        source = SegmentationSource(tx, ty, vx, vy, vspec.classes, info)
+    else:
+        from .train_data import default_num_workers
+
+        workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+        source = FolderSegSource(train_ds, val_ds, vspec.classes, info, workers)
     return train_loop(net, source, cfg=cfg, out_dir=out_dir, loss_fn=pixel_cross_entropy,
                       config_extra={"model": model, "arch": net.tokenbench_arch}, progress=progress, force=force)

@@ -1,0 +1,139 @@
+"""Any timm backbone as a dense model: `tokenbench train MODEL --task segmentation` on a segmentation
+folder (frozen linear head or --finetune), the checkpoint read back by `tokenbench eval`, and the
+one-line refusals of mixed tasks and bad folders."""
+
+import json
+
+import pytest
+import torch
+from conftest import register_tiny_timm
+from test_dense_folders import write_ade, write_voc
+
+TINY = register_tiny_timm("tb_tiny_vit_dense", depth=4)
+
+
+def stored(results):
+    return list(results.rglob("*.json")) if results.exists() else []
+
+
+def train(cli, out, data, root, *extra):
+    code, text, err = cli("train", TINY, "--task", "segmentation", "--data", data, "--data-dir", str(root),
+                          "--epochs", "2", "--batch-size", "2", "--num-workers", "0", "--out", str(out), "--json",
+                          *extra)
+    assert code == 0, err
+    return json.loads(text)
+
+
+_TRAINED: dict = {}
+
+
+@pytest.fixture
+def ade(cli, tmp_path_factory):
+    """An ADE20K-layout folder and a frozen linear head trained on it (once for the module)."""
+    if not _TRAINED:
+        tmp = tmp_path_factory.mktemp("ade")
+        root = write_ade(tmp / "ADEChallengeData2016")
+        _TRAINED["run"] = (root, tmp / "run", train(cli, tmp / "run", "ade20k", root))
+    return _TRAINED["run"]
+
+
+def encoder_state(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def fresh_encoder():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(TINY, num_classes=0).state_dict()
+
+
+def test_frozen_linear_head_trains_and_eval_reads_the_checkpoint(cli, ade, tmp_path):
+    root, run, summary = ade
+    assert summary["finished"] and 0 <= summary["val_miou"] <= 100
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["task"] == "segmentation" and cfg["arch"]["decoder"] == "linear" and cfg["arch"]["frozen"]
+    assert cfg["arch"]["backbone"] == TINY and cfg["arch"]["classes"] == 150
+    enc = encoder_state(run / "model.pt")
+    assert all(torch.equal(enc[f"encoder.{k}"], v) for k, v in fresh_encoder().items())  # the probe left it alone
+    code, out, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
+                         str(run / "model.pt"), "--json", "--results", str(tmp_path / "res"))
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["n"] == 3 and len(rec["per_class_iou"]) == 150 and rec["weights"].startswith("sha256:")
+    assert rec["gflops_backbone"] > 0 and rec["gflops_decoder"] > 0 and len(stored(tmp_path / "res")) == 1
+
+
+def test_finetune_trains_the_backbone_with_a_head_on_the_last_four_blocks(cli, tmp_path):
+    root = write_voc(tmp_path / "voc", ids=("a", "b", "c", "d"), size=(32, 32))
+    summary = train(cli, tmp_path / "run", "voc", root, "--finetune", "--head", "linear4", "--max-steps", "2")
+    assert summary["step"] == 2
+    summary = train(cli, tmp_path / "run", "voc", root, "--finetune", "--head", "linear4")
+    assert summary["finished"] and summary["resumed_from"] == 2
+    arch = json.loads((tmp_path / "run" / "config.json").read_text())["arch"]
+    assert arch["decoder"] == "linear4" and not arch["frozen"] and arch["classes"] == 21
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert state["decoder.cls.weight"].shape == (21, 4 * 32, 1, 1)
+    enc = encoder_state(tmp_path / "run" / "model.pt")
+    assert not all(torch.equal(enc[f"encoder.{k}"], v) for k, v in fresh_encoder().items())
+    code, out, err = cli("eval", TINY, "--data", "voc", "--data-dir", str(root), "--checkpoint",
+                         str(tmp_path / "run" / "model.pt"), "--json")
+    assert code == 0 and json.loads(out)["n"] == 4, err
+
+
+def one_line_refusal(code, err, msg):
+    assert code == 2 and msg in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_classification_model_on_a_dense_folder_is_refused(cli, tmp_path):
+    root = write_voc(tmp_path / "voc")
+    code, _, err = cli("eval", TINY, "--data", "voc", "--data-dir", str(root), "--results", str(tmp_path / "res"))
+    one_line_refusal(code, err, f"{TINY} is a classification model; voc needs a dense model")
+    assert stored(tmp_path / "res") == []
+    code, _, err = cli("train", TINY, "--data", "voc", "--data-dir", str(root), "--out", str(tmp_path / "r"))
+    one_line_refusal(code, err, "--task segmentation")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_segmentation_checkpoint_on_classification_data_is_refused(cli, ade, tmp_path):
+    _, run, _ = ade
+    code, _, err = cli("eval", TINY, "--data", "synthetic", "--checkpoint", str(run / "model.pt"),
+                       "--results", str(tmp_path / "res"))
+    one_line_refusal(code, err, "holds a segmentation model; synthetic needs a classification model")
+    assert stored(tmp_path / "res") == []
+    other = register_tiny_timm("tb_tiny_vit_dense_other", depth=4)
+    code, _, err = cli("eval", other, "--data", "ade20k", "--data-dir", str(ade[0]), "--checkpoint",
+                       str(run / "model.pt"))
+    one_line_refusal(code, err, f"trained on {TINY}, not {other}")
+    code, _, err = cli("train", TINY, "--task", "segmentation", "--data", "fashion-mnist",
+                       "--out", str(tmp_path / "r"))
+    one_line_refusal(code, err, "fashion-mnist is a classification dataset")
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"mask_size": (32, 16)}, "must match its image"),
+    ({"labels": (0, 5, 200)}, "holds label 200, outside the 150 classes"),
+    ({"names": ()}, "the val split is empty"),
+])
+def test_bad_ade20k_folders_are_refused_in_one_line_and_nothing_is_stored(cli, ade, tmp_path, bad, msg):
+    _, run, _ = ade
+    root = write_ade(tmp_path / "bad", **bad)
+    code, _, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
+                       str(run / "model.pt"), "--results", str(tmp_path / "res"))
+    one_line_refusal(code, err, msg)
+    assert stored(tmp_path / "res") == []
+
+
+def test_a_method_without_grid_restoration_is_refused_on_a_timm_dense_model(cli, ade, tmp_path, monkeypatch):
+    from tokenbench import registry
+
+    root, run, _ = ade
+    cannot = type("NoGrid", (registry.get_method("topk"),), {"name": "topk-no-grid", "restores_grid": None})
+    monkeypatch.setitem(registry._REGISTRY, cannot.name, cannot)
+    code, _, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
+                       str(run / "model.pt"), "--method", cannot.name, "--set", "keep_rate=0.5",
+                       "--results", str(tmp_path / "res"))
+    one_line_refusal(code, err, "cannot restore the full token grid")
+    assert stored(tmp_path / "res") == []
