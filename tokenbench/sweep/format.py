@@ -66,9 +66,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from ..errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from ..registry import Method
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"  # the packaged sweep files
 DENSE_METHOD = "none"  # the registry's identity method: the baseline every run is compared with
@@ -288,8 +291,6 @@ def _as_list(v: Any, what: str, source: str) -> list:
 
 def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     """A validated :class:`Sweep` from a raw mapping (a parsed file or the CLI flags)."""
-    from ..registry import get_method, load_methods
-
     _check_keys(raw, TOP_KEYS, "the sweep", source)
     name = str(_typed(raw.get("name", "sweep"), str, "name", source))
     if not name or "/" in name or name.startswith("."):
@@ -298,6 +299,23 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     sw.description = str(raw.get("description", ""))
     if raw.get("out") is not None:
         sw.out = str(_typed(raw["out"], str, "out", source))
+    _parse_models(raw, sw, source)
+    _parse_settings(raw, sw, source)
+    _parse_data(raw.get("data"), sw, source)
+    _parse_throughput(raw.get("throughput") or {}, sw, source)
+    if raw.get("reference") is not None:
+        sw.reference = str(_typed(raw["reference"], str, "reference", source))
+    _parse_measure(raw, sw, source)
+    sw.methods = _parse_methods(raw.get("methods"), source)
+    return sw
+
+
+def _parse_models(raw: dict, sw: Sweep, source: str) -> None:
+    """``models`` (or ``model``) and ``dense_family``: timm names or the embedded models."""
+    import timm
+
+    from ..models import is_embedded
+
     if "model" in raw and "models" in raw:
         raise UserError(f"{source}: give `models` or `model`, not both")
     models = raw.get("models", raw.get("model", ["default"]))
@@ -305,10 +323,6 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     for m in models:
         _typed(m, str, "each model", source)
     sw.models = list(dict.fromkeys(models))
-    import timm
-
-    from ..models import is_embedded
-
     family = raw.get("dense_family", [])
     family = family if isinstance(family, list) else [family]
     for m in family:
@@ -319,6 +333,10 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
             raise UserError(f"{source}: unknown model {m!r}{did_you_mean(m, timm.list_models())} "
                             "(a timm model name, or `default` / `default-small` / `default-convnext` for the "
                             "embedded models)")
+
+
+def _parse_settings(raw: dict, sw: Sweep, source: str) -> None:
+    """Input size, weights, the dense row, device and precision."""
     sw.img_size = _typed(raw.get("img_size"), int, "img_size", source, allow_none=True)
     if sw.img_size is not None and sw.img_size <= 0:
         raise UserError(f"{source}: img_size must be positive, got {sw.img_size}")
@@ -331,8 +349,9 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     if sw.precision not in ("fp32", "fp16", "bf16"):
         raise UserError(f"{source}: unknown precision {sw.precision!r} (use fp32, fp16 or bf16)")
 
-    # data
-    data = raw.get("data")
+
+def _parse_data(data: Any, sw: Sweep, source: str) -> None:
+    """``[data]`` (or its name alone): the evaluated dataset, split, limit, seed, folder and batch."""
     if isinstance(data, str):
         data = {"name": data}
     if data is not None:
@@ -360,8 +379,9 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
         if sw.eval_batch_size < 1:
             raise UserError(f"{source}: data batch_size must be positive")
 
-    # throughput
-    tp = raw.get("throughput") or {}
+
+def _parse_throughput(tp: Any, sw: Sweep, source: str) -> None:
+    """``[throughput]``: batch size, threads, run time, rounds, retries, compilation, CUDA graphs."""
     _typed(tp, dict, "throughput", source)
     _check_keys(tp, THROUGHPUT_KEYS, "[throughput]", source)
     sw.batch_size = int(_typed(tp.get("batch_size", 64), int, "throughput batch_size", source))
@@ -379,10 +399,10 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
         raise UserError(f"{source}: throughput batch_size, threads and min_run_time must be positive")
     if sw.rounds < 3 or sw.retries < 0:
         raise UserError(f"{source}: throughput rounds must be at least 3 and retries at least 0")
-    if raw.get("reference") is not None:
-        sw.reference = str(_typed(raw["reference"], str, "reference", source))
 
-    # measure
+
+def _parse_measure(raw: dict, sw: Sweep, source: str) -> None:
+    """What to measure, the FLOPs targets and tolerance, the seeds."""
     measure = raw.get("measure", list(KINDS) if sw.data else ["flops", "throughput"])
     measure = _as_list(measure, "measure", source)
     for k in measure:
@@ -401,69 +421,83 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     sw.flops_tolerance = float(tol)
     sw.seeds = _seeds(raw.get("seeds", [0, 1, 2]), "seeds", source)
 
-    # methods
-    methods = raw.get("methods")
+
+def _parse_methods(methods: Any, source: str) -> list[MethodEntry]:
+    """``[methods.<label>]`` tables, each a method's parameter grid."""
+    from ..registry import load_methods
+
     if methods is None or methods == {}:
         raise UserError(f"{source}: no methods: add a [methods.<name>] table (`tokenbench list` names them) "
                         "or --method")
     _typed(methods, dict, "methods", source)
     load_methods()
-    for label, body in methods.items():
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise UserError(f"{source}: [methods.{label}] must be a table of parameters, got {body!r}")
-        mname = body.get("method", label)
-        _typed(mname, str, f"[methods.{label}] method", source)
+    return [_parse_entry(label, body, source) for label, body in methods.items()]
+
+
+def _parse_entry(label: str, body: Any, source: str) -> MethodEntry:
+    """One ``[methods.<label>]`` table: its method, parameter grid, targets, seeds, checkpoints."""
+    from ..registry import get_method
+
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise UserError(f"{source}: [methods.{label}] must be a table of parameters, got {body!r}")
+    mname = body.get("method", label)
+    _typed(mname, str, f"[methods.{label}] method", source)
+    try:
+        cls = get_method(mname)
+    except UserError as e:
+        raise UserError(f"{source}: [methods.{label}]: {e}") from None
+    pnames = [p.name for p in cls.params]
+    _check_keys(body, list(ENTRY_KEYS) + pnames, f"[methods.{label}] ({mname}'s parameters: "
+                f"{', '.join(pnames) or 'none'})", source)
+    entry = MethodEntry(label=str(label), method=mname)
+    for k, v in body.items():
+        if k in ENTRY_KEYS:
+            continue
+        values = _as_list(v, f"[methods.{label}] {k}", source)
+        p = cls.param(k)
+        parsed = []
+        for val in values:
+            try:
+                parsed.append(p.parse(val, mname))
+            except UserError as e:
+                raise UserError(f"{source}: [methods.{label}]: {e}") from None
+        entry.grid[k] = list({json.dumps(x): x for x in parsed}.values())
+    if "flops_targets" in body:
+        entry.flops_targets = _targets(body["flops_targets"], f"[methods.{label}] flops_targets", source)
+        if entry.flops_targets and not cls.knob:
+            raise UserError(f"{source}: [methods.{label}]: {mname} declares no parameter a FLOPs search can "
+                            "move, so it takes no flops_targets")
+    if "seeds" in body:
+        entry.seeds = _seeds(body["seeds"], f"[methods.{label}] seeds", source)
+        if cls.seed_param is None:
+            raise UserError(f"{source}: [methods.{label}]: seeds apply to non-deterministic methods that "
+                            f"declare a seed parameter; {mname} is deterministic")
+    if body.get("checkpoint") is not None:
+        entry.checkpoint = str(_typed(body["checkpoint"], str, f"[methods.{label}] checkpoint", source))
+    if body.get("checkpoints") is not None:
+        _parse_checkpoints(entry, body["checkpoints"], cls, source)
+    return entry
+
+
+def _parse_checkpoints(entry: MethodEntry, cks: Any, cls: type[Method], source: str) -> None:
+    """``checkpoints``: one checkpoint per value of the method's knob."""
+    label, mname = entry.label, entry.method
+    cks = _typed(cks, dict, f"[methods.{label}] checkpoints", source)
+    if not cls.knob:
+        raise UserError(f"{source}: [methods.{label}]: checkpoints are keyed by values of the searched "
+                        f"parameter, and {mname} declares none; use `checkpoint`")
+    if entry.checkpoint:
+        raise UserError(f"{source}: [methods.{label}]: give `checkpoint` or `checkpoints`, not both")
+    p = cls.param(cls.knob)
+    for key, path in cks.items():
+        _typed(path, str, f"[methods.{label}] checkpoints.{key}", source)
         try:
-            cls = get_method(mname)
+            val = p.parse(_decode(key), mname)
         except UserError as e:
-            raise UserError(f"{source}: [methods.{label}]: {e}") from None
-        pnames = [p.name for p in cls.params]
-        _check_keys(body, list(ENTRY_KEYS) + pnames, f"[methods.{label}] ({mname}'s parameters: "
-                    f"{', '.join(pnames) or 'none'})", source)
-        entry = MethodEntry(label=str(label), method=mname)
-        for k, v in body.items():
-            if k in ENTRY_KEYS:
-                continue
-            values = _as_list(v, f"[methods.{label}] {k}", source)
-            p = cls.param(k)
-            parsed = []
-            for val in values:
-                try:
-                    parsed.append(p.parse(val, mname))
-                except UserError as e:
-                    raise UserError(f"{source}: [methods.{label}]: {e}") from None
-            entry.grid[k] = list({json.dumps(x): x for x in parsed}.values())
-        if "flops_targets" in body:
-            entry.flops_targets = _targets(body["flops_targets"], f"[methods.{label}] flops_targets", source)
-            if entry.flops_targets and not cls.knob:
-                raise UserError(f"{source}: [methods.{label}]: {mname} declares no parameter a FLOPs search can "
-                                "move, so it takes no flops_targets")
-        if "seeds" in body:
-            entry.seeds = _seeds(body["seeds"], f"[methods.{label}] seeds", source)
-            if cls.seed_param is None:
-                raise UserError(f"{source}: [methods.{label}]: seeds apply to non-deterministic methods that "
-                                f"declare a seed parameter; {mname} is deterministic")
-        if body.get("checkpoint") is not None:
-            entry.checkpoint = str(_typed(body["checkpoint"], str, f"[methods.{label}] checkpoint", source))
-        if body.get("checkpoints") is not None:
-            cks = _typed(body["checkpoints"], dict, f"[methods.{label}] checkpoints", source)
-            if not cls.knob:
-                raise UserError(f"{source}: [methods.{label}]: checkpoints are keyed by values of the searched "
-                                f"parameter, and {mname} declares none; use `checkpoint`")
-            if entry.checkpoint:
-                raise UserError(f"{source}: [methods.{label}]: give `checkpoint` or `checkpoints`, not both")
-            p = cls.param(cls.knob)
-            for key, path in cks.items():
-                _typed(path, str, f"[methods.{label}] checkpoints.{key}", source)
-                try:
-                    val = p.parse(_decode(key), mname)
-                except UserError as e:
-                    raise UserError(f"{source}: [methods.{label}] checkpoints: key {key!r}: {e}") from None
-                entry.checkpoints[json.dumps(val)] = path
-        sw.methods.append(entry)
-    return sw
+            raise UserError(f"{source}: [methods.{label}] checkpoints: key {key!r}: {e}") from None
+        entry.checkpoints[json.dumps(val)] = path
 
 
 def _decode(s: str) -> Any:
