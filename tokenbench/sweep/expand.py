@@ -19,12 +19,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import UserError
 from .format import DENSE_METHOD, MethodEntry, Sweep
 from .search import FlopsSearch
 from ..render import fmt_value
+
+if TYPE_CHECKING:
+    from ..registry import Method
 
 
 @dataclass
@@ -83,6 +86,113 @@ def count_searches(sw: Sweep) -> int:
     return n * len(sw.models)
 
 
+class _Progress:
+    """Reports the searches to ``on_search(done, total, what, counts)``: before each search, after
+    each FLOPs count the searcher makes, and once at the end."""
+
+    def __init__(self, searcher: FlopsSearch, on_search: Optional[Callable[[int, int, str, int], None]],
+                 total: int) -> None:
+        self.searcher, self.on_search, self.total = searcher, on_search, total
+        self.done, self.what = 0, ""
+        self.outer_on_count = searcher.on_count
+        if on_search:
+            searcher.on_count = self.tell
+
+    def tell(self, counts: Optional[int] = None) -> None:
+        if self.on_search:
+            self.on_search(self.done, self.total, self.what, self.searcher.counts if counts is None else counts)
+
+    def finish(self) -> None:
+        self.what = ""
+        self.tell()
+        self.searcher.on_count = self.outer_on_count
+
+
+class _Collected:
+    """The runs so far, one per identity: asking again for a run adds its targets (and search)."""
+
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+        self.seen: dict[str, Run] = {}
+
+    def add(self, run: Run) -> None:
+        ident = run.identity()
+        if ident in self.seen:
+            old = self.seen[ident]
+            old.targets = sorted(set(old.targets) | set(run.targets))
+            if run.search and not old.search:
+                old.search = run.search
+            return
+        self.seen[ident] = run
+        self.runs.append(run)
+
+
+def _dense_runs(sw: Sweep, model: str) -> list[Run]:
+    """The dense model, and the other dense sizes drawn as a line on this model's plot."""
+    runs = [Run(label="dense", model=model, method=DENSE_METHOD, params={}, img_size=sw.img_size,
+                pretrained=sw.pretrained)] if sw.dense else []
+    return runs + [Run(label=other, model=other, method=DENSE_METHOD, params={}, img_size=sw.img_size,
+                       pretrained=sw.pretrained, line_of=model) for other in sw.dense_family]
+
+
+def _entry_seeds(sw: Sweep, e: MethodEntry, cls: type[Method]) -> tuple[Optional[str], list]:
+    """(the seed parameter the sweep expands, its seeds): a seeded method runs once per seed, unless
+    its entry fixes the seed itself; a seed that only breaks ties runs at its first seed."""
+    seed_p = cls.seed_param if (cls.seed_param and cls.seed_param not in e.grid) else None
+    seeds = (e.seeds or sw.seeds) if seed_p else [None]
+    if seed_p and cls.seed_breaks_ties and not e.seeds:
+        seeds = seeds[:1]  # more seeds would measure one result again (an entry's own seeds are honoured)
+    return seed_p, seeds
+
+
+def _knob_values(sw: Sweep, e: MethodEntry, cls: type[Method], model: str, fixed: dict,
+                 searcher: FlopsSearch, progress: _Progress) -> list[tuple[Any, list, Optional[dict]]]:
+    """(knob value or None for the default, FLOPs targets it meets, search info) for one setting of
+    the other parameters (``fixed``, the first seed included): the grid's values, one search per
+    target, the checkpoints' values."""
+    knob = cls.knob
+    values: list[tuple[Any, list, Optional[dict]]] = []
+    if knob and knob in e.grid:
+        values += [(v, [], None) for v in e.grid[knob]]
+    ck_vals = [json.loads(k) for k in e.checkpoints]
+    for t in _entry_targets(sw, e, cls):
+        progress.what = f"{e.label}: {knob} for {t:g} x dense" + (f" on {model}" if len(sw.models) > 1 else "")
+        progress.tell()
+        res = searcher.search(model, sw.img_size, cls, fixed, knob, t, sw.flops_tolerance,
+                              preferred=ck_vals, weights=(sw.pretrained, e.checkpoint))
+        values.append((res.value, [t], res.as_dict()))
+        progress.done += 1
+    if not values:
+        values.append((None, [], None))
+    chosen = {json.dumps(v) for v, _, _ in values}
+    return values + [(v, [], None) for v in ck_vals if json.dumps(v) not in chosen]
+
+
+def _entry_runs(sw: Sweep, e: MethodEntry, cls: type[Method], model: str, fixed: dict,
+                values: list[tuple[Any, list, Optional[dict]]], seed_p: Optional[str], seeds: list,
+                searcher: FlopsSearch) -> list[Run]:
+    """One run per knob value and seed, with its checkpoint (which must exist)."""
+    knob, runs = cls.knob, []
+    for v, tg, info in values:
+        for i, seed in enumerate(seeds):
+            params = dict(fixed)
+            if v is not None:
+                params[knob] = v
+            if seed_p:
+                params[seed_p] = seed
+            params = cls.validate(params)
+            ck = e.checkpoint
+            if knob and e.checkpoints:
+                ck = e.checkpoints.get(json.dumps(params[knob]), None)
+            if ck is not None and not Path(ck).is_file():
+                raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
+            runs.append(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,
+                            pretrained=sw.pretrained, checkpoint=ck, targets=list(tg),
+                            search=dict(info) if info else None, seed_param=seed_p, seed_index=i,
+                            per_image=searcher.per_image(model, sw.img_size, e.method, params)))
+    return runs
+
+
 def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
            on_search: Optional[Callable[[int, int, str, int], None]] = None) -> list[Run]:
     """Every run of the sweep (dense first), matched-FLOPs values found by ``searcher``.
@@ -93,86 +203,20 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
     from ..registry import get_method
 
     searcher = searcher or FlopsSearch()
-    n_searches = count_searches(sw) if on_search else 0
-    now = {"done": 0, "what": ""}
-
-    def tell(counts: Optional[int] = None) -> None:
-        if on_search:
-            on_search(now["done"], n_searches, now["what"], searcher.counts if counts is None else counts)
-
-    outer_on_count = searcher.on_count
-    if on_search:
-        searcher.on_count = tell
-    runs: list[Run] = []
-    seen: dict[str, Run] = {}
-
-    def add(run: Run) -> None:
-        ident = run.identity()
-        if ident in seen:
-            old = seen[ident]
-            old.targets = sorted(set(old.targets) | set(run.targets))
-            if run.search and not old.search:
-                old.search = run.search
-            return
-        seen[ident] = run
-        runs.append(run)
-
+    progress = _Progress(searcher, on_search, count_searches(sw) if on_search else 0)
+    found = _Collected()
     for model in sw.models:
-        if sw.dense:
-            add(Run(label="dense", model=model, method=DENSE_METHOD, params={}, img_size=sw.img_size,
-                    pretrained=sw.pretrained))
-        for other in sw.dense_family:  # other sizes of dense model: a line on this model's plot
-            add(Run(label=other, model=other, method=DENSE_METHOD, params={}, img_size=sw.img_size,
-                    pretrained=sw.pretrained, line_of=model))
+        for run in _dense_runs(sw, model):
+            found.add(run)
         for e in sw.methods:
             cls = get_method(e.method)
-            knob = cls.knob
-            # a seeded method runs once per seed, unless its entry fixes the seed itself
-            seed_p = cls.seed_param if (cls.seed_param and cls.seed_param not in e.grid) else None
-            seeds = (e.seeds or sw.seeds) if seed_p else [None]
-            if seed_p and cls.seed_breaks_ties and not e.seeds:
-                seeds = seeds[:1]  # more seeds would measure one result again (an entry's own seeds are honoured)
-            targets = _entry_targets(sw, e, cls)
-            others = {k: v for k, v in e.grid.items() if k != knob}
-            keys = list(others)
-            for combo in itertools.product(*(others[k] for k in keys)):
-                fixed = dict(zip(keys, combo))
-                # (value or None for the default, targets, search info)
-                values: list[tuple[Any, list, Optional[dict]]] = []
-                if knob and knob in e.grid:
-                    values += [(v, [], None) for v in e.grid[knob]]
-                ck_vals = [json.loads(k) for k in e.checkpoints]
-                for t in targets:
-                    now["what"] = f"{e.label}: {knob} for {t:g} x dense" + (
-                        f" on {model}" if len(sw.models) > 1 else "")
-                    tell()
-                    fixed_s = {**fixed, **({seed_p: seeds[0]} if seed_p else {})}
-                    res = searcher.search(model, sw.img_size, cls, fixed_s, knob, t, sw.flops_tolerance,
-                                          preferred=ck_vals, weights=(sw.pretrained, e.checkpoint))
-                    values.append((res.value, [t], res.as_dict()))
-                    now["done"] += 1
-                if not values:
-                    values.append((None, [], None))
-                chosen = {json.dumps(v) for v, _, _ in values}
-                values += [(v, [], None) for v in ck_vals if json.dumps(v) not in chosen]
-                for v, tg, info in values:
-                    for i, seed in enumerate(seeds):
-                        params = dict(fixed)
-                        if v is not None:
-                            params[knob] = v
-                        if seed_p:
-                            params[seed_p] = seed
-                        params = cls.validate(params)
-                        ck = e.checkpoint
-                        if knob and e.checkpoints:
-                            ck = e.checkpoints.get(json.dumps(params[knob]), None)
-                        if ck is not None and not Path(ck).is_file():
-                            raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
-                        add(Run(label=e.label, model=model, method=e.method, params=params, img_size=sw.img_size,
-                                pretrained=sw.pretrained, checkpoint=ck, targets=list(tg),
-                                search=dict(info) if info else None, seed_param=seed_p, seed_index=i,
-                                per_image=searcher.per_image(model, sw.img_size, e.method, params)))
-    now["what"] = ""
-    tell()
-    searcher.on_count = outer_on_count
-    return runs
+            seed_p, seeds = _entry_seeds(sw, e, cls)
+            others = {k: v for k, v in e.grid.items() if k != cls.knob}
+            for combo in itertools.product(*others.values()):
+                fixed = dict(zip(others, combo))
+                first_seed = {seed_p: seeds[0]} if seed_p else {}
+                values = _knob_values(sw, e, cls, model, {**fixed, **first_seed}, searcher, progress)
+                for run in _entry_runs(sw, e, cls, model, fixed, values, seed_p, seeds, searcher):
+                    found.add(run)
+    progress.finish()
+    return found.runs
