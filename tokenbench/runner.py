@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from . import checks, distributed, inputs, measure, overhead
 from .errors import UserError
 from .store import Store, make_record, record_key
+
+if TYPE_CHECKING:
+    from .registry import Method
 
 KINDS = ("flops", "throughput", "speedup", "accuracy")
 TIMED = ("throughput", "speedup")
@@ -270,13 +273,7 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
         baseline["params"] = get_method(baseline["method"]).validate(baseline.get("params") or {})
     key, kf, weights = record_key_of(kind, spec, settings, baseline)
     if store is not None and not force:
-        rec = store.get(key)
-        if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
-            rec = reference.get(key)
-            if rec is not None and distributed.is_main():
-                store.put_copy(rec)
-        if kind == "accuracy":  # measured by all ranks together: all of them reuse, or all measure
-            rec = distributed.broadcast_from_main(rec)
+        rec = _stored(kind, key, store, reference)
         if rec is not None:
             return rec, True
     if store is not None:
@@ -286,78 +283,14 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     prov = loaded.prov
     warnings_: list[str] = checks.for_run(kind, spec, net, prov)
     if kind == "flops":
-        if settings.flops_on_data:
-            metrics = flops_on_data(net, spec, settings, progress=progress)
-        else:
-            metrics = measure.flops(net, img_size=spec["img_size"])
-            if varies_per_image(cls, net, spec["params"]):
-                warnings_.append(SYNTHETIC_FLOPS)
-                metrics["input"] = inputs.described(n=1)
-        env = measure.env_info("cpu")
-        mismatch = None if settings.flops_on_data else declared_schedule_check(cls, net, spec["params"], metrics)
-        if mismatch:
-            warnings_.append(mismatch)
-            metrics["schedule_mismatch"] = True
-        dense = dense_tokens(net)
-        if dense is not None and metrics.get("tokens") == dense and \
-                metrics.get("tokens_mlp") == dense and cls.reduces(spec["params"]):
-            warnings_.append("method left every block at the dense token count")
+        metrics, env = _measure_flops(cls, net, spec, settings, progress, warnings_)
     elif kind in TIMED:
-        images = timing_images(net, settings)  # None: the synthetic batch
-        per_image = varies_per_image(cls, net, spec["params"])
-        if settings.cuda_graphs and per_image:
-            from .graphs import NOT_CAPTURABLE
-
-            raise UserError(f"{spec['method']}: {NOT_CAPTURABLE}")
+        base_net = None
         if kind == "speedup":
             if baseline is None:
                 raise ValueError("a speedup needs its baseline spec")
             base_net = (baseline_loaded or Loaded(baseline)).net
-
-            def once():
-                return measure.speedup(net, base_net, batch_size=settings.batch_size, device=settings.device,
-                                       precision=settings.precision, threads=settings.threads,
-                                       min_run_time=settings.min_run_time, rounds=settings.rounds,
-                                       img_size=spec["img_size"], compile=settings.compile,
-                                       fresh_compile=not tries, inputs=images, cuda_graphs=settings.cuda_graphs)
-        else:
-            def once():
-                return measure.throughput(net, batch_size=settings.batch_size, device=settings.device,
-                                          precision=settings.precision, threads=settings.threads,
-                                          min_run_time=settings.min_run_time, latency=settings.latency,
-                                          img_size=spec["img_size"], compile=settings.compile,
-                                          fresh_compile=not tries, inputs=images,
-                                          cuda_graphs=settings.cuda_graphs)
-        tries: list = []  # a retry reuses the first attempt's compiled graphs
-
-        def counted():
-            res = once()
-            tries.append(1)
-            return res
-
-        from .busy import still_busy
-
-        metrics = timed_with_retries(counted, settings.retries, still_busy=still_busy)
-        env = metrics.pop("env")
-        metrics.update(overhead.overhead(net, spec["img_size"]))  # aten_ops, host_ms: the host's share
-        if settings.compile:
-            metrics["compile_note"] = cls.compile_note
-        if settings.batch_from_max:
-            metrics["batch_size_from"] = "max"
-        if images is not None:
-            metrics["input"] = inputs.described(settings.data, settings.split, len(images), settings.data_seed)
-        elif per_image:  # records of methods with a declared schedule stay as they were
-            metrics["input"] = inputs.described(n=settings.batch_size)
-            warnings_.append(inputs.RANDOM_TIMING)
-        what = "speedup ratio" if kind == "speedup" else "throughput"
-        if metrics.get("spread_flag"):
-            warnings_.append(f"{what} spread {metrics['spread']:.0%} of the median after {metrics['attempts']} "
-                             "attempts: noisy machine?")
-        if env.get("busy"):
-            warnings_.append(f"machine busy while timing (other processes took {env.get('other_cores')} cores) "
-                             f"after {metrics['attempts']} attempts")
-        if metrics.get("retries_stopped"):
-            warnings_.append(metrics["retries_stopped"])
+        metrics, env = _measure_timed(kind, cls, net, base_net, spec, settings, warnings_)
     else:
         from .api import evaluate
 
@@ -375,6 +308,98 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     if store is not None and distributed.is_main():
         store.put(rec)
     return rec, False
+
+
+def _stored(kind: str, key: str, store: Store, reference: Optional[Store]) -> Optional[dict]:
+    """The record already measured under ``key``: in ``store``, else in the ``reference`` results
+    (copied into ``store``); None: measure it."""
+    rec = store.get(key)
+    if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
+        rec = reference.get(key)
+        if rec is not None and distributed.is_main():
+            store.put_copy(rec)
+    if kind == "accuracy":  # measured by all ranks together: all of them reuse, or all measure
+        rec = distributed.broadcast_from_main(rec)
+    return rec
+
+
+def _measure_flops(cls: type[Method], net: torch.nn.Module, spec: dict, settings: Settings, progress: bool,
+                   warnings_: list[str]) -> tuple[dict, dict]:
+    """(metrics, environment) of a FLOPs count, on the data or on one synthetic image, checked
+    against the schedule the method declares and against the dense token count."""
+    if settings.flops_on_data:
+        metrics = flops_on_data(net, spec, settings, progress=progress)
+    else:
+        metrics = measure.flops(net, img_size=spec["img_size"])
+        if varies_per_image(cls, net, spec["params"]):
+            warnings_.append(SYNTHETIC_FLOPS)
+            metrics["input"] = inputs.described(n=1)
+    env = measure.env_info("cpu")
+    mismatch = None if settings.flops_on_data else declared_schedule_check(cls, net, spec["params"], metrics)
+    if mismatch:
+        warnings_.append(mismatch)
+        metrics["schedule_mismatch"] = True
+    dense = dense_tokens(net)
+    if dense is not None and metrics.get("tokens") == dense and \
+            metrics.get("tokens_mlp") == dense and cls.reduces(spec["params"]):
+        warnings_.append("method left every block at the dense token count")
+    return metrics, env
+
+
+def _measure_timed(kind: str, cls: type[Method], net: torch.nn.Module, base_net: Optional[torch.nn.Module],
+                   spec: dict, settings: Settings, warnings_: list[str]) -> tuple[dict, dict]:
+    """(metrics, environment) of a throughput, or of a speedup over ``base_net``: timed with
+    retries while the machine is busy, the host's share beside it."""
+    images = timing_images(net, settings)  # None: the synthetic batch
+    per_image = varies_per_image(cls, net, spec["params"])
+    if settings.cuda_graphs and per_image:
+        from .graphs import NOT_CAPTURABLE
+
+        raise UserError(f"{spec['method']}: {NOT_CAPTURABLE}")
+    tries: list = []  # a retry reuses the first attempt's compiled graphs
+    timing = dict(batch_size=settings.batch_size, device=settings.device, precision=settings.precision,
+                  threads=settings.threads, min_run_time=settings.min_run_time, img_size=spec["img_size"],
+                  compile=settings.compile, inputs=images, cuda_graphs=settings.cuda_graphs)
+
+    def counted():
+        if kind == "speedup":
+            res = measure.speedup(net, base_net, rounds=settings.rounds, fresh_compile=not tries, **timing)
+        else:
+            res = measure.throughput(net, latency=settings.latency, fresh_compile=not tries, **timing)
+        tries.append(1)
+        return res
+
+    from .busy import still_busy
+
+    metrics = timed_with_retries(counted, settings.retries, still_busy=still_busy)
+    env = metrics.pop("env")
+    metrics.update(overhead.overhead(net, spec["img_size"]))  # aten_ops, host_ms: the host's share
+    if settings.compile:
+        metrics["compile_note"] = cls.compile_note
+    if settings.batch_from_max:
+        metrics["batch_size_from"] = "max"
+    if images is not None:
+        metrics["input"] = inputs.described(settings.data, settings.split, len(images), settings.data_seed)
+    elif per_image:  # records of methods with a declared schedule stay as they were
+        metrics["input"] = inputs.described(n=settings.batch_size)
+        warnings_.append(inputs.RANDOM_TIMING)
+    warnings_ += _timing_warnings(kind, metrics, env)
+    return metrics, env
+
+
+def _timing_warnings(kind: str, metrics: dict, env: dict) -> list[str]:
+    """What makes a timing doubtful: a wide spread, a busy machine, retries given up."""
+    what = "speedup ratio" if kind == "speedup" else "throughput"
+    out = []
+    if metrics.get("spread_flag"):
+        out.append(f"{what} spread {metrics['spread']:.0%} of the median after {metrics['attempts']} "
+                   "attempts: noisy machine?")
+    if env.get("busy"):
+        out.append(f"machine busy while timing (other processes took {env.get('other_cores')} cores) "
+                   f"after {metrics['attempts']} attempts")
+    if metrics.get("retries_stopped"):
+        out.append(metrics["retries_stopped"])
+    return out
 
 
 def timed_with_retries(once, retries: int, still_busy: Optional[Callable[[], Optional[float]]] = None) -> dict:
