@@ -137,3 +137,29 @@ def test_a_method_without_grid_restoration_is_refused_on_a_timm_dense_model(cli,
                        "--results", str(tmp_path / "res"))
     one_line_refusal(code, err, "cannot restore the full token grid")
     assert stored(tmp_path / "res") == []
+
+
+def test_records_are_keyed_by_the_folders_content_not_its_place(cli, ade, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root, run, _ = ade
+    res = str(tmp_path / "res")
+
+    def evaluate(where):
+        code, out, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(where), "--checkpoint",
+                             str(run / "model.pt"), "--json", "--results", res)
+        assert code == 0, err
+        return json.loads(out)
+
+    first = evaluate(root)
+    moved = shutil.copytree(root, tmp_path / "moved" / "ADEChallengeData2016")
+    assert evaluate(moved.parent)["reused"] and evaluate(moved)["key"] == first["key"]
+    mask = moved / "annotations" / "validation" / "ADE_x_1.png"
+    m = np.array(Image.open(mask))
+    m[0, 0] = 7
+    Image.fromarray(m, mode="L").save(mask)
+    changed = evaluate(moved)
+    assert not changed["reused"] and changed["key"] != first["key"] and len(stored(tmp_path / "res")) == 2
