@@ -195,13 +195,93 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     """
     if cfg is None or out_dir is None:
         raise TypeError("train_loop() needs cfg and out_dir")
-    if isinstance(train_x, torch.Tensor):
-        source = TensorSource(train_x, train_y, test_x, test_y)
-    else:
-        if train_y is not None or test_x is not None or test_y is not None:
-            raise TypeError("train_loop() takes either four tensors or one batch source")
-        source = train_x
+    source = _source_of(train_x, train_y, test_x, test_y)
     out_dir = Path(out_dir)
+    _claim_out_dir(out_dir, force)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    steps_per_epoch = source.n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set has {source.n} images, fewer than one batch of {cfg.batch_size}")
+    total = int(round(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every or steps_per_epoch
+    config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch,
+              **source.describe(), **(config_extra or {})}
+    _write_config(out_dir, config, reschedule)
+
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    model.to(dev)
+    opt, scales, fixes = _optimizer(model, groups, cfg)
+    last = out_dir / "last.pt"
+    step, elapsed0 = _resume(last, model, opt)
+    # --max-steps counts this invocation's steps, so rerunning the same command continues
+    stop_at = min(total, step + cfg.max_steps) if cfg.max_steps else total
+    if progress and step > 0:
+        print(f"resuming {out_dir} at step {step} of {total}; stopping at step {stop_at}"
+              + (f" (--max-steps {cfg.max_steps})" if cfg.max_steps else ""), file=sys.stderr)
+    log = _TrainLog(out_dir / "train_log.csv", log_extra_cols, step)
+
+    model.train()
+    t0 = time.time()
+    summary = {"steps": total, "resumed_from": step}
+    prog = _progress_bar(progress)
+    with prog, _StopAtStepEnd() as interrupt:
+        task = prog.add_task("train", total=stop_at, completed=step, info="")
+        batches = source.batches(step, stop_at, steps_per_epoch, cfg)
+        while step < stop_at:
+            x, y = (t.to(dev, non_blocking=True) for t in next(batches))
+            torch.manual_seed(cfg.seed * 7919 + step)  # dropout / Gumbel noise inside the model
+            lr, ep = lr_at(step, total, cfg), step / steps_per_epoch
+            for grp, sc, fx in zip(opt.param_groups, scales, fixes):  # a group waits `fix_epochs` at lr 0
+                grp["lr"] = 0.0 if ep < fx else lr * sc
+            if step_hook is not None:
+                step_hook(model, ep)
+            loss, logits, metrics = _optimise(model, opt, loss_fn, x, y, cfg.grad_clip, step)
+            step += 1
+            log.add(loss, logits, y, metrics)
+            prog.update(task, completed=step, info=f"ep {step / steps_per_epoch:.2f} {log.brief()}")
+            if step % eval_every == 0 or step == stop_at:
+                limit = cfg.eval_limit if cfg.eval_limit and step != total else None
+                summary["test_acc"] = acc = source.evaluate(eval_model() if eval_model else model, dev, limit)
+                log.write(step, steps_per_epoch, lr, acc, elapsed0 + time.time() - t0)
+                prog.console.print(f"step {step}/{total}  {log.summary_line(acc)}")
+                log.reset()
+            if step % cfg.ckpt_every == 0 or step == stop_at or step % eval_every == 0 or interrupt.requested:
+                _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
+            if interrupt.requested:
+                batches.close()
+                prog.console.print(f"interrupted: saved step {step}/{total} to {last}; rerun the same command to resume")
+                raise KeyboardInterrupt
+        batches.close()  # DataLoader workers, if any, end here
+    summary.update(finished=step >= total, step=step)
+    if step >= total:
+        finalize(model, out_dir)
+    return summary
+
+
+def _optimizer(model: nn.Module, groups: Optional[list], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list, list]:
+    """AdamW over ``groups`` (default: :func:`param_groups`), with each group's learning-rate scale and
+    the epochs it stays frozen (``lr_scale``, ``fix_epochs``, taken out of the groups)."""
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    scales = [float(g.pop("lr_scale", 1.0)) for g in groups]
+    fixes = [float(g.pop("fix_epochs", 0.0)) for g in groups]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999)), scales, fixes
+
+
+def _source_of(train_x, train_y: Optional[torch.Tensor], test_x: Optional[torch.Tensor],
+               test_y: Optional[torch.Tensor]):
+    """The batch source: four in-memory tensors wrapped, or a source given in place of ``train_x``."""
+    if isinstance(train_x, torch.Tensor):
+        return TensorSource(train_x, train_y, test_x, test_y)
+    if train_y is not None or test_x is not None or test_y is not None:
+        raise TypeError("train_loop() takes either four tensors or one batch source")
+    return train_x
+
+
+def _claim_out_dir(out_dir: Path, force: bool) -> None:
+    """``out_dir`` claimed for this run, created and writable (one line of error otherwise)."""
     claim_run_dir(out_dir, force)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,19 +289,11 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
         raise UserError(f"cannot create output directory {out_dir}: {e.strerror}") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"output directory {out_dir} is not writable")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    n = source.n
-    steps_per_epoch = n // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"the training set has {n} images, fewer than one batch of {cfg.batch_size}")
-    total = int(round(cfg.epochs * steps_per_epoch))
-    eval_every = cfg.eval_every or steps_per_epoch
 
-    config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch}
-    config.update(source.describe())
-    config.update(config_extra or {})
+
+def _write_config(out_dir: Path, config: dict, reschedule: bool) -> None:
+    """``config.json``; a run already there must have the same configuration (with ``reschedule``,
+    only its length may change, and the change is kept in the config's history)."""
     cfg_path = out_dir / "config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
@@ -241,112 +313,88 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
             config["rescheduled"] = history
     atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
 
-    torch.manual_seed(cfg.seed)
-    dev = torch.device(cfg.device)
-    model.to(dev)
-    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
-    scales = [float(g.pop("lr_scale", 1.0)) for g in groups]
-    fixes = [float(g.pop("fix_epochs", 0.0)) for g in groups]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    step = 0
-    elapsed0 = 0.0
-    last = out_dir / "last.pt"
-    if last.is_file():
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            step = int(state["step"])
-            elapsed0 = float(state.get("elapsed", 0.0))
-        except Exception as e:
-            raise UserError(f"cannot resume from {last} ({e.__class__.__name__}); delete it to start over") from None
-    # --max-steps counts this invocation's steps, so rerunning the same command continues
-    stop_at = min(total, step + cfg.max_steps) if cfg.max_steps else total
-    if progress and step > 0:
-        print(f"resuming {out_dir} at step {step} of {total}; stopping at step {stop_at}"
-              + (f" (--max-steps {cfg.max_steps})" if cfg.max_steps else ""), file=sys.stderr)
-    log_path = out_dir / "train_log.csv"
-    cols = ["step", "epoch", "lr", "train_loss", "train_acc", "test_acc", "elapsed_s", *log_extra_cols]
-    if not log_path.is_file() or step == 0:
-        atomic_write_text(log_path, ",".join(cols) + "\n")
-    else:  # drop log rows past the checkpoint we resume from
-        rows = log_path.read_text().splitlines()
-        keep = [rows[0]] + [r for r in rows[1:] if r and int(r.split(",")[0]) <= step]
-        atomic_write_text(log_path, "\n".join(keep) + "\n")
 
-    model.train()
-    t0 = time.time()
-    run_loss, run_correct, run_n = 0.0, 0, 0
-    run_metrics: dict[str, float] = {}
-    summary = {"steps": total, "resumed_from": step}
+def _resume(last: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """(step, seconds trained) of the checkpoint ``last``, loaded into ``model`` and ``opt``; (0, 0)
+    without one."""
+    if not last.is_file():
+        return 0, 0.0
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        return int(state["step"]), float(state.get("elapsed", 0.0))
+    except Exception as e:
+        raise UserError(f"cannot resume from {last} ({e.__class__.__name__}); delete it to start over") from None
 
+
+def _optimise(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+              grad_clip: Optional[float], step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimiser step on the batch; the loss's (loss, logits, metrics)."""
+    loss, logits, metrics = loss_fn(model, x, y)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss, logits, metrics
+
+
+def _progress_bar(progress: bool):
+    """The training bar; it and the per-evaluation lines go to stderr (stdout carries the summary,
+    one JSON object with --json)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    # progress and per-evaluation lines on stderr: stdout carries the summary (one JSON object with --json)
-    prog = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    return Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     disable=not progress, transient=False, console=Console(stderr=True))
-    with prog, _StopAtStepEnd() as interrupt:
-        task = prog.add_task("train", total=stop_at, completed=step, info="")
-        batches = source.batches(step, stop_at, steps_per_epoch, cfg)
-        while step < stop_at:
-            x, y = next(batches)
-            torch.manual_seed(cfg.seed * 7919 + step)  # dropout / Gumbel noise inside the model
-            x = x.to(dev, non_blocking=True)
-            y = y.to(dev, non_blocking=True)
-            lr = lr_at(step, total, cfg)
-            ep = step / steps_per_epoch
-            for grp, sc, fx in zip(opt.param_groups, scales, fixes):
-                grp["lr"] = 0.0 if ep < fx else lr * sc
-            if step_hook is not None:
-                step_hook(model, ep)
-            loss, logits, metrics = loss_fn(model, x, y)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at step {step}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            run_loss += loss.item() * len(y)
-            # per-image share of correct predictions (one for a class label, a fraction of pixels for a mask)
-            hits = logits.argmax(1 if logits.dim() > 2 else -1) == y
-            run_correct += float(hits.float().reshape(len(y), -1).mean(1).sum())
-            run_n += len(y)
-            for k, v in metrics.items():
-                run_metrics[k] = run_metrics.get(k, 0.0) + float(v) * len(y)
-            prog.update(task, completed=step,
-                        info=f"ep {step / steps_per_epoch:.2f} loss {run_loss / run_n:.3f} acc {100 * run_correct / run_n:.1f}")
-            if step % cfg.ckpt_every == 0 or step == stop_at or step % eval_every == 0:
-                if step % eval_every == 0 or step == stop_at:
-                    limit = cfg.eval_limit if cfg.eval_limit and step != total else None
-                    m = eval_model() if eval_model else model
-                    acc = source.evaluate(m, dev, limit)
-                    row = [step, f"{step / steps_per_epoch:.3f}", f"{lr:.3e}", f"{run_loss / max(1, run_n):.4f}",
-                           f"{100 * run_correct / max(1, run_n):.2f}", f"{acc:.2f}", f"{elapsed0 + time.time() - t0:.0f}"]
-                    row += [f"{run_metrics.get(k, 0.0) / max(1, run_n):.4f}" for k in log_extra_cols]
-                    with open(log_path, "a") as f:
-                        f.write(",".join(str(v) for v in row) + "\n")
-                    prog.console.print(f"step {step}/{total}  loss {run_loss / max(1, run_n):.4f}  "
-                                       f"train {100 * run_correct / max(1, run_n):.2f}%  test {acc:.2f}%")
-                    run_loss, run_correct, run_n = 0.0, 0, 0
-                    run_metrics = {}
-                    summary["test_acc"] = acc
-                _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
-            elif interrupt.requested:
-                _save_resumable(last, model, opt, step, {"config": config, "elapsed": elapsed0 + time.time() - t0})
-            if interrupt.requested:
-                batches.close()
-                prog.console.print(f"interrupted: saved step {step}/{total} to {last}; rerun the same command to resume")
-                raise KeyboardInterrupt
-        batches.close()  # DataLoader workers, if any, end here
-    summary["finished"] = step >= total
-    summary["step"] = step
-    if step >= total:
-        finalize(model, out_dir)
-    return summary
+
+
+class _TrainLog:
+    """``train_log.csv``: one row per evaluation, with the loss, accuracy and the loss's metrics
+    averaged over the steps since the previous row."""
+
+    def __init__(self, path: Path, extra_cols: tuple[str, ...], step: int) -> None:
+        self.path, self.extra_cols = path, extra_cols
+        cols = ["step", "epoch", "lr", "train_loss", "train_acc", "test_acc", "elapsed_s", *extra_cols]
+        if not path.is_file() or step == 0:
+            atomic_write_text(path, ",".join(cols) + "\n")
+        else:  # drop log rows past the checkpoint we resume from
+            rows = path.read_text().splitlines()
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r.split(",")[0]) <= step]
+            atomic_write_text(path, "\n".join(keep) + "\n")
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.correct, self.n = 0.0, 0.0, 0
+        self.metrics: dict[str, float] = {}
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, metrics: dict[str, float]) -> None:
+        self.loss += loss.item() * len(y)
+        # per-image share of correct predictions (one for a class label, a fraction of pixels for a mask)
+        hits = logits.argmax(1 if logits.dim() > 2 else -1) == y
+        self.correct += float(hits.float().reshape(len(y), -1).mean(1).sum())
+        self.n += len(y)
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v) * len(y)
+
+    def brief(self) -> str:
+        return f"loss {self.loss / self.n:.3f} acc {100 * self.correct / self.n:.1f}"
+
+    def summary_line(self, acc: float) -> str:
+        n = max(1, self.n)
+        return f"loss {self.loss / n:.4f}  train {100 * self.correct / n:.2f}%  test {acc:.2f}%"
+
+    def write(self, step: int, steps_per_epoch: int, lr: float, acc: float, elapsed: float) -> None:
+        n = max(1, self.n)
+        row = [step, f"{step / steps_per_epoch:.3f}", f"{lr:.3e}", f"{self.loss / n:.4f}",
+               f"{100 * self.correct / n:.2f}", f"{acc:.2f}", f"{elapsed:.0f}"]
+        row += [f"{self.metrics.get(k, 0.0) / n:.4f}" for k in self.extra_cols]
+        with open(self.path, "a") as f:
+            f.write(",".join(str(v) for v in row) + "\n")
 
 
 def _last_step(path: Path) -> int:
