@@ -163,3 +163,10 @@ def test_records_are_keyed_by_the_folders_content_not_its_place(cli, ade, tmp_pa
     Image.fromarray(m, mode="L").save(mask)
     changed = evaluate(moved)
     assert not changed["reused"] and changed["key"] != first["key"] and len(stored(tmp_path / "res")) == 2
+
+
+@pytest.mark.parametrize("command", ["flops", "throughput"])
+def test_classification_commands_point_a_segmentation_checkpoint_to_eval(cli, ade, command):
+    _, run, _ = ade
+    code, _, err = cli(command, TINY, "--checkpoint", str(run / "model.pt"))
+    one_line_refusal(code, err, f"holds a dense (segmentation) model: measure it with `tokenbench eval {TINY}")

@@ -86,6 +86,11 @@ def _spec(model: str, method: str, sets: Optional[List[str]], pretrained: bool, 
         raise UserError(f"--img-size must be positive, got {img_size}")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist")
+    from .models_seg_timm import checkpoint_arch
+
+    if checkpoint is not None and checkpoint_arch(checkpoint) is not None:
+        raise UserError(f"{checkpoint} holds a dense (segmentation) model: measure it with `tokenbench eval {model} "
+                        f"--checkpoint {checkpoint} --data DATA` on a dense dataset")
     return spec_dict(model, method, params, pretrained, str(checkpoint) if checkpoint else None, img_size)
 
 
