@@ -170,3 +170,17 @@ def test_classification_commands_point_a_segmentation_checkpoint_to_eval(cli, ad
     _, run, _ = ade
     code, _, err = cli(command, TINY, "--checkpoint", str(run / "model.pt"))
     one_line_refusal(code, err, f"holds a dense (segmentation) model: measure it with `tokenbench eval {TINY}")
+
+
+def test_training_checks_the_folder_before_building_the_backbone(cli, tmp_path, monkeypatch):
+    from tokenbench import models_seg_timm
+
+    def no_build(*a, **k):
+        raise AssertionError("the backbone was built before the folder was checked")
+
+    monkeypatch.setattr(models_seg_timm, "build_timm_seg", no_build)
+    root = write_ade(tmp_path / "ade", splits=("validation",))
+    for extra, msg in ((("--data-dir", str(root)), "has no images/training/"), ((), "--data-dir is required for ade20k")):
+        code, _, err = cli("train", TINY, "--task", "segmentation", "--data", "ade20k", *extra,
+                           "--pretrained", "--out", str(tmp_path / "r"))
+        one_line_refusal(code, err, msg)

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
                   data: str = typer.Option("fashion-mnist", "--data",
                                            help="Training data: fashion-mnist, imagenet or folder (DATA_DIR/train and "
                                                 "DATA_DIR/val class folders; DeiT augmentation without mixup/cutmix), "
-                                                "synthetic (random images, smoke runs)."),
+                                                "synthetic (random images, smoke runs); dense: fashion-mnist-scenes, "
+                                                "voc or ade20k (DATA_DIR in the VOC or ADE20K layout)."),
                   data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
                   num_workers: Optional[int] = typer.Option(None, "--num-workers",
                                                             help="DataLoader workers for imagenet/folder "

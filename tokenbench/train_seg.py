@@ -150,6 +150,12 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
     task_of(model, data, "segmentation", new_decoder=not embedded)
     cfg = cfg or SEG_RECIPE
     check_run_dir(out_dir, force)
+    if data != SCENES:  # a folder's layout and splits, before a backbone is built or downloaded
+        from .data_seg_folders import check_layout_dir, layout_files
+
+        check_layout_dir(data, data_dir)
+        for split in ("train", "val"):
+            layout_files(data, data_dir, split)
     torch.manual_seed(cfg.seed)
     classes = dense_classes(data)
     if embedded:
