@@ -114,9 +114,9 @@ def test_surviving_patches_count_merged_coverage_but_not_a_fused_token():
 
 
 def test_role_codes_match_the_visualisation():
-    from tokenbench import visualize
+    from tokenbench.visual.trace import FUSED, GROUP, KEPT
 
-    assert (an.KEPT, an.GROUP, an.FUSED) == (visualize.KEPT, visualize.GROUP, visualize.FUSED)
+    assert (an.KEPT, an.GROUP, an.FUSED) == (KEPT, GROUP, FUSED)
 
 
 def test_traced_patterns_through_the_surgery():

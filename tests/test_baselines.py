@@ -60,7 +60,7 @@ def test_resize_equals_timm_built_at_the_smaller_size(scale):
 
 
 def test_resize_tokens_cover_the_original_grid_once_for_pictures():
-    from tokenbench.visual_trace import trace
+    from tokenbench.visual.trace import trace
 
     net = apply(tiny_vit(), "resize", scale=0.3)
     t = trace(net, _images(1))

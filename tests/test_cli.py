@@ -271,7 +271,8 @@ def test_a_missing_data_dir_is_reported_before_any_download(cli, no_network, tmp
 
 def test_visualize_one_method_defaults_to_a_matched_flops_level(cli, monkeypatch, tmp_path):
     """`visualize default --method tome` draws ToMe at a FLOPs level, not at r=16 (2 tokens left)."""
-    from tokenbench import visualize as vz
+    from tokenbench.visual import sheets
+    from tokenbench.visual.budget import Flops
 
     searched, drawn = [], []
 
@@ -283,8 +284,8 @@ def test_visualize_one_method_defaults_to_a_matched_flops_level(cli, monkeypatch
         drawn.append(params)
         return {"out": "x.png", "n_images": 1, "panels_per_image": 2, "gflops": 1.0, "flops_ratio": 0.66}
 
-    monkeypatch.setattr(vz.Flops, "matched", fake_matched)
-    monkeypatch.setattr(vz, "visualize", fake_visualize)
+    monkeypatch.setattr(Flops, "matched", fake_matched)
+    monkeypatch.setattr(sheets, "visualize", fake_visualize)
     code, out, err = cli("visualize", "default", "--method", "tome")
     assert code == 0, err
     assert searched == [("default", "tome", 0.66)] and drawn[-1]["r"] == [3] * 12

@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import tiny_vit
-from tokenbench import visualize as vz
+from tokenbench.visual.draw import DROPPED_GHOST, DROPPED_GREY, method_figure, render_stage, save_figure, select_stages
+from tokenbench.visual.inputs import Images, _to_display, images_from_files
+from tokenbench.visual.trace import FUSED, GROUP, KEPT, PAD, PREFIX, classify, patch_assignment, trace
 from tokenbench.sweep import DEFAULT_TOLERANCE
 from tokenbench.backbones import backbone_of, last_state, set_track_source
 from tokenbench.errors import UserError
@@ -50,7 +52,7 @@ def check_bookkeeping(model, method, params, stages):
     prev = [[frozenset([j]) for j in range(npf + n_patches)] for _ in range(b)]
     prev_dropped = [set() for _ in range(b)]
     fused_ever = [frozenset() for _ in range(b)]
-    analysed = vz.classify(stages, npf)
+    analysed = classify(stages, npf)
     last_in_block = {s["block"]: i for i, s in enumerate(stages)}
     for k, (stage, an) in enumerate(zip(stages, analysed)):
         src = stage["source"]
@@ -59,7 +61,7 @@ def check_bookkeeping(model, method, params, stages):
         assert set(src.unique().tolist()) <= {0.0, 1.0}
         patch_src = src[:, :, npf:]
         assert (patch_src.sum(1) <= 1).all(), "a patch is in more than one token"
-        assign = vz.patch_assignment(stage, npf)
+        assign = patch_assignment(stage, npf)
         assert assign.shape == (b, n_patches) and assign.dtype == torch.long
         # the assignment says exactly what the source map says
         covered = patch_src.sum(1) > 0
@@ -72,7 +74,7 @@ def check_bookkeeping(model, method, params, stages):
         assert torch.equal(an.assign, assign) and an.n_tokens == n
         for i in range(b):
             real = stage["pad"][i] if stage.get("pad") is not None else torch.ones(n, dtype=torch.bool)
-            assert (an.role[i][~real] == vz.PAD).all()
+            assert (an.role[i][~real] == PAD).all()
             toks = rows(src[i][real])
             n_real = int(real.sum())
             # prefix tokens stay first, themselves alone; every other token covers >= 1 patch
@@ -103,7 +105,7 @@ def check_bookkeeping(model, method, params, stages):
                 lost = old - set(kept)
                 # the fused token covers exactly the patches dropped at this site
                 assert toks[-1] == frozenset().union(*lost)
-                assert int(an.role[i, -1]) == vz.FUSED and not dropped - prev_dropped[i]
+                assert int(an.role[i, -1]) == FUSED and not dropped - prev_dropped[i]
             else:
                 pytest.fail(f"unknown stage kind {kind}")
             # roles: fused if it holds a patch ever fused, else kept (one patch) or merged (several)
@@ -111,7 +113,7 @@ def check_bookkeeping(model, method, params, stages):
                 fused_ever[i] |= toks[-1]
             role = an.role[i][real]
             for t, tok in enumerate(toks[npf:], start=npf):
-                want = vz.FUSED if tok & fused_ever[i] else (vz.GROUP if len(tok) > 1 else vz.KEPT)
+                want = FUSED if tok & fused_ever[i] else (GROUP if len(tok) > 1 else KEPT)
                 assert int(role[t]) == want
             # the roles add up
             c = an.counts(i)
@@ -140,7 +142,7 @@ def test_source_bookkeeping(method, params):
     model, stages = run_tracked(method, params)
     analysed = check_bookkeeping(model, method, params, stages)
     if method == "tome" and params.get("r") == 4:
-        assert len(stages) == 12 and any((a.role == vz.GROUP).any() for a in analysed)
+        assert len(stages) == 12 and any((a.role == GROUP).any() for a in analysed)
     if method == "evit" and params.get("fuse_token", True) and params:
         assert stages and all(s["kind"] == "fuse" for s in stages)
     if method in ("topk", "random", "dynamicvit") and params:
@@ -166,22 +168,22 @@ def _stage(source, kind="prune", block=3, fused_last=False):
 def test_patch_assignment_by_hand():
     # class token + 4 patches: token 1 = patch 0, token 2 = patches 1 and 3, patch 2 dropped
     s = _stage([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 1]], kind="merge")
-    assert vz.patch_assignment(s, 1).tolist() == [[1, 2, -1, 2]]
-    (a,) = vz.classify([s], 1)
-    assert a.role.tolist() == [[vz.PREFIX, vz.KEPT, vz.GROUP]]
+    assert patch_assignment(s, 1).tolist() == [[1, 2, -1, 2]]
+    (a,) = classify([s], 1)
+    assert a.role.tolist() == [[PREFIX, KEPT, GROUP]]
     assert a.counts(0) == {"tokens": 3, "kept": 1, "groups": 1, "grouped_patches": 2, "fused": 0,
                            "fused_patches": 0, "dropped": 1}
     assert a.title() == "block 3: 3 tokens" and a.caption(0) == "1 kept, 1 merged (2 p.), 1 dropped"
     # a fused token appended last; at the next stage it survives as an ordinary token: still fused
     f1 = _stage([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]], "fuse", 3, True)
     f2 = _stage([[1, 0, 0, 0, 0], [0, 0, 0, 1, 1], [0, 1, 1, 0, 0]], "fuse", 6, True)
-    a1, a2 = vz.classify([f1, f2], 1)
-    assert a1.role.tolist() == [[vz.PREFIX, vz.KEPT, vz.KEPT, vz.FUSED]] and a1.newest_fused == 3
-    assert a2.role.tolist() == [[vz.PREFIX, vz.FUSED, vz.FUSED]]
+    a1, a2 = classify([f1, f2], 1)
+    assert a1.role.tolist() == [[PREFIX, KEPT, KEPT, FUSED]] and a1.newest_fused == 3
+    assert a2.role.tolist() == [[PREFIX, FUSED, FUSED]]
     # a patch in two tokens is broken bookkeeping
     bad = _stage([[1, 0, 0], [0, 1, 1], [0, 0, 1]])
     with pytest.raises(ValueError, match="patch 1 of image 0 is covered by 2 tokens"):
-        vz.patch_assignment(bad, 1)
+        patch_assignment(bad, 1)
 
 
 def test_render_stage_pixels():
@@ -189,8 +191,8 @@ def test_render_stage_pixels():
     img = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
     for method, params in (("topk", {"keep_rate": 0.5}), ("tome", {"r": 6}), ("evit", {"keep_rate": 0.5})):
         model, stages = run_tracked(method, params, b=1)
-        a = vz.classify(stages, 1)[-1]
-        canvas, hatched, segs, drop_segs = vz.render_stage(img, a, 0, (8, 8))
+        a = classify(stages, 1)[-1]
+        canvas, hatched, segs, drop_segs = render_stage(img, a, 0, (8, 8))
         assign = a.assign[0].view(8, 8)
         role = a.role[0]
         for i in range(8):
@@ -198,19 +200,19 @@ def test_render_stage_pixels():
                 px, im = canvas[4 * i:4 * i + 4, 4 * j:4 * j + 4], img[4 * i:4 * i + 4, 4 * j:4 * j + 4]
                 t = int(assign[i, j])
                 if t < 0:
-                    assert np.allclose(px, (1 - vz.DROPPED_GHOST) * vz.DROPPED_GREY + vz.DROPPED_GHOST * im)
-                elif role[t] == vz.KEPT:
+                    assert np.allclose(px, (1 - DROPPED_GHOST) * DROPPED_GREY + DROPPED_GHOST * im)
+                elif role[t] == KEPT:
                     assert np.array_equal(px, im)
-                elif role[t] == vz.GROUP:
+                elif role[t] == GROUP:
                     assert np.allclose(px, px[0, 0])  # one flat colour per merged token
         if method == "topk":
             assert drop_segs and not segs and not hatched
         if method == "tome":
-            assert segs and not drop_segs and (role == vz.GROUP).any()
+            assert segs and not drop_segs and (role == GROUP).any()
         if method == "evit":
             (rows_, cols_, _), = hatched
             fused = {(int(r), int(c)) for r, c in zip(rows_, cols_)}
-            assert fused == {(i, j) for i in range(8) for j in range(8) if role[int(assign[i, j])] == vz.FUSED}
+            assert fused == {(i, j) for i in range(8) for j in range(8) if role[int(assign[i, j])] == FUSED}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -227,14 +229,14 @@ def test_images_from_files_gray_and_rgb(tmp_path):
     gray = tmp_path / "g.jpg"
     Image.fromarray(np.full((30, 30), 128, dtype=np.uint8)).save(gray)
     model = tiny_vit()  # RGB, 32 px
-    im = vz.images_from_files(model, [rgb, gray])
+    im = images_from_files(model, [rgb, gray])
     assert im.x.shape == (2, 3, 32, 32) and im.display.shape == (2, 32, 32, 3)
     assert im.labels == ["wide", "g"]
     assert im.display[0, :, :, 0].mean() > 0.9 and im.display[0, :, :, 1].mean() < 0.1  # all red
     assert np.allclose(im.display[1], im.display[1, :, :, :1], atol=1e-6)  # gray stays gray
     torch.manual_seed(0)
     g = build_embedded(SMALL)  # grayscale, 28 px
-    im = vz.images_from_files(g, [tmp_path])  # a folder: its images, sorted
+    im = images_from_files(g, [tmp_path])  # a folder: its images, sorted
     assert im.x.shape == (2, 1, 28, 28) and im.labels == ["g", "wide"]
     assert np.allclose(im.display[..., 0], im.display[..., 2])
     # normalised with the model's own statistics
@@ -242,9 +244,9 @@ def test_images_from_files_gray_and_rgb(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot read image"):
-        vz.images_from_files(g, [bad])
+        images_from_files(g, [bad])
     with pytest.raises(UserError, match="does not exist"):
-        vz.images_from_files(g, [tmp_path / "nope.png"])
+        images_from_files(g, [tmp_path / "nope.png"])
 
 
 def test_rgb_method_figure(tmp_path):
@@ -254,20 +256,20 @@ def test_rgb_method_figure(tmp_path):
     model = tiny_vit()
     apply(model, "tome", r=6)
     x = torch.rand(2, 3, 32, 32)
-    images = vz.Images(x=x, display=vz._to_display(x), labels=["a", "b"], targets=[None, None])
-    tr = vz.trace(model, x)
+    images = Images(x=x, display=_to_display(x), labels=["a", "b"], targets=[None, None])
+    tr = trace(model, x)
     assert tr.grid == (8, 8) and len(tr.stages) > 1 and tr.logits.shape == (2, 10)
-    fig = vz.method_figure(images, tr, title="tiny + tome", stages="final")
-    out = vz.save_figure(fig, tmp_path / "f" / "rgb.png", dpi=40)
+    fig = method_figure(images, tr, title="tiny + tome", stages="final")
+    out = save_figure(fig, tmp_path / "f" / "rgb.png", dpi=40)
     w, h = Image.open(out).size
     assert 0.5 < w / h < 1.0  # two square panels per row, two rows, titles above each
     assert len(fig.axes) == 4
     with pytest.raises(UserError, match="--out must end"):
-        vz.save_figure(fig, tmp_path / "x.jpg")
+        save_figure(fig, tmp_path / "x.jpg")
     with pytest.raises(UserError, match="--stages"):
-        vz.select_stages(tr.stages, "three")
+        select_stages(tr.stages, "three")
     with pytest.raises(UserError, match="no reduction in blocks"):
-        vz.select_stages(tr.stages, "99")
+        select_stages(tr.stages, "99")
 
 
 # --------------------------------------------------------------------------- the command
@@ -375,13 +377,13 @@ def test_visualize_errors(cli, stand_in, tmp_path):
 
 # --------------------------------------------------------------------------- what the modules may know
 
-VISUAL_MODULES = ["visualize", "visual_trace", "visual_inputs", "visual_draw", "visual_budget", "cli_visualize",
+VISUAL_MODULES = ["visual.sheets", "visual.trace", "visual.inputs", "visual.draw", "visual.budget", "cli_visualize",
                   "analysis_trace", "analysis_report"]
 # (analysis_report's tables write LaTeX column specs such as "r": only its attribute reads are checked)
 NAME_CHECKED = set(VISUAL_MODULES) - {"analysis_report"}
 VIT_ATTRIBUTES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "num_patches", "grid_size",
                   "pretrained_cfg", "cls_token", "pos_embed", "_model_input"}
-GEOMETRY_MARK = "# backbone geometry: the lead moves this into tokenbench/backbones"
+GEOMETRY_MARK = "# backbone geometry"
 
 
 def _marked_functions(tree, lines):
@@ -420,10 +422,10 @@ def test_visualisation_reads_no_model_attribute_and_names_no_method(module):
 
 
 def test_drawing_runs_no_model():
-    """Data flows one way: visual_draw draws traces and images, and imports nothing that loads or runs a model."""
+    """Data flows one way: visual.draw draws traces and images, and imports nothing that loads or runs a model."""
     import inspect
 
-    from tokenbench import visual_draw
+    from tokenbench.visual import draw as visual_draw
 
     tree = ast.parse(inspect.getsource(visual_draw))
     imported = {(n.module or "").lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

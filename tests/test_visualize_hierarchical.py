@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tokenbench import backbones
-from tokenbench import visualize as vz
+from tokenbench.visual.draw import render_stage
+from tokenbench.visual.trace import FAST, KEPT, SLOW_PATH, trace
 from tokenbench.errors import UserError
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.registry import apply
@@ -38,10 +39,10 @@ def _chosen_by_hand(net, x, keep_rate):
 def test_one_stage_per_predictor_with_its_slow_positions(keep_rate):
     net = _randomise(apply(tiny_convnext(), "dynamicvit", keep_rate=keep_rate)).eval()
     x = _x(3)
-    tr = vz.trace(net, x)
+    tr = trace(net, x)
     first = backbones.backbone_of(net).sites("stage 3")[0]
     assert tr.grid == (SIZE // 16, SIZE // 16) and tr.n_prefix == 0
-    assert [s.kind for s in tr.stages] == [vz.SLOW_PATH] * 3
+    assert [s.kind for s in tr.stages] == [SLOW_PATH] * 3
     assert [s.block for s in tr.stages] == [first + 1, first + 2, first + 3]
     assert [s.predictor for s in tr.stages] == [0, 1, 2]
     with torch.no_grad():
@@ -50,38 +51,38 @@ def test_one_stage_per_predictor_with_its_slow_positions(keep_rate):
     for p, s in enumerate(tr.stages):
         assert s.n_tokens == 16 and s.assign.tolist() == [list(range(16))] * 3     # every position stays
         for b in range(3):
-            slow = set(torch.nonzero(s.role[b] == vz.KEPT).flatten().tolist())
+            slow = set(torch.nonzero(s.role[b] == KEPT).flatten().tolist())
             assert slow == want[b][p]
-            assert set(torch.nonzero(s.role[b] == vz.FAST).flatten().tolist()) == set(range(16)) - slow
+            assert set(torch.nonzero(s.role[b] == FAST).flatten().tolist()) == set(range(16)) - slow
             assert s.caption(b) == f"{len(slow)} slow, {16 - len(slow)} fast"
 
 
 @pytest.mark.parametrize("method", ["dynamicvit", "random"])
 def test_swin_one_panel_per_predictor_on_its_stage3_grid(method):
     net = apply(tiny_swin(), method, keep_rate=0.7).eval()
-    tr = vz.trace(net, _swin_x(2))
+    tr = trace(net, _swin_x(2))
     assert tr.grid == (8, 8)
-    assert [s.kind for s in tr.stages] == [vz.SLOW_PATH] * 3
-    assert [int(s.role[1].eq(vz.KEPT).sum()) for s in tr.stages] == hier.keep_counts(64, 0.7)
+    assert [s.kind for s in tr.stages] == [SLOW_PATH] * 3
+    assert [int(s.role[1].eq(KEPT).sum()) for s in tr.stages] == hier.keep_counts(64, 0.7)
     assert [s.n_tokens for s in tr.stages] == [64] * 3
 
 
 def test_random_shows_its_draw_per_image():
     net = apply(tiny_convnext(), "random", keep_rate=0.7, seed=3).eval()
-    tr = vz.trace(net, _x(4))
-    assert [int(s.role[0].eq(vz.KEPT).sum()) for s in tr.stages] == hier.keep_counts(16, 0.7)
-    masks = tr.stages[0].role.eq(vz.KEPT)
+    tr = trace(net, _x(4))
+    assert [int(s.role[0].eq(KEPT).sum()) for s in tr.stages] == hier.keep_counts(16, 0.7)
+    masks = tr.stages[0].role.eq(KEPT)
     assert len({tuple(m.tolist()) for m in masks}) > 1          # not one pattern for the batch
-    again = vz.trace(net, _x(4))
+    again = trace(net, _x(4))
     assert all(torch.equal(a.role, b.role) for a, b in zip(tr.stages, again.stages))
 
 
 def test_fast_positions_dimmed_slow_ones_untouched():
     net = apply(tiny_convnext(), "random", keep_rate=0.7, seed=0).eval()
-    tr = vz.trace(net, _x(1))
+    tr = trace(net, _x(1))
     img = np.random.default_rng(0).uniform(size=(SIZE, SIZE, 3))
-    canvas, hatched, segs, edges = vz.render_stage(img, tr.stages[0], 0, tr.grid)
-    slow = tr.stages[0].role[0].eq(vz.KEPT).view(4, 4).numpy()
+    canvas, hatched, segs, edges = render_stage(img, tr.stages[0], 0, tr.grid)
+    slow = tr.stages[0].role[0].eq(KEPT).view(4, 4).numpy()
     pix = np.kron(slow, np.ones((16, 16), dtype=bool))
     assert np.array_equal(canvas[pix], img[pix])
     assert np.all(canvas[~pix] > img[~pix]) and not hatched and not segs
@@ -94,9 +95,9 @@ def test_a_method_that_records_no_positions_is_refused():
     stage3 = backbones.backbone_of(net).sites("stage 3")
     plan.subset[stage3[1]] = lambda block, tokens, st: (torch.zeros(tokens.shape[0], 3, dtype=torch.long), None)
     with pytest.raises(UserError, match="cannot be shown"):
-        vz.trace(net, _x(1))
+        trace(net, _x(1))
     backbones.restore(net)
-    assert vz.trace(net, _x(1)).stages == []                    # the dense model: nothing to refuse
+    assert trace(net, _x(1)).stages == []                    # the dense model: nothing to refuse
 
 
 def test_cli_on_the_embedded_convnext(cli, tiny_default_convnext, tmp_path):
@@ -125,7 +126,7 @@ def test_cli_on_the_embedded_convnext(cli, tiny_default_convnext, tmp_path):
 
 
 def test_a_failed_budget_search_says_what_to_give(cli, tiny_default_convnext, tmp_path, monkeypatch):
-    from tokenbench import visual_budget
+    from tokenbench.visual import budget as visual_budget
 
     def refuse(self, *a, **k):
         raise UserError("dynamicvit needs keep_rate > 0.4, got 0.001")

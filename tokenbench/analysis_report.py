@@ -609,13 +609,13 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
 
 
 def _grid(net) -> tuple[int, int]:
-    from .visual_trace import token_geometry
+    from .visual.trace import token_geometry
 
     return token_geometry(net).grid
 
 
 def _depth(net) -> int:
-    from .visual_trace import token_geometry
+    from .visual.trace import token_geometry
 
     return token_geometry(net).depth
 

@@ -100,7 +100,7 @@ def _features_and_logits(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 @torch.no_grad()
 def trace_batch(net: nn.Module, x: torch.Tensor, blocks: list[int]) -> dict[str, np.ndarray]:
     """One batch through ``net`` with the source map on: predictions, features, token counts, patterns."""
-    from .visual_trace import analyse, run_with_sources, token_geometry
+    from .visual.trace import analyse, run_with_sources, token_geometry
 
     (pre, logits), st = run_with_sources(net, lambda m: _features_and_logits(m, x))
     b = x.shape[0]

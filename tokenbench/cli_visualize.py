@@ -73,7 +73,7 @@ def _warn_untrained(method: str, checkpoint) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from . import visual_budget as vb
+    from .visual import budget as vb
 
     @app.command("visualize")
     def visualize_cmd(
@@ -119,7 +119,9 @@ def register(app: typer.Typer) -> None:
 
         With --compare: one sheet, the same images across several methods (their final stage), at matched FLOPs with --flops.
         """
-        from . import visualize as vz
+        from .visual import sheets
+        from .visual.draw import check_out
+        from .visual.inputs import expand_image_paths
         from .checks import unique_set_keys
         from .registry import get_method, list_methods, parse_set
 
@@ -145,7 +147,7 @@ def register(app: typer.Typer) -> None:
             ckpts = _split_checkpoints(checkpoint, methods)
             for m in methods:
                 _warn_untrained(m, ckpts.get(m) or ckpts.get(None))
-            summary = vz.compare(model, methods, flops=flops, params=_split_sets(set_, methods),
+            summary = sheets.compare(model, methods, flops=flops, params=_split_sets(set_, methods),
                                  out=out or VISUALS / "compare.png", images=images, data=data, n=n,
                                  data_dir=data_dir, split=split, index=idx,
                                  checkpoints=ckpts, pretrained=pretrained,
@@ -165,11 +167,11 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"checkpoint {ckpt} does not exist")
         _warn_untrained(method, ckpt)
         out = out or VISUALS / f"tokens_{method}.png"
-        vz.check_out(out)  # the cheap checks before the FLOPs search
+        check_out(out)  # the cheap checks before the FLOPs search
         if images:
-            vz.expand_image_paths(images)
+            expand_image_paths(images)
         params, note = vb.picture_params(cls, model, params, flops, ckpt, flops_cache)
-        summary = vz.visualize(model, method, params, out=out, images=images,
+        summary = sheets.visualize(model, method, params, out=out, images=images,
                                data=data, n=n, data_dir=data_dir, split=split, index=idx, checkpoint=ckpt,
                                pretrained=pretrained, stages=stages, dpi=dpi, flops_cache=flops_cache)
         if json_:

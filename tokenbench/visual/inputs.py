@@ -1,7 +1,7 @@
 """The images a token picture shows: dataset images (one per class first) or image files,
 preprocessed for the model (its size, channels and normalisation), and what to display for them.
 
-The model's input configuration comes from :func:`tokenbench.visual_trace.input_config`.
+The model's input configuration comes from :func:`tokenbench.visual.trace.input_config`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .visual_trace import input_config
+from ..errors import UserError
+from .trace import input_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -65,7 +65,7 @@ def _pick_distinct(labels: torch.Tensor, n: int) -> list[int]:
 def images_from_dataset(model: nn.Module, data: str = "fashion-mnist", n: int = 4, data_dir=None,
                         split: str = "test", index: Optional[Sequence[int]] = None) -> Images:
     """``n`` images of ``data`` (one per class first), or the images at ``index``, preprocessed for ``model``."""
-    from .data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, build_dataset, load_fashion_mnist
+    from ..data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, build_dataset, load_fashion_mnist
 
     if n < 1:
         raise UserError(f"--n must be positive, got {n}")

@@ -1,14 +1,8 @@
 """``tokenbench visualize``'s two pictures, from model name to figure file: load the model,
-pick the images, trace, draw.  The jobs live in their own modules, data flowing one way:
+pick the images, trace, draw.
 
-- :mod:`tokenbench.visual_inputs`: the images (a dataset's, or image files) and what to show;
-- :mod:`tokenbench.visual_trace`: a forward with the source map on, analysed stage by stage
-  (which original patches each token stands for); the only place that reads the model's geometry;
-- :mod:`tokenbench.visual_draw`: matplotlib panels and sheets from traces (it runs no model);
-- :mod:`tokenbench.visual_budget`: the method's budget knob at matched FLOPs, and the FLOPs shown.
-
-Their public names are importable from here too.  Entry points: :func:`visualize` (one
-method, every stage) and :func:`compare` (several methods, final stage, one sheet).
+Entry points: :func:`visualize` (one method, every stage) and :func:`compare` (several
+methods, final stage, one sheet).
 """
 
 from __future__ import annotations
@@ -16,29 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import UserError
-from .visual_budget import DEFAULT_FLOPS, Flops, column_params, fmt_params, picture_params, trained_params
-from .visual_draw import (BOUNDARY, DROPPED_EDGE, DROPPED_GHOST, DROPPED_GREY, FIGURE_SUFFIXES, FUSED_COLOURS,
-                          Column, check_out, compare_figure, draw_panel, group_colour, method_figure,
-                          render_stage, save_figure, select_stages)
-from .visual_inputs import (IMAGE_SUFFIXES, Images, _to_display, expand_image_paths, images_from_dataset,
-                            images_from_files, read_image)
-from .visual_trace import (FAST, FUSED, GROUP, KEPT, PAD, PREFIX, SLOW_PATH, Stage, TokenGeometry, Trace, classify,
-                           dense_stage, grid_of, input_config, patch_assignment, run_with_sources, slow_path_stages,
-                           token_geometry, trace)
-
-__all__ = ["BOUNDARY", "DEFAULT_FLOPS", "DROPPED_EDGE", "DROPPED_GHOST", "DROPPED_GREY", "FIGURE_SUFFIXES",
-           "FAST", "FUSED", "FUSED_COLOURS", "GROUP", "IMAGE_SUFFIXES", "KEPT", "PAD", "PREFIX", "Column", "Flops",
-           "Images",
-           "Stage", "TokenGeometry", "Trace", "_to_display", "check_out", "classify", "column_params", "compare",
-           "compare_figure", "dense_stage", "draw_panel", "expand_image_paths", "fmt_params", "grid_of",
-           "group_colour", "images_from_dataset", "images_from_files", "input_config", "method_figure",
-           "patch_assignment", "picture_params", "read_image", "render_stage", "run_with_sources", "save_figure",
-           "select_stages", "SLOW_PATH", "slow_path_stages", "token_geometry", "trace", "trained_params", "visualize"]
+from ..errors import UserError
+from .budget import Flops, column_params, fmt_params
+from .draw import Column, check_out, compare_figure, method_figure, save_figure, select_stages
+from .inputs import Images, images_from_dataset, images_from_files
+from .trace import SLOW_PATH, Stage, trace
 
 
 def _load(model: str, method: str, params: dict, checkpoint: Optional[str], pretrained: bool):
-    from .api import load
+    from ..api import load
 
     return load(model, method, params, pretrained=pretrained, checkpoint=checkpoint)
 
@@ -95,7 +75,7 @@ def compare(model: str = "default", methods: Optional[Sequence[str]] = None,
     ``params``: per method, parameters to use (the searched one is then overridden);
     ``checkpoints``: per method, a checkpoint to load (``None`` key: for every method).
     """
-    from .registry import get_method, list_methods
+    from ..registry import get_method, list_methods
 
     check_out(out)
     if methods is None:

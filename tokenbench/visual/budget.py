@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 # The FLOPs level a single-method picture is drawn at when the method's budget is not given: a
 # method's declared default is tuned for one model (ToMe's r=16 leaves 2 of the embedded model's
@@ -17,7 +17,7 @@ DEFAULT_FLOPS = 0.66
 
 def fmt_params(params: dict, only: Optional[str] = None) -> str:
     """``k=v, ...`` as tables print values; ``only``: that one parameter."""
-    from .sweep import fmt_value
+    from ..sweep import fmt_value
 
     items = [(k, v) for k, v in params.items() if only is None or k == only]
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in items)
@@ -27,7 +27,7 @@ class Flops:
     """GFLOPs of (model, method, params) and of the dense model, through the sweep's cached counter."""
 
     def __init__(self, cache: Optional[Path] = None):
-        from .sweep import FlopsSearch
+        from ..sweep import FlopsSearch
 
         self.search = FlopsSearch(cache)
 
@@ -45,7 +45,7 @@ class Flops:
         sweep's tolerance.  Returns (params, SearchResult or None when the method has nothing to
         search).
         """
-        from .registry import get_method
+        from ..registry import get_method
 
         cls = get_method(method)
         param = cls.knob
@@ -78,7 +78,7 @@ def picture_params(cls, model: str, params: dict, flops: Optional[float], checkp
     ``--flops F`` (or, by default, :data:`DEFAULT_FLOPS`) searches the knob to F x dense FLOPs; a
     checkpoint's own training value wins when none of the two is asked for explicitly.
     """
-    from .sweep import fmt_value
+    from ..sweep import fmt_value
 
     knob = cls.knob
     if not knob or (knob in params and flops is None):

@@ -1,6 +1,6 @@
 """Drawing the token pictures from traces: one panel per stage, a sheet per method, a
 comparison sheet across methods.  Nothing here runs a model: it draws
-:class:`tokenbench.visual_trace.Trace` objects and :class:`tokenbench.visual_inputs.Images`.
+:class:`tokenbench.visual.trace.Trace` objects and :class:`tokenbench.visual.inputs.Images`.
 
 - a kept token shows the image's own pixels;
 - a merged group is one region in its own colour, filled with its mean colour tinted by that
@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
-from .visual_inputs import Images
-from .visual_trace import FAST, FUSED, GROUP, SLOW_PATH, Stage, Trace, dense_stage
+from ..errors import UserError
+from .inputs import Images
+from .trace import FAST, FUSED, GROUP, SLOW_PATH, Stage, Trace, dense_stage
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 

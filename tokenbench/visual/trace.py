@@ -19,7 +19,7 @@ its own token, KEPT on the slow path, FAST on the other (:func:`slow_path_stage`
 The model's geometry (patch grid, prefix tokens, depth, input configuration) is read in
 :func:`token_geometry` and :func:`input_config` alone.  Entry points: :func:`patch_assignment`
 and :func:`classify` (the analysis of snapshots), :func:`run_with_sources` (a forward with the
-source map on), :func:`trace` (what a picture needs).  Drawing is :mod:`tokenbench.visual_draw`'s.
+source map on), :func:`trace` (what a picture needs).  Drawing is :mod:`tokenbench.visual.draw`'s.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 
 # Token roles, one per token of a stage.
 PREFIX, KEPT, GROUP, FUSED, FAST, PAD = 0, 1, 2, 3, 4, 5   # PAD: a padding slot of a padded batch
@@ -54,7 +54,7 @@ class TokenGeometry:
 
 def token_geometry(model: nn.Module) -> TokenGeometry:
     """The patch grid, prefix tokens and depth, from the model's backbone."""
-    from .backbones import backbone_of
+    from ..backbones import backbone_of
 
     bb = backbone_of(model)
     return TokenGeometry(grid=bb.grid, n_prefix=bb.n_prefix, depth=bb.depth)
@@ -65,7 +65,7 @@ def input_config(model: nn.Module) -> dict:
     ``transform_mean`` / ``transform_std``, the statistics timm's transforms normalise with."""
     import timm.data
 
-    from .backbones import input_config as backbone_input
+    from ..backbones import input_config as backbone_input
 
     cfg = dict(backbone_input(model))
     c = int(cfg["in_chans"])
@@ -221,7 +221,7 @@ def dense_stage(n_images: int, n_patches: int, n_prefix: int, block: int) -> Sta
 def run_with_sources(model: nn.Module, forward: Callable[[nn.Module], Any]) -> tuple[Any, Any]:
     """``forward(model)`` with the source map on: its output and the token state it left
     (a ``TokenState``: per-block token counts and the stage snapshots), or None."""
-    from .backbones import last_state, set_track_source
+    from ..backbones import last_state, set_track_source
 
     set_track_source(model, True)
     try:
@@ -264,7 +264,7 @@ def trace(model: nn.Module, x: torch.Tensor) -> Trace:
     geo = token_geometry(model)
     stages = analyse(state, geo)
     if not stages:  # a hierarchical model: its slow-path positions, if any
-        from .backbones import applied_method
+        from ..backbones import applied_method
 
         stages = slow_path_stages(state, applied_method(model).get("name", "this method"))
     return Trace(stages=stages, logits=logits.float().cpu(), grid=geo.grid, n_prefix=geo.n_prefix)
