@@ -144,8 +144,8 @@ def main(argv=None) -> int:
     from tokenbench.api import load
     from tokenbench.errors import UserError
     from tokenbench.overhead import overhead
-    from tokenbench.render import params_json
-    from tokenbench.rows import Row, method_family
+    from tokenbench.report.render import params_json
+    from tokenbench.report.rows import Row, method_family
 
     threads = args.threads or measure.default_threads()
     torch.set_num_threads(threads)
@@ -429,7 +429,7 @@ def timing_columns(row, flops_x: float, spread: float, sfx: str) -> dict:
     """One timing's columns (eager: no suffix; compiled: ``_compiled``) from its typed row.
 
     Efficiency: the speedup over the FLOPs reduction ``flops_x`` (dense / method)."""
-    from tokenbench.render import quartiles_text
+    from tokenbench.report.render import quartiles_text
 
     return {f"img_per_s{sfx}": round(row.img_per_s, 1), f"speedup{sfx}": round(row.speedup, 3),
             f"speedup_iqr{sfx}": quartiles_text(row.speedup_q1, row.speedup_q3),
@@ -472,7 +472,7 @@ def redraw(src: Path, out: Path) -> int:
     """The tables again from ``src``/bench.json, timing nothing (the heading from the json, or bench.md's)."""
     data = json.loads((src / "bench.json").read_text())
     head = data.get("head") or (src / "bench.md").read_text().split("\n", 1)[0]
-    from tokenbench.rows import method_family
+    from tokenbench.report.rows import method_family
 
     for r in data["rows"]:  # records written before the family column: the method's declaration
         r.setdefault("family", method_family(r["method"]))

@@ -41,7 +41,7 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
     and the lines saying what could not be built, checked or timed (a missing clone: one line)."""
     from tokenbench import measure
     from tokenbench.api import load
-    from tokenbench.render import params_json, quartiles_text
+    from tokenbench.report.render import params_json, quartiles_text
 
     rows, notes = [], []
     for method, params in settings:

@@ -153,9 +153,9 @@ def test_pool_reaches_70_and_50_percent_of_the_embedded_models_flops_within_a_po
 
 def test_dense_family_is_measured_dense_and_drawn_as_a_line_on_the_models_plot(tmp_path):
     from conftest import register_tiny_timm
-    from tokenbench import report as R
+    from tokenbench.report.write import write_report
     from tokenbench import sweep as S
-    from tokenbench.report_plot import plot_layers
+    from tokenbench.report.plot import plot_layers
     from tokenbench.store import Store
 
     main, small = register_tiny_timm("tb_line_tiny_vit"), register_tiny_timm("tb_line_tinier_vit", embed_dim=16)
@@ -179,7 +179,7 @@ scale = [0.5]
     fam = [r for r in runs if r.line_of]
     assert [(r.model, r.method, r.line_of) for r in fam] == [(small, "none", main)]
     S.execute(sw, runs, Store(out))
-    res = R.write_report(out)
+    res = write_report(out)
     rows = res["display"]
     line_row = next(r for r in rows if r.line_of)
     dense_row = next(r for r in rows if r.is_dense and not r.line_of)

@@ -56,7 +56,8 @@ def _sweep(tmp_path, measure='["flops", "accuracy"]'):
 
 
 def test_report_keeps_the_flops_column_when_the_dense_count_is_damaged(cli, tmp_path):
-    from tokenbench.report import collect, summary_table
+    from tokenbench.report.collect import collect
+    from tokenbench.report.tables import summary_table
 
     code, out, err = cli("run", str(_sweep(tmp_path, '["flops"]')), "--no-plots", "--json")
     assert code == 0, err

@@ -5,7 +5,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from tokenbench import figures
+from tokenbench.figures.plan import FigureOptions
+from tokenbench.figures.run import build_plan
 
 from conftest import register_tiny_timm
 
@@ -48,13 +49,13 @@ def test_analyze_of_a_committed_sweep_writes_under_runs(cli, tmp_path, monkeypat
 
 def test_figure_defaults_to_runs_and_reuses_the_committed_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plan = figures.build_plan("tome-deit-s")
+    plan = build_plan("tome-deit-s")
     assert plan.out == Path("runs") / "figures" / "tome-deit-s"
     assert plan.sweep.reference is None                               # no committed copy here
     (tmp_path / "results" / "figures" / "tome-deit-s").mkdir(parents=True)
-    plan = figures.build_plan("tome-deit-s")
+    plan = build_plan("tome-deit-s")
     assert plan.sweep.reference == str(Path("results") / "figures" / "tome-deit-s")
-    plan = figures.build_plan("tome-deit-s", figures.FigureOptions(out="results/figures/tome-deit-s"))
+    plan = build_plan("tome-deit-s", FigureOptions(out="results/figures/tome-deit-s"))
     assert plan.out == Path("results/figures/tome-deit-s") and plan.sweep.reference is None
 
 

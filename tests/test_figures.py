@@ -8,7 +8,11 @@ import pytest
 import torch
 from timm.models import register_model
 
-from tokenbench import figures
+from tokenbench.figures.plan import FigureOptions, accuracy_status, expand_plan, measure_command
+from tokenbench.figures.recipe import PUBLISHED_COLUMNS, Published, arch, load_published, load_recipe, matches, recipe_names
+from tokenbench.figures.tables import compare_row
+from tokenbench.figures import run as figure_run
+from tokenbench.figures.run import build_plan, run_figure
 from tokenbench.errors import UserError
 
 TINY = "tokenbench_test_vit"
@@ -47,15 +51,15 @@ EXPECTED = {
 
 def _runs(plan, searcher=None):
     return [(r.label if r.method != "none" else "none", r.method, r.params)
-            for r in figures.expand_plan(plan, searcher)]
+            for r in expand_plan(plan, searcher)]
 
 
 # --------------------------------------------------------------------------- recipes
 
 def test_every_recipe_parses_and_is_listed(cli):
-    assert figures.recipe_names() == RECIPES
+    assert recipe_names() == RECIPES
     for name in RECIPES:
-        rec = figures.load_recipe(name)
+        rec = load_recipe(name)
         assert rec.description and rec.papers and rec.x
     code, out, err = cli("figure", "list", "--json")
     assert code == 0, err
@@ -72,8 +76,8 @@ def test_recipe_expands_to_the_papers_runs(name, tmp_path):
     from tokenbench.registry import get_method
 
     model, want = EXPECTED[name]
-    plan = figures.build_plan(name, figures.FigureOptions(out=str(tmp_path)))
-    runs = figures.expand_plan(plan)
+    plan = build_plan(name, FigureOptions(out=str(tmp_path)))
+    runs = expand_plan(plan)
     assert [r.model for r in runs] == [model] * len(want)
     # (the dense run's label is the sweep's business)
     assert [(r.label if r.method != "none" else "none", r.method, r.params) for r in runs] == [
@@ -88,28 +92,28 @@ def test_checkpoints_found_by_template_and_required_entries(tmp_path):
     ck.mkdir()
     for f in ("dynamicvit-deit-s-0.7.pth", "dynamicvit-deit-s-0.75.pth", "f367470145_deit_S_r13.pth"):
         (ck / f).write_bytes(b"x")
-    plan = figures.build_plan("dynamicvit-deit-s", figures.FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
-    runs = figures.expand_plan(plan)
+    plan = build_plan("dynamicvit-deit-s", FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
+    runs = expand_plan(plan)
     cks = {r.params.get("keep_rate"): r.checkpoint for r in runs if r.method == "dynamicvit"}
     assert cks[0.7] == str(ck / "dynamicvit-deit-s-0.7.pth")
     assert all(v is None for k, v in cks.items() if k != 0.7) and 0.75 not in cks  # only the grid's values
     # tome-trained needs its checkpoint: dropped without it, run with it
-    assert "tome-trained" not in {lab for lab, _, _ in _runs(figures.build_plan(
-        "tome-deit-s", figures.FigureOptions(out=str(tmp_path))))}
-    plan = figures.build_plan("tome-deit-s", figures.FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
-    trained = [r for r in figures.expand_plan(plan) if r.label == "tome-trained"]
+    assert "tome-trained" not in {lab for lab, _, _ in _runs(build_plan(
+        "tome-deit-s", FigureOptions(out=str(tmp_path))))}
+    plan = build_plan("tome-deit-s", FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
+    trained = [r for r in expand_plan(plan) if r.label == "tome-trained"]
     assert len(trained) == 1 and trained[0].params["r"] == 13 and trained[0].checkpoint.endswith("deit_S_r13.pth")
     # accuracy: only runs with real weights, a learned method only with its checkpoint
-    plan = figures.build_plan("dynamicvit-deit-s", figures.FigureOptions(
+    plan = build_plan("dynamicvit-deit-s", FigureOptions(
         checkpoint_dir=str(ck), data_dir=str(tmp_path), pretrained=True, out=str(tmp_path)))
-    status = {(r.method, r.params.get("keep_rate")): figures.accuracy_status(plan, r)
-              for r in figures.expand_plan(plan)}
+    status = {(r.method, r.params.get("keep_rate")): accuracy_status(plan, r)
+              for r in expand_plan(plan)}
     assert status[("none", None)] == (True, "")
     assert status[("dynamicvit", 0.7)] == (True, "")
     ok, why = status[("dynamicvit", 0.5)]
     assert not ok and "dynamicvit-deit-s-0.5.pth" in why
-    plan = figures.build_plan("dynamicvit-deit-s", figures.FigureOptions(data_dir=str(tmp_path), out=str(tmp_path)))
-    ok, why = figures.accuracy_status(plan, figures.expand_plan(plan)[0])
+    plan = build_plan("dynamicvit-deit-s", FigureOptions(data_dir=str(tmp_path), out=str(tmp_path)))
+    ok, why = accuracy_status(plan, expand_plan(plan)[0])
     assert not ok and "--pretrained" in why
 
 
@@ -120,27 +124,27 @@ def test_hierarchical_recipes_hold_three_sizes_and_name_checkpoints_by_model(fam
     """Three sizes, dense and keep rates 0.7 / 0.9 each; `{model}` in a checkpoint file names the
     architecture, one model at a time (the sweep keys checkpoints by the keep rate alone)."""
     name = f"dynamicvit-{family}"
-    plan = figures.build_plan(name, figures.FigureOptions(out=str(tmp_path)))
+    plan = build_plan(name, FigureOptions(out=str(tmp_path)))
     models = [f"{a}.{tag}" for a, tag in sizes]
-    assert [(r.model, r.method, r.params.get("keep_rate")) for r in figures.expand_plan(plan)] == [
+    assert [(r.model, r.method, r.params.get("keep_rate")) for r in expand_plan(plan)] == [
         (m, meth, k) for m in models for meth, k in (("none", None), ("dynamicvit", 0.7), ("dynamicvit", 0.9))]
     assert len([p for p in plan.published if p.method == "dynamicvit"]) == zoo
     assert len([p for p in plan.published if p.method == "none"]) == 3
-    assert "--checkpoint-dir /path/to/checkpoints --model MODEL" in figures.measure_command(plan)
+    assert "--checkpoint-dir /path/to/checkpoints --model MODEL" in measure_command(plan)
     ck = tmp_path / "ck"
     ck.mkdir()
     small = sizes[1][0]
     for f in (f"dynamicvit-{small}-0.7.pth", f"dynamicvit-{small}-0.9.pth", f"dynamicvit-{sizes[0][0]}-0.7.pth"):
         (ck / f).write_bytes(b"x")
     with pytest.raises(UserError, match=r"named by \{model\}: measure one model at a time with --model"):
-        figures.build_plan(name, figures.FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
-    plan = figures.build_plan(name, figures.FigureOptions(model=models[1], checkpoint_dir=str(ck), out=str(tmp_path)))
-    cks = {r.params.get("keep_rate"): r.checkpoint for r in figures.expand_plan(plan)}
+        build_plan(name, FigureOptions(checkpoint_dir=str(ck), out=str(tmp_path)))
+    plan = build_plan(name, FigureOptions(model=models[1], checkpoint_dir=str(ck), out=str(tmp_path)))
+    cks = {r.params.get("keep_rate"): r.checkpoint for r in expand_plan(plan)}
     assert cks == {None: None, 0.7: str(ck / f"dynamicvit-{small}-0.7.pth"), 0.9: str(ck / f"dynamicvit-{small}-0.9.pth")}
-    assert plan.published and {figures.arch(p.model) for p in plan.published} == {small}
-    plan = figures.build_plan(name, figures.FigureOptions(model=models[0], checkpoint_dir=str(ck), out=str(tmp_path),
+    assert plan.published and {arch(p.model) for p in plan.published} == {small}
+    plan = build_plan(name, FigureOptions(model=models[0], checkpoint_dir=str(ck), out=str(tmp_path),
                                                           data_dir=str(tmp_path), pretrained=True))
-    status = {r.params.get("keep_rate"): figures.accuracy_status(plan, r) for r in figures.expand_plan(plan)}
+    status = {r.params.get("keep_rate"): accuracy_status(plan, r) for r in expand_plan(plan)}
     assert status[0.7] == (True, "") and f"dynamicvit-{sizes[0][0]}-0.9.pth" in status[0.9][1]
 
 
@@ -148,18 +152,18 @@ def test_embedded_variant_of_the_convnext_recipe_runs_on_the_embedded_convnext(t
     ck = tmp_path / "results"
     (ck / "dynamicvit-convnext-0.7").mkdir(parents=True)
     (ck / "dynamicvit-convnext-0.7" / "model.pt").write_bytes(b"x")
-    plan = figures.build_plan("dynamicvit-convnext@embedded", figures.FigureOptions(checkpoint_dir=str(ck),
+    plan = build_plan("dynamicvit-convnext@embedded", FigureOptions(checkpoint_dir=str(ck),
                                                                                     out=str(tmp_path)))
-    runs = figures.expand_plan(plan)
+    runs = expand_plan(plan)
     assert {r.model for r in runs} == {"default-convnext"} and not plan.published
     assert {r.params.get("keep_rate"): r.checkpoint for r in runs} == {
         None: None, 0.7: str(ck / "dynamicvit-convnext-0.7" / "model.pt"), 0.9: None}
-    assert {r.model for r in figures.expand_plan(figures.build_plan(
-        "tome-deit-s@embedded", figures.FigureOptions(out=str(tmp_path))))} == {"default"}
+    assert {r.model for r in expand_plan(build_plan(
+        "tome-deit-s@embedded", FigureOptions(out=str(tmp_path))))} == {"default"}
     bad = tmp_path / "r.toml"
     bad.write_text('[figure.embedded]\nmodel = "resnet50"\n[sweep]\n[sweep.methods.none]\n')
     with pytest.raises(UserError, match="model must be one of default, default-convnext"):
-        figures.load_recipe(bad)
+        load_recipe(bad)
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +175,8 @@ def matched_out(tmp_path_factory):
 def test_matched_flops_recipe_expands_on_a_tiny_model(matched_out):
     from tokenbench.sweep import CACHE_FILE, FlopsSearch
 
-    plan = figures.build_plan("matched-flops-deit-s", figures.FigureOptions(model=TINY, out=str(matched_out)))
-    runs = figures.expand_plan(plan, FlopsSearch(matched_out / CACHE_FILE))
+    plan = build_plan("matched-flops-deit-s", FigureOptions(model=TINY, out=str(matched_out)))
+    runs = expand_plan(plan, FlopsSearch(matched_out / CACHE_FILE))
     by = {}
     for r in runs:
         by.setdefault(r.label if r.method != "none" else "none", []).append(r)
@@ -191,7 +195,7 @@ def test_published_csv_is_complete_and_consistent():
 
     from tokenbench.registry import get_method
 
-    rows = figures.load_published()
+    rows = load_published()
     assert {p.paper for p in rows} == {"ConvNeXt", "DynamicViT", "EViT", "Swin", "ToMe", "PPT", "DiffRate", "MCTF",
                                        "Zero-TPrune"}
     for p in rows:
@@ -210,25 +214,25 @@ def test_published_csv_is_complete_and_consistent():
 
 
 def test_comparison_flags_and_matching():
-    pub = figures.Published(paper="P", source="s", model="deit_small_patch16_224.fb_in1k",
+    pub = Published(paper="P", source="s", model="deit_small_patch16_224.fb_in1k",
                             weights="timm:deit_small_patch16_224.fb_in1k", method="evit",
                             params={"keep_rate": 0.7, "fuse_token": True}, gflops=3.0, top1=79.5,
                             throughput=150.0, hardware="h", dense_throughput=100.0, row=1)
-    assert figures.matches(pub, "deit_small_patch16_224", "evit", {"keep_rate": 0.7, "fuse_token": True})
-    assert not figures.matches(pub, "deit_small_patch16_224", "evit", {"keep_rate": 0.7, "fuse_token": False})
-    assert not figures.matches(pub, "deit_base_patch16_224", "evit", {"keep_rate": 0.7, "fuse_token": True})
-    assert not figures.matches(pub, "deit_small_patch16_224", "topk", {"keep_rate": 0.7})
+    assert matches(pub, "deit_small_patch16_224", "evit", {"keep_rate": 0.7, "fuse_token": True})
+    assert not matches(pub, "deit_small_patch16_224", "evit", {"keep_rate": 0.7, "fuse_token": False})
+    assert not matches(pub, "deit_base_patch16_224", "evit", {"keep_rate": 0.7, "fuse_token": True})
+    assert not matches(pub, "deit_small_patch16_224", "topk", {"keep_rate": 0.7})
     ours = {"gflops": 3.05, "speedup": 1.3, "top1": 79.0, "weights": "timm:deit_small_patch16_224.fb_in1k",
             "checkpoint": None, "report_flags": []}
-    row = figures._compare_row(ours, pub, in_recipe=True)
+    row = compare_row(ours, pub, in_recipe=True)
     assert row["gflops_diff"] == pytest.approx(0.05) and row["flags"] == []
     assert row["speedup_published"] == pytest.approx(1.5) and row["speedup_diff"] == pytest.approx(-0.2)
     assert row["top1_diff"] == pytest.approx(-0.5) and row["weights_same"]
-    row = figures._compare_row({**ours, "gflops": 3.11, "weights": "random-init:seed0"}, pub, in_recipe=True)
+    row = compare_row({**ours, "gflops": 3.11, "weights": "random-init:seed0"}, pub, in_recipe=True)
     assert row["flags"] == ["gflops-differs", "weights-differ"]
-    release = figures.Published(**{**pub.__dict__, "weights": "release:trained"})
-    assert figures._compare_row({**ours, "checkpoint": "x.pth"}, release, True)["flags"] == []
-    assert figures._compare_row(ours, release, True)["flags"] == ["weights-differ"]
+    release = Published(**{**pub.__dict__, "weights": "release:trained"})
+    assert compare_row({**ours, "checkpoint": "x.pth"}, release, True)["flags"] == []
+    assert compare_row(ours, release, True)["flags"] == ["weights-differ"]
 
 
 # --------------------------------------------------------------------------- FLOPs-only figures on a tiny model
@@ -272,14 +276,14 @@ def test_published_gflops_are_compared_and_flagged(cli, tmp_path, monkeypatch):
                      params=json.dumps({"keep_rate": 0.5}), gflops=f"{g:.4f}", top1="", throughput="",
                      hardware="", dense_throughput="", note=""))
     with open(pub, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=figures.PUBLISHED_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=PUBLISHED_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    monkeypatch.setattr(figures, "PUBLISHED_FILE", pub)
-    rec = figures.load_recipe("dynamicvit-deit-s")
+    monkeypatch.setattr(figure_run, "PUBLISHED_FILE", pub)
+    rec = load_recipe("dynamicvit-deit-s")
     rec.sweep["models"] = [TINY]
-    monkeypatch.setattr(figures, "load_recipe", lambda name: rec)
-    fig = figures.run_figure("dynamicvit-deit-s", figures.FigureOptions(throughput=False, out=str(tmp_path / "o")))
+    monkeypatch.setattr(figure_run, "load_recipe", lambda name: rec)
+    fig = run_figure("dynamicvit-deit-s", FigureOptions(throughput=False, out=str(tmp_path / "o")))
     by = {(r["method"], r["params"].get("keep_rate")): r for r in fig["rows"] if r["paper"]}
     assert by[("dynamicvit", 0.5)]["flags"] == []                      # 0.002 GFLOPs vs 0.0: within 0.1
     assert by[("dynamicvit", 0.7)]["flags"] == ["gflops-differs"]       # vs 5.0
@@ -321,7 +325,7 @@ def test_embedded_variant_runs_end_to_end(cli, tiny_default, tmp_path):
     md = (out / "dynamicvit-deit-s.md").read_text()
     assert "embedded Fashion-MNIST" in md and "Published figures: none" in md
     # the ToMe recipe swaps in small r for 50 tokens and leaves out the ImageNet-only trained entry
-    plan = figures.build_plan("tome-deit-s", figures.FigureOptions(embedded=True, out=str(tmp_path / "t")))
+    plan = build_plan("tome-deit-s", FigureOptions(embedded=True, out=str(tmp_path / "t")))
     assert _runs(plan) == [("none", "none", {})] + [("tome", "tome", {"r": r, "prop_attn": True}) for r in (1, 2, 3, 4)]
     assert plan.dropped == ["tome-trained"] and plan.sweep.data == "fashion-mnist" and plan.sweep.limit == 1000
 
@@ -340,4 +344,4 @@ def test_bad_input_is_one_line(cli, tmp_path):
     with pytest.raises(UserError, match="unknown key"):
         p = tmp_path / "r.toml"
         p.write_text('[figure]\ndescripton = "x"\n[sweep]\n[sweep.methods.none]\n')
-        figures.load_recipe(p)
+        load_recipe(p)

@@ -8,14 +8,14 @@ can be checked in a second: the recipe covers every method, and its published ro
 
 from __future__ import annotations
 
-from tokenbench import figures, registry
-from tokenbench.figure_recipe import arch
+from tokenbench import registry
+from tokenbench.figures.recipe import arch, load_published, load_recipe
 
 RECIPE = "methods-deit-s"
 
 
 def test_every_registered_method_is_in_the_recipe():
-    rec = figures.load_recipe(RECIPE)
+    rec = load_recipe(RECIPE)
     methods = {body.get("method", label) for label, body in rec.sweep["methods"].items()}
     assert methods == set(registry.load_methods())          # a new method must join the figure
     assert rec.sweep["flops_targets"] == [0.5, 0.6, 0.7, 0.8, 0.9]
@@ -23,8 +23,8 @@ def test_every_registered_method_is_in_the_recipe():
 
 
 def test_published_rows_of_its_papers_are_sourced_and_valid():
-    rec = figures.load_recipe(RECIPE)
-    rows = [p for p in figures.load_published() if p.paper in rec.papers and arch(p.model) == "deit_small_patch16_224"]
+    rec = load_recipe(RECIPE)
+    rows = [p for p in load_published() if p.paper in rec.papers and arch(p.model) == "deit_small_patch16_224"]
     assert {p.paper for p in rows} == set(rec.papers)                      # every paper has a DeiT-S row
     for p in rows:
         assert p.source and (p.gflops is not None or p.top1 is not None), p.row

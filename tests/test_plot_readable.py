@@ -4,7 +4,7 @@ from paired timings (an unpaired run hollow and off the frontier)."""
 
 import pytest
 
-from tokenbench import report as R
+from tokenbench.report.plot import plot, plot_layers
 MIN_Y_TICKS = 4
 
 METHODS = ["tome", "topk", "evit", "random", "dynamicvit", "ppt", "mctf", "pitome", "tofu", "diffrate",
@@ -46,9 +46,8 @@ def figs(res, monkeypatch, tmp_path):
         out[base.name] = fig
         return [base]
 
-    monkeypatch.setattr(R, "_savefig", keep)
     monkeypatch.setattr(plt, "close", lambda fig: None)
-    R.plot(res, tmp_path)
+    plot(res, tmp_path, save=keep)
     return out
 
 
@@ -76,7 +75,7 @@ def test_legend_clear_of_the_axes_and_enough_y_ticks(figs):
 
 
 def test_speedup_axis_is_paired_and_unpaired_runs_stay_off_the_frontier(res, figs):
-    layers = R.plot_layers(res["display"], "speedup")
+    layers = plot_layers(res["display"], "speedup")
     unpaired = next(r for r in res["display"] if r["label"] == "dct-like")
     assert id(unpaired) in layers["unpaired"] and id(unpaired) in layers["hollow"]
     assert layers["x"][id(unpaired)] == pytest.approx(900 / 440)

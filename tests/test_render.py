@@ -4,9 +4,11 @@ import importlib.util
 import re
 from pathlib import Path
 
-from tokenbench import figures, render, report
-from tokenbench.figure_tables import _cells, ours_from_row
-from tokenbench.rows import Row
+from tokenbench.report import render
+from tokenbench.figures.tables import compare_row, ours_from_row, row_cells
+from tokenbench.figures.tables import params_text as figure_params_text
+from tokenbench.report.tables import display_cells
+from tokenbench.report.rows import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,13 +32,13 @@ def _row(**kw) -> Row:
 
 def test_report_figures_and_bench_write_one_row_alike():
     row = _row()
-    cells = report.display_cells(row)
+    cells = display_cells(row)
     ours = ours_from_row(row, {"metrics": {"tokens": [197.0] * 3}, "weights": "timm:x"})
-    fig = figures._compare_row(ours, None, in_recipe=True)
-    fig_cells = _cells(fig, {}, matched=False)
+    fig = compare_row(ours, None, in_recipe=True)
+    fig_cells = row_cells(fig, {}, matched=False)
     bench_cols = _bench().timing_columns(row, 1 / row.flops_rel, 0.05, "")
     # parameters, schedules run-length encoded: the same text in the report and the figure
-    assert cells["Params"] == figures.params_text(fig) == fig_cells[1] == "r=[5x3,4x9], prop_attn=True"
+    assert cells["Params"] == figure_params_text(fig) == fig_cells[1] == "r=[5x3,4x9], prop_attn=True"
     assert cells["Params"] == render.params_text(row.params)
     # top-1 with its 95% interval
     assert cells["Top-1 % [95% CI]"] == fig_cells[10] == "79.12 [78.5, 79.7]"
@@ -47,8 +49,8 @@ def test_report_figures_and_bench_write_one_row_alike():
     assert cells["Family"] == fig_cells[2] == "merging"
     # a seeded mean row: the number of seeds, in the report and the figure alike
     mean = _row(row_type="mean", params={"keep_rate": 0.7}, seeds=[0, 1, 2], method="random", label="random")
-    fig_mean = figures._compare_row(ours_from_row(mean, None), None, in_recipe=True)
-    assert report.display_cells(mean)["Params"] == figures.params_text(fig_mean) == "keep_rate=0.7, 3 seeds"
+    fig_mean = compare_row(ours_from_row(mean, None), None, in_recipe=True)
+    assert display_cells(mean)["Params"] == figure_params_text(fig_mean) == "keep_rate=0.7, 3 seeds"
 
 
 def test_row_reads_like_the_dict_it_replaces():
@@ -65,10 +67,11 @@ def test_family_markers_differ_and_colours_follow_the_method():
 
 
 def test_reporting_code_names_no_method_nor_method_parameter():
-    src = ["rows.py", "render.py"] + [p.name for p in (ROOT / "tokenbench").glob("report*.py")] + [
-        p.name for p in (ROOT / "tokenbench").glob("figure*.py")]
-    for name in src:
-        code = (ROOT / "tokenbench" / name).read_text()
+    src = [*(ROOT / "tokenbench" / "report").glob("*.py"), *(ROOT / "tokenbench" / "figures").glob("*.py")]
+    assert len(src) > 10
+    for path in src:
+        name = path.name
+        code = path.read_text()
         code = re.sub(r'""".*?"""', "", code, flags=re.S)  # docstrings may give examples
         code = re.sub(r"#.*", "", code)
         for word in ("keep_rate", '["r"]', '"r":', '== "seed"', '["seed"]', 'get("seed"', "tome", "evit", "topk",

@@ -9,7 +9,14 @@ import struct
 
 import pytest
 
-from tokenbench import report as R
+from tokenbench.report.tables import FLAG_HELP
+from tokenbench.errors import UserError
+from tokenbench.report.rows import learned_status
+from tokenbench.report.stats import parse_selector, select_rows
+from tokenbench.report.collect import collect
+from tokenbench.report.paired import paired
+from tokenbench.report.plot import pareto
+from tokenbench.report.write import write_report
 from tokenbench import sweep as S
 from tokenbench.store import Store
 
@@ -69,7 +76,7 @@ def _num(s):
 
 @pytest.fixture(scope="module")
 def reported(swept):
-    return R.write_report(swept)
+    return write_report(swept)
 
 
 def test_table_values_equal_the_records(swept, reported):
@@ -141,8 +148,8 @@ def test_flags_and_learned_status(reported):
 
 
 def test_unpaired_img_per_s_that_contradicts_the_paired_speedup_is_flagged():
-    from tokenbench.report_stats import closing_notes, compare_with_dense
-    from tokenbench.rows import Row
+    from tokenbench.report.stats import closing_notes, compare_with_dense
+    from tokenbench.report.rows import Row
 
     def row(method, img_per_s, speedup=None):
         q = {} if speedup is None else {"speedup": speedup, "speedup_q1": speedup * 0.97,
@@ -156,16 +163,16 @@ def test_unpaired_img_per_s_that_contradicts_the_paired_speedup_is_flagged():
     assert "unpaired" in slow.flag_set and "unpaired" not in agrees.flag_set
     assert "unpaired" not in dense.flag_set and dense.speedup == 1.0
     assert any("1 of 3 runs' img/s" in n and "`unpaired`" in n for n in closing_notes([dense, slow, agrees]))
-    assert "unpaired" in R.FLAG_HELP
+    assert "unpaired" in FLAG_HELP
 
 
 def test_learned_status_words():
-    assert R._learned({"learned_parts": "trained", "checkpoint": "x.pt"}) == "fine-tuned"
-    assert R._learned({"learned_parts": "trained", "checkpoint": None}) == "trained"
-    assert R._learned({"learned_parts": "untrained"}) == "untrained"
-    assert R._learned({"learned_parts": None}) == "none"
-    assert R._learned({"learned_parts": "none", "checkpoint": "t.pt", "method": "topk"}) == "fine-tuned"
-    assert R._learned({"learned_parts": "none", "checkpoint": "d.pt", "method": "none"}) == "none"
+    assert learned_status({"learned_parts": "trained", "checkpoint": "x.pt"}) == "fine-tuned"
+    assert learned_status({"learned_parts": "trained", "checkpoint": None}) == "trained"
+    assert learned_status({"learned_parts": "untrained"}) == "untrained"
+    assert learned_status({"learned_parts": None}) == "none"
+    assert learned_status({"learned_parts": "none", "checkpoint": "t.pt", "method": "topk"}) == "fine-tuned"
+    assert learned_status({"learned_parts": "none", "checkpoint": "d.pt", "method": "none"}) == "none"
 
 
 def test_markdown_and_latex(swept, reported):
@@ -192,8 +199,8 @@ def test_plots_png_and_pdf_at_column_width(swept, reported):
 
 def test_pareto_frontier():
     pts = [(1, 50), (2, 60), (3, 55), (4, 70), (5, 65)]
-    assert R.pareto(pts, lower_x_better=True) == [(1, 50), (2, 60), (4, 70)]
-    assert R.pareto(pts, lower_x_better=False) == [(4, 70), (5, 65)]
+    assert pareto(pts, lower_x_better=True) == [(1, 50), (2, 60), (4, 70)]
+    assert pareto(pts, lower_x_better=False) == [(4, 70), (5, 65)]
 
 
 def test_report_cli_never_measures(swept, cli, monkeypatch):
@@ -231,7 +238,7 @@ def test_report_without_a_plan_groups_the_records(swept, tmp_path):
     d = tmp_path / "noplan"
     shutil.copytree(swept, d)
     (d / "sweep.json").unlink()
-    res = R.write_report(d, plots=False)
+    res = write_report(d, plots=False)
     assert len(res["display"]) == 6 and len(res["rows"]) == 7
     assert res["display"][0]["method"] == "none"
     rnd = [r for r in res["display"] if r["method"] == "random"]
@@ -249,9 +256,9 @@ def test_compare_is_mcnemar_on_the_stored_correctness(swept, cli):
     """`tokenbench compare`: one pair per seed of a seeded method, counts and p from the records."""
     from tokenbench.measure import mcnemar
 
-    res = R.paired(swept, "dynamicvit:keep_rate=0.7", "random")
+    res = paired(swept, "dynamicvit:keep_rate=0.7", "random")
     assert len(res["pairs"]) == 2                       # random: two seeds
-    rows = R.collect(swept)["rows"]
+    rows = collect(swept)["rows"]
     dv = next(r for r in rows if r["method"] == "dynamicvit")
     for p in res["pairs"]:
         rnd = next(r for r in rows if r["method"] == "random" and r["seed"] == p["b"]["params"]["seed"])
@@ -270,8 +277,8 @@ def test_compare_selector_errors(swept, cli, sel, msg):
 
 
 def test_compare_selector_keeps_list_values_whole():
-    assert R._parse_selector("tome:r=[5,4,4],prop_attn=false") == ("tome", {"r": [5, 4, 4], "prop_attn": False})
-    assert R._parse_selector("none") == ("none", {})
+    assert parse_selector("tome:r=[5,4,4],prop_attn=false") == ("tome", {"r": [5, 4, 4], "prop_attn": False})
+    assert parse_selector("none") == ("none", {})
 
 
 def test_compare_selects_sweep_entries_by_label():
@@ -280,7 +287,7 @@ def test_compare_selects_sweep_entries_by_label():
                 "_seed_param": "seed" if seed else None, "checkpoint": ckpt, "row_type": "run"}
 
     rows = [row("topk"), row("topk-finetuned", "ft.pt"), row("other", "o.pt")]
-    assert [r["label"] for r in R._select(rows, "topk:keep_rate=0.7")] == ["topk"]
-    assert [r["label"] for r in R._select(rows, "topk-finetuned")] == ["topk-finetuned"]
-    with pytest.raises(R.UserError, match="matches 2 settings"):
-        R._select(rows[1:], "topk")
+    assert [r["label"] for r in select_rows(rows, "topk:keep_rate=0.7")] == ["topk"]
+    assert [r["label"] for r in select_rows(rows, "topk-finetuned")] == ["topk-finetuned"]
+    with pytest.raises(UserError, match="matches 2 settings"):
+        select_rows(rows[1:], "topk")

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from tokenbench import sweep as S
-from tokenbench.report_collect import collect
-from tokenbench.report_stats import params_text
+from tokenbench.report.collect import collect
+from tokenbench.report.stats import params_text
 from tokenbench.store import Store
 
 from conftest import register_tiny_timm  # noqa: E402
@@ -152,8 +152,8 @@ def test_chromium_loads_without_errors_and_draws(tmp_path, page):
 
 
 def test_a_run_without_plotly_says_so_and_keeps_its_tables(swept, monkeypatch):
-    from tokenbench import report_html
-    from tokenbench.report import write_report
+    from tokenbench.report import html as report_html
+    from tokenbench.report.write import write_report
 
     (swept / "report.html").unlink(missing_ok=True)
     monkeypatch.setattr(report_html, "plotly_available", lambda: False)
@@ -163,7 +163,7 @@ def test_a_run_without_plotly_says_so_and_keeps_its_tables(swept, monkeypatch):
 
 
 def test_a_dense_model_of_another_size_is_one_point_on_its_models_plot(tmp_path):
-    from tokenbench.report import write_report
+    from tokenbench.report.write import write_report
 
     small = register_tiny_timm("tb_html_tinier_vit", embed_dim=16)
     p = tmp_path / "s.toml"

@@ -3,7 +3,9 @@ a visible Pareto frontier, error bars explained, flagged timings hollow)."""
 
 import pytest
 
-from tokenbench import report as R
+from tokenbench.report.write import TABLE_FILES
+from tokenbench.report.tables import latex, latex_paper
+from tokenbench.report.plot import plot, plot_layers
 
 
 def _row(label, method, params, gflops, top1, targets=(), img=None, flags=(), checkpoint=None, learned="none"):
@@ -38,7 +40,7 @@ def res(tmp_path):
 
 
 def test_compact_paper_table_fits_a_column(res):
-    tex = R.latex_paper(res)
+    tex = latex_paper(res)
     body = [ln for ln in tex.splitlines() if ln.endswith("\\\\")]
     assert "\\begin{tabular}{llrrr}" in tex and len(body) == 1 + len(res["display"])
     assert body[0] == "Method & Setting & GFLOPs & Speedup & Top-1 (\\%) \\\\"
@@ -50,7 +52,7 @@ def test_compact_paper_table_fits_a_column(res):
 
 
 def test_full_table_says_constant_columns_once(res):
-    tex = R.latex(res)
+    tex = latex(res)
     body = [ln for ln in tex.splitlines() if ln.endswith("\\\\")]
     assert "cpu x2" not in "".join(body) and "% same in every row: Device: cpu x2" in tex
     assert body[0].startswith("Method & Setting & Target") and "Params (M)" not in body[0]
@@ -58,11 +60,11 @@ def test_full_table_says_constant_columns_once(res):
 
 
 def test_report_writes_the_paper_table():
-    assert "results_paper.tex" in R.TABLE_FILES
+    assert "results_paper.tex" in TABLE_FILES
 
 
 def test_controls_and_off_grid_runs_are_not_part_of_a_curve(res):
-    layers = R.plot_layers(res["display"], "gflops")
+    layers = plot_layers(res["display"], "gflops")
     curve = layers["curves"]
     assert [r["_params"]["keep_rate"] for r in curve["topk"]] == [0.48, 0.755]  # the off-grid 0.7 is not spliced in
     assert len(curve["tome"]) == 2 and len(curve["dynamicvit"]) == 2   # a method trained at two settings
@@ -70,7 +72,7 @@ def test_controls_and_off_grid_runs_are_not_part_of_a_curve(res):
     assert sorted((r["label"], r["_params"]["keep_rate"]) for r in layers["points"]) == [
         ("topk", 0.7), ("topk-finetuned", 0.7)]
     assert not layers["hollow"]  # flags concern timing: only the throughput axis shows them
-    tp = R.plot_layers(res["display"], "img_per_s")
+    tp = plot_layers(res["display"], "img_per_s")
     assert {(r["label"], r["_params"]["keep_rate"]) for r in res["display"] if id(r) in tp["hollow"]} == {
         ("topk", 0.755), ("dynamicvit", 0.7)}
 
@@ -87,9 +89,8 @@ def test_plots_explain_error_bars_show_the_frontier_and_hollow_flags(res, monkey
         figs[base.name] = fig
         return [base]
 
-    monkeypatch.setattr(R, "_savefig", keep)
     monkeypatch.setattr(plt, "close", lambda fig: None)
-    R.plot(res, tmp_path)
+    plot(res, tmp_path, save=keep)
     for name, fig in figs.items():
         ax = fig.axes[0]
         leg = fig.legends[0]  # below the axes, in columns

@@ -51,7 +51,7 @@ def test_flops_warns_and_flags_a_disagreeing_schedule(cli, liar, tmp_path):
     assert code == 0 and "warning: the method's declared token schedule" in err
     rec = json.loads(next((tmp_path / "records").rglob("*.json")).read_text())
     assert rec["metrics"]["schedule_mismatch"] is True
-    from tokenbench.rows import row_from_records
+    from tokenbench.report.rows import row_from_records
 
     row = row_from_records("dense_claim", rec["spec"], {"flops": rec}, ["flops"], [], None, 0.03)
     assert "schedule-mismatch" in row.flag_set

@@ -2,7 +2,7 @@
 
 from rich.console import Console
 
-from tokenbench import report as R
+from tokenbench.report.tables import summary_table
 from tokenbench.registry import get_method
 
 
@@ -21,7 +21,7 @@ def test_summary_fits_80_columns_with_defaults_left_out_and_flags_whole(tmp_path
             _row("tome", "tome", get_method("tome").validate({"r": 3}), flags=("flops-miss", "unpaired")),
             _row("topk", "topk", {"keep_rate": 0.755})]
     con = Console(width=80, record=True, file=open(tmp_path / "sink", "w"))
-    con.print(R.summary_table({"display": rows, "out": tmp_path}))
+    con.print(summary_table({"display": rows, "out": tmp_path}))
     text = con.export_text()
     lines = text.splitlines()
     assert max(len(ln) for ln in lines) <= 80

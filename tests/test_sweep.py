@@ -381,7 +381,7 @@ def test_checkpoints_per_value_of_a_learned_method(tmp_path):
     import torch
 
     from tokenbench.api import load
-    from tokenbench.report import write_report
+    from tokenbench.report.write import write_report
     from tokenbench.store import Store
 
     s = S.FlopsSearch(tmp_path / "out" / S.CACHE_FILE)

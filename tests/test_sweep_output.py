@@ -165,7 +165,8 @@ def test_summary_table_fits_80_columns_with_every_number_whole():
     terminal: it was 14 columns, every cell folded into strips of 4 characters."""
     from rich.console import Console
 
-    from tokenbench.report import collect, summary_table
+    from tokenbench.report.collect import collect
+    from tokenbench.report.tables import summary_table
 
     res = collect(REFERENCE)
     buf = StringIO()

@@ -31,7 +31,7 @@ def _plt():
 
 
 def _style():
-    from .report import PLOT_RC
+    from .report.render import PLOT_RC
 
     plt, sns = _plt()
     rc = dict(PLOT_RC)
@@ -40,11 +40,11 @@ def _style():
 
 
 def _save(fig, base: Path) -> list[Path]:
-    from .report import _savefig
+    from .report.render import savefig
 
     plt, _ = _plt()
     try:
-        return _savefig(fig, base)
+        return savefig(fig, base)
     finally:
         plt.close(fig)
 
@@ -175,7 +175,7 @@ def per_class_heatmap(matrix: dict, class_names: Sequence[str], pdir: Path) -> l
 
 def drift_plot(rows: list[dict], pdir: Path) -> list[Path]:
     """Linear CKA and cosine similarity against dense, over the FLOPs ratio, one line per method."""
-    from .report import MARKERS
+    from .report.render import MARKERS
 
     plt, sns = _plt()
     rows = [r for r in rows if r.get("flops_rel") is not None]

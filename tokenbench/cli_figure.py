@@ -59,10 +59,14 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from . import figures
+        from .figures.plan import FigureOptions, accuracy_status, expand_plan
+        from .figures.recipe import GFLOPS_AGREEMENT, list_recipes
+        from .report.render import num, signed
+        from .figures.run import build_plan, run_figure
+        from .figures.tables import params_text, public_rows
 
         if name is None or name == "list":
-            recipes = figures.list_recipes()
+            recipes = list_recipes()
             if json_:
                 typer.echo(json.dumps({"figures": recipes}))
                 return
@@ -83,7 +87,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--min-run-time must be positive, got {min_run_time}")
         if data_dir is not None and not data_dir.is_dir():
             raise UserError(f"data directory {data_dir} does not exist")
-        opts = figures.FigureOptions(
+        opts = FigureOptions(
             data_dir=str(data_dir) if data_dir else None, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
             pretrained=pretrained, out=str(out) if out else None, embedded=embedded, model=model, img_size=img_size,
             limit=limit, throughput=throughput, accuracy=accuracy, batch_size=batch_size, min_run_time=min_run_time,
@@ -93,11 +97,11 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             from .sweep import CACHE_FILE, FlopsSearch, search_data
 
-            plan = figures.build_plan(name, opts)
-            runs = figures.expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE, data=search_data(plan.sweep)))
+            plan = build_plan(name, opts)
+            runs = expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE, data=search_data(plan.sweep)))
             items = []
             for r in runs:
-                ok, why = figures.accuracy_status(plan, r)
+                ok, why = accuracy_status(plan, r)
                 items.append({"name": r.name, "model": r.model, "method": r.method, "params": r.params,
                               "checkpoint": r.checkpoint, "targets": r.targets,
                               "accuracy": "measured" if ok else why})
@@ -115,12 +119,12 @@ def register(app: typer.Typer) -> None:
             return
 
         if quiet:
-            fig = figures.run_figure(name, opts, plots=plots)
+            fig = run_figure(name, opts, plots=plots)
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             with err.status("expanding the recipe..."):
-                figures.build_plan(name, opts)  # validate before the progress bar
+                build_plan(name, opts)  # validate before the progress bar
             with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                           MofNCompleteColumn(), TimeElapsedColumn(), console=err) as prog:
                 task = prog.add_task(name, total=None)
@@ -129,13 +133,13 @@ def register(app: typer.Typer) -> None:
                     desc = f"{run.name} [{kind}]" if run is not None else "writing the figure"
                     prog.update(task, completed=i, total=total, description=desc[:70])
 
-                fig = figures.run_figure(name, opts, on_step=on_step, plots=plots)
+                fig = run_figure(name, opts, on_step=on_step, plots=plots)
         ag = fig["gflops_agreement"]
         if json_:
             typer.echo(json.dumps({"figure": fig["plan"].name, "out": str(fig["plan"].out),
                                    "files": [str(f) for f in fig["files"]], "gflops_agreement": ag,
                                    "measure_command": fig["measure_command"],
-                                   "rows": figures.public_rows(fig)}, default=str))
+                                   "rows": public_rows(fig)}, default=str))
             return
         _print_summary(fig)
 
@@ -143,7 +147,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from . import figures
+        from .figures.plan import FigureOptions, accuracy_status, expand_plan
+        from .figures.recipe import GFLOPS_AGREEMENT, list_recipes
+        from .report.render import num, signed
+        from .figures.run import build_plan, run_figure
+        from .figures.tables import params_text, public_rows
 
         plan = fig["plan"]
         t = Table(title=f"figure {plan.name}")
@@ -151,17 +159,17 @@ def register(app: typer.Typer) -> None:
         for c in cols:
             t.add_column(c, overflow="fold")
         for r in fig["rows"] + fig["extra"]:
-            t.add_row(r["label"] + ("" if r["in_recipe"] else " (published only)"), figures.params_text(r),
-                      figures._f(r["gflops"], ".3f"), figures._f(r["gflops_published"], ".1f"),
-                      figures._signed(r["gflops_diff"], ".2f"),
-                      figures._f(r["speedup"], ".2f"), figures._f(r["speedup_published"], ".2f"),
-                      figures._f(r["top1"], ".2f", "n/m" if r["in_recipe"] else "–"),
-                      figures._f(r["top1_published"], ".2f"), ", ".join(r["flags"]))
+            t.add_row(r["label"] + ("" if r["in_recipe"] else " (published only)"), params_text(r),
+                      num(r["gflops"], ".3f"), num(r["gflops_published"], ".1f"),
+                      signed(r["gflops_diff"], ".2f"),
+                      num(r["speedup"], ".2f"), num(r["speedup_published"], ".2f"),
+                      num(r["top1"], ".2f", "n/m" if r["in_recipe"] else "–"),
+                      num(r["top1_published"], ".2f"), ", ".join(r["flags"]))
         Console(width=None if sys.stdout.isatty() else 200).print(t)
         ag = fig["gflops_agreement"]
         if ag["compared"]:
             typer.echo(f"GFLOPs: {ag['agree']} of {ag['compared']} published values within "
-                       f"{figures.GFLOPS_AGREEMENT:g} of ours.")
+                       f"{GFLOPS_AGREEMENT:g} of ours.")
         if any(r["top1"] is None for r in fig["rows"]):
             typer.echo(f"top-1 not measured for some rows; to measure it: {fig['measure_command']}")
         typer.echo("wrote " + ", ".join(str(f) for f in fig["files"]))

@@ -232,7 +232,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from . import sweep as sw_mod
-        from .report import ensure_report_writable, summary_table, write_report
+        from .report.write import ensure_report_writable, write_report
+        from .report.tables import summary_table
         from .store import Store
 
         from .launch import job_options
@@ -365,8 +366,8 @@ def register(app: typer.Typer) -> None:
         Reads the records only.  A seeded method (random) gives one comparison per seed.  In a
         directory of dense records only: the paired test on per-image IoU (mean difference, its 95%
         bootstrap interval, Wilcoxon signed-rank p)."""
-        from .report import paired
-        from .report_paired_dense import dense_records, paired_dense
+        from .report.paired import paired
+        from .report.paired_dense import dense_records, paired_dense
         from .store import Store
 
         if dense_records(directory) and not any(r.get("kind") == "accuracy"
@@ -408,7 +409,8 @@ def register(app: typer.Typer) -> None:
         """Redraw the tables (Markdown, CSV, LaTeX) and plots of DIRECTORY from its records; measures nothing."""
         from rich.console import Console
 
-        from .report import summary_table, write_report
+        from .report.tables import summary_table
+        from .report.write import write_report
 
         res = write_report(directory, plots=plots, html=html_)
         if json_:

@@ -5,7 +5,7 @@
   was checked where the class declares them), ``docs/method_provenance.toml`` (the same for the
   built-in methods), ``docs/method_flops.json``
   (its FLOPs at the default setting on DeiT-S, written by ``docs/gen_method_flops.py``) and the
-  DeiT-S figures of ``tokenbench/figures/published.csv``;
+  DeiT-S figures of ``tokenbench/recipes/figures/published.csv``;
 - ``reference/<sweep>.md`` per committed sweep: its ``results.md`` (written by the tool from the
   records) and its plots;
 - the PNG figures under ``results/`` that the pages show, copied into the site.
@@ -74,7 +74,7 @@ def _params_table(params: list[dict], knob) -> list[str]:
 
 
 def _published(name: str) -> list[dict]:
-    with open(ROOT / "tokenbench" / "figures" / "published.csv", newline="") as f:
+    with open(ROOT / "tokenbench" / "recipes" / "figures" / "published.csv", newline="") as f:
         return [r for r in csv.DictReader(f) if r["method"] == name and r["model"].startswith(DEIT_S) and r["gflops"]]
 
 
@@ -131,7 +131,7 @@ def method_page(m: dict, prov: dict, counted: dict) -> str:
         lines.append("Not counted for this code yet (`make docs` counts it).")
     pub = _published(m["name"])
     if pub:
-        lines += ["", "Published DeiT-S figures (`tokenbench/figures/published.csv`; `tokenbench figure` measures "
+        lines += ["", "Published DeiT-S figures (`tokenbench/recipes/figures/published.csv`; `tokenbench figure` measures "
                   "the same settings):", "", "| setting | GFLOPs | top-1 % | source |", "|---|---|---|---|"]
         defaults = {q["name"]: q["default"] for q in m["params"]}
         for r in pub:
@@ -141,7 +141,7 @@ def method_page(m: dict, prov: dict, counted: dict) -> str:
                 setting += " (the default)"
             lines.append(f"| {_cell(setting)} | {r['gflops']} | {r['top1'] or '–'} | {_cell(r['source'])} |")
     elif m["name"] != DENSE:
-        lines += ["", "No published DeiT-S figure is recorded in `tokenbench/figures/published.csv`."]
+        lines += ["", "No published DeiT-S figure is recorded in `tokenbench/recipes/figures/published.csv`."]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from ..errors import UserError
 from .format import DENSE_METHOD, MethodEntry, Sweep
 from .search import FlopsSearch
-from ..render import fmt_value
+from ..report.render import fmt_value
 
 if TYPE_CHECKING:
     from ..registry import Method

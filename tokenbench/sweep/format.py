@@ -73,7 +73,7 @@ from ..errors import UserError, did_you_mean
 if TYPE_CHECKING:
     from ..registry import Method
 
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"  # the packaged sweep files
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "sweeps"  # the packaged sweep files
 DENSE_METHOD = "none"  # the registry's identity method: the baseline every run is compared with
 KINDS = ("flops", "throughput", "accuracy")
 DEFAULT_TOLERANCE = 0.01  # one point of the dense model's FLOPs
@@ -224,7 +224,7 @@ def _display_path(path: Path) -> str:
     """``path`` relative to the working directory (or the package) when under it: records and
     plans then read the same on every checkout."""
     p = Path(path).resolve()
-    for root in (Path.cwd().resolve(), SWEEPS_DIR.parent.parent):
+    for root in (Path.cwd().resolve(), SWEEPS_DIR.parents[2]):
         try:
             return str(p.relative_to(root))
         except ValueError:

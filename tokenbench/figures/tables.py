@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
-from .figure_plan import Plan, measure_command
-from .figure_recipe import GFLOPS_AGREEMENT, Published, arch, matches, weights_same
-from .render import csv_table, fmt_value, interval_text, markdown_table, num, signed, tokens_text
-from .render import params_text as _params_text
-from .rows import DENSE_METHOD, Row, method_family
+from ..errors import UserError
+from .plan import Plan, measure_command
+from .recipe import GFLOPS_AGREEMENT, Published, arch, matches, weights_same
+from ..report.render import csv_table, fmt_value, interval_text, markdown_table, num, signed, tokens_text
+from ..report.render import params_text as _params_text
+from ..report.rows import DENSE_METHOD, Row, method_family
 
 FLAG_HELP = {
     "gflops-differs": f"our GFLOPs differ from the published value by more than {GFLOPS_AGREEMENT}",
@@ -56,8 +56,8 @@ def ours_from_row(r: Row, frec: Optional[dict], why: str = "") -> dict:
 
 def collect_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[bool, str]], searcher=None) -> dict:
     """Figure rows: each of our rows beside every published figure it matches, and the differences."""
-    from .report_collect import collect
-    from .store import Store
+    from ..report.collect import collect
+    from ..store import Store
 
     res = collect(plan.out)
     store = Store(plan.out)
@@ -74,7 +74,7 @@ def collect_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[
         for p in pubs:
             used.add(p.row)
         for p in pubs or [None]:
-            rows.append(_compare_row(ours, p, in_recipe=True))
+            rows.append(compare_row(ours, p, in_recipe=True))
     # published figures of the recipe's models that no run reproduces: our GFLOPs for the same configuration
     extra = []
     if searcher is not None:
@@ -84,7 +84,7 @@ def collect_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[
             model = next((m for m in plan.sweep.models if arch(m) == arch(p.model)), None)
             if model is None:
                 continue
-            from .registry import get_method
+            from ..registry import get_method
 
             try:
                 params = get_method(p.method).validate(dict(p.params))
@@ -98,11 +98,11 @@ def collect_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[
                     "top1": None, "top1_lo": None, "top1_hi": None, "n": None, "weights": None, "checkpoint": None,
                     "learned": None, "accuracy_status": "not in this recipe's runs (GFLOPs only)",
                     "report_flags": [], "warnings": []}
-            extra.append(_compare_row(ours, p, in_recipe=False))
+            extra.append(compare_row(ours, p, in_recipe=False))
     return {"rows": rows, "extra": extra, "res": res, "plan": plan}
 
 
-def _compare_row(ours: dict, p: Optional[Published], in_recipe: bool) -> dict:
+def compare_row(ours: dict, p: Optional[Published], in_recipe: bool) -> dict:
     row = dict(ours)
     row["in_recipe"] = in_recipe
     flags = set(ours["report_flags"])
@@ -149,7 +149,7 @@ def params_text(row: dict) -> str:
     return _params_text(row["params"], len(row["seeds"]) if row.get("seeds") else None)
 
 
-def _cells(row: dict, src: dict[int, int], matched: bool) -> list[str]:
+def row_cells(row: dict, src: dict[int, int], matched: bool) -> list[str]:
     top1 = "not measured"
     if row["top1"] is not None:
         top1 = f"{row['top1']:.2f}" + interval_text(row.get("top1_lo"), row.get("top1_hi"))
@@ -193,7 +193,7 @@ def markdown(fig: dict) -> str:
                                              f" — on the embedded Fashion-MNIST model (`{', '.join(models)}`)."), ""]
     weights = sorted({_weights_text(r["weights"], r["checkpoint"]) for r in rows})
     lines.append(f"Model: {', '.join(models)}; weights: {', '.join(weights)}.")
-    from .report_tables import setting_line
+    from ..report.tables import setting_line
 
     lines += [setting_line(fig["res"]), ""]
 
@@ -201,7 +201,7 @@ def markdown(fig: dict) -> str:
 
     def table(rs):
         return markdown_table((["Model"] if several else []) + cols,
-                              (([r["model"]] if several else []) + _cells(r, src, matched) for r in rs))
+                              (([r["model"]] if several else []) + row_cells(r, src, matched) for r in rs))
 
     lines += table(rows) + [""]
     if extra:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from .render import (NONE, csv_table, fmt_value, interval_text, markdown_table, num, p_value_text, sig, speedup_text,
                      tex_escape)
-from .report_stats import UNPAIRED_TOLERANCE, params_text
+from .stats import UNPAIRED_TOLERANCE, params_text
 from .rows import Row, as_row, method_declaration
-from .sweep import DEFAULT_TOLERANCE
+from ..sweep import DEFAULT_TOLERANCE
 
 FLAG_HELP = {
     "flops-miss": "FLOPs land more than the tolerance (1 point of the dense model's FLOPs by default) from the target",

@@ -1,7 +1,7 @@
 """``report.html``: the report as one self-contained page to explore, offline.
 
-Built from the same typed rows as the tables and plots (:func:`tokenbench.report_collect.collect`,
-the layers of :func:`tokenbench.report_plot.plot_layers`):
+Built from the same typed rows as the tables and plots (:func:`tokenbench.report.collect.collect`,
+the layers of :func:`tokenbench.report.plot.plot_layers`):
 
 - per model, accuracy against GFLOPs and against the paired speedup (Plotly, its JavaScript
   inlined): hovering a point shows the method, its setting, FLOPs, the speedup with its
@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 from .render import NONE, interval_text, num, p_value_text, sig, speedup_text
-from .report_plot import ERRORBAR_NOTE, plot_layers
-from .report_stats import params_text
-from .report_tables import FLAG_HELP, display_rows, flops_cell, models_of, setting_line, top1_text
+from .plot import ERRORBAR_NOTE, plot_layers
+from .stats import params_text
+from .tables import FLAG_HELP, display_rows, flops_cell, models_of, setting_line, top1_text
 
 HTML_FILE = "report.html"
 _IDS: dict[int, int] = {}  # a row's index in the page's points while one page is built
@@ -178,7 +178,7 @@ def plotly_available() -> bool:
 
 
 def html_page(res: dict) -> str:
-    """The page's text from a collected report (:func:`tokenbench.report_collect.collect`)."""
+    """The page's text from a collected report (:func:`tokenbench.report.collect.collect`)."""
     try:
         from plotly.offline import get_plotlyjs
     except ImportError:
@@ -236,7 +236,7 @@ quartiles. Top-1: with its 95% Wilson interval. McNemar p: exact test against th
 
 def write_html(res: dict) -> Path:
     """Write ``<out>/report.html`` from a collected report; returns its path."""
-    from .store import atomic_write_text
+    from ..store import atomic_write_text
 
     p = Path(res["out"]) / HTML_FILE
     try:

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .figure_plan import Plan
-from .render import PLOT_RC, method_styles, savefig
-from .rows import DENSE_METHOD
+from .plan import Plan
+from ..report.render import PLOT_RC, method_styles, savefig
+from ..report.rows import DENSE_METHOD
 
 
 def _xval(row: dict, x: str) -> Optional[float]:

@@ -5,29 +5,29 @@ from __future__ import annotations
 
 import os
 
-from .errors import UserError
+from ..errors import UserError
 
 KIND = "segmentation"
 
 
 def dense_records(out: str | os.PathLike) -> list[dict]:
     """The dense (segmentation) records of a results directory."""
-    from .store import Store
+    from ..store import Store
 
     return Store(out, read_only=True).records(KIND)
 
 
 def _matches(rec: dict, method: str, params: dict) -> bool:
-    from .report_stats import params_match
+    from .stats import params_match
 
     kf = rec["key_fields"]
     return kf["method"] == method and params_match(kf["params"], params)
 
 
 def _select(recs: list[dict], text: str) -> dict:
-    from .report_stats import _parse_selector
+    from .stats import parse_selector
 
-    method, params = _parse_selector(text)
+    method, params = parse_selector(text)
     got = [r for r in recs if _matches(r, method, params)]
     if len(got) != 1:
         what = "no dense record" if not got else f"{len(got)} dense records (name more parameters)"
@@ -38,7 +38,7 @@ def _select(recs: list[dict], text: str) -> dict:
 
 def paired_dense(out: str | os.PathLike, a: str, b: str) -> dict:
     """mIoU of settings ``a`` and ``b`` and the paired test on their per-image IoU."""
-    from .measure_dense import paired_iou_test
+    from ..measure_dense import paired_iou_test
 
     recs = dense_records(out)
     ra, rb = _select(recs, a), _select(recs, b)

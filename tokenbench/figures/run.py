@@ -1,62 +1,5 @@
-"""Paper figures: recipes that regenerate the papers' tables and plots, ours beside theirs.
-
-A figure recipe (``tokenbench/figures/<name>.toml``) is a sweep (the ``[sweep]`` table,
-in the format of :mod:`tokenbench.sweep`: models, methods, parameter grids or FLOPs
-targets, throughput settings) plus what the figure needs beyond it (the ``[figure]``
-table)::
-
-    [figure]
-    description = "one line"          # `tokenbench figure list`
-    papers = ["DynamicViT"]           # which papers' rows of published.csv to compare with
-    x = "keep_rate"                   # first panel's x axis: a method parameter, or "target"
-    data = "imagenet"                 # the dataset accuracy is measured on (with --data-dir)
-    split = "val"
-
-    [figure.checkpoints.<label>]      # checkpoint files a method entry uses, in --checkpoint-dir
-    file = "dynamicvit-deit-s-{value}.pth"   # {value}: the entry's searched parameter (keep_rate, r)
-    help = "where the files come from"       # printed when accuracy cannot be measured without them
-    required = false                  # true: drop the entry when its file is missing
-
-    [figure.embedded]                 # the same recipe on the embedded Fashion-MNIST model
-    model = "default"                 # which one (`default-convnext` for a ConvNeXt recipe)
-    drop = ["label"]                  # entries that make no sense there
-    limit = 1000                      # accuracy on a seeded stratified subset of the test split
-    [figure.embedded.methods.tome]    # parameter grids replaced for the embedded model
-    r = [1, 2, 3, 4]
-    [figure.embedded.checkpoints.dynamicvit]
-    file = "dynamicvit-{value}/model.pt"     # relative to --checkpoint-dir (default `results`)
-
-    [sweep]                           # a sweep file's content (name and out are set here)
-    models = ["deit_small_patch16_224.fb_in1k"]   # timm names with the weight tag the paper used
-    [sweep.methods.none]
-    [sweep.methods.dynamicvit]
-    keep_rate = [0.5, 0.6, 0.7, 0.8, 0.9]
-
-:func:`run_figure` builds the sweep (the recipe's, with the command line's data,
-weights, checkpoints and throughput settings), runs it with :mod:`tokenbench.sweep` and
-:mod:`tokenbench.runner` into ``runs/figures/<name>/`` (records are reused, as in
-any sweep, and copied from the committed ``results/figures/<name>/``; only ``--out`` writes there), reads the rows with :func:`tokenbench.report.collect`, matches each row with
-the published figures (``figures/published.csv``: same architecture, method and
-parameters, from one of the recipe's papers) and writes ``<name>.md`` and ``<name>.csv``
-(ours, published and the difference: GFLOPs, speedup over dense, top-1) and
-``<name>.png`` / ``<name>.pdf`` (the published points overlaid).
-
-Without data or real weights everything that needs neither is still produced: GFLOPs and
-tokens per block for every row (random weights do not change them), throughput on the
-device at hand (``throughput=False`` skips it), and top-1 marked "not measured" with the
-command that would measure it.  Accuracy is measured only for runs whose weights are
-real (timm's pretrained tag, a checkpoint, the embedded model); a learned method
-(DynamicViT) needs its checkpoint.
-
-Published throughput is never set beside ours: each paper's speedup is its own method
-over its own dense model on its own hardware, and ours is ours over our dense model on
-ours.
-
-The work is split by job: :mod:`tokenbench.figure_recipe` (the recipe and published.csv),
-:mod:`tokenbench.figure_plan` (options, checkpoints, the sweep to run), :mod:`tokenbench.figure_tables`
-(our rows beside the published ones, NAME.md / NAME.csv), :mod:`tokenbench.figure_plot` (the
-panels); this module plans (:func:`build_plan`), runs and writes a figure.  The names other
-modules import from here stay importable.
+"""A paper figure from its recipe: the plan (:func:`build_plan`), the sweep run, and the
+figure written (:func:`run_figure`, :func:`write_figure`).
 """
 
 from __future__ import annotations
@@ -67,16 +10,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import UserError
-from .figure_plan import (FigureOptions, Plan, accuracy_status, default_out, expand_plan,  # noqa: F401
-                          find_checkpoints, measure_command, model_specs)
-from .figure_plot import plot_figure
-from .figure_recipe import (REFERENCE_OUT, CKPT_KEYS, DEFAULT_OUT, EMBEDDED_CKPT_DIR, EMBEDDED_KEYS, EMBEDDED_LIMIT,  # noqa: F401
-                            EMBEDDED_SUFFIXES, FIGURE_KEYS, FIGURES_DIR, GFLOPS_AGREEMENT, PUBLISHED_COLUMNS,
-                            PUBLISHED_FILE, CheckpointSpec, Published, Recipe, arch, list_recipes, load_published,
-                            load_recipe, matches, recipe_names, split_name, weights_same)
-from .figure_tables import (CSV_COLUMNS, FLAG_HELP, _compare_row, _f, _signed, collect_figure,  # noqa: F401
-                            csv_text, gflops_agreement, markdown, params_text, public_rows, tokens_text)
+from ..errors import UserError
+from .plan import (FigureOptions, Plan, accuracy_status, default_out, find_checkpoints, measure_command,
+                          model_specs)
+from .plot import plot_figure
+from .recipe import (REFERENCE_OUT, EMBEDDED_CKPT_DIR, EMBEDDED_LIMIT, PUBLISHED_FILE, arch, load_published,
+                            load_recipe, split_name)
+from .tables import collect_figure, csv_text, gflops_agreement, markdown
 
 
 # --------------------------------------------------------------------------- planning
@@ -86,8 +26,8 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
 
     The recipe and the published figures are read through this module's ``load_recipe`` and
     ``PUBLISHED_FILE``."""
-    from .registry import get_method
-    from .sweep import parse_sweep
+    from ..registry import get_method
+    from ..sweep import parse_sweep
 
     opts = copy.copy(opts or FigureOptions())
     base, emb_suffix = split_name(name)
@@ -112,7 +52,7 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
         methods[label] = dict(methods[label] or {})
     dropped: list[str] = []
     if embedded:
-        from .models import EMBEDDED_NAME
+        from ..models import EMBEDDED_NAME
 
         raw.pop("model", None)
         raw["models"] = [recipe.embedded.get("model", EMBEDDED_NAME)]
@@ -203,8 +143,8 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
 def run_figure(name: str, opts: Optional[FigureOptions] = None,
                on_step: Optional[Callable[[int, int, Any, str], None]] = None, plots: bool = True) -> dict:
     """Measure what the figure needs (reusing records), then write its table and plot."""
-    from . import sweep as sw_mod
-    from .store import Store
+    from .. import sweep as sw_mod
+    from ..store import Store
 
     plan = build_plan(name, opts)
     sw = plan.sweep
@@ -238,7 +178,7 @@ def run_figure(name: str, opts: Optional[FigureOptions] = None,
 
 def write_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[bool, str]], searcher=None,
                  plots: bool = True) -> dict:
-    from .store import atomic_write_text
+    from ..store import atomic_write_text
 
     fig = collect_figure(plan, runs, keys, status, searcher)
     base = plan.out / plan.recipe.name

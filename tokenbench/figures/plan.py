@@ -1,7 +1,7 @@
 """A figure's plan and options: what it holds, the checkpoints it finds, which runs get top-1,
 and the command that measures it.
 
-:func:`tokenbench.figures.build_plan` makes one from a recipe and the command line's options.
+:func:`tokenbench.figures.run.build_plan` makes one from a recipe and the command line's options.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError
-from .figure_recipe import DEFAULT_OUT, CheckpointSpec, Published, Recipe
-from .render import fmt_value
+from ..errors import UserError
+from .recipe import DEFAULT_OUT, CheckpointSpec, Published, Recipe
+from ..report.render import fmt_value
 
 # --------------------------------------------------------------------------- options and the sweep
 
@@ -65,7 +65,7 @@ def model_specs(specs: dict[str, CheckpointSpec], models: list[str], searched: b
     The sweep keys a method entry's checkpoints by the searched value alone, so a pattern that
     names the model applies to one model at a time: with several, it is filled in only when no
     checkpoint directory is ``searched`` (nothing is looked up), else refused."""
-    from .figure_recipe import arch
+    from .recipe import arch
 
     named = [label for label, sp in specs.items() if "{model}" in sp.file]
     if not named:
@@ -118,15 +118,15 @@ def default_out(name: str, opts: FigureOptions) -> Path:
 
 def expand_plan(plan: Plan, searcher=None) -> list:
     """The runs of the plan's sweep (matched-FLOPs values found by ``searcher``)."""
-    from .sweep import expand
+    from ..sweep import expand
 
     return expand(plan.sweep, searcher)
 
 
 def accuracy_status(plan: Plan, run) -> tuple[bool, str]:
     """(measure accuracy?, why not) for one run."""
-    from .models import is_embedded
-    from .registry import get_method
+    from ..models import is_embedded
+    from ..registry import get_method
 
     if "accuracy" not in plan.sweep.measure:
         if not plan.options.accuracy:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from .render import FIG_SIZE, PLOT_RC, family_handles, method_styles, savefig
-from .report_tables import models_of, paper_setting, timing_flagged
+from .tables import models_of, paper_setting, timing_flagged
 from .rows import Row, as_row
 
 

@@ -9,15 +9,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
-from .identity import stale_reasons
-from .report_stats import aggregate_seeds, closing_notes, compare_with_dense, timing_notes
+from ..errors import UserError
+from ..identity import stale_reasons
+from .stats import aggregate_seeds, closing_notes, compare_with_dense, timing_notes
 from .rows import DENSE_METHOD, acc_setting, method_info, row_from_records, tp_setting
-from .sweep import DEFAULT_TOLERANCE, read_plan
+from ..sweep import DEFAULT_TOLERANCE, read_plan
 
 
 def _identity(spec: dict) -> str:
-    from .store import canonical
+    from ..store import canonical
 
     return canonical({k: spec.get(k) for k in ("model", "method", "params", "pretrained", "checkpoint",
                                                "img_size")})
@@ -74,7 +74,7 @@ def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
 
 def collect(out: str | os.PathLike) -> dict:
     """Rows (all, for the CSV) and display rows (seeds aggregated) from the records in ``out``."""
-    from .store import Store
+    from ..store import Store
 
     out = Path(out)
     notes: list[str] = []

@@ -6,7 +6,7 @@ import json
 import math
 import statistics
 
-from .errors import UserError
+from ..errors import UserError
 from .render import params_text as _params_text
 from .rows import Row, setting_key
 
@@ -22,7 +22,7 @@ def _misses_target(r: Row) -> bool:
 
 def compare_with_dense(rows: list[Row]) -> None:
     """FLOPs relative to dense, speedup, McNemar against dense, the FLOPs-miss flag (in place)."""
-    from .measure import mcnemar
+    from ..measure import mcnemar
 
     dense_rows = [r for r in rows if r.is_dense and not r.line_of]
     for r in rows:
@@ -148,9 +148,9 @@ def timing_notes(rows: list[Row]) -> list[str]:
 
 # --------------------------------------------------------------------------- paired comparisons
 
-def _parse_selector(text: str) -> tuple[str, dict]:
+def parse_selector(text: str) -> tuple[str, dict]:
     """``METHOD`` or ``METHOD:KEY=VALUE,KEY=VALUE`` (values read as in ``--set``)."""
-    from .registry import parse_set
+    from ..registry import parse_set
 
     method, _, rest = text.partition(":")
     method = method.strip()
@@ -188,9 +188,9 @@ def _matches(row: Row, method: str, params: dict, by_label: bool = False) -> boo
     return params_match(row["_params"], params)
 
 
-def _select(rows: list[Row], text: str) -> list[Row]:
+def select_rows(rows: list[Row], text: str) -> list[Row]:
     """The rows ``text`` picks: one setting (its seeds, if the method is seeded)."""
-    method, params = _parse_selector(text)
+    method, params = parse_selector(text)
     # a sweep entry's label (e.g. [methods.topk-finetuned]) names it; otherwise the method does
     by_label = any(r.get("label") == method and r["method"] != method for r in rows)
     got = [r for r in rows if _matches(r, method, params, by_label)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from .report_collect import collect
-from .errors import UserError
-from .report_stats import _select, params_text
+from .collect import collect
+from ..errors import UserError
+from .stats import select_rows, params_text
 from .rows import Row
 
 
@@ -17,11 +17,11 @@ def paired(out: str | os.PathLike, a: str, b: str) -> dict:
     gives one comparison per seed.  Returns both sides' accuracy and, per pair, the images
     only one side gets right and the exact two-sided p-value.
     """
-    from .measure import mcnemar
+    from ..measure import mcnemar
 
     res = collect(out)
     rows = [r for r in res["rows"] if r.correct]
-    ra, rb = _select(rows, a), _select(rows, b)
+    ra, rb = select_rows(rows, a), select_rows(rows, b)
 
     def side(r: Row) -> dict:
         return {"method": r.method, "params": r.params, "top1": r.top1, "top1_ci95": [r.top1_lo, r.top1_hi],

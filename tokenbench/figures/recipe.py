@@ -1,7 +1,7 @@
 """Figure recipes and the published figures they compare with: the files, read and validated.
 
-A recipe is ``tokenbench/figures/<name>.toml`` (its format: :mod:`tokenbench.figures`);
-the published figures are ``tokenbench/figures/published.csv``.
+A recipe is ``tokenbench/recipes/figures/<name>.toml`` (its format: :mod:`tokenbench.figures`);
+the published figures are ``tokenbench/recipes/figures/published.csv``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean
 
-FIGURES_DIR = Path(__file__).resolve().parent / "figures"
+FIGURES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "figures"  # the packaged figure recipes
 PUBLISHED_FILE = FIGURES_DIR / "published.csv"
 DEFAULT_OUT = Path("runs") / "figures"          # git-ignored: a figure of one's own
 REFERENCE_OUT = Path("results") / "figures"     # the committed figures (only an explicit --out rewrites them)
@@ -104,7 +104,7 @@ def load_recipe(name: str | os.PathLike) -> Recipe:
     """A recipe by packaged name (``dynamicvit-deit-s``) or path, validated (its sweep too)."""
     import tomllib
 
-    from .sweep import parse_sweep
+    from ..sweep import parse_sweep
 
     p = Path(name)
     if not p.is_file():
@@ -133,7 +133,7 @@ def load_recipe(name: str | os.PathLike) -> Recipe:
         if k not in EMBEDDED_KEYS:
             raise UserError(f"{source}: unknown key {k!r} in [figure.embedded]{did_you_mean(k, EMBEDDED_KEYS)}")
     emb["checkpoints"] = _ckpt_specs(emb.get("checkpoints"), "[figure.embedded.checkpoints]", source)
-    from .models import EMBEDDED_MODELS
+    from ..models import EMBEDDED_MODELS
 
     if emb.get("model", EMBEDDED_MODELS[0]) not in EMBEDDED_MODELS:  # the embedded model of the recipe's family
         raise UserError(f"{source}: [figure.embedded] model must be one of {', '.join(EMBEDDED_MODELS)}, "

@@ -2,8 +2,8 @@
 
 :func:`row_from_records` builds a :class:`Row` from one run's records (FLOPs, throughput,
 paired speedup, accuracy) in one place.  The comparisons against the dense model and the
-seed averages are filled in by :mod:`tokenbench.report_stats`; cells are written by
-:mod:`tokenbench.render`.
+seed averages are filled in by :mod:`tokenbench.report.stats`; cells are written by
+:mod:`tokenbench.report.render`.
 
 A row also reads like the dict it replaces (``row["top1"]``, ``row.get("gflops")``): the
 CSV's columns by name, ``row["params"]`` the parameters as JSON, and the older private
@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import UserError
-from .identity import stale_reasons
+from ..errors import UserError
+from ..identity import stale_reasons
 from .render import params_json
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def learned_status(spec: dict) -> str:
 def method_declaration(name: str) -> Optional[type[Method]]:
     """The method's class from the registry, or None for a method not installed here."""
     try:
-        from .registry import get_method
+        from ..registry import get_method
 
         return get_method(name)
     except UserError:
