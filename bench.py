@@ -526,7 +526,7 @@ def _fmt_row(r: dict) -> str:
 
 def cli(argv=None) -> int:
     """:func:`main`, with bad input as one line and exit status 2 (``--debug``: the traceback)."""
-    from tokenbench.cli import script_main
+    from tokenbench.cli.main import script_main
 
     return script_main(main, argv)
 

@@ -41,7 +41,7 @@ def cli():
     import sys
     from io import StringIO
 
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
 
     def run(*args):
         out, err = StringIO(), StringIO()

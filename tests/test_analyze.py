@@ -240,7 +240,7 @@ def swept(tmp_path_factory):
     import io
     import sys
 
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
 
     tmp = tmp_path_factory.mktemp("analyze")
     old = sys.stdout

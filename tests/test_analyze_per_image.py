@@ -47,7 +47,7 @@ def analysed(tmp_path_factory):
     import io
     import sys
 
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
 
     tmp = tmp_path_factory.mktemp("analyze_per_image")
     sweep = tmp / "s.toml"

@@ -43,7 +43,7 @@ def test_printed_values_read_back(value):
 def test_debug_works_where_a_user_appends_it(where):
     import traceback
 
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
     from tokenbench.errors import UserError
 
     args = ["flops", "default", "-m", "tome", "-s", "r=-1"]

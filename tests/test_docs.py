@@ -54,7 +54,7 @@ def test_the_tutorial_runs_as_written(tmp_path):
     text = (ROOT / "docs" / "adding-a-method.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     (tmp_path / "halve.py").write_text(code)
-    script = ("import halve\nfrom tokenbench.cli import main\n"
+    script = ("import halve\nfrom tokenbench.cli.main import main\n"
               "main(['flops', 'default', '--method', 'halve', '--set', 'keep_every=3', '--json'])\n")
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", TOKENBENCH_QUIET="1")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,

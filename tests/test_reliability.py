@@ -582,7 +582,7 @@ def test_usage_errors_are_exit_2_one_line(cli, results, args, match):
 def test_debug_shows_the_traceback():
     import traceback
 
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
 
     with pytest.raises(UserError) as exc:
         main(["--debug", "flops", TINY, "-m", "tome", "-s", "r=-1"])
@@ -714,7 +714,7 @@ SUB_RECORDS = 16  # 8 runs (dense, 3 tome, 2 topk, 2 evit) x 2 kinds
 
 def _tokenbench_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("tokenbench")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from tokenbench.cli import main; main()"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from tokenbench.cli.main import main; main()"]
 
 
 def _env():

@@ -64,7 +64,7 @@ def _scripts(page: str, attr: str) -> list:
 
 @pytest.fixture(scope="module")
 def page(swept):
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
 
     try:
         main(["report", str(swept), "--html", "--no-plots"])

@@ -134,7 +134,7 @@ def flops_out(tmp_path_factory):
     """A finished FLOPs-only tiny sweep."""
     from typer.testing import CliRunner
 
-    from tokenbench.cli import app
+    from tokenbench.cli.app import app
 
     out = tmp_path_factory.mktemp("flops") / "out"
     r = CliRunner().invoke(app, ["run", "--model", TINY, "-m", "topk", "--set", "keep_rate=0.5", "--measure",
@@ -194,7 +194,7 @@ class _Tty(StringIO):
 
 def _run_on_a_terminal(*args) -> tuple[int, str, str]:
     """The CLI in-process with stderr a terminal (so progress bars are drawn), 80 columns."""
-    from tokenbench.cli import main
+    from tokenbench.cli.main import main
 
     out, err = StringIO(), _Tty()
     old = sys.stdout, sys.stderr, os.environ.get("COLUMNS")

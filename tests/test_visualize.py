@@ -377,7 +377,7 @@ def test_visualize_errors(cli, stand_in, tmp_path):
 
 # --------------------------------------------------------------------------- what the modules may know
 
-VISUAL_MODULES = ["visual.sheets", "visual.trace", "visual.inputs", "visual.draw", "visual.budget", "cli_visualize",
+VISUAL_MODULES = ["visual.sheets", "visual.trace", "visual.inputs", "visual.draw", "visual.budget", "cli.visualize",
                   "analysis_trace", "analysis_report"]
 # (analysis_report's tables write LaTeX column specs such as "r": only its attribute reads are checked)
 NAME_CHECKED = set(VISUAL_MODULES) - {"analysis_report"}

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def register(app: typer.Typer) -> None:
@@ -59,11 +59,11 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from .figures.plan import FigureOptions, accuracy_status, expand_plan
-        from .figures.recipe import GFLOPS_AGREEMENT, list_recipes
-        from .report.render import num, signed
-        from .figures.run import build_plan, run_figure
-        from .figures.tables import params_text, public_rows
+        from ..figures.plan import FigureOptions, accuracy_status, expand_plan
+        from ..figures.recipe import GFLOPS_AGREEMENT, list_recipes
+        from ..report.render import num, signed
+        from ..figures.run import build_plan, run_figure
+        from ..figures.tables import params_text, public_rows
 
         if name is None or name == "list":
             recipes = list_recipes()
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         quiet = json_ or not sys.stderr.isatty()
         if dry_run:
-            from .sweep import CACHE_FILE, FlopsSearch, search_data
+            from ..sweep import CACHE_FILE, FlopsSearch, search_data
 
             plan = build_plan(name, opts)
             runs = expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE, data=search_data(plan.sweep)))
@@ -147,11 +147,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from .figures.plan import FigureOptions, accuracy_status, expand_plan
-        from .figures.recipe import GFLOPS_AGREEMENT, list_recipes
-        from .report.render import num, signed
-        from .figures.run import build_plan, run_figure
-        from .figures.tables import params_text, public_rows
+        from ..figures.plan import FigureOptions, accuracy_status, expand_plan
+        from ..figures.recipe import GFLOPS_AGREEMENT, list_recipes
+        from ..report.render import num, signed
+        from ..figures.run import build_plan, run_figure
+        from ..figures.tables import params_text, public_rows
 
         plan = fig["plan"]
         t = Table(title=f"figure {plan.name}")

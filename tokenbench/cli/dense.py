@@ -6,15 +6,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def wants_dense(model: str, data: Optional[str], task: Optional[str] = None, checkpoint=None) -> bool:
     """Whether a command names a dense model, a dense dataset, the segmentation task, or a
     checkpoint holding a dense model."""
-    from .data_scenes import is_dense_data
-    from .models_seg import is_dense_model
-    from .models_seg_timm import checkpoint_arch
+    from ..data_scenes import is_dense_data
+    from ..models_seg import is_dense_model
+    from ..models_seg_timm import checkpoint_arch
 
     return (task == "segmentation" or is_dense_model(model) or is_dense_data(data)
             or (checkpoint is not None and checkpoint_arch(checkpoint) is not None))
@@ -26,16 +26,16 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
                pretrained: bool = False) -> tuple[dict, str]:
     """(the printed record, its one-line summary) of mIoU (95% bootstrap interval), pixel accuracy,
     per-class IoU and GFLOPs of a dense model."""
-    from .checks import eval_options, unique_set_keys
-    from .measure import resolve_device
-    from .registry import get_method, parse_set
-    from .runner import Settings, spec_dict
-    from .runner_dense import check_restores_grid, measure_dense_run, task_of
-    from .store import Store
+    from ..checks import eval_options, unique_set_keys
+    from ..measure import resolve_device
+    from ..registry import get_method, parse_set
+    from ..runner import Settings, spec_dict
+    from ..runner_dense import check_restores_grid, measure_dense_run, task_of
+    from ..store import Store
 
     task_of(model, data, checkpoint=checkpoint)  # a model and a dataset of different tasks: refused before anything is built
     resolve_device(device)
-    from .data_scenes import SCENES
+    from ..data_scenes import SCENES
 
     split = split or ("test" if data == SCENES else "val")  # the folders' scored split is val
     eval_options(split, precision, limit, batch_size)

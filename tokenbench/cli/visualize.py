@@ -10,12 +10,12 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _split_sets(sets: Optional[List[str]], methods: list[str]) -> dict[str, dict]:
     """``KEY=VALUE`` for every compared method declaring KEY; ``METHOD.KEY=VALUE`` for one."""
-    from .registry import get_method, parse_set
+    from ..registry import get_method, parse_set
 
     out: dict[str, dict] = {m: {} for m in methods}
     for k, v in parse_set(sets or []).items():
@@ -64,7 +64,7 @@ VISUALS = Path("runs") / "visuals"  # git-ignored; `make visuals` passes --out r
 
 def _warn_untrained(method: str, checkpoint) -> None:
     """A learned method drawn without a checkpoint shows its untrained (random) predictors: say so."""
-    from .registry import get_method
+    from ..registry import get_method
 
     if get_method(method).learned and not checkpoint:
         typer.echo(f"warning: {method} is learned and no --checkpoint was given: its predictors are untrained, "
@@ -73,7 +73,7 @@ def _warn_untrained(method: str, checkpoint) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from .visual import budget as vb
+    from ..visual import budget as vb
 
     @app.command("visualize")
     def visualize_cmd(
@@ -119,11 +119,11 @@ def register(app: typer.Typer) -> None:
 
         With --compare: one sheet, the same images across several methods (their final stage), at matched FLOPs with --flops.
         """
-        from .visual import sheets
-        from .visual.draw import check_out
-        from .visual.inputs import expand_image_paths
-        from .checks import unique_set_keys
-        from .registry import get_method, list_methods, parse_set
+        from ..visual import sheets
+        from ..visual.draw import check_out
+        from ..visual.inputs import expand_image_paths
+        from ..checks import unique_set_keys
+        from ..registry import get_method, list_methods, parse_set
 
         if compare is None and method is None:
             raise UserError("give --method NAME (one method, every stage) or --compare M1,M2,... (a sheet)")

@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                                                          "(the README's).")):
         """The registered methods, one line each (family, training-free or learned, budget knob,
         summary); with METHOD, that method in full (its parameters: type, default, range, help)."""
-        from .registry import get_method, list_methods
+        from ..registry import get_method, list_methods
 
         methods = list_methods()
         if method is not None:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def register(app: typer.Typer) -> None:
@@ -60,9 +60,9 @@ def register(app: typer.Typer) -> None:
         the result anywhere with --checkpoint RUN/model.pt.  A finished run is never overwritten
         without --force.  A method may bring its own defaults for a model (it says so).
         """
-        from .cli_dense import wants_dense
-        from .measure import resolve_device
-        from .checks import unique_set_keys
+        from .dense import wants_dense
+        from ..measure import resolve_device
+        from ..checks import unique_set_keys
 
         if wants_dense(model, data, task):
             return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
@@ -72,8 +72,8 @@ def register(app: typer.Typer) -> None:
                             "--data")
         if method is None:
             raise UserError("--method is required to train a classification model (e.g. --method dynamicvit)")
-        from .registry import get_method, parse_set
-        from .train import FINETUNE_RECIPE, check_run_dir, finetune
+        from ..registry import get_method, parse_set
+        from ..train import FINETUNE_RECIPE, check_run_dir, finetune
 
         cls = get_method(method)
         unique_set_keys(set_)
@@ -131,11 +131,11 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
                 pretrained: bool = False, num_workers: Optional[int] = None) -> None:
     """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably: an
     embedded dense model, or a timm backbone with a linear head (frozen unless ``finetune``)."""
-    from .measure import resolve_device
-    from .models_seg import is_dense_model
-    from .models_seg_timm import HEADS
-    from .runner_dense import task_of
-    from .train_seg import SEG_RECIPE, train_seg
+    from ..measure import resolve_device
+    from ..models_seg import is_dense_model
+    from ..models_seg_timm import HEADS
+    from ..runner_dense import task_of
+    from ..train_seg import SEG_RECIPE, train_seg
 
     task_of(model, data, task, new_decoder=task == "segmentation" and not is_dense_model(model))
     if method not in (None, "none"):
@@ -183,7 +183,7 @@ def default_run_name(cls, model: str, params: dict, train_params: dict, per_mode
 
 def per_model_note(cls, model: str, per_model: dict) -> str:
     """One line: which of the method's training defaults for ``model`` apply, as the flags that set them."""
-    from .sweep import fmt_value
+    from ..sweep import fmt_value
 
     flags = [f"--set {k}={json.dumps(v)}" for k, v in per_model.get("set", {}).items()]
     flags += [f"--loss-weight {k}={v:g}" for k, v in per_model.get("loss_weights", {}).items()]

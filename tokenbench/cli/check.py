@@ -16,8 +16,8 @@ def register(app: typer.Typer) -> None:
         declaration, shapes, declared token schedule against the forward, batch independence,
         determinism and seeds, refused bad parameters, restore, fewer FLOPs where it reduces, and a
         training step for learned methods.  Exit status 1 when a check fails."""
-        from .adapter_checks import run_checks
-        from .registry import get_method
+        from ..adapter_checks import run_checks
+        from ..registry import get_method
 
         name = get_method(method).name
         results = run_checks(name)

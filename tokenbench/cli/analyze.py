@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _floats(text: Optional[str]) -> Optional[list[float]]:
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from .analysis_report import analyze
+        from ..analysis_report import analyze
 
         if not directory.is_dir():
             raise UserError(f"results directory {directory} does not exist")

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
@@ -64,7 +64,7 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
     are not counted, so the time left is that of the measuring), with the run being measured;
     ``lines``: one line on stdout per measurement made (for a log).  The time left is estimated
     from the measured durations of each kind alone (:class:`tokenbench.sweep.progress.StepTimer`)."""
-    from .sweep.progress import StepTimer, duration_text, step_line
+    from ..sweep.progress import StepTimer, duration_text, step_line
 
     todo_keys = {k for kk in keys for k in kk.values() if force or k in (retime or ()) or not store.has(k)}
     left: dict[str, int] = {}
@@ -114,7 +114,7 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
 
 def _note_tie_seeds(runs) -> None:
     """Say which entries are measured at one seed because their seed only breaks ties."""
-    from .registry import get_method
+    from ..registry import get_method
 
     seeds: dict[str, set] = {}
     for r in runs:
@@ -130,7 +130,7 @@ def _exit_if_jobs_failed(outcome) -> None:
     """Name each failed job and its log on stderr, and exit 1 (rerunning re-submits what is missing)."""
     if outcome is None or not outcome.failures:
         return
-    from .launch import failure_lines
+    from ..launch import failure_lines
 
     for line in failure_lines(outcome):
         typer.echo(line, err=True)
@@ -142,7 +142,7 @@ class _PlanUndo:
     a new output directory goes, an existing one gets its previous plan back."""
 
     def __init__(self, out_dir: Path):
-        from .sweep.plan import PLAN_FILE
+        from ..sweep.plan import PLAN_FILE
 
         self.out_dir = Path(out_dir)
         self.existed = self.out_dir.exists()
@@ -231,12 +231,12 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from . import sweep as sw_mod
-        from .report.write import ensure_report_writable, write_report
-        from .report.tables import summary_table
-        from .store import Store
+        from .. import sweep as sw_mod
+        from ..report.write import ensure_report_writable, write_report
+        from ..report.tables import summary_table
+        from ..store import Store
 
-        from .launch import job_options
+        from ..launch import job_options
 
         job_opts = job_options(launcher, cluster, partition, gpus_per_job, timeout, runs_per_job, account=account,
                                qos=qos, mem=mem, cpus_per_task=cpus_per_task, constraint=constraint)
@@ -310,9 +310,9 @@ def register(app: typer.Typer) -> None:
         retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
         outcome = None
         if job_opts is not None:
-            from .launch import submit_sweep
+            from ..launch import submit_sweep
 
-            from .launch import SubmissionRefused
+            from ..launch import SubmissionRefused
 
             try:
                 outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force,
@@ -328,7 +328,7 @@ def register(app: typer.Typer) -> None:
             else:
                 steps = _execute_with_progress(sw_mod, spec, runs, keys, store, force, None if quiet else err,
                                                retime, lines=lines)
-        from .distributed import is_main
+        from ..distributed import is_main
 
         if not is_main():  # under torchrun, rank 0 writes the tables
             return
@@ -366,9 +366,9 @@ def register(app: typer.Typer) -> None:
         Reads the records only.  A seeded method (random) gives one comparison per seed.  In a
         directory of dense records only: the paired test on per-image IoU (mean difference, its 95%
         bootstrap interval, Wilcoxon signed-rank p)."""
-        from .report.paired import paired
-        from .report.paired_dense import dense_records, paired_dense
-        from .store import Store
+        from ..report.paired import paired
+        from ..report.paired_dense import dense_records, paired_dense
+        from ..store import Store
 
         if dense_records(directory) and not any(r.get("kind") == "accuracy"
                                                 for r in Store(directory, read_only=True).records()):
@@ -409,8 +409,8 @@ def register(app: typer.Typer) -> None:
         """Redraw the tables (Markdown, CSV, LaTeX) and plots of DIRECTORY from its records; measures nothing."""
         from rich.console import Console
 
-        from .report.tables import summary_table
-        from .report.write import write_report
+        from ..report.tables import summary_table
+        from ..report.write import write_report
 
         res = write_report(directory, plots=plots, html=html_)
         if json_:
