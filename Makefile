@@ -19,12 +19,15 @@ TORCH_INDEX := $(if $(CPU_TORCH_INDEX),$(if $(HAS_CUDA),,--index-url $(CPU_TORCH
 .PHONY: run reference reference-hierarchical test setup data browser docs bench bench-gpu visuals clean
 
 # Your run of the default sweep: runs/default/ (git-ignored); matching reference records are reused.
+# On a CPU other than the reference's it times a few settings (time_by_default in the sweep file);
+# RUN_ARGS=--all-timings times all, RUN_ARGS=--no-reference-timings ignores the reference's timings.
+RUN_ARGS ?=
 run: setup data
-	$(BIN)/tokenbench run
+	$(BIN)/tokenbench run $(RUN_ARGS)
 
 # The project's reference results (README, docs/reference.md) (maintainers, on an idle machine).
 reference: setup data
-	$(BIN)/tokenbench run default --out results/default
+	$(BIN)/tokenbench run default --all-timings --out results/default
 
 # The hierarchical sweep's reference (DynamicCNN on the embedded ConvNeXt; docs/hierarchical.md).
 reference-hierarchical: setup data

@@ -278,6 +278,9 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
             return rec, True
     if store is not None:
         store.ensure_writable()
+    import time
+
+    started = time.perf_counter()
     loaded = loaded or Loaded(spec)
     net = loaded.net
     prov = loaded.prov
@@ -291,6 +294,8 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
                 raise ValueError("a speedup needs its baseline spec")
             base_net = (baseline_loaded or Loaded(baseline)).net
         metrics, env = _measure_timed(kind, cls, net, base_net, spec, settings, warnings_)
+        # what this measurement took here, retries included (a later sweep's estimate reads it)
+        metrics["wall_s"] = round(time.perf_counter() - started, 2)
     else:
         from .api import evaluate
 

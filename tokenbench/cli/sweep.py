@@ -112,6 +112,28 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
                               on_note=lambda m: console.print(m, markup=False, highlight=False))
 
 
+def _timing_choice(spec, all_timings: bool, reference_timings: bool):
+    """``spec`` timing every setting (``--all-timings``) or without the reference's timings."""
+    from dataclasses import replace
+
+    return replace(spec, time_by_default=None if all_timings else spec.time_by_default,
+                   reference_timings=reference_timings)
+
+
+def _start_lines(spec, runs, keys, store, force: bool) -> list[str]:
+    """What the sweep will time here and about how long, what it leaves untimed (:mod:`tokenbench.sweep.timing`)."""
+    from .sweep import baseline_spec
+    from .sweep.timing import start_lines
+
+    def dense_net():
+        from .runner import Loaded
+
+        first = next((r for r in runs if not r.line_of), runs[0])
+        return Loaded(baseline_spec(first)).net
+
+    return start_lines(spec, runs, keys, store, force=force, dense_net=dense_net)
+
+
 def _note_tie_seeds(runs) -> None:
     """Say which entries are measured at one seed because their seed only breaks ties."""
     from ..registry import get_method
@@ -200,6 +222,11 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Measure again what is already recorded."),
         retime_flagged: bool = typer.Option(False, "--retime-flagged", help="Time again the throughput and "
                                             "speedup records flagged busy or noisy (nothing else)."),
+        all_timings: bool = typer.Option(False, "--all-timings", help="Time every setting, not only the sweep's "
+                                         "time_by_default (those whose timings are not recorded yet)."),
+        reference_timings: bool = typer.Option(True, "--reference-timings/--no-reference-timings",
+                                               help="Reuse the reference's throughput and speedup records (FLOPs "
+                                                    "and accuracy are reused either way)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Expand the sweep (and run the FLOPs search), list "
                                                               "the runs, measure nothing."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the plots after the sweep."),
@@ -267,6 +294,7 @@ def register(app: typer.Typer) -> None:
             spec = sw_mod.parse_sweep(raw, "command line")
         else:
             spec = sw_mod.load_sweep(sweep or "default", overrides)
+        spec = _timing_choice(spec, all_timings, reference_timings)
         err = Console(stderr=True)
         quiet = json_ or not sys.stderr.isatty()
         undo = _PlanUndo(spec.out_dir()) if job_opts is not None else None
@@ -308,6 +336,9 @@ def register(app: typer.Typer) -> None:
         ensure_report_writable(out_dir, plots)
         store = Store(out_dir)
         retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
+        if not json_:
+            for line in _start_lines(spec, runs, keys, store, force):
+                typer.echo(line, err=True)
         outcome = None
         if job_opts is not None:
             from ..launch import submit_sweep
@@ -352,6 +383,10 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
                    f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else "") +
                    (f", the interactive page {out_dir / 'report.html'}" if (out_dir / "report.html").exists() else ""))
+        untimed = sum(1 for r in runs if r.untimed)
+        if untimed:
+            typer.echo(f"{untimed} setting(s) not timed on this CPU (flag `untimed`, no speed shown): --all-timings "
+                       "times them too")
         _exit_if_jobs_failed(outcome)
 
     @app.command("compare")

@@ -36,6 +36,7 @@ def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
             "label": r.get("label") or r["method"], "spec": r["spec"], "targets": r.get("targets") or [],
             "seed_param": r.get("seed_param"), "planned": sorted(keys),
             "recs": {k: by_key.get(v) for k, v in keys.items()}, "line_of": r.get("line_of"),
+            "untimed": bool(r.get("untimed")),
         })
     return out
 
@@ -102,7 +103,7 @@ def collect(out: str | os.PathLike) -> dict:
     else:
         entries = _entries_from_records(recs, notes)
     rows = [row_from_records(e["label"], e["spec"], e["recs"], e["planned"], e["targets"], e["seed_param"], tolerance,
-                             line_of=e.get("line_of")) for e in entries]
+                             line_of=e.get("line_of"), untimed=e.get("untimed", False)) for e in entries]
     compare_with_dense(rows)
     display = aggregate_seeds(rows)
     for r in rows + display:

@@ -227,6 +227,9 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
                 if len(models) > 1:
                     ax.set_title(model)
                 note = ERRORBAR_NOTE + ("; curves dodged slightly in x" if any(dodge.values()) else "")
+                untimed = sum(1 for r in rows if "untimed" in r.flag_set)
+                if xcol != "gflops" and untimed:
+                    note += f"; {untimed} setting(s) not timed on this CPU, not drawn"
                 fig.tight_layout()
                 # below the figure's own area (x label included): the saved image grows to hold it
                 fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=LEGEND_COLUMNS,

@@ -197,10 +197,11 @@ def method_family(name: str) -> Optional[str]:
 # --------------------------------------------------------------------------- a row from records
 
 def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], planned: list[str],
-                     targets: list, seed_param: Optional[str], tolerance: float, line_of: Optional[str] = None
-                     ) -> Row:
+                     targets: list, seed_param: Optional[str], tolerance: float, line_of: Optional[str] = None,
+                     untimed: bool = False) -> Row:
     """One run's row: ``recs`` maps a record kind to its record (None: planned, not measured).
-    ``line_of``: the run is a dense model of another size, compared with that model's dense run."""
+    ``line_of``: the run is a dense model of another size, compared with that model's dense run.
+    ``untimed``: the sweep left its timings out on this CPU (flag ``untimed``)."""
     f, t, a, sp = recs.get("flops"), recs.get("throughput"), recs.get("accuracy"), recs.get("speedup")
     params = dict(spec.get("params") or {})
     row = Row(model=spec["model"], label="dense" if spec["method"] == DENSE_METHOD and not line_of else label,
@@ -219,6 +220,8 @@ def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], pl
             row.warnings += list(rec.get("metrics", {}).get("warnings") or [])
     if any(recs.get(k) is None for k in planned):
         flags.add("incomplete")
+    if untimed:
+        flags.add("untimed")
     if f is not None:
         row.gflops = f["metrics"].get("gflops")
         if f["metrics"].get("schedule_mismatch"):

@@ -138,6 +138,11 @@ def timing_notes(rows: list[Row]) -> list[str]:
     if flagged:
         out.append(f"{len(flagged)} of {len(timed)} throughput runs flagged busy or noisy: their speedups are "
                    "unreliable (`tokenbench run ... --retime-flagged` times them again)")
+    untimed = [r for r in rows if "untimed" in r.flag_set]
+    if untimed:
+        out.append(f"{len(untimed)} settings were not timed on this CPU (marked `untimed`; {len(timed)} were): no "
+                   "speed is shown for them, none taken from another CPU, and the speed plot leaves them out; "
+                   "`tokenbench run ... --all-timings` times them")
     unpaired = [r for r in rows if "unpaired" in r.flag_set]
     if unpaired:
         out.append(f"{len(unpaired)} of {len(timed)} runs' img/s over the dense model's disagree with their paired "

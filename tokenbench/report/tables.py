@@ -19,6 +19,8 @@ FLAG_HELP = {
     "stale": "measured by other code or under another protocol than this checkout's (rerun `tokenbench run`)",
     "warning": "the records carry warnings (listed below the table)",
     "incomplete": "some planned measurements are missing (interrupted sweep: rerun to complete)",
+    "untimed": "not timed on this CPU: the sweep times a few settings by default (time_by_default) and "
+               "`tokenbench run --all-timings` the others; no speed is shown (none from another CPU)",
     "unpaired": f"img/s over the dense model's img/s (each timed on its own) is more than {UNPAIRED_TOLERANCE:.0%} "
                 "outside the paired speedup's quartiles: the machine's speed drifted between them; compare the "
                 "Speedup column",

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 from .. import distributed
 from .expand import Run
 from .format import Sweep
-from .plan import baseline_spec, kinds_for, run_keys, run_settings
+from .plan import baseline_spec, kinds_for, recorded, reference_store, run_keys, run_settings, timing_reference
 
 
 @dataclass
@@ -33,10 +33,8 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     Each measurement is claimed first (:meth:`Store.claim`): one that another runner of the
     same directory is measuring is left to it, and waited for at the end."""
     from ..runner import TIMED, Loaded, measure_run
-    from ..store import Store
 
-    ref = sw.reference_dir()
-    reference = Store(ref, read_only=True) if ref is not None and ref.is_dir() else None
+    reference = reference_store(sw)
     total = sum(len(kinds_for(r, sw)) for r in runs)
     note = on_note or (lambda m: print(m, file=sys.stderr, flush=True))
     _say_if_busy(sw, runs, store, force, retime, reference, note)
@@ -75,8 +73,9 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
                         finally:
                             torch.set_num_threads(threads)
                     else:
+                        ref_kind = timing_reference(sw, reference) if kind in TIMED else reference
                         rec, reused = measure_run(kind, run.spec(), settings, store, force=again, loaded=loaded,
-                                                  reference=reference, **extra)
+                                                  reference=ref_kind, **extra)
             steps.append(Step(run, kind, rec["key"], reused))
             i += 1
         del loaded
@@ -97,7 +96,7 @@ def _say_if_busy(sw: Sweep, runs: list[Run], store, force: bool, retime, referen
     for run in runs:
         for kind, key in run_keys(run, sw).items():
             again = force or (retime is not None and key in retime)
-            if kind in TIMED and (again or not (store.has(key) or (reference is not None and reference.has(key)))):
+            if kind in TIMED and (again or not recorded(key, store, timing_reference(sw, reference))):
                 todo += 1
     if not todo:
         return

@@ -47,6 +47,7 @@ class Run:
     seed_index: int = 0
     per_image: bool = False              # its token count depends on the image: FLOPs and timings on real images
     line_of: Optional[str] = None        # a dense_family model's dense run: the model whose plot it joins
+    untimed: bool = False                # not timed here: outside the sweep's time_by_default, timings unrecorded
 
     def spec(self) -> dict:
         from ..runner import spec_dict

@@ -42,6 +42,10 @@ Sweep file format (TOML; YAML with the same structure works too)::
     retries = 2                      # a busy or noisy timing is taken again up to this many times
     compile = false                  # or "default" / "max-autotune": time under torch.compile
     cuda_graphs = false              # CUDA: time the eager forward replayed as CUDA graphs
+    time_by_default = ["dense", "tome@0.7"]   # optional: only these settings are timed unless their
+                                     # timings are recorded already (LABEL: every run of an entry,
+                                     # LABEL@0.7: its run at that FLOPs target); the others with
+                                     # `tokenbench run --all-timings`
 
     [methods.none]                   # a table per method entry; the table name is the entry's label
     [methods.tome]
@@ -82,7 +86,7 @@ TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "dense
             "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
 DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
 THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile",
-                   "cuda_graphs")
+                   "cuda_graphs", "time_by_default")
 RUNS_DIR = Path("runs")  # where a sweep writes by default: the user's own results, apart from results/
 ENTRY_KEYS = ("method", "flops_targets", "seeds", "checkpoint", "checkpoints")
 
@@ -135,6 +139,9 @@ class Sweep:
     compile: Optional[str] = None    # torch.compile mode for timings (None: eager)
     cuda_graphs: bool = False        # timings replay the eager forward as CUDA graphs (CUDA only)
     reference: Optional[str] = None
+    # selectors of the settings timed by default (None: all); `--all-timings` empties the restriction
+    time_by_default: Optional[list[str]] = None
+    reference_timings: bool = True   # reuse the reference's throughput and speedup records
     source: str = "<flags>"
 
     def out_dir(self) -> Path:
@@ -307,6 +314,8 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
         sw.reference = str(_typed(raw["reference"], str, "reference", source))
     _parse_measure(raw, sw, source)
     sw.methods = _parse_methods(raw.get("methods"), source)
+    if sw.time_by_default is not None:
+        check_selectors(sw)
     return sw
 
 
@@ -399,6 +408,9 @@ def _parse_throughput(tp: Any, sw: Sweep, source: str) -> None:
         raise UserError(f"{source}: throughput batch_size, threads and min_run_time must be positive")
     if sw.rounds < 3 or sw.retries < 0:
         raise UserError(f"{source}: throughput rounds must be at least 3 and retries at least 0")
+    if tp.get("time_by_default") is not None:
+        sw.time_by_default = [str(_typed(x, str, "throughput time_by_default", source))
+                              for x in _as_list(tp["time_by_default"], "throughput time_by_default", source)]
 
 
 def _parse_measure(raw: dict, sw: Sweep, source: str) -> None:
@@ -498,6 +510,33 @@ def _parse_checkpoints(entry: MethodEntry, cks: Any, cls: type[Method], source: 
         except UserError as e:
             raise UserError(f"{source}: [methods.{label}] checkpoints: key {key!r}: {e}") from None
         entry.checkpoints[json.dumps(val)] = path
+
+
+def parse_selector(text: str, source: str = "<sweep>") -> tuple[str, Optional[float]]:
+    """A ``[throughput] time_by_default`` selector: ``LABEL`` -> (label, None); ``LABEL@0.7`` -> (label, 0.7)."""
+    label, at, target = text.partition("@")
+    if not label.strip():
+        raise UserError(f"{source}: [throughput] time_by_default: {text!r} names no setting (LABEL or LABEL@0.7)")
+    if not at:
+        return label.strip(), None
+    try:
+        t = float(target)
+    except ValueError:
+        t = -1.0
+    if not 0 < t <= 1:
+        raise UserError(f"{source}: [throughput] time_by_default: {text!r}: the part after @ is a FLOPs target "
+                        "in (0, 1]")
+    return label.strip(), t
+
+
+def check_selectors(sw) -> None:
+    """Refuse a selector naming no entry of ``sw`` (``dense``, a dense_family model or a method label)."""
+    labels = ["dense", *sw.dense_family, *(e.label for e in sw.methods)]
+    for text in sw.time_by_default or []:
+        label, _ = parse_selector(text, sw.source)
+        if label not in labels:
+            raise UserError(f"{sw.source}: [throughput] time_by_default: no entry {label!r}"
+                            f"{did_you_mean(label, labels)} (choose from {', '.join(labels)})")
 
 
 def _decode(s: str) -> Any:

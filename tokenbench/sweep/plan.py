@@ -9,11 +9,12 @@ from typing import Callable, Optional
 
 from ..errors import UserError
 from .expand import Run, expand
-from .format import DENSE_METHOD, Sweep
+from .format import DENSE_METHOD, Sweep, parse_selector
 from .preflight import preflight
 from .search import CACHE_FILE, FlopsSearch
 
 PLAN_FILE = "sweep.json"
+TIMED = ("throughput", "speedup")
 
 
 def baseline_spec(run: Run) -> dict:
@@ -64,11 +65,12 @@ def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
 
 def kinds_for(run: Run, sw: Sweep) -> list[str]:
     """What a run measures: the sweep's kinds, and with throughput, the speedup over the dense
-    model timed interleaved with it (a seeded method's throughput for its first seed only)."""
+    model timed interleaved with it (a seeded method's throughput for its first seed only; none for a
+    run left untimed, :mod:`.timing`)."""
     out = []
     for k in sw.measure:
         if k == "throughput":
-            if run.seed_index > 0:
+            if run.seed_index > 0 or run.untimed:
                 continue
             out.append(k)
             if run.method != DENSE_METHOD and sw.dense:
@@ -76,6 +78,49 @@ def kinds_for(run: Run, sw: Sweep) -> list[str]:
         else:
             out.append(k)
     return out
+
+
+def reference_store(sw: Sweep):
+    """The sweep's reference results as a read-only store (None without one)."""
+    from ..store import Store
+
+    ref = sw.reference_dir()
+    return Store(ref, read_only=True) if ref is not None and ref.is_dir() else None
+
+
+# --------------------------------------------------------------------------- runs left untimed
+
+def selected(run: Run, selectors: list[tuple[str, Optional[float]]]) -> bool:
+    return any(run.label == label and (t is None or any(abs(x - t) < 1e-9 for x in run.targets))
+               for label, t in selectors)
+
+
+def recorded(key: str, store, reference) -> bool:
+    return store.has(key) or (reference is not None and reference.has(key))
+
+
+def mark_untimed(sw, runs: list, store, reference) -> int:
+    """Mark untimed each run outside the sweep's ``time_by_default`` whose timings are not all
+    recorded in ``store`` or ``reference`` (the store whose timing records may be reused: None
+    when there is none or they are set aside); returns how many.  No selectors: every run is timed."""
+    if sw.time_by_default is None or not any(k == "throughput" for k in sw.measure):
+        return 0
+    sel = [parse_selector(s, sw.source) for s in sw.time_by_default]
+    n = 0
+    for run in runs:
+        run.untimed = False
+        if selected(run, sel):
+            continue
+        keys = [k for kind, k in run_keys(run, sw).items() if kind in TIMED]
+        if keys and not all(recorded(k, store, reference) for k in keys):
+            run.untimed = True
+            n += 1
+    return n
+
+
+def timing_reference(sw, reference):
+    """The reference store as far as timings may be reused from it."""
+    return reference if sw.reference_timings else None
 
 
 def plan_dict(sw: Sweep, runs: list[Run], keys: Optional[list[dict]] = None) -> dict:
@@ -127,6 +172,7 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
                            seed_path=(ref / CACHE_FILE) if ref is not None else None, data=search_data(sw))
     preflight(sw, searcher)
     runs = expand(sw, searcher, on_search=on_search)
+    mark_untimed(sw, runs, Store(out), timing_reference(sw, reference_store(sw)))
     keys = [run_keys(r, sw) for r in runs]
     write_plan(out, sw, runs, keys)
     return out, runs, keys, searcher
