@@ -7,6 +7,7 @@ same record a sweep would write and skip.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -278,8 +279,6 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
             return rec, True
     if store is not None:
         store.ensure_writable()
-    import time
-
     started = time.perf_counter()
     loaded = loaded or Loaded(spec)
     net = loaded.net
