@@ -122,11 +122,11 @@ def _timing_choice(spec, all_timings: bool, reference_timings: bool):
 
 def _start_lines(spec, runs, keys, store, force: bool) -> list[str]:
     """What the sweep will time here and about how long, what it leaves untimed (:mod:`tokenbench.sweep.timing`)."""
-    from .sweep import baseline_spec
-    from .sweep.timing import start_lines
+    from ..sweep import baseline_spec
+    from ..sweep.timing import start_lines
 
     def dense_net():
-        from .runner import Loaded
+        from ..runner import Loaded
 
         first = next((r for r in runs if not r.line_of), runs[0])
         return Loaded(baseline_spec(first)).net
