@@ -184,3 +184,22 @@ def test_training_checks_the_folder_before_building_the_backbone(cli, tmp_path, 
         code, _, err = cli("train", TINY, "--task", "segmentation", "--data", "ade20k", *extra,
                            "--pretrained", "--out", str(tmp_path / "r"))
         one_line_refusal(code, err, msg)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("default-seg", "--data", "fashion-mnist-scenes", "--head", "linear4"), "default-seg has its own decoder"),
+    (("default-seg", "--data", "fashion-mnist-scenes", "--finetune"), "default-seg has its own decoder"),
+    ((TINY, "--task", "segmentation", "--data", "ade20k", "--head", "mlp"), "unknown --head 'mlp'"),
+    ((TINY, "--method", "topk", "--head", "linear"), "--head and --finetune train a segmentation head"),
+])
+def test_head_options_are_refused_where_they_do_not_apply(cli, tmp_path, args, msg):
+    code, _, err = cli("train", *args, "--out", str(tmp_path / "r"))
+    one_line_refusal(code, err, msg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_of_a_dense_model_refuses_pretrained_in_one_line(cli, ade):
+    root, run, _ = ade
+    code, _, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
+                       str(run / "model.pt"), "--pretrained")
+    one_line_refusal(code, err, "--pretrained does not apply to a dense model")

@@ -40,8 +40,8 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
     split = split or ("test" if data == SCENES else "val")  # the folders' scored split is val
     eval_options(split, precision, limit, batch_size)
     if pretrained:
-        raise UserError(f"{model} has no timm pretrained weights: its own are loaded when trained, or pass "
-                        "--checkpoint")
+        raise UserError(f"--pretrained does not apply to a dense model: {model}'s weights are its training's "
+                        "(its committed ones, or --checkpoint RUN/model.pt)")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist")
     unique_set_keys(sets)
