@@ -47,7 +47,7 @@ import torch
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import staged_schedule
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 LINKAGES = ("average", "complete", "single")
 
@@ -158,6 +158,7 @@ class ATC(Method):
                                          "--proportional_attn); off: plain means, no sizes carried"),
     )
     knob = "keep_rate"
+    restores_grid = GridRestore.UNMERGE
     compile_note = "static token counts: fullgraph (the clustering loop unrolls, n - k steps per site)"
 
     def apply(self, model, keep_rate: float = 0.7, linkage: str = "average", prop_attn: bool = True, **params):

@@ -91,7 +91,7 @@ import torch
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.registry import Method, register
+from tokenbench.registry import GridRestore, Method, register
 
 MIN_TOKENS = 8  # the official lower bound on the tokens sampled, class token included
 
@@ -191,6 +191,7 @@ class ATS(Method):
                         "tokens (1.0: the official K = 197 of DeiT-S)", default=1.0, identity=None),
     )
     knob = "keep_rate"
+    restores_grid = GridRestore.FILL
     needs_class_token = True
     compile_note = ("per-image token counts: each ATS block reads the batch's longest count "
                     "(data-dependent shape), a graph break per block")

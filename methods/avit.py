@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from tokenbench.backbones import TokenState, applied_method, backbone_of, last_state
 from tokenbench.errors import UserError
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 EPS = 0.01                  # the official self.eps
 MASKED_KEY_BIAS = -1000.0   # the official masked_softmax_bias
@@ -208,6 +208,7 @@ class AViT(Method):
     summary = ("A-ViT: learned per-token halting from the first embedding channel after every block "
                "(ponder-weighted outputs; per-image counts).")
     family = "pruning"
+    restores_grid = GridRestore.FILL
     learned = True
     params = (
         Param("gate_scale", "float", 10.0, "halting gate: h = sigmoid(x[..., 0] * gate_scale - gate_center) "

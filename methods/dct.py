@@ -52,7 +52,7 @@ import torch
 
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -122,6 +122,7 @@ class DCT(Method):
                                        "(off: the official orthonormal pair)"),
     )
     knob = "keep_rate"
+    restores_grid = GridRestore.UNMERGE
 
     def apply(self, model, keep_rate=0.7, rescale=True, **params):
         bb = backbone_of(model, self.name)

@@ -90,7 +90,7 @@ from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
 from tokenbench.methods._knobs import PROP_ATTN
 from tokenbench.methods._policy import softmax_with_policy
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 REF_TOKENS = 197  # the official counts are for 196 patches + the class token
 
@@ -375,6 +375,7 @@ class DiffRate(Method):
                                               "(official 5 on GFLOPs ~ 100 on DeiT-S's ratio)", min=0.0),
     )
     knob = "power"
+    restores_grid = GridRestore.FILL_UNMERGE
     needs_class_token = True
 
     def apply(self, model, prune=DEFAULT_PRUNE, merge=DEFAULT_MERGE, power=1.0, prop_attn=True, **params):

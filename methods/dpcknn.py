@@ -58,7 +58,7 @@ from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.methods.kmedoids import medoid_merge_indices
 from tokenbench.methods.random import stage_key, token_scores
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 _EPS = 1e-6    # the official's noise scale and its guard in the cluster sizes
 
@@ -129,6 +129,7 @@ class DPCKNN(Method):
         Param("seed", "int", 0, "seed of the density tie-breaking noise (per image, as the official torch.rand * 1e-6)"),
     )
     knob = "keep_rate"
+    restores_grid = GridRestore.UNMERGE
     seed_param = "seed"
     seed_breaks_ties = True  # noise at 1e-6 of a density: no seed changed a prediction on 5,000 images
     deterministic = False

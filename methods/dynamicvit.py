@@ -75,7 +75,7 @@ from tokenbench.errors import UserError
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.methods._policy import softmax_with_policy
 from tokenbench.methods._staged import staged_schedule
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 PREDICTOR_ATTR = "score_predictor"  # the official attribute name: keys score_predictor.{i}.*
 
@@ -386,6 +386,7 @@ class DynamicViT(Method):
     deterministic = True
     knob = "keep_rate"
     backbones = ("vit", "convnext", "swin")
+    restores_grid = {"vit": GridRestore.FILL, "convnext": GridRestore.KEEPS, "swin": GridRestore.KEEPS}
 
     def apply(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)

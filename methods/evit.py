@@ -50,7 +50,7 @@ import torch
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement, plan_settings
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -125,6 +125,7 @@ class EViT(Method):
     )
     needs_class_token = True
     knob = "keep_rate"
+    restores_grid = GridRestore.FILL
 
     def train_step(self, model, params: dict, epoch: float) -> None:
         """Before each training step: the warm-up's keep rate for this step."""

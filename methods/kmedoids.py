@@ -59,7 +59,7 @@ from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import keep_counts, staged_schedule
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 _MASKED = 1000000.0  # the official value written over rows outside a cluster
 
@@ -146,6 +146,7 @@ class KMedoids(Method):
         Param("iters", "int", 3, "K-Medoids iterations (official --cluster_iters)", min=0, max=50),
     )
     knob = "keep_rate"
+    restores_grid = GridRestore.UNMERGE
 
     def apply(self, model, keep_rate: float = 0.7, iters: int = 3):
         bb = backbone_of(model, self.name)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from tokenbench.backbones import AttnInfo, TokenState, add_module, backbone_of, last_state, plan_settings
 from tokenbench.errors import UserError
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 MODULE_ATTR = "ltmp"
 TAU = "ltmp_tau"                 # plan settings written by train_setup
@@ -264,6 +264,7 @@ class LTMP(Method):
     summary = ("LTMP: in every block merge tokens more similar than a learned threshold and prune tokens "
                "less attended than another (per-image counts).")
     family = "hybrid"
+    restores_grid = GridRestore.FILL_UNMERGE
     learned = True
     params = ()
     train_params = (

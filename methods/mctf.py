@@ -58,7 +58,7 @@ from tokenbench.backbones.tokens import constant_range
 from tokenbench.errors import UserError
 from tokenbench.methods.tome import schedule
 from tokenbench.methods._knobs import PROP_ATTN, r_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -266,6 +266,7 @@ class MCTF(Method):
         PROP_ATTN,
     )
     knob = "r"
+    restores_grid = GridRestore.UNMERGE
     needs_class_token = True
 
     def apply(self, model, r=16, tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirection=True,

@@ -1,7 +1,7 @@
 """`none`: the dense model, unchanged. The baseline every method is compared with."""
 
 from tokenbench.backbones import backbone_of
-from tokenbench.registry import Method, register
+from tokenbench.registry import GridRestore, Method, register
 
 
 @register
@@ -11,6 +11,7 @@ class NoReduction(Method):
     version = "1"
     summary = "The dense model (no token reduction)."
     backbones = ("vit", "convnext", "swin")
+    restores_grid = GridRestore.KEEPS
     params = ()
 
     def apply(self, model, **params):

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import with_prefix
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 ELU_ALPHA = 1.0
 
@@ -161,6 +161,7 @@ class PiToMe(Method):
               "proportional attention (log token size on the logits); off in the official DeiT patch"),
     )
     knob = "ratio"
+    restores_grid = GridRestore.UNMERGE
 
     def apply(self, model, ratio=0.9125, prop_attn=False, **params):
         bb = backbone_of(model, self.name)

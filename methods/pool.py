@@ -25,7 +25,7 @@ import torch
 
 from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.errors import UserError
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 def pooled_grid(grid: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -84,6 +84,7 @@ class Pool(Method):
     learned = False
     deterministic = True
     knob = "half_block"
+    restores_grid = GridRestore.UNMERGE
 
     def apply(self, model, half_block: int = 8, factor: int = 2, prop_attn: bool = True, **params):
         bb = backbone_of(model, self.name)

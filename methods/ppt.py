@@ -43,7 +43,7 @@ import torch
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, clip_r, schedule
 from tokenbench.methods._knobs import PROP_ATTN, r_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -120,6 +120,7 @@ class PPT(Method):
         PROP_ATTN,
     )
     knob = "r"
+    restores_grid = GridRestore.FILL_UNMERGE
     needs_class_token = True
 
     def apply(self, model, r=50, threshold=7e-5, prop_attn=True, **params):

@@ -29,7 +29,7 @@ from tokenbench.backbones import TokenState, backbone_of
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import keep_top_patches, staged_schedule
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B      # < 2**27: a 32-bit value times it stays inside int64
@@ -92,6 +92,7 @@ class RandomPrune(Method):
     knob = "keep_rate"
     seed_param = "seed"
     backbones = ("vit", "convnext", "swin")
+    restores_grid = {"vit": GridRestore.FILL, "convnext": GridRestore.KEEPS, "swin": GridRestore.KEEPS}
 
     def apply(self, model, keep_rate: float = 0.7, seed: int = 0, **params):
         bb = backbone_of(model, self.name)

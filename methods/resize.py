@@ -20,7 +20,7 @@ smaller size would differ slightly.
 from __future__ import annotations
 
 from tokenbench.backbones import backbone_of
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 def resized_grid(grid: tuple[int, int], scale: float, max_stretch: float = 1.4) -> tuple[int, int]:
@@ -58,6 +58,7 @@ class Resize(Method):
     learned = False
     deterministic = True
     knob = "scale"
+    restores_grid = GridRestore.NONE
     compile_note = "static token counts: fullgraph (the grid is fixed by scale)"
 
     def grid(self, model, scale: float = 0.7, max_stretch: float = 1.4) -> tuple[int, int]:

@@ -61,7 +61,7 @@ from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import gather_tokens
 from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, install_per_block, merged_schedule
 from tokenbench.methods._knobs import PROP_ATTN, r_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 # merge_from's default: half the depth (the paper's switch point, 6 of 12 blocks)
 HALF_DEPTH = -1
@@ -124,6 +124,7 @@ class ToFu(Method):
         PROP_ATTN,
     )
     knob = "r"
+    restores_grid = GridRestore.FILL_UNMERGE
 
     def apply(self, model, r=16, merge_from=HALF_DEPTH, size_weighted=False, prop_attn=True, **params):
         start = merge_start(merge_from, backbone_of(model, self.name).depth)

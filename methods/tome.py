@@ -51,7 +51,7 @@ import torch.nn as nn
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.errors import UserError
 from tokenbench.methods._knobs import PROP_ATTN, r_param
-from tokenbench.registry import Method, register
+from tokenbench.registry import GridRestore, Method, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -252,6 +252,7 @@ class ToMe(Method):
         PROP_ATTN,
     )
     knob = "r"
+    restores_grid = GridRestore.UNMERGE
 
     def apply(self, model, r=16, prop_attn=True, **params):
         return install_per_block(model, self.name, r, prop_attn, lambda i, ri: _merge_hook(ri))

@@ -23,7 +23,7 @@ import torch
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import keep_top_patches, staged_schedule
-from tokenbench.registry import Method, register
+from tokenbench.registry import GridRestore, Method, register
 
 
 def _on_start(model, x, st: TokenState) -> None:
@@ -49,6 +49,7 @@ class TopK(Method):
     )
     needs_class_token = True
     knob = "keep_rate"
+    restores_grid = GridRestore.FILL
 
     def apply(self, model, keep_rate: float = 0.7, **params):
         bb = backbone_of(model, self.name)

@@ -40,7 +40,7 @@ from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
 from tokenbench.methods._knobs import keep_rate_param
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 OFFICIAL_SHARE = 10 / 64  # contextual tokens per kept token in the official settings
 
@@ -118,6 +118,7 @@ class VisionZip(Method):
                                  "run reduced (negative: from the end; -2 is the official position in LLaVA)"),
     )
     knob = "keep_rate"
+    restores_grid = GridRestore.FILL_UNMERGE
     needs_class_token = True
 
     @staticmethod

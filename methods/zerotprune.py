@@ -71,7 +71,7 @@ from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
 from tokenbench.backbones.tokens import constant, constant_range, with_prefix
 from tokenbench.methods._knobs import r_param
 from tokenbench.methods.tome import schedule
-from tokenbench.registry import Method, Param, register
+from tokenbench.registry import GridRestore, Method, Param, register
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -217,6 +217,7 @@ class ZeroTPrune(Method):
         Param("var_max", "float", 0.7, "VHF: highest variance of a head's scores (divided by their mean)", min=0.0),
     )
     knob = "r"
+    restores_grid = GridRestore.FILL
 
     def apply(self, model, r=12, s_share=0.5, iters_first=30, iters_mid=5, iters_last=1, cls_init=True,
               eir=True, vhf=True, var_min=0.01, var_max=0.7, **params):

@@ -39,10 +39,8 @@ def test_eval_prints_miou_with_interval_pixel_accuracy_and_flops(cli, tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (("default", "--data", "fashion-mnist-scenes"), "default is a classification model"),
     (("default-seg", "--data", "fashion-mnist"), "default-seg is a segmentation model; fashion-mnist needs"),
-    (("default-seg", "--data", "fashion-mnist-scenes", "--method", "tome", "--set", "r=8"),
-     "tome cannot restore the full token grid"),
-    (("default-seg", "--data", "fashion-mnist-scenes", "--method", "topk", "--set", "keep_rate=0.7"),
-     "topk cannot restore the full token grid"),
+    (("default-seg", "--data", "fashion-mnist-scenes", "--method", "resize", "--set", "scale=0.5"),
+     "resize cannot hand back the full feature map a dense task needs on vit models"),
 ])
 def test_eval_refuses_in_one_line_and_stores_nothing(cli, tmp_path, args, msg):
     code, out, err = cli("eval", *args, "--limit", "4", "--results", str(tmp_path / "res"))
@@ -129,17 +127,29 @@ def test_compare_pairs_two_dense_settings_on_per_image_iou(cli, tmp_path):
     assert code == 2 and "no dense record matches" in err
 
 
-def test_a_method_declaring_grid_restoration_reaches_the_encoder_and_a_grid_refusal_is_one_line(cli, tmp_path,
-                                                                                                monkeypatch):
+@pytest.mark.parametrize("method,setting", [("tome", "r=8"), ("topk", "keep_rate=0.7")])
+def test_a_merging_and_a_pruning_method_run_on_the_dense_task_with_fewer_flops(cli, method, setting):
+    dense = json.loads(cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4")[1])
+    code, out, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4",
+                         "--method", method, "--set", setting)
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["gflops_backbone"] < 0.9 * dense["gflops_backbone"]
+    assert rec["gflops_decoder"] == pytest.approx(dense["gflops_decoder"])   # the decoder sees the full map
+    assert 0 <= rec["miou"] <= 100 and rec["miou_ci95"][0] <= rec["miou"] <= rec["miou_ci95"][1]
+
+
+def test_a_method_that_cannot_restore_the_grid_on_the_model_family_is_refused_in_one_line(cli, tmp_path,
+                                                                                           monkeypatch):
     from tokenbench import registry
 
-    base = registry.get_method("topk")
-    declared = type("DeclaresGrid", (base,), {"name": "topk-declares-grid", "restores_grid": "fill"})
-    monkeypatch.setitem(registry._REGISTRY, declared.name, declared)
-    code, _, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "4", "--method",
-                       declared.name, "--set", "keep_rate=0.7", "--results", str(tmp_path / "res"))
-    # applied to the encoder, whose forward_intermediates refuses a grid after pruning
-    assert code == 2 and "spatial grid" in err and err.count("\n") == 1
+    base = registry.get_method("random")
+    vit_only = type("VitOnly", (base,), {"name": "random-vit-grid",
+                                         "restores_grid": {"vit": registry.GridRestore.FILL}})
+    monkeypatch.setitem(registry._REGISTRY, vit_only.name, vit_only)
+    code, _, err = cli("eval", "default-convnext-seg", "--data", "fashion-mnist-scenes", "--limit", "4",
+                       "--method", vit_only.name, "--results", str(tmp_path / "res"))
+    assert code == 2 and err.count("\n") == 1 and "on convnext models" in err
     assert stored(tmp_path / "res") == []
 
 

@@ -1,9 +1,9 @@
 """Every entry point of a reduced model runs the reduced model, for every family and every
 registered method that declares the family: ``forward``, ``forward_features`` +
 ``forward_head``, ``forward_intermediates`` and a ``features_only`` net built over the model.
-Where an entry point cannot give what it promises (a ViT's spatial grid after tokens were
-pruned or merged) it refuses in one line; at a method's no-reduction setting the
-intermediates equal the dense model's.
+A spatial map (``NCHW``) is on the full grid at every stage whatever the method did to the
+tokens; a method that declares it cannot restore the grid is refused in one line; at a
+method's no-reduction setting the maps equal the dense model's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_vit
 from tokenbench import backbones
 from tokenbench.errors import UserError
-from tokenbench.registry import _SOURCES, apply, get_method, load_methods
+from tokenbench.registry import _SOURCES, GridRestore, apply, get_method, load_methods
 
 
 def tiny_convnext():
@@ -124,8 +124,9 @@ def test_every_entry_point_runs_the_reduced_model(family, name):
 
 
 @pytest.mark.parametrize("family,name", _cases())
-def test_a_grid_is_refused_after_reduction_and_dense_without_it(family, name):
-    """At the defaults: the grid, or one line of refusal; at no reduction: the dense model's maps."""
+def test_maps_are_on_the_full_grid_after_reduction_and_dense_without_it(family, name):
+    """At the defaults: the dense model's shapes at every stage (features_only agreeing), or one
+    line of refusal from a method that declares it cannot; at no reduction: the dense maps."""
     _check_grid(family, name, get_method(name).defaults())
     params = _identity_params(name)
     if params is None:
@@ -139,16 +140,13 @@ def _check_grid(family: str, name: str, params: dict) -> None:
     x = _images(size)
     with torch.no_grad():
         want = ref.forward_intermediates(x, intermediates_only=True)
-        try:
-            got = net.forward_intermediates(x, intermediates_only=True)
-        except UserError as e:
-            assert family == "vit" and "\n" not in str(e) and "forward_intermediates" in str(e)
-            with pytest.raises(UserError):
-                _features_only(net, family)(x)
+        if get_method(name).grid_restore(family) is GridRestore.NONE:
+            with pytest.raises(UserError, match="forward_intermediates") as e:
+                net.forward_intermediates(x, intermediates_only=True)
+            assert "\n" not in str(e.value)
             return
+        got = net.forward_intermediates(x, intermediates_only=True)
         assert [t.shape for t in got] == [t.shape for t in want]
-        if family == "vit":
-            assert _untouched(net)                                         # a grid only where none was reduced
         for a, b in zip(_taken(got, family), _features_only(net, family)(x), strict=True):
             _close(a, b)
 
@@ -159,7 +157,7 @@ def _check_dense_at_no_reduction(family: str, name: str, params: dict) -> None:
     x = _images(size)
     with torch.no_grad():
         net(x)
-        if not _untouched(net):
+        if not _untouched(net):  # untrained thresholds that still merge, fast paths at every keep rate
             pytest.skip(f"{name} changes the tokens on {family} even at {params}")
         want = ref.forward_intermediates(x, intermediates_only=True)
         for got, dense in zip(net.forward_intermediates(x, intermediates_only=True), want, strict=True):

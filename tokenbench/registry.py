@@ -14,6 +14,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
@@ -32,6 +33,27 @@ FAMILIES = ("none", "pruning", "merging", "hybrid", "baseline")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
 # (tokens entering each block, tokens entering each block's MLP)
 TokenSchedule = tuple[list[int], list[int]]
+
+
+class GridRestore(str, Enum):
+    """How a reduced model hands back the full feature map a dense task reads (timm's
+    ``forward_intermediates`` and ``features_only``), at every stage, on the original grid."""
+
+    KEEPS = "keeps"                # the map never loses a position (the dense model; slow and fast paths)
+    FILL = "fill"                  # a pruned position holds the value its token had when it was dropped
+    UNMERGE = "unmerge"            # every position receives the token its group was merged into
+    FILL_UNMERGE = "fill+unmerge"  # both: pruned positions filled back, merged ones unmerged
+    NONE = "none"                  # cannot: refused for dense tasks
+
+
+GRID_RESTORE_TEXT = {
+    GridRestore.KEEPS: "keeps the full map by construction",
+    GridRestore.FILL: "fills each pruned position back with the value its token had when it was dropped",
+    GridRestore.UNMERGE: "unmerges: every position receives the token its group was merged into",
+    GridRestore.FILL_UNMERGE: "fills pruned positions back with their value when dropped and unmerges merged ones "
+                              "(each receives its group's token)",
+    GridRestore.NONE: "cannot hand back the full map: refused for dense tasks",
+}
 
 
 @dataclass(frozen=True)
@@ -130,8 +152,8 @@ class Method:
 
     Declaration (class attributes): ``name``, ``version``, ``summary``; ``params`` (:class:`Param`
     tuple: the CLI lists and validates them); ``family``; ``learned``; ``knob``; ``seed_param``;
-    ``deterministic``; ``seed_breaks_ties``; ``needs_class_token``; ``backbones``; ``train_params``,
-    ``train_defaults``; ``compile_note``; ``paper``, ``code``, ``code_url``, ``licence``, ``verified``.
+    ``deterministic``; ``seed_breaks_ties``; ``needs_class_token``; ``backbones``; ``restores_grid``;
+    ``train_params``, ``train_defaults``; ``compile_note``; ``paper``, ``code``, ``code_url``, ``licence``, ``verified``.
     Each is described where it is declared below.
 
     Hooks: :meth:`apply` (required), :meth:`expected_tokens`, :meth:`reduces`,
@@ -167,6 +189,11 @@ class Method:
     seed_breaks_ties: ClassVar[bool] = False
     # Backbone families the method applies to (see ``tokenbench.backbones``).
     backbones: ClassVar[tuple[str, ...]] = ("vit",)
+    # How the reduced model hands back the full feature map of a dense task (:class:`GridRestore`),
+    # or a dict from backbone family to it where the families differ; a family not named, and a
+    # method that declares nothing, cannot (refused for dense tasks in one line).  The backbone
+    # layer does the restoring from what ``TokenState``'s primitives did; this says which it is.
+    restores_grid: ClassVar[Union[GridRestore, dict[str, GridRestore]]] = GridRestore.NONE
     # Training-only parameters (e.g. EViT's keep-rate warm-up): accepted by `tokenbench train
     # --set`, recorded in the run's config.json, passed to ``train_step``; never part of the
     # applied model's spec (inference does not depend on them).
@@ -192,6 +219,11 @@ class Method:
         super().__init_subclass__(**kw)
         if cls.family not in FAMILIES:
             raise ValueError(f"{cls.__name__}: family must be one of {FAMILIES}, not {cls.family!r}")
+        declared = cls.restores_grid
+        for how in (declared.values() if isinstance(declared, dict) else (declared,)):
+            if not isinstance(how, GridRestore):
+                raise ValueError(f"{cls.__name__}: restores_grid must be a GridRestore (or a dict of them by "
+                                 f"backbone family), not {how!r}")
 
     def apply(self, model: nn.Module, **params: Any) -> nn.Module:
         """Install the method on ``model`` (in place) and return it: ``backbone_of(model).prepare(...)``
@@ -244,6 +276,12 @@ class Method:
 
     # ---- helpers
     @classmethod
+    def grid_restore(cls, family: str) -> GridRestore:
+        """How the method restores the full grid on backbone ``family`` (``vit``, ``convnext``, ...)."""
+        declared = cls.restores_grid
+        return declared.get(family, GridRestore.NONE) if isinstance(declared, dict) else declared
+
+    @classmethod
     def param(cls, name: str) -> Param:
         for p in cls.params:
             if p.name == name:
@@ -289,6 +327,8 @@ class Method:
                "seed_breaks_ties": cls.seed_breaks_ties,
                "backbones": list(cls.backbones),
                "needs_class_token": cls.needs_class_token, "deterministic": cls.deterministic,
+               "restores_grid": ({f: h.value for f, h in cls.restores_grid.items()}
+                                 if isinstance(cls.restores_grid, dict) else cls.restores_grid.value),
                "params": [p.describe() for p in cls.params]}
         if cls.train_params:
             out["train_params"] = [p.describe() for p in cls.train_params]

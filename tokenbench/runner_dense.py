@@ -67,15 +67,24 @@ def seg_checkpoint(model: str, checkpoint) -> Optional[dict]:
     return found["arch"]
 
 
-def check_restores_grid(method: str, params: dict) -> None:
-    """Refuse a method that reduces tokens but declares no way to hand back the full grid
-    (``restores_grid`` on the method: how pruned or merged positions are filled back)."""
-    from .registry import get_method
+def check_restores_grid(method: str, params: dict, family: Optional[str]) -> None:
+    """Refuse, in one line, a method that reduces tokens but declares no way to hand back the
+    full feature map on the dense model's backbone family (``Method.restores_grid``); ``family``
+    None (not known before the model is built): nothing to check yet."""
+    from .registry import GridRestore, get_method
 
     cls = get_method(method)
-    if cls.reduces(params) and not getattr(cls, "restores_grid", None):
-        raise UserError(f"{method} cannot restore the full token grid a dense task needs (it declares no "
-                        "restores_grid); measure it on a classification dataset, or use --method none")
+    if family is not None and cls.reduces(params) and cls.grid_restore(family) is GridRestore.NONE:
+        raise UserError(f"{method} cannot hand back the full feature map a dense task needs on {family} models "
+                        "(it declares restores_grid none); measure it on a classification dataset, or use "
+                        "--method none")
+
+
+def dense_family(model: str) -> Optional[str]:
+    """The backbone family of an embedded dense model (None for others: known once built)."""
+    from .models_seg import SEG_ARCH
+
+    return SEG_ARCH.get(model, {}).get("family")
 
 
 def weights_id(model: str, checkpoint: Optional[str]) -> str:
@@ -112,6 +121,9 @@ def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] 
             raise UserError(f"{checkpoint} does not hold {model}'s weights ({str(e).splitlines()[0]})") from None
         prov = {"weights": weights_id(model, checkpoint), "pretrained": False, "checkpoint": str(checkpoint)}
     if get_method(method).reduces(params):
+        from .backbones import backbone_of
+
+        check_restores_grid(method, params, backbone_of(net.encoder, method).name)
         apply(net.encoder, method, **params)
     net.eval()
     return net, prov
@@ -144,7 +156,7 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
     task_of(spec["model"], settings.data, checkpoint=spec.get("checkpoint"))
     cls = get_method(spec["method"])
     spec = dict(spec, params=cls.validate(spec.get("params") or {}))
-    check_restores_grid(spec["method"], spec["params"])
+    check_restores_grid(spec["method"], spec["params"], dense_family(spec["model"]))
     weights = weights_id(spec["model"], spec.get("checkpoint"))
     kf = key_fields(spec, settings, weights)
     key = record_key({"kind": KIND, **kf})

@@ -45,6 +45,9 @@ class Surgery:
         self.added: list[str] = []            # names of modules a method attached
         self.method: dict = {}                # {"name", "params"} of the applied method
         self.checkpointing = False            # gradient checkpointing, applied block by block
+        # Blocks whose output is wanted on the full patch grid (``forward_intermediates`` with a
+        # spatial output sets them for its call); None: no grid, no restoration bookkeeping.
+        self.grid_blocks: Optional[frozenset[int]] = None
         # The model itself (``plan.on_start`` hooks get it; a deep copy of the model gets its copy).
         self.owner: Optional[nn.Module] = None
 
@@ -141,8 +144,9 @@ def begin_forward(s: Surgery, i: int, x: torch.Tensor, tokens: Optional[torch.Te
     """The token state block ``i`` works in: the running forward's, or, when ``i`` is not above
     the last block seen (a new forward), a new one, made on ``x``'s device, started on
     ``tokens`` (the sequence, for families whose positions are tokens; ``cover``: how its
-    patches cover the model's own grid, see :meth:`TokenState.start`) and handed to the
-    plan's ``on_start`` hooks as ``fn(model, x, st)``."""
+    patches cover the model's own grid, see :meth:`TokenState.start`; the full grid followed
+    when ``s.grid_blocks`` asks for it) and handed to the plan's ``on_start`` hooks as
+    ``fn(model, x, st)``."""
     st = s.state
     if st is None or i <= st.block:
         plan = s.plan
@@ -151,11 +155,31 @@ def begin_forward(s: Surgery, i: int, x: torch.Tensor, tokens: Optional[torch.Te
         st.settings = plan.settings
         s.state = st
         if tokens is not None:
-            st.start(tokens, cover)
+            st.start(tokens, cover, grid=s.grid_blocks is not None)
         for fn in plan.on_start:
             fn(s.owner, x, st)
     st.block = i
     return st
+
+
+def capture_grid(s: Surgery, st: TokenState, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Block ``i``'s output ``x``, kept on the full patch grid when one is asked for; returns ``x``."""
+    if st.grid is not None and i in s.grid_blocks:
+        st.grid.capture(i, x)
+    return x
+
+
+@contextlib.contextmanager
+def grid_of_blocks(model: nn.Module, blocks) -> Iterator[None]:
+    """Within the block, forwards of ``model`` keep the outputs of ``blocks`` on the full patch
+    grid (``TokenState.grid``)."""
+    s = surgery_of(model)
+    old = s.grid_blocks
+    s.grid_blocks = frozenset(blocks)
+    try:
+        yield
+    finally:
+        s.grid_blocks = old
 
 
 @contextlib.contextmanager

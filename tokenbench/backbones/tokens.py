@@ -5,7 +5,8 @@ carried beside the tokens stays aligned with them:
 
 - :meth:`TokenState.keep` (pruning): keep some tokens, in a given order;
 - :meth:`TokenState.merge` (merging): fold tokens into others by a size-weighted average;
-- :meth:`TokenState.fuse` (EViT): keep some tokens and append one weighted sum of the rest.
+- :meth:`TokenState.fuse` (EViT): keep some tokens and append one weighted sum of the rest;
+- :meth:`TokenState.mix` (DCT): replace the patch tokens by linear combinations of them.
 
 What is carried: token *sizes* (how many original patches each token stands for, the
 weights of proportional attention and average pooling), *positions* (the grid index of
@@ -13,7 +14,9 @@ the patch a token stands at, -1 for prefix and fused tokens), the *source* map (
 original tokens each token covers; only when tracking, for pictures), a training-time
 soft *policy* (DynamicViT's masked attention) and a *padding mask* for per-image token
 counts (a batch padded to its longest sequence; padded tokens are never attended to,
-pooled or counted).
+pooled or counted).  When a dense task asks for the full grid, a
+:class:`~.grid.GridRestorer` follows every primitive too (which token stands for each patch,
+the value of each patch whose token left).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+
+from .grid import GridRestorer
 
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -103,16 +108,21 @@ class TokenState:
         self.extra: dict[str, Any] = {}               # method-specific carry (e.g. DynamicViT's decisions)
         self.image_ids: Optional[torch.Tensor] = None  # [B] int64: each image's index in the evaluated set
         self.settings: dict = {}                      # the plan's settings (training schedules), read-only here
+        self.grid: Optional[GridRestorer] = None      # the full patch grid behind the sequence (dense tasks only)
 
     # ----------------------------------------------------------- start
-    def start(self, x: torch.Tensor, cover: Optional[tuple[list[list[int]], list[int]]] = None) -> None:
+    def start(self, x: torch.Tensor, cover: Optional[tuple[list[list[int]], list[int]]] = None,
+              grid: bool = False) -> None:
         """The sequence after the embedding: prefix tokens first, then the grid's patches in order.
 
         ``cover`` (the patches stand on a coarser grid than the model's own: a resized image):
         for each patch, the original patches it covers, and the one nearest its centre; sources
-        and positions then refer to the original grid, and a snapshot shows the coverage."""
+        and positions then refer to the original grid, and a snapshot shows the coverage.
+        ``grid``: follow the full patch grid behind the sequence (:class:`~.grid.GridRestorer`)."""
         b, n, _ = x.shape
         p = self.n_prefix
+        if grid and cover is None:
+            self.grid = GridRestorer(x, p)
         if cover is None:
             if self.track_source:
                 self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
@@ -164,7 +174,7 @@ class TokenState:
         token counts, ``idx`` is padded to the batch's longest sequence.
         """
         ix = _Index(idx)
-        x = ix.gather(x)
+        before, x = x, ix.gather(x)
         self.size = None if self.size is None else ix.gather(self.size)
         self.source = None if self.source is None else ix.gather(self.source)
         self.policy = None if self.policy is None else ix.gather(self.policy)
@@ -173,6 +183,8 @@ class TokenState:
         if pad is not None:
             old_pad = pad if old_pad is None else (old_pad & pad)
         self.pad = old_pad
+        if self.grid is not None:
+            self.grid.kept(before, idx, self.pad)
         self._clear_padding_sources()
         self.snapshot(kind)
         return x
@@ -196,6 +208,7 @@ class TokenState:
         ``pad`` [B, K] (bool, True = real): as in :meth:`keep`, slots of ``keep_idx`` that are only
         padding (per-image token counts; merged tokens must not fold into them).
         """
+        before = x
         weighted = mode == "mean"
         live = None if drop is None else (~drop)[..., None]
         keep, src, into = _Index(keep_idx), _Index(src_idx), _Index(dst)
@@ -230,6 +243,8 @@ class TokenState:
         if pad is not None:
             old_pad = pad if old_pad is None else (old_pad & pad)
         self.pad = old_pad
+        if self.grid is not None:
+            self.grid.merged(before, keep_idx, src_idx, dst, drop, self.pad)
         self._clear_padding_sources()
         self.snapshot("merge" if drop is None else "merge+prune")
         return kept
@@ -255,6 +270,8 @@ class TokenState:
         if self.pad is not None:
             self.pad = torch.cat([gather_tokens(self.pad, kept_idx), gather_tokens(self.pad, dropped_idx).any(1, keepdim=True)], 1)
         self.extra["fused_token"] = True
+        if self.grid is not None:
+            self.grid.fused(x, kept_idx)
         out = torch.cat([kept, fused], dim=1)
         self.snapshot("fuse")
         return out
@@ -290,6 +307,8 @@ class TokenState:
         if self.pos is not None:
             centre = wa.argmax(2)                            # [B, K]: old token each new one weighs most
             self.pos = torch.cat([self.pos[:, :p], self.pos[:, p:].gather(1, centre)], 1)
+        if self.grid is not None:
+            self.grid.mixed(x, p, dom)
         self.snapshot("mix")
         return out
 

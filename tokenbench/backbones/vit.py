@@ -11,8 +11,8 @@ gradient-checkpointed: their hooks change the token state, which a recomputation
 
 The model's class is swapped too (in place; parameters and state-dict keys untouched), for
 what only the model sees: ``pool`` weights tokens by size and padding,
-``forward_intermediates`` refuses a spatial grid of blocks after tokens were pruned or merged,
-and ``forward_features`` embeds the image resized to a plan's ``input_grid`` (position
+``forward_intermediates`` hands back a spatial grid of every block asked for on the full patch
+grid (pruned patches filled back, merged ones unmerged: :mod:`~tokenbench.backbones.grid`), and ``forward_features`` embeds the image resized to a plan's ``input_grid`` (position
 embeddings resampled as timm does) when a method asks for a coarser grid.
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 
 from .base import Backbone, default_input_config, Plan, register_backbone
-from .surgery import begin_forward, block_surgery, checkpointing_switch, surgery_of
+from .surgery import begin_forward, block_surgery, capture_grid, checkpointing_switch, grid_of_blocks, surgery_of
 from .tokens import AttnInfo, TokenState
 
 # --------------------------------------------------------------------------- attention
@@ -173,20 +173,22 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
     """timm's ``Block.forward`` with the plan's hooks of this block.  The first block of a
     forward starts the token state on its input (the embedded patches); a block with no hook,
     while nothing asks for a mask, runs timm's own forward (gradient-checkpointed when the
-    model has it on)."""
+    model has it on).  When a grid is asked for, the output is also kept on the full grid."""
     s, i = block_surgery(self)
     st = begin_forward(s, i, x, tokens=x, cover=_input_cover(s) if i == 0 else None)
     plan = s.plan
     if plan.hooked(i) or _needs_masks(st):
-        return reducing_block(self, x, st, plan, i, attn_mask, is_causal)
+        return capture_grid(s, st, i, reducing_block(self, x, st, plan, i, attn_mask, is_causal))
     st.count(x)
     st.count(x, mlp=True)
     timm_forward = type(self).__mro__[1].forward
     if attn_mask is not None or is_causal:
-        return timm_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    if s.checkpointing and self.training and not torch.jit.is_scripting():
-        return torch.utils.checkpoint.checkpoint(functools.partial(timm_forward, self), x, use_reentrant=False)
-    return timm_forward(self, x)
+        out = timm_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    elif s.checkpointing and self.training and not torch.jit.is_scripting():
+        out = torch.utils.checkpoint.checkpoint(functools.partial(timm_forward, self), x, use_reentrant=False)
+    else:
+        out = timm_forward(self, x)
+    return capture_grid(s, st, i, out)
 
 
 def _resized_grid(model: nn.Module) -> Optional[tuple[int, int]]:
@@ -279,40 +281,35 @@ def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tenso
 
 def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     """timm's ``forward_intermediates`` on the reducing blocks.  Token sequences (``NLC``) are
-    returned as the blocks left them; a spatial grid (``NCHW``, timm's default) only for blocks
-    before the first that pruned or merged tokens, else one line of refusal."""
+    returned as the blocks left them; a spatial grid (``NCHW``, timm's default) holds every
+    patch of the original grid at every block asked for (:class:`~.grid.GridRestorer`: a pruned
+    patch keeps the value it had when dropped, a merged one its group's token), normalised by
+    the final norm when ``norm`` asks (a per-token norm: the same whether applied before or
+    after the restoration)."""
     from timm.models._features import feature_take_indices
 
     if _resized_grid(self) is not None:
         raise UserError("forward_intermediates is not available on an image resized to another patch grid")
-    base = surgery_of(self).base.forward_intermediates
+    s = surgery_of(self)
+    base = s.base.forward_intermediates
     call = inspect.signature(base).bind(self, x, *args, **kwargs)
     call.apply_defaults()
-    fmt = call.arguments.get("output_fmt", "NCHW")
-    if fmt != "NCHW":
+    if call.arguments.get("output_fmt", "NCHW") != "NCHW":
         return base(*call.args, **call.kwargs)
     call.arguments["output_fmt"] = "NLC"
-    out = base(*call.args, **call.kwargs)
-    st = surgery_of(self).state
     take, _ = feature_take_indices(len(self.blocks), call.arguments.get("indices"))
-    changed = st.first_change if st is not None else None
-    if changed is not None and any(i >= changed for i in take) and not _grid_intact(st, self.patch_embed.num_patches):
-        raise UserError(f"forward_intermediates cannot return a spatial grid (output_fmt='NCHW') after block "
-                        f"{changed}: the method pruned or merged tokens there; ask for output_fmt='NLC' "
-                        f"or for blocks before it")
+    with grid_of_blocks(self, take):
+        out = base(*call.args, **call.kwargs)
+    maps = s.state.grid.maps
+    norm = self.norm if call.arguments.get("norm") else (lambda t: t)
+    order = iter(sorted(set(take)))
     h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-    return _map_intermediates(out, lambda y: y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous())
 
+    def on_grid(_reduced: torch.Tensor) -> torch.Tensor:
+        y = norm(maps[next(order)])
+        return y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
-def _grid_intact(st: TokenState, n_patches: int) -> bool:
-    """Whether the primitives a forward ran left every patch token of every image in place, alone
-    and unpadded (then every block's output was the full grid: no primitive gives a token back)."""
-    npf = st.n_prefix
-    if st.pos is None or st.pos.shape[1] != npf + n_patches:
-        return False
-    grid = torch.arange(n_patches, device=st.pos.device)
-    return bool((st.pos[:, npf:] == grid).all()) and (st.pad is None or bool(st.pad.all())) and \
-        (st.size is None or bool((st.size == 1).all()))
+    return _map_intermediates(out, on_grid)
 
 
 def _map_intermediates(out, fn):
@@ -332,7 +329,7 @@ _MODEL_CLASSES: dict[type, type] = {}
 
 
 def _reducing_model_class(base: type) -> type:
-    """The model's class with size-weighted pooling, timm's intermediates checked for a grid, and
+    """The model's class with size-weighted pooling, timm's intermediates on the full grid, and
     gradient checkpointing left to the blocks."""
     if base not in _MODEL_CLASSES:
         _MODEL_CLASSES[base] = type(f"Reducing{base.__name__}", (base,),

@@ -30,7 +30,7 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
     from ..measure import resolve_device
     from ..registry import get_method, parse_set
     from ..runner import Settings, spec_dict
-    from ..runner_dense import check_restores_grid, measure_dense_run, task_of
+    from ..runner_dense import check_restores_grid, dense_family, measure_dense_run, task_of
     from ..store import Store
 
     task_of(model, data, checkpoint=checkpoint)  # a model and a dataset of different tasks: refused before anything is built
@@ -46,7 +46,7 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
         raise UserError(f"checkpoint {checkpoint} does not exist")
     unique_set_keys(sets)
     params = get_method(method).validate(parse_set(sets or []))
-    check_restores_grid(method, params)
+    check_restores_grid(method, params, dense_family(model))
     spec = spec_dict(model, method, params, False, str(checkpoint) if checkpoint else None, None)
     store = None
     if results is not None:
