@@ -89,6 +89,15 @@ def provenance(name: str, prov: dict) -> dict:
     return {**prov.get(name, {}), **{k: v for k, v in declared.items() if v is not None}}
 
 
+def _grid_text(declared) -> str:
+    """How the method hands back the full feature map of a dense task, in words (per family)."""
+    from tokenbench.registry import GRID_RESTORE_TEXT, GridRestore
+
+    if isinstance(declared, dict):
+        return "; ".join(f"{fam}: {GRID_RESTORE_TEXT[GridRestore(v)]}" for fam, v in declared.items())
+    return GRID_RESTORE_TEXT[GridRestore(declared or "none")]
+
+
 def method_page(m: dict, prov: dict, counted: dict) -> str:
     p = provenance(m["name"], prov)
     note = p.get("family_note") or ""
@@ -97,7 +106,8 @@ def method_page(m: dict, prov: dict, counted: dict) -> str:
              ("training", p.get("training") or _kind(m)), ("version", m["version"]),
              ("backbones", ", ".join(m.get("backbones") or [])), ("budget knob", m.get("knob") or "–"),
              ("seed parameter", m.get("seed_param") or "–"),
-             ("deterministic", "yes" if m.get("deterministic") else "no (seeded random choices)")]
+             ("deterministic", "yes" if m.get("deterministic") else "no (seeded random choices)"),
+             ("dense tasks (full map)", _grid_text(m.get("restores_grid")))]
     lines = [f"# `{m['name']}`", "", m["summary"], "", "| property | value |", "|---|---|"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in facts]
     lines += ["", "## Parameters", ""]
