@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
                                                                     help="Weights of the dense teacher."),
                   head: Optional[str] = typer.Option(None, "--head", help="Segmentation head on a timm backbone: "
                                                      "linear (last block, the default) or linear4 (last four)."),
-                  finetune: bool = typer.Option(False, "--finetune", help="Segmentation on a timm backbone: train "
+                  train_backbone: bool = typer.Option(False, "--finetune", help="Segmentation on a timm backbone: train "
                                                 "the backbone too (default: frozen, a linear probe).")):
         """Train a method on a model: DynamicViT's predictors (with its distillation recipe) or a fine-tune.
 
@@ -66,8 +66,8 @@ def register(app: typer.Typer) -> None:
 
         if wants_dense(model, data, task):
             return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
-                               seed, max_steps, device, checkpoint, head, finetune, pretrained, num_workers)
-        if head is not None or finetune:
+                               seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers)
+        if head is not None or train_backbone:
             raise UserError("--head and --finetune train a segmentation head; add --task segmentation and a dense "
                             "--data")
         if method is None:
