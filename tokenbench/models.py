@@ -184,8 +184,9 @@ def embedded_paths(root: Optional[Path] = None, name: str = EMBEDDED_NAME) -> di
 def verify_checksum(ckpt: Path, sha_file: Path, name: str = EMBEDDED_NAME) -> str:
     """The checkpoint's SHA-256, after checking it against ``sha_file``."""
     model = "" if name == EMBEDDED_NAME else f" --model {name}"
+    command = f"train {name} --data fashion-mnist-scenes" if name in DENSE_MODELS else f"train-base{model}"
     retrain = (f"restore it with `git checkout -- {ckpt.parent}`, or retrain it with "
-               f"`tokenbench train-base{model} --out {ckpt.parent} --force`")
+               f"`tokenbench {command} --out {ckpt.parent} --force`")
     if not ckpt.is_file():
         raise UserError(f"embedded model checkpoint {ckpt} is missing: {retrain}")
     if not sha_file.is_file():

@@ -137,6 +137,34 @@ def build_seg_model(name: str, arch: Optional[dict] = None) -> SegModel:
     return SegModel(enc, decoder, indices, a)
 
 
+# The classification model whose committed weights start each dense model's encoder.
+ENCODER_INIT = {"default-seg": "default", "default-convnext-seg": "default-convnext"}
+
+
+def init_encoder(model: SegModel, state: dict) -> list[str]:
+    """Load a classification checkpoint's ``state`` into ``model``'s encoder, in place.
+
+    The state goes through timm's own checkpoint filter for the family (for a ViT it resamples
+    the position embeddings to the encoder's grid, bicubic, as timm does for a new input
+    size); the classifier's weights, which the encoder has no place for, are left out and
+    returned.  Every encoder weight must be covered, else a one-line error.
+    """
+    from timm.models import convnext, vision_transformer
+
+    filt = convnext.checkpoint_filter_fn if model.tokenbench_arch["family"] == "convnext" \
+        else vision_transformer.checkpoint_filter_fn
+    state = filt(state.get("model", state), model.encoder)
+    own = model.encoder.state_dict()
+    unused = sorted(k for k in state if k not in own)
+    wrong = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
+    missing = sorted(k for k in own if k not in state)
+    if wrong or missing:
+        raise UserError(f"the initial weights do not fit the encoder: "
+                        f"{', '.join((wrong + missing)[:3])} {'differ in shape' if wrong else 'are missing'}")
+    model.encoder.load_state_dict({k: v for k, v in state.items() if k in own})
+    return unused
+
+
 def seg_paths(name: str) -> dict[str, Path]:
     """Where the trained weights of dense model ``name`` live (``results/embedded-<name>``)."""
     from .models import REPO_ROOT
@@ -148,7 +176,7 @@ def seg_paths(name: str) -> dict[str, Path]:
 def untrained_note(name: str) -> str:
     return (f"{name} has no trained weights ({seg_paths(name)['ckpt']} is missing): random weights, the "
             f"figures say nothing about the method; train it with `tokenbench train {name} --data "
-            "fashion-mnist-scenes`")
+            f"fashion-mnist-scenes --out {seg_paths(name)['dir']}`")
 
 
 def create_seg_model(name: str) -> tuple[SegModel, dict]:

@@ -23,10 +23,22 @@ from .errors import UserError
 from .train import TrainConfig, check_run_dir, train_loop
 from .train_data import _step_indices
 
-# Not tuned: a starting point for training the embedded dense models.
+# From scratch (the fallback where no classification weights start the encoder): not tuned.
 SEG_RECIPE = TrainConfig(epochs=30, batch_size=64, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=300,
                          label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, ckpt_every=200, eval_limit=500,
                          grad_clip=1.0)
+# The embedded dense models start their encoder from the committed classification model of their
+# family (:data:`~tokenbench.models_seg.ENCODER_INIT`), so a short fine-tune suffices: the new
+# decoder at ``lr``, the pretrained encoder at ``lr * backbone_lr_scale``, one thread.
+SEG_RECIPES = {
+    "default-seg": TrainConfig(epochs=1, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
+                               label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, eval_every=125,
+                               ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0, backbone_lr_scale=0.2),
+    "default-convnext-seg": TrainConfig(epochs=2, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
+                                        warmup_steps=50, label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0,
+                                        eval_every=125, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
+                                        backbone_lr_scale=0.2),
+}
 
 
 def pixel_cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -130,19 +142,44 @@ def dense_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.stack(ys)
 
 
+def encoder_init(model: str) -> tuple[dict, dict]:
+    """The committed classification weights that start dense model ``model``'s encoder (checksum
+    verified) and where they came from."""
+    from .models import embedded_paths, verify_checksum
+    from .models_seg import ENCODER_INIT
+    from .outputs import repository_relative
+
+    name = ENCODER_INIT[model]
+    p = embedded_paths(name=name)
+    sha = verify_checksum(p["ckpt"], p["sha"], name)
+    state = torch.load(p["ckpt"], map_location="cpu", weights_only=True)
+    return state, {"model": name, "checkpoint": repository_relative(p["ckpt"]), "weights": f"sha256:{sha}"}
+
+
+def split_groups(net: nn.Module, weight_decay: float, encoder_scale: Optional[float]) -> list[dict]:
+    """Optimiser groups: the decoder at the full rate, the encoder at ``encoder_scale`` times it."""
+    from .train import param_groups
+
+    groups = []
+    for part, scale in ((net.decoder, 1.0), (net.encoder, 1.0 if encoder_scale is None else encoder_scale)):
+        groups += [{**g, "lr_scale": scale} for g in param_groups(part, weight_decay) if g["params"]]
+    return groups
+
+
 def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data: str = SCENES, data_dir=None,
               checkpoint: Optional[str] = None, arch: Optional[dict] = None, train_limit: Optional[int] = None,
               progress: bool = True, force: bool = False, head: Optional[str] = None, frozen: bool = True,
-              pretrained: bool = False) -> dict:
+              pretrained: bool = False, init_encoder: bool = False) -> dict:
     """Train dense model ``model`` on ``data`` (its train split; mIoU on its val split) into ``out_dir``:
     ``model.pt`` (+ .sha256), ``config.json`` (with the architecture) and ``train_log.csv``, whose
     ``test_acc`` column holds the val mIoU.
 
     ``model`` is an embedded dense model (``arch`` overrides its architecture) or a timm backbone,
     which gets a ``head`` (``linear`` or ``linear4``) on its feature maps, its weights frozen
-    unless ``frozen`` is False."""
+    unless ``frozen`` is False.  ``checkpoint`` starts the whole dense model; ``init_encoder`` starts
+    an embedded dense model's encoder from the committed classification model of its family."""
     from .data_scenes import build_dense_dataset, dense_classes
-    from .models_seg import SEG_ARCH, build_seg_model
+    from .models_seg import SEG_ARCH, build_seg_model, init_encoder as load_encoder
     from .models_seg_timm import build_timm_seg
     from .runner_dense import task_of
 
@@ -162,12 +199,16 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
         net = build_seg_model(model, {"classes": classes, **(arch or {})})
     else:
         net = build_timm_seg(model, classes, head or "linear", frozen, pretrained)
+    extra: dict = {"model": model, "arch": net.tokenbench_arch}
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         try:
             net.load_state_dict(state.get("model", state))
         except RuntimeError as e:
             raise UserError(f"{checkpoint} does not hold {model}'s weights ({str(e).splitlines()[0]})") from None
+    elif init_encoder and embedded:
+        state, extra["init"] = encoder_init(model)
+        extra["init"]["left_out"] = load_encoder(net, state)
     train_ds, _ = build_dense_dataset(data, "train", data_dir, model=net, limit=train_limit)
     val_ds, vspec = build_dense_dataset(data, "val", data_dir, model=net)
     info = {"data": data, "task": "segmentation", "eval": "mIoU (%) on the val split"}
@@ -180,5 +221,6 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
 
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
         source = FolderSegSource(train_ds, val_ds, vspec.classes, info, workers)
-    return train_loop(net, source, cfg=cfg, out_dir=out_dir, loss_fn=pixel_cross_entropy,
-                      config_extra={"model": model, "arch": net.tokenbench_arch}, progress=progress, force=force)
+    groups = split_groups(net, cfg.weight_decay, cfg.backbone_lr_scale) if embedded else None
+    return train_loop(net, source, cfg=cfg, out_dir=out_dir, loss_fn=pixel_cross_entropy, config_extra=extra,
+                      progress=progress, force=force, groups=groups)
