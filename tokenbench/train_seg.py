@@ -34,7 +34,7 @@ SEG_RECIPES = {
     "default-seg": TrainConfig(epochs=1, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
                                label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, eval_every=125,
                                ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0, backbone_lr_scale=0.2),
-    "default-convnext-seg": TrainConfig(epochs=2, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
+    "default-convnext-seg": TrainConfig(epochs=1.5, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
                                         warmup_steps=50, label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0,
                                         eval_every=125, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
                                         backbone_lr_scale=0.2),
