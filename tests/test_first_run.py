@@ -148,3 +148,24 @@ def test_the_estimate_prefers_timings_made_on_this_cpu(tmp_path, cli, monkeypatc
     assert est is not None and "made here on Another CPU 9000" in est.source
     assert est.seconds({"throughput": 2}) == pytest.approx(2 * sorted(
         r["metrics"]["wall_s"] for r in Store(mine).records() if r["kind"] == "throughput")[1])
+
+
+def test_the_reference_durations_grow_by_the_protocols_forwards_on_a_slower_cpu(tmp_path, monkeypatch):
+    from tokenbench.store import Store
+    from tokenbench.sweep import load_sweep, timing
+
+    def rec(kind, t, model=TINY, **m):
+        return {"kind": kind, "key_fields": {"model": model, "method": "none", "batch_size": 2,
+                                             "device_name": "Ref CPU"},
+                "spec": {}, "meta": {"time": f"2026-01-01T00:00:{t:02d}+0000"}, "metrics": m}
+
+    class Ref:  # a smaller dense model first: its speed is not the sweep's model's
+        def records(self):
+            return [rec("flops", 0), rec("throughput", 3, model="small", img_per_s=80.0),
+                    rec("throughput", 6, img_per_s=20.0), rec("speedup", 9, wall_s=6.0)]
+
+    sw = load_sweep(str(_sweep(tmp_path, tmp_path / "x")))  # batch 2: the reference's forward takes 0.1 s
+    for here, thr, sp in ((0.05, 3.0, 6.0), (0.1, 3.0, 6.0), (0.6, 3.0 + 7 * 0.5, 6.0 + 28 * 0.5)):
+        monkeypatch.setattr(timing, "dense_forward_s", lambda *a, here=here, **k: here)
+        est = timing.estimate(sw, Store(tmp_path / "empty"), Ref(), dense_net=object())
+        assert est.per_kind == pytest.approx({"throughput": thr, "speedup": sp})  # 10 rounds: 8 + 20 forwards

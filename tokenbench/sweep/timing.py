@@ -9,8 +9,8 @@ run.  The timings that are made follow the full protocol: fewer settings, not sh
 
 The estimate said before a sweep starts comes from measured durations: of timings already made
 on this CPU (``wall_s`` of this store's records), else of the reference's (``wall_s``, or for
-records written before it existed, the time since the record written before it), scaled by a
-dense forward timed here against the reference's dense throughput.
+records written before it existed, the time since the record written before it), lengthened by
+what a dense forward timed here takes beyond the reference's (:func:`estimate`).
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def dense_forward_s(net, batch_size: int, threads: Optional[int], img_size: Opti
     return statistics.median(ts)
 
 
-def _dense_rate(records: list[dict], batch_size: int) -> Optional[float]:
-    """The reference's dense img/s at ``batch_size`` (its throughput record)."""
+def _dense_rate(records: list[dict], model: str, batch_size: int) -> Optional[float]:
+    """The reference's dense img/s of ``model`` at ``batch_size`` (its throughput record)."""
     for r in records:
         kf = r.get("key_fields") or {}
-        if r.get("kind") == "throughput" and kf.get("method") == DENSE_METHOD and kf.get("batch_size") == batch_size \
-                and (r.get("spec") or {}).get("checkpoint") is None:
+        if r.get("kind") == "throughput" and kf.get("method") == DENSE_METHOD and kf.get("model") == model \
+                and kf.get("batch_size") == batch_size and (r.get("spec") or {}).get("checkpoint") is None:
             return (r.get("metrics") or {}).get("img_per_s")
     return None
 
@@ -102,9 +102,19 @@ class Estimate:
         return sum(n * self.per_kind.get(k, mean) for k, n in counts.items())
 
 
+def min_forwards(kind: str, rounds: int) -> int:
+    """The fewest batch forwards a timing of ``kind`` makes however slow each is (the protocol of
+    :mod:`tokenbench.measure`): a throughput's first call, one warm-up call and five timed blocks;
+    a speedup's, per model, first call, warm-up, three calls to size its blocks and one calibration
+    block, then one block of each model per round."""
+    return 7 if kind == "throughput" else 8 + 2 * rounds
+
+
 def estimate(sw, store, reference, dense_net=None) -> Optional[Estimate]:
     """Seconds per timing here: this CPU's own timings in ``store`` first; else the reference's,
-    scaled by ``dense_net``'s forward here over the reference's dense one; None with neither."""
+    each longer by its :func:`min_forwards` times what a dense forward takes here beyond the
+    reference's (a timing is bound by ``min_run_time`` on a fast CPU, by its forwards on a slow
+    one); None with neither."""
     from .. import measure
 
     cpu = measure.cpu_model()
@@ -116,15 +126,15 @@ def estimate(sw, store, reference, dense_net=None) -> Optional[Estimate]:
         return None
     recs = reference.records()
     ref = durations(recs)
-    rate = _dense_rate(recs, sw.batch_size)
+    rate = _dense_rate(recs, sw.models[0], sw.batch_size)  # dense_net is the first model's dense run
     if not ref or not rate or dense_net is None or sw.device == "cuda":
         return None
-    here = dense_forward_s(dense_net, sw.batch_size, sw.threads, sw.img_size)
-    scale = here / (sw.batch_size / rate)
+    here, there = dense_forward_s(dense_net, sw.batch_size, sw.threads, sw.img_size), sw.batch_size / rate
+    slower = max(0.0, here - there)
     names = sorted({(r.get("key_fields") or {}).get("device_name") for r in recs if r.get("kind") in TIMED} - {None})
-    return Estimate({k: statistics.median(v) * scale for k, v in ref.items()},
-                    f"the reference's timings on {', '.join(names) or 'its CPU'}, scaled by a dense forward timed "
-                    f"here ({scale:.2f}x its time)")
+    return Estimate({k: statistics.median(v) + min_forwards(k, sw.rounds) * slower for k, v in ref.items()},
+                    f"the reference's timings on {', '.join(names) or 'its CPU'} and a dense forward timed here: "
+                    f"{1000 * here:.0f} ms against its {1000 * there:.0f} ms")
 
 
 # --------------------------------------------------------------------------- what a sweep says before it starts
