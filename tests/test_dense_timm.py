@@ -130,12 +130,13 @@ def test_a_method_without_grid_restoration_is_refused_on_a_timm_dense_model(cli,
     from tokenbench import registry
 
     root, run, _ = ade
-    cannot = type("NoGrid", (registry.get_method("topk"),), {"name": "topk-no-grid", "restores_grid": None})
+    cannot = type("NoGrid", (registry.get_method("topk"),), {"name": "topk-no-grid",
+                                                             "restores_grid": registry.GridRestore.NONE})
     monkeypatch.setitem(registry._REGISTRY, cannot.name, cannot)
     code, _, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
                        str(run / "model.pt"), "--method", cannot.name, "--set", "keep_rate=0.5",
                        "--results", str(tmp_path / "res"))
-    one_line_refusal(code, err, "cannot restore the full token grid")
+    one_line_refusal(code, err, "topk-no-grid cannot hand back the full feature map a dense task needs on vit")
     assert stored(tmp_path / "res") == []
 
 
@@ -203,3 +204,18 @@ def test_eval_of_a_dense_model_refuses_pretrained_in_one_line(cli, ade):
     code, _, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
                        str(run / "model.pt"), "--pretrained")
     one_line_refusal(code, err, "--pretrained does not apply to a dense model")
+
+
+@pytest.mark.parametrize("method,setting", [("tome", "r=4"), ("topk", "keep_rate=0.5")])
+def test_a_reducing_method_runs_on_a_trained_timm_dense_model_with_fewer_flops(cli, ade, method, setting):
+    root, run, _ = ade
+
+    def evaluate(*extra):
+        code, out, err = cli("eval", TINY, "--data", "ade20k", "--data-dir", str(root), "--checkpoint",
+                             str(run / "model.pt"), "--json", *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    dense, reduced = evaluate(), evaluate("--method", method, "--set", setting)
+    assert reduced["gflops_backbone"] < dense["gflops_backbone"]
+    assert reduced["gflops_decoder"] == pytest.approx(dense["gflops_decoder"]) and reduced["n"] == dense["n"]
