@@ -148,3 +148,133 @@ def tiny_default_convnext(tmp_path, monkeypatch):
     (d / "config.json").write_text(json.dumps({"arch": m.tokenbench_arch}))  # every key, as training writes
     monkeypatch.setattr(models, "EMBEDDED_CONVNEXT_DIR", d)
     return d
+
+
+# --------------------------------------------------------------------------- methods against references
+
+VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
+VIT_SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
+# the prefix layouts a ViT method must handle
+VIT_VARIANTS = {
+    "cls": ("vit_tiny_patch16_224", {}),
+    "avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=2)),  # 3 prefix tokens
+}
+
+
+def small_vit(img: int = 64, patch: int = 8, **kw) -> torch.nn.Module:
+    """A depth-12, width-48 random ViT with timm's initialisation and 7 classes."""
+    import timm
+
+    torch.manual_seed(0)
+    a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)
+    a.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **a).eval()
+
+
+def peaked_vit(variant: str = "cls", size: dict = VIT_SMALL, seed: int = 0, **extra) -> torch.nn.Module:
+    """A tiny random ViT of one prefix layout, with weights strong enough for peaked attention and
+    O(1) logits."""
+    import timm
+
+    name, kw = VIT_VARIANTS[variant]
+    torch.manual_seed(seed)
+    m = timm.create_model(name, num_classes=7, **size, **kw, **extra).eval()
+    return peak_weights(m, seed)
+
+
+def assert_close_to_reference(out, ref, rel: float) -> None:
+    """``out`` equals the reference logits within ``rel`` of their largest entry, and those logits
+    are not trivially small."""
+    scale = ref.abs().max().item()
+    assert scale > 0.5
+    torch.testing.assert_close(out.to(ref.dtype), ref, atol=rel * scale, rtol=0)
+
+
+def assert_sources_are(model, members) -> None:
+    """The last forward's tokens, in the reference's order, stand for the reference's groups of
+    patches (``members[b][t]``: the original token indices token ``t`` of image ``b`` covers)."""
+    from tokenbench.backbones import last_state
+
+    src = last_state(model).source
+    for b, mem in enumerate(members):
+        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
+        for t, s in enumerate(mem):
+            want[t, sorted(s)] = 1
+        assert torch.equal(src[b], want)
+
+
+def assert_counts_declared(model, method: str, **params):
+    """A forward of two images passes the token counts ``method`` declares; returns them."""
+    from tokenbench import registry
+    from tokenbench.backbones import last_state
+
+    with torch.no_grad():
+        model(random_images(model, 2))
+    st = last_state(model)
+    want = registry.get_method(method)().expected_tokens(model, **params)
+    assert (st.tokens, st.tokens_mlp) == want
+    return want
+
+
+def assert_batch_independent(model, imgs, deterministic: bool = True) -> None:
+    """Each image's logits do not depend on the rest of its batch (and, if ``deterministic``, a
+    second forward gives the same logits exactly)."""
+    with torch.no_grad():
+        full = model(imgs)
+        again = model(imgs)
+        single = torch.cat([model(imgs[i:i + 1]) for i in range(len(imgs))])
+    if deterministic:
+        assert torch.equal(full, again)
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+def assert_traceable(model) -> None:
+    """``torch.jit.trace`` on one batch gives the model's logits on another."""
+    x, y = random_images(model, 2, seed=3), random_images(model, 2, seed=4)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(y), model(y))
+
+
+# one image's ViT computed by hand, operation by operation (the loops references are written in)
+
+def ln(x, mod):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
+
+
+def lin(x, mod):
+    return x @ mod.weight.T + mod.bias
+
+
+def gelu(x):
+    import math
+
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def ref_attention(blk, t):
+    """Plain multi-head self-attention of one image's tokens t [N, C]; also the class token's
+    attention to every token, averaged over heads."""
+    import math
+
+    a = blk.attn
+    n, c = t.shape
+    h, hd = a.num_heads, c // a.num_heads
+    qkv = lin(ln(t, blk.norm1), a.qkv)
+    heads, cls_row = [], torch.zeros(n, dtype=t.dtype)
+    for j in range(h):
+        q = qkv[:, j * hd:(j + 1) * hd]
+        k = qkv[:, c + j * hd:c + (j + 1) * hd]
+        v = qkv[:, 2 * c + j * hd:2 * c + (j + 1) * hd]
+        att = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1)
+        heads.append(att @ v)
+        cls_row = cls_row + att[0] / h
+    return lin(torch.cat(heads, dim=1), a.proj), cls_row
+
+
+def ref_mlp(blk, t):
+    return lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)

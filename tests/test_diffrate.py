@@ -7,30 +7,19 @@ import pytest
 import timm
 import torch
 
-from conftest import peak_weights, random_images
+from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference, assert_counts_declared,
+                      assert_sources_are, peaked_vit, random_images)
 from tokenbench import registry
 from tokenbench.backbones import TokenState, last_state, plan_of, set_track_source
 from tokenbench.errors import UserError
 from tokenbench.methods.diffrate import SCHEDULES, block_counts, kept_patches
 
-SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
-
-VARIANTS = {
-    "cls": ("vit_tiny_patch16_224", {}),
-    "distilled": ("deit_tiny_distilled_patch16_224", {}),
-    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=2)),  # 3 prefix tokens
-}
+SMALL, TINY = VIT_SMALL, VIT_TINY
+VARIANTS = ("cls", "distilled", "registers")  # DiffRate needs a class token
+make_model = peaked_vit
 # a steep custom schedule (official scale: 197 tokens), so that small grids prune and merge a lot
 STEEP = ([197, 180, 150, 120, 100, 80, 60, 50, 40, 30, 20, 10],
          [190, 160, 130, 110, 90, 70, 55, 45, 35, 25, 15, 10])
-
-
-def make_model(variant: str = "cls", size: dict = SMALL, seed: int = 0) -> torch.nn.Module:
-    name, kw = VARIANTS[variant]
-    torch.manual_seed(seed)
-    m = timm.create_model(name, num_classes=7, **size, **kw).eval()
-    return peak_weights(m, seed)
 
 
 # --------------------------------------------------------------------------- the reference
@@ -115,15 +104,8 @@ def test_matches_reference(variant, schedule, power):
     with torch.no_grad():
         out = model(imgs)
         ref, members = ref_forward(model, imgs, prune, merge, power)
-    scale = ref.abs().max().item()
-    assert scale > 0.5  # logits are not trivially small
-    torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=0)
-    src = last_state(model).source  # the same tokens, in the same order, standing for the same patches
-    for b, mem in enumerate(members):
-        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
-        for t, s in enumerate(mem):
-            want[t, sorted(s)] = 1
-        assert torch.equal(src[b], want)
+    assert_close_to_reference(out, ref, 1e-6)
+    assert_sources_are(model, members)
 
 
 def test_matches_reference_float32():
@@ -133,7 +115,7 @@ def test_matches_reference_float32():
     with torch.no_grad():
         out = model(imgs)
         ref, _ = ref_forward(model.double(), imgs.double(), *STEEP)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert_close_to_reference(out, ref, 1e-5)
 
 
 def test_default_is_the_official_deit_s_schedule():
@@ -157,11 +139,7 @@ def test_default_is_the_official_deit_s_schedule():
 def test_token_counts(variant, prune, merge, power):
     model = make_model(variant, TINY)
     registry.apply(model, "diffrate", prune=prune, merge=merge, power=power)
-    with torch.no_grad():
-        model(random_images(model, 2))
-    st_ = last_state(model)
-    want = registry.get_method("diffrate")().expected_tokens(model, prune=prune, merge=merge, power=power)
-    assert (st_.tokens, st_.tokens_mlp) == want
+    assert_counts_declared(model, "diffrate", prune=prune, merge=merge, power=power)
 
 
 def test_counts_follow_the_official_rules():
@@ -209,13 +187,7 @@ def test_needs_class_token():
 def test_batch_consistency_and_determinism():
     model = make_model("cls")
     registry.apply(model, "diffrate", prune=STEEP[0], merge=STEEP[1])
-    imgs = random_images(model, 4)
-    with torch.no_grad():
-        full = model(imgs)
-        again = model(imgs)
-        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
-    assert torch.equal(full, again)
-    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+    assert_batch_independent(model, random_images(model, 4))
 
 
 def test_merge_primitive_plain_mean_and_size_weights():

@@ -1,13 +1,12 @@
 """DynamicViT adapter: inference against a slow reference, schedule, parameters, training pieces."""
 
-import math
 import sys
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
+from conftest import gelu, lin, ln, ref_attention, ref_mlp, small_vit
 from tokenbench import registry
 from tokenbench.errors import UserError
 from tokenbench.backbones import TokenState, backbone_of, last_state, restore
@@ -19,11 +18,7 @@ registry.load_methods()
 dv = sys.modules["tokenbench.methods.dynamicvit"]
 
 
-def tiny(img=64, patch=8, **kw):
-    torch.manual_seed(0)
-    a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)
-    a.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", **a).eval()
+tiny = small_vit
 
 
 def spread_predictors(model, seed=1, scale=0.3):
@@ -35,40 +30,6 @@ def spread_predictors(model, seed=1, scale=0.3):
 
 
 # --------------------------------------------------------------------------- slow reference
-
-def ln(x, mod):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
-
-
-def lin(x, mod):
-    return x @ mod.weight.T + mod.bias
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def ref_attention(blk, t):
-    """Plain multi-head self-attention of one image's tokens t [N, C]."""
-    a = blk.attn
-    n, c = t.shape
-    h, hd = a.num_heads, c // a.num_heads
-    qkv = lin(ln(t, blk.norm1), a.qkv)
-    heads = []
-    for j in range(h):
-        q = qkv[:, j * hd:(j + 1) * hd]
-        k = qkv[:, c + j * hd:c + (j + 1) * hd]
-        v = qkv[:, 2 * c + j * hd:2 * c + (j + 1) * hd]
-        att = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1)
-        heads.append(att @ v)
-    return lin(torch.cat(heads, dim=1), a.proj)
-
-
-def ref_mlp(blk, t):
-    return lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
-
 
 def ref_keep_score(pred, t):
     """The prediction module on one image's patch tokens t [N, C]: keep log-probability per token."""
@@ -100,7 +61,7 @@ def ref_dynamicvit(model, images, keep_rate):
                 score = ref_keep_score(model.score_predictor[s], t[1:])
                 order = sorted(range(len(score)), key=lambda j: -float(score[j]))[:k]
                 t = torch.cat([t[:1], t[1:][order]], dim=0)
-            t = t + ref_attention(blk, t)
+            t = t + ref_attention(blk, t)[0]
             t = t + ref_mlp(blk, t)
         t = ln(t, model.norm)
         out.append(lin(t[0], model.head))

@@ -8,7 +8,8 @@ import sys
 import pytest
 import timm
 
-from conftest import peak_weights, random_images
+from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference, assert_counts_declared,
+                      assert_sources_are, assert_traceable, peaked_vit, random_images)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -17,24 +18,9 @@ from tokenbench.errors import UserError
 from tokenbench.backbones.vit import quarter_sites
 from tokenbench.backbones import backbone_of, last_state, plan_of, set_track_source
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
-SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
-
-VARIANTS = {
-    "cls": ("vit_tiny_patch16_224", {}),
-    "distilled": ("deit_tiny_distilled_patch16_224", {}),
-    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=2)),  # 3 prefix tokens
-}
-
-
-def make_model(variant: str = "cls", size: dict = SMALL, seed: int = 0, **extra) -> torch.nn.Module:
-    """A tiny random ViT with weights strong enough for peaked attention and O(1) logits."""
-    name, kw = VARIANTS[variant]
-    torch.manual_seed(seed)
-    m = timm.create_model(name, num_classes=7, **size, **kw, **extra).eval()
-    return peak_weights(m, seed)
-
-
+TINY, SMALL = VIT_TINY, VIT_SMALL
+VARIANTS = ("cls", "distilled", "registers")  # EViT needs a class token
+make_model = peaked_vit
 images = random_images
 
 
@@ -111,15 +97,8 @@ def test_matches_reference(variant, keep_rate, fuse_token):
     with torch.no_grad():
         out = model(imgs)
         ref, members = ref_forward(model, imgs, keep_rate, fuse_token)
-    scale = ref.abs().max().item()
-    assert scale > 0.5  # logits are not trivially small
-    torch.testing.assert_close(out, ref, atol=1e-5 * scale, rtol=0)
-    src = last_state(model).source  # the same tokens, in the same order
-    for b, mem in enumerate(members):
-        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
-        for t, s in enumerate(mem):
-            want[t, sorted(s)] = 1
-        assert torch.equal(src[b], want)
+    assert_close_to_reference(out, ref, 1e-5)
+    assert_sources_are(model, members)
 
 
 def test_matches_reference_float32():
@@ -129,7 +108,7 @@ def test_matches_reference_float32():
     with torch.no_grad():
         out = model(imgs)
         ref, _ = ref_forward(model.double(), imgs.double(), 0.7, True)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert_close_to_reference(out, ref, 1e-5)
 
 
 def test_other_depth_uses_quarter_sites():
@@ -160,21 +139,13 @@ def test_default_schedule():
 def test_token_counts(variant, keep_rate, fuse_token):
     model = make_model(variant, TINY)
     registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
-    with torch.no_grad():
-        model(images(model, 2))
-    st_ = last_state(model)
-    want = registry.get_method("evit")().expected_tokens(model, keep_rate=keep_rate, fuse_token=fuse_token)
-    assert (st_.tokens, st_.tokens_mlp) == want
+    assert_counts_declared(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
 
 
 def test_batch_consistency():
     model = make_model("cls")
     registry.apply(model, "evit", keep_rate=0.5)
-    imgs = images(model, 4)
-    with torch.no_grad():
-        full = model(imgs)
-        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
-    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+    assert_batch_independent(model, images(model, 4), deterministic=False)
 
 
 @pytest.mark.parametrize("fuse_token", [True, False])
@@ -248,10 +219,7 @@ def test_source_map_without_fusion():
 def test_traceable():
     model = make_model("cls", TINY)
     registry.apply(model, "evit", keep_rate=0.5)
-    x, y = images(model, 2, seed=3), images(model, 2, seed=4)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, x, check_trace=False)
-        torch.testing.assert_close(traced(y), model(y))
+    assert_traceable(model)
 
 
 # ---- the pure functions
@@ -271,9 +239,5 @@ def test_complement_and_topk():
 def test_keep_rates_property(keep_rate, fuse_token, variant):
     model = make_model(variant, TINY)
     registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
-    with torch.no_grad():
-        model(images(model, 2))
-    st_ = last_state(model)
-    want = registry.get_method("evit")().expected_tokens(model, keep_rate=keep_rate, fuse_token=fuse_token)
-    assert (st_.tokens, st_.tokens_mlp) == want
-    assert all(t >= model.num_prefix_tokens + 1 for t in st_.tokens_mlp)
+    _, tokens_mlp = assert_counts_declared(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
+    assert all(t >= model.num_prefix_tokens + 1 for t in tokens_mlp)

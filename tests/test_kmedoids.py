@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import peak_weights, random_images, tiny_vit
+from conftest import assert_batch_independent, assert_counts_declared, peak_weights, random_images, tiny_vit
 from tokenbench import registry
 from tokenbench.backbones import backbone_of, last_state, set_track_source
 from tokenbench.errors import UserError
@@ -97,11 +97,7 @@ def test_fit_matches_loop():
 def test_token_counts(keep_rate):
     model = tiny_vit()
     registry.apply(model, "kmedoids", keep_rate=keep_rate)
-    with torch.no_grad():
-        model(random_images(model, 2))
-    st = last_state(model)
-    want = registry.get_method("kmedoids")().expected_tokens(model, keep_rate=keep_rate)
-    assert (st.tokens, st.tokens_mlp) == want
+    want = assert_counts_declared(model, "kmedoids", keep_rate=keep_rate)
     n0 = backbone_of(model).num_patches
     assert want[0][3] == 1 + int(n0 * keep_rate)  # the official count rule at the first site
 
@@ -125,13 +121,7 @@ def test_medoids_keep_their_features_and_sizes_add_up():
 def test_batch_independent_and_deterministic():
     model = peak_weights(tiny_vit())
     registry.apply(model, "kmedoids", keep_rate=0.5)
-    imgs = random_images(model, 4)
-    with torch.no_grad():
-        full = model(imgs)
-        again = model(imgs)
-        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
-    assert torch.equal(full, again)
-    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+    assert_batch_independent(model, random_images(model, 4))
 
 
 def test_keep_rate_one_is_dense():

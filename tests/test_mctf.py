@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import peak_weights, random_images, tiny_vit
+from conftest import assert_counts_declared, peak_weights, random_images, tiny_vit
 from tokenbench import registry
 from tokenbench.backbones import last_state
 from tokenbench.errors import UserError
@@ -126,10 +126,7 @@ def test_matches_reference(params):
 def test_token_counts(r):
     model = make_model()
     registry.apply(model, "mctf", r=r)
-    with torch.no_grad():
-        model(random_images(model, 2))
-    st = last_state(model)
-    assert (st.tokens, st.tokens_mlp) == registry.get_method("mctf")().expected_tokens(model, r=r)
+    assert_counts_declared(model, "mctf", r=r)
 
 
 def test_default_schedule_deit_s_geometry():

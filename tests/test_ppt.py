@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 
-from conftest import peak_weights, random_images, tiny_vit
+from conftest import assert_counts_declared, peak_weights, random_images, tiny_vit
 from tokenbench import registry
-from tokenbench.backbones import TokenState, last_state
+from tokenbench.backbones import TokenState
 from tokenbench.errors import UserError
 
 
@@ -118,10 +118,7 @@ def test_all_prune_and_all_pool(threshold):
 def test_token_counts(r):
     model = make_model()
     registry.apply(model, "ppt", r=r)
-    with torch.no_grad():
-        model(random_images(model, 2))
-    st = last_state(model)
-    assert (st.tokens, st.tokens_mlp) == registry.get_method("ppt")().expected_tokens(model, r=r)
+    assert_counts_declared(model, "ppt", r=r)
 
 
 def test_default_schedule_deit_s_geometry():

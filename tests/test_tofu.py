@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from test_pitome import ref_forward
-from test_tome import SMALL, TINY, images, make_model
+from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_close_to_reference,
+                      assert_counts_declared, assert_sources_are, peaked_vit as make_model, random_images as images)
 from tokenbench import registry
 from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
@@ -88,15 +89,8 @@ def test_matches_reference(variant, r, merge_from, prop_attn, size_weighted):
     with torch.no_grad():
         out = model(imgs)
         ref, members = ref_forward(model, imgs, ref_tofu(rs, start, size_weighted), prop_attn)
-    scale = ref.abs().max().item()
-    assert scale > 0.5
-    torch.testing.assert_close(out, ref, atol=1e-6 * scale, rtol=0)
-    src = last_state(model).source  # the same tokens, in the same order, cover the same patches
-    for b, mem in enumerate(members):
-        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
-        for t, s in enumerate(mem):
-            want[t, sorted(s)] = 1
-        assert torch.equal(src[b], want)
+    assert_close_to_reference(out, ref, 1e-6)
+    assert_sources_are(model, members)
 
 
 def test_float32_matches_reference():
@@ -106,7 +100,7 @@ def test_float32_matches_reference():
     with torch.no_grad():
         out = model(imgs)
         ref, _ = ref_forward(model.double(), imgs.double(), ref_tofu([6] * 12, 6), True)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert_close_to_reference(out, ref, 1e-5)
 
 
 def test_mlerp_keeps_the_largest_norm():
@@ -129,11 +123,7 @@ def test_mlerp_keeps_the_largest_norm():
 def test_token_counts(variant, r):
     model = make_model(variant, TINY)
     registry.apply(model, "tofu", r=r, merge_from=3)
-    with torch.no_grad():
-        model(images(model, 2))
-    st_ = last_state(model)
-    want = registry.get_method("tofu")().expected_tokens(model, r=r, merge_from=3)
-    assert (st_.tokens, st_.tokens_mlp) == want
+    want = assert_counts_declared(model, "tofu", r=r, merge_from=3)
     assert want == registry.get_method("tome")().expected_tokens(model, r=r)  # ToMe's schedule
 
 
@@ -160,13 +150,7 @@ def test_r_zero_is_unchanged():
 def test_batch_consistency_and_determinism():
     model = make_model("cls")
     registry.apply(model, "tofu", r=[6, 8, 3, 10, 4, 7, 5, 5], merge_from=4)
-    imgs = images(model, 4)
-    with torch.no_grad():
-        full = model(imgs)
-        again = model(imgs)
-        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
-    assert torch.equal(full, again)
-    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+    assert_batch_independent(model, images(model, 4))
 
 
 @pytest.mark.parametrize("params", [

@@ -6,9 +6,9 @@ import math
 import sys
 
 import pytest
-import timm
 
-from conftest import peak_weights, random_images
+from conftest import (VIT_SMALL, VIT_TINY, VIT_VARIANTS, assert_batch_independent, assert_close_to_reference,
+                      assert_counts_declared, assert_sources_are, assert_traceable, peaked_vit, random_images)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -16,25 +16,8 @@ from tokenbench import registry
 from tokenbench.errors import UserError
 from tokenbench.backbones import backbone_of, last_state, set_track_source
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 16 patches
-SMALL = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3)  # 64 patches
-
-VARIANTS = {
-    "cls": ("vit_tiny_patch16_224", {}),
-    "avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
-    "distilled": ("deit_tiny_distilled_patch16_224", {}),
-    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=2)),  # 3 prefix tokens
-}
-
-
-def make_model(variant: str = "cls", size: dict = SMALL, seed: int = 0) -> torch.nn.Module:
-    """A tiny random ViT with weights strong enough for peaked attention and O(1) logits."""
-    name, kw = VARIANTS[variant]
-    torch.manual_seed(seed)
-    m = timm.create_model(name, num_classes=7, **size, **kw).eval()
-    return peak_weights(m, seed)
-
-
+TINY, SMALL, VARIANTS = VIT_TINY, VIT_SMALL, tuple(VIT_VARIANTS)
+make_model = peaked_vit
 images = random_images
 
 
@@ -136,16 +119,8 @@ def test_matches_reference(variant, r, prop_attn):
         out = model(imgs)
         r_list = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
         ref, members = ref_forward(model, imgs, r_list, prop_attn)
-    scale = ref.abs().max().item()
-    assert scale > 0.5  # logits are not trivially small
-    torch.testing.assert_close(out, ref, atol=1e-5 * scale, rtol=0)
-    # the same tokens, in the same order, stand for the same patches
-    src = last_state(model).source
-    for b, mem in enumerate(members):
-        want = torch.zeros(len(mem), src.shape[-1], dtype=src.dtype)
-        for t, s in enumerate(mem):
-            want[t, sorted(s)] = 1
-        assert torch.equal(src[b], want)
+    assert_close_to_reference(out, ref, 1e-5)
+    assert_sources_are(model, members)
 
 
 def test_matches_reference_float32():
@@ -156,7 +131,7 @@ def test_matches_reference_float32():
     with torch.no_grad():
         out = model(imgs)
         ref, _ = ref_forward(model.double(), imgs.double(), [8] * 12)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert_close_to_reference(out, ref, 1e-5)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -164,11 +139,7 @@ def test_matches_reference_float32():
 def test_token_counts(variant, r):
     model = make_model(variant, TINY)
     registry.apply(model, "tome", r=r)
-    with torch.no_grad():
-        model(images(model, 2))
-    st_ = last_state(model)
-    want = registry.get_method("tome")().expected_tokens(model, r=r)
-    assert (st_.tokens, st_.tokens_mlp) == want
+    want = assert_counts_declared(model, "tome", r=r)
     n = backbone_of(model).num_patches + model.num_prefix_tokens
     assert want[0][0] == n
     for t, tm in zip(*want):  # at most half of the non-prefix tokens merge in a block
@@ -189,11 +160,7 @@ def test_default_and_known_schedule():
 def test_batch_consistency(variant):
     model = make_model(variant)
     registry.apply(model, "tome", r=[6, 8, 3, 10, 4, 7])
-    imgs = images(model, 4)
-    with torch.no_grad():
-        full = model(imgs)
-        single = torch.cat([model(imgs[i:i + 1]) for i in range(4)])
-    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+    assert_batch_independent(model, images(model, 4), deterministic=False)
 
 
 def test_r_zero_is_unchanged():
@@ -247,10 +214,7 @@ def test_source_map_partitions_patches(variant):
 def test_traceable():
     model = make_model("cls", TINY)
     registry.apply(model, "tome", r=3)
-    x, y = images(model, 2, seed=3), images(model, 2, seed=4)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, x, check_trace=False)
-        torch.testing.assert_close(traced(y), model(y))
+    assert_traceable(model)
 
 
 # ---- the pure functions

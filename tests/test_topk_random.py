@@ -1,61 +1,20 @@
 """topk and random pruning: against slow references, schedules, seeds, parameters."""
 
-import math
 import sys
 
 import pytest
-import timm
 import torch
 
+from conftest import lin, ln, ref_attention, ref_mlp, small_vit
 from tokenbench import registry
 from tokenbench.errors import UserError
 from tokenbench.backbones import backbone_of, image_ids, last_state, set_track_source
 
 
-def tiny(img=64, patch=8, **kw):
-    torch.manual_seed(0)
-    a = dict(img_size=img, patch_size=patch, embed_dim=48, depth=12, num_heads=3, num_classes=7)
-    a.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", **a).eval()
+tiny = small_vit
 
 
 # --------------------------------------------------------------------------- slow reference
-
-def ln(x, mod):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
-
-
-def lin(x, mod):
-    return x @ mod.weight.T + mod.bias
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def ref_attention(blk, t):
-    """Plain multi-head self-attention of one image's tokens t [N, C]; also the class token's
-    attention to every token, averaged over heads."""
-    a = blk.attn
-    n, c = t.shape
-    h, hd = a.num_heads, c // a.num_heads
-    qkv = lin(ln(t, blk.norm1), a.qkv)
-    heads, cls_row = [], torch.zeros(n)
-    for j in range(h):
-        q = qkv[:, j * hd:(j + 1) * hd]
-        k = qkv[:, c + j * hd:c + (j + 1) * hd]
-        v = qkv[:, 2 * c + j * hd:2 * c + (j + 1) * hd]
-        att = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1)
-        heads.append(att @ v)
-        cls_row = cls_row + att[0] / h
-    return lin(torch.cat(heads, dim=1), a.proj), cls_row
-
-
-def ref_mlp(blk, t):
-    return lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
-
 
 @torch.no_grad()
 def ref_forward(model, images, keep_rate, choose):
