@@ -278,3 +278,41 @@ def ref_attention(blk, t):
 
 def ref_mlp(blk, t):
     return lin(gelu(lin(ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
+
+
+def ref_embed(model, img):
+    """One image's tokens [N, C] after the patch embedding, positions and prefix tokens."""
+    return model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
+
+
+def ref_attend(blk, x, bias=None):
+    """``blk``'s attention residual on one image's tokens x [N, C], written out per head and query
+    (``bias`` [N], if given, added to every query's scores).  Returns (x after the residual, the keys
+    [N, H, D], the class token's attention averaged over heads [N])."""
+    at = blk.attn
+    n = x.shape[0]
+    qkv = at.qkv(blk.norm1(x)).reshape(n, 3, at.num_heads, at.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    heads, cls_rows = [], []
+    for hh in range(at.num_heads):
+        rows = []
+        for i in range(n):
+            s = (k[:, hh] @ q[i, hh]) * at.head_dim ** -0.5
+            a = torch.softmax(s if bias is None else s + bias, 0)
+            if i == 0:
+                cls_rows.append(a)
+            rows.append(a @ v[:, hh])
+        heads.append(torch.stack(rows))
+    return x + at.proj(torch.cat(heads, dim=-1)), k, sum(cls_rows) / len(cls_rows)
+
+
+def ref_head(model, x, size=None):
+    """The logits of one image's final tokens x [N, C]: the size-weighted average of the patch
+    tokens, the mean of a distilled model's two heads, or the class token's."""
+    p = model.num_prefix_tokens
+    x = model.norm(x)
+    if model.global_pool == "avg":
+        return model.head(model.fc_norm((x[p:] * size[p:, None]).sum(0) / size[p:].sum()))
+    if getattr(model, "head_dist", None) is not None:
+        return (model.head(x[0]) + model.head_dist(x[1])) / 2
+    return model.head(model.fc_norm(x[0]))

@@ -8,7 +8,7 @@ import timm
 import torch
 
 from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference, assert_counts_declared,
-                      assert_sources_are, peaked_vit, random_images)
+                      assert_sources_are, peaked_vit, random_images, ref_attend, ref_embed, ref_head)
 from tokenbench import registry
 from tokenbench.backbones import TokenState, last_state, plan_of, set_track_source
 from tokenbench.errors import UserError
@@ -33,25 +33,12 @@ def ref_forward(model, imgs, prune, merge, power=1.0):
     n0 = model.patch_embed.num_patches
     logits, all_members = [], []
     for img in imgs:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        x = ref_embed(model, img)
         size = [1.0] * x.shape[0]
         members = [{i} for i in range(x.shape[0])]
         for bi, blk in enumerate(model.blocks):
-            at = blk.attn
             n = x.shape[0]
-            qkv = at.qkv(blk.norm1(x)).reshape(n, 3, at.num_heads, at.head_dim)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            log_size = torch.log(torch.tensor(size, dtype=x.dtype))
-            heads, cls_attn = [], torch.zeros(n, dtype=x.dtype)
-            for hh in range(at.num_heads):
-                rows = []
-                for i in range(n):
-                    a = torch.softmax((k[:, hh] @ q[i, hh]) * at.head_dim ** -0.5 + log_size, 0)
-                    if i == 0:
-                        cls_attn = cls_attn + a / at.num_heads
-                    rows.append(a @ v[:, hh])
-                heads.append(torch.stack(rows))
-            x = x + at.proj(torch.cat(heads, dim=-1))
+            x, _, cls_attn = ref_attend(blk, x, torch.log(torch.tensor(size, dtype=x.dtype)))
             # the block's counts, official scale -> this grid, clipped to the tokens present
             pc, mc = prune[bi], merge[bi]
             kp = min(n - p, kept_patches(pc, n0, power))
@@ -75,12 +62,7 @@ def ref_forward(model, imgs, prune, merge, power=1.0):
                 x = torch.stack([sum(a) / len(a) for a in acc])  # plain mean of a token and its merged ones
                 size, members = new_size, mem[:kept]
             x = x + blk.mlp(blk.norm2(x))
-        x = model.norm(x)
-        if getattr(model, "head_dist", None) is not None:
-            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
-        else:
-            out = model.head(model.fc_norm(x[0]))
-        logits.append(out)
+        logits.append(ref_head(model, x))
         all_members.append(members)
     return torch.stack(logits), all_members
 

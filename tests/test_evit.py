@@ -9,7 +9,7 @@ import pytest
 import timm
 
 from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference, assert_counts_declared,
-                      assert_sources_are, assert_traceable, peaked_vit, random_images)
+                      assert_sources_are, assert_traceable, peaked_vit, random_images, ref_attend, ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -34,25 +34,12 @@ def ref_forward(model, imgs, keep_rate, fuse_token, sites=(3, 6, 9)):
     p = model.num_prefix_tokens
     logits, all_members = [], []
     for img in imgs:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        x = ref_embed(model, img)
         members = [{i} for i in range(x.shape[0])]
         for bi, blk in enumerate(model.blocks):
-            at = blk.attn
             n = x.shape[0]
-            qkv = at.qkv(blk.norm1(x)).reshape(n, 3, at.num_heads, at.head_dim)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
-            heads, cls_rows = [], []
-            for hh in range(at.num_heads):
-                rows = []
-                for i in range(n):
-                    a = torch.softmax((k[:, hh] @ q[i, hh]) * at.head_dim ** -0.5, 0)
-                    if i == 0:
-                        cls_rows.append(a)
-                    rows.append(a @ v[:, hh])
-                heads.append(torch.stack(rows))
-            x = x + at.proj(torch.cat(heads, dim=-1))
+            x, _, cls_attn = ref_attend(blk, x)  # cls_attn: the class token's attention, mean over heads
             if bi in sites:
-                cls_attn = sum(cls_rows) / len(cls_rows)  # class token's attention, mean over heads
                 keep = math.ceil(keep_rate * (n - p))
                 if keep < n - p:
                     ranked = sorted(range(p, n), key=lambda j: -float(cls_attn[j]))
@@ -68,12 +55,7 @@ def ref_forward(model, imgs, keep_rate, fuse_token, sites=(3, 6, 9)):
                         new_members.append(set().union(*(members[j] for j in dropped)))
                     x, members = torch.stack(new_x), new_members
             x = x + blk.mlp(blk.norm2(x))
-        x = model.norm(x)
-        if getattr(model, "head_dist", None) is not None:
-            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
-        else:
-            out = model.head(model.fc_norm(x[0]))
-        logits.append(out)
+        logits.append(ref_head(model, x))
         all_members.append(members)
     return torch.stack(logits), all_members
 

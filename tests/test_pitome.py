@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, peaked_vit as make_model, random_images as images)
+                      assert_counts_declared, assert_sources_are, peaked_vit as make_model, random_images as images,
+                      ref_attend, ref_embed, ref_head)
 from tokenbench import registry
 from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
@@ -26,30 +27,14 @@ def ref_forward(model, imgs, reduce, prop_attn):
     p = model.num_prefix_tokens
     logits, all_members = [], []
     for img in imgs:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        x = ref_embed(model, img)
         size = torch.ones(x.shape[0], dtype=x.dtype)
         members = [{i} for i in range(x.shape[0])]
         for i, blk in enumerate(model.blocks):
-            at = blk.attn
-            qkv = at.qkv(blk.norm1(x)).reshape(x.shape[0], 3, at.num_heads, at.head_dim)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
-            heads = []
-            for h in range(at.num_heads):
-                s = (q[:, h] @ k[:, h].T) * at.head_dim ** -0.5
-                if prop_attn:
-                    s = s + size.log()[None, :]
-                heads.append(torch.softmax(s, -1) @ v[:, h])
-            x = x + at.proj(torch.cat(heads, -1))
+            x, k, _ = ref_attend(blk, x, size.log() if prop_attn else None)
             x, size, members = reduce(i, x, size, k.mean(1), members, p)
             x = x + blk.mlp(blk.norm2(x))
-        x = model.norm(x)
-        if model.global_pool == "avg":
-            out = model.head(model.fc_norm((x[p:] * size[p:, None]).sum(0) / size[p:].sum()))
-        elif getattr(model, "head_dist", None) is not None:
-            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
-        else:
-            out = model.head(model.fc_norm(x[0]))
-        logits.append(out)
+        logits.append(ref_head(model, x, size))
         all_members.append(members)
     return torch.stack(logits), all_members
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import (VIT_SMALL, VIT_TINY, VIT_VARIANTS, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, assert_traceable, peaked_vit, random_images)
+                      assert_counts_declared, assert_sources_are, assert_traceable, peaked_vit, random_images, ref_attend,
+                      ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -63,38 +64,16 @@ def ref_forward(model, imgs, r_list, prop_attn=True):
     p = model.num_prefix_tokens
     logits, all_members = [], []
     for img in imgs:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]  # [N, C]
+        x = ref_embed(model, img)
         n0 = x.shape[0]
         size = torch.ones(n0, dtype=x.dtype)
         members = [{i} for i in range(n0)]
         for blk, r in zip(model.blocks, r_list):
-            at = blk.attn
-            h = blk.norm1(x)
-            qkv = at.qkv(h).reshape(x.shape[0], 3, at.num_heads, at.head_dim)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
-            heads = []
-            for hh in range(at.num_heads):
-                rows = []
-                for i in range(x.shape[0]):
-                    s = (k[:, hh] @ q[i, hh]) * at.head_dim ** -0.5
-                    if prop_attn:
-                        s = s + size.log()
-                    rows.append(torch.softmax(s, 0) @ v[:, hh])
-                heads.append(torch.stack(rows))
-            o = torch.cat(heads, dim=-1)
-            x = x + at.proj(o)
+            x, k, _ = ref_attend(blk, x, size.log() if prop_attn else None)
             if r > 0:
                 x, size, members = ref_merge(x, size, k.mean(1), members, r, p)
             x = x + blk.mlp(blk.norm2(x))
-        x = model.norm(x)
-        if model.global_pool == "avg":
-            f = (x[p:] * size[p:, None]).sum(0) / size[p:].sum()
-            out = model.head(model.fc_norm(f))
-        elif getattr(model, "head_dist", None) is not None:
-            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
-        else:
-            out = model.head(model.fc_norm(x[0]))
-        logits.append(out)
+        logits.append(ref_head(model, x, size))
         all_members.append(members)
     return torch.stack(logits), all_members
 
