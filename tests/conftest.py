@@ -206,10 +206,12 @@ def assert_sources_are(model, members) -> None:
 
 
 def assert_counts_declared(model, method: str, **params):
-    """A forward of two images passes the token counts ``method`` declares; returns them."""
+    """With ``method`` applied at ``params``, a forward of two images passes the token counts the
+    method declares; returns them."""
     from tokenbench import registry
     from tokenbench.backbones import last_state
 
+    registry.apply(model, method, **params)
     with torch.no_grad():
         model(random_images(model, 2))
     st = last_state(model)
@@ -228,6 +230,18 @@ def assert_batch_independent(model, imgs, deterministic: bool = True) -> None:
     if deterministic:
         assert torch.equal(full, again)
     torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+def assert_unchanged_by(model, method: str, atol: float = 1e-5, **params) -> None:
+    """``method`` at ``params`` (a setting that reduces nothing) leaves the model's logits as they were."""
+    from tokenbench import registry
+
+    imgs = random_images(model, 2)
+    with torch.no_grad():
+        dense = model(imgs)
+        registry.apply(model, method, **params)
+        out = model(imgs)
+    torch.testing.assert_close(out, dense, atol=atol, rtol=atol)
 
 
 def assert_traceable(model) -> None:

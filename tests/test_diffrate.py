@@ -7,8 +7,9 @@ import pytest
 import timm
 import torch
 
-from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference, assert_counts_declared,
-                      assert_sources_are, peaked_vit, random_images, ref_attend, ref_embed, ref_head)
+from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference,
+                      assert_counts_declared, assert_sources_are, assert_unchanged_by, peaked_vit,
+                      random_images, ref_attend, ref_embed, ref_head)
 from tokenbench import registry
 from tokenbench.backbones import TokenState, last_state, plan_of, set_track_source
 from tokenbench.errors import UserError
@@ -120,7 +121,6 @@ def test_default_is_the_official_deit_s_schedule():
 ])
 def test_token_counts(variant, prune, merge, power):
     model = make_model(variant, TINY)
-    registry.apply(model, "diffrate", prune=prune, merge=merge, power=power)
     assert_counts_declared(model, "diffrate", prune=prune, merge=merge, power=power)
 
 
@@ -139,12 +139,7 @@ def test_counts_follow_the_official_rules():
 @pytest.mark.parametrize("params", [{"power": 0.0}, {"prune": 197, "merge": 197}])
 def test_identity_settings(params):
     model = make_model("cls", TINY)
-    imgs = random_images(model, 2)
-    with torch.no_grad():
-        dense = model(imgs)
-        registry.apply(model, "diffrate", **params)
-        out = model(imgs)
-    torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
+    assert_unchanged_by(model, "diffrate", 1e-6, **params)
     assert not plan_of(model).mid
     assert not registry.get_method("diffrate").reduces({**registry.get_method("diffrate").defaults(), **params})
     assert registry.get_method("diffrate").reduces(registry.get_method("diffrate").defaults())

@@ -8,8 +8,9 @@ import sys
 import pytest
 import timm
 
-from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference, assert_counts_declared,
-                      assert_sources_are, assert_traceable, peaked_vit, random_images, ref_attend, ref_embed, ref_head)
+from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference,
+                      assert_counts_declared, assert_sources_are, assert_traceable, peaked_vit, random_images,
+                      ref_attend, ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -120,7 +121,6 @@ def test_default_schedule():
 @pytest.mark.parametrize("keep_rate,fuse_token", [(0.7, True), (0.7, False), (0.05, True), (0.99, True), (1.0, True)])
 def test_token_counts(variant, keep_rate, fuse_token):
     model = make_model(variant, TINY)
-    registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
     assert_counts_declared(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
 
 
@@ -220,6 +220,5 @@ def test_complement_and_topk():
 @given(st.floats(0.01, 1.0), st.booleans(), st.sampled_from(["cls", "distilled"]))
 def test_keep_rates_property(keep_rate, fuse_token, variant):
     model = make_model(variant, TINY)
-    registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
     _, tokens_mlp = assert_counts_declared(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
     assert all(t >= model.num_prefix_tokens + 1 for t in tokens_mlp)

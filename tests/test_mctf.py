@@ -125,7 +125,6 @@ def test_matches_reference(params):
 @pytest.mark.parametrize("r", [0, 4, 16, 40, [0, 3, 9, 0, 20]])
 def test_token_counts(r):
     model = make_model()
-    registry.apply(model, "mctf", r=r)
     assert_counts_declared(model, "mctf", r=r)
 
 

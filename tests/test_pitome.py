@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, peaked_vit as make_model, random_images as images,
-                      ref_attend, ref_embed, ref_head)
+from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent,
+                      assert_close_to_reference, assert_counts_declared, assert_sources_are,
+                      assert_unchanged_by, peaked_vit as make_model, random_images as images, ref_attend,
+                      ref_embed, ref_head)
 from tokenbench import registry
 from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
@@ -113,7 +114,6 @@ def test_float32_matches_reference():
 @pytest.mark.parametrize("ratio", [0.5, 0.77, 0.9125, 0.99, 1.0])
 def test_token_counts(variant, ratio):
     model = make_model(variant, SMALL)
-    registry.apply(model, "pitome", ratio=ratio)
     want = assert_counts_declared(model, "pitome", ratio=ratio)
     p = model.num_prefix_tokens
     assert want[1][0] == want[0][0] - math.floor(64 - 64 * ratio)
@@ -131,12 +131,7 @@ def test_declaration_and_schedule():
 
 def test_ratio_one_is_unchanged():
     model = make_model("cls", TINY)
-    imgs = images(model, 2)
-    with torch.no_grad():
-        dense = model(imgs)
-        registry.apply(model, "pitome", ratio=1.0)
-        out = model(imgs)
-    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    assert_unchanged_by(model, "pitome", 1e-5, ratio=1.0)
 
 
 def test_batch_consistency_and_determinism():

@@ -117,7 +117,6 @@ def test_all_prune_and_all_pool(threshold):
 @pytest.mark.parametrize("r", [0, 5, 50, [10, 0, 30]])
 def test_token_counts(r):
     model = make_model()
-    registry.apply(model, "ppt", r=r)
     assert_counts_declared(model, "ppt", r=r)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from test_pitome import ref_forward
-from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, peaked_vit as make_model, random_images as images)
+from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent,
+                      assert_close_to_reference, assert_counts_declared, assert_sources_are,
+                      assert_unchanged_by, peaked_vit as make_model, random_images as images)
 from tokenbench import registry
 from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
@@ -122,7 +123,6 @@ def test_mlerp_keeps_the_largest_norm():
 @pytest.mark.parametrize("r", [0, 1, 4, 40, [2, 9, 0, 30]])
 def test_token_counts(variant, r):
     model = make_model(variant, TINY)
-    registry.apply(model, "tofu", r=r, merge_from=3)
     want = assert_counts_declared(model, "tofu", r=r, merge_from=3)
     assert want == registry.get_method("tome")().expected_tokens(model, r=r)  # ToMe's schedule
 
@@ -139,12 +139,7 @@ def test_declaration():
 
 def test_r_zero_is_unchanged():
     model = make_model("cls", TINY)
-    imgs = images(model, 2)
-    with torch.no_grad():
-        dense = model(imgs)
-        registry.apply(model, "tofu", r=0)
-        out = model(imgs)
-    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    assert_unchanged_by(model, "tofu", 1e-5, r=0)
 
 
 def test_batch_consistency_and_determinism():

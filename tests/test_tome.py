@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import (VIT_SMALL, VIT_TINY, VIT_VARIANTS, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, assert_traceable, peaked_vit, random_images, ref_attend,
-                      ref_embed, ref_head)
+                      assert_counts_declared, assert_sources_are, assert_traceable, assert_unchanged_by,
+                      peaked_vit, random_images, ref_attend, ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -117,7 +117,6 @@ def test_matches_reference_float32():
 @pytest.mark.parametrize("r", [0, 1, 4, 16, 40, [2, 9, 0, 30]])
 def test_token_counts(variant, r):
     model = make_model(variant, TINY)
-    registry.apply(model, "tome", r=r)
     want = assert_counts_declared(model, "tome", r=r)
     n = backbone_of(model).num_patches + model.num_prefix_tokens
     assert want[0][0] == n
@@ -144,12 +143,7 @@ def test_batch_consistency(variant):
 
 def test_r_zero_is_unchanged():
     model = make_model("cls")
-    imgs = images(model, 2)
-    with torch.no_grad():
-        dense = model(imgs)
-        registry.apply(model, "tome", r=0)
-        out = model(imgs)
-    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    assert_unchanged_by(model, "tome", 1e-5, r=0)
     assert last_state(model).tokens_mlp == [65] * 12
 
 
