@@ -192,6 +192,26 @@ def assert_close_to_reference(out, ref, rel: float) -> None:
     torch.testing.assert_close(out.to(ref.dtype), ref, atol=rel * scale, rtol=0)
 
 
+def assert_matches_reference(method: str, reference, variant: str = "cls", rel: float = 1e-5,
+                             dtype=torch.float64, n: int = 3, **params) -> None:
+    """``method`` at ``params`` on a peaked ViT (:func:`peaked_vit`) gives the logits of
+    ``reference(model, images)`` (computed in float64) within ``rel``; in float64 its tokens also
+    stand for the reference's groups of patches (``reference`` returns (logits, members))."""
+    from tokenbench import registry
+    from tokenbench.backbones import set_track_source
+
+    model = peaked_vit(variant).to(dtype)
+    imgs = random_images(model, n, dtype=dtype)
+    registry.apply(model, method, **params)
+    set_track_source(model, dtype == torch.float64)
+    with torch.no_grad():
+        out = model(imgs)
+        ref, members = reference(model.double(), imgs.double())
+    assert_close_to_reference(out, ref, rel)
+    if dtype == torch.float64:
+        assert_sources_are(model, members)
+
+
 def assert_sources_are(model, members) -> None:
     """The last forward's tokens, in the reference's order, stand for the reference's groups of
     patches (``members[b][t]``: the original token indices token ``t`` of image ``b`` covers)."""

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 
-from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, assert_unchanged_by, peaked_vit,
-                      random_images, ref_attend, ref_embed, ref_head)
+from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_counts_declared,
+                      assert_matches_reference, assert_unchanged_by, peaked_vit, random_images, ref_attend,
+                      ref_embed, ref_head)
 from tokenbench import registry
-from tokenbench.backbones import TokenState, last_state, plan_of, set_track_source
+from tokenbench.backbones import TokenState, last_state, plan_of
 from tokenbench.errors import UserError
 from tokenbench.methods.diffrate import SCHEDULES, block_counts, kept_patches
 
@@ -80,25 +80,13 @@ def ref_forward(model, imgs, prune, merge, power=1.0):
 ])
 def test_matches_reference(variant, schedule, power):
     prune, merge = STEEP if schedule == "steep" else SCHEDULES[schedule]
-    model = make_model(variant).double()
-    imgs = random_images(model, 2, dtype=torch.float64)
-    registry.apply(model, "diffrate", prune=prune, merge=merge, power=power)
-    set_track_source(model, True)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, members = ref_forward(model, imgs, prune, merge, power)
-    assert_close_to_reference(out, ref, 1e-6)
-    assert_sources_are(model, members)
+    assert_matches_reference("diffrate", lambda m, x: ref_forward(m, x, prune, merge, power), variant, 1e-6, n=2,
+                             prune=prune, merge=merge, power=power)
 
 
 def test_matches_reference_float32():
-    model = make_model("cls")
-    imgs = random_images(model, 2)
-    registry.apply(model, "diffrate", prune=STEEP[0], merge=STEEP[1])
-    with torch.no_grad():
-        out = model(imgs)
-        ref, _ = ref_forward(model.double(), imgs.double(), *STEEP)
-    assert_close_to_reference(out, ref, 1e-5)
+    assert_matches_reference("diffrate", lambda m, x: ref_forward(m, x, *STEEP), dtype=torch.float32, n=2,
+                             prune=STEEP[0], merge=STEEP[1])
 
 
 def test_default_is_the_official_deit_s_schedule():

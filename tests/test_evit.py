@@ -8,9 +8,9 @@ import sys
 import pytest
 import timm
 
-from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, assert_traceable, peaked_vit, random_images,
-                      ref_attend, ref_embed, ref_head)
+from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_counts_declared,
+                      assert_matches_reference, assert_traceable, peaked_vit, random_images, ref_attend,
+                      ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -73,25 +73,12 @@ def ref_forward(model, imgs, keep_rate, fuse_token, sites=(3, 6, 9)):
     ("registers", 0.7, True),
 ])
 def test_matches_reference(variant, keep_rate, fuse_token):
-    model = make_model(variant).double()
-    imgs = images(model, 3, dtype=torch.float64)
-    registry.apply(model, "evit", keep_rate=keep_rate, fuse_token=fuse_token)
-    set_track_source(model, True)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, members = ref_forward(model, imgs, keep_rate, fuse_token)
-    assert_close_to_reference(out, ref, 1e-5)
-    assert_sources_are(model, members)
+    assert_matches_reference("evit", lambda m, x: ref_forward(m, x, keep_rate, fuse_token), variant,
+                             keep_rate=keep_rate, fuse_token=fuse_token)
 
 
 def test_matches_reference_float32():
-    model = make_model("cls")
-    imgs = images(model, 2)
-    registry.apply(model, "evit")
-    with torch.no_grad():
-        out = model(imgs)
-        ref, _ = ref_forward(model.double(), imgs.double(), 0.7, True)
-    assert_close_to_reference(out, ref, 1e-5)
+    assert_matches_reference("evit", lambda m, x: ref_forward(m, x, 0.7, True), dtype=torch.float32, n=2)
 
 
 def test_other_depth_uses_quarter_sites():

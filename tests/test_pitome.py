@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent,
-                      assert_close_to_reference, assert_counts_declared, assert_sources_are,
-                      assert_unchanged_by, peaked_vit as make_model, random_images as images, ref_attend,
-                      ref_embed, ref_head)
+from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_counts_declared,
+                      assert_matches_reference, assert_unchanged_by, peaked_vit as make_model,
+                      random_images as images, ref_attend, ref_embed, ref_head)
 from tokenbench import registry
 from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
@@ -89,25 +88,13 @@ def ref_pitome(ratio, depth):
     ("registers", 0.75, True),
 ])
 def test_matches_reference(variant, ratio, prop_attn):
-    model = make_model(variant).double()
-    imgs = images(model, 3, dtype=torch.float64)
-    registry.apply(model, "pitome", ratio=ratio, prop_attn=prop_attn)
-    set_track_source(model, True)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, members = ref_forward(model, imgs, ref_pitome(ratio, 12), prop_attn)
-    assert_close_to_reference(out, ref, 1e-6)
-    assert_sources_are(model, members)
+    assert_matches_reference("pitome", lambda m, x: ref_forward(m, x, ref_pitome(ratio, 12), prop_attn), variant,
+                             1e-6, ratio=ratio, prop_attn=prop_attn)
 
 
 def test_float32_matches_reference():
-    model = make_model("cls")
-    imgs = images(model, 2)
-    registry.apply(model, "pitome", ratio=0.8)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, _ = ref_forward(model.double(), imgs.double(), ref_pitome(0.8, 12), False)
-    assert_close_to_reference(out, ref, 1e-5)
+    assert_matches_reference("pitome", lambda m, x: ref_forward(m, x, ref_pitome(0.8, 12), False),
+                             dtype=torch.float32, n=2, ratio=0.8)
 
 
 @pytest.mark.parametrize("variant", ["cls", "avg", "distilled", "registers"])

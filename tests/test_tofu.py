@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from test_pitome import ref_forward
-from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent,
-                      assert_close_to_reference, assert_counts_declared, assert_sources_are,
-                      assert_unchanged_by, peaked_vit as make_model, random_images as images)
+from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_counts_declared,
+                      assert_matches_reference, assert_unchanged_by, peaked_vit as make_model,
+                      random_images as images)
 from tokenbench import registry
 from tokenbench.backbones import last_state, set_track_source
 from tokenbench.errors import UserError
@@ -81,27 +81,16 @@ def ref_tofu(rs, merge_from, size_weighted=False):
     ("registers", 5, 3, True, False),
 ])
 def test_matches_reference(variant, r, merge_from, prop_attn, size_weighted):
-    model = make_model(variant).double()
-    imgs = images(model, 3, dtype=torch.float64)
-    registry.apply(model, "tofu", r=r, merge_from=merge_from, prop_attn=prop_attn, size_weighted=size_weighted)
-    set_track_source(model, True)
     rs = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
     start = 6 if merge_from == -1 else merge_from  # -1: half the depth (12 // 2)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, members = ref_forward(model, imgs, ref_tofu(rs, start, size_weighted), prop_attn)
-    assert_close_to_reference(out, ref, 1e-6)
-    assert_sources_are(model, members)
+    reference = lambda m, x: ref_forward(m, x, ref_tofu(rs, start, size_weighted), prop_attn)  # noqa: E731
+    assert_matches_reference("tofu", reference, variant, 1e-6, r=r, merge_from=merge_from, prop_attn=prop_attn,
+                             size_weighted=size_weighted)
 
 
 def test_float32_matches_reference():
-    model = make_model("cls")
-    imgs = images(model, 2)
-    registry.apply(model, "tofu", r=6)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, _ = ref_forward(model.double(), imgs.double(), ref_tofu([6] * 12, 6), True)
-    assert_close_to_reference(out, ref, 1e-5)
+    assert_matches_reference("tofu", lambda m, x: ref_forward(m, x, ref_tofu([6] * 12, 6), True), dtype=torch.float32,
+                             n=2, r=6)
 
 
 def test_mlerp_keeps_the_largest_norm():

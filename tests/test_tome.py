@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from conftest import (VIT_SMALL, VIT_TINY, VIT_VARIANTS, assert_batch_independent, assert_close_to_reference,
-                      assert_counts_declared, assert_sources_are, assert_traceable, assert_unchanged_by,
-                      peaked_vit, random_images, ref_attend, ref_embed, ref_head)
+from conftest import (VIT_SMALL, VIT_TINY, VIT_VARIANTS, assert_batch_independent, assert_counts_declared,
+                      assert_matches_reference, assert_traceable, assert_unchanged_by, peaked_vit,
+                      random_images, ref_attend, ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -90,27 +90,14 @@ def ref_forward(model, imgs, r_list, prop_attn=True):
     ("registers", 6, True),
 ])
 def test_matches_reference(variant, r, prop_attn):
-    model = make_model(variant).double()
-    imgs = images(model, 3, dtype=torch.float64)
-    registry.apply(model, "tome", r=r, prop_attn=prop_attn)
-    set_track_source(model, True)
-    with torch.no_grad():
-        out = model(imgs)
-        r_list = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
-        ref, members = ref_forward(model, imgs, r_list, prop_attn)
-    assert_close_to_reference(out, ref, 1e-5)
-    assert_sources_are(model, members)
+    r_list = r + [0] * (12 - len(r)) if isinstance(r, list) else [r] * 12
+    assert_matches_reference("tome", lambda m, x: ref_forward(m, x, r_list, prop_attn), variant, r=r,
+                             prop_attn=prop_attn)
 
 
 def test_matches_reference_float32():
     """The float32 path (fused attention with the size mask) against the float64 reference."""
-    model = make_model("cls")
-    imgs = images(model, 2)
-    registry.apply(model, "tome", r=8)
-    with torch.no_grad():
-        out = model(imgs)
-        ref, _ = ref_forward(model.double(), imgs.double(), [8] * 12)
-    assert_close_to_reference(out, ref, 1e-5)
+    assert_matches_reference("tome", lambda m, x: ref_forward(m, x, [8] * 12), dtype=torch.float32, n=2, r=8)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
