@@ -71,8 +71,10 @@ def test_finetune_trains_the_backbone_with_a_head_on_the_last_four_blocks(cli, t
     assert summary["step"] == 2
     summary = train(cli, tmp_path / "run", "voc", root, "--finetune", "--head", "linear4")
     assert summary["finished"] and summary["resumed_from"] == 2
-    arch = json.loads((tmp_path / "run" / "config.json").read_text())["arch"]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    arch = cfg["arch"]
     assert arch["decoder"] == "linear4" and not arch["frozen"] and arch["classes"] == 21
+    assert cfg["train"]["backbone_lr_scale"] == 0.1  # the backbone at a tenth of the head's rate
     state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert state["decoder.cls.weight"].shape == (21, 4 * 32, 1, 1)
     enc = encoder_state(tmp_path / "run" / "model.pt")

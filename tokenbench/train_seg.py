@@ -11,6 +11,7 @@ probability 1/2 (seeded by step and position).  Intermediate evaluations report 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -39,6 +40,17 @@ SEG_RECIPES = {
                                         eval_every=125, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
                                         backbone_lr_scale=0.2),
 }
+
+# Any timm backbone's head: a starting point, not tuned; with --finetune the backbone learns at a
+# tenth of the head's rate (a pretrained backbone would be disturbed at the new head's rate).
+BACKBONE_SEG_RECIPE = dataclasses.replace(SEG_RECIPE, backbone_lr_scale=0.1)
+
+
+def seg_recipe(model: str) -> TrainConfig:
+    """The training recipe of dense model ``model`` (an embedded one's, or a timm backbone's)."""
+    from .models_seg import SEG_ARCH
+
+    return SEG_RECIPES.get(model) or (SEG_RECIPE if model in SEG_ARCH else BACKBONE_SEG_RECIPE)
 
 
 def pixel_cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -185,7 +197,7 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
 
     embedded = model in SEG_ARCH
     task_of(model, data, "segmentation", new_decoder=not embedded)
-    cfg = cfg or SEG_RECIPE
+    cfg = cfg or seg_recipe(model)
     check_run_dir(out_dir, force)
     if data != SCENES:  # a folder's layout and splits, before a backbone is built or downloaded
         from .data_seg_folders import check_layout_dir, layout_files
@@ -221,6 +233,6 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
 
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
         source = FolderSegSource(train_ds, val_ds, vspec.classes, info, workers)
-    groups = split_groups(net, cfg.weight_decay, cfg.backbone_lr_scale) if embedded else None
+    groups = split_groups(net, cfg.weight_decay, cfg.backbone_lr_scale)
     return train_loop(net, source, cfg=cfg, out_dir=out_dir, loss_fn=pixel_cross_entropy, config_extra=extra,
                       progress=progress, force=force, groups=groups)

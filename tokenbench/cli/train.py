@@ -135,7 +135,7 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
     from ..models_seg import is_dense_model
     from ..models_seg_timm import HEADS
     from ..runner_dense import task_of
-    from ..train_seg import SEG_RECIPE, SEG_RECIPES, train_seg
+    from ..train_seg import SEG_RECIPES, seg_recipe, train_seg
 
     task_of(model, data, task, new_decoder=task == "segmentation" and not is_dense_model(model))
     if method not in (None, "none"):
@@ -160,7 +160,7 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
         raise UserError(f"--data-dir {data_dir} is not a directory")
     tag = "" if is_dense_model(model) else f"-{head or 'linear'}{'-finetune' if finetune else ''}"
     out = out or Path("runs") / f"{model}-{data}{tag}"
-    summary = train_seg(model, out, dataclasses.replace(SEG_RECIPES.get(model, SEG_RECIPE), **changes), data=data,
+    summary = train_seg(model, out, dataclasses.replace(seg_recipe(model), **changes), data=data,
                         data_dir=str(data_dir) if data_dir else None,
                         checkpoint=str(checkpoint) if checkpoint else None, progress=not as_json, force=force,
                         head=head, frozen=not finetune, pretrained=pretrained,
