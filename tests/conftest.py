@@ -109,6 +109,23 @@ def random_images(model, b: int, seed: int = 1, dtype=torch.float32):
     return torch.randn(b, 3, h, w, generator=g).to(dtype)
 
 
+def write_sweep(path, model: str, methods: str, *, out=None, measure=("flops", "accuracy"), limit=16,
+                batch_size=None, top: str = "", tables: str = "", name: str = "t"):
+    """A sweep file ``path`` measuring ``model`` on the CPU: ``measure`` on ``limit`` synthetic images
+    (None: no data), then the ``methods`` tables (TOML text); ``top`` adds top-level lines,
+    ``tables`` other tables.  Returns ``path``."""
+    import json
+    import textwrap
+
+    lines = [f'name = "{name}"'] + ([f'out = "{out}"'] if out is not None else [])
+    lines += [f'models = ["{model}"]', f"measure = {json.dumps(list(measure))}", 'device = "cpu"']
+    lines += textwrap.dedent(top).strip().splitlines()
+    if limit is not None:
+        lines += ["[data]", 'name = "synthetic"', f"limit = {limit}"] + ([f"batch_size = {batch_size}"] if batch_size else [])
+    path.write_text("\n".join(lines) + "\n" + textwrap.dedent(tables) + textwrap.dedent(methods))
+    return path
+
+
 # A tiny embedded-model architecture (grayscale 28 px, like `default`, milliseconds per batch).
 SMALL_EMBEDDED = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
 

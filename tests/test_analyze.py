@@ -3,7 +3,6 @@ tiny ViT; the command end to end on a tiny sweep."""
 
 import json
 import math
-import textwrap
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from tokenbench import analysis as an
 from tokenbench import registry
 
-from conftest import peak_weights, register_tiny_timm, tiny_vit  # noqa: E402
+from conftest import peak_weights, register_tiny_timm, tiny_vit, write_sweep  # noqa: E402
 
 TINY = "tb_analyze_tiny_vit"
 register_tiny_timm(TINY)
@@ -255,26 +254,14 @@ def swept(tmp_path_factory):
 
 
 def _tiny_sweep(tmp_path):
-    p = tmp_path / "s.toml"
-    p.write_text(textwrap.dedent(f"""
-        name = "t"
-        out = "{tmp_path / 'out'}"
-        models = ["{TINY}"]
-        measure = ["flops", "accuracy"]
-        device = "cpu"
-        seeds = [0, 1]
-        [data]
-        name = "synthetic"
-        limit = 40
-        batch_size = 16
+    return write_sweep(tmp_path / "s.toml", TINY, """
         [methods.topk]
         keep_rate = 0.5
         [methods.random]
         keep_rate = 0.5
         [methods.tome]
         r = 3
-        """))
-    return p
+        """, out=tmp_path / "out", top="seeds = [0, 1]", limit=40, batch_size=16)
 
 
 def test_analyze_end_to_end_cached_and_narrowed(swept, cli, monkeypatch):

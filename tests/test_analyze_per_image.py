@@ -2,13 +2,12 @@
 figures against counts taken image by image, one image per forward (no padding)."""
 
 import csv
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import peak_weights
+from conftest import peak_weights, write_sweep
 
 TINY = "tb_analyze_per_image_vit"
 N_IMAGES = 16
@@ -50,20 +49,8 @@ def analysed(tmp_path_factory):
     from tokenbench.cli.main import main
 
     tmp = tmp_path_factory.mktemp("analyze_per_image")
-    sweep = tmp / "s.toml"
-    sweep.write_text(textwrap.dedent(f"""
-        name = "t"
-        out = "{tmp / 'out'}"
-        models = ["{TINY}"]
-        measure = ["flops", "accuracy"]
-        device = "cpu"
-        [data]
-        name = "synthetic"
-        limit = {N_IMAGES}
-        batch_size = 8
-        [methods.ats]
-        keep_rate = 0.4
-        """))
+    sweep = write_sweep(tmp / "s.toml", TINY, "[methods.ats]\nkeep_rate = 0.4\n", out=tmp / "out", limit=N_IMAGES,
+                        batch_size=8)
     old = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = io.StringIO()
     try:

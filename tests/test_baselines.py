@@ -152,27 +152,15 @@ def test_pool_reaches_70_and_50_percent_of_the_embedded_models_flops_within_a_po
 # --------------------------------------------------------------------------- dense models as a line
 
 def test_dense_family_is_measured_dense_and_drawn_as_a_line_on_the_models_plot(tmp_path):
-    from conftest import register_tiny_timm
+    from conftest import register_tiny_timm, write_sweep
     from tokenbench.report.write import write_report
     from tokenbench import sweep as S
     from tokenbench.report.plot import plot_layers
     from tokenbench.store import Store
 
     main, small = register_tiny_timm("tb_line_tiny_vit"), register_tiny_timm("tb_line_tinier_vit", embed_dim=16)
-    p = tmp_path / "s.toml"
-    p.write_text(f"""
-name = "line"
-models = ["{main}"]
-dense_family = ["{small}", "{main}"]
-measure = ["flops", "accuracy"]
-device = "cpu"
-[data]
-name = "synthetic"
-limit = 16
-batch_size = 16
-[methods.resize]
-scale = [0.5]
-""")
+    p = write_sweep(tmp_path / "s.toml", main, "[methods.resize]\nscale = [0.5]\n", name="line",
+                    top=f'dense_family = ["{small}", "{main}"]', batch_size=16)
     sw = S.load_sweep(p, {"out": str(tmp_path / "out")})
     assert sw.dense_family == [small]  # the sweep's own model is its line's dense point already
     out, runs, _, _ = S.prepare(sw)

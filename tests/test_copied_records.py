@@ -2,13 +2,12 @@
 warning per damaged FLOPs cache, the FLOPs column kept, and analyze free of timing notes."""
 
 import json
-import textwrap
 import warnings
 from pathlib import Path
 
 from rich.console import Console
 
-from conftest import register_tiny_timm
+from conftest import register_tiny_timm, write_sweep
 
 TINY = register_tiny_timm("tiny_vit_copied_records")
 REPO = Path(__file__).resolve().parent.parent
@@ -38,28 +37,16 @@ def test_a_damaged_flops_cache_warns_once(tmp_path):
     assert json.loads(cache.read_text())["gflops"] == {"k": 1.0}
 
 
-def _sweep(tmp_path, measure='["flops", "accuracy"]'):
-    p = tmp_path / "s.toml"
-    p.write_text(textwrap.dedent(f"""
-        name = "t"
-        out = "{tmp_path / 'out'}"
-        models = ["{TINY}"]
-        measure = {measure}
-        device = "cpu"
-        [data]
-        name = "synthetic"
-        limit = 16
-        [methods.topk]
-        keep_rate = 0.5
-        """))
-    return p
+def _sweep(tmp_path, measure=("flops", "accuracy")):
+    return write_sweep(tmp_path / "s.toml", TINY, "[methods.topk]\nkeep_rate = 0.5\n", out=tmp_path / "out",
+                       measure=measure)
 
 
 def test_report_keeps_the_flops_column_when_the_dense_count_is_damaged(cli, tmp_path):
     from tokenbench.report.collect import collect
     from tokenbench.report.tables import summary_table
 
-    code, out, err = cli("run", str(_sweep(tmp_path, '["flops"]')), "--no-plots", "--json")
+    code, out, err = cli("run", str(_sweep(tmp_path, ["flops"])), "--no-plots", "--json")
     assert code == 0, err
     for p in (tmp_path / "out" / "records").rglob("*.json"):
         rec = json.loads(p.read_text())
@@ -75,7 +62,7 @@ def test_report_keeps_the_flops_column_when_the_dense_count_is_damaged(cli, tmp_
 
 
 def test_analyze_leaves_out_the_reports_timing_notes(cli, tmp_path, monkeypatch):
-    from tokenbench import report_collect, report_stats
+    from tokenbench.report import collect as report_collect, stats as report_stats
 
     code, out, err = cli("run", str(_sweep(tmp_path)), "--no-plots", "--json")
     assert code == 0, err

@@ -2,13 +2,12 @@
 written only when named with --out."""
 
 import json
-import textwrap
 from pathlib import Path
 
 from tokenbench.figures.plan import FigureOptions
 from tokenbench.figures.run import build_plan
 
-from conftest import register_tiny_timm
+from conftest import register_tiny_timm, write_sweep
 
 TINY = register_tiny_timm("tiny_vit_default_outputs")
 
@@ -19,20 +18,7 @@ def _files(d: Path) -> dict:
 
 def test_analyze_of_a_committed_sweep_writes_under_runs(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    sweep = tmp_path / "s.toml"
-    sweep.write_text(textwrap.dedent(f"""
-        name = "t"
-        out = "results/t"
-        models = ["{TINY}"]
-        measure = ["flops", "accuracy"]
-        device = "cpu"
-        [data]
-        name = "synthetic"
-        limit = 16
-        batch_size = 16
-        [methods.topk]
-        keep_rate = 0.5
-        """))
+    sweep = write_sweep(tmp_path / "s.toml", TINY, "[methods.topk]\nkeep_rate = 0.5\n", out="results/t", batch_size=16)
     code, out, err = cli("run", str(sweep), "--no-plots", "--json")
     assert code == 0, err
     before = _files(tmp_path / "results")

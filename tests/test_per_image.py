@@ -10,11 +10,10 @@ with a declared schedule keep the random input and their keys.
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
-from conftest import register_tiny_timm
+from conftest import register_tiny_timm, write_sweep
 from tokenbench import inputs, sweep as S
 from tokenbench.registry import get_method
 from tokenbench.runner import Settings, measure_run, record_key_of, spec_dict
@@ -29,28 +28,16 @@ def few_images(monkeypatch):
     monkeypatch.setattr(inputs, "SEARCH_IMAGES", IMAGES)
 
 
-def tiny_sweep(tmp_path, methods: str, data: bool = True, measure='["flops"]') -> S.Sweep:
-    p = tmp_path / "s.toml"
-    p.write_text(textwrap.dedent(f"""
-        name = "t"
-        out = "{tmp_path / 'out'}"
-        models = ["{TINY}"]
-        measure = {measure}
-        device = "cpu"
-        flops_targets = [0.7]
-        """) + (textwrap.dedent("""
-        [data]
-        name = "synthetic"
-        limit = 16
-        """) if data else "") + textwrap.dedent("""
+def tiny_sweep(tmp_path, methods: str, data: bool = True, measure=("flops",)) -> S.Sweep:
+    return S.load_sweep(write_sweep(tmp_path / "s.toml", TINY, methods, out=tmp_path / "out", measure=measure,
+                                    top="flops_targets = [0.7]", limit=16 if data else None, tables="""
         [throughput]
         batch_size = 4
         min_run_time = 0.01
         rounds = 3
         retries = 0
         latency = false
-        """) + textwrap.dedent(methods))
-    return S.load_sweep(p)
+        """))
 
 
 # --------------------------------------------------------------------------- the search
@@ -93,7 +80,7 @@ def test_sweep_keys_say_which_input(tmp_path, few_images):
     sw = tiny_sweep(tmp_path, """
         [methods.ats]
         [methods.topk]
-        """, measure='["flops", "throughput"]')
+        """, measure=("flops", "throughput"))
     runs = S.expand(sw, S.FlopsSearch(data=S.search_data(sw)))
     by = {r.method: r for r in runs}
     assert by["ats"].per_image and not by["topk"].per_image and not by["none"].per_image

@@ -2,11 +2,10 @@
 measured durations of each kind alone."""
 
 import re
-import textwrap
 
 from tokenbench.sweep.progress import StepTimer
 
-from conftest import register_tiny_timm
+from conftest import register_tiny_timm, write_sweep
 
 TINY = register_tiny_timm("tiny_vit_sweep_log")
 
@@ -27,19 +26,7 @@ def test_time_left_from_measured_durations_per_kind():
 
 
 def test_one_line_per_measurement_when_stdout_is_not_a_terminal(cli, tmp_path):
-    p = tmp_path / "s.toml"
-    p.write_text(textwrap.dedent(f"""
-        name = "t"
-        out = "{tmp_path / 'out'}"
-        models = ["{TINY}"]
-        measure = ["flops", "accuracy"]
-        device = "cpu"
-        [data]
-        name = "synthetic"
-        limit = 16
-        [methods.topk]
-        keep_rate = [0.5, 0.7]
-        """))
+    p = write_sweep(tmp_path / "s.toml", TINY, "[methods.topk]\nkeep_rate = [0.5, 0.7]\n", out=tmp_path / "out")
     code, out, err = cli("run", str(p), "--no-plots")
     assert code == 0, err
     steps = [ln for ln in out.splitlines() if re.match(r"\[\s*\d+/6\] ", ln)]
