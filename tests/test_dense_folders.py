@@ -95,6 +95,9 @@ def test_bad_folders_are_refused_in_one_line(tmp_path, name, kw, msg):
 
 def test_an_empty_ade20k_split_and_its_unannotated_test_split_are_refused(tmp_path):
     root = write_ade(tmp_path / "ade", names=())
+    shutil.rmtree(write_ade(tmp_path / "no-masks") / "annotations" / "validation")
+    with pytest.raises(UserError, match="has no annotations/validation/"):
+        folder("ade20k", tmp_path / "no-masks")
     with pytest.raises(UserError, match="the val split is empty"):
         folder("ade20k", root)
     with pytest.raises(UserError, match="its test images have no annotations"):

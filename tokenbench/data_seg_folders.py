@@ -70,9 +70,10 @@ def layout_files(name: str, root, split: str) -> list[tuple[Path, Path]]:
                             f"not {split!r}")
         root = _ade_root(root)
         images = root / "images" / ADE_SPLITS[split]
-        if not images.is_dir():
-            raise UserError(f"{root} has no images/{ADE_SPLITS[split]}/ (the ADE20K layout: images/ and "
-                            f"annotations/, each with training/ and validation/)")
+        for d in (images, root / "annotations" / ADE_SPLITS[split]):
+            if not d.is_dir():
+                raise UserError(f"{root} has no {d.relative_to(root)}/ (the ADE20K layout: images/ and "
+                                f"annotations/, each with training/ and validation/)")
         pairs = [(p, root / "annotations" / ADE_SPLITS[split] / f"{p.stem}.png")
                  for p in sorted(images.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
         where = str(images)
