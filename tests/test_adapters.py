@@ -5,7 +5,7 @@ method gets them for free.
 Shapes, the declared token schedule against what the model does, batch consistency (an
 image's logits do not depend on the batch it is in), determinism (and seeds), refused bad
 parameters, a clean restore, fewer FLOPs where the method says it reduces, and a training
-step for learned methods.
+step for learned methods (the full map of a dense task: ``tests/test_grid_restore.py``).
 """
 
 from __future__ import annotations

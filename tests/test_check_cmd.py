@@ -28,16 +28,16 @@ def test_check_passes_a_sound_method(cli):
     code, out, err = cli("check", "topk", "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert res["passed"] and len(res["checks"]) == 6 and all(c["ok"] for c in res["checks"])
+    assert res["passed"] and len(res["checks"]) == 7 and all(c["ok"] for c in res["checks"])
     code, out, err = cli("check", "dynamicvit", "--json")
-    assert code == 0 and len(json.loads(out)["checks"]) == 7                # learned: the training step too
+    assert code == 0 and len(json.loads(out)["checks"]) == 8                # learned: the training step too
 
 
 def test_check_names_what_a_faulty_method_gets_wrong(cli, dense_claim):
     code, out, err = cli("check", dense_claim)
     assert code == 1
     assert "FAIL  shapes_schedule_and_batch: expected_tokens declares" in out
-    assert "ok    declaration" in out and f"{dense_claim}: 5 of 6 checks passed" in out
+    assert "ok    declaration" in out and f"{dense_claim}: 6 of 7 checks passed" in out
 
 
 def test_check_unknown_method_is_one_line(cli):

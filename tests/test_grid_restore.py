@@ -1,6 +1,7 @@
 """The full grid behind a reduced ViT (``tokenbench.backbones.grid``), checked method by method
-against an obvious reference: the source map ``TokenState`` keeps for pictures, and the values
-of the tokens at the moment a primitive removed them, both followed image by image in loops.
+(``adapter_checks.grid_as_declared``, which ``tokenbench check`` runs too) against an obvious
+reference: the source map ``TokenState`` keeps for pictures, and the values of the tokens at the
+moment a primitive removed them, both followed image by image in loops.
 
 A position still covered by a token (itself, or the token its group was merged into) holds
 that token; a position whose token left holds the value it had when it left.  What a method
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from conftest import tiny_vit
+from tokenbench import adapter_checks as checks
 from tokenbench import backbones
-from tokenbench.backbones.tokens import TokenState
-from tokenbench.errors import UserError
+from tokenbench.backbones.grid import GridRestorer
 from tokenbench.registry import _SOURCES, GridRestore, Method, apply, get_method, load_methods
 
 
@@ -24,77 +25,31 @@ def _vit_methods() -> list[str]:
     return sorted(n for n, src in _SOURCES.items() if src and "vit" in get_method(n).backbones)
 
 
-def _covering(source: torch.Tensor, pad, pos: torch.Tensor, b: int, p: int) -> dict[int, int]:
-    """Image ``b``: patch -> the real, placed token whose source row covers it."""
-    out = {}
-    for n in range(source.shape[1]):
-        if int(pos[b, n]) < 0 or (pad is not None and not bool(pad[b, n])):
-            continue
-        for j in torch.nonzero(source[b, n, p:] > 0).flatten().tolist():
-            out[j] = n
-    return out
-
-
-class Spy:
-    """Wraps the primitives: for each image, the value of each patch at the moment its token left."""
-
-    def __init__(self, monkeypatch):
-        self.dropped: dict[tuple[int, int], torch.Tensor] = {}
-        self.merges = 0
-        for name in ("keep", "merge", "fuse", "mix"):
-            monkeypatch.setattr(TokenState, name, self._wrap(getattr(TokenState, name)))
-
-    def _wrap(self, primitive):
-        spy = self
-
-        def wrapped(st, x, *args, **kw):
-            p = st.n_prefix
-            before = (x.detach().clone(), st.source.clone(), None if st.pad is None else st.pad.clone(), st.pos.clone())
-            out = primitive(st, x, *args, **kw)
-            for b in range(x.shape[0]):
-                was = _covering(before[1], before[2], before[3], b, p)
-                now = _covering(st.source, st.pad, st.pos, b, p)
-                for j, n in was.items():
-                    if j not in now:
-                        spy.dropped[(b, j)] = before[0][b, n]
-                spy.merges += sum(1 for n in set(now.values()) if list(now.values()).count(n) > 1)
-            return out
-
-        return wrapped
-
-
 @pytest.mark.parametrize("name", _vit_methods())
-def test_pruned_positions_hold_their_value_when_dropped_and_merged_ones_their_group(name, monkeypatch):
+def test_pruned_positions_hold_their_value_when_dropped_and_merged_ones_their_group(name):
+    checks.grid_as_declared(name)
+
+
+def _forget_dropped(self, x, new):
+    self.owner = new.gather(1, self.owner.clamp(min=0))                 # no value kept for a dropped patch
+
+
+def _forget_merged(self, x, keep_idx, src_idx, dst, drop, real):
+    self.kept(x, keep_idx, real)                                        # folded tokens treated as dropped
+
+
+@pytest.mark.parametrize("name,part,broken", [("topk", "_follow", _forget_dropped),
+                                              ("tome", "merged", _forget_merged)])
+def test_the_check_fails_a_wrong_declaration_and_a_restorer_that_forgets(name, part, broken, monkeypatch):
     cls = get_method(name)
-    how = cls.grid_restore("vit")
-    net = apply(tiny_vit(), name)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    last = backbones.backbone_of(net).depth - 1
-    if how is GridRestore.NONE:
-        with pytest.raises(UserError, match="forward_intermediates"):
-            net.forward_intermediates(x, indices=[last])
-        return
-    backbones.set_track_source(net, True)
-    p = backbones.backbone_of(net).n_prefix
-    with torch.no_grad():
-        _, (seq,) = net.forward_intermediates(x, indices=[last], output_fmt="NLC", return_prefix_tokens=True)
-        spy = Spy(monkeypatch)
-        (grid,) = net.forward_intermediates(x, indices=[last], intermediates_only=True)
-    tokens = torch.cat([seq[1], seq[0]], dim=1) if p else seq    # prefix first, as in the state
-    st = backbones.last_state(net)
-    grid = grid.flatten(2).transpose(1, 2)                        # [B, N0, C]
-    for b in range(x.shape[0]):
-        covering = _covering(st.source, st.pad, st.pos, b, p)
-        for j in range(grid.shape[1]):
-            want = tokens[b, covering[j]] if j in covering else spy.dropped[(b, j)]
-            torch.testing.assert_close(grid[b, j], want, rtol=0, atol=1e-6)
-    drops, merges = bool(spy.dropped), spy.merges > 0
-    allowed = {GridRestore.KEEPS: (False, False), GridRestore.FILL: (True, False),
-               GridRestore.UNMERGE: (False, True), GridRestore.FILL_UNMERGE: (True, True)}[how]
-    assert (drops and not allowed[0], merges and not allowed[1]) == (False, False), \
-        f"{name} declares {how.value} but dropped={drops} merged={merges}"
-    if cls.reduces(cls.defaults()) and how in (GridRestore.FILL, GridRestore.UNMERGE):
-        assert drops or merges                                     # the check saw what it checks
+    wrong = GridRestore.UNMERGE if cls.grid_restore("vit") is GridRestore.FILL else GridRestore.FILL
+    monkeypatch.setattr(cls, "restores_grid", wrong)
+    with pytest.raises(checks.CheckFailed, match="restores_grid is"):
+        checks.grid_as_declared(name)
+    monkeypatch.undo()
+    monkeypatch.setattr(GridRestorer, part, broken)
+    with pytest.raises(checks.CheckFailed, match="image"):
+        checks.grid_as_declared(name)
 
 
 def test_a_grid_costs_nothing_unless_asked_for():

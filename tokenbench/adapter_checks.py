@@ -167,9 +167,82 @@ def training_step_reaches_learned_parts(name: str) -> None:
     m.train_step(net, cls.defaults(), 0.5)  # the per-step hook runs
 
 
+def _covering(st, b: int) -> dict[int, int]:
+    """Image ``b`` of the state ``st`` (tracking sources): patch -> the real, placed token whose
+    source row covers it."""
+    p, out = st.n_prefix, {}
+    for n in range(st.source.shape[1]):
+        if int(st.pos[b, n]) < 0 or (st.pad is not None and not bool(st.pad[b, n])):
+            continue
+        for j in torch.nonzero(st.source[b, n, p:] > 0).flatten().tolist():
+            out[j] = n
+    return out
+
+
+class _Witness:
+    """Follows a forward's primitives image by image, from the source map: the value each patch
+    had when its token left, and whether any token came to stand for several patches."""
+
+    def __init__(self):
+        self.dropped: dict[tuple[int, int], torch.Tensor] = {}
+        self.merged = False
+
+    def on_start(self, model, x, st) -> None:
+        for prim in st.PRIMITIVES:
+            setattr(st, prim, self._wrap(st, getattr(st, prim)))
+
+    def _wrap(self, st, primitive):
+        def wrapped(x, *args, **kw):
+            was = [_covering(st, b) for b in range(x.shape[0])]
+            out = primitive(x, *args, **kw)
+            for b, before in enumerate(was):
+                now = _covering(st, b)
+                for j, n in before.items():
+                    if j not in now:
+                        self.dropped[(b, j)] = x[b, n].detach().clone()
+                self.merged |= len(set(now.values())) < len(now)
+            return out
+
+        return wrapped
+
+
+def grid_as_declared(name: str) -> None:
+    """Dense tasks: the last block's map on the full grid holds, at each patch, the token that
+    stands for it (itself or its group's) or, once its token left, the value it had then; what
+    the method did (drops, merges) is what ``restores_grid`` declares.  Nothing to check for a
+    method that declares it cannot (dense tasks refuse it)."""
+    from .registry import GridRestore
+
+    how = get_method(name).grid_restore("vit")
+    if how is GridRestore.NONE:
+        return
+    net, x = applied(name), images(2)
+    last = backbones.backbone_of(net).depth - 1
+    backbones.set_track_source(net, True)
+    p = backbones.backbone_of(net).n_prefix
+    with torch.no_grad():
+        _, (seq,) = net.forward_intermediates(x, indices=[last], output_fmt="NLC", return_prefix_tokens=True)
+        witness = _Witness()
+        backbones.plan_of(net).on_start.append(witness.on_start)
+        (grid,) = net.forward_intermediates(x, indices=[last], intermediates_only=True)
+    tokens = torch.cat([seq[1], seq[0]], dim=1) if p else seq                # prefix first, as in the state
+    grid, st = grid.flatten(2).transpose(1, 2), backbones.last_state(net)  # [B, N0, C]
+    for b in range(x.shape[0]):
+        covering = _covering(st, b)
+        for j in range(grid.shape[1]):
+            want = tokens[b, covering[j]] if j in covering else witness.dropped.get((b, j))
+            expect(want is not None and bool(torch.allclose(grid[b, j], want, rtol=0, atol=1e-6)),
+                   f"image {b}, patch {j}: the map holds neither the token standing for it nor its value when dropped")
+    fills = how in (GridRestore.FILL, GridRestore.FILL_UNMERGE)
+    unmerges = how in (GridRestore.UNMERGE, GridRestore.FILL_UNMERGE)
+    expect(fills or not witness.dropped, f"restores_grid is {how.value}, but the method dropped tokens")
+    expect(unmerges or not witness.merged, f"restores_grid is {how.value}, but the method merged tokens")
+
+
 CHECKS: tuple[Callable[[str], None], ...] = (
     declaration, shapes_schedule_and_batch, deterministic_and_seeded, bad_parameters_refused,
-    restore_gives_the_plain_model, fewer_flops_where_it_reduces, training_step_reaches_learned_parts)
+    restore_gives_the_plain_model, fewer_flops_where_it_reduces, grid_as_declared,
+    training_step_reaches_learned_parts)
 
 
 def applies(check: Callable[[str], None], name: str) -> bool:

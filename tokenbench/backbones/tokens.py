@@ -86,6 +86,8 @@ class _Index:
 class TokenState:
     """Bookkeeping for one forward pass, shared by all blocks of one model."""
 
+    PRIMITIVES = ("keep", "merge", "fuse", "mix")   # the methods that change the sequence
+
     def __init__(self, n_prefix: int, prop_attn: bool = False, track_source: bool = False,
                  record: bool = True):
         self.n_prefix = n_prefix

@@ -14,8 +14,9 @@ def register(app: typer.Typer) -> None:
                   json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")):
         """Run the shared adapter checks on METHOD (a tiny random ViT, random images; seconds): its
         declaration, shapes, declared token schedule against the forward, batch independence,
-        determinism and seeds, refused bad parameters, restore, fewer FLOPs where it reduces, and a
-        training step for learned methods.  Exit status 1 when a check fails."""
+        determinism and seeds, refused bad parameters, restore, fewer FLOPs where it reduces, the full
+        map of a dense task as declared, and a training step for learned methods.  Exit status 1 when
+        a check fails."""
         from ..adapter_checks import run_checks
         from ..registry import get_method
 
