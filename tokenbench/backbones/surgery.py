@@ -164,7 +164,7 @@ def begin_forward(s: Surgery, i: int, x: torch.Tensor, tokens: Optional[torch.Te
 
 def capture_grid(s: Surgery, st: TokenState, i: int, x: torch.Tensor) -> torch.Tensor:
     """Block ``i``'s output ``x``, kept on the full patch grid when one is asked for; returns ``x``."""
-    if st.grid is not None and i in s.grid_blocks:
+    if st.grid is not None and s.grid_blocks is not None and i in s.grid_blocks:
         st.grid.capture(i, x)
     return x
 
