@@ -4,7 +4,7 @@
 For each model and each method setting: GFLOPs, the FLOPs reduction (dense / method),
 the measured throughput and the realised speedup, and their ratio: the share of the FLOPs
 saving that turns into time.  An efficiency well below 1 means the adapter loses its
-savings to overhead.  The speedup is a paired timing (:func:`tokenbench.measure.speedup`):
+savings to overhead.  The speedup is a paired timing (:func:`tokenbench.measure.timing.speedup`):
 the method and the dense model timed interleaved in rounds, in one process, on one input,
 so that what else the machine does slows both alike; its interquartile range over rounds
 is printed beside it.
@@ -140,14 +140,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tokenbench import measure
     from tokenbench.api import load
     from tokenbench.errors import UserError
-    from tokenbench.overhead import overhead
+    from tokenbench.measure.env import default_threads
+    from tokenbench.measure.flop_count import flops
+    from tokenbench.measure.memory import max_batch_size
+    from tokenbench.measure.overhead import overhead
+    from tokenbench.measure.timing import speedup, throughput
     from tokenbench.report.render import params_json
     from tokenbench.report.rows import Row, method_family
 
-    threads = args.threads or measure.default_threads()
+    threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     modes = timing_modes(args)
     timing = dict(device=args.device, precision=args.precision, threads=threads)
@@ -186,10 +189,10 @@ def main(argv=None) -> int:
             except Exception as e:  # e.g. the embedded checkpoint missing
                 print(f"skip {model_name}/{method}: {e}", file=sys.stderr)
                 continue
-            f = measure.flops(net)
+            f = flops(net)
             ops = overhead(net)  # per forward, whatever the batch: the host's share of the time
             if method == "none":
-                batches = [measure.max_batch_size(net, args.device, args.precision) if b == "max" else int(b)
+                batches = [max_batch_size(net, args.device, args.precision) if b == "max" else int(b)
                            for b in args.batch_sizes.split(",")]
             for b in batches:
                 if method == "none":
@@ -208,12 +211,12 @@ def main(argv=None) -> int:
                 for sfx, how in modes:
                     try:
                         if method == "none":
-                            r = measure.throughput(net, batch_size=b, min_run_time=args.min_run_time,
-                                                   latency=False, **how, **timing)
+                            r = throughput(net, batch_size=b, min_run_time=args.min_run_time,
+                                           latency=False, **how, **timing)
                             speed_x, q1, q3 = 1.0, 1.0, 1.0
                         else:
-                            r = measure.speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
-                                                **how, **timing)
+                            r = speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
+                                        **how, **timing)
                             speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
                     except UserError as e:  # e.g. a per-image method cannot be captured as a CUDA graph
                         missed.append({"model": model_name, "method": method, "params": row["params"],
@@ -297,16 +300,17 @@ def timing_modes(args) -> list[tuple[str, dict]]:
     """The timing columns, in order: (column suffix, the timing's keyword arguments).  Eager
     first; ``--cuda-graphs`` adds ``_graphs`` (refused in one line off CUDA); ``--compile``
     adds ``_compiled``."""
-    from tokenbench import measure
     from tokenbench.errors import UserError
+    from tokenbench.measure.compilation import compile_mode
+    from tokenbench.measure.env import resolve_device
 
     modes = [] if getattr(args, "no_eager", False) else [("", {})]
     if args.cuda_graphs:
-        from tokenbench.graphs import check_device
+        from tokenbench.measure.graphs import check_device
 
-        check_device(measure.resolve_device(args.device))
+        check_device(resolve_device(args.device))
         modes.append(("_graphs", {"cuda_graphs": True}))
-    mode = measure.compile_mode(args.compile)
+    mode = compile_mode(args.compile)
     if mode:
         modes.append(("_compiled", {"compile": mode}))
     if not modes:
@@ -315,10 +319,10 @@ def timing_modes(args) -> list[tuple[str, dict]]:
 
 
 def _env(args, threads: int) -> dict:
-    from tokenbench import measure
+    from tokenbench.measure.env import env_info, resolve_device
     from tokenbench.store import git_commit
 
-    return {**measure.env_info(measure.resolve_device(args.device), threads), "code": git_commit(changed=True)}
+    return {**env_info(resolve_device(args.device), threads), "code": git_commit(changed=True)}
 
 
 def _heading(env: dict, args, modes, threads: int, load0: float, partial: bool = False) -> str:

@@ -118,25 +118,25 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tokenbench import measure
     from tokenbench.api import load
+    from tokenbench.measure import compilation, env, flop_count, forward
     from tokenbench.errors import UserError
     from tokenbench.registry import get_method
     from tokenbench.store import code_line, git_commit
 
-    dev = measure.resolve_device(args.device)
+    dev = env.resolve_device(args.device)
     if args.batch_size < 1 or args.steps < 1 or args.top < 1:
         raise UserError("--batch-size, --steps and --top must be at least 1")
-    threads = args.threads or (measure.default_threads() if dev.type == "cpu" else torch.get_num_threads())
+    threads = args.threads or (env.default_threads() if dev.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
-    mode = measure.compile_mode(args.compile)
-    ctx, _note = measure.precision_context(dev, args.precision)
+    mode = compilation.compile_mode(args.compile)
+    ctx, _note = forward.precision_context(dev, args.precision)
     settings = [("none", {})] + [parse_setting(s) for s in args.settings]
     for method, params in settings:  # an unknown method or parameter: one line, before any work
         get_method(method).validate(params)
     what = "kernels (device time)" if dev.type == "cuda" else "operators (self CPU time)"
     lines = [f"# Profile: {args.model}, batch {args.batch_size}, {args.precision}, "
-             f"{'compiled ' + mode if mode else 'eager'}{', sdpa ' + args.sdpa if args.sdpa else ''}, {measure.env_info(dev, threads).get('device_name', dev.type)}",
+             f"{'compiled ' + mode if mode else 'eager'}{', sdpa ' + args.sdpa if args.sdpa else ''}, {env.env_info(dev, threads).get('device_name', dev.type)}",
              "", f"torch {torch.__version__}; {code_line(git_commit(changed=True))}; "
              f"load average {os.getloadavg()[0]:.2f}; top {args.top} {what} "
              f"per forward, over {args.steps} profiled forwards. The settings are timed one after another, "
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     for method, params in settings:
         label = method + ("" if not params else " " + json.dumps(params, separators=(",", ":")))
         net, _prov = load(args.model, method, params)
-        gflops = measure.flops(net)["gflops"]
+        gflops = flop_count.flops(net)["gflops"]
         try:
             wall, device, host, top, top_host = measure_setting(net, args, dev, ctx, mode)
         except RuntimeError as e:  # e.g. --sdpa flash on a method that needs an attention mask
@@ -188,15 +188,15 @@ def measure_setting(net, args, dev, ctx, mode):
     """(wall ms, device ms, host ms per forward, top operators) of one loaded model."""
     import torch
 
-    from tokenbench import measure
+    from tokenbench.measure import compilation, forward, timed_forward
 
     net.to(dev)
-    with measure.eval_mode(net), torch.inference_mode(), measure.cuda_timing_settings(dev), \
-            measure.memory_format(net, dev) as fmt:
-        x = measure.example_input(net, args.batch_size, device=dev).contiguous(memory_format=fmt)
+    with forward.eval_mode(net), torch.inference_mode(), timed_forward.cuda_timing_settings(dev), \
+            timed_forward.memory_format(net, dev) as fmt:
+        x = forward.example_input(net, args.batch_size, device=dev).contiguous(memory_format=fmt)
         if mode:
-            measure.fresh_compile_state()
-        model = measure.compiled(net, mode)
+            compilation.fresh_compile_state()
+        model = compilation.compiled(net, mode)
 
         def run(inp):
             with ctx, sdpa_context(args.sdpa):

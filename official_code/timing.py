@@ -1,5 +1,5 @@
 """``bench.py --official DIR``: the official model of a setting, checked equal to ours, then the
-two timed interleaved (``tokenbench.measure.speedup``: ours over the official, round by round,
+two timed interleaved (``tokenbench.measure.timing.speedup``: ours over the official, round by round,
 on one input), in each of bench.py's modes."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def official_of(method: str):
 
 def check_equal(ours: torch.nn.Module, official: torch.nn.Module, seed: int = 0) -> tuple[float, float, bool]:
     """(max abs logit difference, largest logit, within tolerance) on random images, fp32, CPU."""
-    from tokenbench.measure import example_input
+    from tokenbench.measure.forward import example_input
 
     x = example_input(ours, batch=CHECK_IMAGES)
     g = torch.Generator().manual_seed(seed)
@@ -39,8 +39,8 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
     (bench.py's ``(column suffix, timing keyword arguments)``: eager, CUDA graphs, compiled), ours
     over the official (median and quartiles over rounds) and both throughputs.  Returns the rows
     and the lines saying what could not be built, checked or timed (a missing clone: one line)."""
-    from tokenbench import measure
     from tokenbench.api import load
+    from tokenbench.measure.timing import speedup
     from tokenbench.report.render import params_json, quartiles_text
 
     rows, notes = [], []
@@ -78,7 +78,7 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
             row = dict(base, batch=b, precision=timing.get("precision"))
             for sfx, how in modes:
                 try:
-                    r = measure.speedup(ours, official, batch_size=b, min_run_time=2 * min_run_time, **how, **timing)
+                    r = speedup(ours, official, batch_size=b, min_run_time=2 * min_run_time, **how, **timing)
                 except Exception as e:  # e.g. a forward CUDA graphs cannot capture
                     line = (f"official {off.label} on {model_name} {base['params']} b={b}: {sfx.strip('_') or 'eager'} "
                             f"not timed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

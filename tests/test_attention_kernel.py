@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import peak_weights, random_images, tiny_vit
-from tokenbench import measure, registry
+from tokenbench import registry
+from tokenbench.measure import env
 from tokenbench.backbones import AttnInfo
 
 
@@ -21,7 +22,7 @@ def test_explicit_attention_when_timm_fused_attn_is_off(name, params, monkeypatc
     x = random_images(m, 3)
     with torch.inference_mode():
         fused = m(x)
-    assert measure.attention_kernel(m) == "sdpa"
+    assert env.attention_kernel(m) == "sdpa"
     _set_fused(m, False)
     calls = []
     real = F.scaled_dot_product_attention
@@ -29,7 +30,7 @@ def test_explicit_attention_when_timm_fused_attn_is_off(name, params, monkeypatc
     with torch.inference_mode():
         explicit = m(x)
     assert not calls  # the surgery ran the explicit softmax, as timm's own forward would
-    assert measure.attention_kernel(m) == "explicit"
+    assert env.attention_kernel(m) == "explicit"
     torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-4)
     _set_fused(m, True)
     with torch.inference_mode():

@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from tokenbench import backbones, measure
+from tokenbench import backbones
+from tokenbench.measure import flop_count, timing
 from tokenbench.api import load
 
 from test_render import _bench
@@ -38,7 +39,7 @@ def test_overhead_model_is_the_dense_model_plus_gather_and_scatter(tiny_default_
         torch.testing.assert_close(net(x), dense(x), rtol=1e-5, atol=1e-5)
     st = backbones.last_state(net)
     assert st.tokens_mlp == st.tokens                           # every position on the slow path
-    assert measure.flops(net)["gflops"] == measure.flops(dense)["gflops"]
+    assert flop_count.flops(net)["gflops"] == flop_count.flops(dense)["gflops"]
 
 
 def test_quick_mode_rows(tiny_default_convnext, tmp_path, capsys, monkeypatch):
@@ -54,8 +55,8 @@ def test_quick_mode_rows(tiny_default_convnext, tmp_path, capsys, monkeypatch):
         pairs.append((net, baseline))
         return {"speedup": 0.8, "speedup_q1": 0.75, "speedup_q3": 0.85, "img_per_s": 80.0, "spread": 0.02, "env": {}}
 
-    monkeypatch.setattr(measure, "throughput", throughput)
-    monkeypatch.setattr(measure, "speedup", speedup)
+    monkeypatch.setattr(timing, "throughput", throughput)
+    monkeypatch.setattr(timing, "speedup", speedup)
     out = tmp_path / "b"
     quick = ["--models", "default-convnext", "--batch-sizes", "2", "--min-run-time", "0.1", "--compile", "none",
              "--out", str(out)]

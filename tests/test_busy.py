@@ -5,7 +5,7 @@ import socket
 import threading
 import time
 
-from tokenbench import busy
+from tokenbench.measure import busy
 from tokenbench.runner import timed_with_retries
 from tokenbench.store import Claim, Store
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import random_images, register_tiny_timm, tiny_vit
-from tokenbench import backbones, measure, registry, runner
+from tokenbench import backbones, registry, runner
+from tokenbench.measure import compilation, flop_count, timed_forward, timing
 
 
 def _compiled_equals_eager(name: str, backend: str, **model_kw) -> tuple[list[float], list[int]]:
@@ -30,7 +31,7 @@ def _compiled_equals_eager(name: str, backend: str, **model_kw) -> tuple[list[fl
     cls = registry.get_method(name)
     static = cls().expected_tokens(m, **cls.defaults()) is not None
     x = random_images(m, 2)
-    tokens, _ = measure.token_counts(m, x=x)
+    tokens, _ = flop_count.token_counts(m, x=x)
     with torch.inference_mode():
         ref = m(x)
         out = torch.compile(m, backend=backend, fullgraph=static, dynamic=False)(x)
@@ -62,11 +63,11 @@ def test_every_method_declares_how_it_compiles():
 
 
 def test_compile_mode_is_checked():
-    assert measure.compile_mode(None) is None and measure.compile_mode(False) is None
-    assert measure.compile_mode(True) == "default"
-    assert measure.compile_mode("max-autotune") == "max-autotune"
+    assert compilation.compile_mode(None) is None and compilation.compile_mode(False) is None
+    assert compilation.compile_mode(True) == "default"
+    assert compilation.compile_mode("max-autotune") == "max-autotune"
     with pytest.raises(Exception, match="unknown compile mode"):
-        measure.compile_mode("fastest")
+        compilation.compile_mode("fastest")
 
 
 def test_compile_enters_the_timing_keys_only_when_set():
@@ -98,32 +99,32 @@ class _SlowFirstCall:
 
 def test_compile_time_is_reported_apart_from_the_timing(monkeypatch):
     fake = _SlowFirstCall(1.0)
-    monkeypatch.setattr(measure, "compiled", fake)
+    monkeypatch.setattr(timed_forward, "compiled", fake)
     m = registry.apply(tiny_vit(), "topk").eval()
-    res = measure.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.05, warmup_s=0.01,
+    res = timing.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.05, warmup_s=0.01,
                              latency=False, compile="default")
     assert res["compile_s"] >= 1.0 and res["compile"] == "default" and res["env"]["compile"] == "default"
     # the sleep was not in any timed block: every block ran faster than one sleep per batch
     assert res["img_per_s_q1"] > 2 / 1.0
-    eager = measure.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.05, warmup_s=0.01,
+    eager = timing.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.05, warmup_s=0.01,
                                latency=False)
     assert "compile_s" not in eager and eager["env"]["compile"] is None
 
 
 def test_paired_speedup_compiles_both_models(monkeypatch):
     seen = []
-    monkeypatch.setattr(measure, "compiled", lambda model, mode: seen.append((model, mode)) or model)
+    monkeypatch.setattr(timed_forward, "compiled", lambda model, mode: seen.append((model, mode)) or model)
     m = registry.apply(tiny_vit(), "topk").eval()
     base = registry.apply(tiny_vit(), "none").eval()
-    res = measure.speedup(m, base, batch_size=2, device="cpu", threads=1, min_run_time=0.05, rounds=3,
+    res = timing.speedup(m, base, batch_size=2, device="cpu", threads=1, min_run_time=0.05, rounds=3,
                           warmup_s=0.01, compile="default")
     assert {id(n) for n, _ in seen} == {id(m), id(base)} and {mode for _, mode in seen} == {"default"}
     assert "compile_s" in res and "baseline_compile_s" in res and res["env"]["compile"] == "default"
 
 
 def test_cli_compiled_throughput_is_recorded_and_reused(cli, tmp_path, monkeypatch):
-    real = measure.compiled
-    monkeypatch.setattr(measure, "compiled",
+    real = compilation.compiled
+    monkeypatch.setattr(timed_forward, "compiled",
                         lambda model, mode: torch.compile(model, backend="eager", dynamic=False) if mode
                         else real(model, mode))
     name = register_tiny_timm("tiny_compile_vit", depth=4)  # topk's three sites, a third of the graph
@@ -136,8 +137,8 @@ def test_cli_compiled_throughput_is_recorded_and_reused(cli, tmp_path, monkeypat
     assert first["compile_note"] == "static token counts: fullgraph" and first["env"]["compile"] == "default"
     assert first["graph_breaks"] == 0 and first["graphs"] >= 1  # one graph, really compiled
     assert first["reused"] is False and first["recorded_in"] == str(tmp_path)
-    calls, timed = [], measure.throughput
-    monkeypatch.setattr(measure, "throughput", lambda *a, **k: calls.append(1) or timed(*a, **k))
+    calls, timed = [], timing.throughput
+    monkeypatch.setattr(timing, "throughput", lambda *a, **k: calls.append(1) or timed(*a, **k))
     code, out, err = cli(*args)
     assert code == 0 and not calls, err                         # nothing timed: read from the store
     again = json.loads(out)
@@ -168,8 +169,8 @@ def test_a_retry_reuses_the_first_attempts_compilation(monkeypatch):
         return {"img_per_s": 1.0, "spread": 0.0, "spread_flag": False, "compile_s": 9.0 if kw["fresh_compile"] else 0.1,
                 "env": {"busy": True}}  # busy: taken again
 
-    monkeypatch.setattr(measure, "throughput", fake)
-    from tokenbench import busy
+    monkeypatch.setattr(timing, "throughput", fake)
+    from tokenbench.measure import busy
 
     monkeypatch.setattr(busy, "still_busy", lambda: None)   # the load dropped: each retry is taken
     spec = runner.spec_dict("tiny_retry_vit", "none", {}, False, None, None)

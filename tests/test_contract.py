@@ -99,11 +99,11 @@ def test_per_image_counts_pad_mask_and_pool_like_separate_images(kw):
 
 
 def test_per_image_flops_give_mean_and_spread():
-    from tokenbench import measure
+    from tokenbench.measure import flop_count
 
     net = apply(tiny_vit(), "tb_test_mean_norm", site=0)
-    dense = measure.flops(tiny_vit())["gflops"]
-    out = measure.flops(net, inputs=_images(6), max_images=6)
+    dense = flop_count.flops(tiny_vit())["gflops"]
+    out = flop_count.flops(net, inputs=_images(6), max_images=6)
     spread = out["gflops_per_image"]
     assert out["flops_images"] == 6
     assert spread["min"] < spread["max"] < dense

@@ -209,7 +209,7 @@ def test_default_small_is_a_smaller_embedded_vit_with_the_same_recipe_and_grid(t
 
     from tokenbench import models
     from tokenbench.backbones import backbone_of
-    from tokenbench.measure import flops
+    from tokenbench.measure.flop_count import flops
     from tokenbench.train import BASE_RECIPES, finalize
 
     small = models.build_embedded(models.embedded_arch("default-small")).eval()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tokenbench.backbones import image_ids, surgery_of
-from tokenbench import checks, measure, registry
+from tokenbench import checks, registry
+from tokenbench.measure import accuracy
 from tokenbench.errors import UserError
 
 from conftest import peak_weights, register_tiny_timm, tiny_vit  # noqa: E402
@@ -226,10 +227,10 @@ class _Images(torch.utils.data.Dataset):
 def test_random_predictions_do_not_depend_on_the_eval_batch():
     m = registry.apply(peak_weights(tiny_vit()), "random", keep_rate=0.5, seed=0)
     ds = _Images(40)
-    by_batch = [measure.evaluate(m, ds, batch_size=b, device="cpu")["predictions"] for b in (7, 16)]
+    by_batch = [accuracy.evaluate(m, ds, batch_size=b, device="cpu")["predictions"] for b in (7, 16)]
     assert by_batch[0] == by_batch[1]
     other = registry.apply(peak_weights(tiny_vit()), "random", keep_rate=0.5, seed=1)
-    assert measure.evaluate(other, ds, batch_size=16, device="cpu")["predictions"] != by_batch[0]  # the test has power
+    assert accuracy.evaluate(other, ds, batch_size=16, device="cpu")["predictions"] != by_batch[0]  # the test has power
 
 
 def test_random_logits_follow_the_image_not_the_batch():

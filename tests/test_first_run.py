@@ -16,28 +16,28 @@ TINY = register_tiny_timm("tb_tiny_first_run_vit")
 def fake_timings(monkeypatch):
     """Timings that return at once (the runner and its records are the real ones); the kinds timed
     are collected in the list returned."""
-    from tokenbench import measure, overhead
+    from tokenbench.measure import env, overhead, timing
 
     made = []
 
-    def env():
-        return {**measure.env_info("cpu"), "busy": False, "other_cores": 0.0}
+    def machine():
+        return {**env.env_info("cpu"), "busy": False, "other_cores": 0.0}
 
     def throughput(model, batch_size=64, **kw):
         made.append("throughput")
         return {"img_per_s": 100.0, "img_per_s_q1": 99.0, "img_per_s_q3": 101.0, "spread": 0.02,
                 "spread_flag": False, "trials": 5, "runs_per_trial": 1, "batch_size": batch_size, "device": "cpu",
-                "precision": "fp32", "compile": None, "env": env()}
+                "precision": "fp32", "compile": None, "env": machine()}
 
     def speedup(model, baseline, batch_size=64, rounds=10, **kw):
         made.append("speedup")
         return {"speedup": 1.5, "speedup_q1": 1.4, "speedup_q3": 1.6, "spread": 0.13, "spread_flag": True,
                 "rounds": rounds, "calls_per_block": {"baseline": 1, "method": 1}, "img_per_s": 150.0,
                 "baseline_img_per_s": 100.0, "batch_size": batch_size, "device": "cpu", "precision": "fp32",
-                "compile": None, "env": env()}
+                "compile": None, "env": machine()}
 
-    monkeypatch.setattr(measure, "throughput", throughput)
-    monkeypatch.setattr(measure, "speedup", speedup)
+    monkeypatch.setattr(timing, "throughput", throughput)
+    monkeypatch.setattr(timing, "speedup", speedup)
     monkeypatch.setattr(overhead, "overhead", lambda *a, **k: {"aten_ops": 1, "host_ms": 0.1})
     return made
 
@@ -57,9 +57,9 @@ def _rows(out: str) -> dict:
 
 
 def _another_cpu(monkeypatch):
-    from tokenbench import measure
+    from tokenbench.measure import env
 
-    monkeypatch.setattr(measure, "cpu_model", lambda: "Another CPU 9000")
+    monkeypatch.setattr(env, "cpu_model", lambda: "Another CPU 9000")
 
 
 def test_another_cpu_times_the_chosen_settings_and_marks_the_rest_untimed(tmp_path, cli, monkeypatch, fake_timings):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from conftest import tiny_vit
-from tokenbench import measure, registry
-from tokenbench.flops_dispatch import count
+from tokenbench import registry
+from tokenbench.measure import flop_count
+from tokenbench.measure.flops_dispatch import count
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -19,10 +20,10 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 def test_per_image_flops_equal_fvcore_image_by_image():
     model = registry.apply(tiny_vit(), "ats", keep_rate=0.6)
     xs = images(4)
-    fv = [measure._count(model, xs[i:i + 1]) for i in range(4)]   # fvcore, image by image
+    fv = [flop_count.fvcore_count(model, xs[i:i + 1]) for i in range(4)]   # fvcore, image by image
     want = [t / 1e9 for t, _ in fv]
     assert len(set(want)) > 1                                     # the counts do vary per image
-    got = measure.flops(model, inputs=xs, max_images=4)
+    got = flop_count.flops(model, inputs=xs, max_images=4)
     assert abs(got["gflops"] - sum(want) / 4) < 1e-12
     assert got["gflops_per_image"]["min"] == min(want) and got["gflops_per_image"]["max"] == max(want)
     for i, (total, by_op) in enumerate(fv):
@@ -34,7 +35,7 @@ def test_dense_and_merging_models_count_like_fvcore():
     for name in ("none", "tome", "mctf", "evit"):
         model = registry.apply(tiny_vit(), name)
         x = images(1)
-        assert count(model, x)[0] == measure._count(model, x)[0], name
+        assert count(model, x)[0] == flop_count.fvcore_count(model, x)[0], name
 
 
 def test_an_operator_without_a_rule_falls_back_to_fvcore():

@@ -3,7 +3,8 @@ progress: each image as it is traced, and a bar with the time left on a terminal
 
 import torch
 
-from tokenbench import measure, registry, runner
+from tokenbench import registry, runner
+from tokenbench.measure import flop_count
 
 from conftest import register_tiny_timm, tiny_vit
 
@@ -14,7 +15,7 @@ def test_flops_tells_each_image_as_it_is_counted():
     net = tiny_vit()
     registry.apply(net, "ats", keep_rate=0.7)
     seen = []
-    measure.flops(net, inputs=torch.randn(3, 3, 32, 32), max_images=3, on_image=lambda d, t: seen.append((d, t)))
+    flop_count.flops(net, inputs=torch.randn(3, 3, 32, 32), max_images=3, on_image=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 

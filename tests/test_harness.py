@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from tokenbench import measure
+from tokenbench.measure import accuracy, env, flop_count, stats, timing
 from tokenbench.errors import UserError
 
 
@@ -22,12 +22,12 @@ def test_deit_flops_match_the_papers():
     for name, want in (("deit_tiny_patch16_224", 1.3), ("deit_small_patch16_224", 4.6),
                        ("deit_base_patch16_224", 17.6)):
         m = timm.create_model(name)
-        assert round(measure.flops(m)["gflops"], 1) == want, name
+        assert round(flop_count.flops(m)["gflops"], 1) == want, name
 
 
 def test_flops_counts_attention_by_hand(tiny):
     """Total = linear layers + the two attention matmuls + patch conv + norms, by hand."""
-    f = measure.flops(tiny)
+    f = flop_count.flops(tiny)
     n, c, d, heads = 65, 32, 12, 2
     hidden = 4 * c
     linear = d * n * (3 * c * c + c * c + 2 * c * hidden) + c * 10
@@ -45,7 +45,7 @@ def test_flops_restores_mode_and_outputs(tiny):
     with torch.no_grad():
         before = tiny(x)
     tiny.train()
-    measure.flops(tiny)
+    flop_count.flops(tiny)
     assert tiny.training, "counting must restore training mode"
     tiny.eval()
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_flops_restores_mode_and_outputs(tiny):
 # --------------------------------------------------------------------------- throughput
 
 def test_throughput_reports_the_protocol(tiny):
-    r = measure.throughput(tiny, batch_size=4, device="cpu", min_run_time=0.05, warmup_s=0.01,
+    r = timing.throughput(tiny, batch_size=4, device="cpu", min_run_time=0.05, warmup_s=0.01,
                            latency_samples=5, threads=1)
     for k in ("img_per_s", "img_per_s_q1", "img_per_s_q3", "latency_ms_p50", "latency_ms_p90", "peak_mem_mb"):
         assert r[k] > 0, k
@@ -70,29 +70,29 @@ def test_throughput_reports_the_protocol(tiny):
 
 def test_throughput_refuses_batch_that_cannot_fit(tiny):
     with pytest.raises(UserError, match="try --batch-size"):
-        measure.throughput(tiny, batch_size=10**9, device="cpu")
+        timing.throughput(tiny, batch_size=10**9, device="cpu")
 
 
 def test_cuda_refused_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("machine has CUDA")
     with pytest.raises(UserError, match="CUDA is not available"):
-        measure.resolve_device("cuda")
+        env.resolve_device("cuda")
 
 
 # --------------------------------------------------------------------------- accuracy
 
 def test_wilson_interval_known_values():
-    lo, hi = measure.wilson_interval(90, 100)
+    lo, hi = stats.wilson_interval(90, 100)
     assert lo == pytest.approx(0.8256, abs=1e-3) and hi == pytest.approx(0.9448, abs=1e-3)
-    lo, hi = measure.wilson_interval(0, 10)
+    lo, hi = stats.wilson_interval(0, 10)
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)
 
 
 def test_mcnemar_exact():
     a = [True] * 10 + [False] * 2 + [True] * 5
     b = [False] * 10 + [True] * 2 + [True] * 5
-    r = measure.mcnemar(a, b)
+    r = stats.mcnemar(a, b)
     assert (r["only_a"], r["only_b"]) == (10, 2)
     from scipy.stats import binomtest
 
@@ -116,7 +116,7 @@ def test_evaluate_counts_correct_top1_top5():
     xs[:, 0, 0, 0] = ys.float()
     xs[:5, 0, 0, 0] = (ys[:5] + 1) % 10  # five wrong
     ds = torch.utils.data.TensorDataset(xs, ys)
-    r = measure.evaluate(Fixed(), ds, batch_size=7)
+    r = accuracy.evaluate(Fixed(), ds, batch_size=7)
     assert r["n"] == 20 and r["top1"] == 75.0
     assert r["correct"] == "0" * 5 + "1" * 15
     lo, hi = r["top1_ci95"]

@@ -64,7 +64,7 @@ def test_paired_test_on_per_image_iou():
 
 @pytest.mark.parametrize("name", ["default-seg", "default-convnext-seg"])
 def test_dense_flops_split_into_backbone_and_decoder(name):
-    from tokenbench.measure import _count
+    from tokenbench.measure.flop_count import fvcore_count
     from tokenbench.models_seg import build_seg_model
 
     m = build_seg_model(name).eval()
@@ -72,7 +72,7 @@ def test_dense_flops_split_into_backbone_and_decoder(name):
     assert f["gflops"] == pytest.approx(f["gflops_backbone"] + f["gflops_decoder"])
     assert f["gflops_decoder"] > 0 and f["gflops_backbone"] > 10 * f["gflops_decoder"]
     feats = [t.detach() for t in m.features(torch.randn(1, 1, 56, 56))]
-    head, _ = _count(m.decoder, (feats,))
+    head, _ = fvcore_count(m.decoder, (feats,))
     assert f["gflops_decoder"] * 1e9 >= head  # the head's multiply-adds, plus the upsampling
 
 

@@ -1,4 +1,4 @@
-"""Operators per forward and host time (tokenbench.overhead), and the CUDA-graphs timing mode's refusals."""
+"""Operators per forward and host time (tokenbench.measure.overhead), and the CUDA-graphs timing mode's refusals."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_vit
 from tokenbench import registry
 from tokenbench.errors import UserError
-from tokenbench.overhead import host_time_ms, operator_count
+from tokenbench.measure.overhead import host_time_ms, operator_count
 
 
 def deit_s_geometry(**kw):
@@ -51,10 +51,10 @@ def test_cuda_graphs_refused_on_a_cpu_in_one_line(cli, monkeypatch):
 
 
 def test_cuda_graphs_refused_by_the_timing_on_a_cpu():
-    from tokenbench import measure
+    from tokenbench.measure import timing
 
     with pytest.raises(UserError, match="CUDA"):
-        measure.throughput(tiny_vit(), batch_size=2, device="cpu", cuda_graphs=True)
+        timing.throughput(tiny_vit(), batch_size=2, device="cpu", cuda_graphs=True)
 
 
 def test_cuda_graphs_in_a_sweep_file_is_read(tmp_path):

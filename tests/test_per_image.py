@@ -150,7 +150,7 @@ def test_timing_a_per_image_method_on_the_random_input_warns():
 def test_timing_input_is_the_given_batch():
     import torch
 
-    from tokenbench.measure import timing_input
+    from tokenbench.measure.timed_forward import timing_input
 
     x = torch.randn(4, 3, 32, 32)
     assert timing_input(None, 4, None, torch.device("cpu"), x) is x
@@ -180,7 +180,7 @@ def test_flops_on_data_records_the_token_distribution(cli, tmp_path):
 
 
 def test_token_distribution_by_hand():
-    from tokenbench.measure import token_distribution
+    from tokenbench.measure.flop_count import token_distribution
 
     d = token_distribution([[5, 3], [5, 4], [5, 2]], [[3, 2], [4, 2], [2, 1]])
     assert d["blocks"][0] == {"mean": 5, "min": 5, "max": 5, "q10": 5, "q25": 5, "q50": 5, "q75": 5, "q90": 5}
@@ -191,17 +191,17 @@ def test_token_distribution_by_hand():
 def test_paired_speedup_on_data_times_both_models_on_the_images(monkeypatch):
     import torch
 
-    import tokenbench.measure as measure
+    from tokenbench.measure import timed_forward, timing
     from tokenbench.api import load
 
     seen = []
-    real = measure.timing_input
+    real = timed_forward.timing_input
 
     def spy(model, batch_size, img_size, dev, given):
         seen.append(real(model, batch_size, img_size, dev, given))
         return seen[-1]
 
-    monkeypatch.setattr(measure, "timing_input", spy)
+    monkeypatch.setattr(timing, "timing_input", spy)
     s = Settings(batch_size=4, device="cpu", threads=1, min_run_time=0.01, rounds=3, retries=0,
                  data="synthetic", timing_on_data=True)
     spec = spec_dict(TINY, "ats", {}, False, None, None)

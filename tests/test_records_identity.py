@@ -323,18 +323,18 @@ def test_records_of_a_reference_directory_are_copied_not_measured(tmp_path):
 # --------------------------------------------------------------------------- timing
 
 def test_speedup_is_a_paired_timing_against_the_dense_model():
-    from tokenbench import measure
+    from tokenbench.measure import timing
     from tokenbench.registry import apply
 
     dense = tiny_vit()
     reduced = apply(tiny_vit(), "topk", keep_rate=0.5)
-    res = measure.speedup(reduced, dense, batch_size=4, device="cpu", threads=1, min_run_time=0.2, rounds=4,
+    res = timing.speedup(reduced, dense, batch_size=4, device="cpu", threads=1, min_run_time=0.2, rounds=4,
                           warmup_s=0.05)
     assert res["rounds"] == 4 and res["speedup_q1"] <= res["speedup"] <= res["speedup_q3"]
     assert res["img_per_s"] > 0 and res["baseline_img_per_s"] > 0
     assert "other_cores" in res["env"] or "load_avg" in res["env"]
     with pytest.raises(Exception, match="at least 3 rounds"):
-        measure.speedup(reduced, dense, batch_size=2, device="cpu", threads=1, rounds=2)
+        timing.speedup(reduced, dense, batch_size=2, device="cpu", threads=1, rounds=2)
 
 
 def test_busy_or_noisy_timings_are_taken_again_and_the_calmest_kept():
@@ -353,40 +353,40 @@ def test_busy_or_noisy_timings_are_taken_again_and_the_calmest_kept():
 
 
 def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
-    from tokenbench import measure
+    from tokenbench.measure import env
     from tokenbench.runner import Settings, key_fields, spec_dict
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert measure.default_threads() == 1
+    assert env.default_threads() == 1
     kf = key_fields("throughput", spec_dict(TINY, "none", {}, False, None, None), "w", Settings(device="cpu"))
     assert kf["threads"] == 1
 
 
 def test_peak_memory_is_per_measurement_not_per_process():
-    from tokenbench import measure
+    from tokenbench.measure import memory, timing
 
-    if measure._status_kb("VmHWM") is None:
+    if memory._status_kb("VmHWM") is None:
         pytest.skip("no /proc/self/status")
     big = torch.ones(64, 1024, 1024)  # 256 MiB held, then released before the measurement
     del big
-    lifetime = measure._status_kb("VmHWM") / 1024  # the process's high-water mark, the big tensor in it
-    res = measure.throughput(tiny_vit(), batch_size=2, device="cpu", threads=1, min_run_time=0.05,
+    lifetime = memory._status_kb("VmHWM") / 1024  # the process's high-water mark, the big tensor in it
+    res = timing.throughput(tiny_vit(), batch_size=2, device="cpu", threads=1, min_run_time=0.05,
                              warmup_s=0.01, latency=False)
     assert res["peak_mem_mb"] < lifetime - 100, (res["peak_mem_mb"], lifetime)
     assert "during the measurement" in res["peak_mem_kind"]
 
 
 def test_gpu_settings_and_attention_kernel_are_recorded():
-    from tokenbench import measure
+    from tokenbench.measure import env
 
-    info = measure.gpu_settings()
+    info = env.gpu_settings()
     assert {"float32_matmul_precision", "tf32_matmul", "cudnn_benchmark", "sdpa_enabled"} <= set(info)
     m = tiny_vit()
-    assert measure.attention_kernel(m) in ("sdpa", "explicit")
+    assert env.attention_kernel(m) in ("sdpa", "explicit")
     for blk in m.blocks:
         blk.attn.fused_attn = False
-    assert measure.attention_kernel(m) == "explicit"
+    assert env.attention_kernel(m) == "explicit"
 
 
 def test_flops_leaves_a_plain_timm_model_as_it_found_it():
@@ -418,7 +418,7 @@ def _snapshot(d: Path) -> dict:
 
 
 def test_a_users_run_reuses_the_reference_and_leaves_it_untouched(tmp_path, cli, monkeypatch):
-    from tokenbench import measure
+    from tokenbench.measure import env
 
     ref, mine, other = tmp_path / "ref", tmp_path / "mine", tmp_path / "other-cpu"
     code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, ref)), "--json")
@@ -431,7 +431,7 @@ def test_a_users_run_reuses_the_reference_and_leaves_it_untouched(tmp_path, cli,
     assert _snapshot(ref) == before
     assert len(list((mine / "records").glob("*.json"))) == 5
     # another CPU: FLOPs still come from the reference, timings are measured anew, into `other` only
-    monkeypatch.setattr(measure, "cpu_model", lambda: "Another CPU 9000")
+    monkeypatch.setattr(env, "cpu_model", lambda: "Another CPU 9000")
     code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, other, ref)), "--json")
     assert code == 0, err
     res = json.loads(out)

@@ -118,7 +118,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, cli):
 
 def test_declared_schedules_match_what_runs():
     """Every built-in method's expected_tokens equals what a forward records."""
-    from tokenbench.measure import token_counts
+    from tokenbench.measure.flop_count import token_counts
 
     for name in BUILTIN:
         cls = registry.get_method(name)

@@ -428,28 +428,28 @@ def test_cuda_without_cuda(cli, results, cmd):
 
 
 def test_batch_that_cannot_fit_is_refused_with_a_size_that_fits(cli, results, monkeypatch):
-    from tokenbench import measure
+    from tokenbench.measure import memory
 
     line = assert_refused(cli, results, "throughput", TINY, "--batch-size", "100000000", "--results", str(results),
                           match=("batch size 100000000 needs about", "try --batch-size"))
     # the suggestion fits (free memory held fixed: background jobs change it from one moment to the next)
-    monkeypatch.setattr(measure, "available_memory_bytes", lambda device: 64 * 2**20)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 64 * 2**20)
     line = assert_refused(cli, results, "throughput", TINY, "--batch-size", "100000000", "--results", str(results),
                           match=("batch size 100000000 needs about", "try --batch-size"))
     fit = int(line.rsplit(" ", 1)[1])
     from tokenbench.api import load
 
     net, _ = load(TINY)
-    measure.check_batch_fits(net, fit, torch.device("cpu"))
+    memory.check_batch_fits(net, fit, torch.device("cpu"))
     with pytest.raises(UserError):
-        measure.check_batch_fits(net, fit * 4, torch.device("cpu"))
+        memory.check_batch_fits(net, fit * 4, torch.device("cpu"))
 
 
 def test_eval_batch_is_checked_against_memory(cli, results, monkeypatch):
     """Evaluation checks the largest batch it will really make (the batch size, or the whole set if smaller)."""
-    from tokenbench import measure
+    from tokenbench.measure import memory
 
-    monkeypatch.setattr(measure, "available_memory_bytes", lambda device: 8 * 2**20)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 8 * 2**20)
     line = assert_refused(cli, results, "eval", TINY, "--data", "synthetic", "--limit", "64", "--batch-size",
                           "100000000", "--results", str(results),
                           match=("batch size 64 needs about", "try --batch-size"))
@@ -469,9 +469,9 @@ def test_sweep_batches_are_checked_before_anything_is_written(cli, tmp_path, mon
                        "100000000", "--out", str(out), "--no-plots")
     assert code == 2 and "throughput batch size 100000000 needs about" in err and err.count("\n") == 1
     assert not out.exists()
-    from tokenbench import measure
+    from tokenbench.measure import memory
 
-    monkeypatch.setattr(measure, "available_memory_bytes", lambda device: 8 * 2**20)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 8 * 2**20)
     code, _, err = cli("run", "--model", TINY, "-m", "tome", "--data", "synthetic", "--limit", "64",
                        "--measure", "flops,accuracy", "--eval-batch-size", "100000000", "--out", str(out),
                        "--no-plots")
@@ -625,10 +625,10 @@ def test_method_that_changes_nothing_is_flagged_in_the_report(cli, tmp_path):
 
 
 def test_wide_throughput_spread_is_flagged(cli, tmp_path, monkeypatch):
-    from tokenbench import measure
+    from tokenbench.measure import timing
 
     # every attempt is flagged, so each is taken three times: no warm-up, which changes no flag
-    monkeypatch.setattr(measure, "throughput", functools.partial(measure.throughput, max_spread=-1.0, warmup_s=0.0))
+    monkeypatch.setattr(timing, "throughput", functools.partial(timing.throughput, max_spread=-1.0, warmup_s=0.0))
     out = tmp_path / "o"
     code, o, err = cli("run", "--model", TINY, "-m", "tome", "--set", "r=[4]", "--measure", "flops,throughput",
                        "--batch-size", "2", "--min-run-time", "0.01", "--threads", "1", "--out", str(out),
@@ -966,16 +966,16 @@ def test_ctrl_c_in_process_is_exit_130_with_one_line(cli, tmp_path, monkeypatch)
 def test_a_measurements_own_child_processes_are_not_other_processes():
     # torch.compile compiles in worker processes of its own: their CPU time is the measurement's,
     # so it must not make the machine look busy
-    from tokenbench import measure
+    from tokenbench.measure import busy
 
-    before = measure._self_jiffies()
+    before = busy._self_jiffies()
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
                               "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
     try:
         deadline = time.time() + 20
-        while measure._self_jiffies() - before < 30 and time.time() < deadline:  # 0.3 s of the child's CPU
+        while busy._self_jiffies() - before < 30 and time.time() < deadline:  # 0.3 s of the child's CPU
             time.sleep(0.1)
-        assert measure._self_jiffies() - before >= 30
+        assert busy._self_jiffies() - before >= 30
     finally:
         child.kill()
         child.wait()

@@ -80,7 +80,7 @@ def reported(swept):
 
 
 def test_table_values_equal_the_records(swept, reported):
-    from tokenbench.measure import mcnemar
+    from tokenbench.measure.stats import mcnemar
 
     store = Store(swept)
     rows = _csv(swept)
@@ -204,12 +204,13 @@ def test_pareto_frontier():
 
 
 def test_report_cli_never_measures(swept, cli, monkeypatch):
-    from tokenbench import measure, runner
+    from tokenbench import runner
+    from tokenbench.measure import accuracy, flop_count, timing
 
     def boom(*a, **k):
         raise AssertionError("report measured something")
 
-    for mod, name in ((runner, "measure_run"), (measure, "flops"), (measure, "throughput"), (measure, "evaluate")):
+    for mod, name in ((runner, "measure_run"), (flop_count, "flops"), (timing, "throughput"), (accuracy, "evaluate")):
         monkeypatch.setattr(mod, name, boom)
     (swept / "results.md").unlink()
     code, out, err = cli("report", str(swept), "--no-plots")
@@ -254,7 +255,7 @@ def test_report_of_an_empty_directory_is_a_user_error(tmp_path, cli):
 
 def test_compare_is_mcnemar_on_the_stored_correctness(swept, cli):
     """`tokenbench compare`: one pair per seed of a seeded method, counts and p from the records."""
-    from tokenbench.measure import mcnemar
+    from tokenbench.measure.stats import mcnemar
 
     res = paired(swept, "dynamicvit:keep_rate=0.7", "random")
     assert len(res["pairs"]) == 2                       # random: two seeds

@@ -239,7 +239,7 @@ def test_cli_bad_sweep_exit_2_one_line(tmp_path, cli):
 # --------------------------------------------------------------------------- matched-FLOPs search
 
 def test_search_lands_within_tolerance_and_reports_the_exact_ratio(tmp_path):
-    from tokenbench import measure
+    from tokenbench.measure import flop_count
     from tokenbench.api import load
 
     s = S.FlopsSearch(tmp_path / "cache.json")
@@ -249,7 +249,7 @@ def test_search_lands_within_tolerance_and_reports_the_exact_ratio(tmp_path):
     # the ratio is fvcore's, of the chosen value, against the dense model: check independently
     net, _ = load(TINY, "topk", {"keep_rate": res.value})
     dense, _ = load(TINY, "none", {})
-    ratio = measure.flops(net)["gflops"] / measure.flops(dense)["gflops"]
+    ratio = flop_count.flops(net)["gflops"] / flop_count.flops(dense)["gflops"]
     assert res.ratio == pytest.approx(ratio, rel=1e-9)
     # cached: a new search object with the same cache counts nothing
     s2 = S.FlopsSearch(tmp_path / "cache.json")

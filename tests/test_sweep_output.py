@@ -53,10 +53,11 @@ def read_only(d: Path):
 @pytest.fixture
 def measured(monkeypatch):
     """Counts the measurements made (FLOPs counts, evaluations), by any command in this process."""
-    from tokenbench import api, measure
+    from tokenbench import api
+    from tokenbench.measure import flop_count
 
     calls = []
-    real_flops, real_eval = measure.flops, api.evaluate
+    real_flops, real_eval = flop_count.flops, api.evaluate
 
     def flops(*a, **k):
         calls.append("flops")
@@ -66,7 +67,7 @@ def measured(monkeypatch):
         calls.append("accuracy")
         return real_eval(*a, **k)
 
-    monkeypatch.setattr(measure, "flops", flops)
+    monkeypatch.setattr(flop_count, "flops", flops)
     monkeypatch.setattr(api, "evaluate", evaluate)
     return calls
 
@@ -304,7 +305,7 @@ def test_a_held_claim_keeps_its_time_stamp_fresh(tmp_path):
 @pytest.fixture
 def slow_flops(monkeypatch):
     """FLOPs "measurements" that take 0.2 s and are counted per run (the real count is not thread-safe)."""
-    from tokenbench import measure
+    from tokenbench.measure import flop_count
 
     made = Counter()
     lock = threading.Lock()
@@ -315,7 +316,7 @@ def slow_flops(monkeypatch):
             made[id(net)] += 1
         return {"gflops": 0.01, "params_m": 0.01}
 
-    monkeypatch.setattr(measure, "flops", flops)
+    monkeypatch.setattr(flop_count, "flops", flops)
     return made
 
 

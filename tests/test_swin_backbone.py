@@ -128,7 +128,7 @@ def test_the_maps_keep_their_shapes_for_dense_prediction():
 
 
 def test_fvcore_counts_the_mlp_on_k_positions():
-    from tokenbench.measure import flops
+    from tokenbench.measure.flop_count import flops
 
     keep, n, c, hidden = 5, 16, 64, 256
     dense = flops(tiny_swin())
@@ -151,7 +151,7 @@ def test_fvcore_counts_the_mlp_on_k_positions():
 
 
 def test_block_cost_matches_fvcore_on_the_dense_model():
-    from tokenbench.measure import flops
+    from tokenbench.measure.flop_count import flops
 
     net = tiny_swin()
     bb = backbone_of(net)

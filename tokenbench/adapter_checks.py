@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import backbones, measure
+from . import backbones
+from .measure import flop_count
 from .errors import UserError
 from .registry import FAMILIES, apply, get_method
 
@@ -138,8 +139,8 @@ def restore_gives_the_plain_model(name: str) -> None:
 def fewer_flops_where_it_reduces(name: str) -> None:
     """Fewer FLOPs than dense at the defaults when ``reduces`` says so; the same otherwise."""
     cls = get_method(name)
-    dense = measure.flops(tiny_vit())["gflops"]
-    got = measure.flops(applied(name))["gflops"]
+    dense = flop_count.flops(tiny_vit())["gflops"]
+    got = flop_count.flops(applied(name))["gflops"]
     if cls.reduces(cls.defaults()):
         expect(got < dense, f"reduces() says the defaults reduce, but FLOPs {got:.6g} >= dense {dense:.6g}")
     elif cls.learned:  # untrained, it may keep every token; its scoring may still count

@@ -129,7 +129,7 @@ def trace_setting(net: nn.Module, ds, batch_size: int, blocks: list[int],
     from torch.utils.data import DataLoader
 
     from .backbones import image_ids
-    from .measure import eval_mode
+    from .measure.forward import eval_mode
 
     # Say which images a batch holds (each image's index in the evaluated set, so that a seeded
     # method's draw follows the image), as the evaluation does.

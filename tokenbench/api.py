@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import measure
+from .measure import accuracy, flop_count, timing
 from .registry import apply, get_method
 
 
@@ -48,20 +48,20 @@ def load(model: str, method: str = "none", params: Optional[dict] = None, pretra
 
 
 def token_counts(net: nn.Module, img_size: Optional[int] = None):
-    return measure.token_counts(net, img_size)
+    return flop_count.token_counts(net, img_size)
 
 
 def flops(net: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch.Tensor] = None) -> dict:
     """GFLOPs (fvcore, MACs), params and tokens per block of a loaded model."""
-    return measure.flops(net, img_size=img_size, inputs=inputs)
+    return flop_count.flops(net, img_size=img_size, inputs=inputs)
 
 
 def throughput(net: nn.Module, **kwargs) -> dict:
-    """Images/s (median, quartiles), batch-1 latency, peak memory; see :func:`measure.throughput`."""
+    """Images/s (median, quartiles), batch-1 latency, peak memory; see :func:`tokenbench.measure.timing.throughput`."""
     from .quiet import cuda_runtime_notice
 
     with cuda_runtime_notice():  # torch.utils.benchmark's import, on machines without CUDA
-        return measure.throughput(net, **kwargs)
+        return timing.throughput(net, **kwargs)
 
 
 def evaluate(net: nn.Module, data: str = "fashion-mnist", split: str = "test", data_dir=None,
@@ -76,7 +76,7 @@ def evaluate(net: nn.Module, data: str = "fashion-mnist", split: str = "test", d
     what = dspec.source or f"{data} {split}"
     checks.limit_within(limit, dspec.available, what)
     checks.head_fits(input_config(net)["num_classes"], dspec.classes, what)
-    res = measure.evaluate(net, ds, batch_size=batch_size, device=device, precision=precision, progress=progress)
+    res = accuracy.evaluate(net, ds, batch_size=batch_size, device=device, precision=precision, progress=progress)
     res["data"] = dspec.key() | {"data_dir": dspec.data_dir, "source": dspec.source, "layout": dspec.layout}
     if dspec.carved:
         res["data"]["carved"] = dspec.carved

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 PROTOCOLS: dict[str, int] = {
     "flops": 1,       # fvcore MACs, fused attention counted, eval mode, mean over the counted images
     "throughput": 1,  # torch.utils.benchmark blocks, threads = CPUs this process may use, per-measurement peak memory
-    # (aten_ops and host_ms, tokenbench.overhead, were added beside the timing without raising it: the
+    # (aten_ops and host_ms, tokenbench.measure.overhead, were added beside the timing without raising it: the
     # timed number's rules are unchanged, and a record without them shows them as missing)
     "speedup": 1,     # method and dense timed interleaved in rounds on one input; ratio median and quartiles
     "accuracy": 1,    # top-1/top-5, Wilson interval, per-image correctness; random's choice keyed by image index

@@ -106,7 +106,8 @@ def evaluate_dense(model: nn.Module, dataset, classes: int, batch_size: int = 64
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from .measure import eval_mode, precision_context, resolve_device
+    from .measure.env import resolve_device
+    from .measure.forward import eval_mode, precision_context
 
     dev = resolve_device(device)
     ctx, note = precision_context(dev, precision)
@@ -176,12 +177,13 @@ class _Encoder(nn.Module):
 def dense_flops(model: nn.Module, img_size: Optional[int] = None) -> dict[str, Any]:
     """GFLOPs per image (fvcore, multiply-add = 1) of the whole dense model, its encoder and its
     decoder (the difference: the decoder's head and the upsampling to pixels)."""
-    from .measure import _count, eval_mode, example_input
+    from .measure.flop_count import fvcore_count
+    from .measure.forward import eval_mode, example_input
 
     dev = next(model.parameters()).device
     x = example_input(model, 1, img_size, device=dev)
     with eval_mode(model), torch.no_grad():
-        total, _ = _count(model, x)
-        enc, _ = _count(_Encoder(model), x)
+        total, _ = fvcore_count(model, x)
+        enc, _ = fvcore_count(_Encoder(model), x)
     return {"gflops": total / 1e9, "gflops_backbone": enc / 1e9, "gflops_decoder": (total - enc) / 1e9,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}

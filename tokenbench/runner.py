@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from . import checks, distributed, inputs, measure, overhead
+from . import checks, distributed, inputs
+from .measure import compilation, env, flop_count, overhead, timing
 from .errors import UserError
 from .store import Store, make_record, record_key
 
@@ -38,8 +39,8 @@ class Settings:
     latency: bool = True
     rounds: int = 10          # paired (speedup) timing: interleaved rounds of dense and method
     retries: int = 2          # a busy or noisy timing is taken again up to this many times
-    compile: Optional[str] = None  # torch.compile mode (measure.COMPILE_MODES); None: eager
-    cuda_graphs: bool = False      # the eager forward captured as CUDA graphs and replayed (tokenbench.graphs)
+    compile: Optional[str] = None  # torch.compile mode (tokenbench.measure.compilation.COMPILE_MODES); None: eager
+    cuda_graphs: bool = False      # the eager forward captured as CUDA graphs and replayed (tokenbench.measure.graphs)
     batch_from_max: bool = False   # batch_size was found by --batch-size max (recorded, not keyed)
     # accuracy
     data: Optional[str] = None
@@ -110,13 +111,13 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                           "code": identity.method_code(get_method(spec["method"])),
                           "protocol": identity.PROTOCOLS[kind]}
     if kind in TIMED:
-        dev = measure.resolve_device(s.device)
-        kf.update({"device": dev.type, "device_name": measure.env_info(dev)["device_name"],
+        dev = env.resolve_device(s.device)
+        kf.update({"device": dev.type, "device_name": env.env_info(dev)["device_name"],
                    "precision": s.precision,
-                   "threads": s.threads or (measure.default_threads() if dev.type == "cpu" else None),
+                   "threads": s.threads or (env.default_threads() if dev.type == "cpu" else None),
                    "batch_size": s.batch_size})
         if s.compile:  # eager keys stay as they were
-            kf["compile"] = measure.compile_mode(s.compile)
+            kf["compile"] = compilation.compile_mode(s.compile)
         if s.cuda_graphs:
             kf["cuda_graphs"] = True
         if s.timing_on_data:  # real images; without this field, the synthetic batch
@@ -133,7 +134,7 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
     elif kind == "accuracy":
         if not s.data:
             raise UserError("accuracy needs a dataset (--data)")
-        dev = measure.resolve_device(s.device)
+        dev = env.resolve_device(s.device)
         kf.update({"data": s.data, "data_id": identity.data_fingerprint(s.data, s.split, s.data_dir),
                    "split": s.split, "limit": s.limit, "data_seed": s.data_seed,
                    "device": dev.type, "precision": s.precision})
@@ -181,7 +182,7 @@ def flops_on_data(net, spec: dict, s: Settings, progress: bool = False) -> dict:
     images, dspec = inputs.data_images(net, s.data, s.split, s.data_dir, n, s.data_seed,
                                        asked=s.flops_images or s.limit)
     with (image_progress(len(images)) if progress else contextlib.nullcontext()) as on_image:
-        metrics = measure.flops(net, img_size=spec["img_size"], inputs=images, max_images=len(images),
+        metrics = flop_count.flops(net, img_size=spec["img_size"], inputs=images, max_images=len(images),
                                 on_image=on_image)
     metrics["data"] = dspec.key()
     metrics["input"] = inputs.described(s.data, s.split, len(images), s.data_seed)
@@ -285,14 +286,14 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     prov = loaded.prov
     warnings_: list[str] = checks.for_run(kind, spec, net, prov)
     if kind == "flops":
-        metrics, env = _measure_flops(cls, net, spec, settings, progress, warnings_)
+        metrics, machine = _measure_flops(cls, net, spec, settings, progress, warnings_)
     elif kind in TIMED:
         base_net = None
         if kind == "speedup":
             if baseline is None:
                 raise ValueError("a speedup needs its baseline spec")
             base_net = (baseline_loaded or Loaded(baseline)).net
-        metrics, env = _measure_timed(kind, cls, net, base_net, spec, settings, warnings_)
+        metrics, machine = _measure_timed(kind, cls, net, base_net, spec, settings, warnings_)
         # what this measurement took here, retries included (a later sweep's estimate reads it)
         metrics["wall_s"] = round(time.perf_counter() - started, 2)
     else:
@@ -301,14 +302,14 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
         metrics = evaluate(net, settings.data, split=settings.split, data_dir=settings.data_dir,
                            limit=settings.limit, seed=settings.data_seed, batch_size=settings.eval_batch_size,
                            device=settings.device, precision=settings.precision, progress=progress)
-        env = measure.env_info(measure.resolve_device(settings.device))
+        machine = env.env_info(env.resolve_device(settings.device))
     metrics["warnings"] = warnings_
     rspec = dict(spec)
     rspec["learned_parts"] = prov.get("learned_parts")
     extra = {"weights": weights, "provenance": prov}
     if baseline is not None:
         extra["baseline"] = baseline
-    rec = make_record(kind, kf, rspec, metrics, env, extra=extra)
+    rec = make_record(kind, kf, rspec, metrics, machine, extra=extra)
     if store is not None and distributed.is_main():
         store.put(rec)
     return rec, False
@@ -334,11 +335,11 @@ def _measure_flops(cls: type[Method], net: torch.nn.Module, spec: dict, settings
     if settings.flops_on_data:
         metrics = flops_on_data(net, spec, settings, progress=progress)
     else:
-        metrics = measure.flops(net, img_size=spec["img_size"])
+        metrics = flop_count.flops(net, img_size=spec["img_size"])
         if varies_per_image(cls, net, spec["params"]):
             warnings_.append(SYNTHETIC_FLOPS)
             metrics["input"] = inputs.described(n=1)
-    env = measure.env_info("cpu")
+    machine = env.env_info("cpu")
     mismatch = None if settings.flops_on_data else declared_schedule_check(cls, net, spec["params"], metrics)
     if mismatch:
         warnings_.append(mismatch)
@@ -347,7 +348,7 @@ def _measure_flops(cls: type[Method], net: torch.nn.Module, spec: dict, settings
     if dense is not None and metrics.get("tokens") == dense and \
             metrics.get("tokens_mlp") == dense and cls.reduces(spec["params"]):
         warnings_.append("method left every block at the dense token count")
-    return metrics, env
+    return metrics, machine
 
 
 def _measure_timed(kind: str, cls: type[Method], net: torch.nn.Module, base_net: Optional[torch.nn.Module],
@@ -357,26 +358,26 @@ def _measure_timed(kind: str, cls: type[Method], net: torch.nn.Module, base_net:
     images = timing_images(net, settings)  # None: the synthetic batch
     per_image = varies_per_image(cls, net, spec["params"])
     if settings.cuda_graphs and per_image:
-        from .graphs import NOT_CAPTURABLE
+        from .measure.graphs import NOT_CAPTURABLE
 
         raise UserError(f"{spec['method']}: {NOT_CAPTURABLE}")
     tries: list = []  # a retry reuses the first attempt's compiled graphs
-    timing = dict(batch_size=settings.batch_size, device=settings.device, precision=settings.precision,
-                  threads=settings.threads, min_run_time=settings.min_run_time, img_size=spec["img_size"],
-                  compile=settings.compile, inputs=images, cuda_graphs=settings.cuda_graphs)
+    timing_kw = dict(batch_size=settings.batch_size, device=settings.device, precision=settings.precision,
+                     threads=settings.threads, min_run_time=settings.min_run_time, img_size=spec["img_size"],
+                     compile=settings.compile, inputs=images, cuda_graphs=settings.cuda_graphs)
 
     def counted():
         if kind == "speedup":
-            res = measure.speedup(net, base_net, rounds=settings.rounds, fresh_compile=not tries, **timing)
+            res = timing.speedup(net, base_net, rounds=settings.rounds, fresh_compile=not tries, **timing_kw)
         else:
-            res = measure.throughput(net, latency=settings.latency, fresh_compile=not tries, **timing)
+            res = timing.throughput(net, latency=settings.latency, fresh_compile=not tries, **timing_kw)
         tries.append(1)
         return res
 
-    from .busy import still_busy
+    from .measure.busy import still_busy
 
     metrics = timed_with_retries(counted, settings.retries, still_busy=still_busy)
-    env = metrics.pop("env")
+    machine = metrics.pop("env")
     metrics.update(overhead.overhead(net, spec["img_size"]))  # aten_ops, host_ms: the host's share
     if settings.compile:
         metrics["compile_note"] = cls.compile_note
@@ -387,19 +388,19 @@ def _measure_timed(kind: str, cls: type[Method], net: torch.nn.Module, base_net:
     elif per_image:  # records of methods with a declared schedule stay as they were
         metrics["input"] = inputs.described(n=settings.batch_size)
         warnings_.append(inputs.RANDOM_TIMING)
-    warnings_ += _timing_warnings(kind, metrics, env)
-    return metrics, env
+    warnings_ += _timing_warnings(kind, metrics, machine)
+    return metrics, machine
 
 
-def _timing_warnings(kind: str, metrics: dict, env: dict) -> list[str]:
+def _timing_warnings(kind: str, metrics: dict, machine: dict) -> list[str]:
     """What makes a timing doubtful: a wide spread, a busy machine, retries given up."""
     what = "speedup ratio" if kind == "speedup" else "throughput"
     out = []
     if metrics.get("spread_flag"):
         out.append(f"{what} spread {metrics['spread']:.0%} of the median after {metrics['attempts']} "
                    "attempts: noisy machine?")
-    if env.get("busy"):
-        out.append(f"machine busy while timing (other processes took {env.get('other_cores')} cores) "
+    if machine.get("busy"):
+        out.append(f"machine busy while timing (other processes took {machine.get('other_cores')} cores) "
                    f"after {metrics['attempts']} attempts")
     if metrics.get("retries_stopped"):
         out.append(metrics["retries_stopped"])

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import measure
+from .measure import env
 from .data_scenes import DENSE_DATASETS, is_dense_data
 from .errors import UserError
 from .models_seg import DENSE_MODELS, is_dense_model
@@ -136,7 +136,7 @@ def key_fields(spec: dict, settings, weights: str) -> dict:
     from .data_scenes import dense_fingerprint
     from .registry import get_method
 
-    dev = measure.resolve_device(settings.device)
+    dev = env.resolve_device(settings.device)
     return {"model": spec["model"], "method": spec["method"], "params": spec["params"], "img_size": None,
             "weights": weights, "torch": torch.__version__, "timm": timm.__version__,
             "code": identity.method_code(get_method(spec["method"])), "protocol": identity.PROTOCOLS[KIND],
@@ -176,7 +176,7 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
     metrics["data"] = dspec.key() | {"source": dspec.source}
     metrics["warnings"] = [untrained_note(spec["model"])] if prov.get("untrained") else []
     rspec = dict(spec, pretrained=False, img_size=None, task=KIND)
-    rec = make_record(KIND, kf, rspec, metrics, measure.env_info(measure.resolve_device(settings.device)),
+    rec = make_record(KIND, kf, rspec, metrics, env.env_info(env.resolve_device(settings.device)),
                       extra={"weights": weights, "provenance": prov})
     if store is not None:
         store.put(rec)

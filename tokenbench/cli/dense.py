@@ -27,7 +27,7 @@ def eval_dense(model: str, method: str, sets: Optional[List[str]], data: str, da
     """(the printed record, its one-line summary) of mIoU (95% bootstrap interval), pixel accuracy,
     per-class IoU and GFLOPs of a dense model."""
     from ..checks import eval_options, unique_set_keys
-    from ..measure import resolve_device
+    from ..measure.env import resolve_device
     from ..registry import get_method, parse_set
     from ..runner import Settings, spec_dict
     from ..runner_dense import check_restores_grid, dense_family, measure_dense_run, task_of

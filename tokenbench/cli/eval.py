@@ -38,7 +38,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     from .dense import eval_dense, wants_dense
     from ..data import DATASETS
     from ..errors import did_you_mean
-    from ..measure import resolve_device
+    from ..measure.env import resolve_device
     from ..runner import Settings, measure_run
 
     if wants_dense(model, data, checkpoint=checkpoint):

@@ -55,14 +55,16 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
                    results: Optional[Path] = RESULTS_OPT, json_: bool = JSON_OPT):
     """Images per second (median and quartiles), batch-1 latency (p50, p90) and peak memory."""
     from .. import checks
-    from ..measure import compile_mode as check_compile_mode, max_batch_size, resolve_device
+    from ..measure.compilation import compile_mode as check_compile_mode
+    from ..measure.env import resolve_device
+    from ..measure.memory import max_batch_size
     from ..runner import Loaded, Settings, measure_run
 
     sizes = _parse_batch_sizes(batch_size)
     mode = check_compile_mode(compile_mode) if compile_ else None
     dev = resolve_device(device)
     if cuda_graphs:
-        from ..graphs import check_device
+        from ..measure.graphs import check_device
 
         check_device(dev)
         if mode:

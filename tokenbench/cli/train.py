@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         without --force.  A method may bring its own defaults for a model (it says so).
         """
         from .dense import wants_dense
-        from ..measure import resolve_device
+        from ..measure.env import resolve_device
         from ..checks import unique_set_keys
 
         if wants_dense(model, data, task):
@@ -131,7 +131,7 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
                 pretrained: bool = False, num_workers: Optional[int] = None) -> None:
     """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably: an
     embedded dense model, or a timm backbone with a linear head (frozen unless ``finetune``)."""
-    from ..measure import resolve_device
+    from ..measure.env import resolve_device
     from ..models_seg import is_dense_model
     from ..models_seg_timm import HEADS
     from ..runner_dense import task_of

@@ -17,7 +17,7 @@ def paired(out: str | os.PathLike, a: str, b: str) -> dict:
     gives one comparison per seed.  Returns both sides' accuracy and, per pair, the images
     only one side gets right and the exact two-sided p-value.
     """
-    from ..measure import mcnemar
+    from ..measure.stats import mcnemar
 
     res = collect(out)
     rows = [r for r in res["rows"] if r.correct]

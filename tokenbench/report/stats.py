@@ -22,7 +22,7 @@ def _misses_target(r: Row) -> bool:
 
 def compare_with_dense(rows: list[Row]) -> None:
     """FLOPs relative to dense, speedup, McNemar against dense, the FLOPs-miss flag (in place)."""
-    from ..measure import mcnemar
+    from ..measure.stats import mcnemar
 
     dense_rows = [r for r in rows if r.is_dense and not r.line_of]
     for r in rows:

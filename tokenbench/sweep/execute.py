@@ -87,7 +87,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
 
 def _say_if_busy(sw: Sweep, runs: list[Run], store, force: bool, retime, reference, note) -> None:
     """Before the first timing: on a busy machine, say so and what it will cost."""
-    from ..busy import BUSY_CORES, busy_start_note, other_cores
+    from ..measure.busy import BUSY_CORES, busy_start_note, other_cores
     from ..runner import TIMED
 
     if not any(k in TIMED for k in sw.measure) or not distributed.is_main():

@@ -278,7 +278,7 @@ def _typed(v: Any, kind: type | tuple, what: str, source: str, allow_none: bool 
 
 def _compile_setting(v: Any, source: str) -> Optional[str]:
     """``[throughput] compile``: false (eager), true or a torch.compile mode name."""
-    from ..measure import COMPILE_MODES, compile_mode
+    from ..measure.compilation import COMPILE_MODES, compile_mode
 
     if not isinstance(v, (bool, str)):
         raise UserError(f"{source}: throughput compile must be true, false or one of {', '.join(COMPILE_MODES)}, "

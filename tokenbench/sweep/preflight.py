@@ -21,13 +21,13 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
     """
     import copy as _copy
 
-    from .. import measure
+    from ..measure import env, memory
     from ..checkpoint import load_state_dict_checked, read_state_dict
     from ..models import embedded_paths, is_embedded, verify_checksum
     from ..registry import apply, get_method
 
     timed = [k for k in sw.measure if k != "flops"]
-    dev = measure.resolve_device(sw.device) if timed else None
+    dev = env.resolve_device(sw.device) if timed else None
     for model in sw.dense_family:  # dense models of other sizes: built, and embedded weights checked
         searcher.base(model, sw.img_size)
         if is_embedded(model):
@@ -69,7 +69,7 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
             del trial
         if "throughput" in sw.measure:
             try:
-                measure.check_batch_fits(net, sw.batch_size, dev, sw.precision, sw.img_size)
+                memory.check_batch_fits(net, sw.batch_size, dev, sw.precision, sw.img_size)
             except UserError as err:
                 raise UserError(f"{sw.source}: throughput {err} ([throughput] batch_size)") from None
         if "accuracy" in sw.measure:
@@ -77,7 +77,7 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
 
             ds, _ = build_dataset(sw.data, sw.split, sw.data_dir, model=net, limit=sw.limit, seed=sw.data_seed)
             try:
-                measure.check_batch_fits(net, min(sw.eval_batch_size, max(1, len(ds))), dev, sw.precision)
+                memory.check_batch_fits(net, min(sw.eval_batch_size, max(1, len(ds))), dev, sw.precision)
             except UserError as err:
                 msg = str(err).replace("--batch-size", "--eval-batch-size")
                 raise UserError(f"{sw.source}: evaluation {msg} ([data] batch_size)") from None

@@ -275,7 +275,7 @@ class FlopsSearch:
         """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached).  A method whose
         token count depends on the image is counted on the :attr:`data` images with the run's
         ``weights`` (the mean per image), where the searcher has data."""
-        from .. import measure
+        from ..measure import flop_count
         from ..registry import apply, get_method
 
         params = get_method(method).validate(params)
@@ -285,17 +285,17 @@ class FlopsSearch:
         def fvcore_count() -> float:
             net = copy.deepcopy(self.base(model, img_size)[0])
             apply(net, method, **params)
-            return measure.flops(net, img_size=img_size)["gflops"]
+            return flop_count.flops(net, img_size=img_size)["gflops"]
 
         return self._counted(self._key(model, img_size, method, params), fvcore_count)
 
     def _count_on_data(self, model, img_size, method, params, weights) -> float:
-        from .. import measure
+        from ..measure import flop_count
 
         def fvcore_count() -> float:
             net = self._applied(model, img_size, method, params, weights)
             images = self.images(model, img_size)
-            return measure.flops(net, img_size=img_size, inputs=images, max_images=len(images))["gflops"]
+            return flop_count.flops(net, img_size=img_size, inputs=images, max_images=len(images))["gflops"]
 
         return self._counted(self._key(model, img_size, method, params, self._on_data_key(model, weights)),
                              fvcore_count)
@@ -496,14 +496,14 @@ class FlopsSearch:
 
     def schedule_diagnosis(self, model: str, img_size: Optional[int], cls, params: dict) -> Optional[str]:
         """The method's declared token schedule against its traced forward at ``params`` (one trace)."""
-        from .. import measure
+        from ..measure import flop_count
         from ..checks import schedule_disagreement
         from ..registry import apply
 
         params = cls.validate(params)
         net = copy.deepcopy(self.base(model, img_size)[0])
         apply(net, cls.name, **params)
-        traced = measure.flops(net, img_size=img_size)
+        traced = flop_count.flops(net, img_size=img_size)
         try:
             declared = cls().expected_tokens(net, **params)
         except UserError:

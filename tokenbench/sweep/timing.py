@@ -61,12 +61,12 @@ def dense_forward_s(net, batch_size: int, threads: Optional[int], img_size: Opti
     calls after one, stopping after ``budget_s`` (a busy machine makes each call slow)."""
     import torch
 
-    from .. import measure
+    from ..measure import env, forward
 
     prev = torch.get_num_threads()
-    torch.set_num_threads(threads or measure.default_threads())
+    torch.set_num_threads(threads or env.default_threads())
     try:
-        x = measure.example_input(net, batch_size, img_size, device=torch.device("cpu"))
+        x = forward.example_input(net, batch_size, img_size, device=torch.device("cpu"))
         ts: list[float] = []
         with torch.inference_mode():
             net(x)
@@ -104,7 +104,7 @@ class Estimate:
 
 def min_forwards(kind: str, rounds: int) -> int:
     """The fewest batch forwards a timing of ``kind`` makes however slow each is (the protocol of
-    :mod:`tokenbench.measure`): a throughput's first call, one warm-up call and five timed blocks;
+    :mod:`tokenbench.measure.timing`): a throughput's first call, one warm-up call and five timed blocks;
     a speedup's, per model, first call, warm-up, three calls to size its blocks and one calibration
     block, then one block of each model per round."""
     return 7 if kind == "throughput" else 8 + 2 * rounds
@@ -115,9 +115,9 @@ def estimate(sw, store, reference, dense_net=None) -> Optional[Estimate]:
     each longer by its :func:`min_forwards` times what a dense forward takes here beyond the
     reference's (a timing is bound by ``min_run_time`` on a fast CPU, by its forwards on a slow
     one); None with neither."""
-    from .. import measure
+    from ..measure import env
 
-    cpu = measure.cpu_model()
+    cpu = env.cpu_model()
     mine = [r for r in store.records() if (r.get("key_fields") or {}).get("device_name") == cpu]
     own = durations(mine)
     if own:
@@ -152,7 +152,7 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
     """What the sweep will time on this CPU and about how long it takes, what it leaves untimed,
     what it reuses; empty when it times nothing and leaves nothing untimed.  ``dense_net()``
     builds the dense model for the estimate's probe (called only when needed)."""
-    from .. import measure
+    from ..measure import env
     from .format import packaged_sweeps
 
     reference = reference_store(sw)
@@ -173,7 +173,7 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
     untimed = [r for r in runs if r.untimed]
     if not todo and not untimed:
         return []
-    cpu = measure.cpu_model() if sw.device != "cuda" else sw.device
+    cpu = env.cpu_model() if sw.device != "cuda" else sw.device
     est = estimate(sw, store, tref if tref is not None else reference,
                    dense_net() if dense_net is not None and todo and not _own(store, cpu) else None) \
         if todo else None

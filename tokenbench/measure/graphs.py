@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 NOT_CAPTURABLE = ("its token count depends on the image and is read on the host, so its forward "
                   "cannot be captured as one CUDA graph; time it eager or compiled")
@@ -33,7 +33,7 @@ def replayer(run: Callable[[torch.Tensor], torch.Tensor], dev: torch.device,
              warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
     """``run`` captured as a CUDA graph per static input (shape and storage), replayed on each
     call.  The first call with a new input warms up, captures (both untimed when the caller
-    times that first call apart, as :func:`tokenbench.measure.first_call_s` does) and replays."""
+    times that first call apart, as :func:`tokenbench.measure.timed_forward.first_call_s` does) and replays."""
     check_device(dev)
     graphs: dict[tuple, tuple] = {}
 

@@ -4,12 +4,12 @@ fvcore traces the model with ``torch.jit.trace`` for every image it counts (seco
 made FLOPs on a few hundred real images of a per-image method (ATS) take many minutes.  Here one
 inference forward per image runs under a ``TorchDispatchMode`` that applies fvcore's rules to each
 operator's shapes (multiply-add = 1): linear, matmul / mm / bmm / addmm, convolution, layer /
-group / instance / batch norm (eval), and fused attention (:func:`tokenbench.measure._sdpa_flop`'s
+group / instance / batch norm (eval), and fused attention (:func:`tokenbench.measure.flop_count._sdpa_flop`'s
 rule: both matmuls).  Operators fvcore does not count are not counted here either.
 
 :func:`count` returns ``None`` when the forward dispatches an operator fvcore has a rule for and this
 module has not (einsum, upsampling, ...): the caller falls back to fvcore.  The caller also checks
-one image against fvcore itself before trusting the rest (``tokenbench.measure.flops``).
+one image against fvcore itself before trusting the rest (:func:`tokenbench.measure.flop_count.flops`).
 """
 
 from __future__ import annotations

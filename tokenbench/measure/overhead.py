@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .forward import eval_mode, example_input
+
 COUNT_BATCH = 2   # images in the forward whose operators are counted
 
 
@@ -46,8 +48,6 @@ class _OperatorCounter(TorchDispatchMode):
 
 
 def _input(model: nn.Module, batch: int, img_size: Optional[int]) -> torch.Tensor:
-    from .measure import example_input
-
     dev = next(model.parameters()).device
     return example_input(model, batch, img_size, device=dev)
 
@@ -56,8 +56,6 @@ def operator_count(model: nn.Module, img_size: Optional[int] = None, batch: int 
                    x: Optional[torch.Tensor] = None) -> dict[str, int]:
     """Aten operators of one inference forward of ``model`` (eval mode), views included:
     ``{"aten_ops": all of them, "aten_views": the views among them}``."""
-    from .measure import eval_mode
-
     x = _input(model, batch, img_size) if x is None else x
     with eval_mode(model), torch.inference_mode():
         model(x)                       # caches a forward builds once (constant index tensors) are built here
@@ -74,8 +72,6 @@ def host_time_ms(model: nn.Module, img_size: Optional[int] = None, repeats: int 
 
     ``{"host_ms": fastest, "host_ms_median": median}``; a model that cannot run an empty batch
     gives ``{"host_ms": None, "host_note": why}``."""
-    from .measure import eval_mode
-
     home = next(model.parameters()).device
     if home.type != "cpu":
         model.to("cpu")
