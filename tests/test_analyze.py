@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenbench import analysis as an
+from tokenbench.analysis import metrics
 from tokenbench import registry
 
 from conftest import peak_weights, register_tiny_timm, tiny_vit, write_sweep  # noqa: E402
@@ -22,11 +22,11 @@ register_tiny_timm(TINY)
 def test_iou_identical_disjoint_and_partial():
     a = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)
     b = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=bool)
-    assert an.iou(a, b).tolist() == [1.0, 0.0, 1.0]          # identical, disjoint, both empty
+    assert metrics.iou(a, b).tolist() == [1.0, 0.0, 1.0]          # identical, disjoint, both empty
     c = np.array([[1, 1, 1, 0]], dtype=bool)
     d = np.array([[0, 1, 1, 1]], dtype=bool)
-    assert an.iou(c, d)[0] == pytest.approx(2 / 4)
-    assert an.mean_iou(np.vstack([c, c]), np.vstack([d, c])) == pytest.approx((0.5 + 1) / 2)
+    assert metrics.iou(c, d)[0] == pytest.approx(2 / 4)
+    assert metrics.mean_iou(np.vstack([c, c]), np.vstack([d, c])) == pytest.approx((0.5 + 1) / 2)
 
 
 def test_chance_iou_is_the_exact_mean_over_every_pair_of_subsets():
@@ -39,9 +39,9 @@ def test_chance_iou_is_the_exact_mean_over_every_pair_of_subsets():
             sets_b = list(itertools.combinations(range(n), b))
             ious = [len(set(x) & set(y)) / len(set(x) | set(y)) if (x or y) else 1.0
                     for x in sets_a for y in sets_b]
-            assert an.chance_iou(n, a, b) == pytest.approx(sum(ious) / len(ious), abs=1e-12), (a, b)
+            assert metrics.chance_iou(n, a, b) == pytest.approx(sum(ious) / len(ious), abs=1e-12), (a, b)
     # the issue's example sizes: a third of 196 patches each gives about 0.2
-    assert 0.19 < an.chance_iou(196, 65, 65) < 0.21
+    assert 0.19 < metrics.chance_iou(196, 65, 65) < 0.21
 
 
 def test_pattern_agreement_puts_random_choices_at_zero_and_identical_sets_at_one():
@@ -52,18 +52,18 @@ def test_pattern_agreement_puts_random_choices_at_zero_and_identical_sets_at_one
     for i in range(n):
         a[i, rng.choice(p, 20, replace=False)] = True
         b[i, rng.choice(p, 40, replace=False)] = True
-    r = an.pattern_agreement(a, b)
-    assert r["informative"] and r["chance"] == pytest.approx(an.chance_iou(p, 20, 40))
+    r = metrics.pattern_agreement(a, b)
+    assert r["informative"] and r["chance"] == pytest.approx(metrics.chance_iou(p, 20, 40))
     assert r["iou"] == pytest.approx(r["chance"], abs=0.01) and abs(r["above_chance"]) < 0.03
-    same = an.pattern_agreement(a, a)
+    same = metrics.pattern_agreement(a, a)
     assert same["iou"] == 1.0 and same["above_chance"] == pytest.approx(1.0)
     # every patch covered (a merging method): IoU is the other's kept fraction, i.e. its chance level
-    full = an.pattern_agreement(np.ones((n, p), bool), a)
+    full = metrics.pattern_agreement(np.ones((n, p), bool), a)
     assert not full["informative"] and math.isnan(full["iou"]) and math.isnan(full["above_chance"])
 
 
 def _setting(label, survive, alone):
-    from tokenbench.analysis_report import Setting
+    from tokenbench.analysis.settings import Setting
 
     n = len(survive)
     trace = {"pred": np.zeros(n, np.int64), **{f"survive_{b}": survive for b in (3, 11)},
@@ -73,7 +73,7 @@ def _setting(label, survive, alone):
 
 
 def test_pattern_table_shows_chance_and_leaves_out_what_says_nothing():
-    from tokenbench.analysis_report import pattern_table
+    from tokenbench.analysis.tables import pattern_table
 
     rng = np.random.default_rng(1)
     kept = rng.random((50, 64)) < 0.3
@@ -84,8 +84,8 @@ def test_pattern_table_shows_chance_and_leaves_out_what_says_nothing():
     pairs = {(r["a"], r["b"]) for r in t.rows}
     assert pairs == {("pa", "pb")}                              # nothing against a set covering every patch
     row = t.rows[0]
-    expect = np.mean([an.chance_iou(64, int(x), int(y)) for x, y in zip(kept.sum(1), other.sum(1))])
-    assert row["chance"] == pytest.approx(expect) and row["iou"] == pytest.approx(an.mean_iou(kept, other))
+    expect = np.mean([metrics.chance_iou(64, int(x), int(y)) for x, y in zip(kept.sum(1), other.sum(1))])
+    assert row["chance"] == pytest.approx(expect) and row["iou"] == pytest.approx(metrics.mean_iou(kept, other))
     assert row["above"] == pytest.approx((row["iou"] - expect) / (1 - expect))
     assert "chance" in t.markdown() and "above chance" in t.markdown()
     names, mat = mats[(0.5, 11)]
@@ -101,26 +101,26 @@ def test_surviving_patches_count_merged_coverage_but_not_a_fused_token():
     # 6 patches; tokens: 0 class token, 1 kept (patch 0), 2 merged group (patches 1, 2), 3 fused (patches 4, 5);
     # patch 3 dropped.
     assign = np.array([[1, 2, 2, -1, 3, 3]])
-    role = np.array([[0, an.KEPT, an.GROUP, an.FUSED]])
-    merged = an.surviving_patches(assign, role, merged=True)
-    own = an.surviving_patches(assign, role, merged=False)
+    role = np.array([[0, metrics.KEPT, metrics.GROUP, metrics.FUSED]])
+    merged = metrics.surviving_patches(assign, role, merged=True)
+    own = metrics.surviving_patches(assign, role, merged=False)
     assert merged.tolist() == [[True, True, True, False, False, False]]
     assert own.tolist() == [[True, False, False, False, False, False]]
     # against a pruning method that kept patches 0 and 3: 1 shared of 4 in the union
     pruned = np.array([[True, False, False, True, False, False]])
-    assert an.mean_iou(merged, pruned) == pytest.approx(1 / 4)
-    assert an.mean_iou(own, pruned) == pytest.approx(1 / 2)
+    assert metrics.mean_iou(merged, pruned) == pytest.approx(1 / 4)
+    assert metrics.mean_iou(own, pruned) == pytest.approx(1 / 2)
 
 
 def test_role_codes_match_the_visualisation():
     from tokenbench.visual.trace import FUSED, GROUP, KEPT
 
-    assert (an.KEPT, an.GROUP, an.FUSED) == (KEPT, GROUP, FUSED)
+    assert (metrics.KEPT, metrics.GROUP, metrics.FUSED) == (KEPT, GROUP, FUSED)
 
 
 def test_traced_patterns_through_the_surgery():
     """Merging keeps every patch covered; pruning keeps exactly its count; both from the source map."""
-    from tokenbench.analysis_trace import comparison_blocks, trace_batch
+    from tokenbench.analysis.trace import comparison_blocks, trace_batch
 
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     blocks = comparison_blocks(12)
@@ -143,19 +143,19 @@ def test_kappa_against_hand_computed_values():
     a = [1, 1, 1, 0, 0]
     b = [1, 0, 1, 0, 1]
     # p_o = 3/5; p_a = p_b = 3/5, p_e = 0.36 + 0.16 = 0.52; kappa = 0.08 / 0.48
-    assert an.cohen_kappa(a, b) == pytest.approx(1 / 6)
+    assert metrics.cohen_kappa(a, b) == pytest.approx(1 / 6)
     # unequal marginals: p_o = 7/8, p_a = 1/2, p_b = 3/8: p_e = 3/16 + 5/16 = 1/2 -> kappa = 0.375 / 0.5
-    assert an.cohen_kappa([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]) == pytest.approx(0.75)
-    assert an.cohen_kappa(a, a) == 1.0
-    assert an.cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
-    assert an.cohen_kappa([1, 1], [1, 1]) == 1.0                # both constant and equal: p_e = 1, taken as 1
-    assert an.cohen_kappa([1, 1], [0, 0]) == 0.0                # p_o = p_e = 0
+    assert metrics.cohen_kappa([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]) == pytest.approx(0.75)
+    assert metrics.cohen_kappa(a, a) == 1.0
+    assert metrics.cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert metrics.cohen_kappa([1, 1], [1, 1]) == 1.0                # both constant and equal: p_e = 1, taken as 1
+    assert metrics.cohen_kappa([1, 1], [0, 0]) == 0.0                # p_o = p_e = 0
     with pytest.raises(ValueError):
-        an.cohen_kappa([1, 0], [1])
+        metrics.cohen_kappa([1, 0], [1])
 
 
 def test_per_class_top1():
-    acc = an.per_class_top1([1, 0, 1, 1], [0, 0, 1, 2], 4)
+    acc = metrics.per_class_top1([1, 0, 1, 1], [0, 0, 1, 2], 4)
     assert acc[:3].tolist() == [50.0, 100.0, 100.0] and math.isnan(acc[3])
 
 
@@ -166,69 +166,69 @@ def test_linear_cka_against_hand_computed_values():
     # x.y = 4, |x|^2 = |y|^2 = 5 -> 16 / 25
     x = np.array([[1.0], [2.0], [3.0], [4.0]])
     y = np.array([[1.0], [3.0], [2.0], [4.0]])
-    assert an.linear_cka(x, y) == pytest.approx(16 / 25)
+    assert metrics.linear_cka(x, y) == pytest.approx(16 / 25)
     # X^T X = diag(2, 2), Y^T Y = diag(2, 0), Y^T X = diag(2, 0): 4 / (sqrt(8) * 2)
     X = np.array([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
     Y = np.array([[1.0, 0], [0, 0], [-1, 0], [0, 0]])
-    assert an.linear_cka(X, Y) == pytest.approx(1 / math.sqrt(2))
+    assert metrics.linear_cka(X, Y) == pytest.approx(1 / math.sqrt(2))
     # invariant to rotation, isotropic scale and a shift
     rng = np.random.default_rng(0)
     f = rng.normal(size=(50, 6))
     q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    assert an.linear_cka(f, 3 * f @ q + 1) == pytest.approx(1.0)
-    assert an.linear_cka(f, rng.normal(size=(50, 4))) < 0.5
+    assert metrics.linear_cka(f, 3 * f @ q + 1) == pytest.approx(1.0)
+    assert metrics.linear_cka(f, rng.normal(size=(50, 4))) < 0.5
 
 
 def test_mean_cosine():
     x = np.array([[1.0, 0], [1, 1]])
     y = np.array([[0.0, 2], [2, 2]])
-    assert an.mean_cosine(x, y) == pytest.approx(0.5)
+    assert metrics.mean_cosine(x, y) == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- budget, prior, levels
 
 def test_budget_summary_constant_and_varying_counts():
     labels = np.array([0, 0, 1, 1])
-    const = an.budget_summary(np.full(4, 30.0), np.full(4, 0.02), labels, np.array([1, 0, 1, 1], bool), 2)
+    const = metrics.budget_summary(np.full(4, 30.0), np.full(4, 0.02), labels, np.array([1, 0, 1, 1], bool), 2)
     assert const["constant"] and math.isnan(const["corr_tokens_correct"]) and const["tokens_std"] == 0
-    var = an.budget_summary(np.array([10.0, 20, 30, 40]), np.array([1.0, 2, 3, 4]), labels,
+    var = metrics.budget_summary(np.array([10.0, 20, 30, 40]), np.array([1.0, 2, 3, 4]), labels,
                             np.array([0, 0, 1, 1], bool), 2)
     assert not var["constant"] and var["tokens_per_class"] == [15.0, 35.0]
     assert var["tokens_correct"] == 35.0 and var["tokens_wrong"] == 15.0 and var["corr_tokens_correct"] > 0.8
 
 
 def test_centre_prior_and_correlation():
-    p = an.centre_prior((7, 7))
+    p = metrics.centre_prior((7, 7))
     assert p[3, 3] == pytest.approx(1.0) and p.argmax() == 24 and p[0, 0] < 0.1
-    assert an.pearson(p, p) == pytest.approx(1.0) and an.pearson(p, -p) == pytest.approx(-1.0)
-    assert math.isnan(an.pearson(np.ones(49), p.ravel()))
+    assert metrics.pearson(p, p) == pytest.approx(1.0) and metrics.pearson(p, -p) == pytest.approx(-1.0)
+    assert math.isnan(metrics.pearson(np.ones(49), p.ravel()))
 
 
 def test_flops_levels():
-    assert an.flops_level([0.5], 0.49, [0.5, 0.6], 0.03) == 0.5
-    assert an.flops_level([], 0.498, [0.5, 0.6], 0.03) == 0.5        # a fixed keep rate that lands on a target
-    assert an.flops_level([], 0.657, [0.5, 0.7], 0.03) == 0.66       # off the grid: its own level
+    assert metrics.flops_level([0.5], 0.49, [0.5, 0.6], 0.03) == 0.5
+    assert metrics.flops_level([], 0.498, [0.5, 0.6], 0.03) == 0.5        # a fixed keep rate that lands on a target
+    assert metrics.flops_level([], 0.657, [0.5, 0.7], 0.03) == 0.66       # off the grid: its own level
 
 
 # --------------------------------------------------------------------------- keep maps on a tiny ViT
 
 def _keep_map(method, params, n=512):
-    from tokenbench.analysis_trace import trace_setting
+    from tokenbench.analysis.trace import trace_setting
 
     net = peak_weights(tiny_vit())
     registry.apply(net, method, **params)
     x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     ds = torch.utils.data.TensorDataset(x, torch.zeros(n, dtype=torch.long))
     tr = trace_setting(net, ds, n, [3, 6, 9, 11])  # one batch: random's draws are independent per image
-    return an.keep_map(tr["alone_11"], (8, 8)), n
+    return metrics.keep_map(tr["alone_11"], (8, 8)), n
 
 
 def test_keep_map_of_random_is_flat_and_of_topk_is_not():
     kmap, n = _keep_map("random", {"keep_rate": 0.7, "seed": 0})
     assert kmap.mean() == pytest.approx(int(64 * 0.7 ** 3) / 64)
-    assert an.flatness_z(kmap, n) < 4.5                          # within sampling error (64 positions)
+    assert metrics.flatness_z(kmap, n) < 4.5                          # within sampling error (64 positions)
     kmap, n = _keep_map("topk", {"keep_rate": 0.7})
-    assert an.flatness_z(kmap, n) > 6                            # far beyond sampling error
+    assert metrics.flatness_z(kmap, n) > 6                            # far beyond sampling error
 
 
 # --------------------------------------------------------------------------- the command
@@ -265,7 +265,7 @@ def _tiny_sweep(tmp_path):
 
 
 def test_analyze_end_to_end_cached_and_narrowed(swept, cli, monkeypatch):
-    from tokenbench import analysis_trace
+    from tokenbench.analysis import trace
 
     d = swept
     code, out, err = cli("analyze", str(d), "--json")
@@ -289,8 +289,8 @@ def test_analyze_end_to_end_cached_and_narrowed(swept, cli, monkeypatch):
 
     # a second run re-runs nothing
     calls = []
-    real = analysis_trace.trace_setting
-    monkeypatch.setattr(analysis_trace, "trace_setting", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = trace.trace_setting
+    monkeypatch.setattr(trace, "trace_setting", lambda *a, **k: calls.append(1) or real(*a, **k))
     code, out, err = cli("analyze", str(d), "--json", "--no-plots")
     assert code == 0 and json.loads(out)["re_run"] == 0 and calls == []
     # narrowing: another image count is another cache entry; --methods keeps dense

@@ -66,7 +66,7 @@ def analysed(tmp_path_factory):
 
 def _one_by_one(method: str, params: dict):
     """Per image, alone in its batch: mean tokens entering a block, and patches surviving the last block."""
-    from tokenbench.analysis_trace import evaluated_dataset, trace_batch
+    from tokenbench.analysis.trace import evaluated_dataset, trace_batch
     from tokenbench.api import load
     from tokenbench.backbones import last_state
 

@@ -378,9 +378,9 @@ def test_visualize_errors(cli, stand_in, tmp_path):
 # --------------------------------------------------------------------------- what the modules may know
 
 VISUAL_MODULES = ["visual.sheets", "visual.trace", "visual.inputs", "visual.draw", "visual.budget", "cli.visualize",
-                  "analysis_trace", "analysis_report"]
-# (analysis_report's tables write LaTeX column specs such as "r": only its attribute reads are checked)
-NAME_CHECKED = set(VISUAL_MODULES) - {"analysis_report"}
+                  "analysis.trace", "analysis.settings", "analysis.tables", "analysis.analyze"]
+# (the analysis tables write LaTeX column specs such as "r": only their attribute reads are checked)
+NAME_CHECKED = set(VISUAL_MODULES) - {"analysis.tables"}
 VIT_ATTRIBUTES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "num_patches", "grid_size",
                   "pretrained_cfg", "cls_token", "pos_embed", "_model_input"}
 GEOMETRY_MARK = "# backbone geometry"

@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from ..analysis_report import analyze
+        from ..analysis.analyze import analyze
 
         if not directory.is_dir():
             raise UserError(f"results directory {directory} does not exist")

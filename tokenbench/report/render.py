@@ -1,7 +1,8 @@
 """How every reporting path writes a number, a setting and a table: one renderer.
 
-``tokenbench report`` (:mod:`tokenbench.report`), the paper figures (:mod:`tokenbench.figures`)
-and ``bench.py`` format through these functions, so that one row reads the same in all three:
+``tokenbench report`` (:mod:`tokenbench.report`), the paper figures (:mod:`tokenbench.figures`),
+``tokenbench analyze``'s tables (:mod:`tokenbench.analysis.tables`) and ``bench.py`` format through
+these functions, so that one row reads the same in all of them:
 cell texts (numbers, parameters, schedules, intervals, speedups), Markdown / CSV / LaTeX tables,
 and the style of the plots (sizes, fonts, colour per method, marker per family).
 """
@@ -110,6 +111,15 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> lis
     for cells in rows:
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return out
+
+
+def latex_table(columns: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> list[str]:
+    """A booktabs LaTeX tabular's lines, headers and cells escaped; ``align``: a letter per column."""
+    out = ["\\begin{tabular}{" + align + "}", "\\toprule", " & ".join(tex_escape(c) for c in columns) + " \\\\",
+           "\\midrule"]
+    for cells in rows:
+        out.append(" & ".join(tex_escape(c) for c in cells) + " \\\\")
+    return out + ["\\bottomrule", "\\end{tabular}"]
 
 
 def tex_escape(s: str) -> str:

@@ -5,7 +5,7 @@ class-token (or pooled) features (timm's ``forward_features`` then ``forward_hea
 True)``), the tokens entering each block and each MLP, and, after each comparison block,
 which original patches survive (merged tokens count for the patches they cover) and which
 are still their own token.  The source map and its per-stage snapshots of
-:mod:`tokenbench.backbones`, traced and analysed by :mod:`tokenbench.visual_trace` (which alone reads
+:mod:`tokenbench.backbones`, traced and analysed by :mod:`tokenbench.visual.trace` (which alone reads
 the model's geometry), say which.
 
 Images run in dataset order at the sweep's evaluation batch size, as the evaluation did, so
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .analysis import surviving_patches
+from .metrics import surviving_patches
 
 TRACE_VERSION = 2  # raise when what a pass computes changes: older cache files are then ignored
 
@@ -39,7 +39,7 @@ def evaluated_dataset(net: nn.Module, data: dict, limit: Optional[int] = None):
     """
     from torch.utils.data import Subset
 
-    from .data import build_dataset
+    from ..data import build_dataset
 
     ds, spec = build_dataset(data["name"], data.get("split") or "test", data.get("dir"), model=net,
                              limit=data.get("limit"), seed=int(data.get("seed") or 0))
@@ -66,7 +66,7 @@ def dataset_labels(ds) -> np.ndarray:
 def comparison_blocks(depth: int) -> list[int]:
     """Where reduction patterns are compared: after each reduction site (the quarter points of
     the depth) and after the last block."""
-    from .backbones.vit import quarter_sites
+    from ..backbones.vit import quarter_sites
 
     return sorted(set(quarter_sites(depth)) | {depth - 1})
 
@@ -100,7 +100,7 @@ def _features_and_logits(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 @torch.no_grad()
 def trace_batch(net: nn.Module, x: torch.Tensor, blocks: list[int]) -> dict[str, np.ndarray]:
     """One batch through ``net`` with the source map on: predictions, features, token counts, patterns."""
-    from .visual.trace import analyse, run_with_sources, token_geometry
+    from ..visual.trace import analyse, run_with_sources, token_geometry
 
     (pre, logits), st = run_with_sources(net, lambda m: _features_and_logits(m, x))
     b = x.shape[0]
@@ -128,8 +128,8 @@ def trace_setting(net: nn.Module, ds, batch_size: int, blocks: list[int],
     """Every image of ``ds``, in order, in batches of ``batch_size``: :func:`trace_batch`'s arrays, joined."""
     from torch.utils.data import DataLoader
 
-    from .backbones import image_ids
-    from .measure.forward import eval_mode
+    from ..backbones import image_ids
+    from ..measure.forward import eval_mode
 
     # Say which images a batch holds (each image's index in the evaluated set, so that a seeded
     # method's draw follows the image), as the evaluation does.
@@ -150,7 +150,7 @@ def per_image_gflops(net: nn.Module, tokens: np.ndarray, tokens_mlp: np.ndarray,
     """FLOPs per image: the run's fvcore count, shifted by the analytic cost (linear layers,
     attention, MLP per block) of the difference between this image's token counts and the
     mean counts.  Exactly the fvcore count wherever counts are constant."""
-    from .backbones import backbone_of
+    from ..backbones import backbone_of
 
     bb = backbone_of(net)
 
@@ -171,7 +171,7 @@ def per_image_gflops(net: nn.Module, tokens: np.ndarray, tokens_mlp: np.ndarray,
 def cache_key(record_keys: dict, data: dict, n_images: int, batch_size: int, blocks: list[int]) -> str:
     """The cache key of one pass: the records it re-runs (their keys cover model, weights, method,
     parameters and code), the data subset, the number of images, batch size and blocks."""
-    from .store import record_key
+    from ..store import record_key
 
     return record_key({"kind": "analysis-trace", "version": TRACE_VERSION, "records": dict(sorted(record_keys.items())),
                        "data": data, "n_images": n_images, "batch_size": batch_size, "blocks": list(blocks)})

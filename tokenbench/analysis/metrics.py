@@ -1,8 +1,8 @@
 """The analyses of ``tokenbench analyze``, as pure functions on arrays.
 
 Nothing here loads a model or reads a file: the re-runs live in
-:mod:`tokenbench.analysis_trace`, the drawing in :mod:`tokenbench.analysis_plots`, and
-the command in :mod:`tokenbench.cli_analyze`.
+:mod:`tokenbench.analysis.trace`, the tables in :mod:`tokenbench.analysis.tables`, the drawing in
+:mod:`tokenbench.analysis.plots`, and the command in :mod:`tokenbench.analysis.analyze`.
 
 - reduction patterns: which original patches survive a stage (:func:`surviving_patches`),
   the intersection over union of two such sets (:func:`iou`) and its chance level

@@ -1,6 +1,6 @@
 """Figures of ``tokenbench analyze``: seaborn, 3.4 in wide, 8 pt text, colour-blind palette, PNG and PDF.
 
-Every function takes what :mod:`tokenbench.analysis_report` computed and returns the files it
+Every function takes what :mod:`tokenbench.analysis.tables` computed and returns the files it
 wrote; none computes an analysis.
 """
 
@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..report.render import MARKERS, PLOT_RC, savefig
+from .metrics import cohen_kappa
 
 WIDTH = 3.4
 HEATMAP = "viridis"        # sequential, readable in grey and by colour-blind readers
@@ -31,8 +34,6 @@ def _plt():
 
 
 def _style():
-    from .report.render import PLOT_RC
-
     plt, sns = _plt()
     rc = dict(PLOT_RC)
     rc.update({"xtick.labelsize": 6.5, "ytick.labelsize": 6.5})
@@ -40,8 +41,6 @@ def _style():
 
 
 def _save(fig, base: Path) -> list[Path]:
-    from .report.render import savefig
-
     plt, _ = _plt()
     try:
         return savefig(fig, base)
@@ -122,8 +121,6 @@ def pattern_heatmaps(mats: dict, blocks: Sequence[int], pdir: Path) -> list[Path
 
 def kappa_heatmaps(settings, pdir: Path) -> list[Path]:
     """One figure per FLOPs level: Cohen's kappa between the level's settings and dense."""
-    from .analysis import cohen_kappa
-
     plt, _ = _plt()
     files = []
     dense = [s for s in settings if s.is_dense]
@@ -175,8 +172,6 @@ def per_class_heatmap(matrix: dict, class_names: Sequence[str], pdir: Path) -> l
 
 def drift_plot(rows: list[dict], pdir: Path) -> list[Path]:
     """Linear CKA and cosine similarity against dense, over the FLOPs ratio, one line per method."""
-    from .report.render import MARKERS
-
     plt, sns = _plt()
     rows = [r for r in rows if r.get("flops_rel") is not None]
     if not rows:
