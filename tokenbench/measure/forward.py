@@ -43,6 +43,7 @@ def model_input(model: nn.Module) -> tuple[int, int]:
 
 def example_input(model: nn.Module, batch: int = 1, img_size: Optional[int] = None, device="cpu",
                   seed: int = 0) -> torch.Tensor:
+    """A seeded synthetic batch of ``batch`` images of the size ``model`` expects (or ``img_size``)."""
     c, s = model_input(model)
     s = img_size or s
     g = torch.Generator().manual_seed(seed)
@@ -50,6 +51,7 @@ def example_input(model: nn.Module, batch: int = 1, img_size: Optional[int] = No
 
 
 def precision_context(device: torch.device, precision: str):
+    """(the autocast context of ``precision`` on ``device``, a note where this CPU emulates it)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} (use fp32, fp16 or bf16)")
     if precision == "fp32":
