@@ -35,25 +35,32 @@ def tiny():
     return tiny_vit()
 
 
-@pytest.fixture
-def cli():
-    """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
+def run_cli(args, out, err) -> int:
+    """The CLI run in-process on ``args`` with stdout and stderr written to ``out`` and ``err``;
+    its exit code."""
     import sys
-    from io import StringIO
 
     from tokenbench.cli.main import main
 
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        main(list(args))
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdout, sys.stderr = old
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
+    from io import StringIO
+
     def run(*args):
         out, err = StringIO(), StringIO()
-        old = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = out, err
-        code = 0
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.stdout, sys.stderr = old
+        code = run_cli(args, out, err)
         return code, out.getvalue(), err.getvalue()
 
     return run
@@ -279,6 +286,59 @@ def assert_unchanged_by(model, method: str, atol: float = 1e-5, **params) -> Non
         registry.apply(model, method, **params)
         out = model(imgs)
     torch.testing.assert_close(out, dense, atol=atol, rtol=atol)
+
+
+def assert_deterministic(model) -> None:
+    """Two forwards of the same images give the same logits exactly."""
+    x = random_images(model, 2)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def assert_refused(method: str, *bad: dict) -> None:
+    """Each of the ``bad`` parameter settings is refused by ``method``'s validation."""
+    from tokenbench import registry
+    from tokenbench.errors import UserError
+
+    for params in bad:
+        with pytest.raises(UserError):
+            registry.get_method(method).validate(params)
+
+
+def tracked_state(model, method: str, n: int = 3, **params):
+    """The token state after ``method`` (at ``params``, source map tracked) runs on ``n`` images."""
+    from tokenbench import registry
+    from tokenbench.backbones import last_state, set_track_source
+
+    registry.apply(model, method, **params)
+    set_track_source(model, True)
+    with torch.no_grad():
+        model(random_images(model, n))
+    return last_state(model)
+
+
+def assert_batch_equals_per_image(net, imgs, ref: list) -> list:
+    """A batched forward of a per-image method gives each image's reference logits and token counts
+    (``ref[i]`` = (logits, counts per block)); returns the counts."""
+    from tokenbench.backbones import last_state
+
+    with torch.no_grad():
+        got = net(imgs)
+        per_image = last_state(net).tokens_per_image()
+    torch.testing.assert_close(got, torch.stack([r[0] for r in ref]), rtol=1e-4, atol=1e-4)
+    counts = [r[1] for r in ref]
+    assert per_image.tolist() == counts
+    return counts
+
+
+def deit_s_schedule(method: str, **params):
+    """The token counts ``method`` declares on DeiT-S's geometry (197 tokens, 12 blocks)."""
+    import timm
+
+    from tokenbench import registry
+
+    return registry.get_method(method)().expected_tokens(timm.create_model("deit_small_patch16_224", num_classes=10),
+                                                          **params)
 
 
 def assert_traceable(model) -> None:

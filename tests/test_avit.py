@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import peak_weights, tiny_vit
+from conftest import assert_batch_equals_per_image, peak_weights, tiny_vit
 from tokenbench import backbones
 from tokenbench.methods.avit import distribution_target
 from tokenbench.registry import apply, get_method
@@ -69,17 +69,11 @@ def ref_forward(net, img: torch.Tensor, scale: float, center: float) -> tuple[to
 def test_inference_and_training_forms_equal_the_reference():
     net = model()
     ref = [ref_forward(net, img, **{k: v for k, v in zip(("scale", "center"), GATE.values())}) for img in images(5)]
-    apply(net, "avit", **GATE)
-    with torch.no_grad():
-        got = net(images(5))
-        per_image = backbones.last_state(net).tokens_per_image()
-    torch.testing.assert_close(got, torch.stack([r[0] for r in ref]), rtol=1e-4, atol=1e-4)
-    counts = [r[1] for r in ref]
-    assert per_image.tolist() == counts
+    counts = assert_batch_equals_per_image(apply(net, "avit", **GATE), images(5), ref)
     assert len({tuple(cn) for cn in counts}) > 1 and min(cn[-1] for cn in counts) < 65   # halting varies
     net.train()
     train_logits = net(images(5))
-    torch.testing.assert_close(train_logits.detach(), got, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(train_logits.detach(), torch.stack([r[0] for r in ref]), rtol=1e-4, atol=1e-4)
 
 
 def test_training_losses_reach_the_backbone_and_match_the_definitions():

@@ -143,12 +143,6 @@ def test_bad_params(params):
         registry.apply(model, "diffrate", **params)
 
 
-def test_needs_class_token():
-    model = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **TINY)
-    with pytest.raises(UserError, match="class token"):
-        registry.apply(model, "diffrate")
-
-
 def test_batch_consistency_and_determinism():
     model = make_model("cls")
     registry.apply(model, "diffrate", prune=STEEP[0], merge=STEEP[1])

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_counts_declared, assert_unchanged_by, peak_weights, random_images, tiny_vit
+from conftest import (assert_counts_declared, assert_unchanged_by, peak_weights, random_images, tiny_vit,
+                      tracked_state)
 from tokenbench import registry
-from tokenbench.backbones import image_ids, last_state, set_track_source
+from tokenbench.backbones import image_ids
 from tokenbench.errors import UserError
 
 
@@ -98,12 +99,7 @@ def test_token_counts(keep_rate):
 
 
 def test_clusters_partition_the_patches():
-    model = peak_weights(tiny_vit())
-    registry.apply(model, "dpcknn", keep_rate=0.6)
-    set_track_source(model, True)
-    with torch.no_grad():
-        model(random_images(model, 3))
-    st = last_state(model)
+    st = tracked_state(peak_weights(tiny_vit()), "dpcknn", keep_rate=0.6)
     cover = st.source[:, 1:, 1:]
     assert torch.equal(cover.sum(1), torch.ones(3, 64))
     assert torch.equal(cover.sum(2), st.size[:, 1:, 0])

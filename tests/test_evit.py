@@ -6,7 +6,6 @@ import math
 import sys
 
 import pytest
-import timm
 
 from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_counts_declared,
                       assert_matches_reference, assert_traceable, peaked_vit, random_images, ref_attend,
@@ -138,12 +137,6 @@ def test_bad_params(params):
     model = make_model("cls", TINY)
     with pytest.raises(UserError):
         registry.apply(model, "evit", **params)
-
-
-def test_needs_class_token():
-    model = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **TINY)
-    with pytest.raises(UserError, match="class token"):
-        registry.apply(model, "evit")
 
 
 @pytest.mark.parametrize("variant", ["cls", "distilled"])

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import (assert_batch_independent, assert_counts_declared, assert_unchanged_by, peak_weights,
-                      random_images, tiny_vit)
+                      random_images, tiny_vit, tracked_state)
 from tokenbench import registry
-from tokenbench.backbones import backbone_of, last_state, set_track_source
+from tokenbench.backbones import backbone_of, last_state
 from tokenbench.errors import UserError
 
 
@@ -103,12 +103,7 @@ def test_token_counts(keep_rate):
 
 
 def test_medoids_keep_their_features_and_sizes_add_up():
-    model = peak_weights(tiny_vit())
-    registry.apply(model, "kmedoids", keep_rate=0.6)
-    set_track_source(model, True)
-    with torch.no_grad():
-        model(random_images(model, 3))
-    st = last_state(model)
+    st = tracked_state(peak_weights(tiny_vit()), "kmedoids", keep_rate=0.6)
     assert torch.equal(st.size[:, 1:, 0].sum(1), torch.full((3,), 64.0))
     cover = st.source[:, 1:, 1:]                    # patch tokens x original patches
     assert torch.equal(cover.sum(1), torch.ones(3, 64))  # every patch in exactly one cluster

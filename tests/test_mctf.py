@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_counts_declared, peak_weights, random_images, tiny_vit
+from conftest import assert_counts_declared, deit_s_schedule, peak_weights, random_images, tiny_vit
 from tokenbench import registry
 from tokenbench.backbones import last_state
 from tokenbench.errors import UserError
@@ -130,10 +130,7 @@ def test_token_counts(r):
 
 def test_default_schedule_deit_s_geometry():
     """197 tokens, r = 16 in blocks 1..11 (the official DeiT-S evaluation)."""
-    import timm
-
-    model = timm.create_model("deit_small_patch16_224", num_classes=10)
-    tokens, tokens_mlp = registry.get_method("mctf")().expected_tokens(model)
+    tokens, tokens_mlp = deit_s_schedule("mctf")
     assert tokens == tokens_mlp == [197 - 16 * i for i in range(12)]
 
 

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import assert_counts_declared, peak_weights, random_images, tiny_vit
+from conftest import assert_counts_declared, deit_s_schedule, peak_weights, random_images, tiny_vit
 from tokenbench import registry
 from tokenbench.backbones import TokenState
 from tokenbench.errors import UserError
@@ -122,10 +122,7 @@ def test_token_counts(r):
 
 def test_default_schedule_deit_s_geometry():
     """197 tokens, r = 50 at blocks 3, 6, 9: 147, 97, then 49 (clipped to half)."""
-    import timm
-
-    model = timm.create_model("deit_small_patch16_224", num_classes=10)
-    tokens, tokens_mlp = registry.get_method("ppt")().expected_tokens(model)
+    tokens, tokens_mlp = deit_s_schedule("ppt")
     assert tokens == [197] * 4 + [147] * 3 + [97] * 3 + [49] * 2
     assert tokens_mlp == [197] * 3 + [147] * 3 + [97] * 3 + [49] * 3
 
@@ -147,11 +144,6 @@ def test_batch_independent_and_deterministic():
 def test_bad_params(params):
     with pytest.raises(UserError):
         registry.apply(make_model(), "ppt", **params)
-
-
-def test_needs_class_token():
-    with pytest.raises(UserError):
-        registry.apply(tiny_vit(class_token=False, global_pool="avg"), "ppt")
 
 
 def test_merge_drop_is_keep():

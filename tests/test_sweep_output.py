@@ -195,23 +195,18 @@ class _Tty(StringIO):
 
 def _run_on_a_terminal(*args) -> tuple[int, str, str]:
     """The CLI in-process with stderr a terminal (so progress bars are drawn), 80 columns."""
-    from tokenbench.cli.main import main
+    from conftest import run_cli
 
     out, err = StringIO(), _Tty()
-    old = sys.stdout, sys.stderr, os.environ.get("COLUMNS")
-    sys.stdout, sys.stderr = out, err
+    old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "80"
-    code = 0
     try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = run_cli(args, out, err)
     finally:
-        sys.stdout, sys.stderr = old[0], old[1]
-        if old[2] is None:
+        if old is None:
             os.environ.pop("COLUMNS")
         else:
-            os.environ["COLUMNS"] = old[2]
+            os.environ["COLUMNS"] = old
     return code, out.getvalue(), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.getvalue())  # colours out
 
 
