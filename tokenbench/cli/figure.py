@@ -57,28 +57,11 @@ def register(app: typer.Typer) -> None:
         throughput here) and marks top-1 "not measured" with the command that measures it.  Writes NAME.md,
         NAME.csv, NAME.png and NAME.pdf to runs/figures/NAME/ (--out results/figures/NAME rewrites the committed one).
         """
-        from rich.console import Console
-
-        from ..figures.plan import FigureOptions, accuracy_status, expand_plan
-        from ..figures.recipe import GFLOPS_AGREEMENT, list_recipes
-        from ..report.render import num, signed
-        from ..figures.run import build_plan, run_figure
-        from ..figures.tables import params_text, public_rows
+        from ..figures.plan import FigureOptions
+        from ..figures.tables import public_rows
 
         if name is None or name == "list":
-            recipes = list_recipes()
-            if json_:
-                typer.echo(json.dumps({"figures": recipes}))
-                return
-            from rich.table import Table
-
-            t = Table(title="tokenbench figures (NAME@embedded: the same on the embedded model)")
-            for c in ("name", "model", "description"):
-                t.add_column(c, overflow="fold")
-            for r in recipes:
-                t.add_row(r["name"], ", ".join(r["models"]), r["description"])
-            Console(width=None if sys.stdout.isatty() else 160).print(t)
-            return
+            return _list_recipes(json_)
         for v, what in ((batch_size, "--batch-size"), (threads, "--threads"), (limit, "--limit"),
                         (img_size, "--img-size")):
             if v is not None and v < 1:
@@ -92,84 +75,113 @@ def register(app: typer.Typer) -> None:
             pretrained=pretrained, out=str(out) if out else None, embedded=embedded, model=model, img_size=img_size,
             limit=limit, throughput=throughput, accuracy=accuracy, batch_size=batch_size, min_run_time=min_run_time,
             threads=threads, device=device, force=force)
-        err = Console(stderr=True)
-        quiet = json_ or not sys.stderr.isatty()
         if dry_run:
-            from ..sweep import CACHE_FILE, FlopsSearch, search_data
-
-            plan = build_plan(name, opts)
-            runs = expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE, data=search_data(plan.sweep)))
-            items = []
-            for r in runs:
-                ok, why = accuracy_status(plan, r)
-                items.append({"name": r.name, "model": r.model, "method": r.method, "params": r.params,
-                              "checkpoint": r.checkpoint, "targets": r.targets,
-                              "accuracy": "measured" if ok else why})
-            if json_:
-                typer.echo(json.dumps({"figure": plan.name, "out": str(plan.out), "runs": items}, default=str))
-                return
-            from rich.table import Table
-
-            t = Table(title=f"{plan.name}: {len(runs)} runs -> {plan.out}")
-            for c in ("run", "checkpoint", "top-1"):
-                t.add_column(c, overflow="fold")
-            for it in items:
-                t.add_row(it["name"], it["checkpoint"] or "", it["accuracy"])
-            Console(width=None if sys.stdout.isatty() else 160).print(t)
-            return
-
-        if quiet:
-            fig = run_figure(name, opts, plots=plots)
-        else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            with err.status("expanding the recipe..."):
-                build_plan(name, opts)  # validate before the progress bar
-            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), console=err) as prog:
-                task = prog.add_task(name, total=None)
-
-                def on_step(i, total, run, kind):
-                    desc = f"{run.name} [{kind}]" if run is not None else "writing the figure"
-                    prog.update(task, completed=i, total=total, description=desc[:70])
-
-                fig = run_figure(name, opts, on_step=on_step, plots=plots)
-        ag = fig["gflops_agreement"]
+            return _dry_run(name, opts, json_)
+        fig = _run(name, opts, plots, quiet=json_ or not sys.stderr.isatty())
         if json_:
             typer.echo(json.dumps({"figure": fig["plan"].name, "out": str(fig["plan"].out),
-                                   "files": [str(f) for f in fig["files"]], "gflops_agreement": ag,
+                                   "files": [str(f) for f in fig["files"]], "gflops_agreement": fig["gflops_agreement"],
                                    "measure_command": fig["measure_command"],
                                    "rows": public_rows(fig)}, default=str))
             return
         _print_summary(fig)
 
-    def _print_summary(fig: dict) -> None:
-        from rich.console import Console
-        from rich.table import Table
 
-        from ..figures.plan import FigureOptions, accuracy_status, expand_plan
-        from ..figures.recipe import GFLOPS_AGREEMENT, list_recipes
-        from ..report.render import num, signed
-        from ..figures.run import build_plan, run_figure
-        from ..figures.tables import params_text, public_rows
+def _list_recipes(json_: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
 
-        plan = fig["plan"]
-        t = Table(title=f"figure {plan.name}")
-        cols = ["Method", "Params", "GFLOPs", "pub.", "Δ", "Speedup", "pub.", "Top-1", "pub.", "Flags"]
-        for c in cols:
-            t.add_column(c, overflow="fold")
-        for r in fig["rows"] + fig["extra"]:
-            t.add_row(r["label"] + ("" if r["in_recipe"] else " (published only)"), params_text(r),
-                      num(r["gflops"], ".3f"), num(r["gflops_published"], ".1f"),
-                      signed(r["gflops_diff"], ".2f"),
-                      num(r["speedup"], ".2f"), num(r["speedup_published"], ".2f"),
-                      num(r["top1"], ".2f", "n/m" if r["in_recipe"] else "–"),
-                      num(r["top1_published"], ".2f"), ", ".join(r["flags"]))
-        Console(width=None if sys.stdout.isatty() else 200).print(t)
-        ag = fig["gflops_agreement"]
-        if ag["compared"]:
-            typer.echo(f"GFLOPs: {ag['agree']} of {ag['compared']} published values within "
-                       f"{GFLOPS_AGREEMENT:g} of ours.")
-        if any(r["top1"] is None for r in fig["rows"]):
-            typer.echo(f"top-1 not measured for some rows; to measure it: {fig['measure_command']}")
-        typer.echo("wrote " + ", ".join(str(f) for f in fig["files"]))
+    from ..figures.recipe import list_recipes
+
+    recipes = list_recipes()
+    if json_:
+        typer.echo(json.dumps({"figures": recipes}))
+        return
+    t = Table(title="tokenbench figures (NAME@embedded: the same on the embedded model)")
+    for c in ("name", "model", "description"):
+        t.add_column(c, overflow="fold")
+    for r in recipes:
+        t.add_row(r["name"], ", ".join(r["models"]), r["description"])
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+def _dry_run(name: str, opts, json_: bool) -> None:
+    """The runs (after any matched-FLOPs search) and whether each one's top-1 can be measured."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..figures.plan import accuracy_status, expand_plan
+    from ..figures.run import build_plan
+    from ..sweep import CACHE_FILE, FlopsSearch, search_data
+
+    plan = build_plan(name, opts)
+    runs = expand_plan(plan, FlopsSearch(plan.out / CACHE_FILE, data=search_data(plan.sweep)))
+    items = []
+    for r in runs:
+        ok, why = accuracy_status(plan, r)
+        items.append({"name": r.name, "model": r.model, "method": r.method, "params": r.params,
+                      "checkpoint": r.checkpoint, "targets": r.targets,
+                      "accuracy": "measured" if ok else why})
+    if json_:
+        typer.echo(json.dumps({"figure": plan.name, "out": str(plan.out), "runs": items}, default=str))
+        return
+    t = Table(title=f"{plan.name}: {len(runs)} runs -> {plan.out}")
+    for c in ("run", "checkpoint", "top-1"):
+        t.add_column(c, overflow="fold")
+    for it in items:
+        t.add_row(it["name"], it["checkpoint"] or "", it["accuracy"])
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+def _run(name: str, opts, plots: bool, quiet: bool) -> dict:
+    """The figure, with a progress bar on a terminal (the recipe validated before it)."""
+    from rich.console import Console
+
+    from ..figures.run import build_plan, run_figure
+
+    if quiet:
+        return run_figure(name, opts, plots=plots)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    with err.status("expanding the recipe..."):
+        build_plan(name, opts)  # validate before the progress bar
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=err) as prog:
+        task = prog.add_task(name, total=None)
+
+        def on_step(i, total, run, kind):
+            desc = f"{run.name} [{kind}]" if run is not None else "writing the figure"
+            prog.update(task, completed=i, total=total, description=desc[:70])
+
+        return run_figure(name, opts, on_step=on_step, plots=plots)
+
+
+def _print_summary(fig: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..figures.recipe import GFLOPS_AGREEMENT
+    from ..figures.tables import params_text
+    from ..report.render import num, signed
+
+    plan = fig["plan"]
+    t = Table(title=f"figure {plan.name}")
+    cols = ["Method", "Params", "GFLOPs", "pub.", "Δ", "Speedup", "pub.", "Top-1", "pub.", "Flags"]
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in fig["rows"] + fig["extra"]:
+        t.add_row(r["label"] + ("" if r["in_recipe"] else " (published only)"), params_text(r),
+                  num(r["gflops"], ".3f"), num(r["gflops_published"], ".1f"),
+                  signed(r["gflops_diff"], ".2f"),
+                  num(r["speedup"], ".2f"), num(r["speedup_published"], ".2f"),
+                  num(r["top1"], ".2f", "n/m" if r["in_recipe"] else "–"),
+                  num(r["top1_published"], ".2f"), ", ".join(r["flags"]))
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    ag = fig["gflops_agreement"]
+    if ag["compared"]:
+        typer.echo(f"GFLOPs: {ag['agree']} of {ag['compared']} published values within "
+                   f"{GFLOPS_AGREEMENT:g} of ours.")
+    if any(r["top1"] is None for r in fig["rows"]):
+        typer.echo(f"top-1 not measured for some rows; to measure it: {fig['measure_command']}")
+    typer.echo("wrote " + ", ".join(str(f) for f in fig["files"]))

@@ -26,7 +26,6 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
 
     The recipe and the published figures are read through this module's ``load_recipe`` and
     ``PUBLISHED_FILE``."""
-    from ..registry import get_method
     from ..sweep import parse_sweep
 
     opts = copy.copy(opts or FigureOptions())
@@ -39,7 +38,21 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
         raise UserError("--embedded replaces the model with the embedded one: give --embedded or --model, not both")
     variant = recipe.name + ("@embedded" if embedded else "")
     out = Path(opts.out) if opts.out else default_out(recipe.name, opts)
+    raw = _sweep_base(recipe, variant, out, opts)
+    dropped = _set_models(raw, recipe, opts)
+    specs, ck_dir, found = _set_checkpoints(raw, recipe, opts, dropped)
+    _set_measurements(raw, recipe, opts)
+    sw = parse_sweep(raw, f"figure {variant}")
+    published = []
+    if not embedded:
+        archs = {arch(m) for m in sw.models}
+        published = [p for p in load_published(PUBLISHED_FILE) if p.paper in recipe.papers and arch(p.model) in archs]
+    return Plan(recipe=recipe, name=variant, embedded=embedded, sweep=sw, out=out, checkpoint_dir=ck_dir,
+                checkpoints=specs, found=found, dropped=dropped, published=published, options=opts)
 
+
+def _sweep_base(recipe, variant: str, out: Path, opts: FigureOptions) -> dict:
+    """The recipe's sweep, named and placed; the committed figure's records as its reference."""
     raw = copy.deepcopy(recipe.sweep)
     raw["name"] = variant
     raw["out"] = str(out)
@@ -47,11 +60,17 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
     if not opts.out and "reference" not in raw and committed.is_dir():
         raw["reference"] = str(committed)  # the committed figure's records are copied, not measured again
     raw.setdefault("description", recipe.description)
+    for label in list(raw["methods"]):
+        raw["methods"][label] = dict(raw["methods"][label] or {})
+    return raw
+
+
+def _set_models(raw: dict, recipe, opts: FigureOptions) -> list[str]:
+    """The model (the embedded one, or --model), its input size and weights; the entries the
+    embedded variant drops, returned."""
     methods = raw["methods"]
-    for label in list(methods):
-        methods[label] = dict(methods[label] or {})
     dropped: list[str] = []
-    if embedded:
+    if opts.embedded:
         from ..models import EMBEDDED_NAME
 
         raw.pop("model", None)
@@ -67,11 +86,18 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
         raw["models"] = [opts.model]
     if opts.img_size is not None:
         raw["img_size"] = opts.img_size
-    raw["pretrained"] = bool(opts.pretrained) and not embedded
+    raw["pretrained"] = bool(opts.pretrained) and not opts.embedded
+    return dropped
 
-    # checkpoints present in the directory
-    specs = recipe.embedded_checkpoints() if embedded else recipe.checkpoints
-    ck_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else (EMBEDDED_CKPT_DIR if embedded else None)
+
+def _set_checkpoints(raw: dict, recipe, opts: FigureOptions, dropped: list[str]) -> tuple:
+    """The checkpoints found in the directory, set on their entries (an entry whose required
+    files are missing is dropped): (the specs, the directory, what was found per entry)."""
+    from ..registry import get_method
+
+    methods = raw["methods"]
+    specs = recipe.embedded_checkpoints() if opts.embedded else recipe.checkpoints
+    ck_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else (EMBEDDED_CKPT_DIR if opts.embedded else None)
     if opts.checkpoint_dir and not Path(opts.checkpoint_dir).is_dir():
         raise UserError(f"checkpoint directory {opts.checkpoint_dir} does not exist")
     specs = model_specs(specs, raw.get("models") or [raw.get("model")], ck_dir is not None, recipe.source)
@@ -100,12 +126,16 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
             body["checkpoints"] = dict(got)
         else:
             body["checkpoint"] = got["*"]
+    return specs, ck_dir, found
 
-    # what to measure
+
+def _set_measurements(raw: dict, recipe, opts: FigureOptions) -> None:
+    """What to measure: FLOPs, throughput unless left out, accuracy where there is data (and
+    the throughput settings and device asked for)."""
     measure = ["flops"] + (["throughput"] if opts.throughput else [])
     data = None
     if opts.accuracy:
-        if embedded:
+        if opts.embedded:
             data = {"name": "fashion-mnist", "split": "test",
                     "limit": opts.limit if opts.limit is not None else int(recipe.embedded.get("limit",
                                                                                              EMBEDDED_LIMIT))}
@@ -128,14 +158,6 @@ def build_plan(name: str, opts: Optional[FigureOptions] = None) -> Plan:
     raw["throughput"] = tp
     if opts.device:
         raw["device"] = opts.device
-    sw = parse_sweep(raw, f"figure {variant}")
-
-    published = []
-    if not embedded:
-        archs = {arch(m) for m in sw.models}
-        published = [p for p in load_published(PUBLISHED_FILE) if p.paper in recipe.papers and arch(p.model) in archs]
-    return Plan(recipe=recipe, name=variant, embedded=embedded, sweep=sw, out=out, checkpoint_dir=ck_dir,
-                checkpoints=specs, found=found, dropped=dropped, published=published, options=opts)
 
 
 # --------------------------------------------------------------------------- running

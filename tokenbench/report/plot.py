@@ -146,9 +146,6 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     disp = [r for r in map(as_row, res["display"]) if r.top1 is not None]
     written: list[Path] = []
@@ -164,81 +161,116 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
             layers = plot_layers(rows, xcol)
             if not (layers["curves"] or layers["points"] or layers["dense"] or layers["line"]):
                 continue
-            xv = layers["x"]
-            with sns.axes_style("whitegrid"), plt.rc_context(PLOT_RC):
-                fig, ax = plt.subplots(figsize=FIG_SIZE)
-                handles: list = []
-                front = layers["frontier"]
-                if len(front) > 1:
-                    ax.step([p[0] for p in front], [p[1] for p in front], where="post" if xcol == "gflops" else "pre",
-                            color="0.55", lw=4.0, alpha=0.3, solid_capstyle="round", zorder=0)
-                    handles.append(Line2D([], [], color="0.55", lw=4.0, alpha=0.3, label="Pareto frontier"))
-                dodge = _dodge(layers, xcol)
-
-                def draw(r, x, color, marker, ms, zorder):
-                    lo, hi = _yerr([r])
-                    ax.errorbar([x], [r.top1], yerr=[lo, hi], fmt="none", ecolor=color, elinewidth=0.6,
-                                capsize=1.2, alpha=0.55, zorder=zorder - 1)
-                    hollow = id(r) in layers["hollow"]
-                    ax.plot([x], [r.top1], ls="none", marker=marker, ms=ms, mec=color if hollow else "white",
-                            mew=0.9 if hollow else 0.4, mfc="none" if hollow else color, zorder=zorder)
-
-                for lab, lr in layers["curves"].items():
-                    color, marker = style[lab]
-                    xs = [xv[id(r)] + dodge[lab] for r in lr]
-                    ls = BASELINE_LINESTYLE if families.get(lab) == "baseline" else "-"
-                    ax.plot(xs, [r.top1 for r in lr], color=color, lw=1.0, ls=ls, alpha=0.85, zorder=2)
-                    for r, x in zip(lr, xs):
-                        draw(r, x, color, marker, 4.0, 3)
-                    handles.append(Line2D([], [], color=color, marker=marker, ms=4.0, mec="white", mew=0.4, label=lab))
-                for r in layers["points"]:  # larger than a curve's markers
-                    color, marker = style[r.label]
-                    draw(r, xv[id(r)], color, marker, 6.0, 5)
-                    handles.append(Line2D([], [], ls="none", color=color, marker=marker, ms=6.0, mec="white",
-                                          mew=0.4, label=_point_label(r, r.label in layers["curves"])))
-                if layers["line"]:
-                    lr = layers["line"]
-                    ax.plot([xv[id(r)] for r in lr], [r.top1 for r in lr], color="black", lw=1.0,
-                            ls=BASELINE_LINESTYLE, alpha=0.7, zorder=2)
-                    for r in lr:
-                        if r.line_of:
-                            draw(r, xv[id(r)], "black", "P", 5.0, 6)
-                            ax.annotate(r.model, (xv[id(r)], r.top1), textcoords="offset points", xytext=(3, -8),
-                                        fontsize=5.5, color="0.25")
-                    handles.append(Line2D([], [], color="black", ls=BASELINE_LINESTYLE, marker="P", ms=5.0,
-                                          mec="white", mew=0.4, label="dense models of other sizes"))
-                for r in layers["dense"]:
-                    draw(r, xv[id(r)], "black", "*", 8.0, 6)
-                if layers["dense"]:
-                    handles.append(Line2D([], [], ls="none", color="black", marker="*", ms=8.0, mec="white",
-                                          mew=0.4, label="dense"))
-                drawn = [r.label for rs in layers["curves"].values() for r in rs] + [r.label for r in layers["points"]]
-                handles += family_handles(families[lab] for lab in dict.fromkeys(drawn))
-                if layers["hollow"] - layers["unpaired"]:
-                    handles.append(Line2D([], [], ls="none", color="0.3", marker="o", ms=4.0, mfc="none", mew=0.9,
-                                          label="hollow: flagged timing"))
-                if layers["unpaired"]:
-                    handles.append(Line2D([], [], ls="none", color="0.3", marker="o", ms=4.0, mfc="none", mew=0.9,
-                                          label="hollow: no paired timing (img/s ratio, off the frontier)"))
-                timed = [r for rs in layers["curves"].values() for r in rs] + layers["points"] + layers["dense"]
-                ax.set_xlabel(xlabel if xcol == "gflops" else _tp_label(timed))
-                ax.set_ylabel("Top-1 accuracy (%)")
-                ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10], min_n_ticks=MIN_Y_TICKS))
-                if len(models) > 1:
-                    ax.set_title(model)
-                note = ERRORBAR_NOTE + ("; curves dodged slightly in x" if any(dodge.values()) else "")
-                untimed = sum(1 for r in rows if "untimed" in r.flag_set)
-                if xcol != "gflops" and untimed:
-                    note += f"; {untimed} setting(s) not timed on this CPU, not drawn"
-                fig.tight_layout()
-                # below the figure's own area (x label included): the saved image grows to hold it
-                fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=LEGEND_COLUMNS,
-                           frameon=False, handlelength=1.5, columnspacing=0.8, handletextpad=0.4,
-                           title=note, title_fontsize=5.5, fontsize=5.5)
-                suffix = "" if len(models) == 1 else "_" + model.replace("/", "_")
-                written += save(fig, plots_dir / f"{fname}{suffix}")
-                plt.close(fig)
+            untimed = sum(1 for r in rows if "untimed" in r.flag_set) if xcol != "gflops" else 0
+            fig = _axis_figure(layers, xcol, xlabel, model if len(models) > 1 else None, style, families, untimed)
+            suffix = "" if len(models) == 1 else "_" + model.replace("/", "_")
+            written += save(fig, plots_dir / f"{fname}{suffix}")
+            plt.close(fig)
     return written
+
+
+def _axis_figure(layers: dict, xcol: str, xlabel: str, title, style: dict, families: dict, untimed: int = 0):
+    """One plot: the frontier, the layers' markers and lines, the axes' labels and the legend below
+    (which says how many settings were left untimed)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    with sns.axes_style("whitegrid"), plt.rc_context(PLOT_RC):
+        fig, ax = plt.subplots(figsize=FIG_SIZE)
+        dodge = _dodge(layers, xcol)
+        handles = _draw_frontier(ax, layers["frontier"], xcol)
+        handles += _draw_layers(ax, layers, dodge, style, families)
+        handles += _hollow_handles(layers)
+        timed = [r for rs in layers["curves"].values() for r in rs] + layers["points"] + layers["dense"]
+        ax.set_xlabel(xlabel if xcol == "gflops" else _tp_label(timed))
+        ax.set_ylabel("Top-1 accuracy (%)")
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10], min_n_ticks=MIN_Y_TICKS))
+        if title:
+            ax.set_title(title)
+        note = ERRORBAR_NOTE + ("; curves dodged slightly in x" if any(dodge.values()) else "")
+        if untimed:
+            note += f"; {untimed} setting(s) not timed on this CPU, not drawn"
+        fig.tight_layout()
+        # below the figure's own area (x label included): the saved image grows to hold it
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=LEGEND_COLUMNS,
+                   frameon=False, handlelength=1.5, columnspacing=0.8, handletextpad=0.4,
+                   title=note, title_fontsize=5.5, fontsize=5.5)
+    return fig
+
+
+def _draw_frontier(ax, front: list, xcol: str) -> list:
+    """The Pareto frontier as a wide grey band behind everything; its legend handle."""
+    from matplotlib.lines import Line2D
+
+    if len(front) <= 1:
+        return []
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post" if xcol == "gflops" else "pre",
+            color="0.55", lw=4.0, alpha=0.3, solid_capstyle="round", zorder=0)
+    return [Line2D([], [], color="0.55", lw=4.0, alpha=0.3, label="Pareto frontier")]
+
+
+def _draw_layers(ax, layers: dict, dodge: dict, style: dict, families: dict) -> list:
+    """Each method's curve, the separate points, the dense models of other sizes and the dense
+    model, with their interval bars; their legend handles (families included)."""
+    from matplotlib.lines import Line2D
+
+    xv = layers["x"]
+    handles: list = []
+
+    def draw(r, x, color, marker, ms, zorder):
+        lo, hi = _yerr([r])
+        ax.errorbar([x], [r.top1], yerr=[lo, hi], fmt="none", ecolor=color, elinewidth=0.6,
+                    capsize=1.2, alpha=0.55, zorder=zorder - 1)
+        hollow = id(r) in layers["hollow"]
+        ax.plot([x], [r.top1], ls="none", marker=marker, ms=ms, mec=color if hollow else "white",
+                mew=0.9 if hollow else 0.4, mfc="none" if hollow else color, zorder=zorder)
+
+    for lab, lr in layers["curves"].items():
+        color, marker = style[lab]
+        xs = [xv[id(r)] + dodge[lab] for r in lr]
+        ls = BASELINE_LINESTYLE if families.get(lab) == "baseline" else "-"
+        ax.plot(xs, [r.top1 for r in lr], color=color, lw=1.0, ls=ls, alpha=0.85, zorder=2)
+        for r, x in zip(lr, xs):
+            draw(r, x, color, marker, 4.0, 3)
+        handles.append(Line2D([], [], color=color, marker=marker, ms=4.0, mec="white", mew=0.4, label=lab))
+    for r in layers["points"]:  # larger than a curve's markers
+        color, marker = style[r.label]
+        draw(r, xv[id(r)], color, marker, 6.0, 5)
+        handles.append(Line2D([], [], ls="none", color=color, marker=marker, ms=6.0, mec="white",
+                              mew=0.4, label=_point_label(r, r.label in layers["curves"])))
+    if layers["line"]:
+        lr = layers["line"]
+        ax.plot([xv[id(r)] for r in lr], [r.top1 for r in lr], color="black", lw=1.0,
+                ls=BASELINE_LINESTYLE, alpha=0.7, zorder=2)
+        for r in lr:
+            if r.line_of:
+                draw(r, xv[id(r)], "black", "P", 5.0, 6)
+                ax.annotate(r.model, (xv[id(r)], r.top1), textcoords="offset points", xytext=(3, -8),
+                            fontsize=5.5, color="0.25")
+        handles.append(Line2D([], [], color="black", ls=BASELINE_LINESTYLE, marker="P", ms=5.0,
+                              mec="white", mew=0.4, label="dense models of other sizes"))
+    for r in layers["dense"]:
+        draw(r, xv[id(r)], "black", "*", 8.0, 6)
+    if layers["dense"]:
+        handles.append(Line2D([], [], ls="none", color="black", marker="*", ms=8.0, mec="white",
+                              mew=0.4, label="dense"))
+    drawn = [r.label for rs in layers["curves"].values() for r in rs] + [r.label for r in layers["points"]]
+    return handles + family_handles(families[lab] for lab in dict.fromkeys(drawn))
+
+
+def _hollow_handles(layers: dict) -> list:
+    """What a hollow marker means, where the plot has one."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    if layers["hollow"] - layers["unpaired"]:
+        handles.append(Line2D([], [], ls="none", color="0.3", marker="o", ms=4.0, mfc="none", mew=0.9,
+                              label="hollow: flagged timing"))
+    if layers["unpaired"]:
+        handles.append(Line2D([], [], ls="none", color="0.3", marker="o", ms=4.0, mfc="none", mew=0.9,
+                              label="hollow: no paired timing (img/s ratio, off the frontier)"))
+    return handles
 
 
 def _tp_label(rows) -> str:
