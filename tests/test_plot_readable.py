@@ -5,6 +5,8 @@ from paired timings (an unpaired run hollow and off the frontier)."""
 import pytest
 
 from tokenbench.report.plot import plot, plot_layers
+from tokenbench.report.rows import Row
+
 MIN_Y_TICKS = 4
 
 METHODS = ["tome", "topk", "evit", "random", "dynamicvit", "ppt", "mctf", "pitome", "tofu", "diffrate",
@@ -12,14 +14,12 @@ METHODS = ["tome", "topk", "evit", "random", "dynamicvit", "ppt", "mctf", "pitom
 
 
 def _row(label, gflops, top1, target=None, speedup=None, img=None, flags=(), dense=False):
-    return {"row_type": "run", "model": "m", "label": label, "method": "none" if dense else label,
-            "_params": {} if dense else {"keep_rate": gflops / 0.05}, "_targets": [target] if target else [],
-            "target": f"{target:g}" if target else None, "_seed_param": None, "gflops": gflops,
-            "flops_rel": gflops / 0.05, "top1": top1, "top1_lo": top1 - 0.9, "top1_hi": top1 + 0.9, "top5": 99.0,
-            "n": 5000, "params_m": 0.93, "device": "cpu", "device_name": "cpu", "threads": 2, "batch_size": 64,
-            "precision": "fp32", "learned": "none", "checkpoint": None, "warnings": [], "_flags": set(flags),
-            "flags": ",".join(sorted(flags)), "_tolerance": 0.03, "img_per_s": img, "speedup": speedup,
-            "family": "merging" if "t" in label else "pruning"}
+    return Row(model="m", label=label, method="none" if dense else label,
+               params={} if dense else {"keep_rate": gflops / 0.05}, targets=[target] if target else [], gflops=gflops,
+               flops_rel=gflops / 0.05, top1=top1, top1_lo=top1 - 0.9, top1_hi=top1 + 0.9, top5=99.0,
+               n=5000, params_m=0.93, device="cpu", device_name="cpu", threads=2, batch_size=64,
+               precision="fp32", learned="none", flags=set(flags), tolerance=0.03, img_per_s=img, speedup=speedup,
+               family="merging" if "t" in label else "pruning")
 
 
 @pytest.fixture
@@ -76,11 +76,11 @@ def test_legend_clear_of_the_axes_and_enough_y_ticks(figs):
 
 def test_speedup_axis_is_paired_and_unpaired_runs_stay_off_the_frontier(res, figs):
     layers = plot_layers(res["display"], "speedup")
-    unpaired = next(r for r in res["display"] if r["label"] == "dct-like")
+    unpaired = next(r for r in res["display"] if r.label == "dct-like")
     assert id(unpaired) in layers["unpaired"] and id(unpaired) in layers["hollow"]
     assert layers["x"][id(unpaired)] == pytest.approx(900 / 440)
     assert all(x != pytest.approx(900 / 440) for x, _ in layers["frontier"])
-    tome = next(r for r in res["display"] if r["label"] == "tome" and r["_targets"] == [0.5])
+    tome = next(r for r in res["display"] if r.label == "tome" and r.targets == [0.5])
     assert layers["x"][id(tome)] == pytest.approx(2.0)                         # its paired speedup, not img/s
     ax = figs["accuracy_vs_throughput"].axes[0]
     assert "Speedup over dense (paired" in ax.get_xlabel()

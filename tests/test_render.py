@@ -7,7 +7,7 @@ from pathlib import Path
 from tokenbench.report import render
 from tokenbench.figures.tables import compare_row, ours_from_row, row_cells
 from tokenbench.figures.tables import params_text as figure_params_text
-from tokenbench.report.tables import display_cells
+from tokenbench.report.tables import csv_value, display_cells
 from tokenbench.report.rows import Row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +53,13 @@ def test_report_figures_and_bench_write_one_row_alike():
     assert display_cells(mean)["Params"] == figure_params_text(fig_mean) == "keep_rate=0.7, 3 seeds"
 
 
-def test_row_reads_like_the_dict_it_replaces():
-    row = _row(keys={"flops": "abc"}, flag_set={"noisy"})
-    assert row["params"] == '{"prop_attn": true, "r": [5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4, 4]}'
-    assert row["_params"] is row.params and row["_flags"] == {"noisy"}
-    assert row["flops_key"] == "abc" and row.get("accuracy_key") is None and row.get("mcnemar_p") is None
+def test_csv_columns_of_a_row():
+    row = _row(keys={"flops": "abc"}, flags={"noisy", "busy"}, warnings=["one", "two"])
+    assert csv_value(row, "params") == '{"prop_attn": true, "r": [5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4, 4]}'
+    assert csv_value(row, "flags") == "busy,noisy" and csv_value(row, "warnings") == "one | two"
+    assert csv_value(row, "flops_key") == "abc" and csv_value(row, "accuracy_key") is None
+    assert csv_value(row, "mcnemar_p") is None and csv_value(row, "model") == row.model
+    assert not hasattr(row, "get") and not hasattr(row, "__getitem__")  # one name per field: the attribute
 
 
 def test_family_markers_differ_and_colours_follow_the_method():

@@ -11,7 +11,7 @@ import pytest
 
 from tokenbench.report.tables import FLAG_HELP
 from tokenbench.errors import UserError
-from tokenbench.report.rows import learned_status
+from tokenbench.report.rows import Row, learned_status
 from tokenbench.report.stats import parse_selector, select_rows
 from tokenbench.report.collect import collect
 from tokenbench.report.paired import paired
@@ -129,21 +129,21 @@ def test_seeds_become_one_mean_row(swept, reported):
     assert _num(mean[0]["top1"]) == pytest.approx(statistics.fmean(top1))
     assert _num(mean[0]["top1_std"]) == pytest.approx(statistics.stdev(top1))
     assert int(mean[0]["n_seeds"]) == 2
-    disp = [r for r in reported["display"] if r["method"] == "random"]
-    assert len(disp) == 1 and disp[0]["row_type"] == "mean"
+    disp = [r for r in reported["display"] if r.method == "random"]
+    assert len(disp) == 1 and disp[0].row_type == "mean"
     md = (swept / "results.md").read_text()
     line = next(l for l in md.splitlines() if l.startswith("| random"))
     assert "2 seeds" in line and "±" in line
 
 
 def test_flags_and_learned_status(reported):
-    disp = {(r["label"], r["params"]): r for r in reported["display"]}
-    tome = next(r for r in reported["display"] if r["method"] == "tome")
-    assert "flops-miss" in tome["flags"] and tome["target"] == "0.05"
-    topk = [r for r in reported["display"] if r["method"] == "topk"]
-    assert all("flops-miss" not in r["flags"] for r in topk)
-    dv = next(r for r in reported["display"] if r["method"] == "dynamicvit")
-    assert dv["learned"] == "untrained"
+    disp = {(r.label, json.dumps(r.params, sort_keys=True)): r for r in reported["display"]}
+    tome = next(r for r in reported["display"] if r.method == "tome")
+    assert "flops-miss" in tome.flags and tome.target == "0.05"
+    topk = [r for r in reported["display"] if r.method == "topk"]
+    assert all("flops-miss" not in r.flags for r in topk)
+    dv = next(r for r in reported["display"] if r.method == "dynamicvit")
+    assert dv.learned == "untrained"
     assert len(disp) == 6
 
 
@@ -160,8 +160,8 @@ def test_unpaired_img_per_s_that_contradicts_the_paired_speedup_is_flagged():
     # the dense model timed in a slow spell: 645 img/s against the method's 778, paired 0.84x
     dense, slow, agrees = row("none", 645.0), row("dynamicvit", 778.0, 0.84), row("topk", 700.0, 1.05)
     compare_with_dense([dense, slow, agrees])
-    assert "unpaired" in slow.flag_set and "unpaired" not in agrees.flag_set
-    assert "unpaired" not in dense.flag_set and dense.speedup == 1.0
+    assert "unpaired" in slow.flags and "unpaired" not in agrees.flags
+    assert "unpaired" not in dense.flags and dense.speedup == 1.0
     assert any("1 of 3 runs' img/s" in n and "`unpaired`" in n for n in closing_notes([dense, slow, agrees]))
     assert "unpaired" in FLAG_HELP
 
@@ -241,9 +241,9 @@ def test_report_without_a_plan_groups_the_records(swept, tmp_path):
     (d / "sweep.json").unlink()
     res = write_report(d, plots=False)
     assert len(res["display"]) == 6 and len(res["rows"]) == 7
-    assert res["display"][0]["method"] == "none"
-    rnd = [r for r in res["display"] if r["method"] == "random"]
-    assert len(rnd) == 1 and rnd[0]["n_seeds"] == 2
+    assert res["display"][0].method == "none"
+    rnd = [r for r in res["display"] if r.method == "random"]
+    assert len(rnd) == 1 and rnd[0].n_seeds == 2
 
 
 def test_report_of_an_empty_directory_is_a_user_error(tmp_path, cli):
@@ -260,12 +260,12 @@ def test_compare_is_mcnemar_on_the_stored_correctness(swept, cli):
     res = paired(swept, "dynamicvit:keep_rate=0.7", "random")
     assert len(res["pairs"]) == 2                       # random: two seeds
     rows = collect(swept)["rows"]
-    dv = next(r for r in rows if r["method"] == "dynamicvit")
+    dv = next(r for r in rows if r.method == "dynamicvit")
     for p in res["pairs"]:
-        rnd = next(r for r in rows if r["method"] == "random" and r["seed"] == p["b"]["params"]["seed"])
-        want = mcnemar([c == "1" for c in dv["_correct"]], [c == "1" for c in rnd["_correct"]])
+        rnd = next(r for r in rows if r.method == "random" and r.seed == p["b"]["params"]["seed"])
+        want = mcnemar([c == "1" for c in dv.correct], [c == "1" for c in rnd.correct])
         assert (p["only_a"], p["only_b"], p["p_value"]) == (want["only_a"], want["only_b"], want["p_value"])
-        assert p["diff"] == pytest.approx(dv["top1"] - rnd["top1"])
+        assert p["diff"] == pytest.approx(dv.top1 - rnd.top1)
     code, out, err = cli("compare", str(swept), "dynamicvit:keep_rate=0.7", "topk:keep_rate=0.5", "random", "--json")
     assert code == 0 and len(json.loads(out)["comparisons"]) == 2
 
@@ -284,11 +284,11 @@ def test_compare_selector_keeps_list_values_whole():
 
 def test_compare_selects_sweep_entries_by_label():
     def row(label, ckpt=None, seed=None):
-        return {"method": "topk", "label": label, "_params": {"keep_rate": 0.7, **({"seed": seed} if seed else {})},
-                "_seed_param": "seed" if seed else None, "checkpoint": ckpt, "row_type": "run"}
+        return Row(model="m", method="topk", label=label, params={"keep_rate": 0.7, **({"seed": seed} if seed else {})},
+                   seed_param="seed" if seed else None, checkpoint=ckpt)
 
     rows = [row("topk"), row("topk-finetuned", "ft.pt"), row("other", "o.pt")]
-    assert [r["label"] for r in select_rows(rows, "topk:keep_rate=0.7")] == ["topk"]
-    assert [r["label"] for r in select_rows(rows, "topk-finetuned")] == ["topk-finetuned"]
+    assert [r.label for r in select_rows(rows, "topk:keep_rate=0.7")] == ["topk"]
+    assert [r.label for r in select_rows(rows, "topk-finetuned")] == ["topk-finetuned"]
     with pytest.raises(UserError, match="matches 2 settings"):
         select_rows(rows[1:], "topk")

@@ -6,17 +6,16 @@ import pytest
 from tokenbench.report.write import TABLE_FILES
 from tokenbench.report.tables import latex, latex_paper
 from tokenbench.report.plot import plot, plot_layers
+from tokenbench.report.rows import Row
 
 
 def _row(label, method, params, gflops, top1, targets=(), img=None, flags=(), checkpoint=None, learned="none"):
-    r = {"row_type": "run", "model": "m", "label": label, "method": method, "_params": dict(params),
-         "_targets": list(targets), "target": "/".join(f"{t:g}" for t in targets) or None, "_seed_param": None,
-         "gflops": gflops, "flops_rel": gflops / 0.05, "top1": top1, "top1_lo": top1 - 0.9, "top1_hi": top1 + 0.9,
-         "top5": 99.0, "n": 5000, "params_m": 0.93, "device": "cpu", "device_name": "cpu", "threads": 2,
-         "batch_size": 64, "precision": "fp32", "learned": learned, "checkpoint": checkpoint, "warnings": [],
-         "_flags": set(flags), "flags": ",".join(sorted(flags)), "_tolerance": 0.03}
+    r = Row(model="m", label=label, method=method, params=dict(params), targets=list(targets),
+            gflops=gflops, flops_rel=gflops / 0.05, top1=top1, top1_lo=top1 - 0.9, top1_hi=top1 + 0.9,
+            top5=99.0, n=5000, params_m=0.93, device="cpu", device_name="cpu", threads=2,
+            batch_size=64, precision="fp32", learned=learned, checkpoint=checkpoint, flags=set(flags), tolerance=0.03)
     if img is not None:
-        r.update({"img_per_s": img, "img_per_s_q1": img - 5, "img_per_s_q3": img + 5, "speedup": img / 900})
+        r = r.replace(img_per_s=img, img_per_s_q1=img - 5, img_per_s_q3=img + 5, speedup=img / 900)
     return r
 
 
@@ -66,14 +65,14 @@ def test_report_writes_the_paper_table():
 def test_controls_and_off_grid_runs_are_not_part_of_a_curve(res):
     layers = plot_layers(res["display"], "gflops")
     curve = layers["curves"]
-    assert [r["_params"]["keep_rate"] for r in curve["topk"]] == [0.48, 0.755]  # the off-grid 0.7 is not spliced in
+    assert [r.params["keep_rate"] for r in curve["topk"]] == [0.48, 0.755]  # the off-grid 0.7 is not spliced in
     assert len(curve["tome"]) == 2 and len(curve["dynamicvit"]) == 2   # a method trained at two settings
     assert "topk-finetuned" not in curve
-    assert sorted((r["label"], r["_params"]["keep_rate"]) for r in layers["points"]) == [
+    assert sorted((r.label, r.params["keep_rate"]) for r in layers["points"]) == [
         ("topk", 0.7), ("topk-finetuned", 0.7)]
     assert not layers["hollow"]  # flags concern timing: only the throughput axis shows them
     tp = plot_layers(res["display"], "img_per_s")
-    assert {(r["label"], r["_params"]["keep_rate"]) for r in res["display"] if id(r) in tp["hollow"]} == {
+    assert {(r.label, r.params["keep_rate"]) for r in res["display"] if id(r) in tp["hollow"]} == {
         ("topk", 0.755), ("dynamicvit", 0.7)}
 
 

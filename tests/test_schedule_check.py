@@ -54,7 +54,7 @@ def test_flops_warns_and_flags_a_disagreeing_schedule(cli, liar, tmp_path):
     from tokenbench.report.rows import row_from_records
 
     row = row_from_records("dense_claim", rec["spec"], {"flops": rec}, ["flops"], [], None, 0.03)
-    assert "schedule-mismatch" in row.flag_set
+    assert "schedule-mismatch" in row.flags
     code, out, err = cli("flops", TINY, "--method", "topk", "--set", "keep_rate=0.5", "--json")
     assert code == 0 and "declared token schedule" not in err
 

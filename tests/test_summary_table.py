@@ -2,17 +2,16 @@
 
 from rich.console import Console
 
+from tokenbench.report.rows import Row
 from tokenbench.report.tables import summary_table
 from tokenbench.registry import get_method
 
 
 def _row(label, method, params, flags=(), top1=88.0):
-    return {"row_type": "run", "model": "m", "label": label, "method": method, "_params": dict(params),
-            "_targets": [0.7], "target": "0.7", "_seed_param": None, "gflops": 0.035, "flops_rel": 0.7,
-            "top1": top1, "top1_lo": top1 - 0.9, "top1_hi": top1 + 0.9, "top5": 99.0, "n": 5000, "params_m": 0.9,
-            "device": "cpu", "threads": 2, "batch_size": 64, "precision": "fp32", "learned": "none",
-            "checkpoint": None, "warnings": [], "_flags": set(flags), "flags": ",".join(sorted(flags)),
-            "_tolerance": 0.03, "speedup": 1.1}
+    return Row(model="m", label=label, method=method, params=dict(params), targets=[0.7], gflops=0.035,
+               flops_rel=0.7, top1=top1, top1_lo=top1 - 0.9, top1_hi=top1 + 0.9, top5=99.0, n=5000, params_m=0.9,
+               device="cpu", threads=2, batch_size=64, precision="fp32", learned="none", flags=set(flags),
+               tolerance=0.03, speedup=1.1)
 
 
 def test_summary_fits_80_columns_with_defaults_left_out_and_flags_whole(tmp_path):

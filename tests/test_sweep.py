@@ -401,5 +401,5 @@ def test_checkpoints_per_value_of_a_learned_method(tmp_path):
     assert len(untrained) == 1 and untrained[0][1] is None and len(dv) == 3
     S.execute(sw, runs, Store(out))
     res = write_report(out, plots=False)
-    learned = {(r["_params"]["keep_rate"]): r["learned"] for r in res["display"] if r["method"] == "dynamicvit"}
+    learned = {r.params["keep_rate"]: r.learned for r in res["display"] if r.method == "dynamicvit"}
     assert learned[free.value] == "fine-tuned" and learned[untrained[0][0]] == "untrained"

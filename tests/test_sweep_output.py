@@ -176,10 +176,10 @@ def test_summary_table_fits_80_columns_with_every_number_whole():
     assert max(len(line) for line in text.splitlines()) <= 80
     tokens = set(re.findall(r"[^\s│|]+", text))
     for r in res["display"]:
-        assert f"{100 * r['flops_rel']:.1f}%" in tokens, (r["label"], text)
-        assert r.get("speedup") is None or f"{r['speedup']:.2f}x" in tokens, (r["label"], text)
-        assert r.get("top1") is None or any(t.startswith(f"{r['top1']:.2f}") for t in tokens), (r["label"], text)
-    assert any(r["row_type"] == "mean" for r in res["display"])  # a seed-averaged row is among them
+        assert f"{100 * r.flops_rel:.1f}%" in tokens, (r.label, text)
+        assert r.speedup is None or f"{r.speedup:.2f}x" in tokens, (r.label, text)
+        assert r.top1 is None or any(t.startswith(f"{r.top1:.2f}") for t in tokens), (r.label, text)
+    assert any(r.row_type == "mean" for r in res["display"])  # a seed-averaged row is among them
 
 
 def test_summary_points_to_the_full_table(cli, flops_out):

@@ -106,39 +106,38 @@ def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
     targets = [float(t) for t in sweep.get("flops_targets") or []]
     tolerance = float(sweep.get("flops_tolerance") or 0.03)
     store = Store(out)
-    rows = [r for r in res["rows"] if r.get("_correct") and r.get("accuracy_key") and not r.get("line_of")]
-    dense_rows = [r for r in rows if r["method"] == DENSE_METHOD]
+    rows = [r for r in res["rows"] if r.correct and r.keys.get("accuracy") and not r.line_of]
+    dense_rows = [r for r in rows if r.method == DENSE_METHOD]
     if not dense_rows:
         raise UserError(f"{out} has no accuracy record of the dense model (method none): every analysis "
                         "compares against it; run the sweep with dense = true")
     dense_row = dense_rows[0]
-    same = [r for r in rows if r.get("_acc_setting") == dense_row.get("_acc_setting")
-            and len(r["_correct"]) == len(dense_row["_correct"])]
+    same = [r for r in rows if r.acc_setting == dense_row.acc_setting and len(r.correct) == len(dense_row.correct)]
     if len(same) < len(rows):
         notes.append(f"{len(rows) - len(same)} accuracy records measured on other images than the dense "
                      "model's were left out")
     settings: list[Setting] = []
     for r in same:
-        rec = store.get(r["accuracy_key"])
+        rec = store.get(r.keys["accuracy"])
         if rec is None:
             continue
         m = rec.get("metrics", {})
         preds = m.get("predictions")
         # what determines a re-run: the FLOPs and accuracy records (not throughput: a re-timing changes nothing)
-        keys = {k[:-4]: r[k] for k in ("flops_key", "accuracy_key") if r.get(k)}
-        s = Setting(label=r["label"], method=r["method"], params=dict(r["_params"]), seed_param=r.get("_seed_param"),
-                    seed_index=0, level=None, flops_rel=r.get("flops_rel"), gflops=r.get("gflops"),
-                    top1=float(r["top1"]), correct=np.frombuffer(r["_correct"].encode(), dtype=np.uint8) == ord("1"),
+        keys = {k: r.keys[k] for k in ("flops", "accuracy") if r.keys.get(k)}
+        s = Setting(label=r.label, method=r.method, params=dict(r.params), seed_param=r.seed_param,
+                    seed_index=0, level=None, flops_rel=r.flops_rel, gflops=r.gflops,
+                    top1=float(r.top1), correct=np.frombuffer(r.correct.encode(), dtype=np.uint8) == ord("1"),
                     predictions=np.asarray(preds, dtype=np.int64) if preds is not None else None, keys=keys,
-                    spec=dict(rec.get("spec") or {}), learned=r.get("learned"))
+                    spec=dict(rec.get("spec") or {}), learned=r.learned)
         if not s.is_dense:
-            s.level = flops_level(r.get("_targets") or [], s.flops_rel, targets, tolerance)
+            s.level = flops_level(r.targets, s.flops_rel, targets, tolerance)
         settings.append(s)
     _number_seeds(settings)
     order = {lab: i for i, lab in enumerate(dict.fromkeys(s.label for s in settings))}
     settings.sort(key=lambda s: (not s.is_dense, order[s.label], s.level or 0.0, s.seed_index))
     settings = _narrow(settings, methods, flops)
-    data = _data_settings(store.get(dense_row["accuracy_key"]), sweep)
+    data = _data_settings(store.get(dense_row.keys["accuracy"]), sweep)
     return settings, data, notes
 
 

@@ -37,14 +37,15 @@ def _words(text: Optional[str]) -> Optional[list[str]]:
     return [w for w in text.replace(" ", "").split(",") if w]
 
 
-def _public_row(r: dict) -> dict:
+def _public_row(r) -> dict:
+    """A report row as ``--json`` prints it (the flags as in the CSV: comma-separated)."""
+    from ..report.tables import flags_text
+
     keep = ("row_type", "model", "label", "method", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
             "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "top1", "top1_std", "top1_lo", "top1_hi",
             "top5", "n", "params_m", "device", "learned", "checkpoint", "mcnemar_p", "only_dense", "only_run",
-            "flags", "warnings")
-    out = {k: r.get(k) for k in keep}
-    out["params"] = json.loads(out["params"]) if isinstance(out["params"], str) else out["params"]
-    return out
+            "warnings")
+    return {**{k: getattr(r, k) for k in keep}, "flags": flags_text(r)}
 
 
 def _search_progress(console):

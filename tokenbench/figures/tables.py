@@ -49,7 +49,7 @@ def ours_from_row(r: Row, frec: Optional[dict], why: str = "") -> dict:
         "top1": r.top1, "top1_lo": r.top1_lo, "top1_hi": r.top1_hi, "n": r.n,
         "weights": (frec or {}).get("weights"), "checkpoint": r.checkpoint, "family": r.family,
         "learned": r.learned, "accuracy_status": "measured" if r.top1 is not None else (why or "not measured"),
-        "report_flags": sorted(r.flag_set), "warnings": r.warnings or [],
+        "report_flags": sorted(r.flags), "warnings": r.warnings or [],
         "device": r.device, "device_name": r.device_name, "threads": r.threads, "batch_size": r.batch_size,
     }
 

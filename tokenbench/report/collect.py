@@ -106,8 +106,6 @@ def collect(out: str | os.PathLike) -> dict:
                              line_of=e.get("line_of"), untimed=e.get("untimed", False)) for e in entries]
     compare_with_dense(rows)
     display = aggregate_seeds(rows)
-    for r in rows + display:
-        r.flags = ",".join(sorted(r.flag_set))
     notes += closing_notes(rows)
     return {"rows": rows, "display": display, "notes": notes, "plan": plan, "out": out,
             "timing_notes": timing_notes(rows)}

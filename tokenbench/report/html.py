@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .render import NONE, interval_text, num, p_value_text, sig, speedup_text
+from .render import NONE, num, p_value_text, sig, speedup_text
 from .plot import ERRORBAR_NOTE, plot_layers
 from .stats import params_text
-from .tables import FLAG_HELP, display_rows, flops_cell, models_of, setting_line, top1_text
+from .tables import FLAG_HELP, display_rows, flags_text, flops_cell, models_of, setting_line, top1_text
 
 HTML_FILE = "report.html"
 _IDS: dict[int, int] = {}  # a row's index in the page's points while one page is built
@@ -56,7 +56,7 @@ def _point(i: int, r) -> dict:
             "flops_rel": _finite(r.flops_rel), "speedup": _finite(r.speedup), "speedup_q1": _finite(r.speedup_q1),
             "speedup_q3": _finite(r.speedup_q3), "img_per_s": _finite(r.img_per_s), "top1": _finite(r.top1),
             "top1_lo": _finite(r.top1_lo), "top1_hi": _finite(r.top1_hi), "top5": _finite(r.top5),
-            "mcnemar_p": _finite(r.mcnemar_p), "flags": r.flags or "", "dense": r.is_dense, "line_of": r.line_of}
+            "mcnemar_p": _finite(r.mcnemar_p), "flags": flags_text(r), "dense": r.is_dense, "line_of": r.line_of}
 
 
 def _hover(r) -> str:
@@ -68,7 +68,7 @@ def _hover(r) -> str:
              f"top-1: {top1_text(r)} %",
              f"McNemar p vs dense: {mc}"]
     if r.flags:
-        lines.append(f"flags: {html.escape(r.flags)}")
+        lines.append(f"flags: {html.escape(flags_text(r))}")
     return "<br>".join(lines)
 
 
@@ -137,7 +137,7 @@ def _table(points: list[dict], rows, multi: bool) -> str:
             (flops_cell(r), p["flops_rel"]), (sig(r.gflops), p["gflops"]),
             (speedup_text(r.speedup, r.speedup_q1, r.speedup_q3, r.is_dense), p["speedup"]),
             (num(r.img_per_s, ".0f"), p["img_per_s"]), (top1_text(r), p["top1"]), (num(r.top5, ".2f"), p["top5"]),
-            (NONE if r.mcnemar_p is None else p_value_text(r.mcnemar_p), p["mcnemar_p"]), (r.flags or "", r.flags)]
+            (NONE if r.mcnemar_p is None else p_value_text(r.mcnemar_p), p["mcnemar_p"]), (flags_text(r), flags_text(r))]
         tds = "".join(f'<td data-v="{html.escape(str("" if v is None else v))}">{html.escape(str(t))}</td>'
                       for t, v in cells)
         body.append(f'<tr data-family="{html.escape(p["family"])}">{tds}</tr>')
@@ -203,7 +203,7 @@ def html_page(res: dict) -> str:
     plan = res.get("plan") or {}
     title = plan.get("sweep", {}).get("name") or out.name
     desc = plan.get("sweep", {}).get("description") or ""
-    used = sorted({f for r in disp for f in r.flag_set})
+    used = sorted({f for r in disp for f in r.flags})
     flag_items = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape(FLAG_HELP.get(f, f))}</li>" for f in used)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in res.get("notes") or [])
     boxes = "".join(f'<label><input type="checkbox" class="tb-family" value="{html.escape(f)}" checked> '

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .render import FIG_SIZE, PLOT_RC, family_handles, method_styles, savefig
 from .tables import models_of, paper_setting, timing_flagged
-from .rows import Row, as_row
+from .rows import Row
 
 
 def pareto(points: list[tuple[float, float]], lower_x_better: bool) -> list[tuple[float, float]]:
@@ -53,16 +53,7 @@ def plot_layers(rows: list[Row], xcol: str) -> dict:
     - ``unpaired``: ids of rows placed by img/s over the dense model's (``speedup`` axis only);
     - ``x``: the x of each row by id.
     """
-    typed = [as_row(r) for r in rows]
-    given = {id(t): r for t, r in zip(typed, rows)}  # the layers hold the rows as given (Rows or dicts)
-    layers = _layers(typed, xcol)
-    back = given.__getitem__
-    return {"curves": {lab: [back(id(r)) for r in rs] for lab, rs in layers["curves"].items()},
-            "points": [back(id(r)) for r in layers["points"]], "dense": [back(id(r)) for r in layers["dense"]],
-            "line": [back(id(r)) for r in layers["line"]],
-            "hollow": {id(back(i)) for i in layers["hollow"]}, "frontier": layers["frontier"],
-            "unpaired": {id(back(i)) for i in layers["unpaired"]},
-            "x": {id(back(i)): x for i, x in layers["x"].items()}}
+    return _layers(rows, xcol)
 
 
 def x_values(rows: list[Row], xcol: str) -> tuple[dict[int, float], set[int]]:
@@ -147,7 +138,7 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    disp = [r for r in map(as_row, res["display"]) if r.top1 is not None]
+    disp = [r for r in res["display"] if r.top1 is not None]
     written: list[Path] = []
     models = models_of([r for r in disp if not r.line_of])
     labels = list(dict.fromkeys(r.label for r in disp if not r.is_dense))
@@ -161,7 +152,7 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
             layers = plot_layers(rows, xcol)
             if not (layers["curves"] or layers["points"] or layers["dense"] or layers["line"]):
                 continue
-            untimed = sum(1 for r in rows if "untimed" in r.flag_set) if xcol != "gflops" else 0
+            untimed = sum(1 for r in rows if "untimed" in r.flags) if xcol != "gflops" else 0
             fig = _axis_figure(layers, xcol, xlabel, model if len(models) > 1 else None, style, families, untimed)
             suffix = "" if len(models) == 1 else "_" + model.replace("/", "_")
             written += save(fig, plots_dir / f"{fname}{suffix}")

@@ -4,10 +4,6 @@
 paired speedup, accuracy) in one place.  The comparisons against the dense model and the
 seed averages are filled in by :mod:`tokenbench.report.stats`; cells are written by
 :mod:`tokenbench.report.render`.
-
-A row also reads like the dict it replaces (``row["top1"]``, ``row.get("gflops")``): the
-CSV's columns by name, ``row["params"]`` the parameters as JSON, and the older private
-names (``_params``, ``_flags``, ...) for the code and tests that still use them.
 """
 
 from __future__ import annotations
@@ -15,21 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
 from ..identity import stale_reasons
-from .render import params_json
 
 if TYPE_CHECKING:
-    from .registry import Method
+    from ..registry import Method
 
 DENSE_METHOD = "none"
 
-# older private names of a row's fields (the rows were dicts)
-ALIASES = {"_params": "params", "_flags": "flag_set", "_targets": "targets", "_seed_param": "seed_param",
-           "_correct": "correct", "_acc_setting": "acc_setting", "_tp_setting": "tp_setting", "_seeds": "seeds",
-           "_members": "members", "_tolerance": "tolerance"}
 RECORD_KINDS = ("flops", "throughput", "speedup", "accuracy")
 
 
@@ -86,8 +77,7 @@ class Row:
     # provenance and trust
     keys: dict = field(default_factory=dict)  # record kind -> record key
     warnings: list = field(default_factory=list)
-    flag_set: set = field(default_factory=set)
-    flags: str = ""
+    flags: set = field(default_factory=set)  # flags/warnings words: busy, noisy, stale, flops-miss, ...
     stale: Optional[str] = None
     tolerance: float = 0.0
     members: Optional[list] = None          # a mean row's seed rows
@@ -105,48 +95,8 @@ class Row:
         """The parameters without the seed."""
         return {k: v for k, v in self.params.items() if k != self.seed_param}
 
-    # -- dict-style reading, for the CSV's columns and older callers
-    def __getitem__(self, key: str) -> Any:
-        if key in ALIASES:
-            return getattr(self, ALIASES[key])
-        if key == "params":
-            return params_json(self.params)
-        if key.endswith("_key") and key[:-4] in RECORD_KINDS:
-            return self.keys.get(key[:-4])
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            v = self[key]
-        except KeyError:
-            return default
-        return default if v is None else v
-
     def replace(self, **changes) -> "Row":
         return dataclasses.replace(self, **changes)
-
-
-def as_row(r: "Row | dict") -> Row:
-    """A Row as it is, or one from a row written as a dict (the CSV's names and the older private ones)."""
-    if isinstance(r, Row):
-        return r
-    names = {v: k for k, v in ALIASES.items()}
-    kw = {}
-    for f in dataclasses.fields(Row):
-        key = names.get(f.name, f.name)
-        if key in r:
-            kw[f.name] = r[key]
-    if "params" not in kw or not isinstance(kw["params"], dict):
-        kw["params"] = json.loads(r["params"]) if isinstance(r.get("params"), str) else {}
-    kw["keys"] = {k: r[f"{k}_key"] for k in RECORD_KINDS if r.get(f"{k}_key")}
-    for f, empty in (("targets", list), ("warnings", list), ("flag_set", set)):
-        if kw.get(f) is None:
-            kw[f] = empty()
-    kw["flags"] = kw.get("flags") or ""
-    return Row(**{k: v for k, v in kw.items() if k != "target"})
 
 
 # --------------------------------------------------------------------------- settings of records
@@ -210,7 +160,7 @@ def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], pl
               family=method_family(spec["method"]), seed_param=seed_param,
               seed=params.get(seed_param) if seed_param else None, targets=list(targets),
               checkpoint=spec.get("checkpoint"), tolerance=tolerance)
-    flags = row.flag_set
+    flags = row.flags
     stale = []
     for kind, rec in recs.items():
         if rec is not None:

@@ -12,8 +12,8 @@ from .rows import Row, setting_key
 
 
 def params_text(r: Row) -> str:
-    """A row's parameters, and its number of seeds when it is a mean over seeds (a Row, or a row as a dict)."""
-    return _params_text(r["_params"], len(r["_seeds"]) if r["row_type"] == "mean" else None)
+    """A row's parameters, and its number of seeds when it is a mean over seeds."""
+    return _params_text(r.params, len(r.seeds) if r.row_type == "mean" else None)
 
 
 def _misses_target(r: Row) -> bool:
@@ -32,11 +32,11 @@ def compare_with_dense(rows: list[Row]) -> None:
         if r.gflops is not None and d.gflops:
             r.flops_rel = r.gflops / d.gflops
             if r.targets and _misses_target(r):
-                r.flag_set.add("flops-miss")
+                r.flags.add("flops-miss")
         if r is d and r.img_per_s:
             r.speedup = 1.0  # speedups are the paired (interleaved) timings of the speedup records
         if r is not d and _unpaired_disagrees(r, d):
-            r.flag_set.add("unpaired")
+            r.flags.add("unpaired")
         if r is not d and r.correct and d.correct and r.acc_setting == d.acc_setting \
                 and len(r.correct) == len(d.correct):
             res = mcnemar([c == "1" for c in d.correct], [c == "1" for c in r.correct])
@@ -75,7 +75,7 @@ MEAN_COLUMNS = ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q
 def _mean_row(g: list[Row]) -> Row:
     first = g[0]
     m = first.replace(row_type="mean", seed=None, n_seeds=len(g), params=first.setting_params,
-                      seeds=[r.seed for r in g], flag_set=set().union(*(r.flag_set for r in g)),
+                      seeds=[r.seed for r in g], flags=set().union(*(r.flags for r in g)),
                       stale="; ".join(dict.fromkeys(r.stale for r in g if r.stale)) or None,
                       warnings=sorted({w for r in g for w in r.warnings}), members=g, keys=dict(first.keys))
     for col in MEAN_COLUMNS:
@@ -85,8 +85,8 @@ def _mean_row(g: list[Row]) -> Row:
     m.img_per_s_std = _std([r.img_per_s for r in g if r.img_per_s is not None])
     ps = [r.mcnemar_p for r in g if r.mcnemar_p is not None]
     m.mcnemar_p = max(ps) if ps else None  # the most conservative of the seeds
-    if m.flops_rel is not None and m.targets and "flops-miss" not in m.flag_set and _misses_target(m):
-        m.flag_set.add("flops-miss")
+    if m.flops_rel is not None and m.targets and "flops-miss" not in m.flags and _misses_target(m):
+        m.flags.add("flops-miss")
     return m
 
 
@@ -118,7 +118,7 @@ def closing_notes(rows: list[Row]) -> list[str]:
     """What a reader must know before trusting the table: stale rows, a missing dense FLOPs count
     (then :func:`timing_notes`, kept apart for readers that use no timing)."""
     out = []
-    stale = [r for r in rows if "stale" in r.flag_set]
+    stale = [r for r in rows if "stale" in r.flags]
     if stale:
         why = sorted({w for r in stale for w in (r.stale or "").split("; ") if w})
         out.append(f"{len(stale)} of {len(rows)} runs are stale (marked `stale`): {'; '.join(why[:3])}"
@@ -134,16 +134,16 @@ def timing_notes(rows: list[Row]) -> list[str]:
     """Unreliable timings: flagged busy or noisy, img/s that disagree with the paired speedup."""
     out = []
     timed = [r for r in rows if r.keys.get("throughput") or r.keys.get("speedup")]
-    flagged = [r for r in timed if r.flag_set & {"busy", "noisy"}]
+    flagged = [r for r in timed if r.flags & {"busy", "noisy"}]
     if flagged:
         out.append(f"{len(flagged)} of {len(timed)} throughput runs flagged busy or noisy: their speedups are "
                    "unreliable (`tokenbench run ... --retime-flagged` times them again)")
-    untimed = [r for r in rows if "untimed" in r.flag_set]
+    untimed = [r for r in rows if "untimed" in r.flags]
     if untimed:
         out.append(f"{len(untimed)} settings were not timed on this CPU (marked `untimed`; {len(timed)} were): no "
                    "speed is shown for them, none taken from another CPU, and the speed plot leaves them out; "
                    "`tokenbench run ... --all-timings` times them")
-    unpaired = [r for r in rows if "unpaired" in r.flag_set]
+    unpaired = [r for r in rows if "unpaired" in r.flags]
     if unpaired:
         out.append(f"{len(unpaired)} of {len(timed)} runs' img/s over the dense model's disagree with their paired "
                    "speedup (marked `unpaired`): the img/s were timed apart while the machine's speed drifted; "
@@ -188,34 +188,32 @@ def params_match(have: dict, want: dict) -> bool:
 
 
 def _matches(row: Row, method: str, params: dict, by_label: bool = False) -> bool:
-    if (row.get("label") if by_label else row["method"]) != method:
+    if (row.label if by_label else row.method) != method:
         return False
-    return params_match(row["_params"], params)
+    return params_match(row.params, params)
 
 
 def select_rows(rows: list[Row], text: str) -> list[Row]:
     """The rows ``text`` picks: one setting (its seeds, if the method is seeded)."""
     method, params = parse_selector(text)
     # a sweep entry's label (e.g. [methods.topk-finetuned]) names it; otherwise the method does
-    by_label = any(r.get("label") == method and r["method"] != method for r in rows)
+    by_label = any(r.label == method and r.method != method for r in rows)
     got = [r for r in rows if _matches(r, method, params, by_label)]
     if not got:
-        same = sorted({params_text(r) for r in rows if r["method"] == method})
-        known = sorted({r["method"] for r in rows})
+        same = sorted({params_text(r) for r in rows if r.method == method})
+        known = sorted({r.method for r in rows})
         hint = (f"; its settings here: {'; '.join(same)}" if same else f"; methods here: {', '.join(known)}")
         raise UserError(f"no accuracy record matches {text!r}{hint}")
 
     def settings_of(rs):
-        return {json.dumps([r.get("label"), r.get("checkpoint"),
-                            {k: v for k, v in r["_params"].items() if k != r["_seed_param"]}], sort_keys=True)
-                for r in rs}
+        return {json.dumps([r.label, r.checkpoint, r.setting_params], sort_keys=True) for r in rs}
 
     settings = settings_of(got)
-    own = [r for r in got if r.get("label") == method]
+    own = [r for r in got if r.label == method]
     if len(settings) > 1 and own and len(settings_of(own)) == 1:
         return own  # `topk` is the [methods.topk] entry, not also [methods.topk-finetuned]
     if len(settings) > 1:
-        shown = sorted({f"{r.get('label') or r['method']}: {params_text(r)}" for r in got})
+        shown = sorted({f"{r.label or r.method}: {params_text(r)}" for r in got})
         raise UserError(f"{text!r} matches {len(settings)} settings ({'; '.join(shown)}); "
                         "add KEY=VALUE, or name the sweep entry's label, to pick one")
     return got

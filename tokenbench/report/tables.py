@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .render import (NONE, csv_table, fmt_value, interval_text, markdown_table, num, p_value_text, sig, speedup_text,
-                     tex_escape)
+from .render import (NONE, csv_table, fmt_value, interval_text, markdown_table, num, p_value_text, params_json, sig,
+                     speedup_text, tex_escape)
 from .stats import UNPAIRED_TOLERANCE, params_text
-from .rows import Row, as_row, method_declaration
+from .rows import RECORD_KINDS, Row, method_declaration
 from ..sweep import DEFAULT_TOLERANCE
 
 FLAG_HELP = {
@@ -39,12 +39,12 @@ TIMING_FLAGS = ("noisy", "busy", "unreliable")
 
 
 def timing_flagged(r: Row) -> bool:
-    return bool(set(TIMING_FLAGS) & set(r.flag_set or ()))
+    return bool(set(TIMING_FLAGS) & r.flags)
 
 
 def display_rows(res: dict) -> list[Row]:
-    """The display rows as Rows (a caller may hand rows written as dicts)."""
-    return [as_row(r) for r in res["display"]]
+    """The rows a table shows (a seeded setting's mean, not its seeds)."""
+    return res["display"]
 
 
 def models_of(rows: list[Row]) -> list[str]:
@@ -70,8 +70,11 @@ def flops_cell(r: Row) -> str:
     return NONE
 
 
+def flags_text(r: Row) -> str:
+    return ",".join(sorted(r.flags))
+
+
 def display_cells(r: Row, tex: bool = False) -> dict[str, str]:
-    r = as_row(r)
     pm = r"$\pm$" if tex else "±"
     top5 = num(r.top5, ".2f")
     if r.row_type == "mean" and r.top5_std is not None:
@@ -101,7 +104,7 @@ def display_cells(r: Row, tex: bool = False) -> dict[str, str]:
         "Device": dev,
         "Learned": r.learned or NONE,
         "McNemar p (b/c)": mc,
-        "Flags": r.flags or "",
+        "Flags": flags_text(r),
     }
 
 
@@ -157,7 +160,7 @@ def _legend(res: dict) -> list[str]:
         "McNemar: the largest per-seed p; per-seed rows in results.csv).",
         "",
     ]
-    used = sorted({f for r in disp for f in r.flag_set})
+    used = sorted({f for r in disp for f in r.flags})
     if used:
         lines.append("Flags: " + "; ".join(f"**{f}**: " + FLAG_HELP.get(f, f).replace(
             "1 point of", f"{100 * tol:g} point{'' if tol == 0.01 else 's'} of") for f in used) + ".")
@@ -298,11 +301,21 @@ def csv_text(res: dict) -> str:
         all_rows.append(r)
     unique = [r for r in all_rows if not (id(r) in seen or seen.add(id(r)))]
 
-    def cell(r: Row, k: str):
-        v = r.get(k)
-        return " | ".join(v or []) if k == "warnings" else v
+    return csv_table(CSV_COLUMNS, unique, csv_value)
 
-    return csv_table(CSV_COLUMNS, unique, cell)
+
+def csv_value(r: Row, column: str):
+    """A CSV column's value: a field, the parameters as JSON, a record kind's key, the flags and
+    warnings joined."""
+    if column == "params":
+        return params_json(r.params)
+    if column.endswith("_key") and column[:-4] in RECORD_KINDS:
+        return r.keys.get(column[:-4])
+    if column == "flags":
+        return flags_text(r)
+    if column == "warnings":
+        return " | ".join(r.warnings)
+    return getattr(r, column)
 
 
 # --------------------------------------------------------------------------- the terminal
@@ -331,7 +344,7 @@ def summary_table(res: dict):
             top1 += f" [{r.top1_lo:.1f}–{r.top1_hi:.1f}]"  # no space inside: it wraps before the interval
         rows.append(([r.model] if multi else []) +
                     [c["Method"], setting or NONE, c["FLOPs"], c["Speedup [q1, q3]"].split(" [")[0], top1,
-                     ", ".join(sorted(r.flag_set or ())) if r.flag_set else c["Flags"].replace(",", ", ")])
+                     ", ".join(sorted(r.flags))])
     cols = (["Model"] if multi else []) + list(SUMMARY_COLUMNS)
     # columns nothing was measured for (a FLOPs-only sweep's speedup and top-1) are left out
     shown = [j for j, c in enumerate(cols)
