@@ -260,11 +260,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from .. import sweep as sw_mod
-        from ..report.write import ensure_report_writable, write_report
-        from ..report.tables import summary_table
-        from ..store import Store
-
         from ..launch import job_options
+        from ..report.write import ensure_report_writable, write_report
+        from ..store import Store
 
         job_opts = job_options(launcher, cluster, partition, gpus_per_job, timeout, runs_per_job, account=account,
                                qos=qos, mem=mem, cpus_per_task=cpus_per_task, constraint=constraint)
@@ -283,83 +281,22 @@ def register(app: typer.Typer) -> None:
                      "seed": data_seed, "batch_size": eval_batch_size},
             "throughput": {"batch_size": batch_size, "threads": threads, "min_run_time": min_run_time},
         }
-        if model:
-            overrides["models"] = list(model)
-        if not any(v is not None for v in overrides["data"].values()):
-            overrides.pop("data")
-        elif data is None and method:
-            raise UserError("data options need --data (fashion-mnist, imagenet, folder or synthetic)")
-        if method:
-            raw = sw_mod.sweep_from_flags(list(model or []), list(method), list(set_ or []), name)
-            sw_mod.merge_overrides(raw, overrides)
-            spec = sw_mod.parse_sweep(raw, "command line")
-        else:
-            spec = sw_mod.load_sweep(sweep or "default", overrides)
+        spec = _sweep_spec(sw_mod, sweep, model, method, set_, name, overrides, data)
         spec = _timing_choice(spec, all_timings, reference_timings)
         err = Console(stderr=True)
         quiet = json_ or not sys.stderr.isatty()
         undo = _PlanUndo(spec.out_dir()) if job_opts is not None else None
-        if quiet:
-            out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
-        else:
-            with _search_progress(err) as prog:
-                task = prog.add_task("checking models, methods, data", total=None, counts=0)
-
-                def on_search(done, total, what, counts):
-                    prog.update(task, completed=done, total=total or None, counts=counts,
-                                description=what or "writing the plan")
-
-                out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, on_search=on_search)
-        # a missed FLOPs target the search can explain (a declared schedule the forward does not keep)
-        for why in dict.fromkeys(f"{r.label}: {r.search['warning']}" for r in runs
-                                 if r.search and r.search.get("miss") and r.search.get("warning")):
-            typer.echo(f"warning: {why}", err=True)
-        _note_tie_seeds(runs)
+        out_dir, runs, keys, searcher = _prepare(sw_mod, spec, force, None if quiet else err)
         if dry_run:
-            plan = [{"name": r.name, "model": r.model, "method": r.method, "params": r.params,
-                     "checkpoint": r.checkpoint, "targets": r.targets, "search": r.search,
-                     "measure": sw_mod.kinds_for(r, spec)} for r in runs]
-            if json_:
-                typer.echo(json.dumps({"out": str(out_dir), "runs": plan}, default=str))
-                return
-            from rich.table import Table
-
-            t = Table(title=f"{spec.name}: {len(runs)} runs -> {out_dir}")
-            for c in ("run", "checkpoint", "FLOPs target -> achieved", "measure"):
-                t.add_column(c, overflow="fold")
-            for r in runs:
-                s = r.search
-                hit = "" if not s else f"{s['target']:g} -> {s['ratio']:.3f}" + (" MISS" if s["miss"] else "")
-                t.add_row(r.name, r.checkpoint or "", hit, ",".join(sw_mod.kinds_for(r, spec)))
-            Console(width=None if sys.stdout.isatty() else 160).print(t)
-            return
-
+            return _print_dry_run(sw_mod, spec, runs, out_dir, json_)
         ensure_report_writable(out_dir, plots)
         store = Store(out_dir)
         retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
         if not json_:
             for line in _start_lines(spec, runs, keys, store, force):
                 typer.echo(line, err=True)
-        outcome = None
-        if job_opts is not None:
-            from ..launch import submit_sweep
-
-            from ..launch import SubmissionRefused
-
-            try:
-                outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force,
-                                       console=None if quiet else err)
-            except SubmissionRefused:
-                undo()  # nothing was submitted: the plan goes back to what it was
-                raise
-            steps = outcome.steps
-        else:  # a bar on a terminal's stderr; a line per measurement where stdout is a log
-            lines = not json_ and not sys.stdout.isatty()
-            if quiet and not lines:
-                steps = sw_mod.execute(spec, runs, store, force=force, retime=retime)
-            else:
-                steps = _execute_with_progress(sw_mod, spec, runs, keys, store, force, None if quiet else err,
-                                               retime, lines=lines)
+        steps, outcome = _measure(sw_mod, spec, runs, keys, out_dir, store, job_opts, undo, force, retime,
+                                  None if quiet else err, lines=not json_ and not sys.stdout.isatty())
         from ..distributed import is_main
 
         if not is_main():  # under torchrun, rank 0 writes the tables
@@ -369,25 +306,7 @@ def register(app: typer.Typer) -> None:
         except UserError:
             _exit_if_jobs_failed(outcome)  # every job failed: name them and their logs, not "no records"
             raise
-        measured = sum(1 for s in steps if not s.reused)
-        reused = len(steps) - measured
-        if json_:
-            typer.echo(json.dumps({"out": str(out_dir), "runs": len(runs), "measured": measured, "reused": reused,
-                                   "flops_counts": searcher.counts, "files": [str(f) for f in res["files"]],
-                                   "notes": res["notes"],
-                                   "rows": [_public_row(r) for r in res["display"]]}, default=str))
-            _exit_if_jobs_failed(outcome)
-            return
-        Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
-        for n in res["notes"]:
-            typer.echo(f"warning: {n}", err=True)
-        typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
-                   f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else "") +
-                   (f", the interactive page {out_dir / 'report.html'}" if (out_dir / "report.html").exists() else ""))
-        untimed = sum(1 for r in runs if r.untimed)
-        if untimed:
-            typer.echo(f"{untimed} setting(s) not timed on this CPU (flag `untimed`, no speed shown): --all-timings "
-                       "times them too")
+        _print_outcome(res, runs, steps, out_dir, searcher, plots, json_)
         _exit_if_jobs_failed(outcome)
 
     @app.command("compare")
@@ -460,3 +379,105 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"the full table is {directory / 'results.md'}" +
                    (f", plots in {directory / 'plots'}/" if plots else "") +
                    (f", the interactive page {directory / 'report.html'}" if html_ else ""))
+
+
+def _sweep_spec(sw_mod, sweep: Optional[str], model, method, set_, name, overrides: dict, data: Optional[str]):
+    """The sweep to run: a file (or packaged sweep) or the --method flags, with the command line's options."""
+    if model:
+        overrides["models"] = list(model)
+    if not any(v is not None for v in overrides["data"].values()):
+        overrides.pop("data")
+    elif data is None and method:
+        raise UserError("data options need --data (fashion-mnist, imagenet, folder or synthetic)")
+    if method:
+        raw = sw_mod.sweep_from_flags(list(model or []), list(method), list(set_ or []), name)
+        sw_mod.merge_overrides(raw, overrides)
+        return sw_mod.parse_sweep(raw, "command line")
+    return sw_mod.load_sweep(sweep or "default", overrides)
+
+
+def _prepare(sw_mod, spec, force: bool, console) -> tuple:
+    """The plan written and the runs expanded (the FLOPs search with a progress bar on a terminal);
+    the search's explained misses and the tie-breaking seeds said."""
+    if console is None:
+        out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
+    else:
+        with _search_progress(console) as prog:
+            task = prog.add_task("checking models, methods, data", total=None, counts=0)
+
+            def on_search(done, total, what, counts):
+                prog.update(task, completed=done, total=total or None, counts=counts,
+                            description=what or "writing the plan")
+
+            out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, on_search=on_search)
+    # a missed FLOPs target the search can explain (a declared schedule the forward does not keep)
+    for why in dict.fromkeys(f"{r.label}: {r.search['warning']}" for r in runs
+                             if r.search and r.search.get("miss") and r.search.get("warning")):
+        typer.echo(f"warning: {why}", err=True)
+    _note_tie_seeds(runs)
+    return out_dir, runs, keys, searcher
+
+
+def _print_dry_run(sw_mod, spec, runs, out_dir, json_: bool) -> None:
+    """The runs a sweep would make, their FLOPs targets and what each measures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if json_:
+        plan = [{"name": r.name, "model": r.model, "method": r.method, "params": r.params,
+                 "checkpoint": r.checkpoint, "targets": r.targets, "search": r.search,
+                 "measure": sw_mod.kinds_for(r, spec)} for r in runs]
+        typer.echo(json.dumps({"out": str(out_dir), "runs": plan}, default=str))
+        return
+    t = Table(title=f"{spec.name}: {len(runs)} runs -> {out_dir}")
+    for c in ("run", "checkpoint", "FLOPs target -> achieved", "measure"):
+        t.add_column(c, overflow="fold")
+    for r in runs:
+        s = r.search
+        hit = "" if not s else f"{s['target']:g} -> {s['ratio']:.3f}" + (" MISS" if s["miss"] else "")
+        t.add_row(r.name, r.checkpoint or "", hit, ",".join(sw_mod.kinds_for(r, spec)))
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+def _measure(sw_mod, spec, runs, keys, out_dir, store, job_opts, undo, force: bool, retime, console,
+             lines: bool) -> tuple:
+    """(the steps, the cluster outcome or None): the runs submitted as cluster jobs, or measured
+    here (a bar on a terminal's stderr; a line per measurement where stdout is a log)."""
+    if job_opts is not None:
+        from ..launch import SubmissionRefused, submit_sweep
+
+        try:
+            outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force, console=console)
+        except SubmissionRefused:
+            undo()  # nothing was submitted: the plan goes back to what it was
+            raise
+        return outcome.steps, outcome
+    if console is None and not lines:
+        return sw_mod.execute(spec, runs, store, force=force, retime=retime), None
+    return _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, retime, lines=lines), None
+
+
+def _print_outcome(res: dict, runs, steps, out_dir: Path, searcher, plots: bool, json_: bool) -> None:
+    """What was measured and reused, the summary table and where the files are (or one JSON object)."""
+    from rich.console import Console
+
+    from ..report.tables import summary_table
+
+    measured = sum(1 for s in steps if not s.reused)
+    reused = len(steps) - measured
+    if json_:
+        typer.echo(json.dumps({"out": str(out_dir), "runs": len(runs), "measured": measured, "reused": reused,
+                               "flops_counts": searcher.counts, "files": [str(f) for f in res["files"]],
+                               "notes": res["notes"],
+                               "rows": [_public_row(r) for r in res["display"]]}, default=str))
+        return
+    Console(width=None if sys.stdout.isatty() else 200).print(summary_table(res))
+    for n in res["notes"]:
+        typer.echo(f"warning: {n}", err=True)
+    typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
+               f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else "") +
+               (f", the interactive page {out_dir / 'report.html'}" if (out_dir / "report.html").exists() else ""))
+    untimed = sum(1 for r in runs if r.untimed)
+    if untimed:
+        typer.echo(f"{untimed} setting(s) not timed on this CPU (flag `untimed`, no speed shown): --all-timings "
+                   "times them too")
