@@ -115,6 +115,44 @@ def test_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# A family of modules is a package, never a set of flat modules sharing a prefix; a package's
+# __init__ holds its docstring only (each name is imported from the module that defines it).
+FAMILY_PACKAGES = {"cli": "cli_", "report": "report_", "figures": "figure_", "visual": "visual_"}
+DATA_FOLDERS = ("recipes",)
+
+
+def flat_family_modules(package_dir: Path = PACKAGE_DIR) -> list[str]:
+    return sorted(p.name for p in package_dir.glob("*.py")
+                  if any(p.stem == family or p.stem.startswith(prefix) for family, prefix in FAMILY_PACKAGES.items()))
+
+
+def init_statements(path: Path) -> list[str]:
+    """What a package's __init__ does besides its docstring (and ``from __future__``)."""
+    tree = ast.parse(path.read_text())
+    body = tree.body[1:] if tree.body and isinstance(tree.body[0], ast.Expr) else tree.body
+    return [ast.unparse(n) for n in body if not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+
+
+def test_families_are_packages_and_their_inits_export_nothing():
+    assert flat_family_modules() == []
+    for family in FAMILY_PACKAGES:
+        init = PACKAGE_DIR / family / "__init__.py"
+        assert init.is_file(), family
+        assert init_statements(init) == [], family
+
+
+def test_data_folders_hold_no_code_and_shadow_no_module():
+    modules = module_files()
+    for folder in DATA_FOLDERS:
+        assert not list((PACKAGE_DIR / folder).rglob("*.py")), folder
+        assert f"tokenbench.{folder}" not in modules
+    assert (PACKAGE_DIR / "recipes" / "sweeps" / "default.toml").is_file()
+    assert (PACKAGE_DIR / "recipes" / "figures" / "published.csv").is_file()
+    # every folder under tokenbench/ is a package or a data folder (a name used twice would mislead)
+    folders = {p.name for p in PACKAGE_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert all((PACKAGE_DIR / f / "__init__.py").is_file() or f in DATA_FOLDERS for f in folders), folders
+
+
 # --------------------------------------------------------------------------- the helpers' own tests
 
 def test_find_cycle_finds_a_cycle_and_only_a_cycle():
@@ -138,6 +176,18 @@ def test_import_graph_sees_function_level_and_subpackage_imports(tmp_path):
     assert graph == {"pkg": set(), "pkg.sub": {"pkg.sub.deep"}, "pkg.sub.deep": {"pkg.top"},
                      "pkg.top": {"pkg.sub", "pkg.other"}, "pkg.other": {"pkg.top"}}
     assert find_cycle(graph) == ["pkg.other", "pkg.top", "pkg.other"]
+
+
+def test_the_family_checks_can_fail(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "report_extra.py").write_text("")
+    (pkg / "cli.py").write_text("")
+    (pkg / "reporting.py").write_text("")
+    assert flat_family_modules(pkg) == ["cli.py", "report_extra.py"]
+    init = pkg / "__init__.py"
+    init.write_text('"""doc"""\nfrom __future__ import annotations\nfrom .report_extra import x  # noqa\n')
+    assert init_statements(init) == ["from .report_extra import x"]
 
 
 @pytest.mark.parametrize("module", ["tokenbench.models", "tokenbench.train"])

@@ -121,3 +121,10 @@ def test_the_checks_can_fail(tmp_path):
     assert sorted(model_attribute_reads(family)) == ["family.py:2 .downsample", "family.py:2 .layers", "family.py:2 .stages"]
     assert sorted(method_names_used(bad, {"tome"}, {"r", "keep_rate"})) == [
         "bad.py:3 'keep_rate'", "bad.py:3 'r'", "bad.py:3 'tome'"]
+
+
+def test_the_checks_read_every_family_package():
+    """The rules above cover the subpackages, not only the top-level modules."""
+    checked = {p.relative_to(PACKAGE).parts[0] for p in harness_modules()}
+    assert {"cli", "report", "figures", "visual", "sweep"} <= checked
+    assert "backbones" not in checked and "methods" not in checked
