@@ -40,7 +40,7 @@ def test_chance_iou_is_the_exact_mean_over_every_pair_of_subsets():
             ious = [len(set(x) & set(y)) / len(set(x) | set(y)) if (x or y) else 1.0
                     for x in sets_a for y in sets_b]
             assert metrics.chance_iou(n, a, b) == pytest.approx(sum(ious) / len(ious), abs=1e-12), (a, b)
-    # the example sizes: a third of 196 patches each gives about 0.2
+    # example sizes: a third of 196 patches each gives about 0.2
     assert 0.19 < metrics.chance_iou(196, 65, 65) < 0.21
 
 
