@@ -178,6 +178,18 @@ def test_import_graph_sees_function_level_and_subpackage_imports(tmp_path):
     assert find_cycle(graph) == ["pkg.other", "pkg.top", "pkg.other"]
 
 
+def test_every_package_and_data_folder_is_installed():
+    """pyproject lists each package and each recipes folder (a package left out is missing from a wheel)."""
+    import tomllib
+
+    cfg = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {".".join(p.relative_to(PACKAGE_DIR.parent).parts[:-1]) for p in PACKAGE_DIR.rglob("__init__.py")}
+    packages |= {f"tokenbench.{folder}.{p.name}" for folder in DATA_FOLDERS for p in (PACKAGE_DIR / folder).iterdir()
+                 if p.is_dir()}
+    assert packages - {"tokenbench.methods"} <= set(cfg["packages"]), packages - set(cfg["packages"])
+    assert "tokenbench.methods" in cfg["packages"]
+
+
 def test_the_family_checks_can_fail(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
