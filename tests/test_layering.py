@@ -126,5 +126,5 @@ def test_the_checks_can_fail(tmp_path):
 def test_the_checks_read_every_family_package():
     """The rules above cover the subpackages, not only the top-level modules."""
     checked = {p.relative_to(PACKAGE).parts[0] for p in harness_modules()}
-    assert {"cli", "report", "figures", "visual", "sweep"} <= checked
+    assert {"cli", "report", "figures", "visual", "analysis", "measure", "sweep"} <= checked
     assert "backbones" not in checked and "methods" not in checked
