@@ -119,18 +119,62 @@ def random_images(model, b: int, seed: int = 1, dtype=torch.float32):
 def write_sweep(path, model: str, methods: str, *, out=None, measure=("flops", "accuracy"), limit=16,
                 batch_size=None, top: str = "", tables: str = "", name: str = "t"):
     """A sweep file ``path`` measuring ``model`` on the CPU: ``measure`` on ``limit`` synthetic images
-    (None: no data), then the ``methods`` tables (TOML text); ``top`` adds top-level lines,
+    (None: no data; ``measure`` None: the sweep's default), then the ``methods`` tables (TOML text); ``top`` adds top-level lines,
     ``tables`` other tables.  Returns ``path``."""
     import json
     import textwrap
 
     lines = [f'name = "{name}"'] + ([f'out = "{out}"'] if out is not None else [])
-    lines += [f'models = ["{model}"]', f"measure = {json.dumps(list(measure))}", 'device = "cpu"']
+    lines += [f'models = ["{model}"]'] + ([f"measure = {json.dumps(list(measure))}"] if measure else [])
+    lines += ['device = "cpu"']
     lines += textwrap.dedent(top).strip().splitlines()
     if limit is not None:
         lines += ["[data]", 'name = "synthetic"', f"limit = {limit}"] + ([f"batch_size = {batch_size}"] if batch_size else [])
     path.write_text("\n".join(lines) + "\n" + textwrap.dedent(tables) + textwrap.dedent(methods))
     return path
+
+
+# timings short enough for a test (a busy machine's retries change no table value: only time)
+QUICK_THROUGHPUT = """
+[throughput]
+batch_size = 4
+threads = 1
+min_run_time = 0.02
+latency = false
+retries = 0
+rounds = 3
+"""
+
+
+def measured(sweep_file, out):
+    """The sweep in ``sweep_file`` measured into ``out``; returns its results folder."""
+    from tokenbench import sweep as S
+    from tokenbench.store import Store
+
+    sw = S.load_sweep(sweep_file, {"out": str(out)})
+    results, runs, _, _ = S.prepare(sw)
+    S.execute(sw, runs, Store(results))
+    return results
+
+
+def plotted_figures(res: dict, out, monkeypatch) -> dict:
+    """The report's figures for ``res``, kept open by name (nothing is written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokenbench.report.plot import plot
+
+    figs = {}
+
+    def keep(fig, base):
+        figs[base.name] = fig
+        return [base]
+
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    plot(res, out, save=keep)
+    return figs
 
 
 # A tiny embedded-model architecture (grayscale 28 px, like `default`, milliseconds per batch).

@@ -4,7 +4,8 @@ from paired timings (an unpaired run hollow and off the frontier)."""
 
 import pytest
 
-from tokenbench.report.plot import plot, plot_layers
+from conftest import plotted_figures
+from tokenbench.report.plot import plot_layers
 from tokenbench.report.rows import Row
 
 MIN_Y_TICKS = 4
@@ -35,20 +36,7 @@ def res(tmp_path):
 
 @pytest.fixture
 def figs(res, monkeypatch, tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = {}
-
-    def keep(fig, base):
-        out[base.name] = fig
-        return [base]
-
-    monkeypatch.setattr(plt, "close", lambda fig: None)
-    plot(res, tmp_path, save=keep)
-    return out
+    return plotted_figures(res, tmp_path, monkeypatch)
 
 
 def _overlap(a, b) -> bool:

@@ -17,32 +17,16 @@ from tokenbench.report.collect import collect
 from tokenbench.report.paired import paired
 from tokenbench.report.plot import pareto
 from tokenbench.report.write import write_report
-from tokenbench import sweep as S
 from tokenbench.store import Store
 
-from conftest import register_tiny_timm  # noqa: E402
+from conftest import QUICK_THROUGHPUT, measured, register_tiny_timm, write_sweep  # noqa: E402
 
 TINY = "tb_report_tiny_vit"
 
 
 register_tiny_timm(TINY)
 
-SWEEP = f"""
-name = "rep"
-models = ["{TINY}"]
-device = "cpu"
-seeds = [0, 1]
-[data]
-name = "synthetic"
-limit = 48
-batch_size = 48
-[throughput]
-batch_size = 4
-threads = 1
-min_run_time = 0.02
-latency = false
-retries = 0  # a busy machine's retries change no table value: only time
-rounds = 3
+METHODS = """
 [methods.topk]
 keep_rate = [0.5, 0.7]
 [methods.random]
@@ -58,12 +42,8 @@ flops_targets = [0.05]
 def swept(tmp_path_factory):
     """A small sweep measured once (dense, top-k x2, random x2 seeds, DynamicViT untrained, a ToMe FLOPs miss)."""
     d = tmp_path_factory.mktemp("rep")
-    p = d / "rep.toml"
-    p.write_text(SWEEP)
-    sw = S.load_sweep(p, {"out": str(d / "out")})
-    out, runs, keys, _ = S.prepare(sw)
-    S.execute(sw, runs, Store(out))
-    return out
+    return measured(write_sweep(d / "rep.toml", TINY, METHODS, name="rep", measure=None, top="seeds = [0, 1]",
+                                limit=48, batch_size=48, tables=QUICK_THROUGHPUT), d / "out")
 
 
 def _csv(out):

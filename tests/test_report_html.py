@@ -13,29 +13,14 @@ from tokenbench.report.collect import collect
 from tokenbench.report.stats import params_text
 from tokenbench.store import Store
 
-from conftest import register_tiny_timm  # noqa: E402
+from conftest import QUICK_THROUGHPUT, measured, register_tiny_timm, write_sweep  # noqa: E402
 
 pytest.importorskip("plotly")
 
 TINY = "tb_html_tiny_vit"
 register_tiny_timm(TINY)
 
-SWEEP = f"""
-name = "html"
-models = ["{TINY}"]
-device = "cpu"
-seeds = [0, 1]
-[data]
-name = "synthetic"
-limit = 32
-batch_size = 32
-[throughput]
-batch_size = 4
-threads = 1
-min_run_time = 0.02
-latency = false
-retries = 0
-rounds = 3
+METHODS = """
 [methods.topk]
 keep_rate = [0.5, 0.7]
 [methods.random]
@@ -49,12 +34,8 @@ r = 2
 def swept(tmp_path_factory):
     """Dense, top-k at two rates, random with two seeds (one setting), ToMe: 5 settings."""
     d = tmp_path_factory.mktemp("html")
-    p = d / "html.toml"
-    p.write_text(SWEEP)
-    sw = S.load_sweep(p, {"out": str(d / "out")})
-    out, runs, keys, _ = S.prepare(sw)
-    S.execute(sw, runs, Store(out))
-    return out
+    return measured(write_sweep(d / "html.toml", TINY, METHODS, name="html", measure=None, top="seeds = [0, 1]",
+                                limit=32, batch_size=32, tables=QUICK_THROUGHPUT), d / "out")
 
 
 def _scripts(page: str, attr: str) -> list:

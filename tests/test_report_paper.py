@@ -5,7 +5,8 @@ import pytest
 
 from tokenbench.report.write import TABLE_FILES
 from tokenbench.report.tables import latex, latex_paper
-from tokenbench.report.plot import plot, plot_layers
+from conftest import plotted_figures
+from tokenbench.report.plot import plot_layers
 from tokenbench.report.rows import Row
 
 
@@ -77,19 +78,7 @@ def test_controls_and_off_grid_runs_are_not_part_of_a_curve(res):
 
 
 def test_plots_explain_error_bars_show_the_frontier_and_hollow_flags(res, monkeypatch, tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = {}
-
-    def keep(fig, base):
-        figs[base.name] = fig
-        return [base]
-
-    monkeypatch.setattr(plt, "close", lambda fig: None)
-    plot(res, tmp_path, save=keep)
+    figs = plotted_figures(res, tmp_path, monkeypatch)
     for name, fig in figs.items():
         ax = fig.axes[0]
         leg = fig.legends[0]  # below the axes, in columns
