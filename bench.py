@@ -43,16 +43,22 @@ from pathlib import Path
 # THE SETTINGS TIMED (data, not logic): (method, parameters) per model; the dense model ("none")
 # first, since every other setting is timed against it.  The embedded model has 49 patch tokens,
 # so ToMe merges fewer per block there, to span the same range of FLOPs.
-SETTINGS = [
-    ("none", {}),
-    ("tome", {"r": 8}),
-    ("tome", {"r": 13}),
+# timed on every ViT (after its dense model and ToMe at two merge counts)
+_PRUNING = [
     ("evit", {"keep_rate": 0.7}),
     ("evit", {"keep_rate": 0.5}),
     ("topk", {"keep_rate": 0.7}),
     ("random", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.7}),
     ("dynamicvit", {"keep_rate": 0.5}),
+]
+# the baselines: a lower input resolution, and the token grid average-pooled at one block
+_BASELINES = [
+    ("resize", {"scale": 0.7}),
+    ("resize", {"scale": 0.5}),
+    ("pool", {"half_block": 8}),
+]
+SETTINGS = [("none", {}), ("tome", {"r": 8}), ("tome", {"r": 13})] + _PRUNING + [
     # the field's other methods at their official DeiT-S defaults (see `tokenbench list`)
     ("ats", {}),
     ("ppt", {}),
@@ -64,27 +70,8 @@ SETTINGS = [
     ("dct", {}),
     ("kmedoids", {}),
     ("dpcknn", {}),
-    # the baselines: a lower input resolution, and the token grid average-pooled at one block
-    ("resize", {"scale": 0.7}),
-    ("resize", {"scale": 0.5}),
-    ("pool", {"half_block": 8}),
-]
-SETTINGS_EMBEDDED = [
-    ("none", {}),
-    ("tome", {"r": 2}),
-    ("tome", {"r": 3}),
-    ("evit", {"keep_rate": 0.7}),
-    ("evit", {"keep_rate": 0.5}),
-    ("topk", {"keep_rate": 0.7}),
-    ("random", {"keep_rate": 0.7}),
-    ("dynamicvit", {"keep_rate": 0.7}),
-    ("dynamicvit", {"keep_rate": 0.5}),
-    ("resize", {"scale": 0.7}),
-    ("resize", {"scale": 0.5}),
-    ("pool", {"half_block": 8}),
-]
-# Hierarchical models (ConvNeXt, Swin): DynamicViT's journal version and its random control, at
-# the two keep rates of the official model zoo.
+] + _BASELINES
+SETTINGS_EMBEDDED = [("none", {}), ("tome", {"r": 2}), ("tome", {"r": 3})] + _PRUNING + _BASELINES
 SETTINGS_HIERARCHICAL = [
     ("none", {}),
     ("dynamicvit", {"keep_rate": 0.7}),
@@ -105,7 +92,7 @@ OVERHEAD = "gather-scatter"   # its method column
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="deit_small_patch16_224,default")
     ap.add_argument("--batch-sizes", default="1,16", help="comma-separated; max: the largest power of two that fits")
@@ -134,33 +121,48 @@ def main(argv=None) -> int:
                     help="also time the official ToMe, EViT and DynamicViT cloned in DIR (as owner+repo) against ours")
     ap.add_argument("--redraw", default=None, metavar="DIR",
                     help="time nothing: write the tables again from DIR/bench.json into --out")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.redraw:
         return redraw(Path(args.redraw), Path(args.out))
-
-    import torch
-
-    from tokenbench.api import load
-    from tokenbench.errors import UserError
-    from tokenbench.measure.env import default_threads
-    from tokenbench.measure.flop_count import flops
-    from tokenbench.measure.memory import max_batch_size
-    from tokenbench.measure.overhead import overhead
-    from tokenbench.measure.timing import speedup, throughput
-    from tokenbench.report.render import params_json
-    from tokenbench.report.rows import Row, method_family
-
-    threads = args.threads or default_threads()
-    torch.set_num_threads(threads)
-    modes = timing_modes(args)
-    timing = dict(device=args.device, precision=args.precision, threads=threads)
-    rows: list[dict] = []
-    missed: list[dict] = []   # settings not timed, and why (the deadline, a refusal)
-    official = {"rows": [], "notes": [], "root": official_root(args.official)}
-    load0 = os.getloadavg()[0]
-    env: dict = {}            # the machine and the code, read once
-    costs: list[float] = [args.setting_cost] if args.setting_cost else []  # seconds per setting
+    bench = _Bench(args)
     for model_name in args.models.split(","):
+        bench.run_model(model_name)
+    env = bench.env or _env(args, bench.threads)
+    head = _heading(env, args, bench.modes, bench.threads, bench.load0)
+    print(head)
+    print(write_tables(Path(args.out), head, env, bench.rows, bench.official, bench.missed))
+    return 0
+
+
+class _Bench:
+    """One invocation: its settings, the rows timed so far, the settings missed and why."""
+
+    def __init__(self, args) -> None:
+        import torch
+
+        from tokenbench.measure.env import default_threads
+
+        self.args = args
+        self.threads = args.threads or default_threads()
+        torch.set_num_threads(self.threads)
+        self.modes = timing_modes(args)
+        self.timing = dict(device=args.device, precision=args.precision, threads=self.threads)
+        self.rows: list[dict] = []
+        self.missed: list[dict] = []   # settings not timed, and why (the deadline, a refusal)
+        self.official = {"rows": [], "notes": [], "root": official_root(args.official)}
+        self.load0 = os.getloadavg()[0]
+        self.env: dict = {}            # the machine and the code, read once
+        self.costs: list[float] = [args.setting_cost] if args.setting_cost else []  # seconds per setting
+
+    def jobs(self, model_name: str) -> list:
+        """(method, parameters, model builder) of each setting timed on ``model_name``, dense first."""
+        from tokenbench.api import load
+
+        args = self.args
         family = model_family(model_name)
         settings = settings_for(model_name, family)
         if args.methods:
@@ -169,18 +171,28 @@ def main(argv=None) -> int:
         if family in SETTINGS_BY_FAMILY and not args.no_overhead and (not args.methods or OVERHEAD in keep):
             jobs.append((OVERHEAD, {"of": OVERHEAD_OF[0], **OVERHEAD_OF[1], "slow": "all"},
                          lambda: all_positions_model(model_name, split_blocks(model_name, *OVERHEAD_OF))))
-        dense = {}
+        return jobs
+
+    def run_model(self, model_name: str) -> None:
+        """Every setting of ``model_name`` at every batch size, then the official code if asked."""
+        from tokenbench.measure.flop_count import flops
+        from tokenbench.measure.memory import max_batch_size
+        from tokenbench.measure.overhead import overhead
+        from tokenbench.report.render import params_json
+
+        args, jobs = self.args, self.jobs(model_name)
+        dense: dict = {}
         dense_net = None
         batches: list[int] = []
         for method, params, build in jobs:
-            late = past_deadline(args.deadline, costs)
+            late = past_deadline(args.deadline, self.costs)
             if late:
-                missed.append({"model": model_name, "method": method, "params": params_json(params, compact=True),
-                               "columns": "all", "reason": late})
+                self.missed.append({"model": model_name, "method": method, "params": params_json(params, compact=True),
+                                    "columns": "all", "reason": late})
                 print(f"skip {model_name}/{method}: {late}", file=sys.stderr)
                 if method == "none":  # nothing to pair the model's other settings with
-                    missed += [{"model": model_name, "method": m, "params": params_json(p, compact=True),
-                                "columns": "all", "reason": late} for m, p, _ in jobs if m != "none"]
+                    self.missed += [{"model": model_name, "method": m, "params": params_json(p, compact=True),
+                                     "columns": "all", "reason": late} for m, p, _ in jobs if m != "none"]
                     break
                 continue
             started = time.time()
@@ -200,63 +212,68 @@ def main(argv=None) -> int:
                 elif dense_net is None:
                     print(f"skip {model_name}/{method}: no dense model to pair with", file=sys.stderr)
                     continue
-                g0 = dense.get(b)
-                flops_x = g0 / f["gflops"] if g0 else float("nan")
-                family_col = "overhead" if method == OVERHEAD else method_family(method)
-                row = {"model": model_name, "method": method, "family": family_col,
-                       "params": params_json(params, compact=True),
-                       "batch": b, "precision": args.precision, "gflops": round(f["gflops"], 3),
-                       "flops_reduction": round(flops_x, 3), "aten_ops": ops["aten_ops"],
-                       "host_ms": ops["host_ms"] if ops["host_ms"] is None else round(ops["host_ms"], 2)}
-                for sfx, how in modes:
-                    try:
-                        if method == "none":
-                            r = throughput(net, batch_size=b, min_run_time=args.min_run_time,
-                                           latency=False, **how, **timing)
-                            speed_x, q1, q3 = 1.0, 1.0, 1.0
-                        else:
-                            r = speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time,
-                                        **how, **timing)
-                            speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
-                    except UserError as e:  # e.g. a per-image method cannot be captured as a CUDA graph
-                        missed.append({"model": model_name, "method": method, "params": row["params"],
-                                       "columns": f"batch {b} {sfx.strip('_') or 'eager'}", "reason": str(e)})
-                        print(f"skip {model_name}/{method} {sfx.strip('_') or 'eager'}: {e}", file=sys.stderr)
-                        continue
-                    timed = Row(model=model_name, label=method, method=method, params=params,
-                                family=family_col, gflops=f["gflops"],
-                                flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"], speedup=speed_x,
-                                speedup_q1=q1, speedup_q3=q3, batch_size=b, precision=args.precision)
-                    row.update(timing_columns(timed, flops_x, r["spread"], sfx))
-                    if how.get("compile"):
-                        row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
-                        row["graph_breaks"] = r.get("graph_breaks")  # 0: one graph; more: per-image counts
-                    if how.get("cuda_graphs"):
-                        row["capture_s"] = round(r.get("capture_s", float("nan")), 2)
-                    row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
-                    row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
-                    row["attention"] = r["env"].get("attention")
-                for k in ("busy", "other_cores", "attention"):  # after the timing columns
-                    row[k] = row.pop(k, None)
-                rows.append(row)
-                print(_fmt_row(rows[-1]), file=sys.stderr, flush=True)
+                self.rows.append(self.timed_row(model_name, method, params, net, dense_net, b, f["gflops"],
+                                                dense.get(b), ops))
+                print(_fmt_row(self.rows[-1]), file=sys.stderr, flush=True)
                 # the tables so far, after every row: a run stopped part-way keeps what it timed
-                env = env or _env(args, threads)
-                write_tables(Path(args.out), _heading(env, args, modes, threads, load0, partial=True), env, rows,
-                             official, missed)
-            costs.append(time.time() - started)
+                self.env = self.env or _env(args, self.threads)
+                write_tables(Path(args.out), _heading(self.env, args, self.modes, self.threads, self.load0,
+                                                      partial=True), self.env, self.rows, self.official, self.missed)
+            self.costs.append(time.time() - started)
             if method == "none":
                 dense_net = net
             else:
                 del net
-        if official["root"] is not None and dense_net is not None:
-            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, modes, timing, args,
-                          official)
-    env = env or _env(args, threads)
-    head = _heading(env, args, modes, threads, load0)
-    print(head)
-    print(write_tables(Path(args.out), head, env, rows, official, missed))
-    return 0
+        if self.official["root"] is not None and dense_net is not None:
+            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, self.modes, self.timing,
+                          args, self.official)
+
+    def timed_row(self, model_name: str, method: str, params: dict, net, dense_net, b: int, gflops: float,
+                  g0, ops: dict) -> dict:
+        """One setting's row at batch size ``b``: FLOPs, operator count, and each timing mode's columns
+        (the dense model's throughput, a method's speedup over it); a refused mode is listed as missed."""
+        from tokenbench.errors import UserError
+        from tokenbench.measure.timing import speedup, throughput
+        from tokenbench.report.render import params_json
+        from tokenbench.report.rows import Row, method_family
+
+        args = self.args
+        flops_x = g0 / gflops if g0 else float("nan")
+        family_col = "overhead" if method == OVERHEAD else method_family(method)
+        row = {"model": model_name, "method": method, "family": family_col,
+               "params": params_json(params, compact=True),
+               "batch": b, "precision": args.precision, "gflops": round(gflops, 3),
+               "flops_reduction": round(flops_x, 3), "aten_ops": ops["aten_ops"],
+               "host_ms": ops["host_ms"] if ops["host_ms"] is None else round(ops["host_ms"], 2)}
+        for sfx, how in self.modes:
+            try:
+                if method == "none":
+                    r = throughput(net, batch_size=b, min_run_time=args.min_run_time, latency=False, **how,
+                                   **self.timing)
+                    speed_x, q1, q3 = 1.0, 1.0, 1.0
+                else:
+                    r = speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time, **how, **self.timing)
+                    speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
+            except UserError as e:  # e.g. a per-image method cannot be captured as a CUDA graph
+                self.missed.append({"model": model_name, "method": method, "params": row["params"],
+                                    "columns": f"batch {b} {sfx.strip('_') or 'eager'}", "reason": str(e)})
+                print(f"skip {model_name}/{method} {sfx.strip('_') or 'eager'}: {e}", file=sys.stderr)
+                continue
+            timed = Row(model=model_name, label=method, method=method, params=params, family=family_col,
+                        gflops=gflops, flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"],
+                        speedup=speed_x, speedup_q1=q1, speedup_q3=q3, batch_size=b, precision=args.precision)
+            row.update(timing_columns(timed, flops_x, r["spread"], sfx))
+            if how.get("compile"):
+                row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
+                row["graph_breaks"] = r.get("graph_breaks")  # 0: one graph; more: per-image counts
+            if how.get("cuda_graphs"):
+                row["capture_s"] = round(r.get("capture_s", float("nan")), 2)
+            row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
+            row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
+            row["attention"] = r["env"].get("attention")
+        for k in ("busy", "other_cores", "attention"):  # after the timing columns
+            row[k] = row.pop(k, None)
+        return row
 
 
 def official_root(value):
