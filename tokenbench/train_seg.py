@@ -32,10 +32,10 @@ SEG_RECIPE = TrainConfig(epochs=30, batch_size=64, lr=1e-3, min_lr=1e-5, weight_
 # family (:data:`~tokenbench.models_seg.ENCODER_INIT`), so a short fine-tune suffices: the new
 # decoder at ``lr``, the pretrained encoder at ``lr * backbone_lr_scale``, one thread.
 SEG_RECIPES = {
-    "default-seg": TrainConfig(epochs=1, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
+    "default-seg": TrainConfig(epochs=0.7, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
                                label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, eval_every=125,
                                ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0, backbone_lr_scale=0.2),
-    "default-convnext-seg": TrainConfig(epochs=1.5, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
+    "default-convnext-seg": TrainConfig(epochs=1.2, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
                                         warmup_steps=50, label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0,
                                         eval_every=125, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
                                         backbone_lr_scale=0.2),
@@ -181,7 +181,7 @@ def split_groups(net: nn.Module, weight_decay: float, encoder_scale: Optional[fl
 def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data: str = SCENES, data_dir=None,
               checkpoint: Optional[str] = None, arch: Optional[dict] = None, train_limit: Optional[int] = None,
               progress: bool = True, force: bool = False, head: Optional[str] = None, frozen: bool = True,
-              pretrained: bool = False, init_encoder: bool = False) -> dict:
+              pretrained: bool = False, init_encoder: bool = False, reschedule: bool = False) -> dict:
     """Train dense model ``model`` on ``data`` (its train split; mIoU on its val split) into ``out_dir``:
     ``model.pt`` (+ .sha256), ``config.json`` (with the architecture) and ``train_log.csv``, whose
     ``test_acc`` column holds the val mIoU.
@@ -235,4 +235,4 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
         source = FolderSegSource(train_ds, val_ds, vspec.classes, info, workers)
     groups = split_groups(net, cfg.weight_decay, cfg.backbone_lr_scale)
     return train_loop(net, source, cfg=cfg, out_dir=out_dir, loss_fn=pixel_cross_entropy, config_extra=extra,
-                      progress=progress, force=force, groups=groups)
+                      progress=progress, force=force, groups=groups, reschedule=reschedule)

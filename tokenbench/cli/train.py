@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
                   seed: int = typer.Option(0, "--seed"),
                   max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N more "
                   "steps (rerun the same command to go N further)."),
+                  reschedule: bool = typer.Option(False, "--reschedule", help="Resume a dense model's run with a "
+                                                  "different length (recorded in config.json)."),
                   device: str = typer.Option("cpu", "--device"),
                   pretrained: bool = typer.Option(False, "--pretrained"),
                   checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Initial student weights."),
@@ -66,7 +68,8 @@ def register(app: typer.Typer) -> None:
 
         if wants_dense(model, data, task):
             return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
-                               seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers)
+                               seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers,
+                               reschedule)
         if head is not None or train_backbone:
             raise UserError("--head and --finetune train a segmentation head; add --task segmentation and a dense "
                             "--data")
@@ -128,7 +131,7 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
                 out: Optional[Path], force: bool, as_json: bool, epochs: Optional[float], lr: Optional[float],
                 batch_size: Optional[int], seed: int, max_steps: Optional[int], device: str,
                 checkpoint: Optional[Path], head: Optional[str] = None, finetune: bool = False,
-                pretrained: bool = False, num_workers: Optional[int] = None) -> None:
+                pretrained: bool = False, num_workers: Optional[int] = None, reschedule: bool = False) -> None:
     """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably: an
     embedded dense model, or a timm backbone with a linear head (frozen unless ``finetune``)."""
     from ..measure.env import resolve_device
@@ -164,7 +167,7 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
                         data_dir=str(data_dir) if data_dir else None,
                         checkpoint=str(checkpoint) if checkpoint else None, progress=not as_json, force=force,
                         head=head, frozen=not finetune, pretrained=pretrained,
-                        init_encoder=checkpoint is None and model in SEG_RECIPES)
+                        init_encoder=checkpoint is None and model in SEG_RECIPES, reschedule=reschedule)
     miou = summary.pop("test_acc", None)
     summary["val_miou"] = miou
     print_train_summary(out, summary, as_json)
