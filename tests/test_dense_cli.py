@@ -90,6 +90,19 @@ def test_train_dense_model_a_few_steps_resumably(cli, tmp_path):
     assert code == 0 and json.loads(text)["weights"].startswith("sha256:"), err
 
 
+def test_a_dense_run_resumes_with_another_length_only_when_rescheduled(cli, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", "default-seg", "--data", "fashion-mnist-scenes", "--batch-size", "8", "--out", str(out), "--json")
+    code, _, err = cli(*args, "--epochs", "1", "--max-steps", "1")
+    assert code == 0, err
+    code, _, err = cli(*args, "--epochs", "2")
+    assert code == 2 and "--reschedule" in err
+    code, text, err = cli(*args, "--epochs", "2", "--reschedule")
+    assert code == 0 and json.loads(text)["step"] == 8, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rescheduled"] == [{"from_epochs": 1.0, "to_epochs": 2.0, "at_step": 1}]
+
+
 def test_pixel_cross_entropy_lowers_the_loss_of_a_tiny_dense_model(tmp_path):
     from tokenbench.train import TrainConfig
     from tokenbench.train_seg import train_seg
