@@ -61,6 +61,17 @@ def test_eval_refuses_bad_voc_masks_and_class_mismatch(cli, tmp_path):
     assert code == 2 and "the val split is empty" in err
 
 
+def test_a_damaged_dense_checkpoint_is_refused_with_the_command_that_retrains_it(cli, tmp_path, monkeypatch):
+    root = tmp_path / "weights"
+    (root / "embedded-default-seg").mkdir(parents=True)
+    (root / "embedded-default-seg" / "model.pt").write_bytes(b"not the weights")
+    (root / "embedded-default-seg" / "model.pt.sha256").write_text("0" * 64 + "  model.pt\n")
+    monkeypatch.setenv("TOKENBENCH_EMBEDDED_SEG_DIR", str(root))
+    code, _, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "2")
+    assert code == 2 and "is corrupt" in err and len(err.strip().splitlines()) == 1
+    assert "tokenbench train default-seg --data fashion-mnist-scenes --out" in err
+
+
 def test_a_method_keeping_every_token_runs_on_the_dense_task(cli):
     code, out, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4",
                          "--method", "tome", "--set", "r=0")
