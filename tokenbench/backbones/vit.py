@@ -178,7 +178,8 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
     st = begin_forward(s, i, x, tokens=x, cover=_input_cover(s) if i == 0 else None)
     plan = s.plan
     if plan.hooked(i) or _needs_masks(st):
-        return capture_grid(s, st, i, reducing_block(self, x, st, plan, i, attn_mask, is_causal))
+        out = reducing_block(self, x, st, plan, i, attn_mask, is_causal)
+        return out if st.grid is None else capture_grid(s, st, i, out)
     st.count(x)
     st.count(x, mlp=True)
     timm_forward = type(self).__mro__[1].forward
@@ -188,7 +189,7 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
         out = torch.utils.checkpoint.checkpoint(functools.partial(timm_forward, self), x, use_reentrant=False)
     else:
         out = timm_forward(self, x)
-    return capture_grid(s, st, i, out)
+    return out if st.grid is None else capture_grid(s, st, i, out)
 
 
 def _resized_grid(model: nn.Module) -> Optional[tuple[int, int]]:
