@@ -385,6 +385,18 @@ def deit_s_schedule(method: str, **params):
                                                           **params)
 
 
+def slow_fast(net, keep: int, fast):
+    """A toy plan on a hierarchical model: at every stage-3 block, the slow path on the ``keep``
+    positions of largest norm, ``fast`` on the rest."""
+    from tokenbench.backbones import backbone_of
+
+    bb = backbone_of(net)
+    plan = bb.prepare("toy")
+    for i in bb.sites("stage 3"):
+        plan.subset[i] = lambda block, t, st: (t.norm(dim=-1).topk(keep, dim=1).indices, fast)
+    return net
+
+
 def assert_traceable(model) -> None:
     """``torch.jit.trace`` on one batch gives the model's logits on another."""
     x, y = random_images(model, 2, seed=3), random_images(model, 2, seed=4)

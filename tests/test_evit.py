@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from conftest import (VIT_SMALL, VIT_TINY, assert_batch_independent, assert_counts_declared,
-                      assert_matches_reference, assert_traceable, peaked_vit, random_images, ref_attend,
-                      ref_embed, ref_head)
+                      assert_matches_reference, peaked_vit, random_images, ref_attend, ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -175,13 +174,6 @@ def test_source_map_without_fusion():
         assert torch.all(src.sum(2) == 1) and torch.all(src.sum(1) <= 1)  # dropped patches are gone
         assert int(src.sum(1)[0].sum()) == src.shape[1] < kept[-1]
         kept.append(src.shape[1])
-
-
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_traceable():
-    model = make_model("cls", TINY)
-    registry.apply(model, "evit", keep_rate=0.5)
-    assert_traceable(model)
 
 
 # ---- the pure functions

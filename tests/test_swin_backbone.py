@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from conftest import slow_fast
 from tokenbench import backbones
 from tokenbench.backbones import backbone_of
 from tokenbench.backbones.swin import is_official_layout, official_to_timm
@@ -68,14 +69,7 @@ def test_dense_forward_and_intermediates_equal_timm():
     assert not backbones.is_prepared(net)
 
 
-def _slow_fast(net, keep: int, fast):
-    """A toy plan: at every stage-3 block, the slow path on the ``keep`` positions of largest
-    norm, ``fast`` on the rest."""
-    bb = backbone_of(net)
-    plan = bb.prepare("toy")
-    for i in bb.sites("stage 3"):
-        plan.subset[i] = lambda block, t, st: (t.norm(dim=-1).topk(keep, dim=1).indices, fast)
-    return net
+_slow_fast = slow_fast
 
 
 def test_subset_of_every_position_is_the_dense_block():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from test_pitome import ref_forward
+from test_tome import tome_groups
 from conftest import (VIT_SMALL as SMALL, VIT_TINY as TINY, assert_batch_independent, assert_counts_declared,
                       assert_matches_reference, assert_unchanged_by, peaked_vit as make_model,
                       random_images as images)
@@ -17,26 +17,6 @@ from tokenbench.errors import UserError
 
 
 # --------------------------------------------------------------------------- the reference
-
-def tome_groups(keys, n, r, p):
-    """ToMe's matching on one image, token by token: (A tokens that stay, {B token: its group})."""
-    a_set, b_set = list(range(0, n, 2)), list(range(1, n, 2))
-    unit = [keys[i] / keys[i].norm() for i in range(n)]
-    best = {}
-    for a in a_set:
-        if a < p:
-            best[a] = (-math.inf, None)
-            continue
-        best[a] = max(((float(unit[a] @ unit[b]), b) for b in b_set if b >= p), key=lambda t: t[0])
-    by_score = sorted(a_set, key=lambda a: -best[a][0])
-    src, stay = by_score[:r], by_score[r:]
-    if p > 0:
-        stay = sorted(stay)
-    into = {b: [b] for b in b_set}
-    for a in src:
-        into[best[a][1]].append(a)
-    return [a for a in stay if a >= p], [into[b] for b in b_set if b >= p]
-
 
 def ref_tofu(rs, merge_from, size_weighted=False):
     def reduce(i, x, size, keys, members, p):

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import (VIT_SMALL, VIT_TINY, VIT_VARIANTS, assert_batch_independent, assert_counts_declared,
-                      assert_matches_reference, assert_traceable, assert_unchanged_by, peaked_vit,
-                      random_images, ref_attend, ref_embed, ref_head)
+                      assert_matches_reference, assert_unchanged_by, peaked_vit, random_images, ref_attend,
+                      ref_embed, ref_head)
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -24,16 +24,9 @@ images = random_images
 
 # --------------------------------------------------------------------------- the reference
 
-def ref_merge(x, size, keys, members, r, p):
-    """One ToMe merge on one image, token by token.
-
-    x [N, C], size [N], keys [N, D] (averaged over heads), members: list of sets of
-    original tokens.  Returns the new x, size, members.
-    """
-    n = x.shape[0]
-    r = min(r, (n - p) // 2)
-    if r <= 0:
-        return x, size, members
+def tome_groups(keys, n, r, p):
+    """ToMe's matching on one image, token by token: (A tokens that stay, B tokens with the A tokens
+    merged into each), prefix tokens left out."""
     a_set, b_set = list(range(0, n, 2)), list(range(1, n, 2))
     unit = [keys[i] / keys[i].norm() for i in range(n)]
     best = {}
@@ -44,15 +37,27 @@ def ref_merge(x, size, keys, members, r, p):
         cands = [(float(unit[a] @ unit[b]), b) for b in b_set if b >= p]  # nothing merges into prefix tokens
         best[a] = max(cands, key=lambda t: t[0])
     by_score = sorted(a_set, key=lambda a: -best[a][0])
-    src, unm = by_score[:r], by_score[r:]
+    src, stay = by_score[:r], by_score[r:]
     if p > 0:
-        unm = sorted(unm)
+        stay = sorted(stay)
     into = {b: [b] for b in b_set}
     for a in src:
         into[best[a][1]].append(a)
-    groups = [[i] for i in range(p)]  # prefix tokens first, in their order
-    groups += [[a] for a in unm if a >= p]
-    groups += [into[b] for b in b_set if b >= p]
+    return [a for a in stay if a >= p], [into[b] for b in b_set if b >= p]
+
+
+def ref_merge(x, size, keys, members, r, p):
+    """One ToMe merge on one image, token by token.
+
+    x [N, C], size [N], keys [N, D] (averaged over heads), members: list of sets of
+    original tokens.  Returns the new x, size, members.
+    """
+    n = x.shape[0]
+    r = min(r, (n - p) // 2)
+    if r <= 0:
+        return x, size, members
+    stay, merged = tome_groups(keys, n, r, p)
+    groups = [[i] for i in range(p)] + [[a] for a in stay] + merged  # prefix tokens first, in their order
     new_x = torch.stack([sum(x[i] * size[i] for i in g) / sum(size[i] for i in g) for g in groups])
     new_size = torch.stack([sum(size[i] for i in g) for g in groups])
     new_members = [set().union(*(members[i] for i in g)) for g in groups]
@@ -168,13 +173,6 @@ def test_source_map_partitions_patches(variant):
         assert torch.all(src.sum(2) >= 1)  # every token stands for something
         assert torch.equal(src[:, :p, :p], torch.eye(p).expand(3, p, p))  # prefix tokens untouched, in front
     torch.testing.assert_close(st_.source.sum(2, keepdim=True), st_.size)
-
-
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_traceable():
-    model = make_model("cls", TINY)
-    registry.apply(model, "tome", r=3)
-    assert_traceable(model)
 
 
 # ---- the pure functions
