@@ -157,6 +157,15 @@ def measured(sweep_file, out):
     return results
 
 
+# what a report test sweeps: a frontier of two top-k rates and a seeded method averaged over seeds
+REPORT_METHODS = """
+[methods.topk]
+keep_rate = [0.5, 0.7]
+[methods.random]
+keep_rate = 0.6
+"""
+
+
 def plotted_figures(res: dict, out, monkeypatch) -> dict:
     """The report's figures for ``res``, kept open by name (nothing is written)."""
     import matplotlib
@@ -383,6 +392,16 @@ def deit_s_schedule(method: str, **params):
 
     return registry.get_method(method)().expected_tokens(timm.create_model("deit_small_patch16_224", num_classes=10),
                                                           **params)
+
+
+def assert_same_as_timm(ref, net, x) -> None:
+    """``net`` (a copy of ``ref`` with the dense method applied) gives timm's logits exactly, and
+    intermediates of timm's shapes."""
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
+        got = net.forward_intermediates(x, intermediates_only=True)
+        want = ref.forward_intermediates(x, intermediates_only=True)
+    assert [t.shape for t in got] == [t.shape for t in want]
 
 
 def slow_fast(net, keep: int, fast):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import slow_fast
+from conftest import assert_same_as_timm, slow_fast
 from tokenbench import backbones
 from tokenbench.backbones import backbone_of
 from tokenbench.errors import UserError
@@ -34,12 +34,7 @@ def test_geometry_and_sites():
 
 def test_dense_forward_and_intermediates_equal_timm():
     ref, net = tiny_convnext(), apply(tiny_convnext(), "none")
-    x = _x()
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
-        got = net.forward_intermediates(x, intermediates_only=True)
-        want = ref.forward_intermediates(x, intermediates_only=True)
-    assert [t.shape for t in got] == [t.shape for t in want]
+    assert_same_as_timm(ref, net, _x())
     backbones.restore(net)
     assert type(net.stages[2].blocks[0]) is type(ref.stages[2].blocks[0])
 

@@ -19,18 +19,10 @@ from tokenbench.report.plot import pareto
 from tokenbench.report.write import write_report
 from tokenbench.store import Store
 
-from conftest import QUICK_THROUGHPUT, measured, register_tiny_timm, write_sweep  # noqa: E402
+from conftest import QUICK_THROUGHPUT, REPORT_METHODS, measured, register_tiny_timm, write_sweep  # noqa: E402
 
-TINY = "tb_report_tiny_vit"
-
-
-register_tiny_timm(TINY)
-
-METHODS = """
-[methods.topk]
-keep_rate = [0.5, 0.7]
-[methods.random]
-keep_rate = 0.6
+TINY = register_tiny_timm("tb_report_tiny_vit")
+METHODS = REPORT_METHODS + """
 [methods.dynamicvit]
 keep_rate = 0.7
 [methods.tome]

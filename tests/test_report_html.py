@@ -13,18 +13,12 @@ from tokenbench.report.collect import collect
 from tokenbench.report.stats import params_text
 from tokenbench.store import Store
 
-from conftest import QUICK_THROUGHPUT, measured, register_tiny_timm, write_sweep  # noqa: E402
+from conftest import QUICK_THROUGHPUT, REPORT_METHODS, measured, register_tiny_timm, write_sweep  # noqa: E402
 
 pytest.importorskip("plotly")
 
-TINY = "tb_html_tiny_vit"
-register_tiny_timm(TINY)
-
-METHODS = """
-[methods.topk]
-keep_rate = [0.5, 0.7]
-[methods.random]
-keep_rate = 0.6
+TINY = register_tiny_timm("tb_html_tiny_vit")
+METHODS = REPORT_METHODS + """
 [methods.tome]
 r = 2
 """

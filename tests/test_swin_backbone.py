@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import slow_fast
+from conftest import assert_same_as_timm, slow_fast
 from tokenbench import backbones
 from tokenbench.backbones import backbone_of
 from tokenbench.backbones.swin import is_official_layout, official_to_timm
@@ -57,12 +57,7 @@ def test_swin_tiny_geometry_at_224():
 
 def test_dense_forward_and_intermediates_equal_timm():
     ref, net = tiny_swin(), apply(tiny_swin(), "none")
-    x = _x()
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
-        got = net.forward_intermediates(x, intermediates_only=True)
-        want = ref.forward_intermediates(x, intermediates_only=True)
-    assert [t.shape for t in got] == [t.shape for t in want]
+    assert_same_as_timm(ref, net, _x())
     assert backbones.last_state(net).tokens_mlp == [256, 64, 16, 16, 4]
     backbones.restore(net)
     assert all(type(a) is type(b) for a, b in zip(net.modules(), ref.modules()))
