@@ -75,7 +75,7 @@ def test_another_cpu_times_the_chosen_settings_and_marks_the_rest_untimed(tmp_pa
     assert code == 0, err
     assert sorted(fake_timings) == ["speedup", "throughput", "throughput"]  # dense and topk only
     assert "timing on this CPU (Another CPU 9000): 2 throughputs and 1 paired speedup of 2 setting(s)" in err
-    assert "about" in err and "the reference's timings on" in err      # an estimate, from measured durations
+    assert "about" in err and "the reference's durations on" in err      # an estimate, from measured durations
     assert "not timed here: 1 other setting(s)" in err and "--all-timings" in err
     assert "FLOPs and accuracy: 3 record(s) reused" in err
     assert "1 setting(s) not timed on this CPU" in out

@@ -37,16 +37,16 @@ def _time_of(rec: dict) -> Optional[float]:
         return None
 
 
-def durations(records: list[dict]) -> dict[str, list[float]]:
-    """Seconds each timing record took, per kind: its ``wall_s``, else the time since the record
-    written before it (when under :data:`GAP_LIMIT_S`)."""
+def durations(records: list[dict], kinds: tuple = TIMED) -> dict[str, list[float]]:
+    """Seconds each record of ``kinds`` took, per kind: its ``wall_s``, else the time since the
+    record written before it (when under :data:`GAP_LIMIT_S`)."""
     timed = sorted(((t, r) for r in records if (t := _time_of(r)) is not None), key=lambda x: x[0])
     out: dict[str, list[float]] = {}
     prev = None
     for t, r in timed:
         kind = r.get("kind")
         w = (r.get("metrics") or {}).get("wall_s")
-        if kind in TIMED:
+        if kind in kinds:
             if isinstance(w, (int, float)):
                 out.setdefault(kind, []).append(float(w))
             elif prev is not None and 0 < t - prev <= GAP_LIMIT_S:
@@ -96,10 +96,11 @@ class Estimate:
     def __init__(self, per_kind: dict[str, float], source: str):
         self.per_kind, self.source = per_kind, source
 
+    def covers(self, counts: dict[str, int]) -> bool:
+        return all(k in self.per_kind for k, n in counts.items() if n)
+
     def seconds(self, counts: dict[str, int]) -> float:
-        every = list(self.per_kind.values())
-        mean = sum(every) / len(every)
-        return sum(n * self.per_kind.get(k, mean) for k, n in counts.items())
+        return sum(n * self.per_kind[k] for k, n in counts.items() if n)
 
 
 def min_forwards(kind: str, rounds: int) -> int:
@@ -111,30 +112,35 @@ def min_forwards(kind: str, rounds: int) -> int:
 
 
 def estimate(sw, store, reference, dense_net=None) -> Optional[Estimate]:
-    """Seconds per timing here: this CPU's own timings in ``store`` first; else the reference's,
-    each longer by its :func:`min_forwards` times what a dense forward takes here beyond the
-    reference's (a timing is bound by ``min_run_time`` on a fast CPU, by its forwards on a slow
-    one); None with neither."""
+    """Seconds per measurement kind here.  From the reference's durations, with a dense forward
+    timed here (``dense_net``): a timing longer by its :func:`min_forwards` times what that forward
+    takes beyond the reference's (a timing is bound by ``min_run_time`` on a fast CPU, by its
+    forwards on a slow one); a FLOPs count or an evaluation as long as there (a loaded machine's
+    two-thread forward says little of a one-thread trace or of an evaluation).  Timings already
+    made on this CPU (``store``) come first.  None with neither."""
     from ..measure import env
 
+    per_kind: dict[str, float] = {}
+    source = ""
+    if reference is not None and dense_net is not None and sw.device != "cuda":
+        recs = reference.records()
+        ref = durations(recs, kinds=("flops", "accuracy", *TIMED))
+        rate = _dense_rate(recs, sw.models[0], sw.batch_size)  # dense_net is the first model's dense run
+        if ref and rate:
+            here, there = dense_forward_s(dense_net, sw.batch_size, sw.threads, sw.img_size), sw.batch_size / rate
+            for k, v in ref.items():
+                med = statistics.median(v)
+                per_kind[k] = med + min_forwards(k, sw.rounds) * max(0.0, here - there) if k in TIMED else med
+            names = sorted({(r.get("key_fields") or {}).get("device_name") for r in recs
+                            if r.get("kind") in TIMED} - {None})
+            source = (f"the reference's durations on {', '.join(names) or 'its CPU'} and a dense forward timed here: "
+                      f"{1000 * here:.0f} ms against its {1000 * there:.0f} ms")
     cpu = env.cpu_model()
-    mine = [r for r in store.records() if (r.get("key_fields") or {}).get("device_name") == cpu]
-    own = durations(mine)
+    own = durations([r for r in store.records() if (r.get("key_fields") or {}).get("device_name") == cpu])
     if own:
-        return Estimate({k: statistics.median(v) for k, v in own.items()}, f"the timings made here on {cpu}")
-    if reference is None:
-        return None
-    recs = reference.records()
-    ref = durations(recs)
-    rate = _dense_rate(recs, sw.models[0], sw.batch_size)  # dense_net is the first model's dense run
-    if not ref or not rate or dense_net is None or sw.device == "cuda":
-        return None
-    here, there = dense_forward_s(dense_net, sw.batch_size, sw.threads, sw.img_size), sw.batch_size / rate
-    slower = max(0.0, here - there)
-    names = sorted({(r.get("key_fields") or {}).get("device_name") for r in recs if r.get("kind") in TIMED} - {None})
-    return Estimate({k: statistics.median(v) + min_forwards(k, sw.rounds) * slower for k, v in ref.items()},
-                    f"the reference's timings on {', '.join(names) or 'its CPU'} and a dense forward timed here: "
-                    f"{1000 * here:.0f} ms against its {1000 * there:.0f} ms")
+        per_kind.update({k: statistics.median(v) for k, v in own.items()})
+        source = f"the timings made here on {cpu}" + (f"; the rest from {source}" if source else "")
+    return Estimate(per_kind, source) if per_kind else None
 
 
 # --------------------------------------------------------------------------- what a sweep says before it starts
@@ -158,7 +164,8 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
     reference = reference_store(sw)
     tref = timing_reference(sw, reference)
     todo: dict[str, int] = {}
-    timed_runs, other, reused = [], 0, 0
+    other: dict[str, int] = {}
+    timed_runs, reused = [], 0
     for run, kd in zip(runs, keys):
         for kind, k in kd.items():
             if kind in TIMED:
@@ -167,16 +174,22 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
                     if run not in timed_runs:
                         timed_runs.append(run)
             elif force or not recorded(k, store, reference):
-                other += 1
+                other[kind] = other.get(kind, 0) + 1
             elif not store.has(k):
                 reused += 1
     untimed = [r for r in runs if r.untimed]
     if not todo and not untimed:
         return []
+<<<<<<< HEAD
     cpu = env.cpu_model() if sw.device != "cuda" else sw.device
     est = estimate(sw, store, tref if tref is not None else reference,
                    dense_net() if dense_net is not None and todo and not _own(store, cpu) else None) \
         if todo else None
+=======
+    cpu = measure.cpu_model() if sw.device != "cuda" else sw.device
+    probe = dense_net is not None and (other or (todo and not _own(store, cpu)))
+    est = estimate(sw, store, reference, dense_net() if probe else None) if todo or other else None
+>>>>>>> fc175bd (The first-run lines estimate the FLOPs and accuracy measurements left too, by the reference machine's measured durations (said as such); the timings' estimate keeps the reference's durations and the extra forward time here)
     lines = []
     if todo:
         names = [_setting(r) for r in timed_runs]
@@ -184,7 +197,7 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
         what = " and ".join(f"{n} {'paired speedup' if k == 'speedup' else k}" + ("s" if n > 1 else "")
                             for k, n in sorted(todo.items(), reverse=True))
         how_long = f"about {_minutes(est.seconds(todo))} at this machine's present speed (from {est.source})" \
-            if est else \
+            if est and est.covers(todo) else \
             "no measured durations to estimate from yet (the time left shows once the first has ended)"
         lines.append(f"timing on this CPU ({cpu}): {what} of {len(timed_runs)} setting(s), {how_long}: {shown}")
     if untimed:
@@ -194,13 +207,16 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
                     + ("" if sw.reference_timings else ", set aside by --no-reference-timings")) if cpus else ""
         rest = {k: sum(1 for r in untimed for kk in _timed_kinds(sw, r) if kk == k) for k in TIMED}
         rest = {k: n for k, n in rest.items() if n}
-        cost = f" (about {_minutes(est.seconds(rest))} more)" if est and rest else ""
+        cost = f" (about {_minutes(est.seconds(rest))} more)" if est and rest and est.covers(rest) else ""
         cmd = f"tokenbench run {sw.name} --all-timings" if sw.name in packaged_sweeps() else "--all-timings"
         lines.append(f"not timed here: {len(untimed)} other setting(s), shown without a speed (flag `untimed`, "
                      f"left off the speed plot){ref_note}; `{cmd}` times them too{cost}")
     if reused or other:
+        n = sum(other.values())
+        cost = f" (about {_minutes(est.seconds(other))} by the reference machine's durations)" \
+            if est and est.covers(other) else " (no measured durations to estimate them from)"
         lines.append(f"FLOPs and accuracy: {reused} record(s) reused" + (f" from {sw.reference}" if reference else "")
-                     + (f", {other} to measure (not in the estimate)" if other else ""))
+                     + (f", {n} to measure{cost}" if n else ""))
     return lines
 
 
