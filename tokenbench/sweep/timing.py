@@ -180,16 +180,9 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
     untimed = [r for r in runs if r.untimed]
     if not todo and not untimed:
         return []
-<<<<<<< HEAD
     cpu = env.cpu_model() if sw.device != "cuda" else sw.device
-    est = estimate(sw, store, tref if tref is not None else reference,
-                   dense_net() if dense_net is not None and todo and not _own(store, cpu) else None) \
-        if todo else None
-=======
-    cpu = measure.cpu_model() if sw.device != "cuda" else sw.device
     probe = dense_net is not None and (other or (todo and not _own(store, cpu)))
     est = estimate(sw, store, reference, dense_net() if probe else None) if todo or other else None
->>>>>>> fc175bd (The first-run lines estimate the FLOPs and accuracy measurements left too, by the reference machine's measured durations (said as such); the timings' estimate keeps the reference's durations and the extra forward time here)
     lines = []
     if todo:
         names = [_setting(r) for r in timed_runs]
