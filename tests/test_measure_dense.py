@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tokenbench import measure_dense as md
+from tokenbench.measure import dense as md
 
 
 def slow_confusion(pred, target, k):

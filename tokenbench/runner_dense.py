@@ -149,7 +149,7 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
                       progress: bool = False) -> tuple[dict, bool]:
     """(record, reused): mIoU, pixel accuracy and FLOPs of ``spec`` on ``settings.data``."""
     from .data_scenes import build_dense_dataset
-    from .measure_dense import dense_flops, evaluate_dense
+    from .measure.dense import dense_flops, evaluate_dense
     from .models_seg import untrained_note
     from .registry import get_method
 

@@ -91,7 +91,7 @@ class SegmentationSource:
 
 def pixel_miou(model: nn.Module, dev: torch.device, pairs, classes: int) -> float:
     """mIoU (percent) of ``model`` over batches ``pairs`` of (images, masks), in eval mode."""
-    from .measure_dense import confusion, mean_iou
+    from .measure.dense import confusion, mean_iou
 
     was = model.training
     model.eval()

@@ -12,5 +12,7 @@ the model as it found it.
   per forward;
 - :mod:`.memory`: peak memory, what a batch needs, the largest batch that fits;
 - :mod:`.accuracy`: top-1 / top-5 with their intervals; :mod:`.stats`: the statistics
-  (Wilson interval, McNemar test, percentiles).
+  (Wilson interval, McNemar test, percentiles);
+- :mod:`.dense`: mIoU, pixel accuracy and per-class IoU with bootstrap intervals, the paired
+  per-image IoU test, the FLOPs of encoder and decoder.
 """

@@ -1,5 +1,5 @@
 """The paired test of two settings of a results directory on a dense task (``tokenbench compare``):
-per-image IoU of the same images, compared by :func:`tokenbench.measure_dense.paired_iou_test`."""
+per-image IoU of the same images, compared by :func:`tokenbench.measure.dense.paired_iou_test`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _select(recs: list[dict], text: str) -> dict:
 
 def paired_dense(out: str | os.PathLike, a: str, b: str) -> dict:
     """mIoU of settings ``a`` and ``b`` and the paired test on their per-image IoU."""
-    from ..measure_dense import paired_iou_test
+    from ..measure.dense import paired_iou_test
 
     recs = dense_records(out)
     ra, rb = _select(recs, a), _select(recs, b)

@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .data_scenes import IGNORE
-from .errors import UserError
+from ..data_scenes import IGNORE
+from ..errors import UserError
 
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -106,8 +106,8 @@ def evaluate_dense(model: nn.Module, dataset, classes: int, batch_size: int = 64
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from .measure.env import resolve_device
-    from .measure.forward import eval_mode, precision_context
+    from .env import resolve_device
+    from .forward import eval_mode, precision_context
 
     dev = resolve_device(device)
     ctx, note = precision_context(dev, precision)
@@ -177,8 +177,8 @@ class _Encoder(nn.Module):
 def dense_flops(model: nn.Module, img_size: Optional[int] = None) -> dict[str, Any]:
     """GFLOPs per image (fvcore, multiply-add = 1) of the whole dense model, its encoder and its
     decoder (the difference: the decoder's head and the upsampling to pixels)."""
-    from .measure.flop_count import fvcore_count
-    from .measure.forward import eval_mode, example_input
+    from .flop_count import fvcore_count
+    from .forward import eval_mode, example_input
 
     dev = next(model.parameters()).device
     x = example_input(model, 1, img_size, device=dev)
