@@ -88,6 +88,12 @@ def test_another_cpu_times_the_chosen_settings_and_marks_the_rest_untimed(tmp_pa
     md = (mine / "results.md").read_text()
     assert "**untimed**" in md and "1 settings were not timed on this CPU" in md
 
+    # a dry run says the same and measures nothing
+    fresh = tmp_path / "dry"
+    code, out, err = cli("run", str(_sweep(tmp_path, fresh, ref)), "--dry-run")
+    assert code == 0 and "2 throughputs and 1 paired speedup of 2 setting(s)" in err and "not timed here: 1" in err
+    assert not list(fresh.glob("records/*.json"))
+
     # a second run reuses the timings made here and still leaves evit untimed, saying nothing new
     fake_timings.clear()
     code, out, err = cli("run", str(_sweep(tmp_path, mine, ref)), "--no-plots")

@@ -287,14 +287,14 @@ def register(app: typer.Typer) -> None:
         quiet = json_ or not sys.stderr.isatty()
         undo = _PlanUndo(spec.out_dir()) if job_opts is not None else None
         out_dir, runs, keys, searcher = _prepare(sw_mod, spec, force, None if quiet else err)
+        store = Store(out_dir)
+        if not json_:  # what will be timed here, about how long, what is left untimed (a dry run too)
+            for line in _start_lines(spec, runs, keys, store, force):
+                typer.echo(line, err=True)
         if dry_run:
             return _print_dry_run(sw_mod, spec, runs, out_dir, json_)
         ensure_report_writable(out_dir, plots)
-        store = Store(out_dir)
         retime = sw_mod.flagged_timing_keys(store, keys) if retime_flagged else None
-        if not json_:
-            for line in _start_lines(spec, runs, keys, store, force):
-                typer.echo(line, err=True)
         steps, outcome = _measure(sw_mod, spec, runs, keys, out_dir, store, job_opts, undo, force, retime,
                                   None if quiet else err, lines=not json_ and not sys.stdout.isatty())
         from ..distributed import is_main
