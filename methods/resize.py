@@ -58,7 +58,7 @@ class Resize(Method):
     learned = False
     deterministic = True
     knob = "scale"
-    restores_grid = GridRestore.NONE
+    restores_grid = GridRestore.UNMERGE
     compile_note = "static token counts: fullgraph (the grid is fixed by scale)"
 
     def grid(self, model, scale: float = 0.7, max_stretch: float = 1.4) -> tuple[int, int]:

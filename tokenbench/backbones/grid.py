@@ -12,7 +12,8 @@ gather: ``owner >= 0``: the owner's current value; else the stored one.  So
 - a merged position receives its group's token (the owner map is the source map in compact
   form: each patch belongs to exactly one token);
 - a mixed sequence (``TokenState.mix``) gives each patch the new token its old one weighs
-  most in, as the source map does.
+  most in, as the source map does;
+- patches on a coarser grid (a resized image) stand for the original patches they cover.
 
 Made only when a grid is asked for (``forward_intermediates`` with a spatial output): a plain
 forward never builds one, so classification runs the same operators as before.
@@ -29,11 +30,19 @@ class GridRestorer:
     """Owner map [B, N0] (sequence index of the token standing for each patch, -1: none) and
     store [B, N0, C] (the value of each patch whose token left), kept through one forward."""
 
-    def __init__(self, x: torch.Tensor, n_prefix: int):
+    def __init__(self, x: torch.Tensor, n_prefix: int, cells: Optional[list[list[int]]] = None):
+        """``x``: the embedded sequence; ``cells`` (its patches stand on a coarser grid: a resized
+        image): for each of its patches, the patches of the original grid it covers."""
         b, n, _ = x.shape
-        self.owner = torch.arange(n_prefix, n, device=x.device).expand(b, n - n_prefix)
+        if cells is None:
+            owner = torch.arange(n_prefix, n, device=x.device)
+        else:
+            by_patch = {j: n_prefix + t for t, cell in enumerate(cells) for j in cell}
+            owner = torch.tensor([by_patch[j] for j in range(len(by_patch))], device=x.device)
+        self.owner = owner.expand(b, owner.shape[0])
         self.store: Optional[torch.Tensor] = None
         self.maps: dict[int, torch.Tensor] = {}       # block index -> its output on the grid [B, N0, C]
+        self.tokens: dict[int, torch.Tensor] = {}     # block index -> its output sequence, as it left the block
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
         """The sequence ``x`` [B, N, C] laid out on the original patch grid [B, N0, C]."""
@@ -44,8 +53,9 @@ class GridRestorer:
         return torch.where((own >= 0)[..., None], taken, self.store.to(taken.dtype))
 
     def capture(self, i: int, x: torch.Tensor) -> None:
-        """Keep block ``i``'s output ``x`` on the grid."""
+        """Keep block ``i``'s output ``x`` on the grid (and as it is)."""
         self.maps[i] = self.grid(x)
+        self.tokens[i] = x
 
     # ---- following the primitives: ``x`` is the sequence they were given
     def _follow(self, x: torch.Tensor, new_index: torch.Tensor) -> None:

@@ -123,8 +123,8 @@ class TokenState:
         ``grid``: follow the full patch grid behind the sequence (:class:`~.grid.GridRestorer`)."""
         b, n, _ = x.shape
         p = self.n_prefix
-        if grid and cover is None:
-            self.grid = GridRestorer(x, p)
+        if grid:
+            self.grid = GridRestorer(x, p, None if cover is None else cover[0])
         if cover is None:
             if self.track_source:
                 self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)

@@ -284,25 +284,31 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     """timm's ``forward_intermediates`` on the reducing blocks.  Token sequences (``NLC``) are
     returned as the blocks left them; a spatial grid (``NCHW``, timm's default) holds every
     patch of the original grid at every block asked for (:class:`~.grid.GridRestorer`: a pruned
-    patch keeps the value it had when dropped, a merged one its group's token), normalised by
-    the final norm when ``norm`` asks (a per-token norm: the same whether applied before or
-    after the restoration)."""
+    patch keeps the value it had when dropped, a merged one its group's token, on an image
+    resized to a coarser grid the token of the cell that covers it), normalised by the final
+    norm when ``norm`` asks (a per-token norm: the same whether applied before or after the
+    restoration)."""
     from timm.models._features import feature_take_indices
 
-    if _resized_grid(self) is not None:
-        raise UserError("forward_intermediates is not available on an image resized to another patch grid")
     s = surgery_of(self)
     base = s.base.forward_intermediates
     call = inspect.signature(base).bind(self, x, *args, **kwargs)
     call.apply_defaults()
-    if call.arguments.get("output_fmt", "NCHW") != "NCHW":
+    a = call.arguments
+    resized = _resized_grid(self) is not None
+    if resized and (a.get("attn_mask") is not None or a.get("is_causal")):
+        raise UserError("an attention mask cannot follow an image resized to another patch grid")
+    spatial = a.get("output_fmt", "NCHW") == "NCHW"
+    if not spatial and not resized:
         return base(*call.args, **call.kwargs)
-    call.arguments["output_fmt"] = "NLC"
-    take, _ = feature_take_indices(len(self.blocks), call.arguments.get("indices"))
+    a["output_fmt"] = "NLC"
+    take, _ = feature_take_indices(len(self.blocks), a.get("indices"))
     with grid_of_blocks(self, take):
-        out = base(*call.args, **call.kwargs)
+        out = _resized_intermediates(self, x, take, a) if resized else base(*call.args, **call.kwargs)
+    if not spatial:
+        return out
     maps = s.state.grid.maps
-    norm = self.norm if call.arguments.get("norm") else (lambda t: t)
+    norm = self.norm if a.get("norm") else (lambda t: t)
     order = iter(sorted(set(take)))
     h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
 
@@ -311,6 +317,30 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         return y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     return _map_intermediates(out, on_grid)
+
+
+def _resized_intermediates(model: nn.Module, x: torch.Tensor, take, a: dict):
+    """What timm's ``forward_intermediates`` returns with ``output_fmt='NLC'``, in its layout, for
+    an image resized to a plan's ``input_grid``: every block runs (:func:`_forward_features`),
+    the intermediates are the sequences on the coarser grid (for a spatial output the caller
+    replaces them by the maps kept on the original grid)."""
+    final = model.forward_features(x)
+    grid = surgery_of(model).state.grid
+    blocks, p = sorted(set(take)), model.num_prefix_tokens
+    norm = model.norm if a.get("norm") else (lambda t: t)
+    seqs = [norm(grid.tokens[i]) for i in blocks]
+    inter = [t[:, p:] for t in seqs]
+    prefix = [t[:, :p] for t in seqs] if p else None
+    if a.get("output_dict"):
+        out = {"image_intermediates": inter}
+        if prefix is not None and a.get("return_prefix_tokens"):
+            out["image_intermediates_prefix"] = prefix
+        if not a.get("intermediates_only"):
+            out["image_features"] = final
+        return out
+    if a.get("return_prefix_tokens") and prefix is not None:
+        inter = list(zip(inter, prefix))
+    return inter if a.get("intermediates_only") else (final, inter)
 
 
 def _map_intermediates(out, fn):
