@@ -8,7 +8,8 @@ One job per module, data flowing one way:
 - :mod:`.expand`: a sweep's entries as concrete runs;
 - :mod:`.preflight`: what would fail part-way, refused before anything is written;
 - :mod:`.plan`: the runs' store keys and the plan file (``sweep.json``);
-- :mod:`.execute`: measuring the plan against a store.
+- :mod:`.execute`: measuring the plan against a store;
+- :mod:`.timing`: what a sweep times on this CPU by default and about how long it takes.
 
 The names below are the package's interface; other modules import them from here.
 """
