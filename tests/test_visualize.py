@@ -286,11 +286,13 @@ def stand_in(tiny_default, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def flops_cache(tmp_path_factory, worker_id):
+def flops_cache(request, tmp_path_factory):
     """One FLOPs cache for this test run, shared by the parallel suite's workers (the cache merges
-    concurrent writes): the figure tests and the comparison sheet search the same budgets."""
+    concurrent writes): the figure tests and the comparison sheet search the same budgets. Without
+    pytest-xdist (``-p no:xdist``) there is one process and the run's own temporary folder serves."""
     base = tmp_path_factory.getbasetemp()
-    return (base.parent if worker_id != "master" else base) / "visualize-flops-cache.json"
+    worker = getattr(request.config, "workerinput", None)
+    return (base.parent if worker is not None else base) / "visualize-flops-cache.json"
 
 
 @pytest.mark.parametrize("name", [m["name"] for m in list_methods()])

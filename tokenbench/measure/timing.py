@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils import benchmark
 
 from ..errors import UserError
+from ..quiet import cuda_runtime_notice
 from .busy import load_watch
 from .compilation import compile_mode, compile_stats, fresh_compile_state
 from .env import resolve_device
@@ -25,6 +25,9 @@ from .memory import PeakMemory
 from .stats import percentile
 from .timed_forward import (check_finite, check_graphs, cuda_timing_settings, first_call_s, memory_format,
                             on_device, prepare_timing, timed_runner, timing_env, timing_input, warm)
+
+with cuda_runtime_notice():  # its import logs "No CUDA runtime is found" on machines without CUDA
+    from torch.utils import benchmark
 
 
 def throughput(model: nn.Module, batch_size: int = 64, device: str | torch.device = "auto",
