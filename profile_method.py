@@ -100,7 +100,7 @@ def profile(run, x, dev, steps: int, top: int) -> tuple[float, float, list, list
     return device, host, per_forward(rows), per_forward(host_rows)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="timm model name, or default (the embedded model)")
     ap.add_argument("settings", nargs="*", default=["tome"], help="METHOD or METHOD:JSON parameters")
@@ -114,7 +114,44 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="forwards profiled")
     ap.add_argument("--top", type=int, default=12, help="operators / kernels listed per setting")
     ap.add_argument("--out", default=None, help="also write the report to this markdown file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def header(args, dev, threads: int, mode) -> list[str]:
+    """The report's title and the line saying what was profiled, how, and on what."""
+    import torch
+
+    from tokenbench.measure import env
+    from tokenbench.store import code_line, git_commit
+
+    what = "kernels (device time)" if dev.type == "cuda" else "operators (self CPU time)"
+    return [f"# Profile: {args.model}, batch {args.batch_size}, {args.precision}, "
+            f"{'compiled ' + mode if mode else 'eager'}{', sdpa ' + args.sdpa if args.sdpa else ''}, {env.env_info(dev, threads).get('device_name', dev.type)}",
+            "", f"torch {torch.__version__}; {code_line(git_commit(changed=True))}; "
+            f"load average {os.getloadavg()[0]:.2f}; top {args.top} {what} "
+            f"per forward, over {args.steps} profiled forwards. The settings are timed one after another, "
+            "not interleaved: their speed and efficiency move with the machine's speed; for speedups, "
+            "use bench.py (paired).", ""]
+
+
+def setting_section(label: str, wall: float, device: float, host: float, top, top_host, cuda: bool) -> list[str]:
+    """One setting's lines: its times, then its top kernels or operators (and by host time on CUDA)."""
+    times = (f"device {device:.3f} ms, host {host:.3f} ms" if cuda else f"operators' own time {host:.3f} ms")
+    lines = [f"## {label}", "", f"{wall:.3f} ms per forward (wall); {times}"
+             + ("  (host-bound: the device waits for launches)" if cuda and host > device else ""),
+             "", "| ms / forward | share | calls | name |", "|---|---|---|---|"]
+    for name, count, ms in top:
+        lines.append(f"| {ms:.3f} | {ms / device:.0%} | {count} | `{name[:90]}` |" if device else
+                     f"| {ms:.3f} | - | {count} | `{name[:90]}` |")
+    if top_host:
+        lines += ["", "Operators by host time (launching their kernels included):", "",
+                  "| host ms / forward | share | calls | name |", "|---|---|---|---|"]
+        lines += [f"| {ms:.3f} | {ms / host:.0%} | {count} | `{name[:90]}` |" for name, count, ms in top_host]
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     import torch
 
@@ -122,7 +159,6 @@ def main(argv=None) -> int:
     from tokenbench.measure import compilation, env, flop_count, forward
     from tokenbench.errors import UserError
     from tokenbench.registry import get_method
-    from tokenbench.store import code_line, git_commit
 
     dev = env.resolve_device(args.device)
     if args.batch_size < 1 or args.steps < 1 or args.top < 1:
@@ -134,14 +170,7 @@ def main(argv=None) -> int:
     settings = [("none", {})] + [parse_setting(s) for s in args.settings]
     for method, params in settings:  # an unknown method or parameter: one line, before any work
         get_method(method).validate(params)
-    what = "kernels (device time)" if dev.type == "cuda" else "operators (self CPU time)"
-    lines = [f"# Profile: {args.model}, batch {args.batch_size}, {args.precision}, "
-             f"{'compiled ' + mode if mode else 'eager'}{', sdpa ' + args.sdpa if args.sdpa else ''}, {env.env_info(dev, threads).get('device_name', dev.type)}",
-             "", f"torch {torch.__version__}; {code_line(git_commit(changed=True))}; "
-             f"load average {os.getloadavg()[0]:.2f}; top {args.top} {what} "
-             f"per forward, over {args.steps} profiled forwards. The settings are timed one after another, "
-             "not interleaved: their speed and efficiency move with the machine's speed; for speedups, "
-             "use bench.py (paired).", ""]
+    lines = header(args, dev, threads, mode)
     summary = []
     dense_ms = None
     cuda = dev.type == "cuda"
@@ -161,18 +190,7 @@ def main(argv=None) -> int:
             net.cpu()
         dense_ms = wall if method == "none" else dense_ms
         summary.append((label, gflops, wall, device, host))
-        times = (f"device {device:.3f} ms, host {host:.3f} ms" if cuda else f"operators' own time {host:.3f} ms")
-        lines += [f"## {label}", "", f"{wall:.3f} ms per forward (wall); {times}"
-                  + ("  (host-bound: the device waits for launches)" if cuda and host > device else ""),
-                  "", "| ms / forward | share | calls | name |", "|---|---|---|---|"]
-        for name, count, ms in top:
-            lines.append(f"| {ms:.3f} | {ms / device:.0%} | {count} | `{name[:90]}` |" if device else
-                         f"| {ms:.3f} | - | {count} | `{name[:90]}` |")
-        if top_host:
-            lines += ["", "Operators by host time (launching their kernels included):", "",
-                      "| host ms / forward | share | calls | name |", "|---|---|---|---|"]
-            lines += [f"| {ms:.3f} | {ms / host:.0%} | {count} | `{name[:90]}` |" for name, count, ms in top_host]
-        lines.append("")
+        lines += setting_section(label, wall, device, host, top, top_host, cuda)
         print(f"{label:40s} {gflops:7.3f} GFLOPs  {wall:8.3f} ms/forward", file=sys.stderr, flush=True)
         if args.out:  # after every setting: a run stopped part-way keeps what it profiled
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,12 @@ class _PlanUndo:
 
 
 def register(app: typer.Typer) -> None:
+    _register_run(app)
+    _register_compare(app)
+    _register_report(app)
+
+
+def _register_run(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
         sweep: Optional[str] = typer.Argument(None, help="A sweep file (TOML or YAML) or a packaged sweep's name "
@@ -309,6 +315,8 @@ def register(app: typer.Typer) -> None:
         _print_outcome(res, runs, steps, out_dir, searcher, plots, json_)
         _exit_if_jobs_failed(outcome)
 
+
+def _register_compare(app: typer.Typer) -> None:
     @app.command("compare")
     def compare_cmd(
         directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),
@@ -353,6 +361,8 @@ def register(app: typer.Typer) -> None:
                            f"diff {p['diff']:+.2f} pts on n={pa['n']}; only A right {p['only_a']}, "
                            f"only B right {p['only_b']}; McNemar p = {p['p_value']:.2g}")
 
+
+def _register_report(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
         directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),
