@@ -104,3 +104,23 @@ def test_a_batch_whose_tokens_all_halt_early_is_finite():
         y = net(images(3))
         assert torch.isfinite(y).all()
         assert backbones.last_state(net).tokens[1:] == [0] * 11
+
+
+def test_committed_checkpoint_halts_to_its_flops_level():
+    """The trained embedded A-ViT (results/avit), at the parameters it was trained with, halts
+    to the FLOPs level the default sweep places it at (per-image counts on real test images)."""
+    import json
+    from pathlib import Path
+
+    from tokenbench import measure
+    from tokenbench.api import load
+    from tokenbench.train_data import fmnist_tensors
+
+    run = Path(__file__).resolve().parent.parent / "results" / "avit"
+    params = json.loads((run / "config.json").read_text())["params"]
+    net, prov = load("default", "avit", params, checkpoint=str(run / "model.pt"))
+    assert prov["learned_parts"] == "trained"
+    dense, _ = load("default")
+    x = fmnist_tensors(splits=("test",))[0][:64]
+    ratio = measure.flops(net, inputs=x, max_images=64)["gflops"] / measure.flops(dense)["gflops"]
+    assert abs(ratio - 0.665) <= 0.03, ratio

@@ -121,4 +121,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     from .outputs import repository_relative
 
     return {"checkpoint": repository_relative(path), "weights": f"sha256:{sha256_file(path)}", "pretrained": True,
-            "learned_parts_in_checkpoint": bool(learned_keys)}
+            "learned_parts_in_checkpoint": bool(learned_keys) or (not added and _trained_with_method(model, path))}
+
+
+def _trained_with_method(model: nn.Module, path) -> bool:
+    """Whether ``tokenbench train`` made ``path`` with the method applied to ``model`` (its run's
+    ``config.json`` names it): for a method that adds no modules, the whole model is what it learns."""
+    from .backbones import applied_method
+    from .checks import run_config
+
+    name = applied_method(model).get("name")
+    return bool(name) and (run_config(str(path)) or {}).get("method") == name
