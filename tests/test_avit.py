@@ -112,8 +112,8 @@ def test_committed_checkpoint_halts_to_its_flops_level():
     import json
     from pathlib import Path
 
-    from tokenbench import measure
     from tokenbench.api import load
+    from tokenbench.measure.flop_count import flops
     from tokenbench.train_data import fmnist_tensors
 
     run = Path(__file__).resolve().parent.parent / "results" / "avit"
@@ -122,5 +122,5 @@ def test_committed_checkpoint_halts_to_its_flops_level():
     assert prov["learned_parts"] == "trained"
     dense, _ = load("default")
     x = fmnist_tensors(splits=("test",))[0][:64]
-    ratio = measure.flops(net, inputs=x, max_images=64)["gflops"] / measure.flops(dense)["gflops"]
-    assert abs(ratio - 0.665) <= 0.03, ratio
+    ratio = flops(net, inputs=x, max_images=64)["gflops"] / flops(dense)["gflops"]
+    assert abs(ratio - 0.72) <= 0.03, ratio
