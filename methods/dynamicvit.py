@@ -72,6 +72,7 @@ from tokenbench.backbones import (TokenState, add_module, applied_method, backbo
                                   plan_settings)
 from tokenbench.backbones.tokens import with_prefix
 from tokenbench.errors import UserError
+from tokenbench.methods import dynamicvit_dense as dense
 from tokenbench.methods import dynamicvit_hierarchical as hier
 from tokenbench.methods._policy import softmax_with_policy
 from tokenbench.methods._staged import staged_schedule
@@ -420,6 +421,21 @@ class DynamicViT(Method):
             p, tp = self.validate_training({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
             return hier.train_setup(model, teacher, p["keep_rate"], tp, weights)
         return train_setup(model, teacher, params, weights)
+
+    def dense_train_setup(self, encoder, params: Optional[dict] = None, weights: Optional[dict] = None):
+        vit = backbone_of(encoder, self.name).name == "vit"
+        applied = applied_method(encoder).get("params", {})
+        p, tp = self.validate_training({**{k: v for k, v in applied.items() if k == "keep_rate"}, **(params or {})})
+        keep_rate = p["keep_rate"]
+        w = dense.check_weights(DEFAULT_WEIGHTS if vit else hier.DEFAULT_WEIGHTS, weights)
+        if tp["keep_prior_init"]:
+            (prior_init if vit else hier.prior_init)(encoder, keep_rate)
+        plan_settings(encoder)[DECISION_CLIP if vit else hier.DECISION_CLIP] = float(tp["decision_grad_clip"])
+        loss_fn = dense.dense_loss(vit, keep_rate, w, ratio_loss if vit else hier.ratio_loss)
+        stages = len(backbone_of(encoder).sites("quarters")) if vit else dense.hierarchical_stages(keep_rate)
+        loss_fn.metric_names = ("pixel_loss", "ratio_loss", "pixel_kl", "map_mse") + tuple(
+            f"keep_frac_s{s + 1}" for s in range(stages))
+        return loss_fn
 
     def param_groups(self, model, weight_decay: float, backbone_lr_scale: Optional[float] = None, **kw):
         if backbone_of(model, self.name).name != "vit":  # the journal recipe: --lr_scale 0.2

@@ -113,9 +113,14 @@ class SegModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return list(self.encoder.forward_intermediates(x, indices=self.indices, intermediates_only=True))
 
+    def logits_and_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The per-pixel logits [B, K, H, W] and the feature maps the decoder read."""
+        maps = self.features(x)
+        logits = F.interpolate(self.decoder(maps), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, maps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(self.features(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.logits_and_maps(x)[0]
 
 
 def build_seg_model(name: str, arch: Optional[dict] = None) -> SegModel:

@@ -31,6 +31,26 @@ FAMILIES = ("none", "pruning", "merging", "hybrid", "baseline")
 # model's logits (for the training accuracy) and a dict of floats logged per step.  An optional
 # attribute ``loss_fn.metric_names`` (a tuple of str) names the metrics' columns in the log.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class DenseOutputs:
+    """One training forward of a dense model with a method applied to its encoder, for a method's
+    :data:`DenseLossFn`: the per-pixel ``logits`` [B, K, H, W], the encoder's feature ``maps`` (the
+    full grid the decoder read), the per-pixel cross-entropy ``pixel_loss``, and ``teacher()``:
+    the frozen dense teacher's (logits, maps) on the same images, computed on first call."""
+
+    logits: torch.Tensor
+    maps: list
+    pixel_loss: torch.Tensor
+    teacher: Callable[[], tuple]
+
+
+# The training loss a method's ``dense_train_setup`` returns: ``loss_fn(encoder, out)`` with ``out``
+# a :class:`DenseOutputs` returns ``(loss, metrics)``: the whole scalar to minimise (the pixel loss
+# weighted as the method weighs its task loss) and floats logged per step; ``metric_names`` as for
+# :data:`LossFn`.
+DenseLossFn = Callable[[nn.Module, "DenseOutputs"], tuple[torch.Tensor, dict[str, float]]]
 # (tokens entering each block, tokens entering each block's MLP)
 TokenSchedule = tuple[list[int], list[int]]
 
@@ -264,6 +284,13 @@ class Method:
         """The training loss (:data:`LossFn`) for ``model``, distilled from ``teacher`` where the
         method does; ``params`` its model and training-only parameters, ``weights`` the user's loss
         weights.  None: plain label-smoothed cross-entropy."""
+        return None
+
+    def dense_train_setup(self, encoder: nn.Module, params: Optional[dict[str, Any]] = None,
+                          weights: Optional[dict[str, float]] = None) -> Optional[DenseLossFn]:
+        """The training loss (:data:`DenseLossFn`) when a dense model trains with the method applied
+        to its ``encoder``; None: the per-pixel cross-entropy alone.  A learned method whose
+        :meth:`train_setup` adds losses and that has none here is refused for dense training."""
         return None
 
     def param_groups(self, model: nn.Module, weight_decay: float, **kw: Any) -> Optional[list[dict[str, Any]]]:

@@ -113,18 +113,31 @@ def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] 
         net = build_dense(model, arch)
     else:
         net, prov = create_seg_model(model)
-    if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        try:
-            net.load_state_dict(state.get("model", state))
-        except RuntimeError as e:
-            raise UserError(f"{checkpoint} does not hold {model}'s weights ({str(e).splitlines()[0]})") from None
-        prov = {"weights": weights_id(model, checkpoint), "pretrained": False, "checkpoint": str(checkpoint)}
-    if get_method(method).reduces(params):
+    dense_keys = set(net.state_dict())
+    cls = get_method(method)
+    if cls.reduces(params):  # before the checkpoint, which may carry the method's learned parts
         from .backbones import backbone_of
 
         check_restores_grid(method, params, backbone_of(net.encoder, method).name)
         apply(net.encoder, method, **params)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        own = set(net.state_dict())
+        if cls.learned:  # a checkpoint trained with the method, read without it (nothing reduced)
+            state = {k: v for k, v in state.items() if k in own}
+        # the method's learned parts may be missing (a dense model's checkpoint: untrained parts)
+        missing = sorted(k for k in dense_keys if k not in state)
+        unexpected = sorted(k for k in state if k not in own)
+        try:
+            if missing or unexpected:
+                raise RuntimeError(f"{'missing' if missing else 'unexpected'} keys: {(missing or unexpected)[0]}, ...")
+            net.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise UserError(f"{checkpoint} does not hold {model}'s weights ({str(e).splitlines()[0]})") from None
+        learned = "trained" if any(k not in dense_keys for k in state) else "untrained" if cls.learned else "none"
+        prov = {"weights": weights_id(model, checkpoint), "pretrained": False, "checkpoint": str(checkpoint),
+                "learned_parts": learned}
     net.eval()
     return net, prov
 

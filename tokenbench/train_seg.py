@@ -154,6 +154,24 @@ def dense_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.stack(ys)
 
 
+def dense_source(data: str, data_dir, net: nn.Module, cfg: TrainConfig, train_limit: Optional[int] = None):
+    """The batch source of dense dataset ``data`` for :func:`train_loop`: its train split (the first
+    ``train_limit`` images), mIoU on its val split."""
+    from .data_scenes import build_dense_dataset
+
+    train_ds, _ = build_dense_dataset(data, "train", data_dir, model=net, limit=train_limit)
+    val_ds, vspec = build_dense_dataset(data, "val", data_dir, model=net)
+    info = {"data": data, "task": "segmentation", "eval": "mIoU (%) on the val split"}
+    if data == SCENES:
+        tx, ty = dense_tensors(train_ds)
+        vx, vy = dense_tensors(val_ds)
+        return SegmentationSource(tx, ty, vx, vy, vspec.classes, info)
+    from .train_data import default_num_workers
+
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    return FolderSegSource(train_ds, val_ds, vspec.classes, info, workers)
+
+
 def encoder_init(model: str) -> tuple[dict, dict]:
     """The committed classification weights that start dense model ``model``'s encoder (checksum
     verified) and where they came from."""
@@ -190,7 +208,7 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
     which gets a ``head`` (``linear`` or ``linear4``) on its feature maps, its weights frozen
     unless ``frozen`` is False.  ``checkpoint`` starts the whole dense model; ``init_encoder`` starts
     an embedded dense model's encoder from the committed classification model of its family."""
-    from .data_scenes import build_dense_dataset, dense_classes
+    from .data_scenes import dense_classes
     from .models_seg import SEG_ARCH, build_seg_model, init_encoder as load_encoder
     from .models_seg_timm import build_timm_seg
     from .runner_dense import task_of
@@ -221,18 +239,7 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
     elif init_encoder and embedded:
         state, extra["init"] = encoder_init(model)
         extra["init"]["left_out"] = load_encoder(net, state)
-    train_ds, _ = build_dense_dataset(data, "train", data_dir, model=net, limit=train_limit)
-    val_ds, vspec = build_dense_dataset(data, "val", data_dir, model=net)
-    info = {"data": data, "task": "segmentation", "eval": "mIoU (%) on the val split"}
-    if data == SCENES:
-        tx, ty = dense_tensors(train_ds)
-        vx, vy = dense_tensors(val_ds)
-        source = SegmentationSource(tx, ty, vx, vy, vspec.classes, info)
-    else:
-        from .train_data import default_num_workers
-
-        workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-        source = FolderSegSource(train_ds, val_ds, vspec.classes, info, workers)
+    source = dense_source(data, data_dir, net, cfg, train_limit)
     groups = split_groups(net, cfg.weight_decay, cfg.backbone_lr_scale)
     return train_loop(net, source, cfg=cfg, out_dir=out_dir, loss_fn=pixel_cross_entropy, config_extra=extra,
                       progress=progress, force=force, groups=groups, reschedule=reschedule)

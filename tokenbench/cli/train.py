@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(model: str = typer.Argument(..., help="timm model name, or `default` (the embedded model)."),
                   method: Optional[str] = typer.Option(None, "--method", "-m", help="Method to train with (e.g. "
-                                                       "dynamicvit); not used for a dense model."),
+                                                       "dynamicvit, or any method to fine-tune with it in the loop)."),
                   task: Optional[str] = typer.Option(None, "--task", help="classification or segmentation "
                                                      "(default: what the data is)."),
                   set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Method parameter KEY=VALUE, or a training-only one (evit: shrink_start_epoch, shrink_epochs)."),
@@ -67,6 +67,15 @@ def register(app: typer.Typer) -> None:
         from ..checks import unique_set_keys
 
         if wants_dense(model, data, task):
+            if method not in (None, "none"):
+                from .train_method_dense import train_dense_method
+
+                unique_set_keys(set_)
+                return train_dense_method(model, method, task, set_, loss_weight, data, data_dir, out, force, json_,
+                                          {"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                           "backbone_lr_scale": backbone_lr_scale, "fix_epochs": fix_epochs,
+                                           "grad_clip": grad_clip}, seed, max_steps, device, checkpoint,
+                                          teacher_checkpoint, head, train_backbone, pretrained)
             return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
                                seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers,
                                reschedule)
@@ -84,15 +93,7 @@ def register(app: typer.Typer) -> None:
         user_set = parse_set(set_ or [])
         params, train_params = cls.validate_training({**per_model.get("set", {}), **user_set})
         resolve_device(device)
-        weights = dict(per_model.get("loss_weights", {}))
-        for item in loss_weight or []:
-            if "=" not in item:
-                raise UserError(f"--loss-weight expects NAME=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            try:
-                weights[k] = float(v)
-            except ValueError:
-                raise UserError(f"--loss-weight {k}: {v!r} is not a number") from None
+        weights = parse_loss_weights(loss_weight, per_model.get("loss_weights", {}))
         if num_workers is not None and num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
         changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers,
@@ -173,6 +174,20 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
     print_train_summary(out, summary, as_json)
     if miou is not None and not as_json:
         typer.echo(f"val mIoU {miou:.2f}%")
+
+
+def parse_loss_weights(items: Optional[List[str]], base: dict) -> dict:
+    """``base`` with the ``--loss-weight NAME=VALUE`` items over it."""
+    weights = dict(base)
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--loss-weight expects NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            weights[k] = float(v)
+        except ValueError:
+            raise UserError(f"--loss-weight {k}: {v!r} is not a number") from None
+    return weights
 
 
 def default_run_name(cls, model: str, params: dict, train_params: dict, per_model_set: dict) -> str:
