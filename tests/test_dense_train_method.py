@@ -70,6 +70,11 @@ def test_eval_reads_the_trained_predictors_from_the_checkpoint(tmp_path):
     got = loaded.state_dict()
     assert prov["learned_parts"] == "trained"
     assert all(torch.equal(got[k], v) for k, v in state.items())
+    dense, prov = load_dense("default-seg", "none", {}, str(tmp_path / "m.pt"))  # read without the method
+    assert prov["learned_parts"] == "none" and not any("score_predictor" in k for k in dense.state_dict())
+    torch.save(build_seg_model("default-seg").state_dict(), tmp_path / "dense.pt")
+    _, prov = load_dense("default-seg", "dynamicvit", {"keep_rate": 0.5}, str(tmp_path / "dense.pt"))
+    assert prov["learned_parts"] == "untrained"
 
 
 def test_tome_fine_tunes_the_dense_model_with_merging_in_the_loop(cli, tmp_path):

@@ -124,7 +124,7 @@ def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] 
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = state.get("model", state)
         own = set(net.state_dict())
-        if cls.learned:  # a checkpoint trained with the method, read without it (nothing reduced)
+        if not cls.reduces(params):  # a checkpoint trained with a method, read without it
             state = {k: v for k, v in state.items() if k in own}
         # the method's learned parts may be missing (a dense model's checkpoint: untrained parts)
         missing = sorted(k for k in dense_keys if k not in state)

@@ -80,9 +80,8 @@ def train_seg_method(model: str, method: str, params: dict, out_dir: Path, cfg: 
     parameters) applied to its encoder, into ``out_dir``; the student starts from ``checkpoint``
     (default: the model's committed weights), the teacher from ``teacher_checkpoint`` (default:
     the student's starting weights)."""
-    from .backbones import backbone_of
-    from .registry import apply, get_method
-    from .runner_dense import check_restores_grid, load_dense, task_of
+    from .registry import get_method
+    from .runner_dense import load_dense, task_of
 
     task_of(model, data, "segmentation", checkpoint=checkpoint)
     cls = get_method(method)
@@ -96,12 +95,10 @@ def train_seg_method(model: str, method: str, params: dict, out_dir: Path, cfg: 
         for split in ("train", "val"):
             layout_files(data, data_dir, split)
     torch.manual_seed(cfg.seed)
-    student, prov = load_dense(model, "none", {}, checkpoint)
+    # the method applied before the checkpoint loads, which may carry its learned parts
+    student, prov = load_dense(model, method, p, checkpoint)
     teacher, tprov = load_dense(model, "none", {}, teacher_checkpoint or checkpoint)
     teacher.eval().requires_grad_(False).to(cfg.device)
-    if cls.reduces(p):
-        check_restores_grid(method, p, backbone_of(student.encoder, method).name)
-        apply(student.encoder, method, **p)
     meth = cls()
     student.train()
     method_loss = meth.dense_train_setup(student.encoder, {**p, **tp}, loss_weights)
