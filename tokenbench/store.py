@@ -34,6 +34,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_texts(texts: dict[Path, str]) -> list[Path]:
+    """Write each text to its path atomically, in order; a path that cannot be written is one
+    user error line naming it. Returns the paths written."""
+    from .errors import UserError
+
+    for path, text in texts.items():
+        try:
+            atomic_write_text(path, text)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
+    return list(texts)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     h = hashlib.sha256()

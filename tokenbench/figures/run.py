@@ -200,18 +200,11 @@ def run_figure(name: str, opts: Optional[FigureOptions] = None,
 
 def write_figure(plan: Plan, runs: list, keys: list[dict], status: list[tuple[bool, str]], searcher=None,
                  plots: bool = True) -> dict:
-    from ..store import atomic_write_text
+    from ..store import write_texts
 
     fig = collect_figure(plan, runs, keys, status, searcher)
     base = plan.out / plan.recipe.name
-    files = []
-    for ext, fn in (("md", markdown), ("csv", csv_text)):
-        p = base.with_suffix(f".{ext}")
-        try:
-            atomic_write_text(p, fn(fig))
-        except OSError as e:
-            raise UserError(f"cannot write {p}: {e.strerror}") from None
-        files.append(p)
+    files = write_texts({base.with_suffix(".md"): markdown(fig), base.with_suffix(".csv"): csv_text(fig)})
     if plots:
         files += plot_figure(fig, base)
     fig["files"] = files

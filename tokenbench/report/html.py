@@ -236,14 +236,9 @@ quartiles. Top-1: with its 95% Wilson interval. McNemar p: exact test against th
 
 def write_html(res: dict) -> Path:
     """Write ``<out>/report.html`` from a collected report; returns its path."""
-    from ..store import atomic_write_text
+    from ..store import write_texts
 
-    p = Path(res["out"]) / HTML_FILE
-    try:
-        atomic_write_text(p, html_page(res))
-    except OSError as e:
-        raise UserError(f"cannot write {p}: {e.strerror}") from None
-    return p
+    return write_texts({Path(res["out"]) / HTML_FILE: html_page(res)})[0]
 
 
 _CSS = """

@@ -32,22 +32,15 @@ def write_report(out: str | os.PathLike, plots: bool = True, html: bool | str = 
     """Write the tables and plots of ``out`` from its records (and ``report.html`` with ``html``;
     ``html="if-available"``: only where plotly is installed, else a note says so); returns the rows
     and paths."""
-    from ..store import atomic_write_text
+    from ..store import write_texts
 
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"results directory {out} does not exist")
     ensure_report_writable(out, plots)
     res = collect(out)
-    files = []
-    for name, fn in (("results.md", markdown), ("results.csv", csv_text), ("results.tex", latex),
-                     ("results_paper.tex", latex_paper)):
-        p = out / name
-        try:
-            atomic_write_text(p, fn(res))
-        except OSError as e:
-            raise UserError(f"cannot write {p}: {e.strerror}") from None
-        files.append(p)
+    files = write_texts({out / "results.md": markdown(res), out / "results.csv": csv_text(res),
+                         out / "results.tex": latex(res), out / "results_paper.tex": latex_paper(res)})
     if plots:
         files += plot(res, out / "plots")
     if html:

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -151,14 +151,11 @@ class Sweep:
         return Path(self.reference) if self.reference else None
 
     def settings(self):
+        """The measurement settings of this sweep's runs: its fields that ``Settings`` has too."""
         from ..runner import Settings
 
-        return Settings(batch_size=self.batch_size, device=self.device, precision=self.precision,
-                        threads=self.threads, min_run_time=self.min_run_time, latency=self.latency,
-                        rounds=self.rounds, retries=self.retries, compile=self.compile,
-                        cuda_graphs=self.cuda_graphs,
-                        data=self.data, data_dir=self.data_dir, split=self.split, limit=self.limit,
-                        data_seed=self.data_seed, eval_batch_size=self.eval_batch_size)
+        own = {f.name for f in fields(self)}
+        return Settings(**{f.name: getattr(self, f.name) for f in fields(Settings) if f.name in own})
 
 
 # --------------------------------------------------------------------------- loading and validation
