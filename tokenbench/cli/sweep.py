@@ -13,22 +13,15 @@ import typer
 from ..errors import UserError
 
 
-def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+def _numbers(text: Optional[str], what: str, kind: type = float) -> Optional[list]:
+    """A comma-separated option (``0.5,0.7`` or ``[0.5, 0.7]``) as a list of ``kind``."""
     if text is None:
         return None
     try:
-        return [float(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
+        return [kind(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
     except ValueError:
-        raise UserError(f"{what} takes comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
-    except ValueError:
-        raise UserError(f"{what} takes comma-separated integers, got {text!r}") from None
+        noun = "integers" if kind is int else "numbers"
+        raise UserError(f"{what} takes comma-separated {noun}, got {text!r}") from None
 
 
 def _words(text: Optional[str]) -> Optional[list[str]]:
@@ -277,9 +270,9 @@ def _register_run(app: typer.Typer) -> None:
         if set_ and not method:
             raise UserError("--set needs --method (parameters of a sweep file go in the file)")
         overrides = {
-            "flops_targets": _floats(flops_targets, "--flops-targets"),
+            "flops_targets": _numbers(flops_targets, "--flops-targets"),
             "flops_tolerance": tolerance,
-            "seeds": _ints(seeds, "--seeds"),
+            "seeds": _numbers(seeds, "--seeds", int),
             "measure": _words(measure),
             "device": device, "precision": precision, "img_size": img_size, "pretrained": pretrained,
             "name": name, "out": str(out) if out else None,
