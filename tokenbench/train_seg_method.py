@@ -75,7 +75,7 @@ def method_groups(meth: Method, net: nn.Module, cfg: TrainConfig) -> list[dict]:
 def train_seg_method(model: str, method: str, params: dict, out_dir: Path, cfg: TrainConfig, data: str = SCENES,
                      data_dir=None, checkpoint: Optional[str] = None, teacher_checkpoint: Optional[str] = None,
                      loss_weights: Optional[dict] = None, train_limit: Optional[int] = None,
-                     progress: bool = True, force: bool = False) -> dict:
+                     progress: bool = True, force: bool = False, reschedule: bool = False) -> dict:
     """Train dense model ``model`` with ``method`` (``params``: its model and training-only
     parameters) applied to its encoder, into ``out_dir``; the student starts from ``checkpoint``
     (default: the model's committed weights), the teacher from ``teacher_checkpoint`` (default:
@@ -116,4 +116,4 @@ def train_seg_method(model: str, method: str, params: dict, out_dir: Path, cfg: 
     hook = lambda m, ep: meth.train_step(m.encoder, {**p, **tp}, ep)  # noqa: E731
     return train_loop(student, source, cfg=cfg, out_dir=out_dir, loss_fn=loss_fn, config_extra=extra,
                       progress=progress, log_extra_cols=loss_fn.metric_names, groups=groups, step_hook=hook,
-                      force=force)
+                      force=force, reschedule=reschedule)

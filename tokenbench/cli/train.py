@@ -73,7 +73,8 @@ def register(app: typer.Typer) -> None:
                                           {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                                            "backbone_lr_scale": backbone_lr_scale, "fix_epochs": fix_epochs,
                                            "grad_clip": grad_clip}, seed, max_steps, device, checkpoint,
-                                          teacher_checkpoint, head, train_backbone, pretrained)
+                                          teacher_checkpoint, head, train_backbone, pretrained, num_workers,
+                                          reschedule)
             return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
                                seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers,
                                reschedule)
@@ -192,7 +193,8 @@ def train_dense_method(model: str, method: str, task: Optional[str], set_: Optio
                        loss_weight: Optional[List[str]], data: str, data_dir: Optional[Path], out: Optional[Path],
                        force: bool, as_json: bool, overrides: dict, seed: int, max_steps: Optional[int], device: str,
                        checkpoint: Optional[Path], teacher_checkpoint: Optional[Path], head: Optional[str],
-                       finetune: bool, pretrained: bool) -> None:
+                       finetune: bool, pretrained: bool, num_workers: Optional[int] = None,
+                       reschedule: bool = False) -> None:
     """Train dense model ``model`` with ``method`` applied to its encoder
     (:mod:`tokenbench.train_seg_method`), resumably, from its committed weights or ``checkpoint``."""
     from ..measure.env import resolve_device
@@ -216,7 +218,10 @@ def train_dense_method(model: str, method: str, task: Optional[str], set_: Optio
     params, train_params = cls.validate_training(parse_set(set_ or []))
     weights = parse_loss_weights(loss_weight, {})
     resolve_device(device)
-    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device, "backbone_lr_scale": None}
+    if num_workers is not None and num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
+    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device, "backbone_lr_scale": None,
+                     "num_workers": num_workers}
     for k, v in overrides.items():
         if v is None:
             continue
@@ -234,7 +239,8 @@ def train_dense_method(model: str, method: str, task: Optional[str], set_: Optio
                                data_dir=str(data_dir) if data_dir else None,
                                checkpoint=str(checkpoint) if checkpoint else None,
                                teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
-                               loss_weights=weights or None, progress=not as_json, force=force)
+                               loss_weights=weights or None, progress=not as_json, force=force,
+                               reschedule=reschedule)
     summary["val_miou"] = summary.pop("test_acc", None)
     print_train_summary(out, summary, as_json)
 
