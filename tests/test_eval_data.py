@@ -147,6 +147,17 @@ def test_checkpoint_params_compared_with_training(cli, tmp_path):
     assert code == 0 and pub["warnings"] == [], err
 
 
+def test_flops_of_a_checkpoint_at_other_params_warns(cli, tmp_path):
+    ckpt = _trained_run(tmp_path / "run", "topk", {"keep_rate": 0.7})
+    base = ("flops", TINY, "--method", "topk", "--checkpoint", str(ckpt), "--results", str(tmp_path / "res"))
+    code, out, err = cli(*base, "--set", "keep_rate=0.5", "--json")
+    assert code == 0, err
+    assert "warning: the checkpoint was trained with topk at keep_rate=0.7, measured here at keep_rate=0.5" in err
+    assert json.loads(out)["warnings"] == ["the checkpoint was trained with topk at keep_rate=0.7, measured here at keep_rate=0.5"]
+    code, out, err = cli(*base, "--set", "keep_rate=0.7", "--json")
+    assert code == 0 and "warning" not in err, err
+
+
 def test_trained_params_warning_is_generic():
     run = {"method": "m", "params": {"a": 1, "b": [2, 3], "c": "x"}}
     assert checks.trained_params_warnings("m", {"a": 1, "b": [2, 3], "c": "x"}, run) == []

@@ -152,7 +152,8 @@ def for_run(kind: str, spec: dict, net, prov: dict) -> list[str]:
     mi = input_config(net)
     if mi["patch_size"]:  # a patch-embedding model (others take any size)
         input_size(spec.get("img_size"), mi["img_size"], mi["patch_size"], spec["model"])
+    # a checkpoint measured at other parameters than it was trained with: FLOPs, speed and accuracy alike
+    trained = trained_params_warnings(spec["method"], spec["params"], run_config(spec.get("checkpoint")))
     if kind != "accuracy":
-        return []
-    return (weights_warnings(spec["method"], prov.get("learned_parts"), prov.get("weights"))
-            + trained_params_warnings(spec["method"], spec["params"], run_config(spec.get("checkpoint"))))
+        return trained
+    return weights_warnings(spec["method"], prov.get("learned_parts"), prov.get("weights")) + trained

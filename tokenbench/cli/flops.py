@@ -52,6 +52,8 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
     rec, reused = measure_run("flops", spec, settings, open_store(results),
                               progress=settings.flops_on_data and sys.stderr.isatty())
     pub = public_record(rec, reused, results)
+    for w in pub.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
     if json_:
         out_json(pub)
         return
@@ -70,5 +72,3 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
                        + ", ".join(f"{r['min']}/{r['q50']}/{r['max']}" for r in rows))
         typer.echo("final token count (tokens: images): "
                    + ", ".join(f"{n}: {k}" for n, k in dist["final_histogram"].items()))
-    for w in pub.get("warnings", []):
-        typer.echo(f"warning: {w}", err=True)
