@@ -47,6 +47,11 @@ def is_segmentation_model(model: nn.Module) -> bool:
     return isinstance(model, SegModel)
 
 
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The network a method acts on: a dense model's encoder, any other model itself."""
+    return model.encoder if isinstance(model, SegModel) else model
+
+
 class LinearHead(nn.Module):
     """BatchNorm and a 1 x 1 convolution on the feature maps, concatenated at the first map's
     resolution (one map: the last block; several: DINOv2's linear probe over the last four)."""

@@ -60,9 +60,13 @@ class Settings:
 
 def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> str:
     """Identity of the weights without building the model: checkpoint hash, timm tag, or random-init."""
-    from .models import embedded_paths, is_embedded
+    from .models import DENSE_MODELS, embedded_paths, is_embedded
     from .store import sha256_file
 
+    if model in DENSE_MODELS:  # an embedded dense model: its committed weights, or a checkpoint of it
+        from .runner_dense import weights_id as dense_weights_id
+
+        return dense_weights_id(model, checkpoint)
     if checkpoint:
         p = Path(checkpoint)
         if not p.is_file():
@@ -214,6 +218,13 @@ class Loaded:
 
     @property
     def net(self):
+        from .models import DENSE_MODELS
+
+        if self._net is None and self.spec["model"] in DENSE_MODELS:  # encoder + decoder, the method on the encoder
+            from .runner_dense import load_dense
+
+            self._net, self.prov = load_dense(self.spec["model"], self.spec["method"], self.spec["params"],
+                                              self.spec["checkpoint"])
         if self._net is None:
             from .api import load
 
@@ -356,7 +367,9 @@ def _measure_timed(kind: str, cls: type[Method], net: torch.nn.Module, base_net:
     """(metrics, environment) of a throughput, or of a speedup over ``base_net``: timed with
     retries while the machine is busy, the host's share beside it."""
     images = timing_images(net, settings)  # None: the synthetic batch
-    per_image = varies_per_image(cls, net, spec["params"])
+    from .models_seg import encoder_of
+
+    per_image = varies_per_image(cls, encoder_of(net), spec["params"])
     if settings.cuda_graphs and per_image:
         from .measure.graphs import NOT_CAPTURABLE
 

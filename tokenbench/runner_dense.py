@@ -158,9 +158,18 @@ def key_fields(spec: dict, settings, weights: str) -> dict:
             "device": dev.type, "precision": settings.precision}
 
 
+def dense_record_key(spec: dict, settings) -> str:
+    """The store key of ``spec``'s dense record under ``settings`` (``spec["params"]`` validated)."""
+    kf = key_fields(spec, settings, weights_id(spec["model"], spec.get("checkpoint")))
+    return record_key({"kind": KIND, **kf})
+
+
 def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force: bool = False,
-                      progress: bool = False) -> tuple[dict, bool]:
-    """(record, reused): mIoU, pixel accuracy and FLOPs of ``spec`` on ``settings.data``."""
+                      progress: bool = False, reference: Optional[Store] = None) -> tuple[dict, bool]:
+    """(record, reused): mIoU, pixel accuracy and FLOPs of ``spec`` on ``settings.data``.
+
+    ``reference``: a read-only store consulted after ``store``; a record found there is copied
+    into ``store``, unchanged."""
     from .data_scenes import build_dense_dataset
     from .measure.dense import dense_flops, evaluate_dense
     from .models_seg import untrained_note
@@ -175,6 +184,10 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
     key = record_key({"kind": KIND, **kf})
     if store is not None and not force:
         rec = store.get(key)
+        if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
+            rec = reference.get(key)
+            if rec is not None:
+                store.put_copy(rec)
         if rec is not None:
             return rec, True
         store.ensure_writable()

@@ -37,7 +37,8 @@ def _public_row(r) -> dict:
     keep = ("row_type", "model", "label", "method", "params", "seed", "n_seeds", "target", "gflops", "flops_rel",
             "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "top1", "top1_std", "top1_lo", "top1_hi",
             "top5", "n", "params_m", "device", "learned", "checkpoint", "mcnemar_p", "only_dense", "only_run",
-            "warnings")
+            "warnings", "task", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone",
+            "gflops_decoder", "iou_diff", "iou_diff_lo", "iou_diff_hi", "iou_p")
     return {**{k: getattr(r, k) for k in keep}, "flags": flags_text(r)}
 
 
@@ -418,6 +419,10 @@ def _prepare(sw_mod, spec, force: bool, console) -> tuple:
                              if r.search and r.search.get("miss") and r.search.get("warning")):
         typer.echo(f"warning: {why}", err=True)
     _note_tie_seeds(runs)
+    from ..sweep.dense import skipped_entries
+
+    for skipped in skipped_entries(spec):  # a dense sweep's methods that cannot restore the grid
+        typer.echo(f"note: {skipped['why']}", err=True)
     return out_dir, runs, keys, searcher
 
 

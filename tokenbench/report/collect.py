@@ -86,13 +86,7 @@ def collect(out: str | os.PathLike) -> dict:
         plan = read_plan(out)
     for w in caught:
         notes.append(str(w.message))
-    dense = [r for r in recs if r["kind"] == "segmentation"]
-    if dense:  # mIoU records: compared with `tokenbench compare`, not tabulated with classification rows
-        recs = [r for r in recs if r["kind"] != "segmentation"]
-        if not recs:
-            raise UserError(f"{out} holds only dense (segmentation) records, which the report does not tabulate "
-                            "yet; compare two settings with `tokenbench compare`")
-        notes.append(f"{len(dense)} dense (segmentation) record(s) left out of the table")
+    notes += (plan or {}).get("skipped") or []  # a dense sweep's methods that cannot restore the grid
     if not recs:
         raise UserError(f"no records in {out / 'records'} (run a sweep there first: tokenbench run --out {out})")
     by_key = {r["key"]: r for r in recs}

@@ -29,7 +29,9 @@ from ..errors import UserError
 from .render import NONE, num, p_value_text, sig, speedup_text
 from .plot import ERRORBAR_NOTE, plot_layers
 from .stats import params_text
-from .tables import FLAG_HELP, display_rows, flags_text, flops_cell, models_of, setting_line, top1_text
+from .plot import DENSE_ERRORBAR_NOTE
+from .tables import (FLAG_HELP, display_rows, flags_text, flops_cell, iou_test_text, miou_text, models_of,
+                     setting_line, top1_text)
 
 HTML_FILE = "report.html"
 _IDS: dict[int, int] = {}  # a row's index in the page's points while one page is built
@@ -56,7 +58,10 @@ def _point(i: int, r) -> dict:
             "flops_rel": _finite(r.flops_rel), "speedup": _finite(r.speedup), "speedup_q1": _finite(r.speedup_q1),
             "speedup_q3": _finite(r.speedup_q3), "img_per_s": _finite(r.img_per_s), "top1": _finite(r.top1),
             "top1_lo": _finite(r.top1_lo), "top1_hi": _finite(r.top1_hi), "top5": _finite(r.top5),
-            "mcnemar_p": _finite(r.mcnemar_p), "flags": flags_text(r), "dense": r.is_dense, "line_of": r.line_of}
+            "mcnemar_p": _finite(r.mcnemar_p), "flags": flags_text(r), "dense": r.is_dense, "line_of": r.line_of,
+            "task": r.task, "miou": _finite(r.miou), "miou_lo": _finite(r.miou_lo), "miou_hi": _finite(r.miou_hi),
+            "pixel_accuracy": _finite(r.pixel_accuracy), "gflops_backbone": _finite(r.gflops_backbone),
+            "iou_diff": _finite(r.iou_diff), "iou_p": _finite(r.iou_p)}
 
 
 def _hover(r) -> str:
@@ -67,6 +72,10 @@ def _hover(r) -> str:
              f"speedup: {speedup_text(r.speedup, r.speedup_q1, r.speedup_q3, r.is_dense)}",
              f"top-1: {top1_text(r)} %",
              f"McNemar p vs dense: {mc}"]
+    if r.is_seg:  # mIoU, pixel accuracy and the paired IoU test in place of top-1 and McNemar
+        lines[2] += f", backbone {sig(r.gflops_backbone)}"
+        lines[-2:] = [f"mIoU: {miou_text(r)} %", f"pixel accuracy: {num(r.pixel_accuracy, '.2f')} %",
+                      f"IoU vs dense (pts): {iou_test_text(r)}"]
     if r.flags:
         lines.append(f"flags: {html.escape(flags_text(r))}")
     return "<br>".join(lines)
@@ -77,11 +86,11 @@ def _trace(rows, xs, name, family, color, symbol, hollow, mode, dash=None, size=
     return {
         "type": "scatter", "mode": mode, "name": name, "legendgroup": fam, "legendgrouptitle": {"text": fam},
         "showlegend": show_legend, "meta": {"family": fam, "kind": "setting"},
-        "x": xs, "y": [r.top1 for r in rows], "customdata": [_IDS.get(id(r)) for r in rows],
+        "x": xs, "y": [r.score for r in rows], "customdata": [_IDS.get(id(r)) for r in rows],
         "text": [_hover(r) for r in rows], "hovertemplate": "%{text}<extra></extra>",
         "error_y": {"type": "data", "symmetric": False, "thickness": 1, "width": 2, "color": color,
-                    "array": [max(0.0, r.top1_hi - r.top1) if r.top1_hi is not None else 0.0 for r in rows],
-                    "arrayminus": [max(0.0, r.top1 - r.top1_lo) if r.top1_lo is not None else 0.0 for r in rows]},
+                    "array": [max(0.0, r.score_hi - r.score) if r.score_hi is not None else 0.0 for r in rows],
+                    "arrayminus": [max(0.0, r.score - r.score_lo) if r.score_lo is not None else 0.0 for r in rows]},
         "line": {"color": color, "width": 1.5, **({"dash": dash} if dash else {})},
         "marker": {"color": color, "size": size, "line": {"color": color, "width": 1.5},
                    "symbol": [symbol + ("-open" if id(r) in hollow else "") for r in rows]},
@@ -117,11 +126,13 @@ def _figure(rows, xcol: str, xlabel: str, colors: dict, title: str) -> Optional[
                              "star", hollow, "markers", size=15))
     if len(traces) <= (1 if len(front) > 1 else 0):
         return None
+    seg = any(r.is_seg for r in rows)
     layout = {"title": {"text": title, "font": {"size": 14}}, "template": "plotly_white", "height": 560,
-              "xaxis": {"title": {"text": xlabel}}, "yaxis": {"title": {"text": "Top-1 accuracy (%)"}},
+              "xaxis": {"title": {"text": xlabel}},
+              "yaxis": {"title": {"text": "mIoU (%)" if seg else "Top-1 accuracy (%)"}},
               "legend": {"groupclick": "togglegroup", "tracegroupgap": 6, "font": {"size": 11}},
               "hovermode": "closest", "margin": dict(l=60, r=20, t=50, b=90),
-              "annotations": [{"text": ERRORBAR_NOTE + "; hollow: flagged or unpaired timing", "showarrow": False,
+              "annotations": [{"text": (DENSE_ERRORBAR_NOTE if seg else ERRORBAR_NOTE) + "; hollow: flagged or unpaired timing", "showarrow": False,
                                "xref": "paper", "yref": "paper", "x": 0, "y": -0.2, "font": {"size": 10}}]}
     return {"data": traces, "layout": layout}
 
@@ -129,6 +140,9 @@ def _figure(rows, xcol: str, xlabel: str, colors: dict, title: str) -> Optional[
 def _table(points: list[dict], rows, multi: bool) -> str:
     cols = (["Model"] if multi else []) + ["Method", "Family", "Setting", "FLOPs", "GFLOPs", "Speedup [q1, q3]",
                                            "img/s", "Top-1 % [95% CI]", "Top-5 %", "McNemar p", "Flags"]
+    seg = any(r.is_seg for r in rows)
+    if seg:
+        cols[-4:-1] = ["mIoU % [95% CI]", "Pixel acc. %", "IoU vs dense (pts), p"]
     head = "".join(f'<th data-col="{i}" title="click to sort">{html.escape(c)}</th>' for i, c in enumerate(cols))
     body = []
     for p, r in zip(points, rows):
@@ -138,6 +152,9 @@ def _table(points: list[dict], rows, multi: bool) -> str:
             (speedup_text(r.speedup, r.speedup_q1, r.speedup_q3, r.is_dense), p["speedup"]),
             (num(r.img_per_s, ".0f"), p["img_per_s"]), (top1_text(r), p["top1"]), (num(r.top5, ".2f"), p["top5"]),
             (NONE if r.mcnemar_p is None else p_value_text(r.mcnemar_p), p["mcnemar_p"]), (flags_text(r), flags_text(r))]
+        if seg:
+            cells[-4:-1] = [(miou_text(r), p["miou"]), (num(r.pixel_accuracy, ".2f"), p["pixel_accuracy"]),
+                            (iou_test_text(r), p["iou_diff"])]
         tds = "".join(f'<td data-v="{html.escape(str("" if v is None else v))}">{html.escape(str(t))}</td>'
                       for t, v in cells)
         body.append(f'<tr data-family="{html.escape(p["family"])}">{tds}</tr>')
@@ -190,13 +207,14 @@ def html_page(res: dict) -> str:
     points = [_point(i, r) for i, r in enumerate(disp)]
     labels = list(dict.fromkeys(r.label for r in disp if not r.is_dense))
     colors = {lab: PALETTE[i % len(PALETTE)] for i, lab in enumerate(labels)}
-    drawn = [r for r in disp if r.top1 is not None]
+    drawn = [r for r in disp if r.score is not None]
+    what = "mIoU" if any(r.is_seg for r in disp) else "top-1"
     models = models_of([r for r in drawn if not r.line_of])
     figs = []
     for model in models:
         rows = [r for r in drawn if r.model == model or r.line_of == model]
         for xcol, xlabel in AXES:
-            fig = _figure(rows, xcol, xlabel, colors, f"{model}: top-1 against {xlabel.split(' (')[0].lower()}")
+            fig = _figure(rows, xcol, xlabel, colors, f"{model}: {what} against {xlabel.split(' (')[0].lower()}")
             if fig is not None:
                 figs.append(fig)
     families = sorted({p["family"] for p in points})
@@ -223,7 +241,7 @@ def html_page(res: dict) -> str:
 <div class="plots">{fig_html}</div>
 <h2>All settings</h2>
 <p>Click a column's header to sort. Speedup: paired with the dense model, median over rounds with its
-quartiles. Top-1: with its 95% Wilson interval. McNemar p: exact test against the dense model on the same images.</p>
+quartiles. {_score_text(what)}</p>
 {_table(points, disp, len(models) > 1)}
 {"<h2>Flags</h2><ul>" + flag_items + "</ul>" if flag_items else ""}
 {"<h2>Notes</h2><ul>" + notes + "</ul>" if notes else ""}
@@ -232,6 +250,14 @@ quartiles. Top-1: with its 95% Wilson interval. McNemar p: exact test against th
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _score_text(what: str) -> str:
+    if what == "mIoU":
+        return ("mIoU: one confusion matrix over the set, with its 95% bootstrap interval over images; GFLOPs of "
+                "backbone and decoder. IoU vs dense: mean per-image IoU difference from the dense model (points), "
+                "its 95% bootstrap interval and the Wilcoxon signed-rank p.")
+    return "Top-1: with its 95% Wilson interval. McNemar p: exact test against the dense model on the same images."
 
 
 def write_html(res: dict) -> Path:

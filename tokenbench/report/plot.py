@@ -31,6 +31,7 @@ def pareto(points: list[tuple[float, float]], lower_x_better: bool) -> list[tupl
 
 
 ERRORBAR_NOTE = "error bars: 95% Wilson interval of top-1"
+DENSE_ERRORBAR_NOTE = "error bars: 95% bootstrap interval of mIoU"
 # baselines (the resolution and pooling baselines, dense models of other sizes) are drawn dashed
 BASELINE_LINESTYLE = "--"
 
@@ -77,7 +78,7 @@ def x_values(rows: list[Row], xcol: str) -> tuple[dict[int, float], set[int]]:
 
 def _layers(rows: list[Row], xcol: str) -> dict:
     xv, unpaired = x_values(rows, xcol)
-    pts = [r for r in rows if id(r) in xv and r.top1 is not None]
+    pts = [r for r in rows if id(r) in xv and r.score is not None]
     dense = [r for r in pts if r.is_dense and not r.line_of]
     others = [r for r in pts if r.line_of]  # dense models of other sizes: one line with this model's dense
     line = sorted(dense + others, key=lambda r: xv[id(r)]) if others else []
@@ -94,7 +95,7 @@ def _layers(rows: list[Row], xcol: str) -> dict:
     hollow = {id(r) for r in pts if timed and timing_flagged(r)} | unpaired
     return {"curves": curves, "points": points, "dense": dense, "line": line, "hollow": hollow, "unpaired": unpaired,
             "x": {id(r): xv[id(r)] for r in pts},
-            "frontier": pareto([(xv[id(r)], r.top1) for r in pts if id(r) not in unpaired], xcol == "gflops")}
+            "frontier": pareto([(xv[id(r)], r.score) for r in pts if id(r) not in unpaired], xcol == "gflops")}
 
 
 def _point_label(r: Row, has_curve: bool) -> str:
@@ -138,14 +139,17 @@ def plot(res: dict, plots_dir: Path, save=savefig) -> list[Path]:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    disp = [r for r in res["display"] if r.top1 is not None]
+    disp = [r for r in res["display"] if r.score is not None]
     written: list[Path] = []
     models = models_of([r for r in disp if not r.line_of])
     labels = list(dict.fromkeys(r.label for r in disp if not r.is_dense))
     families = {r.label: r.family for r in disp if not r.is_dense}
     style = method_styles(labels, families)
-    axes_spec = [("gflops", "accuracy_vs_gflops", "Computation (GFLOPs per image)"),
-                 ("speedup", "accuracy_vs_throughput", "Speedup over dense")]
+    dense_task = any(r.is_seg for r in disp)  # mIoU on y; GFLOPs of backbone and decoder together
+    what = "miou" if dense_task else "accuracy"
+    axes_spec = [("gflops", f"{what}_vs_gflops", "Computation (GFLOPs per image" +
+                  (", backbone + decoder)" if dense_task else ")")),
+                 ("speedup", f"{what}_vs_throughput", "Speedup over dense")]
     for model in models:
         rows = [r for r in disp if r.model == model or r.line_of == model]
         for xcol, fname, xlabel in axes_spec:
@@ -175,11 +179,13 @@ def _axis_figure(layers: dict, xcol: str, xlabel: str, title, style: dict, famil
         handles += _hollow_handles(layers)
         timed = [r for rs in layers["curves"].values() for r in rs] + layers["points"] + layers["dense"]
         ax.set_xlabel(xlabel if xcol == "gflops" else _tp_label(timed))
-        ax.set_ylabel("Top-1 accuracy (%)")
+        seg = any(r.is_seg for r in timed)  # mIoU on a dense task
+        ax.set_ylabel("mIoU (%)" if seg else "Top-1 accuracy (%)")
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10], min_n_ticks=MIN_Y_TICKS))
         if title:
             ax.set_title(title)
-        note = ERRORBAR_NOTE + ("; curves dodged slightly in x" if any(dodge.values()) else "")
+        note = (DENSE_ERRORBAR_NOTE if seg else ERRORBAR_NOTE) + (
+            "; curves dodged slightly in x" if any(dodge.values()) else "")
         if untimed:
             note += f"; {untimed} setting(s) not timed on this CPU, not drawn"
         fig.tight_layout()
@@ -211,17 +217,17 @@ def _draw_layers(ax, layers: dict, dodge: dict, style: dict, families: dict) -> 
 
     def draw(r, x, color, marker, ms, zorder):
         lo, hi = _yerr([r])
-        ax.errorbar([x], [r.top1], yerr=[lo, hi], fmt="none", ecolor=color, elinewidth=0.6,
+        ax.errorbar([x], [r.score], yerr=[lo, hi], fmt="none", ecolor=color, elinewidth=0.6,
                     capsize=1.2, alpha=0.55, zorder=zorder - 1)
         hollow = id(r) in layers["hollow"]
-        ax.plot([x], [r.top1], ls="none", marker=marker, ms=ms, mec=color if hollow else "white",
+        ax.plot([x], [r.score], ls="none", marker=marker, ms=ms, mec=color if hollow else "white",
                 mew=0.9 if hollow else 0.4, mfc="none" if hollow else color, zorder=zorder)
 
     for lab, lr in layers["curves"].items():
         color, marker = style[lab]
         xs = [xv[id(r)] + dodge[lab] for r in lr]
         ls = BASELINE_LINESTYLE if families.get(lab) == "baseline" else "-"
-        ax.plot(xs, [r.top1 for r in lr], color=color, lw=1.0, ls=ls, alpha=0.85, zorder=2)
+        ax.plot(xs, [r.score for r in lr], color=color, lw=1.0, ls=ls, alpha=0.85, zorder=2)
         for r, x in zip(lr, xs):
             draw(r, x, color, marker, 4.0, 3)
         handles.append(Line2D([], [], color=color, marker=marker, ms=4.0, mec="white", mew=0.4, label=lab))
@@ -232,12 +238,12 @@ def _draw_layers(ax, layers: dict, dodge: dict, style: dict, families: dict) -> 
                               mew=0.4, label=_point_label(r, r.label in layers["curves"])))
     if layers["line"]:
         lr = layers["line"]
-        ax.plot([xv[id(r)] for r in lr], [r.top1 for r in lr], color="black", lw=1.0,
+        ax.plot([xv[id(r)] for r in lr], [r.score for r in lr], color="black", lw=1.0,
                 ls=BASELINE_LINESTYLE, alpha=0.7, zorder=2)
         for r in lr:
             if r.line_of:
                 draw(r, xv[id(r)], "black", "P", 5.0, 6)
-                ax.annotate(r.model, (xv[id(r)], r.top1), textcoords="offset points", xytext=(3, -8),
+                ax.annotate(r.model, (xv[id(r)], r.score), textcoords="offset points", xytext=(3, -8),
                             fontsize=5.5, color="0.25")
         handles.append(Line2D([], [], color="black", ls=BASELINE_LINESTYLE, marker="P", ms=5.0,
                               mec="white", mew=0.4, label="dense models of other sizes"))
@@ -274,8 +280,8 @@ def _tp_label(rows) -> str:
 
 
 def _yerr(rows):
-    lo = [max(0.0, r.top1 - r.top1_lo) if r.top1_lo is not None else 0.0 for r in rows]
-    hi = [max(0.0, r.top1_hi - r.top1) if r.top1_hi is not None else 0.0 for r in rows]
+    lo = [max(0.0, r.score - r.score_lo) if r.score_lo is not None else 0.0 for r in rows]
+    hi = [max(0.0, r.score_hi - r.score) if r.score_hi is not None else 0.0 for r in rows]
     return [lo, hi]
 
 

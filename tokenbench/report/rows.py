@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 DENSE_METHOD = "none"
 
-RECORD_KINDS = ("flops", "throughput", "speedup", "accuracy")
+RECORD_KINDS = ("flops", "throughput", "speedup", "accuracy", "segmentation")
+DENSE_KIND = "segmentation"  # a dense run's record: mIoU, pixel accuracy, per-image IoU, FLOPs of backbone and decoder
 
 
 @dataclass(eq=False)
@@ -74,6 +75,20 @@ class Row:
     mcnemar_p: Optional[float] = None
     only_dense: Optional[float] = None
     only_run: Optional[float] = None
+    # dense prediction (a ``segmentation`` record) and the paired test against dense on per-image IoU
+    task: str = "classification"
+    miou: Optional[float] = None
+    miou_lo: Optional[float] = None
+    miou_hi: Optional[float] = None
+    miou_std: Optional[float] = None
+    pixel_accuracy: Optional[float] = None
+    gflops_backbone: Optional[float] = None
+    gflops_decoder: Optional[float] = None
+    per_image_iou: Optional[list] = None
+    iou_diff: Optional[float] = None        # mean per-image IoU of this run minus the dense model's
+    iou_diff_lo: Optional[float] = None
+    iou_diff_hi: Optional[float] = None
+    iou_p: Optional[float] = None           # Wilcoxon signed-rank p on per-image IoU against dense
     # provenance and trust
     keys: dict = field(default_factory=dict)  # record kind -> record key
     warnings: list = field(default_factory=list)
@@ -85,6 +100,23 @@ class Row:
     @property
     def target(self) -> Optional[str]:
         return "/".join(f"{x:g}" for x in self.targets) or None
+
+    @property
+    def is_seg(self) -> bool:
+        return self.task == DENSE_KIND
+
+    @property
+    def score(self) -> Optional[float]:
+        """What the plots draw on y: mIoU for a dense task, top-1 otherwise (both in %)."""
+        return self.miou if self.is_seg else self.top1
+
+    @property
+    def score_lo(self) -> Optional[float]:
+        return self.miou_lo if self.is_seg else self.top1_lo
+
+    @property
+    def score_hi(self) -> Optional[float]:
+        return self.miou_hi if self.is_seg else self.top1_hi
 
     @property
     def is_dense(self) -> bool:
@@ -199,6 +231,8 @@ def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], pl
     if stale:
         flags.add("stale")
         row.stale = "; ".join(dict.fromkeys(stale))
+    if recs.get(DENSE_KIND) is not None:
+        _dense_cells(row, recs[DENSE_KIND], t is None)
     if a is not None:
         m, kf = a["metrics"], a.get("key_fields", {})
         row.top1_lo, row.top1_hi = (m.get("top1_ci95") or [None, None])[:2]
@@ -214,6 +248,20 @@ def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], pl
         else:
             flags.add("warning")
     return row
+
+
+def _dense_cells(row: Row, rec: dict, device_from_it: bool) -> None:
+    """A dense record's mIoU (and interval), pixel accuracy, per-image IoU and FLOPs, in ``row``."""
+    m, kf = rec["metrics"], rec.get("key_fields", {})
+    row.task = DENSE_KIND
+    row.miou, row.pixel_accuracy, row.n = m.get("miou"), m.get("pixel_accuracy"), m.get("n")
+    row.miou_lo, row.miou_hi = (m.get("miou_ci95") or [None, None])[:2]
+    row.per_image_iou = m.get("per_image_iou")
+    row.gflops, row.params_m = m.get("gflops"), m.get("params_m")
+    row.gflops_backbone, row.gflops_decoder = m.get("gflops_backbone"), m.get("gflops_decoder")
+    row.acc_setting = acc_setting(rec)
+    if device_from_it:  # the throughput record's device and precision come first
+        row.device, row.precision = kf.get("device"), kf.get("precision")
 
 
 def setting_key(row: Row) -> str:

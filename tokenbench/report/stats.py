@@ -41,6 +41,18 @@ def compare_with_dense(rows: list[Row]) -> None:
                 and len(r.correct) == len(d.correct):
             res = mcnemar([c == "1" for c in d.correct], [c == "1" for c in r.correct])
             r.mcnemar_p, r.only_dense, r.only_run = res["p_value"], res["only_a"], res["only_b"]
+        if r is not d and r.per_image_iou and d.per_image_iou and r.acc_setting == d.acc_setting \
+                and len(r.per_image_iou) == len(d.per_image_iou):
+            _paired_iou(r, d)
+
+
+def _paired_iou(r: Row, d: Row) -> None:
+    """The paired test of a dense run against the dense model on the same images' IoU (in place)."""
+    from ..measure_dense import paired_iou_test
+
+    res = paired_iou_test(r.per_image_iou, d.per_image_iou)
+    r.iou_diff, r.iou_p = 100.0 * res["mean_diff"], res["p_value"]
+    r.iou_diff_lo, r.iou_diff_hi = (100.0 * v for v in res["diff_ci95"])
 
 
 # How far the ratio of two separately timed img/s may fall outside the paired speedup's quartiles
@@ -69,7 +81,8 @@ def _std(xs):
 
 MEAN_COLUMNS = ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "speedup_q1",
                 "speedup_q3", "latency_ms_p50", "top1", "top1_lo", "top1_hi", "top5", "params_m", "only_dense",
-                "only_run")
+                "only_run", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "gflops_decoder",
+                "iou_diff", "iou_diff_lo", "iou_diff_hi")
 
 
 def _mean_row(g: list[Row]) -> Row:
@@ -83,6 +96,9 @@ def _mean_row(g: list[Row]) -> Row:
     m.top1_std = _std([r.top1 for r in g if r.top1 is not None])
     m.top5_std = _std([r.top5 for r in g if r.top5 is not None])
     m.img_per_s_std = _std([r.img_per_s for r in g if r.img_per_s is not None])
+    m.miou_std = _std([r.miou for r in g if r.miou is not None])
+    iou_ps = [r.iou_p for r in g if r.iou_p is not None]
+    m.iou_p = max(iou_ps) if iou_ps else None
     ps = [r.mcnemar_p for r in g if r.mcnemar_p is not None]
     m.mcnemar_p = max(ps) if ps else None  # the most conservative of the seeds
     if m.flops_rel is not None and m.targets and "flops-miss" not in m.flags and _misses_target(m):

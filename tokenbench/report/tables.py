@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .render import (NONE, csv_table, fmt_value, interval_text, markdown_table, num, p_value_text, params_json, sig,
-                     speedup_text, tex_escape)
+                     signed, speedup_text, tex_escape)
 from .stats import UNPAIRED_TOLERANCE, params_text
 from .rows import RECORD_KINDS, Row, method_declaration
 from ..sweep import DEFAULT_TOLERANCE
@@ -32,6 +32,8 @@ CSV_COLUMNS = [
     "top1_std", "top1_lo", "top1_hi", "top5", "top5_std", "n", "params_m", "device", "device_name", "threads",
     "batch_size", "precision", "learned", "checkpoint", "mcnemar_p", "only_dense", "only_run", "flags",
     "warnings", "stale", "flops_key", "throughput_key", "speedup_key", "accuracy_key",
+    "task", "miou", "miou_std", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "gflops_decoder",
+    "iou_diff", "iou_diff_lo", "iou_diff_hi", "iou_p", "segmentation_key",
 ]
 SUMMARY_COLUMNS = ("Method", "Setting", "FLOPs", "Speedup", "Top-1 % [95% CI]", "Flags")
 # Flags that make a throughput (and so a speedup) unreliable: drawn hollow, marked in tables.
@@ -74,7 +76,47 @@ def flags_text(r: Row) -> str:
     return ",".join(sorted(r.flags))
 
 
+def miou_text(r: Row, pm: str = "±") -> str:
+    """mIoU (± std over seeds) and its 95% bootstrap interval."""
+    out = num(r.miou, ".2f")
+    if r.row_type == "mean" and r.miou_std is not None:
+        out += f" {pm} {r.miou_std:.2f}"
+    return out + interval_text(r.miou_lo, r.miou_hi)
+
+
+def iou_test_text(r: Row) -> str:
+    """The paired test against dense on per-image IoU: mean difference in points, its interval, p."""
+    if r.iou_diff is None:
+        return NONE
+    return (f"{signed(r.iou_diff, '.2f')} [{signed(r.iou_diff_lo, '.2f')}, {signed(r.iou_diff_hi, '.2f')}], "
+            f"p {p_value_text(r.iou_p)}")
+
+
+def _dense_cells(r: Row, cells: dict[str, str]) -> dict[str, str]:
+    """A dense run's cells: mIoU, pixel accuracy, backbone GFLOPs and the paired IoU test in place of
+    top-1, top-5 and McNemar."""
+    out = {}
+    for k, v in cells.items():
+        if k == "GFLOPs":
+            out[k], out["GFLOPs backbone"] = v, sig(r.gflops_backbone)
+        elif k == "Top-1 % [95% CI]":
+            out["mIoU % [95% CI]"] = miou_text(r)
+        elif k == "Top-5 %":
+            out["Pixel acc. %"] = num(r.pixel_accuracy, ".2f")
+        elif k == "McNemar p (b/c)":
+            out["IoU vs dense (pts) [95% CI], Wilcoxon p"] = iou_test_text(r)
+        else:
+            out[k] = v
+    return out
+
+
 def display_cells(r: Row, tex: bool = False) -> dict[str, str]:
+    if r.is_seg:
+        return _dense_cells(r, _class_cells(r, tex))
+    return _class_cells(r, tex)
+
+
+def _class_cells(r: Row, tex: bool) -> dict[str, str]:
     pm = r"$\pm$" if tex else "±"
     top5 = num(r.top5, ".2f")
     if r.row_type == "mean" and r.top5_std is not None:
@@ -123,7 +165,7 @@ def markdown(res: dict) -> str:
     if desc:
         lines.append(desc + "\n")
     lines.append(setting_line(res) + "\n")
-    lines += markdown_table(cols, (([r.model] if multi else []) + [c[k] for k in cells[0]]
+    lines += markdown_table(cols, (([r.model] if multi else []) + [c.get(k, NONE) for k in cells[0]]
                                    for r, c in zip(disp, cells)))
     lines.append("")
     lines += _legend(res)
@@ -138,8 +180,8 @@ def setting_line(res: dict) -> str:
     acc = next((r.acc_setting for r in disp if r.acc_setting), None)
     if acc:
         data, split, limit, seed = acc[:4]
-        parts.append(f"accuracy on {data} {split}, {n} images" + (f" (seeded stratified subset, seed {seed})"
-                                                                   if limit else ""))
+        what = "mIoU" if any(r.is_seg for r in disp) else "accuracy"
+        parts.append(f"{what} on {data} {split}, {n} images" + (f" (seeded subset, seed {seed})" if limit else ""))
     tp = next((r for r in disp if r.img_per_s is not None), None)
     if tp:
         parts.append(f"throughput on {tp.device_name or tp.device}, {tp.threads} threads, "
@@ -147,17 +189,27 @@ def setting_line(res: dict) -> str:
     return "Settings: " + ("; ".join(parts) if parts else "FLOPs only") + "."
 
 
+DENSE_LEGEND = (
+    "Dense task: GFLOPs count the backbone and the decoder together (GFLOPs backbone: the encoder alone; FLOPs "
+    "and the matched-FLOPs targets are fractions of the whole dense model's). mIoU: one confusion matrix over "
+    "the set, with its 95% bootstrap interval over images; pixel accuracy over every scored pixel. IoU vs dense: "
+    "the mean difference of per-image IoU from the dense model's on the same images (points), its 95% bootstrap "
+    "interval, and the Wilcoxon signed-rank p.")
+
+
 def _legend(res: dict) -> list[str]:
     disp = display_rows(res)
     tol = disp[0].tolerance if disp else DEFAULT_TOLERANCE
+    seg = any(r.is_seg for r in disp)
+    scored = DENSE_LEGEND if seg else (
+        "Top-1: with its 95% Wilson interval. McNemar p (b/c): exact test against the dense model on the same "
+        "images; b = images only the dense model gets right, c = images only this run gets right.")
     lines = [
         "GFLOPs: fvcore, one multiply-add = one FLOP, per image. FLOPs: relative to the dense model. "
         "Speedup: the run's speed over the dense model's, both timed interleaved in rounds in one process on "
-        "the same input (median ratio over rounds, with its quartiles). "
-        "Top-1: with its 95% Wilson interval. McNemar p (b/c): exact test against the dense model on the same "
-        "images; b = images only the dense model gets right, c = images only this run gets right. "
+        "the same input (median ratio over rounds, with its quartiles). " + scored + " "
         "Rows with several seeds: mean ± std over the seeds (interval: mean of the per-seed intervals; "
-        "McNemar: the largest per-seed p; per-seed rows in results.csv).",
+        f"{'the paired test' if seg else 'McNemar'}: the largest per-seed p; per-seed rows in results.csv).",
         "",
     ]
     used = sorted({f for r in disp for f in r.flags})
@@ -214,7 +266,7 @@ def latex(res: dict) -> str:
         "\\midrule",
     ]
     for r, c in zip(disp, cells):
-        vals = ([r.model] if multi else []) + [c[k] for k in keys]
+        vals = ([r.model] if multi else []) + [c.get(k, NONE) for k in keys]
         lines.append(" & ".join(tex_escape(v) for v in vals) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -242,12 +294,13 @@ def paper_setting(r: Row) -> str:
 
 
 def _paper_top1(r: Row) -> str:
-    """Top-1 ± the half-width of its 95% Wilson interval (seeded rows: of the mean per-seed interval)."""
-    if r.top1 is None:
+    """Top-1 (mIoU on a dense task) ± the half-width of its 95% interval (seeded rows: of the mean
+    per-seed interval)."""
+    if r.score is None:
         return "--"
-    if r.top1_lo is None:
-        return f"{r.top1:.2f}"
-    return f"{r.top1:.2f} $\\pm$ {(r.top1_hi - r.top1_lo) / 2:.1f}"
+    if r.score_lo is None:
+        return f"{r.score:.2f}"
+    return f"{r.score:.2f} $\\pm$ {(r.score_hi - r.score_lo) / 2:.1f}"
 
 
 def latex_paper(res: dict) -> str:
@@ -258,7 +311,8 @@ def latex_paper(res: dict) -> str:
     """
     disp = display_rows(res)
     multi = len(models_of(disp)) > 1
-    cols = (["Model"] if multi else []) + ["Method", "Setting", "GFLOPs", "Speedup", "Top-1 (\\%)"]
+    score = "mIoU (\\%)" if any(r.is_seg for r in disp) else "Top-1 (\\%)"
+    cols = (["Model"] if multi else []) + ["Method", "Setting", "GFLOPs", "Speedup", score]
     dagger = any(timing_flagged(r) and r.speedup is not None for r in disp)
     lines = [
         "% tokenbench: compact results table for one paper column (needs \\usepackage{booktabs});",
@@ -281,8 +335,12 @@ def latex_paper(res: dict) -> str:
 
 def _paper_caption(res: dict, dagger: bool) -> str:
     parts = [setting_line(res).replace("Settings: ", "").rstrip(".") + "."]
-    parts.append("GFLOPs per image (fvcore, one multiply-add = one FLOP); speedup: throughput over the dense "
-                 "model's; top-1 with the half-width of its 95% Wilson interval.")
+    if any(r.is_seg for r in display_rows(res)):
+        parts.append("GFLOPs per image of backbone and decoder (fvcore, one multiply-add = one FLOP); speedup: "
+                     "throughput over the dense model's; mIoU with the half-width of its 95% bootstrap interval.")
+    else:
+        parts.append("GFLOPs per image (fvcore, one multiply-add = one FLOP); speedup: throughput over the dense "
+                     "model's; top-1 with the half-width of its 95% Wilson interval.")
     if any(r.row_type == "mean" for r in display_rows(res)):
         parts.append("Rows with several seeds: mean over the seeds.")
     if dagger:
@@ -337,15 +395,18 @@ def summary_table(res: dict):
         setting = "" if r.is_dense else paper_setting(r)
         if r.learned not in (None, "none"):
             setting += ("; " if setting else "") + r.learned
-        top1 = num(r.top1, ".2f")
-        if r.row_type == "mean" and r.top1_std is not None:
-            top1 += f"±{r.top1_std:.2f}"
-        if r.top1_lo is not None:
-            top1 += f" [{r.top1_lo:.1f}–{r.top1_hi:.1f}]"  # no space inside: it wraps before the interval
+        top1 = num(r.score, ".2f")
+        std = r.miou_std if r.is_seg else r.top1_std
+        if r.row_type == "mean" and std is not None:
+            top1 += f"±{std:.2f}"
+        if r.score_lo is not None:
+            top1 += f" [{r.score_lo:.1f}–{r.score_hi:.1f}]"  # no space inside: it wraps before the interval
         rows.append(([r.model] if multi else []) +
                     [c["Method"], setting or NONE, c["FLOPs"], c["Speedup [q1, q3]"].split(" [")[0], top1,
                      ", ".join(sorted(r.flags))])
     cols = (["Model"] if multi else []) + list(SUMMARY_COLUMNS)
+    if any(r.is_seg for r in disp):
+        cols = [("mIoU % [95% CI]" if c == "Top-1 % [95% CI]" else c) for c in cols]
     # columns nothing was measured for (a FLOPs-only sweep's speedup and top-1) are left out
     shown = [j for j, c in enumerate(cols)
              if c in ("Method", "Setting") or any(row[j] not in (NONE, "") for row in rows)]
@@ -356,7 +417,8 @@ def summary_table(res: dict):
         c = cols[j]
         t.add_column(c, no_wrap=c in ("Method", "FLOPs", "Speedup"), justify="right" if c in ("FLOPs", "Speedup")
                      else "left", overflow="fold",
-                     min_width={"Setting": 16, "Top-1 % [95% CI]": 17, "Flags": flag_width}.get(c))
+                     min_width={"Setting": 16, "Top-1 % [95% CI]": 17, "mIoU % [95% CI]": 17,
+                                "Flags": flag_width}.get(c))
     for row in rows:
         t.add_row(*(row[j] for j in shown))
     return t

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from .. import distributed
+from .dense import DENSE_KIND
 from .expand import Run
 from .format import Sweep
 from .plan import baseline_spec, kinds_for, recorded, reference_store, run_keys, run_settings, timing_reference
@@ -62,7 +63,11 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
                     claimed.append((run, kind, claim))
                     continue
                 with turn(kind in TIMED):
-                    if kind == "flops":
+                    if kind == DENSE_KIND:  # mIoU, pixel accuracy and FLOPs of a dense run, one record
+                        from ..runner_dense import measure_dense_run
+
+                        rec, reused = measure_dense_run(run.spec(), settings, store, force=again, reference=reference)
+                    elif kind == "flops":
                         import torch
 
                         threads = torch.get_num_threads()

@@ -78,13 +78,17 @@ def _entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
 def count_searches(sw: Sweep) -> int:
     """How many matched-FLOPs searches :func:`expand` makes (each answered from the cache when it can)."""
     from ..registry import get_method
+    from .dense import is_skipped
 
     n = 0
-    for e in sw.methods:
-        cls = get_method(e.method)
-        combos = math.prod(len(v) for k, v in e.grid.items() if k != cls.knob)
-        n += combos * len(_entry_targets(sw, e, cls))
-    return n * len(sw.models)
+    for model in sw.models:
+        for e in sw.methods:
+            if is_skipped(sw, e, model):
+                continue
+            cls = get_method(e.method)
+            combos = math.prod(len(v) for k, v in e.grid.items() if k != cls.knob)
+            n += combos * len(_entry_targets(sw, e, cls))
+    return n
 
 
 class _Progress:
@@ -202,6 +206,7 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
     target and model), after each fvcore count it makes (``counts``: made so far) and once at the
     end (``done == total``)."""
     from ..registry import get_method
+    from .dense import is_skipped
 
     searcher = searcher or FlopsSearch()
     progress = _Progress(searcher, on_search, count_searches(sw) if on_search else 0)
@@ -210,6 +215,8 @@ def expand(sw: Sweep, searcher: Optional[FlopsSearch] = None,
         for run in _dense_runs(sw, model):
             found.add(run)
         for e in sw.methods:
+            if is_skipped(sw, e, model):  # a dense sweep's method that cannot restore the grid
+                continue
             cls = get_method(e.method)
             seed_p, seeds = _entry_seeds(sw, e, cls)
             others = {k: v for k, v in e.grid.items() if k != cls.knob}

@@ -13,6 +13,9 @@ Sweep file format (TOML; YAML with the same structure works too)::
     reference = "results/default"    # optional: a read-only results directory (the project's reference
                                      # results) whose records are reused when their keys match
     models = ["default"]             # timm names, or `default` (the embedded Fashion-MNIST ViT); or model = "..."
+    task = "segmentation"            # optional: classification or segmentation (default: the data decides;
+                                     # dense data such as fashion-mnist-scenes with dense models such as
+                                     # default-seg, :mod:`.dense`)
     img_size = 224                   # optional input resolution (timm models)
     dense_family = ["default-small"] # optional: other dense models drawn as a line on each model's
                                      # accuracy plot ("use a smaller model"), e.g. DeiT-T/S/B
@@ -55,6 +58,7 @@ Sweep file format (TOML; YAML with the same structure works too)::
     method = "tome"
     prop_attn = false
     flops_targets = [0.7]            # per-entry targets (replace the sweep's; [] for none)
+    models = ["default"]             # only on these of the sweep's models (default: all of them)
     [methods.random]
     seeds = [0, 1, 2, 3]             # per-entry seeds
     [methods.dynamicvit]
@@ -82,13 +86,13 @@ DENSE_METHOD = "none"  # the registry's identity method: the baseline every run 
 KINDS = ("flops", "throughput", "accuracy")
 DEFAULT_TOLERANCE = 0.01  # one point of the dense model's FLOPs
 
-TOP_KEYS = ("name", "description", "out", "reference", "models", "model", "dense_family", "img_size", "pretrained", "measure", "flops_targets",
+TOP_KEYS = ("name", "description", "out", "reference", "task", "models", "model", "dense_family", "img_size", "pretrained", "measure", "flops_targets",
             "flops_tolerance", "seeds", "dense", "device", "precision", "data", "throughput", "methods")
 DATA_KEYS = ("name", "split", "limit", "seed", "dir", "batch_size")
 THROUGHPUT_KEYS = ("batch_size", "threads", "min_run_time", "latency", "rounds", "retries", "compile",
                    "cuda_graphs", "time_by_default")
 RUNS_DIR = Path("runs")  # where a sweep writes by default: the user's own results, apart from results/
-ENTRY_KEYS = ("method", "flops_targets", "seeds", "checkpoint", "checkpoints")
+ENTRY_KEYS = ("method", "models", "flops_targets", "seeds", "checkpoint", "checkpoints")
 
 
 # --------------------------------------------------------------------------- the spec
@@ -104,6 +108,7 @@ class MethodEntry:
     seeds: Optional[list[int]] = None
     checkpoint: Optional[str] = None
     checkpoints: dict[str, str] = field(default_factory=dict)
+    models: Optional[list[str]] = None            # None: every model of the sweep
 
 
 @dataclass
@@ -143,6 +148,7 @@ class Sweep:
     time_by_default: Optional[list[str]] = None
     reference_timings: bool = True   # reuse the reference's throughput and speedup records
     source: str = "<flags>"
+    task: str = "classification"     # segmentation: every run measured by runner_dense (mIoU, :mod:`.dense`)
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else RUNS_DIR / self.name
@@ -306,11 +312,18 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> Sweep:
     _parse_models(raw, sw, source)
     _parse_settings(raw, sw, source)
     _parse_data(raw.get("data"), sw, source)
+    from .dense import parse_task
+
+    parse_task(raw, sw, source)
     _parse_throughput(raw.get("throughput") or {}, sw, source)
     if raw.get("reference") is not None:
         sw.reference = str(_typed(raw["reference"], str, "reference", source))
     _parse_measure(raw, sw, source)
     sw.methods = _parse_methods(raw.get("methods"), source)
+    for e in sw.methods:
+        if e.models is not None and not set(e.models) <= set(sw.models):
+            raise UserError(f"{source}: [methods.{e.label}] models: {', '.join(sorted(set(e.models) - set(sw.models)))} "
+                            f"not among the sweep's models ({', '.join(sw.models)})")
     if sw.time_by_default is not None:
         check_selectors(sw)
     return sw
@@ -320,7 +333,7 @@ def _parse_models(raw: dict, sw: Sweep, source: str) -> None:
     """``models`` (or ``model``) and ``dense_family``: timm names or the embedded models."""
     import timm
 
-    from ..models import is_embedded
+    from ..models import DENSE_MODELS, is_embedded
 
     if "model" in raw and "models" in raw:
         raise UserError(f"{source}: give `models` or `model`, not both")
@@ -335,10 +348,10 @@ def _parse_models(raw: dict, sw: Sweep, source: str) -> None:
         _typed(m, str, "each dense_family model", source)
     sw.dense_family = [m for m in dict.fromkeys(family) if m not in sw.models]
     for m in sw.models + sw.dense_family:
-        if not is_embedded(m) and not timm.is_model(m):
+        if not is_embedded(m) and m not in DENSE_MODELS and not timm.is_model(m):
             raise UserError(f"{source}: unknown model {m!r}{did_you_mean(m, timm.list_models())} "
                             "(a timm model name, or `default` / `default-small` / `default-convnext` for the "
-                            "embedded models)")
+                            "embedded models, `default-seg` / `default-convnext-seg` for the dense ones)")
 
 
 def _parse_settings(raw: dict, sw: Sweep, source: str) -> None:
@@ -365,13 +378,16 @@ def _parse_data(data: Any, sw: Sweep, source: str) -> None:
         _check_keys(data, DATA_KEYS, "[data]", source)
         if "name" not in data:
             raise UserError(f"{source}: [data] needs a `name` (fashion-mnist, imagenet, folder, synthetic)")
-        from ..data import DATASETS
+        from ..data import DATASETS as CLASSIFICATION_DATA
+        from ..data_scenes import DENSE_DATASETS
+        from .dense import default_split
 
+        DATASETS = CLASSIFICATION_DATA + DENSE_DATASETS
         sw.data = str(_typed(data["name"], str, "data name", source))
         if sw.data not in DATASETS:
             raise UserError(f"{source}: unknown dataset {sw.data!r}{did_you_mean(sw.data, DATASETS)}; "
                             f"choose from {', '.join(DATASETS)}")
-        sw.split = str(_typed(data.get("split", "test"), str, "data split", source))
+        sw.split = str(_typed(data.get("split", default_split(sw.data)), str, "data split", source))
         if sw.split not in ("val", "test", "train"):
             raise UserError(f"{source}: unknown data split {sw.split!r}"
                             f"{did_you_mean(sw.split, ('val', 'test', 'train'))} (use train, val or test)")
@@ -483,6 +499,9 @@ def _parse_entry(label: str, body: Any, source: str) -> MethodEntry:
         if cls.seed_param is None:
             raise UserError(f"{source}: [methods.{label}]: seeds apply to non-deterministic methods that "
                             f"declare a seed parameter; {mname} is deterministic")
+    if body.get("models") is not None:
+        entry.models = [str(_typed(m, str, f"[methods.{label}] models", source))
+                        for m in _as_list(body["models"], f"[methods.{label}] models", source)]
     if body.get("checkpoint") is not None:
         entry.checkpoint = str(_typed(body["checkpoint"], str, f"[methods.{label}] checkpoint", source))
     if body.get("checkpoints") is not None:

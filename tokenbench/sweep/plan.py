@@ -33,8 +33,10 @@ def run_settings(run: Run, sw: Sweep):
 
     from ..inputs import SEARCH_IMAGES
 
+    from .dense import is_dense
+
     s = sw.settings()
-    if run.per_image and sw.data:
+    if run.per_image and sw.data and not is_dense(sw):  # a dense run counts its FLOPs as runner_dense does
         s = replace(s, flops_on_data=True, flops_images=SEARCH_IMAGES, timing_on_data=True)
     return s
 
@@ -42,9 +44,10 @@ def run_settings(run: Run, sw: Sweep):
 def search_data(sw: Sweep):
     """Where the sweep's matched-FLOPs search counts per-image methods: its data, or None."""
     from ..inputs import SEARCH_IMAGES
+    from .dense import is_dense
     from .search import SearchData
 
-    if not sw.data:
+    if not sw.data or is_dense(sw):  # a dense model's per-image methods: counted on one synthetic image
         return None
     return SearchData(sw.data, sw.split, sw.data_dir, sw.data_seed, SEARCH_IMAGES)
 
@@ -54,11 +57,16 @@ def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
     from ..registry import get_method
     from ..runner import record_key_of
 
+    from .dense import DENSE_KIND, dense_key
+
     spec = run.spec()
     spec["params"] = get_method(run.method).validate(spec["params"])
     s = run_settings(run, sw)
     out = {}
     for k in kinds_for(run, sw):
+        if k == DENSE_KIND:
+            out[k] = dense_key(run, sw)
+            continue
         out[k] = record_key_of(k, spec, s, baseline_spec(run) if k == "speedup" else None)[0]
     return out
 
@@ -66,7 +74,11 @@ def run_keys(run: Run, sw: Sweep) -> dict[str, str]:
 def kinds_for(run: Run, sw: Sweep) -> list[str]:
     """What a run measures: the sweep's kinds, and with throughput, the speedup over the dense
     model timed interleaved with it (a seeded method's throughput for its first seed only; none for a
-    run left untimed, :mod:`.timing`)."""
+    run left untimed, :mod:`.timing`); a dense sweep's run, its ``segmentation`` record first (:mod:`.dense`)."""
+    from .dense import dense_kinds, is_dense
+
+    if is_dense(sw):
+        return dense_kinds(run, sw, run.method != DENSE_METHOD and sw.dense)
     out = []
     for k in sw.measure:
         if k == "throughput":
@@ -124,9 +136,12 @@ def timing_reference(sw, reference):
 
 
 def plan_dict(sw: Sweep, runs: list[Run], keys: Optional[list[dict]] = None) -> dict:
+    from .dense import skipped_entries
+
     d = asdict(sw)
     d.pop("methods")
     return {"sweep": d, "methods": [asdict(e) for e in sw.methods], "settings": asdict(sw.settings()),
+            "skipped": [s["why"] for s in skipped_entries(sw)],
             "runs": [{**asdict(r), "name": r.name, "spec": r.spec(), "keys": (keys[i] if keys else {})}
                      for i, r in enumerate(runs)]}
 

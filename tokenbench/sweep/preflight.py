@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 from ..errors import UserError
+from .dense import is_dense, is_skipped, method_net
 from .format import DENSE_METHOD, Sweep
 from .search import FlopsSearch
 
@@ -17,7 +18,8 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
     method entry is applied to it and every value of its grid checked against the model
     (declared schedule), every checkpoint is loaded into the method-applied model, the
     device is resolved, the data is found and read, and the throughput and evaluation
-    batches are checked against the free memory.
+    batches are checked against the free memory.  On a dense model the methods act on its
+    encoder; entries that cannot restore the grid are skipped (:func:`.dense.skipped_entries`).
     """
     import copy as _copy
 
@@ -34,13 +36,20 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
             p = embedded_paths(name=model)
             verify_checksum(p["ckpt"], p["sha"], model)
     for model in sw.models:
-        net, _ = searcher.base(model, sw.img_size)
+        whole, _ = searcher.base(model, sw.img_size)
+        net = method_net(whole)  # a dense model's encoder
         if is_embedded(model):  # its trained weights load under every run (checkpoints load on top)
             p = embedded_paths(name=model)
             verify_checksum(p["ckpt"], p["sha"], model)
+        if is_dense(sw):  # its committed weights, checksum verified, load under every run
+            from ..models_seg import create_seg_model
+
+            create_seg_model(model)
         if sw.dense:
             apply(_copy.deepcopy(net), DENSE_METHOD)
         for e in sw.methods:
+            if is_skipped(sw, e, model):
+                continue
             cls = get_method(e.method)
             inst = cls()
             keys = list(e.grid)
@@ -72,10 +81,12 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
                 memory.check_batch_fits(net, sw.batch_size, dev, sw.precision, sw.img_size)
             except UserError as err:
                 raise UserError(f"{sw.source}: throughput {err} ([throughput] batch_size)") from None
-        if "accuracy" in sw.measure:
+        if "accuracy" in sw.measure or is_dense(sw):
             from ..data import build_dataset
+            from ..data_scenes import build_dense_dataset
 
-            ds, _ = build_dataset(sw.data, sw.split, sw.data_dir, model=net, limit=sw.limit, seed=sw.data_seed)
+            build = build_dense_dataset if is_dense(sw) else build_dataset
+            ds, _ = build(sw.data, sw.split, sw.data_dir, model=whole, limit=sw.limit, seed=sw.data_seed)
             try:
                 memory.check_batch_fits(net, min(sw.eval_batch_size, max(1, len(ds))), dev, sw.precision)
             except UserError as err:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from ..errors import UserError
+from .dense import apply_to, dense_architecture, gflops_of, method_net
 from .format import DEFAULT_TOLERANCE, DENSE_METHOD
 
 CACHE_FILE = "flops_cache.json"
@@ -21,7 +22,7 @@ def _backbone(net):
     from ..errors import UserError
 
     try:
-        return backbone_of(net)
+        return backbone_of(method_net(net))  # a dense model's encoder
     except UserError:
         return None
 
@@ -55,9 +56,11 @@ def build_architecture(model: str, img_size: Optional[int]) -> tuple[Any, dict]:
     import timm
     import torch
 
-    from ..models import build_embedded, create_model, embedded_arch, embedded_paths, is_embedded
+    from ..models import DENSE_MODELS, build_embedded, create_model, embedded_arch, embedded_paths, is_embedded
 
     torch.manual_seed(0)
+    if model in DENSE_MODELS:
+        return dense_architecture(model)
     if is_embedded(model):
         cfg = embedded_paths(name=model)["config"]
         arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
@@ -199,7 +202,7 @@ class FlopsSearch:
         from ..registry import get_method
 
         cls = get_method(method)
-        return inputs.varies_per_image(cls, self.base(model, img_size)[0], cls.validate(params))
+        return inputs.varies_per_image(cls, method_net(self.base(model, img_size)[0]), cls.validate(params))
 
     def weighted(self, model: str, img_size: Optional[int], weights: tuple = (False, None)):
         """``model`` with the weights a run measures (``weights``: pretrained, checkpoint), no method:
@@ -275,17 +278,14 @@ class FlopsSearch:
         """fvcore GFLOPs of ``model`` with ``method(params)`` applied (cached).  A method whose
         token count depends on the image is counted on the :attr:`data` images with the run's
         ``weights`` (the mean per image), where the searcher has data."""
-        from ..measure import flop_count
-        from ..registry import apply, get_method
+        from ..registry import get_method
 
         params = get_method(method).validate(params)
         if self.data is not None and self.per_image(model, img_size, method, params):
             return self._count_on_data(model, img_size, method, params, weights)
 
         def fvcore_count() -> float:
-            net = copy.deepcopy(self.base(model, img_size)[0])
-            apply(net, method, **params)
-            return flop_count.flops(net, img_size=img_size)["gflops"]
+            return gflops_of(apply_to(copy.deepcopy(self.base(model, img_size)[0]), method, params), img_size)
 
         return self._counted(self._key(model, img_size, method, params), fvcore_count)
 
@@ -365,7 +365,7 @@ class FlopsSearch:
         return self._cands[memo_key]
 
     def _candidates(self, model, img_size, cls, fixed, param):
-        net, _ = self.base(model, img_size)
+        net = method_net(self.base(model, img_size)[0])
         inst = cls()
         p = cls.param(param)
 
@@ -502,6 +502,8 @@ class FlopsSearch:
 
         params = cls.validate(params)
         net = copy.deepcopy(self.base(model, img_size)[0])
+        if method_net(net) is not net:  # a dense model: its FLOPs miss is reported as it is
+            return None
         apply(net, cls.name, **params)
         traced = flop_count.flops(net, img_size=img_size)
         try:

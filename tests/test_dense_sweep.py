@@ -1,0 +1,127 @@
+"""Dense sweeps end to end on tiny dense models: the plan, the matched-FLOPs search on the whole
+dense model, refused methods skipped in one line, records reused, the report's mIoU table and plots."""
+
+import json
+
+import pytest
+import torch
+
+from tokenbench import data_scenes as ds
+
+TINY_SEG = {"embed_dim": 32, "depth": 12, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": [8, 16]}
+
+
+@pytest.fixture
+def tiny_seg(tmp_path, monkeypatch):
+    """A tiny `default-seg` with (random) committed weights, and a handful of scenes."""
+    from tokenbench.models_seg import build_seg_model
+    from tokenbench.train import finalize
+
+    monkeypatch.setenv("TOKENBENCH_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOKENBENCH_EMBEDDED_SEG_DIR", str(tmp_path / "seg"))
+    for split, n in (("train", 8), ("val", 8), ("test", 8)):
+        monkeypatch.setitem(ds.SCENE_SIZES, split, n)
+    d = tmp_path / "seg" / "embedded-default-seg"
+    torch.manual_seed(0)
+    finalize(build_seg_model("default-seg", TINY_SEG), d)
+    (d / "config.json").write_text(json.dumps({"arch": TINY_SEG}))
+    return d
+
+
+def dense_sweep(path, methods: str, out, measure=("flops", "accuracy"), top: str = ""):
+    from conftest import write_sweep
+
+    path = write_sweep(path, "default-seg", methods, out=out, measure=measure, limit=None, top=top,
+                       tables='[data]\nname = "fashion-mnist-scenes"\nlimit = 4\nbatch_size = 4\n'
+                              '[throughput]\nbatch_size = 2\nmin_run_time = 0.01\nrounds = 3\nretries = 0\n'
+                              'latency = false\n')
+    return path
+
+
+def run_json(cli, *args):
+    code, out, err = cli("run", *args, "--json")
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_a_dense_sweep_measures_each_setting_with_miou_and_reuses_its_records(cli, tiny_seg, tmp_path):
+    out = tmp_path / "out"
+    sweep = dense_sweep(tmp_path / "s.toml", "[methods.tome]\n[methods.topk]\n[methods.resize]\n", out,
+                        top="flops_targets = [0.7]")
+    res, err = run_json(cli, str(sweep))
+    plan = json.loads((out / "sweep.json").read_text())
+    assert plan["sweep"]["task"] == "segmentation"
+    assert plan["skipped"] == ["resize skipped on default-seg: resize cannot hand back the full feature map on "
+                               "vit models (restores_grid none)"]
+    assert "note: resize skipped on default-seg" in err
+    rows = {r["label"]: r for r in res["rows"]}
+    assert set(rows) == {"dense", "tome", "topk"}
+    for r in rows.values():
+        assert r["task"] == "segmentation" and r["miou_lo"] <= r["miou"] <= r["miou_hi"]
+        assert 0 <= r["pixel_accuracy"] <= 100 and r["n"] == 4
+        assert r["gflops"] == pytest.approx(r["gflops_backbone"] + r["gflops_decoder"])
+    for lab in ("tome", "topk"):  # matched on the whole dense model's FLOPs, decoder included
+        assert abs(rows[lab]["flops_rel"] - 0.7) <= 0.01 and rows[lab]["target"] == "0.7"
+        assert rows[lab]["gflops_decoder"] == pytest.approx(rows["dense"]["gflops_decoder"])
+        assert rows[lab]["iou_p"] is not None and rows[lab]["iou_diff_lo"] <= rows[lab]["iou_diff"]
+    assert rows["dense"]["iou_p"] is None
+    again, _ = run_json(cli, str(sweep))
+    assert again["measured"] == 0 and again["reused"] == 3
+
+
+def test_the_report_of_a_dense_sweep_shows_miou_in_every_table_and_plot(cli, tiny_seg, tmp_path):
+    out = tmp_path / "out"
+    sweep = dense_sweep(tmp_path / "s.toml", "[methods.topk]\nkeep_rate = [0.5]\n", out)
+    run_json(cli, str(sweep))
+    code, _, err = cli("report", str(out), "--html")
+    assert code == 0, err
+    md = (out / "results.md").read_text()
+    for col in ("mIoU % [95% CI]", "Pixel acc. %", "GFLOPs backbone", "IoU vs dense (pts) [95% CI], Wilcoxon p"):
+        assert col in md
+    assert "Top-1 % [95% CI]" not in md and "mIoU on fashion-mnist-scenes test, 4 images" in md
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"miou", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "iou_p"} <= set(header)
+    assert "mIoU (\\%)" in (out / "results_paper.tex").read_text()
+    assert (out / "plots" / "miou_vs_gflops.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "default-seg: mIoU against" in page and '"yaxis": {"title": {"text": "mIoU (%)"}}' in page
+
+
+@pytest.mark.parametrize("top,data,msg", [
+    ('task = "classification"', "fashion-mnist-scenes", "default-seg is a segmentation model; fashion-mnist-scenes needs a classification"),
+    ("", "fashion-mnist", "default-seg is a segmentation model; fashion-mnist needs"),
+])
+def test_a_sweep_mixing_tasks_is_refused_in_one_line(cli, tiny_seg, tmp_path, top, data, msg):
+    from conftest import write_sweep
+
+    sweep = write_sweep(tmp_path / "s.toml", "default-seg", "[methods.tome]\n", out=tmp_path / "out", limit=None,
+                        top=top, tables=f'[data]\nname = "{data}"\nlimit = 4\n')
+    code, _, err = cli("run", str(sweep))
+    assert code == 2 and msg in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_packaged_dense_sweep_names_every_method_that_restores_the_grid():
+    from tokenbench.registry import GridRestore, get_method, list_methods
+    from tokenbench.sweep import load_sweep
+    from tokenbench.sweep.dense import skipped_entries
+
+    sw = load_sweep("default-seg")
+    assert sw.task == "segmentation" and sw.data == "fashion-mnist-scenes" and sw.flops_targets == [0.5, 0.7]
+    on_vit = {e.method for e in sw.methods if e.models == ["default-seg"]}
+    searchable = {m["name"] for m in list_methods() if get_method(m["name"]).knob and m["name"] != "none"}
+    restoring = {m for m in searchable if get_method(m).grid_restore("vit") is not GridRestore.NONE}
+    assert restoring <= on_vit
+    assert [s["method"] for s in skipped_entries(sw)] == ["resize"]
+    on_convnext = [(e.method, e.grid) for e in sw.methods if e.models == ["default-convnext-seg"]]
+    assert on_convnext == [("dynamicvit", {"keep_rate": [0.7]}), ("random", {"keep_rate": [0.7]})]
+
+
+def test_the_flops_search_of_a_dense_model_counts_its_decoder(tiny_seg):
+    from tokenbench.measure_dense import dense_flops
+    from tokenbench.models_seg import create_seg_model
+    from tokenbench.sweep.search import FlopsSearch
+
+    net, _ = create_seg_model("default-seg")
+    counted = dense_flops(net)
+    assert FlopsSearch().dense("default-seg", None) == pytest.approx(counted["gflops"])
+    assert counted["gflops"] > counted["gflops_backbone"]
