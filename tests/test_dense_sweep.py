@@ -125,3 +125,22 @@ def test_the_flops_search_of_a_dense_model_counts_its_decoder(tiny_seg):
     counted = dense_flops(net)
     assert FlopsSearch().dense("default-seg", None) == pytest.approx(counted["gflops"])
     assert counted["gflops"] > counted["gflops_backbone"]
+
+
+@pytest.mark.parametrize("method,sets", [("tome", ("r=4",)), ("topk", ("keep_rate=0.5",))])
+def test_visualize_draws_image_masks_and_the_positions_a_dense_method_reduced(cli, tiny_seg, tmp_path, method, sets):
+    out = tmp_path / "pic.png"
+    args = [a for s in sets for a in ("--set", s)]
+    code, text, err = cli("visualize", "default-seg", "--method", method, *args, "--n", "2", "--out", str(out),
+                          "--json")
+    assert code == 0, err
+    summary = json.loads(text)
+    assert out.is_file() and summary["task"] == "segmentation" and summary["n_images"] == 2
+    assert summary["panels_per_image"] == 4 and summary["flops_ratio"] < 1
+    assert summary["stages"] and summary["stages"][-1]["tokens"] < 197
+
+
+def test_visualize_refuses_a_comparison_sheet_for_a_dense_model_in_one_line(cli, tiny_seg, tmp_path):
+    code, _, err = cli("visualize", "default-seg", "--compare", "tome,topk", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "--compare is not available for a dense model's picture" in err
+    assert err.count("\n") == 1

@@ -72,6 +72,35 @@ def _warn_untrained(method: str, checkpoint) -> None:
                    err=True)
 
 
+def _dense_picture(model, data, method, compare, flops, sets, out, images, n, data_dir, split, index, checkpoint,
+                   dpi, json_) -> bool:
+    """A dense model's picture (image, label and predicted masks, the positions kept, merged or on
+    the fast path); False when ``model`` and ``data`` are a classification task's."""
+    from ..data_scenes import SCENES, is_dense_data
+    from ..models_seg import is_dense_model
+    from ..registry import parse_set
+    from ..visual.dense import visualize_dense
+
+    if not (is_dense_model(model) or is_dense_data(data)):
+        return False
+    data = SCENES if data == "fashion-mnist" and is_dense_model(model) else data
+    for what, given in (("--compare", compare), ("--flops", flops), ("--images", images)):
+        if given:
+            raise UserError(f"{what} is not available for a dense model's picture: give --method and its budget "
+                            "with --set")
+    if checkpoint and len(checkpoint) > 1:
+        raise UserError("--checkpoint is given more than once")
+    summary = visualize_dense(model, method, parse_set(sets or []), out or VISUALS / f"dense_{method}.png", data, n,
+                              data_dir, split if split != "test" or data == SCENES else "val", _index(index),
+                              checkpoint[0] if checkpoint else None, dpi)
+    if json_:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"wrote {summary['out']}: {summary['n_images']} images x 4 panels (image, label, prediction, "
+                   f"tokens); {summary['gflops']:.3g} GFLOPs = {summary['flops_ratio']:.2f}x dense")
+    return True
+
+
 def register(app: typer.Typer) -> None:
     from ..visual import budget as vb
 
@@ -127,6 +156,9 @@ def register(app: typer.Typer) -> None:
 
         if compare is None and method is None:
             raise UserError("give --method NAME (one method, every stage) or --compare M1,M2,... (a sheet)")
+        if _dense_picture(model, data, method, compare, flops, set_, out, images, n, data_dir, split, index,
+                          checkpoint, dpi, json_):
+            return
         if compare is not None and method is not None:
             raise UserError("give either --method or --compare, not both")
         if flops is not None and not 0 < flops <= 1:
