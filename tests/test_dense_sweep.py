@@ -144,3 +144,16 @@ def test_visualize_refuses_a_comparison_sheet_for_a_dense_model_in_one_line(cli,
     code, _, err = cli("visualize", "default-seg", "--compare", "tome,topk", "--out", str(tmp_path / "x.png"))
     assert code == 2 and "--compare is not available for a dense model's picture" in err
     assert err.count("\n") == 1
+
+
+def test_a_dense_sweep_times_throughput_and_the_paired_speedup_as_for_classification(cli, tiny_seg, tmp_path):
+    out = tmp_path / "out"
+    sweep = dense_sweep(tmp_path / "s.toml", "[methods.topk]\nkeep_rate = [0.5]\n", out,
+                        measure=("flops", "throughput", "accuracy"))
+    res, _ = run_json(cli, str(sweep))
+    plan = json.loads((out / "sweep.json").read_text())
+    assert [sorted(r["keys"]) for r in plan["runs"]] == [["segmentation", "throughput"],
+                                                        ["segmentation", "speedup", "throughput"]]
+    rows = {r["label"]: r for r in res["rows"]}
+    assert rows["dense"]["speedup"] == 1.0 and rows["topk"]["speedup"] > 0 and rows["topk"]["img_per_s"] > 0
+    assert res["measured"] == 5
