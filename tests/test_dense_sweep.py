@@ -44,16 +44,28 @@ def run_json(cli, *args):
     return json.loads(out), err
 
 
-def test_a_dense_sweep_measures_each_setting_with_miou_and_reuses_its_records(cli, tiny_seg, tmp_path):
+def no_grid_method(monkeypatch) -> str:
+    """A method declaring that it cannot restore the grid on a ViT (registered for one test)."""
+    from tokenbench import registry
+
+    cls = type("NoGrid", (registry.get_method("topk"),), {"name": "topk-no-grid",
+                                                          "restores_grid": {"convnext": registry.GridRestore.FILL}})
+    monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    return cls.name
+
+
+def test_a_dense_sweep_measures_each_setting_with_miou_and_reuses_its_records(cli, tiny_seg, tmp_path,
+                                                                              monkeypatch):
     out = tmp_path / "out"
-    sweep = dense_sweep(tmp_path / "s.toml", "[methods.tome]\n[methods.topk]\n[methods.resize]\n", out,
+    refused = no_grid_method(monkeypatch)
+    sweep = dense_sweep(tmp_path / "s.toml", f"[methods.tome]\n[methods.topk]\n[methods.{refused}]\n", out,
                         top="flops_targets = [0.7]")
     res, err = run_json(cli, str(sweep))
     plan = json.loads((out / "sweep.json").read_text())
     assert plan["sweep"]["task"] == "segmentation"
-    assert plan["skipped"] == ["resize skipped on default-seg: resize cannot hand back the full feature map on "
-                               "vit models (restores_grid none)"]
-    assert "note: resize skipped on default-seg" in err
+    assert plan["skipped"] == [f"{refused} skipped on default-seg: {refused} cannot hand back the full feature map "
+                               "on vit models (restores_grid none)"]
+    assert f"note: {refused} skipped on default-seg" in err and err.count(refused) == 2
     rows = {r["label"]: r for r in res["rows"]}
     assert set(rows) == {"dense", "tome", "topk"}
     for r in rows.values():
@@ -111,13 +123,13 @@ def test_the_packaged_dense_sweep_names_every_method_that_restores_the_grid():
     searchable = {m["name"] for m in list_methods() if get_method(m["name"]).knob and m["name"] != "none"}
     restoring = {m for m in searchable if get_method(m).grid_restore("vit") is not GridRestore.NONE}
     assert restoring <= on_vit
-    assert [s["method"] for s in skipped_entries(sw)] == ["resize"]
+    assert skipped_entries(sw) == [] and "resize" in on_vit  # every method restores the grid on a ViT
     on_convnext = [(e.method, e.grid) for e in sw.methods if e.models == ["default-convnext-seg"]]
     assert on_convnext == [("dynamicvit", {"keep_rate": [0.7]}), ("random", {"keep_rate": [0.7]})]
 
 
 def test_the_flops_search_of_a_dense_model_counts_its_decoder(tiny_seg):
-    from tokenbench.measure_dense import dense_flops
+    from tokenbench.measure.dense import dense_flops
     from tokenbench.models_seg import create_seg_model
     from tokenbench.sweep.search import FlopsSearch
 

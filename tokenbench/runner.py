@@ -211,8 +211,9 @@ def record_key_of(kind: str, spec: dict, s: Settings, baseline: Optional[dict] =
 class Loaded:
     """Loads the model once, lazily, for several measurements of one spec."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, dense: bool = False):
         self.spec = spec
+        self.dense = dense  # a dense sweep's run: an embedded dense model, the method on its encoder
         self._net = None
         self.prov: dict = {}
 
@@ -220,7 +221,7 @@ class Loaded:
     def net(self):
         from .models import DENSE_MODELS
 
-        if self._net is None and self.spec["model"] in DENSE_MODELS:  # encoder + decoder, the method on the encoder
+        if self._net is None and self.dense and self.spec["model"] in DENSE_MODELS:  # encoder + decoder
             from .runner_dense import load_dense
 
             self._net, self.prov = load_dense(self.spec["model"], self.spec["method"], self.spec["params"],

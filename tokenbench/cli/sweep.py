@@ -122,9 +122,10 @@ def _start_lines(spec, runs, keys, store, force: bool) -> list[str]:
 
     def dense_net():
         from ..runner import Loaded
+        from ..sweep.dense import is_dense
 
         first = next((r for r in runs if not r.line_of), runs[0])
-        return Loaded(baseline_spec(first)).net
+        return Loaded(baseline_spec(first), dense=is_dense(spec)).net
 
     return start_lines(spec, runs, keys, store, force=force, dense_net=dense_net)
 
@@ -202,7 +203,8 @@ def _register_run(app: typer.Typer) -> None:
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of non-deterministic methods: 0,1,2."),
         measure: Optional[str] = typer.Option(None, "--measure", help="What to measure: flops,throughput,accuracy "
                                                                       "(FLOPs always)."),
-        data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist, imagenet, folder or synthetic."),
+        data: Optional[str] = typer.Option(None, "--data", help="fashion-mnist, imagenet, folder or synthetic; "
+                                            "dense: fashion-mnist-scenes, voc or ade20k."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset lives."),
         split: Optional[str] = typer.Option(None, "--split", help="train, val or test (Fashion-MNIST's val: "
                                                                   "5,000 held-out train images)."),

@@ -48,7 +48,7 @@ def compare_with_dense(rows: list[Row]) -> None:
 
 def _paired_iou(r: Row, d: Row) -> None:
     """The paired test of a dense run against the dense model on the same images' IoU (in place)."""
-    from ..measure_dense import paired_iou_test
+    from ..measure.dense import paired_iou_test
 
     res = paired_iou_test(r.per_image_iou, d.per_image_iou)
     r.iou_diff, r.iou_p = 100.0 * res["mean_diff"], res["p_value"]

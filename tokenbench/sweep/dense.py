@@ -126,7 +126,7 @@ def dense_architecture(model: str):
 def gflops_of(net, img_size: Optional[int] = None) -> float:
     """fvcore GFLOPs per image of ``net``: a dense model's encoder and decoder together."""
     from ..measure import flop_count
-    from ..measure_dense import dense_flops
+    from ..measure.dense import dense_flops
 
     if method_net(net) is not net:
         return dense_flops(net, img_size)["gflops"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from .. import distributed
-from .dense import DENSE_KIND
+from .dense import DENSE_KIND, is_dense
 from .expand import Run
 from .format import Sweep
 from .plan import baseline_spec, kinds_for, recorded, reference_store, run_keys, run_settings, timing_reference
@@ -45,7 +45,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
     claimed: list[tuple[Run, str, Any]] = []  # (run, kind, claim) another runner holds
     i = 0
     for run in runs:
-        loaded = Loaded(run.spec())
+        loaded = Loaded(run.spec(), dense=is_dense(sw))
         keys = run_keys(run, sw)
         settings = run_settings(run, sw)
         for kind in kinds_for(run, sw):
@@ -56,7 +56,7 @@ def execute(sw: Sweep, runs: list[Run], store, force: bool = False,
             if kind == "speedup":
                 base = baseline_spec(run)
                 ident = canonical_spec(base)
-                dense_loaded.setdefault(ident, Loaded(base))
+                dense_loaded.setdefault(ident, Loaded(base, dense=is_dense(sw)))
                 extra = {"baseline": base, "baseline_loaded": dense_loaded[ident]}
             with distributed.claim(store, keys[kind]) as claim:
                 if not claim.held:

@@ -72,7 +72,7 @@ def visualize_dense(model: str, method: str, params: dict, out: str | Path, data
                     data_dir=None, split: str = "test", index: Optional[Sequence[int]] = None,
                     checkpoint: Optional[str] = None, dpi: int = 200) -> dict:
     """One figure of a dense model with ``method`` on its encoder; returns a summary."""
-    from ..measure_dense import dense_flops
+    from ..measure.dense import dense_flops
     from ..models_seg import encoder_of
     from ..registry import get_method
     from ..runner_dense import load_dense, task_of
