@@ -183,12 +183,12 @@ def test_classification_commands_point_a_dense_model_to_eval(cli, command):
     assert code == 2 and "is a dense (segmentation) model" in err and "tokenbench eval default-seg" in err
 
 
-def test_report_tabulates_dense_records_with_their_miou(cli, tmp_path):
-    res = tmp_path / "res"
-    assert cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "4", "--results", str(res))[0] == 0
-    code, _, err = cli("report", str(res), "--no-plots")
+def test_report_tabulates_dense_records_alone_and_leaves_them_out_of_a_classification_table(cli, tmp_path):
+    res = str(tmp_path / "res")
+    assert cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--limit", "4", "--results", res)[0] == 0
+    code, _, err = cli("report", res, "--no-plots")
     assert code == 0, err
-    assert "mIoU % [95% CI]" in (res / "results.md").read_text()
+    assert "mIoU % [95% CI]" in (tmp_path / "res" / "results.md").read_text()
     assert cli("flops", "default", "--results", res)[0] == 0
     code, out, err = cli("report", res, "--no-plots", "--json")
     assert code == 0, err

@@ -87,6 +87,11 @@ def collect(out: str | os.PathLike) -> dict:
     for w in caught:
         notes.append(str(w.message))
     notes += (plan or {}).get("skipped") or []  # a dense sweep's methods that cannot restore the grid
+    dense = [r for r in recs if r["kind"] == "segmentation"]
+    if dense and any(r["kind"] in ("flops", "accuracy") for r in recs):
+        # classification records (a dense sweep writes none) beside dense ones: the classification table
+        recs = [r for r in recs if r["kind"] != "segmentation"]
+        notes.append(f"{len(dense)} dense (segmentation) record(s) left out of the classification table")
     if not recs:
         raise UserError(f"no records in {out / 'records'} (run a sweep there first: tokenbench run --out {out})")
     by_key = {r["key"]: r for r in recs}
