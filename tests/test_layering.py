@@ -25,7 +25,7 @@ MODEL_INSIDES = {"blocks", "embed_dim", "patch_embed", "num_prefix_tokens", "cls
 MODEL_ONLY_INSIDES = {"stages", "layers", "stem", "head"}
 MODEL_NAMES = {"model", "net", "teacher", "student", "owner", "m"}
 # Words the harness uses for its own concepts, whichever method also names a parameter so.
-HARNESS_WORDS = {"seed", "ratio", "target", "limit", "threshold", "search"}
+HARNESS_WORDS = {"seed", "ratio", "target", "limit", "threshold", "search", "prune"}
 
 
 def harness_modules() -> list[Path]:
@@ -104,7 +104,8 @@ def test_no_method_names_in_the_harness(path):
     reg = load_methods()
     shipped = {n for n, s in _SOURCES.items() if s}
     # "none" is the dense baseline every comparison needs (the contract's own name for it);
-    # "seed" is also the data subset's seed, "ratio" a FLOPs search's achieved ratio (harness
+    # "seed" is also the data subset's seed, "ratio" a FLOPs search's achieved ratio, "prune" the
+    # command that removes superseded records (harness
     # words that a method may also use as a parameter name).
     names = {n for n in shipped if n != "none"}
     params = {p.name for n in shipped for p in (*reg[n].params, *reg[n].train_params)} - HARNESS_WORDS

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analyze, check, eval, figure, flops, listing, sweep, throughput, train, train_base, visualize
+from . import analyze, check, eval, figure, flops, listing, prune, sweep, throughput, train, train_base, visualize
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="tokenbench: FLOPs, throughput and accuracy of token reduction in vision transformers.")
@@ -27,5 +27,5 @@ def main_callback(ctx: typer.Context,
 
 
 # the order of `tokenbench --help`
-for module in (flops, throughput, eval, train_base, listing, check, train, sweep, visualize, figure, analyze):
+for module in (flops, throughput, eval, train_base, listing, check, train, sweep, visualize, figure, analyze, prune):
     module.register(app)

@@ -16,7 +16,8 @@ from .rows import DENSE_METHOD, acc_setting, method_info, row_from_records, tp_s
 from ..sweep import DEFAULT_TOLERANCE, read_plan
 
 
-def _identity(spec: dict) -> str:
+def run_identity(spec: dict) -> str:
+    """What one run is, whatever its records' keys: model, method, parameters, weights, input size."""
     from ..store import canonical
 
     return canonical({k: spec.get(k) for k in ("model", "method", "params", "pretrained", "checkpoint",
@@ -56,7 +57,7 @@ def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
             continue
         if r["kind"] == "accuracy" and acc_setting(r) != acc_set:
             continue
-        g = groups.setdefault(_identity(r["spec"]), {"spec": r["spec"], "by_kind": {}})
+        g = groups.setdefault(run_identity(r["spec"]), {"spec": r["spec"], "by_kind": {}})
         g["by_kind"].setdefault(r["kind"], []).append(r)
     out = []
     for g in groups.values():

@@ -1,0 +1,36 @@
+"""`tokenbench prune`: stale records replaced by a current one go; a run's only record stays."""
+
+import json
+
+from tokenbench.store import Store
+
+
+def _stale_copy(store: Store, rec: dict, key: str) -> None:
+    """The same run measured by other code: its key differs and its code hash is not this checkout's."""
+    old = json.loads(json.dumps(rec))
+    old["key"] = key
+    old["key_fields"]["code"]["source"] = "0" * 16
+    store.put(old)
+
+
+def test_prune_removes_only_superseded_stale_records(cli, tmp_path):
+    out = tmp_path / "res"
+    code, _, err = cli("flops", "default", "--method", "topk", "--set", "keep_rate=0.7", "--results", str(out))
+    assert code == 0, err
+    store = Store(out)
+    (current,) = store.records()
+    _stale_copy(store, current, "a" * 20)                       # replaced by `current`
+    lone = json.loads(json.dumps(current))
+    lone["spec"]["params"] = {"keep_rate": 0.5}                 # another run: its only record
+    _stale_copy(store, lone, "b" * 20)
+    code, out_text, _ = cli("prune", str(out), "--dry-run")
+    assert code == 0 and "a" * 20 in out_text and "b" * 20 not in out_text
+    assert len(store.records()) == 3
+    code, out_text, _ = cli("prune", str(out))
+    assert code == 0 and "1 superseded" in out_text
+    assert sorted(r["key"] for r in store.records()) == sorted([current["key"], "b" * 20])
+
+
+def test_prune_refuses_a_folder_without_records(cli, tmp_path):
+    code, _, err = cli("prune", str(tmp_path))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
