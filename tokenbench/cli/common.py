@@ -93,6 +93,18 @@ def public_record(rec: dict, reused: bool = False, results: Optional[Path] = Non
             "key": rec["key"], "reused": bool(reused), "recorded_in": None if results is None else str(results)}
 
 
+
+def print_record(rec: dict, reused: bool, results: Optional[Path], json_: bool) -> Optional[dict]:
+    """Print a measurement's warnings (stderr), and with ``json_`` the record as one JSON object;
+    returns the public record for the command's own text output, or None once printed as JSON."""
+    pub = public_record(rec, reused, results)
+    for w in pub.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
+    if json_:
+        out_json(pub)
+        return None
+    return pub
+
 def reused_text(pub: dict) -> str:
     """`` (reused from DIR)`` for a record read from the store, else nothing."""
     return f" (reused from {pub['recorded_in']})" if pub.get("reused") else ""

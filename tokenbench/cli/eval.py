@@ -10,7 +10,7 @@ import typer
 
 from ..errors import UserError
 from .common import (CKPT_OPT, JSON_OPT, METHOD_OPT, MODEL_ARG, PRETRAINED_OPT, RESULTS_OPT, SET_OPT,
-                     check_data_dir, open_store, out_json, public_record, reused_text, run_spec)
+                     check_data_dir, open_store, out_json, print_record, reused_text, run_spec)
 
 
 def register(app: typer.Typer) -> None:
@@ -59,11 +59,8 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     s = Settings(device=device, precision=precision, data=data, data_dir=str(data_dir) if data_dir else None,
                  split=split, limit=limit, data_seed=seed, eval_batch_size=batch_size)
     rec, reused = measure_run("accuracy", spec, s, open_store(results), progress=not json_ and sys.stderr.isatty())
-    pub = public_record(rec, reused, results)
-    for w in pub.get("warnings", []):
-        typer.echo(f"warning: {w}", err=True)
-    if json_:
-        out_json(pub)
+    pub = print_record(rec, reused, results, json_)
+    if pub is None:
         return
     lo, hi = pub["top1_ci95"]
     typer.echo(f"{model} + {method} on {_data_text(pub.get('data') or {}, data, split)} ({pub['n']} images): "

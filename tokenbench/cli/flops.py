@@ -11,7 +11,7 @@ import typer
 
 from ..errors import UserError
 from .common import (CKPT_OPT, JSON_OPT, METHOD_OPT, MODEL_ARG, PRETRAINED_OPT, RESULTS_OPT, SET_OPT,
-                     check_data_dir, open_store, out_json, public_record, reused_text, run_spec)
+                     check_data_dir, open_store, print_record, reused_text, run_spec)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,11 +51,8 @@ def flops_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[L
     spec = run_spec(model, method, set_, pretrained, checkpoint, img_size)
     rec, reused = measure_run("flops", spec, settings, open_store(results),
                               progress=settings.flops_on_data and sys.stderr.isatty())
-    pub = public_record(rec, reused, results)
-    for w in pub.get("warnings", []):
-        typer.echo(f"warning: {w}", err=True)
-    if json_:
-        out_json(pub)
+    pub = print_record(rec, reused, results, json_)
+    if pub is None:
         return
     typer.echo(f"{model} + {method} {json.dumps(spec['params'])}: {pub['gflops']:.3f} GFLOPs, "
                f"{pub['params_m']:.2f} M params{reused_text(pub)}")
