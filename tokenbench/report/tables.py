@@ -55,12 +55,17 @@ def models_of(rows: list[Row]) -> list[str]:
 
 # --------------------------------------------------------------------------- cells
 
+def _score_text(r: Row, value, std, lo, hi, pm: str) -> str:
+    """A score (± std over seeds on a row of seed means) and its 95% interval."""
+    out = num(value, ".2f")
+    if r.row_type == "mean" and std is not None:
+        out += f" {pm} {std:.2f}"
+    return out + interval_text(lo, hi)
+
+
 def top1_text(r: Row, pm: str = "±") -> str:
     """Top-1 (± std over seeds) and its 95% interval."""
-    top1 = num(r.top1, ".2f")
-    if r.row_type == "mean" and r.top1_std is not None:
-        top1 += f" {pm} {r.top1_std:.2f}"
-    return top1 + interval_text(r.top1_lo, r.top1_hi)
+    return _score_text(r, r.top1, r.top1_std, r.top1_lo, r.top1_hi, pm)
 
 
 def flops_cell(r: Row) -> str:
@@ -78,10 +83,7 @@ def flags_text(r: Row) -> str:
 
 def miou_text(r: Row, pm: str = "±") -> str:
     """mIoU (± std over seeds) and its 95% bootstrap interval."""
-    out = num(r.miou, ".2f")
-    if r.row_type == "mean" and r.miou_std is not None:
-        out += f" {pm} {r.miou_std:.2f}"
-    return out + interval_text(r.miou_lo, r.miou_hi)
+    return _score_text(r, r.miou, r.miou_std, r.miou_lo, r.miou_hi, pm)
 
 
 def iou_test_text(r: Row) -> str:
