@@ -32,12 +32,12 @@ SEG_RECIPE = TrainConfig(epochs=30, batch_size=64, lr=1e-3, min_lr=1e-5, weight_
 # family (:data:`~tokenbench.models_seg.ENCODER_INIT`), so a short fine-tune suffices: the new
 # decoder at ``lr``, the pretrained encoder at ``lr * backbone_lr_scale``, one thread.
 SEG_RECIPES = {
-    "default-seg": TrainConfig(epochs=0.7, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
-                               label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, eval_every=125,
+    "default-seg": TrainConfig(epochs=5, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=100,
+                               label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, eval_every=250,
                                ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0, backbone_lr_scale=0.2),
-    "default-convnext-seg": TrainConfig(epochs=1.2, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
-                                        warmup_steps=50, label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0,
-                                        eval_every=125, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
+    "default-convnext-seg": TrainConfig(epochs=8, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
+                                        warmup_steps=100, label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0,
+                                        eval_every=250, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
                                         backbone_lr_scale=0.2),
 }
 
@@ -191,7 +191,7 @@ def split_groups(net: nn.Module, weight_decay: float, encoder_scale: Optional[fl
     from .train import param_groups
 
     groups = []
-    for part, scale in ((net.decoder, 1.0), (net.encoder, 1.0 if encoder_scale is None else encoder_scale)):
+    for part, scale in ((net.decoder_modules(), 1.0), (net.encoder, 1.0 if encoder_scale is None else encoder_scale)):
         groups += [{**g, "lr_scale": scale} for g in param_groups(part, weight_decay) if g["params"]]
     return groups
 

@@ -68,7 +68,7 @@ def method_groups(meth: Method, net: nn.Module, cfg: TrainConfig) -> list[dict]:
             g["fix_epochs"] = cfg.fix_epochs if cfg.fix_epochs is not None else min(g["fix_epochs"], cfg.epochs / 6)
     backbone = min(groups, key=lambda g: g.get("lr_scale", 1.0))
     settings = {"lr_scale": backbone.get("lr_scale", 1.0), "fix_epochs": backbone.get("fix_epochs", 0.0)}
-    groups += [{**g, **settings} for g in param_groups(net.decoder, cfg.weight_decay) if g["params"]]
+    groups += [{**g, **settings} for g in param_groups(net.decoder_modules(), cfg.weight_decay) if g["params"]]
     return groups
 
 
