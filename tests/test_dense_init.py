@@ -55,4 +55,5 @@ def test_the_decoder_learns_at_the_full_rate_and_the_encoder_at_its_scale():
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert len(scale) == sum(1 for _ in seg.parameters())
     assert all(scale[id(p)] == 1.0 for p in seg.decoder.parameters())
+    assert seg.refine is not None and all(scale[id(p)] == 1.0 for p in seg.refine.parameters())
     assert all(scale[id(p)] == 0.2 for p in seg.encoder.parameters())
