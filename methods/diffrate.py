@@ -86,7 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenbench.backbones import AttnInfo, TokenState, add_module, backbone_of, last_state, plan_of
-from tokenbench.backbones.tokens import with_prefix
+from tokenbench.backbones.tokens import constant_range, with_prefix
 from tokenbench.errors import UserError
 from tokenbench.methods._knobs import PROP_ATTN
 from tokenbench.methods._policy import softmax_with_policy
@@ -149,7 +149,7 @@ def match_to_kept(x: torch.Tensor, n_kept: int, n_prefix: int) -> tuple[torch.Te
     with torch.no_grad():
         metric = x / x.norm(dim=-1, keepdim=True)
         sim = metric[:, n_kept:] @ metric[:, :n_kept].transpose(-1, -2)
-        sim[..., :n_prefix] = -math.inf
+        sim[..., :n_prefix].fill_(-math.inf)
         node_max, node_idx = sim.max(dim=-1)
     return node_idx, node_max
 
@@ -170,9 +170,9 @@ def _diffrate_hook(n_prune: int, n_merge: int):
         x = st.keep(x, with_prefix(order, p))                  # ranked, pruned
         if km == kp:
             return x
-        node_idx, node_max = match_to_kept(x.detach(), p + km, p)
-        keep_idx = torch.arange(p + km, device=x.device).expand(x.shape[0], -1)
-        src_idx = torch.arange(p + km, p + kp, device=x.device).expand(x.shape[0], -1)
+        node_idx, node_max = match_to_kept(x, p + km, p)      # no gradient: computed under no_grad
+        keep_idx = constant_range(0, p + km, x.device).expand(x.shape[0], -1)
+        src_idx = constant_range(p + km, p + kp, x.device).expand(x.shape[0], -1)
         return st.merge(x, keep_idx, src_idx, node_idx, mode="avg", size_weights=node_max)
 
     return mid

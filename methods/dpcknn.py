@@ -72,9 +72,10 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, noise: torch.Tensor) -> tu
     dist = torch.cdist(x, x) / (c ** 0.5)
     nearest = dist.topk(min(k, n), dim=-1, largest=False).values
     density = (-(nearest ** 2).mean(dim=-1)).exp() + noise * _EPS
-    higher = (density[:, None, :] > density[:, :, None]).to(x.dtype)   # [i, j]: j denser than i
+    higher = density[:, None, :] > density[:, :, None]                  # [i, j]: j denser than i
     far = dist.flatten(1).max(dim=-1).values[:, None, None]
-    delta = (dist * higher + far * (1 - higher)).min(dim=-1).values
+    # the official dist * mask + far * (1 - mask), as one selection: the same values, one pass over N x N
+    delta = torch.where(higher, dist, far).min(dim=-1).values
     centres = (delta * density).topk(n_clusters, dim=-1).indices      # [B, K]
     to_centre = dist.gather(1, centres[..., None].expand(b, n_clusters, n))  # [B, K, N]
     cluster = to_centre.argmin(dim=1)
@@ -109,7 +110,7 @@ def _cluster_hook(stage: int, k_target: int, k_neighbors: int, seed: int):
         cluster, centres = dpc_knn(patches, k, k_neighbors, noise)
         scale = cluster_scale(cluster, k, x.dtype)
         scale = torch.cat([scale.new_ones(x.shape[0], npf), scale], dim=1)
-        keep_idx, src_idx, dst, _ = medoid_merge_indices(centres, cluster, npf)  # a centre is its cluster's medoid
+        keep_idx, src_idx, dst = medoid_merge_indices(centres, cluster, npf)  # a centre is its cluster's medoid
         st.ensure_size(x)
         return st.merge(x * scale[..., None], keep_idx, src_idx, dst, mode="sum")
 

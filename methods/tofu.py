@@ -59,7 +59,8 @@ import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of
 from tokenbench.backbones.tokens import gather_tokens
-from tokenbench.methods.tome import as_token_indices, bipartite_soft_matching, install_per_block, merged_schedule
+from tokenbench.methods.tome import (as_token_indices, bipartite_soft_matching, install_per_block, kept_indices,
+                                    merged_schedule)
 from tokenbench.methods._knobs import PROP_ATTN, r_param
 from tokenbench.registry import GridRestore, Method, Param, register
 
@@ -79,7 +80,7 @@ def group_max_norm(x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tenso
     """(the largest norm in each kept token's group [B, K], which kept tokens receive a merge [B, K])."""
     norms = x.norm(dim=-1)
     group = gather_tokens(norms, keep_idx).scatter_reduce(1, dst, gather_tokens(norms, src_idx), reduce="amax")
-    touched = torch.zeros_like(keep_idx, dtype=torch.bool).scatter(1, dst, torch.ones_like(dst, dtype=torch.bool))
+    touched = torch.zeros_like(keep_idx, dtype=torch.bool).scatter_(1, dst, True)
     return group, touched
 
 
@@ -96,9 +97,9 @@ def _hook(r: int, prune: bool, size_weighted: bool):
         m = bipartite_soft_matching(info.keys, r, st.n_prefix)
         if m is None:
             return x
+        if prune:  # only the kept tokens' indices: the pruned ones and their partners are not needed
+            return st.keep(x, kept_indices(m, x.shape[1]), kind="prune")
         keep_idx, src_idx, dst = as_token_indices(m, x.shape[1])
-        if prune:
-            return st.keep(x, keep_idx, kind="prune")
         max_norm, touched = group_max_norm(x, keep_idx, src_idx, dst)
         st.ensure_size(x)  # sizes add up under either mean (proportional attention reads them)
         merged = st.merge(x, keep_idx, src_idx, dst, mode="mean" if size_weighted else "avg")

@@ -188,18 +188,26 @@ def merged_schedule(bb, r) -> tuple[list[int], list[int]]:
     return tokens, tokens_mlp
 
 
+def kept_indices(m: Matching, n_tokens: int) -> torch.Tensor:
+    """The tokens a matching keeps, as indices into the whole sequence, in the official order
+    [B, K] (all a pruning step needs)."""
+    b = m.unm.shape[0]
+    n_b = n_tokens // 2
+    odd = b_slots(0, -1, n_b, m.unm.device).expand(b, n_b)  # the B tokens' positions 1, 3, 5, ...
+    if m.n_prefix <= 1:                                     # [unmerged A, B]
+        return torch.cat([2 * m.unm, odd], 1)
+    return _join(2 * m.unm_idx, odd[..., None], m.n_prefix)[..., 0]
+
+
 def as_token_indices(m: Matching, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The matching as indices into the whole sequence, for :meth:`TokenState.merge`:
     (tokens kept, in the official order [B, K]; tokens merged away [B, r]; for each of those,
     the position in the kept list of the token it merges into [B, r])."""
-    b, n_unm = m.unm.shape
-    n_b = n_tokens // 2
-    dev = m.unm.device
-    odd = b_slots(0, -1, n_b, dev).expand(b, n_b)         # the B tokens' positions 1, 3, 5, ...
-    if m.n_prefix <= 1:                                     # [unmerged A, B]: B token j lands at n_unm + j
-        return torch.cat([2 * m.unm, odd], 1), 2 * m.src, m.dst + n_unm
-    keep_idx = _join(2 * m.unm_idx, odd[..., None], m.n_prefix)[..., 0]
-    where = b_slots(m.n_prefix, n_unm, n_b, dev)
+    n_unm = m.unm.shape[1]
+    keep_idx = kept_indices(m, n_tokens)
+    if m.n_prefix <= 1:                                     # B token j lands at n_unm + j
+        return keep_idx, 2 * m.src, m.dst + n_unm
+    where = b_slots(m.n_prefix, n_unm, n_tokens // 2, m.unm.device)
     return keep_idx, 2 * m.src, where[m.dst]
 
 

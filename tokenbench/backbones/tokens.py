@@ -32,7 +32,35 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[b, idx[b]]`` for ``t`` [B, N, ...C] or [B, N] and ``idx`` [B, K]."""
     if t.dim() == 2:
         return t.gather(1, idx)
+    if _copies_rows(t):
+        return gather_rows(t, idx + row_offsets(t))
+    if t.dim() == 3 and t.shape[-1] == 1:
+        return t[batch_column(t), idx]
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _copies_rows(t: torch.Tensor) -> bool:
+    """Whether ``t`` [B, N, C] is gathered faster as whole rows (:func:`gather_rows`)."""
+    return t.dim() == 3 and t.shape[-1] > 1 and t.is_contiguous()
+
+
+def row_offsets(t: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: ``b * N``, the first row of image ``b`` in ``t`` [B, N, C] seen as [B * N, C] (made once)."""
+    b, n = t.shape[:2]
+    return constant("row_offsets", lambda: torch.arange(b, device=t.device)[:, None] * n, b, n, t.device)
+
+
+def batch_column(t: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: ``0 .. B - 1``, for indexing ``t[batch_column(t), idx]`` (made once)."""
+    b = t.shape[0]
+    return constant("batch_column", lambda: torch.arange(b, device=t.device)[:, None], b, t.device)
+
+
+def gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, N, C] (contiguous) at the rows ``rows`` [B, K] of its [B * N, C] view, as
+    whole rows: the same values as ``gather`` with an index expanded over C, which reads an
+    index per element and is many times slower on a CPU (an embedding lookup copies rows)."""
+    return torch.nn.functional.embedding(rows, t.reshape(-1, t.shape[-1]))
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}  # (name, args, device) -> a tensor that only depends on them
@@ -65,6 +93,7 @@ class _Index:
     def __init__(self, idx: torch.Tensor):
         self.flat = idx
         self._col: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None
 
     @property
     def col(self) -> torch.Tensor:
@@ -79,7 +108,13 @@ class _Index:
         return self.col if t.shape[-1] == 1 else self.col.expand(-1, -1, t.shape[-1])
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """``t[b, idx[b]]``, as :func:`gather_tokens`."""
+        """``t[b, idx[b]]``, as :func:`gather_tokens` (whole rows where that is faster)."""
+        if _copies_rows(t):
+            if self._rows is None:  # every tensor gathered by one index has the same [B, N]
+                self._rows = self.flat + row_offsets(t)
+            return gather_rows(t, self._rows)
+        if t.dim() == 3 and t.shape[-1] == 1:  # sizes, policies: one indexing operator, no index to reshape
+            return t[batch_column(t), self.flat]
         return t.gather(1, self.expanded(t))
 
 
