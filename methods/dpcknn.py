@@ -54,6 +54,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
+from tokenbench.backbones.tokens import constant_range, gather_tokens
 from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.methods.kmedoids import medoid_merge_indices
 from tokenbench.methods.random import stage_key, token_scores
@@ -77,9 +78,9 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, noise: torch.Tensor) -> tu
     # the official dist * mask + far * (1 - mask), as one selection: the same values, one pass over N x N
     delta = torch.where(higher, dist, far).min(dim=-1).values
     centres = (delta * density).topk(n_clusters, dim=-1).indices      # [B, K]
-    to_centre = dist.gather(1, centres[..., None].expand(b, n_clusters, n))  # [B, K, N]
+    to_centre = gather_tokens(dist, centres)                          # [B, K, N]: the centres' rows
     cluster = to_centre.argmin(dim=1)
-    cluster = cluster.scatter(1, centres, torch.arange(n_clusters, device=x.device).expand(b, n_clusters))
+    cluster = cluster.scatter(1, centres, constant_range(0, n_clusters, x.device).expand(b, n_clusters))
     return cluster, centres
 
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
-from tokenbench.backbones.tokens import with_prefix
+from tokenbench.backbones.tokens import constant, constant_range, with_prefix
 from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.registry import GridRestore, Method, Param, register
@@ -87,8 +87,9 @@ def kmedoids_fit(x: torch.Tensor, k: int, iters: int, weight: torch.Tensor) -> t
     medoids = w.topk(k, dim=1).indices[..., 0]                      # [B, K]: heaviest tokens first
     dist = torch.cdist(x, x)                                          # [B, N, N]
     total = (dist * w).sum(dim=-1)                                    # [B, N]: w_i * sum_j d(i, j)
-    masked = dist.new_full((n,), _MASKED).sum()                       # a row outside the cluster
-    clusters = torch.arange(k, device=x.device)[None, :, None]
+    # the value of a token outside the cluster (made once per length, dtype and device)
+    masked = constant("kmedoids_masked", lambda: dist.new_full((n,), _MASKED).sum(), n, dist.dtype, dist.device)
+    clusters = constant_range(0, k, x.device)[None, :, None]
     for _ in range(iters):
         assign = nearest_medoid(dist, medoids)
         member = assign[:, None, :] == clusters                       # [B, K, N]
