@@ -80,7 +80,7 @@ def group_max_norm(x: torch.Tensor, keep_idx: torch.Tensor, src_idx: torch.Tenso
     """(the largest norm in each kept token's group [B, K], which kept tokens receive a merge [B, K])."""
     norms = x.norm(dim=-1)
     group = gather_tokens(norms, keep_idx).scatter_reduce(1, dst, gather_tokens(norms, src_idx), reduce="amax")
-    touched = torch.zeros_like(keep_idx, dtype=torch.bool).scatter_(1, dst, True)
+    touched = torch.zeros_like(keep_idx, dtype=torch.bool).scatter(1, dst, 1)
     return group, touched
 
 
