@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import TokenState, backbone_of
-from tokenbench.backbones.tokens import constant_range, gather_tokens
+from tokenbench.backbones.tokens import constant, constant_range, gather_tokens
 from tokenbench.methods._staged import keep_counts, staged_schedule
 from tokenbench.methods.kmedoids import medoid_merge_indices
 from tokenbench.methods.random import stage_key, token_scores
@@ -93,13 +93,26 @@ def cluster_scale(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype) ->
 
 def density_noise(seed: int, stage: int, image_ids: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, n] uniform noise in [0, 1): a function of (seed, stage, image id, token) only."""
-    u = token_scores(stage_key(seed, stage), image_ids, n) >> 16        # [B, n] in [0, 2**32)
-    return (u.to(torch.float64) / 2.0 ** 32).to(dtype)
+    return _unit(token_scores(stage_key(seed, stage), image_ids, n), dtype)
+
+
+def stages_noise(keys: torch.Tensor, image_ids: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[S, B, n]: :func:`density_noise` of every stage at once (``keys`` [S, 1]: the stages'
+    :func:`stage_key`), one hash for all of them; a stage with fewer tokens reads the first of its row."""
+    return _unit(token_scores(keys, image_ids, n), dtype)
+
+
+def _unit(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The hash bits of :func:`token_scores` as uniform values in [0, 1)."""
+    return ((scores >> 16).to(torch.float64) / 2.0 ** 32).to(dtype)     # [0, 2**32) / 2**32
 
 
 # --------------------------------------------------------------------------- hook
 
-def _cluster_hook(stage: int, k_target: int, k_neighbors: int, seed: int):
+_NOISE = "dpcknn_noise"
+
+
+def _cluster_hook(stage: int, k_target: int, k_neighbors: int, keys: tuple[int, ...]):
     def pre(block, x: torch.Tensor, st: TokenState) -> torch.Tensor:
         npf = st.n_prefix
         n = x.shape[1] - npf
@@ -107,7 +120,10 @@ def _cluster_hook(stage: int, k_target: int, k_neighbors: int, seed: int):
         if k >= n:
             return x
         patches = x[:, npf:]
-        noise = density_noise(seed, stage, st.image_ids.to(x.device), n, x.dtype)
+        if _NOISE not in st.extra:  # every stage's noise with the first stage that clusters (the most tokens)
+            key_col = constant("dpcknn_keys", lambda: torch.tensor(keys, device=x.device)[:, None], keys, x.device)
+            st.extra[_NOISE] = stages_noise(key_col, st.image_ids.to(x.device), n, x.dtype)
+        noise = st.extra[_NOISE][stage, :, :n]
         cluster, centres = dpc_knn(patches, k, k_neighbors, noise)
         scale = cluster_scale(cluster, k, x.dtype)
         scale = torch.cat([scale.new_ones(x.shape[0], npf), scale], dim=1)
@@ -140,8 +156,9 @@ class DPCKNN(Method):
         bb = backbone_of(model, self.name)
         plan = bb.prepare(self.name)
         sites = bb.sites("quarters")
+        keys = tuple(stage_key(int(seed), s) for s in range(len(sites)))
         for s, (site, k) in enumerate(zip(sites, keep_counts(bb.num_patches, len(sites), keep_rate))):
-            plan.pre[site] = _cluster_hook(s, k, int(k_neighbors), int(seed))
+            plan.pre[site] = _cluster_hook(s, k, int(k_neighbors), keys)
         return model
 
     def expected_tokens(self, model, keep_rate: float = 0.7, k_neighbors: int = 5, seed: int = 0):

@@ -52,13 +52,14 @@ def stage_key(seed: int, stage: int) -> int:
     return h
 
 
-def token_scores(key: int, image_ids: torch.Tensor, n: int) -> torch.Tensor:
+def token_scores(key, image_ids: torch.Tensor, n: int) -> torch.Tensor:
     """[B, n] int64 scores, distinct within each row: the hash of (key, image id, position),
-    with the position in the low bits to break ties."""
+    with the position in the low bits to break ties.  ``key`` an int, or an int64 tensor [S, 1]
+    of keys for [S, B, n] scores at once."""
     ids = image_ids.to(torch.int64)
     h = mix32(mix32((ids & _M32) ^ key) ^ ((ids >> 32) & _M32))               # [B]
     pos = torch.arange(n, device=ids.device, dtype=torch.int64)
-    u = mix32((h[:, None] + pos * _STEP) & _M32)                             # [B, n]
+    u = mix32((h[..., None] + pos * _STEP) & _M32)                           # [B, n]
     return u * 65536 + pos
 
 
