@@ -193,7 +193,7 @@ def kept_indices(m: Matching, n_tokens: int) -> torch.Tensor:
     [B, K] (all a pruning step needs)."""
     b = m.unm.shape[0]
     n_b = n_tokens // 2
-    odd = b_slots(0, -1, n_b, m.unm.device).expand(b, n_b)  # the B tokens' positions 1, 3, 5, ...
+    odd = b_slots(0, -1, n_b, m.unm.device, batch=b)   # the B tokens' positions 1, 3, 5, ...
     if m.n_prefix <= 1:                                     # [unmerged A, B]
         return torch.cat([2 * m.unm, odd], 1)
     return _join(2 * m.unm_idx, odd[..., None], m.n_prefix)[..., 0]
@@ -222,18 +222,24 @@ def _b_slots(n_prefix: int, n_unm: int, n_b: int) -> list[int]:
     return [2 * j + 1 if j < n_bp else n_prefix + (n_unm - n_a) + (j - n_bp) for j in range(n_b)]
 
 
-_B_SLOTS: dict[tuple, torch.Tensor] = {}  # (n_prefix, n_unm, n_b, device) -> :func:`_b_slots` as a tensor
+_B_SLOTS: dict[tuple, torch.Tensor] = {}  # (n_prefix, n_unm, n_b, device, batch) -> :func:`_b_slots` as a tensor
 
 
-def b_slots(n_prefix: int, n_unm: int, n_b: int, device: torch.device) -> torch.Tensor:
-    """:func:`_b_slots` as a tensor on ``device``, built once per shape and device (not in
-    every block of every forward); built afresh while ``torch.compile`` traces (a constant)."""
+def b_slots(n_prefix: int, n_unm: int, n_b: int, device: torch.device,
+            batch: Optional[int] = None) -> torch.Tensor:
+    """:func:`_b_slots` as a tensor on ``device`` ([n_b], or expanded to [batch, n_b]), built once
+    per shape and device (not in every block of every forward); built afresh while
+    ``torch.compile`` traces (a constant)."""
+    def make() -> torch.Tensor:
+        t = torch.tensor(_b_slots(n_prefix, n_unm, n_b), device=device)
+        return t if batch is None else t.expand(batch, n_b)
+
     if torch.compiler.is_compiling():
-        return torch.tensor(_b_slots(n_prefix, n_unm, n_b), device=device)
-    key = (n_prefix, n_unm, n_b, torch.device(device))
+        return make()
+    key = (n_prefix, n_unm, n_b, torch.device(device), batch)
     if key not in _B_SLOTS:
         with torch.inference_mode(False):  # a normal tensor: usable in training as in inference
-            _B_SLOTS[key] = torch.tensor(_b_slots(n_prefix, n_unm, n_b), device=device)
+            _B_SLOTS[key] = make()
     return _B_SLOTS[key]
 
 

@@ -254,27 +254,37 @@ class TokenState:
             s = src.gather(t)
             return s if live is None else s * live.to(s.dtype)
 
-        def fold(t: torch.Tensor, s: torch.Tensor, reduce: str) -> torch.Tensor:
-            """The kept rows of ``t`` with the rows ``s`` reduced into them (in place into the
-            gathered copy, a fresh tensor: one copy fewer)."""
-            return keep.gather(t).scatter_reduce_(1, into.expanded(s), s, reduce=reduce)
+        def fold(kept: torch.Tensor, s: torch.Tensor, reduce: str) -> torch.Tensor:
+            """The kept rows ``kept`` (a fresh gathered copy) with the rows ``s`` reduced into
+            them, in place."""
+            return kept.scatter_reduce_(1, into.expanded(s), s, reduce=reduce)
 
         if weighted or size_weights is not None:
             size = self.ensure_size(x)
+        s_size = None if self.size is None else srcs(self.size)
+        # Without autograd, products and the quotient go in place into the gathered copies: no
+        # fresh [B, N, C] tensor to allocate (on a CPU each large allocation costs page faults).
+        in_place = not torch.is_grad_enabled()
         if weighted:
-            x = x * size
-        kept = fold(x, srcs(x), "mean" if mode == "avg" else "sum")
+            # x * size on the kept and the merged rows only: the same products as on all of x;
+            # the few merged rows picked by one indexing operator
+            k_size, kept, s_x = keep.gather(size), keep.gather(x), x[batch_column(x), src_idx]
+            kept = kept.mul_(k_size) if in_place else kept * k_size
+            s_x = s_x.mul_(s_size) if in_place else s_x * s_size
+            kept = fold(kept, s_x, "sum")
+        else:
+            kept = fold(keep.gather(x), srcs(x), "mean" if mode == "avg" else "sum")
         if self.size is not None:
-            s_src = srcs(self.size)
+            s_src = s_size
             if size_weights is not None:
                 s_src = s_src * size_weights[..., None].to(s_src.dtype)
-            self.size = fold(self.size, s_src, "sum")
+            self.size = fold(k_size if weighted and in_place else keep.gather(self.size), s_src, "sum")
         if weighted:
-            kept = kept / self.size
+            kept = kept.div_(self.size) if in_place else kept / self.size
         if self.source is not None:
-            self.source = fold(self.source, srcs(self.source), "amax")
+            self.source = fold(keep.gather(self.source), srcs(self.source), "amax")
         if self.policy is not None:
-            self.policy = fold(self.policy, srcs(self.policy), "amax")
+            self.policy = fold(keep.gather(self.policy), srcs(self.policy), "amax")
         self.pos = None if self.pos is None else keep.gather(self.pos)
         old_pad = None if self.pad is None else keep.gather(self.pad)
         if pad is not None:
