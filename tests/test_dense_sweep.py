@@ -169,3 +169,22 @@ def test_a_dense_sweep_times_throughput_and_the_paired_speedup_as_for_classifica
     rows = {r["label"]: r for r in res["rows"]}
     assert rows["dense"]["speedup"] == 1.0 and rows["topk"]["speedup"] > 0 and rows["topk"]["img_per_s"] > 0
     assert res["measured"] == 5
+
+
+def test_a_dense_sweep_takes_a_checkpoint_trained_with_the_method_and_refuses_an_encoder_only_one(
+        cli, tiny_seg, tmp_path):
+    from tokenbench.models_seg import build_seg_model
+    from tokenbench.registry import apply
+
+    net = build_seg_model("default-seg", TINY_SEG)
+    apply(net.encoder, "dynamicvit", keep_rate=0.7)
+    dense_ck, encoder_ck = tmp_path / "dense.pt", tmp_path / "encoder.pt"
+    torch.save({"model": net.state_dict()}, dense_ck)
+    torch.save({"model": net.encoder.state_dict()}, encoder_ck)
+    methods = '[methods.dynamicvit]\nkeep_rate = [0.7]\nflops_targets = []\ncheckpoint = "{}"\n'
+    sweep = dense_sweep(tmp_path / "s.toml", methods.format(dense_ck), tmp_path / "out")
+    code, out, err = cli("run", str(sweep), "--dry-run")
+    assert code == 0, err
+    sweep = dense_sweep(tmp_path / "t.toml", methods.format(encoder_ck), tmp_path / "out2")
+    code, out, err = cli("run", str(sweep), "--dry-run")
+    assert code == 2 and "does not hold default-seg's weights" in err and len(err.strip().splitlines()) == 1

@@ -72,7 +72,12 @@ def preflight(sw: Sweep, searcher: FlopsSearch) -> None:
                 if not Path(ck).is_file():
                     raise UserError(f"{sw.source}: [methods.{e.label}]: checkpoint {ck} does not exist")
                 try:
-                    load_state_dict_checked(trial, read_state_dict(ck), source=f"checkpoint {ck}")
+                    if is_dense(sw):  # a dense model's checkpoint: encoder, decoder and the method's parts
+                        from ..runner_dense import load_dense
+
+                        load_dense(model, e.method, first or {}, ck)
+                    else:
+                        load_state_dict_checked(trial, read_state_dict(ck), source=f"checkpoint {ck}")
                 except UserError as err:
                     raise UserError(f"{sw.source}: [methods.{e.label}]: {err}") from None
             del trial
