@@ -99,6 +99,25 @@ def test_train_dense_model_a_few_steps_resumably(cli, tmp_path):
     assert code == 0 and json.loads(text)["weights"].startswith("sha256:"), err
 
 
+def test_train_dense_model_takes_the_backbone_rate_and_clipping_it_is_given(cli, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "default-seg", "--data", "fashion-mnist-scenes", "--max-steps", "1",
+                       "--batch-size", "8", "--epochs", "1", "--backbone-lr-scale", "0.5", "--grad-clip", "0",
+                       "--out", str(out), "--json")
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())["train"]
+    assert cfg["backbone_lr_scale"] == 0.5 and cfg["grad_clip"] is None
+
+
+@pytest.mark.parametrize("extra,flag", [(("--fix-epochs", "1"), "--fix-epochs"),
+                                        (("--loss-weight", "ratio_weight=2"), "--loss-weight"),
+                                        (("--set", "keep_rate=0.7"), "--set")])
+def test_train_dense_model_refuses_method_only_flags_in_one_line(cli, tmp_path, extra, flag):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "default-seg", "--data", "fashion-mnist-scenes", *extra, "--out", str(out))
+    assert code == 2 and flag in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_a_dense_run_resumes_with_another_length_only_when_rescheduled(cli, tmp_path):
     out = tmp_path / "run"
     args = ("train", "default-seg", "--data", "fashion-mnist-scenes", "--batch-size", "8", "--out", str(out), "--json")

@@ -75,7 +75,15 @@ def register(app: typer.Typer) -> None:
                                            "grad_clip": grad_clip}, seed, max_steps, device, checkpoint,
                                           teacher_checkpoint, head, train_backbone, pretrained, num_workers,
                                           reschedule)
-            return train_dense(model, method, task, data, data_dir, out, force, json_, epochs, lr, batch_size,
+            unused = [flag for flag, v in (("--set", set_), ("--loss-weight", loss_weight),
+                                           ("--fix-epochs", fix_epochs), ("--teacher-checkpoint", teacher_checkpoint))
+                      if v]
+            if unused:
+                raise UserError(f"{', '.join(unused)} apply to training with a method; a dense model alone is "
+                                "trained with per-pixel cross-entropy")
+            return train_dense(model, method, task, data, data_dir, out, force, json_,
+                               {"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                "backbone_lr_scale": backbone_lr_scale, "grad_clip": grad_clip},
                                seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers,
                                reschedule)
         if head is not None or train_backbone:
@@ -128,12 +136,13 @@ def register(app: typer.Typer) -> None:
 
 
 def train_dense(model: str, method: Optional[str], task: Optional[str], data: str, data_dir: Optional[Path],
-                out: Optional[Path], force: bool, as_json: bool, epochs: Optional[float], lr: Optional[float],
-                batch_size: Optional[int], seed: int, max_steps: Optional[int], device: str,
+                out: Optional[Path], force: bool, as_json: bool, overrides: dict, seed: int,
+                max_steps: Optional[int], device: str,
                 checkpoint: Optional[Path], head: Optional[str] = None, finetune: bool = False,
                 pretrained: bool = False, num_workers: Optional[int] = None, reschedule: bool = False) -> None:
     """Train a dense model with per-pixel cross-entropy (:mod:`tokenbench.train_seg`), resumably: an
-    embedded dense model, or a timm backbone with a linear head (frozen unless ``finetune``)."""
+    embedded dense model, or a timm backbone with a linear head (frozen unless ``finetune``).
+    ``overrides``: the recipe values the user set (None: the recipe's)."""
     from ..measure.env import resolve_device
     from ..models_seg import is_dense_model
     from ..models_seg_timm import HEADS
@@ -152,11 +161,17 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
     if num_workers is not None and num_workers < 0:
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
     changes: dict = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers}
-    for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)):
-        if v is not None:
-            if v <= 0:
-                raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
-            changes[k] = v
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k == "grad_clip" and v == 0:
+            changes[k] = None  # off
+            continue
+        if v <= 0:
+            raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
+        changes[k] = v
+    if changes.get("backbone_lr_scale") is not None and not is_dense_model(model) and not finetune:
+        raise UserError("--backbone-lr-scale needs --finetune: a frozen backbone does not learn")
     if checkpoint is not None and not checkpoint.is_file():
         raise UserError(f"--checkpoint {checkpoint} does not exist")
     if data_dir is not None and not data_dir.is_dir():
