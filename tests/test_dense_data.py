@@ -16,25 +16,34 @@ def small_scenes(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def reference_squares(labels, n, seed, size=56):
-    """Masks of scenes whose items are solid squares, painted one by one in draw order (later on top)."""
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((n, size, size), dtype=np.uint8)
-    for i in range(n):
-        for _ in range(int(rng.integers(ds.SCENE_ITEMS[0], ds.SCENE_ITEMS[1] + 1))):
-            j = int(rng.integers(len(labels)))
-            side = int(rng.integers(ds.ITEM_SIDE[0], ds.ITEM_SIDE[1] + 1))
-            top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-            masks[i, top:top + side, left:left + side] = labels[j] + 1
-    return masks
+def test_items_hide_no_earlier_item_where_one_fits_and_labels_are_class_plus_one(monkeypatch):
+    monkeypatch.setattr(ds, "ITEM_SIDE", (8, 12))  # four such squares always fit side by side
+    placed = []
+    real = ds.place_item
 
+    def spy(occupied, on, rng):
+        hidden, top, left = real(occupied, on, rng)
+        placed.append((hidden, int(on.sum())))
+        return hidden, top, left
 
-def test_later_items_occlude_earlier_ones_and_labels_are_class_plus_one():
+    monkeypatch.setattr(ds, "place_item", spy)
     items = np.full((10, 28, 28), 255, dtype=np.uint8)
-    labels = np.arange(10)
-    images, masks = ds.compose_scenes(items, labels, 12, seed=3)
-    assert np.array_equal(masks, reference_squares(labels, 12, 3))
-    assert ((images > 0) == (masks > 0)).all()
+    images, masks = ds.compose_scenes(items, np.arange(10), 12, seed=3)
+    assert all(hidden == 0 for hidden, _ in placed)
+    assert (masks > 0).sum() == sum(area for _, area in placed)  # every item whole
+    assert ((images > 0) == (masks > 0)).all() and 1 <= masks.max() <= 10
+
+
+def test_an_item_with_no_free_place_lies_where_it_hides_fewest_pixels():
+    occupied = np.ones((56, 56), dtype=bool)
+    occupied[40:, 40:] = False
+    on = np.ones((10, 10), dtype=bool)
+    free = np.zeros((56, 56), dtype=bool)
+    assert ds.place_item(free, on, np.random.default_rng(0))[0] == 0
+    hidden, top, left = ds.place_item(occupied, on, np.random.default_rng(0))
+    tries = np.random.default_rng(0).integers(0, 47, size=(ds.PLACE_TRIES, 2))
+    fewest = min(int(occupied[t:t + 10, l:l + 10].sum()) for t, l in tries)
+    assert hidden == fewest == int(occupied[top:top + 10, left:left + 10].sum()) and hidden > 0
 
 
 def test_scenes_are_seeded_and_mask_follows_item_pixels():

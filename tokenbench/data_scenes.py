@@ -8,7 +8,11 @@ the value :data:`IGNORE` where a pixel is not scored).
 ``fashion-mnist-scenes``: 56 x 56 grey scenes, each composed of 2 to 4 real Fashion-MNIST
 items at seeded positions and scales (20 to 36 pixels a side).  Label 0 is the background;
 an item's pixels brighter than :data:`ITEM_THRESHOLD` take its Fashion-MNIST class + 1
-(so 11 classes); a later item occludes earlier ones.  Train scenes draw their items from
+(so 11 classes).  Items are placed where they hide no pixel of an earlier item (items may touch
+and interleave); an item with no such place at its size tries smaller sizes, and only where none
+fits lies where it hides the fewest pixels (on top).  Occlusion was measured to be the hard part of
+unconstrained placement: a model that scores 79% mIoU on single items scored 54% on four freely
+overlapping ones, mostly from fragments no classifier could name.  Train scenes draw their items from
 Fashion-MNIST's train split (the 55,000 images not held out), val scenes from its held-out
 val images, test scenes from its test images, so no item is shared between splits.
 Generation is deterministic (seeded per split) and cached under the data cache
@@ -39,7 +43,9 @@ ITEM_SIDE = (20, 36)           # an item's side after scaling, pixels, inclusive
 ITEM_THRESHOLD = 50            # an item's pixel (0..255) belongs to it above this
 SCENE_SIZES = {"train": 20000, "val": 2000, "test": 2000}
 SCENE_SEEDS = {"train": 0, "val": 1, "test": 2}
-SCENES_VERSION = 1             # raised whenever generation changes: cache files and record keys follow
+PLACE_TRIES = 30               # random positions tried per item size before a smaller size is tried
+SHRINK_STEP = 4                # pixels an item's side shrinks by when no position at its size is free
+SCENES_VERSION = 2             # raised whenever generation changes: cache files and record keys follow
 SCENE_MEAN, SCENE_STD = 0.15, 0.30
 
 
@@ -69,18 +75,47 @@ def compose_scenes(items: np.ndarray, labels: np.ndarray, n: int, seed: int,
     rng = np.random.default_rng(seed)
     images = np.zeros((n, size, size), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
+
+    def scaled(j: int, side: int) -> np.ndarray:
+        item = torch.from_numpy(items[j].astype(np.float32))[None, None]
+        item = F.interpolate(item, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+        return item.round().clamp(0, 255).to(torch.uint8).numpy()
+
     for i in range(n):
         for _ in range(int(rng.integers(SCENE_ITEMS[0], SCENE_ITEMS[1] + 1))):
             j = int(rng.integers(len(items)))
             side = int(rng.integers(ITEM_SIDE[0], ITEM_SIDE[1] + 1))
-            top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-            item = torch.from_numpy(items[j].astype(np.float32))[None, None]
-            item = F.interpolate(item, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
-            item = item.round().clamp(0, 255).to(torch.uint8).numpy()
+            best = None  # (hidden pixels, top, left, item): the least-hiding place seen
+            while True:
+                item = scaled(j, side)
+                on = item > ITEM_THRESHOLD
+                hidden, top, left = place_item(masks[i] > 0, on, rng)
+                if best is None or hidden < best[0]:
+                    best = (hidden, top, left, item)
+                if hidden == 0 or side - SHRINK_STEP < ITEM_SIDE[0]:
+                    break
+                side -= SHRINK_STEP
+            _, top, left, item = best
             on = item > ITEM_THRESHOLD
+            side = len(item)
             images[i, top:top + side, left:left + side][on] = item[on]
             masks[i, top:top + side, left:left + side][on] = int(labels[j]) + 1
     return images, masks
+
+
+def place_item(occupied: np.ndarray, on: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
+    """``(hidden, top, left)``: the first of :data:`PLACE_TRIES` seeded positions where item pixels
+    ``on`` hide no ``occupied`` pixel (``hidden`` 0), else the try that hides the fewest."""
+    size, side = len(occupied), len(on)
+    best = None
+    for _ in range(PLACE_TRIES):
+        top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        hidden = int((occupied[top:top + side, left:left + side] & on).sum())
+        if best is None or hidden < best[0]:
+            best = (hidden, top, left)
+        if hidden == 0:
+            break
+    return best
 
 
 def data_cache() -> Path:
