@@ -92,7 +92,7 @@ def test_train_dense_model_a_few_steps_resumably(cli, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["arch"]["decoder"] == "linear" and cfg["task"] == "segmentation"
     assert cfg["init"]["model"] == "default" and cfg["init"]["left_out"] == ["head.bias", "head.weight"]
-    assert cfg["train"]["backbone_lr_scale"] == 0.2 and cfg["train"]["threads"] == 1
+    assert cfg["train"]["backbone_lr_scale"] == 0.5 and cfg["train"]["threads"] == 1
     assert (out / "model.pt").is_file() and (out / "model.pt.sha256").is_file()
     code, text, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--json", "--limit", "4",
                           "--checkpoint", str(out / "model.pt"))

@@ -34,8 +34,8 @@ SEG_RECIPE = TrainConfig(epochs=30, batch_size=64, lr=1e-3, min_lr=1e-5, weight_
 SEG_RECIPES = {
     "default-seg": TrainConfig(epochs=6, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=100,
                                label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0, eval_every=250,
-                               ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0, backbone_lr_scale=0.2),
-    "default-convnext-seg": TrainConfig(epochs=12, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
+                               ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0, backbone_lr_scale=0.5),
+    "default-convnext-seg": TrainConfig(epochs=6, batch_size=32, lr=3e-3, min_lr=1e-5, weight_decay=0.05,
                                         warmup_steps=100, label_smoothing=0.0, shift=0, hflip=True, erase_p=0.0,
                                         eval_every=250, ckpt_every=50, eval_limit=300, threads=1, grad_clip=1.0,
                                         backbone_lr_scale=1.0),
