@@ -226,3 +226,23 @@ def test_default_small_is_a_smaller_embedded_vit_with_the_same_recipe_and_grid(t
     m, prov = models.create_model("default-small")
     assert prov["weights"].startswith("sha256:") and backbone_of(m).depth == bs.depth
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_reschedule_lengthens_a_finished_run_and_only_lengthens_it(tmp_path):
+    import json
+
+    x, y = _fake_data(64)
+    train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1), tmp_path, progress=False)
+    assert (tmp_path / "model.pt").is_file()
+    with pytest.raises(UserError, match="--reschedule"):
+        train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2), tmp_path, progress=False)
+    before = (tmp_path / "model.pt.sha256").read_text()
+    with pytest.raises(UserError, match="only lengthen"):
+        train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1), tmp_path, progress=False, reschedule=True)
+    assert (tmp_path / "model.pt.sha256").read_text() == before      # a refused lengthening loses nothing
+    done = json.loads((tmp_path / "config.json").read_text())["total_steps"]
+    s = train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2), tmp_path, progress=False, reschedule=True)
+    assert s["resumed_from"] == done and s["finished"] and s["step"] == 2 * done
+    assert (tmp_path / "model.pt.sha256").read_text() != before
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rescheduled"] == [{"from_epochs": 1, "to_epochs": 2, "at_step": done}]

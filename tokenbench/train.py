@@ -113,23 +113,27 @@ def is_finished_run(out_dir: Path) -> bool:
     return (out_dir / "model.pt").is_file() or (out_dir / "model.pt.sha256").is_file()
 
 
-def check_run_dir(out_dir: Path, force: bool = False) -> None:
+def check_run_dir(out_dir: Path, force: bool = False, reschedule: bool = False) -> None:
     """Refuse a finished run as the output of a training unless ``force`` (cheap; call it first).
 
     A finished run's files (``model.pt``, its log and config) belong together: training again
     into it, or an interruption of that, would leave them inconsistent.  An unfinished run
-    (``last.pt``, no ``model.pt``) is fine: it resumes.
+    (``last.pt``, no ``model.pt``) is fine: it resumes.  With ``reschedule`` a finished run that
+    kept its ``last.pt`` may be lengthened (:func:`train_loop` checks the new length).
     """
-    if is_finished_run(out_dir) and not force:
-        raise UserError(f"{out_dir} holds a finished run (model.pt); choose another --out, "
-                        "or add --force to train again from scratch there")
+    if not is_finished_run(out_dir) or force:
+        return
+    if reschedule and (Path(out_dir) / "last.pt").is_file():
+        return
+    raise UserError(f"{out_dir} holds a finished run (model.pt); choose another --out, "
+                    "add --reschedule --epochs N to train it longer, or --force to train again from scratch there")
 
 
-def claim_run_dir(out_dir: Path, force: bool = False) -> None:
+def claim_run_dir(out_dir: Path, force: bool = False, reschedule: bool = False) -> None:
     """:func:`check_run_dir`, and with ``force`` clear a finished run's files to start it over."""
     out_dir = Path(out_dir)
-    check_run_dir(out_dir, force)
-    if not is_finished_run(out_dir):
+    check_run_dir(out_dir, force, reschedule)
+    if not is_finished_run(out_dir) or not force:
         return
     for name in RUN_FILES:
         try:
@@ -197,7 +201,7 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
         raise TypeError("train_loop() needs cfg and out_dir")
     source = _source_of(train_x, train_y, test_x, test_y)
     out_dir = Path(out_dir)
-    _claim_out_dir(out_dir, force)
+    _claim_out_dir(out_dir, force, reschedule)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
@@ -208,7 +212,13 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
     eval_every = cfg.eval_every or steps_per_epoch
     config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch,
               **source.describe(), **(config_extra or {})}
+    lengthen = is_finished_run(out_dir) and not force  # --reschedule on a finished run (check_run_dir let it through)
+    if lengthen:
+        _check_longer(out_dir, total)
     _write_config(out_dir, config, reschedule)
+    if lengthen:  # its final weights go; the lengthened run writes them at its end
+        for name in ("model.pt", "model.pt.sha256"):
+            (out_dir / name).unlink(missing_ok=True)
 
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
@@ -280,9 +290,9 @@ def _source_of(train_x, train_y: Optional[torch.Tensor], test_x: Optional[torch.
     return train_x
 
 
-def _claim_out_dir(out_dir: Path, force: bool) -> None:
+def _claim_out_dir(out_dir: Path, force: bool, reschedule: bool = False) -> None:
     """``out_dir`` claimed for this run, created and writable (one line of error otherwise)."""
-    claim_run_dir(out_dir, force)
+    claim_run_dir(out_dir, force, reschedule)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -312,6 +322,14 @@ def _write_config(out_dir: Path, config: dict, reschedule: bool) -> None:
         if history:
             config["rescheduled"] = history
     atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
+
+
+def _check_longer(out_dir: Path, total: int) -> None:
+    """A finished run is lengthened only: a schedule of ``total`` steps must go past its last step."""
+    done = _last_step(out_dir / "last.pt")
+    if total <= done:
+        raise UserError(f"{out_dir} finished at step {done}; --reschedule can only lengthen a finished run "
+                        f"(the new length is {total} steps)")
 
 
 def _resume(last: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
@@ -440,7 +458,7 @@ def train_base(out_dir: Path, cfg: Optional[TrainConfig] = None, data_dir=None, 
     Fashion-MNIST into ``out_dir``."""
     from .models import build_embedded, embedded_arch
 
-    check_run_dir(out_dir, force)
+    check_run_dir(out_dir, force, reschedule)
 
     cfg = cfg or BASE_RECIPES[model]
     torch.manual_seed(cfg.seed)

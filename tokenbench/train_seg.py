@@ -216,7 +216,7 @@ def train_seg(model: str, out_dir: Path, cfg: Optional[TrainConfig] = None, data
     embedded = model in SEG_ARCH
     task_of(model, data, "segmentation", new_decoder=not embedded)
     cfg = cfg or seg_recipe(model)
-    check_run_dir(out_dir, force)
+    check_run_dir(out_dir, force, reschedule)
     if data != SCENES:  # a folder's layout and splits, before a backbone is built or downloaded
         from .data_seg_folders import check_layout_dir, layout_files
 

@@ -87,7 +87,7 @@ def train_seg_method(model: str, method: str, params: dict, out_dir: Path, cfg: 
     cls = get_method(method)
     check_dense_trainable(cls)
     p, tp = cls.validate_training(params)
-    check_run_dir(out_dir, force)
+    check_run_dir(out_dir, force, reschedule)
     if data != SCENES:
         from .data_seg_folders import check_layout_dir, layout_files
 

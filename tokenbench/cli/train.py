@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
                   reschedule: bool = typer.Option(False, "--reschedule", help="Resume a dense model's run with a "
                                                   "different length (recorded in config.json)."),
                   device: str = typer.Option("cpu", "--device"),
+                  threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the "
+                                                        "recipe's; may change when a run resumes)."),
                   pretrained: bool = typer.Option(False, "--pretrained"),
                   checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Initial student weights."),
                   teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint",
@@ -72,7 +74,7 @@ def register(app: typer.Typer) -> None:
                 return train_dense_method(model, method, task, set_, loss_weight, data, data_dir, out, force, json_,
                                           {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                                            "backbone_lr_scale": backbone_lr_scale, "fix_epochs": fix_epochs,
-                                           "grad_clip": grad_clip}, seed, max_steps, device, checkpoint,
+                                           "grad_clip": grad_clip, "threads": threads}, seed, max_steps, device, checkpoint,
                                           teacher_checkpoint, head, train_backbone, pretrained, num_workers,
                                           reschedule)
             unused = [flag for flag, v in (("--set", set_), ("--loss-weight", loss_weight),
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
                                 "trained with per-pixel cross-entropy")
             return train_dense(model, method, task, data, data_dir, out, force, json_,
                                {"epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                "backbone_lr_scale": backbone_lr_scale, "grad_clip": grad_clip},
+                                "backbone_lr_scale": backbone_lr_scale, "grad_clip": grad_clip, "threads": threads},
                                seed, max_steps, device, checkpoint, head, train_backbone, pretrained, num_workers,
                                reschedule)
         if head is not None or train_backbone:
@@ -107,7 +109,7 @@ def register(app: typer.Typer) -> None:
                    **per_model.get("recipe", {})}
         for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
                      ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs),
-                     ("grad_clip", grad_clip)):
+                     ("grad_clip", grad_clip), ("threads", threads)):
             if v is not None:
                 if k == "grad_clip" and v == 0:
                     changes[k] = None  # off, also where the method's per-model defaults clip

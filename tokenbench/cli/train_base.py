@@ -42,7 +42,7 @@ def train_base_cmd(model: str = typer.Option("default", "--model",
     if model not in EMBEDDED_MODELS:
         raise UserError(f"--model {model!r}: train-base trains an embedded model: {', '.join(EMBEDDED_MODELS)}")
     out = out or Path({"default": "runs/embedded", "default-convnext": "runs/embedded-convnext"}.get(model, f"runs/{model}"))
-    check_run_dir(out, force)
+    check_run_dir(out, force, reschedule)
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory")
     cfg = BASE_RECIPES[model]
