@@ -213,3 +213,16 @@ def test_report_tabulates_dense_records_alone_and_leaves_them_out_of_a_classific
     assert code == 0, err
     rep = json.loads(out)
     assert [r["model"] for r in rep["rows"]] == ["default"] and any("dense" in n for n in rep["notes"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("default", "--method", "dynamicvit", "--fix-epochs", "-1"), "--fix-epochs must be 0 or more, got -1"),
+    (("default", "--method", "dynamicvit", "--threads", "0"), "--threads must be positive, got 0"),
+    (("default-seg", "--data", "fashion-mnist-scenes", "--lr", "0"), "--lr must be positive, got 0"),
+    (("default-seg", "--data", "fashion-mnist-scenes", "--method", "dynamicvit", "--epochs", "-2"),
+     "--epochs must be positive, got -2"),
+])
+def test_train_refuses_a_recipe_value_out_of_range_in_one_line(cli, tmp_path, args, message):
+    code, _, err = cli("train", *args, "--out", str(tmp_path / "run"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -107,16 +107,9 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
         changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers,
                    **per_model.get("recipe", {})}
-        for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
-                     ("backbone_lr_scale", backbone_lr_scale), ("fix_epochs", fix_epochs),
-                     ("grad_clip", grad_clip), ("threads", threads)):
-            if v is not None:
-                if k == "grad_clip" and v == 0:
-                    changes[k] = None  # off, also where the method's per-model defaults clip
-                    continue
-                if v <= 0 and k not in ("fix_epochs",):
-                    raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
-                changes[k] = v
+        changes |= recipe_changes({"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                   "backbone_lr_scale": backbone_lr_scale, "fix_epochs": fix_epochs,
+                                   "grad_clip": grad_clip, "threads": threads})
         cfg = dataclasses.replace(FINETUNE_RECIPE, **changes)
         if out is None:
             out = Path("runs") / default_run_name(cls, model, params, train_params, per_model.get("set", {}))
@@ -162,16 +155,8 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
     resolve_device(device)
     if num_workers is not None and num_workers < 0:
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
-    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k == "grad_clip" and v == 0:
-            changes[k] = None  # off
-            continue
-        if v <= 0:
-            raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
-        changes[k] = v
+    changes = {"seed": seed, "max_steps": max_steps, "device": device, "num_workers": num_workers,
+               **recipe_changes(overrides)}
     if changes.get("backbone_lr_scale") is not None and not is_dense_model(model) and not finetune:
         raise UserError("--backbone-lr-scale needs --finetune: a frozen backbone does not learn")
     if checkpoint is not None and not checkpoint.is_file():
@@ -190,6 +175,24 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
     print_train_summary(out, summary, as_json)
     if miou is not None and not as_json:
         typer.echo(f"val mIoU {miou:.2f}%")
+
+
+def recipe_changes(values: dict) -> dict:
+    """The recipe values the user set (``None``: keep the recipe's): ``--grad-clip 0`` turns clipping
+    off (also where a method's per-model defaults clip), ``--fix-epochs`` may be 0, the rest must be
+    positive."""
+    changes = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        if k == "grad_clip" and v == 0:
+            changes[k] = None
+        elif v < 0 or (v == 0 and k != "fix_epochs"):
+            raise UserError(f"--{k.replace('_', '-')} must be {'0 or more' if k == 'fix_epochs' else 'positive'}, "
+                            f"got {v}")
+        else:
+            changes[k] = v
+    return changes
 
 
 def parse_loss_weights(items: Optional[List[str]], base: dict) -> dict:
@@ -237,17 +240,8 @@ def train_dense_method(model: str, method: str, task: Optional[str], set_: Optio
     resolve_device(device)
     if num_workers is not None and num_workers < 0:
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
-    changes: dict = {"seed": seed, "max_steps": max_steps, "device": device, "backbone_lr_scale": None,
-                     "num_workers": num_workers}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k == "grad_clip" and v == 0:
-            changes[k] = None
-            continue
-        if v <= 0 and k != "fix_epochs":
-            raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
-        changes[k] = v
+    changes = {"seed": seed, "max_steps": max_steps, "device": device, "backbone_lr_scale": None,
+               "num_workers": num_workers, **recipe_changes(overrides)}
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory")
     out = out or Path("runs") / f"{default_run_name(cls, model, params, train_params, {})}-{data}"
