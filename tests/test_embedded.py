@@ -246,3 +246,12 @@ def test_reschedule_lengthens_a_finished_run_and_only_lengthens_it(tmp_path):
     assert (tmp_path / "model.pt.sha256").read_text() != before
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["rescheduled"] == [{"from_epochs": 1, "to_epochs": 2, "at_step": done}]
+
+
+def test_reschedule_refuses_a_finished_run_without_its_last_checkpoint(tmp_path):
+    x, y = _fake_data(64)
+    train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1), tmp_path, progress=False)
+    (tmp_path / "last.pt").unlink()  # as in a clone: the resumable checkpoint is not committed
+    with pytest.raises(UserError, match="without its last checkpoint"):
+        train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2), tmp_path, progress=False, reschedule=True)
+    assert (tmp_path / "model.pt").is_file()

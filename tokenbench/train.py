@@ -123,8 +123,11 @@ def check_run_dir(out_dir: Path, force: bool = False, reschedule: bool = False) 
     """
     if not is_finished_run(out_dir) or force:
         return
-    if reschedule and (Path(out_dir) / "last.pt").is_file():
-        return
+    if reschedule:
+        if (Path(out_dir) / "last.pt").is_file():
+            return
+        raise UserError(f"{out_dir} holds a finished run without its last checkpoint (last.pt), so it cannot be "
+                        "lengthened; choose another --out, or add --force to train again from scratch there")
     raise UserError(f"{out_dir} holds a finished run (model.pt); choose another --out, "
                     "add --reschedule --epochs N to train it longer, or --force to train again from scratch there")
 
