@@ -226,3 +226,16 @@ def test_train_refuses_a_recipe_value_out_of_range_in_one_line(cli, tmp_path, ar
     code, _, err = cli("train", *args, "--out", str(tmp_path / "run"))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_method_fine_tune_is_lengthened_with_reschedule(cli, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", "default", "--method", "topk", "--data", "synthetic", "--batch-size", "4", "--out", str(out),
+            "--json")
+    code, text, err = cli(*args, "--epochs", "0.05")
+    assert code == 0 and json.loads(text)["finished"], err
+    code, _, err = cli(*args, "--epochs", "0.1")
+    assert code == 2 and "--reschedule" in err
+    code, text, err = cli(*args, "--epochs", "0.1", "--reschedule")
+    assert code == 0 and json.loads(text)["finished"], err
+    assert json.loads((out / "config.json").read_text())["rescheduled"][0]["to_epochs"] == 0.1

@@ -485,7 +485,8 @@ FINETUNE_RECIPE = TrainConfig(epochs=3, batch_size=128, lr=1e-3, min_lr=1e-6, we
 def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional[TrainConfig] = None,
              data: str = "fashion-mnist", data_dir=None, checkpoint: Optional[str] = None,
              teacher_checkpoint: Optional[str] = None, pretrained: bool = False,
-             loss_weights: Optional[dict] = None, progress: bool = True, force: bool = False) -> dict:
+             loss_weights: Optional[dict] = None, progress: bool = True, force: bool = False,
+             reschedule: bool = False) -> dict:
     """Fine-tune ``model`` with ``method`` applied, with the method's own training behaviour.
 
     The method may provide ``train_setup(model, teacher, params, weights) -> LossFn``
@@ -508,7 +509,7 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
     from .registry import get_method
 
     cfg = cfg or FINETUNE_RECIPE
-    check_run_dir(out_dir, force)
+    check_run_dir(out_dir, force, reschedule)
     if data not in DATASETS:
         raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
     check_data(data, data_dir)  # before any model is built
@@ -541,4 +542,5 @@ def finetune(model: str, method: str, params: dict, out_dir: Path, cfg: Optional
              "teacher": tprov.get("weights"), "loss_weights": loss_weights or {}, "pretrained": pretrained}
     cols = tuple(getattr(loss_fn, "metric_names", ()))
     return train_loop(student, source, cfg=cfg, out_dir=out_dir, loss_fn=loss_fn, config_extra=extra,
-                      progress=progress, log_extra_cols=cols, groups=groups, step_hook=hook, force=force)
+                      progress=progress, log_extra_cols=cols, groups=groups, step_hook=hook, force=force,
+                      reschedule=reschedule)

@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
                   seed: int = typer.Option(0, "--seed"),
                   max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N more "
                   "steps (rerun the same command to go N further)."),
-                  reschedule: bool = typer.Option(False, "--reschedule", help="Resume a dense model's run with a "
-                                                  "different length (recorded in config.json)."),
+                  reschedule: bool = typer.Option(False, "--reschedule", help="Resume a run with a different "
+                                                  "length, or lengthen a finished one (recorded in config.json)."),
                   device: str = typer.Option("cpu", "--device"),
                   threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the "
                                                         "recipe's; may change when a run resumes)."),
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         if out is None:
             out = Path("runs") / default_run_name(cls, model, params, train_params, per_model.get("set", {}))
         # the cheap checks, before any model is built or weights are downloaded
-        check_run_dir(out, force)
+        check_run_dir(out, force, reschedule)
         for flag, path in (("--checkpoint", checkpoint), ("--teacher-checkpoint", teacher_checkpoint)):
             if path is not None and not path.is_file():
                 raise UserError(f"{flag} {path} does not exist")
@@ -126,7 +126,8 @@ def register(app: typer.Typer) -> None:
                            data_dir=str(data_dir) if data_dir else None,
                            checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
-                           pretrained=pretrained, loss_weights=weights or None, force=force, progress=not json_)
+                           pretrained=pretrained, loss_weights=weights or None, force=force, progress=not json_,
+                           reschedule=reschedule)
         print_train_summary(out, summary, json_)
 
 
