@@ -255,3 +255,12 @@ def test_reschedule_refuses_a_finished_run_without_its_last_checkpoint(tmp_path)
     with pytest.raises(UserError, match="without its last checkpoint"):
         train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=2), tmp_path, progress=False, reschedule=True)
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_a_schedule_of_no_step_is_refused_and_leaves_a_finished_run_alone(tmp_path):
+    x, y = _fake_data(64)
+    train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=1), tmp_path, progress=False)
+    before = (tmp_path / "model.pt.sha256").read_text()
+    with pytest.raises(UserError, match="no training step"):
+        train_loop(_model(), x, y, x[:16], y[:16], _cfg(epochs=0.001), tmp_path, progress=False, force=True)
+    assert (tmp_path / "model.pt.sha256").read_text() == before

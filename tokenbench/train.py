@@ -204,14 +204,17 @@ def train_loop(model: nn.Module, train_x, train_y: Optional[torch.Tensor] = None
         raise TypeError("train_loop() needs cfg and out_dir")
     source = _source_of(train_x, train_y, test_x, test_y)
     out_dir = Path(out_dir)
-    _claim_out_dir(out_dir, force, reschedule)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     steps_per_epoch = source.n // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {source.n} images, fewer than one batch of {cfg.batch_size}")
     total = int(round(cfg.epochs * steps_per_epoch))
+    if total == 0:  # refused before the run directory is touched
+        raise UserError(f"{cfg.epochs:g} epochs of {steps_per_epoch} steps round to no training step; "
+                        "give more --epochs")
+    _claim_out_dir(out_dir, force, reschedule)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     eval_every = cfg.eval_every or steps_per_epoch
     config = {"train": asdict(cfg), "total_steps": total, "steps_per_epoch": steps_per_epoch,
               **source.describe(), **(config_extra or {})}
