@@ -143,10 +143,10 @@ def inverse_transform_sample(score: torch.Tensor, n_samples: int,
     span = last - first
     ncdf = torch.where(span > 0, (cdf - first) / torch.where(span > 0, span, 1.0), 1.0)
     ncdf = ncdf.masked_fill(~real_sorted, 0.0)
-    y0 = (ncdf + (ncdf == 0).to(ncdf.dtype) * 1e8).min(dim=1, keepdim=True).values
+    y0 = ncdf.masked_fill(ncdf == 0, torch.inf).amin(dim=1, keepdim=True)  # smallest non-zero value
     ys = sample_grid(y0, n_samples)                               # [B, S]
     picks = (ys[:, :, None] - ncdf[:, None, :]).abs().min(dim=2).indices  # [B, S], sorted positions
-    picked = torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter(1, picks, torch.ones_like(picks, dtype=torch.bool))
+    picked = torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter_(1, picks, True)
     picked &= real_sorted
     k = int(picked.sum(1).max()) if b else min(n, n_samples)     # an empty batch keeps the most it could
     slots = torch.argsort((~picked).to(torch.int8), dim=1, stable=True)[:, :k]  # picked first, in order
