@@ -1,4 +1,5 @@
-"""`tokenbench prune`: stale records replaced by a current one go; a run's only record stays."""
+"""`tokenbench prune`: stale records replaced by a current one go; a run's only record stays; with
+--unplanned, the records the sweep plan does not name go too."""
 
 import json
 
@@ -34,3 +35,26 @@ def test_prune_removes_only_superseded_stale_records(cli, tmp_path):
 def test_prune_refuses_a_folder_without_records(cli, tmp_path):
     code, _, err = cli("prune", str(tmp_path))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_prune_unplanned_removes_the_records_the_plan_does_not_name(cli, tmp_path):
+    out = tmp_path / "res"
+    code, _, err = cli("flops", "default", "--method", "topk", "--set", "keep_rate=0.7", "--results", str(out))
+    assert code == 0, err
+    store = Store(out)
+    (current,) = store.records()
+    other = json.loads(json.dumps(current))          # the same run on weights trained earlier
+    other["key"] = "c" * 20
+    other["spec"]["checkpoint"] = "earlier-weights"
+    store.put(other)
+    code, _, err = cli("prune", str(out), "--unplanned")  # no plan: nothing to tell them apart by
+    assert code == 2 and err.startswith("error: ") and "sweep.json" in err and err.count("\n") == 1, err
+    assert len(store.records()) == 2
+    (out / "sweep.json").write_text(json.dumps({"runs": [{"method": "topk", "keys": {"flops": current["key"]}}]}))
+    code, out_text, _ = cli("prune", str(out), "--unplanned", "--dry-run")
+    assert code == 0 and "c" * 20 in out_text and "1 record(s) no run of the plan names (dry run)" in out_text
+    assert len(store.records()) == 2
+    code, out_text, _ = cli("prune", str(out))                 # without the flag: a current record stays
+    assert code == 0 and len(store.records()) == 2
+    code, out_text, _ = cli("prune", str(out), "--unplanned")
+    assert code == 0 and [r["key"] for r in store.records()] == [current["key"]]

@@ -1,4 +1,5 @@
-"""`tokenbench prune DIR`: remove the stale records a newer measurement of the same run replaced."""
+"""`tokenbench prune DIR`: remove the stale records a newer measurement of the same run replaced
+(and with ``--unplanned``, the records no run of DIR's sweep plan names)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def superseded(out: Path) -> list[Path]:
     return [Store(out).path(r["key"]) for r in recs if stale_reasons(r) and _measurement(r, run_identity) in current]
 
 
+def unplanned(out: Path) -> list[Path]:
+    """Record files of ``out`` that no run of its sweep plan (``sweep.json``) names: measurements of
+    an earlier plan, of other weights or of other data, which the sweep's tables do not read."""
+    from ..store import Store
+    from ..sweep import read_plan
+
+    plan = read_plan(out)
+    if plan is None:
+        raise UserError(f"{out} holds no readable sweep plan (sweep.json): --unplanned needs the plan "
+                        "to know which records its tables read")
+    named = {k for r in plan["runs"] for k in (r.get("keys") or {}).values()}
+    store = Store(out, read_only=True)
+    return [store.path(r["key"]) for r in store.records() if r["key"] not in named]
+
+
 def _measurement(rec: dict, run_identity) -> tuple:
     """One measurement of one run: its kind, the run, and where and on what it was measured."""
     from ..report.rows import acc_setting, tp_setting
@@ -36,14 +52,23 @@ def _measurement(rec: dict, run_identity) -> tuple:
 
 
 def prune_cmd(out: Path = typer.Argument(..., help="A results directory (holding records/)."),
-              dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing.")):
+              dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+              unplanned_too: bool = typer.Option(
+                  False, "--unplanned", help="Also remove the records no run of DIR's sweep plan (sweep.json) "
+                                             "names: earlier plans, weights or data, which its tables do not read.")):
     """Remove DIR's stale records that a current record of the same run replaced (after a rerun
-    with changed code or protocol); a stale record that is its run's only measurement is kept."""
+    with changed code or protocol); a stale record that is its run's only measurement is kept.
+    With --unplanned, also the records the sweep's plan does not name (after retraining a model or
+    changing the sweep's settings)."""
     if not (out / "records").is_dir():
         raise UserError(f"{out} holds no records/ folder; pass a results directory")
-    paths = superseded(out)
-    for p in paths:
+    old = superseded(out)
+    extra = [p for p in unplanned(out) if p not in set(old)] if unplanned_too else []
+    for p in old + extra:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {p}")
         if not dry_run:
             p.unlink()
-    typer.echo(f"{len(paths)} superseded stale record(s){' (dry run)' if dry_run else ''}")
+    said = f"{len(old)} superseded stale record(s)"
+    if unplanned_too:
+        said += f", {len(extra)} record(s) no run of the plan names"
+    typer.echo(said + (" (dry run)" if dry_run else ""))
