@@ -146,7 +146,7 @@ def inverse_transform_sample(score: torch.Tensor, n_samples: int,
     y0 = ncdf.masked_fill(ncdf == 0, torch.inf).amin(dim=1, keepdim=True)  # smallest non-zero value
     ys = sample_grid(y0, n_samples)                               # [B, S]
     picks = (ys[:, :, None] - ncdf[:, None, :]).abs().min(dim=2).indices  # [B, S], sorted positions
-    picked = torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter_(1, picks, True)
+    picked = torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter_(1, picks, 1)
     picked &= real_sorted
     k = int(picked.sum(1).max()) if b else min(n, n_samples)     # an empty batch keeps the most it could
     slots = torch.argsort((~picked).to(torch.int8), dim=1, stable=True)[:, :k]  # picked first, in order
