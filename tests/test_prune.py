@@ -14,12 +14,18 @@ def _stale_copy(store: Store, rec: dict, key: str) -> None:
     store.put(old)
 
 
-def test_prune_removes_only_superseded_stale_records(cli, tmp_path):
+def _one_record(cli, tmp_path):
+    """A results directory holding one current record: (the directory, its store, the record)."""
     out = tmp_path / "res"
     code, _, err = cli("flops", "default", "--method", "topk", "--set", "keep_rate=0.7", "--results", str(out))
     assert code == 0, err
     store = Store(out)
     (current,) = store.records()
+    return out, store, current
+
+
+def test_prune_removes_only_superseded_stale_records(cli, tmp_path):
+    out, store, current = _one_record(cli, tmp_path)
     _stale_copy(store, current, "a" * 20)                       # replaced by `current`
     lone = json.loads(json.dumps(current))
     lone["spec"]["params"] = {"keep_rate": 0.5}                 # another run: its only record
@@ -38,11 +44,7 @@ def test_prune_refuses_a_folder_without_records(cli, tmp_path):
 
 
 def test_prune_unplanned_removes_the_records_the_plan_does_not_name(cli, tmp_path):
-    out = tmp_path / "res"
-    code, _, err = cli("flops", "default", "--method", "topk", "--set", "keep_rate=0.7", "--results", str(out))
-    assert code == 0, err
-    store = Store(out)
-    (current,) = store.records()
+    out, store, current = _one_record(cli, tmp_path)
     other = json.loads(json.dumps(current))          # the same run on weights trained earlier
     other["key"] = "c" * 20
     other["spec"]["checkpoint"] = "earlier-weights"
