@@ -33,6 +33,25 @@ def check_equal(ours: torch.nn.Module, official: torch.nn.Module, seed: int = 0)
     return diff, scale, diff <= CHECK_TOL * max(1.0, scale)
 
 
+HOST_ROUNDS = 3        # host-time measurements of each model, alternating ours and the official's
+
+
+def host_cost(ours: torch.nn.Module, official: torch.nn.Module) -> dict:
+    """Operators per forward and host milliseconds (``tokenbench.measure.overhead``) of ours and of
+    the official model; the host times measured alternately, the fastest of each kept (other work
+    only ever adds to it).  A forward that cannot run on an empty batch has no host time (None)."""
+    from tokenbench.measure.overhead import host_time_ms, operator_count
+
+    fastest = {"ours": [], "official": []}
+    for _ in range(HOST_ROUNDS):
+        for side, net in (("ours", ours), ("official", official)):
+            ms = host_time_ms(net)["host_ms"]
+            if ms is not None:
+                fastest[side].append(ms)
+    return {"aten_ops": operator_count(ours)["aten_ops"], "official_aten_ops": operator_count(official)["aten_ops"],
+            "host_ms": min(fastest["ours"], default=None), "official_host_ms": min(fastest["official"], default=None)}
+
+
 def official_rows(model_name: str, settings: list, batches: list[int], modes: list, timing: dict,
                   min_run_time: float, root: Path, log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
     """One row per (setting with official code, batch): the equality check and, per timing mode
@@ -74,6 +93,7 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
             log(line)
             rows.append(base)
             continue
+        base.update(host_cost(ours, official))
         for b in batches:
             row = dict(base, batch=b, precision=timing.get("precision"))
             for sfx, how in modes:
@@ -107,7 +127,8 @@ def official_table(rows: list[dict], notes: list[str], root: Optional[Path]) -> 
 
     head = (f"Ours against the official code ({root}): the same weights, logits checked equal first "
             f"(fp32, {CHECK_IMAGES} images, max abs difference); vs_official = our throughput over the "
-            "official's, timed interleaved (median over rounds, quartiles beside it)")
+            "official's, timed interleaved (median over rounds, quartiles beside it); aten_ops and host_ms of "
+            "each as in the table above, the host times measured alternately")
     body = "(nothing timed)"
     if rows:
         try:
