@@ -63,7 +63,8 @@ def prune_cmd(out: Path = typer.Argument(..., help="A results directory (holding
     if not (out / "records").is_dir():
         raise UserError(f"{out} holds no records/ folder; pass a results directory")
     old = superseded(out)
-    extra = [p for p in unplanned(out) if p not in set(old)] if unplanned_too else []
+    gone = set(old)
+    extra = [p for p in unplanned(out) if p not in gone] if unplanned_too else []
     for p in old + extra:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {p}")
         if not dry_run:
