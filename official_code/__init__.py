@@ -36,6 +36,9 @@ class Official:
     repo: str                     # owner+repo, the clone's folder name
     build: Callable               # build(dense, ours, clone: Path, **params) -> the official model, our weights
     label: str                    # how tables name it
+    # How the official model computes attention: all three write softmax(q k^T) v out in their own
+    # Attention class, whatever timm's fused-attention switch says (ours follows the switch).
+    attention: str = "explicit"
 
     @property
     def url(self) -> str:

@@ -59,6 +59,7 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
     over the official (median and quartiles over rounds) and both throughputs.  Returns the rows
     and the lines saying what could not be built, checked or timed (a missing clone: one line)."""
     from tokenbench.api import load
+    from tokenbench.measure.env import attention_kernel
     from tokenbench.measure.timing import speedup
     from tokenbench.report.render import params_json, quartiles_text
 
@@ -85,7 +86,8 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
             continue
         diff, scale, equal = check_equal(ours, official)
         base = {"model": model_name, "method": method, "params": params_json(params, compact=True),
-                "official": off.repo, "max_abs_diff": float(f"{diff:.3g}"), "equal": equal}
+                "official": off.repo, "max_abs_diff": float(f"{diff:.3g}"), "equal": equal,
+                "attention": f"{attention_kernel(ours)} / {off.attention}"}
         if not equal:
             line = (f"official {off.label} on {model_name} {base['params']}: logits differ by {diff:.3g} "
                     f"(largest logit {scale:.3g}); not timed")
@@ -128,7 +130,10 @@ def official_table(rows: list[dict], notes: list[str], root: Optional[Path]) -> 
     head = (f"Ours against the official code ({root}): the same weights, logits checked equal first "
             f"(fp32, {CHECK_IMAGES} images, max abs difference); vs_official = our throughput over the "
             "official's, timed interleaved (median over rounds, quartiles beside it); aten_ops and host_ms of "
-            "each as in the table above, the host times measured alternately")
+            "each as in the table above, the host times measured alternately; attention = ours / the official's "
+            "(sdpa: PyTorch's fused kernel, which ours uses where timm's switch fused_attn is on, as the dense "
+            "model does; explicit: softmax(q k^T) v written out, as the official code always does; "
+            "TIMM_FUSED_ATTN=0 puts timm's models, ours among them, on the explicit product)")
     body = "(nothing timed)"
     if rows:
         try:

@@ -58,6 +58,7 @@ def test_official_models_are_built_checked_and_timed(tmp_path):
         assert r["equal"] and r["max_abs_diff"] < 1e-4
         assert r["vs_official"] > 0 and r["official_img_per_s"] > 0 and r["img_per_s"] > 0   # ours over theirs
         assert r["aten_ops"] > 0 and r["official_aten_ops"] > 0 and r["host_ms"] > 0   # what a forward costs the host
+        assert r["attention"] == "sdpa / explicit"   # timm's fused kernel in ours, the product written out in theirs
     tome = rows[0]
     assert tome["aten_ops"] < tome["official_aten_ops"] and tome["official_host_ms"] > 0
     assert md.count("| official_bench_vit |") == 7   # the main table's 4 rows and the official table's 3
