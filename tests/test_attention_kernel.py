@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import peak_weights, random_images, tiny_vit
-from tokenbench import registry
+from tokenbench import registry, runner
 from tokenbench.measure import env
 from tokenbench.backbones import AttnInfo
 
@@ -45,3 +45,30 @@ def test_class_attention_is_one_row():
     info = AttnInfo(q, k, None, 0.5, 1)
     full = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)
     torch.testing.assert_close(info.cls_attn(), full[:, :, 0].mean(1))
+
+
+def test_the_explicit_product_is_timed_under_its_own_key():
+    # a timing with timm's switch off never reuses, nor replaces, one of the fused kernel
+    from timm.layers import set_fused_attn, use_fused_attn
+
+    spec = runner.spec_dict("vit_tiny_patch16_224", "tome", {"r": 2, "prop_attn": True}, False, None, None)
+    dense = runner.spec_dict("vit_tiny_patch16_224", "none", {}, False, None, None)
+    cpu = runner.Settings(device="cpu")
+
+    def keys():
+        return (runner.key_fields("throughput", spec, "w", cpu),
+                runner.key_fields("speedup", spec, "w", cpu, baseline=dense),
+                runner.key_fields("flops", spec, "w", cpu))
+
+    assert use_fused_attn() and env.timm_attention() == "sdpa"
+    fused = keys()
+    assert all("attention" not in k for k in fused)  # fused keys are as they always were
+    set_fused_attn(False)
+    try:
+        explicit = keys()
+        assert env.timm_attention() == "explicit"
+    finally:
+        set_fused_attn(True)
+    assert explicit[0]["attention"] == explicit[1]["attention"] == "explicit"
+    assert explicit[0] != fused[0] and explicit[1] != fused[1]
+    assert explicit[2] == fused[2]  # FLOPs do not depend on the kernel

@@ -99,7 +99,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
     Always: the model, method, parameters, input size, weights, torch and timm versions,
     the method's code (declared version and source hash, :mod:`tokenbench.identity`) and the
     kind's protocol version.  Timing adds the device, precision, threads and batch size,
-    and the compile mode when compiled (a speedup also its dense baseline); accuracy, and FLOPs
+    the compile mode when compiled and the attention path when timm's fused kernel is switched
+    off (a speedup also its dense baseline); accuracy, and FLOPs
     counted on data (``--data``), add the data's fingerprint and subset.
     """
     import timm
@@ -122,6 +123,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                    "batch_size": s.batch_size})
         if s.compile:  # eager keys stay as they were
             kf["compile"] = compilation.compile_mode(s.compile)
+        if env.timm_attention() != "sdpa":  # the explicit product times differently; fused keys stay as they were
+            kf["attention"] = env.timm_attention()
         if s.cuda_graphs:
             kf["cuda_graphs"] = True
         if s.timing_on_data:  # real images; without this field, the synthetic batch

@@ -112,6 +112,15 @@ def gpu_settings() -> dict[str, Any]:
     return out
 
 
+def timm_attention() -> str:
+    """The attention timm builds its models with: ``"sdpa"`` while its process-wide switch is on
+    (the default), ``"explicit"`` where it is off (``TIMM_FUSED_ATTN=0`` or
+    ``timm.layers.set_fused_attn(False)``)."""
+    from timm.layers import use_fused_attn
+
+    return "sdpa" if use_fused_attn() else "explicit"
+
+
 def attention_kernel(model: nn.Module) -> str:
     """Which attention the model's blocks run: ``"sdpa"`` (fused scaled-dot-product attention)
     or ``"explicit"`` (softmax of the full matrix), from timm's switch ``fused_attn``, which
