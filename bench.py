@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     bench = _Bench(args)
     for model_name in args.models.split(","):
         bench.run_model(model_name)
-    env = bench.env or _env(args, bench.threads)
+    env = bench.env or _env(args, bench.threads, bench.code)
     head = _heading(env, args, bench.modes, bench.threads, bench.load0)
     print(head)
     print(write_tables(Path(args.out), head, env, bench.rows, bench.official, bench.missed))
@@ -145,6 +145,7 @@ class _Bench:
         import torch
 
         from tokenbench.measure.env import default_threads
+        from tokenbench.store import git_commit
 
         self.args = args
         self.threads = args.threads or default_threads()
@@ -155,7 +156,8 @@ class _Bench:
         self.missed: list[dict] = []   # settings not timed, and why (the deadline, a refusal)
         self.official = {"rows": [], "notes": [], "root": official_root(args.official)}
         self.load0 = os.getloadavg()[0]
-        self.env: dict = {}            # the machine and the code, read once
+        self.env: dict = {}            # the machine, read once
+        self.code = git_commit(changed=True)  # the code as it stood when the run began: what it imported
         self.costs: list[float] = [args.setting_cost] if args.setting_cost else []  # seconds per setting
 
     def jobs(self, model_name: str) -> list:
@@ -216,7 +218,7 @@ class _Bench:
                                                 dense.get(b), ops))
                 print(_fmt_row(self.rows[-1]), file=sys.stderr, flush=True)
                 # the tables so far, after every row: a run stopped part-way keeps what it timed
-                self.env = self.env or _env(args, self.threads)
+                self.env = self.env or _env(args, self.threads, self.code)
                 write_tables(Path(args.out), _heading(self.env, args, self.modes, self.threads, self.load0,
                                                       partial=True), self.env, self.rows, self.official, self.missed)
             self.costs.append(time.time() - started)
@@ -335,11 +337,10 @@ def timing_modes(args) -> list[tuple[str, dict]]:
     return modes
 
 
-def _env(args, threads: int) -> dict:
+def _env(args, threads: int, code: dict) -> dict:
     from tokenbench.measure.env import env_info, resolve_device
-    from tokenbench.store import git_commit
 
-    return {**env_info(resolve_device(args.device), threads), "code": git_commit(changed=True)}
+    return {**env_info(resolve_device(args.device), threads), "code": code}
 
 
 def _heading(env: dict, args, modes, threads: int, load0: float, partial: bool = False) -> str:
