@@ -3,6 +3,7 @@
 
 import json
 
+from tokenbench.identity import PROTOCOLS
 from tokenbench.store import Store
 
 
@@ -60,3 +61,20 @@ def test_prune_unplanned_removes_the_records_the_plan_does_not_name(cli, tmp_pat
     assert code == 0 and len(store.records()) == 2
     code, out_text, _ = cli("prune", str(out), "--unplanned")
     assert code == 0 and [r["key"] for r in store.records()] == [current["key"]]
+
+
+def test_a_stale_timing_of_another_mode_or_kernel_is_not_superseded(cli, tmp_path):
+    # a current eager, fused-kernel timing replaces its stale twin, never a compiled or explicit one
+    out, store, current = _one_record(cli, tmp_path)
+    timing = json.loads(json.dumps(current))
+    timing["kind"], timing["key"] = "throughput", "d" * 20
+    timing["key_fields"].update(protocol=PROTOCOLS["throughput"], device="cpu", device_name="cpu",
+                                precision="fp32", threads=1, batch_size=2)
+    store.put(timing)
+    for key, extra in (("e", {"attention": "explicit"}), ("f", {"compile": "default"}), ("g", {})):
+        twin = json.loads(json.dumps(timing))
+        twin["key_fields"].update(extra)
+        _stale_copy(store, twin, key * 20)
+    code, out_text, _ = cli("prune", str(out))
+    assert code == 0 and "1 superseded" in out_text
+    assert sorted(r["key"] for r in store.records()) == sorted([current["key"], "d" * 20, "e" * 20, "f" * 20])

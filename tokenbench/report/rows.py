@@ -134,8 +134,11 @@ class Row:
 # --------------------------------------------------------------------------- settings of records
 
 def tp_setting(rec: dict) -> tuple:
+    """Where and how a timing ran: two timings of one run compare only when all of this agrees
+    (the compile mode, CUDA graphs and the attention kernel included)."""
     kf = rec.get("key_fields", {})
-    return tuple(kf.get(k) for k in ("device", "device_name", "precision", "threads", "batch_size"))
+    return tuple(kf.get(k) for k in ("device", "device_name", "precision", "threads", "batch_size",
+                                     "compile", "cuda_graphs", "attention"))
 
 
 def acc_setting(rec: dict) -> tuple:
