@@ -69,6 +69,13 @@ def test_the_explicit_product_is_timed_under_its_own_key():
         assert env.timm_attention() == "explicit"
     finally:
         set_fused_attn(True)
+    set_fused_attn(True, experimental=True)  # TIMM_FUSED_ATTN=2: models fused only on request are fused too
+    try:
+        experimental = keys()
+    finally:
+        set_fused_attn(True)
     assert explicit[0]["attention"] == explicit[1]["attention"] == "explicit"
-    assert explicit[0] != fused[0] and explicit[1] != fused[1]
-    assert explicit[2] == fused[2]  # FLOPs do not depend on the kernel
+    assert experimental[0]["attention"] == "sdpa-experimental"
+    assert len({str(fused[0]), str(explicit[0]), str(experimental[0])}) == 3
+    assert explicit[1] != fused[1] != experimental[1]
+    assert explicit[2] == fused[2] == experimental[2]  # FLOPs do not depend on the kernel

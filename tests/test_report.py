@@ -264,3 +264,24 @@ def test_compare_selects_sweep_entries_by_label():
     assert [r.label for r in select_rows(rows, "topk-finetuned")] == ["topk-finetuned"]
     with pytest.raises(UserError, match="matches 2 settings"):
         select_rows(rows[1:], "topk")
+
+
+def test_a_report_without_a_plan_shows_one_timing_setting():
+    # eager and compiled timings of one run in one folder: the report pairs the throughput with the
+    # speedup of the same setting, never a newer speedup of another, and says what it left out
+    from tokenbench.report.collect import _entries_from_records
+
+    spec = {"model": "m", "method": "none", "params": {}, "img_size": 32}
+
+    def rec(kind, time, **kf):
+        return {"kind": kind, "spec": spec, "meta": {"time": time},
+                "key_fields": {"device": "cpu", "batch_size": 2, **kf}, "metrics": {}}
+
+    compiled = [rec("throughput", "2", compile="default"), rec("throughput", "2", compile="default"),
+                rec("speedup", "2", compile="default")]
+    eager = [rec("throughput", "1"), rec("speedup", "3")]   # the eager speedup is the newest record
+    notes = []
+    (entry,) = _entries_from_records(compiled + eager, notes)
+    assert entry["recs"]["throughput"]["key_fields"].get("compile") == "default"   # the most common setting
+    assert entry["recs"]["speedup"]["key_fields"].get("compile") == "default"      # and its own speedup
+    assert notes == ["timing records of several settings: reporting device cpu, batch_size 2, compile default"]

@@ -123,8 +123,9 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
                    "batch_size": s.batch_size})
         if s.compile:  # eager keys stay as they were
             kf["compile"] = compilation.compile_mode(s.compile)
-        if env.timm_attention() != "sdpa":  # the explicit product times differently; fused keys stay as they were
-            kf["attention"] = env.timm_attention()
+        attention = env.timm_attention()
+        if attention != "sdpa":  # another kernel times differently; the default's keys stay as they were
+            kf["attention"] = attention
         if s.cuda_graphs:
             kf["cuda_graphs"] = True
         if s.timing_on_data:  # real images; without this field, the synthetic batch

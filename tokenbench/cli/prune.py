@@ -44,10 +44,9 @@ def unplanned(out: Path) -> list[Path]:
 
 def _measurement(rec: dict, run_identity) -> tuple:
     """One measurement of one run: its kind, the run, and where and on what it was measured."""
-    from ..report.rows import acc_setting, tp_setting
+    from ..report.rows import TIMED_KINDS, acc_setting, tp_setting
 
-    where = acc_setting(rec) if rec["kind"] == "accuracy" else tp_setting(rec) if rec["kind"] in (
-        "throughput", "speedup") else ()
+    where = acc_setting(rec) if rec["kind"] == "accuracy" else tp_setting(rec) if rec["kind"] in TIMED_KINDS else ()
     return rec["kind"], run_identity(rec["spec"]), where
 
 

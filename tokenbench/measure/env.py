@@ -113,12 +113,14 @@ def gpu_settings() -> dict[str, Any]:
 
 
 def timm_attention() -> str:
-    """The attention timm builds its models with: ``"sdpa"`` while its process-wide switch is on
-    (the default), ``"explicit"`` where it is off (``TIMM_FUSED_ATTN=0`` or
-    ``timm.layers.set_fused_attn(False)``)."""
+    """The attention timm builds its models with, from its process-wide switch: ``"sdpa"`` (on, the
+    default), ``"explicit"`` (off: ``TIMM_FUSED_ATTN=0`` or ``timm.layers.set_fused_attn(False)``)
+    or ``"sdpa-experimental"`` (``TIMM_FUSED_ATTN=2``: also the models timm fuses only on request)."""
     from timm.layers import use_fused_attn
 
-    return "sdpa" if use_fused_attn() else "explicit"
+    if not use_fused_attn():
+        return "explicit"
+    return "sdpa-experimental" if use_fused_attn(experimental=True) else "sdpa"
 
 
 def attention_kernel(model: nn.Module) -> str:

@@ -12,7 +12,7 @@ from typing import Optional
 from ..errors import UserError
 from ..identity import stale_reasons
 from .stats import aggregate_seeds, closing_notes, compare_with_dense, timing_notes
-from .rows import DENSE_METHOD, acc_setting, method_info, row_from_records, tp_setting
+from .rows import TIMED_KINDS, DENSE_METHOD, acc_setting, method_info, row_from_records, tp_setting, tp_setting_text
 from ..sweep import DEFAULT_TOLERANCE, read_plan
 
 
@@ -43,17 +43,17 @@ def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
 
 
 def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
-    tp = [r for r in recs if r["kind"] == "throughput"]
+    tp = [r for r in recs if r["kind"] in TIMED_KINDS]
     acc = [r for r in recs if r["kind"] == "accuracy"]
     tp_set = Counter(map(tp_setting, tp)).most_common(1)[0][0] if tp else None
     acc_set = Counter(map(acc_setting, acc)).most_common(1)[0][0] if acc else None
     if len({tp_setting(r) for r in tp}) > 1:
-        notes.append(f"throughput records of several settings: reporting device/batch {tp_set}")
+        notes.append(f"timing records of several settings: reporting {tp_setting_text(tp_set)}")
     if len({acc_setting(r) for r in acc}) > 1:
         notes.append(f"accuracy records of several data subsets: reporting {acc_set}")
     groups: dict[str, dict] = {}
     for r in recs:
-        if r["kind"] == "throughput" and tp_setting(r) != tp_set:
+        if r["kind"] in TIMED_KINDS and tp_setting(r) != tp_set:  # a speedup with the throughput it sits beside
             continue
         if r["kind"] == "accuracy" and acc_setting(r) != acc_set:
             continue

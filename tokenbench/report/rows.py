@@ -133,12 +133,20 @@ class Row:
 
 # --------------------------------------------------------------------------- settings of records
 
+TIMED_KINDS = ("throughput", "speedup")   # the record kinds a timing setting applies to
+TP_FIELDS = ("device", "device_name", "precision", "threads", "batch_size", "compile", "cuda_graphs", "attention")
+
+
 def tp_setting(rec: dict) -> tuple:
-    """Where and how a timing ran: two timings of one run compare only when all of this agrees
-    (the compile mode, CUDA graphs and the attention kernel included)."""
+    """Where and how a timing (throughput or speedup) ran: two timings of one run compare only when
+    all of :data:`TP_FIELDS` agree (the compile mode, CUDA graphs and the attention kernel included)."""
     kf = rec.get("key_fields", {})
-    return tuple(kf.get(k) for k in ("device", "device_name", "precision", "threads", "batch_size",
-                                     "compile", "cuda_graphs", "attention"))
+    return tuple(kf.get(k) for k in TP_FIELDS)
+
+
+def tp_setting_text(setting: tuple) -> str:
+    """:func:`tp_setting` in words: ``device cpu, ..., batch_size 2`` (fields not set left out)."""
+    return ", ".join(f"{k} {v}" for k, v in zip(TP_FIELDS, setting) if v is not None)
 
 
 def acc_setting(rec: dict) -> tuple:
