@@ -159,6 +159,7 @@ class _Bench:
         self.env: dict = {}            # the machine, read once
         self.code = git_commit(changed=True)  # the code as it stood when the run began: what it imported
         self.costs: list[float] = [args.setting_cost] if args.setting_cost else []  # seconds per setting
+        self.batch_sizes = parse_batch_sizes(args.batch_sizes)
 
     def jobs(self, model_name: str) -> list:
         """(method, parameters, model builder) of each setting timed on ``model_name``, dense first."""
@@ -201,13 +202,21 @@ class _Bench:
             try:
                 net = build()
             except Exception as e:  # e.g. the embedded checkpoint missing
-                print(f"skip {model_name}/{method}: {e}", file=sys.stderr)
+                why = f"cannot build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                print(f"skip {model_name}/{method}: {why}", file=sys.stderr)
+                self.missed.append({"model": model_name, "method": method, "params": params_json(params, compact=True),
+                                    "columns": "all", "reason": why})
+                if method == "none":  # nothing to pair the model's other settings with
+                    self.missed += [{"model": model_name, "method": m, "params": params_json(p, compact=True),
+                                     "columns": "all", "reason": "the dense model " + why}
+                                    for m, p, _ in jobs if m != "none"]
+                    break
                 continue
             f = flops(net)
             ops = overhead(net)  # per forward, whatever the batch: the host's share of the time
             if method == "none":
-                batches = [max_batch_size(net, args.device, args.precision) if b == "max" else int(b)
-                           for b in args.batch_sizes.split(",")]
+                batches = [max_batch_size(net, args.device, args.precision) if b == "max" else b
+                           for b in self.batch_sizes]
             for b in batches:
                 if method == "none":
                     dense[b] = f["gflops"]
@@ -227,8 +236,13 @@ class _Bench:
             else:
                 del net
         if self.official["root"] is not None and dense_net is not None:
-            time_official(model_name, [(m, p) for m, p, _ in jobs if m != OVERHEAD], batches, self.modes, self.timing,
-                          args, self.official)
+            timed = {(r["method"], r["params"]) for r in self.rows if r["model"] == model_name}
+            settings = [(m, p) for m, p, _ in jobs if m != OVERHEAD and (m, params_json(p, compact=True)) in timed]
+            time_official(model_name, settings, batches, self.modes, self.timing, args, self.official,
+                          lambda: past_deadline(args.deadline, self.costs))
+            self.env = self.env or _env(args, self.threads, self.code)
+            write_tables(Path(args.out), _heading(self.env, args, self.modes, self.threads, self.load0, partial=True),
+                         self.env, self.rows, self.official, self.missed)
 
     def timed_row(self, model_name: str, method: str, params: dict, net, dense_net, b: int, gflops: float,
                   g0, ops: dict) -> dict:
@@ -256,10 +270,12 @@ class _Bench:
                 else:
                     r = speedup(net, dense_net, batch_size=b, min_run_time=2 * args.min_run_time, **how, **self.timing)
                     speed_x, q1, q3 = r["speedup"], r["speedup_q1"], r["speedup_q3"]
-            except UserError as e:  # e.g. a per-image method cannot be captured as a CUDA graph
+            except Exception as e:  # e.g. a per-image method cannot be captured as a CUDA graph, out of memory
+                why = str(e) if isinstance(e, UserError) else \
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 self.missed.append({"model": model_name, "method": method, "params": row["params"],
-                                    "columns": f"batch {b} {sfx.strip('_') or 'eager'}", "reason": str(e)})
-                print(f"skip {model_name}/{method} {sfx.strip('_') or 'eager'}: {e}", file=sys.stderr)
+                                    "columns": f"batch {b} {sfx.strip('_') or 'eager'}", "reason": why})
+                print(f"skip {model_name}/{method} {sfx.strip('_') or 'eager'}: {why}", file=sys.stderr)
                 continue
             timed = Row(model=model_name, label=method, method=method, params=params, family=family_col,
                         gflops=gflops, flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"],
@@ -294,14 +310,31 @@ def official_root(value):
 
 
 def time_official(model_name: str, settings: list, batches: list, modes: list, timing: dict, args,
-                  official: dict) -> None:
-    """Ours against the official code for ``model_name``'s settings that have one (official_code/)."""
+                  official: dict, late=lambda: None) -> None:
+    """Ours against the official code for ``model_name``'s settings that have one (official_code/), those
+    of ours that were timed; ``late()``: why the next one is not started (the deadline), or None."""
     from official_code.timing import official_rows
 
     rows, notes = official_rows(model_name, settings, batches, modes, timing, args.min_run_time, official["root"],
-                                lambda line: print(line, file=sys.stderr, flush=True))
+                                lambda line: print(line, file=sys.stderr, flush=True), late)
     official["rows"] += rows
-    official["notes"] += notes
+    official["notes"] += [n for n in notes if n not in official["notes"]]  # a missing clone: one line per run
+
+
+def parse_batch_sizes(value: str) -> list:
+    """``--batch-sizes`` as a list of positive ints and ``"max"`` (one line where it is not)."""
+    from tokenbench.errors import UserError
+
+    out = []
+    for b in value.split(","):
+        b = b.strip()
+        if b == "max":
+            out.append(b)
+        elif b.isdigit() and int(b) > 0:
+            out.append(int(b))
+        else:
+            raise UserError(f"--batch-sizes {value}: {b!r} is neither a positive whole number nor max")
+    return out
 
 
 def past_deadline(deadline, costs: list[float]):
@@ -492,7 +525,14 @@ def write_tables(out: Path, head: str, env: dict, rows: list[dict], official: di
 
 def redraw(src: Path, out: Path) -> int:
     """The tables again from ``src``/bench.json, timing nothing (the heading from the json, or bench.md's)."""
-    data = json.loads((src / "bench.json").read_text())
+    from tokenbench.errors import UserError
+
+    if not (src / "bench.json").is_file():
+        raise UserError(f"--redraw {src}: no bench.json there (pass the folder a bench.py run wrote)")
+    try:
+        data = json.loads((src / "bench.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--redraw {src}: bench.json is not readable JSON ({e})")
     head = data.get("head") or (src / "bench.md").read_text().split("\n", 1)[0]
     from tokenbench.report.rows import method_family
 
@@ -507,7 +547,7 @@ def redraw(src: Path, out: Path) -> int:
         here = str(Path(__file__).resolve().parent)
         if here not in sys.path:
             sys.path.insert(0, here)
-    print(write_tables(out, head, data["env"], data["rows"], official))
+    print(write_tables(out, head, data["env"], data["rows"], official, data.get("not_reached", [])))
     return 0
 
 

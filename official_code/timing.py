@@ -53,11 +53,13 @@ def host_cost(ours: torch.nn.Module, official: torch.nn.Module) -> dict:
 
 
 def official_rows(model_name: str, settings: list, batches: list[int], modes: list, timing: dict,
-                  min_run_time: float, root: Path, log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
+                  min_run_time: float, root: Path, log: Callable[[str], None],
+                  late: Callable[[], Optional[str]] = lambda: None) -> tuple[list[dict], list[str]]:
     """One row per (setting with official code, batch): the equality check and, per timing mode
     (bench.py's ``(column suffix, timing keyword arguments)``: eager, CUDA graphs, compiled), ours
     over the official (median and quartiles over rounds) and both throughputs.  Returns the rows
-    and the lines saying what could not be built, checked or timed (a missing clone: one line)."""
+    and the lines saying what could not be built, checked or timed (a missing clone: one line).
+    ``late()``: why the next setting is not started (bench.py's deadline), or None."""
     from tokenbench.api import load
     from tokenbench.measure.env import attention_kernel
     from tokenbench.measure.timing import speedup
@@ -67,6 +69,12 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
     for method, params in settings:
         off = official_of(method)
         if off is None:
+            continue
+        why = late()
+        if why:
+            line = f"official {off.label} on {model_name} {params_json(params, compact=True)}: not timed ({why})"
+            notes.append(line)
+            log(line)
             continue
         clone = off.clone_in(root)
         if clone is None:
@@ -112,7 +120,7 @@ def official_rows(model_name: str, settings: list, batches: list[int], modes: li
                             f"vs_official{sfx}": round(r["speedup"], 3),
                             f"vs_official_iqr{sfx}": quartiles_text(r["speedup_q1"], r["speedup_q3"])})
                 row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
-            row["busy"] = row.pop("busy")
+            row["busy"] = row.pop("busy", None)  # None: no mode was timed
             rows.append(row)
             log(f"{model_name:<24} {method:<10} {row['params']:<18} b={b:<3} official diff {diff:.2g}  " +
                 "  ".join(f"{sfx.strip('_') or 'eager'} ours/official x{row['vs_official' + sfx]:.2f}"

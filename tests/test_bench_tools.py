@@ -90,3 +90,46 @@ def test_profile_method_bad_input_is_one_line(capsys):
     assert prof.cli(["default", "--batch-size", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "must be a JSON object" in err and "unknown method 'bogus'" in err
+
+
+def test_bench_bad_input_is_one_line(tmp_path, capsys):
+    bench = _script("bench")
+    assert bench.cli(["--models", "default", "--batch-sizes", "1,x", "--out", str(tmp_path / "b")]) == 2
+    assert bench.cli(["--redraw", str(tmp_path)]) == 2                    # no bench.json there
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "'x' is neither" in err and "no bench.json" in err
+    assert not (tmp_path / "b").exists()                                 # refused before anything ran
+
+
+def test_redraw_keeps_the_settings_not_timed(tmp_path):
+    bench = _script("bench")
+    missed = [{"model": "default", "method": "tome", "params": '{"r":1}', "columns": "all",
+               "reason": "time: about 9 s needed, 1 s left"}]
+    row = {"model": "default", "method": "none", "params": "{}", "batch": 2, "img_per_s": 10.0}
+    (tmp_path / "bench.json").write_text(json.dumps({"env": {}, "head": "# Bench", "rows": [row],
+                                                     "not_reached": missed}))
+    assert bench.main(["--redraw", str(tmp_path), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "bench.json").read_text())["not_reached"] == missed
+    assert "Not timed" in (tmp_path / "again" / "bench.md").read_text()
+
+
+def test_an_official_setting_no_mode_could_time_is_listed_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import official_code
+    from official_code import timing
+
+    def copy_of_ours(dense, ours, clone, **params):
+        import copy
+
+        return copy.deepcopy(ours)
+
+    (tmp_path / "a+b").mkdir()
+    monkeypatch.setitem(official_code.BUILDERS, "tome", official_code.Official("a+b", copy_of_ours, "ToMe"))
+    lines = []
+    rows, notes = timing.official_rows("default", [("tome", {"r": 1})], [2], [("", {"no_such_option": 1})],
+                                       {}, 0.01, tmp_path, lines.append)
+    assert len(rows) == 1 and rows[0]["equal"] and rows[0]["busy"] is None and "vs_official" not in rows[0]
+    assert len(notes) == 1 and "eager not timed" in notes[0] and lines[0] == notes[0]
+    rows, notes = timing.official_rows("default", [("tome", {"r": 1})], [2], [("", {})], {}, 0.01, tmp_path,
+                                       lines.append, late=lambda: "time: about 9 s needed, 1 s left")
+    assert rows == [] and notes == ['official ToMe on default {"r":1}: not timed (time: about 9 s needed, 1 s left)']

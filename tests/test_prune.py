@@ -71,10 +71,26 @@ def test_a_stale_timing_of_another_mode_or_kernel_is_not_superseded(cli, tmp_pat
     timing["key_fields"].update(protocol=PROTOCOLS["throughput"], device="cpu", device_name="cpu",
                                 precision="fp32", threads=1, batch_size=2)
     store.put(timing)
-    for key, extra in (("e", {"attention": "explicit"}), ("f", {"compile": "default"}), ("g", {})):
+    on_images = {"input": {"data": "fashion-mnist", "split": "test", "batch_size": 2, "data_seed": 0}}
+    for key, extra in (("e", {"attention": "explicit"}), ("f", {"compile": "default"}), ("h", on_images),
+                       ("g", {})):
         twin = json.loads(json.dumps(timing))
         twin["key_fields"].update(extra)
         _stale_copy(store, twin, key * 20)
     code, out_text, _ = cli("prune", str(out))
     assert code == 0 and "1 superseded" in out_text
-    assert sorted(r["key"] for r in store.records()) == sorted([current["key"], "d" * 20, "e" * 20, "f" * 20])
+    assert sorted(r["key"] for r in store.records()) == sorted([current["key"], "d" * 20, "e" * 20, "f" * 20,
+                                                                "h" * 20])
+
+
+def test_stale_flops_counted_on_images_are_not_replaced_by_flops_on_the_synthetic_input(cli, tmp_path):
+    out, store, current = _one_record(cli, tmp_path)            # FLOPs on the synthetic input
+    on_data = json.loads(json.dumps(current))
+    on_data["key_fields"].update(data="fashion-mnist", data_id="x", split="test", limit=64, data_seed=0)
+    _stale_copy(store, on_data, "i" * 20)
+    newer_data = json.loads(json.dumps(on_data))
+    newer_data["key_fields"]["data_id"] = "y"                  # the same subset, older files and code
+    _stale_copy(store, newer_data, "j" * 20)
+    code, out_text, _ = cli("prune", str(out))
+    assert code == 0 and "0 superseded" in out_text
+    assert len(store.records()) == 3

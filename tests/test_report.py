@@ -285,3 +285,38 @@ def test_a_report_without_a_plan_shows_one_timing_setting():
     assert entry["recs"]["throughput"]["key_fields"].get("compile") == "default"   # the most common setting
     assert entry["recs"]["speedup"]["key_fields"].get("compile") == "default"      # and its own speedup
     assert notes == ["timing records of several settings: reporting device cpu, batch_size 2, compile default"]
+
+
+def test_a_report_without_a_plan_keeps_flops_on_images_apart_from_the_synthetic_input():
+    # FLOPs counted on real images (a per-image method) and on the synthetic input are two numbers:
+    # a plan-less report shows one of them and says so, never the newest of the two mixed
+    from tokenbench.report.collect import _entries_from_records
+
+    spec = {"model": "m", "method": "ats", "params": {}, "img_size": 32}
+    synthetic = [{"kind": "flops", "spec": spec, "meta": {"time": str(t)}, "key_fields": {}, "metrics": {}}
+                 for t in (1, 2)]
+    on_images = {"kind": "flops", "spec": spec, "meta": {"time": "3"}, "metrics": {},
+                 "key_fields": {"data": "fashion-mnist", "split": "test", "limit": 64, "data_seed": 0}}
+    notes = []
+    (entry,) = _entries_from_records(synthetic + [on_images], notes)
+    assert entry["recs"]["flops"]["key_fields"] == {}
+    assert notes == ["FLOPs records counted on several inputs: reporting the synthetic input"]
+
+
+def test_the_settings_line_names_a_compiled_explicit_or_real_image_timing():
+    # a table timed compiled, with explicit attention or on real images says so; eager fused says nothing more
+    from tokenbench.report.rows import Row, tp_setting
+    from tokenbench.report.tables import setting_line
+
+    def line(**kf):
+        rec = {"key_fields": {"device": "cpu", "precision": "fp32", "threads": 2, "batch_size": 16, **kf}}
+        row = Row(model="m", label="none", method="none", params={}, img_per_s=10.0, device="cpu", threads=2,
+                  batch_size=16, precision="fp32", tp_setting=tp_setting(rec))
+        return setting_line({"display": [row]})
+
+    assert line() == "Settings: throughput on cpu, 2 threads, batch 16, fp32."
+    images = {"data": "fashion-mnist", "data_id": "x", "split": "test", "images": 16, "data_seed": 0}
+    assert line(compile="max-autotune", attention="explicit", input=images) == (
+        "Settings: throughput on cpu, 2 threads, batch 16, fp32, compiled (max-autotune), explicit attention, "
+        "on fashion-mnist test images.")
+    assert line(cuda_graphs=True).endswith("fp32, CUDA graphs.")

@@ -42,12 +42,20 @@ def unplanned(out: Path) -> list[Path]:
     return [store.path(r["key"]) for r in store.records() if r["key"] not in named]
 
 
-def _measurement(rec: dict, run_identity) -> tuple:
-    """One measurement of one run: its kind, the run, and where and on what it was measured."""
-    from ..report.rows import TIMED_KINDS, acc_setting, tp_setting
+# Key fields two measurements of one run may differ in when the newer replaces the older: what
+# makes a record stale (its code, the protocol, a speedup's baseline code), the library versions,
+# the weights' hash and the data's fingerprint (the run is named by its spec, whose checkpoint path
+# and data name stay), and a speedup's number of rounds (more of the same measurement).
+REPLACEABLE = frozenset({"code", "protocol", "baseline_code", "torch", "timm", "weights", "data_id", "rounds"})
 
-    where = acc_setting(rec) if rec["kind"] == "accuracy" else tp_setting(rec) if rec["kind"] in TIMED_KINDS else ()
-    return rec["kind"], run_identity(rec["spec"]), where
+
+def _measurement(rec: dict, run_identity) -> tuple:
+    """One measurement of one run: its kind, the run, and every other field of its key (where, how
+    and on what it was measured: device, batch, compile mode, kernel, real images, data subset, ...)."""
+    from ..store import canonical
+
+    where = {k: v for k, v in (rec.get("key_fields") or {}).items() if k not in REPLACEABLE}
+    return rec["kind"], run_identity(rec["spec"]), canonical(where)
 
 
 def prune_cmd(out: Path = typer.Argument(..., help="A results directory (holding records/)."),

@@ -12,7 +12,7 @@ from typing import Optional
 from ..errors import UserError
 from ..identity import stale_reasons
 from .stats import aggregate_seeds, closing_notes, compare_with_dense, timing_notes
-from .rows import TIMED_KINDS, DENSE_METHOD, acc_setting, method_info, row_from_records, tp_setting, tp_setting_text
+from .rows import DENSE_METHOD, SETTINGS, method_info, row_from_records
 from ..sweep import DEFAULT_TOLERANCE, read_plan
 
 
@@ -43,19 +43,20 @@ def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
 
 
 def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
-    tp = [r for r in recs if r["kind"] in TIMED_KINDS]
-    acc = [r for r in recs if r["kind"] == "accuracy"]
-    tp_set = Counter(map(tp_setting, tp)).most_common(1)[0][0] if tp else None
-    acc_set = Counter(map(acc_setting, acc)).most_common(1)[0][0] if acc else None
-    if len({tp_setting(r) for r in tp}) > 1:
-        notes.append(f"timing records of several settings: reporting {tp_setting_text(tp_set)}")
-    if len({acc_setting(r) for r in acc}) > 1:
-        notes.append(f"accuracy records of several data subsets: reporting {acc_set}")
+    chosen = {}  # kind -> the one setting of its records reported (a speedup with the throughput beside it)
+    for kinds, setting, several, words in SETTINGS:
+        of_kind = [r for r in recs if r["kind"] in kinds]
+        counts = Counter(map(setting, of_kind))
+        if not counts:
+            continue
+        top = counts.most_common(1)[0][0]
+        if len(counts) > 1:
+            notes.append(f"{several}: reporting {words(top)}")
+        chosen.update({k: (setting, top) for k in kinds})
     groups: dict[str, dict] = {}
     for r in recs:
-        if r["kind"] in TIMED_KINDS and tp_setting(r) != tp_set:  # a speedup with the throughput it sits beside
-            continue
-        if r["kind"] == "accuracy" and acc_setting(r) != acc_set:
+        setting, top = chosen.get(r["kind"], (None, None))
+        if setting is not None and setting(r) != top:
             continue
         g = groups.setdefault(run_identity(r["spec"]), {"spec": r["spec"], "by_kind": {}})
         g["by_kind"].setdefault(r["kind"], []).append(r)

@@ -134,24 +134,65 @@ class Row:
 # --------------------------------------------------------------------------- settings of records
 
 TIMED_KINDS = ("throughput", "speedup")   # the record kinds a timing setting applies to
-TP_FIELDS = ("device", "device_name", "precision", "threads", "batch_size", "compile", "cuda_graphs", "attention")
+TP_FIELDS = ("device", "device_name", "precision", "threads", "batch_size", "compile", "cuda_graphs", "attention",
+             "input")  # input: the real images timed (absent: the synthetic batch)
 
 
 def tp_setting(rec: dict) -> tuple:
     """Where and how a timing (throughput or speedup) ran: two timings of one run compare only when
-    all of :data:`TP_FIELDS` agree (the compile mode, CUDA graphs and the attention kernel included)."""
+    all of :data:`TP_FIELDS` agree (the compile mode, CUDA graphs, the attention kernel and the real
+    images timed included; of the images, their name, split, count and seed)."""
     kf = rec.get("key_fields", {})
-    return tuple(kf.get(k) for k in TP_FIELDS)
+    out = [kf.get(k) for k in TP_FIELDS]
+    images = kf.get("input")
+    if isinstance(images, dict):
+        out[TP_FIELDS.index("input")] = tuple(images.get(k) for k in ("data", "split", "images", "data_seed"))
+    return tuple(out)
 
 
 def tp_setting_text(setting: tuple) -> str:
     """:func:`tp_setting` in words: ``device cpu, ..., batch_size 2`` (fields not set left out)."""
-    return ", ".join(f"{k} {v}" for k, v in zip(TP_FIELDS, setting) if v is not None)
+    def text(k, v):
+        if k == "input":
+            return "timed on {} {}, {} images, seed {}".format(*v)
+        return f"{k} {v}"
+
+    return ", ".join(text(k, v) for k, v in zip(TP_FIELDS, setting) if v is not None)
+
+
+def tp_mode_text(setting: Optional[tuple]) -> str:
+    """What in a timing setting differs from eager, timm's fused attention, on a synthetic batch:
+    ``", compiled (default), explicit attention"``, or "" for none of it."""
+    if not setting:
+        return ""
+    f = dict(zip(TP_FIELDS, setting))
+    parts = [f"compiled ({f['compile']})" if f.get("compile") else None,
+             "CUDA graphs" if f.get("cuda_graphs") else None,
+             f"{f['attention']} attention" if f.get("attention") else None,
+             "on {} {} images".format(*f["input"][:2]) if f.get("input") else None]
+    return "".join(", " + p for p in parts if p)
 
 
 def acc_setting(rec: dict) -> tuple:
+    """The data subset, device and precision of an accuracy or segmentation record."""
     kf = rec.get("key_fields", {})
     return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed", "device", "precision"))
+
+
+def flops_setting(rec: dict) -> tuple:
+    """What a FLOPs record counted on: the images of a data subset (``--data``), or (all None)
+    the synthetic input."""
+    kf = rec.get("key_fields", {})
+    return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed"))
+
+
+# Each kind with the setting two of its records must share to be compared, and how a report says
+# it chose one: (kinds, setting, what several settings are called, the setting in words).
+SETTINGS = ((TIMED_KINDS, tp_setting, "timing records of several settings", tp_setting_text),
+            (("accuracy",), acc_setting, "accuracy records of several data subsets", str),
+            (("segmentation",), acc_setting, "segmentation records of several data subsets", str),
+            (("flops",), flops_setting, "FLOPs records counted on several inputs",
+             lambda s: "the synthetic input" if not any(s) else str(s)))
 
 
 def learned_status(spec: dict) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .render import (NONE, csv_table, fmt_value, interval_text, markdown_table, num, p_value_text, params_json, sig,
                      signed, speedup_text, tex_escape)
 from .stats import UNPAIRED_TOLERANCE, params_text
-from .rows import RECORD_KINDS, Row, method_declaration
+from .rows import RECORD_KINDS, Row, method_declaration, tp_mode_text
 from ..sweep import DEFAULT_TOLERANCE
 
 FLAG_HELP = {
@@ -187,7 +187,7 @@ def setting_line(res: dict) -> str:
     tp = next((r for r in disp if r.img_per_s is not None), None)
     if tp:
         parts.append(f"throughput on {tp.device_name or tp.device}, {tp.threads} threads, "
-                     f"batch {tp.batch_size}, {tp.precision}")
+                     f"batch {tp.batch_size}, {tp.precision}{tp_mode_text(tp.tp_setting)}")
     return "Settings: " + ("; ".join(parts) if parts else "FLOPs only") + "."
 
 
