@@ -65,7 +65,7 @@ def test_a_submitit_job_takes_no_claim_files(tmp_path, monkeypatch):
 
     seen = []
 
-    def execute(sw, runs, store, force=False):
+    def execute(sw, runs, store, force=False, retime=None):
         with distributed.claim(store, "k") as c:
             seen.append(c.held)
         return []

@@ -309,3 +309,17 @@ def test_under_torchrun_every_rank_holds_the_claim(monkeypatch):
     monkeypatch.setattr(distributed, "active", lambda: True)
     with distributed.claim(Store(), "k") as c:
         assert c.held and c.key == "k"
+
+
+def test_a_flagged_timing_makes_its_run_pending_for_the_cluster():
+    # --retime-flagged with --launcher submitit: a run whose every record is stored but whose timing is
+    # flagged is submitted again (before, nothing was submitted and the flagged timing stayed)
+    from tokenbench import launch
+
+    class Stored:
+        def has(self, key):
+            return True
+
+    keys = [{"flops": "a", "throughput": "b"}, {"flops": "c", "throughput": "d"}]
+    assert launch.pending_runs([None, None], keys, Stored()) == []
+    assert launch.pending_runs([None, None], keys, Stored(), retime={"d"}) == [1]

@@ -239,3 +239,16 @@ def test_a_method_fine_tune_is_lengthened_with_reschedule(cli, tmp_path):
     code, text, err = cli(*args, "--epochs", "0.1", "--reschedule")
     assert code == 0 and json.loads(text)["finished"], err
     assert json.loads((out / "config.json").read_text())["rescheduled"][0]["to_epochs"] == 0.1
+
+
+def test_a_checksum_without_its_checkpoint_keys_the_random_weights_the_model_runs_on(tmp_path, monkeypatch):
+    # the .sha256 left behind a deleted model.pt: the model runs on random weights, and its records must
+    # say so, never the trained weights' hash (a later run would reuse an untrained number as trained)
+    from tokenbench.models_seg import create_seg_model, seg_paths, seg_weights_id
+
+    monkeypatch.setenv("TOKENBENCH_EMBEDDED_SEG_DIR", str(tmp_path))
+    p = seg_paths("default-seg")
+    p["dir"].mkdir(parents=True)
+    p["sha"].write_text("ab" * 32 + "  model.pt\n")
+    _, prov = create_seg_model("default-seg")
+    assert prov["weights"] == seg_weights_id("default-seg") == "random-init:untrained"

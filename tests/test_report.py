@@ -320,3 +320,49 @@ def test_the_settings_line_names_a_compiled_explicit_or_real_image_timing():
         "Settings: throughput on cpu, 2 threads, batch 16, fp32, compiled (max-autotune), explicit attention, "
         "on fashion-mnist test images.")
     assert line(cuda_graphs=True).endswith("fp32, CUDA graphs.")
+
+
+def test_a_plan_less_report_leaves_out_the_records_of_a_retrained_models_older_weights():
+    from tokenbench.report.collect import _entries_from_records
+
+    def rec(method, weights, time, checkpoint=None):
+        spec = {"model": "m", "method": method, "params": {}, "img_size": 32, "checkpoint": checkpoint}
+        return {"kind": "accuracy", "spec": spec, "meta": {"time": time}, "metrics": {},
+                "key_fields": {"weights": weights, "data": "d", "split": "test"}}
+
+    recs = [rec("none", "OLD", "1"), rec("topk", "OLD", "2"), rec("none", "NEW", "3"),
+            rec("dynamicvit", "TRAINED", "0", checkpoint="ckpt.pt")]   # its own weights: kept
+    notes = []
+    entries = _entries_from_records(recs, notes)
+    assert sorted((e["spec"]["method"], e["recs"]["accuracy"]["key_fields"]["weights"]) for e in entries) == \
+        [("dynamicvit", "TRAINED"), ("none", "NEW")]
+    assert notes == ["2 record(s) of older weights of m left out (a retrained model: compared with its older "
+                     "numbers they would mix two models)"]
+
+
+def test_a_dense_control_fine_tuned_from_a_checkpoint_is_compared_not_the_baseline():
+    from tokenbench.report.rows import Row
+    from tokenbench.report.stats import compare_with_dense
+
+    tuned = Row(model="m", label="dense-tuned", method="none", params={}, gflops=2.0, checkpoint="tuned.pt")
+    dense = Row(model="m", label="dense", method="none", params={}, gflops=4.0)
+    run = Row(model="m", label="topk", method="topk", params={}, gflops=1.0)
+    compare_with_dense([tuned, run, dense])
+    assert (run.flops_rel, tuned.flops_rel, dense.flops_rel) == (0.25, 0.5, 1.0)
+
+
+def test_compare_names_the_model_where_a_folder_holds_several():
+    import pytest
+
+    from tokenbench.errors import UserError
+    from tokenbench.report.rows import Row
+    from tokenbench.report.stats import one_model
+
+    rows = [Row(model=m, label=l, method=l, params={}) for m in ("a", "b") for l in ("dense", "topk")]
+    rows.append(Row(model="a-small", label="none", method="none", params={}, line_of="a"))
+    with pytest.raises(UserError, match=r"holds 2 models \(a, b\): a comparison reads one; name it with --model"):
+        one_model(rows, None, "DIR")
+    assert [(r.model, r.label) for r in one_model(rows, "a", "DIR")] == [("a", "dense"), ("a", "topk"),
+                                                                         ("a-small", "none")]
+    with pytest.raises(UserError, match="no model 'c' in DIR; models here: a, b"):
+        one_model(rows, "c", "DIR")

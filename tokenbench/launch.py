@@ -63,17 +63,19 @@ class Outcome:
     failures: list[Failure] = field(default_factory=list)
 
 
-def run_share(sw, runs: list, out: str, force: bool, indices: list[int]) -> list[tuple[int, str, str, bool]]:
+def run_share(sw, runs: list, out: str, force: bool, indices: list[int],
+              retime: Optional[list[str]] = None) -> list[tuple[int, str, str, bool]]:
     """One job's work: measure ``runs`` (the sweep's runs ``indices``) into the store at ``out``.
 
-    What the store already holds is skipped.  Returns (run index, kind, key, reused) per step.
+    What the store already holds is skipped, except the timings ``retime`` names (``--retime-flagged``).
+    Returns (run index, kind, key, reused) per step.
     """
     from . import sweep as sw_mod
     from .distributed import work_split_elsewhere
     from .store import Store
 
     with work_split_elsewhere():  # the array gave each job its own runs: no claim files needed
-        steps = sw_mod.execute(sw, runs, Store(out), force=force)
+        steps = sw_mod.execute(sw, runs, Store(out), force=force, retime=set(retime) if retime else None)
     index = {id(r): i for r, i in zip(runs, indices)}
     return [(index[id(s.run)], s.kind, s.key, s.reused) for s in steps]
 
@@ -131,9 +133,12 @@ def job_options(launcher: str, cluster: Optional[str] = None, partition: Optiona
     return opts
 
 
-def pending_runs(runs: list, keys: list[dict], store, force: bool = False) -> list[int]:
-    """Indices of the runs that still miss a record (every run with ``force``)."""
-    return [i for i, ks in enumerate(keys) if force or not all(store.has(k) for k in ks.values())]
+def pending_runs(runs: list, keys: list[dict], store, force: bool = False, retime=None) -> list[int]:
+    """Indices of the runs that still miss a record or have a timing to measure again (``retime``),
+    every run with ``force``."""
+    again = set(retime or ())
+    return [i for i, ks in enumerate(keys)
+            if force or not all(store.has(k) and k not in again for k in ks.values())]
 
 
 def pack(indices: list[int], runs_per_job: int) -> list[list[int]]:
@@ -255,12 +260,13 @@ def _reason(job, err: Optional[BaseException]) -> str:
 
 
 def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: JobOptions, force: bool = False,
-                 console=None, poll_s: float = 2.0) -> Outcome:
-    """Submit the sweep's missing runs as jobs, wait for them, and say what each step became."""
+                 console=None, poll_s: float = 2.0, retime=None) -> Outcome:
+    """Submit the sweep's missing runs (and those with a flagged timing in ``retime``) as jobs, wait for
+    them, and say what each step became."""
     from .sweep import Step, kinds_for
 
     check_options(opts)
-    todo = pending_runs(runs, keys, store, force)
+    todo = pending_runs(runs, keys, store, force, retime)
     complete = [i for i in range(len(runs)) if i not in set(todo)]
     steps = [Step(runs[i], k, keys[i][k], True) for i in complete for k in kinds_for(runs[i], sw)]
     chunks = pack(todo, opts.runs_per_job)
@@ -274,7 +280,7 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
     store.ensure_writable()
     jobs = _submit(executor, Path(out_dir).resolve() / "jobs",
                    lambda: [executor.submit(run_share, sw, [runs[i] for i in chunk], str(Path(out_dir).resolve()),
-                                            force, chunk) for chunk in chunks])
+                                            force, chunk, sorted(retime or ())) for chunk in chunks])
     try:
         states, errors = _wait(jobs, executor.cluster, console, poll_s)
     except KeyboardInterrupt:

@@ -235,5 +235,6 @@ def create_seg_model(name: str) -> tuple[SegModel, dict]:
 
 def seg_weights_id(name: str) -> str:
     """Identity of a dense model's weights without building it."""
-    sha = seg_paths(name)["sha"]
-    return "sha256:" + sha.read_text().split()[0] if sha.is_file() else "random-init:untrained"
+    p = seg_paths(name)  # the test create_seg_model makes: no checkpoint, random weights, whatever the .sha256
+    return "sha256:" + p["sha"].read_text().split()[0] if p["ckpt"].is_file() and p["sha"].is_file() \
+        else "random-init:untrained"

@@ -30,8 +30,9 @@ FIGURE_STEMS = ("patterns_iou_", "errors_kappa_", "per_class_change", "drift", "
 
 def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Optional[Sequence[float]] = None,
             limit: Optional[int] = DEFAULT_RERUN_IMAGES, plots: bool = True, progress: Optional[Any] = None,
-            dest: Optional[str | Path] = None) -> dict:
+            dest: Optional[str | Path] = None, model: Optional[str] = None) -> dict:
     """Write every analysis of the sweep in ``out`` under ``out/analysis`` (or ``dest``); returns a summary.
+    ``model``: the model analysed, where ``out`` holds several (by default into ``analysis/<model>``).
 
     A committed reference sweep (under ``results/``) is analysed into ``runs/analysis/<name>``
     unless ``dest`` says otherwise (:func:`tokenbench.outputs.analysis_dirs`).  The figures
@@ -48,10 +49,10 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
         raise UserError(f"results directory {out} does not exist")
     if limit is not None and limit != 0 and limit < 2:
         raise UserError(f"--limit must be at least 2 (CKA needs two images), or 0 for every image; got {limit}")
-    settings, data, notes = gather_settings(out, methods, flops)
+    settings, data, notes = gather_settings(out, methods, flops, model)
     if not data.get("name"):
         raise UserError(f"the accuracy records in {out} do not say which data they measured")
-    adir, cache_dir = _writable_dirs(out, dest)
+    adir, cache_dir = _writable_dirs(out, dest, None if dest is not None else model)
     files: list[Path] = kappa_table(settings).write(adir)   # error agreement: the records alone
 
     models = _Models()
@@ -86,11 +87,14 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
             "n_images": n_img, "files": [str(f) for f in files], "notes": warnings_, "seconds": round(elapsed, 1)}
 
 
-def _writable_dirs(out: Path, dest: Optional[str | Path]) -> tuple[Path, Path]:
-    """(where the analysis is written, where re-runs are cached), the first made and checked writable."""
+def _writable_dirs(out: Path, dest: Optional[str | Path], model: Optional[str] = None) -> tuple[Path, Path]:
+    """(where the analysis is written, where re-runs are cached), the first made and checked writable
+    (``model``: in a folder of its own inside the default destination)."""
     from ..outputs import analysis_dirs
 
     adir, cache_dir = analysis_dirs(out, dest)
+    if model is not None:
+        adir = adir / model
     try:
         adir.mkdir(parents=True, exist_ok=True)
         probe = adir / ".write-test"

@@ -90,9 +90,11 @@ class Setting:
 
 
 def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
-                    flops: Optional[Sequence[float]] = None) -> tuple[list[Setting], dict, list[str]]:
+                    flops: Optional[Sequence[float]] = None,
+                    model: Optional[str] = None) -> tuple[list[Setting], dict, list[str]]:
     """The settings of ``out`` with an accuracy record on the dense model's images, narrowed to
-    ``methods`` (labels or method names) and ``flops`` levels; dense always included.
+    ``methods`` (labels or method names) and ``flops`` levels; dense always included.  Of one
+    model: ``model``, or the only one ``out`` holds (several and none named: one line).
 
     Returns (settings, data settings, notes).
     """
@@ -106,7 +108,9 @@ def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
     targets = [float(t) for t in sweep.get("flops_targets") or []]
     tolerance = float(sweep.get("flops_tolerance") or 0.03)
     store = Store(out)
-    rows = [r for r in res["rows"] if r.correct and r.keys.get("accuracy") and not r.line_of]
+    from ..report.stats import one_model
+
+    rows = one_model([r for r in res["rows"] if r.correct and r.keys.get("accuracy") and not r.line_of], model, out)
     dense_rows = [r for r in rows if r.method == DENSE_METHOD]
     if not dense_rows:
         raise UserError(f"{out} has no accuracy record of the dense model (method none): every analysis "

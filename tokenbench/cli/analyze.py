@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tables and figures here (default: "
                                            "DIRECTORY/analysis; runs/analysis/NAME for a committed results/NAME, "
                                            "which only an explicit --out results/... rewrites)."),
+        model: Optional[str] = typer.Option(None, "--model", help="The model analysed, where DIRECTORY holds several "
+                                            "(written to its own folder, analysis/MODEL, unless --out says)."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
     ):
         """Analyse a sweep: reduction-pattern agreement (IoU), error agreement (kappa, per-class change), representation drift (CKA, cosine), budget spending, and keep maps against a centre prior.
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
         if not directory.is_dir():
             raise UserError(f"results directory {directory} does not exist")
         err = Console(stderr=True)
-        kw = dict(methods=_words(methods), flops=_floats(flops), limit=limit, plots=plots, dest=out)
+        kw = dict(methods=_words(methods), flops=_floats(flops), limit=limit, plots=plots, dest=out, model=model)
         if json_ or not sys.stderr.isatty():
             res = analyze(directory, **kw)
         else:

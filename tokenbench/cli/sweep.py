@@ -319,6 +319,8 @@ def _register_compare(app: typer.Typer) -> None:
         a: str = typer.Argument(..., help="One setting: METHOD or METHOD:KEY=VALUE,... (e.g. dynamicvit:keep_rate=0.7)."),
         b: List[str] = typer.Argument(..., help="One or more settings to compare A with (e.g. topk:keep_rate=0.7)."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+        model: Optional[str] = typer.Option(None, "--model", help="The model compared, where DIRECTORY holds "
+                                                                  "several (e.g. a sweep of two models)."),
     ):
         """McNemar's paired test of A against each B, on the images both were measured on.
 
@@ -331,7 +333,7 @@ def _register_compare(app: typer.Typer) -> None:
 
         if dense_records(directory) and not any(r.get("kind") == "accuracy"
                                                 for r in Store(directory, read_only=True).records()):
-            dense = [paired_dense(directory, a, x) for x in b]
+            dense = [paired_dense(directory, a, x, model) for x in b]
             if json_:
                 typer.echo(json.dumps({"out": str(directory), "a": a, "comparisons": dense}, default=str))
                 return
@@ -341,7 +343,7 @@ def _register_compare(app: typer.Typer) -> None:
                            f"{d['b']['miou']:.2f}%: per-image IoU diff {d['mean_diff']:+.4f} [95% CI {lo:+.4f}, "
                            f"{hi:+.4f}] on n={d['n']}; Wilcoxon p = {d['p_value']:.2g}")
             return
-        results = [paired(directory, a, x) for x in b]
+        results = [paired(directory, a, x, model) for x in b]
         if json_:
             typer.echo(json.dumps({"out": str(directory), "a": a, "comparisons": results}, default=str))
             return
@@ -457,7 +459,8 @@ def _measure(sw_mod, spec, runs, keys, out_dir, store, job_opts, undo, force: bo
         from ..launch import SubmissionRefused, submit_sweep
 
         try:
-            outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force, console=console)
+            outcome = submit_sweep(spec, runs, keys, out_dir, store, job_opts, force=force, console=console,
+                                   retime=retime)
         except SubmissionRefused:
             undo()  # nothing was submitted: the plan goes back to what it was
             raise

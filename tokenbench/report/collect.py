@@ -37,12 +37,30 @@ def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
             "label": r.get("label") or r["method"], "spec": r["spec"], "targets": r.get("targets") or [],
             "seed_param": r.get("seed_param"), "planned": sorted(keys),
             "recs": {k: by_key.get(v) for k, v in keys.items()}, "line_of": r.get("line_of"),
-            "untimed": bool(r.get("untimed")),
+            "untimed": bool(r.get("untimed")), "per_image": bool(r.get("per_image")),
         })
     return out
 
 
+def _newest_weights(recs: list[dict], notes: list[str]) -> list[dict]:
+    """``recs`` without the records of a model's older weights: the runs on the model's own weights
+    (no checkpoint of their own: the dense model and the training-free methods) are compared with
+    one another, so all must come from one set of weights, the newest measured (a retrained model)."""
+    own = [r for r in recs if not r["spec"].get("checkpoint")]
+    newest: dict[str, str] = {}
+    for r in sorted(own, key=lambda r: r.get("meta", {}).get("time", "")):
+        newest[r["spec"]["model"]] = r.get("key_fields", {}).get("weights")
+    older = [r for r in own if r.get("key_fields", {}).get("weights") != newest[r["spec"]["model"]]]
+    if older:
+        models = sorted({r["spec"]["model"] for r in older})
+        notes.append(f"{len(older)} record(s) of older weights of {', '.join(models)} left out (a retrained "
+                     "model: compared with its older numbers they would mix two models)")
+    gone = {id(r) for r in older}
+    return [r for r in recs if id(r) not in gone]
+
+
 def _entries_from_records(recs: list[dict], notes: list[str]) -> list[dict]:
+    recs = _newest_weights(recs, notes)
     chosen = {}  # kind -> the one setting of its records reported (a speedup with the throughput beside it)
     for kinds, setting, several, words in SETTINGS:
         of_kind = [r for r in recs if r["kind"] in kinds]
@@ -90,10 +108,14 @@ def collect(out: str | os.PathLike) -> dict:
         notes.append(str(w.message))
     notes += (plan or {}).get("skipped") or []  # a dense sweep's methods that cannot restore the grid
     dense = [r for r in recs if r["kind"] == "segmentation"]
-    if dense and any(r["kind"] in ("flops", "accuracy") for r in recs):
-        # classification records (a dense sweep writes none) beside dense ones: the classification table
-        recs = [r for r in recs if r["kind"] != "segmentation"]
-        notes.append(f"{len(dense)} dense (segmentation) record(s) left out of the classification table")
+    classification = [r for r in recs if r["kind"] in ("flops", "accuracy")]
+    if dense and classification:  # a dense sweep writes no FLOPs or accuracy records: one table of the two
+        if plan and any("segmentation" in (run.get("keys") or {}) for run in plan["runs"]):  # a dense plan
+            recs = [r for r in recs if r["kind"] not in ("flops", "accuracy")]
+            notes.append(f"{len(classification)} classification record(s) left out of the dense table")
+        else:
+            recs = [r for r in recs if r["kind"] != "segmentation"]
+            notes.append(f"{len(dense)} dense (segmentation) record(s) left out of the classification table")
     if not recs:
         raise UserError(f"no records in {out / 'records'} (run a sweep there first: tokenbench run --out {out})")
     by_key = {r["key"]: r for r in recs}
@@ -104,7 +126,8 @@ def collect(out: str | os.PathLike) -> dict:
     else:
         entries = _entries_from_records(recs, notes)
     rows = [row_from_records(e["label"], e["spec"], e["recs"], e["planned"], e["targets"], e["seed_param"], tolerance,
-                             line_of=e.get("line_of"), untimed=e.get("untimed", False)) for e in entries]
+                             line_of=e.get("line_of"), untimed=e.get("untimed", False),
+                             per_image=e.get("per_image", False)) for e in entries]
     compare_with_dense(rows)
     display = aggregate_seeds(rows)
     notes += closing_notes(rows)

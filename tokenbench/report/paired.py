@@ -6,21 +6,22 @@ import os
 
 from .collect import collect
 from ..errors import UserError
-from .stats import select_rows, params_text
+from .stats import one_model, params_text, select_rows
 from .rows import Row
 
 
-def paired(out: str | os.PathLike, a: str, b: str) -> dict:
+def paired(out: str | os.PathLike, a: str, b: str, model: str | None = None) -> dict:
     """McNemar's paired test between two settings measured on the same images in ``out``.
 
     Each of ``a`` and ``b`` selects one setting (``METHOD:KEY=VALUE,...``); a seeded method
-    gives one comparison per seed.  Returns both sides' accuracy and, per pair, the images
+    gives one comparison per seed.  ``model``: the model compared, where ``out`` holds several.
+    Returns both sides' accuracy and, per pair, the images
     only one side gets right and the exact two-sided p-value.
     """
     from ..measure.stats import mcnemar
 
     res = collect(out)
-    rows = [r for r in res["rows"] if r.correct]
+    rows = one_model([r for r in res["rows"] if r.correct], model, out)
     ra, rb = select_rows(rows, a), select_rows(rows, b)
 
     def side(r: Row) -> dict:

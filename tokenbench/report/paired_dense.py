@@ -36,11 +36,28 @@ def _select(recs: list[dict], text: str) -> dict:
     return got[0]
 
 
-def paired_dense(out: str | os.PathLike, a: str, b: str) -> dict:
-    """mIoU of settings ``a`` and ``b`` and the paired test on their per-image IoU."""
+def _current_of_one_model(recs: list[dict], model: str | None, out) -> list[dict]:
+    """The records this checkout would write the same (stale ones left out) of ``model``, or of the
+    only model there is (several and none named: one line)."""
+    from ..identity import stale_reasons
+
+    recs = [r for r in recs if not stale_reasons(r)]
+    models = sorted({r["key_fields"]["model"] for r in recs})
+    if model is None and len(models) > 1:
+        raise UserError(f"{out} holds {len(models)} models ({', '.join(models)}): a comparison reads one; "
+                        "name it with --model")
+    if model is not None and model not in models:
+        raise UserError(f"no current dense record of model {model!r} in {out}; models here: "
+                        f"{', '.join(models) or 'none'}")
+    return [r for r in recs if model is None or r["key_fields"]["model"] == model]
+
+
+def paired_dense(out: str | os.PathLike, a: str, b: str, model: str | None = None) -> dict:
+    """mIoU of settings ``a`` and ``b`` and the paired test on their per-image IoU (``model``: the
+    model compared, where ``out`` holds several; stale records are not read)."""
     from ..measure.dense import paired_iou_test
 
-    recs = dense_records(out)
+    recs = _current_of_one_model(dense_records(out), model, out)
     ra, rb = _select(recs, a), _select(recs, b)
     same = ("model", "data", "data_id", "split", "limit", "data_seed")
     if any(ra["key_fields"].get(k) != rb["key_fields"].get(k) for k in same):

@@ -174,9 +174,10 @@ def tp_mode_text(setting: Optional[tuple]) -> str:
 
 
 def acc_setting(rec: dict) -> tuple:
-    """The data subset, device and precision of an accuracy or segmentation record."""
+    """The data subset, device and precision of an accuracy or segmentation record (and the data's
+    fingerprint, last: two subsets of the same name on other files are other images)."""
     kf = rec.get("key_fields", {})
-    return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed", "device", "precision"))
+    return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed", "device", "precision", "data_id"))
 
 
 def flops_setting(rec: dict) -> tuple:
@@ -230,15 +231,24 @@ def method_family(name: str) -> Optional[str]:
 
 # --------------------------------------------------------------------------- a row from records
 
+# A dense task's FLOPs are counted on one synthetic image; a method whose token count depends on the
+# image spends another amount on each evaluated image, so its FLOPs column is that one image's.
+DENSE_PER_IMAGE_FLOPS = ("FLOPs of one synthetic image: this method's token count depends on the image, and "
+                         "a dense task's FLOPs (and its matched-FLOPs search) are not counted on the evaluated "
+                         "images")
+
+
 def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], planned: list[str],
                      targets: list, seed_param: Optional[str], tolerance: float, line_of: Optional[str] = None,
-                     untimed: bool = False) -> Row:
+                     untimed: bool = False, per_image: bool = False) -> Row:
     """One run's row: ``recs`` maps a record kind to its record (None: planned, not measured).
     ``line_of``: the run is a dense model of another size, compared with that model's dense run.
-    ``untimed``: the sweep left its timings out on this CPU (flag ``untimed``)."""
+    ``untimed``: the sweep left its timings out on this CPU (flag ``untimed``).  ``per_image``: the
+    method's token count depends on the image (the plan says so)."""
     f, t, a, sp = recs.get("flops"), recs.get("throughput"), recs.get("accuracy"), recs.get("speedup")
     params = dict(spec.get("params") or {})
-    row = Row(model=spec["model"], label="dense" if spec["method"] == DENSE_METHOD and not line_of else label,
+    plain_dense = spec["method"] == DENSE_METHOD and not line_of and not spec.get("checkpoint")
+    row = Row(model=spec["model"], label="dense" if plain_dense else label,
               line_of=line_of,
               method=spec["method"], params=params, row_type="seed" if seed_param else "run",
               family=method_family(spec["method"]), seed_param=seed_param,
@@ -285,6 +295,8 @@ def row_from_records(label: str, spec: dict, recs: dict[str, Optional[dict]], pl
         row.stale = "; ".join(dict.fromkeys(stale))
     if recs.get(DENSE_KIND) is not None:
         _dense_cells(row, recs[DENSE_KIND], t is None)
+        if per_image and not recs[DENSE_KIND]["metrics"].get("flops_images"):
+            row.warnings.append(DENSE_PER_IMAGE_FLOPS)
     if a is not None:
         m, kf = a["metrics"], a.get("key_fields", {})
         row.top1_lo, row.top1_hi = (m.get("top1_ci95") or [None, None])[:2]

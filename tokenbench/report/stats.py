@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from typing import Optional
 
 from ..errors import UserError
 from .render import params_text as _params_text
@@ -24,7 +25,10 @@ def compare_with_dense(rows: list[Row]) -> None:
     """FLOPs relative to dense, speedup, McNemar against dense, the FLOPs-miss flag (in place)."""
     from ..measure.stats import mcnemar
 
+    # the dense model itself: not a dense model of another size, nor one fine-tuned from a checkpoint
+    # (a control entry, compared against it like any run) unless that is the only dense run there is
     dense_rows = [r for r in rows if r.is_dense and not r.line_of]
+    dense_rows = [r for r in dense_rows if not r.checkpoint] + [r for r in dense_rows if r.checkpoint]
     for r in rows:
         d = next((x for x in dense_rows if x.model == (r.line_of or r.model)), None)
         if d is None:
@@ -207,6 +211,20 @@ def _matches(row: Row, method: str, params: dict, by_label: bool = False) -> boo
     if (row.label if by_label else row.method) != method:
         return False
     return params_match(row.params, params)
+
+
+def one_model(rows: list[Row], model: Optional[str], where) -> list[Row]:
+    """The rows of one model: ``model``, or the only one ``rows`` hold (a dense model of another
+    size, drawn as a line beside a model, stays with it).  Several models and none named: one line."""
+    models = sorted({r.model for r in rows if not r.line_of})
+    if model is None:
+        if len(models) > 1:
+            raise UserError(f"{where} holds {len(models)} models ({', '.join(models)}): a comparison reads one; "
+                            "name it with --model")
+        return rows
+    if model not in models:
+        raise UserError(f"no model {model!r} in {where}; models here: {', '.join(models) or 'none'}")
+    return [r for r in rows if r.model == model or r.line_of == model]
 
 
 def select_rows(rows: list[Row], text: str) -> list[Row]:
