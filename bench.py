@@ -116,18 +116,21 @@ def _parser() -> argparse.ArgumentParser:
                          "end past this time (seconds since the epoch); such settings are listed as not reached")
     ap.add_argument("--setting-cost", type=float, default=None, metavar="S",
                     help="with --deadline: the seconds a setting is expected to take before any was timed here")
-    ap.add_argument("--out", default="results/bench", help="where to write bench.md / bench.csv / bench.json")
+    ap.add_argument("--out", default=None, help="where to write bench.md / bench.csv / bench.json (default "
+                                                "results/bench; with --redraw, the folder redrawn)")
     ap.add_argument("--official", default=None, metavar="DIR",
                     help="also time the official ToMe, EViT and DynamicViT cloned in DIR (as owner+repo) against ours")
     ap.add_argument("--redraw", default=None, metavar="DIR",
-                    help="time nothing: write the tables again from DIR/bench.json into --out")
+                    help="time nothing: write the tables again from DIR/bench.json (into DIR, or --out)")
     return ap
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.redraw:
-        return redraw(Path(args.redraw), Path(args.out))
+        return redraw(Path(args.redraw), Path(args.out or args.redraw))
+    args.out = args.out or "results/bench"
+    check_arguments(args)
     bench = _Bench(args)
     for model_name in args.models.split(","):
         bench.run_model(model_name)
@@ -319,6 +322,26 @@ def time_official(model_name: str, settings: list, batches: list, modes: list, t
                                 lambda line: print(line, file=sys.stderr, flush=True), late)
     official["rows"] += rows
     official["notes"] += [n for n in notes if n not in official["notes"]]  # a missing clone: one line per run
+
+
+def check_arguments(args) -> None:
+    """Refuse, in one line and before anything is built or timed, what cannot run: an unknown model,
+    precision or device, a run time that is not positive, bad batch sizes."""
+    from tokenbench.errors import UserError
+    from tokenbench.measure.env import resolve_device
+    from tokenbench.measure.forward import PRECISIONS
+    from tokenbench.models import check_model_name
+
+    for name in args.models.split(","):
+        check_model_name(name.strip())
+    if args.precision not in PRECISIONS:
+        raise UserError(f"--precision {args.precision}: use {', '.join(PRECISIONS)}")
+    resolve_device(args.device)
+    if not args.min_run_time > 0:
+        raise UserError(f"--min-run-time {args.min_run_time:g}: must be a positive number of seconds")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    parse_batch_sizes(args.batch_sizes)
 
 
 def parse_batch_sizes(value: str) -> list:

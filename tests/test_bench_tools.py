@@ -94,10 +94,16 @@ def test_profile_method_bad_input_is_one_line(capsys):
 
 def test_bench_bad_input_is_one_line(tmp_path, capsys):
     bench = _script("bench")
-    assert bench.cli(["--models", "default", "--batch-sizes", "1,x", "--out", str(tmp_path / "b")]) == 2
+    bad = (["--batch-sizes", "1,x"], ["--models", "defualt"], ["--precision", "fp8"], ["--min-run-time", "-1"],
+           ["--threads", "0"], ["--compile", "bogus"])
+    for args in bad:
+        assert bench.cli(["--models", "default", *args, "--out", str(tmp_path / "b")]) == 2, args
     assert bench.cli(["--redraw", str(tmp_path)]) == 2                    # no bench.json there
     err = capsys.readouterr().err
-    assert err.count("\n") == 2 and "'x' is neither" in err and "no bench.json" in err
+    assert err.count("\n") == len(bad) + 1 and err.count("error: ") == len(bad) + 1, err
+    for said in ("'x' is neither", "did you mean 'default'", "--precision fp8", "--min-run-time -1", "--threads 0",
+                 "or none for eager", "no bench.json"):
+        assert said in err
     assert not (tmp_path / "b").exists()                                 # refused before anything ran
 
 
@@ -111,6 +117,8 @@ def test_redraw_keeps_the_settings_not_timed(tmp_path):
     assert bench.main(["--redraw", str(tmp_path), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "bench.json").read_text())["not_reached"] == missed
     assert "Not timed" in (tmp_path / "again" / "bench.md").read_text()
+    assert bench.main(["--redraw", str(tmp_path)]) == 0                  # without --out: into the folder itself,
+    assert "Not timed" in (tmp_path / "bench.md").read_text()            # never over results/bench
 
 
 def test_an_official_setting_no_mode_could_time_is_listed_not_a_crash(tmp_path, monkeypatch):

@@ -263,3 +263,18 @@ def test_set_values_are_json():
 
     assert parse_set(["r=[8,8,4]", "keep_rate=0.5", "fuse_token=false", "name=abc"]) == \
         {"r": [8, 8, 4], "keep_rate": 0.5, "fuse_token": False, "name": "abc"}
+
+
+def test_small_slips_get_a_precise_line(cli, tmp_path):
+    # a method's name in capitals, a selector without its value, a file given as a results folder,
+    # --markdown with one method, a dense dataset with a classification command's hint
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    cases = ((["flops", "default", "--method", "TOME"], "did you mean 'tome'"),
+             (["compare", "results/default", "topk:keep_rate", "none"], "'keep_rate' is not KEY=VALUE"),
+             (["report", str(a_file)], "is a file, not a directory"),
+             (["list", "tome", "--markdown"], "takes no METHOD"),
+             (["eval", "default", "--data", "fashion-mnist-scene"], "did you mean 'fashion-mnist-scenes'"))
+    for args, said in cases:
+        code, _, err = cli(*args)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and said in err, (args, err)

@@ -33,8 +33,10 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix with the closest names, or ''."""
     choices = list(choices)
     name = str(name)
+    same_letters = [c for c in choices if c.lower() == name.lower()]  # TOME -> tome
     prefixed = sorted((c for c in choices if c.startswith(name)), key=len)
-    close = prefixed[:3] or difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    close = same_letters[:1] or prefixed[:3] or difflib.get_close_matches(name, choices, n=3, cutoff=0.5) or \
+        difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

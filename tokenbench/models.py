@@ -271,6 +271,18 @@ def check_pretrained_available(name: str) -> None:
                         "download them once on a connected machine, or pass --checkpoint FILE")
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, in one line, a name that is neither an embedded model, a dense model nor a timm model."""
+    import timm
+
+    if is_embedded(name) or name in DENSE_MODELS or timm.is_model(name):
+        return
+    embedded = [n for n in EMBEDDED_MODELS if n not in DENSE_MODELS]
+    candidates = timm.list_models() + embedded + list(DENSE_MODELS)
+    raise UserError(f"unknown model {name!r}{did_you_mean(name, candidates)} (a timm model name; the embedded "
+                    f"models: {' / '.join(embedded)}; the dense (segmentation) ones: {' / '.join(DENSE_MODELS)})")
+
+
 def create_model(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Module, dict]:
     """Model ``name`` in eval mode and a provenance dict (``weights`` identifies them).
 
@@ -286,11 +298,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Modu
     if is_embedded(name):
         model, prov = load_embedded(name=name)
     else:
-        if not timm.is_model(name):
-            candidates = timm.list_models()
-            raise UserError(f"unknown model {name!r}{did_you_mean(name, candidates)} "
-                            "(a timm model name, or `default` / `default-small` / `default-convnext` for the embedded "
-                            "models)")
+        check_model_name(name)
         img_size = kwargs.get("img_size")
         if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0):
             raise UserError(f"--img-size must be a positive integer, got {img_size!r}")

@@ -36,7 +36,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     """Top-1 and top-5 accuracy with a 95% (Wilson) interval; on a dense dataset (fashion-mnist-scenes,
     voc) mIoU with a 95% bootstrap interval, pixel accuracy and per-class IoU."""
     from .dense import eval_dense, wants_dense
-    from ..data import DATASETS
+    from ..data import DATASETS, unknown_dataset
     from ..errors import did_you_mean
     from ..measure.env import resolve_device
     from ..runner import Settings, measure_run
@@ -49,7 +49,7 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
         return out_json(pub) if json_ else typer.echo(line)
     resolve_device(device)
     if data not in DATASETS:
-        raise UserError(f"unknown dataset {data!r}{did_you_mean(data, DATASETS)}; choose from {', '.join(DATASETS)}")
+        raise unknown_dataset(data)
     split = split or ("val" if data in ("imagenet", "folder") else "test")
     from ..checks import eval_options
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from ..errors import UserError
+
 
 def _width() -> int:
     return shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else 80
@@ -83,6 +85,8 @@ def register(app: typer.Typer) -> None:
         from ..registry import get_method, list_methods
 
         methods = list_methods()
+        if markdown and (method is not None or json_):
+            raise UserError("--markdown writes every method's row; it takes no METHOD and no --json")
         if method is not None:
             name = get_method(method).name  # unknown names: one line with suggestions
             m = next(x for x in methods if x["name"] == name)

@@ -351,11 +351,17 @@ def _register_compare(app: typer.Typer) -> None:
             for p in res["pairs"]:
                 pa, pb = p["a"], p["b"]
 
-                def name(sd):
+                def name(sd, other):
+                    """The sweep's label (the method's name unless an entry named it), its parameters,
+                    and its model where the two sides' models differ."""
                     extra = ", ".join(f"{k}={v}" for k, v in sd["params"].items())
-                    return f"{sd['method']}({extra})" + (" [fine-tuned]" if sd.get("learned") == "fine-tuned" else "")
+                    who = sd.get("label") or sd["method"]
+                    if sd.get("model") != other.get("model") and who != sd.get("model"):
+                        who = f"{sd['model']} {who}"
+                    return who + (f"({extra})" if extra else "") + \
+                        (" [fine-tuned]" if sd.get("learned") == "fine-tuned" else "")
 
-                typer.echo(f"{name(pa)} {pa['top1']:.2f}% vs {name(pb)} {pb['top1']:.2f}%  "
+                typer.echo(f"{name(pa, pb)} {pa['top1']:.2f}% vs {name(pb, pa)} {pb['top1']:.2f}%  "
                            f"diff {p['diff']:+.2f} pts on n={pa['n']}; only A right {p['only_a']}, "
                            f"only B right {p['only_b']}; McNemar p = {p['p_value']:.2g}")
 

@@ -21,7 +21,7 @@ def compile_mode(mode) -> Optional[str]:
     if mode is True:
         return "default"
     if mode not in COMPILE_MODES:
-        raise UserError(f"unknown compile mode {mode!r} (use {', '.join(COMPILE_MODES)}, or false for eager)")
+        raise UserError(f"unknown compile mode {mode!r} (use {', '.join(COMPILE_MODES)}, or none for eager: false in a sweep file)")
     return str(mode)
 
 

@@ -25,7 +25,8 @@ def paired(out: str | os.PathLike, a: str, b: str, model: str | None = None) -> 
     ra, rb = select_rows(rows, a), select_rows(rows, b)
 
     def side(r: Row) -> dict:
-        return {"method": r.method, "params": r.params, "top1": r.top1, "top1_ci95": [r.top1_lo, r.top1_hi],
+        return {"method": r.method, "label": r.label, "model": r.model, "params": r.params, "top1": r.top1,
+                "top1_ci95": [r.top1_lo, r.top1_hi],
                 "n": r.n, "gflops": r.gflops, "learned": r.learned, "checkpoint": r.checkpoint}
 
     pairs = []

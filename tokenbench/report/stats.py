@@ -145,8 +145,9 @@ def closing_notes(rows: list[Row]) -> list[str]:
                    f"{' ...' if len(why) > 3 else ''}; rerun `tokenbench run` to measure them with this code")
     no_dense = sorted({r.model for r in rows if r.gflops is not None and r.flops_rel is None})
     if no_dense:
-        out.append(f"no FLOPs count of the dense model of {', '.join(no_dense)} (missing or damaged record): the "
-                   "FLOPs column gives GFLOPs (G) there, not % of dense; rerun `tokenbench run` to count it again")
+        out.append(f"no FLOPs count of the dense model of {', '.join(no_dense)} here: the FLOPs column gives GFLOPs "
+                   "(G) there, not % of dense; count it (`tokenbench flops MODEL --results DIR`, or a sweep with "
+                   "dense = true)")
     return out + timing_notes(rows)
 
 
@@ -190,6 +191,9 @@ def parse_selector(text: str) -> tuple[str, dict]:
         else:
             cur += ch
     items = [x for x in items + [cur] if x.strip()]
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise UserError(f"selector {text!r}: {bad[0]!r} is not KEY=VALUE (write METHOD or METHOD:KEY=VALUE,...)")
     return method, parse_set(items)
 
 

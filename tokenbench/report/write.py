@@ -36,7 +36,8 @@ def write_report(out: str | os.PathLike, plots: bool = True, html: bool | str = 
 
     out = Path(out)
     if not out.is_dir():
-        raise UserError(f"results directory {out} does not exist")
+        raise UserError(f"results directory {out} "
+                        + ("is a file, not a directory" if out.exists() else "does not exist"))
     ensure_report_writable(out, plots)
     res = collect(out)
     files = write_texts({out / "results.md": markdown(res), out / "results.csv": csv_text(res),
