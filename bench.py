@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     if args.redraw:
         return redraw(Path(args.redraw), Path(args.out or args.redraw))
     args.out = args.out or "results/bench"
+    args.models = ",".join(m.strip() for m in args.models.split(",") if m.strip())
     check_arguments(args)
     bench = _Bench(args)
     for model_name in args.models.split(","):

@@ -252,3 +252,26 @@ def test_a_checksum_without_its_checkpoint_keys_the_random_weights_the_model_run
     p["sha"].write_text("ab" * 32 + "  model.pt\n")
     _, prov = create_seg_model("default-seg")
     assert prov["weights"] == seg_weights_id("default-seg") == "random-init:untrained"
+
+
+def test_compare_on_dense_records_says_where_only_stale_records_match(tmp_path):
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from tokenbench.errors import UserError
+    from tokenbench.report.paired_dense import paired_dense
+    from tokenbench.store import Store
+
+    ref = Store(Path(__file__).resolve().parents[1] / "results" / "default-seg", read_only=True)
+    mine = Store(tmp_path)
+    for rec in ref.records("segmentation"):
+        kf = rec["key_fields"]
+        if kf["model"] == "default-seg" and kf["method"] in ("none", "topk"):
+            if kf["method"] == "topk":
+                rec = json.loads(json.dumps(rec))
+                rec["key_fields"]["code"]["source"] = "0" * 16     # measured by other code
+            mine.put(rec)
+    with pytest.raises(UserError, match=r"only 2 stale record\(s\) match 'topk'"):
+        paired_dense(tmp_path, "none", "topk")

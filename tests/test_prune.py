@@ -94,3 +94,14 @@ def test_stale_flops_counted_on_images_are_not_replaced_by_flops_on_the_syntheti
     code, out_text, _ = cli("prune", str(out))
     assert code == 0 and "0 superseded" in out_text
     assert len(store.records()) == 3
+
+
+def test_a_measurement_of_other_weights_replaces_nothing(cli, tmp_path):
+    # a stale record of the trained weights stays beside a current one made on random weights (a
+    # checkout without the checkpoint): the two measured different models
+    out, store, current = _one_record(cli, tmp_path)
+    trained = json.loads(json.dumps(current))
+    trained["key_fields"]["weights"] = "sha256:" + "1" * 64
+    _stale_copy(store, trained, "k" * 20)
+    code, out_text, _ = cli("prune", str(out))
+    assert code == 0 and "0 superseded" in out_text and len(store.records()) == 2

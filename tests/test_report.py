@@ -287,20 +287,26 @@ def test_a_report_without_a_plan_shows_one_timing_setting():
     assert notes == ["timing records of several settings: reporting device cpu, batch_size 2, compile default"]
 
 
-def test_a_report_without_a_plan_keeps_flops_on_images_apart_from_the_synthetic_input():
-    # FLOPs counted on real images (a per-image method) and on the synthetic input are two numbers:
-    # a plan-less report shows one of them and says so, never the newest of the two mixed
+def test_a_report_without_a_plan_takes_a_runs_records_on_real_images_first():
+    # a method whose token count depends on the image is counted and timed on real images, the others
+    # on the synthetic input: each run keeps its own (on images first), none is dropped for the others'
     from tokenbench.report.collect import _entries_from_records
 
-    spec = {"model": "m", "method": "ats", "params": {}, "img_size": 32}
-    synthetic = [{"kind": "flops", "spec": spec, "meta": {"time": str(t)}, "key_fields": {}, "metrics": {}}
-                 for t in (1, 2)]
-    on_images = {"kind": "flops", "spec": spec, "meta": {"time": "3"}, "metrics": {},
-                 "key_fields": {"data": "fashion-mnist", "split": "test", "limit": 64, "data_seed": 0}}
+    def rec(method, kind, time, **kf):
+        spec = {"model": "m", "method": method, "params": {}, "img_size": 32}
+        base = {"device": "cpu", "batch_size": 2} if kind != "flops" else {}
+        return {"kind": kind, "spec": spec, "meta": {"time": time}, "metrics": {}, "key_fields": {**base, **kf}}
+
+    images = {"data": "fashion-mnist", "split": "test", "images": 2, "data_seed": 0, "data_id": "x"}
+    recs = [rec("none", "flops", "1"), rec("none", "throughput", "1"), rec("topk", "flops", "1"),
+            rec("ats", "flops", "3"),                                      # newer, on the synthetic input
+            rec("ats", "flops", "2", data="fashion-mnist", split="test", limit=64, data_seed=0),
+            rec("pitome", "throughput", "1", input=images)]             # its only timing, on images
     notes = []
-    (entry,) = _entries_from_records(synthetic + [on_images], notes)
-    assert entry["recs"]["flops"]["key_fields"] == {}
-    assert notes == ["FLOPs records counted on several inputs: reporting the synthetic input"]
+    got = {e["spec"]["method"]: e["recs"] for e in _entries_from_records(recs, notes)}
+    assert sorted(got) == ["ats", "none", "pitome", "topk"] and notes == []
+    assert got["ats"]["flops"]["key_fields"].get("data") == "fashion-mnist"
+    assert got["pitome"]["throughput"]["key_fields"]["input"] == images
 
 
 def test_the_settings_line_names_a_compiled_explicit_or_real_image_timing():
@@ -325,17 +331,20 @@ def test_the_settings_line_names_a_compiled_explicit_or_real_image_timing():
 def test_a_plan_less_report_leaves_out_the_records_of_a_retrained_models_older_weights():
     from tokenbench.report.collect import _entries_from_records
 
-    def rec(method, weights, time, checkpoint=None):
-        spec = {"model": "m", "method": method, "params": {}, "img_size": 32, "checkpoint": checkpoint}
+    def rec(method, weights, time, checkpoint=None, pretrained=False):
+        spec = {"model": "m", "method": method, "params": {}, "img_size": 32, "checkpoint": checkpoint,
+                "pretrained": pretrained}
         return {"kind": "accuracy", "spec": spec, "meta": {"time": time}, "metrics": {},
                 "key_fields": {"weights": weights, "data": "d", "split": "test"}}
 
     recs = [rec("none", "OLD", "1"), rec("topk", "OLD", "2"), rec("none", "NEW", "3"),
-            rec("dynamicvit", "TRAINED", "0", checkpoint="ckpt.pt")]   # its own weights: kept
+            rec("dynamicvit", "TRAINED", "0", checkpoint="ckpt.pt"),   # its own weights: kept
+            rec("evit", "HUB", "0", pretrained=True),                  # another run's weights: kept
+            rec("tome", None, "0")]                                     # names no weights: kept
     notes = []
     entries = _entries_from_records(recs, notes)
     assert sorted((e["spec"]["method"], e["recs"]["accuracy"]["key_fields"]["weights"]) for e in entries) == \
-        [("dynamicvit", "TRAINED"), ("none", "NEW")]
+        [("dynamicvit", "TRAINED"), ("evit", "HUB"), ("none", "NEW"), ("tome", None)]
     assert notes == ["2 record(s) of older weights of m left out (a retrained model: compared with its older "
                      "numbers they would mix two models)"]
 

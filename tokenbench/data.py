@@ -258,20 +258,11 @@ def _sha_of_indices(idx: torch.Tensor) -> str:
     return hashlib.sha256(idx.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def unknown_dataset(name: str) -> UserError:
-    """The one-line refusal of a dataset name that is neither a classification nor a dense one."""
-    from .data_scenes import DENSE_DATASETS
-
-    return UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS + DENSE_DATASETS)}; choose from "
-                     f"{', '.join(DATASETS)} (classification) or {', '.join(DENSE_DATASETS)} (dense prediction, "
-                     "with a dense model)")
-
-
 def build_dataset(name: str, split: str = "test", data_dir=None, model=None, limit: Optional[int] = None,
                   seed: int = 0, num_classes: Optional[int] = None) -> tuple[Dataset, DataSpec]:
     """The dataset ``name`` preprocessed for ``model`` and a :class:`DataSpec` describing it."""
     if name not in DATASETS:
-        raise unknown_dataset(name)
+        raise UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; choose from {', '.join(DATASETS)}")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
     cfg = input_config(model)

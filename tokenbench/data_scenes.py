@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data_seg_folders import ADE20K, IGNORE, VOC, layout_classes
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 SCENES = "fashion-mnist-scenes"
 DENSE_DATASETS = (SCENES, VOC, ADE20K)
@@ -53,6 +53,15 @@ def scene_classes() -> tuple[str, ...]:
     from .data import FMNIST_CLASSES
 
     return ("background",) + FMNIST_CLASSES
+
+
+def unknown_dataset(name: str) -> UserError:
+    """The one-line refusal of a dataset name that is neither a classification nor a dense one."""
+    from .data import DATASETS
+
+    return UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS + DENSE_DATASETS)}; choose from "
+                     f"{', '.join(DATASETS)} (classification) or {', '.join(DENSE_DATASETS)} (dense prediction, "
+                     "with a dense model)")
 
 
 def is_dense_data(name: Optional[str]) -> bool:

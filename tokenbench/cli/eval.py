@@ -36,7 +36,8 @@ def eval_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optional[Li
     """Top-1 and top-5 accuracy with a 95% (Wilson) interval; on a dense dataset (fashion-mnist-scenes,
     voc) mIoU with a 95% bootstrap interval, pixel accuracy and per-class IoU."""
     from .dense import eval_dense, wants_dense
-    from ..data import DATASETS, unknown_dataset
+    from ..data import DATASETS
+    from ..data_scenes import unknown_dataset
     from ..errors import did_you_mean
     from ..measure.env import resolve_device
     from ..runner import Settings, measure_run

@@ -43,10 +43,10 @@ def unplanned(out: Path) -> list[Path]:
 
 
 # Key fields two measurements of one run may differ in when the newer replaces the older: what
-# makes a record stale (its code, the protocol, a speedup's baseline code), the library versions,
-# the weights' hash and the data's fingerprint (the run is named by its spec, whose checkpoint path
-# and data name stay), and a speedup's number of rounds (more of the same measurement).
-REPLACEABLE = frozenset({"code", "protocol", "baseline_code", "torch", "timm", "weights", "data_id", "rounds"})
+# makes a record stale (its code, the protocol, a speedup's baseline code), the library versions and
+# a speedup's number of rounds (more of the same measurement).  Not the weights nor the data's
+# fingerprint: a measurement of other weights or other images replaces nothing.
+REPLACEABLE = frozenset({"code", "protocol", "baseline_code", "torch", "timm", "rounds"})
 
 
 def _measurement(rec: dict, run_identity) -> tuple:

@@ -12,7 +12,7 @@ from typing import Optional
 from ..errors import UserError
 from ..identity import stale_reasons
 from .stats import aggregate_seeds, closing_notes, compare_with_dense, timing_notes
-from .rows import DENSE_METHOD, SETTINGS, method_info, row_from_records
+from .rows import DENSE_METHOD, SETTINGS, method_info, on_images, row_from_records
 from ..sweep import DEFAULT_TOLERANCE, read_plan
 
 
@@ -25,8 +25,11 @@ def run_identity(spec: dict) -> str:
 
 
 def _latest(recs: list[dict]) -> Optional[dict]:
-    """The record to report among several of one setting: a current one before a stale one, then the newest."""
-    return max(recs, key=lambda r: (not stale_reasons(r), r.get("meta", {}).get("time", ""))) if recs else None
+    """The record to report among several of one run and kind: a current one before a stale one, then
+    one made on real images before one on the synthetic input (for a method whose token count depends
+    on the image it is the right one, for the others the same number), then the newest."""
+    return max(recs, key=lambda r: (not stale_reasons(r), on_images(r), r.get("meta", {}).get("time", ""))) \
+        if recs else None
 
 
 def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
@@ -44,13 +47,18 @@ def _entries_from_plan(plan: dict, by_key: dict) -> list[dict]:
 
 def _newest_weights(recs: list[dict], notes: list[str]) -> list[dict]:
     """``recs`` without the records of a model's older weights: the runs on the model's own weights
-    (no checkpoint of their own: the dense model and the training-free methods) are compared with
-    one another, so all must come from one set of weights, the newest measured (a retrained model)."""
-    own = [r for r in recs if not r["spec"].get("checkpoint")]
-    newest: dict[str, str] = {}
-    for r in sorted(own, key=lambda r: r.get("meta", {}).get("time", "")):
-        newest[r["spec"]["model"]] = r.get("key_fields", {}).get("weights")
-    older = [r for r in own if r.get("key_fields", {}).get("weights") != newest[r["spec"]["model"]]]
+    (no checkpoint of their own: the dense model and the training-free methods, pretrained or not)
+    are compared with one another, so all must come from one set of weights, the newest measured (a
+    retrained model).  A record that names no weights is kept."""
+    def own(r: dict) -> Optional[tuple]:
+        spec, weights = r["spec"], r.get("key_fields", {}).get("weights")
+        return None if spec.get("checkpoint") or weights is None else (spec["model"], bool(spec.get("pretrained")))
+
+    newest: dict[tuple, str] = {}
+    for r in sorted(recs, key=lambda r: r.get("meta", {}).get("time", "")):
+        if own(r) is not None:
+            newest[own(r)] = r["key_fields"]["weights"]
+    older = [r for r in recs if own(r) is not None and r["key_fields"]["weights"] != newest[own(r)]]
     if older:
         models = sorted({r["spec"]["model"] for r in older})
         notes.append(f"{len(older)} record(s) of older weights of {', '.join(models)} left out (a retrained "

@@ -52,13 +52,30 @@ def _current_of_one_model(recs: list[dict], model: str | None, out) -> list[dict
     return [r for r in recs if model is None or r["key_fields"]["model"] == model]
 
 
+def _select_current(recs: list[dict], every: list[dict], text: str) -> dict:
+    """:func:`_select` among the current records; where only stale ones match, one line says so."""
+    from ..identity import stale_reasons
+    from .stats import parse_selector
+
+    try:
+        return _select(recs, text)
+    except UserError:
+        method, params = parse_selector(text)
+        stale = [r for r in every if stale_reasons(r) and _matches(r, method, params)]
+        if stale:
+            raise UserError(f"only {len(stale)} stale record(s) match {text!r} (measured by other code); rerun "
+                            "`tokenbench run` on this directory to measure them with this code") from None
+        raise
+
+
 def paired_dense(out: str | os.PathLike, a: str, b: str, model: str | None = None) -> dict:
     """mIoU of settings ``a`` and ``b`` and the paired test on their per-image IoU (``model``: the
     model compared, where ``out`` holds several; stale records are not read)."""
     from ..measure.dense import paired_iou_test
 
-    recs = _current_of_one_model(dense_records(out), model, out)
-    ra, rb = _select(recs, a), _select(recs, b)
+    every = dense_records(out)
+    recs = _current_of_one_model(every, model, out)
+    ra, rb = _select_current(recs, every, a), _select_current(recs, every, b)
     same = ("model", "data", "data_id", "split", "limit", "data_seed")
     if any(ra["key_fields"].get(k) != rb["key_fields"].get(k) for k in same):
         raise UserError(f"{a} and {b} were not measured on the same model and images; a paired test needs them")

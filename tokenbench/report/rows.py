@@ -180,20 +180,25 @@ def acc_setting(rec: dict) -> tuple:
     return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed", "device", "precision", "data_id"))
 
 
-def flops_setting(rec: dict) -> tuple:
-    """What a FLOPs record counted on: the images of a data subset (``--data``), or (all None)
-    the synthetic input."""
+def tp_place(rec: dict) -> tuple:
+    """:func:`tp_setting` without the images timed: where and how, whatever the input (a method whose
+    token count depends on the image is timed on real images, the others on the synthetic batch)."""
+    return tuple(None if k == "input" else v for k, v in zip(TP_FIELDS, tp_setting(rec)))
+
+
+def on_images(rec: dict) -> bool:
+    """Whether a FLOPs count or a timing was made on real images (``--data``) rather than the synthetic
+    input (an accuracy or segmentation record always is)."""
     kf = rec.get("key_fields", {})
-    return tuple(kf.get(k) for k in ("data", "split", "limit", "data_seed"))
+    return bool(kf.get("input") or kf.get("data"))
 
 
-# Each kind with the setting two of its records must share to be compared, and how a report says
-# it chose one: (kinds, setting, what several settings are called, the setting in words).
-SETTINGS = ((TIMED_KINDS, tp_setting, "timing records of several settings", tp_setting_text),
+# Each kind with the setting two of its records must share to be compared across a table, and how a
+# report says it chose one: (kinds, setting, what several settings are called, the setting in words).
+# The input is not among them: it is chosen run by run (a run's records on real images first).
+SETTINGS = ((TIMED_KINDS, tp_place, "timing records of several settings", tp_setting_text),
             (("accuracy",), acc_setting, "accuracy records of several data subsets", str),
-            (("segmentation",), acc_setting, "segmentation records of several data subsets", str),
-            (("flops",), flops_setting, "FLOPs records counted on several inputs",
-             lambda s: "the synthetic input" if not any(s) else str(s)))
+            (("segmentation",), acc_setting, "segmentation records of several data subsets", str))
 
 
 def learned_status(spec: dict) -> str:

@@ -146,8 +146,9 @@ def closing_notes(rows: list[Row]) -> list[str]:
     no_dense = sorted({r.model for r in rows if r.gflops is not None and r.flops_rel is None})
     if no_dense:
         out.append(f"no FLOPs count of the dense model of {', '.join(no_dense)} here: the FLOPs column gives GFLOPs "
-                   "(G) there, not % of dense; count it (`tokenbench flops MODEL --results DIR`, or a sweep with "
-                   "dense = true)")
+                   "(G) there, not % of dense; measure the dense model into this folder (a sweep with dense = true, "
+                   "`tokenbench flops MODEL --results DIR`, or for a dense task `tokenbench eval MODEL --data DATA "
+                   "--results DIR`)")
     return out + timing_notes(rows)
 
 

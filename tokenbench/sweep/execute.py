@@ -196,6 +196,7 @@ def _await_claimed(sw: Sweep, claimed: list, store, force: bool, on_step, on_not
         else:  # the other runner gave up without a record: measure it here (a speedup comes with its
             # throughput, which is reused where it is recorded: a dense sweep's kinds know no `speedup` alone)
             again = ["throughput"] if kind == "speedup" else [kind]
-            steps += [s for s in execute(replace(sw, measure=again), [run], store, force=force, on_note=on_note)
+            steps += [s for s in execute(replace(sw, measure=again), [run], store, on_note=on_note,
+                                         force=force and again == [kind])  # the throughput beside it is reused
                       if s.kind == kind]
     return steps
