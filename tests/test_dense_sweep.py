@@ -188,3 +188,31 @@ def test_a_dense_sweep_takes_a_checkpoint_trained_with_the_method_and_refuses_an
     sweep = dense_sweep(tmp_path / "t.toml", methods.format(encoder_ck), tmp_path / "out2")
     code, out, err = cli("run", str(sweep), "--dry-run")
     assert code == 2 and "does not hold default-seg's weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_per_image_method_is_counted_and_searched_on_the_scenes(cli, tiny_seg, tmp_path):
+    # ATS keeps another number of tokens on each scene: its record's FLOPs are the mean over the first
+    # scenes of the set (the search counts the same ones, with the same weights), so it lands on its target
+    from tokenbench.inputs import data_images
+    from tokenbench.measure.dense import dense_flops
+    from tokenbench.runner_dense import load_dense
+    from tokenbench.store import Store
+
+    out = tmp_path / "out"
+    sweep = dense_sweep(tmp_path / "s.toml", "[methods.ats]\n", out, top="flops_targets = [0.8]",
+                        measure=("flops", "accuracy", "throughput"))
+    res, _ = run_json(cli, str(sweep))
+    rows = {r["label"]: r for r in res["rows"]}
+    assert abs(rows["ats"]["flops_rel"] - 0.8) <= 0.03 and "flops-miss" not in rows["ats"]["flags"]
+    (rec,) = [r for r in Store(out).records("segmentation") if r["key_fields"]["method"] == "ats"]
+    assert rec["key_fields"]["flops_images"] == 64 and rec["metrics"]["flops_images"] == 8  # the whole tiny set
+    net = load_dense("default-seg", "ats", rec["key_fields"]["params"])[0]
+    images = data_images(net, "fashion-mnist-scenes", "test", None, 64, 0)[0]
+    assert rec["metrics"]["gflops"] == pytest.approx(dense_flops(net, inputs=images)["gflops"])
+    dense = [r for r in Store(out).records("segmentation") if r["key_fields"]["method"] == "none"][0]
+    assert "flops_images" not in dense["key_fields"] and "flops_images" not in dense["metrics"]
+    # and timed on a batch of the scenes, its paired dense model on the same batch
+    for kind in ("throughput", "speedup"):
+        (t,) = [r for r in Store(out).records(kind) if r["key_fields"]["method"] == "ats"]
+        assert t["key_fields"]["input"]["data"] == "fashion-mnist-scenes"
+        assert not [w for w in t["metrics"].get("warnings") or [] if "random input" in w]

@@ -37,18 +37,26 @@ def data_images(net, data: str, split: str, data_dir: Optional[str], n: int, see
     ``asked`` (default ``n``; None: no check, the whole set) is refused."""
     from . import checks
     from .data import build_dataset
+    from .data_scenes import build_dense_dataset, is_dense_data
 
-    ds, dspec = build_dataset(data, split, data_dir, model=net, limit=n, seed=seed)
-    checks.limit_within(n if asked == -1 else asked, dspec.available, dspec.source or f"{data} {split}")
+    if is_dense_data(data):  # a dense set's scenes (their masks unused), the subset an evaluation reads
+        ds, dspec = build_dense_dataset(data, split, data_dir, model=net)
+        if n < dspec.available:  # a set smaller than n: all of it
+            ds, dspec = build_dense_dataset(data, split, data_dir, model=net, limit=n, seed=seed)
+    else:
+        ds, dspec = build_dataset(data, split, data_dir, model=net, limit=n, seed=seed)
+        checks.limit_within(n if asked == -1 else asked, dspec.available, dspec.source or f"{data} {split}")
     return torch.stack([ds[i][0] for i in range(len(ds))]), dspec
 
 
 def data_key(data: str, split: str, data_dir: Optional[str], n: int, seed: int) -> dict[str, Any]:
     """The identity of ``n`` images of ``data`` (a key field): name, fingerprint, split, count, seed."""
     from . import identity
+    from .data_scenes import dense_fingerprint, is_dense_data
 
-    return {"data": data, "data_id": identity.data_fingerprint(data, split, data_dir), "split": split,
-            "images": n, "data_seed": seed}
+    data_id = dense_fingerprint(data, split, data_dir) if is_dense_data(data) else \
+        identity.data_fingerprint(data, split, data_dir)
+    return {"data": data, "data_id": data_id, "split": split, "images": n, "data_seed": seed}
 
 
 def described(data: Optional[str] = None, split: Optional[str] = None, n: int = 1,

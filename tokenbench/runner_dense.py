@@ -142,20 +142,55 @@ def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] 
     return net, prov
 
 
+_PER_IMAGE: dict[str, bool] = {}  # (model, method, parameters) -> whether its token count depends on the image
+_ENCODERS: dict[str, torch.nn.Module] = {}  # model -> its architecture's encoder (random weights), built once
+
+
+def per_image(spec: dict) -> bool:
+    """Whether ``spec``'s method declares no token schedule on its dense model's encoder (its count,
+    and so its FLOPs, depend on the image), read from the architecture (built once per question)."""
+    from .inputs import varies_per_image
+    from .registry import get_method
+    from .store import canonical
+
+    key = canonical([spec["model"], spec["method"], spec["params"]])
+    if key not in _PER_IMAGE:
+        cls = get_method(spec["method"])
+        if not cls.reduces(spec["params"]):
+            _PER_IMAGE[key] = False
+        else:
+            from .sweep.dense import dense_architecture, method_net
+
+            try:
+                if spec["model"] not in _ENCODERS:
+                    _ENCODERS[spec["model"]] = method_net(dense_architecture(spec["model"])[0])
+            except Exception:  # an architecture not built without its checkpoint (a timm backbone's):
+                _PER_IMAGE[key] = False  # counted on one synthetic image, and its row says so
+                return False
+            _PER_IMAGE[key] = varies_per_image(cls, _ENCODERS[spec["model"]], spec["params"])
+    return _PER_IMAGE[key]
+
+
 def key_fields(spec: dict, settings, weights: str) -> dict:
+    """A segmentation record's key; a method whose token count depends on the image also names the
+    images its FLOPs are the mean over (``flops_images``, the first of the evaluated subset's seed)."""
     import timm
 
     from . import identity
     from .data_scenes import dense_fingerprint
+    from .inputs import SEARCH_IMAGES
     from .registry import get_method
 
     dev = env.resolve_device(settings.device)
-    return {"model": spec["model"], "method": spec["method"], "params": spec["params"], "img_size": None,
-            "weights": weights, "torch": torch.__version__, "timm": timm.__version__,
-            "code": identity.method_code(get_method(spec["method"])), "protocol": identity.PROTOCOLS[KIND],
-            "data": settings.data, "data_id": dense_fingerprint(settings.data, settings.split, settings.data_dir),
-            "split": settings.split, "limit": settings.limit, "data_seed": settings.data_seed,
-            "device": dev.type, "precision": settings.precision}
+    kf = {"model": spec["model"], "method": spec["method"], "params": spec["params"], "img_size": None,
+          "weights": weights, "torch": torch.__version__, "timm": timm.__version__,
+          "code": identity.method_code(get_method(spec["method"])), "protocol": identity.PROTOCOLS[KIND],
+          "data": settings.data, "data_id": dense_fingerprint(settings.data, settings.split, settings.data_dir),
+          "split": settings.split, "limit": settings.limit, "data_seed": settings.data_seed,
+          "device": dev.type, "precision": settings.precision}
+    if per_image(spec):  # keys of the other methods stay as they were
+        kf["flops_images"] = SEARCH_IMAGES
+    return kf
 
 
 def dense_record_key(spec: dict, settings) -> str:
@@ -198,7 +233,14 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
         raise UserError(f"{spec['model']} predicts {net.num_classes} classes; {settings.data} has {dspec.classes}")
     metrics = evaluate_dense(net, ds, dspec.classes, batch_size=settings.eval_batch_size, device=settings.device,
                              precision=settings.precision, progress=progress)
-    metrics.update(dense_flops(net.cpu()))
+    if "flops_images" in kf:  # the mean over the first images of the set, as the matched-FLOPs search counts
+        from .inputs import data_images
+
+        images = data_images(net.cpu(), settings.data, settings.split, settings.data_dir, kf["flops_images"],
+                             settings.data_seed)[0]
+        metrics.update(dense_flops(net.cpu(), inputs=images))
+    else:
+        metrics.update(dense_flops(net.cpu()))
     metrics["data"] = dspec.key() | {"source": dspec.source}
     metrics["warnings"] = [untrained_note(spec["model"])] if prov.get("untrained") else []
     rspec = dict(spec, pretrained=False, img_size=None, task=KIND)

@@ -174,10 +174,15 @@ class _Encoder(nn.Module):
         return tuple(self.model.features(x))
 
 
-def dense_flops(model: nn.Module, img_size: Optional[int] = None) -> dict[str, Any]:
+def dense_flops(model: nn.Module, img_size: Optional[int] = None, inputs: Optional[torch.Tensor] = None
+                ) -> dict[str, Any]:
     """GFLOPs per image (fvcore, multiply-add = 1) of the whole dense model, its encoder and its
-    decoder (the difference: the decoder's head and the upsampling to pixels)."""
-    from .flop_count import fvcore_count
+    decoder (the difference: the decoder's head and the upsampling to pixels).
+
+    ``inputs`` (real images, for a method whose token count depends on the image): the encoder is
+    counted on each (:func:`tokenbench.measure.flop_count.flops`, the mean) and the decoder, which
+    always sees the whole feature map, once; ``flops_images`` says how many were counted."""
+    from .flop_count import flops, fvcore_count
     from .forward import eval_mode, example_input
 
     dev = next(model.parameters()).device
@@ -185,5 +190,12 @@ def dense_flops(model: nn.Module, img_size: Optional[int] = None) -> dict[str, A
     with eval_mode(model), torch.no_grad():
         total, _ = fvcore_count(model, x)
         enc, _ = fvcore_count(_Encoder(model), x)
-    return {"gflops": total / 1e9, "gflops_backbone": enc / 1e9, "gflops_decoder": (total - enc) / 1e9,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    out = {"gflops": total / 1e9, "gflops_backbone": enc / 1e9, "gflops_decoder": (total - enc) / 1e9,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if inputs is not None:
+        per = flops(_Encoder(model), img_size=img_size, inputs=inputs, max_images=len(inputs))
+        out.update(gflops_backbone=per["gflops"], gflops=per["gflops"] + out["gflops_decoder"],
+                   flops_images=per["flops_images"])
+        if "gflops_per_image" in per:
+            out["gflops_backbone_per_image"] = per["gflops_per_image"]
+    return out

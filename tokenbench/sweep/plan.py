@@ -36,18 +36,19 @@ def run_settings(run: Run, sw: Sweep):
     from .dense import is_dense
 
     s = sw.settings()
-    if run.per_image and sw.data and not is_dense(sw):  # a dense run counts its FLOPs as runner_dense does
-        s = replace(s, flops_on_data=True, flops_images=SEARCH_IMAGES, timing_on_data=True)
+    if run.per_image and sw.data:  # a dense run's FLOPs: runner_dense counts them on the scenes itself
+        s = replace(s, timing_on_data=True) if is_dense(sw) else \
+            replace(s, flops_on_data=True, flops_images=SEARCH_IMAGES, timing_on_data=True)
     return s
 
 
 def search_data(sw: Sweep):
-    """Where the sweep's matched-FLOPs search counts per-image methods: its data, or None."""
+    """Where the sweep's matched-FLOPs search counts per-image methods: its data (a dense sweep's too:
+    the first images of its scenes, as its segmentation records count them), or None."""
     from ..inputs import SEARCH_IMAGES
-    from .dense import is_dense
     from .search import SearchData
 
-    if not sw.data or is_dense(sw):  # a dense model's per-image methods: counted on one synthetic image
+    if not sw.data:
         return None
     return SearchData(sw.data, sw.split, sw.data_dir, sw.data_seed, SEARCH_IMAGES)
 

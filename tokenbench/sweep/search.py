@@ -210,9 +210,14 @@ class FlopsSearch:
         key = (model, img_size, bool(weights[0]), weights[1])
         if key not in self._weighted:
             from ..api import load
+            from ..models_seg import is_dense_model
+            from ..runner_dense import load_dense
 
-            self._weighted[key] = load(model, "none", {}, pretrained=bool(weights[0]), checkpoint=weights[1],
-                                       img_size=img_size)[0].eval()
+            if is_dense_model(model):  # a dense model's committed weights, or a checkpoint of it
+                self._weighted[key] = load_dense(model, DENSE_METHOD, {}, weights[1])[0].eval()
+            else:
+                self._weighted[key] = load(model, "none", {}, pretrained=bool(weights[0]), checkpoint=weights[1],
+                                           img_size=img_size)[0].eval()
         return self._weighted[key]
 
     def images(self, model: str, img_size: Optional[int]):
@@ -232,10 +237,8 @@ class FlopsSearch:
         return {"input": self.data.key(), "weights": weights_id(model, bool(weights[0]), weights[1])}
 
     def _applied(self, model, img_size, method, params, weights):
-        from ..registry import apply
-
         net = copy.deepcopy(self.weighted(model, img_size, weights))
-        return apply(net, method, **params)
+        return apply_to(net, method, params)  # a dense model's encoder
 
     def estimate(self, model: str, img_size: Optional[int], method: str, params: dict,
                  weights: tuple = (False, None)) -> Optional[float]:
@@ -258,7 +261,7 @@ class FlopsSearch:
             net = self._applied(model, img_size, method, params, weights)
             with torch.inference_mode():
                 net(images)
-            st = last_state(net)
+            st = last_state(method_net(net))
             per = st.tokens_per_image()
             rows = per.tolist() if per is not None else [list(st.tokens)] * len(images)
             # tokens entering a block's MLP: those entering the next block (the last: its own)
@@ -293,8 +296,12 @@ class FlopsSearch:
         from ..measure import flop_count
 
         def fvcore_count() -> float:
+            from ..measure.dense import dense_flops
+
             net = self._applied(model, img_size, method, params, weights)
             images = self.images(model, img_size)
+            if method_net(net) is not net:  # a dense model: the encoder on each image, the decoder once
+                return dense_flops(net, img_size, inputs=images)["gflops"]
             return flop_count.flops(net, img_size=img_size, inputs=images, max_images=len(images))["gflops"]
 
         return self._counted(self._key(model, img_size, method, params, self._on_data_key(model, weights)),
