@@ -193,6 +193,7 @@ def test_a_dense_sweep_takes_a_checkpoint_trained_with_the_method_and_refuses_an
 def test_a_per_image_method_is_counted_and_searched_on_the_scenes(cli, tiny_seg, tmp_path):
     # ATS keeps another number of tokens on each scene: its record's FLOPs are the mean over the first
     # scenes of the set (the search counts the same ones, with the same weights), so it lands on its target
+    from tokenbench.errors import UserError
     from tokenbench.inputs import data_images
     from tokenbench.measure.dense import dense_flops
     from tokenbench.runner_dense import load_dense
@@ -207,7 +208,9 @@ def test_a_per_image_method_is_counted_and_searched_on_the_scenes(cli, tiny_seg,
     (rec,) = [r for r in Store(out).records("segmentation") if r["key_fields"]["method"] == "ats"]
     assert rec["key_fields"]["flops_images"] == 64 and rec["metrics"]["flops_images"] == 8  # the whole tiny set
     net = load_dense("default-seg", "ats", rec["key_fields"]["params"])[0]
-    images = data_images(net, "fashion-mnist-scenes", "test", None, 64, 0)[0]
+    images = data_images(net, "fashion-mnist-scenes", "test", None, 64, 0, asked=None)[0]  # all 8
+    with pytest.raises(UserError, match="--limit 64 is more than the 8 images"):  # a timing batch asks for 64
+        data_images(net, "fashion-mnist-scenes", "test", None, 64, 0)
     assert rec["metrics"]["gflops"] == pytest.approx(dense_flops(net, inputs=images)["gflops"])
     dense = [r for r in Store(out).records("segmentation") if r["key_fields"]["method"] == "none"][0]
     assert "flops_images" not in dense["key_fields"] and "flops_images" not in dense["metrics"]

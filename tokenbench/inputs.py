@@ -41,7 +41,9 @@ def data_images(net, data: str, split: str, data_dir: Optional[str], n: int, see
 
     if is_dense_data(data):  # a dense set's scenes (their masks unused), the subset an evaluation reads
         ds, dspec = build_dense_dataset(data, split, data_dir, model=net)
-        if n < dspec.available:  # a set smaller than n: all of it
+        if asked is not None:
+            checks.limit_within(n if asked == -1 else asked, dspec.available, dspec.source or f"{data} {split}")
+        if n < dspec.available:  # (asked=None: a set smaller than n is taken whole)
             ds, dspec = build_dense_dataset(data, split, data_dir, model=net, limit=n, seed=seed)
     else:
         ds, dspec = build_dataset(data, split, data_dir, model=net, limit=n, seed=seed)

@@ -142,38 +142,36 @@ def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] 
     return net, prov
 
 
-_PER_IMAGE: dict[str, bool] = {}  # (model, method, parameters) -> whether its token count depends on the image
-_ENCODERS: dict[str, torch.nn.Module] = {}  # model -> its architecture's encoder (random weights), built once
+_ENCODERS: dict[tuple, Optional[torch.nn.Module]] = {}  # (model, its config file) -> its architecture's encoder
 
 
 def per_image(spec: dict) -> bool:
     """Whether ``spec``'s method declares no token schedule on its dense model's encoder (its count,
-    and so its FLOPs, depend on the image), read from the architecture (built once per question)."""
+    and so its FLOPs, depend on the image), read from the architecture (random weights, built once
+    per model and configuration), as the matched-FLOPs search reads it."""
+    import json
+
     from .inputs import varies_per_image
+    from .models_seg import build_seg_model, encoder_of, seg_paths
     from .registry import get_method
-    from .store import canonical
 
-    key = canonical([spec["model"], spec["method"], spec["params"]])
-    if key not in _PER_IMAGE:
-        cls = get_method(spec["method"])
-        if not cls.reduces(spec["params"]):
-            _PER_IMAGE[key] = False
-        else:
-            from .sweep.dense import dense_architecture, method_net
-
-            try:
-                if spec["model"] not in _ENCODERS:
-                    _ENCODERS[spec["model"]] = method_net(dense_architecture(spec["model"])[0])
-            except Exception:  # an architecture not built without its checkpoint (a timm backbone's):
-                _PER_IMAGE[key] = False  # counted on one synthetic image, and its row says so
-                return False
-            _PER_IMAGE[key] = varies_per_image(cls, _ENCODERS[spec["model"]], spec["params"])
-    return _PER_IMAGE[key]
+    cfg = seg_paths(spec["model"])["config"]
+    key = (spec["model"], str(cfg))
+    if key not in _ENCODERS:
+        arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
+        try:
+            _ENCODERS[key] = encoder_of(build_seg_model(spec["model"], arch).eval())
+        except UserError:  # a dense model over a timm backbone (its architecture is its checkpoint's):
+            _ENCODERS[key] = None  # counted on one synthetic image, as a report beside its row says
+    if _ENCODERS[key] is None:
+        return False
+    return varies_per_image(get_method(spec["method"]), _ENCODERS[key], spec["params"])
 
 
 def key_fields(spec: dict, settings, weights: str) -> dict:
     """A segmentation record's key; a method whose token count depends on the image also names the
-    images its FLOPs are the mean over (``flops_images``, the first of the evaluated subset's seed)."""
+    images its FLOPs are the mean over (``flops_images``: that many scenes of the split drawn with the
+    data seed, those an evaluation with that limit reads)."""
     import timm
 
     from . import identity
@@ -237,7 +235,7 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
         from .inputs import data_images
 
         images = data_images(net.cpu(), settings.data, settings.split, settings.data_dir, kf["flops_images"],
-                             settings.data_seed)[0]
+                             settings.data_seed, asked=None)[0]  # a smaller set: all of it
         metrics.update(dense_flops(net.cpu(), inputs=images))
     else:
         metrics.update(dense_flops(net.cpu()))

@@ -228,7 +228,10 @@ class FlopsSearch:
         if key not in self._images:
             d = self.data
             net = self.base(model, img_size)[0]
-            self._images[key] = inputs.data_images(net, d.name, d.split, d.dir, d.images, d.seed)[0]
+            from ..data_scenes import is_dense_data
+
+            asked = None if is_dense_data(d.name) else -1  # a dense set smaller than this: all of it, as its records
+            self._images[key] = inputs.data_images(net, d.name, d.split, d.dir, d.images, d.seed, asked=asked)[0]
         return self._images[key]
 
     def _on_data_key(self, model: str, weights: tuple) -> dict:

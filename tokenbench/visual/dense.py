@@ -75,7 +75,7 @@ def visualize_dense(model: str, method: str, params: dict, out: str | Path, data
     from ..measure.dense import dense_flops
     from ..models_seg import encoder_of
     from ..registry import get_method
-    from ..runner_dense import load_dense, task_of
+    from ..runner_dense import load_dense, per_image, task_of
 
     check_out(out)
     task_of(model, data, checkpoint=checkpoint)
@@ -85,11 +85,12 @@ def visualize_dense(model: str, method: str, params: dict, out: str | Path, data
     with torch.inference_mode():
         pred = net(imgs.x).argmax(1)
     tr = trace(encoder_of(net), imgs.x)  # the stages of the encoder, where the method acts
-    g = dense_flops(net)["gflops"]
+    varies = per_image({"model": model, "method": method, "params": params})
+    g = dense_flops(net, inputs=imgs.x if varies else None)["gflops"]  # a per-image method: these scenes' mean
     dense = dense_flops(load_dense(model, "none", {}, checkpoint)[0])["gflops"]
     shown = ", ".join(f"{k}={v}" for k, v in params.items())
-    title = (f"{model} + {method}{f' ({shown})' if shown else ''}: {g:.3g} GFLOPs (backbone + decoder) = "
-             f"{g / dense:.2f}x dense")
+    title = (f"{model} + {method}{f' ({shown})' if shown else ''}: {g:.3g} GFLOPs (backbone + decoder"
+             f"{', mean over these scenes' if varies else ''}) = {g / dense:.2f}x dense")
     path = save_figure(dense_figure(imgs, masks, pred, tr, len(names), title), out, dpi)
     return {"out": str(path), "model": model, "method": method, "params": params, "task": "segmentation",
             "gflops": g, "dense_gflops": dense, "flops_ratio": g / dense, "images": imgs.source,
