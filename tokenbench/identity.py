@@ -26,6 +26,7 @@ import ast
 import hashlib
 import inspect
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -48,6 +49,10 @@ SURGERY = Path(__file__).resolve().parent / "backbones"  # the shared machinery 
 METHODS_PACKAGE = "tokenbench.methods"  # the one import name of the built-in method files
 
 _HASHES: dict[tuple, str] = {}
+# CPython 3.11's parser is not safe to enter from two threads at once ("AST constructor recursion
+# depth mismatch"): two runners sweeping one folder in threads of one process hash their methods
+# together, so every parse here takes this lock.
+_PARSING = threading.Lock()
 
 
 def _file_stamp(p: Path) -> tuple:
@@ -72,7 +77,8 @@ def code_text(path: Path) -> str:
     ``ast.dump``, whose node fields grow).  A file that does not parse counts by its text."""
     text = path.read_text(encoding="utf-8")
     try:
-        return ast.unparse(_strip_docstrings(ast.parse(text)))
+        with _PARSING:
+            return ast.unparse(_strip_docstrings(ast.parse(text)))
     except SyntaxError:
         return text
 
@@ -80,7 +86,9 @@ def code_text(path: Path) -> str:
 def _method_imports(path: Path) -> list[Path]:
     """The method files ``path`` imports (``tokenbench.methods.X``, or ``.X`` beside it)."""
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        source = path.read_text(encoding="utf-8")
+        with _PARSING:
+            tree = ast.parse(source)
     except (OSError, SyntaxError):
         return []
     here = path.resolve().parent
