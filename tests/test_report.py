@@ -375,3 +375,12 @@ def test_compare_names_the_model_where_a_folder_holds_several():
                                                                          ("a-small", "none")]
     with pytest.raises(UserError, match="no model 'c' in DIR; models here: a, b"):
         one_model(rows, "c", "DIR")
+
+
+def test_a_dense_per_image_record_counted_on_the_scenes_comes_before_an_older_one_of_one_image():
+    from tokenbench.report.collect import _latest
+
+    kf = {"data": "fashion-mnist-scenes", "split": "test", "code": {}, "protocol": 1}
+    scenes = {"kind": "segmentation", "meta": {"time": "1"}, "key_fields": {**kf, "flops_images": 64}}
+    one_image = {"kind": "segmentation", "meta": {"time": "2"}, "key_fields": dict(kf)}  # newer, older code
+    assert _latest([one_image, scenes]) is scenes

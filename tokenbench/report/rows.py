@@ -188,8 +188,11 @@ def tp_place(rec: dict) -> tuple:
 
 def on_images(rec: dict) -> bool:
     """Whether a FLOPs count or a timing was made on real images (``--data``) rather than the synthetic
-    input (an accuracy or segmentation record always is)."""
+    input (an accuracy record always is; a segmentation record's FLOPs are, for a method whose token
+    count depends on the image, when its key names ``flops_images``)."""
     kf = rec.get("key_fields", {})
+    if rec.get("kind") == DENSE_KIND:
+        return bool(kf.get("flops_images"))
     return bool(kf.get("input") or kf.get("data"))
 
 
