@@ -213,6 +213,12 @@ def untrained_note(name: str) -> str:
             f"fashion-mnist-scenes --out {seg_paths(name)['dir']}`")
 
 
+def configured_arch(name: str) -> dict:
+    """The architecture overrides the dense model ``name``'s ``config.json`` names (none without one)."""
+    cfg = seg_paths(name)["config"]
+    return json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
+
+
 def create_seg_model(name: str) -> tuple[SegModel, dict]:
     """Dense model ``name``: its committed weights (checksum verified) where they exist, else
     random weights (seed 0) marked ``untrained``."""
@@ -225,8 +231,7 @@ def create_seg_model(name: str) -> tuple[SegModel, dict]:
         model.eval()
         return model, {"weights": "random-init:untrained", "pretrained": False, "untrained": True}
     sha = verify_checksum(p["ckpt"], p["sha"], name)
-    arch = json.loads(p["config"].read_text()).get("arch", {}) if p["config"].is_file() else {}
-    model = build_seg_model(name, arch)
+    model = build_seg_model(name, configured_arch(name))
     state = torch.load(p["ckpt"], map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("model", state))
     model.eval()

@@ -149,18 +149,14 @@ def per_image(spec: dict) -> bool:
     """Whether ``spec``'s method declares no token schedule on its dense model's encoder (its count,
     and so its FLOPs, depend on the image), read from the architecture (random weights, built once
     per model and configuration), as the matched-FLOPs search reads it."""
-    import json
-
     from .inputs import varies_per_image
-    from .models_seg import build_seg_model, encoder_of, seg_paths
+    from .models_seg import build_seg_model, configured_arch, encoder_of, seg_paths
     from .registry import get_method
 
-    cfg = seg_paths(spec["model"])["config"]
-    key = (spec["model"], str(cfg))
+    key = (spec["model"], str(seg_paths(spec["model"])["config"]))
     if key not in _ENCODERS:
-        arch = json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {}
         try:
-            _ENCODERS[key] = encoder_of(build_seg_model(spec["model"], arch).eval())
+            _ENCODERS[key] = encoder_of(build_seg_model(spec["model"], configured_arch(spec["model"])).eval())
         except UserError:  # a dense model over a timm backbone (its architecture is its checkpoint's):
             _ENCODERS[key] = None  # counted on one synthetic image, as a report beside its row says
     if _ENCODERS[key] is None:
@@ -241,6 +237,12 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
         metrics.update(dense_flops(net.cpu()))
     metrics["data"] = dspec.key() | {"source": dspec.source}
     metrics["warnings"] = [untrained_note(spec["model"])] if prov.get("untrained") else []
+    if "flops_images" not in kf and cls.reduces(spec["params"]):
+        from .inputs import varies_per_image
+
+        if varies_per_image(cls, net.encoder, spec["params"]):  # an architecture per_image could not read
+            metrics["warnings"].append("FLOPs of one synthetic image: this method's token count depends on the "
+                                       "image, and this dense model's architecture is its checkpoint's")
     rspec = dict(spec, pretrained=False, img_size=None, task=KIND)
     rec = make_record(KIND, kf, rspec, metrics, env.env_info(env.resolve_device(settings.device)),
                       extra={"weights": weights, "provenance": prov})

@@ -40,15 +40,10 @@ def _current_of_one_model(recs: list[dict], model: str | None, out) -> list[dict
     """The records this checkout would write the same (stale ones left out) of ``model``, or of the
     only model there is (several and none named: one line)."""
     from ..identity import stale_reasons
+    from .stats import check_model_choice
 
     recs = [r for r in recs if not stale_reasons(r)]
-    models = sorted({r["key_fields"]["model"] for r in recs})
-    if model is None and len(models) > 1:
-        raise UserError(f"{out} holds {len(models)} models ({', '.join(models)}): a comparison reads one; "
-                        "name it with --model")
-    if model is not None and model not in models:
-        raise UserError(f"no current dense record of model {model!r} in {out}; models here: "
-                        f"{', '.join(models) or 'none'}")
+    check_model_choice(sorted({r["key_fields"]["model"] for r in recs}), model, out)
     return [r for r in recs if model is None or r["key_fields"]["model"] == model]
 
 

@@ -221,15 +221,17 @@ def _matches(row: Row, method: str, params: dict, by_label: bool = False) -> boo
 def one_model(rows: list[Row], model: Optional[str], where) -> list[Row]:
     """The rows of one model: ``model``, or the only one ``rows`` hold (a dense model of another
     size, drawn as a line beside a model, stays with it).  Several models and none named: one line."""
-    models = sorted({r.model for r in rows if not r.line_of})
-    if model is None:
-        if len(models) > 1:
-            raise UserError(f"{where} holds {len(models)} models ({', '.join(models)}): a comparison reads one; "
-                            "name it with --model")
-        return rows
-    if model not in models:
+    check_model_choice(sorted({r.model for r in rows if not r.line_of}), model, where)
+    return rows if model is None else [r for r in rows if r.model == model or r.line_of == model]
+
+
+def check_model_choice(models: list[str], model: Optional[str], where) -> None:
+    """Refuse, in one line, a comparison over several ``models`` with none named, or a named one absent."""
+    if model is None and len(models) > 1:
+        raise UserError(f"{where} holds {len(models)} models ({', '.join(models)}): a comparison reads one; "
+                        "name it with --model")
+    if model is not None and model not in models:
         raise UserError(f"no model {model!r} in {where}; models here: {', '.join(models) or 'none'}")
-    return [r for r in rows if r.model == model or r.line_of == model]
 
 
 def select_rows(rows: list[Row], text: str) -> list[Row]:

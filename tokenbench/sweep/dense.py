@@ -112,25 +112,24 @@ def method_net(net):
 def dense_architecture(model: str):
     """A dense model (encoder and decoder) with random weights, in eval mode, and its architecture's
     identity: the FLOPs search counts both, so a target is a fraction of the whole model's FLOPs."""
-    import json
-
     import timm
 
-    from ..models_seg import build_seg_model, seg_paths
+    from ..models_seg import build_seg_model, configured_arch
 
-    cfg = seg_paths(model)["config"]
-    net = build_seg_model(model, json.loads(cfg.read_text()).get("arch", {}) if cfg.is_file() else {})
+    net = build_seg_model(model, configured_arch(model))
     return net.eval(), {"dense": net.tokenbench_arch, "timm_version": timm.__version__}
 
 
-def gflops_of(net, img_size: Optional[int] = None) -> float:
-    """fvcore GFLOPs per image of ``net``: a dense model's encoder and decoder together."""
+def gflops_of(net, img_size: Optional[int] = None, inputs=None) -> float:
+    """fvcore GFLOPs per image of ``net``: a dense model's encoder and decoder together; with
+    ``inputs`` (real images), the mean over them (a dense model: its encoder on each, its decoder once)."""
     from ..measure import flop_count
     from ..measure.dense import dense_flops
 
     if method_net(net) is not net:
-        return dense_flops(net, img_size)["gflops"]
-    return flop_count.flops(net, img_size=img_size)["gflops"]
+        return dense_flops(net, img_size, inputs=inputs)["gflops"]
+    return flop_count.flops(net, img_size=img_size, inputs=inputs,
+                            max_images=8 if inputs is None else len(inputs))["gflops"]
 
 
 def apply_to(net, method: str, params: dict):

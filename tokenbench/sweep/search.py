@@ -213,11 +213,9 @@ class FlopsSearch:
             from ..models_seg import is_dense_model
             from ..runner_dense import load_dense
 
-            if is_dense_model(model):  # a dense model's committed weights, or a checkpoint of it
-                self._weighted[key] = load_dense(model, DENSE_METHOD, {}, weights[1])[0].eval()
-            else:
-                self._weighted[key] = load(model, "none", {}, pretrained=bool(weights[0]), checkpoint=weights[1],
-                                           img_size=img_size)[0].eval()
+            self._weighted[key] = (load_dense(model, DENSE_METHOD, {}, weights[1]) if is_dense_model(model) else
+                                   load(model, "none", {}, pretrained=bool(weights[0]), checkpoint=weights[1],
+                                        img_size=img_size))[0].eval()
         return self._weighted[key]
 
     def images(self, model: str, img_size: Optional[int]):
@@ -227,11 +225,11 @@ class FlopsSearch:
         key = (model, img_size)
         if key not in self._images:
             d = self.data
-            net = self.base(model, img_size)[0]
             from ..data_scenes import is_dense_data
 
             asked = None if is_dense_data(d.name) else -1  # a dense set smaller than this: all of it, as its records
-            self._images[key] = inputs.data_images(net, d.name, d.split, d.dir, d.images, d.seed, asked=asked)[0]
+            self._images[key] = inputs.data_images(self.base(model, img_size)[0], d.name, d.split, d.dir, d.images,
+                                                   d.seed, asked=asked)[0]
         return self._images[key]
 
     def _on_data_key(self, model: str, weights: tuple) -> dict:
@@ -296,16 +294,9 @@ class FlopsSearch:
         return self._counted(self._key(model, img_size, method, params), fvcore_count)
 
     def _count_on_data(self, model, img_size, method, params, weights) -> float:
-        from ..measure import flop_count
-
         def fvcore_count() -> float:
-            from ..measure.dense import dense_flops
-
-            net = self._applied(model, img_size, method, params, weights)
-            images = self.images(model, img_size)
-            if method_net(net) is not net:  # a dense model: the encoder on each image, the decoder once
-                return dense_flops(net, img_size, inputs=images)["gflops"]
-            return flop_count.flops(net, img_size=img_size, inputs=images, max_images=len(images))["gflops"]
+            return gflops_of(self._applied(model, img_size, method, params, weights), img_size,
+                             inputs=self.images(model, img_size))
 
         return self._counted(self._key(model, img_size, method, params, self._on_data_key(model, weights)),
                              fvcore_count)
