@@ -42,7 +42,7 @@ def test_bench_times_a_named_setting(tmp_path):
     bench = _script("bench")
     out = tmp_path / "b"
     args = ["--models", "default", "--methods", "tome:r=1", "--batch-sizes", "2", "--min-run-time", "0.02",
-            "--compile", "none", "--out", str(out)]
+            "--compile", "none", "--threads", "1", "--out", str(out)]
     assert bench.main(args) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["method"], r["params"]) for r in rows] == [("none", "{}"), ("tome", '{"r":1}')]
@@ -55,7 +55,7 @@ def test_profile_method_reports_each_setting(tmp_path, capsys):
     prof = _script("profile_method")
     out = tmp_path / "p.md"
     assert prof.main(["default", 'tome:{"r":2}', "topk", "--batch-size", "2", "--steps", "1", "--top", "3",
-                      "--out", str(out)]) == 0
+                      "--threads", "1", "--out", str(out)]) == 0
     md = out.read_text()
     assert md.strip() == capsys.readouterr().out.strip()
     assert md.startswith("# Profile: default, batch 2, fp32, eager")
