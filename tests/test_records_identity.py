@@ -363,6 +363,32 @@ def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
     assert kf["threads"] == 1
 
 
+def test_a_throughput_without_its_latency_is_not_reused_where_one_is_asked_for(tmp_path, monkeypatch):
+    from tokenbench import runner
+    from tokenbench.measure import timing
+    from tokenbench.store import Store
+
+    asked = []
+
+    def fake(net, **kw):
+        asked.append(kw["latency"])
+        lat = {"latency_ms_p50": 1.0, "latency_ms_p90": 2.0} if kw["latency"] else {}
+        return {"img_per_s": 10.0, "spread": 0.0, "spread_flag": False, "env": {"busy": False}, **lat}
+
+    monkeypatch.setattr(timing, "throughput", fake)
+    spec = runner.spec_dict(TINY, "none", {}, False, None, None)
+    store = Store(tmp_path)
+    quick = dict(device="cpu", threads=1, retries=0)
+    without, _ = runner.measure_run("throughput", spec, runner.Settings(latency=False, **quick), store)
+    with_, reused = runner.measure_run("throughput", spec, runner.Settings(latency=True, **quick), store)
+    assert asked == [False, True] and not reused and with_["metrics"]["latency_ms_p50"] == 1.0
+    assert without["key_fields"]["latency"] is False and "latency" not in with_["key_fields"]  # default keys unchanged
+    _, reused = runner.measure_run("throughput", spec, runner.Settings(latency=False, **quick), store)
+    assert reused and asked == [False, True]
+    sp = runner.key_fields("speedup", spec, "w", runner.Settings(latency=False, **quick), baseline=spec)
+    assert "latency" not in sp                                  # a speedup never times latency
+
+
 def test_peak_memory_is_per_measurement_not_per_process():
     from tokenbench.measure import memory, timing
 

@@ -100,8 +100,9 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
     the method's code (declared version and source hash, :mod:`tokenbench.identity`) and the
     kind's protocol version.  Timing adds the device, precision, threads and batch size,
     the compile mode when compiled and the attention path when timm's fused kernel is switched
-    off (a speedup also its dense baseline); accuracy, and FLOPs
-    counted on data (``--data``), add the data's fingerprint and subset.
+    off; a throughput timed without its batch-1 latency says so, a speedup adds its dense
+    baseline.  Accuracy, and FLOPs counted on data (``--data``), add the data's fingerprint and
+    subset.
     """
     import timm
 
@@ -128,6 +129,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
             kf["attention"] = attention
         if s.cuda_graphs:
             kf["cuda_graphs"] = True
+        if kind == "throughput" and not s.latency:  # no batch-1 latency in it: never reused where one is asked for
+            kf["latency"] = False
         if s.timing_on_data:  # real images; without this field, the synthetic batch
             kf["input"] = inputs.data_key(s.data, s.split, s.data_dir, s.batch_size, s.data_seed)
         if kind == "speedup":
