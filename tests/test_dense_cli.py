@@ -221,6 +221,9 @@ def test_report_tabulates_dense_records_alone_and_leaves_them_out_of_a_classific
     (("default-seg", "--data", "fashion-mnist-scenes", "--lr", "0"), "--lr must be positive, got 0"),
     (("default-seg", "--data", "fashion-mnist-scenes", "--method", "dynamicvit", "--epochs", "-2"),
      "--epochs must be positive, got -2"),
+    (("default", "--method", "dynamicvit", "--max-steps", "-1"), "--max-steps must be 1 or more"),
+    (("default", "--method", "dynamicvit", "--max-steps", "0"), "--max-steps must be 1 or more"),  # not 'no limit'
+    (("default-seg", "--data", "fashion-mnist-scenes", "--max-steps", "0"), "--max-steps must be 1 or more"),
 ])
 def test_train_refuses_a_recipe_value_out_of_range_in_one_line(cli, tmp_path, args, message):
     code, _, err = cli("train", *args, "--out", str(tmp_path / "run"))

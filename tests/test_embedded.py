@@ -96,6 +96,8 @@ def test_default_convnext_stem_and_layer_scale_and_older_configs(tmp_path):
 def test_train_base_refuses_a_model_that_is_not_embedded(cli):
     code, out, err = cli("train-base", "--model", "resnet50")
     assert code == 2 and "embedded model" in err and "Traceback" not in err
+    code, out, err = cli("train-base", "--max-steps", "0")
+    assert code == 2 and "--max-steps must be 1 or more" in err and len(err.strip().splitlines()) == 1
 
 
 def test_short_training_learns(tmp_path):

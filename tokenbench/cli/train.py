@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         from ..measure.env import resolve_device
         from ..checks import unique_set_keys
 
+        check_max_steps(max_steps)
         if wants_dense(model, data, task):
             if method not in (None, "none"):
                 unique_set_keys(set_)
@@ -176,6 +177,12 @@ def train_dense(model: str, method: Optional[str], task: Optional[str], data: st
     print_train_summary(out, summary, as_json)
     if miou is not None and not as_json:
         typer.echo(f"val mIoU {miou:.2f}%")
+
+
+def check_max_steps(max_steps: Optional[int]) -> None:
+    """``--max-steps`` is a count of steps still to take: 1 or more (none given: no limit)."""
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps must be 1 or more (leave it out to train to the end), got {max_steps}")
 
 
 def recipe_changes(values: dict) -> dict:

@@ -35,10 +35,11 @@ def train_base_cmd(model: str = typer.Option("default", "--model",
     """Train an embedded model from scratch on Fashion-MNIST (resumable; rerun to continue)."""
     import dataclasses
 
-    from .train import print_train_summary
+    from .train import check_max_steps, print_train_summary
     from ..models import EMBEDDED_MODELS
     from ..train import BASE_RECIPES, check_run_dir, train_base
 
+    check_max_steps(max_steps)
     if model not in EMBEDDED_MODELS:
         raise UserError(f"--model {model!r}: train-base trains an embedded model: {', '.join(EMBEDDED_MODELS)}")
     out = out or Path({"default": "runs/embedded", "default-convnext": "runs/embedded-convnext"}.get(model, f"runs/{model}"))
