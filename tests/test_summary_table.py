@@ -30,3 +30,22 @@ def test_summary_fits_80_columns_with_defaults_left_out_and_flags_whole(tmp_path
     for flag in ("busy", "noisy", "unpaired", "flops-miss"):
         assert flag in words, (flag, text)
     assert len(lines) <= 5 + 2 * len(rows)
+
+
+def test_rows_of_two_models_are_one_table_each_and_every_flag_stays_whole(tmp_path):
+    """A model column would push the flags off an 80-column terminal: one table per model instead,
+    titled by it; a long sweep label wraps, a flag or a number never."""
+    rows = [_row("dense", "none", {}), _row("evit", "evit", {"keep_rate": 0.385}, flags=("noisy", "unpaired"))]
+    other = [_row("dense", "none", {}), _row("dynamicvit-convnext", "dynamicvit", {"keep_rate": 0.7},
+                                             flags=("flops-miss", "unpaired"))]
+    for r in other:
+        r.model = "default-convnext-seg"
+    con = Console(width=80, record=True, file=open(tmp_path / "sink", "w"))
+    con.print(summary_table({"display": rows + other, "out": "runs/x"}))
+    text = con.export_text()
+    assert max(len(ln) for ln in text.splitlines()) <= 80
+    assert "tokenbench: runs/x: m " in text and "tokenbench: runs/x: default-convnext-seg" in text
+    assert "Model" not in text
+    words = text.replace(",", " ").split()
+    assert words.count("unpaired") == 2 and "noisy" in words and "flops-miss" in words
+    assert words.count("88.00") == 4 and words.count("[87.1–88.9]") == 4

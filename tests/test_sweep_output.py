@@ -179,7 +179,10 @@ def test_summary_table_fits_80_columns_with_every_number_whole():
         assert f"{100 * r.flops_rel:.1f}%" in tokens, (r.label, text)
         assert r.speedup is None or f"{r.speedup:.2f}x" in tokens, (r.label, text)
         assert r.top1 is None or any(t.startswith(f"{r.top1:.2f}") for t in tokens), (r.label, text)
+        assert r.top1_lo is None or f"{r.top1_hi:.1f}]" in text, (r.label, text)   # the interval whole
+        assert all(f in tokens or f + "," in tokens for f in r.flags), (r.label, r.flags, text)
     assert any(r.row_type == "mean" for r in res["display"])  # a seed-averaged row is among them
+    assert any(r.flags for r in res["display"])
 
 
 def test_summary_points_to_the_full_table(cli, flops_out):

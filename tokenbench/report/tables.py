@@ -385,12 +385,25 @@ def summary_table(res: dict):
 
     At most six columns, which fit 80: numbers are never cut; the setting (the budget knob and
     the parameters set away from their defaults, seeds, learned parts), the flags (whole words)
-    and a seed-averaged top-1's interval wrap onto further lines."""
+    and a seed-averaged top-1's interval wrap onto further lines.  Rows of several models are
+    one table per model (a model column would not fit), except a dense row whose method cell
+    already names its model (a sweep's smaller dense model) beside the first model's rows."""
+    from rich.console import Group
+
+    disp = display_rows(res)
+    first = disp[0].model if disp else None
+    named = lambda r: r.model == first or (r.is_dense and display_cells(r)["Method"] == r.model)
+    title = f"tokenbench: {Path(res['out'])}"
+    if all(named(r) for r in disp):
+        return _summary_block(disp, title)
+    return Group(*(_summary_block([r for r in disp if r.model == m], f"{title}: {m}") for m in models_of(disp)))
+
+
+def _summary_block(disp: list[Row], title: str):
+    """One rich table of ``disp`` (see :func:`summary_table`)."""
     from rich import box
     from rich.table import Table
 
-    disp = display_rows(res)
-    multi = len(models_of(disp)) > 1
     rows = []
     for r in disp:
         c = display_cells(r)
@@ -403,24 +416,28 @@ def summary_table(res: dict):
             top1 += f"±{std:.2f}"
         if r.score_lo is not None:
             top1 += f" [{r.score_lo:.1f}–{r.score_hi:.1f}]"  # no space inside: it wraps before the interval
-        rows.append(([r.model] if multi else []) +
-                    [c["Method"], setting or NONE, c["FLOPs"], c["Speedup [q1, q3]"].split(" [")[0], top1,
+        rows.append([c["Method"], setting or NONE, c["FLOPs"], c["Speedup [q1, q3]"].split(" [")[0], top1,
                      ", ".join(sorted(r.flags))])
-    cols = (["Model"] if multi else []) + list(SUMMARY_COLUMNS)
+    cols = list(SUMMARY_COLUMNS)
     if any(r.is_seg for r in disp):
         cols = [("mIoU % [95% CI]" if c == "Top-1 % [95% CI]" else c) for c in cols]
     # columns nothing was measured for (a FLOPs-only sweep's speedup and top-1) are left out
     shown = [j for j, c in enumerate(cols)
              if c in ("Method", "Setting") or any(row[j] not in (NONE, "") for row in rows)]
-    t = Table(title=f"tokenbench: {Path(res['out'])}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    # a flag is never cut: the column is at least as wide as the longest flag word
-    flag_width = max([len(w) for row in rows for w in row[-1].replace(",", " ").split()] + [5])
+    # two spaces between columns, none at the edges (rich's collapsed padding and edges measure one
+    # column short on an 80-column terminal, cutting the last flag)
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    # a flag is never cut: the column is as wide as the longest flag word
+    flag_width = max([len(w) + 1 for row in rows for w in row[-1].split()] + [5]) + 1  # with "," and the padding
+    method_width = max(len(row[0]) for row in rows) if rows else 0
     for j in shown:
         c = cols[j]
-        t.add_column(c, no_wrap=c in ("Method", "FLOPs", "Speedup"), justify="right" if c in ("FLOPs", "Speedup")
+        # a sweep label longer than the column wraps (``dynamicvit-`` / ``convnext``); numbers never
+        t.add_column(c, no_wrap=c in ("FLOPs", "Speedup") or (c == "Method" and method_width <= 14), justify="right" if c in ("FLOPs", "Speedup")
                      else "left", overflow="fold",
                      min_width={"Setting": 16, "Top-1 % [95% CI]": 17, "mIoU % [95% CI]": 17,
-                                "Flags": flag_width}.get(c))
+                                "Flags": flag_width}.get(c),
+                     max_width=flag_width if c == "Flags" else None)  # one flag a line where two do not fit
     for row in rows:
         t.add_row(*(row[j] for j in shown))
     return t
