@@ -456,6 +456,10 @@ def test_a_users_run_reuses_the_reference_and_leaves_it_untouched(tmp_path, cli,
     assert res["measured"] == 0 and res["reused"] == 5  # flops x2, throughput x2, speedup x1
     assert _snapshot(ref) == before
     assert len(list((mine / "records").glob("*.json"))) == 5
+    code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, tmp_path / "log", ref)))   # a log: no terminal
+    assert code == 0, err
+    assert f"0 measurements to make, 5 copied from the reference results {ref}" in out
+    assert "[1/" not in out                                     # nothing is counted as made
     # another CPU: FLOPs still come from the reference, timings are measured anew, into `other` only
     monkeypatch.setattr(env, "cpu_model", lambda: "Another CPU 9000")
     code, out, err = cli("run", str(_tiny_sweep_file(tmp_path, other, ref)), "--json")

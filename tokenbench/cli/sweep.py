@@ -59,9 +59,20 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
     are not counted, so the time left is that of the measuring), with the run being measured;
     ``lines``: one line on stdout per measurement made (for a log).  The time left is estimated
     from the measured durations of each kind alone (:class:`tokenbench.sweep.progress.StepTimer`)."""
+    from ..runner import TIMED
+    from ..sweep.plan import reference_store, timing_reference
     from ..sweep.progress import StepTimer, duration_text, step_line
 
-    todo_keys = {k for kk in keys for k in kk.values() if force or k in (retime or ()) or not store.has(k)}
+    reference = reference_store(spec)
+    tref = timing_reference(spec, reference)
+
+    def copied(kind: str, k: str) -> bool:  # in the reference results, copied rather than measured
+        ref = tref if kind in TIMED else reference
+        return ref is not None and ref.root.resolve() != store.root.resolve() and ref.has(k)
+
+    todo_keys = {k for kk in keys for kind, k in kk.items()
+                 if force or k in (retime or ()) or not (store.has(k) or copied(kind, k))}
+    n_copied = len({k for kk in keys for kind, k in kk.items() if k not in todo_keys and not store.has(k)})
     left: dict[str, int] = {}
     for kk in keys:
         for kind, k in kk.items():
@@ -71,7 +82,9 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
     index = {id(r): i for i, r in enumerate(runs)}
     seen: set[str] = set()
     if lines:
-        typer.echo(f"{len(runs)} runs: {len(todo_keys)} measurements to make, the others recorded")
+        typer.echo(f"{len(runs)} runs: {len(todo_keys)} measurements to make"
+                   + (f", {n_copied} copied from the reference results {reference.root}" if n_copied else "")
+                   + ", the others recorded")
 
     def on_step(i, total, run, kind):
         key = None
