@@ -163,6 +163,32 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(tmp_path,
     assert "'broken'" in lines[0] and "ModuleNotFoundError" in lines[0] and "tb_no_such_dependency" in lines[0]
 
 
+def test_a_method_file_that_fails_to_import_is_named_with_its_line_and_the_others_run(tmp_path, monkeypatch):
+    import tokenbench.methods as methods_pkg
+
+    (tmp_path / "tb_broken_dep.py").write_text('"""x"""\nimport os\nimport tb_no_such_dependency\n')
+    (tmp_path / "tb_broken_syntax.py").write_text("def f(:\n    pass\n")
+    monkeypatch.setattr(methods_pkg, "__path__", [*methods_pkg.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "methods_dir", lambda: tmp_path)
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    with pytest.warns(UserWarning) as caught:
+        names = registry.load_methods()
+    assert "tome" in names                                   # the others still load
+    lines = sorted(str(w.message) for w in caught)
+    assert len(lines) == 2 and not any("\n" in ln for ln in lines)
+    assert "tb_broken_dep.py does not import: ModuleNotFoundError" in lines[0] and "(line 3)" in lines[0]
+    assert "tb_broken_syntax.py does not import: SyntaxError: invalid syntax (line 1)" in lines[1]
+    with pytest.raises(UserError, match="tb_broken_dep.py does not import"):   # not 'unknown method'
+        registry.get_method("tb_broken_dep")
+
+
+def test_every_method_file_of_the_project_imports():
+    registry.load_methods()
+    assert not registry._BROKEN
+
+
 def _toy(knob_param: registry.Param, **attrs) -> type:
     def apply(self, model, **p):
         from tokenbench.backbones import prepare  # (the method itself checks nothing)

@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import re
+import traceback
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -364,6 +365,7 @@ class Method:
 
 _REGISTRY: dict[str, type[Method]] = {}
 _SOURCES: dict[str, str] = {}
+_BROKEN: dict[str, str] = {}  # method files of methods/ that failed to import: why
 _LOADED = False
 
 
@@ -387,11 +389,39 @@ def methods_dir() -> Path:
 
 
 def _load_file(path: Path) -> None:
-    """Import one built-in method file as ``tokenbench.methods.<stem>``."""
+    """Import one method file of ``methods/`` as ``tokenbench.methods.<stem>``; one that fails to
+    import (a syntax error, a missing package) is said in one warning line naming the file and the
+    line, and left out: the other methods still run, and asking for it says why it is missing."""
     before = set(_REGISTRY)
-    importlib.import_module(f"tokenbench.methods.{path.stem}")  # (perhaps already imported by another method)
+    try:
+        importlib.import_module(f"tokenbench.methods.{path.stem}")  # (perhaps already imported by another method)
+    except Exception as e:
+        for name in set(_REGISTRY) - before:  # what the file registered before it failed
+            if _REGISTRY[name].__module__ == f"tokenbench.methods.{path.stem}":
+                del _REGISTRY[name]
+        _BROKEN[path.stem] = f"method file {_shown(path)} does not import: {_import_error(e, path)}"
+        warnings.warn(f"tokenbench: {_BROKEN[path.stem]}; it is left out", stacklevel=2)
+        return
     for name in set(_REGISTRY) - before:  # a method file importing another registers both here
         _SOURCES[name] = str(Path(inspect.getsourcefile(_REGISTRY[name]) or path).resolve())
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _import_error(e: Exception, path: Path) -> str:
+    """``Type: message`` of an import failure, with the line of ``path`` it happened at."""
+    if isinstance(e, SyntaxError):
+        line, text = e.lineno, e.msg or ""
+    else:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        line, text = (frames[-1].lineno if frames else None), (str(e).splitlines()[0] if str(e) else "")
+    return f"{type(e).__name__}: {text}" + (f" (line {line})" if line else "")
 
 
 def _load_plugin(ep: Any) -> None:
@@ -428,6 +458,8 @@ def load_methods() -> dict[str, type[Method]]:
 
 def get_method(name: str) -> type[Method]:
     reg = load_methods()
+    if name not in reg and name in _BROKEN:
+        raise UserError(_BROKEN[name])
     if name not in reg:
         raise UserError(f"unknown method {name!r}{did_you_mean(name, reg)}; registered: {', '.join(sorted(reg))}")
     return reg[name]
