@@ -249,6 +249,13 @@ def test_compare_selector_errors(swept, cli, sel, msg):
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
 
 
+def test_compare_without_b_or_on_a_missing_directory_is_one_line(swept, cli, tmp_path):
+    for args, msg in (((str(swept), "topk:keep_rate=0.5"), "compare needs a second setting"),
+                      ((str(tmp_path / "gone"), "a", "b"), f"results directory {tmp_path / 'gone'} does not exist")):
+        code, out, err = cli("compare", *args)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_compare_selector_keeps_list_values_whole():
     assert parse_selector("tome:r=[5,4,4],prop_attn=false") == ("tome", {"r": [5, 4, 4], "prop_attn": False})
     assert parse_selector("none") == ("none", {})

@@ -44,9 +44,9 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
     (None: silent).
     """
     t0 = time.time()
-    out = Path(out)
-    if not out.is_dir():
-        raise UserError(f"results directory {out} does not exist")
+    from ..report.write import check_results_dir
+
+    out = check_results_dir(out)
     if limit is not None and limit != 0 and limit < 2:
         raise UserError(f"--limit must be at least 2 (CKA needs two images), or 0 for every image; got {limit}")
     settings, data, notes = gather_settings(out, methods, flops, model)

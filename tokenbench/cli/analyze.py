@@ -57,9 +57,9 @@ def register(app: typer.Typer) -> None:
 
         from ..analysis.analyze import analyze
 
-        if not directory.is_dir():
-            raise UserError(f"results directory {directory} "
-                            + ("is a file, not a directory" if directory.exists() else "does not exist"))
+        from ..report.write import check_results_dir
+
+        check_results_dir(directory)
         err = Console(stderr=True)
         kw = dict(methods=_words(methods), flops=_floats(flops), limit=limit, plots=plots, dest=out, model=model)
         if json_ or not sys.stderr.isatty():

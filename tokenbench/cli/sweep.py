@@ -330,7 +330,8 @@ def _register_compare(app: typer.Typer) -> None:
     def compare_cmd(
         directory: Path = typer.Argument(..., help="A results directory (a sweep's output)."),
         a: str = typer.Argument(..., help="One setting: METHOD or METHOD:KEY=VALUE,... (e.g. dynamicvit:keep_rate=0.7)."),
-        b: List[str] = typer.Argument(..., help="One or more settings to compare A with (e.g. topk:keep_rate=0.7)."),
+        b: Optional[List[str]] = typer.Argument(None, help="One or more settings to compare A with (e.g. "
+                                                "topk:keep_rate=0.7)."),
         json_: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
         model: Optional[str] = typer.Option(None, "--model", help="The model compared, where DIRECTORY holds "
                                                                   "several (e.g. a sweep of two models)."),
@@ -342,8 +343,13 @@ def _register_compare(app: typer.Typer) -> None:
         bootstrap interval, Wilcoxon signed-rank p)."""
         from ..report.paired import paired
         from ..report.paired_dense import dense_records, paired_dense
+        from ..report.write import check_results_dir
         from ..store import Store
 
+        check_results_dir(directory)
+        if not b:
+            raise UserError(f"compare needs a second setting to compare {a} with: tokenbench compare DIR A B "
+                            f"[B ...], e.g. {directory} dynamicvit:keep_rate=0.7 topk:keep_rate=0.7")
         if dense_records(directory) and not any(r.get("kind") == "accuracy"
                                                 for r in Store(directory, read_only=True).records()):
             dense = [paired_dense(directory, a, x, model) for x in b]

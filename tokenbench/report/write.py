@@ -28,16 +28,22 @@ def ensure_report_writable(out: str | os.PathLike, plots: bool = True) -> None:
         ensure_writable_dir(out / "plots", "plots directory")
 
 
+def check_results_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, refused in one line where it is not a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"results directory {path} "
+                        + ("is a file, not a directory" if path.exists() else "does not exist"))
+    return path
+
+
 def write_report(out: str | os.PathLike, plots: bool = True, html: bool | str = False) -> dict:
     """Write the tables and plots of ``out`` from its records (and ``report.html`` with ``html``;
     ``html="if-available"``: only where plotly is installed, else a note says so); returns the rows
     and paths."""
     from ..store import write_texts
 
-    out = Path(out)
-    if not out.is_dir():
-        raise UserError(f"results directory {out} "
-                        + ("is a file, not a directory" if out.exists() else "does not exist"))
+    out = check_results_dir(out)
     ensure_report_writable(out, plots)
     res = collect(out)
     files = write_texts({out / "results.md": markdown(res), out / "results.csv": csv_text(res),
