@@ -361,6 +361,16 @@ def test_results_below_a_file_refused(cli, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_file_on_the_way_of_an_output_is_named(tmp_path):
+    from tokenbench.errors import cannot_write
+
+    f = tmp_path / "plain.txt"
+    f.write_text("x")
+    with pytest.raises(OSError) as e:
+        (f / "x.png").parent.mkdir(parents=True, exist_ok=True)       # the system says 'File exists'
+    assert cannot_write(f / "x.png", e.value) == f"cannot write {f / 'x.png'}: {f} is a file, not a directory"
+
+
 def test_results_dir_is_created_only_when_a_record_is_written(cli, tmp_path):
     d = tmp_path / "new" / "res"
     code, out, err = cli("flops", TINY, "-m", "tome", "-s", "r=-1", "--results", str(d))

@@ -40,3 +40,14 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def cannot_write(path, e: OSError) -> str:
+    """Why ``path`` could not be written, in words: a folder on its way that is a file is named
+    (the system says only 'File exists' or 'Not a directory')."""
+    from pathlib import Path
+
+    for parent in Path(path).parents:
+        if parent.is_file():
+            return f"cannot write {path}: {parent} is a file, not a directory"
+    return f"cannot write {path}: {e.strerror or e}"

@@ -37,13 +37,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_texts(texts: dict[Path, str]) -> list[Path]:
     """Write each text to its path atomically, in order; a path that cannot be written is one
     user error line naming it. Returns the paths written."""
-    from .errors import UserError
+    from .errors import UserError, cannot_write
 
     for path, text in texts.items():
         try:
             atomic_write_text(path, text)
         except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror}") from None
+            raise UserError(cannot_write(path, e)) from None
     return list(texts)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, cannot_write
 from . import trace
 from .metrics import centre_prior
 from .plots import budget_plot, drift_plot, keep_map_grid, kappa_heatmaps, pattern_heatmaps, per_class_heatmap
@@ -101,7 +101,7 @@ def _writable_dirs(out: Path, dest: Optional[str | Path], model: Optional[str] =
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write {adir}: {e.strerror or e}") from None
+        raise UserError(cannot_write(adir, e)) from None
     return adir, cache_dir
 
 

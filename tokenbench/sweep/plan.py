@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import UserError
+from ..errors import UserError, cannot_write
 from .expand import Run, expand
 from .format import DENSE_METHOD, Sweep, parse_selector
 from .preflight import preflight
@@ -154,7 +154,7 @@ def write_plan(out: Path, sw: Sweep, runs: list[Run], keys: list[dict]) -> Path:
     try:
         atomic_write_text(p, json.dumps(plan_dict(sw, runs, keys), indent=1, default=str) + "\n")
     except OSError as e:
-        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
+        raise UserError(cannot_write(p, e)) from None
     return p
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, cannot_write
 from .inputs import Images
 from .trace import FAST, FUSED, GROUP, SLOW_PATH, Stage, Trace, dense_stage
 
@@ -349,7 +349,7 @@ def save_figure(fig, out: str | Path, dpi: int = 200) -> Path:
         with matplotlib.rc_context({"hatch.linewidth": 0.7, "pdf.fonttype": 42, "svg.fonttype": "none"}):
             fig.savefig(out, dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.04)
     except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        raise UserError(cannot_write(out, e)) from None
     return out
 
 
