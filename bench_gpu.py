@@ -5,15 +5,16 @@ Steps, most important first (DeiT-S, fp16, batch 256 unless the variables below 
 
 1. ``eager``     dense and every method, eager;
 2. ``graphs``    the same, the eager forward replayed as CUDA graphs (``--cuda-graphs``);
-3. ``large``     ViT-B and ViT-L with ToMe r=8 (where ToMe published its 2x), eager and CUDA graphs,
-                 with the official ToMe beside ours when bench.py offers ``--official`` and
-                 ``BENCH_GPU_OFFICIAL`` names the folder of official clones;
+3. ``large``     ViT-B and ViT-L with ToMe r=8 (where ToMe published its 2x), eager and CUDA graphs;
 4. ``compiled``  every setting under ``torch.compile`` if time remains.
+
+Where ``BENCH_GPU_OFFICIAL`` names the folder of official clones, every step also times the
+official ToMe, EViT and DynamicViT beside ours (``bench.py --official``) on the settings it has.
 
 Each step runs bench.py in this process with ``--deadline`` at the budget's end: a setting whose
 measured cost (the mean of the settings timed so far) would end past it is not started.  A step
-whose estimated cost (its settings times the mean cost per setting measured in earlier steps)
-exceeds the time left is not started at all.  After every step ``OUT/bench-gpu.md`` is written
+whose cost (one setting's, measured in earlier steps; a compiled one's estimated at ten times an
+eager one's) exceeds the time left is not started at all.  After every step ``OUT/bench-gpu.md`` is written
 again: the plan with each step's status and seconds, every step's table, and one table of the
 cells not reached and why (the time left, a refusal such as a method CUDA graphs cannot capture,
 an error).
@@ -23,7 +24,7 @@ Variables: ``BENCH_GPU_OUT`` (default ``results/bench-gpu/DATE-TIME``), ``BENCH_
 (default), ``BENCH_GPU_OFFICIAL`` (unset), ``BENCH_GPU_METHODS`` (bench.py ``--methods``: every
 method).  ``BENCH_GPU_DRYRUN=1``: the whole plan on the CPU,
 fp32, with the embedded model in every model's place, batch 2 and very short timings, to prove
-the plan where no GPU is.
+the plan where no GPU is (the steps with CUDA graphs are refused there, and say so).
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def steps(cfg: dict) -> list[dict]:
     """The plan, most important first: (name, what it times, bench.py arguments, settings count)."""
     common = ["--device", cfg["device"], "--precision", cfg["precision"], "--batch-sizes", cfg["batch"],
               "--min-run-time", cfg["min_run_time"]]
+    if cfg["official"] and offers_official():  # the official ToMe, EViT and DynamicViT beside ours, in every step
+        common += ["--official", cfg["official"]]
     every = cfg["methods"]
     n = len(every.split(","))
     large = ["--models", cfg["large"], "--methods", "tome:r=8", "--cuda-graphs"]
-    if cfg["official"] and offers_official():
-        large += ["--official", cfg["official"]]
     n_large = 2 * len(cfg["large"].split(","))
     return [
         {"name": "eager", "what": "dense and every method, eager", "settings": n,

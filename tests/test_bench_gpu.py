@@ -29,3 +29,14 @@ def test_dry_run_times_by_priority_and_says_what_was_not_reached(tmp_path, monke
     # top-k timed, or listed with the time it would have needed (a slow machine)
     assert "| topk " in eager or "| eager | default | topk | " in not_reached
     assert sys.modules["bench"].OVERHEAD  # the plan ran bench.py itself, in this process
+
+
+def test_the_official_code_is_timed_in_every_step_where_its_clones_are_named(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import bench_gpu
+
+    cfg = bench_gpu.config({"BENCH_GPU_DRYRUN": "1", "BENCH_GPU_OFFICIAL": str(tmp_path)})
+    for step in bench_gpu.steps(cfg):
+        assert step["args"][step["args"].index("--official") + 1] == str(tmp_path), step["name"]
+    plain = bench_gpu.steps(bench_gpu.config({"BENCH_GPU_DRYRUN": "1"}))
+    assert not any("--official" in step["args"] for step in plain)

@@ -389,6 +389,26 @@ def test_a_throughput_without_its_latency_is_not_reused_where_one_is_asked_for(t
     assert "latency" not in sp                                  # a speedup never times latency
 
 
+def test_tf32_matmuls_key_an_fp32_cuda_timing_apart(monkeypatch):
+    import torch
+
+    from tokenbench import runner
+    from tokenbench.measure import env
+
+    monkeypatch.setattr(env, "resolve_device", lambda d="auto": torch.device(d if d != "auto" else "cpu"))
+    monkeypatch.setattr(env, "env_info", lambda dev, *a: {"device_name": f"{dev.type} X"})
+    spec = runner.spec_dict(TINY, "none", {}, False, None, None)
+    key = lambda **kw: runner.key_fields("throughput", spec, "w", runner.Settings(**kw))
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert "tf32" not in key(device="cuda", precision="fp32")                # the default: keys unchanged
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert key(device="cuda", precision="fp32")["tf32"] is True
+        assert "tf32" not in key(device="cuda", precision="fp16") and "tf32" not in key(device="cpu")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def test_peak_memory_is_per_measurement_not_per_process():
     from tokenbench.measure import memory, timing
 

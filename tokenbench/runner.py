@@ -131,6 +131,8 @@ def key_fields(kind: str, spec: dict, weights: str, s: Settings, baseline: Optio
             kf["cuda_graphs"] = True
         if kind == "throughput" and not s.latency:  # no batch-1 latency in it: never reused where one is asked for
             kf["latency"] = False
+        if dev.type == "cuda" and s.precision == "fp32" and env.tf32_matmul():  # TensorFloat-32 matmuls: another number
+            kf["tf32"] = True
         if s.timing_on_data:  # real images; without this field, the synthetic batch
             kf["input"] = inputs.data_key(s.data, s.split, s.data_dir, s.batch_size, s.data_seed)
         if kind == "speedup":

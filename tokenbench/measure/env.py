@@ -45,6 +45,12 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def tf32_matmul() -> bool:
+    """Whether fp32 matmuls on CUDA may run in TensorFloat-32 (torch's switch or its matmul
+    precision set below "highest"; off by default)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
