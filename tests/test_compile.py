@@ -147,6 +147,8 @@ def test_cli_compiled_throughput_is_recorded_and_reused(cli, tmp_path, monkeypat
     assert code == 0 and calls and json.loads(out)["recorded_in"] is None    # no --results: measured, not kept
     code, out, err = cli(*args[:-1], "--compile-mode", "fastest")
     assert code == 2 and "unknown compile mode" in err
+    code, out, err = cli(*[a for a in args if a != "--compile"], "--compile-mode", "default")   # implies --compile
+    assert code == 0 and json.loads(out)["key"] == first["key"], err
 
 
 def test_sweep_compile_setting():

@@ -1,4 +1,4 @@
-"""``tokenbench throughput``: images per second, and the paired speedup over the dense model."""
+"""``tokenbench throughput``: images per second, batch-1 latency and peak memory of one setting."""
 
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
                                                        "of two that fits."),
                    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
                    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (autocast)."),
-                   threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all)."),
+                   threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the CPUs this process may use)."),
                    min_run_time: float = typer.Option(2.0, "--min-run-time", help="Seconds of timing per batch size."),
                    compile_: bool = typer.Option(False, "--compile", help="Time the model under torch.compile "
                                                  "(compile time reported apart, as compile_s)."),
-                   compile_mode: str = typer.Option("default", "--compile-mode",
-                                                    help="torch.compile mode with --compile: default, "
-                                                         "reduce-overhead, max-autotune, max-autotune-no-cudagraphs."),
+                   compile_mode: Optional[str] = typer.Option(None, "--compile-mode",
+                                                              help="torch.compile mode (implies --compile): default, "
+                                                                   "reduce-overhead, max-autotune, "
+                                                                   "max-autotune-no-cudagraphs."),
                    cuda_graphs: bool = typer.Option(False, "--cuda-graphs",
                                                     help="CUDA only: time the eager model captured as a CUDA "
                                                          "graph once per batch shape and replayed (no launch "
@@ -61,7 +62,7 @@ def throughput_cmd(model: str = MODEL_ARG, method: str = METHOD_OPT, set_: Optio
     from ..runner import Loaded, Settings, measure_run
 
     sizes = _parse_batch_sizes(batch_size)
-    mode = check_compile_mode(compile_mode) if compile_ else None
+    mode = check_compile_mode(compile_mode or "default") if compile_ or compile_mode else None
     dev = resolve_device(device)
     if cuda_graphs:
         from ..measure.graphs import check_device
