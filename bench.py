@@ -285,6 +285,9 @@ class _Bench:
                         gflops=gflops, flops_rel=1 / flops_x if g0 else None, img_per_s=r["img_per_s"],
                         speedup=speed_x, speedup_q1=q1, speedup_q3=q3, batch_size=b, precision=args.precision)
             row.update(timing_columns(timed, flops_x, r["spread"], sfx))
+            # the dense model's img/s in the same run: a method's img/s over it is its paired speedup's
+            # run (the dense row's own img/s is another run, timed apart)
+            row[f"dense_img_per_s{sfx}"] = round(r.get("baseline_img_per_s", r["img_per_s"]), 1)
             if how.get("compile"):
                 row["compile_s"] = round(r.get("compile_s", float("nan")), 1)
                 row["graph_breaks"] = r.get("graph_breaks")  # 0: one graph; more: per-image counts

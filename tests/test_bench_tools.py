@@ -46,6 +46,8 @@ def test_bench_times_a_named_setting(tmp_path):
     assert bench.main(args) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["method"], r["params"]) for r in rows] == [("none", "{}"), ("tome", '{"r":1}')]
+    assert rows[0]["dense_img_per_s"] == rows[0]["img_per_s"]           # the dense row: its own run
+    assert rows[1]["dense_img_per_s"] > 0                                # a method: the dense model of its pairing
     code = json.loads((out / "bench.json").read_text())["env"]["code"]     # which code made the table
     assert code["commit"] and (out / "bench.md").read_text().splitlines()[0].count(f"code {code['commit'][:7]}") == 1
     assert bench.cli(args[:3] + ["tome:r=-1"] + args[4:]) == 2        # out of range: one line, exit 2
