@@ -122,6 +122,20 @@ def test_paired_speedup_compiles_both_models(monkeypatch):
     assert "compile_s" in res and "baseline_compile_s" in res and res["env"]["compile"] == "default"
 
 
+def test_a_compiled_speedups_graphs_are_the_methods_own(monkeypatch):
+    monkeypatch.setattr(timed_forward, "compiled",
+                        lambda model, mode: torch.compile(model, backend="eager", dynamic=False) if mode else model)
+    m = registry.apply(tiny_vit(depth=2), "tome", r=1).eval()
+    base = registry.apply(tiny_vit(depth=2), "none").eval()
+    res = timing.speedup(m, base, batch_size=2, device="cpu", threads=1, min_run_time=0.05, rounds=3,
+                          warmup_s=0.01, compile="default")
+    # the method's own count, as timing it alone gives it, not the two models' together
+    alone = timing.throughput(m, batch_size=2, device="cpu", threads=1, min_run_time=0.02, warmup_s=0.01,
+                              latency=False, compile="default")
+    assert (res["graphs"], res["graph_breaks"]) == (alone["graphs"], alone["graph_breaks"]) == (1, 0)
+    assert res["baseline_graph_breaks"] == 0 and res["baseline_graphs"] >= 1
+
+
 def test_cli_compiled_throughput_is_recorded_and_reused(cli, tmp_path, monkeypatch):
     real = compilation.compiled
     monkeypatch.setattr(timed_forward, "compiled",

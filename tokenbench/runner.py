@@ -456,7 +456,8 @@ def timed_with_retries(once, retries: int, still_busy: Optional[Callable[[], Opt
     best["attempts"] = len(attempts)
     if stopped:
         best["retries_stopped"] = stopped
-    for k in ("compile_s", "baseline_compile_s", "latency_compile_s"):  # a retry finds the graphs compiled
+    for k in ("compile_s", "baseline_compile_s", "latency_compile_s", "graph_breaks", "graphs",
+              "baseline_graph_breaks", "baseline_graphs"):  # a retry finds the graphs compiled
         if k in attempts[0]:
             best[k] = attempts[0][k]
     return best

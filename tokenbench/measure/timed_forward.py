@@ -99,6 +99,14 @@ def timing_input(model: nn.Module, batch_size: int, img_size: Optional[int], dev
     return inputs.to(dev)
 
 
+def prime(model: nn.Module, x: torch.Tensor, ctx) -> None:
+    """One eager forward before a model is compiled: a reduced model keeps its last token state
+    after a forward, so a first compiled call made without one would be compiled again on the
+    second call (dynamo guards on it), doubling the compile and splitting ``compile_s``."""
+    with ctx:
+        model(x)
+
+
 def first_call_s(run, x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, float]:
     """(output, seconds) of one synchronised call: under ``torch.compile`` the first call
     compiles, so this is the compile time (plus one forward), kept out of any timed region."""
