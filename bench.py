@@ -265,6 +265,7 @@ class _Bench:
                "batch": b, "precision": args.precision, "gflops": round(gflops, 3),
                "flops_reduction": round(flops_x, 3), "aten_ops": ops["aten_ops"],
                "host_ms": ops["host_ms"] if ops["host_ms"] is None else round(ops["host_ms"], 2)}
+        r_env: dict = {}
         for sfx, how in self.modes:
             try:
                 if method == "none":
@@ -296,9 +297,25 @@ class _Bench:
             row["busy"] = bool(row.get("busy")) or bool(r["env"].get("busy"))
             row["other_cores"] = max(row.get("other_cores") or 0.0, r["env"].get("other_cores") or 0.0)
             row["attention"] = r["env"].get("attention")
+            r_env = r["env"]
         for k in ("busy", "other_cores", "attention"):  # after the timing columns
             row[k] = row.pop(k, None)
+        row["notes"] = "; ".join(self.notes(method, params, net, r_env))
         return row
+
+    @staticmethod
+    def notes(method: str, params: dict, net, env: dict) -> list[str]:
+        """What makes a row's figures other than what they seem (as a sweep's record warns)."""
+        from tokenbench.inputs import varies_per_image
+        from tokenbench.registry import get_method
+
+        out = []
+        if method not in ("none", OVERHEAD) and varies_per_image(get_method(method), net, params):
+            out.append("per-image token counts: FLOPs of one random image, timed on a random batch "
+                       "(tokenbench flops/throughput --data for real images)")
+        if env.get("precision_note"):
+            out.append(env["precision_note"])
+        return out
 
 
 def official_root(value):

@@ -48,6 +48,12 @@ def test_bench_times_a_named_setting(tmp_path):
     assert [(r["method"], r["params"]) for r in rows] == [("none", "{}"), ("tome", '{"r":1}')]
     assert rows[0]["dense_img_per_s"] == rows[0]["img_per_s"]           # the dense row: its own run
     assert rows[1]["dense_img_per_s"] > 0                                # a method: the dense model of its pairing
+    assert rows[0]["notes"] == rows[1]["notes"] == ""                    # static token counts: nothing to say
+    from conftest import tiny_vit
+    from tokenbench import registry
+
+    notes = bench._Bench.notes("ats", {}, registry.apply(tiny_vit(), "ats"), {"precision_note": "emulated"})
+    assert notes[0].startswith("per-image token counts: FLOPs of one random image") and notes[1] == "emulated"
     code = json.loads((out / "bench.json").read_text())["env"]["code"]     # which code made the table
     assert code["commit"] and (out / "bench.md").read_text().splitlines()[0].count(f"code {code['commit'][:7]}") == 1
     assert bench.cli(args[:3] + ["tome:r=-1"] + args[4:]) == 2        # out of range: one line, exit 2
