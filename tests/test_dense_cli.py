@@ -38,6 +38,7 @@ def test_eval_prints_miou_with_interval_pixel_accuracy_and_flops(cli, tmp_path):
 
 @pytest.mark.parametrize("args,msg", [
     (("default", "--data", "fashion-mnist-scenes"), "default is a classification model"),
+    (("default-convnext", "--data", "fashion-mnist-scenes"), "use its dense counterpart default-convnext-seg"),
     (("default-seg", "--data", "fashion-mnist"), "default-seg is a segmentation model; fashion-mnist needs"),
 ])
 def test_eval_refuses_in_one_line_and_stores_nothing(cli, tmp_path, args, msg):

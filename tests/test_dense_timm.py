@@ -93,6 +93,7 @@ def test_a_classification_model_on_a_dense_folder_is_refused(cli, tmp_path):
     root = write_voc(tmp_path / "voc")
     code, _, err = cli("eval", TINY, "--data", "voc", "--data-dir", str(root), "--results", str(tmp_path / "res"))
     one_line_refusal(code, err, f"{TINY} is a classification model; voc needs a dense model")
+    assert f"tokenbench train {TINY} --task segmentation --data voc" in err      # a command that runs
     assert stored(tmp_path / "res") == []
     code, _, err = cli("train", TINY, "--data", "voc", "--data-dir", str(root), "--out", str(tmp_path / "r"))
     one_line_refusal(code, err, "--task segmentation")

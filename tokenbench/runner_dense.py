@@ -37,9 +37,13 @@ def task_of(model: str, data: Optional[str], task: Optional[str] = None, checkpo
     dense_model, dense_data = is_dense_model(model) or dense_ckpt or new_decoder, is_dense_data(data)
     wanted = task or ("segmentation" if dense_data or (data is None and dense_model) else "classification")
     if wanted == "segmentation" and not dense_model:
-        raise UserError(f"{model} is a classification model; {data or 'a segmentation task'} needs a dense model "
-                        f"({', '.join(DENSE_MODELS)}), or a decoder trained on it with `tokenbench train {model} "
-                        f"--task segmentation --data {data or 'DATA'}`")
+        if f"{model}-seg" in DENSE_MODELS:  # an embedded model: its dense counterpart is shipped
+            hint = f"use its dense counterpart {model}-seg (its encoder fine-tuned with a decoder)"
+        else:
+            hint = (f"use a dense model ({', '.join(DENSE_MODELS)}), or train a decoder on it with `tokenbench "
+                    f"train {model} --task segmentation --data {data or 'DATA'}`")
+        raise UserError(f"{model} is a classification model; {data or 'a segmentation task'} needs a dense "
+                        f"model: {hint}")
     if wanted == "segmentation" and data is not None and not dense_data:
         raise UserError(f"{data} is a classification dataset; segmentation needs a dense one "
                         f"({', '.join(DENSE_DATASETS)})")
