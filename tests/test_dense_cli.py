@@ -232,6 +232,22 @@ def test_train_refuses_a_recipe_value_out_of_range_in_one_line(cli, tmp_path, ar
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_resumes_only_with_its_own_method_settings(cli, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", "default", "--method", "topk", "--data", "synthetic", "--batch-size", "4", "--out", str(out),
+            "--max-steps", "1", "--json")
+    code, _, err = cli(*args, "--set", "keep_rate=0.7")
+    assert code == 0, err
+    before = (out / "config.json").read_text()
+    for change, said in ((("--set", "keep_rate=0.5"), 'params {"keep_rate":0.7}, not {"keep_rate":0.5}'),
+                         (("--set", "keep_rate=0.7", "--lr", "0.5"), "(lr ")):
+        code, _, err = cli(*args, *change)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "config.json").read_text() == before                 # nothing trained on, nothing rewritten
+    code, text, err = cli(*args, "--set", "keep_rate=0.7")             # its own settings: it resumes
+    assert code == 0 and json.loads(text)["resumed_from"] == 1, err
+
+
 def test_a_method_fine_tune_is_lengthened_with_reschedule(cli, tmp_path):
     out = tmp_path / "run"
     args = ("train", "default", "--method", "topk", "--data", "synthetic", "--batch-size", "4", "--out", str(out),

@@ -318,16 +318,33 @@ def _write_config(out_dir: Path, config: dict, reschedule: bool) -> None:
         # fields added to the config since that run started take their (behaviour-preserving) defaults
         old_train = {k: old.get("train", {}).get(k, v) for k, v in new_train.items()} | free
         history = old.get("rescheduled", [])
+        # what the run is (model, method and its settings, data, initial and teacher weights, loss
+        # weights): a resume trains on with the run's own, so other ones are refused, never mixed in
+        derived = ("train", "total_steps", "steps_per_epoch", "data_dir", "rescheduled")
+        as_saved = json.loads(json.dumps(config, default=str))  # tuples as lists, as config.json holds them
+        other = [k for k in as_saved if k not in derived and old.get(k, as_saved[k]) != as_saved[k]]
+        if other:
+            k = other[0]
+            raise UserError(f"{out_dir} holds a run with {k} {_brief(old[k])}, not {_brief(as_saved[k])}: rerun with "
+                            "its settings to resume it, or use another --out (or --force to start over)")
         if old_train != new_train:
             only_epochs = (old_train | {"epochs": None}) == (new_train | {"epochs": None})
             if not (reschedule and only_epochs):
-                raise UserError(f"{out_dir} holds a run with a different configuration; use another --out or delete it"
+                k = next(k for k in new_train if old_train.get(k) != new_train[k])
+                raise UserError(f"{out_dir} holds a run with a different configuration ({k} {_brief(old_train.get(k))}, "
+                                f"not {_brief(new_train[k])}); use another --out or delete it"
                                 + (" (or --reschedule to change only its length)" if only_epochs else ""))
             history = history + [{"from_epochs": old_train["epochs"], "to_epochs": new_train["epochs"],
                                   "at_step": _last_step(out_dir / "last.pt")}]
         if history:
             config["rescheduled"] = history
     atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
+
+
+def _brief(value) -> str:
+    """A config value in one short line."""
+    text = json.dumps(value, separators=(",", ":"), default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_longer(out_dir: Path, total: int) -> None:
