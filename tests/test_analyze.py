@@ -337,3 +337,15 @@ def test_analyze_needs_a_dense_record(tmp_path, cli):
     (tmp_path / "empty" / "records").mkdir(parents=True)
     code, _, err = cli("analyze", str(tmp_path / "empty"))
     assert code == 2 and "no records" in err
+
+
+def test_a_dense_sweep_is_refused_with_what_reads_it(cli):
+    from pathlib import Path
+
+    seg = Path(__file__).resolve().parent.parent / "results" / "default-seg"
+    if not (seg / "records").is_dir():
+        pytest.skip("no dense reference results in this checkout")
+    for extra in ((), ("--model", "default-seg")):
+        code, _, err = cli("analyze", str(seg), *extra)
+        assert code == 2 and "holds a dense sweep (mIoU): analyze reads classification sweeps" in err, err
+        assert len(err.strip().splitlines()) == 1

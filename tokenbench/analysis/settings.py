@@ -102,6 +102,9 @@ def gather_settings(out: Path, methods: Optional[Sequence[str]] = None,
     from ..store import Store
 
     res = collect(out)
+    if any(r.is_seg for r in res["rows"]) and not any(r.keys.get("accuracy") for r in res["rows"]):
+        raise UserError(f"{out} holds a dense sweep (mIoU): analyze reads classification sweeps (top-1 per image); "
+                        f"compare its settings with tokenbench compare {out} A B --model MODEL")
     notes = [n for n in res["notes"] if n not in res.get("timing_notes", ())]  # the analysis uses no timing
     plan = res.get("plan") or {}
     sweep = plan.get("sweep") or {}
