@@ -1,6 +1,7 @@
 """`tokenbench eval` and `tokenbench train` on the dense task, and their one-line refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +296,15 @@ def test_compare_on_dense_records_says_where_only_stale_records_match(tmp_path):
             mine.put(rec)
     with pytest.raises(UserError, match=r"only 2 stale record\(s\) match 'topk'"):
         paired_dense(tmp_path, "none", "topk")
+
+
+def test_a_learned_method_without_its_trained_parts_warns_on_a_dense_model(cli):
+    code, out, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--method", "dynamicvit",
+                         "--limit", "4", "--json")
+    assert code == 0, err
+    assert any("learned parts are untrained" in w for w in json.loads(out)["warnings"])
+    trained = Path(__file__).resolve().parent.parent / "results" / "dense-dynamicvit-0.7" / "model.pt"
+    if trained.is_file():
+        code, out, err = cli("eval", "default-seg", "--data", "fashion-mnist-scenes", "--method", "dynamicvit",
+                             "--set", "keep_rate=0.7", "--checkpoint", str(trained), "--limit", "4", "--json")
+        assert code == 0 and not any("untrained" in w for w in json.loads(out)["warnings"]), err

@@ -142,6 +142,8 @@ def load_dense(model: str, method: str, params: dict, checkpoint: Optional[str] 
         learned = "trained" if any(k not in dense_keys for k in state) else "untrained" if cls.learned else "none"
         prov = {"weights": weights_id(model, checkpoint), "pretrained": False, "checkpoint": str(checkpoint),
                 "learned_parts": learned}
+    elif arch is None and cls.learned:  # the shipped dense model: none of the method's parts are trained
+        prov = dict(prov, learned_parts="untrained")
     net.eval()
     return net, prov
 
@@ -241,6 +243,10 @@ def measure_dense_run(spec: dict, settings, store: Optional[Store] = None, force
         metrics.update(dense_flops(net.cpu()))
     metrics["data"] = dspec.key() | {"source": dspec.source}
     metrics["warnings"] = [untrained_note(spec["model"])] if prov.get("untrained") else []
+    if cls.reduces(spec["params"]):
+        from .checks import weights_warnings
+
+        metrics["warnings"] += weights_warnings(spec["method"], prov.get("learned_parts"), None)
     if "flops_images" not in kf and cls.reduces(spec["params"]):
         from .inputs import varies_per_image
 
