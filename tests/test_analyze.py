@@ -282,6 +282,7 @@ def test_analyze_end_to_end_cached_and_narrowed(swept, cli, monkeypatch):
     assert b"CreationDate" not in (a / "plots" / "drift.pdf").read_bytes()
     index = (a / "index.md").read_text()
     assert "every re-run checked predicts exactly what its record holds, on all 40 images" in index
+    assert f"Written by `tokenbench analyze {d}`." in index and "cache" in index.split("cached in `")[1]
     assert "constant" in (a / "budget.md").read_text()
     kappa = list(csv_rows(a / "errors_kappa.csv"))
     assert len(kappa) == 5 * 4 // 2                                   # every pair

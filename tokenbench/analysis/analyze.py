@@ -81,7 +81,13 @@ def analyze(out: str | Path, methods: Optional[Sequence[str]] = None, flops: Opt
             lambda pdir: per_class_heatmap(class_mat, class_names, pdir), lambda pdir: drift_plot(drift.rows, pdir),
             lambda pdir: budget_plot(dists, pdir), lambda pdir: keep_map_grid(maps, centre_prior(grid), pdir)])
     elapsed = time.time() - t0
-    files.append(_write_index(adir, out, settings, data, n_img, len(full_ds), blocks, checks, notes))
+    command = " ".join([f"tokenbench analyze {out}"]
+                       + ([f"--methods {','.join(methods)}"] if methods else [])
+                       + ([f"--flops {','.join(f'{f:g}' for f in flops)}"] if flops else [])
+                       + ([f"--limit {limit}"] if limit != DEFAULT_RERUN_IMAGES else [])
+                       + ([f"--model {model}"] if model else []) + ([f"--out {dest}"] if dest is not None else []))
+    files.append(_write_index(adir, out, settings, data, n_img, len(full_ds), blocks, checks, notes,
+                              command, cache_dir))
     warnings_ = [c for c in checks if "differently" in c] + notes
     return {"out": str(adir), "settings": len(settings), "traced": len(traced), "re_run": re_run,
             "n_images": n_img, "files": [str(f) for f in files], "notes": warnings_, "seconds": round(elapsed, 1)}
@@ -233,12 +239,13 @@ def _check_predictions(traced: list[Setting], n: int, limited: bool) -> list[str
 
 
 def _write_index(adir: Path, out: Path, settings: list[Setting], data: dict, n_img: int, n_all: int,
-                 blocks: list[int], checks: list[str], notes: list[str]) -> Path:
+                 blocks: list[int], checks: list[str], notes: list[str], command: str, cache_dir: Path) -> Path:
+    from ..outputs import repository_relative
     from ..store import atomic_write_text
 
     traced = [s for s in settings if s.traced]
     lines = [f"# tokenbench analysis: {out.name}", "",
-             f"Written by `tokenbench analyze {out}`. {len(settings)} settings from the records "
+             f"Written by `{command}`. {len(settings)} settings from the records "
              f"({len(traced)} re-run with the model: the first seed of a seeded method), on "
              f"{data['name']} {data['split']}: {n_all} images in the records"
              + (f" (seeded stratified subset, seed {data['seed']})" if data.get("limit") else "")
@@ -259,7 +266,7 @@ def _write_index(adir: Path, out: Path, settings: list[Setting], data: dict, n_i
              "Checks:", ""] + [f"- {c}" for c in checks] + [""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["Model re-runs are cached in `cache/` (not results; ignored by git), keyed by the records' keys, "
+    lines += [f"Model re-runs are cached in `{repository_relative(cache_dir)}` (not results), keyed by the records' keys, "
               "the data subset, the image count and the batch size: a second run re-runs nothing, and re-keyed "
               "records are simply re-run."]
     p = adir / "index.md"
