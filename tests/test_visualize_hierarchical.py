@@ -144,3 +144,13 @@ def test_cli_refuses_a_method_that_cannot_apply(cli, tiny_default_convnext, tmp_
     code, stdout, err = cli("visualize", "default-convnext", "--method", "tome", "--data", "synthetic",
                             "--out", str(tmp_path / "t.png"))
     assert code == 2 and "tome" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_budget_the_knob_cannot_reach_says_what_it_reached(cli, tiny_default_convnext, tmp_path):
+    # DynamicCNN's keep_rate must stay above 0.4, which leaves the embedded ConvNeXt above 0.66x
+    code, stdout, err = cli("visualize", "default-convnext", "--method", "dynamicvit", "--data", "synthetic",
+                            "--out", str(tmp_path / "t.png"))
+    assert code == 0, err
+    note = next(l for l in err.splitlines() if l.startswith("note: dynamicvit at keep_rate="))
+    reached = float(note.split(": ")[2].split("x")[0])
+    assert reached > 0.67 and "the nearest its keep_rate reaches to 0.66x" in note, note

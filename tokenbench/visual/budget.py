@@ -96,6 +96,9 @@ def picture_params(cls, model: str, params: dict, flops: Optional[float], checkp
         raise UserError(f"{e} (while searching {knob} for {target:.2f}x dense FLOPs: give --set {knob}=VALUE)"
                         ) from None
     how = "" if flops is not None else f" (no --set {knob}; --flops F picks another level)"
+    if res is not None and res.miss:  # the knob's range cannot reach the target: say what it reached
+        return p, (f"note: {cls.name} at {knob}={fmt_value(p[knob])}: {res.ratio:.2f}x dense FLOPs, the nearest "
+                   f"its {knob} reaches to {target:.2f}x{how}")
     return p, f"note: {cls.name} at {knob}={fmt_value(p[knob])}: {target:.2f}x dense FLOPs{how}"
 
 
