@@ -325,14 +325,14 @@ def _write_config(out_dir: Path, config: dict, reschedule: bool) -> None:
         other = [k for k in as_saved if k not in derived and old.get(k, as_saved[k]) != as_saved[k]]
         if other:
             k = other[0]
-            raise UserError(f"{out_dir} holds a run with {k} {_brief(old[k])}, not {_brief(as_saved[k])}: rerun with "
+            raise UserError(f"{out_dir} holds a run with {k} {_one_line(old[k])}, not {_one_line(as_saved[k])}: rerun with "
                             "its settings to resume it, or use another --out (or --force to start over)")
         if old_train != new_train:
             only_epochs = (old_train | {"epochs": None}) == (new_train | {"epochs": None})
             if not (reschedule and only_epochs):
                 k = next(k for k in new_train if old_train.get(k) != new_train[k])
-                raise UserError(f"{out_dir} holds a run with a different configuration ({k} {_brief(old_train.get(k))}, "
-                                f"not {_brief(new_train[k])}); use another --out or delete it"
+                raise UserError(f"{out_dir} holds a run with a different configuration ({k} {_one_line(old_train.get(k))}, "
+                                f"not {_one_line(new_train[k])}); use another --out or delete it"
                                 + (" (or --reschedule to change only its length)" if only_epochs else ""))
             history = history + [{"from_epochs": old_train["epochs"], "to_epochs": new_train["epochs"],
                                   "at_step": _last_step(out_dir / "last.pt")}]
@@ -341,7 +341,7 @@ def _write_config(out_dir: Path, config: dict, reschedule: bool) -> None:
     atomic_write_text(cfg_path, json.dumps(config, indent=2, default=str))
 
 
-def _brief(value) -> str:
+def _one_line(value) -> str:
     """A config value in one short line."""
     text = json.dumps(value, separators=(",", ":"), default=str)
     return text if len(text) <= 60 else text[:57] + "..."
