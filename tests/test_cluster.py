@@ -323,3 +323,26 @@ def test_a_flagged_timing_makes_its_run_pending_for_the_cluster():
     keys = [{"flops": "a", "throughput": "b"}, {"flops": "c", "throughput": "d"}]
     assert launch.pending_runs([None, None], keys, Stored()) == []
     assert launch.pending_runs([None, None], keys, Stored(), retime={"d"}) == [1]
+
+
+def test_a_dry_run_or_a_refused_submission_leaves_the_folders_plan_as_it_was(tiny_default, tmp_path, cli,
+                                                                             monkeypatch):
+    """The plan names the runs a report reads and `prune --unplanned` keeps: a dry run of another
+    sweep, or a submission refused before any job, must not replace it."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("TOKENBENCH_EMBEDDED_DIR", str(tiny_default))
+    out = tmp_path / "o"
+    flops_only = [a if a != "flops,accuracy" else "flops" for a in SWEEP_ARGS]
+    code, _, err = cli(*flops_only, "--out", str(out))
+    assert code == 0, err
+    plan = (out / "sweep.json").read_bytes()
+    other = [a if a != "keep_rate=[0.5]" else "keep_rate=[0.3]" for a in flops_only]
+    code, _, err = cli(*other, "--out", str(out), "--dry-run")
+    assert code == 0, err
+    assert (out / "sweep.json").read_bytes() == plan
+    code, _, err = cli(*[a if a != "flops" else "flops,throughput" for a in other], "--out", str(out),
+                       "--launcher", "submitit", "--cluster", "local")
+    assert code == 2 and "the local executor runs its" in err, err
+    assert (out / "sweep.json").read_bytes() == plan
+    code, text, err = cli("prune", str(out), "--unplanned", "--dry-run")
+    assert code == 0 and ".json" not in text, text               # nothing measured is taken for unplanned

@@ -272,3 +272,17 @@ def test_random_scores_compile_without_graph_breaks():
     fn = torch.compile(lambda ids: rnd.token_scores(key, ids, 49), fullgraph=True, backend="eager")
     ids = torch.arange(5, 12)
     assert torch.equal(fn(ids), rnd.token_scores(key, ids, 49))
+
+
+def test_a_val_figure_of_weights_trained_on_all_the_train_images_says_it_is_not_held_out(tmp_path):
+    from tokenbench import checks
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = {"model": "m", "checkpoint": str(run / "model.pt")}
+    for steps, warned in ((468, True), (429, False)):       # batch 128: all 60,000, or the 55,000 outside val
+        (run / "config.json").write_text(json.dumps({"data": "fashion-mnist", "steps_per_epoch": steps,
+                                                     "train": {"batch_size": 128}}))
+        said = checks.held_out_warnings(spec, "fashion-mnist", "val")
+        assert bool(said) == warned and (not said or "this val figure is not held out" in said[0])
+        assert checks.held_out_warnings(spec, "fashion-mnist", "test") == []

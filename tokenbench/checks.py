@@ -125,6 +125,29 @@ def run_config(checkpoint: Optional[str]) -> Optional[dict]:
     return cfg if isinstance(cfg, dict) else None
 
 
+def held_out_warnings(spec: dict, data: Optional[str], split: Optional[str]) -> list[str]:
+    """A Fashion-MNIST ``val`` or ``train`` figure of weights trained on all 60,000 train images (the
+    embedded checkpoints, trained before ``val`` was held out, and what was fine-tuned from them):
+    not held out.  Read from the run's config.json (steps per epoch x batch above the 55,000)."""
+    if data != "fashion-mnist" or split not in ("val", "train"):
+        return []
+    cfg = run_config(spec.get("checkpoint"))
+    if cfg is None and not spec.get("checkpoint"):
+        from .models import EMBEDDED_MODELS, embedded_paths
+
+        if spec["model"] in EMBEDDED_MODELS:
+            try:
+                cfg = json.loads(embedded_paths(name=spec["model"])["config"].read_text())
+            except (OSError, ValueError):
+                cfg = None
+    train = (cfg or {}).get("train") or {}
+    seen = (cfg or {}).get("steps_per_epoch", 0) * train.get("batch_size", 0)
+    if (cfg or {}).get("data", "fashion-mnist") != "fashion-mnist" or seen <= 55000:
+        return []
+    return [f"these weights were trained on all 60,000 Fashion-MNIST train images ({seen:,} an epoch), "
+            f"the {split} images among them: this {split} figure is not held out (use --split test)"]
+
+
 def trained_params_warnings(method: str, params: dict, trained: Optional[dict]) -> list[str]:
     """Parameters that differ from the ones the checkpoint was trained with (same method).
 

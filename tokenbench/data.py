@@ -42,7 +42,7 @@ FMNIST_VAL_SIZE = 5000
 FMNIST_VAL_SEED = 0
 FMNIST_SPLIT_TEXT = {
     "train": "the 55,000 train images not held out for val",
-    "val": "5,000 train images held out (500 per class, seed 0), not used in training",
+    "val": "5,000 train images held out (500 per class, seed 0) from what tokenbench train trains on",
     "test": "the 10,000 test images",
 }
 # Channel statistics of the Fashion-MNIST train split (pixels scaled to [0, 1]).

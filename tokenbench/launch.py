@@ -265,7 +265,10 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
     them, and say what each step became."""
     from .sweep import Step, kinds_for
 
-    check_options(opts)
+    try:
+        check_options(opts)
+    except UserError as e:  # nothing submitted: the run puts its plan back (SubmissionRefused)
+        raise SubmissionRefused(str(e)) from None
     todo = pending_runs(runs, keys, store, force, retime)
     complete = [i for i in range(len(runs)) if i not in set(todo)]
     steps = [Step(runs[i], k, keys[i][k], True) for i in complete for k in kinds_for(runs[i], sw)]
@@ -274,7 +277,7 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
         return Outcome(steps=steps)
     executor = make_executor(out_dir, opts, sw)
     if executor.cluster == "local" and len(chunks) > 1 and "throughput" in sw.measure:
-        raise UserError(f"the local executor runs its {len(chunks)} jobs at once on this machine, and throughput "
+        raise SubmissionRefused(f"the local executor runs its {len(chunks)} jobs at once on this machine, and throughput "
                         "is never timed while other jobs share it: use --runs-per-job "
                         f"{len(todo)} (one job) or --measure without throughput")
     store.ensure_writable()

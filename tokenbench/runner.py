@@ -306,6 +306,8 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     net = loaded.net
     prov = loaded.prov
     warnings_: list[str] = checks.for_run(kind, spec, net, prov)
+    if kind == "accuracy":
+        warnings_ += checks.held_out_warnings(spec, settings.data, settings.split)
     if kind == "flops":
         metrics, machine = _measure_flops(cls, net, spec, settings, progress, warnings_)
     elif kind in TIMED:

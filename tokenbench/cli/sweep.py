@@ -301,7 +301,7 @@ def _register_run(app: typer.Typer) -> None:
         err = Console(stderr=True)
         quiet = json_ or not sys.stderr.isatty()
         undo = _PlanUndo(spec.out_dir()) if job_opts is not None else None
-        out_dir, runs, keys, searcher = _prepare(sw_mod, spec, force, None if quiet else err)
+        out_dir, runs, keys, searcher = _prepare(sw_mod, spec, force, None if quiet else err, write=not dry_run)
         store = Store(out_dir)
         if not json_:  # what will be timed here, about how long, what is left untimed (a dry run too)
             for line in _start_lines(spec, runs, keys, store, force):
@@ -429,11 +429,11 @@ def _sweep_spec(sw_mod, sweep: Optional[str], model, method, set_, name, overrid
     return sw_mod.load_sweep(sweep or "default", overrides)
 
 
-def _prepare(sw_mod, spec, force: bool, console) -> tuple:
-    """The plan written and the runs expanded (the FLOPs search with a progress bar on a terminal);
-    the search's explained misses and the tie-breaking seeds said."""
+def _prepare(sw_mod, spec, force: bool, console, write: bool = True) -> tuple:
+    """The runs expanded (the FLOPs search with a progress bar on a terminal) and, unless ``write``
+    is off (a dry run), the plan written; the search's explained misses and the tie-breaking seeds said."""
     if console is None:
-        out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force)
+        out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, write=write)
     else:
         with _search_progress(console) as prog:
             task = prog.add_task("checking models, methods, data", total=None, counts=0)
@@ -442,7 +442,7 @@ def _prepare(sw_mod, spec, force: bool, console) -> tuple:
                 prog.update(task, completed=done, total=total or None, counts=counts,
                             description=what or "writing the plan")
 
-            out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, on_search=on_search)
+            out_dir, runs, keys, searcher = sw_mod.prepare(spec, force=force, on_search=on_search, write=write)
     # a missed FLOPs target the search can explain (a declared schedule the forward does not keep)
     for why in dict.fromkeys(f"{r.label}: {r.search['warning']}" for r in runs
                              if r.search and r.search.get("miss") and r.search.get("warning")):

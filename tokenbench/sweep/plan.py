@@ -173,9 +173,11 @@ def read_plan(out: Path) -> Optional[dict]:
 
 
 def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
-            on_search: Optional[Callable[[int, int, str, int], None]] = None) -> tuple[Path, list[Run],
-                                                                                      list[dict], FlopsSearch]:
-    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan.
+            on_search: Optional[Callable[[int, int, str, int], None]] = None,
+            write: bool = True) -> tuple[Path, list[Run], list[dict], FlopsSearch]:
+    """Expand ``sw`` (searching matched-FLOPs values, cached in the output dir) and write its plan
+    (``write=False``, a dry run: the folder's plan stays as it was, so its report and ``prune
+    --unplanned`` still read the runs it measured).
 
     ``on_search(done, total, what, counts)`` follows the matched-FLOPs searches (see :func:`expand`)."""
     out = Path(out) if out else sw.out_dir()
@@ -190,5 +192,6 @@ def prepare(sw: Sweep, out: Optional[Path] = None, force: bool = False,
     runs = expand(sw, searcher, on_search=on_search)
     mark_untimed(sw, runs, Store(out), timing_reference(sw, reference_store(sw)))
     keys = [run_keys(r, sw) for r in runs]
-    write_plan(out, sw, runs, keys)
+    if write:
+        write_plan(out, sw, runs, keys)
     return out, runs, keys, searcher
