@@ -98,6 +98,9 @@ def test_train_base_refuses_a_model_that_is_not_embedded(cli):
     assert code == 2 and "embedded model" in err and "Traceback" not in err
     code, out, err = cli("train-base", "--max-steps", "0")
     assert code == 2 and "--max-steps must be 1 or more" in err and len(err.strip().splitlines()) == 1
+    for threads in ("0", "-2"):  # it trained with 0 and recorded it; -2 was an internal error
+        code, out, err = cli("train-base", "--threads", threads, "--out", "/nonexistent/never")
+        assert code == 2 and "--threads must be positive" in err and len(err.strip().splitlines()) == 1
 
 
 def test_short_training_learns(tmp_path):

@@ -40,6 +40,8 @@ def train_base_cmd(model: str = typer.Option("default", "--model",
     from ..train import BASE_RECIPES, check_run_dir, train_base
 
     check_max_steps(max_steps)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be positive, got {threads}")
     if model not in EMBEDDED_MODELS:
         raise UserError(f"--model {model!r}: train-base trains an embedded model: {', '.join(EMBEDDED_MODELS)}")
     out = out or Path({"default": "runs/embedded", "default-convnext": "runs/embedded-convnext"}.get(model, f"runs/{model}"))
