@@ -410,7 +410,7 @@ def _register_report(app: typer.Typer) -> None:
         for n in res["notes"]:
             typer.echo(f"warning: {n}", err=True)
         typer.echo(f"the full table is {directory / 'results.md'}" +
-                   (f", plots in {directory / 'plots'}/" if plots else "") +
+                   _plots_text(res, directory) +
                    (f", the interactive page {directory / 'report.html'}" if html_ else ""))
 
 
@@ -495,6 +495,12 @@ def _measure(sw_mod, spec, runs, keys, out_dir, store, job_opts, undo, force: bo
     return _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, retime, lines=lines), None
 
 
+def _plots_text(res: dict, out_dir: Path) -> str:
+    """Where the plots are, where any were drawn (a FLOPs-only sweep draws none)."""
+    drawn = [Path(f) for f in res.get("files", ()) if Path(f).parent.name == "plots"]
+    return f", plots in {out_dir / 'plots'}/" if drawn else ""
+
+
 def _print_outcome(res: dict, runs, steps, out_dir: Path, searcher, plots: bool, json_: bool) -> None:
     """What was measured and reused, the summary table and where the files are (or one JSON object)."""
     from rich.console import Console
@@ -513,7 +519,7 @@ def _print_outcome(res: dict, runs, steps, out_dir: Path, searcher, plots: bool,
     for n in res["notes"]:
         typer.echo(f"warning: {n}", err=True)
     typer.echo(f"{len(runs)} runs, {len(steps)} measurements: {measured} made, {reused} reused; "
-               f"the full table is {out_dir / 'results.md'}" + (f", plots in {out_dir / 'plots'}/" if plots else "") +
+               f"the full table is {out_dir / 'results.md'}" + _plots_text(res, out_dir) +
                (f", the interactive page {out_dir / 'report.html'}" if (out_dir / "report.html").exists() else ""))
     untimed = sum(1 for r in runs if r.untimed)
     if untimed:

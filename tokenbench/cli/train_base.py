@@ -19,9 +19,10 @@ def train_base_cmd(model: str = typer.Option("default", "--model",
                                               help="The embedded model to train: default (ViT), default-small "
                                                    "(its smaller dense sibling) or default-convnext."),
                    out: Optional[Path] = typer.Option(None, "--out",
-                                                      help="Run directory (resumable; never the committed results/"
-                                                           "embedded*; default runs/embedded or "
-                                                           "runs/embedded-convnext)."),
+                                                      help="Run directory (resumable; a finished one, such as "
+                                                           "the committed results/embedded*, only with --force; "
+                                                           "default runs/embedded, runs/embedded-convnext or "
+                                                           "runs/default-small)."),
                    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
                    epochs: Optional[float] = typer.Option(None, "--epochs", help="Override the recipe's epochs."),
                    seed: int = typer.Option(0, "--seed"),
