@@ -60,18 +60,14 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
     ``lines``: one line on stdout per measurement made (for a log).  The time left is estimated
     from the measured durations of each kind alone (:class:`tokenbench.sweep.progress.StepTimer`)."""
     from ..runner import TIMED
-    from ..sweep.plan import reference_store, timing_reference
+    from ..sweep.plan import recorded, reference_store, timing_reference
     from ..sweep.progress import StepTimer, duration_text, step_line
 
     reference = reference_store(spec)
     tref = timing_reference(spec, reference)
-
-    def copied(kind: str, k: str) -> bool:  # in the reference results, copied rather than measured
-        ref = tref if kind in TIMED else reference
-        return ref is not None and ref.root.resolve() != store.root.resolve() and ref.has(k)
-
+    # recorded here, or in the reference results (copied, not measured), as the start lines count them
     todo_keys = {k for kk in keys for kind, k in kk.items()
-                 if force or k in (retime or ()) or not (store.has(k) or copied(kind, k))}
+                 if force or k in (retime or ()) or not recorded(k, store, tref if kind in TIMED else reference)}
     n_copied = len({k for kk in keys for kind, k in kk.items() if k not in todo_keys and not store.has(k)})
     left: dict[str, int] = {}
     for kk in keys:

@@ -201,15 +201,14 @@ def _speedup(model, baseline, batch_size, device, precision, threads, min_run_ti
                 for n in nets:
                     prime(n, x, ctx)
             runs = [timed_runner(n, ctx, compile, cuda_graphs, dev) for n in nets]
-            seen = []  # compile statistics after each model's first calls: the method's, then both
-            for i in (1, 0):  # the method first: its counts are its own (a second model of the same
-                run = runs[i]  # class recompiles the same code, which the counters add to the later one)
+            seen = []  # the compile counters after each model's first calls: the dense model's, then both
+            for i, run in enumerate(runs):
                 out, first_s[i] = first_call_s(run, x, dev)
                 check_finite(out)
                 warm(run, x, warmup_s / 2)
                 seen.append(compile_stats() if compile else {})
-            stats = dict(seen[0])
-            stats.update({f"baseline_{k}": v - seen[0][k] for k, v in seen[1].items()})
+            stats = {k: v - seen[0][k] for k, v in seen[1].items()}  # the method's own
+            stats.update({f"baseline_{k}": v for k, v in seen[0].items()})
             timers = [benchmark.Timer(stmt="run(x)", globals={"run": r, "x": x}, num_threads=threads) for r in runs]
             numbers = [_calls_per_block(t, block_s) for t in timers]
             ratios, per_image = _interleaved_rounds(timers, numbers, rounds, batch_size)
