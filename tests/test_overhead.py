@@ -42,6 +42,26 @@ def test_every_method_runs_an_empty_batch_for_its_host_time(name):
     assert out["host_ms"] is not None and out["host_ms"] > 0, out.get("host_note")
 
 
+class _RefusesEmpty(torch.nn.Module):
+    """A user's method that asserts it has images (not one of the usual exceptions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        assert x.shape[0] > 0, "no images"
+        return self.lin(x.flatten(1)[:, :4])
+
+
+def test_a_model_refusing_an_empty_batch_has_no_host_time_and_says_why(monkeypatch):
+    from tokenbench.measure import overhead
+
+    monkeypatch.setattr(overhead, "_input", lambda model, batch, img_size: torch.zeros(batch, 3, 4, 4))
+    out = host_time_ms(_RefusesEmpty(), repeats=2, warmup=1)
+    assert out["host_ms"] is None and out["host_note"] == "cannot run an empty batch: no images"
+
+
 def test_cuda_graphs_refused_on_a_cpu_in_one_line(cli, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out, err = cli("throughput", "deit_small_patch16_224", "--method", "tome", "--set", "r=13",
