@@ -175,3 +175,19 @@ def test_the_reference_durations_grow_by_the_protocols_forwards_on_a_slower_cpu(
         monkeypatch.setattr(timing, "dense_forward_s", lambda *a, here=here, **k: here)
         est = timing.estimate(sw, Store(tmp_path / "empty"), Ref(), dense_net=object())
         assert est.per_kind == pytest.approx({"throughput": thr, "speedup": sp})  # 10 rounds: 8 + 20 forwards
+
+
+@pytest.mark.parametrize("timed, says", [
+    ('["topk@0.7"]', "it has no FLOPs targets: write 'topk'"),          # its knob is fixed in the grid
+    ('["evit@0.6"]', "its FLOPs targets are 0.7, 0.9"),
+    ('["dense@0.7"]', "it has no FLOPs targets: write 'dense'"),
+])
+def test_a_selector_whose_target_the_entry_never_meets_is_refused_in_one_line(tmp_path, cli, timed, says):
+    p = tmp_path / "sw.toml"
+    p.write_text(f'name = "tiny"\nout = "{tmp_path / "out"}"\nmodels = ["{TINY}"]\nmeasure = ["flops", "throughput"]\n'
+                 f'flops_targets = [0.7, 0.9]\n[throughput]\ntime_by_default = {timed}\n'
+                 '[methods.none]\n[methods.topk]\nkeep_rate = 0.5\n[methods.evit]\n')
+    code, out, err = cli("run", str(p), "--dry-run")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "selects nothing" in err and says in err
+    assert not (tmp_path / "out").exists()

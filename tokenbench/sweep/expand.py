@@ -68,7 +68,7 @@ class Run:
         return s
 
 
-def _entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
+def entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
     """The FLOPs targets an entry's knob is searched for."""
     if e.flops_targets is not None:
         return e.flops_targets
@@ -87,7 +87,7 @@ def count_searches(sw: Sweep) -> int:
                 continue
             cls = get_method(e.method)
             combos = math.prod(len(v) for k, v in e.grid.items() if k != cls.knob)
-            n += combos * len(_entry_targets(sw, e, cls))
+            n += combos * len(entry_targets(sw, e, cls))
     return n
 
 
@@ -160,7 +160,7 @@ def _knob_values(sw: Sweep, e: MethodEntry, cls: type[Method], model: str, fixed
     if knob and knob in e.grid:
         values += [(v, [], None) for v in e.grid[knob]]
     ck_vals = [json.loads(k) for k in e.checkpoints]
-    for t in _entry_targets(sw, e, cls):
+    for t in entry_targets(sw, e, cls):
         progress.what = f"{e.label}: {knob} for {t:g} x dense" + (f" on {model}" if len(sw.models) > 1 else "")
         progress.tell()
         res = searcher.search(model, sw.img_size, cls, fixed, knob, t, sw.flops_tolerance,

@@ -547,12 +547,21 @@ def parse_selector(text: str, source: str = "<sweep>") -> tuple[str, Optional[fl
 
 def check_selectors(sw) -> None:
     """Refuse a selector naming no entry of ``sw`` (``dense``, a dense_family model or a method label)."""
+    from ..registry import get_method
+    from .expand import entry_targets
+
     labels = ["dense", *sw.dense_family, *(e.label for e in sw.methods)]
+    targets = {e.label: entry_targets(sw, e, get_method(e.method)) for e in sw.methods}
     for text in sw.time_by_default or []:
-        label, _ = parse_selector(text, sw.source)
+        label, t = parse_selector(text, sw.source)
         if label not in labels:
             raise UserError(f"{sw.source}: [throughput] time_by_default: no entry {label!r}"
                             f"{did_you_mean(label, labels)} (choose from {', '.join(labels)})")
+        own = targets.get(label, [])
+        if t is not None and not any(abs(x - t) < 1e-9 for x in own):
+            has = (f"its FLOPs targets are {', '.join(f'{x:g}' for x in own)}" if own
+                   else f"it has no FLOPs targets: write {label!r}")
+            raise UserError(f"{sw.source}: [throughput] time_by_default: {text!r} selects nothing ({has})")
 
 
 def _decode(s: str) -> Any:
