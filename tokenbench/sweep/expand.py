@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import UserError
-from .format import DENSE_METHOD, MethodEntry, Sweep
+from .format import DENSE_METHOD, MethodEntry, Sweep, entry_targets
 from .search import FlopsSearch
 from ..report.render import fmt_value
 
@@ -66,13 +66,6 @@ class Run:
         if self.targets:
             s += " @" + "/".join(f"{t:g}" for t in self.targets)
         return s
-
-
-def entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
-    """The FLOPs targets an entry's knob is searched for."""
-    if e.flops_targets is not None:
-        return e.flops_targets
-    return sw.flops_targets if (cls.knob and cls.knob not in e.grid) else []
 
 
 def count_searches(sw: Sweep) -> int:

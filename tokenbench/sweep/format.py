@@ -545,10 +545,16 @@ def parse_selector(text: str, source: str = "<sweep>") -> tuple[str, Optional[fl
     return label.strip(), t
 
 
+def entry_targets(sw: Sweep, e: MethodEntry, cls) -> list[float]:
+    """The FLOPs targets an entry's knob is searched for."""
+    if e.flops_targets is not None:
+        return e.flops_targets
+    return sw.flops_targets if (cls.knob and cls.knob not in e.grid) else []
+
+
 def check_selectors(sw) -> None:
     """Refuse a selector naming no entry of ``sw`` (``dense``, a dense_family model or a method label)."""
     from ..registry import get_method
-    from .expand import entry_targets
 
     labels = ["dense", *sw.dense_family, *(e.label for e in sw.methods)]
     targets = {e.label: entry_targets(sw, e, get_method(e.method)) for e in sw.methods}
