@@ -133,12 +133,17 @@ def job_options(launcher: str, cluster: Optional[str] = None, partition: Optiona
     return opts
 
 
-def pending_runs(runs: list, keys: list[dict], store, force: bool = False, retime=None) -> list[int]:
-    """Indices of the runs that still miss a record or have a timing to measure again (``retime``),
-    every run with ``force``."""
+def pending_runs(runs: list, keys: list[dict], store, force: bool = False, retime=None,
+                 min_run_time: Optional[float] = None) -> list[int]:
+    """Indices of the runs that still miss a record or have a timing to measure again (``retime``,
+    or one timed for less than ``min_run_time``), every run with ``force``."""
+    from .runner import TIMED
+    from .sweep.plan import recorded
+
     again = set(retime or ())
     return [i for i, ks in enumerate(keys)
-            if force or not all(store.has(k) and k not in again for k in ks.values())]
+            if force or not all(recorded(k, store, None, min_run_time if kind in TIMED else None) and k not in again
+                                for kind, k in ks.items())]
 
 
 def pack(indices: list[int], runs_per_job: int) -> list[list[int]]:
@@ -269,7 +274,7 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
         check_options(opts)
     except UserError as e:  # nothing submitted: the run puts its plan back (SubmissionRefused)
         raise SubmissionRefused(str(e)) from None
-    todo = pending_runs(runs, keys, store, force, retime)
+    todo = pending_runs(runs, keys, store, force, retime, sw.min_run_time)
     complete = [i for i in range(len(runs)) if i not in set(todo)]
     steps = [Step(runs[i], k, keys[i][k], True) for i in complete for k in kinds_for(runs[i], sw)]
     chunks = pack(todo, opts.runs_per_job)

@@ -296,7 +296,7 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
         baseline["params"] = get_method(baseline["method"]).validate(baseline.get("params") or {})
     key, kf, weights = record_key_of(kind, spec, settings, baseline)
     if store is not None and not force:
-        rec = _stored(kind, key, store, reference)
+        rec = _stored(kind, key, store, reference, settings)
         if rec is not None:
             return rec, True
     if store is not None:
@@ -338,17 +338,35 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
     return rec, False
 
 
-def _stored(kind: str, key: str, store: Store, reference: Optional[Store]) -> Optional[dict]:
+def stored_record(key: str, store: Store, reference: Optional[Store], min_run_time: Optional[float] = None,
+                  ) -> tuple[Optional[dict], bool]:
+    """(the record under ``key`` in ``store``, else in ``reference``; whether it came from the
+    reference).  With ``min_run_time`` (a timing), a record timed for less is no record."""
+    rec, from_ref = store.get(key), False
+    if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
+        rec, from_ref = reference.get(key), True
+    if rec is not None and min_run_time is not None and timed_shorter(rec, min_run_time):
+        return None, False
+    return rec, from_ref and rec is not None
+
+
+def _stored(kind: str, key: str, store: Store, reference: Optional[Store], settings: Settings) -> Optional[dict]:
     """The record already measured under ``key``: in ``store``, else in the ``reference`` results
     (copied into ``store``); None: measure it."""
-    rec = store.get(key)
-    if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
-        rec = reference.get(key)
-        if rec is not None and distributed.is_main():
-            store.put_copy(rec)
+    rec, from_ref = stored_record(key, store, reference, settings.min_run_time if kind in TIMED else None)
+    if from_ref and distributed.is_main():
+        store.put_copy(rec)
     if kind == "accuracy":  # measured by all ranks together: all of them reuse, or all measure
         rec = distributed.broadcast_from_main(rec)
     return rec
+
+
+def timed_shorter(rec: dict, min_run_time: float) -> bool:
+    """Whether the stored timing ``rec`` ran for less time than ``min_run_time`` asks (not in the
+    key: a longer timing of the same key serves a shorter request, a shorter one is timed again and
+    replaced).  Records that predate the field say nothing and are reused."""
+    stored = rec.get("metrics", {}).get("min_run_time")
+    return stored is not None and stored < min_run_time - 1e-9
 
 
 def _measure_flops(cls: type[Method], net: torch.nn.Module, spec: dict, settings: Settings, progress: bool,
@@ -402,6 +420,7 @@ def _measure_timed(kind: str, cls: type[Method], net: torch.nn.Module, base_net:
     from .measure.busy import still_busy
 
     metrics = timed_with_retries(counted, settings.retries, still_busy=still_busy)
+    metrics["min_run_time"] = settings.min_run_time  # how long it timed: a shorter one is never reused for a longer
     machine = metrics.pop("env")
     metrics.update(overhead.overhead(net, spec["img_size"]))  # aten_ops, host_ms: the host's share
     if settings.compile:

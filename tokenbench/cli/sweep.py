@@ -67,7 +67,8 @@ def _execute_with_progress(sw_mod, spec, runs, keys, store, force, console, reti
     tref = timing_reference(spec, reference)
     # recorded here, or in the reference results (copied, not measured), as the start lines count them
     todo_keys = {k for kk in keys for kind, k in kk.items()
-                 if force or k in (retime or ()) or not recorded(k, store, tref if kind in TIMED else reference)}
+                 if force or k in (retime or ())
+                 or not recorded(k, store, *((tref, spec.min_run_time) if kind in TIMED else (reference,)))}
     n_copied = len({k for kk in keys for kind, k in kk.items() if k not in todo_keys and not store.has(k)})
     left: dict[str, int] = {}
     for kk in keys:

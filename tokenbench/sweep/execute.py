@@ -101,7 +101,7 @@ def _say_if_busy(sw: Sweep, runs: list[Run], store, force: bool, retime, referen
     for run in runs:
         for kind, key in run_keys(run, sw).items():
             again = force or (retime is not None and key in retime)
-            if kind in TIMED and (again or not recorded(key, store, timing_reference(sw, reference))):
+            if kind in TIMED and (again or not recorded(key, store, timing_reference(sw, reference), sw.min_run_time)):
                 todo += 1
     if not todo:
         return

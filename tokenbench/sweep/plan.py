@@ -108,8 +108,12 @@ def selected(run: Run, selectors: list[tuple[str, Optional[float]]]) -> bool:
                for label, t in selectors)
 
 
-def recorded(key: str, store, reference) -> bool:
-    return store.has(key) or (reference is not None and reference.has(key))
+def recorded(key: str, store, reference, min_run_time: Optional[float] = None) -> bool:
+    """Whether ``key`` is recorded in ``store`` or ``reference``, as the runner finds it (a timing,
+    with ``min_run_time``: not one timed for less)."""
+    from ..runner import stored_record
+
+    return stored_record(key, store, reference, min_run_time)[0] is not None
 
 
 def mark_untimed(sw, runs: list, store, reference) -> int:
@@ -125,7 +129,7 @@ def mark_untimed(sw, runs: list, store, reference) -> int:
         if selected(run, sel):
             continue
         keys = [k for kind, k in run_keys(run, sw).items() if kind in TIMED]
-        if keys and not all(recorded(k, store, reference) for k in keys):
+        if keys and not all(recorded(k, store, reference, sw.min_run_time) for k in keys):
             run.untimed = True
             n += 1
     return n

@@ -169,7 +169,7 @@ def start_lines(sw, runs: list, keys: list[dict], store, force: bool = False, de
     for run, kd in zip(runs, keys):
         for kind, k in kd.items():
             if kind in TIMED:
-                if force or not recorded(k, store, tref):
+                if force or not recorded(k, store, tref, sw.min_run_time):
                     todo[kind] = todo.get(kind, 0) + 1
                     if run not in timed_runs:
                         timed_runs.append(run)
