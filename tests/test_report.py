@@ -106,6 +106,11 @@ def test_seeds_become_one_mean_row(swept, reported):
     md = (swept / "results.md").read_text()
     line = next(l for l in md.splitlines() if l.startswith("| random"))
     assert "2 seeds" in line and "±" in line
+    # McNemar: the largest per-seed p, beside the counts of that seed (mean counts would give another p)
+    worst = max(seeds, key=lambda r: float(r["mcnemar_p"]))
+    assert (mean[0]["mcnemar_p"], mean[0]["only_dense"], mean[0]["only_run"]) == \
+        (worst["mcnemar_p"], worst["only_dense"], worst["only_run"])
+    assert "largest per-seed p, with that seed's counts" in md
 
 
 def test_flags_and_learned_status(reported):

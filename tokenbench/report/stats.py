@@ -84,8 +84,7 @@ def _std(xs):
 
 
 MEAN_COLUMNS = ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "speedup_q1",
-                "speedup_q3", "latency_ms_p50", "top1", "top1_lo", "top1_hi", "top5", "params_m", "only_dense",
-                "only_run", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "gflops_decoder",
+                "speedup_q3", "latency_ms_p50", "top1", "top1_lo", "top1_hi", "top5", "params_m", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "gflops_decoder",
                 "iou_diff", "iou_diff_lo", "iou_diff_hi")
 
 
@@ -103,8 +102,11 @@ def _mean_row(g: list[Row]) -> Row:
     m.miou_std = _std([r.miou for r in g if r.miou is not None])
     iou_ps = [r.iou_p for r in g if r.iou_p is not None]
     m.iou_p = max(iou_ps) if iou_ps else None
-    ps = [r.mcnemar_p for r in g if r.mcnemar_p is not None]
-    m.mcnemar_p = max(ps) if ps else None  # the most conservative of the seeds
+    tested = [r for r in g if r.mcnemar_p is not None]
+    worst = max(tested, key=lambda r: r.mcnemar_p) if tested else None  # the most conservative of the seeds
+    m.mcnemar_p = worst.mcnemar_p if worst else None
+    # the counts beside the p are that seed's, so that the two agree (mean counts would give another p)
+    m.only_dense, m.only_run = (worst.only_dense, worst.only_run) if worst else (None, None)
     if m.flops_rel is not None and m.targets and "flops-miss" not in m.flags and _misses_target(m):
         m.flags.add("flops-miss")
     return m

@@ -211,7 +211,8 @@ def _legend(res: dict) -> list[str]:
         "Speedup: the run's speed over the dense model's, both timed interleaved in rounds in one process on "
         "the same input (median ratio over rounds, with its quartiles). " + scored + " "
         "Rows with several seeds: mean ± std over the seeds (interval: mean of the per-seed intervals; "
-        f"{'the paired test' if seg else 'McNemar'}: the largest per-seed p; per-seed rows in results.csv).",
+        + ("the paired test: the largest per-seed p" if seg else "McNemar: the largest per-seed p, with that seed's counts")
+        + "; per-seed rows in results.csv).",
         "",
     ]
     used = sorted({f for r in disp for f in r.flags})
