@@ -278,3 +278,17 @@ def test_small_slips_get_a_precise_line(cli, tmp_path):
     for args, said in cases:
         code, _, err = cli(*args)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and said in err, (args, err)
+
+
+def test_an_embedded_model_at_its_own_size_is_the_same_spec_as_no_size(cli):
+    from tokenbench.runner import spec_dict
+
+    assert spec_dict("default", "none", {}, False, None, 28) == spec_dict("default", "none", {}, False, None, None)
+    assert spec_dict("default", "none", {}, False, None, 56)["img_size"] == 56  # refused when measured, not hidden
+    keys = []
+    for extra in ([], ["--img-size", "28"]):
+        code, out, err = cli("flops", "default", *extra, "--json")
+        assert code == 0, err
+        d = json.loads(out)
+        keys.append((d[0] if isinstance(d, list) else d)["key"])
+    assert keys[0] == keys[1]

@@ -89,6 +89,12 @@ def weights_id(model: str, pretrained: bool = False, checkpoint: Optional[str] =
 
 def spec_dict(model: str, method: str, params: dict, pretrained: bool, checkpoint: Optional[str],
               img_size: Optional[int]) -> dict:
+    """A measurement's spec.  An embedded model's own input size, asked for explicitly, is the
+    same spec as none asked for (one record, one key, either way)."""
+    from .models import embedded_arch, is_embedded
+
+    if img_size is not None and is_embedded(model) and img_size == embedded_arch(model).get("img_size"):
+        img_size = None
     return {"model": model, "method": method, "params": params, "pretrained": bool(pretrained),
             "checkpoint": str(checkpoint) if checkpoint else None, "img_size": img_size}
 
