@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.backbones import AttnInfo, TokenState, backbone_of, complement
-from tokenbench.backbones.tokens import with_prefix
+from tokenbench.backbones.tokens import constant, with_prefix
 from tokenbench.errors import UserError
 from tokenbench.methods._knobs import keep_rate_param
 from tokenbench.registry import GridRestore, Method, Param, register
@@ -55,13 +55,24 @@ def split_counts(n: int, keep_rate: float, contextual: int) -> tuple[int, int]:
     return total - ctx, ctx
 
 
-def contextual_targets(r: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets, others): positions among the ``r`` remaining tokens (the official ``step`` grid)."""
+def contextual_targets(r: int, contextual: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, others): positions among the ``r`` remaining tokens (the official ``step`` grid),
+    on ``device``.  They depend on the counts alone, so they are made once (:func:`constant`): no
+    host-side ``nonzero`` and host-to-device copy in every forward, which would stall a GPU and
+    keep a CUDA graph from capturing the forward."""
+    device = torch.device(device)
     step = max(1, r // contextual)
-    targets = torch.arange(0, r, step)[:contextual]
-    others = torch.ones(r, dtype=torch.bool)
-    others[targets] = False
-    return targets, torch.nonzero(others)[:, 0]
+
+    def positions(of_targets: bool) -> torch.Tensor:
+        targets = torch.arange(0, r, step)[:contextual]
+        if of_targets:
+            return targets.to(device)
+        others = torch.ones(r, dtype=torch.bool)
+        others[targets] = False
+        return torch.nonzero(others)[:, 0].to(device)
+
+    return (constant("visionzip_targets", lambda: positions(True), r, contextual, device),
+            constant("visionzip_others", lambda: positions(False), r, contextual, device))
 
 
 def visionzip_reduce(x: torch.Tensor, st: TokenState, cls_attn: torch.Tensor, keys: torch.Tensor,
@@ -80,8 +91,7 @@ def visionzip_reduce(x: torch.Tensor, st: TokenState, cls_attn: torch.Tensor, ke
     rest = complement(dom, n)                                               # [B, R], position order
     r = rest.shape[1]
     contextual = min(contextual, r)
-    t_pos, o_pos = contextual_targets(r, contextual)
-    t_pos, o_pos = t_pos.to(x.device), o_pos.to(x.device)
+    t_pos, o_pos = contextual_targets(r, contextual, x.device)
     metric = keys[:, p:].gather(1, rest[..., None].expand(-1, -1, keys.shape[-1]))
     metric = metric / metric.norm(dim=-1, keepdim=True)
     sim = metric[:, o_pos] @ metric[:, t_pos].transpose(1, 2)             # [B, M, contextual]
