@@ -317,12 +317,18 @@ def test_a_flagged_timing_makes_its_run_pending_for_the_cluster():
     from tokenbench import launch
 
     class Stored:
+        def get(self, key):  # every record there, each timing timed for 1 s
+            return {"metrics": {"min_run_time": 1.0} if key in ("b", "d") else {}}
+
         def has(self, key):
             return True
 
     keys = [{"flops": "a", "throughput": "b"}, {"flops": "c", "throughput": "d"}]
     assert launch.pending_runs([None, None], keys, Stored()) == []
     assert launch.pending_runs([None, None], keys, Stored(), retime={"d"}) == [1]
+    # timings asked for longer than they ran are pending too; FLOPs records have no length
+    assert launch.pending_runs([None, None], keys, Stored(), min_run_time=1.0) == []
+    assert launch.pending_runs([None, None], keys, Stored(), min_run_time=2.0) == [0, 1]
 
 
 def test_a_dry_run_or_a_refused_submission_leaves_the_folders_plan_as_it_was(tiny_default, tmp_path, cli,
