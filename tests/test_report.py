@@ -111,6 +111,7 @@ def test_seeds_become_one_mean_row(swept, reported):
     assert (mean[0]["mcnemar_p"], mean[0]["only_dense"], mean[0]["only_run"]) == \
         (worst["mcnemar_p"], worst["only_dense"], worst["only_run"])
     assert "largest per-seed p, with that seed's counts" in md
+    assert "img/s and speedup: the first seed's, the only one timed" in md
 
 
 def test_flags_and_learned_status(reported):

@@ -212,7 +212,7 @@ def _legend(res: dict) -> list[str]:
         "the same input (median ratio over rounds, with its quartiles). " + scored + " "
         "Rows with several seeds: mean ± std over the seeds (interval: mean of the per-seed intervals; "
         + ("the paired test: the largest per-seed p" if seg else "McNemar: the largest per-seed p, with that seed's counts")
-        + "; per-seed rows in results.csv).",
+        + "; img/s and speedup: the first seed's, the only one timed; per-seed rows in results.csv).",
         "",
     ]
     used = sorted({f for r in disp for f in r.flags})
