@@ -32,3 +32,12 @@ def test_a_record_without_its_length_is_reused():
     assert not runner.timed_shorter({"metrics": {"img_per_s": 1.0}}, 5.0)
     assert runner.timed_shorter({"metrics": {"min_run_time": 1.0}}, 2.0)
     assert not runner.timed_shorter({"metrics": {"min_run_time": 2.0}}, 2.0)
+
+
+def test_a_short_timing_here_gives_way_to_the_references_full_one(tmp_path, cli):
+    ref, mine = tmp_path / "ref", tmp_path / "mine"
+    full = _throughput(cli, ref, 0.1)
+    _throughput(cli, mine, 0.02)
+    rec, from_ref = runner.stored_record(full["key"], Store(mine), Store(ref), 0.1)
+    assert from_ref and rec["metrics"]["min_run_time"] == 0.1
+    assert runner.stored_record(full["key"], Store(mine), Store(ref), 0.5) == (None, False)

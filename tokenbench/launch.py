@@ -282,9 +282,9 @@ def submit_sweep(sw, runs: list, keys: list[dict], out_dir: Path, store, opts: J
         return Outcome(steps=steps)
     executor = make_executor(out_dir, opts, sw)
     if executor.cluster == "local" and len(chunks) > 1 and "throughput" in sw.measure:
-        raise SubmissionRefused(f"the local executor runs its {len(chunks)} jobs at once on this machine, and throughput "
-                        "is never timed while other jobs share it: use --runs-per-job "
-                        f"{len(todo)} (one job) or --measure without throughput")
+        raise SubmissionRefused(f"the local executor runs its {len(chunks)} jobs at once on this machine, and "
+                                "throughput is never timed while other jobs share it: use --runs-per-job "
+                                f"{len(todo)} (one job) or --measure without throughput")
     store.ensure_writable()
     jobs = _submit(executor, Path(out_dir).resolve() / "jobs",
                    lambda: [executor.submit(run_share, sw, [runs[i] for i in chunk], str(Path(out_dir).resolve()),

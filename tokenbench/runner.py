@@ -347,13 +347,16 @@ def _measure_run(kind: str, spec: dict, settings: Settings, store: Optional[Stor
 def stored_record(key: str, store: Store, reference: Optional[Store], min_run_time: Optional[float] = None,
                   ) -> tuple[Optional[dict], bool]:
     """(the record under ``key`` in ``store``, else in ``reference``; whether it came from the
-    reference).  With ``min_run_time`` (a timing), a record timed for less is no record."""
-    rec, from_ref = store.get(key), False
+    reference).  With ``min_run_time`` (a timing), a record timed for less is no record: the
+    reference's is read past a short one here, and a short one there is not taken."""
+    def usable(rec: Optional[dict]) -> Optional[dict]:
+        return None if rec is None or (min_run_time is not None and timed_shorter(rec, min_run_time)) else rec
+
+    rec = usable(store.get(key))
     if rec is None and reference is not None and reference.root.resolve() != store.root.resolve():
-        rec, from_ref = reference.get(key), True
-    if rec is not None and min_run_time is not None and timed_shorter(rec, min_run_time):
-        return None, False
-    return rec, from_ref and rec is not None
+        rec = usable(reference.get(key))
+        return rec, rec is not None
+    return rec, False
 
 
 def _stored(kind: str, key: str, store: Store, reference: Optional[Store], settings: Settings) -> Optional[dict]:

@@ -84,8 +84,9 @@ def _std(xs):
 
 
 MEAN_COLUMNS = ("gflops", "flops_rel", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "speedup_q1",
-                "speedup_q3", "latency_ms_p50", "top1", "top1_lo", "top1_hi", "top5", "params_m", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "gflops_decoder",
-                "iou_diff", "iou_diff_lo", "iou_diff_hi")
+                "speedup_q3", "latency_ms_p50", "top1", "top1_lo", "top1_hi", "top5", "params_m", "miou",
+                "miou_lo", "miou_hi", "pixel_accuracy", "gflops_backbone", "gflops_decoder", "iou_diff",
+                "iou_diff_lo", "iou_diff_hi")
 
 
 def _mean_row(g: list[Row]) -> Row:
